@@ -1,0 +1,147 @@
+//! Types shared by latch's eBPF programs (`latch-ebpf`) and its user-space agent.
+//!
+//! Every type is `#[repr(C)]` with fields of explicit width and no implicit padding, so the
+//! kernel and user space agree on the layout byte for byte. `aya::Pod` is implemented only
+//! behind the `user` feature, which the eBPF side never enables.
+#![no_std]
+
+/// Names of the maps in the eBPF object. Kernel object names are at most 15 bytes.
+pub mod map_names {
+    /// `LpmTrie<Rule4Key, RuleValue>`: IPv4 interception rules.
+    pub const RULES4: &str = "LATCH_RULES4";
+    /// `LpmTrie<Rule6Key, RuleValue>`: IPv6 interception rules.
+    pub const RULES6: &str = "LATCH_RULES6";
+    /// `Array<BrokerConfig>` with one entry: where to redirect, which mark to skip.
+    pub const CONFIG: &str = "LATCH_CONFIG";
+    /// `LruHashMap<u64 (socket cookie), ConnMeta>`: redirected sockets, for getpeername.
+    pub const SOCKS: &str = "LATCH_SOCKS";
+    /// `LruHashMap<TupleKey, ConnMeta>`: established redirected connections, for the broker.
+    pub const CONNS: &str = "LATCH_CONNS";
+    /// `PerCpuArray<u64>`: counters, indexed by [`crate::stat`].
+    pub const STATS: &str = "LATCH_STATS";
+}
+
+/// Names of the programs in the eBPF object (also their kernel names; at most 15 bytes).
+pub mod prog_names {
+    pub const CONNECT4: &str = "latch_connect4";
+    pub const CONNECT6: &str = "latch_connect6";
+    pub const SOCK_OPS: &str = "latch_sockops";
+    pub const PEERNAME4: &str = "latch_peername4";
+    pub const PEERNAME6: &str = "latch_peername6";
+}
+
+/// Capacity of the per-socket and per-connection maps (both LRU, so they cannot fill up).
+pub const CONN_MAP_ENTRIES: u32 = 65_536;
+/// Capacity of each rule trie.
+pub const RULE_MAP_ENTRIES: u32 = 4_096;
+
+/// Indices into the `LATCH_STATS` per-CPU counter array.
+pub mod stat {
+    /// connect() calls redirected to the broker.
+    pub const REDIRECTED: u32 = 0;
+    /// connect() calls skipped because the socket carries the broker's mark.
+    pub const SKIPPED_MARK: u32 = 1;
+    /// Redirected connections re-keyed by 4-tuple once established.
+    pub const ESTABLISHED: u32 = 2;
+    /// Map updates that failed (kernel out of memory, map full).
+    pub const MAP_ERRORS: u32 = 3;
+    /// getpeername() answers rewritten to the original destination.
+    pub const PEERNAME: u32 = 4;
+    pub const COUNT: u32 = 5;
+}
+
+/// `BrokerConfig::flags` bit: redirection is enabled (the broker listens).
+pub const CONFIG_ENABLED: u32 = 1;
+
+/// Where redirected connections go. One entry in `LATCH_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// IPv4 listener address, network byte order (as the octets appear on the wire).
+    pub addr4: [u8; 4],
+    /// IPv4 listener port, host byte order.
+    pub port4: u16,
+    /// IPv6 listener port, host byte order.
+    pub port6: u16,
+    /// SO_MARK value carried by the broker's own sockets; connects from them are never redirected.
+    pub mark: u32,
+    /// [`CONFIG_ENABLED`] and future flags.
+    pub flags: u32,
+    /// IPv6 listener address, network byte order.
+    pub addr6: [u8; 16],
+}
+
+/// LPM trie data for IPv4 rules: destination port (big endian) then address.
+/// The prefix length counts the 16 port bits plus the address prefix.
+pub type Rule4Data = [u8; 6];
+/// LPM trie data for IPv6 rules: destination port (big endian) then address.
+pub type Rule6Data = [u8; 18];
+
+/// What a matching rule tells the connect hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleValue {
+    /// Identifier of the policy that owns this rule; the broker maps it back to the policy.
+    pub rule_id: u32,
+    /// Reserved for per-rule behaviour.
+    pub flags: u32,
+}
+
+/// What the kernel recorded when it redirected a connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnMeta {
+    /// Original destination: IPv6, or IPv4 as an IPv4-mapped IPv6 address (::ffff:a.b.c.d).
+    pub orig_addr: [u8; 16],
+    /// cgroup v2 id of the connecting task.
+    pub cgroup_id: u64,
+    /// Cookie of the network namespace the socket lives in.
+    pub netns_cookie: u64,
+    /// Cookie of the application's socket.
+    pub socket_cookie: u64,
+    /// `bpf_ktime_get_ns()` at connect time.
+    pub ktime_ns: u64,
+    /// Process id (kernel tgid).
+    pub pid: u32,
+    /// Thread id (kernel pid).
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// [`RuleValue::rule_id`] of the rule that matched.
+    pub rule_id: u32,
+    /// Original destination port, host byte order.
+    pub orig_port: u16,
+    /// Address family of the application's socket (AF_INET = 2, AF_INET6 = 10).
+    pub family: u16,
+    /// Command name of the connecting task (NUL padded).
+    pub comm: [u8; 16],
+}
+
+/// Key of `LATCH_CONNS`, as the broker sees the accepted connection. Addresses are IPv6 or
+/// IPv4-mapped IPv6, ports host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    /// The application's end (the broker's peer).
+    pub peer_addr: [u8; 16],
+    /// The broker's listening end.
+    pub local_addr: [u8; 16],
+    pub peer_port: u16,
+    pub local_port: u16,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C), made only of integers and integer arrays, with no padding.
+    unsafe impl aya::Pod for super::BrokerConfig {}
+    unsafe impl aya::Pod for super::RuleValue {}
+    unsafe impl aya::Pod for super::ConnMeta {}
+    unsafe impl aya::Pod for super::TupleKey {}
+}
+
+// Layout checks: a change that introduces padding fails to compile.
+const _: () = assert!(core::mem::size_of::<BrokerConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<RuleValue>() == 8);
+const _: () = assert!(core::mem::size_of::<ConnMeta>() == 88);
+const _: () = assert!(core::mem::size_of::<TupleKey>() == 40);

@@ -1,0 +1,185 @@
+//! cgroup/connect4 and cgroup/connect6: redirect matching TCP connects to the broker.
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+            bpf_ktime_get_ns,
+        },
+    },
+    macros::cgroup_sock_addr,
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+use latch_common::{BrokerConfig, CONFIG_ENABLED, ConnMeta, RuleValue, stat};
+
+use crate::maps::{CONFIG, RULES4, RULES6, SOCKS, count};
+
+const SOCK_STREAM: u32 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+/// Verdict that lets connect() proceed (with whatever address we left in the context).
+const ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn latch_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn latch_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect6(&ctx);
+    ALLOW
+}
+
+/// The broker config, if redirection is enabled and this socket is one we may redirect:
+/// a TCP socket that does not carry the broker's own mark.
+#[inline(always)]
+fn eligible(ctx: &SockAddrContext) -> Option<&'static BrokerConfig> {
+    // SAFETY: the context pointer is valid for the program's run; fields are read as the
+    // verifier allows (4-byte reads of u32 fields, an 8-byte read of `sk`).
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return None;
+    }
+    let cfg = CONFIG.get(0)?;
+    if cfg.flags & CONFIG_ENABLED == 0 {
+        return None;
+    }
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: `sk` is a PTR_TO_SOCKET; `mark` is a readable field of struct bpf_sock.
+    if unsafe { (*sk).mark } == cfg.mark {
+        count(stat::SKIPPED_MARK);
+        return None;
+    }
+    Some(cfg)
+}
+
+#[inline(always)]
+fn try_connect4(ctx: &SockAddrContext) -> Option<()> {
+    let cfg = eligible(ctx)?;
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let ip = sa.user_ip4.to_ne_bytes();
+    let port = u16::from_be(sa.user_port as u16);
+    let rule = lookup4(ip, port)?;
+    let mut orig = [0u8; 16];
+    orig[10] = 0xff;
+    orig[11] = 0xff;
+    orig[12..16].copy_from_slice(&ip);
+    record(ctx, rule, orig, port, AF_INET)?;
+    sa.user_ip4 = u32::from_ne_bytes(cfg.addr4);
+    sa.user_port = u32::from(cfg.port4.to_be());
+    count(stat::REDIRECTED);
+    Some(())
+}
+
+#[inline(always)]
+fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
+    let cfg = eligible(ctx)?;
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // Four 4-byte reads: the verifier allows only word-sized access to user_ip6.
+    let w = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
+    let mut orig = [0u8; 16];
+    orig[0..4].copy_from_slice(&w[0].to_ne_bytes());
+    orig[4..8].copy_from_slice(&w[1].to_ne_bytes());
+    orig[8..12].copy_from_slice(&w[2].to_ne_bytes());
+    orig[12..16].copy_from_slice(&w[3].to_ne_bytes());
+    let port = u16::from_be(sa.user_port as u16);
+    let v4_mapped = w[0] == 0 && w[1] == 0 && orig[8..12] == [0, 0, 0xff, 0xff];
+    if v4_mapped {
+        // An AF_INET6 socket connecting to ::ffff:a.b.c.d travels as IPv4: IPv4 rules apply
+        // and the broker's IPv4 listener is the target, written in mapped form.
+        let ip = [orig[12], orig[13], orig[14], orig[15]];
+        let rule = lookup4(ip, port)?;
+        record(ctx, rule, orig, port, AF_INET6)?;
+        sa.user_ip6[0] = 0;
+        sa.user_ip6[1] = 0;
+        sa.user_ip6[2] = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+        sa.user_ip6[3] = u32::from_ne_bytes(cfg.addr4);
+        sa.user_port = u32::from(cfg.port4.to_be());
+    } else {
+        let rule = lookup6(orig, port)?;
+        record(ctx, rule, orig, port, AF_INET6)?;
+        let a = &cfg.addr6;
+        sa.user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+        sa.user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
+        sa.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
+        sa.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        sa.user_port = u32::from(cfg.port6.to_be());
+    }
+    count(stat::REDIRECTED);
+    Some(())
+}
+
+#[inline(always)]
+fn lookup4(ip: [u8; 4], port: u16) -> Option<RuleValue> {
+    let p = port.to_be_bytes();
+    let key = Key::new(48, [p[0], p[1], ip[0], ip[1], ip[2], ip[3]]);
+    RULES4.get(&key).copied()
+}
+
+#[inline(always)]
+fn lookup6(ip: [u8; 16], port: u16) -> Option<RuleValue> {
+    let mut data = [0u8; 18];
+    data[0..2].copy_from_slice(&port.to_be_bytes());
+    data[2..18].copy_from_slice(&ip);
+    RULES6.get(&Key::new(144, data)).copied()
+}
+
+/// Stores what the kernel knows about this connect, keyed by the socket's cookie.
+#[inline(always)]
+fn record(
+    ctx: &SockAddrContext,
+    rule: RuleValue,
+    orig_addr: [u8; 16],
+    orig_port: u16,
+    family: u16,
+) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    // SAFETY: helpers allowed for cgroup_sock_addr programs; the context is the program's own.
+    let (cookie, netns_cookie, cgroup_id, now) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_netns_cookie(ctx.as_ptr()),
+            bpf_get_current_cgroup_id(),
+            bpf_ktime_get_ns(),
+        )
+    };
+    let meta = ConnMeta {
+        orig_addr,
+        cgroup_id,
+        netns_cookie,
+        socket_cookie: cookie,
+        ktime_ns: now,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        rule_id: rule.rule_id,
+        orig_port,
+        family,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    if SOCKS.insert(&cookie, &meta, 0).is_err() {
+        // Without a record the broker could not tell where this connection was going:
+        // leave it alone rather than redirect it blind.
+        count(stat::MAP_ERRORS);
+        aya_log_ebpf::warn!(
+            ctx,
+            "latch: socket map update failed; connection not redirected"
+        );
+        return None;
+    }
+    Some(())
+}

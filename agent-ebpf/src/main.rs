@@ -1,0 +1,26 @@
+//! latch's eBPF programs.
+//!
+//! * `latch_connect4` / `latch_connect6` (cgroup/connect4|6): when a TCP connect() of a task in
+//!   the attached cgroup matches an interception rule, record who connected where (by socket
+//!   cookie) and rewrite the destination to the broker's listener.
+//! * `latch_sockops` (sock_ops): once such a connection is established, re-key the record by its
+//!   4-tuple so the broker can find it from accept(); drop the per-socket record on close.
+//! * `latch_peername4` / `latch_peername6` (cgroup/getpeername4|6): the application still sees
+//!   its original destination as the peer.
+#![no_std]
+#![no_main]
+
+mod connect;
+mod maps;
+mod peername;
+mod sockops;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

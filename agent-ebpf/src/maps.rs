@@ -1,0 +1,37 @@
+//! The maps shared with user space; names and layouts live in `latch-common`.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
+};
+use latch_common::{
+    BrokerConfig, CONN_MAP_ENTRIES, ConnMeta, RULE_MAP_ENTRIES, Rule4Data, Rule6Data, RuleValue,
+    TupleKey, stat,
+};
+
+#[map(name = "LATCH_RULES4")]
+pub static RULES4: LpmTrie<Rule4Data, RuleValue> = LpmTrie::with_max_entries(RULE_MAP_ENTRIES, 0);
+
+#[map(name = "LATCH_RULES6")]
+pub static RULES6: LpmTrie<Rule6Data, RuleValue> = LpmTrie::with_max_entries(RULE_MAP_ENTRIES, 0);
+
+#[map(name = "LATCH_CONFIG")]
+pub static CONFIG: Array<BrokerConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "LATCH_SOCKS")]
+pub static SOCKS: LruHashMap<u64, ConnMeta> = LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);
+
+#[map(name = "LATCH_CONNS")]
+pub static CONNS: LruHashMap<TupleKey, ConnMeta> =
+    LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);
+
+#[map(name = "LATCH_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Adds one to a per-CPU counter.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe { *slot += 1 };
+    }
+}

@@ -1,0 +1,79 @@
+//! sock_ops: re-key redirected connections by 4-tuple once established; forget them on close.
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
+    },
+    helpers::generated::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use latch_common::{TupleKey, stat};
+
+use crate::maps::{CONNS, SOCKS, count};
+
+const AF_INET: u32 = 2;
+
+#[sock_ops]
+pub fn latch_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            established(&ctx);
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            // SAFETY: helper allowed for sock_ops; the context is the program's own.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = SOCKS.remove(&cookie);
+        }
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn established(ctx: &SockOpsContext) -> Option<()> {
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once; a concurrent LRU eviction can only make us
+    // read a record that is being replaced, never freed memory (the map is preallocated).
+    let meta = *unsafe { SOCKS.get(&cookie) }?;
+    let mut key = TupleKey::default();
+    if ctx.family() == AF_INET {
+        key.peer_addr = mapped(ctx.local_ip4());
+        key.local_addr = mapped(ctx.remote_ip4());
+    } else {
+        key.peer_addr = words(ctx.local_ip6());
+        key.local_addr = words(ctx.remote_ip6());
+    }
+    // local_port is host byte order; remote_port holds the network-order port in its upper
+    // 16 bits on little-endian machines (the kernel shifts it there).
+    key.peer_port = ctx.local_port() as u16;
+    key.local_port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    if CONNS.insert(&key, &meta, 0).is_err() {
+        count(stat::MAP_ERRORS);
+        return None;
+    }
+    count(stat::ESTABLISHED);
+    // Ask for state callbacks so the per-socket record is dropped when the socket closes.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    Some(())
+}
+
+#[inline(always)]
+fn mapped(ip: u32) -> [u8; 16] {
+    let b = ip.to_ne_bytes();
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
+}
+
+#[inline(always)]
+fn words(w: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[0..4].copy_from_slice(&w[0].to_ne_bytes());
+    out[4..8].copy_from_slice(&w[1].to_ne_bytes());
+    out[8..12].copy_from_slice(&w[2].to_ne_bytes());
+    out[12..16].copy_from_slice(&w[3].to_ne_bytes());
+    out
+}

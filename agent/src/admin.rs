@@ -1,0 +1,176 @@
+//! The admin HTTP endpoint (loopback by default): /healthz, /readyz, /metrics, /status.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{broker::Shared, ebpf::Interceptor};
+
+/// What the admin endpoint reports on.
+pub struct AdminState {
+    pub shared: Arc<Shared>,
+    pub interceptor: Arc<Mutex<Interceptor>>,
+    pub listeners: Vec<SocketAddr>,
+    pub cgroup: PathBuf,
+    pub ready: AtomicBool,
+}
+
+#[derive(Serialize)]
+struct Status<'a> {
+    version: &'static str,
+    cgroup: &'a std::path::Path,
+    listeners: &'a [SocketAddr],
+    ready: bool,
+    policies: Vec<PolicyStatus>,
+    connections: ConnStatus,
+    ebpf: EbpfStatus,
+}
+
+#[derive(Serialize)]
+struct PolicyStatus {
+    name: String,
+    protocol: &'static str,
+    destination: String,
+}
+
+#[derive(Serialize)]
+struct ConnStatus {
+    #[serde(flatten)]
+    totals: crate::metrics::Totals,
+    active: i64,
+}
+
+#[derive(Serialize)]
+struct EbpfStatus {
+    rules: usize,
+    redirected: u64,
+    map_errors: u64,
+}
+
+/// Serves until `shutdown` fires.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(err) => {
+                    tracing::warn!(%err, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&req, &state)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => {
+            if state.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n".into())
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+            }
+        }
+        "/metrics" => {
+            refresh_ebpf_gauges(state);
+            let mut resp = text(StatusCode::OK, state.shared.metrics.encode());
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            resp
+        }
+        "/status" => {
+            let body = serde_json::to_string_pretty(&status(state)).unwrap_or_default() + "\n";
+            let mut resp = text(StatusCode::OK, body);
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+fn status(state: &AdminState) -> Status<'_> {
+    let policies = state
+        .shared
+        .policies()
+        .policies()
+        .iter()
+        .map(|p| PolicyStatus {
+            name: p.name.clone(),
+            protocol: p.protocol.as_str(),
+            destination: format!("{:?}", p.destination.target)
+                + &format!(" ports {:?}", p.destination.ports),
+        })
+        .collect();
+    let ebpf = {
+        let i = state.interceptor.lock().unwrap_or_else(|e| e.into_inner());
+        let stats = i.stats();
+        EbpfStatus {
+            rules: i.rule_count(),
+            redirected: stats.redirected,
+            map_errors: stats.map_errors,
+        }
+    };
+    Status {
+        version: env!("CARGO_PKG_VERSION"),
+        cgroup: &state.cgroup,
+        listeners: &state.listeners,
+        ready: state.ready.load(Ordering::Acquire),
+        policies,
+        connections: ConnStatus {
+            totals: state.shared.metrics.totals(),
+            active: state.shared.metrics.active.get(),
+        },
+        ebpf,
+    }
+}
+
+fn refresh_ebpf_gauges(state: &AdminState) {
+    let i = state.interceptor.lock().unwrap_or_else(|e| e.into_inner());
+    let stats = i.stats();
+    let m = &state.shared.metrics;
+    m.ebpf_redirected.set(stats.redirected as i64);
+    m.ebpf_map_errors.set(stats.map_errors as i64);
+    m.rules.set(i.rule_count() as i64);
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp
+}

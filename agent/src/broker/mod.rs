@@ -1,0 +1,145 @@
+//! The broker: accepts redirected connections on loopback, finds the kernel's record of each,
+//! picks the policy and hands the connection to the policy's protocol connector.
+mod conn;
+mod origin;
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, RwLock, atomic::AtomicU64},
+    time::Duration,
+};
+
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::Semaphore,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use origin::Origin;
+
+use crate::{ebpf::ConnTable, metrics::Metrics, policy_set::PolicySet};
+
+/// Limits that protect the agent and everything else it serves.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections handled at once; further accepts wait.
+    pub max_connections: usize,
+    /// How long reaching a target may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What every connection task needs.
+pub struct Shared {
+    pub conns: ConnTable,
+    pub policies: RwLock<Arc<PolicySet>>,
+    pub metrics: Arc<Metrics>,
+    /// SO_MARK of the broker's outbound sockets (skipped by the connect hooks).
+    pub mark: u32,
+    pub limits: Limits,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(
+        conns: ConnTable,
+        policies: PolicySet,
+        metrics: Arc<Metrics>,
+        mark: u32,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            conns,
+            policies: RwLock::new(Arc::new(policies)),
+            metrics,
+            mark,
+            limits,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The policy set in force now.
+    pub fn policies(&self) -> Arc<PolicySet> {
+        self.policies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the policy set for connections accepted from now on.
+    pub fn set_policies(&self, set: PolicySet) {
+        *self.policies.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+    }
+}
+
+/// Binds a listener; IPv6 sockets are v6-only so the IPv4 listener may share the port number.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        let s = TcpSocket::new_v6()?;
+        socket2::SockRef::from(&s).set_only_v6(true)?;
+        s
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Accepts on `listener` until `stop_accepting` fires. Each connection runs as a task on
+/// `tracker`; tasks still running when `abort` fires are dropped (their sockets closed).
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop_accepting: CancellationToken,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+    slots: Arc<Semaphore>,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            _ = stop_accepting.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = stop_accepting.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(err) => {
+                // EMFILE, ENOBUFS and friends: wait and try again rather than give up the
+                // listener (the pending connection stays in the backlog).
+                tracing::warn!(%err, ?backoff, "accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let abort = abort.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                _ = conn::handle(stream, peer, &shared) => {}
+                _ = abort.cancelled() => {}
+            }
+        });
+    }
+}

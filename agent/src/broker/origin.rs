@@ -1,0 +1,88 @@
+//! Who opened a redirected connection and where it was going, as the kernel recorded it.
+use std::{
+    fmt,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+};
+
+use latch_common::ConnMeta;
+
+/// The kernel's record of a redirected connection, in user-space types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// Where the application was connecting.
+    pub dst: SocketAddr,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    pub comm: String,
+    pub rule_id: u32,
+}
+
+impl From<&ConnMeta> for Origin {
+    fn from(m: &ConnMeta) -> Self {
+        let v6 = Ipv6Addr::from(m.orig_addr);
+        let ip = match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        };
+        let comm_len = m.comm.iter().position(|&b| b == 0).unwrap_or(m.comm.len());
+        Self {
+            dst: SocketAddr::new(ip, m.orig_port),
+            pid: m.pid,
+            tid: m.tid,
+            uid: m.uid,
+            gid: m.gid,
+            cgroup_id: m.cgroup_id,
+            netns_cookie: m.netns_cookie,
+            comm: String::from_utf8_lossy(&m.comm[..comm_len]).into_owned(),
+            rule_id: m.rule_id,
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pid {} ({}) uid {} to {}",
+            self.pid, self.comm, self.uid, self.dst
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_destination_becomes_ipv4_and_comm_is_trimmed() {
+        let mut meta = ConnMeta {
+            orig_port: 5432,
+            pid: 42,
+            uid: 1001,
+            rule_id: 3,
+            ..Default::default()
+        };
+        meta.orig_addr[10] = 0xff;
+        meta.orig_addr[11] = 0xff;
+        meta.orig_addr[12..].copy_from_slice(&[10, 0, 3, 7]);
+        meta.comm[..4].copy_from_slice(b"psql");
+        let o = Origin::from(&meta);
+        assert_eq!(o.dst, "10.0.3.7:5432".parse().unwrap());
+        assert_eq!(o.comm, "psql");
+        assert_eq!(o.to_string(), "pid 42 (psql) uid 1001 to 10.0.3.7:5432");
+    }
+
+    #[test]
+    fn ipv6_destination_stays_ipv6() {
+        let meta = ConnMeta {
+            orig_addr: Ipv6Addr::LOCALHOST.octets(),
+            orig_port: 80,
+            ..Default::default()
+        };
+        assert_eq!(Origin::from(&meta).dst, "[::1]:80".parse().unwrap());
+    }
+}

@@ -1,0 +1,215 @@
+//! Command-line interface: argument definitions and the glue from each command to the library.
+mod agent;
+mod run;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use latch::{
+    broker::Limits,
+    config::{self, Config},
+    runtime::DEFAULT_MARK,
+    telemetry::{self, LogFormat},
+};
+
+/// Exit status for invalid configuration (EX_USAGE-style "data format error": sysexits' 65 is
+/// EX_DATAERR; we use 64, EX_USAGE, as documented).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// latch — hands credentials to unmodified applications' connections, so the applications
+/// never hold them.
+#[derive(Debug, Parser)]
+#[command(name = "latch", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "plain")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the long-lived agent: intercept connections from a cgroup and broker them.
+    Agent(AgentArgs),
+    /// Run one command with its connections intercepted: a temporary cgroup is created,
+    /// CMD runs inside it, and everything is removed when CMD exits. Exits with CMD's status.
+    Run(RunArgs),
+    /// Check whether this machine can run latch, and say how to fix what is missing.
+    Doctor,
+    /// Work with policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate policy and secret store files; print every error with file, line and column.
+    Check {
+        /// Files or directories of YAML resources.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// Options shared by `agent` and `run`.
+#[derive(Debug, Args)]
+struct DataPathArgs {
+    /// Policy and secret store resources: a YAML file or a directory of them (repeatable).
+    #[arg(long = "policy", short = 'p', required = true)]
+    policies: Vec<PathBuf>,
+    /// SO_MARK carried by the broker's own outbound sockets (they are never intercepted).
+    #[arg(long, default_value_t = DEFAULT_MARK, value_parser = parse_u32)]
+    mark: u32,
+    /// Most connections brokered at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// How long reaching a target may take, in seconds.
+    #[arg(long, default_value_t = 10)]
+    connect_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    data: DataPathArgs,
+    /// cgroup v2 directory whose processes are intercepted (default: the hierarchy's root).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Broker listen addresses, loopback only: one IPv4 and optionally one IPv6 (port 0 picks
+    /// a free port).
+    #[arg(long, default_values_t = [
+        "127.0.0.1:15001".parse::<SocketAddr>().unwrap(),
+        "[::1]:15001".parse::<SocketAddr>().unwrap(),
+    ])]
+    listen: Vec<SocketAddr>,
+    /// Admin HTTP address (/healthz, /readyz, /metrics, /status).
+    #[arg(long, default_value = "127.0.0.1:9477")]
+    admin: SocketAddr,
+    /// On SIGTERM/SIGINT, how long live connections may finish, in seconds.
+    #[arg(long, default_value_t = 10)]
+    grace_period: u64,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    data: DataPathArgs,
+    /// Admin HTTP address for the duration of the run (off by default).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// The command to run, and its arguments.
+    #[arg(required = true, last = true)]
+    command: Vec<std::ffi::OsString>,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?}: {e}"))
+}
+
+impl DataPathArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections,
+            connect_timeout: Duration::from_secs(self.connect_timeout),
+        }
+    }
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Agent(args) => {
+            telemetry::init(cli.log_format, "info");
+            with_runtime(agent::main(args))
+        }
+        Command::Run(args) => {
+            telemetry::init(cli.log_format, "warn");
+            with_runtime(run::main(args))
+        }
+        Command::Doctor => doctor(),
+        Command::Policy(PolicyCommand::Check { paths }) => policy_check(&paths),
+    }
+}
+
+fn with_runtime(fut: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(err) => {
+            eprintln!("latch: starting the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("latch: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads and validates configuration; on error prints every diagnostic.
+fn load_config(paths: &[PathBuf]) -> Result<Config, ExitCode> {
+    match config::load(paths) {
+        Ok(config) => {
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
+            Ok(config)
+        }
+        Err(errors) => {
+            eprintln!("latch: invalid configuration:\n{errors}");
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}
+
+fn doctor() -> ExitCode {
+    let checks = latch::doctor::run();
+    for check in &checks {
+        println!("{check}");
+    }
+    if latch::doctor::all_ok(&checks) {
+        println!("latch can run here.");
+        ExitCode::SUCCESS
+    } else {
+        println!("latch cannot run here: fix the FAIL lines above.");
+        ExitCode::FAILURE
+    }
+}
+
+fn policy_check(paths: &[PathBuf]) -> ExitCode {
+    match config::load(paths) {
+        Ok(config) => {
+            for warning in &config.warnings {
+                println!("warning: {warning}");
+            }
+            println!(
+                "ok: {} policies, {} secret stores",
+                config.policies.len(),
+                config.stores.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            println!("{errors}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit: each relayed connection holds two
+/// sockets and two pipes.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}

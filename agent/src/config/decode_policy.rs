@@ -1,0 +1,509 @@
+//! Decoding `Policy.spec`: shape, types and the rules that need only the policy itself.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::decode::{self, Cx, Map};
+use super::net::{self, Cidr, PortRange};
+use super::policy::{
+    Credentials, Destination, Protocol, SecretRef, Target, TlsMode, TlsSpec, WorkloadSelector,
+};
+use super::yaml::{Entry, Mark, Node, Value};
+
+/// The longest credential cache allowed: credentials are meant to be fetched per connection.
+pub const MAX_CACHE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// A decoded policy spec (the parts of [`super::Policy`] that come from `spec`).
+pub struct PolicySpec {
+    pub destination: Destination,
+    pub workloads: Vec<WorkloadSelector>,
+    pub protocol: Protocol,
+    pub tls: TlsSpec,
+    pub credentials: Option<Credentials>,
+    pub cache_ttl: Option<Duration>,
+}
+
+pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
+    let mut m = Map::new(cx, node, at, "")?;
+    let errors_before = cx.errors.len();
+
+    let protocol_entry = m.entry("protocol");
+    let protocol = match protocol_entry {
+        Some(e) => decode::choice(cx, &e.value, "protocol", &Protocol::ALL),
+        None => Some(Protocol::Tcp),
+    };
+    let destination = match m.require(cx, "destination") {
+        Some(e) => destination(cx, e),
+        None => None,
+    };
+    let workloads = match m.get("workloads") {
+        Some(n) => workloads(cx, n),
+        None => Some(Vec::new()),
+    };
+    let credentials_entry = m.entry("credentials");
+    let creds = credentials_entry.and_then(|e| credentials(cx, e));
+    let default_store = match &creds {
+        Some((Credentials::Static { store, .. }, _)) => Some(store.as_str()),
+        _ => None,
+    };
+    let tls_entry = m.entry("tls");
+    let tls = tls_entry.and_then(|e| tls(cx, e, default_store));
+    m.finish(cx);
+
+    let protocol = protocol?;
+    let (credentials, cache_ttl) = match creds {
+        Some((c, ttl)) => (Some(c), ttl),
+        None => (None, None),
+    };
+    if credentials.is_none() && credentials_entry.is_none() && protocol != Protocol::Tcp {
+        cx.error(
+            m_at(node, at),
+            format!("missing field \"credentials\" in spec: protocol {protocol} needs credentials"),
+        );
+    }
+    let tls = match (tls, tls_entry) {
+        (Some(tls), Some(e)) => check_tls(cx, tls, protocol, e),
+        (None, None) => Some(TlsSpec {
+            mode: protocol.default_tls_mode(),
+            ca: None,
+            server_name: None,
+            client_cert: None,
+            client_key: None,
+        }),
+        _ => None,
+    };
+    if cx.errors.len() > errors_before {
+        return None;
+    }
+    Some(PolicySpec {
+        destination: destination?,
+        workloads: workloads?,
+        protocol,
+        tls: tls?,
+        credentials,
+        cache_ttl,
+    })
+}
+
+/// Where errors about the spec as a whole point: its first key if any.
+fn m_at(node: &Node, at: Mark) -> Mark {
+    match &node.value {
+        Value::Mapping(_) => at,
+        _ => node.mark,
+    }
+}
+
+fn destination(cx: &mut Cx, entry: &Entry) -> Option<Destination> {
+    let mut m = Map::new(cx, &entry.value, entry.key_mark, "destination")?;
+    let target = m.one_of(cx, &["host", "address", "cidr"], "target");
+    let target = target.and_then(|(kind, e)| {
+        let what = format!("destination.{kind}");
+        let text = decode::string(cx, &e.value, &what)?;
+        let parsed = match kind {
+            "host" => net::host_name(&text).map(Target::Host),
+            "address" => parse_address(&text).map(Target::Address),
+            _ => text.parse::<Cidr>().map(Target::Cidr),
+        };
+        parsed
+            .map_err(|reason| cx.error(e.value.mark, format!("invalid {kind} {text:?}: {reason}")))
+            .ok()
+    });
+    let ports = match m.one_of(cx, &["port", "ports"], "port") {
+        Some(("port", e)) => port(cx, &e.value, "destination.port").map(PortRange::single),
+        Some((_, e)) => port_range(cx, e),
+        None => None,
+    };
+    m.finish(cx);
+    Some(Destination {
+        target: target?,
+        ports: ports?,
+    })
+}
+
+fn parse_address(text: &str) -> Result<IpAddr, String> {
+    let bare = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(text);
+    bare.parse::<IpAddr>().map_err(|_| {
+        if text.contains('/') {
+            "not an IP address; for a network write `cidr:`".to_string()
+        } else {
+            "not an IPv4 or IPv6 address".to_string()
+        }
+    })
+}
+
+fn port(cx: &mut Cx, node: &Node, what: &str) -> Option<u16> {
+    decode::integer(cx, node, what, 1, 65535).and_then(|p| u16::try_from(p).ok())
+}
+
+fn port_range(cx: &mut Cx, entry: &Entry) -> Option<PortRange> {
+    let mut m = Map::new(cx, &entry.value, entry.key_mark, "destination.ports")?;
+    let from = m
+        .require(cx, "from")
+        .and_then(|e| port(cx, &e.value, "destination.ports.from"));
+    let to = m
+        .require(cx, "to")
+        .and_then(|e| port(cx, &e.value, "destination.ports.to"));
+    m.finish(cx);
+    let (from, to) = (from?, to?);
+    let range = PortRange { from, to };
+    if from > to {
+        cx.error(
+            entry.value.mark,
+            format!("invalid port range {from}-{to}: from is greater than to"),
+        );
+        return None;
+    }
+    if range.len() > PortRange::MAX_LEN {
+        cx.error(
+            entry.value.mark,
+            format!(
+                "port range {range} has {} ports; at most {} are allowed (each port becomes a kernel map entry)",
+                range.len(),
+                PortRange::MAX_LEN
+            ),
+        );
+        return None;
+    }
+    Some(range)
+}
+
+fn workloads(cx: &mut Cx, node: &Node) -> Option<Vec<WorkloadSelector>> {
+    let items = decode::sequence(cx, node, "workloads")?;
+    if items.is_empty() {
+        cx.error(
+            node.mark,
+            "workloads is empty: list who may connect, or leave the field out to admit every workload",
+        );
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (i, item) in items.iter().enumerate() {
+        match workload(cx, item, i) {
+            Some(w) => out.push(w),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+fn workload(cx: &mut Cx, node: &Node, index: usize) -> Option<WorkloadSelector> {
+    let what = format!("workloads[{index}]");
+    let before = cx.errors.len();
+    let mut m = Map::new(cx, node, node.mark, what.clone())?;
+    let mut w = WorkloadSelector::default();
+    let id = |cx: &mut Cx, n: &Node, what: String| {
+        decode::integer(cx, n, &what, 0, i64::from(u32::MAX)).and_then(|v| u32::try_from(v).ok())
+    };
+    w.uid = m.get("uid").and_then(|n| id(cx, n, format!("{what}.uid")));
+    w.gid = m.get("gid").and_then(|n| id(cx, n, format!("{what}.gid")));
+    if let Some(n) = m.get("cgroup") {
+        w.cgroup =
+            decode::string(cx, n, &format!("{what}.cgroup")).and_then(|c| match cgroup_path(&c) {
+                Ok(c) => Some(c),
+                Err(reason) => {
+                    cx.error(n.mark, format!("invalid cgroup {c:?}: {reason}"));
+                    None
+                }
+            });
+    }
+    w.exe = m
+        .get("exe")
+        .and_then(|n| decode::absolute_path(cx, n, &format!("{what}.exe")));
+    if let Some(n) = m.get("comm") {
+        w.comm = decode::string(cx, n, &format!("{what}.comm")).and_then(|c| {
+            if c.len() > 15 {
+                cx.error(
+                    n.mark,
+                    format!(
+                        "comm {c:?} is {} bytes; the kernel keeps at most 15 bytes of a process name (did you mean {:?}?)",
+                        c.len(),
+                        truncate(&c, 15)
+                    ),
+                );
+                None
+            } else {
+                Some(c)
+            }
+        });
+    }
+    w.namespace = m.string(cx, "namespace");
+    w.service_account = m.string(cx, "serviceAccount");
+    if let Some(n) = m.get("labels") {
+        w.labels = decode::string_map(cx, n, &format!("{what}.labels"));
+    }
+    m.finish(cx);
+    if cx.errors.len() > before {
+        return None;
+    }
+    if w == WorkloadSelector::default() {
+        cx.error(
+            node.mark,
+            format!("{what} is empty: an entry needs at least one of uid, gid, cgroup, exe, comm, namespace, serviceAccount, labels"),
+        );
+        return None;
+    }
+    Some(w)
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn cgroup_path(text: &str) -> Result<String, String> {
+    if !text.starts_with('/') {
+        return Err("a cgroup path starts with '/' (relative to the cgroup v2 root)".to_string());
+    }
+    if text.split('/').any(|c| c == "." || c == "..") {
+        return Err("'.' and '..' are not allowed".to_string());
+    }
+    if text.contains("//") {
+        return Err("empty path component".to_string());
+    }
+    let trimmed = text.trim_end_matches('/');
+    Ok(if trimmed.is_empty() {
+        "/".to_string()
+    } else {
+        trimmed.to_string()
+    })
+}
+
+/// Decoded `credentials` with its cache ttl.
+fn credentials(cx: &mut Cx, entry: &Entry) -> Option<(Credentials, Option<Duration>)> {
+    let mut m = Map::new(cx, &entry.value, entry.key_mark, "credentials")?;
+    let before = cx.errors.len();
+    let cache_ttl = m.map(cx, "cache").and_then(|mut c| {
+        let ttl = c.require(cx, "ttl").and_then(|e| {
+            decode::duration(
+                cx,
+                &e.value,
+                "credentials.cache.ttl",
+                Duration::ZERO,
+                MAX_CACHE_TTL,
+            )
+        });
+        c.finish(cx);
+        ttl
+    });
+    let dynamic = m.entry("dynamic");
+    let store = m.entry("store");
+    let username = m.entry("username");
+    let password = m.entry("password");
+    let result = if let Some(dynamic) = dynamic {
+        for (name, e) in [
+            ("store", store),
+            ("username", username),
+            ("password", password),
+        ] {
+            if let Some(e) = e {
+                cx.error(
+                    e.key_mark,
+                    format!("credentials.{name} cannot be combined with credentials.dynamic (the dynamic engine returns both username and password)"),
+                );
+            }
+        }
+        let d = Map::new(cx, &dynamic.value, dynamic.key_mark, "credentials.dynamic");
+        let result = d.and_then(|mut d| {
+            let store = d.require_string(cx, "store");
+            let path = d.require_string(cx, "path");
+            d.finish(cx);
+            Some(Credentials::Dynamic {
+                store: store?,
+                path: path?,
+            })
+        });
+        m.finish(cx);
+        result
+    } else {
+        let store_name = match store {
+            Some(e) => decode::string(cx, &e.value, "credentials.store"),
+            None => {
+                cx.error(
+                    entry.key_mark,
+                    "missing field \"store\" in credentials (or use credentials.dynamic)",
+                );
+                None
+            }
+        };
+        let default = store_name.as_deref().unwrap_or("");
+        let username =
+            username.and_then(|e| secret_ref(cx, e, "credentials.username", Some(default)));
+        let password =
+            password.and_then(|e| secret_ref(cx, e, "credentials.password", Some(default)));
+        m.finish(cx);
+        if username.is_none() && password.is_none() && cx.errors.len() == before {
+            cx.error(
+                entry.key_mark,
+                "credentials needs username, password, or both (or dynamic)",
+            );
+        }
+        Some(Credentials::Static {
+            store: store_name?,
+            username,
+            password,
+        })
+    };
+    if cx.errors.len() > before {
+        return None;
+    }
+    result.map(|c| (c, cache_ttl))
+}
+
+/// `{store?, path, field?, version?}`; `store` defaults to `default_store`.
+fn secret_ref(
+    cx: &mut Cx,
+    entry: &Entry,
+    what: &str,
+    default_store: Option<&str>,
+) -> Option<SecretRef> {
+    if let Value::Scalar { .. } = entry.value.value {
+        cx.error(
+            entry.value.mark,
+            format!("{what} must be a secret reference such as {{path: orders-db, field: password}}; secret values are never written in a Policy"),
+        );
+        return None;
+    }
+    let before = cx.errors.len();
+    let mut m = Map::new(cx, &entry.value, entry.key_mark, what.to_string())?;
+    if let Some(v) = m.entry("value") {
+        cx.error(
+            v.key_mark,
+            format!("{what}.value: secret values are never written in a Policy; put them in a SecretStore (a literal store for development)"),
+        );
+    }
+    let store = match m.get("store") {
+        Some(n) => decode::string(cx, n, &format!("{what}.store")),
+        None => match default_store {
+            Some(s) => Some(s.to_string()),
+            None => {
+                cx.error(entry.key_mark, format!("missing field \"store\" in {what} (credentials names no store to default to)"));
+                None
+            }
+        },
+    };
+    let path = m.require_string(cx, "path");
+    let field = m.string(cx, "field");
+    let version = m.get("version").and_then(|n| match &n.value {
+        Value::Scalar { text, .. } if !text.is_empty() => Some(text.clone()),
+        _ => {
+            cx.error(
+                n.mark,
+                format!(
+                    "{what}.version must be a number or a string, found {}",
+                    n.describe()
+                ),
+            );
+            None
+        }
+    });
+    m.finish(cx);
+    if cx.errors.len() > before {
+        return None;
+    }
+    Some(SecretRef {
+        store: store?,
+        path: path?,
+        field,
+        version,
+    })
+}
+
+/// `tls` as written; the mode is `None` when not given (defaulted by [`check_tls`]).
+struct RawTls {
+    mode: Option<(TlsMode, Mark)>,
+    spec: TlsSpec,
+}
+
+fn tls(cx: &mut Cx, entry: &Entry, default_store: Option<&str>) -> Option<RawTls> {
+    let mut m = Map::new(cx, &entry.value, entry.key_mark, "tls")?;
+    let before = cx.errors.len();
+    let mode = m
+        .get("mode")
+        .and_then(|n| decode::choice(cx, n, "tls mode", &TlsMode::ALL).map(|mode| (mode, n.mark)));
+    let ca = m
+        .get("ca")
+        .and_then(|n| decode::absolute_path(cx, n, "tls.ca"));
+    let server_name = m.get("serverName").and_then(|n| {
+        let name = decode::string(cx, n, "tls.serverName")?;
+        if name.parse::<IpAddr>().is_ok() {
+            return Some(name);
+        }
+        net::host_name(&name)
+            .map_err(|reason| {
+                cx.error(n.mark, format!("invalid tls.serverName {name:?}: {reason}"))
+            })
+            .ok()
+    });
+    let client_cert = m
+        .entry("clientCert")
+        .and_then(|e| secret_ref(cx, e, "tls.clientCert", default_store));
+    let client_key = m
+        .entry("clientKey")
+        .and_then(|e| secret_ref(cx, e, "tls.clientKey", default_store));
+    match (m.entry("clientCert"), m.entry("clientKey")) {
+        (Some(e), None) => cx.error(e.key_mark, "tls.clientCert needs tls.clientKey"),
+        (None, Some(e)) => cx.error(e.key_mark, "tls.clientKey needs tls.clientCert"),
+        _ => {}
+    }
+    m.finish(cx);
+    if cx.errors.len() > before {
+        return None;
+    }
+    Some(RawTls {
+        mode,
+        spec: TlsSpec {
+            mode: TlsMode::Disable,
+            ca,
+            server_name,
+            client_cert,
+            client_key,
+        },
+    })
+}
+
+/// The rules that tie `tls` to the protocol; fills in the default mode.
+fn check_tls(cx: &mut Cx, raw: RawTls, protocol: Protocol, entry: &Entry) -> Option<TlsSpec> {
+    let RawTls { mode, mut spec } = raw;
+    let (mode, mode_mark) = mode.unwrap_or((protocol.default_tls_mode(), entry.key_mark));
+    let before = cx.errors.len();
+    if protocol == Protocol::Ssh && mode != TlsMode::Disable {
+        cx.error(
+            mode_mark,
+            "tls does not apply to protocol ssh (SSH has its own encryption); remove tls",
+        );
+    } else if mode == TlsMode::Prefer && !matches!(protocol, Protocol::Postgres | Protocol::Mysql) {
+        cx.error(
+            mode_mark,
+            format!("tls mode \"prefer\" needs a protocol that negotiates TLS (postgres, mysql); for {protocol} use \"disable\", \"require\", \"verify-ca\" or \"verify-full\""),
+        );
+    }
+    if mode == TlsMode::Disable {
+        let set: Vec<&str> = [
+            ("ca", spec.ca.is_some()),
+            ("serverName", spec.server_name.is_some()),
+            ("clientCert", spec.client_cert.is_some()),
+        ]
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(name, _)| *name)
+        .collect();
+        if let Some(first) = set.first() {
+            cx.error(
+                entry.value.locate_key(&[first]),
+                format!("tls.{first} has no effect with tls mode \"disable\"; set mode to \"require\", \"verify-ca\" or \"verify-full\""),
+            );
+        }
+    }
+    if cx.errors.len() > before {
+        return None;
+    }
+    spec.mode = mode;
+    Some(spec)
+}

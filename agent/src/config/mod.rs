@@ -1,0 +1,69 @@
+//! latch's configuration: typed, validated `SecretStore` and `Policy` resources loaded from
+//! YAML, with errors that name file, line and column.
+//!
+//! ```text
+//! let config = latch::config::load(&[PathBuf::from("/etc/latch/policies")])?;
+//! for w in &config.warnings { eprintln!("warning: {w}"); }
+//! ```
+//!
+//! A load is all or nothing: [`load`] returns every error it found (syntax, unknown or missing
+//! fields with "did you mean" hints, bad values, unknown store references, duplicate names,
+//! overlapping destinations), or the whole valid set with its warnings.
+//!
+//! Layout: [`yaml`] is the only module that knows the YAML parser; `decode*` read typed values
+//! out of its located tree; `validate` runs the checks across documents; `load` reads files.
+
+mod decode;
+mod decode_policy;
+mod decode_store;
+mod diagnostic;
+pub mod duration;
+mod load;
+mod net;
+mod policy;
+mod secret;
+mod store;
+mod suggest;
+mod validate;
+pub mod yaml;
+
+#[cfg(test)]
+mod tests;
+
+pub use diagnostic::{Diagnostic, LoadErrors, Location};
+pub use load::{load, load_str};
+pub use net::{Cidr, PortRange};
+pub use policy::{
+    Credentials, Destination, Policy, Protocol, SecretRef, Target, TlsMode, TlsSpec,
+    WorkloadSelector,
+};
+pub use secret::SecretString;
+pub use store::{
+    AwsAuth, AwsStore, CredentialSource, EnvStore, ExecStore, FileStore, KubernetesStore,
+    LiteralSecret, LiteralStore, RoleIdSource, SecretStore, StoreBackend, VaultAuth, VaultStore,
+    VaultTls,
+};
+
+/// The only `apiVersion` this agent reads.
+pub const API_VERSION: &str = "latch.dev/v1alpha1";
+
+/// A valid set of resources.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// In load order (files in the order given, directory entries by name, documents in order).
+    pub policies: Vec<Policy>,
+    pub stores: Vec<SecretStore>,
+    /// Things that are allowed but deserve a look: policies without workloads, literal stores,
+    /// plain-http Vault addresses, empty directories.
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Config {
+    pub fn store(&self, name: &str) -> Option<&SecretStore> {
+        self.stores.iter().find(|s| s.name == name)
+    }
+
+    pub fn policy(&self, name: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.name == name)
+    }
+}

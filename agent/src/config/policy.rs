@@ -1,0 +1,284 @@
+//! The `Policy` resource: which destination, which workloads, which protocol, target TLS, which
+//! credentials.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::diagnostic::Location;
+use super::net::{Cidr, PortRange};
+
+/// A validated `kind: Policy` document.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// Where the document starts.
+    pub source: Location,
+    pub destination: Destination,
+    /// Who may use this policy. Empty means every workload in the attached cgroups (the loader
+    /// warns about that). Otherwise a connection is admitted when any one entry matches.
+    pub workloads: Vec<WorkloadSelector>,
+    pub protocol: Protocol,
+    /// TLS from the broker to the target; `mode` is already defaulted for the protocol.
+    pub tls: TlsSpec,
+    /// `None` only for `protocol: tcp`.
+    pub credentials: Option<Credentials>,
+    /// How long fetched credentials may be reused (`credentials.cache.ttl`); `None`: fetch for
+    /// every connection.
+    pub cache_ttl: Option<Duration>,
+}
+
+/// Where the application was connecting.
+///
+/// Two policies may not name the same target (equal host, equal address, or equal cidr, an
+/// `address` counting as its /32 or /128) with overlapping ports; the loader rejects that. A
+/// cidr nested inside a wider one is allowed: for a connection to an address, the most specific
+/// match wins (an `address` beats any `cidr`, and a longer prefix beats a shorter one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub target: Target,
+    pub ports: PortRange,
+}
+
+/// The address part of a [`Destination`]; see there for how overlapping targets are ranked.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// A DNS name, lowercased, without trailing dot; the agent resolves it to addresses.
+    Host(String),
+    Address(IpAddr),
+    Cidr(Cidr),
+}
+
+impl Target {
+    /// Whether a connection to `addr` falls under this target. A host never matches here: its
+    /// addresses come from resolution, outside the configuration.
+    pub fn contains(&self, addr: &IpAddr) -> bool {
+        match self {
+            Target::Host(_) => false,
+            Target::Address(a) => a == addr,
+            Target::Cidr(c) => c.contains(addr),
+        }
+    }
+
+    /// The prefix length this target covers (32/128 for an address), for longest-prefix-match
+    /// ranking; `None` for a host.
+    pub fn prefix_len(&self) -> Option<u8> {
+        match self {
+            Target::Host(_) => None,
+            Target::Address(a) => Some(Cidr::host(*a).prefix_len()),
+            Target::Cidr(c) => Some(c.prefix_len()),
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Host(h) => write!(f, "host {h}"),
+            Target::Address(a) => write!(f, "address {a}"),
+            Target::Cidr(c) => write!(f, "cidr {c}"),
+        }
+    }
+}
+
+/// One entry of `workloads`: it admits a connection when every field that is set matches.
+/// At least one field is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkloadSelector {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// A cgroup v2 path prefix, matched by whole path components: `/system.slice/orders.service`
+    /// matches itself and `/system.slice/orders.service/child`, not `/system.slice/orders.service2`.
+    /// Stored without a trailing `/`.
+    pub cgroup: Option<String>,
+    /// The absolute path of the executable.
+    pub exe: Option<PathBuf>,
+    /// The process name as the kernel keeps it (at most 15 bytes).
+    pub comm: Option<String>,
+    /// Kubernetes pod namespace (accepted now, enforced once the agent knows pods).
+    pub namespace: Option<String>,
+    /// Kubernetes service account name.
+    pub service_account: Option<String>,
+    /// Kubernetes pod labels that must all be present with these values.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl WorkloadSelector {
+    /// Whether this entry uses Kubernetes fields, which need pod identity to match.
+    pub fn uses_kubernetes(&self) -> bool {
+        self.namespace.is_some() || self.service_account.is_some() || !self.labels.is_empty()
+    }
+
+    /// Whether `cgroup_path` is inside this entry's cgroup prefix (true when no prefix is set).
+    pub fn cgroup_matches(&self, cgroup_path: &str) -> bool {
+        match &self.cgroup {
+            None => true,
+            Some(prefix) if prefix == "/" => cgroup_path.starts_with('/'),
+            Some(prefix) => cgroup_path
+                .strip_prefix(prefix.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+        }
+    }
+}
+
+/// The protocol the broker speaks with the application and the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// Bytes only: no authentication by the broker (credentials optional, e.g. for TLS
+    /// client certificates).
+    Tcp,
+    Postgres,
+    Mysql,
+    Http,
+    Ssh,
+}
+
+impl Protocol {
+    pub const ALL: [(&'static str, Protocol); 5] = [
+        ("tcp", Protocol::Tcp),
+        ("postgres", Protocol::Postgres),
+        ("mysql", Protocol::Mysql),
+        ("http", Protocol::Http),
+        ("ssh", Protocol::Ssh),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Postgres => "postgres",
+            Protocol::Mysql => "mysql",
+            Protocol::Http => "http",
+            Protocol::Ssh => "ssh",
+        }
+    }
+
+    /// The TLS mode when a policy names none: `prefer` for the protocols that negotiate TLS in
+    /// band (postgres, mysql), `disable` for the others (ssh has its own encryption; tcp and
+    /// http need an explicit `require` or `verify-*` to wrap the target connection in TLS).
+    pub fn default_tls_mode(self) -> TlsMode {
+        match self {
+            Protocol::Postgres | Protocol::Mysql => TlsMode::Prefer,
+            Protocol::Tcp | Protocol::Http | Protocol::Ssh => TlsMode::Disable,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// TLS from the broker to the target, with libpq's meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// Plain text.
+    Disable,
+    /// TLS if the server offers it, else plain text (postgres and mysql only).
+    Prefer,
+    /// TLS, without checking the certificate.
+    Require,
+    /// TLS, certificate signed by the CA (`ca`, or the system roots).
+    VerifyCa,
+    /// As `VerifyCa`, and the certificate names the target (`serverName`, or the host/address).
+    VerifyFull,
+}
+
+impl TlsMode {
+    pub const ALL: [(&'static str, TlsMode); 5] = [
+        ("disable", TlsMode::Disable),
+        ("prefer", TlsMode::Prefer),
+        ("require", TlsMode::Require),
+        ("verify-ca", TlsMode::VerifyCa),
+        ("verify-full", TlsMode::VerifyFull),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "disable",
+            TlsMode::Prefer => "prefer",
+            TlsMode::Require => "require",
+            TlsMode::VerifyCa => "verify-ca",
+            TlsMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether the target's certificate chain is checked.
+    pub fn verifies(self) -> bool {
+        matches!(self, TlsMode::VerifyCa | TlsMode::VerifyFull)
+    }
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `spec.tls` of a policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSpec {
+    pub mode: TlsMode,
+    /// PEM file of CA certificates; `None`: the system roots.
+    pub ca: Option<PathBuf>,
+    /// Name to verify and to send as SNI instead of the destination host.
+    pub server_name: Option<String>,
+    /// Client certificate and key (PEM), both or neither.
+    pub client_cert: Option<SecretRef>,
+    pub client_key: Option<SecretRef>,
+}
+
+/// A reference to one secret value in a store. Holds no secret itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SecretRef {
+    /// The store's name; defaulted from `credentials.store` when the reference names none.
+    pub store: String,
+    /// The secret's path in the store (for Vault KV, including the mount unless the store sets
+    /// `mount`).
+    pub path: String,
+    /// A key inside the secret; `None` when the secret is a single value.
+    pub field: Option<String>,
+    /// A specific version (Vault KV v2: a positive integer; AWS: a version id or stage).
+    pub version: Option<String>,
+}
+
+/// `spec.credentials` of a policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// Values read from a store. At least one of `username` and `password` is set. Without a
+    /// `username`, the broker keeps the user name the application sent.
+    Static {
+        store: String,
+        username: Option<SecretRef>,
+        password: Option<SecretRef>,
+    },
+    /// A username/password pair minted by a dynamic-secrets engine (Vault/OpenBao), e.g.
+    /// `database/creds/orders-rw`.
+    Dynamic { store: String, path: String },
+}
+
+impl Credentials {
+    /// Every store this credentials block reads from.
+    pub fn stores(&self) -> Vec<&str> {
+        match self {
+            Credentials::Static {
+                store,
+                username,
+                password,
+            } => {
+                let mut v = vec![store.as_str()];
+                for r in [username, password].into_iter().flatten() {
+                    if !v.contains(&r.store.as_str()) {
+                        v.push(&r.store);
+                    }
+                }
+                v
+            }
+            Credentials::Dynamic { store, .. } => vec![store.as_str()],
+        }
+    }
+}

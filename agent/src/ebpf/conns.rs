@@ -1,0 +1,86 @@
+//! The broker's view of `LATCH_CONNS`: what the kernel recorded for an accepted connection.
+use std::{net::SocketAddr, sync::Mutex};
+
+use aya::maps::{HashMap, MapData, MapError};
+use latch_common::{ConnMeta, TupleKey};
+
+/// Lookup-and-remove access to the kernel's per-connection records.
+pub struct ConnTable {
+    map: Mutex<HashMap<MapData, TupleKey, ConnMeta>>,
+}
+
+impl ConnTable {
+    pub(super) fn new(map: HashMap<MapData, TupleKey, ConnMeta>) -> Self {
+        Self {
+            map: Mutex::new(map),
+        }
+    }
+
+    /// Takes the record of the connection the broker accepted from `peer` on `local`.
+    ///
+    /// The record is removed so that a later connection reusing the same 4-tuple without being
+    /// redirected can never inherit it.
+    pub fn take(&self, peer: SocketAddr, local: SocketAddr) -> Result<Option<ConnMeta>, MapError> {
+        let key = tuple_key(peer, local);
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&key, 0) {
+            Ok(meta) => {
+                match map.remove(&key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(err) => return Err(err),
+                }
+                Ok(Some(meta))
+            }
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Number of records currently held (for metrics; walks the map).
+    pub fn len(&self) -> usize {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.keys().filter(Result::is_ok).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The key the sock_ops program wrote for this connection: both ends as IPv6 (IPv4 mapped).
+pub fn tuple_key(peer: SocketAddr, local: SocketAddr) -> TupleKey {
+    TupleKey {
+        peer_addr: mapped(peer),
+        local_addr: mapped(local),
+        peer_port: peer.port(),
+        local_port: local.port(),
+        _pad: 0,
+    }
+}
+
+fn mapped(addr: SocketAddr) -> [u8; 16] {
+    match addr {
+        SocketAddr::V4(v4) => v4.ip().to_ipv6_mapped().octets(),
+        SocketAddr::V6(v6) => v6.ip().octets(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_and_mapped_ipv6_peers_give_the_same_key() {
+        let a = tuple_key(
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:15001".parse().unwrap(),
+        );
+        let b = tuple_key(
+            "[::ffff:127.0.0.1]:40000".parse().unwrap(),
+            "[::ffff:127.0.0.1]:15001".parse().unwrap(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.peer_port, 40000);
+        assert_eq!(a.local_addr[10..], [0xff, 0xff, 127, 0, 0, 1]);
+    }
+}

@@ -1,0 +1,277 @@
+//! Loading, attaching and feeding latch's eBPF programs.
+//!
+//! The object is built by `agent/build.rs` and embedded in the binary. [`Interceptor`] owns the
+//! loaded programs; dropping it detaches them (their links are file descriptors we own), so a
+//! crash cannot leave programs attached unless they were pinned.
+mod conns;
+mod rules;
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+};
+use latch_common::{BrokerConfig, Rule4Data, Rule6Data, RuleValue, map_names, prog_names, stat};
+
+pub use conns::ConnTable;
+pub use rules::{Rule, RuleKey};
+
+/// The compiled eBPF object.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/latch"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters kept by the eBPF programs (summed over CPUs).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub redirected: u64,
+    pub skipped_mark: u64,
+    pub established: u64,
+    pub map_errors: u64,
+    pub peername: u64,
+}
+
+/// Loaded (and, after [`Interceptor::attach`], attached) eBPF programs plus their maps.
+pub struct Interceptor {
+    bpf: Ebpf,
+    rules4: LpmTrie<MapData, Rule4Data, RuleValue>,
+    rules6: LpmTrie<MapData, Rule6Data, RuleValue>,
+    config: Array<MapData, BrokerConfig>,
+    stats: PerCpuArray<MapData, u64>,
+    logger: Option<Logger>,
+    installed: HashMap<RuleKey, RuleValue>,
+    attached_to: Option<PathBuf>,
+}
+
+/// See [`Interceptor::attach`]: with bpf_link this is multi-attach.
+const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    prog_names::CONNECT4,
+    prog_names::CONNECT6,
+    prog_names::PEERNAME4,
+    prog_names::PEERNAME6,
+];
+
+impl Interceptor {
+    /// Loads the embedded object and its programs into the kernel, without attaching them.
+    pub fn load() -> Result<Self, EbpfError> {
+        let mut bpf = EbpfLoader::new().load(OBJECT)?;
+        // The logger must outlive program loading: it holds the log ring buffer's fd.
+        let logger = aya_log::EbpfLogger::init(&mut bpf)
+            .map_err(|err| tracing::debug!(%err, "eBPF logging unavailable"))
+            .ok();
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut bpf, name)?;
+            prog.load()
+                .map_err(|source| EbpfError::Program { name, source })?;
+        }
+        let prog: &mut SockOps = program(&mut bpf, prog_names::SOCK_OPS)?;
+        prog.load().map_err(|source| EbpfError::Program {
+            name: prog_names::SOCK_OPS,
+            source,
+        })?;
+        Ok(Self {
+            rules4: take_map(&mut bpf, map_names::RULES4)?,
+            rules6: take_map(&mut bpf, map_names::RULES6)?,
+            config: take_map(&mut bpf, map_names::CONFIG)?,
+            stats: take_map(&mut bpf, map_names::STATS)?,
+            bpf,
+            logger,
+            installed: HashMap::new(),
+            attached_to: None,
+        })
+    }
+
+    /// Takes the connection map for the broker. Call once, before the broker starts.
+    pub fn take_conn_table(&mut self) -> Result<ConnTable, EbpfError> {
+        Ok(ConnTable::new(take_map(&mut self.bpf, map_names::CONNS)?))
+    }
+
+    /// Attaches every program to the cgroup v2 directory `cgroup`.
+    ///
+    /// aya attaches through bpf_link on kernels >= 5.7 (latch needs 5.8). The kernel rejects
+    /// any flag on a cgroup link (EINVAL) and always treats links as BPF_F_ALLOW_MULTI, so
+    /// `Single` here still means "alongside every other agent's programs".
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), EbpfError> {
+        let file = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut self.bpf, name)?;
+            prog.attach(&file, ATTACH_MODE)
+                .map_err(|source| EbpfError::Program { name, source })?;
+        }
+        let prog: &mut SockOps = program(&mut self.bpf, prog_names::SOCK_OPS)?;
+        prog.attach(&file, ATTACH_MODE)
+            .map_err(|source| EbpfError::Program {
+                name: prog_names::SOCK_OPS,
+                source,
+            })?;
+        self.attached_to = Some(cgroup.to_owned());
+        Ok(())
+    }
+
+    /// The cgroup the programs are attached to, if any.
+    pub fn attached_to(&self) -> Option<&Path> {
+        self.attached_to.as_deref()
+    }
+
+    /// Tells the connect hooks where the broker listens; `enabled: false` stops redirection.
+    pub fn set_broker(&mut self, cfg: BrokerConfig) -> Result<(), EbpfError> {
+        self.config.set(0, cfg, 0).map_err(|source| EbpfError::Map {
+            name: map_names::CONFIG,
+            source,
+        })
+    }
+
+    /// Makes the rule tries hold exactly `rules`: inserts what is new or changed, removes what
+    /// is gone. Existing connections are unaffected.
+    pub fn sync_rules(&mut self, rules: &[Rule]) -> Result<(), EbpfError> {
+        let wanted: HashMap<RuleKey, RuleValue> = rules.iter().map(Rule::entry).collect();
+        for (key, value) in &wanted {
+            if self.installed.get(key) != Some(value) {
+                self.insert(key, *value)?;
+            }
+        }
+        let stale: Vec<RuleKey> = self
+            .installed
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in &stale {
+            self.remove(key)?;
+        }
+        self.installed = wanted;
+        Ok(())
+    }
+
+    /// Number of rule entries currently installed.
+    pub fn rule_count(&self) -> usize {
+        self.installed.len()
+    }
+
+    /// Sums the per-CPU counters.
+    pub fn stats(&self) -> Stats {
+        let read = |index: u32| -> u64 {
+            self.stats
+                .get(&index, 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0)
+        };
+        Stats {
+            redirected: read(stat::REDIRECTED),
+            skipped_mark: read(stat::SKIPPED_MARK),
+            established: read(stat::ESTABLISHED),
+            map_errors: read(stat::MAP_ERRORS),
+            peername: read(stat::PEERNAME),
+        }
+    }
+
+    fn insert(&mut self, key: &RuleKey, value: RuleValue) -> Result<(), EbpfError> {
+        let res = match key.lpm() {
+            rules::Lpm::V4(prefix, data) => self.rules4.insert(&Key::new(prefix, data), value, 0),
+            rules::Lpm::V6(prefix, data) => self.rules6.insert(&Key::new(prefix, data), value, 0),
+        };
+        res.map_err(|source| EbpfError::Map {
+            name: key.map_name(),
+            source,
+        })
+    }
+
+    fn remove(&mut self, key: &RuleKey) -> Result<(), EbpfError> {
+        let res = match key.lpm() {
+            rules::Lpm::V4(prefix, data) => self.rules4.remove(&Key::new(prefix, data)),
+            rules::Lpm::V6(prefix, data) => self.rules6.remove(&Key::new(prefix, data)),
+        };
+        match res {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(EbpfError::Map {
+                name: key.map_name(),
+                source,
+            }),
+        }
+    }
+}
+
+fn program<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    bpf.program_mut(name)
+        .ok_or(EbpfError::Missing(name))?
+        .try_into()
+        .map_err(|source| EbpfError::Program { name, source })
+}
+
+fn take_map<T>(bpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    bpf.take_map(name)
+        .ok_or(EbpfError::Missing(name))?
+        .try_into()
+        .map_err(|source| EbpfError::Map { name, source })
+}
+
+type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+impl Interceptor {
+    /// Forwards log records from the eBPF programs to `log` (and so to tracing) on a task of
+    /// the current tokio runtime.
+    pub fn spawn_log_reader(&mut self) {
+        let Some(logger) = self.logger.take() else {
+            return;
+        };
+        // SAFETY: the AsyncFd owns the logger, and with it the ring buffer fd, for as long as
+        // the fd is registered; nothing else closes it.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        match fd {
+            Ok(fd) => {
+                tokio::spawn(read_logs(fd));
+            }
+            Err(err) => tracing::debug!(%err, "cannot poll the eBPF log buffer"),
+        }
+    }
+}
+
+async fn read_logs(mut fd: tokio::io::unix::AsyncFd<Logger>) {
+    while let Ok(mut guard) = fd.readable_mut().await {
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

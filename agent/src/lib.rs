@@ -1,0 +1,19 @@
+//! latch: a node-level credential broker for unmodified applications.
+//!
+//! See ARCHITECTURE.md for the map. In short: [`ebpf`] loads the programs that redirect
+//! connects; [`broker`] accepts the redirected connections and hands them to a [`connector`];
+//! [`relay`] moves bytes; [`config`] is the validated resource model; [`runtime`] starts and
+//! stops it all in order.
+pub mod admin;
+pub mod broker;
+pub mod cgroup;
+pub mod config;
+pub mod connector;
+pub mod dns;
+pub mod doctor;
+pub mod ebpf;
+pub mod metrics;
+pub mod policy_set;
+pub mod relay;
+pub mod runtime;
+pub mod telemetry;

@@ -1,0 +1,215 @@
+//! Prometheus metrics. Labels carry policy names and outcomes only — never a secret.
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use serde::Serialize;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// How a brokered connection ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    /// Relayed to the target until one side closed.
+    relayed,
+    /// Could not be brokered (target unreachable, handshake failed, ...).
+    failed,
+}
+
+/// Why a connection was refused before any policy applied.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RefusedReason {
+    /// The kernel did not redirect it (someone connected to the broker's port directly).
+    not_redirected,
+    /// Redirected, but no loaded policy covers the destination any more.
+    no_policy,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    to_target,
+    to_app,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub policy: String,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub reason: RefusedReason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Family<ConnLabels, Counter>,
+    pub refused: Family<RefusedLabels, Counter>,
+    pub active: Gauge<i64, AtomicI64>,
+    pub bytes: Family<BytesLabels, Counter<u64, AtomicU64>>,
+    pub handshake_seconds: Family<PolicyLabels, Histogram>,
+    pub ebpf_redirected: Gauge<i64, AtomicI64>,
+    pub ebpf_map_errors: Gauge<i64, AtomicI64>,
+    pub rules: Gauge<i64, AtomicI64>,
+    /// relayed, failed, refused.
+    totals: [AtomicU64; 3],
+}
+
+/// Connection totals, as `latch status` and `latch run`'s summary show them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    pub relayed: u64,
+    pub failed: u64,
+    pub refused: u64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("latch");
+        let connections = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            "connections",
+            "Brokered connections by policy and outcome",
+            connections.clone(),
+        );
+        let refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections refused before any policy applied",
+            refused.clone(),
+        );
+        let active = Gauge::<i64, AtomicI64>::default();
+        registry.register("connections_active", "Connections open now", active.clone());
+        let bytes = Family::<BytesLabels, Counter<u64, AtomicU64>>::default();
+        registry.register("relay_bytes", "Bytes relayed", bytes.clone());
+        let handshake_seconds = Family::<PolicyLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ])
+        });
+        registry.register(
+            "handshake_seconds",
+            "Time from accept to relaying (target connect and authentication)",
+            handshake_seconds.clone(),
+        );
+        let ebpf_redirected = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "ebpf_redirected",
+            "connect() calls the eBPF hooks redirected to the broker",
+            ebpf_redirected.clone(),
+        );
+        let ebpf_map_errors = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "ebpf_map_errors",
+            "eBPF map updates that failed (connections left unredirected)",
+            ebpf_map_errors.clone(),
+        );
+        let rules = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "ebpf_rules",
+            "Interception rule entries installed",
+            rules.clone(),
+        );
+        Self {
+            registry,
+            connections,
+            refused,
+            active,
+            bytes,
+            handshake_seconds,
+            ebpf_redirected,
+            ebpf_map_errors,
+            rules,
+            totals: Default::default(),
+        }
+    }
+
+    pub fn connection(&self, policy: &str, outcome: Outcome) {
+        self.connections
+            .get_or_create(&ConnLabels {
+                policy: policy.to_owned(),
+                outcome,
+            })
+            .inc();
+        let slot = match outcome {
+            Outcome::relayed => 0,
+            Outcome::failed => 1,
+        };
+        self.totals[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refuse(&self, reason: RefusedReason) {
+        self.refused.get_or_create(&RefusedLabels { reason }).inc();
+        self.totals[2].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add_bytes(&self, direction: Direction, n: u64) {
+        self.bytes
+            .get_or_create(&BytesLabels { direction })
+            .inc_by(n);
+    }
+
+    /// Totals over all policies and reasons.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            relayed: self.totals[0].load(Ordering::Relaxed),
+            failed: self.totals[1].load(Ordering::Relaxed),
+            refused: self.totals[2].load(Ordering::Relaxed),
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_count_outcomes_and_refusals() {
+        let m = Metrics::new();
+        m.connection("web", Outcome::relayed);
+        m.connection("web", Outcome::relayed);
+        m.connection("db", Outcome::failed);
+        m.refuse(RefusedReason::not_redirected);
+        assert_eq!(
+            m.totals(),
+            Totals {
+                relayed: 2,
+                failed: 1,
+                refused: 1
+            }
+        );
+        let text = m.encode();
+        assert!(text.contains("latch_connections_total{policy=\"web\",outcome=\"relayed\"} 2"));
+    }
+}

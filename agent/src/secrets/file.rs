@@ -1,0 +1,228 @@
+//! The `file` store, the embedded default: a YAML mapping `{path: value}` or
+//! `{path: {field: value}}` in a file that only its owner may read.
+//!
+//! The file is checked with one `stat` per lookup: its mode every time (a file made group or
+//! world readable is refused from then on), and it is read again when its inode, size, mtime or
+//! ctime changed (rotation by rewrite or by rename both count).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use zeroize::Zeroizing;
+
+use super::error::SecretError;
+use super::store::{BoxFuture, Lookup, Store};
+use super::value::Secret;
+use crate::config::SecretString;
+
+/// Permission bits that make a secrets file unacceptable: any access by group or others.
+const FORBIDDEN_MODE: u32 = 0o077;
+
+pub struct FileStore {
+    name: String,
+    path: PathBuf,
+    loaded: Mutex<Option<Loaded>>,
+}
+
+struct Loaded {
+    stamp: Stamp,
+    secrets: Arc<BTreeMap<String, Secret>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStore {
+    pub fn new(name: String, path: PathBuf) -> FileStore {
+        FileStore {
+            name,
+            path,
+            loaded: Mutex::new(None),
+        }
+    }
+
+    fn secrets(&self) -> Result<Arc<BTreeMap<String, Secret>>, SecretError> {
+        let meta = std::fs::metadata(&self.path).map_err(|e| self.io_error(&e))?;
+        check_mode(&self.name, &self.path, meta.mode())?;
+        let stamp = Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        };
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = loaded.as_ref().filter(|l| l.stamp == stamp) {
+            return Ok(l.secrets.clone());
+        }
+        let text = Zeroizing::new(std::fs::read_to_string(&self.path).map_err(|e| self.io_error(&e))?);
+        let secrets = Arc::new(parse(&text).map_err(|reason| SecretError::Invalid {
+            store: self.name.clone(),
+            path: self.path.display().to_string(),
+            reason,
+        })?);
+        tracing::debug!(store = %self.name, file = %self.path.display(), entries = secrets.len(), "secrets file (re)loaded");
+        *loaded = Some(Loaded {
+            stamp,
+            secrets: secrets.clone(),
+        });
+        Ok(secrets)
+    }
+
+    fn io_error(&self, e: &std::io::Error) -> SecretError {
+        let file = self.path.display();
+        match e.kind() {
+            std::io::ErrorKind::PermissionDenied => SecretError::Permission {
+                store: self.name.clone(),
+                reason: format!("cannot read secrets file {file}: {e}"),
+            },
+            _ => SecretError::Unreachable {
+                store: self.name.clone(),
+                kind: "file",
+                reason: format!("cannot read secrets file {file}: {e}"),
+            },
+        }
+    }
+}
+
+/// Refuses a file that group or others may read, write or execute.
+pub fn check_mode(store: &str, path: &Path, mode: u32) -> Result<(), SecretError> {
+    if mode & FORBIDDEN_MODE != 0 {
+        return Err(SecretError::Permission {
+            store: store.to_string(),
+            reason: format!(
+                "secrets file {} has mode {:04o}, which lets group or others access it; \
+                 refusing to use it (run: chmod 600 {})",
+                path.display(),
+                mode & 0o7777,
+                path.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Parses the file's YAML: a mapping from path to a scalar or to a mapping of scalars. Errors
+/// say where, never what value.
+pub fn parse(text: &str) -> Result<BTreeMap<String, Secret>, String> {
+    let doc: serde_yaml::Value = match serde_yaml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let at = e
+                .location()
+                .map(|l| format!(" at line {}, column {}", l.line(), l.column()))
+                .unwrap_or_default();
+            return Err(format!("not valid YAML{at}"));
+        }
+    };
+    let map = match doc {
+        serde_yaml::Value::Null => return Ok(BTreeMap::new()),
+        serde_yaml::Value::Mapping(m) => m,
+        _ => return Err("the file must be a YAML mapping of secret paths".to_string()),
+    };
+    let mut out = BTreeMap::new();
+    for (key, value) in map {
+        let key = scalar_key(&key).ok_or("a secret path must be a string")?;
+        let secret = match value {
+            serde_yaml::Value::Mapping(fields) => {
+                let mut m = BTreeMap::new();
+                for (fk, fv) in fields {
+                    let fk = scalar_key(&fk).ok_or_else(|| format!("{key}: field names must be strings"))?;
+                    let v = scalar_value(fv).ok_or_else(|| format!("{key}.{fk} must be a string, number or boolean"))?;
+                    m.insert(fk, v);
+                }
+                Secret::Fields(m)
+            }
+            other => Secret::Value(scalar_value(other).ok_or_else(|| format!("{key} must be a value or a mapping of fields"))?),
+        };
+        out.insert(key, secret);
+    }
+    Ok(out)
+}
+
+fn scalar_key(v: &serde_yaml::Value) -> Option<String> {
+    match v {
+        serde_yaml::Value::String(s) => Some(s.clone()),
+        serde_yaml::Value::Number(n) => Some(n.to_string()),
+        serde_yaml::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn scalar_value(v: serde_yaml::Value) -> Option<SecretString> {
+    match v {
+        serde_yaml::Value::String(s) => Some(SecretString::new(s)),
+        serde_yaml::Value::Number(n) => Some(SecretString::new(n.to_string())),
+        serde_yaml::Value::Bool(b) => Some(SecretString::new(b.to_string())),
+        _ => None,
+    }
+}
+
+impl Store for FileStore {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
+    fn fetch<'a>(&'a self, lookup: Lookup<'a>) -> BoxFuture<'a, Result<Secret, SecretError>> {
+        Box::pin(async move {
+            let secrets = self.secrets()?;
+            secrets.get(lookup.path).cloned().ok_or_else(|| SecretError::NotFound {
+                store: self.name.clone(),
+                path: lookup.path.to_string(),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_values_and_fields() {
+        let m = parse("orders-db: {username: app, password: s3cret}\ntoken: abc\nport: 5432\n").unwrap();
+        match &m["orders-db"] {
+            Secret::Fields(f) => {
+                assert_eq!(f["username"].expose(), "app");
+                assert_eq!(f["password"].expose(), "s3cret");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&m["token"], Secret::Value(v) if v.expose() == "abc"));
+        assert!(matches!(&m["port"], Secret::Value(v) if v.expose() == "5432"));
+    }
+
+    #[test]
+    fn empty_file_is_empty_map() {
+        assert!(parse("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn parse_errors_hide_values() {
+        let e = parse("a: [CANARY-1]\n").unwrap_err();
+        assert!(!e.contains("CANARY"), "{e}");
+        let e = parse("a: {b: c\nCANARY-2").unwrap_err();
+        assert!(!e.contains("CANARY"), "{e}");
+        let e = parse("- CANARY-3\n").unwrap_err();
+        assert!(!e.contains("CANARY"), "{e}");
+    }
+
+    #[test]
+    fn mode_check() {
+        let p = Path::new("/etc/latch/secrets.yaml");
+        assert!(check_mode("s", p, 0o100600).is_ok());
+        assert!(check_mode("s", p, 0o100400).is_ok());
+        let e = check_mode("s", p, 0o100644).unwrap_err().to_string();
+        assert!(e.contains("/etc/latch/secrets.yaml") && e.contains("0644"), "{e}");
+        assert!(check_mode("s", p, 0o100640).is_err());
+        assert!(check_mode("s", p, 0o100602).is_err());
+    }
+}

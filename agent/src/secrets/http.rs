@@ -1,0 +1,140 @@
+//! The small HTTP(S) client the network stores share: hyper 1 with rustls (ring), one
+//! connection pool per store, a bound on every exchange, answers read into zeroizing buffers.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Request, StatusCode};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use zeroize::Zeroizing;
+
+/// Answers larger than this are refused.
+const MAX_BODY: usize = 4 << 20;
+
+#[derive(Clone)]
+pub(crate) struct HttpClient {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    timeout: Duration,
+}
+
+pub(crate) struct Response {
+    pub status: StatusCode,
+    pub body: Zeroizing<Vec<u8>>,
+}
+
+#[derive(Debug)]
+pub(crate) enum HttpError {
+    Timeout(Duration),
+    /// Connecting, TLS, sending or reading failed; the text is safe to show.
+    Transport(String),
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpError::Timeout(d) => write!(f, "no answer within {d:?}"),
+            HttpError::Transport(s) => f.write_str(s),
+        }
+    }
+}
+
+impl HttpClient {
+    /// `ca_file`: PEM CA certificates to trust instead of the system roots. `server_name`: the
+    /// name to verify and send as SNI instead of the URL's host.
+    pub fn new(ca_file: Option<&Path>, server_name: Option<&str>, timeout: Duration) -> Result<HttpClient, String> {
+        let mut roots = RootCertStore::empty();
+        match ca_file {
+            Some(path) => {
+                let certs = CertificateDer::pem_file_iter(path)
+                    .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("cannot parse CA file {}: {e}", path.display()))?;
+                if certs.is_empty() {
+                    return Err(format!("CA file {} holds no certificate", path.display()));
+                }
+                for c in certs {
+                    roots
+                        .add(c)
+                        .map_err(|e| format!("bad certificate in CA file {}: {e}", path.display()))?;
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(native.certs);
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(timeout));
+        http.set_nodelay(true);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http();
+        let builder = match server_name {
+            Some(name) => builder.with_server_name(name.to_string()),
+            None => builder,
+        };
+        let connector = builder.enable_http1().wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(HttpClient { client, timeout })
+    }
+
+    /// Sends `req` and reads the whole answer, all within the client's timeout.
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response, HttpError> {
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|e| HttpError::Transport(chain(&e)))?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| HttpError::Transport(format!("reading the answer: {e}")))?
+                .to_bytes();
+            Ok(Response {
+                status,
+                body: Zeroizing::new(body.to_vec()),
+            })
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or(Err(HttpError::Timeout(self.timeout)))
+    }
+}
+
+/// An error and its sources, joined (hyper's own text alone says little).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cur = s.source();
+    }
+    text
+}
+
+/// A header value that hyper must not log or compress into tables.
+pub(crate) fn sensitive(value: &str) -> Result<hyper::header::HeaderValue, String> {
+    let mut v = hyper::header::HeaderValue::from_str(value).map_err(|_| "a credential holds bytes not allowed in a header".to_string())?;
+    v.set_sensitive(true);
+    Ok(v)
+}

@@ -1,0 +1,271 @@
+//! The resolver: a policy's credentials, now. What every connector calls.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::cache::CredentialsCache;
+use super::error::SecretError;
+use super::flight::Flights;
+use super::store::{self, Lookup, Store};
+use super::value::{Credentials, Secret};
+use crate::config::{self, Policy, SecretRef, SecretStore, SecretString};
+
+/// How the resolver behaves. `Default` is what production wants.
+#[derive(Debug, Clone)]
+pub struct ResolverOptions {
+    /// The development switch: allow `literal` stores (a warning is logged when one is built).
+    pub allow_literal: bool,
+    /// Upper bound of one store fetch, logins and retries included.
+    pub fetch_timeout: Duration,
+    /// Bound of one HTTP exchange with a store (connect, send, read the answer).
+    pub http_timeout: Duration,
+    /// Revoke dynamic leases (Vault/OpenBao) in [`Resolver::shutdown`].
+    pub revoke_leases_on_shutdown: bool,
+}
+
+impl Default for ResolverOptions {
+    fn default() -> Self {
+        ResolverOptions {
+            allow_literal: false,
+            fetch_timeout: Duration::from_secs(10),
+            http_timeout: Duration::from_secs(5),
+            revoke_leases_on_shutdown: false,
+        }
+    }
+}
+
+/// Resolves credentials for policies. Cheap to clone; clones share stores, cache and fetches.
+#[derive(Clone)]
+pub struct Resolver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    stores: HashMap<String, Arc<dyn Store>>,
+    opts: ResolverOptions,
+    secrets: Flights<SecretKey, Arc<Secret>>,
+    dynamic: Flights<(String, String), Arc<Credentials>>,
+    cache: CredentialsCache,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct SecretKey {
+    store: String,
+    path: String,
+    field: Option<String>,
+    version: Option<String>,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<_> = self.inner.stores.iter().map(|(n, s)| (n.as_str(), s.kind())).collect();
+        names.sort();
+        f.debug_struct("Resolver").field("stores", &names).finish()
+    }
+}
+
+impl Resolver {
+    /// Builds every store of the configuration (no I/O; stores log in on first use).
+    pub fn new(stores: &[SecretStore], opts: ResolverOptions) -> Result<Resolver, SecretError> {
+        let mut built = Vec::with_capacity(stores.len());
+        for s in stores {
+            built.push((s.name.clone(), store::build(s, &opts)?));
+        }
+        Ok(Resolver::with_stores(built, opts))
+    }
+
+    /// A resolver over stores built elsewhere (tests, embedders with their own backends).
+    pub fn with_stores(stores: Vec<(String, Arc<dyn Store>)>, opts: ResolverOptions) -> Resolver {
+        Resolver {
+            inner: Arc::new(Inner {
+                stores: stores.into_iter().collect(),
+                opts,
+                secrets: Flights::new(),
+                dynamic: Flights::new(),
+                cache: CredentialsCache::default(),
+            }),
+        }
+    }
+
+    /// The credentials `policy` names: from the cache while its `cache_ttl` lasts, else from the
+    /// stores (concurrent callers share one fetch per secret).
+    pub async fn credentials(&self, policy: &Policy) -> Result<Arc<Credentials>, SecretError> {
+        self.resolve(policy, false).await
+    }
+
+    /// Drops what is cached for `policy` and fetches again, bypassing fetches that started
+    /// before. Connectors call it once after the target refused the credentials, then retry.
+    /// For dynamic credentials this mints new ones.
+    pub async fn refresh(&self, policy: &Policy) -> Result<Arc<Credentials>, SecretError> {
+        self.inner.cache.remove(&policy.name);
+        self.resolve(policy, true).await
+    }
+
+    /// One value (e.g. a TLS client key), uncached but coalesced with concurrent reads.
+    pub async fn secret(&self, reference: &SecretRef) -> Result<SecretString, SecretError> {
+        self.resolve_ref(reference, false).await
+    }
+
+    /// Forgets every cached credential (e.g. after a configuration reload).
+    pub fn clear_cache(&self) {
+        self.inner.cache.clear();
+    }
+
+    /// Stops the stores; revokes dynamic leases when [`ResolverOptions::revoke_leases_on_shutdown`].
+    pub async fn shutdown(&self) {
+        self.inner.cache.clear();
+        let revoke = self.inner.opts.revoke_leases_on_shutdown;
+        for (name, store) in &self.inner.stores {
+            let bound = self.inner.opts.fetch_timeout;
+            if tokio::time::timeout(bound, store.shutdown(revoke)).await.is_err() {
+                tracing::warn!(store = %name, "secret store shutdown did not finish within {bound:?}");
+            }
+        }
+    }
+
+    async fn resolve(&self, policy: &Policy, fresh: bool) -> Result<Arc<Credentials>, SecretError> {
+        let spec = policy
+            .credentials
+            .as_ref()
+            .ok_or_else(|| SecretError::NoCredentials(policy.name.clone()))?;
+        if !fresh && policy.cache_ttl.is_some() {
+            if let Some(hit) = self.inner.cache.get(&policy.name, spec, Instant::now()) {
+                return Ok(hit);
+            }
+        }
+        let started = Instant::now();
+        let result = match spec {
+            config::Credentials::Static {
+                username, password, ..
+            } => {
+                let (u, p) = tokio::join!(
+                    self.resolve_opt(username.as_ref(), fresh),
+                    self.resolve_opt(password.as_ref(), fresh)
+                );
+                match (u, p) {
+                    (Ok(u), Ok(p)) => Ok(Arc::new(Credentials::new(u, p))),
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                }
+            }
+            config::Credentials::Dynamic { store, path } => self.resolve_dynamic(store, path, fresh).await,
+        };
+        match &result {
+            Ok(creds) => {
+                tracing::debug!(policy = %policy.name, fresh, elapsed_us = started.elapsed().as_micros() as u64, "credentials resolved");
+                if let Some(ttl) = policy.cache_ttl {
+                    self.inner.cache.put(&policy.name, spec, creds.clone(), ttl, Instant::now());
+                }
+            }
+            Err(e) => {
+                tracing::warn!(policy = %policy.name, error = %e, "credentials not resolved");
+            }
+        }
+        result
+    }
+
+    async fn resolve_opt(&self, r: Option<&SecretRef>, fresh: bool) -> Result<Option<SecretString>, SecretError> {
+        match r {
+            Some(r) => self.resolve_ref(r, fresh).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn store(&self, name: &str) -> Result<&Arc<dyn Store>, SecretError> {
+        self.inner
+            .stores
+            .get(name)
+            .ok_or_else(|| SecretError::UnknownStore(name.to_string()))
+    }
+
+    async fn resolve_ref(&self, r: &SecretRef, fresh: bool) -> Result<SecretString, SecretError> {
+        let store = self.store(&r.store)?;
+        let per_field = store.per_field();
+        let key = SecretKey {
+            store: r.store.clone(),
+            path: r.path.clone(),
+            field: if per_field { r.field.clone() } else { None },
+            version: r.version.clone(),
+        };
+        let bound = self.inner.opts.fetch_timeout;
+        let secret = self
+            .inner
+            .secrets
+            .run(&key, fresh, || async {
+                let lookup = Lookup {
+                    path: &r.path,
+                    field: key.field.as_deref(),
+                    version: r.version.as_deref(),
+                };
+                match tokio::time::timeout(bound, store.fetch(lookup)).await {
+                    Ok(r) => r.map(Arc::new),
+                    Err(_) => Err(SecretError::Timeout {
+                        store: key.store.clone(),
+                        after: bound,
+                    }),
+                }
+            })
+            .await
+            .map_err(|e| named(e, &r.store))?;
+        extract(&secret, r, per_field)
+    }
+
+    async fn resolve_dynamic(&self, store_name: &str, path: &str, fresh: bool) -> Result<Arc<Credentials>, SecretError> {
+        let store = self.store(store_name)?;
+        let bound = self.inner.opts.fetch_timeout;
+        let key = (store_name.to_string(), path.to_string());
+        self.inner
+            .dynamic
+            .run(&key, fresh, || async {
+                match tokio::time::timeout(bound, store.dynamic(path, fresh)).await {
+                    Ok(Ok(d)) => Ok(Arc::new(Credentials {
+                        username: Some(d.username),
+                        password: Some(d.password),
+                        expires_at: d.expires_at,
+                    })),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(SecretError::Timeout {
+                        store: store_name.to_string(),
+                        after: bound,
+                    }),
+                }
+            })
+            .await
+            .map_err(|e| named(e, store_name))
+    }
+}
+
+/// Fills in the store name of errors raised by default trait methods.
+fn named(e: SecretError, store_name: &str) -> SecretError {
+    match e {
+        SecretError::Unsupported { store, kind, what } if store.is_empty() => SecretError::Unsupported {
+            store: store_name.to_string(),
+            kind,
+            what,
+        },
+        other => other,
+    }
+}
+
+/// The value a reference names inside a fetched secret.
+pub fn extract(secret: &Secret, r: &SecretRef, per_field: bool) -> Result<SecretString, SecretError> {
+    match (secret, r.field.as_deref()) {
+        (Secret::Value(v), None) => Ok(v.clone()),
+        (Secret::Value(v), Some(_)) if per_field => Ok(v.clone()),
+        (Secret::Fields(f), Some(field)) => f.get(field).cloned().ok_or_else(|| SecretError::FieldMissing {
+            store: r.store.clone(),
+            path: r.path.clone(),
+            field: field.to_string(),
+        }),
+        (Secret::Value(_), Some(field)) => Err(SecretError::FieldMissing {
+            store: r.store.clone(),
+            path: r.path.clone(),
+            field: field.to_string(),
+        }),
+        (Secret::Fields(_), None) => Err(SecretError::Invalid {
+            store: r.store.clone(),
+            path: r.path.clone(),
+            reason: "the secret has several fields; name one with `field`".to_string(),
+        }),
+    }
+}

@@ -1,0 +1,176 @@
+//! A `latch agent` process attached to a test cgroup, stopped (and checked for leftovers)
+//! when the test ends.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{TempDir, TestCgroup, bins, http, servers::free_port};
+
+pub struct Agent {
+    child: Option<Child>,
+    pub admin: SocketAddr,
+    pub dir: TempDir,
+    log: PathBuf,
+    cgroup_id: u64,
+}
+
+impl Agent {
+    /// Starts `latch agent` for `cgroup` with the given policy YAML; waits until ready.
+    pub fn start(policy_yaml: &str, cgroup: &TestCgroup) -> Self {
+        Self::start_with(policy_yaml, cgroup, Command::new(bins::latch()))
+    }
+
+    /// Like [`Agent::start`], but the agent process itself runs inside `cgroup` (to show that
+    /// its own outbound connections are not intercepted).
+    pub fn start_inside(policy_yaml: &str, cgroup: &TestCgroup) -> Self {
+        Self::start_with(policy_yaml, cgroup, cgroup.command(bins::latch()))
+    }
+
+    fn start_with(policy_yaml: &str, cgroup: &TestCgroup, mut cmd: Command) -> Self {
+        crate::require_root();
+        let dir = TempDir::new("agent");
+        let policy = dir.write("policy.yaml", policy_yaml);
+        let log = dir.path().join("agent.log");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+            .parse()
+            .unwrap();
+        let child = cmd
+            .arg("agent")
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--cgroup")
+            .arg(cgroup.path())
+            .args(["--listen", "127.0.0.1:0", "--listen", "[::1]:0"])
+            .arg("--admin")
+            .arg(admin.to_string())
+            .args(["--grace-period", "3"])
+            .env("LATCH_LOG", "info,latch=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log file"))
+            .spawn()
+            .expect("start latch agent");
+        let mut agent = Self {
+            child: Some(child),
+            admin,
+            dir,
+            log,
+            cgroup_id: cgroup.id(),
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = http::get(self.admin, "/readyz") {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "latch agent exited ({status}) before ready:\n{}",
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!("latch agent not ready after 20s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET /status as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = http::get(self.admin, "/status").expect("GET /status");
+        assert_eq!(code, 200, "GET /status: {body}");
+        serde_json::from_str(&body).expect("status JSON")
+    }
+
+    /// GET /metrics text.
+    pub fn metrics(&self) -> String {
+        let (code, body) = http::get(self.admin, "/metrics").expect("GET /metrics");
+        assert_eq!(code, 200, "GET /metrics: {body}");
+        body
+    }
+
+    /// A connection counter from /status: "relayed", "refused", "failed" or "active".
+    pub fn count(&self, what: &str) -> u64 {
+        self.status()["connections"][what]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no connections.{what} in status"))
+    }
+
+    /// Waits (up to 5 s) until counter `what` reaches `n`; relays are counted when they close.
+    pub fn wait_count(&self, what: &str, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = self.count(what);
+            if got == n {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "connections.{what} is {got}, expected {n}; agent log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The broker's listen address for IPv4 or IPv6.
+    pub fn listener(&self, ipv6: bool) -> SocketAddr {
+        self.status()["listeners"]
+            .as_array()
+            .expect("listeners")
+            .iter()
+            .filter_map(|l| l.as_str()?.parse::<SocketAddr>().ok())
+            .find(|a| a.is_ipv6() == ipv6)
+            .expect("listener of that family")
+    }
+
+    /// SIGTERM, wait for exit, then check nothing of the agent remains attached or pinned.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        // SAFETY: kill(2) on the child we started and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait agent") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("agent did not stop within 15s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        crate::leftovers::assert_none(self.cgroup_id, None);
+        status
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            if std::thread::panicking() {
+                eprintln!("--- latch agent log ---\n{}", self.log());
+            }
+        }
+    }
+}

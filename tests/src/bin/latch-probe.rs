@@ -1,0 +1,124 @@
+//! latch-probe: an ordinary TCP client for the end-to-end tests. It knows nothing of latch;
+//! the tests run it inside an intercepted cgroup and check what it saw.
+//!
+//! * `latch-probe peer ADDR` — connect, print `peer=<getpeername> local=<getsockname>`.
+//! * `latch-probe echo ADDR CONNS BYTES` — open CONNS connections at once; on each send BYTES
+//!   bytes unique to that connection, half-close, read the echo to the end and compare; check
+//!   that getpeername reports ADDR. Prints `ok=<n> failed=<n>`; exits 1 if anything differs.
+use std::{net::SocketAddr, process::ExitCode};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result = match args.get(1).map(String::as_str) {
+        Some("peer") => rt.block_on(peer(parse_addr(&args, 2))),
+        Some("echo") => rt.block_on(echo(
+            parse_addr(&args, 2),
+            parse_num(&args, 3),
+            parse_num(&args, 4),
+        )),
+        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("latch-probe: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_addr(args: &[String], i: usize) -> SocketAddr {
+    args.get(i)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("argument {i} must be a socket address"))
+}
+
+fn parse_num(args: &[String], i: usize) -> usize {
+    args.get(i)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("argument {i} must be a number"))
+}
+
+async fn peer(addr: SocketAddr) -> Result<(), String> {
+    let s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let peer = s.peer_addr().map_err(|e| e.to_string())?;
+    let local = s.local_addr().map_err(|e| e.to_string())?;
+    println!("peer={peer} local={local}");
+    Ok(())
+}
+
+/// Deterministic bytes unique to connection `conn`.
+fn payload(conn: usize, len: usize) -> Vec<u8> {
+    let mut x = (conn as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn echo(addr: SocketAddr, conns: usize, bytes: usize) -> Result<(), String> {
+    let tasks: Vec<_> = (0..conns)
+        .map(|i| tokio::spawn(echo_one(addr, i, bytes)))
+        .collect();
+    let mut ok = 0;
+    let mut failed = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await {
+            Ok(Ok(())) => ok += 1,
+            Ok(Err(e)) => failed.push(format!("conn {i}: {e}")),
+            Err(e) => failed.push(format!("conn {i}: task: {e}")),
+        }
+    }
+    println!("ok={ok} failed={}", failed.len());
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("\n"))
+    }
+}
+
+async fn echo_one(addr: SocketAddr, conn: usize, bytes: usize) -> Result<(), String> {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let peer = s.peer_addr().map_err(|e| e.to_string())?;
+    if peer != addr {
+        return Err(format!("getpeername says {peer}, expected {addr}"));
+    }
+    let data = payload(conn, bytes);
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await?;
+        w.shutdown().await
+    };
+    let recv = async {
+        let mut back = Vec::with_capacity(bytes);
+        r.read_to_end(&mut back).await.map(|_| back)
+    };
+    let (sent, back) = tokio::join!(send, recv);
+    sent.map_err(|e| format!("send: {e}"))?;
+    let back = back.map_err(|e| format!("receive: {e}"))?;
+    if back != data {
+        return Err(format!(
+            "echo differs: sent {} bytes, got {} back",
+            data.len(),
+            back.len()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! A cgroup the test creates and removes, and commands that start inside it.
+use std::{
+    fs,
+    io::Write as _,
+    os::{
+        fd::AsRawFd as _,
+        unix::{fs::MetadataExt as _, process::CommandExt as _},
+    },
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+/// The cgroup v2 mount point, from /proc/mounts.
+pub fn v2_root() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .expect("no cgroup v2 hierarchy mounted")
+}
+
+/// `<cgroup v2 root>/latch-test-<pid>-<n>`; everything in it is killed and the directory
+/// removed on drop, also when the test panics.
+pub struct TestCgroup {
+    path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new() -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        crate::require_root();
+        let path = v2_root().join(format!(
+            "latch-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The cgroup id the kernel reports (the directory's inode number).
+    pub fn id(&self) -> u64 {
+        fs::metadata(&self.path).expect("stat cgroup").ino()
+    }
+
+    /// A command that moves itself into this cgroup between fork and exec.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(self.path.join("cgroup.procs"))
+            .expect("open cgroup.procs");
+        let mut cmd = Command::new(program);
+        // SAFETY: only write(2) on an fd opened before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let n = libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1);
+                if n == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        cmd
+    }
+}
+
+impl Default for TestCgroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = fs::OpenOptions::new()
+            .write(true)
+            .open(self.path.join("cgroup.kill"))
+            .and_then(|mut f| f.write_all(b"1"));
+        for _ in 0..250 {
+            match fs::remove_dir(&self.path) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        eprintln!("warning: could not remove {}", self.path.display());
+    }
+}

@@ -1,0 +1,77 @@
+//! Test support for latch's end-to-end tests: real servers and clients on loopback, clients
+//! in a cgroup the test creates, and checks that nothing is left behind.
+//!
+//! These tests need root (eBPF, cgroups). They never skip: a missing prerequisite fails the
+//! test with a message that says what to install or run.
+pub mod agent;
+pub mod bins;
+pub mod cgroup;
+pub mod http;
+pub mod leftovers;
+pub mod servers;
+
+pub use agent::Agent;
+pub use cgroup::TestCgroup;
+
+use std::path::PathBuf;
+
+/// Panics unless running as root, with a message saying why the test needs it.
+pub fn require_root() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!(
+            "this test loads eBPF programs and creates cgroups: run it as root \
+             (`sudo -E cargo xtask test`)"
+        );
+    }
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "latch-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// Writes `text` to `name` inside the directory (mode 0600) and returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = self.0.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("write temp file");
+        std::io::Write::write_all(&mut f, text.as_bytes()).expect("write temp file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `kind: Policy` document relaying `address:port` as plain TCP.
+pub fn tcp_policy(name: &str, address: &str, port: u16) -> String {
+    format!(
+        "apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: {name}\nspec:\n  \
+         destination:\n    address: {address}\n    port: {port}\n  protocol: tcp\n"
+    )
+}

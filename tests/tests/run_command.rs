@@ -1,0 +1,166 @@
+//! `latch run`: the one-command way to try latch, and its cleanup duties.
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use latch_tests::{
+    TempDir, bins,
+    cgroup::v2_root,
+    leftovers, require_root,
+    servers::{NGINX_BODY, Nginx},
+    tcp_policy,
+};
+
+fn latch_run(policy: &Path) -> Command {
+    let mut cmd = Command::new(bins::latch());
+    cmd.arg("run")
+        .arg("--policy")
+        .arg(policy)
+        .env("LATCH_LOG", "info");
+    cmd
+}
+
+fn run_cgroup(pid: u32) -> std::path::PathBuf {
+    v2_root().join(format!("latch-run-{pid}"))
+}
+
+#[test]
+fn unmodified_curl_reaches_nginx_through_latch_run() {
+    require_root();
+    let nginx = Nginx::start("127.0.0.2");
+    let dir = TempDir::new("run");
+    let policy = dir.write("p.yaml", &tcp_policy("web", "127.0.0.2", nginx.addr.port()));
+    let out = latch_run(&policy)
+        .arg("--")
+        .arg(bins::tool("curl", "curl"))
+        .args(["-sS", "--max-time", "10", &nginx.url()])
+        .output()
+        .expect("latch run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "latch run failed: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), NGINX_BODY);
+    assert!(
+        stderr.contains("relayed=1 refused=0 failed=0"),
+        "the broker did not count one relayed connection:\n{stderr}"
+    );
+}
+
+#[test]
+fn latch_run_exits_with_the_commands_status_and_removes_its_cgroup() {
+    require_root();
+    let dir = TempDir::new("run");
+    let policy = dir.write("p.yaml", &tcp_policy("x", "127.0.0.2", 9));
+    // The command reports its cgroup and that cgroup's id (inode), then exits 7.
+    let script = format!(
+        "cat /proc/self/cgroup; stat -c %i {}$(sed -n 's/^0:://p' /proc/self/cgroup); exit 7",
+        v2_root().display()
+    );
+    let child = latch_run(&policy)
+        .args(["--", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("latch run");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(7));
+    let cgroup = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        cgroup.contains(&format!("/latch-run-{pid}")),
+        "the command did not run inside latch's cgroup: {cgroup}"
+    );
+    let id: u64 = cgroup
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no cgroup id in {cgroup}"));
+    leftovers::assert_none(id, Some(&run_cgroup(pid)));
+}
+
+#[test]
+fn a_killed_latch_run_is_cleaned_up_by_the_next_start() {
+    require_root();
+    let dir = TempDir::new("run");
+    let policy = dir.write("p.yaml", &tcp_policy("x", "127.0.0.2", 9));
+    let mut victim = latch_run(&policy)
+        .args(["--", "sleep", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("latch run");
+    let pid = victim.id();
+    let cg = run_cgroup(pid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(cg.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "latch run never started its command"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    victim.kill().expect("kill -9 latch run");
+    victim.wait().expect("reap");
+    assert!(cg.exists(), "the cgroup should survive a kill -9 of latch");
+
+    let out = latch_run(&policy)
+        .args(["--", "true"])
+        .output()
+        .expect("latch run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !cg.exists(),
+        "the next latch run did not remove the dead run's cgroup"
+    );
+}
+
+#[test]
+fn invalid_policy_is_refused_with_status_64_and_its_location() {
+    require_root();
+    let dir = TempDir::new("run");
+    let policy = dir.write(
+        "bad.yaml",
+        "apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {name: x}\nspec:\n  \
+         destination: {cidr: 10.0.0.0/33, port: 5432}\n  protocol: tcp\n",
+    );
+    let out = latch_run(&policy)
+        .args(["--", "true"])
+        .output()
+        .expect("latch run");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.yaml:5:"), "no file:line in {stderr}");
+    assert!(
+        stderr.contains("10.0.0.0/33"),
+        "no offending value in {stderr}"
+    );
+}
+
+#[test]
+fn doctor_says_this_machine_can_run_latch() {
+    require_root();
+    let out = Command::new(bins::latch())
+        .arg("doctor")
+        .output()
+        .expect("latch doctor");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for check in [
+        "kernel",
+        "cgroup v2",
+        "prog cgroup_sock_addr",
+        "prog sock_ops",
+        "latch programs",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ok") && l.contains(check)),
+            "doctor did not pass `{check}`:\n{text}"
+        );
+    }
+}

@@ -1,0 +1,53 @@
+//! `cargo xtask`: set up a machine, run the test suite, the demo and the benchmarks.
+
+mod bench;
+mod demo;
+mod pg;
+mod policy;
+mod proc;
+mod setup;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "latch development tasks (run as root)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install everything a fresh machine needs (idempotent; fast when done before).
+    Setup,
+    /// Setup, fmt, clippy, build and run the whole (privileged) test suite.
+    Test(test::Args),
+    /// Relay psql through latch to a throw-away PostgreSQL 15.
+    Demo,
+    /// Throughput of one TCP connection: direct vs latch vs HAProxy vs socat.
+    Bench(bench::Args),
+}
+
+fn main() {
+    proc::install_signal_handlers();
+    let cli = Cli::parse();
+    let result: Result<i32> = match cli.cmd {
+        Cmd::Setup => setup::run_setup().map(|()| 0),
+        Cmd::Test(args) => test::run_tests(&args).map(|()| 0),
+        Cmd::Demo => demo::run_demo(),
+        Cmd::Bench(args) => bench::run_bench(&args).map(|()| 0),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

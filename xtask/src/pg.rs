@@ -1,0 +1,136 @@
+//! A throw-away PostgreSQL cluster: initdb into a temp dir, postgres in the foreground as the
+//! `postgres` OS user (both refuse to run as root), stopped by its PID on drop.
+
+use crate::proc::{self, Guard, output};
+use anyhow::{Context, Result, bail};
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
+
+pub struct Postgres {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    log: PathBuf,
+    server: Guard,
+}
+
+fn os_user_id(flag: &str) -> Result<u32> {
+    let id = output(Command::new("id").args([flag, "postgres"]))
+        .context("no `postgres` OS user (is the Debian postgresql package installed?)")?;
+    id.trim()
+        .parse()
+        .with_context(|| format!("parsing `id {flag} postgres` output {id:?}"))
+}
+
+impl Postgres {
+    /// Cluster files go into `dir` (handed over to the postgres user); trust auth; listens on
+    /// `addr` and a free port, unix socket in `dir`.
+    pub fn start(dir: &Path, addr: Ipv4Addr) -> Result<Postgres> {
+        let (uid, gid) = (os_user_id("-u")?, os_user_id("-g")?);
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+            .with_context(|| format!("chown {} to postgres", dir.display()))?;
+        let data = dir.join("data");
+        let log = dir.join("postgres.log");
+        let as_postgres = |prog: &str| {
+            let mut c = Command::new(Path::new(BIN_DIR).join(prog));
+            c.uid(uid)
+                .gid(gid)
+                .current_dir(dir)
+                .env("LC_ALL", "C")
+                .stdin(Stdio::null());
+            c
+        };
+
+        println!(
+            "postgres: initdb {} (as the postgres user, trust auth)",
+            data.display()
+        );
+        let out = as_postgres("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .output()
+            .with_context(|| format!("running {BIN_DIR}/initdb"))?;
+        if !out.status.success() {
+            bail!(
+                "initdb failed: {}\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+
+        let port = proc::free_port(addr)?;
+        let logf = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = as_postgres("postgres");
+        cmd.arg("-D")
+            .arg(&data)
+            .args(["-h", &addr.to_string(), "-p", &port.to_string(), "-k"])
+            .arg(dir)
+            .stdout(logf.try_clone()?)
+            .stderr(logf);
+        // SIGINT = PostgreSQL's "fast" shutdown.
+        let server = Guard::spawn("postgres", &mut cmd, libc::SIGINT)?;
+        let mut pg = Postgres {
+            addr,
+            port,
+            log,
+            server,
+        };
+        println!(
+            "postgres: postgres pid {} on {addr}:{port}",
+            pg.server.pid()
+        );
+        if let Err(e) = pg.wait_ready() {
+            return Err(e.context(format!(
+                "postgres did not come up; its log:\n{}",
+                pg.log_text()
+            )));
+        }
+        Ok(pg)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.server.ensure_running()?;
+            proc::check_interrupted()?;
+            let (host, port) = (self.addr.to_string(), self.port.to_string());
+            let mut isready = Command::new(Path::new(BIN_DIR).join("pg_isready"));
+            isready.args(["-h", &host, "-p", &port, "-U", "postgres", "-t", "1"]);
+            let ready = proc::succeeds(&mut isready);
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("not ready after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stop now (the guard would do the same on drop).
+    pub fn stop(&mut self) {
+        let pid = self.server.pid();
+        if let Some(status) = self.server.stop() {
+            println!("postgres: postgres pid {pid} stopped ({status})");
+        }
+    }
+}

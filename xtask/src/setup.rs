@@ -1,0 +1,164 @@
+//! `cargo xtask setup`: everything a fresh Debian 12 machine of this kind needs, only when missing.
+
+use crate::proc::{self, output, run, succeeds};
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+use std::process::Command;
+
+/// Debian packages the tests, the demo and the benchmarks use. Add new ones here.
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    "iperf3",
+    "haproxy",
+    "socat",
+    "nginx-light",
+    "bpftool",
+    "postgresql",
+    "postgresql-contrib",
+    "curl",
+    "iproute2",
+    "procps",
+];
+
+/// bpf-linker release line verified with the nightly toolchain's LLVM (see HANDBOOK).
+const BPF_LINKER_VERSION: &str = "^0.13";
+const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+
+pub fn run_setup() -> Result<()> {
+    proc::require_root("setup")?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    debian_packages()?;
+    bpffs()?;
+    Ok(())
+}
+
+fn step(name: &str, what: &str) {
+    println!("setup: {name:<28} {what}");
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+        step("nightly toolchain", "installed");
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
+    if installed.lines().any(|l| l.trim().starts_with("rust-src")) {
+        step("rust-src (nightly)", "ok");
+    } else {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+        step("rust-src (nightly)", "installed");
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    if succeeds(Command::new("bpf-linker").arg("--version")) {
+        step("bpf-linker", "ok");
+        return Ok(());
+    }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    // bpf-linker's build links `-lLLVM`; the toolchain ships only the versioned file name.
+    let versioned = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {} (is the nightly toolchain complete?)",
+                lib.display()
+            )
+        })?;
+    let link = lib.join("libLLVM.so");
+    if link.symlink_metadata().is_ok() {
+        std::fs::remove_file(&link).with_context(|| format!("removing {}", link.display()))?;
+    }
+    std::os::unix::fs::symlink(&versioned, &link)
+        .with_context(|| format!("linking {} -> {versioned}", link.display()))?;
+    run(proc::cargo()
+        .env("LLVM_PREFIX", sysroot.trim())
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args([
+            "--no-default-features",
+            "--features",
+            BPF_LINKER_LLVM_FEATURE,
+        ]))?;
+    if !succeeds(Command::new("bpf-linker").arg("--version")) {
+        bail!(
+            "bpf-linker was installed but `bpf-linker --version` fails: is ~/.cargo/bin on PATH?"
+        );
+    }
+    step("bpf-linker", "installed");
+    Ok(())
+}
+
+fn is_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).trim() == "install ok installed"
+        })
+}
+
+fn debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !is_installed(p))
+        .collect();
+    if missing.is_empty() {
+        step("debian packages", "ok");
+        return Ok(());
+    }
+    let apt = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        c
+    };
+    run(&mut apt(&["update"]))?;
+    let mut install = apt(&["install", "-y"]);
+    run(install.args(&missing))?;
+    step(
+        "debian packages",
+        &format!("installed {}", missing.join(" ")),
+    );
+    Ok(())
+}
+
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    let mounted = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 2 && f[1] == "/sys/fs/bpf" && f[2] == "bpf"
+    });
+    if mounted {
+        step("bpffs /sys/fs/bpf", "ok");
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf").context("creating /sys/fs/bpf")?;
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    step("bpffs /sys/fs/bpf", "mounted");
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! `cargo xtask test`: setup, lint, build the binaries the tests spawn, run the whole suite.
+
+use crate::proc::{self, run};
+use anyhow::Result;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Skip `cargo fmt --check` and clippy (quick local loops).
+    #[arg(long)]
+    no_lint: bool,
+    /// Passed to `cargo test` (e.g. a test name filter, then `-- --nocapture`).
+    #[arg(last = true)]
+    cargo_test_args: Vec<String>,
+}
+
+/// The eBPF crate only builds for the bpf target (agent/build.rs does that); keep it out of host commands.
+const EXCLUDE: [&str; 3] = ["--workspace", "--exclude", "latch-ebpf"];
+
+pub fn run_tests(args: &Args) -> Result<()> {
+    proc::require_root("test")?;
+    crate::setup::run_setup()?;
+    if !args.no_lint {
+        banner("format");
+        run(proc::cargo().args(["fmt", "--all", "--", "--check"]))?;
+        banner("clippy");
+        run(proc::cargo().arg("clippy").args(EXCLUDE).args([
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    banner("build binaries");
+    run(proc::cargo().args(["build", "-p", "latch", "-p", "latch-tests", "--bins"]))?;
+    let bin = proc::target_dir().join("debug");
+    for b in ["latch", "latch-probe"] {
+        if !bin.join(b).is_file() {
+            println!(
+                "xtask: warning: {} was not built; tests that spawn it will fail",
+                bin.join(b).display()
+            );
+        }
+    }
+    banner("test");
+    run(proc::cargo()
+        .env("LATCH_BIN", bin.join("latch"))
+        .env("LATCH_PROBE_BIN", bin.join("latch-probe"))
+        .arg("test")
+        .args(EXCLUDE)
+        .arg("--no-fail-fast")
+        .args(&args.cargo_test_args))?;
+    banner("all tests passed");
+    Ok(())
+}
+
+fn banner(what: &str) {
+    println!("\n==> {what}");
+}
