@@ -89,7 +89,7 @@ fn kernel() -> Check {
         check(
             "kernel",
             Verdict::Fail {
-                found: format!("{release}"),
+                found: release.to_string(),
                 fix: format!("run on Linux {}.{} or newer", MIN_KERNEL.0, MIN_KERNEL.1),
             },
         )

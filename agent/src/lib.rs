@@ -16,4 +16,6 @@ pub mod metrics;
 pub mod policy_set;
 pub mod relay;
 pub mod runtime;
+pub mod secrets;
 pub mod telemetry;
+pub mod watch;

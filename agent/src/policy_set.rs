@@ -1,6 +1,10 @@
 //! The loaded policies as the data path uses them: rule ids for the eBPF tries, and the way
 //! back from a kernel record's rule id to its policy.
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use crate::{
     config::{Config, Policy, Target},
@@ -12,17 +16,45 @@ pub type Resolved = BTreeMap<String, Vec<IpAddr>>;
 
 /// An immutable set of policies. Replaced whole, never edited, so a connection sees one
 /// consistent set from accept to close.
+///
+/// Each policy has a rule id, the value the eBPF tries return and the kernel records with the
+/// connection. Ids are stable across reloads for policies of the same name, and never reused
+/// for another name, so a connection redirected just before a reload can never be attributed
+/// to a different policy after it.
 #[derive(Debug, Default)]
 pub struct PolicySet {
-    /// Rule id `n` is `policies[n - 1]`; 0 is never a rule id.
     policies: Vec<Arc<Policy>>,
+    /// `ids[i]` is the rule id of `policies[i]`; 0 is never a rule id.
+    ids: Vec<u32>,
+    by_id: HashMap<u32, usize>,
+    /// Ids handed out so far, by policy name (kept across reloads).
+    names: HashMap<String, u32>,
+    next_id: u32,
 }
 
 impl PolicySet {
+    /// The first set: ids 1, 2, … in load order.
     pub fn new(config: &Config) -> Self {
-        Self {
-            policies: config.policies.iter().cloned().map(Arc::new).collect(),
+        Self::successor(config, None)
+    }
+
+    /// A set for a reloaded configuration: policies keep the ids their names had in `previous`.
+    pub fn successor(config: &Config, previous: Option<&PolicySet>) -> Self {
+        let mut names = previous.map(|p| p.names.clone()).unwrap_or_default();
+        let mut next_id = previous.map_or(1, |p| p.next_id);
+        let mut set = Self::default();
+        for (index, policy) in config.policies.iter().enumerate() {
+            let id = *names.entry(policy.name.clone()).or_insert_with(|| {
+                next_id += 1;
+                next_id - 1
+            });
+            set.policies.push(Arc::new(policy.clone()));
+            set.ids.push(id);
+            set.by_id.insert(id, index);
         }
+        set.names = names;
+        set.next_id = next_id;
+        set
     }
 
     pub fn policies(&self) -> &[Arc<Policy>] {
@@ -31,8 +63,7 @@ impl PolicySet {
 
     /// The policy a kernel rule id stands for.
     pub fn by_rule(&self, rule_id: u32) -> Option<&Arc<Policy>> {
-        let index = usize::try_from(rule_id).ok()?.checked_sub(1)?;
-        self.policies.get(index)
+        self.by_id.get(&rule_id).map(|&i| &self.policies[i])
     }
 
     /// Host names that need resolving.
@@ -54,8 +85,7 @@ impl PolicySet {
     /// `ipv6` false leaves out IPv6 entries (no IPv6 listener to redirect them to).
     pub fn rules(&self, resolved: &Resolved, ipv6: bool) -> Vec<Rule> {
         let mut rules = Vec::new();
-        for (index, policy) in self.policies.iter().enumerate() {
-            let rule_id = index as u32 + 1;
+        for (policy, &rule_id) in self.policies.iter().zip(&self.ids) {
             let prefixes: Vec<(IpAddr, u8)> = match &policy.destination.target {
                 Target::Address(a) => vec![(*a, if a.is_ipv4() { 32 } else { 128 })],
                 Target::Cidr(c) => vec![(c.network(), c.prefix_len())],
@@ -133,5 +163,25 @@ spec:
                 .any(|r| r.rule_id == 2 && r.port == 9001 && r.addr.is_ipv6())
         );
         assert_eq!(set.rules(&resolved, false).len(), 3);
+    }
+
+    #[test]
+    fn reload_keeps_ids_by_name_and_never_reuses_them() {
+        let first = PolicySet::new(&crate::config::load_str("p.yaml", POLICIES).unwrap());
+        // Reload without `web`, with a new policy `db`.
+        let reloaded = POLICIES.replace("name: web", "name: db");
+        let second = PolicySet::successor(
+            &crate::config::load_str("p.yaml", &reloaded).unwrap(),
+            Some(&first),
+        );
+        assert_eq!(second.by_rule(2).unwrap().name, "api", "api keeps its id");
+        assert!(second.by_rule(1).is_none(), "web's id is not reused for db");
+        assert_eq!(second.by_rule(3).unwrap().name, "db");
+        // Bringing `web` back gives it its old id again.
+        let third = PolicySet::successor(
+            &crate::config::load_str("p.yaml", POLICIES).unwrap(),
+            Some(&second),
+        );
+        assert_eq!(third.by_rule(1).unwrap().name, "web");
     }
 }

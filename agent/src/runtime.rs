@@ -19,6 +19,7 @@ use crate::{
     ebpf::{EbpfError, Interceptor},
     metrics::{Metrics, Totals},
     policy_set::{PolicySet, Resolved},
+    secrets::{Resolver, ResolverOptions},
 };
 
 /// Default SO_MARK on the broker's own sockets ("latch" in leetspeak-ish hex).
@@ -33,6 +34,7 @@ pub struct Options {
     pub admin: Option<SocketAddr>,
     pub mark: u32,
     pub limits: Limits,
+    pub secrets: ResolverOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,12 +53,15 @@ pub enum StartError {
     Ebpf(#[from] EbpfError),
     #[error(transparent)]
     Dns(#[from] crate::dns::DnsError),
+    #[error("secret stores: {0}")]
+    Secrets(#[from] crate::secrets::SecretError),
 }
 
 /// The running data path. [`Running::stop`] takes it down in order.
 pub struct Running {
     interceptor: Arc<Mutex<Interceptor>>,
     shared: Arc<Shared>,
+    rules: Arc<RuleState>,
     admin_state: Option<Arc<AdminState>>,
     stop_accepting: CancellationToken,
     abort: CancellationToken,
@@ -64,6 +69,8 @@ pub struct Running {
     tracker: TaskTracker,
     listeners: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
+    stores: Mutex<String>,
+    secret_options: ResolverOptions,
 }
 
 impl Running {
@@ -71,6 +78,7 @@ impl Running {
     /// everything started so far is undone (dropping the interceptor detaches).
     pub async fn start(config: &Config, opts: &Options) -> Result<Self, StartError> {
         let (v4, v6) = split_listen(&opts.listen)?;
+        let secrets = Resolver::new(&config.stores, opts.secrets.clone())?;
         let listener4 = broker::bind(v4).map_err(|source| StartError::Bind { addr: v4, source })?;
         let listener6 = match v6 {
             Some(addr) => match broker::bind(addr) {
@@ -100,8 +108,7 @@ impl Running {
         let conns = interceptor.take_conn_table()?;
         let policies = PolicySet::new(config);
         let dns = Dns::from_system()?;
-        let hosts = policies.hosts();
-        let (resolved, next_refresh) = dns.resolve_all(&hosts, &Resolved::new()).await;
+        let (resolved, next_refresh) = dns.resolve_all(&policies.hosts(), &Resolved::new()).await;
         interceptor.sync_rules(&policies.rules(&resolved, local6.is_some()))?;
         interceptor.set_broker(broker_config(local4, local6, opts.mark))?;
         interceptor.attach(&opts.cgroup)?;
@@ -119,6 +126,7 @@ impl Running {
             conns,
             policies,
             metrics,
+            secrets,
             opts.mark,
             opts.limits.clone(),
         ));
@@ -140,18 +148,15 @@ impl Running {
                 slots.clone(),
             ));
         }
-        if !hosts.is_empty() {
-            tokio::spawn(refresh_dns(
-                dns,
-                hosts,
-                resolved,
-                next_refresh,
-                shared.clone(),
-                interceptor.clone(),
-                local6.is_some(),
-                background.clone(),
-            ));
-        }
+        let rules = Arc::new(RuleState {
+            dns,
+            resolved: tokio::sync::Mutex::new(resolved),
+            interceptor: interceptor.clone(),
+            shared: shared.clone(),
+            ipv6: local6.is_some(),
+            reschedule: tokio::sync::Notify::new(),
+        });
+        tokio::spawn(refresh_dns(rules.clone(), next_refresh, background.clone()));
         let mut admin_addr = None;
         let admin_state = admin_listener.map(|l| {
             admin_addr = l.local_addr().ok();
@@ -168,6 +173,7 @@ impl Running {
         Ok(Self {
             interceptor,
             shared,
+            rules,
             admin_state,
             stop_accepting,
             abort,
@@ -175,6 +181,8 @@ impl Running {
             tracker,
             listeners,
             admin_addr,
+            stores: Mutex::new(store_fingerprint(&config.stores)),
+            secret_options: opts.secrets.clone(),
         })
     }
 
@@ -222,6 +230,7 @@ impl Running {
             self.tracker.wait().await;
         }
         self.background.cancel();
+        self.shared.secrets.shutdown().await;
         let totals = self.shared.metrics.totals();
         // Dropping the last reference to the interceptor detaches every program.
         drop(self.admin_state);
@@ -266,37 +275,118 @@ fn broker_config_disabled() -> BrokerConfig {
     BrokerConfig::default()
 }
 
+/// What keeps the eBPF rule tries in step with the policies and their hosts' addresses.
+struct RuleState {
+    dns: Dns,
+    resolved: tokio::sync::Mutex<Resolved>,
+    interceptor: Arc<Mutex<Interceptor>>,
+    shared: Arc<Shared>,
+    ipv6: bool,
+    /// Poked after a reload so the refresh loop recomputes when to wake.
+    reschedule: tokio::sync::Notify,
+}
+
+impl RuleState {
+    /// Resolves the current policies' hosts and makes the tries match; returns when the
+    /// earliest answer expires.
+    async fn refresh(&self) -> Result<std::time::Instant, EbpfError> {
+        let mut resolved = self.resolved.lock().await;
+        let policies = self.shared.policies();
+        let (fresh, next) = self.dns.resolve_all(&policies.hosts(), &resolved).await;
+        if fresh != *resolved {
+            tracing::info!(?fresh, "policy host addresses changed");
+        }
+        let rules = policies.rules(&fresh, self.ipv6);
+        self.interceptor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sync_rules(&rules)?;
+        *resolved = fresh;
+        Ok(next)
+    }
+}
+
 /// Re-resolves policy host names when their answers expire and updates the rule tries in
 /// place. Existing connections are not touched.
-#[allow(clippy::too_many_arguments)]
-async fn refresh_dns(
-    dns: Dns,
-    hosts: Vec<String>,
-    mut resolved: Resolved,
-    mut next: std::time::Instant,
-    shared: Arc<Shared>,
-    interceptor: Arc<Mutex<Interceptor>>,
-    ipv6: bool,
-    stop: CancellationToken,
-) {
+async fn refresh_dns(rules: Arc<RuleState>, mut next: std::time::Instant, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
+            _ = rules.reschedule.notified() => {}
             _ = tokio::time::sleep_until(next.into()) => {}
         }
-        let (fresh, when) = dns.resolve_all(&hosts, &resolved).await;
-        next = when;
-        if fresh == resolved {
-            continue;
-        }
-        tracing::info!(?fresh, "policy host addresses changed; updating rules");
-        let rules = shared.policies().rules(&fresh, ipv6);
-        let mut i = interceptor.lock().unwrap_or_else(|e| e.into_inner());
-        match i.sync_rules(&rules) {
-            Ok(()) => resolved = fresh,
-            Err(err) => tracing::error!(%err, "could not update interception rules"),
-        }
+        next = match rules.refresh().await {
+            Ok(next) => next,
+            Err(err) => {
+                tracing::error!(%err, "could not update interception rules");
+                std::time::Instant::now() + crate::dns::RETRY
+            }
+        };
     }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub policies: usize,
+    pub stores_changed: bool,
+    pub rules: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("secret stores: {0}")]
+    Secrets(#[from] crate::secrets::SecretError),
+    #[error(transparent)]
+    Ebpf(#[from] EbpfError),
+}
+
+impl Running {
+    /// Applies a new, already validated configuration: new connections use the new policies
+    /// and stores; live connections carry on with what they started with; the rule tries are
+    /// updated in place.
+    pub async fn reload(&self, config: &Config) -> Result<ReloadReport, ReloadError> {
+        // Build everything that can fail before changing anything.
+        let stores_changed = store_fingerprint(&config.stores)
+            != *self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        let resolver = if stores_changed {
+            Some(Resolver::new(&config.stores, self.secret_options.clone())?)
+        } else {
+            None
+        };
+        let set = PolicySet::successor(config, Some(&self.shared.policies()));
+        let policies = set.policies().len();
+        // Policies first, then rules: a connection redirected under a new rule id must find
+        // its policy; one redirected under a removed policy's id is refused.
+        self.shared.set_policies(set);
+        if let Some(resolver) = resolver {
+            let old = self.shared.secrets.replace(resolver);
+            *self.stores.lock().unwrap_or_else(|e| e.into_inner()) =
+                store_fingerprint(&config.stores);
+            tokio::spawn(async move { old.shutdown().await });
+        }
+        self.rules.refresh().await?;
+        self.rules.reschedule.notify_one();
+        let rules = self
+            .interceptor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rule_count();
+        Ok(ReloadReport {
+            policies,
+            stores_changed,
+            rules,
+        })
+    }
+}
+
+/// What identifies a set of store definitions (names and backends, not source positions).
+fn store_fingerprint(stores: &[crate::config::SecretStore]) -> String {
+    stores
+        .iter()
+        .map(|s| format!("{}={:?}", s.name, s.backend))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The cgroup the agent attaches to when none is given: the root of the v2 hierarchy.

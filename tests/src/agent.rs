@@ -86,6 +86,29 @@ impl Agent {
         }
     }
 
+    /// Replaces the policy file the way an editor saves it (write a new file, rename it over
+    /// the old one); the agent notices through inotify.
+    pub fn rewrite_policy(&self, yaml: &str) {
+        let tmp = self.dir.write(".policy.yaml.tmp", yaml);
+        std::fs::rename(&tmp, self.dir.path().join("policy.yaml")).expect("replace policy file");
+    }
+
+    /// Waits (up to 5 s) until the agent's log contains `needle` `n` times.
+    pub fn wait_log(&self, needle: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.log().matches(needle).count() < n {
+            if Instant::now() > deadline {
+                panic!("agent never logged {needle:?} ({n}x):\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
     /// The agent's stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

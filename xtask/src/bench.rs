@@ -48,6 +48,7 @@ impl Case {
 
 /// The fixed parts of one bench session: ports, generated files, the long-running proxies.
 struct Rig {
+    dir: PathBuf,
     latch: PathBuf,
     policy: PathBuf,
     port: u16,
@@ -70,6 +71,7 @@ pub fn run_bench(args: &Args) -> Result<()> {
     let tmp = TempDir::new("latch-bench")?;
     let port = proc::free_port(SERVER)?;
     let rig = Rig {
+        dir: tmp.path().to_path_buf(),
         latch,
         policy: crate::policy::write_tcp(tmp.path(), "bench-iperf3", SERVER, port)?,
         port,
@@ -206,14 +208,24 @@ impl Rig {
         };
         cmd.args(["-c", &addr.to_string(), "-p", &port.to_string()])
             .args(["-t", &self.seconds.to_string(), "-J"]);
+        // The client's (and latch's) stderr goes to a file: shown when the run fails, not in the table.
+        let err_path = self.dir.join("client.stderr");
+        cmd.stderr(std::fs::File::create(&err_path)?);
         let timeout = Duration::from_secs(u64::from(self.seconds) + 30);
-        let (status, stdout) = proc::run_capture(&mut cmd, timeout)?;
-        let bps = parse_iperf3(&stdout);
-        match (status.success(), bps) {
-            (true, Ok(bps)) => Ok(bps),
-            (_, Err(e)) => Err(e.context(format!("iperf3 client exited {status}"))),
-            (false, Ok(_)) => bail!("client exited {status}"),
-        }
+        let result = proc::run_capture(&mut cmd, timeout).and_then(|(status, stdout)| {
+            match (status.success(), parse_iperf3(&stdout)) {
+                (true, Ok(bps)) => Ok(bps),
+                (_, Err(e)) => Err(e.context(format!("client exited {status}"))),
+                (false, Ok(_)) => bail!("client exited {status}"),
+            }
+        });
+        result.map_err(|e| {
+            let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+            match stderr.trim() {
+                "" => e,
+                text => e.context(format!("stderr: {text}")),
+            }
+        })
     }
 }
 

@@ -18,7 +18,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use origin::Origin;
 
-use crate::{ebpf::ConnTable, metrics::Metrics, policy_set::PolicySet};
+use crate::{ebpf::ConnTable, metrics::Metrics, policy_set::PolicySet, secrets::Resolver};
 
 /// Limits that protect the agent and everything else it serves.
 #[derive(Debug, Clone)]
@@ -43,6 +43,8 @@ pub struct Shared {
     pub conns: ConnTable,
     pub policies: RwLock<Arc<PolicySet>>,
     pub metrics: Arc<Metrics>,
+    /// Resolves the credentials a policy names, at connection time.
+    pub secrets: Secrets,
     /// SO_MARK of the broker's outbound sockets (skipped by the connect hooks).
     pub mark: u32,
     pub limits: Limits,
@@ -54,6 +56,7 @@ impl Shared {
         conns: ConnTable,
         policies: PolicySet,
         metrics: Arc<Metrics>,
+        secrets: Resolver,
         mark: u32,
         limits: Limits,
     ) -> Self {
@@ -61,6 +64,7 @@ impl Shared {
             conns,
             policies: RwLock::new(Arc::new(policies)),
             metrics,
+            secrets: Secrets(RwLock::new(secrets)),
             mark,
             limits,
             next_id: AtomicU64::new(1),
@@ -78,6 +82,45 @@ impl Shared {
     /// Replaces the policy set for connections accepted from now on.
     pub fn set_policies(&self, set: PolicySet) {
         *self.policies.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+    }
+}
+
+/// The secret resolver in force; replaced when a reload changes the secret stores.
+pub struct Secrets(RwLock<Resolver>);
+
+impl Secrets {
+    /// The resolver in force now (cheap: it is reference counted).
+    pub fn current(&self) -> Resolver {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Installs `resolver` for connections from now on; returns the one it replaces.
+    pub fn replace(&self, resolver: Resolver) -> Resolver {
+        std::mem::replace(
+            &mut *self.0.write().unwrap_or_else(|e| e.into_inner()),
+            resolver,
+        )
+    }
+
+    /// See [`Resolver::credentials`].
+    pub async fn credentials(
+        &self,
+        policy: &crate::config::Policy,
+    ) -> Result<Arc<crate::secrets::Credentials>, crate::secrets::SecretError> {
+        self.current().credentials(policy).await
+    }
+
+    /// See [`Resolver::refresh`].
+    pub async fn refresh(
+        &self,
+        policy: &crate::config::Policy,
+    ) -> Result<Arc<crate::secrets::Credentials>, crate::secrets::SecretError> {
+        self.current().refresh(policy).await
+    }
+
+    /// See [`Resolver::shutdown`].
+    pub async fn shutdown(&self) {
+        self.current().shutdown().await
     }
 }
 

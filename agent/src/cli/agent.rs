@@ -7,6 +7,39 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::{AgentArgs, load_config, raise_nofile_limit};
 
+/// Loads the policy files again and applies them; an invalid set is logged and ignored.
+async fn reload(running: &Running, paths: &[std::path::PathBuf], cause: &str) {
+    let config = match latch::config::load(paths) {
+        Ok(config) => config,
+        Err(errors) => {
+            for error in &errors.0 {
+                tracing::error!(%error, "invalid configuration");
+            }
+            tracing::error!(
+                cause,
+                errors = errors.0.len(),
+                "reload rejected; the running configuration stays"
+            );
+            return;
+        }
+    };
+    for warning in &config.warnings {
+        tracing::warn!(%warning, "configuration warning");
+    }
+    match running.reload(&config).await {
+        Ok(report) => tracing::info!(
+            cause,
+            policies = report.policies,
+            rules = report.rules,
+            stores_changed = report.stores_changed,
+            "configuration reloaded"
+        ),
+        Err(err) => {
+            tracing::error!(cause, %err, "reload failed partway; new connections may see a mix until the next reload")
+        }
+    }
+}
+
 pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let config = match load_config(&args.data.policies) {
         Ok(c) => c,
@@ -28,18 +61,33 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         admin: Some(args.admin),
         mark: args.data.mark,
         limits: args.data.limits(),
+        secrets: Default::default(),
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // Watch before starting, so no change made once we report ready can be missed.
+    let mut changes = match latch::watch::watch(&args.data.policies) {
+        Ok(rx) => Some(rx),
+        Err(err) => {
+            tracing::warn!(%err, "cannot watch policy files; reload with SIGHUP");
+            None
+        }
+    };
     let running = Running::start(&config, &opts).await?;
     tracing::info!(
         listeners = ?running.listeners(),
         admin = ?running.admin_addr(),
         "ready"
     );
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        let cause = tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            _ = hup.recv() => "SIGHUP",
+            Some(()) = async { match &mut changes { Some(rx) => rx.recv().await, None => None } } => "file change",
+        };
+        reload(&running, &args.data.policies, cause).await;
     }
     let totals = running.stop(Duration::from_secs(args.grace_period)).await;
     tracing::info!(

@@ -33,6 +33,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         admin: args.admin,
         mark: args.data.mark,
         limits: args.data.limits(),
+        secrets: Default::default(),
     };
     let running = Running::start(&config, &opts).await?;
     let status = run_child(&args.command, &cg).await;

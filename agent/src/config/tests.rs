@@ -642,7 +642,7 @@ fn secrets_written_in_place_are_refused_without_echo() {
     assert_eq!(
         errs,
         vec![
-            "v.yaml:7:20: vault.auth.token must be {file: /path} or {env: NAME}; a secret is never written in the configuration"
+            "v.yaml:7:19: vault.auth.token must be {file: /path} or {env: NAME}; a secret is never written in the configuration"
         ]
     );
 }

@@ -23,14 +23,26 @@ struct Entry {
 }
 
 impl CredentialsCache {
-    pub fn get(&self, policy: &str, spec: &config::Credentials, now: Instant) -> Option<Arc<Credentials>> {
+    pub fn get(
+        &self,
+        policy: &str,
+        spec: &config::Credentials,
+        now: Instant,
+    ) -> Option<Arc<Credentials>> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.get(policy)
             .filter(|e| now < e.expires && &e.spec == spec)
             .map(|e| e.creds.clone())
     }
 
-    pub fn put(&self, policy: &str, spec: &config::Credentials, creds: Arc<Credentials>, ttl: Duration, now: Instant) {
+    pub fn put(
+        &self,
+        policy: &str,
+        spec: &config::Credentials,
+        creds: Arc<Credentials>,
+        ttl: Duration,
+        now: Instant,
+    ) {
         let mut expires = now + ttl;
         if let Some(end) = creds.expires_at {
             expires = expires.min(end);
@@ -51,7 +63,10 @@ impl CredentialsCache {
     }
 
     pub fn remove(&self, policy: &str) {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(policy);
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(policy);
     }
 
     pub fn clear(&self) {

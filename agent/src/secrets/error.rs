@@ -84,6 +84,9 @@ impl SecretError {
     /// Whether trying again later may help (the store was down or slow), as opposed to a
     /// problem that needs a person (missing secret, denied access, bad configuration).
     pub fn is_transient(&self) -> bool {
-        matches!(self, SecretError::Unreachable { .. } | SecretError::Timeout { .. })
+        matches!(
+            self,
+            SecretError::Unreachable { .. } | SecretError::Timeout { .. }
+        )
     }
 }

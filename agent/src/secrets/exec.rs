@@ -2,7 +2,6 @@
 //! arguments, and reads the value from its standard output — the whole output, or a field of a
 //! JSON object it prints. The command is killed when it outlives the store's timeout.
 
-use std::collections::BTreeMap;
 use std::process::Stdio;
 
 use tokio::io::AsyncReadExt;
@@ -10,7 +9,7 @@ use zeroize::Zeroizing;
 
 use super::error::SecretError;
 use super::store::{BoxFuture, Lookup, Store};
-use super::value::Secret;
+use super::value::{Secret, json_fields};
 use crate::config::{self, SecretString};
 
 /// Output beyond this is refused (a secret is small; a runaway command is not).
@@ -104,30 +103,12 @@ pub fn parse_output(out: &[u8], field_asked: bool) -> Result<Secret, String> {
         return Err("the command printed nothing".to_string());
     }
     if field_asked && text.trim_start().starts_with('{') {
-        if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(text) {
+        if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(text)
+        {
             return Ok(Secret::Fields(json_fields(map)));
         }
     }
     Ok(Secret::Value(SecretString::new(text.to_string())))
-}
-
-/// The scalar members of a JSON object as secret fields; nested values are kept as JSON text.
-pub fn json_fields(map: serde_json::Map<String, serde_json::Value>) -> BTreeMap<String, SecretString> {
-    map.into_iter()
-        .filter_map(|(k, v)| json_scalar(v).map(|v| (k, v)))
-        .collect()
-}
-
-/// A JSON value as a secret string: strings as they are, numbers and booleans written out,
-/// objects and arrays as JSON; `null` is no value.
-pub fn json_scalar(v: serde_json::Value) -> Option<SecretString> {
-    match v {
-        serde_json::Value::Null => None,
-        serde_json::Value::String(s) => Some(SecretString::new(s)),
-        serde_json::Value::Bool(b) => Some(SecretString::new(b.to_string())),
-        serde_json::Value::Number(n) => Some(SecretString::new(n.to_string())),
-        other => Some(SecretString::new(other.to_string())),
-    }
 }
 
 impl Store for ExecStore {

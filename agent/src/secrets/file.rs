@@ -16,6 +16,7 @@ use super::error::SecretError;
 use super::store::{BoxFuture, Lookup, Store};
 use super::value::Secret;
 use crate::config::SecretString;
+use crate::config::yaml::{self, Value};
 
 /// Permission bits that make a secrets file unacceptable: any access by group or others.
 const FORBIDDEN_MODE: u32 = 0o077;
@@ -63,7 +64,8 @@ impl FileStore {
         if let Some(l) = loaded.as_ref().filter(|l| l.stamp == stamp) {
             return Ok(l.secrets.clone());
         }
-        let text = Zeroizing::new(std::fs::read_to_string(&self.path).map_err(|e| self.io_error(&e))?);
+        let text =
+            Zeroizing::new(std::fs::read_to_string(&self.path).map_err(|e| self.io_error(&e))?);
         let secrets = Arc::new(parse(&text).map_err(|reason| SecretError::Invalid {
             store: self.name.clone(),
             path: self.path.display().to_string(),
@@ -113,55 +115,55 @@ pub fn check_mode(store: &str, path: &Path, mode: u32) -> Result<(), SecretError
 /// Parses the file's YAML: a mapping from path to a scalar or to a mapping of scalars. Errors
 /// say where, never what value.
 pub fn parse(text: &str) -> Result<BTreeMap<String, Secret>, String> {
-    let doc: serde_yaml::Value = match serde_yaml::from_str(text) {
-        Ok(v) => v,
-        Err(e) => {
-            let at = e
-                .location()
-                .map(|l| format!(" at line {}, column {}", l.line(), l.column()))
-                .unwrap_or_default();
-            return Err(format!("not valid YAML{at}"));
-        }
+    let (mut docs, errors) = yaml::parse(text);
+    if let Some(e) = errors.first() {
+        return Err(format!(
+            "not valid YAML at line {}, column {}",
+            e.mark.line, e.mark.column
+        ));
+    }
+    if docs.len() > 1 {
+        return Err("the file holds several YAML documents; keep one mapping".to_string());
+    }
+    let Some(doc) = docs.pop() else {
+        return Ok(BTreeMap::new());
     };
-    let map = match doc {
-        serde_yaml::Value::Null => return Ok(BTreeMap::new()),
-        serde_yaml::Value::Mapping(m) => m,
+    let entries = match doc.value {
+        Value::Null => return Ok(BTreeMap::new()),
+        Value::Mapping(entries) => entries,
         _ => return Err("the file must be a YAML mapping of secret paths".to_string()),
     };
     let mut out = BTreeMap::new();
-    for (key, value) in map {
-        let key = scalar_key(&key).ok_or("a secret path must be a string")?;
-        let secret = match value {
-            serde_yaml::Value::Mapping(fields) => {
+    for entry in entries {
+        let key = entry.key;
+        let at = entry.value.mark;
+        let secret = match entry.value.value {
+            Value::Mapping(fields) => {
                 let mut m = BTreeMap::new();
-                for (fk, fv) in fields {
-                    let fk = scalar_key(&fk).ok_or_else(|| format!("{key}: field names must be strings"))?;
-                    let v = scalar_value(fv).ok_or_else(|| format!("{key}.{fk} must be a string, number or boolean"))?;
-                    m.insert(fk, v);
+                for f in fields {
+                    let fat = f.value.mark;
+                    let v = scalar(f.value.value).ok_or_else(|| {
+                        format!("{key}.{} (line {}) must be a single value", f.key, fat.line)
+                    })?;
+                    m.insert(f.key, v);
                 }
                 Secret::Fields(m)
             }
-            other => Secret::Value(scalar_value(other).ok_or_else(|| format!("{key} must be a value or a mapping of fields"))?),
+            other => Secret::Value(scalar(other).ok_or_else(|| {
+                format!(
+                    "{key} (line {}) must be a value or a mapping of fields",
+                    at.line
+                )
+            })?),
         };
         out.insert(key, secret);
     }
     Ok(out)
 }
 
-fn scalar_key(v: &serde_yaml::Value) -> Option<String> {
+fn scalar(v: Value) -> Option<SecretString> {
     match v {
-        serde_yaml::Value::String(s) => Some(s.clone()),
-        serde_yaml::Value::Number(n) => Some(n.to_string()),
-        serde_yaml::Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-fn scalar_value(v: serde_yaml::Value) -> Option<SecretString> {
-    match v {
-        serde_yaml::Value::String(s) => Some(SecretString::new(s)),
-        serde_yaml::Value::Number(n) => Some(SecretString::new(n.to_string())),
-        serde_yaml::Value::Bool(b) => Some(SecretString::new(b.to_string())),
+        Value::Scalar { text, .. } => Some(SecretString::new(text)),
         _ => None,
     }
 }
@@ -174,10 +176,13 @@ impl Store for FileStore {
     fn fetch<'a>(&'a self, lookup: Lookup<'a>) -> BoxFuture<'a, Result<Secret, SecretError>> {
         Box::pin(async move {
             let secrets = self.secrets()?;
-            secrets.get(lookup.path).cloned().ok_or_else(|| SecretError::NotFound {
-                store: self.name.clone(),
-                path: lookup.path.to_string(),
-            })
+            secrets
+                .get(lookup.path)
+                .cloned()
+                .ok_or_else(|| SecretError::NotFound {
+                    store: self.name.clone(),
+                    path: lookup.path.to_string(),
+                })
         })
     }
 }
@@ -188,7 +193,8 @@ mod tests {
 
     #[test]
     fn parses_values_and_fields() {
-        let m = parse("orders-db: {username: app, password: s3cret}\ntoken: abc\nport: 5432\n").unwrap();
+        let m = parse("orders-db: {username: app, password: s3cret}\ntoken: abc\nport: 5432\n")
+            .unwrap();
         match &m["orders-db"] {
             Secret::Fields(f) => {
                 assert_eq!(f["username"].expose(), "app");
@@ -221,7 +227,10 @@ mod tests {
         assert!(check_mode("s", p, 0o100600).is_ok());
         assert!(check_mode("s", p, 0o100400).is_ok());
         let e = check_mode("s", p, 0o100644).unwrap_err().to_string();
-        assert!(e.contains("/etc/latch/secrets.yaml") && e.contains("0644"), "{e}");
+        assert!(
+            e.contains("/etc/latch/secrets.yaml") && e.contains("0644"),
+            "{e}"
+        );
         assert!(check_mode("s", p, 0o100640).is_err());
         assert!(check_mode("s", p, 0o100602).is_err());
     }

@@ -107,7 +107,10 @@ mod tests {
             .await
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let fresh = flights.run(&"k".to_string(), true, || async { Ok(2) }).await.unwrap();
+        let fresh = flights
+            .run(&"k".to_string(), true, || async { Ok(2) })
+            .await
+            .unwrap();
         assert_eq!(fresh, 2);
         assert_eq!(stale.await.unwrap().unwrap(), 1);
     }

@@ -50,7 +50,11 @@ impl std::fmt::Display for HttpError {
 impl HttpClient {
     /// `ca_file`: PEM CA certificates to trust instead of the system roots. `server_name`: the
     /// name to verify and send as SNI instead of the URL's host.
-    pub fn new(ca_file: Option<&Path>, server_name: Option<&str>, timeout: Duration) -> Result<HttpClient, String> {
+    pub fn new(
+        ca_file: Option<&Path>,
+        server_name: Option<&str>,
+        timeout: Duration,
+    ) -> Result<HttpClient, String> {
         let mut roots = RootCertStore::empty();
         match ca_file {
             Some(path) => {
@@ -62,9 +66,9 @@ impl HttpClient {
                     return Err(format!("CA file {} holds no certificate", path.display()));
                 }
                 for c in certs {
-                    roots
-                        .add(c)
-                        .map_err(|e| format!("bad certificate in CA file {}: {e}", path.display()))?;
+                    roots.add(c).map_err(|e| {
+                        format!("bad certificate in CA file {}: {e}", path.display())
+                    })?;
                 }
             }
             None => {
@@ -86,7 +90,11 @@ impl HttpClient {
             .with_tls_config(tls)
             .https_or_http();
         let builder = match server_name {
-            Some(name) => builder.with_server_name(name.to_string()),
+            Some(name) => {
+                let name = rustls::pki_types::ServerName::try_from(name.to_string())
+                    .map_err(|_| format!("invalid TLS server name {name:?}"))?;
+                builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+            }
             None => builder,
         };
         let connector = builder.enable_http1().wrap_connector(http);
@@ -99,7 +107,11 @@ impl HttpClient {
     /// Sends `req` and reads the whole answer, all within the client's timeout.
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response, HttpError> {
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| HttpError::Transport(chain(&e)))?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| HttpError::Transport(chain(&e)))?;
             let status = resp.status();
             let body = Limited::new(resp.into_body(), MAX_BODY)
                 .collect()
@@ -134,7 +146,8 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// A header value that hyper must not log or compress into tables.
 pub(crate) fn sensitive(value: &str) -> Result<hyper::header::HeaderValue, String> {
-    let mut v = hyper::header::HeaderValue::from_str(value).map_err(|_| "a credential holds bytes not allowed in a header".to_string())?;
+    let mut v = hyper::header::HeaderValue::from_str(value)
+        .map_err(|_| "a credential holds bytes not allowed in a header".to_string())?;
     v.set_sensitive(true);
     Ok(v)
 }

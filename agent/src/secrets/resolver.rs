@@ -59,7 +59,12 @@ struct SecretKey {
 
 impl std::fmt::Debug for Resolver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut names: Vec<_> = self.inner.stores.iter().map(|(n, s)| (n.as_str(), s.kind())).collect();
+        let mut names: Vec<_> = self
+            .inner
+            .stores
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.kind()))
+            .collect();
         names.sort();
         f.debug_struct("Resolver").field("stores", &names).finish()
     }
@@ -118,7 +123,10 @@ impl Resolver {
         let revoke = self.inner.opts.revoke_leases_on_shutdown;
         for (name, store) in &self.inner.stores {
             let bound = self.inner.opts.fetch_timeout;
-            if tokio::time::timeout(bound, store.shutdown(revoke)).await.is_err() {
+            if tokio::time::timeout(bound, store.shutdown(revoke))
+                .await
+                .is_err()
+            {
                 tracing::warn!(store = %name, "secret store shutdown did not finish within {bound:?}");
             }
         }
@@ -148,13 +156,17 @@ impl Resolver {
                     (Err(e), _) | (_, Err(e)) => Err(e),
                 }
             }
-            config::Credentials::Dynamic { store, path } => self.resolve_dynamic(store, path, fresh).await,
+            config::Credentials::Dynamic { store, path } => {
+                self.resolve_dynamic(store, path, fresh).await
+            }
         };
         match &result {
             Ok(creds) => {
                 tracing::debug!(policy = %policy.name, fresh, elapsed_us = started.elapsed().as_micros() as u64, "credentials resolved");
                 if let Some(ttl) = policy.cache_ttl {
-                    self.inner.cache.put(&policy.name, spec, creds.clone(), ttl, Instant::now());
+                    self.inner
+                        .cache
+                        .put(&policy.name, spec, creds.clone(), ttl, Instant::now());
                 }
             }
             Err(e) => {
@@ -164,7 +176,11 @@ impl Resolver {
         result
     }
 
-    async fn resolve_opt(&self, r: Option<&SecretRef>, fresh: bool) -> Result<Option<SecretString>, SecretError> {
+    async fn resolve_opt(
+        &self,
+        r: Option<&SecretRef>,
+        fresh: bool,
+    ) -> Result<Option<SecretString>, SecretError> {
         match r {
             Some(r) => self.resolve_ref(r, fresh).await.map(Some),
             None => Ok(None),
@@ -210,7 +226,12 @@ impl Resolver {
         extract(&secret, r, per_field)
     }
 
-    async fn resolve_dynamic(&self, store_name: &str, path: &str, fresh: bool) -> Result<Arc<Credentials>, SecretError> {
+    async fn resolve_dynamic(
+        &self,
+        store_name: &str,
+        path: &str,
+        fresh: bool,
+    ) -> Result<Arc<Credentials>, SecretError> {
         let store = self.store(store_name)?;
         let bound = self.inner.opts.fetch_timeout;
         let key = (store_name.to_string(), path.to_string());
@@ -238,25 +259,35 @@ impl Resolver {
 /// Fills in the store name of errors raised by default trait methods.
 fn named(e: SecretError, store_name: &str) -> SecretError {
     match e {
-        SecretError::Unsupported { store, kind, what } if store.is_empty() => SecretError::Unsupported {
-            store: store_name.to_string(),
-            kind,
-            what,
-        },
+        SecretError::Unsupported { store, kind, what } if store.is_empty() => {
+            SecretError::Unsupported {
+                store: store_name.to_string(),
+                kind,
+                what,
+            }
+        }
         other => other,
     }
 }
 
 /// The value a reference names inside a fetched secret.
-pub fn extract(secret: &Secret, r: &SecretRef, per_field: bool) -> Result<SecretString, SecretError> {
+pub fn extract(
+    secret: &Secret,
+    r: &SecretRef,
+    per_field: bool,
+) -> Result<SecretString, SecretError> {
     match (secret, r.field.as_deref()) {
         (Secret::Value(v), None) => Ok(v.clone()),
         (Secret::Value(v), Some(_)) if per_field => Ok(v.clone()),
-        (Secret::Fields(f), Some(field)) => f.get(field).cloned().ok_or_else(|| SecretError::FieldMissing {
-            store: r.store.clone(),
-            path: r.path.clone(),
-            field: field.to_string(),
-        }),
+        (Secret::Structured { text, .. }, None) => Ok(text.clone()),
+        (Secret::Fields(f) | Secret::Structured { fields: f, .. }, Some(field)) => f
+            .get(field)
+            .cloned()
+            .ok_or_else(|| SecretError::FieldMissing {
+                store: r.store.clone(),
+                path: r.path.clone(),
+                field: field.to_string(),
+            }),
         (Secret::Value(_), Some(field)) => Err(SecretError::FieldMissing {
             store: r.store.clone(),
             path: r.path.clone(),

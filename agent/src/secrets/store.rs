@@ -82,6 +82,8 @@ pub fn build(spec: &SecretStore, opts: &ResolverOptions) -> Result<Arc<dyn Store
         }
         StoreBackend::Vault(v) => Arc::new(vault::VaultStore::new(name, v.clone(), opts)?),
         StoreBackend::Aws(a) => Arc::new(aws::AwsStore::new(name, a.clone(), opts)?),
-        StoreBackend::Kubernetes(k) => Arc::new(kubernetes::KubernetesStore::new(name, k.clone(), opts)?),
+        StoreBackend::Kubernetes(k) => {
+            Arc::new(kubernetes::KubernetesStore::new(name, k.clone(), opts)?)
+        }
     })
 }

@@ -12,6 +12,12 @@ use crate::config::SecretString;
 pub enum Secret {
     Value(SecretString),
     Fields(BTreeMap<String, SecretString>),
+    /// A text that is also a JSON object (AWS `SecretString`): the whole text when a reference
+    /// names no field, a member when it does.
+    Structured {
+        text: SecretString,
+        fields: BTreeMap<String, SecretString>,
+    },
 }
 
 impl fmt::Debug for Secret {
@@ -21,6 +27,10 @@ impl fmt::Debug for Secret {
             Secret::Fields(m) => f
                 .debug_tuple("Secret::Fields")
                 .field(&m.keys().collect::<Vec<_>>())
+                .finish(),
+            Secret::Structured { fields, .. } => f
+                .debug_tuple("Secret::Structured")
+                .field(&fields.keys().collect::<Vec<_>>())
                 .finish(),
         }
     }
@@ -64,4 +74,25 @@ pub struct DynamicCredentials {
     pub username: SecretString,
     pub password: SecretString,
     pub expires_at: Option<Instant>,
+}
+
+/// The scalar members of a JSON object as secret fields; nested values are kept as JSON text.
+pub fn json_fields(
+    map: serde_json::Map<String, serde_json::Value>,
+) -> BTreeMap<String, SecretString> {
+    map.into_iter()
+        .filter_map(|(k, v)| json_scalar(v).map(|v| (k, v)))
+        .collect()
+}
+
+/// A JSON value as a secret string: strings as they are, numbers and booleans written out,
+/// objects and arrays as JSON; `null` is no value.
+pub fn json_scalar(v: serde_json::Value) -> Option<SecretString> {
+    match v {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(SecretString::new(s)),
+        serde_json::Value::Bool(b) => Some(SecretString::new(b.to_string())),
+        serde_json::Value::Number(n) => Some(SecretString::new(n.to_string())),
+        other => Some(SecretString::new(other.to_string())),
+    }
 }

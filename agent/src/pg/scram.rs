@@ -1,0 +1,220 @@
+//! SCRAM-SHA-256 and SCRAM-SHA-256-PLUS (RFC 5802, RFC 7677), client side, as PostgreSQL uses
+//! them. The nonce is injected so recorded exchanges can be replayed in tests; the salted
+//! password and keys derived from it are wiped when dropped.
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use hmac::{Hmac, KeyInit as _, Mac as _};
+use sha2::{Digest as _, Sha256};
+use zeroize::Zeroizing;
+
+pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+/// Iteration counts above this are refused (a hostile server could otherwise make the broker
+/// spend seconds of CPU per connection). PostgreSQL's default is 4096.
+pub const MAX_ITERATIONS: u32 = 1 << 20;
+
+/// Client nonce length in printable characters.
+const NONCE_LEN: usize = 24;
+
+/// Channel binding as the client uses it.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ChannelBinding {
+    /// No TLS: the client cannot bind (`n,,`).
+    Unsupported,
+    /// TLS, but the server offered no `-PLUS` mechanism (`y,,`).
+    NotOffered,
+    /// `tls-server-end-point`: the hash of the server certificate (`p=tls-server-end-point,,`).
+    TlsServerEndPoint(Vec<u8>),
+}
+
+impl ChannelBinding {
+    fn gs2_header(&self) -> &'static str {
+        match self {
+            ChannelBinding::Unsupported => "n,,",
+            ChannelBinding::NotOffered => "y,,",
+            ChannelBinding::TlsServerEndPoint(_) => "p=tls-server-end-point,,",
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        match self {
+            ChannelBinding::TlsServerEndPoint(d) => d,
+            _ => &[],
+        }
+    }
+}
+
+/// What went wrong in a SCRAM exchange. Never holds key material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScramError {
+    #[error("malformed server-first-message: {0}")]
+    BadServerFirst(&'static str),
+    #[error("malformed server-final-message: {0}")]
+    BadServerFinal(&'static str),
+    #[error("server nonce does not extend the client nonce")]
+    NonceMismatch,
+    #[error("server iteration count {0} is outside 1..={MAX_ITERATIONS}")]
+    Iterations(u64),
+    #[error("server signature does not verify: the server does not know the password")]
+    BadServerSignature,
+    #[error("server reported SCRAM error {0:?}")]
+    ServerError(String),
+    #[error("SCRAM message out of order")]
+    OutOfOrder,
+}
+
+enum State {
+    First,
+    Final { server_signature: Zeroizing<[u8; 32]> },
+    Done,
+}
+
+/// A SCRAM-SHA-256 client exchange.
+pub struct ScramClient {
+    password: Zeroizing<Vec<u8>>,
+    binding: ChannelBinding,
+    nonce: String,
+    client_first_bare: String,
+    state: State,
+}
+
+impl std::fmt::Debug for ScramClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScramClient").finish_non_exhaustive()
+    }
+}
+
+/// A fresh random nonce of printable characters other than `,`.
+pub fn random_nonce() -> String {
+    let mut raw = [0u8; NONCE_LEN];
+    getrandom::fill(&mut raw).expect("operating system random source");
+    raw.iter()
+        .map(|b| {
+            // 0x21..=0x7e without ',' (0x2c).
+            let c = 0x21 + (b % 93);
+            if c == b',' { '~' } else { c as char }
+        })
+        .collect()
+}
+
+impl ScramClient {
+    /// Starts an exchange. `user` goes into `n=` (PostgreSQL ignores it and libpq sends it
+    /// empty; tests set it to replay RFC vectors). The password is SASLprep-normalized when
+    /// possible, else used as bytes (as PostgreSQL does).
+    pub fn new(user: &str, password: &[u8], binding: ChannelBinding, nonce: String) -> ScramClient {
+        let password = match std::str::from_utf8(password).ok().and_then(|p| stringprep::saslprep(p).ok()) {
+            Some(p) => Zeroizing::new(p.as_bytes().to_vec()),
+            None => Zeroizing::new(password.to_vec()),
+        };
+        let user = user.replace('=', "=3D").replace(',', "=2C");
+        ScramClient {
+            client_first_bare: format!("n={user},r={nonce}"),
+            password,
+            binding,
+            nonce,
+            state: State::First,
+        }
+    }
+
+    /// The mechanism this exchange uses.
+    pub fn mechanism(&self) -> &'static str {
+        match self.binding {
+            ChannelBinding::TlsServerEndPoint(_) => SCRAM_SHA_256_PLUS,
+            _ => SCRAM_SHA_256,
+        }
+    }
+
+    /// client-first-message, sent in SASLInitialResponse.
+    pub fn client_first(&self) -> Vec<u8> {
+        format!("{}{}", self.binding.gs2_header(), self.client_first_bare).into_bytes()
+    }
+
+    /// Takes server-first-message (SASLContinue), returns client-final-message (SASLResponse).
+    pub fn server_first(&mut self, msg: &[u8]) -> Result<Vec<u8>, ScramError> {
+        if !matches!(self.state, State::First) {
+            return Err(ScramError::OutOfOrder);
+        }
+        let text = std::str::from_utf8(msg).map_err(|_| ScramError::BadServerFirst("not UTF-8"))?;
+        let mut parts = text.split(',');
+        let nonce = attr(parts.next(), 'r').ok_or(ScramError::BadServerFirst("no nonce"))?;
+        let salt = attr(parts.next(), 's').ok_or(ScramError::BadServerFirst("no salt"))?;
+        let iters = attr(parts.next(), 'i').ok_or(ScramError::BadServerFirst("no iteration count"))?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
+            return Err(ScramError::NonceMismatch);
+        }
+        let salt = B64.decode(salt).map_err(|_| ScramError::BadServerFirst("salt is not base64"))?;
+        let iters: u64 = iters.parse().map_err(|_| ScramError::BadServerFirst("bad iteration count"))?;
+        if iters == 0 || iters > MAX_ITERATIONS as u64 {
+            return Err(ScramError::Iterations(iters));
+        }
+        let salted = hi(&self.password, &salt, iters as u32);
+        let client_key = Zeroizing::new(hmac(&salted[..], b"Client Key"));
+        let stored_key = Zeroizing::<[u8; 32]>::new(Sha256::digest(&client_key[..]).into());
+
+        let mut cbind = self.binding.gs2_header().as_bytes().to_vec();
+        cbind.extend_from_slice(self.binding.data());
+        let without_proof = format!("c={},r={nonce}", B64.encode(&cbind));
+        let auth_message = format!("{},{text},{without_proof}", self.client_first_bare);
+
+        let signature = Zeroizing::new(hmac(&stored_key[..], auth_message.as_bytes()));
+        let mut proof = Zeroizing::new([0u8; 32]);
+        for i in 0..32 {
+            proof[i] = client_key[i] ^ signature[i];
+        }
+        let server_key = Zeroizing::new(hmac(&salted[..], b"Server Key"));
+        self.state = State::Final {
+            server_signature: Zeroizing::new(hmac(&server_key[..], auth_message.as_bytes())),
+        };
+        Ok(format!("{without_proof},p={}", B64.encode(&proof[..])).into_bytes())
+    }
+
+    /// Checks server-final-message (SASLFinal): the server proves it knows the password.
+    pub fn server_final(&mut self, msg: &[u8]) -> Result<(), ScramError> {
+        let State::Final { server_signature } = std::mem::replace(&mut self.state, State::Done) else {
+            return Err(ScramError::OutOfOrder);
+        };
+        let text = std::str::from_utf8(msg).map_err(|_| ScramError::BadServerFinal("not UTF-8"))?;
+        let first = text.split(',').next();
+        if let Some(e) = attr(first, 'e') {
+            return Err(ScramError::ServerError(e.chars().take(64).collect()));
+        }
+        let v = attr(first, 'v').ok_or(ScramError::BadServerFinal("no verifier"))?;
+        let v = B64.decode(v).map_err(|_| ScramError::BadServerFinal("verifier is not base64"))?;
+        // Not secret-dependent timing in a way that helps anyone: the server sent it.
+        if v.as_slice() != &server_signature[..] {
+            return Err(ScramError::BadServerSignature);
+        }
+        Ok(())
+    }
+}
+
+fn attr(part: Option<&str>, name: char) -> Option<&str> {
+    let part = part?;
+    let mut chars = part.chars();
+    (chars.next()? == name && chars.next()? == '=').then(|| &part[2..])
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// Hi() of RFC 5802: PBKDF2-HMAC-SHA-256 with one output block.
+fn hi(password: &[u8], salt: &[u8], iterations: u32) -> Zeroizing<[u8; 32]> {
+    let key = Hmac::<Sha256>::new_from_slice(password).expect("HMAC takes keys of any length");
+    let mut mac = key.clone();
+    mac.update(salt);
+    mac.update(&1u32.to_be_bytes());
+    let mut u = Zeroizing::new(<[u8; 32]>::from(mac.finalize().into_bytes()));
+    let mut out = Zeroizing::new(*u);
+    for _ in 1..iterations {
+        let mut mac = key.clone();
+        mac.update(&u[..]);
+        *u = mac.finalize().into_bytes().into();
+        for i in 0..32 {
+            out[i] ^= u[i];
+        }
+    }
+    out
+}

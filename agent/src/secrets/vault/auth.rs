@@ -1,0 +1,191 @@
+//! Logging in to Vault/OpenBao and keeping the token alive: token (from a file or variable,
+//! renewed with `auth/token/renew-self`), AppRole, Kubernetes/JWT. Pure request bodies and
+//! answer parsing; the I/O is in [`super::VaultStore`].
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::config::{CredentialSource, RoleIdSource, SecretString};
+
+/// The token the store uses, and when to renew or replace it.
+pub struct TokenState {
+    pub token: SecretString,
+    pub obtained: Instant,
+    /// `None`: the token does not expire (e.g. a root token).
+    pub ttl: Option<Duration>,
+    pub renewable: bool,
+}
+
+impl TokenState {
+    /// Time to renew (or log in again): two thirds of the way to expiry.
+    pub fn due(&self, now: Instant) -> bool {
+        match self.ttl {
+            None => false,
+            Some(ttl) => now >= self.obtained + ttl * 2 / 3,
+        }
+    }
+
+    pub fn expired(&self, now: Instant) -> bool {
+        self.ttl.is_some_and(|ttl| now >= self.obtained + ttl)
+    }
+}
+
+/// What a login or renew-self answer says about the token.
+#[derive(Debug)]
+pub struct AuthInfo {
+    pub token: SecretString,
+    pub ttl: Option<Duration>,
+    pub renewable: bool,
+}
+
+/// Parses the `auth` block of a login or renew-self answer.
+pub fn parse_auth(body: &[u8]) -> Result<AuthInfo, String> {
+    let doc: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| "the answer is not JSON".to_string())?;
+    let auth = doc
+        .get("auth")
+        .filter(|a| a.is_object())
+        .ok_or("the answer has no auth block")?;
+    let token = auth
+        .get("client_token")
+        .and_then(|t| t.as_str())
+        .filter(|t| !t.is_empty())
+        .ok_or("the answer has no client_token")?;
+    let secs = auth
+        .get("lease_duration")
+        .and_then(|d| d.as_u64())
+        .unwrap_or(0);
+    Ok(AuthInfo {
+        token: SecretString::new(token.to_string()),
+        ttl: (secs > 0).then(|| Duration::from_secs(secs)),
+        renewable: auth
+            .get("renewable")
+            .and_then(|r| r.as_bool())
+            .unwrap_or(false),
+    })
+}
+
+/// Parses `auth/token/lookup-self`: the token's remaining `ttl` (0: never expires) and whether
+/// it is renewable.
+pub fn parse_lookup_self(body: &[u8]) -> Result<(Option<Duration>, bool), String> {
+    let doc: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| "the answer is not JSON".to_string())?;
+    let data = doc
+        .get("data")
+        .filter(|d| d.is_object())
+        .ok_or("the answer has no data")?;
+    let ttl = data.get("ttl").and_then(|t| t.as_u64()).unwrap_or(0);
+    let renewable = data
+        .get("renewable")
+        .and_then(|r| r.as_bool())
+        .unwrap_or(false);
+    Ok(((ttl > 0).then(|| Duration::from_secs(ttl)), renewable))
+}
+
+/// The body of `auth/MOUNT/login` for AppRole.
+pub fn approle_body(role_id: &str, secret_id: &SecretString) -> Vec<u8> {
+    serde_json::json!({ "role_id": role_id, "secret_id": secret_id.expose() })
+        .to_string()
+        .into_bytes()
+}
+
+/// The body of `auth/MOUNT/login` for the Kubernetes and JWT methods.
+pub fn jwt_body(role: &str, jwt: &SecretString) -> Vec<u8> {
+    serde_json::json!({ "role": role, "jwt": jwt.expose() })
+        .to_string()
+        .into_bytes()
+}
+
+/// Reads a credential the agent itself needs (a token, a secret id) from a file or variable;
+/// surrounding whitespace dropped. The error names the source, never its content.
+pub fn read_source(source: &CredentialSource) -> Result<SecretString, String> {
+    match source {
+        CredentialSource::File(path) => read_file(path),
+        CredentialSource::Env(var) => read_env(var),
+    }
+}
+
+pub fn read_role_id(source: &RoleIdSource) -> Result<String, String> {
+    match source {
+        RoleIdSource::Value(v) => Ok(v.clone()),
+        RoleIdSource::File(path) => read_file(path).map(|s| s.expose().to_string()),
+        RoleIdSource::Env(var) => read_env(var).map(|s| s.expose().to_string()),
+    }
+}
+
+pub fn read_file(path: &Path) -> Result<SecretString, String> {
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+    );
+    let value = text.trim();
+    if value.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(SecretString::new(value.to_string()))
+}
+
+fn read_env(var: &str) -> Result<SecretString, String> {
+    let text = zeroize::Zeroizing::new(
+        std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?,
+    );
+    let value = text.trim();
+    if value.is_empty() {
+        return Err(format!("environment variable {var} is empty"));
+    }
+    Ok(SecretString::new(value.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_answer() {
+        let body = br#"{"auth":{"client_token":"s.CANARY","accessor":"a","policies":["default"],
+            "lease_duration":2764800,"renewable":true}}"#;
+        let a = parse_auth(body).unwrap();
+        assert_eq!(a.token.expose(), "s.CANARY");
+        assert_eq!(a.ttl, Some(Duration::from_secs(2764800)));
+        assert!(a.renewable);
+        assert!(!format!("{a:?}").contains("CANARY"));
+        assert!(parse_auth(br#"{"auth":null,"errors":[]}"#).is_err());
+    }
+
+    #[test]
+    fn lookup_self_answer() {
+        let root = br#"{"data":{"ttl":0,"renewable":false,"policies":["root"]}}"#;
+        assert_eq!(parse_lookup_self(root).unwrap(), (None, false));
+        let t = br#"{"data":{"ttl":60,"renewable":true}}"#;
+        assert_eq!(
+            parse_lookup_self(t).unwrap(),
+            (Some(Duration::from_secs(60)), true)
+        );
+    }
+
+    #[test]
+    fn renewal_schedule() {
+        let now = Instant::now();
+        let t = TokenState {
+            token: SecretString::new("t".into()),
+            obtained: now,
+            ttl: Some(Duration::from_secs(30)),
+            renewable: true,
+        };
+        assert!(!t.due(now + Duration::from_secs(19)));
+        assert!(t.due(now + Duration::from_secs(20)));
+        assert!(!t.expired(now + Duration::from_secs(29)));
+        assert!(t.expired(now + Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn bodies() {
+        let b = approle_body("role", &SecretString::new("sid".into()));
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["secret_id"], "sid");
+        let b = jwt_body("r", &SecretString::new("eyJ".into()));
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["jwt"], "eyJ");
+        assert_eq!(v["role"], "r");
+    }
+}
