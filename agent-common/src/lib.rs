@@ -99,7 +99,7 @@ pub struct ConnMeta {
     pub netns_cookie: u64,
     /// Cookie of the application's socket.
     pub socket_cookie: u64,
-    /// `bpf_ktime_get_ns()` at connect time.
+    /// `bpf_ktime_get_boot_ns()` at connect time (CLOCK_BOOTTIME, like /proc/<pid>/stat).
     pub ktime_ns: u64,
     /// Process id (kernel tgid).
     pub pid: u32,

@@ -5,7 +5,7 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-            bpf_ktime_get_ns,
+            bpf_ktime_get_boot_ns,
         },
     },
     macros::cgroup_sock_addr,
@@ -153,7 +153,7 @@ fn record(
             bpf_get_socket_cookie(ctx.as_ptr()),
             bpf_get_netns_cookie(ctx.as_ptr()),
             bpf_get_current_cgroup_id(),
-            bpf_ktime_get_ns(),
+            bpf_ktime_get_boot_ns(),
         )
     };
     let meta = ConnMeta {

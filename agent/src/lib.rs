@@ -5,6 +5,7 @@
 //! [`relay`] moves bytes; [`config`] is the validated resource model; [`runtime`] starts and
 //! stops it all in order.
 pub mod admin;
+pub mod audit;
 pub mod broker;
 pub mod cgroup;
 pub mod config;
@@ -12,7 +13,9 @@ pub mod connector;
 pub mod dns;
 pub mod doctor;
 pub mod ebpf;
+pub mod identity;
 pub mod metrics;
+pub mod pg;
 pub mod policy_set;
 pub mod relay;
 pub mod runtime;

@@ -62,14 +62,15 @@ pub struct Metrics {
     registry: Registry,
     pub connections: Family<ConnLabels, Counter>,
     pub refused: Family<RefusedLabels, Counter>,
+    pub denied: Family<PolicyLabels, Counter>,
     pub active: Gauge<i64, AtomicI64>,
     pub bytes: Family<BytesLabels, Counter<u64, AtomicU64>>,
     pub handshake_seconds: Family<PolicyLabels, Histogram>,
     pub ebpf_redirected: Gauge<i64, AtomicI64>,
     pub ebpf_map_errors: Gauge<i64, AtomicI64>,
     pub rules: Gauge<i64, AtomicI64>,
-    /// relayed, failed, refused.
-    totals: [AtomicU64; 3],
+    /// relayed, failed, refused, denied.
+    totals: [AtomicU64; 4],
 }
 
 /// Connection totals, as `latch status` and `latch run`'s summary show them.
@@ -78,6 +79,7 @@ pub struct Totals {
     pub relayed: u64,
     pub failed: u64,
     pub refused: u64,
+    pub denied: u64,
 }
 
 impl Default for Metrics {
@@ -100,6 +102,12 @@ impl Metrics {
             "connections_refused",
             "Connections refused before any policy applied",
             refused.clone(),
+        );
+        let denied = Family::<PolicyLabels, Counter>::default();
+        registry.register(
+            "connections_denied",
+            "Connections a policy covers but whose workload it does not admit",
+            denied.clone(),
         );
         let active = Gauge::<i64, AtomicI64>::default();
         registry.register("connections_active", "Connections open now", active.clone());
@@ -137,6 +145,7 @@ impl Metrics {
             registry,
             connections,
             refused,
+            denied,
             active,
             bytes,
             handshake_seconds,
@@ -166,6 +175,15 @@ impl Metrics {
         self.totals[2].fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn deny(&self, policy: &str) {
+        self.denied
+            .get_or_create(&PolicyLabels {
+                policy: policy.to_owned(),
+            })
+            .inc();
+        self.totals[3].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn add_bytes(&self, direction: Direction, n: u64) {
         self.bytes
             .get_or_create(&BytesLabels { direction })
@@ -178,6 +196,7 @@ impl Metrics {
             relayed: self.totals[0].load(Ordering::Relaxed),
             failed: self.totals[1].load(Ordering::Relaxed),
             refused: self.totals[2].load(Ordering::Relaxed),
+            denied: self.totals[3].load(Ordering::Relaxed),
         }
     }
 
@@ -206,7 +225,8 @@ mod tests {
             Totals {
                 relayed: 2,
                 failed: 1,
-                refused: 1
+                refused: 1,
+                denied: 0,
             }
         );
         let text = m.encode();

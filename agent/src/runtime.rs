@@ -35,6 +35,7 @@ pub struct Options {
     pub mark: u32,
     pub limits: Limits,
     pub secrets: ResolverOptions,
+    pub audit: crate::audit::AuditOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,8 @@ pub enum StartError {
     Dns(#[from] crate::dns::DnsError),
     #[error("secret stores: {0}")]
     Secrets(#[from] crate::secrets::SecretError),
+    #[error("opening the audit log: {0}")]
+    Audit(#[source] std::io::Error),
 }
 
 /// The running data path. [`Running::stop`] takes it down in order.
@@ -122,14 +125,16 @@ impl Running {
         );
 
         let metrics = Arc::new(Metrics::new());
-        let shared = Arc::new(Shared::new(
+        let mut shared = Shared::new(
             conns,
             policies,
             metrics,
             secrets,
             opts.mark,
             opts.limits.clone(),
-        ));
+        );
+        shared.audit = crate::audit::Audit::start(opts.audit.clone()).map_err(StartError::Audit)?;
+        let shared = Arc::new(shared);
         let interceptor = Arc::new(Mutex::new(interceptor));
         let stop_accepting = CancellationToken::new();
         let abort = CancellationToken::new();

@@ -47,6 +47,8 @@ impl Agent {
             .arg("--admin")
             .arg(admin.to_string())
             .args(["--grace-period", "3"])
+            .arg("--audit-log")
+            .arg(dir.path().join("audit.jsonl"))
             .env("LATCH_LOG", "info,latch=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("agent log file"))
@@ -107,6 +109,35 @@ impl Agent {
     /// The agent's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("agent running").id()
+    }
+
+    /// The audit records written so far, parsed.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Waits (up to 5 s) until `n` audit records exist; returns them.
+    pub fn wait_audit(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let records = self.audit();
+            if records.len() >= n {
+                return records;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} audit records, expected {n}:\n{records:#?}",
+                    records.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The agent's stderr so far.

@@ -6,8 +6,10 @@ use tracing::{Instrument as _, info_span};
 
 use super::{Origin, Shared};
 use crate::{
+    audit::{self, Record},
     config::Protocol,
     connector::{self, ConnectError},
+    identity::Workload,
     metrics::{Direction, Outcome, RefusedReason},
     relay::Progress,
 };
@@ -27,6 +29,9 @@ pub(super) async fn handle(stream: TcpStream, peer: SocketAddr, shared: &Shared)
             // Nothing reaches credentials unless the kernel redirected it.
             shared.metrics.refuse(RefusedReason::not_redirected);
             tracing::warn!(conn = id, %peer, %local, "refused a connection the kernel did not redirect");
+            let mut record = Record::new(id, audit::Outcome::Refused, local.to_string());
+            record.reason = Some(format!("not redirected by the kernel (peer {peer})"));
+            shared.audit.record(&record);
             reset(stream);
             return;
         }
@@ -42,9 +47,14 @@ pub(super) async fn handle(stream: TcpStream, peer: SocketAddr, shared: &Shared)
     let Some(policy) = policies.by_rule(origin.rule_id).cloned() else {
         shared.metrics.refuse(RefusedReason::no_policy);
         tracing::warn!(conn = id, %origin, "no policy for this destination any more; refusing");
+        let mut record = Record::new(id, audit::Outcome::Refused, origin.dst.to_string());
+        record.reason = Some("no policy covers this destination".into());
+        record.workload = Some(Workload::resolve(&origin, &shared.cgroup_root));
+        shared.audit.record(&record);
         reset(stream);
         return;
     };
+    let workload = Workload::resolve(&origin, &shared.cgroup_root);
     let span = info_span!(
         "conn",
         id,
@@ -55,15 +65,44 @@ pub(super) async fn handle(stream: TcpStream, peer: SocketAddr, shared: &Shared)
         comm = %origin.comm,
         cgroup_id = origin.cgroup_id,
     );
-    serve(stream, origin, &policy, shared)
+    serve(stream, origin, workload, &policy, shared, id)
         .instrument(span)
         .await;
 }
 
-async fn serve(stream: TcpStream, origin: Origin, policy: &crate::config::Policy, shared: &Shared) {
-    let _ = stream.set_nodelay(true);
+async fn serve(
+    stream: TcpStream,
+    origin: Origin,
+    workload: Workload,
+    policy: &crate::config::Policy,
+    shared: &Shared,
+    id: u64,
+) {
     let started = Instant::now();
     let metrics = &shared.metrics;
+    let mut record =
+        Record::new(id, audit::Outcome::Relayed, origin.dst.to_string()).with_policy(policy);
+    if !workload.admitted_by(&policy.workloads) {
+        metrics.deny(&policy.name);
+        tracing::warn!(
+            exe = ?workload.exe,
+            cgroup = ?workload.cgroup,
+            "denied: the policy does not admit this workload"
+        );
+        record.outcome = audit::Outcome::Denied;
+        record.reason = Some(format!(
+            "policy {:?} does not admit this workload",
+            policy.name
+        ));
+        record.workload = Some(workload);
+        record.duration_ms = ms(started.elapsed());
+        shared.audit.record(&record);
+        connector::deny(stream, policy).await;
+        return;
+    }
+    record.workload = Some(workload);
+    let _ = stream.set_nodelay(true);
+    let handshake = std::sync::OnceLock::new();
     metrics.active.inc();
     let progress = Progress::default();
     let handshake_done = || {
@@ -73,11 +112,16 @@ async fn serve(stream: TcpStream, origin: Origin, policy: &crate::config::Policy
                 policy: policy.name.clone(),
             })
             .observe(started.elapsed().as_secs_f64());
+        let _ = handshake.set(started.elapsed());
     };
     tracing::debug!("brokering");
     let result = match policy.protocol {
         Protocol::Tcp => {
             connector::tcp::serve(stream, &origin, shared, &progress, handshake_done).await
+        }
+        Protocol::Postgres => {
+            connector::postgres::serve(stream, &origin, policy, shared, &progress, handshake_done)
+                .await
         }
         other => Err(ConnectError::Unsupported(other.as_str())),
     };
@@ -86,7 +130,11 @@ async fn serve(stream: TcpStream, origin: Origin, policy: &crate::config::Policy
     let to_app = progress.to_app.load(Ordering::Relaxed);
     metrics.add_bytes(Direction::to_target, to_target);
     metrics.add_bytes(Direction::to_app, to_app);
-    match result {
+    record.bytes_to_target = to_target;
+    record.bytes_to_app = to_app;
+    record.handshake_ms = handshake.get().copied().map(ms);
+    record.duration_ms = ms(started.elapsed());
+    match &result {
         // Once relaying, a reset from either side ends the session; it is not a broker failure.
         Ok(_) | Err(ConnectError::Relay(_)) => {
             if let Err(err) = &result {
@@ -103,8 +151,15 @@ async fn serve(stream: TcpStream, origin: Origin, policy: &crate::config::Policy
         Err(err) => {
             metrics.connection(&policy.name, Outcome::failed);
             tracing::warn!(%err, to_target, to_app, "failed");
+            record.outcome = audit::Outcome::Failed;
+            record.reason = Some(err.to_string());
         }
     }
+    shared.audit.record(&record);
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// Closes with RST, so the client sees a refused/reset connection rather than a clean EOF.

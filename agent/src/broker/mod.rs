@@ -48,6 +48,11 @@ pub struct Shared {
     /// SO_MARK of the broker's outbound sockets (skipped by the connect hooks).
     pub mark: u32,
     pub limits: Limits,
+    /// latch's PostgreSQL cancellation keys of open sessions → the servers' keys.
+    pub pg_cancel: crate::connector::postgres::CancelMap,
+    pub audit: crate::audit::Audit,
+    /// The cgroup v2 mount point (to turn cgroup ids into paths).
+    pub cgroup_root: std::path::PathBuf,
     next_id: AtomicU64,
 }
 
@@ -67,6 +72,9 @@ impl Shared {
             secrets: Secrets(RwLock::new(secrets)),
             mark,
             limits,
+            pg_cancel: Default::default(),
+            audit: crate::audit::Audit::disabled(),
+            cgroup_root: crate::cgroup::v2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into()),
             next_id: AtomicU64::new(1),
         }
     }

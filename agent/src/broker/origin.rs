@@ -19,6 +19,8 @@ pub struct Origin {
     pub netns_cookie: u64,
     pub comm: String,
     pub rule_id: u32,
+    /// When the connect happened (CLOCK_BOOTTIME, ns).
+    pub ktime_ns: u64,
 }
 
 impl From<&ConnMeta> for Origin {
@@ -39,6 +41,7 @@ impl From<&ConnMeta> for Origin {
             netns_cookie: m.netns_cookie,
             comm: String::from_utf8_lossy(&m.comm[..comm_len]).into_owned(),
             rule_id: m.rule_id,
+            ktime_ns: m.ktime_ns,
         }
     }
 }

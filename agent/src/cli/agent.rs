@@ -62,6 +62,7 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         mark: args.data.mark,
         limits: args.data.limits(),
         secrets: Default::default(),
+        audit: args.data.audit(),
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -67,6 +67,18 @@ struct DataPathArgs {
     /// How long reaching a target may take, in seconds.
     #[arg(long, default_value_t = 10)]
     connect_timeout: u64,
+    /// Append one JSON line per connection, denial and refusal to this file (rotated by size).
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// Rotate the audit log past this many bytes.
+    #[arg(long, default_value_t = 100 << 20)]
+    audit_max_bytes: u64,
+    /// Rotated audit logs to keep.
+    #[arg(long, default_value_t = 5)]
+    audit_keep: u32,
+    /// Also write audit lines to standard output.
+    #[arg(long)]
+    audit_stdout: bool,
 }
 
 #[derive(Debug, Args)]
@@ -112,6 +124,15 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 }
 
 impl DataPathArgs {
+    fn audit(&self) -> latch::audit::AuditOptions {
+        latch::audit::AuditOptions {
+            file: self.audit_log.clone(),
+            max_bytes: self.audit_max_bytes,
+            keep: self.audit_keep,
+            stdout: self.audit_stdout,
+        }
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             max_connections: self.max_connections,

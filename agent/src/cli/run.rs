@@ -34,6 +34,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         mark: args.data.mark,
         limits: args.data.limits(),
         secrets: Default::default(),
+        audit: args.data.audit(),
     };
     let running = Running::start(&config, &opts).await?;
     let status = run_child(&args.command, &cg).await;

@@ -1,6 +1,7 @@
 //! Protocol connectors: given an accepted, authorized connection and its policy, reach the
 //! target and carry the application's traffic. `tcp` relays bytes; the protocol-aware
 //! connectors (PostgreSQL, MySQL, HTTP, SSH) authenticate to the target first.
+pub mod postgres;
 pub mod tcp;
 
 use std::{io, net::SocketAddr, time::Duration};
@@ -23,6 +24,16 @@ pub enum ConnectError {
     Unsupported(&'static str),
     #[error("relay: {0}")]
     Relay(#[source] io::Error),
+    #[error("postgres: {0}")]
+    Postgres(#[source] Box<postgres::Failure>),
+}
+
+/// Tells the application that its workload may not use `policy`, in the application's own
+/// protocol where latch speaks it; plain TCP can only be reset.
+pub async fn deny(app: TcpStream, policy: &crate::config::Policy) {
+    tracing::debug!(policy = %policy.name, "refusing in protocol {}", policy.protocol);
+    let _ = socket2::SockRef::from(&app).set_linger(Some(Duration::ZERO));
+    drop(app);
 }
 
 /// Opens a connection to `addr` from a socket carrying `mark`, so latch's own connect hooks

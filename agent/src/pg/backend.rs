@@ -14,8 +14,12 @@ pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
 pub enum AuthRequest {
     Ok,
     CleartextPassword,
-    Md5Password { salt: [u8; 4] },
-    Sasl { mechanisms: Vec<String> },
+    Md5Password {
+        salt: [u8; 4],
+    },
+    Sasl {
+        mechanisms: Vec<String>,
+    },
     SaslContinue(Vec<u8>),
     SaslFinal(Vec<u8>),
     /// Kerberos, GSSAPI, SSPI and anything newer: latch cannot answer these.
@@ -26,12 +30,23 @@ pub enum AuthRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendMessage {
     Auth(AuthRequest),
-    BackendKeyData { pid: i32, secret: i32 },
-    ParameterStatus { name: String, value: String },
-    ReadyForQuery { status: u8 },
+    BackendKeyData {
+        pid: i32,
+        secret: i32,
+    },
+    ParameterStatus {
+        name: String,
+        value: String,
+    },
+    ReadyForQuery {
+        status: u8,
+    },
     Error(ErrorFields),
     Notice,
-    NegotiateProtocolVersion { minor: i32, unrecognized: Vec<String> },
+    NegotiateProtocolVersion {
+        minor: i32,
+        unrecognized: Vec<String>,
+    },
     /// Any other message: not expected before ReadyForQuery.
     Other(u8),
 }
@@ -72,7 +87,10 @@ impl BackendMessage {
                 let minor = r.i32()?;
                 let n = r.i32()?;
                 if n < 0 || n as usize > body.len() {
-                    return Err(PgError::malformed("NegotiateProtocolVersion", "bad option count"));
+                    return Err(PgError::malformed(
+                        "NegotiateProtocolVersion",
+                        "bad option count",
+                    ));
                 }
                 let mut unrecognized = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -97,9 +115,9 @@ fn decode_auth(body: &[u8]) -> Result<AuthRequest, PgError> {
         3 => AuthRequest::CleartextPassword,
         5 => {
             let rest = r.rest();
-            let salt: [u8; 4] = rest
-                .try_into()
-                .map_err(|_| PgError::malformed("AuthenticationMD5Password", "salt is not 4 bytes"))?;
+            let salt: [u8; 4] = rest.try_into().map_err(|_| {
+                PgError::malformed("AuthenticationMD5Password", "salt is not 4 bytes")
+            })?;
             AuthRequest::Md5Password { salt }
         }
         10 => {

@@ -1,7 +1,10 @@
 //! ErrorResponse and NoticeResponse: a list of (field type, text) pairs.
 use bytes::{BufMut as _, BytesMut};
 
-use super::{PgError, frame::{Reader, put_cstr, write_msg}};
+use super::{
+    PgError,
+    frame::{Reader, put_cstr, write_msg},
+};
 
 /// A SQLSTATE code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -94,15 +94,12 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated UTF-8 string.
     pub(crate) fn str(&mut self) -> Result<&'a str, PgError> {
-        std::str::from_utf8(self.cstr()?).map_err(|_| PgError::malformed(self.what, "string is not UTF-8"))
+        std::str::from_utf8(self.cstr()?)
+            .map_err(|_| PgError::malformed(self.what, "string is not UTF-8"))
     }
 
     pub(crate) fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.buf)
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.buf.is_empty()
     }
 
     pub(crate) fn finish(&self) -> Result<(), PgError> {

@@ -65,7 +65,9 @@ pub enum ScramError {
 
 enum State {
     First,
-    Final { server_signature: Zeroizing<[u8; 32]> },
+    Final {
+        server_signature: Zeroizing<[u8; 32]>,
+    },
     Done,
 }
 
@@ -102,7 +104,10 @@ impl ScramClient {
     /// empty; tests set it to replay RFC vectors). The password is SASLprep-normalized when
     /// possible, else used as bytes (as PostgreSQL does).
     pub fn new(user: &str, password: &[u8], binding: ChannelBinding, nonce: String) -> ScramClient {
-        let password = match std::str::from_utf8(password).ok().and_then(|p| stringprep::saslprep(p).ok()) {
+        let password = match std::str::from_utf8(password)
+            .ok()
+            .and_then(|p| stringprep::saslprep(p).ok())
+        {
             Some(p) => Zeroizing::new(p.as_bytes().to_vec()),
             None => Zeroizing::new(password.to_vec()),
         };
@@ -138,12 +143,17 @@ impl ScramClient {
         let mut parts = text.split(',');
         let nonce = attr(parts.next(), 'r').ok_or(ScramError::BadServerFirst("no nonce"))?;
         let salt = attr(parts.next(), 's').ok_or(ScramError::BadServerFirst("no salt"))?;
-        let iters = attr(parts.next(), 'i').ok_or(ScramError::BadServerFirst("no iteration count"))?;
+        let iters =
+            attr(parts.next(), 'i').ok_or(ScramError::BadServerFirst("no iteration count"))?;
         if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
             return Err(ScramError::NonceMismatch);
         }
-        let salt = B64.decode(salt).map_err(|_| ScramError::BadServerFirst("salt is not base64"))?;
-        let iters: u64 = iters.parse().map_err(|_| ScramError::BadServerFirst("bad iteration count"))?;
+        let salt = B64
+            .decode(salt)
+            .map_err(|_| ScramError::BadServerFirst("salt is not base64"))?;
+        let iters: u64 = iters
+            .parse()
+            .map_err(|_| ScramError::BadServerFirst("bad iteration count"))?;
         if iters == 0 || iters > MAX_ITERATIONS as u64 {
             return Err(ScramError::Iterations(iters));
         }
@@ -170,7 +180,8 @@ impl ScramClient {
 
     /// Checks server-final-message (SASLFinal): the server proves it knows the password.
     pub fn server_final(&mut self, msg: &[u8]) -> Result<(), ScramError> {
-        let State::Final { server_signature } = std::mem::replace(&mut self.state, State::Done) else {
+        let State::Final { server_signature } = std::mem::replace(&mut self.state, State::Done)
+        else {
             return Err(ScramError::OutOfOrder);
         };
         let text = std::str::from_utf8(msg).map_err(|_| ScramError::BadServerFinal("not UTF-8"))?;
@@ -179,7 +190,9 @@ impl ScramClient {
             return Err(ScramError::ServerError(e.chars().take(64).collect()));
         }
         let v = attr(first, 'v').ok_or(ScramError::BadServerFinal("no verifier"))?;
-        let v = B64.decode(v).map_err(|_| ScramError::BadServerFinal("verifier is not base64"))?;
+        let v = B64
+            .decode(v)
+            .map_err(|_| ScramError::BadServerFinal("verifier is not base64"))?;
         // Not secret-dependent timing in a way that helps anyone: the server sent it.
         if v.as_slice() != &server_signature[..] {
             return Err(ScramError::BadServerSignature);

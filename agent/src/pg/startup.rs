@@ -107,7 +107,10 @@ pub fn decode(body: &[u8]) -> Result<Initial, PgError> {
 }
 
 /// Encodes a StartupMessage (protocol 3.0) with `params`.
-pub fn encode_startup<'a>(params: impl IntoIterator<Item = (&'a str, &'a str)>, out: &mut BytesMut) {
+pub fn encode_startup<'a>(
+    params: impl IntoIterator<Item = (&'a str, &'a str)>,
+    out: &mut BytesMut,
+) {
     let at = out.len();
     out.put_i32(0);
     out.put_u32(super::PROTOCOL_3_0);
@@ -161,14 +164,15 @@ pub struct Rewritten {
 /// everything else is passed through in order.
 pub fn rewrite(app: &Startup, policy_user: Option<&str>) -> Result<Rewritten, StartupRefusal> {
     if let Some(v) = app.get("replication") {
-        if !matches!(v.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0") {
+        if !matches!(
+            v.to_ascii_lowercase().as_str(),
+            "false" | "off" | "no" | "0"
+        ) {
             return Err(StartupRefusal::Replication);
         }
     }
     let app_user = app.get("user").filter(|u| !u.is_empty());
-    let user = policy_user
-        .or(app_user)
-        .ok_or(StartupRefusal::NoUser)?;
+    let user = policy_user.or(app_user).ok_or(StartupRefusal::NoUser)?;
     let mut params = Vec::with_capacity(app.params.len() + 1);
     let mut unrecognized = Vec::new();
     params.push(("user".to_owned(), user.to_owned()));

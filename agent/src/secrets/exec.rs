@@ -102,11 +102,11 @@ pub fn parse_output(out: &[u8], field_asked: bool) -> Result<Secret, String> {
     if text.is_empty() {
         return Err("the command printed nothing".to_string());
     }
-    if field_asked && text.trim_start().starts_with('{') {
-        if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(text)
-        {
-            return Ok(Secret::Fields(json_fields(map)));
-        }
+    if field_asked
+        && text.trim_start().starts_with('{')
+        && let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(text)
+    {
+        return Ok(Secret::Fields(json_fields(map)));
     }
     Ok(Secret::Value(SecretString::new(text.to_string())))
 }

@@ -23,6 +23,12 @@ struct Flight<V> {
     cell: OnceCell<Result<V, SecretError>>,
 }
 
+impl<K: Eq + Hash + Clone, V: Clone> Default for Flights<K, V> {
+    fn default() -> Self {
+        Flights::new()
+    }
+}
+
 impl<K: Eq + Hash + Clone, V: Clone> Flights<K, V> {
     pub fn new() -> Self {
         Flights {

@@ -137,10 +137,11 @@ impl Resolver {
             .credentials
             .as_ref()
             .ok_or_else(|| SecretError::NoCredentials(policy.name.clone()))?;
-        if !fresh && policy.cache_ttl.is_some() {
-            if let Some(hit) = self.inner.cache.get(&policy.name, spec, Instant::now()) {
-                return Ok(hit);
-            }
+        if !fresh
+            && policy.cache_ttl.is_some()
+            && let Some(hit) = self.inner.cache.get(&policy.name, spec, Instant::now())
+        {
+            return Ok(hit);
         }
         let started = Instant::now();
         let result = match spec {

@@ -5,6 +5,13 @@
 //! * `latch-probe echo ADDR CONNS BYTES` — open CONNS connections at once; on each send BYTES
 //!   bytes unique to that connection, half-close, read the echo to the end and compare; check
 //!   that getpeername reports ADDR. Prints `ok=<n> failed=<n>`; exits 1 if anything differs.
+//! * `latch-probe pg CONNSTR SCENARIO` — a tokio-postgres client; see `probe/pg.rs`.
+//! * `latch-probe pgraw ADDR SCENARIO` — hostile PostgreSQL startup bytes; see `probe/pgraw.rs`.
+#[path = "probe/pg.rs"]
+mod pg;
+#[path = "probe/pgraw.rs"]
+mod pgraw;
+
 use std::{net::SocketAddr, process::ExitCode};
 
 use tokio::{
@@ -25,7 +32,15 @@ fn main() -> ExitCode {
             parse_num(&args, 3),
             parse_num(&args, 4),
         )),
-        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES".into()),
+        Some("pg") => rt.block_on(pg::run(
+            args.get(2).map(String::as_str).unwrap_or_default(),
+            args.get(3).map(String::as_str).unwrap_or("whoami"),
+        )),
+        Some("pgraw") => rt.block_on(pgraw::run(
+            parse_addr(&args, 2),
+            args.get(3).map(String::as_str).unwrap_or_default(),
+        )),
+        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

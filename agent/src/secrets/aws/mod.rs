@@ -325,14 +325,13 @@ pub fn parse_secret_value(body: &[u8]) -> Result<Secret, String> {
     } else {
         return Err("the answer has neither SecretString nor SecretBinary".to_string());
     };
-    if text.trim_start().starts_with('{') {
-        if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&text)
-        {
-            return Ok(Secret::Structured {
-                text: SecretString::new(text),
-                fields: json_fields(map),
-            });
-        }
+    if text.trim_start().starts_with('{')
+        && let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&text)
+    {
+        return Ok(Secret::Structured {
+            text: SecretString::new(text),
+            fields: json_fields(map),
+        });
     }
     Ok(Secret::Value(SecretString::new(text)))
 }

@@ -415,21 +415,21 @@ impl VaultStore {
 /// shortened.
 fn describe(resp: &Response) -> String {
     let mut text = resp.status.to_string();
-    if let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&resp.body) {
-        if let Some(errors) = doc.get("errors").and_then(|e| e.as_array()) {
-            let msgs: Vec<&str> = errors.iter().filter_map(|e| e.as_str()).collect();
-            if !msgs.is_empty() {
-                let mut joined = msgs.join("; ");
-                if joined.len() > 300 {
-                    let mut cut = 300;
-                    while !joined.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    joined.truncate(cut);
-                    joined.push('…');
+    if let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&resp.body)
+        && let Some(errors) = doc.get("errors").and_then(|e| e.as_array())
+    {
+        let msgs: Vec<&str> = errors.iter().filter_map(|e| e.as_str()).collect();
+        if !msgs.is_empty() {
+            let mut joined = msgs.join("; ");
+            if joined.len() > 300 {
+                let mut cut = 300;
+                while !joined.is_char_boundary(cut) {
+                    cut -= 1;
                 }
-                text = format!("{text} ({joined})");
+                joined.truncate(cut);
+                joined.push('…');
             }
+            text = format!("{text} ({joined})");
         }
     }
     text

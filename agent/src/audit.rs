@@ -1,0 +1,340 @@
+//! The audit trail: one JSON line per brokered connection, denial and refusal.
+//!
+//! Schema version 1 (`"v": 1`), documented in docs/audit.md. Records name the store and the
+//! secret *references* a policy uses — never a value. Writing happens on a task of its own so
+//! the data path never waits on the disk; if the queue is full the record is dropped and counted.
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::{
+    config::{Credentials, Policy, SecretRef},
+    identity::Workload,
+};
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What happened to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Brokered and relayed until one side closed.
+    Relayed,
+    /// A policy applied, but brokering failed (store, target, authentication…).
+    Failed,
+    /// The policy does not admit this workload.
+    Denied,
+    /// Not redirected by the kernel, or no policy covers it.
+    Refused,
+}
+
+/// One audit line.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub v: u32,
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    pub conn: u64,
+    pub outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
+    /// Where the application was connecting (or the broker's address, for refusals).
+    pub destination: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<&'static str>,
+    /// Secret references the policy uses, as `store:path[#field][@version]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    pub bytes_to_target: u64,
+    pub bytes_to_app: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake_ms: Option<f64>,
+    pub duration_ms: f64,
+}
+
+impl Record {
+    /// A record with the fields every event has; the rest start empty.
+    pub fn new(conn: u64, outcome: Outcome, destination: String) -> Self {
+        Self {
+            v: SCHEMA_VERSION,
+            time: rfc3339(SystemTime::now()),
+            conn,
+            outcome,
+            reason: None,
+            workload: None,
+            destination,
+            policy: None,
+            protocol: None,
+            secrets: Vec::new(),
+            bytes_to_target: 0,
+            bytes_to_app: 0,
+            handshake_ms: None,
+            duration_ms: 0.0,
+        }
+    }
+
+    /// Fills the policy, protocol and secret references from `policy`.
+    pub fn with_policy(mut self, policy: &Policy) -> Self {
+        self.policy = Some(policy.name.clone());
+        self.protocol = Some(policy.protocol.as_str());
+        self.secrets = secret_refs(policy);
+        self
+    }
+}
+
+/// The secret references of a policy, formatted for the audit trail.
+pub fn secret_refs(policy: &Policy) -> Vec<String> {
+    let fmt = |r: &SecretRef| {
+        let mut s = format!("{}:{}", r.store, r.path);
+        if let Some(f) = &r.field {
+            s.push('#');
+            s.push_str(f);
+        }
+        if let Some(v) = &r.version {
+            s.push('@');
+            s.push_str(v);
+        }
+        s
+    };
+    match &policy.credentials {
+        None => Vec::new(),
+        Some(Credentials::Static {
+            username, password, ..
+        }) => [username, password]
+            .into_iter()
+            .flatten()
+            .map(fmt)
+            .collect(),
+        Some(Credentials::Dynamic { store, path }) => vec![format!("{store}:{path}")],
+    }
+}
+
+/// Where audit lines go.
+#[derive(Debug, Clone, Default)]
+pub struct AuditOptions {
+    pub file: Option<PathBuf>,
+    /// Rotate the file when it grows past this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept (`audit.jsonl.1` … `.N`).
+    pub keep: u32,
+    pub stdout: bool,
+}
+
+/// Handle the data path uses to record events. Cheap to clone.
+#[derive(Clone)]
+pub struct Audit {
+    tx: Option<mpsc::Sender<String>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Audit {
+    /// Records go nowhere.
+    pub fn disabled() -> Self {
+        Self {
+            tx: None,
+            dropped: Arc::default(),
+        }
+    }
+
+    /// Starts the writer task (on the current tokio runtime).
+    pub fn start(opts: AuditOptions) -> std::io::Result<Self> {
+        if opts.file.is_none() && !opts.stdout {
+            return Ok(Self::disabled());
+        }
+        let mut writer = Writer::open(&opts)?;
+        let (tx, mut rx) = mpsc::channel::<String>(4096);
+        std::thread::Builder::new()
+            .name("latch-audit".into())
+            .spawn(move || {
+                while let Some(line) = rx.blocking_recv() {
+                    if let Err(err) = writer.write(&line) {
+                        tracing::error!(%err, "writing the audit log failed");
+                    }
+                }
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            dropped: Arc::default(),
+        })
+    }
+
+    pub fn record(&self, record: &Record) {
+        let Some(tx) = &self.tx else { return };
+        let Ok(mut line) = serde_json::to_string(record) else {
+            return;
+        };
+        line.push('\n');
+        if tx.try_send(line).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records lost because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+struct Writer {
+    file: Option<(PathBuf, std::fs::File, u64)>,
+    max_bytes: u64,
+    keep: u32,
+    stdout: bool,
+}
+
+impl Writer {
+    fn open(opts: &AuditOptions) -> std::io::Result<Self> {
+        let file = match &opts.file {
+            Some(path) => {
+                let f = open_append(path)?;
+                let len = f.metadata()?.len();
+                Some((path.clone(), f, len))
+            }
+            None => None,
+        };
+        Ok(Self {
+            file,
+            max_bytes: if opts.max_bytes == 0 {
+                100 << 20
+            } else {
+                opts.max_bytes
+            },
+            keep: opts.keep.max(1),
+            stdout: opts.stdout,
+        })
+    }
+
+    fn write(&mut self, line: &str) -> std::io::Result<()> {
+        if self.stdout {
+            let mut out = std::io::stdout().lock();
+            out.write_all(line.as_bytes())?;
+            out.flush()?;
+        }
+        let Some((path, file, len)) = &mut self.file else {
+            return Ok(());
+        };
+        if *len > 0 && *len + line.len() as u64 > self.max_bytes {
+            rotate(path, self.keep)?;
+            *file = open_append(path)?;
+            *len = 0;
+        }
+        file.write_all(line.as_bytes())?;
+        *len += line.len() as u64;
+        Ok(())
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+}
+
+/// `audit.jsonl` → `.1`, `.1` → `.2`, … dropping what falls past `keep`.
+fn rotate(path: &Path, keep: u32) -> std::io::Result<()> {
+    let numbered = |n: u32| PathBuf::from(format!("{}.{n}", path.display()));
+    let _ = std::fs::remove_file(numbered(keep));
+    for n in (1..keep).rev() {
+        let _ = std::fs::rename(numbered(n), numbered(n + 1));
+    }
+    std::fs::rename(path, numbered(1))
+}
+
+/// Formats a time as RFC 3339 UTC with milliseconds, e.g. `2026-11-23T13:20:23.123Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, dd) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (Howard Hinnant's method).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_rfc3339() {
+        // `date -u -d @1795440023` says Mon Nov 23 13:20:23 UTC 2026.
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_440_023_123);
+        assert_eq!(rfc3339(t), "2026-11-23T13:20:23.123Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(&rfc3339(leap)[..10], "2000-02-29");
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_files() {
+        let dir = std::env::temp_dir().join(format!("latch-audit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("audit.jsonl");
+        let mut w = Writer::open(&AuditOptions {
+            file: Some(path.clone()),
+            max_bytes: 20,
+            keep: 2,
+            stdout: false,
+        })
+        .unwrap();
+        for i in 0..5 {
+            w.write(&format!("{{\"n\":{i:09}}}\n")).unwrap(); // 16 bytes each
+        }
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("000000004")
+        );
+        assert!(
+            std::fs::read_to_string(dir.join("audit.jsonl.1"))
+                .unwrap()
+                .contains("000000003")
+        );
+        assert!(
+            std::fs::read_to_string(dir.join("audit.jsonl.2"))
+                .unwrap()
+                .contains("000000002")
+        );
+        assert!(!dir.join("audit.jsonl.3").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

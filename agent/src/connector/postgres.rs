@@ -1,0 +1,354 @@
+//! `protocol: postgres` — latch is the server toward the application and the client toward
+//! the real PostgreSQL server. It reads the application's startup packet (answering SSLRequest
+//! and GSSENCRequest with 'N'), authenticates to the server with the policy's credentials,
+//! tells the application AuthenticationOk with latch's own cancellation key, then relays.
+//! The application never holds, sends or sees a password.
+//!
+//! | file | holds |
+//! |---|---|
+//! | `postgres.rs` | the session: app side, retry after rotation, relay |
+//! | [`target`] | connect, TLS negotiation, startup and authentication to the server |
+//! | [`tls`] | rustls client configuration per `tls.mode`, channel binding data |
+//! | [`cancel`] | latch's cancellation keys → the servers' |
+//! | [`failure`] | failures and the ErrorResponse each becomes |
+//! | [`stream`] | plain or TLS target stream |
+pub mod cancel;
+pub mod failure;
+pub mod stream;
+pub mod target;
+pub mod tls;
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+pub use cancel::{CancelMap, CancelTarget};
+pub use failure::Failure;
+
+use self::{stream::TargetStream, target::Established};
+use super::{ConnectError, connect_marked};
+use crate::{
+    broker::{Origin, Shared},
+    config::Policy,
+    pg::{
+        self, Frame, encode,
+        startup::{self, Initial, MAX_STARTUP_LEN, Startup},
+    },
+    relay::{self, Progress, Transferred},
+};
+
+/// How long an application may take to send its startup packet (SSLRequest round included).
+pub const APP_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one redirected PostgreSQL connection.
+pub async fn serve(
+    mut app: TcpStream,
+    origin: &Origin,
+    policy: &Policy,
+    shared: &Shared,
+    progress: &Progress,
+    handshake_done: impl FnOnce(),
+) -> Result<Transferred, ConnectError> {
+    let mut inbuf = BytesMut::with_capacity(1024);
+    let first =
+        match tokio::time::timeout(APP_STARTUP_TIMEOUT, read_startup(&mut app, &mut inbuf)).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::AppTimeout(APP_STARTUP_TIMEOUT)),
+        };
+    let result = match first {
+        Ok(Initial::Cancel { pid, secret }) => {
+            forward_cancel(pid, secret, origin, policy, shared).await;
+            return Ok(Transferred::default());
+        }
+        Ok(Initial::Startup(s)) => {
+            session(
+                app,
+                inbuf,
+                s,
+                origin,
+                policy,
+                shared,
+                progress,
+                handshake_done,
+            )
+            .await
+        }
+        Ok(_) => unreachable!("read_startup answers SSL and GSS requests itself"),
+        Err(f) => Err((app, f)),
+    };
+    match result {
+        Ok(t) => Ok(t),
+        Err((app, failure)) => Err(refuse(app, policy, failure).await),
+    }
+}
+
+/// Tells the application why, then closes.
+async fn refuse(mut app: TcpStream, policy: &Policy, failure: Failure) -> ConnectError {
+    if let Some(fields) = failure.to_app(&policy.name) {
+        let mut out = BytesMut::new();
+        fields.encode(pg::backend::ERROR_RESPONSE, &mut out);
+        // A stalled application must not hold the task: its send buffer is normally empty.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            app.write_all(&out).await?;
+            app.shutdown().await
+        })
+        .await;
+    }
+    ConnectError::Postgres(Box::new(failure))
+}
+
+/// Reads the first packet, answering SSLRequest/GSSENCRequest with 'N' (once each, as
+/// PostgreSQL allows) until a StartupMessage or CancelRequest arrives.
+async fn read_startup(app: &mut TcpStream, buf: &mut BytesMut) -> Result<Initial, Failure> {
+    let (mut ssl_seen, mut gss_seen) = (false, false);
+    loop {
+        let initial = loop {
+            if let Some(i) = startup::parse(buf, MAX_STARTUP_LEN).map_err(Failure::AppProtocol)? {
+                break i;
+            }
+            let n = app.read_buf(buf).await.map_err(Failure::AppIo)?;
+            if n == 0 {
+                return Err(if buf.is_empty() {
+                    Failure::AppClosed
+                } else {
+                    Failure::AppProtocol(pg::PgError::malformed("startup packet", "truncated"))
+                });
+            }
+        };
+        match initial {
+            // TLS termination toward the application belongs here (a node-local CA); until
+            // then latch declines and the client continues in plain text on loopback.
+            Initial::SslRequest if !ssl_seen => {
+                ssl_seen = true;
+                no_to_encryption(app, buf).await?;
+            }
+            Initial::GssEncRequest if !gss_seen => {
+                gss_seen = true;
+                no_to_encryption(app, buf).await?;
+            }
+            Initial::SslRequest | Initial::GssEncRequest => {
+                return Err(Failure::AppProtocol(pg::PgError::malformed(
+                    "startup packet",
+                    "encryption requested twice",
+                )));
+            }
+            other => return Ok(other),
+        }
+    }
+}
+
+async fn no_to_encryption(app: &mut TcpStream, buf: &BytesMut) -> Result<(), Failure> {
+    if !buf.is_empty() {
+        // Bytes after an encryption request would be read as plain text: refuse, as
+        // PostgreSQL does (CVE-2021-23214).
+        return Err(Failure::AppProtocol(pg::PgError::malformed(
+            "startup packet",
+            "data after an encryption request",
+        )));
+    }
+    app.write_all(b"N").await.map_err(Failure::AppIo)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    mut app: TcpStream,
+    app_leftover: BytesMut,
+    startup_msg: Startup,
+    origin: &Origin,
+    policy: &Policy,
+    shared: &Shared,
+    progress: &Progress,
+    handshake_done: impl FnOnce(),
+) -> Result<Transferred, (TcpStream, Failure)> {
+    let mut creds = match shared.secrets.credentials(policy).await {
+        Ok(c) => c,
+        Err(e) => return Err((app, Failure::Secrets(e))),
+    };
+    let mut retried = false;
+    let (established, rewritten) = loop {
+        let policy_user = creds.username.as_ref().map(|u| u.expose());
+        let rewritten = match startup::rewrite(&startup_msg, policy_user) {
+            Ok(r) => r,
+            Err(e) => return Err((app, Failure::Refused(e))),
+        };
+        let user = rewritten.params[0].1.clone();
+        let password = creds.password.as_ref().map(|p| p.expose());
+        match target::open(
+            origin.dst,
+            policy,
+            shared,
+            &rewritten.params,
+            &user,
+            password,
+        )
+        .await
+        {
+            Ok(e) => break (e, rewritten),
+            Err(f) if f.is_auth_rejection() && !retried => {
+                retried = true;
+                // Maybe the password was rotated since it was cached: fetch again, and retry
+                // once if that gives something new.
+                match shared.secrets.refresh(policy).await {
+                    Ok(fresh) if !same(&fresh, &creds) => {
+                        tracing::info!(
+                            "target rejected the credentials; retrying once with refreshed ones"
+                        );
+                        creds = fresh;
+                    }
+                    Ok(_) => return Err((app, f)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "refreshing credentials after a rejection failed");
+                        return Err((app, f));
+                    }
+                }
+            }
+            Err(f) => return Err((app, f)),
+        }
+    };
+    drop(creds);
+    let Established {
+        stream: mut target,
+        to_app,
+        key,
+        leftover: target_leftover,
+    } = established;
+
+    let cancel = key.map(|(pid, secret)| {
+        shared.pg_cancel.register(CancelTarget {
+            addr: origin.dst,
+            pid,
+            secret,
+            policy: policy.name.clone(),
+        })
+    });
+    let mut out = BytesMut::with_capacity(1024);
+    if rewritten.negotiate {
+        encode::negotiate_protocol_version(&rewritten.unrecognized, &mut out);
+    }
+    encode::authentication_ok(&mut out);
+    let mut ready = None;
+    for f in to_app {
+        if f.tag == pg::backend::READY_FOR_QUERY {
+            // BackendKeyData comes before ReadyForQuery.
+            if let Some(c) = &cancel {
+                let (pid, secret) = c.key();
+                encode::backend_key_data(pid, secret, &mut out);
+            }
+            ready = Some(f);
+        } else {
+            f.encode(&mut out);
+        }
+    }
+    if let Some(f) = ready {
+        f.encode(&mut out);
+    }
+    out.extend_from_slice(&target_leftover);
+    if let Err(e) = app.write_all(&out).await {
+        tracing::debug!(error = %e, "application went away before the session started");
+        return Ok(Transferred::default());
+    }
+    handshake_done();
+    tracing::debug!(
+        tls = matches!(target, TargetStream::Tls(_)),
+        "session ready; relaying"
+    );
+    let early = strip_password_messages(app_leftover);
+    progress
+        .to_app
+        .fetch_add(out.len() as u64, Ordering::Relaxed);
+    let result = relay_session(app, &mut target, early, progress).await;
+    drop(cancel);
+    // The session ran; a reset from either side ends it and is not a broker failure.
+    Ok(result.unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "relay ended by an error");
+        Transferred {
+            to_target: progress.to_target.load(Ordering::Relaxed),
+            to_app: progress.to_app.load(Ordering::Relaxed),
+        }
+    }))
+}
+
+/// Relays until either side closes: splice(2) when the target leg is plain TCP, a copy loop
+/// when it is TLS.
+async fn relay_session(
+    mut app: TcpStream,
+    target: &mut TargetStream,
+    early: BytesMut,
+    progress: &Progress,
+) -> std::io::Result<Transferred> {
+    if !early.is_empty() {
+        target.write_all(&early).await?;
+        progress
+            .to_target
+            .fetch_add(early.len() as u64, Ordering::Relaxed);
+    }
+    match target {
+        TargetStream::Plain(tcp) => relay::splice_both(&app, tcp, progress).await,
+        TargetStream::Tls(tls) => {
+            let (to_target, to_app) = tokio::io::copy_bidirectional(&mut app, tls.as_mut()).await?;
+            progress.to_target.fetch_add(to_target, Ordering::Relaxed);
+            progress.to_app.fetch_add(to_app, Ordering::Relaxed);
+            Ok(Transferred { to_target, to_app })
+        }
+    }
+}
+
+/// Bytes the application sent before the session started, minus any PasswordMessage (latch
+/// never asked for one; nothing the application sends as a password reaches the server).
+fn strip_password_messages(mut buf: BytesMut) -> BytesMut {
+    let mut out = BytesMut::new();
+    loop {
+        match pg::frame::parse(&mut buf, usize::MAX >> 1) {
+            Ok(Some(Frame { tag: b'p', .. })) => {
+                tracing::warn!("dropped a password message the application sent unasked");
+            }
+            Ok(Some(f)) => f.encode(&mut out),
+            Ok(None) | Err(_) => {
+                out.extend_from_slice(&buf);
+                return out;
+            }
+        }
+    }
+}
+
+fn same(a: &crate::secrets::Credentials, b: &crate::secrets::Credentials) -> bool {
+    a.username == b.username && a.password == b.password
+}
+
+/// Forwards a CancelRequest naming one of latch's keys to the server with the real key.
+/// Unknown keys are ignored silently, as PostgreSQL does.
+async fn forward_cancel(pid: i32, secret: i32, origin: &Origin, policy: &Policy, shared: &Shared) {
+    let Some(t) = shared.pg_cancel.lookup(pid, secret) else {
+        tracing::info!("cancel request with an unknown key ignored");
+        return;
+    };
+    if t.policy != policy.name {
+        tracing::warn!(session_policy = %t.policy, "cancel request under another policy ignored");
+        return;
+    }
+    let mut out = BytesMut::new();
+    startup::encode_cancel(t.pid, t.secret, &mut out);
+    let sent = async {
+        let mut s = connect_marked(t.addr, shared.mark, shared.limits.connect_timeout).await?;
+        s.write_all(&out)
+            .await
+            .map_err(|source| ConnectError::Target {
+                addr: t.addr,
+                source,
+            })?;
+        // The server closes after reading it; wait briefly so the request is not cut short.
+        let mut sink = [0u8; 16];
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
+        Ok::<_, ConnectError>(())
+    };
+    match sent.await {
+        Ok(()) => {
+            tracing::info!(target_addr = %t.addr, app_dst = %origin.dst, "cancel request forwarded")
+        }
+        Err(e) => tracing::warn!(error = %e, "forwarding a cancel request failed"),
+    }
+}

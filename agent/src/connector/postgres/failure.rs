@@ -1,0 +1,122 @@
+//! Why a PostgreSQL session could not be brokered, and how the application is told: an
+//! ErrorResponse with severity FATAL, a SQLSTATE and a message naming the policy and what
+//! failed — never a secret.
+use std::{io, net::SocketAddr, time::Duration};
+
+use crate::{
+    connector::ConnectError,
+    pg::{
+        ErrorFields, PgError, SqlState, auth::AuthError, handshake::HandshakeError,
+        startup::StartupRefusal,
+    },
+    secrets::SecretError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("malformed startup packet from the application: {0}")]
+    AppProtocol(#[source] PgError),
+    #[error("the application did not send a complete startup packet within {0:?}")]
+    AppTimeout(Duration),
+    #[error("reading the application's startup packet: {0}")]
+    AppIo(#[source] io::Error),
+    #[error("the application closed the connection before its startup packet")]
+    AppClosed,
+    #[error("{0}")]
+    Refused(#[source] StartupRefusal),
+    #[error("resolving credentials: {0}")]
+    Secrets(#[source] SecretError),
+    #[error(transparent)]
+    Connect(ConnectError),
+    #[error("target {addr}: {source}")]
+    TargetIo {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("target {addr} closed the connection during the handshake")]
+    TargetClosed { addr: SocketAddr },
+    #[error("target {addr} did not complete the handshake within {after:?}")]
+    TargetTimeout { addr: SocketAddr, after: Duration },
+    #[error("target {addr}: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: HandshakeError,
+    },
+    #[error("TLS to target {addr}: {reason}")]
+    Tls { addr: SocketAddr, reason: String },
+}
+
+impl Failure {
+    /// The ErrorResponse for the application, or `None` when it cannot be told (it is gone or
+    /// stalled).
+    pub fn to_app(&self, policy: &str) -> Option<ErrorFields> {
+        let say = |code, what: String| {
+            ErrorFields::fatal(code, format!("latch: policy \"{policy}\": {what}"))
+        };
+        Some(match self {
+            Failure::AppProtocol(PgError::UnsupportedVersion { .. }) => {
+                say(SqlState::FEATURE_NOT_SUPPORTED, self.to_string())
+            }
+            Failure::AppProtocol(_) => say(SqlState::PROTOCOL_VIOLATION, self.to_string()),
+            Failure::AppTimeout(_) => say(SqlState::PROTOCOL_VIOLATION, self.to_string()),
+            Failure::AppIo(_) | Failure::AppClosed => return None,
+            Failure::Refused(StartupRefusal::Replication) => {
+                say(SqlState::INSUFFICIENT_PRIVILEGE, self.to_string())
+            }
+            Failure::Refused(StartupRefusal::NoUser) => {
+                say(SqlState::INVALID_AUTHORIZATION, self.to_string())
+            }
+            Failure::Secrets(e) => {
+                let code = if e.is_transient() {
+                    SqlState::UNABLE_TO_CONNECT
+                } else {
+                    SqlState::INVALID_AUTHORIZATION
+                };
+                say(code, format!("could not resolve the credentials: {e}"))
+            }
+            Failure::Connect(e) => say(
+                SqlState::UNABLE_TO_CONNECT,
+                format!("could not reach the target: {e}"),
+            ),
+            Failure::TargetIo { .. }
+            | Failure::TargetClosed { .. }
+            | Failure::TargetTimeout { .. } => say(SqlState::CONNECTION_FAILURE, self.to_string()),
+            Failure::Tls { .. } => say(SqlState::UNABLE_TO_CONNECT, self.to_string()),
+            Failure::Handshake { addr, source } => match source {
+                HandshakeError::Server(f) if f.is_auth_failure() => say(
+                    if f.code == SqlState::INVALID_PASSWORD.0 {
+                        SqlState::INVALID_PASSWORD
+                    } else {
+                        SqlState::INVALID_AUTHORIZATION
+                    },
+                    format!(
+                        "the target {addr} rejected the policy's credentials (server error {})",
+                        f.code
+                    ),
+                ),
+                // Anything else the server said (no such database, too many connections…) is
+                // the server's to say, as it said it.
+                HandshakeError::Server(f) => f.clone(),
+                HandshakeError::Auth(e @ AuthError::Scram(_)) => say(
+                    SqlState::INVALID_AUTHORIZATION,
+                    format!("authentication to the target {addr} failed: {e}"),
+                ),
+                HandshakeError::Auth(e) => say(
+                    SqlState::INVALID_AUTHORIZATION,
+                    format!("cannot authenticate to the target {addr}: {e}"),
+                ),
+                HandshakeError::Protocol(e) => say(
+                    SqlState::PROTOCOL_VIOLATION,
+                    format!("the target {addr} broke the protocol: {e}"),
+                ),
+            },
+        })
+    }
+
+    /// Whether the target refused the credentials (a refresh and one retry may help).
+    pub fn is_auth_rejection(&self) -> bool {
+        matches!(self, Failure::Handshake { source: HandshakeError::Server(f), .. } if f.is_auth_failure())
+    }
+}

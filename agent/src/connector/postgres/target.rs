@@ -1,0 +1,169 @@
+//! The target leg: connect (marked socket), negotiate TLS as the policy says, send the
+//! rewritten StartupMessage and authenticate, up to ReadyForQuery.
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::{failure::Failure, stream::TargetStream, tls};
+use crate::{
+    broker::Shared,
+    config::{Policy, TlsMode},
+    connector::connect_marked,
+    pg::{
+        Frame,
+        auth::{ClientAuth, TargetTls},
+        frame,
+        handshake::{Event, MAX_HANDSHAKE_MESSAGE, TargetHandshake},
+        startup,
+    },
+};
+
+/// How long the target may take from connect to ReadyForQuery.
+pub const TARGET_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A target connection that is authenticated and ready for queries.
+pub struct Established {
+    pub stream: TargetStream,
+    /// What to send the application after AuthenticationOk, BackendKeyData excluded.
+    pub to_app: Vec<Frame>,
+    /// The server's cancellation key.
+    pub key: Option<(i32, i32)>,
+    /// Bytes the server sent after ReadyForQuery (normally none).
+    pub leftover: BytesMut,
+}
+
+/// Connects to `addr` and authenticates as `user` with `password`.
+pub async fn open(
+    addr: SocketAddr,
+    policy: &Policy,
+    shared: &Shared,
+    params: &[(String, String)],
+    user: &str,
+    password: Option<&str>,
+) -> Result<Established, Failure> {
+    let work = async {
+        let tcp = connect_marked(addr, shared.mark, shared.limits.connect_timeout)
+            .await
+            .map_err(Failure::Connect)?;
+        let (mut stream, tls_state) = negotiate_tls(tcp, addr, policy, shared).await?;
+        let mut out = BytesMut::new();
+        startup::encode_startup(
+            params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            &mut out,
+        );
+        write(&mut stream, addr, &out).await?;
+        authenticate(stream, addr, ClientAuth::new(user, password, tls_state)).await
+    };
+    match tokio::time::timeout(TARGET_HANDSHAKE_TIMEOUT, work).await {
+        Ok(r) => r,
+        Err(_) => Err(Failure::TargetTimeout {
+            addr,
+            after: TARGET_HANDSHAKE_TIMEOUT,
+        }),
+    }
+}
+
+async fn write(stream: &mut TargetStream, addr: SocketAddr, bytes: &[u8]) -> Result<(), Failure> {
+    stream
+        .write_all(bytes)
+        .await
+        .map_err(|source| Failure::TargetIo { addr, source })
+}
+
+/// SSLRequest first unless `disable`; TLS on 'S'; on 'N' plain text only for `prefer`.
+async fn negotiate_tls(
+    mut tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    policy: &Policy,
+    shared: &Shared,
+) -> Result<(TargetStream, TargetTls), Failure> {
+    let mode = policy.tls.mode;
+    if mode == TlsMode::Disable {
+        return Ok((TargetStream::Plain(tcp), TargetTls::Plain));
+    }
+    let io = |source| Failure::TargetIo { addr, source };
+    let mut req = BytesMut::new();
+    startup::encode_ssl_request(&mut req);
+    tcp.write_all(&req).await.map_err(io)?;
+    let mut answer = [0u8; 1];
+    match tcp.read(&mut answer).await.map_err(io)? {
+        0 => return Err(Failure::TargetClosed { addr }),
+        _ => {}
+    }
+    match answer[0] {
+        b'S' => {
+            let (stream, end_point) = tls::connect(tcp, addr, policy, shared).await?;
+            Ok((
+                TargetStream::Tls(Box::new(stream)),
+                TargetTls::Tls {
+                    end_point: Some(end_point),
+                },
+            ))
+        }
+        b'N' if mode == TlsMode::Prefer => {
+            tracing::debug!("target declined TLS; continuing in plain text (tls.mode prefer)");
+            Ok((TargetStream::Plain(tcp), TargetTls::Plain))
+        }
+        b'N' => Err(Failure::Tls {
+            addr,
+            reason: format!("the server does not support TLS, and tls.mode is {mode}"),
+        }),
+        other => Err(Failure::Tls {
+            addr,
+            reason: format!("unexpected answer {:?} to SSLRequest", other as char),
+        }),
+    }
+}
+
+async fn authenticate(
+    mut stream: TargetStream,
+    addr: SocketAddr,
+    auth: ClientAuth,
+) -> Result<Established, Failure> {
+    let mut hs = TargetHandshake::new(auth);
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut to_app = Vec::new();
+    let mut key = None;
+    let handshake = |source| Failure::Handshake { addr, source };
+    loop {
+        let frame = loop {
+            match frame::parse(&mut buf, MAX_HANDSHAKE_MESSAGE).map_err(|e| handshake(e.into()))? {
+                Some(f) => break f,
+                None => {
+                    if buf.capacity() - buf.len() < 1024 {
+                        buf.reserve(4096);
+                    }
+                    let n = stream
+                        .read_buf(&mut buf)
+                        .await
+                        .map_err(|source| Failure::TargetIo { addr, source })?;
+                    if n == 0 {
+                        return Err(Failure::TargetClosed { addr });
+                    }
+                }
+            }
+        };
+        match hs.on_frame(frame).map_err(handshake)? {
+            Event::Reply(mut bytes) => {
+                let r = write(&mut stream, addr, &bytes).await;
+                // The reply may hold a password or a value derived from it.
+                bytes.iter_mut().for_each(|b| *b = 0);
+                r?;
+            }
+            Event::Continue => {}
+            Event::Authenticated => tracing::debug!("authenticated to the target"),
+            Event::Forward(f) => to_app.push(f),
+            Event::BackendKey { pid, secret } => key = Some((pid, secret)),
+            Event::Ready(f) => {
+                to_app.push(f);
+                return Ok(Established {
+                    stream,
+                    to_app,
+                    key,
+                    leftover: buf,
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! `latch-probe pgraw ADDR SCENARIO`: hostile first packets toward a PostgreSQL port. Prints
+//! `result=error code=<SQLSTATE> ms=<elapsed> message=<text>` when an ErrorResponse came back,
+//! or `result=closed ms=<elapsed>` when the connection was closed without one.
+//!
+//! Scenarios: `oversized` (a 1 MB length prefix), `truncated` (20 bytes of a 100-byte packet,
+//! then half-close), `garbage` (4 KiB of noise), `stall` (half a packet, then silence),
+//! `badversion` (protocol 2.0), `ssl-then-data` (an SSLRequest with bytes after it).
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+pub async fn run(addr: SocketAddr, scenario: &str) -> Result<(), String> {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let started = Instant::now();
+    let send = |b: Vec<u8>| b;
+    let bytes = match scenario {
+        "oversized" => {
+            let mut b = 1_000_000i32.to_be_bytes().to_vec();
+            b.extend_from_slice(&0x0003_0000u32.to_be_bytes());
+            b.extend(std::iter::repeat_n(b'a', 20_000));
+            send(b)
+        }
+        "truncated" | "stall" => {
+            let mut b = 100i32.to_be_bytes().to_vec();
+            b.extend_from_slice(&0x0003_0000u32.to_be_bytes());
+            b.extend_from_slice(b"user\0");
+            send(b)
+        }
+        "garbage" => {
+            let mut x = 0x1234_5678_9abc_def0u64;
+            send(
+                (0..4096)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect(),
+            )
+        }
+        "badversion" => {
+            let mut b = Vec::new();
+            let body = b"user\0x\0\0";
+            b.extend_from_slice(&((8 + body.len()) as i32).to_be_bytes());
+            b.extend_from_slice(&0x0002_0000u32.to_be_bytes());
+            b.extend_from_slice(body);
+            send(b)
+        }
+        "ssl-then-data" => {
+            let mut b = 8i32.to_be_bytes().to_vec();
+            b.extend_from_slice(&80_877_103u32.to_be_bytes());
+            b.extend_from_slice(b"\0\0\0\x10\0\x03\0\0user\0x\0\0");
+            send(b)
+        }
+        other => return Err(format!("unknown pgraw scenario {other:?}")),
+    };
+    // The broker may refuse before reading everything; a reset while writing is an answer too.
+    let _ = s.write_all(&bytes).await;
+    if scenario == "truncated" {
+        let _ = s.shutdown().await;
+    }
+    let mut back = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => back.extend_from_slice(&buf[..n]),
+            }
+            if back.len() > 1 << 20 {
+                return;
+            }
+        }
+    })
+    .await;
+    if read.is_err() {
+        return Err("the connection stayed open for 30s".into());
+    }
+    let ms = started.elapsed().as_millis();
+    match parse_error(&back) {
+        Some((code, message)) => println!("result=error code={code} ms={ms} message={message}"),
+        None if back.is_empty() => println!("result=closed ms={ms}"),
+        None => println!("result=other bytes={} ms={ms}", back.len()),
+    }
+    Ok(())
+}
+
+/// (SQLSTATE, message) of an ErrorResponse at the start of `b`.
+fn parse_error(b: &[u8]) -> Option<(String, String)> {
+    if b.first() != Some(&b'E') || b.len() < 5 {
+        return None;
+    }
+    let len = i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+    let body = b.get(5..1 + len)?;
+    let (mut code, mut msg) = (String::new(), String::new());
+    let mut rest = body;
+    while let Some((&t, r)) = rest.split_first() {
+        if t == 0 {
+            break;
+        }
+        let end = r.iter().position(|&c| c == 0)?;
+        let text = String::from_utf8_lossy(&r[..end]).into_owned();
+        match t {
+            b'C' => code = text,
+            b'M' => msg = text,
+            _ => {}
+        }
+        rest = &r[end + 1..];
+    }
+    Some((code, msg))
+}

@@ -1,0 +1,288 @@
+//! A throw-away PostgreSQL 15 cluster on a loopback address: `initdb` in a temp dir, run as the
+//! `postgres` OS user (initdb and postgres refuse root), SCRAM by default, with roles that
+//! authenticate with SCRAM, MD5 and clear-text passwords. Stopped by PID on drop.
+use std::{
+    net::{SocketAddr, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{TempDir, servers::free_port};
+
+/// Where Debian's `postgresql` package puts the server binaries.
+pub const BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
+
+/// A role that authenticates with SCRAM-SHA-256 and owns database [`APP_DB`].
+pub const SCRAM_USER: &str = "scram_app";
+/// A role whose password is stored as MD5 and that pg_hba sends through `md5`.
+pub const MD5_USER: &str = "md5_app";
+/// A role that pg_hba sends through `password` (clear text).
+pub const PLAIN_USER: &str = "plain_app";
+/// A database owned by [`SCRAM_USER`].
+pub const APP_DB: &str = "appdb";
+
+/// A server binary from [`BIN_DIR`]; panics with what to install when missing.
+pub fn bin(name: &str) -> PathBuf {
+    let p = Path::new(BIN_DIR).join(name);
+    if !p.is_file() {
+        panic!(
+            "{} not found: install PostgreSQL 15 (`apt-get install postgresql`, or `cargo xtask setup`)",
+            p.display()
+        );
+    }
+    p
+}
+
+pub struct PgCluster {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    sock_dir: PathBuf,
+    dir: TempDir,
+}
+
+/// Server-side TLS files (PEM), readable by the postgres user once copied in.
+pub struct ServerTls<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+}
+
+fn postgres_ids() -> (u32, u32) {
+    let user = nix::unistd::User::from_name("postgres")
+        .expect("look up user postgres")
+        .unwrap_or_else(|| {
+            panic!("no `postgres` OS user: install PostgreSQL 15 (`apt-get install postgresql`)")
+        });
+    (user.uid.as_raw(), user.gid.as_raw())
+}
+
+fn chown(path: &Path, (uid, gid): (u32, u32)) {
+    nix::unistd::chown(path, Some(uid.into()), Some(gid.into()))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+}
+
+impl PgCluster {
+    /// A cluster listening on `ip` (a 127.0.0.x address) and a free port, with the test roles
+    /// created with passwords `scram_pw`, `md5_pw` and `plain_pw`.
+    pub fn start(ip: &str, scram_pw: &str, md5_pw: &str, plain_pw: &str) -> Self {
+        Self::start_with(ip, scram_pw, md5_pw, plain_pw, None)
+    }
+
+    pub fn start_with(
+        ip: &str,
+        scram_pw: &str,
+        md5_pw: &str,
+        plain_pw: &str,
+        tls: Option<ServerTls<'_>>,
+    ) -> Self {
+        crate::require_root();
+        let ids = postgres_ids();
+        let dir = TempDir::new("pg");
+        chown(dir.path(), ids);
+        let data = dir.path().join("data");
+        let sock_dir = dir.path().join("sock");
+        std::fs::create_dir(&sock_dir).expect("create socket dir");
+        chown(&sock_dir, ids);
+        let as_postgres = |prog: PathBuf| {
+            let mut c = Command::new(prog);
+            c.uid(ids.0)
+                .gid(ids.1)
+                .current_dir(dir.path())
+                .env("LC_ALL", "C.UTF-8");
+            c
+        };
+        let out = as_postgres(bin("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
+            .output()
+            .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let hba = format!(
+            "local all all trust\n\
+             host all {MD5_USER} 127.0.0.0/8 md5\n\
+             host all {PLAIN_USER} 127.0.0.0/8 password\n\
+             host all all 127.0.0.0/8 scram-sha-256\n\
+             host replication all 127.0.0.0/8 scram-sha-256\n"
+        );
+        std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+        let mut conf = String::from(
+            "password_encryption = 'scram-sha-256'\nfsync = off\nsynchronous_commit = off\n\
+             full_page_writes = off\nmax_connections = 100\nshared_buffers = 16MB\n",
+        );
+        if let Some(tls) = tls {
+            for (src, name) in [(tls.cert, "server.crt"), (tls.key, "server.key")] {
+                let dst = data.join(name);
+                std::fs::copy(src, &dst).expect("copy TLS file");
+                chown(&dst, ids);
+                nix::sys::stat::fchmodat(
+                    nix::fcntl::AT_FDCWD,
+                    &dst,
+                    nix::sys::stat::Mode::from_bits_truncate(0o600),
+                    nix::sys::stat::FchmodatFlags::FollowSymlink,
+                )
+                .expect("chmod TLS file");
+            }
+            conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        }
+        std::fs::write(data.join("postgresql.auto.conf"), conf)
+            .expect("write postgresql.auto.conf");
+        let port = free_port(ip);
+        let child = as_postgres(bin("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-c",
+                &format!("listen_addresses={ip}"),
+                "-p",
+                &port.to_string(),
+            ])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", sock_dir.display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("server.log")).expect("server log"))
+            .spawn()
+            .expect("start postgres");
+        let mut cluster = PgCluster {
+            child: Some(child),
+            addr: format!("{ip}:{port}").parse().unwrap(),
+            sock_dir,
+            dir,
+        };
+        cluster.wait_ready();
+        for stmt in [
+            format!("CREATE ROLE {SCRAM_USER} LOGIN PASSWORD '{scram_pw}'"),
+            format!("CREATE DATABASE {APP_DB} OWNER {SCRAM_USER}"),
+            // Stored as MD5, so that pg_hba's `md5` really runs the MD5 exchange.
+            format!("SET password_encryption = 'md5'; CREATE ROLE {MD5_USER} LOGIN PASSWORD '{md5_pw}'"),
+            format!("CREATE ROLE {PLAIN_USER} LOGIN PASSWORD '{plain_pw}'"),
+        ] {
+            cluster.sql(&stmt);
+        }
+        cluster
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok()
+                && self.admin(&["-c", "select 1"]).status.success();
+            if ok {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("postgres exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres not ready after 30s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    fn admin(&self, args: &[&str]) -> Output {
+        Command::new(bin("psql"))
+            .arg("-h")
+            .arg(&self.sock_dir)
+            .args([
+                "-p",
+                &self.addr.port().to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
+            .args(args)
+            .env_remove("PGPASSWORD")
+            .output()
+            .expect("run psql")
+    }
+
+    /// Runs `sql` as the superuser over the unix socket (not intercepted); returns stdout.
+    pub fn sql(&self, sql: &str) -> String {
+        let out = self.admin(&["-c", sql]);
+        assert!(
+            out.status.success(),
+            "psql as superuser failed: {sql}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The PID of the cluster's postmaster.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Fast shutdown; SIGKILL if it takes too long.
+            // SAFETY: kill(2) on the child we started and have not reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            if std::thread::panicking() {
+                eprintln!("--- postgres log ---\n{}", self.log());
+            }
+        }
+    }
+}
+
+/// A `SecretStore` (file) plus a `protocol: postgres` policy for `addr`, reading
+/// `db.username`/`db.password` from `secrets_file`; `extra_spec` is added under `spec` (e.g.
+/// `"  tls: {mode: disable}\n"`).
+pub fn policy_yaml(name: &str, addr: SocketAddr, secrets_file: &Path, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata:\n  name: local\nspec:\n  \
+         file: {{path: {}}}\n---\n\
+         apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: {name}\nspec:\n  \
+         destination:\n    address: {}\n    port: {}\n  protocol: postgres\n  \
+         credentials:\n    store: local\n    username: {{path: db, field: username}}\n    \
+         password: {{path: db, field: password}}\n{extra_spec}",
+        secrets_file.display(),
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// The secrets file text for [`policy_yaml`].
+pub fn secrets_yaml(user: &str, password: &str) -> String {
+    format!("db:\n  username: {user}\n  password: \"{password}\"\n")
+}

@@ -1,0 +1,317 @@
+//! `protocol: postgres` end to end: real PostgreSQL 15, real clients (psql, pgbench,
+//! tokio-postgres) inside the intercepted cgroup, holding no password. latch authenticates to
+//! the server with the policy's credentials from a `file` store.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use latch_tests::{
+    Agent, TempDir, TestCgroup, bins,
+    postgres::{self, APP_DB, MD5_USER, PLAIN_USER, PgCluster, SCRAM_USER, policy_yaml, secrets_yaml},
+};
+
+const SCRAM_PW: &str = "scram-Secret-7f3a";
+const MD5_PW: &str = "md5-Secret-91bc";
+const PLAIN_PW: &str = "plain-Secret-4d2e";
+
+/// A cluster, a secrets file for `user`/`password`, and an agent with policy `orders-db`.
+struct Setup {
+    agent: Agent,
+    cg: TestCgroup,
+    pg: PgCluster,
+    secrets: TempDir,
+}
+
+impl Setup {
+    fn new(user: &str, password: &str, extra_spec: &str) -> Setup {
+        let pg = PgCluster::start("127.0.0.2", SCRAM_PW, MD5_PW, PLAIN_PW);
+        let secrets = TempDir::new("pg-secrets");
+        let file = secrets.write("secrets.yaml", &secrets_yaml(user, password));
+        let cg = TestCgroup::new();
+        let agent = Agent::start(&policy_yaml("orders-db", pg.addr, &file, extra_spec), &cg);
+        Setup {
+            agent,
+            cg,
+            pg,
+            secrets,
+        }
+    }
+
+    fn set_secret(&self, user: &str, password: &str) {
+        self.secrets.write("secrets.yaml", &secrets_yaml(user, password));
+    }
+
+    /// psql inside the cgroup: no password anywhere, never prompts.
+    fn psql(&self, db: &str, sql: &str) -> Command {
+        let mut cmd = self.cg.command(postgres::bin("psql"));
+        cmd.args(["-h", &self.pg.addr.ip().to_string(), "-p", &self.pg.addr.port().to_string()])
+            .args(["-U", "app_without_password", "-d", db, "-w", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .args(["-c", sql])
+            .env_remove("PGPASSWORD")
+            .env_remove("PGPASSFILE")
+            .env("PGCONNECT_TIMEOUT", "20");
+        cmd
+    }
+
+    fn connstr(&self, db: &str) -> String {
+        format!(
+            "host={} port={} user=app_without_password dbname={db} connect_timeout=20",
+            self.pg.addr.ip(),
+            self.pg.addr.port()
+        )
+    }
+
+    fn probe(&self, db: &str, scenario: &str) -> Command {
+        let mut cmd = self.cg.command(bins::probe());
+        cmd.args(["pg", &self.connstr(db), scenario]);
+        cmd
+    }
+
+    /// Nothing secret in the agent's log.
+    fn assert_log_clean(&self) {
+        let log = self.agent.log();
+        for pw in [SCRAM_PW, MD5_PW, PLAIN_PW, "canary"] {
+            assert!(!log.contains(pw), "a password appears in the agent log:\n{log}");
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn psql_without_a_password_runs_as_the_policys_user_with_scram_md5_and_cleartext() {
+    let s = Setup::new(SCRAM_USER, SCRAM_PW, "");
+    let out = run(&mut s.psql(APP_DB, "select current_user || ' ' || current_database()"));
+    assert_eq!(stdout(&out), format!("{SCRAM_USER} {APP_DB}"));
+
+    // The store changes; the next connection uses what it says (MD5, then clear text).
+    s.set_secret(MD5_USER, MD5_PW);
+    let out = run(&mut s.psql("postgres", "select current_user"));
+    assert_eq!(stdout(&out), MD5_USER);
+    s.set_secret(PLAIN_USER, PLAIN_PW);
+    let out = run(&mut s.psql("postgres", "select current_user"));
+    assert_eq!(stdout(&out), PLAIN_USER);
+
+    // The server really used each method.
+    s.agent.wait_count("relayed", 3);
+    s.assert_log_clean();
+    let log = s.pg.log();
+    assert!(!log.contains("authentication failed"), "{log}");
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn a_wrong_password_in_the_store_reaches_the_app_as_fatal_28p01_naming_the_policy() {
+    let canary = "canary-Pw-0b5e9";
+    let s = Setup::new(SCRAM_USER, canary, "");
+    let out = s.psql(APP_DB, "select 1").output().expect("run psql");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("FATAL"), "{err}");
+    assert!(err.contains("policy \"orders-db\""), "{err}");
+    assert!(err.contains("rejected the policy's credentials"), "{err}");
+    assert!(!err.contains(canary), "{err}");
+
+    let out = s.probe(APP_DB, "whoami").output().expect("run probe");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("FATAL 28P01"), "{err}");
+    assert!(!err.contains(canary) && !stdout(&out).contains(canary), "{err}");
+
+    // No credentials at all for the policy's path: 28000, naming what is missing.
+    s.secrets.write("secrets.yaml", "other: {username: x, password: y}\n");
+    let out = s.probe(APP_DB, "whoami").output().expect("run probe");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("FATAL 28000") && err.contains("orders-db"), "{err}");
+
+    s.agent.wait_count("failed", 3);
+    assert_eq!(s.agent.count("relayed"), 0);
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn tokio_postgres_prepared_statements_copy_listen_notify_and_big_rows() {
+    let s = Setup::new(SCRAM_USER, SCRAM_PW, "");
+    let out = run(&mut s.probe(APP_DB, "suite"));
+    let text = stdout(&out);
+    assert!(text.contains(&format!("user={SCRAM_USER} db={APP_DB}")), "{text}");
+    assert!(text.ends_with("suite ok"), "{text}");
+    s.agent.wait_count("relayed", 1);
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn cancel_through_latch_with_tokio_postgres_and_psql_sigint() {
+    let s = Setup::new(SCRAM_USER, SCRAM_PW, "");
+    let out = run(&mut s.probe(APP_DB, "cancel"));
+    let text = stdout(&out);
+    assert!(text.contains("cancelled in"), "{text}");
+    assert!(text.contains(&format!("user={SCRAM_USER}")), "{text}");
+
+    // psql: Ctrl-C while pg_sleep runs.
+    let psql = s
+        .psql(APP_DB, "select pg_sleep(30)")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start psql");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while s
+        .pg
+        .sql("select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'")
+        != "1"
+    {
+        assert!(Instant::now() < deadline, "psql's query never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = Instant::now();
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(psql.id() as i32, libc::SIGINT) };
+    let out = psql.wait_with_output().expect("wait psql");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("canceling statement due to user request"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let log = s.agent.log();
+    assert_eq!(log.matches("cancel request forwarded").count(), 2, "{log}");
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn pgbench_initializes_and_runs_through_latch() {
+    let s = Setup::new(SCRAM_USER, SCRAM_PW, "");
+    let common = |cmd: &mut Command| {
+        cmd.args(["-h", &s.pg.addr.ip().to_string(), "-p", &s.pg.addr.port().to_string()])
+            .args(["-U", "app_without_password"])
+            .env_remove("PGPASSWORD");
+    };
+    let mut init = s.cg.command(postgres::bin("pgbench"));
+    common(&mut init);
+    run(init.args(["-i", "-s", "1", "-q", APP_DB]));
+    let mut bench = s.cg.command(postgres::bin("pgbench"));
+    common(&mut bench);
+    let out = run(bench.args(["-T", "3", "-c", "4", "-j", "2", APP_DB]));
+    let text = stdout(&out);
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    assert!(text.contains("tps = "), "{text}");
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn rotation_keeps_open_sessions_and_new_connections_use_the_new_password() {
+    // Credentials cached for an hour: the new connection first tries the cached (old) password,
+    // is refused, refreshes, and retries once — invisibly to the application.
+    let pg = PgCluster::start("127.0.0.2", SCRAM_PW, MD5_PW, PLAIN_PW);
+    let secrets = TempDir::new("pg-secrets");
+    let file = secrets.write("secrets.yaml", &secrets_yaml(SCRAM_USER, SCRAM_PW));
+    let cg = TestCgroup::new();
+    let yaml = policy_yaml("orders-db", pg.addr, &file, "").replace(
+        "    password: {path: db, field: password}\n",
+        "    password: {path: db, field: password}\n    cache: {ttl: 1h}\n",
+    );
+    let agent = Agent::start(&yaml, &cg);
+    let connstr = format!(
+        "host={} port={} user=app dbname={APP_DB} connect_timeout=20",
+        pg.addr.ip(),
+        pg.addr.port()
+    );
+    let mut hold = cg
+        .command(bins::probe())
+        .args(["pg", &connstr, "hold"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start probe");
+    let mut lines = BufReader::new(hold.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("probe output").expect("read probe");
+        if line == "ready" {
+            break;
+        }
+    }
+    let new_pw = "rotated-Secret-55aa";
+    pg.sql(&format!("ALTER ROLE {SCRAM_USER} PASSWORD '{new_pw}'"));
+    secrets.write("secrets.yaml", &secrets_yaml(SCRAM_USER, new_pw));
+    writeln!(hold.stdin.take().unwrap(), "go").unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = hold.wait().unwrap();
+    assert!(status.success(), "{rest:?}\n{}", agent.log());
+    assert!(rest.iter().any(|l| l.starts_with("old session ok")), "{rest:?}");
+    assert!(rest.iter().any(|l| l.starts_with("new session ok")), "{rest:?}");
+    let log = agent.log();
+    assert!(log.contains("retrying once with refreshed ones"), "{log}");
+    assert!(!log.contains(new_pw) && !log.contains(SCRAM_PW));
+    agent.wait_count("relayed", 2);
+    assert_eq!(agent.count("failed"), 0);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn hostile_startup_packets_get_errors_and_other_sessions_keep_working() {
+    let s = Setup::new(SCRAM_USER, SCRAM_PW, "");
+    // A healthy session stays open throughout.
+    let healthy = s
+        .psql(APP_DB, "select pg_sleep(3); select current_user")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start psql");
+    let scenarios = [
+        ("oversized", Some("08P01")),
+        ("truncated", Some("08P01")),
+        ("garbage", None),
+        ("badversion", Some("0A000")),
+        ("ssl-then-data", Some("08P01")),
+        ("stall", Some("08P01")),
+    ];
+    let children: Vec<_> = scenarios
+        .iter()
+        .map(|(name, _)| {
+            s.cg.command(bins::probe())
+                .args(["pgraw", &s.pg.addr.to_string(), name])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start probe")
+        })
+        .collect();
+    for ((name, code), child) in scenarios.iter().zip(children) {
+        let out = child.wait_with_output().expect("wait probe");
+        let text = stdout(&out);
+        assert!(out.status.success(), "{name}: {text} {}", String::from_utf8_lossy(&out.stderr));
+        match code {
+            Some(code) => assert!(text.starts_with(&format!("result=error code={code} ")), "{name}: {text}"),
+            None => assert!(
+                text.starts_with("result=error code=08P01") || text.starts_with("result=error code=0A000"),
+                "{name}: {text}"
+            ),
+        }
+        assert!(text.contains("latch: policy \"orders-db\""), "{name}: {text}");
+    }
+    let out = healthy.wait_with_output().expect("wait psql");
+    assert!(out.status.success());
+    assert!(stdout(&out).ends_with(SCRAM_USER));
+    // A fresh session works too.
+    let out = run(&mut s.psql(APP_DB, "select current_user"));
+    assert_eq!(stdout(&out), SCRAM_USER);
+    s.agent.wait_count("relayed", 2);
+    s.agent.wait_count("failed", scenarios.len() as u64);
+    assert!(s.agent.stop().success());
+}
