@@ -133,8 +133,7 @@ fn status(state: &AdminState) -> Status<'_> {
         .map(|p| PolicyStatus {
             name: p.name.clone(),
             protocol: p.protocol.as_str(),
-            destination: format!("{:?}", p.destination.target)
-                + &format!(" ports {:?}", p.destination.ports),
+            destination: destination(&p.destination),
         })
         .collect();
     let ebpf = {
@@ -157,6 +156,22 @@ fn status(state: &AdminState) -> Status<'_> {
             active: state.shared.metrics.active.get(),
         },
         ebpf,
+    }
+}
+
+/// `host:port`, `10.0.3.0/24:5432`, `[::1]:80-89`.
+fn destination(d: &crate::config::Destination) -> String {
+    use crate::config::Target;
+    let target = match &d.target {
+        Target::Host(h) => h.clone(),
+        Target::Address(std::net::IpAddr::V6(a)) => format!("[{a}]"),
+        Target::Address(a) => a.to_string(),
+        Target::Cidr(c) => format!("{}/{}", c.network(), c.prefix_len()),
+    };
+    if d.ports.from == d.ports.to {
+        format!("{target}:{}", d.ports.from)
+    } else {
+        format!("{target}:{}-{}", d.ports.from, d.ports.to)
     }
 }
 

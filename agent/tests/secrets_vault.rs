@@ -45,6 +45,7 @@ fn vault_store(
             kv_version,
             tls: VaultTls::default(),
             auth,
+            revoke_on_shutdown: false,
         }),
     }
 }

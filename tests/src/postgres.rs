@@ -167,7 +167,9 @@ impl PgCluster {
             format!("CREATE ROLE {SCRAM_USER} LOGIN PASSWORD '{scram_pw}'"),
             format!("CREATE DATABASE {APP_DB} OWNER {SCRAM_USER}"),
             // Stored as MD5, so that pg_hba's `md5` really runs the MD5 exchange.
-            format!("SET password_encryption = 'md5'; CREATE ROLE {MD5_USER} LOGIN PASSWORD '{md5_pw}'"),
+            format!(
+                "SET password_encryption = 'md5'; CREATE ROLE {MD5_USER} LOGIN PASSWORD '{md5_pw}'"
+            ),
             format!("CREATE ROLE {PLAIN_USER} LOGIN PASSWORD '{plain_pw}'"),
         ] {
             cluster.sql(&stmt);

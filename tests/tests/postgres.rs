@@ -9,7 +9,9 @@ use std::{
 
 use latch_tests::{
     Agent, TempDir, TestCgroup, bins,
-    postgres::{self, APP_DB, MD5_USER, PLAIN_USER, PgCluster, SCRAM_USER, policy_yaml, secrets_yaml},
+    postgres::{
+        self, APP_DB, MD5_USER, PLAIN_USER, PgCluster, SCRAM_USER, policy_yaml, secrets_yaml,
+    },
 };
 
 const SCRAM_PW: &str = "scram-Secret-7f3a";
@@ -40,18 +42,35 @@ impl Setup {
     }
 
     fn set_secret(&self, user: &str, password: &str) {
-        self.secrets.write("secrets.yaml", &secrets_yaml(user, password));
+        self.secrets
+            .write("secrets.yaml", &secrets_yaml(user, password));
     }
 
     /// psql inside the cgroup: no password anywhere, never prompts.
     fn psql(&self, db: &str, sql: &str) -> Command {
         let mut cmd = self.cg.command(postgres::bin("psql"));
-        cmd.args(["-h", &self.pg.addr.ip().to_string(), "-p", &self.pg.addr.port().to_string()])
-            .args(["-U", "app_without_password", "-d", db, "-w", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-            .args(["-c", sql])
-            .env_remove("PGPASSWORD")
-            .env_remove("PGPASSFILE")
-            .env("PGCONNECT_TIMEOUT", "20");
+        cmd.args([
+            "-h",
+            &self.pg.addr.ip().to_string(),
+            "-p",
+            &self.pg.addr.port().to_string(),
+        ])
+        .args([
+            "-U",
+            "app_without_password",
+            "-d",
+            db,
+            "-w",
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .args(["-c", sql])
+        .env_remove("PGPASSWORD")
+        .env_remove("PGPASSFILE")
+        .env("PGCONNECT_TIMEOUT", "20");
         cmd
     }
 
@@ -73,7 +92,10 @@ impl Setup {
     fn assert_log_clean(&self) {
         let log = self.agent.log();
         for pw in [SCRAM_PW, MD5_PW, PLAIN_PW, "canary"] {
-            assert!(!log.contains(pw), "a password appears in the agent log:\n{log}");
+            assert!(
+                !log.contains(pw),
+                "a password appears in the agent log:\n{log}"
+            );
         }
     }
 }
@@ -132,13 +154,20 @@ fn a_wrong_password_in_the_store_reaches_the_app_as_fatal_28p01_naming_the_polic
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("FATAL 28P01"), "{err}");
-    assert!(!err.contains(canary) && !stdout(&out).contains(canary), "{err}");
+    assert!(
+        !err.contains(canary) && !stdout(&out).contains(canary),
+        "{err}"
+    );
 
     // No credentials at all for the policy's path: 28000, naming what is missing.
-    s.secrets.write("secrets.yaml", "other: {username: x, password: y}\n");
+    s.secrets
+        .write("secrets.yaml", "other: {username: x, password: y}\n");
     let out = s.probe(APP_DB, "whoami").output().expect("run probe");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("FATAL 28000") && err.contains("orders-db"), "{err}");
+    assert!(
+        err.contains("FATAL 28000") && err.contains("orders-db"),
+        "{err}"
+    );
 
     s.agent.wait_count("failed", 3);
     assert_eq!(s.agent.count("relayed"), 0);
@@ -151,7 +180,10 @@ fn tokio_postgres_prepared_statements_copy_listen_notify_and_big_rows() {
     let s = Setup::new(SCRAM_USER, SCRAM_PW, "");
     let out = run(&mut s.probe(APP_DB, "suite"));
     let text = stdout(&out);
-    assert!(text.contains(&format!("user={SCRAM_USER} db={APP_DB}")), "{text}");
+    assert!(
+        text.contains(&format!("user={SCRAM_USER} db={APP_DB}")),
+        "{text}"
+    );
     assert!(text.ends_with("suite ok"), "{text}");
     s.agent.wait_count("relayed", 1);
     s.assert_log_clean();
@@ -187,7 +219,10 @@ fn cancel_through_latch_with_tokio_postgres_and_psql_sigint() {
     unsafe { libc::kill(psql.id() as i32, libc::SIGINT) };
     let out = psql.wait_with_output().expect("wait psql");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("canceling statement due to user request"), "{err}");
+    assert!(
+        err.contains("canceling statement due to user request"),
+        "{err}"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
     let log = s.agent.log();
     assert_eq!(log.matches("cancel request forwarded").count(), 2, "{log}");
@@ -198,9 +233,14 @@ fn cancel_through_latch_with_tokio_postgres_and_psql_sigint() {
 fn pgbench_initializes_and_runs_through_latch() {
     let s = Setup::new(SCRAM_USER, SCRAM_PW, "");
     let common = |cmd: &mut Command| {
-        cmd.args(["-h", &s.pg.addr.ip().to_string(), "-p", &s.pg.addr.port().to_string()])
-            .args(["-U", "app_without_password"])
-            .env_remove("PGPASSWORD");
+        cmd.args([
+            "-h",
+            &s.pg.addr.ip().to_string(),
+            "-p",
+            &s.pg.addr.port().to_string(),
+        ])
+        .args(["-U", "app_without_password"])
+        .env_remove("PGPASSWORD");
     };
     let mut init = s.cg.command(postgres::bin("pgbench"));
     common(&mut init);
@@ -254,8 +294,14 @@ fn rotation_keeps_open_sessions_and_new_connections_use_the_new_password() {
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = hold.wait().unwrap();
     assert!(status.success(), "{rest:?}\n{}", agent.log());
-    assert!(rest.iter().any(|l| l.starts_with("old session ok")), "{rest:?}");
-    assert!(rest.iter().any(|l| l.starts_with("new session ok")), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.starts_with("old session ok")),
+        "{rest:?}"
+    );
+    assert!(
+        rest.iter().any(|l| l.starts_with("new session ok")),
+        "{rest:?}"
+    );
     let log = agent.log();
     assert!(log.contains("retrying once with refreshed ones"), "{log}");
     assert!(!log.contains(new_pw) && !log.contains(SCRAM_PW));
@@ -295,15 +341,26 @@ fn hostile_startup_packets_get_errors_and_other_sessions_keep_working() {
     for ((name, code), child) in scenarios.iter().zip(children) {
         let out = child.wait_with_output().expect("wait probe");
         let text = stdout(&out);
-        assert!(out.status.success(), "{name}: {text} {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{name}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         match code {
-            Some(code) => assert!(text.starts_with(&format!("result=error code={code} ")), "{name}: {text}"),
+            Some(code) => assert!(
+                text.starts_with(&format!("result=error code={code} ")),
+                "{name}: {text}"
+            ),
             None => assert!(
-                text.starts_with("result=error code=08P01") || text.starts_with("result=error code=0A000"),
+                text.starts_with("result=error code=08P01")
+                    || text.starts_with("result=error code=0A000"),
                 "{name}: {text}"
             ),
         }
-        assert!(text.contains("latch: policy \"orders-db\""), "{name}: {text}");
+        assert!(
+            text.contains("latch: policy \"orders-db\""),
+            "{name}: {text}"
+        );
     }
     let out = healthy.wait_with_output().expect("wait psql");
     assert!(out.status.success());

@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions and the glue from each command to the library.
 mod agent;
 mod run;
+mod status;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -37,6 +38,15 @@ enum Command {
     Run(RunArgs),
     /// Check whether this machine can run latch, and say how to fix what is missing.
     Doctor,
+    /// Show a running agent's connections, policies and eBPF state (from its admin endpoint).
+    Status {
+        /// The agent's admin address.
+        #[arg(long, default_value = "127.0.0.1:9477")]
+        admin: SocketAddr,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Work with policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -142,6 +152,9 @@ impl DataPathArgs {
 }
 
 pub fn main(cli: Cli) -> ExitCode {
+    if matches!(cli.command, Command::Agent(_) | Command::Run(_)) {
+        harden();
+    }
     match cli.command {
         Command::Agent(args) => {
             telemetry::init(cli.log_format, "info");
@@ -152,6 +165,13 @@ pub fn main(cli: Cli) -> ExitCode {
             with_runtime(run::main(args))
         }
         Command::Doctor => doctor(),
+        Command::Status { admin, json } => match status::main(admin, json) {
+            Ok(code) => code,
+            Err(err) => {
+                eprintln!("latch: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Policy(PolicyCommand::Check { paths }) => policy_check(&paths),
     }
 }
@@ -223,6 +243,15 @@ fn policy_check(paths: &[PathBuf]) -> ExitCode {
             println!("{errors}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Makes this process non-dumpable: no core dumps, and no ptrace or /proc/<pid>/mem reads by
+/// other users' processes, so secrets in memory stay there.
+fn harden() {
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) has no memory-safety preconditions.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        tracing::warn!("could not make the process non-dumpable");
     }
 }
 

@@ -270,6 +270,27 @@ pub fn string(cx: &mut Cx, node: &Node, what: &str) -> Option<String> {
     }
 }
 
+/// An unquoted `true` or `false`.
+pub fn boolean(cx: &mut Cx, node: &Node, what: &str) -> Option<bool> {
+    match &node.value {
+        Value::Scalar {
+            text,
+            quoted: false,
+        } if text == "true" => Some(true),
+        Value::Scalar {
+            text,
+            quoted: false,
+        } if text == "false" => Some(false),
+        _ => {
+            cx.error(
+                node.mark,
+                format!("{what} must be true or false, found {}", node.describe()),
+            );
+            None
+        }
+    }
+}
+
 /// An unquoted integer scalar in `min..=max`.
 pub fn integer(cx: &mut Cx, node: &Node, what: &str, min: i64, max: i64) -> Option<i64> {
     let number = match &node.value {

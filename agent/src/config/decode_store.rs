@@ -252,6 +252,10 @@ fn vault(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
         None => VaultTls::default(),
     };
     let auth = m.require(cx, "auth").and_then(|a| vault_auth(cx, a));
+    let revoke_on_shutdown = match m.get("revokeOnShutdown") {
+        Some(n) => decode::boolean(cx, n, "vault.revokeOnShutdown"),
+        None => Some(false),
+    };
     m.finish(cx);
     if cx.errors.len() > before {
         return None;
@@ -263,6 +267,7 @@ fn vault(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
         kv_version: kv_version?,
         tls,
         auth: auth?,
+        revoke_on_shutdown: revoke_on_shutdown?,
     }))
 }
 

@@ -145,6 +145,8 @@ pub struct VaultStore {
     pub kv_version: u8,
     pub tls: VaultTls,
     pub auth: VaultAuth,
+    /// Revoke the dynamic leases this agent obtained when it stops (`revokeOnShutdown`).
+    pub revoke_on_shutdown: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -636,6 +636,25 @@ spec:
 }
 
 #[test]
+fn vault_revoke_on_shutdown_is_a_boolean() {
+    let store = |value: &str| {
+        format!(
+            "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: v}}\nspec:\n  vault:\n    \
+             address: http://127.0.0.1:8200\n    revokeOnShutdown: {value}\n    auth: {{token: {{file: /t}}}}\n"
+        )
+    };
+    let config = load_str("s.yaml", &store("true")).expect("valid");
+    match &config.store("v").unwrap().backend {
+        StoreBackend::Vault(v) => assert!(v.revoke_on_shutdown),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        errors("s.yaml", &store("\"yes\"")),
+        vec!["s.yaml:7:23: vault.revokeOnShutdown must be true or false, found the string \"yes\""]
+    );
+}
+
+#[test]
 fn secrets_written_in_place_are_refused_without_echo() {
     let text = "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {name: v}\nspec:\n  vault:\n    address: https://vault.internal\n    auth: {token: hvs.SECRETTOKEN}\n";
     let errs = errors("v.yaml", text);

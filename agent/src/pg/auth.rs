@@ -59,6 +59,7 @@ pub struct ClientAuth {
     nonce: Option<String>,
     scram: Option<ScramClient>,
     scram_done: bool,
+    method: &'static str,
 }
 
 impl std::fmt::Debug for ClientAuth {
@@ -77,6 +78,7 @@ impl ClientAuth {
             nonce: None,
             scram: None,
             scram_done: false,
+            method: "trust",
         }
     }
 
@@ -84,6 +86,11 @@ impl ClientAuth {
     pub fn with_nonce(mut self, nonce: &str) -> ClientAuth {
         self.nonce = Some(nonce.to_owned());
         self
+    }
+
+    /// The method the server asked for (`trust` until it asks for one), for logs.
+    pub fn method(&self) -> &'static str {
+        self.method
     }
 
     fn password(&self, method: &'static str) -> Result<&[u8], AuthError> {
@@ -104,6 +111,7 @@ impl ClientAuth {
                 Ok(AuthAction::Done)
             }
             AuthRequest::CleartextPassword => {
+                self.method = "password";
                 let pw = self.password("password")?;
                 if self.tls == TargetTls::Plain {
                     tracing::warn!(
@@ -114,6 +122,7 @@ impl ClientAuth {
                 Ok(AuthAction::Send(out))
             }
             AuthRequest::Md5Password { salt } => {
+                self.method = "md5";
                 let pw = self.password("md5")?;
                 let hashed = Zeroizing::new(postgres_protocol::authentication::md5_hash(
                     self.user.as_bytes(),
@@ -145,6 +154,7 @@ impl ClientAuth {
                 };
                 let nonce = self.nonce.take().unwrap_or_else(scram::random_nonce);
                 let client = ScramClient::new("", &pw, binding, nonce);
+                self.method = client.mechanism();
                 let first = client.client_first();
                 sasl_initial_response(client.mechanism(), &first, &mut out);
                 self.scram = Some(client);

@@ -66,6 +66,11 @@ impl TargetHandshake {
         }
     }
 
+    /// The authentication method the server asked for.
+    pub fn method(&self) -> &'static str {
+        self.auth.method()
+    }
+
     /// Whether ReadyForQuery has been seen.
     pub fn is_done(&self) -> bool {
         self.phase == Phase::Done

@@ -163,13 +163,13 @@ pub struct Rewritten {
 /// explicit), `_pq_.` protocol options are dropped (and reported), `replication` is refused,
 /// everything else is passed through in order.
 pub fn rewrite(app: &Startup, policy_user: Option<&str>) -> Result<Rewritten, StartupRefusal> {
-    if let Some(v) = app.get("replication") {
-        if !matches!(
+    if let Some(v) = app.get("replication")
+        && !matches!(
             v.to_ascii_lowercase().as_str(),
             "false" | "off" | "no" | "0"
-        ) {
-            return Err(StartupRefusal::Replication);
-        }
+        )
+    {
+        return Err(StartupRefusal::Replication);
     }
     let app_user = app.get("user").filter(|u| !u.is_empty());
     let user = policy_user.or(app_user).ok_or(StartupRefusal::NoUser)?;
@@ -190,11 +190,9 @@ pub fn rewrite(app: &Startup, policy_user: Option<&str>) -> Result<Rewritten, St
         has_database |= k == "database";
         params.push((k.clone(), app.get(k).unwrap_or(v).to_owned()));
     }
-    if !has_database {
-        if let Some(u) = app_user.filter(|u| Some(*u) != policy_user) {
-            // The server's default database is the user name; keep the application's.
-            params.push(("database".to_owned(), u.to_owned()));
-        }
+    // The server's default database is the user name; keep the application's.
+    if !has_database && let Some(u) = app_user.filter(|u| Some(*u) != policy_user) {
+        params.push(("database".to_owned(), u.to_owned()));
     }
     let negotiate = app.minor > 0 || !unrecognized.is_empty();
     Ok(Rewritten {

@@ -87,9 +87,8 @@ async fn negotiate_tls(
     startup::encode_ssl_request(&mut req);
     tcp.write_all(&req).await.map_err(io)?;
     let mut answer = [0u8; 1];
-    match tcp.read(&mut answer).await.map_err(io)? {
-        0 => return Err(Failure::TargetClosed { addr }),
-        _ => {}
+    if tcp.read(&mut answer).await.map_err(io)? == 0 {
+        return Err(Failure::TargetClosed { addr });
     }
     match answer[0] {
         b'S' => {
@@ -152,7 +151,9 @@ async fn authenticate(
                 r?;
             }
             Event::Continue => {}
-            Event::Authenticated => tracing::debug!("authenticated to the target"),
+            Event::Authenticated => {
+                tracing::debug!(method = hs.method(), "authenticated to the target")
+            }
             Event::Forward(f) => to_app.push(f),
             Event::BackendKey { pid, secret } => key = Some((pid, secret)),
             Event::Ready(f) => {

@@ -150,7 +150,7 @@ pub fn end_point_hash(cert_der: &[u8]) -> Vec<u8> {
 fn signature_hash(der: &[u8]) -> Option<u16> {
     // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm SEQUENCE { OID, ... }, ... }
     let (_, outer) = tlv(der, 0x30)?;
-    let (rest, _) = tlv(outer, 0x30).map(|(rest, body)| (rest, body))?;
+    let (rest, _) = tlv(outer, 0x30)?;
     let (_, alg) = tlv(rest, 0x30)?;
     let (_, oid) = tlv(alg, 0x06)?;
     const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];

@@ -454,7 +454,7 @@ impl Store for VaultStore {
 
     fn shutdown(&self, revoke: bool) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            if revoke {
+            if revoke || self.spec.revoke_on_shutdown {
                 self.revoke_all().await;
             }
         })

@@ -1,0 +1,139 @@
+//! `latch status`: what a running agent is doing, from its admin endpoint.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+pub fn main(admin: SocketAddr, json: bool) -> anyhow::Result<ExitCode> {
+    let body = get(admin, "/status")?;
+    if json {
+        print!("{body}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status: Value = serde_json::from_str(&body).context("the agent's /status is not JSON")?;
+    print!("{}", render(&status));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A table a person reads at a glance.
+fn render(s: &Value) -> String {
+    let mut out = String::new();
+    let c = &s["connections"];
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    out.push_str(&format!(
+        "latch {}  {}  cgroup {}\n",
+        s["version"].as_str().unwrap_or("?"),
+        if s["ready"].as_bool() == Some(true) {
+            "ready"
+        } else {
+            "NOT READY"
+        },
+        s["cgroup"].as_str().unwrap_or("?")
+    ));
+    let listeners: Vec<&str> = s["listeners"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    out.push_str(&format!("listening  {}\n", listeners.join(", ")));
+    out.push_str(&format!(
+        "connections  active {}  relayed {}  failed {}  denied {}  refused {}\n",
+        c["active"].as_i64().unwrap_or(0),
+        n(&c["relayed"]),
+        n(&c["failed"]),
+        n(&c["denied"]),
+        n(&c["refused"])
+    ));
+    out.push_str(&format!(
+        "ebpf  rules {}  redirected {}  map errors {}\n\n",
+        n(&s["ebpf"]["rules"]),
+        n(&s["ebpf"]["redirected"]),
+        n(&s["ebpf"]["map_errors"])
+    ));
+    let rows: Vec<[String; 3]> = s["policies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            [
+                p["name"].as_str().unwrap_or("").to_owned(),
+                p["protocol"].as_str().unwrap_or("").to_owned(),
+                p["destination"].as_str().unwrap_or("").to_owned(),
+            ]
+        })
+        .collect();
+    let header = [
+        "POLICY".to_owned(),
+        "PROTOCOL".to_owned(),
+        "DESTINATION".to_owned(),
+    ];
+    let width = |i: usize| {
+        rows.iter()
+            .map(|r| r[i].len())
+            .chain([header[i].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let (w0, w1) = (width(0), width(1));
+    for row in std::iter::once(&header).chain(&rows) {
+        out.push_str(&format!("{:<w0$}  {:<w1$}  {}\n", row[0], row[1], row[2]));
+    }
+    out
+}
+
+fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| {
+        format!("no latch agent answers on {addr} (is it running? see --admin)")
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_readable_table() {
+        let s: Value = serde_json::json!({
+            "version": "0.1.0", "ready": true, "cgroup": "/sys/fs/cgroup/x",
+            "listeners": ["127.0.0.1:15001", "[::1]:15001"],
+            "connections": {"active": 2, "relayed": 10, "failed": 1, "denied": 3, "refused": 0},
+            "ebpf": {"rules": 4, "redirected": 14, "map_errors": 0},
+            "policies": [
+                {"name": "orders-db", "protocol": "postgres", "destination": "orders-db.internal:5432"},
+                {"name": "web", "protocol": "tcp", "destination": "10.0.3.0/24:80"}
+            ]
+        });
+        let text = render(&s);
+        assert!(text.contains("ready  cgroup /sys/fs/cgroup/x"), "{text}");
+        assert!(
+            text.contains("active 2  relayed 10  failed 1  denied 3  refused 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("POLICY     PROTOCOL  DESTINATION\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("orders-db  postgres  orders-db.internal:5432\n"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,93 @@
+//! The operator-facing commands: `latch policy check`, `latch status`, startup validation.
+use std::process::Command;
+
+use latch_tests::{Agent, TempDir, TestCgroup, bins, require_root, tcp_policy};
+
+#[test]
+fn policy_check_reports_every_error_with_its_location() {
+    let dir = TempDir::new("check");
+    let good = dir.write("good.yaml", &tcp_policy("web", "127.0.0.2", 80));
+    let out = Command::new(bins::latch())
+        .args(["policy", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("ok: 1 policies, 0 secret stores"), "{text}");
+    assert!(
+        text.contains("has no workloads"),
+        "the admit-all warning is missing: {text}"
+    );
+
+    let bad = dir.write(
+        "bad.yaml",
+        "apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {name: db}\nspec:\n  \
+         destination: {cidr: 10.0.3.0/33, port: 5432}\n  protocol: postgres\n  \
+         credentials:\n    store: local\n    pasword: {path: x}\n---\n\
+         apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {name: db2}\nspec:\n  \
+         destination: {address: 10.0.3.9, port: 5432}\n  protocol: postgres\n  \
+         credentials:\n    store: vautl\n    password: {path: x}\n",
+    );
+    let out = Command::new(bins::latch())
+        .args(["policy", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let path = bad.display();
+    for expected in [
+        format!("{path}:5:"),
+        "10.0.3.0/33".to_owned(),
+        "did you mean \"password\"".to_owned(),
+        "vautl".to_owned(),
+    ] {
+        assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn the_agent_refuses_an_invalid_configuration_before_attaching_anything() {
+    require_root();
+    let cg = TestCgroup::new();
+    let dir = TempDir::new("bad-agent");
+    let bad = dir.write(
+        "bad.yaml",
+        "apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {name: x}\nspec:\n  \
+         destination: {address: 127.0.0.2, port: 70000}\n",
+    );
+    let out = Command::new(bins::latch())
+        .args(["agent", "--policy"])
+        .arg(&bad)
+        .arg("--cgroup")
+        .arg(cg.path())
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("bad.yaml:5:"), "{stderr}");
+    latch_tests::leftovers::assert_none(cg.id(), None);
+}
+
+#[test]
+fn latch_status_shows_the_running_agent() {
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&tcp_policy("web", "127.0.0.2", 8080), &cg);
+    let out = Command::new(bins::latch())
+        .args(["status", "--admin", &agent.admin.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("ready"), "{text}");
+    assert!(text.contains("web     tcp       127.0.0.2:8080"), "{text}");
+    let out = Command::new(bins::latch())
+        .args(["status", "--json", "--admin", &agent.admin.to_string()])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json is JSON");
+    assert_eq!(json["policies"][0]["name"], "web");
+    assert!(agent.stop().success());
+}

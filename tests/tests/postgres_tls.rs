@@ -1,0 +1,238 @@
+//! `protocol: postgres` with TLS to the target, per the policy's `tls.mode`: SSLRequest first,
+//! rustls, certificate checks as libpq defines them, and SCRAM-SHA-256-PLUS channel binding.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use latch_tests::{
+    Agent, TempDir, TestCgroup, bins,
+    postgres::{self, APP_DB, PgCluster, SCRAM_USER, ServerTls, policy_yaml, secrets_yaml},
+};
+
+const SCRAM_PW: &str = "tls-scram-Secret-1";
+
+/// A throw-away CA and a server certificate for `db.test` and 127.0.0.2.
+struct Certs {
+    dir: TempDir,
+}
+
+impl Certs {
+    fn new() -> Certs {
+        let dir = TempDir::new("pg-certs");
+        let openssl = bins::tool("openssl", "openssl");
+        let d = dir.path();
+        let run = |args: &[&str]| {
+            let out = Command::new(&openssl)
+                .current_dir(d)
+                .args(args)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=DNS:db.test,IP:127.0.0.2\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        for name in ["ca", "other-ca"] {
+            run(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.crt"),
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=latch test {name}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]);
+        }
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=db.test",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        Certs { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn psql(cg: &TestCgroup, pg: &PgCluster, sql: &str) -> Output {
+    cg.command(postgres::bin("psql"))
+        .args([
+            "-h",
+            &pg.addr.ip().to_string(),
+            "-p",
+            &pg.addr.port().to_string(),
+        ])
+        .args([
+            "-U", "nobody", "-d", APP_DB, "-w", "-X", "-A", "-t", "-c", sql,
+        ])
+        .env_remove("PGPASSWORD")
+        .env("PGSSLMODE", "disable")
+        .output()
+        .expect("run psql")
+}
+
+const SSL_IN_USE: &str = "select ssl from pg_stat_ssl where pid = pg_backend_pid()";
+
+fn agent(pg: &PgCluster, cg: &TestCgroup, secrets: &Path, tls: &str) -> Agent {
+    Agent::start(
+        &policy_yaml("orders-db", pg.addr, secrets, &format!("  tls: {tls}\n")),
+        cg,
+    )
+}
+
+#[test]
+fn target_tls_follows_the_policy_mode_and_binds_scram_to_the_channel() {
+    let certs = Certs::new();
+    let pg = PgCluster::start_with(
+        "127.0.0.2",
+        SCRAM_PW,
+        "x-md5",
+        "x-plain",
+        Some(ServerTls {
+            cert: &certs.path("server.crt"),
+            key: &certs.path("server.key"),
+        }),
+    );
+    let secrets_dir = TempDir::new("pg-tls-secrets");
+    let secrets = secrets_dir.write("secrets.yaml", &secrets_yaml(SCRAM_USER, SCRAM_PW));
+    let cg = TestCgroup::new();
+    let ca = certs.path("ca.crt").display().to_string();
+    let other_ca = certs.path("other-ca.crt").display().to_string();
+
+    // (tls block, expected `ssl` column or None for a refused connection)
+    let cases = [
+        ("{mode: require}".to_string(), Some("t")),
+        ("{mode: prefer}".to_string(), Some("t")),
+        (format!("{{mode: verify-full, ca: {ca}}}"), Some("t")),
+        (
+            format!("{{mode: verify-full, ca: {ca}, serverName: db.test}}"),
+            Some("t"),
+        ),
+        (
+            format!("{{mode: verify-ca, ca: {ca}, serverName: wrong.test}}"),
+            Some("t"),
+        ),
+        (
+            format!("{{mode: verify-full, ca: {ca}, serverName: wrong.test}}"),
+            None,
+        ),
+        (format!("{{mode: verify-ca, ca: {other_ca}}}"), None),
+        ("{mode: disable}".to_string(), Some("f")),
+    ];
+    for (tls, want) in cases {
+        let agent = agent(&pg, &cg, &secrets, &tls);
+        let out = psql(&cg, &pg, SSL_IN_USE);
+        let err = String::from_utf8_lossy(&out.stderr);
+        match want {
+            Some(ssl) => {
+                assert!(out.status.success(), "tls {tls}: {err}\n{}", agent.log());
+                assert_eq!(
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    ssl,
+                    "tls {tls}"
+                );
+                let log = agent.log();
+                if ssl == "t" {
+                    assert!(
+                        log.contains("method=\"SCRAM-SHA-256-PLUS\""),
+                        "tls {tls}: no channel binding\n{log}"
+                    );
+                } else {
+                    assert!(log.contains("method=\"SCRAM-SHA-256\""), "tls {tls}\n{log}");
+                }
+            }
+            None => {
+                assert!(!out.status.success(), "tls {tls} should have been refused");
+                assert!(
+                    err.contains("policy \"orders-db\"") && err.contains("TLS to target"),
+                    "tls {tls}: {err}"
+                );
+            }
+        }
+        assert!(!agent.log().contains(SCRAM_PW));
+        assert!(agent.stop().success());
+    }
+
+    // A whole tokio-postgres workload over the TLS leg (the generic copy relay).
+    let agent = agent(
+        &pg,
+        &cg,
+        &secrets,
+        &format!("{{mode: verify-full, ca: {ca}}}"),
+    );
+    let connstr = format!(
+        "host={} port={} user=nobody dbname={APP_DB}",
+        pg.addr.ip(),
+        pg.addr.port()
+    );
+    let out = cg
+        .command(bins::probe())
+        .args(["pg", &connstr, "suite"])
+        .output()
+        .expect("run probe");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("suite ok"));
+    let out = cg
+        .command(bins::probe())
+        .args(["pg", &connstr, "cancel"])
+        .output()
+        .expect("run probe");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(agent.stop().success());
+}
