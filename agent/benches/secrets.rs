@@ -85,6 +85,7 @@ fn openbao(c: &mut Criterion) {
             mount: None,
             kv_version: 2,
             tls: VaultTls::default(),
+            revoke_on_shutdown: false,
             auth: VaultAuth::Token(CredentialSource::File(token)),
         }),
     );

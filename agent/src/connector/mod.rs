@@ -31,9 +31,13 @@ pub enum ConnectError {
 /// Tells the application that its workload may not use `policy`, in the application's own
 /// protocol where latch speaks it; plain TCP can only be reset.
 pub async fn deny(app: TcpStream, policy: &crate::config::Policy) {
-    tracing::debug!(policy = %policy.name, "refusing in protocol {}", policy.protocol);
-    let _ = socket2::SockRef::from(&app).set_linger(Some(Duration::ZERO));
-    drop(app);
+    match policy.protocol {
+        crate::config::Protocol::Postgres => postgres::deny(app, policy).await,
+        _ => {
+            let _ = socket2::SockRef::from(&app).set_linger(Some(Duration::ZERO));
+            drop(app);
+        }
+    }
 }
 
 /// Opens a connection to `addr` from a socket carrying `mark`, so latch's own connect hooks

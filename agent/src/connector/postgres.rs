@@ -86,6 +86,17 @@ pub async fn serve(
     }
 }
 
+/// Refuses a workload the policy does not admit, in PostgreSQL's own terms: the startup
+/// exchange is answered (no encryption) and a FATAL 28000 explains the refusal. Nothing is
+/// resolved and the target is never contacted.
+pub async fn deny(mut app: TcpStream, policy: &Policy) {
+    let mut buf = BytesMut::with_capacity(1024);
+    let first = tokio::time::timeout(APP_STARTUP_TIMEOUT, read_startup(&mut app, &mut buf)).await;
+    if let Ok(Ok(Initial::Startup(_))) = first {
+        let _ = refuse(app, policy, Failure::Denied).await;
+    }
+}
+
 /// Tells the application why, then closes.
 async fn refuse(mut app: TcpStream, policy: &Policy, failure: Failure) -> ConnectError {
     if let Some(fields) = failure.to_app(&policy.name) {

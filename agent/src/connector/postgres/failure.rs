@@ -46,6 +46,8 @@ pub enum Failure {
     },
     #[error("TLS to target {addr}: {reason}")]
     Tls { addr: SocketAddr, reason: String },
+    #[error("this workload is not admitted by the policy")]
+    Denied,
 }
 
 impl Failure {
@@ -62,6 +64,7 @@ impl Failure {
             Failure::AppProtocol(_) => say(SqlState::PROTOCOL_VIOLATION, self.to_string()),
             Failure::AppTimeout(_) => say(SqlState::PROTOCOL_VIOLATION, self.to_string()),
             Failure::AppIo(_) | Failure::AppClosed => return None,
+            Failure::Denied => say(SqlState::INVALID_AUTHORIZATION, self.to_string()),
             Failure::Refused(StartupRefusal::Replication) => {
                 say(SqlState::INSUFFICIENT_PRIVILEGE, self.to_string())
             }
