@@ -9,7 +9,8 @@ use std::time::Duration;
 
 /// The "remote" database address (loopback alias, seen by the connect hooks like any other).
 const DB_ADDR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
-const QUERY: &str = "select 'hello through latch' as greeting, inet_server_addr(), now()";
+const QUERY: &str = "select 'hello through latch' as greeting, current_user as authenticated_as, \
+                     inet_server_addr(), now()";
 
 pub fn run_demo() -> Result<i32> {
     proc::require_root("demo")?;
@@ -19,9 +20,29 @@ pub fn run_demo() -> Result<i32> {
     // Declared before the server so it is removed after the server has stopped.
     let tmp = TempDir::new("latch-demo")?;
     let mut pg = Postgres::start(tmp.path(), DB_ADDR)?;
-    let policy = crate::policy::write_tcp(tmp.path(), "demo-postgres", DB_ADDR, pg.port)?;
+    // The password exists in PostgreSQL and in latch's secret store — and nowhere else.
+    let password = random_hex(16)?;
+    pg.admin_sql(
+        tmp.path(),
+        &format!("create role orders_app login password '{password}'"),
+    )?;
+    let secrets = tmp.path().join("secrets.yaml");
+    write_private(
+        &secrets,
+        &format!("orders-db:\n  username: orders_app\n  password: \"{password}\"\n"),
+    )?;
+    let policy = tmp.path().join("demo-postgres.yaml");
+    std::fs::write(
+        &policy,
+        crate::policy::postgres("demo-postgres", DB_ADDR, pg.port, &secrets),
+    )
+    .with_context(|| format!("writing {}", policy.display()))?;
     println!(
-        "demo: policy {} (protocol tcp: latch relays {DB_ADDR}:{}; trust auth until the postgres connector lands)",
+        "demo: secret store {} (mode 0600) holds the only copy of orders_app's password",
+        secrets.display()
+    );
+    println!(
+        "demo: policy {}: protocol postgres to {DB_ADDR}:{}, credentials from the store",
         policy.display(),
         pg.port
     );
@@ -35,18 +56,23 @@ pub fn run_demo() -> Result<i32> {
             "--",
             "/usr/bin/psql",
             "-X",
+            "-w",
             "-h",
             &host,
             "-p",
             &port,
             "-U",
+            "nobody_in_particular",
+            "-d",
             "postgres",
         ])
         .args(["-c", QUERY])
         .env_remove("PGPASSWORD")
+        .env_remove("PGPASSFILE")
         .env("PGCONNECT_TIMEOUT", "5");
     println!(
-        "demo: {} run --policy {} -- psql -h {host} -p {port} -U postgres -c \"{QUERY}\"\n      (LATCH_LOG=info shows the broker's side)\n",
+        "demo: {} run --policy {} -- psql -w -h {host} -p {port} -U nobody_in_particular -c \"{QUERY}\"\n      \
+         (psql has no password and -w forbids prompting; LATCH_LOG=info shows the broker's side)\n",
         latch.display(),
         policy.display()
     );
@@ -59,7 +85,7 @@ pub fn run_demo() -> Result<i32> {
     let code = proc::exit_code(status);
     println!();
     if status.success() {
-        println!("demo: psql exited 0 inside `latch run`");
+        println!("demo: psql exited 0 inside `latch run`, authenticated by latch as orders_app");
     } else {
         println!(
             "demo: latch run / psql failed ({status}); postgres log:\n{}",
@@ -70,4 +96,26 @@ pub fn run_demo() -> Result<i32> {
     drop(tmp);
     println!("demo: postgres stopped, temp dir removed");
     Ok(code)
+}
+
+fn random_hex(bytes: usize) -> Result<String> {
+    use std::io::Read as _;
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .context("reading /dev/urandom")?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes a file only its owner can read (latch refuses group- or world-readable stores).
+fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -28,8 +28,9 @@ fn os_user_id(flag: &str) -> Result<u32> {
 }
 
 impl Postgres {
-    /// Cluster files go into `dir` (handed over to the postgres user); trust auth; listens on
-    /// `addr` and a free port, unix socket in `dir`.
+    /// Cluster files go into `dir` (handed over to the postgres user); listens on `addr` and a
+    /// free port, where every login needs a SCRAM-SHA-256 password; the unix socket in `dir`
+    /// (trust) is for setting the cluster up.
     pub fn start(dir: &Path, addr: Ipv4Addr) -> Result<Postgres> {
         let (uid, gid) = (os_user_id("-u")?, os_user_id("-g")?);
         std::os::unix::fs::chown(dir, Some(uid), Some(gid))
@@ -47,7 +48,7 @@ impl Postgres {
         };
 
         println!(
-            "postgres: initdb {} (as the postgres user, trust auth)",
+            "postgres: initdb {} (as the postgres user; TCP logins need scram-sha-256)",
             data.display()
         );
         let out = as_postgres("initdb")
@@ -56,7 +57,8 @@ impl Postgres {
             .args([
                 "-U",
                 "postgres",
-                "--auth=trust",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
                 "-E",
                 "UTF8",
                 "--locale=C",
@@ -120,6 +122,32 @@ impl Postgres {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Runs SQL as the superuser over the unix socket (trust, set-up only).
+    pub fn admin_sql(&self, dir: &Path, sql: &str) -> Result<()> {
+        let out = Command::new("/usr/bin/psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(dir)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ])
+            .output()
+            .context("running psql over the unix socket")?;
+        if !out.status.success() {
+            bail!(
+                "setting up PostgreSQL failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     pub fn log_text(&self) -> String {

@@ -20,6 +20,36 @@ spec:
     )
 }
 
+/// The demo's resources: a `file` SecretStore at `secrets` and a `protocol: postgres` Policy
+/// whose credentials come from it.
+pub fn postgres(name: &str, address: Ipv4Addr, port: u16, secrets: &Path) -> String {
+    format!(
+        "apiVersion: latch.dev/v1alpha1
+kind: SecretStore
+metadata:
+  name: local
+spec:
+  file:
+    path: {secrets}
+---
+apiVersion: latch.dev/v1alpha1
+kind: Policy
+metadata:
+  name: {name}
+spec:
+  destination:
+    address: {address}
+    port: {port}
+  protocol: postgres
+  credentials:
+    store: local
+    username: {{ path: orders-db, field: username }}
+    password: {{ path: orders-db, field: password }}
+",
+        secrets = secrets.display()
+    )
+}
+
 /// Write `tcp(name, …)` to `dir/name.yaml` and return the path.
 pub fn write_tcp(dir: &Path, name: &str, address: Ipv4Addr, port: u16) -> Result<PathBuf> {
     let path = dir.join(format!("{name}.yaml"));
@@ -44,7 +74,12 @@ mod tests {
             .collect();
         assert_eq!(
             body,
-            tcp("demo-postgres", Ipv4Addr::new(127, 0, 0, 2), 5432)
+            postgres(
+                "demo-postgres",
+                Ipv4Addr::new(127, 0, 0, 2),
+                5432,
+                Path::new("/etc/latch/secrets.yaml")
+            )
         );
     }
 }

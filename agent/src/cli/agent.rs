@@ -41,7 +41,7 @@ async fn reload(running: &Running, paths: &[std::path::PathBuf], cause: &str) {
 }
 
 pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    let config = match load_config(&args.data.policies) {
+    let config = match load_config(&args.data.policies, false) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };

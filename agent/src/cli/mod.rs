@@ -196,11 +196,16 @@ fn with_runtime(fut: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode
     }
 }
 
-/// Loads and validates configuration; on error prints every diagnostic.
-fn load_config(paths: &[PathBuf]) -> Result<Config, ExitCode> {
+/// Loads and validates configuration; on error prints every diagnostic. `scoped_to_command`:
+/// `latch run`'s cgroup holds only the command it runs, so "admits every workload in the
+/// attached cgroups" is what the user asked for and not worth a warning.
+fn load_config(paths: &[PathBuf], scoped_to_command: bool) -> Result<Config, ExitCode> {
     match config::load(paths) {
         Ok(config) => {
             for warning in &config.warnings {
+                if scoped_to_command && warning.message.contains("has no workloads") {
+                    continue;
+                }
                 tracing::warn!("{warning}");
             }
             Ok(config)

@@ -14,7 +14,7 @@ use super::{RunArgs, load_config, raise_nofile_limit};
 const GRACE: Duration = Duration::from_secs(2);
 
 pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let config = match load_config(&args.data.policies) {
+    let config = match load_config(&args.data.policies, true) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
