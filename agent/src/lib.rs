@@ -17,6 +17,7 @@ pub mod identity;
 pub mod metrics;
 pub mod pg;
 pub mod policy_set;
+pub mod privileges;
 pub mod relay;
 pub mod runtime;
 pub mod secrets;

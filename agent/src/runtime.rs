@@ -36,6 +36,24 @@ pub struct Options {
     pub limits: Limits,
     pub secrets: ResolverOptions,
     pub audit: crate::audit::AuditOptions,
+    /// What intercepted connections meet while the broker cannot serve them.
+    pub fail_mode: FailMode,
+    /// Pin the links so interception outlives this process (restarts, crashes).
+    pub keep_interception: bool,
+    /// Names this agent's pin directory (`<bpffs>/latch/<instance>`).
+    pub instance: String,
+}
+
+/// What happens to connections the programs would intercept while no broker serves them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum FailMode {
+    /// They fail: redirection stays in place through shutdown (and, with pinned links, while
+    /// the agent is down), so nothing reaches a target without latch.
+    #[default]
+    Closed,
+    /// They go to their destination directly: redirection is switched off before draining,
+    /// and links are never pinned.
+    Open,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +68,8 @@ pub enum StartError {
     Listen(SocketAddr),
     #[error("an IPv4 loopback listen address is required")]
     NoIpv4Listener,
+    #[error("keeping interception across restarts needs {0}")]
+    Keep(&'static str),
     #[error(transparent)]
     Ebpf(#[from] EbpfError),
     #[error(transparent)]
@@ -74,6 +94,7 @@ pub struct Running {
     admin_addr: Option<SocketAddr>,
     stores: Mutex<String>,
     secret_options: ResolverOptions,
+    fail_mode: FailMode,
 }
 
 impl Running {
@@ -81,6 +102,7 @@ impl Running {
     /// everything started so far is undone (dropping the interceptor detaches).
     pub async fn start(config: &Config, opts: &Options) -> Result<Self, StartError> {
         let (v4, v6) = split_listen(&opts.listen)?;
+        let pins = pin_dir(opts)?;
         let secrets = Resolver::new(&config.stores, opts.secrets.clone())?;
         let listener4 = broker::bind(v4).map_err(|source| StartError::Bind { addr: v4, source })?;
         let listener6 = match v6 {
@@ -114,7 +136,7 @@ impl Running {
         let (resolved, next_refresh) = dns.resolve_all(&policies.hosts(), &Resolved::new()).await;
         interceptor.sync_rules(&policies.rules(&resolved, local6.is_some()))?;
         interceptor.set_broker(broker_config(local4, local6, opts.mark))?;
-        interceptor.attach(&opts.cgroup)?;
+        interceptor.attach(&opts.cgroup, &pins, opts.keep_interception)?;
         tracing::info!(
             cgroup = %opts.cgroup.display(),
             listen4 = %local4,
@@ -187,6 +209,7 @@ impl Running {
             listeners,
             admin_addr,
             stores: Mutex::new(store_fingerprint(&config.stores)),
+            fail_mode: opts.fail_mode,
             secret_options: opts.secrets.clone(),
         })
     }
@@ -209,14 +232,17 @@ impl Running {
         if let Some(state) = &self.admin_state {
             state.ready.store(false, Ordering::Release);
         }
-        {
+        if self.fail_mode == FailMode::Open {
+            // New connections go straight to their targets from now on.
             let mut i = self.interceptor.lock().unwrap_or_else(|e| e.into_inner());
             let mut cfg = broker_config_disabled();
             cfg.mark = self.shared.mark;
             if let Err(err) = i.set_broker(cfg) {
-                tracing::warn!(%err, "could not disable redirection before detaching");
+                tracing::warn!(%err, "could not disable redirection before draining");
             }
         }
+        // Fail closed: redirection stays; with the listeners closed, new connections are
+        // refused until the programs are detached (or, when pinned, until the next agent).
         self.stop_accepting.cancel();
         self.tracker.close();
         let live = self.tracker.len();
@@ -237,11 +263,46 @@ impl Running {
         self.background.cancel();
         self.shared.secrets.shutdown().await;
         let totals = self.shared.metrics.totals();
-        // Dropping the last reference to the interceptor detaches every program.
+        // Dropping the last reference to the interceptor detaches every program that is not
+        // pinned; pinned ones stay for the next agent.
         drop(self.admin_state);
+        let pinned = self
+            .interceptor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_pinned();
+        if pinned {
+            tracing::info!(
+                "links stay pinned: interception (failing closed) continues until the next agent"
+            );
+        }
         drop(self.interceptor);
         totals
     }
+}
+
+/// This instance's pin directory, after checking that keeping interception is coherent.
+fn pin_dir(opts: &Options) -> Result<std::path::PathBuf, StartError> {
+    let bpffs = crate::ebpf::pins::bpffs();
+    if opts.keep_interception {
+        if opts.fail_mode == FailMode::Open {
+            return Err(StartError::Keep(
+                "--fail-mode closed (open means: let connections through when latch is down)",
+            ));
+        }
+        if opts.listen.iter().any(|a| a.port() == 0) {
+            return Err(StartError::Keep(
+                "fixed listen ports (the pinned programs redirect to them while latch is down)",
+            ));
+        }
+        if bpffs.is_none() {
+            return Err(StartError::Keep(
+                "a mounted bpffs (mount -t bpf bpf /sys/fs/bpf)",
+            ));
+        }
+    }
+    let root = bpffs.unwrap_or_else(|| "/sys/fs/bpf".into());
+    Ok(crate::ebpf::pins::pin_dir(&root, &opts.instance))
 }
 
 fn split_listen(listen: &[SocketAddr]) -> Result<(SocketAddr, Option<SocketAddr>), StartError> {

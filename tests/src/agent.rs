@@ -23,6 +23,14 @@ impl Agent {
         Self::start_with(policy_yaml, cgroup, Command::new(bins::latch()))
     }
 
+    /// Like [`Agent::start`] with extra command-line arguments. A `--listen` among them
+    /// replaces the default ephemeral listeners.
+    pub fn start_args(policy_yaml: &str, cgroup: &TestCgroup, extra: &[&str]) -> Self {
+        let mut cmd = Command::new(bins::latch());
+        cmd.args(["agent"]);
+        Self::spawn(policy_yaml, cgroup, cmd, extra)
+    }
+
     /// Like [`Agent::start`], but the agent process itself runs inside `cgroup` (to show that
     /// its own outbound connections are not intercepted).
     pub fn start_inside(policy_yaml: &str, cgroup: &TestCgroup) -> Self {
@@ -30,6 +38,11 @@ impl Agent {
     }
 
     fn start_with(policy_yaml: &str, cgroup: &TestCgroup, mut cmd: Command) -> Self {
+        cmd.arg("agent");
+        Self::spawn(policy_yaml, cgroup, cmd, &[])
+    }
+
+    fn spawn(policy_yaml: &str, cgroup: &TestCgroup, mut cmd: Command, extra: &[&str]) -> Self {
         crate::require_root();
         let dir = TempDir::new("agent");
         let policy = dir.write("policy.yaml", policy_yaml);
@@ -37,16 +50,33 @@ impl Agent {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
             .parse()
             .unwrap();
+        let listen: &[&str] = if extra.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0", "--listen", "[::1]:0"]
+        };
+        // A pin directory of its own, so agents of parallel tests never take over each other.
+        let own_instance = format!("test-{}", dir.path().file_name().unwrap().to_string_lossy());
+        let instance: Vec<&str> = if extra.contains(&"--instance") {
+            Vec::new()
+        } else {
+            vec!["--instance", &own_instance]
+        };
         let child = cmd
-            .arg("agent")
             .arg("--policy")
             .arg(&policy)
             .arg("--cgroup")
             .arg(cgroup.path())
-            .args(["--listen", "127.0.0.1:0", "--listen", "[::1]:0"])
+            .args(listen)
+            .args(&instance)
+            .args(extra)
             .arg("--admin")
             .arg(admin.to_string())
-            .args(["--grace-period", "3"])
+            .args(if extra.contains(&"--grace-period") {
+                &[][..]
+            } else {
+                &["--grace-period", "3"][..]
+            })
             .arg("--audit-log")
             .arg(dir.path().join("audit.jsonl"))
             .env("LATCH_LOG", "info,latch=debug")
@@ -193,6 +223,42 @@ impl Agent {
             .filter_map(|l| l.as_str()?.parse::<SocketAddr>().ok())
             .find(|a| a.is_ipv6() == ipv6)
             .expect("listener of that family")
+    }
+
+    /// Sends `signal` without waiting.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on the child we started and have not reaped.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// kill -9: the agent gets no chance to clean up. Returns once it is reaped.
+    pub fn crash(mut self) {
+        let mut child = self.child.take().expect("agent running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGTERM/SIGINT and wait for the exit, without the leftover check (for kept links).
+    pub fn signal_and_wait(self, signal: i32) -> ExitStatus {
+        self.signal(signal);
+        self.wait_exit()
+    }
+
+    /// Waits for the agent to exit after a signal, up to 15 s.
+    pub fn wait_exit(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = child.try_wait().expect("wait agent") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("agent did not exit within 15s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM, wait for exit, then check nothing of the agent remains attached or pinned.

@@ -25,12 +25,26 @@ pub fn assert_none(cgroup_id: u64, cgroup_dir: Option<&Path>) {
     if let Some(dir) = cgroup_dir {
         assert!(!dir.exists(), "cgroup {} was not removed", dir.display());
     }
-    let pins: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
+    // Pins outside latch's instance directory, and instance directories no test owns, are
+    // leftovers. (Instances named `test-*` belong to tests that may be running in parallel;
+    // each of those checks its own.)
+    let mut pins: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("latch"))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("latch") && name != "latch"
+        })
         .map(|e| e.path())
         .collect();
+    pins.extend(
+        std::fs::read_dir("/sys/fs/bpf/latch")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with("test-"))
+            .map(|e| e.path()),
+    );
     assert!(pins.is_empty(), "pinned latch objects left: {pins:?}");
 }

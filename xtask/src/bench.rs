@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: criterion micro-benchmarks (when the agent has any) and the bulk
-//! throughput of one TCP connection (iperf3): direct, through latch, through HAProxy, through socat.
+//! throughput of one TCP connection (iperf3): direct, through latch, through HAProxy, through socat;
+//! then the PostgreSQL cases of [`crate::bench_pg`].
 
 use crate::proc::{self, Guard, TempDir, run};
 use anyhow::{Context, Result, bail};
@@ -19,6 +20,12 @@ pub struct Args {
     /// Skip the criterion micro-benchmarks.
     #[arg(long)]
     no_micro: bool,
+    /// Skip the PostgreSQL cases (pgbench, COPY: direct vs latch vs pgbouncer).
+    #[arg(long, conflicts_with = "pg_only")]
+    no_pg: bool,
+    /// Only the PostgreSQL cases (no iperf3).
+    #[arg(long)]
+    pg_only: bool,
 }
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -67,7 +74,23 @@ pub fn run_bench(args: &Args) -> Result<()> {
         micro()?;
     }
     let latch = proc::latch_bin(true)?;
+    let iperf = if args.pg_only {
+        Ok(())
+    } else {
+        iperf_cases(args, &latch)
+    };
+    proc::check_interrupted()?;
+    let pg = if args.no_pg {
+        Ok(())
+    } else {
+        println!("\nbench: PostgreSQL (direct vs latch vs pgbouncer)");
+        crate::bench_pg::run(&latch, args.seconds, args.repeat)
+    };
+    iperf.and(pg)
+}
 
+fn iperf_cases(args: &Args, latch: &Path) -> Result<()> {
+    let latch = latch.to_path_buf();
     let tmp = TempDir::new("latch-bench")?;
     let port = proc::free_port(SERVER)?;
     let rig = Rig {

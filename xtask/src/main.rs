@@ -1,6 +1,7 @@
 //! `cargo xtask`: set up a machine, run the test suite, the demo and the benchmarks.
 
 mod bench;
+mod bench_pg;
 mod demo;
 mod pg;
 mod policy;
@@ -30,7 +31,8 @@ enum Cmd {
     Test(test::Args),
     /// Relay psql through latch to a throw-away PostgreSQL 15.
     Demo,
-    /// Throughput of one TCP connection: direct vs latch vs HAProxy vs socat.
+    /// Throughput of one TCP connection (direct vs latch vs HAProxy vs socat) and PostgreSQL
+    /// (pgbench, COPY: direct vs latch vs pgbouncer).
     Bench(bench::Args),
 }
 

@@ -15,6 +15,9 @@ pub const BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 pub struct Postgres {
     pub addr: Ipv4Addr,
     pub port: u16,
+    /// The postgres OS user's uid and gid (for helpers that must not run as root).
+    pub uid: u32,
+    pub gid: u32,
     log: PathBuf,
     server: Guard,
 }
@@ -32,6 +35,12 @@ impl Postgres {
     /// free port, where every login needs a SCRAM-SHA-256 password; the unix socket in `dir`
     /// (trust) is for setting the cluster up.
     pub fn start(dir: &Path, addr: Ipv4Addr) -> Result<Postgres> {
+        Postgres::start_with(dir, addr, false)
+    }
+
+    /// As [`Postgres::start`]; with `tls`, the server also accepts TLS (`ssl = on`) with a
+    /// self-signed P-256 certificate for `addr` that `openssl` generates into `dir`.
+    pub fn start_with(dir: &Path, addr: Ipv4Addr, tls: bool) -> Result<Postgres> {
         let (uid, gid) = (os_user_id("-u")?, os_user_id("-g")?);
         std::os::unix::fs::chown(dir, Some(uid), Some(gid))
             .with_context(|| format!("chown {} to postgres", dir.display()))?;
@@ -75,6 +84,36 @@ impl Postgres {
             );
         }
 
+        let mut tls_args = Vec::new();
+        if tls {
+            let (crt, key) = (dir.join("server.crt"), dir.join("server.key"));
+            proc::run(
+                Command::new("openssl")
+                    .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+                    .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+                    .args(["-subj", &format!("/CN={addr}"), "-addext"])
+                    .arg(format!("subjectAltName=IP:{addr}"))
+                    .arg("-keyout")
+                    .arg(&key)
+                    .arg("-out")
+                    .arg(&crt)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+            )
+            .context("generating the server's self-signed certificate")?;
+            for f in [&crt, &key] {
+                std::os::unix::fs::chown(f, Some(uid), Some(gid))?;
+            }
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            tls_args = vec![
+                "-c".to_string(),
+                "ssl=on".to_string(),
+                "-c".to_string(),
+                format!("ssl_cert_file={}", crt.display()),
+                "-c".to_string(),
+                format!("ssl_key_file={}", key.display()),
+            ];
+        }
         let port = proc::free_port(addr)?;
         let logf = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = as_postgres("postgres");
@@ -82,6 +121,7 @@ impl Postgres {
             .arg(&data)
             .args(["-h", &addr.to_string(), "-p", &port.to_string(), "-k"])
             .arg(dir)
+            .args(&tls_args)
             .stdout(logf.try_clone()?)
             .stderr(logf);
         // SIGINT = PostgreSQL's "fast" shutdown.
@@ -89,6 +129,8 @@ impl Postgres {
         let mut pg = Postgres {
             addr,
             port,
+            uid,
+            gid,
             log,
             server,
         };

@@ -18,6 +18,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
     "openssl",
+    "pgbouncer",
 ];
 
 /// Tools from PyPI the tests start: (command, arguments that succeed when it works, pip requirement).

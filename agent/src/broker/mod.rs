@@ -2,6 +2,7 @@
 //! picks the policy and hands the connection to the policy's protocol connector.
 mod conn;
 mod origin;
+pub mod per_workload;
 
 use std::{
     io,
@@ -27,6 +28,11 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long reaching a target may take.
     pub connect_timeout: Duration,
+    /// Connections one workload (cgroup) may have brokered at once; more are refused.
+    pub max_per_workload: usize,
+    /// How long a connector's pre-relay phase (target connect, protocol startup and
+    /// authentication) may take before the connection is failed.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -34,6 +40,8 @@ impl Default for Limits {
         Self {
             max_connections: 10_000,
             connect_timeout: Duration::from_secs(10),
+            max_per_workload: 1_000,
+            handshake_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -48,8 +56,17 @@ pub struct Shared {
     /// SO_MARK of the broker's outbound sockets (skipped by the connect hooks).
     pub mark: u32,
     pub limits: Limits,
+    /// Open connections per workload, bounded by `limits.max_per_workload`.
+    pub per_workload: per_workload::PerWorkload,
+    /// Reachability of the secret stores, probed periodically (see `secrets::health`).
+    pub store_health: crate::secrets::health::StoreHealth,
     /// latch's PostgreSQL cancellation keys of open sessions → the servers' keys.
     pub pg_cancel: crate::connector::postgres::CancelMap,
+    /// PostgreSQL per-connection cost savers: SCRAM keys, TLS client configurations (with
+    /// their session caches), the node-local CA for TLS toward applications.
+    pub pg_scram_keys: Arc<crate::pg::scram_cache::ScramKeyCache>,
+    pub pg_tls: crate::connector::postgres::tls::ClientConfigs,
+    pub app_ca: crate::ca::NodeCa,
     pub audit: crate::audit::Audit,
     /// The cgroup v2 mount point (to turn cgroup ids into paths).
     pub cgroup_root: std::path::PathBuf,
@@ -71,8 +88,13 @@ impl Shared {
             metrics,
             secrets: Secrets(RwLock::new(secrets)),
             mark,
+            per_workload: per_workload::PerWorkload::new(limits.max_per_workload),
+            store_health: Default::default(),
             limits,
             pg_cancel: Default::default(),
+            pg_scram_keys: Default::default(),
+            pg_tls: Default::default(),
+            app_ca: Default::default(),
             audit: crate::audit::Audit::disabled(),
             cgroup_root: crate::cgroup::v2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into()),
             next_id: AtomicU64::new(1),

@@ -63,6 +63,9 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         limits: args.data.limits(),
         secrets: Default::default(),
         audit: args.data.audit(),
+        fail_mode: args.fail_mode,
+        keep_interception: args.keep_interception,
+        instance: args.instance,
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -75,6 +78,15 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let running = Running::start(&config, &opts).await?;
+    // Attached and bound: from here on only what the running agent needs.
+    let caps = latch::privileges::drop_to(
+        latch::privileges::AGENT_KEEPS,
+        latch::privileges::Bounding::Shrink,
+    )?;
+    tracing::info!(
+        kept = ?latch::privileges::names(&caps),
+        "capabilities dropped"
+    );
     tracing::info!(
         listeners = ?running.listeners(),
         admin = ?running.admin_addr(),

@@ -50,6 +50,13 @@ enum Command {
     /// Work with policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Remove what latch may have left behind: an instance's pinned links (ending its
+    /// interception) and the cgroups of `latch run` processes that died.
+    Cleanup {
+        /// The agent instance whose pinned links to remove.
+        #[arg(long, default_value = "default")]
+        instance: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,6 +84,14 @@ struct DataPathArgs {
     /// How long reaching a target may take, in seconds.
     #[arg(long, default_value_t = 10)]
     connect_timeout: u64,
+    /// Most connections one workload (one cgroup) may have brokered at once; more are refused
+    /// (reset, or an ErrorResponse for PostgreSQL) and audited.
+    #[arg(long, default_value_t = 1_000)]
+    max_per_workload: usize,
+    /// How long a connection's handshake (target connect, protocol startup and
+    /// authentication) may take, in seconds; then it fails.
+    #[arg(long, default_value_t = 30)]
+    handshake_timeout: u64,
     /// Append one JSON line per connection, denial and refusal to this file (rotated by size).
     #[arg(long)]
     audit_log: Option<PathBuf>,
@@ -111,6 +126,18 @@ struct AgentArgs {
     /// On SIGTERM/SIGINT, how long live connections may finish, in seconds.
     #[arg(long, default_value_t = 10)]
     grace_period: u64,
+    /// While latch cannot broker (shutting down, or down with --keep-interception):
+    /// `closed` makes intercepted connections fail, `open` lets them go direct.
+    #[arg(long, value_enum, default_value = "closed")]
+    fail_mode: latch::runtime::FailMode,
+    /// Pin the eBPF links so interception survives agent restarts and crashes (connections
+    /// fail while no agent runs). The next agent with the same --instance takes them over;
+    /// `latch cleanup` removes them.
+    #[arg(long)]
+    keep_interception: bool,
+    /// Name of this agent's pin directory under <bpffs>/latch/.
+    #[arg(long, default_value = "default")]
+    instance: String,
 }
 
 #[derive(Debug, Args)]
@@ -147,6 +174,8 @@ impl DataPathArgs {
         Limits {
             max_connections: self.max_connections,
             connect_timeout: Duration::from_secs(self.connect_timeout),
+            max_per_workload: self.max_per_workload.max(1),
+            handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
         }
     }
 }
@@ -165,6 +194,7 @@ pub fn main(cli: Cli) -> ExitCode {
             with_runtime(run::main(args))
         }
         Command::Doctor => doctor(),
+        Command::Cleanup { instance } => cleanup(&instance),
         Command::Status { admin, json } => match status::main(admin, json) {
             Ok(code) => code,
             Err(err) => {
@@ -214,6 +244,34 @@ fn load_config(paths: &[PathBuf], scoped_to_command: bool) -> Result<Config, Exi
             eprintln!("latch: invalid configuration:\n{errors}");
             Err(ExitCode::from(EXIT_CONFIG))
         }
+    }
+}
+
+fn cleanup(instance: &str) -> ExitCode {
+    let mut ok = true;
+    if let Some(bpffs) = latch::ebpf::pins::bpffs() {
+        let dir = latch::ebpf::pins::pin_dir(&bpffs, instance);
+        match latch::ebpf::pins::remove(&dir) {
+            Ok(0) => println!("no pinned links for instance {instance:?}"),
+            Ok(n) => println!(
+                "removed {n} pinned links of instance {instance:?} ({})",
+                dir.display()
+            ),
+            Err(err) => {
+                eprintln!("latch: removing {}: {err}", dir.display());
+                ok = false;
+            }
+        }
+    }
+    if let Ok(root) = latch::cgroup::v2_mount() {
+        for path in latch::cgroup::remove_stale_runs(&root) {
+            println!("removed {}", path.display());
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

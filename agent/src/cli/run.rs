@@ -35,8 +35,18 @@ pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         limits: args.data.limits(),
         secrets: Default::default(),
         audit: args.data.audit(),
+        fail_mode: Default::default(),
+        keep_interception: false,
+        instance: format!("run-{}", std::process::id()),
     };
     let running = Running::start(&config, &opts).await?;
+    // CMD still gets root's usual capabilities (the bounding set stays); latch itself keeps
+    // what brokering and removing its cgroup need.
+    let caps = latch::privileges::drop_to(
+        latch::privileges::RUN_KEEPS,
+        latch::privileges::Bounding::Keep,
+    )?;
+    tracing::debug!(kept = ?latch::privileges::names(&caps), "capabilities dropped");
     let status = run_child(&args.command, &cg).await;
     let totals = running.stop(GRACE).await;
     tracing::info!(

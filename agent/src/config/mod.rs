@@ -19,6 +19,7 @@ mod decode_store;
 mod diagnostic;
 pub mod duration;
 mod load;
+pub mod mlock;
 mod net;
 mod policy;
 mod secret;

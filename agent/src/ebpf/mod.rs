@@ -4,6 +4,7 @@
 //! loaded programs; dropping it detaches them (their links are file descriptors we own), so a
 //! crash cannot leave programs attached unless they were pinned.
 mod conns;
+pub mod pins;
 mod rules;
 
 use std::{
@@ -41,6 +42,12 @@ pub enum EbpfError {
         #[source]
         source: MapError,
     },
+    #[error("pinning links in {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
     #[error("opening cgroup {path}: {source}")]
@@ -69,6 +76,8 @@ pub struct Interceptor {
     config: Array<MapData, BrokerConfig>,
     stats: PerCpuArray<MapData, u64>,
     logger: Option<Logger>,
+    /// Links pinned on bpffs (empty unless interception is kept across restarts).
+    pinned: Vec<aya::programs::links::PinnedLink>,
     installed: HashMap<RuleKey, RuleValue>,
     attached_to: Option<PathBuf>,
 }
@@ -108,6 +117,7 @@ impl Interceptor {
             stats: take_map(&mut bpf, map_names::STATS)?,
             bpf,
             logger,
+            pinned: Vec::new(),
             installed: HashMap::new(),
             attached_to: None,
         })
@@ -123,24 +133,65 @@ impl Interceptor {
     /// aya attaches through bpf_link on kernels >= 5.7 (latch needs 5.8). The kernel rejects
     /// any flag on a cgroup link (EINVAL) and always treats links as BPF_F_ALLOW_MULTI, so
     /// `Single` here still means "alongside every other agent's programs".
-    pub fn attach(&mut self, cgroup: &Path) -> Result<(), EbpfError> {
+    ///
+    /// `pins` is the instance's pin directory. Links a previous agent pinned there are taken
+    /// over and detached once the new ones are attached; with `keep` the new links are pinned
+    /// there in turn (see [`pins`]).
+    pub fn attach(&mut self, cgroup: &Path, pins: &Path, keep: bool) -> Result<(), EbpfError> {
+        let pin_err = |source: std::io::Error| EbpfError::Pin {
+            path: pins.to_owned(),
+            source,
+        };
         let file = File::open(cgroup).map_err(|source| EbpfError::Cgroup {
             path: cgroup.to_owned(),
             source,
         })?;
-        for name in SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = program(&mut self.bpf, name)?;
-            prog.attach(&file, ATTACH_MODE)
-                .map_err(|source| EbpfError::Program { name, source })?;
+        let previous = pins::take_over(pins).map_err(pin_err)?;
+        if !previous.is_empty() {
+            tracing::info!(links = previous.len(), dir = %pins.display(), "taking over pinned links");
         }
-        let prog: &mut SockOps = program(&mut self.bpf, prog_names::SOCK_OPS)?;
-        prog.attach(&file, ATTACH_MODE)
-            .map_err(|source| EbpfError::Program {
-                name: prog_names::SOCK_OPS,
-                source,
-            })?;
+        let mut fd_links = Vec::new();
+        for name in SOCK_ADDR_PROGRAMS {
+            let err = |source| EbpfError::Program { name, source };
+            let prog: &mut CgroupSockAddr = program(&mut self.bpf, name)?;
+            let id = prog.attach(&file, ATTACH_MODE).map_err(err)?;
+            if keep {
+                let link = prog.take_link(id).map_err(err)?;
+                fd_links.push((
+                    name,
+                    aya::programs::links::FdLink::try_from(link)
+                        .map_err(|e| pin_err(std::io::Error::other(e)))?,
+                ));
+            }
+        }
+        let name = prog_names::SOCK_OPS;
+        let err = |source| EbpfError::Program { name, source };
+        let prog: &mut SockOps = program(&mut self.bpf, name)?;
+        let id = prog.attach(&file, ATTACH_MODE).map_err(err)?;
+        if keep {
+            let link = prog.take_link(id).map_err(err)?;
+            fd_links.push((
+                name,
+                aya::programs::links::FdLink::try_from(link)
+                    .map_err(|e| pin_err(std::io::Error::other(e)))?,
+            ));
+        }
+        for (name, link) in fd_links {
+            self.pinned
+                .push(pins::pin(link, pins, name).map_err(pin_err)?);
+        }
+        // The new programs run now; the old ones go.
+        drop(previous);
+        if !keep {
+            pins::remove_empty(pins);
+        }
         self.attached_to = Some(cgroup.to_owned());
         Ok(())
+    }
+
+    /// Whether the links are pinned (they outlive this process).
+    pub fn is_pinned(&self) -> bool {
+        !self.pinned.is_empty()
     }
 
     /// The cgroup the programs are attached to, if any.

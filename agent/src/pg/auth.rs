@@ -1,12 +1,15 @@
 //! Authenticating to a server as a client: answers AuthenticationCleartextPassword,
 //! AuthenticationMD5Password and AuthenticationSASL (SCRAM-SHA-256, with channel binding over
 //! TLS) with the policy's credentials. Pure: takes requests, returns bytes to send.
+use std::sync::Arc;
+
 use bytes::BytesMut;
 use zeroize::Zeroizing;
 
 use super::{
     backend::AuthRequest,
     scram::{self, ChannelBinding, ScramClient, ScramError},
+    scram_cache::ScramKeyCache,
 };
 
 /// Why authentication could not proceed on latch's side.
@@ -60,6 +63,7 @@ pub struct ClientAuth {
     scram: Option<ScramClient>,
     scram_done: bool,
     method: &'static str,
+    key_cache: Option<(Arc<ScramKeyCache>, String)>,
 }
 
 impl std::fmt::Debug for ClientAuth {
@@ -79,7 +83,15 @@ impl ClientAuth {
             scram: None,
             scram_done: false,
             method: "trust",
+            key_cache: None,
         }
+    }
+
+    /// Keeps SCRAM keys in `cache` under `scope` (the target and user), so a later exchange
+    /// with the same password, salt and iteration count skips PBKDF2.
+    pub fn with_key_cache(mut self, cache: Arc<ScramKeyCache>, scope: String) -> ClientAuth {
+        self.key_cache = Some((cache, scope));
+        self
     }
 
     /// Uses `nonce` instead of a random one (tests replaying recorded exchanges).
@@ -153,7 +165,10 @@ impl ClientAuth {
                     _ => return Err(AuthError::NoMechanism(mechanisms)),
                 };
                 let nonce = self.nonce.take().unwrap_or_else(scram::random_nonce);
-                let client = ScramClient::new("", &pw, binding, nonce);
+                let mut client = ScramClient::new("", &pw, binding, nonce);
+                if let Some((cache, scope)) = &self.key_cache {
+                    client = client.with_cache(cache.clone(), scope.clone());
+                }
                 self.method = client.mechanism();
                 let first = client.client_first();
                 sasl_initial_response(client.mechanism(), &first, &mut out);

@@ -14,6 +14,7 @@
 //! | [`error_fields`] | ErrorResponse / NoticeResponse fields, decode and encode |
 //! | [`encode`] | messages latch writes as a server toward the application |
 //! | [`scram`] | SCRAM-SHA-256(-PLUS) client with injectable nonce |
+//! | [`scram_cache`] | derived SCRAM keys by target, user, salt, iterations and password |
 //! | [`auth`] | client-side authentication exchange (cleartext, MD5, SASL) as a state machine |
 //! | [`handshake`] | the whole target-side handshake from startup to ReadyForQuery |
 pub mod auth;
@@ -24,6 +25,7 @@ pub mod error_fields;
 pub mod frame;
 pub mod handshake;
 pub mod scram;
+pub mod scram_cache;
 pub mod startup;
 
 #[cfg(test)]

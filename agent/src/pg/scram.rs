@@ -1,10 +1,14 @@
 //! SCRAM-SHA-256 and SCRAM-SHA-256-PLUS (RFC 5802, RFC 7677), client side, as PostgreSQL uses
 //! them. The nonce is injected so recorded exchanges can be replayed in tests; the salted
 //! password and keys derived from it are wiped when dropped.
+use std::sync::Arc;
+
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use hmac::{Hmac, KeyInit as _, Mac as _};
 use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
+
+use super::scram_cache::ScramKeyCache;
 
 pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
 pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
@@ -78,6 +82,38 @@ pub struct ScramClient {
     nonce: String,
     client_first_bare: String,
     state: State,
+    /// Where derived keys are looked up and kept, and this exchange's scope in it.
+    cache: Option<(Arc<ScramKeyCache>, String)>,
+}
+
+/// ClientKey and ServerKey: what PBKDF2 over the password yields, all a client needs to prove
+/// it knows the password and to check the server's proof. Wiped when dropped.
+#[derive(Clone)]
+pub struct ScramKeys {
+    client_key: Zeroizing<[u8; 32]>,
+    server_key: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ScramKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramKeys(..)")
+    }
+}
+
+impl ScramKeys {
+    /// SaltedPassword = Hi(password, salt, i); ClientKey and ServerKey from it.
+    pub fn derive(password: &[u8], salt: &[u8], iterations: u32) -> ScramKeys {
+        let salted = hi(password, salt, iterations);
+        ScramKeys {
+            client_key: Zeroizing::new(hmac(&salted[..], b"Client Key")),
+            server_key: Zeroizing::new(hmac(&salted[..], b"Server Key")),
+        }
+    }
+
+    /// Equal keys (for tests: whether a value came from the cache or was derived again).
+    pub fn same_as(&self, other: &ScramKeys) -> bool {
+        self.client_key == other.client_key && self.server_key == other.server_key
+    }
 }
 
 impl std::fmt::Debug for ScramClient {
@@ -118,7 +154,15 @@ impl ScramClient {
             binding,
             nonce,
             state: State::First,
+            cache: None,
         }
+    }
+
+    /// Takes derived keys from `cache` (and keeps new ones there) under `scope`, which names
+    /// the target and user; the salt, iteration count and password complete the key.
+    pub fn with_cache(mut self, cache: Arc<ScramKeyCache>, scope: String) -> ScramClient {
+        self.cache = Some((cache, scope));
+        self
     }
 
     /// The mechanism this exchange uses.
@@ -157,8 +201,11 @@ impl ScramClient {
         if iters == 0 || iters > MAX_ITERATIONS as u64 {
             return Err(ScramError::Iterations(iters));
         }
-        let salted = hi(&self.password, &salt, iters as u32);
-        let client_key = Zeroizing::new(hmac(&salted[..], b"Client Key"));
+        let keys = match &self.cache {
+            Some((cache, scope)) => cache.keys(scope, &self.password, &salt, iters as u32),
+            None => ScramKeys::derive(&self.password, &salt, iters as u32),
+        };
+        let client_key = &keys.client_key;
         let stored_key = Zeroizing::<[u8; 32]>::new(Sha256::digest(&client_key[..]).into());
 
         let mut cbind = self.binding.gs2_header().as_bytes().to_vec();
@@ -171,9 +218,8 @@ impl ScramClient {
         for i in 0..32 {
             proof[i] = client_key[i] ^ signature[i];
         }
-        let server_key = Zeroizing::new(hmac(&salted[..], b"Server Key"));
         self.state = State::Final {
-            server_signature: Zeroizing::new(hmac(&server_key[..], auth_message.as_bytes())),
+            server_signature: Zeroizing::new(hmac(&keys.server_key[..], auth_message.as_bytes())),
         };
         Ok(format!("{without_proof},p={}", B64.encode(&proof[..])).into_bytes())
     }
@@ -207,7 +253,7 @@ fn attr(part: Option<&str>, name: char) -> Option<&str> {
     (chars.next()? == name && chars.next()? == '=').then(|| &part[2..])
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+pub(super) fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
     mac.update(data);
     mac.finalize().into_bytes().into()

@@ -53,7 +53,9 @@ pub async fn open(
             &mut out,
         );
         write(&mut stream, addr, &out).await?;
-        authenticate(stream, addr, ClientAuth::new(user, password, tls_state)).await
+        let auth = ClientAuth::new(user, password, tls_state)
+            .with_key_cache(shared.pg_scram_keys.clone(), format!("{addr}/{user}"));
+        authenticate(stream, addr, auth).await
     };
     match tokio::time::timeout(TARGET_HANDSHAKE_TIMEOUT, work).await {
         Ok(r) => r,

@@ -1,6 +1,10 @@
 //! TLS to the target with rustls, as the policy's `tls` block says: `require` encrypts without
 //! checking the certificate, `verify-ca` checks the chain, `verify-full` the chain and the name.
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, Error as TlsError, RootCertStore,
@@ -33,7 +37,7 @@ pub async fn connect(
     let fail = |reason: String| Failure::Tls { addr, reason };
     let config = client_config(policy, shared).await.map_err(fail)?;
     let name = server_name(policy, addr).map_err(fail)?;
-    let stream = TlsConnector::from(Arc::new(config))
+    let stream = TlsConnector::from(config)
         .connect(name, tcp)
         .await
         .map_err(|e| fail(format!("handshake failed: {e}")))?;
@@ -63,7 +67,93 @@ fn server_name(policy: &Policy, addr: SocketAddr) -> Result<ServerName<'static>,
         .map_err(|_| format!("{name:?} is not a valid TLS server name"))
 }
 
-async fn client_config(policy: &Policy, shared: &Shared) -> Result<ClientConfig, String> {
+/// Client configurations by policy, built once and reused while the policy's `tls` block, its
+/// CA file and its client certificate stay the same. Reuse is what makes TLS session
+/// resumption possible: each configuration keeps its own session cache (rustls' in-memory
+/// store), so the next connection to the same server offers the ticket it got before.
+#[derive(Default)]
+pub struct ClientConfigs {
+    map: Mutex<HashMap<String, ([u8; 32], Arc<ClientConfig>)>>,
+}
+
+/// More policies than this and the cache starts over (stale names after reloads).
+const MAX_CONFIGS: usize = 1024;
+
+impl ClientConfigs {
+    fn get(&self, policy: &str, fingerprint: &[u8; 32]) -> Option<Arc<ClientConfig>> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(policy)
+            .filter(|(f, _)| f == fingerprint)
+            .map(|(_, c)| c.clone())
+    }
+
+    fn put(&self, policy: &str, fingerprint: [u8; 32], config: Arc<ClientConfig>) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_CONFIGS && !map.contains_key(policy) {
+            map.clear();
+        }
+        map.insert(policy.to_owned(), (fingerprint, config));
+    }
+}
+
+/// What a policy's client configuration is built from: the `tls` block, the CA file's size and
+/// modification time, and the client certificate and key (hashed; they may have rotated).
+fn fingerprint(policy: &Policy, client: Option<(&[u8], &[u8])>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(format!("{:?}", policy.tls).as_bytes());
+    if let Some(meta) = policy
+        .tls
+        .ca
+        .as_ref()
+        .and_then(|p| std::fs::metadata(p).ok())
+    {
+        h.update(meta.len().to_be_bytes());
+        if let Ok(t) = meta.modified()
+            && let Ok(d) = t.duration_since(std::time::UNIX_EPOCH)
+        {
+            h.update(d.as_nanos().to_be_bytes());
+        }
+    }
+    if let Some((cert, key)) = client {
+        h.update((cert.len() as u64).to_be_bytes());
+        h.update(cert);
+        h.update(key);
+    }
+    h.finalize().into()
+}
+
+async fn client_config(policy: &Policy, shared: &Shared) -> Result<Arc<ClientConfig>, String> {
+    let client = match (&policy.tls.client_cert, &policy.tls.client_key) {
+        (Some(cert), Some(key)) => {
+            let resolver = shared.secrets.current();
+            let cert = resolver
+                .secret(cert)
+                .await
+                .map_err(|e| format!("client certificate: {e}"))?;
+            let key = resolver
+                .secret(key)
+                .await
+                .map_err(|e| format!("client key: {e}"))?;
+            Some((cert, key))
+        }
+        _ => None,
+    };
+    let pems = client
+        .as_ref()
+        .map(|(c, k)| (c.expose().as_bytes(), k.expose().as_bytes()));
+    let fp = fingerprint(policy, pems);
+    if let Some(config) = shared.pg_tls.get(&policy.name, &fp) {
+        return Ok(config);
+    }
+    let config = Arc::new(build_client_config(policy, pems)?);
+    shared.pg_tls.put(&policy.name, fp, config.clone());
+    Ok(config)
+}
+
+fn build_client_config(
+    policy: &Policy,
+    client: Option<(&[u8], &[u8])>,
+) -> Result<ClientConfig, String> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -85,27 +175,18 @@ async fn client_config(policy: &Policy, shared: &Shared) -> Result<ClientConfig,
     let builder = builder
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    match (&policy.tls.client_cert, &policy.tls.client_key) {
-        (Some(cert), Some(key)) => {
-            let resolver = shared.secrets.current();
-            let cert = resolver
-                .secret(cert)
-                .await
-                .map_err(|e| format!("client certificate: {e}"))?;
-            let key = resolver
-                .secret(key)
-                .await
-                .map_err(|e| format!("client key: {e}"))?;
-            let certs = CertificateDer::pem_slice_iter(cert.expose().as_bytes())
+    match client {
+        Some((cert, key)) => {
+            let certs = CertificateDer::pem_slice_iter(cert)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|_| "the client certificate is not PEM".to_owned())?;
-            let key = PrivateKeyDer::from_pem_slice(key.expose().as_bytes())
+            let key = PrivateKeyDer::from_pem_slice(key)
                 .map_err(|_| "the client key is not a PEM private key".to_owned())?;
             builder
                 .with_client_auth_cert(certs, key)
                 .map_err(|e| format!("client certificate: {e}"))
         }
-        _ => Ok(builder.with_no_client_auth()),
+        None => Ok(builder.with_no_client_auth()),
     }
 }
 

@@ -1,0 +1,85 @@
+//! Dropping capabilities once the programs are attached and the listeners bound.
+//!
+//! Loading programs, creating maps, attaching links and binding sockets need CAP_BPF,
+//! CAP_SYS_ADMIN, CAP_NET_ADMIN and friends — but only at start. What the running agent still
+//! does, and what that needs (kernel 6.x):
+//!
+//! | kept | why |
+//! |---|---|
+//! | `CAP_NET_ADMIN` | `SO_MARK` on every outbound socket the broker opens (or CAP_NET_RAW) |
+//! | `CAP_SYS_PTRACE` | reading `/proc/<pid>/exe` of another user's process for the workload identity |
+//! | `CAP_IPC_LOCK` | `mlock` of secret buffers past `RLIMIT_MEMLOCK` |
+//! | `CAP_DAC_OVERRIDE` | `latch run` only: removing its cgroup from a cgroup root that is mode 0555 |
+//!
+//! Not kept: updating eBPF maps through an fd the agent already holds (rule tries on reload,
+//! the broker config on stop) needs no capability since Linux 6.5 moved the unprivileged-BPF
+//! checks to map creation and program load; closing links needs none either. The e2e test
+//! `capabilities` proves it by reloading policies and brokering after the drop.
+use caps::{CapSet, Capability, CapsHashSet};
+
+/// What the long-lived agent keeps.
+pub const AGENT_KEEPS: &[Capability] = &[
+    Capability::CAP_NET_ADMIN,
+    Capability::CAP_SYS_PTRACE,
+    Capability::CAP_IPC_LOCK,
+];
+
+/// What `latch run` keeps: the agent's set, plus removing its own cgroup at the end.
+pub const RUN_KEEPS: &[Capability] = &[
+    Capability::CAP_NET_ADMIN,
+    Capability::CAP_SYS_PTRACE,
+    Capability::CAP_IPC_LOCK,
+    Capability::CAP_DAC_OVERRIDE,
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("dropping capabilities ({what}): {source}")]
+pub struct PrivilegeError {
+    what: &'static str,
+    #[source]
+    source: caps::errors::CapsError,
+}
+
+/// How far to drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bounding {
+    /// Also shrink the bounding set: nothing this process executes regains the rest (the agent:
+    /// its `exec` secret-store helpers run with at most the kept set).
+    Shrink,
+    /// Leave the bounding set alone, so a command run as root gets root's usual capabilities
+    /// (`latch run`: CMD must behave as if started without latch).
+    Keep,
+}
+
+/// Reduces the effective and permitted sets (and optionally the bounding set) to `keep` ∩ what
+/// the process has now; clears the inheritable and ambient sets. Returns the effective set left.
+pub fn drop_to(keep: &[Capability], bounding: Bounding) -> Result<CapsHashSet, PrivilegeError> {
+    let err = |what| move |source| PrivilegeError { what, source };
+    let permitted = caps::read(None, CapSet::Permitted).map_err(err("read permitted"))?;
+    let kept: CapsHashSet = keep
+        .iter()
+        .copied()
+        .filter(|c| permitted.contains(c))
+        .collect();
+    caps::clear(None, CapSet::Ambient).map_err(err("clear ambient"))?;
+    if bounding == Bounding::Shrink && permitted.contains(&Capability::CAP_SETPCAP) {
+        // Needs CAP_SETPCAP, so before the permitted set loses it. (Without it — e.g. a
+        // systemd unit whose CapabilityBoundingSet already excludes it — the bounding set was
+        // limited by whoever started us.)
+        let all = caps::read(None, CapSet::Bounding).map_err(err("read bounding"))?;
+        for cap in all.difference(&kept) {
+            caps::drop(None, CapSet::Bounding, *cap).map_err(err("shrink bounding"))?;
+        }
+    }
+    caps::clear(None, CapSet::Inheritable).map_err(err("clear inheritable"))?;
+    caps::set(None, CapSet::Effective, &kept).map_err(err("set effective"))?;
+    caps::set(None, CapSet::Permitted, &kept).map_err(err("set permitted"))?;
+    caps::read(None, CapSet::Effective).map_err(err("read effective"))
+}
+
+/// The capability names in `set`, sorted (for logs).
+pub fn names(set: &CapsHashSet) -> Vec<String> {
+    let mut v: Vec<String> = set.iter().map(|c| c.to_string()).collect();
+    v.sort();
+    v
+}
