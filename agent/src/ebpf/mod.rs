@@ -151,31 +151,25 @@ impl Interceptor {
             tracing::info!(links = previous.len(), dir = %pins.display(), "taking over pinned links");
         }
         let mut fd_links = Vec::new();
+        // The two program types share no trait for attach/take_link; one body for both.
+        macro_rules! attach {
+            ($ty:ty, $name:expr) => {{
+                let name = $name;
+                let err = |source| EbpfError::Program { name, source };
+                let prog: &mut $ty = program(&mut self.bpf, name)?;
+                let id = prog.attach(&file, ATTACH_MODE).map_err(err)?;
+                if keep {
+                    let link = prog.take_link(id).map_err(err)?;
+                    let link = aya::programs::links::FdLink::try_from(link)
+                        .map_err(|e| pin_err(std::io::Error::other(e)))?;
+                    fd_links.push((name, link));
+                }
+            }};
+        }
         for name in SOCK_ADDR_PROGRAMS {
-            let err = |source| EbpfError::Program { name, source };
-            let prog: &mut CgroupSockAddr = program(&mut self.bpf, name)?;
-            let id = prog.attach(&file, ATTACH_MODE).map_err(err)?;
-            if keep {
-                let link = prog.take_link(id).map_err(err)?;
-                fd_links.push((
-                    name,
-                    aya::programs::links::FdLink::try_from(link)
-                        .map_err(|e| pin_err(std::io::Error::other(e)))?,
-                ));
-            }
+            attach!(CgroupSockAddr, name);
         }
-        let name = prog_names::SOCK_OPS;
-        let err = |source| EbpfError::Program { name, source };
-        let prog: &mut SockOps = program(&mut self.bpf, name)?;
-        let id = prog.attach(&file, ATTACH_MODE).map_err(err)?;
-        if keep {
-            let link = prog.take_link(id).map_err(err)?;
-            fd_links.push((
-                name,
-                aya::programs::links::FdLink::try_from(link)
-                    .map_err(|e| pin_err(std::io::Error::other(e)))?,
-            ));
-        }
+        attach!(SockOps, prog_names::SOCK_OPS);
         for (name, link) in fd_links {
             self.pinned
                 .push(pins::pin(link, pins, name).map_err(pin_err)?);
