@@ -77,5 +77,29 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// What one SCRAM login costs latch on the client side: PBKDF2 (4096 rounds, PostgreSQL's
+/// default) when the keys must be derived, a lookup when the cache has them.
+fn scram_keys(c: &mut Criterion) {
+    use latch::pg::{scram::ScramKeys, scram_cache::ScramKeyCache};
+    let salt = b"0123456789abcdef";
+    let mut g = c.benchmark_group("scram_keys");
+    g.bench_function("derive_4096", |b| {
+        b.iter(|| ScramKeys::derive(std::hint::black_box(b"s3cret"), salt, 4096))
+    });
+    let cache = ScramKeyCache::default();
+    cache.keys("127.0.0.2:5432/app", b"s3cret", salt, 4096);
+    g.bench_function("cached_4096", |b| {
+        b.iter(|| {
+            cache.keys(
+                "127.0.0.2:5432/app",
+                std::hint::black_box(b"s3cret"),
+                salt,
+                4096,
+            )
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, scram_keys);
 criterion_main!(benches);

@@ -37,6 +37,16 @@ struct Status<'a> {
     policies: Vec<PolicyStatus>,
     connections: ConnStatus,
     ebpf: EbpfStatus,
+    /// The latest reachability probe per secret store (absent before the first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stores: Option<Vec<crate::secrets::health::StoreState>>,
+    secret_memory: SecretMemory,
+}
+
+#[derive(Serialize)]
+struct SecretMemory {
+    mlocked: u64,
+    mlock_failed: u64,
 }
 
 #[derive(Serialize)]
@@ -62,6 +72,18 @@ struct EbpfStatus {
 
 /// Serves until `shutdown` fires.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+    let prober = state.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let shared = &prober.shared;
+        crate::secrets::health::run(
+            || shared.secrets.current(),
+            &shared.store_health,
+            crate::secrets::health::INTERVAL,
+            stop,
+        )
+        .await
+    });
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -93,13 +115,13 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => {
-            if state.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "ready\n".into())
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
-            }
-        }
+        "/readyz" => match readiness(state) {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
         "/metrics" => {
             refresh_ebpf_gauges(state);
             let mut resp = text(StatusCode::OK, state.shared.metrics.encode());
@@ -121,6 +143,19 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
             resp
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// Ready: programs attached and listeners up (the runtime's flag, cleared on shutdown) and
+/// every secret store reachable at the latest probe.
+fn readiness(state: &AdminState) -> Result<(), String> {
+    if !state.ready.load(Ordering::Acquire) {
+        return Err("not brokering (starting or shutting down)".into());
+    }
+    match state.shared.store_health.unreachable() {
+        Err(_) => Err("secret stores not probed yet".into()),
+        Ok(down) if down.is_empty() => Ok(()),
+        Ok(down) => Err(format!("secret stores unreachable: {}", down.join(", "))),
     }
 }
 
@@ -156,6 +191,14 @@ fn status(state: &AdminState) -> Status<'_> {
             active: state.shared.metrics.active.get(),
         },
         ebpf,
+        stores: state.shared.store_health.get(),
+        secret_memory: {
+            let m = crate::config::mlock::stats();
+            SecretMemory {
+                mlocked: m.locked,
+                mlock_failed: m.failed,
+            }
+        },
     }
 }
 
@@ -182,6 +225,18 @@ fn refresh_ebpf_gauges(state: &AdminState) {
     m.ebpf_redirected.set(stats.redirected as i64);
     m.ebpf_map_errors.set(stats.map_errors as i64);
     m.rules.set(i.rule_count() as i64);
+    drop(i);
+    let locks = crate::config::mlock::stats();
+    m.secret_mlock_locked.set(locks.locked as i64);
+    m.secret_mlock_failed.set(locks.failed as i64);
+    if let Some(stores) = state.shared.store_health.get() {
+        m.store_up.clear();
+        for s in stores {
+            m.store_up
+                .get_or_create(&crate::metrics::StoreLabels { store: s.name })
+                .set(i64::from(s.reachable));
+        }
+    }
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

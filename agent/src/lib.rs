@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod audit;
 pub mod broker;
+pub mod ca;
 pub mod cgroup;
 pub mod config;
 pub mod connector;

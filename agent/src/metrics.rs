@@ -17,6 +17,8 @@ pub enum Outcome {
     relayed,
     /// Could not be brokered (target unreachable, handshake failed, ...).
     failed,
+    /// The handshake took longer than `--handshake-timeout` (counted as failed in totals).
+    timed_out,
 }
 
 /// Why a connection was refused before any policy applied.
@@ -27,6 +29,8 @@ pub enum RefusedReason {
     not_redirected,
     /// Redirected, but no loaded policy covers the destination any more.
     no_policy,
+    /// The workload already has `--max-per-workload` connections open.
+    workload_limit,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -53,6 +57,11 @@ pub struct BytesLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    pub store: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
     pub policy: String,
 }
@@ -69,6 +78,11 @@ pub struct Metrics {
     pub ebpf_redirected: Gauge<i64, AtomicI64>,
     pub ebpf_map_errors: Gauge<i64, AtomicI64>,
     pub rules: Gauge<i64, AtomicI64>,
+    /// 1 when the latest probe reached the store, 0 when not.
+    pub store_up: Family<StoreLabels, Gauge<i64, AtomicI64>>,
+    /// Secret buffers mlocked / refused a lock since start.
+    pub secret_mlock_locked: Gauge<i64, AtomicI64>,
+    pub secret_mlock_failed: Gauge<i64, AtomicI64>,
     /// relayed, failed, refused, denied.
     totals: [AtomicU64; 4],
 }
@@ -100,7 +114,7 @@ impl Metrics {
         let refused = Family::<RefusedLabels, Counter>::default();
         registry.register(
             "connections_refused",
-            "Connections refused before any policy applied",
+            "Connections refused: not redirected, no policy, or over a limit",
             refused.clone(),
         );
         let denied = Family::<PolicyLabels, Counter>::default();
@@ -141,8 +155,29 @@ impl Metrics {
             "Interception rule entries installed",
             rules.clone(),
         );
+        let store_up = Family::<StoreLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "store_up",
+            "Whether the latest reachability probe reached the secret store (1) or not (0)",
+            store_up.clone(),
+        );
+        let secret_mlock_locked = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "secret_mlock_locked",
+            "Secret buffers locked in memory (mlock) since start",
+            secret_mlock_locked.clone(),
+        );
+        let secret_mlock_failed = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "secret_mlock_failed",
+            "Secret buffers whose mlock failed since start (RLIMIT_MEMLOCK without CAP_IPC_LOCK)",
+            secret_mlock_failed.clone(),
+        );
         Self {
             registry,
+            store_up,
+            secret_mlock_locked,
+            secret_mlock_failed,
             connections,
             refused,
             denied,
@@ -165,7 +200,7 @@ impl Metrics {
             .inc();
         let slot = match outcome {
             Outcome::relayed => 0,
-            Outcome::failed => 1,
+            Outcome::failed | Outcome::timed_out => 1,
         };
         self.totals[slot].fetch_add(1, Ordering::Relaxed);
     }

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{TempDir, TestCgroup, bins, http, servers::free_port};
+use crate::{TempDir, TestCgroup, bins, http};
 
 pub struct Agent {
     child: Option<Child>,
@@ -31,6 +31,18 @@ impl Agent {
         Self::spawn(policy_yaml, cgroup, cmd, extra)
     }
 
+    /// Like [`Agent::start_args`], with the log filter `latch_log` (the `LATCH_LOG` value).
+    pub fn start_logging(
+        policy_yaml: &str,
+        cgroup: &TestCgroup,
+        extra: &[&str],
+        latch_log: &str,
+    ) -> Self {
+        let mut cmd = Command::new(bins::latch());
+        cmd.args(["agent"]).env("LATCH_LOG", latch_log);
+        Self::spawn(policy_yaml, cgroup, cmd, extra)
+    }
+
     /// Like [`Agent::start`], but the agent process itself runs inside `cgroup` (to show that
     /// its own outbound connections are not intercepted).
     pub fn start_inside(policy_yaml: &str, cgroup: &TestCgroup) -> Self {
@@ -47,9 +59,9 @@ impl Agent {
         let dir = TempDir::new("agent");
         let policy = dir.write("policy.yaml", policy_yaml);
         let log = dir.path().join("agent.log");
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-            .parse()
-            .unwrap();
+        // Port 0 everywhere: the agent reports what it bound in the ready file (a port picked
+        // here and released could be taken by any of the parallel tests' connections).
+        let ready_file = dir.path().join("ready.json");
         let listen: &[&str] = if extra.contains(&"--listen") {
             &[]
         } else {
@@ -62,6 +74,7 @@ impl Agent {
         } else {
             vec!["--instance", &own_instance]
         };
+        let default_log = !cmd.get_envs().any(|(k, _)| k == "LATCH_LOG");
         let child = cmd
             .arg("--policy")
             .arg(&policy)
@@ -70,8 +83,8 @@ impl Agent {
             .args(listen)
             .args(&instance)
             .args(extra)
-            .arg("--admin")
-            .arg(admin.to_string())
+            .args(["--admin", "127.0.0.1:0", "--ready-file"])
+            .arg(&ready_file)
             .args(if extra.contains(&"--grace-period") {
                 &[][..]
             } else {
@@ -79,26 +92,38 @@ impl Agent {
             })
             .arg("--audit-log")
             .arg(dir.path().join("audit.jsonl"))
-            .env("LATCH_LOG", "info,latch=debug")
+            .envs(default_log.then_some(("LATCH_LOG", "info,latch=debug")))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("agent log file"))
             .spawn()
             .expect("start latch agent");
         let mut agent = Self {
             child: Some(child),
-            admin,
+            admin: "0.0.0.0:0".parse().unwrap(),
             dir,
             log,
             cgroup_id: cgroup.id(),
         };
-        agent.wait_ready();
+        agent.wait_ready(&ready_file);
         agent
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self, ready_file: &std::path::Path) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok((200, _)) = http::get(self.admin, "/readyz") {
+            if self.admin.port() == 0
+                && let Ok(text) = std::fs::read_to_string(ready_file)
+            {
+                let ready: serde_json::Value = serde_json::from_str(&text).expect("ready file");
+                self.admin = ready["admin"]
+                    .as_str()
+                    .expect("admin address")
+                    .parse()
+                    .unwrap();
+            }
+            if self.admin.port() != 0
+                && let Ok((200, _)) = http::get(self.admin, "/readyz")
+            {
                 return;
             }
             if let Some(status) = self

@@ -8,6 +8,7 @@ pub mod bins;
 pub mod cgroup;
 pub mod http;
 pub mod leftovers;
+pub mod openbao;
 pub mod postgres;
 pub mod servers;
 

@@ -12,12 +12,23 @@ use std::{
 
 use crate::{TempDir, bins};
 
-/// A free TCP port on `ip` (bound once and released; good enough on loopback).
+/// A TCP port free on ``ip`` now, chosen below the kernel's ephemeral range
+/// (net.ipv4.ip_local_port_range, 32768 and up by default), so the source port of some other
+/// test's outgoing connection cannot take it between this check and the server's bind.
 pub fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Some servers also bind the next port (Vault/OpenBao's cluster port is api + 1).
+    const STEP: u32 = 4;
+    // Spread processes apart by pid; within a process, walk the range.
+    let base = 20_000 + (std::process::id() % 600) * 20;
+    for _ in 0..12_000 {
+        let port = 20_000 + (base - 20_000 + NEXT.fetch_add(STEP, Ordering::Relaxed)) % 12_000;
+        if TcpListener::bind((ip, port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port below the ephemeral range on {ip}")
 }
 
 /// Echoes every connection's bytes back until the client half-closes; counts connections.

@@ -29,24 +29,41 @@ enum Case {
     Select,
     /// `pgbench -S -C -c 4 -j 2`: TLS + SCRAM to the server for every transaction.
     SelectConnect,
+    /// As `SelectConnect`, but the application keeps `sslmode=require` toward latch too
+    /// (`appTls: enable`, a certificate from the node-local CA). No pgbouncer row (it would
+    /// need a client certificate set-up of its own).
+    SelectConnectAppTls,
     /// `COPY (...) TO STDOUT` of ~100 MB per benchmark second, plain TCP.
     Copy,
 }
 
 impl Case {
-    const ALL: [Case; 3] = [Case::Select, Case::SelectConnect, Case::Copy];
+    const ALL: [Case; 4] = [
+        Case::Select,
+        Case::SelectConnect,
+        Case::SelectConnectAppTls,
+        Case::Copy,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Case::Select => "select-only, persistent (tps)",
             Case::SelectConnect => "select-only -C, TLS+SCRAM (tps)",
+            Case::SelectConnectAppTls => "  same, app TLS to latch (tps)",
             Case::Copy => "COPY out (MB/s)",
         }
     }
 
     /// Whether the leg to the server uses TLS.
     fn tls(self) -> bool {
-        self == Case::SelectConnect
+        matches!(self, Case::SelectConnect | Case::SelectConnectAppTls)
+    }
+
+    fn routes(self) -> &'static [Route] {
+        match self {
+            Case::SelectConnectAppTls => &[Route::Direct, Route::Latch],
+            _ => &Route::ALL,
+        }
     }
 }
 
@@ -76,6 +93,7 @@ struct Rig {
     pg: Postgres,
     policy_plain: PathBuf,
     policy_tls: PathBuf,
+    policy_app_tls: PathBuf,
     bouncer_port: u16,
     _bouncers: Vec<Guard>,
     seconds: u32,
@@ -87,7 +105,7 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
     let rig = Rig::start(tmp.path(), latch, seconds)?;
     let mut samples: Vec<(Case, Route, Vec<f64>, Option<String>)> = Vec::new();
     for case in Case::ALL {
-        for route in Route::ALL {
+        for &route in case.routes() {
             samples.push((case, route, Vec::new(), None));
         }
     }
@@ -137,20 +155,26 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
             value(Route::Latch),
             value(Route::Pgbouncer),
         );
-        any_failed |= d.is_none() || l.is_none() || b.is_none();
-        let cell = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.1}"));
         let ratio = |v: Option<f64>| match (v, d) {
             (Some(v), Some(d)) if d > 0.0 => format!("{:.2}", v / d),
             _ => "-".to_string(),
+        };
+        let ran = |route: Route| case.routes().contains(&route);
+        any_failed |= d.is_none() || l.is_none() || (ran(Route::Pgbouncer) && b.is_none());
+        let cell = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.1}"));
+        let (b_cell, b_ratio) = if ran(Route::Pgbouncer) {
+            (cell(b), ratio(b))
+        } else {
+            ("-".to_string(), "-".to_string())
         };
         println!(
             "{:<32} {:>10} {:>10} {:>10} {:>13} {:>16}",
             case.label(),
             cell(d),
             cell(l),
-            cell(b),
+            b_cell,
             ratio(l),
-            ratio(b)
+            b_ratio
         );
     }
     for (case, route, _, failed) in &samples {
@@ -205,15 +229,20 @@ impl Rig {
             &secrets,
             &format!("orders-db: {{username: {USER}, password: {password}}}\n"),
         )?;
-        let policy = |name: &str, mode: &str| -> Result<PathBuf> {
+        let policy = |name: &str, mode: &str, extra: &str| -> Result<PathBuf> {
             let text = crate::policy::postgres(name, SERVER, pg.port, &secrets)
-                + &format!("  tls:\n    mode: {mode}\n");
+                + &format!("  tls:\n    mode: {mode}\n{extra}");
             let path = dir.join(format!("{name}.yaml"));
             std::fs::write(&path, text)?;
             Ok(path)
         };
-        let policy_plain = policy("bench-pg-plain", "disable")?;
-        let policy_tls = policy("bench-pg-tls", "require")?;
+        let policy_plain = policy("bench-pg-plain", "disable", "")?;
+        let policy_tls = policy("bench-pg-tls", "require", "")?;
+        let policy_app_tls = policy(
+            "bench-pg-app-tls",
+            "require",
+            "  appTls:\n    mode: enable\n",
+        )?;
 
         // pgbouncer: same credentials, in its auth_file; it runs as the postgres user.
         let userlist = dir.join("userlist.txt");
@@ -238,6 +267,7 @@ impl Rig {
             pg,
             policy_plain,
             policy_tls,
+            policy_app_tls,
             bouncer_port,
             _bouncers: bouncers,
             seconds,
@@ -264,12 +294,12 @@ impl Rig {
             USER.to_string(),
         ];
         let mut argv: Vec<String> = match case {
-            Case::Select | Case::SelectConnect => {
+            Case::Select | Case::SelectConnect | Case::SelectConnectAppTls => {
                 let mut a: Vec<String> = ["pgbench", "-n", "-S", "-c", "4", "-j", "2", "-T"]
                     .map(String::from)
                     .to_vec();
                 a.push(self.seconds.to_string());
-                if case == Case::SelectConnect {
+                if case.tls() {
                     a.push("-C".to_string());
                 }
                 a.extend(conn);
@@ -289,13 +319,15 @@ impl Rig {
             }
         };
         let mut cmd = if route == Route::Latch {
-            let policy = if case.tls() {
-                &self.policy_tls
-            } else {
-                &self.policy_plain
+            let policy = match case {
+                Case::SelectConnect => &self.policy_tls,
+                Case::SelectConnectAppTls => &self.policy_app_tls,
+                _ => &self.policy_plain,
             };
             let mut c = Command::new(&self.latch);
-            c.arg("run").arg("--policy").arg(policy).arg("--");
+            c.arg("run").arg("--policy").arg(policy);
+            c.arg("--state-dir").arg(self.dir.join("latch-state"));
+            c.arg("--");
             c.args(&argv);
             c
         } else {
@@ -314,7 +346,12 @@ impl Rig {
             // The application holds no password; latch authenticates (and does TLS when the
             // policy says so) for it.
             Route::Latch => {
-                cmd.env_remove("PGPASSWORD").env("PGSSLMODE", "disable");
+                let sslmode = if case == Case::SelectConnectAppTls {
+                    "require"
+                } else {
+                    "disable"
+                };
+                cmd.env_remove("PGPASSWORD").env("PGSSLMODE", sslmode);
             }
             // What the application does on its own: its password, TLS when the case uses it.
             Route::Direct => {
@@ -331,7 +368,7 @@ impl Rig {
         let timeout = Duration::from_secs(u64::from(self.seconds) * 3 + 60);
         let (status, stdout) = proc::run_capture(&mut cmd, timeout)?;
         let parsed = match case {
-            Case::Select | Case::SelectConnect => parse_tps(&stdout),
+            Case::Select | Case::SelectConnect | Case::SelectConnectAppTls => parse_tps(&stdout),
             Case::Copy => parse_seconds(&stdout)
                 .map(|s| (self.copy_rows() * ROW_BYTES) as f64 / 1e6 / s.max(1e-6)),
         };

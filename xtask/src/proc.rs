@@ -267,10 +267,20 @@ impl Drop for TempDir {
     }
 }
 
-/// A TCP port that was free on `addr` a moment ago.
+/// A TCP port free on ``addr`` now, chosen below the kernel's ephemeral range
+/// (net.ipv4.ip_local_port_range, 32768 and up by default), so the source port of some other
+/// test's outgoing connection cannot take it between this check and the server's bind.
 pub fn free_port(addr: Ipv4Addr) -> Result<u16> {
-    let l = TcpListener::bind((addr, 0)).with_context(|| format!("binding {addr}:0"))?;
-    Ok(l.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Consecutive calls get different ports even before the first is bound.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Some servers also bind the next port (Vault/OpenBao's cluster port is api + 1).
+    const STEP: u32 = 4;
+    let base = std::process::id() % 12_000;
+    (0..12_000u32)
+        .map(|_| (20_000 + (base + NEXT.fetch_add(STEP, Ordering::Relaxed)) % 12_000) as u16)
+        .find(|&port| TcpListener::bind((addr, port)).is_ok())
+        .with_context(|| format!("no free port below the ephemeral range on {addr}"))
 }
 
 /// True when some socket LISTENs on addr:port (read from /proc/net/tcp, without connecting:

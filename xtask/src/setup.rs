@@ -19,6 +19,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "procps",
     "openssl",
     "pgbouncer",
+    "systemd",
+    "util-linux",
 ];
 
 /// Tools from PyPI the tests start: (command, arguments that succeed when it works, pip requirement).

@@ -1,5 +1,5 @@
 //! One accepted connection, from the kernel lookup to the end of the relay.
-use std::{net::SocketAddr, sync::atomic::Ordering, time::Instant};
+use std::{net::SocketAddr, os::fd::AsFd as _, sync::atomic::Ordering, time::Instant};
 
 use tokio::net::TcpStream;
 use tracing::{Instrument as _, info_span};
@@ -8,7 +8,10 @@ use super::{Origin, Shared};
 use crate::{
     audit::{self, Record},
     config::Protocol,
-    connector::{self, ConnectError},
+    connector::{
+        self, ConnectError,
+        refuse::{self, Refusal},
+    },
     identity::Workload,
     metrics::{Direction, Outcome, RefusedReason},
     relay::Progress,
@@ -97,11 +100,31 @@ async fn serve(
         record.workload = Some(workload);
         record.duration_ms = ms(started.elapsed());
         shared.audit.record(&record);
-        connector::deny(stream, policy).await;
+        connector::deny(stream, &origin, policy, shared).await;
         return;
     }
     record.workload = Some(workload);
+    let Some(_slot) = shared.per_workload.try_acquire(origin.cgroup_id) else {
+        let why = Refusal::WorkloadLimit {
+            max: shared.per_workload.max(),
+        };
+        metrics.refuse(RefusedReason::workload_limit);
+        tracing::warn!(
+            limit = shared.per_workload.max(),
+            "refused: workload over its connection limit"
+        );
+        record.outcome = audit::Outcome::Refused;
+        record.reason = Some(why.to_string());
+        record.duration_ms = ms(started.elapsed());
+        shared.audit.record(&record);
+        refuse::refuse(stream, policy, why).await;
+        return;
+    };
     let _ = stream.set_nodelay(true);
+    // A second descriptor of the application's socket, held until the handshake is done, so a
+    // timed-out handshake can still be answered after the connector is dropped.
+    let app_fd = stream.as_fd().try_clone_to_owned().ok();
+    let handshake_signal = tokio::sync::Notify::new();
     let handshake = std::sync::OnceLock::new();
     metrics.active.inc();
     let progress = Progress::default();
@@ -113,17 +136,47 @@ async fn serve(
             })
             .observe(started.elapsed().as_secs_f64());
         let _ = handshake.set(started.elapsed());
+        handshake_signal.notify_one();
     };
     tracing::debug!("brokering");
-    let result = match policy.protocol {
-        Protocol::Tcp => {
-            connector::tcp::serve(stream, &origin, shared, &progress, handshake_done).await
-        }
-        Protocol::Postgres => {
-            connector::postgres::serve(stream, &origin, policy, shared, &progress, handshake_done)
+    let connector = async {
+        match policy.protocol {
+            Protocol::Tcp => {
+                connector::tcp::serve(stream, &origin, shared, &progress, handshake_done).await
+            }
+            Protocol::Postgres => {
+                connector::postgres::serve(
+                    stream,
+                    &origin,
+                    policy,
+                    shared,
+                    &progress,
+                    handshake_done,
+                )
                 .await
+            }
+            other => Err(ConnectError::Unsupported(other.as_str())),
         }
-        other => Err(ConnectError::Unsupported(other.as_str())),
+    };
+    let timeout = shared.limits.handshake_timeout;
+    let watchdog = async {
+        match tokio::time::timeout(timeout, handshake_signal.notified()).await {
+            Ok(()) => {
+                drop(app_fd);
+                std::future::pending().await
+            }
+            Err(_) => app_fd,
+        }
+    };
+    let result = tokio::select! {
+        biased;
+        r = connector => r,
+        app = watchdog => {
+            if let Some(app) = app.and_then(|fd| from_fd(fd).ok()) {
+                refuse::abort(app, policy, Refusal::HandshakeTimeout(timeout)).await;
+            }
+            Err(ConnectError::HandshakeTimeout(timeout))
+        }
     };
     metrics.active.dec();
     let to_target = progress.to_target.load(Ordering::Relaxed);
@@ -149,13 +202,24 @@ async fn serve(
             );
         }
         Err(err) => {
-            metrics.connection(&policy.name, Outcome::failed);
+            let outcome = match err {
+                ConnectError::HandshakeTimeout(_) => Outcome::timed_out,
+                _ => Outcome::failed,
+            };
+            metrics.connection(&policy.name, outcome);
             tracing::warn!(%err, to_target, to_app, "failed");
             record.outcome = audit::Outcome::Failed;
             record.reason = Some(err.to_string());
         }
     }
     shared.audit.record(&record);
+}
+
+/// A tokio stream over a duplicate of the application's socket.
+fn from_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<TcpStream> {
+    let std = std::net::TcpStream::from(fd);
+    std.set_nonblocking(true)?;
+    TcpStream::from_std(std)
 }
 
 fn ms(d: std::time::Duration) -> f64 {

@@ -7,6 +7,18 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::{AgentArgs, load_config, raise_nofile_limit};
 
+/// Writes the bound addresses (useful with port 0) as JSON, atomically (temp file + rename).
+fn write_ready_file(path: &std::path::Path, running: &Running) -> std::io::Result<()> {
+    let body = serde_json::json!({
+        "pid": std::process::id(),
+        "admin": running.admin_addr().map(|a| a.to_string()),
+        "listeners": running.listeners().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+    });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, body.to_string())?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Loads the policy files again and applies them; an invalid set is logged and ignored.
 async fn reload(running: &Running, paths: &[std::path::PathBuf], cause: &str) {
     let config = match latch::config::load(paths) {
@@ -92,6 +104,9 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         admin = ?running.admin_addr(),
         "ready"
     );
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, &running).with_context(|| format!("writing {}", path.display()))?;
+    }
     let mut hup = signal(SignalKind::hangup())?;
     loop {
         let cause = tokio::select! {

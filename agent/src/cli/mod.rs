@@ -1,5 +1,6 @@
 //! Command-line interface: argument definitions and the glue from each command to the library.
 mod agent;
+mod ca;
 mod run;
 mod status;
 
@@ -50,6 +51,9 @@ enum Command {
     /// Work with policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The node-local CA that issues certificates for TLS toward applications (appTls).
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// Remove what latch may have left behind: an instance's pinned links (ending its
     /// interception) and the cgroups of `latch run` processes that died.
     Cleanup {
@@ -104,6 +108,10 @@ struct DataPathArgs {
     /// Also write audit lines to standard output.
     #[arg(long)]
     audit_stdout: bool,
+    /// Where latch keeps state: the node-local CA for appTls in DIR/ca/
+    /// [default: $LATCH_STATE_DIR, else /var/lib/latch]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -135,6 +143,9 @@ struct AgentArgs {
     /// `latch cleanup` removes them.
     #[arg(long)]
     keep_interception: bool,
+    /// Once ready, write the bound addresses (admin, listeners; handy with port 0) as JSON here.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
     /// Name of this agent's pin directory under <bpffs>/latch/.
     #[arg(long, default_value = "default")]
     instance: String,
@@ -184,6 +195,12 @@ pub fn main(cli: Cli) -> ExitCode {
     if matches!(cli.command, Command::Agent(_) | Command::Run(_)) {
         harden();
     }
+    if let Command::Agent(AgentArgs { data, .. }) | Command::Run(RunArgs { data, .. }) =
+        &cli.command
+        && let Some(dir) = &data.state_dir
+    {
+        latch::ca::set_state_dir(dir.clone());
+    }
     match cli.command {
         Command::Agent(args) => {
             telemetry::init(cli.log_format, "info");
@@ -203,6 +220,7 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         },
         Command::Policy(PolicyCommand::Check { paths }) => policy_check(&paths),
+        Command::Ca(command) => ca::main(command),
     }
 }
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 use super::decode::{self, Cx, Map};
 use super::net::{self, Cidr, PortRange};
 use super::policy::{
-    Credentials, Destination, Protocol, SecretRef, Target, TlsMode, TlsSpec, WorkloadSelector,
+    AppTlsMode, Credentials, Destination, Protocol, SecretRef, Target, TlsMode, TlsSpec,
+    WorkloadSelector,
 };
 use super::yaml::{Entry, Mark, Node, Value};
 
@@ -19,6 +20,7 @@ pub struct PolicySpec {
     pub workloads: Vec<WorkloadSelector>,
     pub protocol: Protocol,
     pub tls: TlsSpec,
+    pub app_tls: AppTlsMode,
     pub credentials: Option<Credentials>,
     pub cache_ttl: Option<Duration>,
 }
@@ -48,6 +50,11 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     };
     let tls_entry = m.entry("tls");
     let tls = tls_entry.and_then(|e| tls(cx, e, default_store));
+    let app_tls_entry = m.entry("appTls");
+    let app_tls = match app_tls_entry {
+        Some(e) => app_tls(cx, e),
+        None => Some(AppTlsMode::Disable),
+    };
     m.finish(cx);
 
     let protocol = protocol?;
@@ -72,6 +79,14 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         }),
         _ => None,
     };
+    if let (Some(AppTlsMode::Enable), Some(e)) = (app_tls, app_tls_entry)
+        && protocol != Protocol::Postgres
+    {
+        cx.error(
+            e.key_mark,
+            format!("appTls applies to protocol postgres only (not {protocol}); remove appTls"),
+        );
+    }
     if cx.errors.len() > errors_before {
         return None;
     }
@@ -80,6 +95,7 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         workloads: workloads?,
         protocol,
         tls: tls?,
+        app_tls: app_tls?,
         credentials,
         cache_ttl,
     })
@@ -413,6 +429,17 @@ fn secret_ref(
         field,
         version,
     })
+}
+
+/// `appTls: {mode: disable | enable}`.
+fn app_tls(cx: &mut Cx, entry: &Entry) -> Option<AppTlsMode> {
+    let mut m = Map::new(cx, &entry.value, entry.key_mark, "appTls")?;
+    let mode = match m.require(cx, "mode") {
+        Some(e) => decode::choice(cx, &e.value, "appTls mode", &AppTlsMode::ALL),
+        None => None,
+    };
+    m.finish(cx);
+    mode
 }
 
 /// `tls` as written; the mode is `None` when not given (defaulted by [`check_tls`]).

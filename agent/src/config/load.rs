@@ -235,6 +235,7 @@ fn document(cx: &mut Cx, root: &Node) -> Option<Resource> {
             workloads: spec.workloads,
             protocol: spec.protocol,
             tls: spec.tls,
+            app_tls: spec.app_tls,
             credentials: spec.credentials,
             cache_ttl: spec.cache_ttl,
         }))

@@ -35,7 +35,7 @@ pub use diagnostic::{Diagnostic, LoadErrors, Location};
 pub use load::{load, load_str};
 pub use net::{Cidr, PortRange};
 pub use policy::{
-    Credentials, Destination, Policy, Protocol, SecretRef, Target, TlsMode, TlsSpec,
+    AppTlsMode, Credentials, Destination, Policy, Protocol, SecretRef, Target, TlsMode, TlsSpec,
     WorkloadSelector,
 };
 pub use secret::SecretString;

@@ -25,6 +25,8 @@ pub struct Policy {
     pub protocol: Protocol,
     /// TLS from the broker to the target; `mode` is already defaulted for the protocol.
     pub tls: TlsSpec,
+    /// TLS toward the application (`spec.appTls.mode`), with a certificate from the node-local CA.
+    pub app_tls: AppTlsMode,
     /// `None` only for `protocol: tcp`.
     pub credentials: Option<Credentials>,
     /// How long fetched credentials may be reused (`credentials.cache.ttl`); `None`: fetch for
@@ -217,6 +219,23 @@ impl fmt::Display for TlsMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// `spec.appTls.mode`: whether latch accepts TLS from the application (answering PostgreSQL's
+/// SSLRequest with 'S') and terminates it with a certificate for the original destination,
+/// issued by the node-local CA. `disable` answers 'N' and the client goes on in plain text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum AppTlsMode {
+    #[default]
+    Disable,
+    Enable,
+}
+
+impl AppTlsMode {
+    pub const ALL: [(&'static str, AppTlsMode); 2] = [
+        ("disable", AppTlsMode::Disable),
+        ("enable", AppTlsMode::Enable),
+    ];
 }
 
 /// `spec.tls` of a policy.

@@ -741,3 +741,33 @@ fn load_errors_display_one_per_line() {
     assert!(shown.lines().all(|l| l.starts_with("x.yaml:")), "{shown}");
     let _: &dyn std::error::Error = &err;
 }
+
+#[test]
+fn app_tls_mode() {
+    let spec = |proto: &str, app_tls: &str| {
+        format!(
+            "  destination: {{address: 10.0.0.1, port: 5432}}\n  protocol: {proto}\n  appTls: {app_tls}\n  credentials: {{store: local, password: {{path: db}}}}\n"
+        )
+    };
+    let on = policy("db", &spec("postgres", "{mode: enable}"));
+    let config = load_str("t.yaml", &format!("{STORES}{on}")).unwrap();
+    assert_eq!(config.policies[0].app_tls, AppTlsMode::Enable);
+
+    let unset = policy(
+        "db",
+        "  destination: {address: 10.0.0.1, port: 5432}\n  protocol: postgres\n  credentials: {store: local, password: {path: db}}\n",
+    );
+    let config = load_str("t.yaml", &format!("{STORES}{unset}")).unwrap();
+    assert_eq!(config.policies[0].app_tls, AppTlsMode::Disable);
+
+    let bad = policy("db", &spec("postgres", "{mode: on}"));
+    assert_eq!(
+        errors("t.yaml", &format!("{STORES}{bad}")),
+        vec!["t.yaml:24:18: invalid appTls mode \"on\": expected \"disable\" or \"enable\""]
+    );
+    let tcp = policy("db", &spec("tcp", "{mode: enable}"));
+    assert_eq!(
+        errors("t.yaml", &format!("{STORES}{tcp}")),
+        vec!["t.yaml:24:3: appTls applies to protocol postgres only (not tcp); remove appTls"]
+    );
+}

@@ -2,6 +2,7 @@
 //! target and carry the application's traffic. `tcp` relays bytes; the protocol-aware
 //! connectors (PostgreSQL, MySQL, HTTP, SSH) authenticate to the target first.
 pub mod postgres;
+pub mod refuse;
 pub mod tcp;
 
 use std::{io, net::SocketAddr, time::Duration};
@@ -20,6 +21,8 @@ pub enum ConnectError {
     },
     #[error("connecting to target {addr}: timed out after {timeout:?}")]
     TargetTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("handshake did not finish within {0:?}")]
+    HandshakeTimeout(Duration),
     #[error("protocol {0} is not supported by this build of latch yet")]
     Unsupported(&'static str),
     #[error("relay: {0}")]
@@ -30,9 +33,14 @@ pub enum ConnectError {
 
 /// Tells the application that its workload may not use `policy`, in the application's own
 /// protocol where latch speaks it; plain TCP can only be reset.
-pub async fn deny(app: TcpStream, policy: &crate::config::Policy) {
+pub async fn deny(
+    app: TcpStream,
+    origin: &crate::broker::Origin,
+    policy: &crate::config::Policy,
+    shared: &crate::broker::Shared,
+) {
     match policy.protocol {
-        crate::config::Protocol::Postgres => postgres::deny(app, policy).await,
+        crate::config::Protocol::Postgres => postgres::deny(app, origin, policy, shared).await,
         _ => {
             let _ = socket2::SockRef::from(&app).set_linger(Some(Duration::ZERO));
             drop(app);

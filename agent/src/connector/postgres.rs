@@ -1,17 +1,20 @@
 //! `protocol: postgres` — latch is the server toward the application and the client toward
 //! the real PostgreSQL server. It reads the application's startup packet (answering SSLRequest
-//! and GSSENCRequest with 'N'), authenticates to the server with the policy's credentials,
+//! with 'S' and terminating TLS when the policy's `appTls` says so, else 'N'; GSSENCRequest
+//! with 'N'), authenticates to the server with the policy's credentials,
 //! tells the application AuthenticationOk with latch's own cancellation key, then relays.
 //! The application never holds, sends or sees a password.
 //!
 //! | file | holds |
 //! |---|---|
 //! | `postgres.rs` | the session: app side, retry after rotation, relay |
+//! | [`app`] | the application's first packet, TLS toward it (node-local CA) |
 //! | [`target`] | connect, TLS negotiation, startup and authentication to the server |
 //! | [`tls`] | rustls client configuration per `tls.mode`, channel binding data |
 //! | [`cancel`] | latch's cancellation keys → the servers' |
 //! | [`failure`] | failures and the ErrorResponse each becomes |
-//! | [`stream`] | plain or TLS target stream |
+//! | [`stream`] | plain or TLS streams, either leg |
+pub mod app;
 pub mod cancel;
 pub mod failure;
 pub mod stream;
@@ -29,14 +32,18 @@ use tokio::{
 pub use cancel::{CancelMap, CancelTarget};
 pub use failure::Failure;
 
-use self::{stream::TargetStream, target::Established};
+use self::{
+    app::{AppTls, read_startup},
+    stream::{AppStream, TargetStream},
+    target::Established,
+};
 use super::{ConnectError, connect_marked};
 use crate::{
     broker::{Origin, Shared},
     config::Policy,
     pg::{
         self, Frame, encode,
-        startup::{self, Initial, MAX_STARTUP_LEN, Startup},
+        startup::{self, Initial, Startup},
     },
     relay::{self, Progress, Transferred},
 };
@@ -46,7 +53,7 @@ pub const APP_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one redirected PostgreSQL connection.
 pub async fn serve(
-    mut app: TcpStream,
+    app: TcpStream,
     origin: &Origin,
     policy: &Policy,
     shared: &Shared,
@@ -54,31 +61,33 @@ pub async fn serve(
     handshake_done: impl FnOnce(),
 ) -> Result<Transferred, ConnectError> {
     let mut inbuf = BytesMut::with_capacity(1024);
-    let first =
-        match tokio::time::timeout(APP_STARTUP_TIMEOUT, read_startup(&mut app, &mut inbuf)).await {
-            Ok(r) => r,
-            Err(_) => Err(Failure::AppTimeout(APP_STARTUP_TIMEOUT)),
-        };
+    let tls = AppTls::for_policy(policy, shared, origin.dst.ip());
+    let first = read_startup(
+        AppStream::Plain(app),
+        &mut inbuf,
+        tls.as_ref(),
+        APP_STARTUP_TIMEOUT,
+    )
+    .await;
     let result = match first {
-        Ok(Initial::Cancel { pid, secret }) => {
+        Ok((_, Initial::Cancel { pid, secret })) => {
             forward_cancel(pid, secret, origin, policy, shared).await;
             return Ok(Transferred::default());
         }
-        Ok(Initial::Startup(s)) => {
-            session(
-                app,
-                inbuf,
-                s,
-                origin,
-                policy,
-                shared,
-                progress,
-                handshake_done,
-            )
-            .await
-        }
+        Ok((app, Initial::Startup(s))) => session(
+            app,
+            inbuf,
+            s,
+            origin,
+            policy,
+            shared,
+            progress,
+            handshake_done,
+        )
+        .await
+        .map_err(|(app, f)| (Some(app), f)),
         Ok(_) => unreachable!("read_startup answers SSL and GSS requests itself"),
-        Err(f) => Err((app, f)),
+        Err(e) => Err(e),
     };
     match result {
         Ok(t) => Ok(t),
@@ -87,19 +96,26 @@ pub async fn serve(
 }
 
 /// Refuses a workload the policy does not admit, in PostgreSQL's own terms: the startup
-/// exchange is answered (no encryption) and a FATAL 28000 explains the refusal. Nothing is
-/// resolved and the target is never contacted.
-pub async fn deny(mut app: TcpStream, policy: &Policy) {
+/// exchange is answered (TLS as the policy says) and a FATAL 28000 explains the refusal.
+/// Nothing is resolved and the target is never contacted.
+pub async fn deny(app: TcpStream, origin: &Origin, policy: &Policy, shared: &Shared) {
     let mut buf = BytesMut::with_capacity(1024);
-    let first = tokio::time::timeout(APP_STARTUP_TIMEOUT, read_startup(&mut app, &mut buf)).await;
-    if let Ok(Ok(Initial::Startup(_))) = first {
-        let _ = refuse(app, policy, Failure::Denied).await;
+    let tls = AppTls::for_policy(policy, shared, origin.dst.ip());
+    let first = read_startup(
+        AppStream::Plain(app),
+        &mut buf,
+        tls.as_ref(),
+        APP_STARTUP_TIMEOUT,
+    )
+    .await;
+    if let Ok((app, Initial::Startup(_))) = first {
+        let _ = refuse(Some(app), policy, Failure::Denied).await;
     }
 }
 
-/// Tells the application why, then closes.
-async fn refuse(mut app: TcpStream, policy: &Policy, failure: Failure) -> ConnectError {
-    if let Some(fields) = failure.to_app(&policy.name) {
+/// Tells the application why (when it is still there), then closes.
+async fn refuse(app: Option<AppStream>, policy: &Policy, failure: Failure) -> ConnectError {
+    if let (Some(mut app), Some(fields)) = (app, failure.to_app(&policy.name)) {
         let mut out = BytesMut::new();
         fields.encode(pg::backend::ERROR_RESPONSE, &mut out);
         // A stalled application must not hold the task: its send buffer is normally empty.
@@ -112,61 +128,9 @@ async fn refuse(mut app: TcpStream, policy: &Policy, failure: Failure) -> Connec
     ConnectError::Postgres(Box::new(failure))
 }
 
-/// Reads the first packet, answering SSLRequest/GSSENCRequest with 'N' (once each, as
-/// PostgreSQL allows) until a StartupMessage or CancelRequest arrives.
-async fn read_startup(app: &mut TcpStream, buf: &mut BytesMut) -> Result<Initial, Failure> {
-    let (mut ssl_seen, mut gss_seen) = (false, false);
-    loop {
-        let initial = loop {
-            if let Some(i) = startup::parse(buf, MAX_STARTUP_LEN).map_err(Failure::AppProtocol)? {
-                break i;
-            }
-            let n = app.read_buf(buf).await.map_err(Failure::AppIo)?;
-            if n == 0 {
-                return Err(if buf.is_empty() {
-                    Failure::AppClosed
-                } else {
-                    Failure::AppProtocol(pg::PgError::malformed("startup packet", "truncated"))
-                });
-            }
-        };
-        match initial {
-            // TLS termination toward the application belongs here (a node-local CA); until
-            // then latch declines and the client continues in plain text on loopback.
-            Initial::SslRequest if !ssl_seen => {
-                ssl_seen = true;
-                no_to_encryption(app, buf).await?;
-            }
-            Initial::GssEncRequest if !gss_seen => {
-                gss_seen = true;
-                no_to_encryption(app, buf).await?;
-            }
-            Initial::SslRequest | Initial::GssEncRequest => {
-                return Err(Failure::AppProtocol(pg::PgError::malformed(
-                    "startup packet",
-                    "encryption requested twice",
-                )));
-            }
-            other => return Ok(other),
-        }
-    }
-}
-
-async fn no_to_encryption(app: &mut TcpStream, buf: &BytesMut) -> Result<(), Failure> {
-    if !buf.is_empty() {
-        // Bytes after an encryption request would be read as plain text: refuse, as
-        // PostgreSQL does (CVE-2021-23214).
-        return Err(Failure::AppProtocol(pg::PgError::malformed(
-            "startup packet",
-            "data after an encryption request",
-        )));
-    }
-    app.write_all(b"N").await.map_err(Failure::AppIo)
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn session(
-    mut app: TcpStream,
+    mut app: AppStream,
     app_leftover: BytesMut,
     startup_msg: Startup,
     origin: &Origin,
@@ -174,7 +138,7 @@ async fn session(
     shared: &Shared,
     progress: &Progress,
     handshake_done: impl FnOnce(),
-) -> Result<Transferred, (TcpStream, Failure)> {
+) -> Result<Transferred, (AppStream, Failure)> {
     let mut creds = match shared.secrets.credentials(policy).await {
         Ok(c) => c,
         Err(e) => return Err((app, Failure::Secrets(e))),
@@ -264,7 +228,8 @@ async fn session(
     }
     handshake_done();
     tracing::debug!(
-        tls = matches!(target, TargetStream::Tls(_)),
+        tls = target.is_tls(),
+        app_tls = app.is_tls(),
         "session ready; relaying"
     );
     let early = strip_password_messages(app_leftover);
@@ -283,10 +248,10 @@ async fn session(
     }))
 }
 
-/// Relays until either side closes: splice(2) when the target leg is plain TCP, a copy loop
-/// when it is TLS.
+/// Relays until either side closes: splice(2) when both legs are plain TCP, a copy loop when
+/// either is TLS.
 async fn relay_session(
-    mut app: TcpStream,
+    mut app: AppStream,
     target: &mut TargetStream,
     early: BytesMut,
     progress: &Progress,
@@ -297,10 +262,12 @@ async fn relay_session(
             .to_target
             .fetch_add(early.len() as u64, Ordering::Relaxed);
     }
-    match target {
-        TargetStream::Plain(tcp) => relay::splice_both(&app, tcp, progress).await,
-        TargetStream::Tls(tls) => {
-            let (to_target, to_app) = tokio::io::copy_bidirectional(&mut app, tls.as_mut()).await?;
+    match (&mut app, target) {
+        (AppStream::Plain(app), TargetStream::Plain(tcp)) => {
+            relay::splice_both(app, tcp, progress).await
+        }
+        (_, target) => {
+            let (to_target, to_app) = tokio::io::copy_bidirectional(&mut app, target).await?;
             progress.to_target.fetch_add(to_target, Ordering::Relaxed);
             progress.to_app.fetch_add(to_app, Ordering::Relaxed);
             Ok(Transferred { to_target, to_app })

@@ -173,6 +173,13 @@ impl Store for FileStore {
         "file"
     }
 
+    fn health(&self) -> super::store::BoxFuture<'_, Result<(), SecretError>> {
+        Box::pin(async move {
+            let meta = std::fs::metadata(&self.path).map_err(|e| self.io_error(&e))?;
+            check_mode(&self.name, &self.path, meta.mode())
+        })
+    }
+
     fn fetch<'a>(&'a self, lookup: Lookup<'a>) -> BoxFuture<'a, Result<Secret, SecretError>> {
         Box::pin(async move {
             let secrets = self.secrets()?;

@@ -252,6 +252,21 @@ impl Store for KubernetesStore {
         KIND
     }
 
+    /// A TCP connect to the API server.
+    fn health(&self) -> BoxFuture<'_, Result<(), SecretError>> {
+        Box::pin(async move {
+            let unreachable = |reason: String| SecretError::Unreachable {
+                store: self.name.clone(),
+                kind: KIND,
+                reason,
+            };
+            let api = self.api.as_ref().map_err(|r| unreachable(r.clone()))?;
+            crate::secrets::health::tcp_reachable(api)
+                .await
+                .map_err(|e| unreachable(format!("{api}: {e}")))
+        })
+    }
+
     fn fetch<'a>(&'a self, lookup: Lookup<'a>) -> BoxFuture<'a, Result<Secret, SecretError>> {
         Box::pin(self.read(lookup))
     }

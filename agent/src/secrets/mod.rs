@@ -19,6 +19,7 @@ pub mod error;
 pub mod exec;
 pub mod file;
 pub mod flight;
+pub mod health;
 mod http;
 pub mod kubernetes;
 pub mod literal;

@@ -112,6 +112,31 @@ impl Resolver {
         self.resolve_ref(reference, false).await
     }
 
+    /// Checks every store's reachability ([`Store::health`]) concurrently, each bounded by
+    /// `bound`; returns `(name, kind, result)` sorted by name.
+    pub async fn health(
+        &self,
+        bound: std::time::Duration,
+    ) -> Vec<(String, &'static str, Result<(), SecretError>)> {
+        let mut checks = tokio::task::JoinSet::new();
+        for (name, store) in &self.inner.stores {
+            let (name, store) = (name.clone(), store.clone());
+            checks.spawn(async move {
+                let result = match tokio::time::timeout(bound, store.health()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(SecretError::Timeout {
+                        store: name.clone(),
+                        after: bound,
+                    }),
+                };
+                (name, store.kind(), result)
+            });
+        }
+        let mut all = checks.join_all().await;
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// Forgets every cached credential (e.g. after a configuration reload).
     pub fn clear_cache(&self) {
         self.inner.cache.clear();

@@ -53,6 +53,13 @@ pub trait Store: Send + Sync + 'static {
         })
     }
 
+    /// A cheap reachability check for `/readyz` (no secret is read): Vault's `sys/health`, a
+    /// TCP connect to an API endpoint, a `stat` of a file. Stores with nothing to reach (env,
+    /// exec, literal) are always healthy.
+    fn health(&self) -> BoxFuture<'_, Result<(), SecretError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Called once when the agent stops; `revoke` asks to revoke leases this store handed out.
     fn shutdown(&self, revoke: bool) -> BoxFuture<'_, ()> {
         let _ = revoke;

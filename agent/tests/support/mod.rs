@@ -46,6 +46,7 @@ fn policy(name: &str, credentials: Credentials, cache_ttl: Option<Duration>) -> 
             client_cert: None,
             client_key: None,
         },
+        app_tls: Default::default(),
         credentials: Some(credentials),
         cache_ttl,
     }
@@ -184,13 +185,19 @@ impl Drop for ProcessGuard {
     }
 }
 
-/// A loopback port nobody listens on right now.
+/// A TCP port free on `127.0.0.1` now, chosen below the kernel's ephemeral range
+/// (net.ipv4.ip_local_port_range, 32768 and up by default), so the source port of some other
+/// test's outgoing connection cannot take it between this check and the server's bind.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Some servers also bind the next port (Vault/OpenBao's cluster port is api + 1).
+    const STEP: u32 = 4;
+    let base = (std::process::id() % 600) * 20;
+    (0..12_000u32)
+        .map(|_| 20_000 + (base + NEXT.fetch_add(STEP, Ordering::Relaxed)) % 12_000)
+        .find(|&port| TcpListener::bind(("127.0.0.1", port as u16)).is_ok())
+        .expect("no free port below the ephemeral range") as u16
 }
 
 /// Waits until something accepts connections on `port`, or panics (showing `log`).

@@ -5,6 +5,9 @@
 //! * `latch-probe echo ADDR CONNS BYTES` — open CONNS connections at once; on each send BYTES
 //!   bytes unique to that connection, half-close, read the echo to the end and compare; check
 //!   that getpeername reports ADDR. Prints `ok=<n> failed=<n>`; exits 1 if anything differs.
+//! * `latch-probe hold ADDR CONNS MILLIS` — open CONNS connections at once; on each send one
+//!   byte and wait for its echo, then keep the connection open until MILLIS after the start.
+//!   Prints `echoed=<n> refused=<n>` (refused: reset or closed before the echo); exits 0.
 //! * `latch-probe pg CONNSTR SCENARIO` — a tokio-postgres client; see `probe/pg.rs`.
 //! * `latch-probe pgraw ADDR SCENARIO` — hostile PostgreSQL startup bytes; see `probe/pgraw.rs`.
 #[path = "probe/pg.rs"]
@@ -21,6 +24,13 @@ use tokio::{
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    // Thousands of concurrent connections need more than the usual 1024 descriptors.
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -28,6 +38,11 @@ fn main() -> ExitCode {
     let result = match args.get(1).map(String::as_str) {
         Some("peer") => rt.block_on(peer(parse_addr(&args, 2))),
         Some("echo") => rt.block_on(echo(
+            parse_addr(&args, 2),
+            parse_num(&args, 3),
+            parse_num(&args, 4),
+        )),
+        Some("hold") => rt.block_on(hold(
             parse_addr(&args, 2),
             parse_num(&args, 3),
             parse_num(&args, 4),
@@ -40,7 +55,7 @@ fn main() -> ExitCode {
             parse_addr(&args, 2),
             args.get(3).map(String::as_str).unwrap_or_default(),
         )),
-        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO".into()),
+        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | hold ADDR CONNS MILLIS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,6 +85,40 @@ async fn peer(addr: SocketAddr) -> Result<(), String> {
     let peer = s.peer_addr().map_err(|e| e.to_string())?;
     let local = s.local_addr().map_err(|e| e.to_string())?;
     println!("peer={peer} local={local}");
+    Ok(())
+}
+
+async fn hold(addr: SocketAddr, conns: usize, millis: usize) -> Result<(), String> {
+    let until = tokio::time::Instant::now() + std::time::Duration::from_millis(millis as u64);
+    let tasks: Vec<_> = (0..conns)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.ok()?;
+                let byte = [i as u8];
+                s.write_all(&byte).await.ok()?;
+                let mut back = [0u8; 1];
+                tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut back))
+                    .await
+                    .ok()?
+                    .ok()?;
+                (back == byte).then_some(())?;
+                tokio::time::sleep_until(until).await;
+                Some(s)
+            })
+        })
+        .collect();
+    let (mut echoed, mut refused) = (0, 0);
+    let mut open = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(Some(s)) => {
+                echoed += 1;
+                open.push(s);
+            }
+            _ => refused += 1,
+        }
+    }
+    println!("echoed={echoed} refused={refused}");
     Ok(())
 }
 

@@ -22,6 +22,8 @@ pub enum Failure {
     AppIo(#[source] io::Error),
     #[error("the application closed the connection before its startup packet")]
     AppClosed,
+    #[error("TLS with the application: {0}")]
+    AppTls(String),
     #[error("{0}")]
     Refused(#[source] StartupRefusal),
     #[error("resolving credentials: {0}")]
@@ -63,7 +65,7 @@ impl Failure {
             }
             Failure::AppProtocol(_) => say(SqlState::PROTOCOL_VIOLATION, self.to_string()),
             Failure::AppTimeout(_) => say(SqlState::PROTOCOL_VIOLATION, self.to_string()),
-            Failure::AppIo(_) | Failure::AppClosed => return None,
+            Failure::AppIo(_) | Failure::AppClosed | Failure::AppTls(_) => return None,
             Failure::Denied => say(SqlState::INVALID_AUTHORIZATION, self.to_string()),
             Failure::Refused(StartupRefusal::Replication) => {
                 say(SqlState::INSUFFICIENT_PRIVILEGE, self.to_string())

@@ -73,8 +73,10 @@ fn server_name(policy: &Policy, addr: SocketAddr) -> Result<ServerName<'static>,
 /// store), so the next connection to the same server offers the ticket it got before.
 #[derive(Default)]
 pub struct ClientConfigs {
-    map: Mutex<HashMap<String, ([u8; 32], Arc<ClientConfig>)>>,
+    map: Mutex<HashMap<String, (Fingerprint, Arc<ClientConfig>)>>,
 }
+
+type Fingerprint = [u8; 32];
 
 /// More policies than this and the cache starts over (stale names after reloads).
 const MAX_CONFIGS: usize = 1024;
@@ -360,5 +362,41 @@ impl ServerCertVerifier for Unverified {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(tls: &str) -> Policy {
+        let text = format!(
+            "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: local}}\nspec:\n  file: {{path: /etc/latch/secrets.yaml}}\n---\napiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {{name: db}}\nspec:\n  destination: {{address: 127.0.0.2, port: 5432}}\n  protocol: postgres\n  tls: {tls}\n  credentials: {{store: local, password: {{path: db}}}}\n"
+        );
+        crate::config::load_str("t.yaml", &text)
+            .unwrap()
+            .policies
+            .remove(0)
+    }
+
+    /// One configuration (and so one session cache) per policy while nothing it is built from
+    /// changes; a changed `tls` block or client certificate builds a new one.
+    #[test]
+    fn client_configs_are_reused_until_their_inputs_change() {
+        let require = policy("{mode: require}");
+        let configs = ClientConfigs::default();
+        let fp = fingerprint(&require, None);
+        assert!(configs.get("db", &fp).is_none());
+        let built = Arc::new(build_client_config(&require, None).unwrap());
+        configs.put("db", fp, built.clone());
+        assert!(Arc::ptr_eq(&configs.get("db", &fp).unwrap(), &built));
+        assert_eq!(fp, fingerprint(&policy("{mode: require}"), None));
+
+        let verify = policy("{mode: verify-full, serverName: db.internal}");
+        assert!(configs.get("db", &fingerprint(&verify, None)).is_none());
+        let with_cert = fingerprint(&require, Some((b"cert-a", b"key")));
+        assert_ne!(with_cert, fp);
+        assert_ne!(with_cert, fingerprint(&require, Some((b"cert-b", b"key"))));
+        assert!(configs.get("db", &with_cert).is_none());
     }
 }

@@ -369,6 +369,15 @@ impl Store for AwsStore {
         KIND
     }
 
+    /// A TCP connect to the Secrets Manager endpoint (no request, no signing).
+    fn health(&self) -> BoxFuture<'_, Result<(), SecretError>> {
+        Box::pin(async move {
+            crate::secrets::health::tcp_reachable(&self.endpoint)
+                .await
+                .map_err(|e| self.unreachable(format!("{}: {e}", self.endpoint)))
+        })
+    }
+
     fn fetch<'a>(&'a self, lookup: Lookup<'a>) -> BoxFuture<'a, Result<Secret, SecretError>> {
         Box::pin(self.get_secret_value(lookup))
     }

@@ -440,6 +440,26 @@ impl Store for VaultStore {
         KIND
     }
 
+    /// `GET sys/health` (unauthenticated): reachable and unsealed; a standby counts as healthy.
+    fn health(&self) -> BoxFuture<'_, Result<(), SecretError>> {
+        Box::pin(async move {
+            let resp = self
+                .send(
+                    Method::GET,
+                    "sys/health?standbyok=true&perfstandbyok=true",
+                    None,
+                    None,
+                )
+                .await?;
+            match resp.status.as_u16() {
+                200 | 429 | 472 | 473 => Ok(()),
+                501 => Err(self.unreachable("not initialized")),
+                503 => Err(self.unreachable("sealed")),
+                other => Err(self.unreachable(format!("sys/health answered {other}"))),
+            }
+        })
+    }
+
     fn fetch<'a>(&'a self, lookup: Lookup<'a>) -> BoxFuture<'a, Result<Secret, SecretError>> {
         Box::pin(self.read_kv(lookup))
     }

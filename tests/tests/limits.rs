@@ -1,0 +1,290 @@
+//! Limits: connections per workload, handshake timeout, and an accept loop that survives
+//! running out of file descriptors.
+use std::{
+    net::{SocketAddr, TcpListener},
+    os::fd::AsRawFd as _,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use latch_tests::{
+    Agent, TempDir, TestCgroup, bins,
+    postgres::{self, PgCluster},
+    servers::{EchoServer, free_port},
+    tcp_policy,
+};
+
+fn probe(cg: &TestCgroup, args: &[&str]) -> (bool, String) {
+    let out = cg
+        .command(bins::probe())
+        .args(args)
+        .output()
+        .expect("run latch-probe");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_workload_over_its_limit_is_refused_audited_and_counted() {
+    let target = EchoServer::start("127.0.0.2");
+    let cg = TestCgroup::new();
+    let agent = Agent::start_args(
+        &tcp_policy("capped", "127.0.0.2", target.addr.port()),
+        &cg,
+        &["--max-per-workload", "2"],
+    );
+    // Five connections held open at once from one cgroup: two get through, three are reset.
+    let (_, out) = probe(&cg, &["hold", &target.addr.to_string(), "5", "1500"]);
+    assert!(
+        out.contains("echoed=2 refused=3"),
+        "expected 2 through and 3 refused: {out}\n{}",
+        agent.log()
+    );
+    // The slots come back when the connections close.
+    let (ok, out) = probe(&cg, &["echo", &target.addr.to_string(), "2", "1000"]);
+    assert!(ok, "after the held connections closed: {out}");
+
+    let records = agent.wait_audit(7);
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r["outcome"] == "refused")
+        .collect();
+    assert_eq!(refused.len(), 3, "{records:#?}");
+    for r in &refused {
+        assert_eq!(r["policy"], "capped");
+        assert!(
+            r["reason"]
+                .as_str()
+                .unwrap()
+                .contains("too many connections from this workload (at most 2 at once)"),
+            "{r}"
+        );
+        let rel = cg
+            .path()
+            .strip_prefix(latch_tests::cgroup::v2_root())
+            .unwrap()
+            .display()
+            .to_string();
+        assert_eq!(r["workload"]["cgroup"], format!("/{rel}"));
+    }
+    assert!(
+        agent
+            .metrics()
+            .contains("latch_connections_refused_total{reason=\"workload_limit\"} 3"),
+        "{}",
+        agent.metrics()
+    );
+    assert_eq!(
+        target.accepted(),
+        4,
+        "a refused connection reached the target"
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_postgres_client_over_the_limit_gets_sqlstate_53300() {
+    let pg = PgCluster::start("127.0.0.3", "scram-pw-x1", "md5-pw-x1", "plain-pw-x1");
+    let secrets = TempDir::new("limit-pg");
+    let file = secrets.write(
+        "secrets.yaml",
+        &postgres::secrets_yaml(postgres::SCRAM_USER, "scram-pw-x1"),
+    );
+    let cg = TestCgroup::new();
+    let agent = Agent::start_args(
+        &postgres::policy_yaml("pg-capped", pg.addr, &file, ""),
+        &cg,
+        &["--max-per-workload", "1"],
+    );
+    // One session held open by psql (pg_sleep), a second one refused while it lasts.
+    let psql = |sql: &str| {
+        let mut cmd = cg.command(postgres::bin("psql"));
+        cmd.args(["-w", "-X", "-A", "-t", "-h", "127.0.0.3", "-p"])
+            .arg(pg.addr.port().to_string())
+            .args([
+                "-U",
+                postgres::SCRAM_USER,
+                "-d",
+                postgres::APP_DB,
+                "-c",
+                sql,
+            ])
+            .env_remove("PGPASSWORD");
+        cmd
+    };
+    let mut holder = psql("select pg_sleep(2)").spawn().expect("psql");
+    std::thread::sleep(Duration::from_millis(700));
+    let second = psql("select 1").output().expect("psql");
+    let _ = holder.wait();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "second session was admitted");
+    assert!(
+        err.contains("too many connections from this workload (at most 1 at once)"),
+        "psql said: {err}"
+    );
+    let records = agent.wait_audit(2);
+    assert!(records.iter().any(|r| r["outcome"] == "refused"));
+    assert!(agent.stop().success());
+}
+
+/// A listener whose accept queue is full: further SYNs are dropped, so a connect to it hangs.
+struct BlackHole {
+    addr: SocketAddr,
+    _listener: std::net::TcpListener,
+    _fillers: Vec<std::net::TcpStream>,
+}
+
+impl BlackHole {
+    fn start(ip: &str) -> Self {
+        let addr: SocketAddr = format!("{ip}:{}", free_port(ip)).parse().unwrap();
+        let listener = TcpListener::bind(addr).expect("bind black hole");
+        // Backlog 0: the kernel keeps one connection in the queue, then drops SYNs.
+        // SAFETY: listen(2) on a socket this function owns.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let fillers = (0..3)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+            })
+            .collect();
+        Self {
+            addr,
+            _listener: listener,
+            _fillers: fillers,
+        }
+    }
+}
+
+#[test]
+fn a_handshake_that_takes_too_long_is_cut_at_the_timeout() {
+    let hole = BlackHole::start("127.0.0.4");
+    let cg = TestCgroup::new();
+    let agent = Agent::start_args(
+        &tcp_policy("slow", "127.0.0.4", hole.addr.port()),
+        &cg,
+        // The connect timeout alone would wait 30 s.
+        &["--handshake-timeout", "1", "--connect-timeout", "30"],
+    );
+    let started = Instant::now();
+    let (ok, out) = probe(&cg, &["echo", &hole.addr.to_string(), "1", "10"]);
+    let took = started.elapsed();
+    assert!(!ok, "a connection through a black hole succeeded: {out}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the client waited {took:?}: {out}"
+    );
+    let records = agent.wait_audit(1);
+    assert_eq!(records[0]["outcome"], "failed");
+    assert_eq!(
+        records[0]["reason"], "handshake did not finish within 1s",
+        "{records:#?}"
+    );
+    assert!(
+        agent
+            .metrics()
+            .contains("latch_connections_total{policy=\"slow\",outcome=\"timed_out\"} 1"),
+        "{}",
+        agent.metrics()
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_postgres_target_that_never_answers_times_out_with_an_error_response() {
+    // A server that accepts and then says nothing: latch's startup to it never completes.
+    let silent = TcpListener::bind(("127.0.0.5", 0)).expect("bind");
+    let addr = silent.local_addr().unwrap();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let held = held.clone();
+        let silent = silent.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for s in silent.incoming().flatten() {
+                held.lock().unwrap().push(s);
+            }
+        });
+    }
+    let secrets = TempDir::new("timeout-pg");
+    let file = secrets.write(
+        "secrets.yaml",
+        &postgres::secrets_yaml("app", "pw-never-used-9"),
+    );
+    let cg = TestCgroup::new();
+    let agent = Agent::start_args(
+        &postgres::policy_yaml("mute-db", addr, &file, "  tls: {mode: disable}\n"),
+        &cg,
+        &["--handshake-timeout", "1"],
+    );
+    let started = Instant::now();
+    let out = cg
+        .command(postgres::bin("psql"))
+        .args(["-w", "-X", "-h", "127.0.0.5", "-p"])
+        .arg(addr.port().to_string())
+        .args(["-U", "app", "-d", "app", "-c", "select 1"])
+        .output()
+        .expect("psql");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+    assert!(
+        err.contains("latch: policy \"mute-db\": connecting to the target timed out after 1s"),
+        "psql said: {err}"
+    );
+    assert!(!err.contains("pw-never-used-9"));
+    let records = agent.wait_audit(1);
+    assert_eq!(records[0]["reason"], "handshake did not finish within 1s");
+    assert!(agent.stop().success());
+    drop(held);
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/<pid>/fd")
+        .count()
+}
+
+fn prlimit_nofile(pid: u32, soft: u64, hard: u64) {
+    let prlimit = bins::tool("prlimit", "the Debian package util-linux");
+    let st = Command::new(prlimit)
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg(format!("--nofile={soft}:{hard}"))
+        .status()
+        .expect("run prlimit");
+    assert!(st.success(), "prlimit --nofile={soft}:{hard} failed");
+}
+
+/// RLIMIT_NOFILE of the running agent is lowered (prlimit(1), from outside) so accept(2) fails
+/// with EMFILE; the accept loop backs off instead of dying, and once descriptors are available
+/// again the same listener serves.
+#[test]
+fn running_out_of_file_descriptors_does_not_kill_the_listener() {
+    let target = EchoServer::start("127.0.0.2");
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&tcp_policy("fds", "127.0.0.2", target.addr.port()), &cg);
+    let (ok, out) = probe(&cg, &["echo", &target.addr.to_string(), "1", "100"]);
+    assert!(ok, "{out}");
+    let pid = agent.pid();
+    let in_use = open_fds(pid) as u64;
+    prlimit_nofile(pid, in_use + 2, 20_000);
+    let (ok, out) = probe(&cg, &["echo", &target.addr.to_string(), "20", "1000"]);
+    assert!(
+        !ok,
+        "20 connections with 2 spare descriptors all succeeded: {out}"
+    );
+    agent.wait_log("Too many open files", 1);
+    assert!(
+        agent.log().contains("accept failed; backing off"),
+        "{}",
+        agent.log()
+    );
+    prlimit_nofile(pid, 20_000, 20_000);
+    let (ok, out) = probe(&cg, &["echo", &target.addr.to_string(), "20", "1000"]);
+    assert!(ok, "the listener did not recover: {out}\n{}", agent.log());
+    assert!(agent.stop().success());
+}
