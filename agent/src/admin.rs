@@ -68,6 +68,9 @@ struct EbpfStatus {
     rules: usize,
     redirected: u64,
     map_errors: u64,
+    /// Entries in LATCH_SOCKS (live redirected sockets) and LATCH_CONNS (accepts pending).
+    socks_entries: usize,
+    conns_entries: usize,
 }
 
 /// Serves until `shutdown` fires.
@@ -178,6 +181,8 @@ fn status(state: &AdminState) -> Status<'_> {
             rules: i.rule_count(),
             redirected: stats.redirected,
             map_errors: stats.map_errors,
+            socks_entries: i.socks_len(),
+            conns_entries: state.shared.conns.len(),
         }
     };
     Status {
@@ -225,7 +230,14 @@ fn refresh_ebpf_gauges(state: &AdminState) {
     m.ebpf_redirected.set(stats.redirected as i64);
     m.ebpf_map_errors.set(stats.map_errors as i64);
     m.rules.set(i.rule_count() as i64);
+    let socks = i.socks_len();
     drop(i);
+    m.map_entries
+        .get_or_create(&crate::metrics::MapLabels { map: "socks" })
+        .set(socks as i64);
+    m.map_entries
+        .get_or_create(&crate::metrics::MapLabels { map: "conns" })
+        .set(state.shared.conns.len() as i64);
     let locks = crate::config::mlock::stats();
     m.secret_mlock_locked.set(locks.locked as i64);
     m.secret_mlock_failed.set(locks.failed as i64);

@@ -62,6 +62,18 @@ pub struct StoreLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreErrorLabels {
+    pub store: String,
+    /// `SecretError::code()`: store_unreachable, store_auth_failed, not_found, …
+    pub error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
     pub policy: String,
 }
@@ -78,6 +90,9 @@ pub struct Metrics {
     pub ebpf_redirected: Gauge<i64, AtomicI64>,
     pub ebpf_map_errors: Gauge<i64, AtomicI64>,
     pub rules: Gauge<i64, AtomicI64>,
+    pub secret_seconds: Family<StoreLabels, Histogram>,
+    pub secret_errors: Family<StoreErrorLabels, Counter>,
+    pub map_entries: Family<MapLabels, Gauge<i64, AtomicI64>>,
     /// 1 when the latest probe reached the store, 0 when not.
     pub store_up: Family<StoreLabels, Gauge<i64, AtomicI64>>,
     /// Secret buffers mlocked / refused a lock since start.
@@ -173,8 +188,33 @@ impl Metrics {
             "Secret buffers whose mlock failed since start (RLIMIT_MEMLOCK without CAP_IPC_LOCK)",
             secret_mlock_failed.clone(),
         );
+        let secret_seconds = Family::<StoreLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.00001, 0.0001, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0,
+            ])
+        });
+        registry.register(
+            "secret_resolve_seconds",
+            "Time to resolve a connection's credentials (cache hits included), by store",
+            secret_seconds.clone(),
+        );
+        let secret_errors = Family::<StoreErrorLabels, Counter>::default();
+        registry.register(
+            "secret_errors",
+            "Credential resolutions that failed, by store and error kind",
+            secret_errors.clone(),
+        );
+        let map_entries = Family::<MapLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "ebpf_map_entries",
+            "Entries in the eBPF connection maps (LRU, 65536 each)",
+            map_entries.clone(),
+        );
         Self {
             registry,
+            secret_seconds,
+            secret_errors,
+            map_entries,
             store_up,
             secret_mlock_locked,
             secret_mlock_failed,
@@ -217,6 +257,33 @@ impl Metrics {
             })
             .inc();
         self.totals[3].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one credential resolution for `policy` (its first store names the series).
+    pub fn secret_resolution(
+        &self,
+        policy: &crate::config::Policy,
+        took: std::time::Duration,
+        error: Option<&crate::secrets::SecretError>,
+    ) {
+        let store = policy
+            .credentials
+            .as_ref()
+            .and_then(|c| c.stores().first().map(|s| s.to_string()))
+            .unwrap_or_default();
+        self.secret_seconds
+            .get_or_create(&StoreLabels {
+                store: store.clone(),
+            })
+            .observe(took.as_secs_f64());
+        if let Some(err) = error {
+            self.secret_errors
+                .get_or_create(&StoreErrorLabels {
+                    store,
+                    error: err.code(),
+                })
+                .inc();
+        }
     }
 
     pub fn add_bytes(&self, direction: Direction, n: u64) {

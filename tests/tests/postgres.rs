@@ -135,6 +135,11 @@ fn psql_without_a_password_runs_as_the_policys_user_with_scram_md5_and_cleartext
     s.assert_log_clean();
     let log = s.pg.log();
     assert!(!log.contains("authentication failed"), "{log}");
+    let metrics = s.agent.metrics();
+    assert!(
+        metrics.contains("latch_secret_resolve_seconds_count{store=\"local\"} 3"),
+        "store latency not measured:\n{metrics}"
+    );
     assert!(s.agent.stop().success());
 }
 
@@ -171,6 +176,12 @@ fn a_wrong_password_in_the_store_reaches_the_app_as_fatal_28p01_naming_the_polic
 
     s.agent.wait_count("failed", 3);
     assert_eq!(s.agent.count("relayed"), 0);
+    let metrics = s.agent.metrics();
+    assert!(
+        metrics.contains("latch_secret_errors_total{store=\"local\",error=\"field_missing\"}")
+            || metrics.contains("latch_secret_errors_total{store=\"local\",error=\"not_found\"}"),
+        "store errors not counted:\n{metrics}"
+    );
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }

@@ -110,6 +110,26 @@ fn two_hundred_concurrent_connections_each_carry_their_own_bytes() {
     agent.wait_count("relayed", 200);
     assert_eq!(echo.accepted(), 200);
     assert_eq!(agent.count("active"), 0);
+    // The kernel's records went with the connections: accepted ones at accept, per-socket
+    // ones when the sockets closed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let ebpf = agent.status()["ebpf"].clone();
+        if ebpf["socks_entries"] == 0 && ebpf["conns_entries"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "eBPF maps not cleaned: {ebpf}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        agent
+            .metrics()
+            .contains("latch_ebpf_map_entries{map=\"socks\"} 0"),
+        "no map occupancy metric"
+    );
     assert!(agent.stop().success());
 }
 

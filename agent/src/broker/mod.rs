@@ -85,8 +85,8 @@ impl Shared {
         Self {
             conns,
             policies: RwLock::new(Arc::new(policies)),
+            secrets: Secrets(RwLock::new(secrets), metrics.clone()),
             metrics,
-            secrets: Secrets(RwLock::new(secrets)),
             mark,
             per_workload: per_workload::PerWorkload::new(limits.max_per_workload),
             store_health: Default::default(),
@@ -116,7 +116,7 @@ impl Shared {
 }
 
 /// The secret resolver in force; replaced when a reload changes the secret stores.
-pub struct Secrets(RwLock<Resolver>);
+pub struct Secrets(RwLock<Resolver>, Arc<Metrics>);
 
 impl Secrets {
     /// The resolver in force now (cheap: it is reference counted).
@@ -137,7 +137,11 @@ impl Secrets {
         &self,
         policy: &crate::config::Policy,
     ) -> Result<Arc<crate::secrets::Credentials>, crate::secrets::SecretError> {
-        self.current().credentials(policy).await
+        let started = std::time::Instant::now();
+        let result = self.current().credentials(policy).await;
+        self.1
+            .secret_resolution(policy, started.elapsed(), result.as_ref().err());
+        result
     }
 
     /// See [`Resolver::refresh`].
@@ -145,7 +149,11 @@ impl Secrets {
         &self,
         policy: &crate::config::Policy,
     ) -> Result<Arc<crate::secrets::Credentials>, crate::secrets::SecretError> {
-        self.current().refresh(policy).await
+        let started = std::time::Instant::now();
+        let result = self.current().refresh(policy).await;
+        self.1
+            .secret_resolution(policy, started.elapsed(), result.as_ref().err());
+        result
     }
 
     /// See [`Resolver::shutdown`].

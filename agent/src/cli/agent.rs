@@ -73,7 +73,7 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         admin: Some(args.admin),
         mark: args.data.mark,
         limits: args.data.limits(),
-        secrets: Default::default(),
+        secrets: args.data.secrets(),
         audit: args.data.audit(),
         fail_mode: args.fail_mode,
         keep_interception: args.keep_interception,

@@ -96,6 +96,9 @@ struct DataPathArgs {
     /// authentication) may take, in seconds; then it fails.
     #[arg(long, default_value_t = 30)]
     handshake_timeout: u64,
+    /// Development only: allow `literal` secret stores (values written in the policy files).
+    #[arg(long)]
+    allow_literal_secrets: bool,
     /// Append one JSON line per connection, denial and refusal to this file (rotated by size).
     #[arg(long)]
     audit_log: Option<PathBuf>,
@@ -172,6 +175,18 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 }
 
 impl DataPathArgs {
+    fn secrets(&self) -> latch::secrets::ResolverOptions {
+        if self.allow_literal_secrets {
+            tracing::warn!(
+                "literal secret stores allowed: secret values sit in the policy files (development only)"
+            );
+        }
+        latch::secrets::ResolverOptions {
+            allow_literal: self.allow_literal_secrets,
+            ..Default::default()
+        }
+    }
+
     fn audit(&self) -> latch::audit::AuditOptions {
         latch::audit::AuditOptions {
             file: self.audit_log.clone(),

@@ -33,7 +33,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         admin: args.admin,
         mark: args.data.mark,
         limits: args.data.limits(),
-        secrets: Default::default(),
+        secrets: args.data.secrets(),
         audit: args.data.audit(),
         fail_mode: Default::default(),
         keep_interception: false,

@@ -75,6 +75,8 @@ pub struct Interceptor {
     rules6: LpmTrie<MapData, Rule6Data, RuleValue>,
     config: Array<MapData, BrokerConfig>,
     stats: PerCpuArray<MapData, u64>,
+    /// Read only here, to report occupancy.
+    socks: aya::maps::HashMap<MapData, u64, latch_common::ConnMeta>,
     logger: Option<Logger>,
     /// Links pinned on bpffs (empty unless interception is kept across restarts).
     pinned: Vec<aya::programs::links::PinnedLink>,
@@ -115,6 +117,7 @@ impl Interceptor {
             rules6: take_map(&mut bpf, map_names::RULES6)?,
             config: take_map(&mut bpf, map_names::CONFIG)?,
             stats: take_map(&mut bpf, map_names::STATS)?,
+            socks: take_map(&mut bpf, map_names::SOCKS)?,
             bpf,
             logger,
             pinned: Vec::new(),
@@ -221,6 +224,11 @@ impl Interceptor {
         }
         self.installed = wanted;
         Ok(())
+    }
+
+    /// Entries in the per-socket map (walks the keys; for metrics).
+    pub fn socks_len(&self) -> usize {
+        self.socks.keys().filter(Result::is_ok).count()
     }
 
     /// Number of rule entries currently installed.
