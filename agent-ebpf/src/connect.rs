@@ -14,7 +14,10 @@ use aya_ebpf::{
 };
 use latch_common::{BrokerConfig, CONFIG_ENABLED, ConnMeta, RuleValue, stat};
 
-use crate::maps::{CONFIG, RULES4, RULES6, SOCKS, count};
+use crate::{
+    addr,
+    maps::{CONFIG, RULES4, RULES6, SOCKS, count},
+};
 
 const SOCK_STREAM: u32 = 1;
 const AF_INET: u16 = 2;
@@ -89,11 +92,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
         sa.user_ip6[2],
         sa.user_ip6[3],
     ];
-    let mut orig = [0u8; 16];
-    orig[0..4].copy_from_slice(&w[0].to_ne_bytes());
-    orig[4..8].copy_from_slice(&w[1].to_ne_bytes());
-    orig[8..12].copy_from_slice(&w[2].to_ne_bytes());
-    orig[12..16].copy_from_slice(&w[3].to_ne_bytes());
+    let orig = addr::from_words(w);
     let port = u16::from_be(sa.user_port as u16);
     let v4_mapped = w[0] == 0 && w[1] == 0 && orig[8..12] == [0, 0, 0xff, 0xff];
     if v4_mapped {
@@ -110,11 +109,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
     } else {
         let rule = lookup6(orig, port)?;
         record(ctx, rule, orig, port, AF_INET6)?;
-        let a = &cfg.addr6;
-        sa.user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-        sa.user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
-        sa.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
-        sa.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        addr::set_user_ip6(sa, &cfg.addr6);
         sa.user_port = u32::from(cfg.port6.to_be());
     }
     count(stat::REDIRECTED);

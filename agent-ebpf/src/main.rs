@@ -10,6 +10,7 @@
 #![no_std]
 #![no_main]
 
+mod addr;
 mod connect;
 mod maps;
 mod peername;

@@ -25,11 +25,7 @@ pub fn latch_peername4(ctx: SockAddrContext) -> i32 {
 pub fn latch_peername6(ctx: SockAddrContext) -> i32 {
     if let Some(meta) = lookup(&ctx) {
         let sa = unsafe { &mut *ctx.sock_addr };
-        let a = &meta.orig_addr;
-        sa.user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-        sa.user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
-        sa.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
-        sa.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        crate::addr::set_user_ip6(sa, &meta.orig_addr);
         sa.user_port = u32::from(meta.orig_port.to_be());
         count(stat::PEERNAME);
     }

@@ -43,8 +43,8 @@ fn established(ctx: &SockOpsContext) -> Option<()> {
         key.peer_addr = mapped(ctx.local_ip4());
         key.local_addr = mapped(ctx.remote_ip4());
     } else {
-        key.peer_addr = words(ctx.local_ip6());
-        key.local_addr = words(ctx.remote_ip6());
+        key.peer_addr = crate::addr::from_words(ctx.local_ip6());
+        key.local_addr = crate::addr::from_words(ctx.remote_ip6());
     }
     // local_port is host byte order; remote_port holds the network-order port in its upper
     // 16 bits on little-endian machines (the kernel shifts it there).
@@ -66,14 +66,4 @@ fn mapped(ip: u32) -> [u8; 16] {
     [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
     ]
-}
-
-#[inline(always)]
-fn words(w: [u32; 4]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[0..4].copy_from_slice(&w[0].to_ne_bytes());
-    out[4..8].copy_from_slice(&w[1].to_ne_bytes());
-    out[8..12].copy_from_slice(&w[2].to_ne_bytes());
-    out[12..16].copy_from_slice(&w[3].to_ne_bytes());
-    out
 }

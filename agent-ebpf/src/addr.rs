@@ -1,0 +1,23 @@
+//! IPv6 addresses between the byte form our maps use and the four network-order words of
+//! `bpf_sock_addr` / `bpf_sock_ops`. The verifier allows only 4-byte accesses to those words.
+use aya_ebpf::bindings::bpf_sock_addr;
+
+/// Four words (as the kernel stores them) → 16 address bytes.
+#[inline(always)]
+pub fn from_words(w: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[0..4].copy_from_slice(&w[0].to_ne_bytes());
+    out[4..8].copy_from_slice(&w[1].to_ne_bytes());
+    out[8..12].copy_from_slice(&w[2].to_ne_bytes());
+    out[12..16].copy_from_slice(&w[3].to_ne_bytes());
+    out
+}
+
+/// Writes `a` into the context's destination address, word by word.
+#[inline(always)]
+pub fn set_user_ip6(sa: &mut bpf_sock_addr, a: &[u8; 16]) {
+    sa.user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+    sa.user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
+    sa.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
+    sa.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+}
