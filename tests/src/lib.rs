@@ -70,6 +70,19 @@ impl Drop for TempDir {
     }
 }
 
+/// Runs `cmd` to completion; panics with its status and output unless it succeeded.
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().expect("run command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A `kind: Policy` document relaying `address:port` as plain TCP.
 pub fn tcp_policy(name: &str, address: &str, port: u16) -> String {
     format!(

@@ -14,15 +14,7 @@ use latch_tests::{
 };
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("run command");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    latch_tests::run_ok(cmd)
 }
 
 fn stdout(out: &Output) -> String {
