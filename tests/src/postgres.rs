@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{TempDir, servers::free_port};
+use crate::{TempDir, TestCgroup, servers::free_port};
 
 /// Where Debian's `postgresql` package puts the server binaries.
 pub const BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
@@ -63,6 +63,22 @@ fn chown(path: &Path, (uid, gid): (u32, u32)) {
 }
 
 impl PgCluster {
+    /// psql run inside `cg` (so latch intercepts it) against this cluster as `user` on `db`:
+    /// no password anywhere, never prompts, unaligned tuples only.
+    pub fn psql_in(&self, cg: &TestCgroup, user: &str, db: &str, sql: &str) -> Command {
+        let mut cmd = cg.command(bin("psql"));
+        cmd.args([
+            "-h",
+            &self.addr.ip().to_string(),
+            "-p",
+            &self.addr.port().to_string(),
+        ])
+        .args(["-U", user, "-d", db, "-w", "-X", "-A", "-t", "-c", sql])
+        .env_remove("PGPASSWORD")
+        .env_remove("PGPASSFILE");
+        cmd
+    }
+
     /// A cluster listening on `ip` (a 127.0.0.x address) and a free port, with the test roles
     /// created with passwords `scram_pw`, `md5_pw` and `plain_pw`.
     pub fn start(ip: &str, scram_pw: &str, md5_pw: &str, plain_pw: &str) -> Self {

@@ -8,23 +8,13 @@ use std::{
 
 use latch_tests::{
     Agent, TempDir, TestCgroup, bins,
-    postgres::{self, APP_DB, PgCluster, SCRAM_USER, policy_yaml, secrets_yaml},
+    postgres::{APP_DB, PgCluster, SCRAM_USER, policy_yaml, secrets_yaml},
 };
 
 const SCRAM_PW: &str = "app-tls-Secret-7";
 
 fn psql(cg: &TestCgroup, pg: &PgCluster, envs: &[(&str, &str)], sql: &str) -> Output {
-    cg.command(postgres::bin("psql"))
-        .args([
-            "-h",
-            &pg.addr.ip().to_string(),
-            "-p",
-            &pg.addr.port().to_string(),
-        ])
-        .args([
-            "-U", "nobody", "-d", APP_DB, "-w", "-X", "-A", "-t", "-c", sql,
-        ])
-        .env_remove("PGPASSWORD")
+    pg.psql_in(cg, "nobody", APP_DB, sql)
         .env_remove("PGSSLMODE")
         .env_remove("PGSSLROOTCERT")
         .envs(envs.iter().copied())

@@ -7,7 +7,7 @@ use std::{
 
 use latch_tests::{
     Agent, TempDir, TestCgroup, bins,
-    postgres::{self, APP_DB, PgCluster, SCRAM_USER, ServerTls, policy_yaml, secrets_yaml},
+    postgres::{APP_DB, PgCluster, SCRAM_USER, ServerTls, policy_yaml, secrets_yaml},
 };
 
 const SCRAM_PW: &str = "tls-scram-Secret-1";
@@ -103,17 +103,7 @@ impl Certs {
 }
 
 fn psql(cg: &TestCgroup, pg: &PgCluster, sql: &str) -> Output {
-    cg.command(postgres::bin("psql"))
-        .args([
-            "-h",
-            &pg.addr.ip().to_string(),
-            "-p",
-            &pg.addr.port().to_string(),
-        ])
-        .args([
-            "-U", "nobody", "-d", APP_DB, "-w", "-X", "-A", "-t", "-c", sql,
-        ])
-        .env_remove("PGPASSWORD")
+    pg.psql_in(cg, "nobody", APP_DB, sql)
         .env("PGSSLMODE", "disable")
         .output()
         .expect("run psql")
@@ -213,26 +203,8 @@ fn target_tls_follows_the_policy_mode_and_binds_scram_to_the_channel() {
         pg.addr.ip(),
         pg.addr.port()
     );
-    let out = cg
-        .command(bins::probe())
-        .args(["pg", &connstr, "suite"])
-        .output()
-        .expect("run probe");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = latch_tests::run_ok(cg.command(bins::probe()).args(["pg", &connstr, "suite"]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("suite ok"));
-    let out = cg
-        .command(bins::probe())
-        .args(["pg", &connstr, "cancel"])
-        .output()
-        .expect("run probe");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    latch_tests::run_ok(cg.command(bins::probe()).args(["pg", &connstr, "cancel"]));
     assert!(agent.stop().success());
 }
