@@ -19,6 +19,17 @@ pub mod map_names {
     pub const CONNS: &str = "LATCH_CONNS";
     /// `PerCpuArray<u64>`: counters, indexed by [`crate::stat`].
     pub const STATS: &str = "LATCH_STATS";
+    /// `SockHash<u64 (app socket cookie)>`: applications' sockets eligible for the fast path;
+    /// `latch_sk_msg` runs on every send from them.
+    pub const APP_SOCKS: &str = "LATCH_APP_SOCKS";
+    /// `LruHashMap<TupleKey, u64>`: enrolled application sockets' cookies by 4-tuple (sk_msg
+    /// programs cannot read a socket's cookie).
+    pub const FAST_KEYS: &str = "LATCH_FAST_KEYS";
+    /// `SockHash<u64 (app socket cookie)>`: the broker's socket toward the target of a flow
+    /// that has been handed over to the kernel.
+    pub const TARGETS: &str = "LATCH_TARGETS";
+    /// `Array<flow::Slot>` with [`crate::flow::SLOTS`] entries, mmapable; see [`crate::flow`].
+    pub const FLOWS: &str = "LATCH_FLOWS";
 }
 
 /// Names of the programs in the eBPF object (also their kernel names; at most 15 bytes).
@@ -28,6 +39,7 @@ pub mod prog_names {
     pub const SOCK_OPS: &str = "latch_sockops";
     pub const PEERNAME4: &str = "latch_peername4";
     pub const PEERNAME6: &str = "latch_peername6";
+    pub const SK_MSG: &str = "latch_sk_msg";
 }
 
 /// Capacity of the per-socket and per-connection maps (both LRU, so they cannot fill up).
@@ -47,7 +59,9 @@ pub mod stat {
     pub const MAP_ERRORS: u32 = 3;
     /// getpeername() answers rewritten to the original destination.
     pub const PEERNAME: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// Application sockets added to `LATCH_APP_SOCKS` (eligible for the fast path).
+    pub const FAST_SOCKS: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// `BrokerConfig::flags` bit: redirection is enabled (the broker listens).
@@ -77,13 +91,83 @@ pub type Rule4Data = [u8; 6];
 /// LPM trie data for IPv6 rules: destination port (big endian) then address.
 pub type Rule6Data = [u8; 18];
 
+/// `RuleValue::flags` / `ConnMeta::flags` bit: once the broker's handshake is done, the
+/// application-to-target direction of these connections may be handed to the kernel.
+pub const RULE_FAST_PATH: u32 = 1;
+
+/// The application-to-target fast path: after the broker has finished its handshake, an
+/// application's sends go straight into the broker's socket toward the target (sk_msg
+/// redirect to egress), without waking the broker.
+///
+/// Each eligible application socket owns a [`flow::Slot`] in `LATCH_FLOWS`, chosen by its
+/// socket cookie. `state` is `gen (16 bits) | HANDED_OVER (1 bit) | passed (47 bits)`.
+///
+/// * `latch_sk_msg` adds every message's size to `passed` *before* looking at `HANDED_OVER`.
+///   Without the flag (or with another socket's generation) the message takes the normal path
+///   to the broker. The broker sets the flag with a compare-and-swap that expects `passed` to
+///   equal the bytes it has already taken from the application and written toward the target:
+///   bytes counted but not yet taken make the swap fail, so the flag is only set when nothing
+///   is in flight, and every later message sees it. The stream stays in order.
+/// * With the flag, a message is redirected only if `charged + size + MSG_OVERHEAD <= limit`;
+///   it is then uncounted from `passed` and added to `bytes` and `charged`. The broker keeps
+///   `limit` within the free send buffer of the target socket, so a redirected send never
+///   meets a full buffer (which would fail a non-blocking application's send with EAGAIN and
+///   no wake-up to follow).
+/// * Over the limit, the program clears the flag itself and passes the message: the flow is
+///   handed back to the broker, which relays with ordinary TCP back-pressure and hands over
+///   again once it has caught up. Verdicts for one socket run under its lock, so these updates
+///   never race each other.
+pub mod flow {
+    /// Number of flow slots (a power of two).
+    pub const SLOTS: u32 = 65_536;
+    /// Set while the flow is handed over.
+    pub const HANDED_OVER: u64 = 1 << 47;
+    /// The `passed` part of `state`.
+    pub const PASSED: u64 = HANDED_OVER - 1;
+    /// What a redirected message is charged beyond its size: the socket buffer bookkeeping of
+    /// a small message (an skb of its own) is about a kilobyte.
+    pub const MSG_OVERHEAD: u64 = 2048;
+    const GEN_SHIFT: u32 = 48;
+
+    /// One flow's words (32 bytes, so slots never straddle a cache line).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Slot {
+        pub state: u64,
+        /// Bytes redirected.
+        pub bytes: u64,
+        /// Bytes redirected plus MSG_OVERHEAD per message.
+        pub charged: u64,
+        /// Bound on `charged`, set by the broker.
+        pub limit: u64,
+    }
+
+    /// The slot of the socket with this cookie.
+    #[inline(always)]
+    pub const fn slot(cookie: u64) -> u32 {
+        (cookie as u32) & (SLOTS - 1)
+    }
+
+    /// The state a fresh flow starts with: its generation, no flag, nothing passed.
+    #[inline(always)]
+    pub const fn initial(cookie: u64) -> u64 {
+        ((cookie >> 16) & 0xffff) << GEN_SHIFT
+    }
+
+    /// Whether `state` belongs to the socket with this cookie.
+    #[inline(always)]
+    pub const fn owned_by(state: u64, cookie: u64) -> bool {
+        state >> GEN_SHIFT == (cookie >> 16) & 0xffff
+    }
+}
+
 /// What a matching rule tells the connect hook.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleValue {
     /// Identifier of the policy that owns this rule; the broker maps it back to the policy.
     pub rule_id: u32,
-    /// Reserved for per-rule behaviour.
+    /// [`RULE_FAST_PATH`] and future per-rule behaviour.
     pub flags: u32,
 }
 
@@ -115,6 +199,9 @@ pub struct ConnMeta {
     pub family: u16,
     /// Command name of the connecting task (NUL padded).
     pub comm: [u8; 16],
+    /// The matching rule's [`RuleValue::flags`].
+    pub flags: u32,
+    pub _pad: u32,
 }
 
 /// Key of `LATCH_CONNS`, as the broker sees the accepted connection. Addresses are IPv6 or
@@ -143,5 +230,6 @@ mod pod {
 // Layout checks: a change that introduces padding fails to compile.
 const _: () = assert!(core::mem::size_of::<BrokerConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<RuleValue>() == 8);
-const _: () = assert!(core::mem::size_of::<ConnMeta>() == 88);
+const _: () = assert!(core::mem::size_of::<ConnMeta>() == 96);
 const _: () = assert!(core::mem::size_of::<TupleKey>() == 40);
+const _: () = assert!(core::mem::size_of::<flow::Slot>() == 32);

@@ -21,3 +21,12 @@ pub fn set_user_ip6(sa: &mut bpf_sock_addr, a: &[u8; 16]) {
     sa.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
     sa.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
 }
+
+/// An IPv4 address as read from a context (network order in a u32), IPv4-mapped IPv6.
+#[inline(always)]
+pub fn mapped(ip: u32) -> [u8; 16] {
+    let b = ip.to_ne_bytes();
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
+}

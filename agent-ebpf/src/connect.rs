@@ -165,6 +165,8 @@ fn record(
         orig_port,
         family,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        flags: rule.flags,
+        _pad: 0,
     };
     if SOCKS.insert(&cookie, &meta, 0).is_err() {
         // Without a record the broker could not tell where this connection was going:

@@ -7,11 +7,16 @@
 //!   4-tuple so the broker can find it from accept(); drop the per-socket record on close.
 //! * `latch_peername4` / `latch_peername6` (cgroup/getpeername4|6): the application still sees
 //!   its original destination as the peer.
+//! * `latch_sk_msg` (sk_msg on `LATCH_APP_SOCKS`): once the broker has handed a flow over,
+//!   the application's sends go straight to the broker's socket toward the target.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod addr;
 mod connect;
+mod fastpath;
 mod maps;
 mod peername;
 mod sockops;

@@ -1,11 +1,12 @@
 //! The maps shared with user space; names and layouts live in `latch-common`.
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use latch_common::{
     BrokerConfig, CONN_MAP_ENTRIES, ConnMeta, RULE_MAP_ENTRIES, Rule4Data, Rule6Data, RuleValue,
-    TupleKey, stat,
+    TupleKey, flow, stat,
 };
 
 #[map(name = "LATCH_RULES4")]
@@ -26,6 +27,18 @@ pub static CONNS: LruHashMap<TupleKey, ConnMeta> =
 
 #[map(name = "LATCH_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[map(name = "LATCH_APP_SOCKS")]
+pub static APP_SOCKS: SockHash<u64> = SockHash::with_max_entries(CONN_MAP_ENTRIES, 0);
+
+#[map(name = "LATCH_TARGETS")]
+pub static TARGETS: SockHash<u64> = SockHash::with_max_entries(CONN_MAP_ENTRIES, 0);
+
+#[map(name = "LATCH_FAST_KEYS")]
+pub static FAST_KEYS: LruHashMap<TupleKey, u64> = LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);
+
+#[map(name = "LATCH_FLOWS")]
+pub static FLOWS: Array<flow::Slot> = Array::with_max_entries(flow::SLOTS, BPF_F_MMAPABLE);
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use latch_common::{TupleKey, stat};
+use latch_common::{RULE_FAST_PATH, TupleKey, stat};
 
 use crate::maps::{CONNS, SOCKS, count};
 
@@ -40,8 +40,8 @@ fn established(ctx: &SockOpsContext) -> Option<()> {
     let meta = *unsafe { SOCKS.get(&cookie) }?;
     let mut key = TupleKey::default();
     if ctx.family() == AF_INET {
-        key.peer_addr = mapped(ctx.local_ip4());
-        key.local_addr = mapped(ctx.remote_ip4());
+        key.peer_addr = crate::addr::mapped(ctx.local_ip4());
+        key.local_addr = crate::addr::mapped(ctx.remote_ip4());
     } else {
         key.peer_addr = crate::addr::from_words(ctx.local_ip6());
         key.local_addr = crate::addr::from_words(ctx.remote_ip6());
@@ -55,15 +55,10 @@ fn established(ctx: &SockOpsContext) -> Option<()> {
         return None;
     }
     count(stat::ESTABLISHED);
+    if meta.flags & RULE_FAST_PATH != 0 {
+        crate::fastpath::enroll(ctx, &key, cookie);
+    }
     // Ask for state callbacks so the per-socket record is dropped when the socket closes.
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     Some(())
-}
-
-#[inline(always)]
-fn mapped(ip: u32) -> [u8; 16] {
-    let b = ip.to_ne_bytes();
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
-    ]
 }

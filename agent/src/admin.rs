@@ -71,6 +71,10 @@ struct EbpfStatus {
     /// Entries in LATCH_SOCKS (live redirected sockets) and LATCH_CONNS (accepts pending).
     socks_entries: usize,
     conns_entries: usize,
+    /// Entries in LATCH_APP_SOCKS (application sockets enrolled for the fast path) and
+    /// LATCH_TARGETS (target sockets of connections being or already handed over).
+    fast_socks_entries: usize,
+    fast_targets_entries: usize,
 }
 
 /// Serves until `shutdown` fires.
@@ -183,6 +187,12 @@ fn status(state: &AdminState) -> Status<'_> {
             map_errors: stats.map_errors,
             socks_entries: i.socks_len(),
             conns_entries: state.shared.conns.len(),
+            fast_socks_entries: i.app_socks_len(),
+            fast_targets_entries: state
+                .shared
+                .fast_path
+                .as_ref()
+                .map_or(0, |f| f.targets_len()),
         }
     };
     Status {

@@ -60,6 +60,9 @@ pub struct Record {
     pub secrets: Vec<String>,
     pub bytes_to_target: u64,
     pub bytes_to_app: u64,
+    /// The kernel carried the application-to-target bytes after the handshake.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fast_path: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handshake_ms: Option<f64>,
     pub duration_ms: f64,
@@ -81,6 +84,7 @@ impl Record {
             secrets: Vec::new(),
             bytes_to_target: 0,
             bytes_to_app: 0,
+            fast_path: false,
             handshake_ms: None,
             duration_ms: 0.0,
         }

@@ -98,6 +98,8 @@ pub struct Metrics {
     /// Secret buffers mlocked / refused a lock since start.
     pub secret_mlock_locked: Gauge<i64, AtomicI64>,
     pub secret_mlock_failed: Gauge<i64, AtomicI64>,
+    /// Connections whose application-to-target direction the kernel carried (fast path).
+    pub fast_path: Counter,
     /// relayed, failed, refused, denied.
     totals: [AtomicU64; 4],
 }
@@ -188,6 +190,12 @@ impl Metrics {
             "Secret buffers whose mlock failed since start (RLIMIT_MEMLOCK without CAP_IPC_LOCK)",
             secret_mlock_failed.clone(),
         );
+        let fast_path = Counter::default();
+        registry.register(
+            "fast_path_handovers",
+            "Connections whose application-to-target bytes the kernel carried after the handshake",
+            fast_path.clone(),
+        );
         let secret_seconds = Family::<StoreLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([
                 0.00001, 0.0001, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0,
@@ -218,6 +226,7 @@ impl Metrics {
             store_up,
             secret_mlock_locked,
             secret_mlock_failed,
+            fast_path,
             connections,
             refused,
             denied,

@@ -107,6 +107,7 @@ impl PolicySet {
                         prefix_len,
                         port,
                         rule_id,
+                        fast_path: policy.fast_path_eligible(),
                     });
                 }
             }

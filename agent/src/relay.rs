@@ -1,10 +1,15 @@
 //! Byte relay between the application's connection and the target's, once any handshake is
 //! done. Plain TCP to TCP uses splice(2) through a pipe per direction: the payload never
 //! enters user space and no buffer is allocated per chunk.
+//!
+//! With a [`Handover`], the application-to-target direction is given to the kernel as soon as
+//! nothing is in flight (see `latch_common::flow`): from then on the application's sends go
+//! straight into the target socket and this side only waits for the end of the stream.
 use std::{
     io,
     os::fd::{AsFd as _, OwnedFd},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::Duration,
 };
 
 use nix::{
@@ -13,6 +18,8 @@ use nix::{
     unistd::pipe2,
 };
 use tokio::{io::Interest, net::TcpStream};
+
+use crate::ebpf::FastPath;
 
 /// Pipe capacity asked for per direction; the kernel may grant less.
 const PIPE_SIZE: usize = 1 << 20;
@@ -27,8 +34,22 @@ pub struct Transferred {
 /// Live byte counters a relay updates as it goes (for metrics and status).
 #[derive(Debug, Default)]
 pub struct Progress {
+    /// Bytes the broker moved; bytes the kernel carried after a hand-over are added when the
+    /// relay ends.
     pub to_target: AtomicU64,
     pub to_app: AtomicU64,
+    /// The application-to-target direction was handed over to the kernel.
+    pub handed_over: AtomicBool,
+}
+
+/// What the relay needs to hand the application-to-target direction to the kernel.
+pub struct Handover<'a> {
+    pub fast: &'a FastPath,
+    /// Cookie of the application's socket (from the kernel's record).
+    pub cookie: u64,
+    /// Bytes already taken from the application before the relay started (handshake
+    /// included), all of them dealt with: written toward the target or dropped.
+    pub taken: u64,
 }
 
 /// Relays until both directions have seen end-of-stream (half-closes are passed on) or either
@@ -37,28 +58,227 @@ pub async fn splice_both(
     app: &TcpStream,
     target: &TcpStream,
     progress: &Progress,
+    handover: Option<Handover<'_>>,
 ) -> io::Result<Transferred> {
-    let (to_target, to_app) = tokio::try_join!(
-        pump(app, target, &progress.to_target),
-        pump(target, app, &progress.to_app),
-    )?;
-    Ok(Transferred { to_target, to_app })
+    let state = handover.map(|h| HandoverState::new(h, target));
+    let res = tokio::try_join!(
+        pump(
+            app,
+            target,
+            &progress.to_target,
+            Role::to_target(state.as_ref())
+        ),
+        pump(target, app, &progress.to_app, Role::to_app(state.as_ref())),
+    );
+    let carried = state.as_ref().map_or(0, |s| s.finish(progress));
+    let (to_target, to_app) = res?;
+    Ok(Transferred {
+        to_target: to_target + carried,
+        to_app,
+    })
+}
+
+/// How often a handed-over flow's allowance is renewed while the application keeps sending.
+const TICK: Duration = Duration::from_millis(1);
+/// Send buffer asked for on target sockets of handed-over flows (the allowance is half the
+/// free buffer, renewed every [`TICK`]).
+const TARGET_SNDBUF: usize = 4 << 20;
+
+/// A hand-over, shared by both directions of one relay (the kernel may hand the flow back at
+/// any moment; the relay then carries on and hands over again when it has caught up). The
+/// target socket leaves `LATCH_TARGETS` on drop.
+struct HandoverState<'a> {
+    h: Handover<'a>,
+    target: &'a TcpStream,
+    registered: AtomicBool,
+    /// Gave up (the target socket could not be registered).
+    failed: AtomicBool,
+    /// Handed over at least once.
+    ever: AtomicBool,
+    /// Renew the allowance every TICK (the flow is handed over and was busy last tick).
+    ticking: AtomicBool,
+    /// Redirected bytes at the last tick.
+    last: AtomicU64,
+    /// The allowance last given.
+    granted: AtomicU64,
+}
+
+impl<'a> HandoverState<'a> {
+    fn new(h: Handover<'a>, target: &'a TcpStream) -> Self {
+        Self {
+            h,
+            target,
+            registered: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            ever: AtomicBool::new(false),
+            ticking: AtomicBool::new(false),
+            last: AtomicU64::new(0),
+            granted: AtomicU64::new(0),
+        }
+    }
+
+    /// Tries to hand over after the broker has taken and written `moved` relay bytes.
+    fn attempt(&self, moved: u64) {
+        let (fast, cookie) = (self.h.fast, self.h.cookie);
+        if self.failed.load(Ordering::Relaxed) || fast.is_handed_over(cookie) {
+            return;
+        }
+        if !self.registered.load(Ordering::Relaxed) {
+            if let Err(err) = fast.register(cookie, self.target) {
+                tracing::debug!(%err, "fast path unavailable for this connection");
+                self.failed.store(true, Ordering::Relaxed);
+                return;
+            }
+            // A larger buffer means a larger allowance per tick; best effort (needs
+            // CAP_NET_ADMIN beyond net.core.wmem_max).
+            let _ = nix::sys::socket::setsockopt(
+                self.target,
+                nix::sys::socket::sockopt::SndBufForce,
+                &TARGET_SNDBUF,
+            );
+            self.registered.store(true, Ordering::Relaxed);
+        }
+        let granted = |room: u64| {
+            self.granted.store(room, Ordering::Relaxed);
+            room
+        };
+        if fast.hand_over(cookie, self.h.taken + moved, || granted(room(self.target))) {
+            tracing::trace!(
+                taken = self.h.taken + moved,
+                "application-to-target direction handed over to the kernel"
+            );
+            self.ever.store(true, Ordering::Relaxed);
+            self.ticking.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Renews the allowance while handed over; keeps ticking only while the flow is busy.
+    /// After a reply, only when less than half of the last allowance is left (request and
+    /// response flows then cost no extra system call).
+    fn renew(&self, from_tick: bool) {
+        let (fast, cookie) = (self.h.fast, self.h.cookie);
+        if !fast.is_handed_over(cookie) {
+            self.ticking.store(false, Ordering::Relaxed);
+            return;
+        }
+        if !from_tick && fast.remaining(cookie) >= self.granted.load(Ordering::Relaxed) / 2 {
+            return;
+        }
+        let room = fast.allow(cookie, || room(self.target));
+        self.granted.store(room, Ordering::Relaxed);
+        let now = fast.redirected(cookie).unwrap_or(0);
+        let busy = self.last.swap(now, Ordering::Relaxed) != now;
+        if from_tick {
+            self.ticking.store(busy, Ordering::Relaxed);
+        } else if busy {
+            self.ticking.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Ends the hand-over: marks it in `progress` and returns (and adds to `progress`) the
+    /// bytes the kernel carried, which the broker never saw.
+    fn finish(&self, progress: &Progress) -> u64 {
+        let mut carried = 0;
+        if self.ever.load(Ordering::Relaxed) {
+            progress.handed_over.store(true, Ordering::Relaxed);
+            carried = self.h.fast.redirected(self.h.cookie).unwrap_or(0);
+            progress.to_target.fetch_add(carried, Ordering::Relaxed);
+        }
+        self.release();
+        carried
+    }
+
+    fn release(&self) {
+        if self.registered.swap(false, Ordering::Relaxed) {
+            self.h.fast.release(self.h.cookie);
+        }
+    }
+}
+
+impl Drop for HandoverState<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Half the free send buffer of `target` (kernel accounting, overheads included), so that
+/// what the kernel redirects within it never meets a full buffer.
+fn room(target: &TcpStream) -> u64 {
+    use std::os::fd::AsRawFd as _;
+    // SK_MEMINFO_SNDBUF = 3, SK_MEMINFO_WMEM_QUEUED = 5 (linux/sock_diag.h).
+    let mut info = [0u32; 9];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: info is writable for len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            target.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || (len as usize) < 6 * 4 {
+        return 0;
+    }
+    u64::from(info[3].saturating_sub(info[5]) / 2)
+}
+
+/// What a pump does about a hand-over.
+#[derive(Clone, Copy)]
+enum Role<'s, 'a> {
+    /// The application-to-target direction: hands over, renews while busy.
+    ToTarget(&'s HandoverState<'a>),
+    /// The other direction: renews when a reply passes.
+    ToApp(&'s HandoverState<'a>),
+    Plain,
+}
+
+impl<'s, 'a> Role<'s, 'a> {
+    fn to_target(h: Option<&'s HandoverState<'a>>) -> Self {
+        h.map_or(Role::Plain, Role::ToTarget)
+    }
+
+    fn to_app(h: Option<&'s HandoverState<'a>>) -> Self {
+        h.map_or(Role::Plain, Role::ToApp)
+    }
 }
 
 /// One direction: socket → pipe → socket until `src` reaches end-of-stream, then half-close
-/// `dst` for writing.
-async fn pump(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<u64> {
+/// `dst` for writing. With a hand-over, the application-to-target direction (`to_target`)
+/// attempts it whenever everything read so far has been written, and renews the allowance
+/// every tick while the kernel carries a busy flow; the other direction renews it whenever a
+/// reply passes (the target has read something).
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &AtomicU64,
+    role: Role<'_, '_>,
+) -> io::Result<u64> {
     let (pipe_r, pipe_w) = pipe()?;
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut total = 0u64;
+    if let Role::ToTarget(h) = role {
+        h.attempt(0);
+    }
     loop {
         // The pipe is empty here (drained below), so EAGAIN can only mean "no data yet".
-        let n = src
-            .async_io(Interest::READABLE, || {
-                splice(src.as_fd(), None, pipe_w.as_fd(), None, PIPE_SIZE, flags)
-                    .map_err(io::Error::from)
-            })
-            .await?;
+        let read = src.async_io(Interest::READABLE, || {
+            splice(src.as_fd(), None, pipe_w.as_fd(), None, PIPE_SIZE, flags)
+                .map_err(io::Error::from)
+        });
+        let n = match role {
+            Role::ToTarget(h) if h.ticking.load(Ordering::Relaxed) => {
+                tokio::select! {
+                    n = read => n?,
+                    () = tokio::time::sleep(TICK) => {
+                        h.renew(true);
+                        continue;
+                    }
+                }
+            }
+            _ => read.await?,
+        };
         if n == 0 {
             match shutdown(dst_fd(dst), Shutdown::Write) {
                 Ok(()) | Err(nix::errno::Errno::ENOTCONN) => {}
@@ -78,7 +298,46 @@ async fn pump(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Resu
         }
         total += n as u64;
         counter.fetch_add(n as u64, Ordering::Relaxed);
+        match role {
+            Role::ToTarget(h) => h.attempt(total),
+            Role::ToApp(h) => h.renew(false),
+            Role::Plain => {}
+        }
     }
+}
+
+/// Bytes the broker has read from `stream` so far, from the kernel's counters: in-order bytes
+/// received minus those still queued. `None` if the peer has sent FIN (the counters then
+/// disagree by one) or the counters moved while being read.
+pub fn bytes_read(stream: &TcpStream) -> Option<u64> {
+    use std::os::fd::AsRawFd as _;
+    let fd = stream.as_raw_fd();
+    let received = || -> Option<(u8, u64)> {
+        // struct tcp_info: tcpi_state is byte 0, tcpi_bytes_received the u64 at offset 128
+        // (linux/tcp.h, since 4.1); libc's copy of the struct stops before it.
+        let mut buf = [0u64; 29];
+        let mut len = std::mem::size_of_val(&buf) as libc::socklen_t;
+        // SAFETY: buf is writable for len bytes; len is updated with what the kernel wrote.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                buf.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        (rc == 0 && len as usize >= 136).then(|| (buf[0].to_ne_bytes()[0], buf[16]))
+    };
+    let (state, before) = received()?;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) } != 0 {
+        return None;
+    }
+    let (_, after) = received()?;
+    const TCP_ESTABLISHED: u8 = 1;
+    (state == TCP_ESTABLISHED && before == after).then(|| before - queued as u64)
 }
 
 fn dst_fd(dst: &TcpStream) -> std::os::fd::RawFd {
@@ -107,12 +366,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bytes_read_counts_what_was_taken_not_what_is_queued() {
+        let (mut client, mut server) = pair().await;
+        assert_eq!(bytes_read(&server), Some(0));
+        client.write_all(&[7u8; 5000]).await.unwrap();
+        let mut buf = [0u8; 1200];
+        server.read_exact(&mut buf).await.unwrap();
+        // Wait until all 5000 bytes have arrived, then check that only the 1200 read count.
+        for _ in 0..100 {
+            let mut q: libc::c_int = 0;
+            use std::os::fd::AsRawFd as _;
+            unsafe { libc::ioctl(server.as_raw_fd(), libc::FIONREAD, &mut q) };
+            if q == 3800 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(bytes_read(&server), Some(1200));
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest.len(), 3800);
+        assert_eq!(
+            bytes_read(&server),
+            None,
+            "after FIN the counters are not trusted"
+        );
+    }
+
+    #[tokio::test]
     async fn relays_both_ways_and_passes_half_close() {
         // app_client <-> [app_side | relay | target_side] <-> target_server
         let (mut app_client, app_side) = pair().await;
         let (target_side, mut target_server) = pair().await;
         let progress = Progress::default();
-        let relay = async { splice_both(&app_side, &target_side, &progress).await };
+        let relay = async { splice_both(&app_side, &target_side, &progress, None).await };
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let peers = async {
             let (mut r, mut w) = target_server.split();

@@ -156,6 +156,13 @@ impl Running {
             opts.limits.clone(),
         );
         shared.audit = crate::audit::Audit::start(opts.audit.clone()).map_err(StartError::Audit)?;
+        shared.fast_path = match interceptor.take_fast_path() {
+            Ok(fast) => Some(fast),
+            Err(err) => {
+                tracing::warn!(%err, "fast path unavailable; every byte goes through the broker");
+                None
+            }
+        };
         let shared = Arc::new(shared);
         let interceptor = Arc::new(Mutex::new(interceptor));
         let stop_accepting = CancellationToken::new();

@@ -40,6 +40,17 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub fn start(ip: &str) -> Self {
+        Self::spawn(ip, None)
+    }
+
+    /// A slow consumer: after each accept it waits `stall` before reading anything, then
+    /// reads to end-of-stream and only then echoes it all. A client sending much meets full
+    /// buffers and, until it has sent everything, gets nothing back.
+    pub fn start_store_and_forward(ip: &str, stall: std::time::Duration) -> Self {
+        Self::spawn(ip, Some(stall))
+    }
+
+    fn spawn(ip: &str, store: Option<std::time::Duration>) -> Self {
         let listener = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicU64::new(0));
@@ -53,6 +64,15 @@ impl EchoServer {
                 let Ok(mut conn) = conn else { continue };
                 a.fetch_add(1, Ordering::Relaxed);
                 std::thread::spawn(move || {
+                    if let Some(stall) = store {
+                        std::thread::sleep(stall);
+                        let mut all = Vec::new();
+                        if conn.read_to_end(&mut all).is_ok() {
+                            let _ = conn.write_all(&all);
+                        }
+                        let _ = conn.shutdown(std::net::Shutdown::Write);
+                        return;
+                    }
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
                         match conn.read(&mut buf) {

@@ -38,10 +38,20 @@ enum Case {
     Latch,
     Haproxy,
     Socat,
+    /// iperf3 -R: the target sends, the application receives.
+    DirectReverse,
+    LatchReverse,
 }
 
 impl Case {
-    const ALL: [Case; 4] = [Case::Direct, Case::Latch, Case::Haproxy, Case::Socat];
+    const ALL: [Case; 6] = [
+        Case::Direct,
+        Case::Latch,
+        Case::Haproxy,
+        Case::Socat,
+        Case::DirectReverse,
+        Case::LatchReverse,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -49,7 +59,17 @@ impl Case {
             Case::Latch => "latch (tcp relay)",
             Case::Haproxy => "haproxy (splice-auto)",
             Case::Socat => "socat (userspace copy)",
+            Case::DirectReverse => "direct -R",
+            Case::LatchReverse => "latch -R",
         }
+    }
+
+    fn reverse(self) -> bool {
+        matches!(self, Case::DirectReverse | Case::LatchReverse)
+    }
+
+    fn through_latch(self) -> bool {
+        matches!(self, Case::Latch | Case::LatchReverse)
     }
 }
 
@@ -133,7 +153,8 @@ fn iperf_cases(args: &Args, latch: &Path) -> Result<()> {
     }
 
     println!(
-        "\none TCP connection, iperf3 -t {} to {SERVER}, median of {} run(s):\n",
+        "\none TCP connection, iperf3 -t {} to {SERVER}, median of {} run(s); -R: the target \
+         sends (ratio to direct -R):\n",
         args.seconds, args.repeat
     );
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -146,12 +167,20 @@ fn iperf_cases(args: &Args, latch: &Path) -> Result<()> {
             .join(" ")
     );
     println!("{:<24} {:>10} {:>10}", "case", "Gbit/s", "vs direct");
-    let direct = samples
-        .iter()
-        .find(|s| s.0 == Case::Direct)
-        .and_then(|s| median(&s.1));
+    let baseline = |case: Case| {
+        let direct = if case.reverse() {
+            Case::DirectReverse
+        } else {
+            Case::Direct
+        };
+        samples
+            .iter()
+            .find(|s| s.0 == direct)
+            .and_then(|s| median(&s.1))
+    };
     let mut any_failed = false;
     for (case, got, failed) in &samples {
+        let direct = baseline(*case);
         match (median(got), failed) {
             (Some(m), None) => {
                 let ratio = direct.map_or("-".to_string(), |d| format!("{:.2}", m / d));
@@ -215,11 +244,13 @@ impl Rig {
         )?;
         proc::wait_listening(&mut server, SERVER, self.port)?;
         let (addr, port) = match case {
-            Case::Direct | Case::Latch => (SERVER, self.port),
+            Case::Direct | Case::Latch | Case::DirectReverse | Case::LatchReverse => {
+                (SERVER, self.port)
+            }
             Case::Haproxy => (HAPROXY, self.haproxy_port),
             Case::Socat => (SOCAT, self.socat_port),
         };
-        let mut cmd = if case == Case::Latch {
+        let mut cmd = if case.through_latch() {
             let mut c = Command::new(&self.latch);
             c.arg("run")
                 .arg("--policy")
@@ -231,6 +262,9 @@ impl Rig {
         };
         cmd.args(["-c", &addr.to_string(), "-p", &port.to_string()])
             .args(["-t", &self.seconds.to_string(), "-J"]);
+        if case.reverse() {
+            cmd.arg("-R");
+        }
         // The client's (and latch's) stderr goes to a file: shown when the run fails, not in the table.
         let err_path = self.dir.join("client.stderr");
         cmd.stderr(std::fs::File::create(&err_path)?);

@@ -185,6 +185,10 @@ async fn serve(
     metrics.add_bytes(Direction::to_app, to_app);
     record.bytes_to_target = to_target;
     record.bytes_to_app = to_app;
+    record.fast_path = progress.handed_over.load(Ordering::Relaxed);
+    if record.fast_path {
+        metrics.fast_path.inc();
+    }
     record.handshake_ms = handshake.get().copied().map(ms);
     record.duration_ms = ms(started.elapsed());
     match &result {

@@ -70,6 +70,8 @@ pub struct Shared {
     pub audit: crate::audit::Audit,
     /// The cgroup v2 mount point (to turn cgroup ids into paths).
     pub cgroup_root: std::path::PathBuf,
+    /// The kernel side of the application-to-target fast path, if available.
+    pub fast_path: Option<crate::ebpf::FastPath>,
     next_id: AtomicU64,
 }
 
@@ -97,8 +99,19 @@ impl Shared {
             app_ca: Default::default(),
             audit: crate::audit::Audit::disabled(),
             cgroup_root: crate::cgroup::v2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into()),
+            fast_path: None,
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// How a relay may hand the application's direction of this connection to the kernel.
+    pub fn handover(&self, origin: &Origin, taken: u64) -> Option<crate::relay::Handover<'_>> {
+        let fast = self.fast_path.as_ref().filter(|_| origin.fast_path)?;
+        Some(crate::relay::Handover {
+            fast,
+            cookie: origin.socket_cookie,
+            taken,
+        })
     }
 
     /// The policy set in force now.

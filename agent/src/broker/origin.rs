@@ -21,6 +21,10 @@ pub struct Origin {
     pub rule_id: u32,
     /// When the connect happened (CLOCK_BOOTTIME, ns).
     pub ktime_ns: u64,
+    /// Cookie of the application's socket.
+    pub socket_cookie: u64,
+    /// The kernel enrolled the application's socket for the fast path.
+    pub fast_path: bool,
 }
 
 impl From<&ConnMeta> for Origin {
@@ -42,6 +46,8 @@ impl From<&ConnMeta> for Origin {
             comm: String::from_utf8_lossy(&m.comm[..comm_len]).into_owned(),
             rule_id: m.rule_id,
             ktime_ns: m.ktime_ns,
+            socket_cookie: m.socket_cookie,
+            fast_path: m.flags & latch_common::RULE_FAST_PATH != 0,
         }
     }
 }

@@ -34,6 +34,22 @@ pub struct Policy {
     pub cache_ttl: Option<Duration>,
 }
 
+impl Policy {
+    /// Whether both legs can be plain TCP once the broker's handshake is done, so that the
+    /// kernel may carry the application's sends straight to the target (the fast path). TLS
+    /// the broker terminates or originates keeps every byte in user space.
+    pub fn fast_path_eligible(&self) -> bool {
+        match self.protocol {
+            Protocol::Tcp => true,
+            Protocol::Postgres => {
+                matches!(self.tls.mode, TlsMode::Disable | TlsMode::Prefer)
+                    && self.app_tls == AppTlsMode::Disable
+            }
+            Protocol::Mysql | Protocol::Http | Protocol::Ssh => false,
+        }
+    }
+}
+
 /// Where the application was connecting.
 ///
 /// Two policies may not name the same target (equal host, equal address, or equal cidr, an

@@ -236,7 +236,12 @@ async fn session(
     progress
         .to_app
         .fetch_add(out.len() as u64, Ordering::Relaxed);
-    let result = relay_session(app, &mut target, early, progress).await;
+    let result = relay_session(app, &mut target, early, progress, |app| {
+        // Everything read from the application so far was handled above (written to the
+        // server or dropped), so all of it counts as taken.
+        relay::bytes_read(app).and_then(|taken| shared.handover(origin, taken))
+    })
+    .await;
     drop(cancel);
     // The session ran; a reset from either side ends it and is not a broker failure.
     Ok(result.unwrap_or_else(|e| {
@@ -250,11 +255,12 @@ async fn session(
 
 /// Relays until either side closes: splice(2) when both legs are plain TCP, a copy loop when
 /// either is TLS.
-async fn relay_session(
+async fn relay_session<'s>(
     mut app: AppStream,
     target: &mut TargetStream,
     early: BytesMut,
     progress: &Progress,
+    handover: impl FnOnce(&TcpStream) -> Option<relay::Handover<'s>>,
 ) -> std::io::Result<Transferred> {
     if !early.is_empty() {
         target.write_all(&early).await?;
@@ -264,7 +270,7 @@ async fn relay_session(
     }
     match (&mut app, target) {
         (AppStream::Plain(app), TargetStream::Plain(tcp)) => {
-            relay::splice_both(app, tcp, progress).await
+            relay::splice_both(app, tcp, progress, handover(app)).await
         }
         (_, target) => {
             let (to_target, to_app) = tokio::io::copy_bidirectional(&mut app, target).await?;

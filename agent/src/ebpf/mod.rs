@@ -4,6 +4,7 @@
 //! loaded programs; dropping it detaches them (their links are file descriptors we own), so a
 //! crash cannot leave programs attached unless they were pinned.
 mod conns;
+mod fastpath;
 pub mod pins;
 mod rules;
 
@@ -15,12 +16,13 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps},
 };
 use latch_common::{BrokerConfig, Rule4Data, Rule6Data, RuleValue, map_names, prog_names, stat};
 
 pub use conns::ConnTable;
+pub use fastpath::FastPath;
 pub use rules::{Rule, RuleKey};
 
 /// The compiled eBPF object.
@@ -48,6 +50,8 @@ pub enum EbpfError {
         #[source]
         source: std::io::Error,
     },
+    #[error("mapping the fast-path flow words: {0}")]
+    Mmap(#[source] std::io::Error),
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
     #[error("opening cgroup {path}: {source}")]
@@ -66,6 +70,7 @@ pub struct Stats {
     pub established: u64,
     pub map_errors: u64,
     pub peername: u64,
+    pub fast_socks: u64,
 }
 
 /// Loaded (and, after [`Interceptor::attach`], attached) eBPF programs plus their maps.
@@ -77,6 +82,8 @@ pub struct Interceptor {
     stats: PerCpuArray<MapData, u64>,
     /// Read only here, to report occupancy.
     socks: aya::maps::HashMap<MapData, u64, latch_common::ConnMeta>,
+    /// Held so that `latch_sk_msg` stays attached to it.
+    app_socks: SockHash<MapData, u64>,
     logger: Option<Logger>,
     /// Links pinned on bpffs (empty unless interception is kept across restarts).
     pinned: Vec<aya::programs::links::PinnedLink>,
@@ -112,7 +119,18 @@ impl Interceptor {
             name: prog_names::SOCK_OPS,
             source,
         })?;
+        // sk_msg programs attach to a sock map, not a cgroup: only sockets the sock_ops program
+        // enrolled run it.
+        let app_socks: SockHash<MapData, u64> = take_map(&mut bpf, map_names::APP_SOCKS)?;
+        let err = |source| EbpfError::Program {
+            name: prog_names::SK_MSG,
+            source,
+        };
+        let prog: &mut SkMsg = program(&mut bpf, prog_names::SK_MSG)?;
+        prog.load().map_err(err)?;
+        prog.attach(app_socks.fd()).map_err(err)?;
         Ok(Self {
+            app_socks,
             rules4: take_map(&mut bpf, map_names::RULES4)?,
             rules6: take_map(&mut bpf, map_names::RULES6)?,
             config: take_map(&mut bpf, map_names::CONFIG)?,
@@ -129,6 +147,19 @@ impl Interceptor {
     /// Takes the connection map for the broker. Call once, before the broker starts.
     pub fn take_conn_table(&mut self) -> Result<ConnTable, EbpfError> {
         Ok(ConnTable::new(take_map(&mut self.bpf, map_names::CONNS)?))
+    }
+
+    /// Takes the fast-path maps for the broker. Call once, before the broker starts.
+    pub fn take_fast_path(&mut self) -> Result<FastPath, EbpfError> {
+        let flows: aya::maps::Map = self
+            .bpf
+            .take_map(map_names::FLOWS)
+            .ok_or(EbpfError::Missing(map_names::FLOWS))?;
+        let aya::maps::Map::Array(flows) = flows else {
+            return Err(EbpfError::Missing(map_names::FLOWS));
+        };
+        let targets = take_map(&mut self.bpf, map_names::TARGETS)?;
+        FastPath::new(flows, targets).map_err(EbpfError::Mmap)
     }
 
     /// Attaches every program to the cgroup v2 directory `cgroup`.
@@ -231,6 +262,11 @@ impl Interceptor {
         self.socks.keys().filter(Result::is_ok).count()
     }
 
+    /// Application sockets enrolled for the fast path (walks the keys; for status).
+    pub fn app_socks_len(&self) -> usize {
+        self.app_socks.keys().filter(Result::is_ok).count()
+    }
+
     /// Number of rule entries currently installed.
     pub fn rule_count(&self) -> usize {
         self.installed.len()
@@ -250,6 +286,7 @@ impl Interceptor {
             established: read(stat::ESTABLISHED),
             map_errors: read(stat::MAP_ERRORS),
             peername: read(stat::PEERNAME),
+            fast_socks: read(stat::FAST_SOCKS),
         }
     }
 

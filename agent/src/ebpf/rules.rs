@@ -11,6 +11,9 @@ pub struct Rule {
     pub prefix_len: u8,
     pub port: u16,
     pub rule_id: u32,
+    /// Connections may use the application-to-target fast path once the broker's handshake
+    /// is done ([`latch_common::RULE_FAST_PATH`]).
+    pub fast_path: bool,
 }
 
 /// Identity of a trie entry (what the kernel keys on), normalized so equal prefixes compare
@@ -51,7 +54,11 @@ impl Rule {
         };
         let value = RuleValue {
             rule_id: self.rule_id,
-            flags: 0,
+            flags: if self.fast_path {
+                latch_common::RULE_FAST_PATH
+            } else {
+                0
+            },
         };
         (key, value)
     }
@@ -113,6 +120,7 @@ mod tests {
             prefix_len,
             port,
             rule_id: 7,
+            fast_path: true,
         }
     }
 
@@ -120,6 +128,7 @@ mod tests {
     fn ipv4_key_is_port_then_address_with_port_bits_in_prefix() {
         let (key, value) = rule("10.0.3.9", 24, 5432).entry();
         assert_eq!(value.rule_id, 7);
+        assert_eq!(value.flags, latch_common::RULE_FAST_PATH);
         match key.lpm() {
             Lpm::V4(prefix, data) => {
                 assert_eq!(prefix, 16 + 24);

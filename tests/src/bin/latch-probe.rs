@@ -5,6 +5,9 @@
 //! * `latch-probe echo ADDR CONNS BYTES` — open CONNS connections at once; on each send BYTES
 //!   bytes unique to that connection, half-close, read the echo to the end and compare; check
 //!   that getpeername reports ADDR. Prints `ok=<n> failed=<n>`; exits 1 if anything differs.
+//! * `latch-probe chunks ADDR CONNS BYTES` — as `echo`, but each connection sends in writes
+//!   of 1 to 16384 bytes with a short pause every 16 writes (so a relay can change hands in
+//!   the middle of the stream).
 //! * `latch-probe hold ADDR CONNS MILLIS` — open CONNS connections at once; on each send one
 //!   byte and wait for its echo, then keep the connection open until MILLIS after the start.
 //!   Prints `echoed=<n> refused=<n>` (refused: reset or closed before the echo); exits 0.
@@ -41,6 +44,13 @@ fn main() -> ExitCode {
             parse_addr(&args, 2),
             parse_num(&args, 3),
             parse_num(&args, 4),
+            false,
+        )),
+        Some("chunks") => rt.block_on(echo(
+            parse_addr(&args, 2),
+            parse_num(&args, 3),
+            parse_num(&args, 4),
+            true,
         )),
         Some("hold") => rt.block_on(hold(
             parse_addr(&args, 2),
@@ -55,7 +65,7 @@ fn main() -> ExitCode {
             parse_addr(&args, 2),
             args.get(3).map(String::as_str).unwrap_or_default(),
         )),
-        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | hold ADDR CONNS MILLIS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO".into()),
+        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -135,9 +145,9 @@ fn payload(conn: usize, len: usize) -> Vec<u8> {
         .collect()
 }
 
-async fn echo(addr: SocketAddr, conns: usize, bytes: usize) -> Result<(), String> {
+async fn echo(addr: SocketAddr, conns: usize, bytes: usize, chunked: bool) -> Result<(), String> {
     let tasks: Vec<_> = (0..conns)
-        .map(|i| tokio::spawn(echo_one(addr, i, bytes)))
+        .map(|i| tokio::spawn(echo_one(addr, i, bytes, chunked)))
         .collect();
     let mut ok = 0;
     let mut failed = Vec::new();
@@ -156,7 +166,12 @@ async fn echo(addr: SocketAddr, conns: usize, bytes: usize) -> Result<(), String
     }
 }
 
-async fn echo_one(addr: SocketAddr, conn: usize, bytes: usize) -> Result<(), String> {
+async fn echo_one(
+    addr: SocketAddr,
+    conn: usize,
+    bytes: usize,
+    chunked: bool,
+) -> Result<(), String> {
     let mut s = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -167,7 +182,23 @@ async fn echo_one(addr: SocketAddr, conn: usize, bytes: usize) -> Result<(), Str
     let data = payload(conn, bytes);
     let (mut r, mut w) = s.split();
     let send = async {
-        w.write_all(&data).await?;
+        if chunked {
+            // Write sizes from the payload itself: deterministic, varied, 1..=16384.
+            let mut at = 0;
+            let mut writes = 0u32;
+            while at < data.len() {
+                let size = 1 + ((usize::from(data[at]) << 6) | (at % 64));
+                let end = (at + size).min(data.len());
+                w.write_all(&data[at..end]).await?;
+                at = end;
+                writes += 1;
+                if writes.is_multiple_of(16) {
+                    tokio::time::sleep(std::time::Duration::from_micros(300)).await;
+                }
+            }
+        } else {
+            w.write_all(&data).await?;
+        }
         w.shutdown().await
     };
     let recv = async {

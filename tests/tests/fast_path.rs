@@ -1,0 +1,141 @@
+//! The application-to-target fast path: once the broker has nothing in flight, the kernel
+//! carries the application's sends straight into the target socket. The hand-over must keep
+//! every stream intact and in order, count every byte, and leave nothing behind.
+use std::time::{Duration, Instant};
+
+use latch_tests::{Agent, TestCgroup, bins, servers::EchoServer, tcp_policy};
+
+fn metric(agent: &Agent, name: &str) -> u64 {
+    agent
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+fn probe(cg: &TestCgroup, mode: &str, addr: &str, conns: usize, bytes: usize) -> String {
+    let out = latch_tests::run_ok(cg.command(bins::probe()).args([
+        mode,
+        addr,
+        &conns.to_string(),
+        &bytes.to_string(),
+    ]));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn streams_handed_to_the_kernel_mid_flight_stay_whole_and_in_order() {
+    const CONNS: usize = 40;
+    const BYTES: usize = 4 << 20;
+    let echo = EchoServer::start("127.0.0.2");
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&tcp_policy("echo", "127.0.0.2", echo.addr.port()), &cg);
+    // Writes of 1..16 KiB with pauses: the broker relays the first bytes itself and hands
+    // over at one of the pauses, while the application keeps writing.
+    let got = probe(&cg, "chunks", &echo.addr.to_string(), CONNS, BYTES);
+    assert_eq!(got, format!("ok={CONNS} failed=0"));
+    agent.wait_count("relayed", CONNS as u64);
+    let handed = metric(&agent, "latch_fast_path_handovers_total");
+    assert_eq!(
+        handed, CONNS as u64,
+        "every connection should have been handed over"
+    );
+    // Every byte is accounted for although the broker never saw most of them.
+    let records = agent.wait_audit(CONNS);
+    for r in &records {
+        assert_eq!(r["fast_path"], true, "{r}");
+        assert_eq!(r["bytes_to_target"], BYTES as u64, "{r}");
+        assert_eq!(r["bytes_to_app"], BYTES as u64, "{r}");
+    }
+    let sent = metric(&agent, "latch_relay_bytes_total{direction=\"to_target\"}");
+    assert_eq!(sent, (CONNS * BYTES) as u64);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_non_blocking_sender_facing_a_stalled_target_is_not_left_hanging() {
+    // The target reads nothing for a second while each (tokio, non-blocking) client pushes
+    // 24 MiB: far more than the socket buffers hold; it echoes only after end-of-stream, so
+    // nothing arriving wakes the client either. Redirected sends must never meet a full
+    // buffer (EAGAIN with no wake-up to follow would hang the client); the kernel hands the
+    // flow back to the broker first, and TCP back-pressure does the rest.
+    let echo = EchoServer::start_store_and_forward("127.0.0.2", Duration::from_secs(1));
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&tcp_policy("echo", "127.0.0.2", echo.addr.port()), &cg);
+    let out = latch_tests::run_within(
+        cg.command(bins::probe()).args([
+            "echo",
+            &echo.addr.to_string(),
+            "6",
+            &(24usize << 20).to_string(),
+        ]),
+        Duration::from_secs(60),
+    );
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        got.trim(),
+        "ok=6 failed=0",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.wait_count("relayed", 6);
+    for r in agent.wait_audit(6) {
+        assert_eq!(r["bytes_to_target"], 24u64 << 20, "{r}");
+    }
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_stream_sent_all_at_once_is_intact_whoever_carries_it() {
+    // One large write right after connect: the hand-over races the first bytes.
+    let echo = EchoServer::start("127.0.0.2");
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&tcp_policy("echo", "127.0.0.2", echo.addr.port()), &cg);
+    let got = probe(&cg, "echo", &echo.addr.to_string(), 100, 1 << 20);
+    assert_eq!(got, "ok=100 failed=0");
+    agent.wait_count("relayed", 100);
+    for r in agent.wait_audit(100) {
+        assert_eq!(r["bytes_to_target"], 1u64 << 20, "{r}");
+    }
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn the_fast_path_maps_empty_when_connections_close() {
+    let echo = EchoServer::start("127.0.0.2");
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&tcp_policy("echo", "127.0.0.2", echo.addr.port()), &cg);
+    // While connections are open, their sockets are in both maps...
+    let holder = cg
+        .command(bins::probe())
+        .args(["hold", &echo.addr.to_string(), "30", "3000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start probe");
+    let entries = |key: &str| agent.status()["ebpf"][key].as_u64().unwrap_or(u64::MAX);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while entries("fast_targets_entries") != 30 || entries("fast_socks_entries") != 30 {
+        assert!(
+            Instant::now() < deadline,
+            "expected 30 enrolled and 30 registered sockets: {}",
+            agent.status()["ebpf"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = holder.wait_with_output().expect("probe");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "echoed=30 refused=0"
+    );
+    // ...and when they close, they leave both.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while entries("fast_targets_entries") != 0 || entries("fast_socks_entries") != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "fast-path maps not emptied: {}",
+            agent.status()["ebpf"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(agent.stop().success());
+}
