@@ -216,6 +216,15 @@ fn tokio_postgres_prepared_statements_copy_listen_notify_and_big_rows() {
     );
     assert!(text.ends_with("suite ok"), "{text}");
     s.agent.wait_count("relayed", 1);
+    // Both legs are plain: after authentication the kernel carried the client's messages
+    // (the 6 MiB parameter included) straight to the server.
+    let records = s.agent.wait_audit(1);
+    assert_eq!(records[0]["fast_path"], true, "{}", records[0]);
+    assert!(
+        records[0]["bytes_to_target"].as_u64().unwrap_or(0) > 6 << 20,
+        "{}",
+        records[0]
+    );
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }
