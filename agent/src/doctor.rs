@@ -48,6 +48,7 @@ pub fn run() -> Vec<Check> {
     for (name, ty) in [
         ("prog cgroup_sock_addr", ProgramType::CgroupSockAddr),
         ("prog sock_ops", ProgramType::SockOps),
+        ("prog sk_msg", ProgramType::SkMsg),
     ] {
         checks.push(program_type(name, ty));
     }

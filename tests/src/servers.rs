@@ -32,6 +32,13 @@ pub fn free_port(ip: &str) -> u16 {
 }
 
 /// Echoes every connection's bytes back until the client half-closes; counts connections.
+#[derive(Clone, Copy)]
+enum Behavior {
+    Echo,
+    StoreAndForward(std::time::Duration),
+    ResetAfter(usize),
+}
+
 pub struct EchoServer {
     pub addr: SocketAddr,
     accepted: Arc<AtomicU64>,
@@ -40,17 +47,23 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub fn start(ip: &str) -> Self {
-        Self::spawn(ip, None)
+        Self::spawn(ip, Behavior::Echo)
     }
 
     /// A slow consumer: after each accept it waits `stall` before reading anything, then
     /// reads to end-of-stream and only then echoes it all. A client sending much meets full
     /// buffers and, until it has sent everything, gets nothing back.
     pub fn start_store_and_forward(ip: &str, stall: std::time::Duration) -> Self {
-        Self::spawn(ip, Some(stall))
+        Self::spawn(ip, Behavior::StoreAndForward(stall))
     }
 
-    fn spawn(ip: &str, store: Option<std::time::Duration>) -> Self {
+    /// A server that reads `n` bytes of each connection, echoes nothing and closes with data
+    /// still unread (so the kernel resets the connection).
+    pub fn start_resetting_after(ip: &str, n: usize) -> Self {
+        Self::spawn(ip, Behavior::ResetAfter(n))
+    }
+
+    fn spawn(ip: &str, behavior: Behavior) -> Self {
         let listener = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicU64::new(0));
@@ -64,14 +77,22 @@ impl EchoServer {
                 let Ok(mut conn) = conn else { continue };
                 a.fetch_add(1, Ordering::Relaxed);
                 std::thread::spawn(move || {
-                    if let Some(stall) = store {
-                        std::thread::sleep(stall);
-                        let mut all = Vec::new();
-                        if conn.read_to_end(&mut all).is_ok() {
-                            let _ = conn.write_all(&all);
+                    match behavior {
+                        Behavior::Echo => {}
+                        Behavior::StoreAndForward(stall) => {
+                            std::thread::sleep(stall);
+                            let mut all = Vec::new();
+                            if conn.read_to_end(&mut all).is_ok() {
+                                let _ = conn.write_all(&all);
+                            }
+                            let _ = conn.shutdown(std::net::Shutdown::Write);
+                            return;
                         }
-                        let _ = conn.shutdown(std::net::Shutdown::Write);
-                        return;
+                        Behavior::ResetAfter(n) => {
+                            let mut buf = vec![0u8; n];
+                            let _ = conn.read_exact(&mut buf);
+                            return;
+                        }
                     }
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {

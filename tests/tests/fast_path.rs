@@ -86,6 +86,48 @@ fn a_non_blocking_sender_facing_a_stalled_target_is_not_left_hanging() {
 }
 
 #[test]
+fn a_target_that_resets_mid_stream_fails_the_sender_instead_of_hanging_it() {
+    // The target reads 1 MiB and resets; the clients (handed over by then) are still sending.
+    let resetting = EchoServer::start_resetting_after("127.0.0.2", 1 << 20);
+    let echo = EchoServer::start("127.0.0.3");
+    let cg = TestCgroup::new();
+    let policies = format!(
+        "{}---\n{}",
+        tcp_policy("resets", "127.0.0.2", resetting.addr.port()),
+        tcp_policy("echo", "127.0.0.3", echo.addr.port())
+    );
+    let agent = Agent::start(&policies, &cg);
+    let out = latch_tests::run_within(
+        cg.command(bins::probe()).args([
+            "chunks",
+            &resetting.addr.to_string(),
+            "4",
+            &(64usize << 20).to_string(),
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success(), "the sends cannot all have succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.matches("send: ").count() + err.matches("receive: ").count() == 4,
+        "each connection should fail with a send or receive error: {err}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok=0 failed=4");
+    agent.wait_count("relayed", 4);
+    assert_eq!(
+        metric(&agent, "latch_fast_path_handovers_total"),
+        4,
+        "the resets should have met handed-over flows"
+    );
+    // The agent serves the next connections as before.
+    assert_eq!(
+        probe(&cg, "chunks", &echo.addr.to_string(), 4, 1 << 20),
+        "ok=4 failed=0"
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
 fn a_stream_sent_all_at_once_is_intact_whoever_carries_it() {
     // One large write right after connect: the hand-over races the first bytes.
     let echo = EchoServer::start("127.0.0.2");

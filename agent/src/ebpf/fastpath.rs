@@ -130,8 +130,23 @@ impl FastPath {
         map.keys().filter(Result::is_ok).count()
     }
 
-    /// Forgets the flow's target socket (closing it would too).
+    /// Takes the flow back (the application's later sends go to the broker's socket), then
+    /// forgets its target socket (closing it would too). Without the first step a send racing
+    /// the end of the connection would fail with EACCES instead of the usual reset.
     pub fn release(&self, cookie: u64) {
+        let state = self.word(cookie, 0);
+        let mut s = state.load(Ordering::SeqCst);
+        while flow::owned_by(s, cookie) && s & flow::HANDED_OVER != 0 {
+            match state.compare_exchange(
+                s,
+                s & !flow::HANDED_OVER,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => break,
+                Err(now) => s = now,
+            }
+        }
         let mut map = self.targets.lock().unwrap_or_else(|e| e.into_inner());
         match map.remove(&cookie) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
