@@ -23,6 +23,15 @@ fn probe(cg: &TestCgroup, mode: &str, addr: &str, conns: usize, bytes: usize) ->
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Waits for `conns` relayed connections and checks that each audit record counts `bytes`
+/// toward the target (the kernel's share included).
+fn assert_every_connection_sent(agent: &Agent, conns: usize, bytes: u64) {
+    agent.wait_count("relayed", conns as u64);
+    for r in agent.wait_audit(conns) {
+        assert_eq!(r["bytes_to_target"], bytes, "{r}");
+    }
+}
+
 #[test]
 fn streams_handed_to_the_kernel_mid_flight_stay_whole_and_in_order() {
     const CONNS: usize = 40;
@@ -78,10 +87,7 @@ fn a_non_blocking_sender_facing_a_stalled_target_is_not_left_hanging() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    agent.wait_count("relayed", 6);
-    for r in agent.wait_audit(6) {
-        assert_eq!(r["bytes_to_target"], 24u64 << 20, "{r}");
-    }
+    assert_every_connection_sent(&agent, 6, 24 << 20);
     assert!(agent.stop().success());
 }
 
@@ -135,10 +141,7 @@ fn a_stream_sent_all_at_once_is_intact_whoever_carries_it() {
     let agent = Agent::start(&tcp_policy("echo", "127.0.0.2", echo.addr.port()), &cg);
     let got = probe(&cg, "echo", &echo.addr.to_string(), 100, 1 << 20);
     assert_eq!(got, "ok=100 failed=0");
-    agent.wait_count("relayed", 100);
-    for r in agent.wait_audit(100) {
-        assert_eq!(r["bytes_to_target"], 1u64 << 20, "{r}");
-    }
+    assert_every_connection_sent(&agent, 100, 1 << 20);
     assert!(agent.stop().success());
 }
 
