@@ -75,6 +75,8 @@ struct EbpfStatus {
     /// LATCH_TARGETS (target sockets of connections being or already handed over).
     fast_socks_entries: usize,
     fast_targets_entries: usize,
+    /// Application sockets enrolled for the fast path since start.
+    fast_enrolled: u64,
 }
 
 /// Serves until `shutdown` fires.
@@ -188,6 +190,7 @@ fn status(state: &AdminState) -> Status<'_> {
             socks_entries: i.socks_len(),
             conns_entries: state.shared.conns.len(),
             fast_socks_entries: i.app_socks_len(),
+            fast_enrolled: stats.fast_socks,
             fast_targets_entries: state
                 .shared
                 .fast_path

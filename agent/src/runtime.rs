@@ -42,6 +42,8 @@ pub struct Options {
     pub keep_interception: bool,
     /// Names this agent's pin directory (`<bpffs>/latch/<instance>`).
     pub instance: String,
+    /// Hand applications' sends to the kernel after the handshake where the policy allows.
+    pub fast_path: bool,
 }
 
 /// What happens to connections the programs would intercept while no broker serves them.
@@ -129,6 +131,7 @@ impl Running {
         };
 
         let mut interceptor = Interceptor::load()?;
+        interceptor.set_fast_path(opts.fast_path);
         interceptor.spawn_log_reader();
         let conns = interceptor.take_conn_table()?;
         let policies = PolicySet::new(config);
@@ -157,6 +160,7 @@ impl Running {
         );
         shared.audit = crate::audit::Audit::start(opts.audit.clone()).map_err(StartError::Audit)?;
         shared.fast_path = match interceptor.take_fast_path() {
+            Ok(_) if !opts.fast_path => None,
             Ok(fast) => Some(fast),
             Err(err) => {
                 tracing::warn!(%err, "fast path unavailable; every byte goes through the broker");

@@ -44,6 +44,7 @@ fn streams_handed_to_the_kernel_mid_flight_stay_whole_and_in_order() {
     let got = probe(&cg, "chunks", &echo.addr.to_string(), CONNS, BYTES);
     assert_eq!(got, format!("ok={CONNS} failed=0"));
     agent.wait_count("relayed", CONNS as u64);
+    assert_eq!(agent.status()["ebpf"]["fast_enrolled"], CONNS as u64);
     let handed = metric(&agent, "latch_fast_path_handovers_total");
     assert_eq!(
         handed, CONNS as u64,
@@ -182,5 +183,26 @@ fn the_fast_path_maps_empty_when_connections_close() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn no_fast_path_keeps_every_byte_in_the_broker() {
+    let echo = EchoServer::start("127.0.0.2");
+    let cg = TestCgroup::new();
+    let agent = Agent::start_args(
+        &tcp_policy("echo", "127.0.0.2", echo.addr.port()),
+        &cg,
+        &["--no-fast-path"],
+    );
+    let got = probe(&cg, "chunks", &echo.addr.to_string(), 10, 1 << 20);
+    assert_eq!(got, "ok=10 failed=0");
+    assert_every_connection_sent(&agent, 10, 1 << 20);
+    assert_eq!(metric(&agent, "latch_fast_path_handovers_total"), 0);
+    for r in agent.audit() {
+        assert!(r.get("fast_path").is_none(), "{r}");
+    }
+    // Nothing was even enrolled: the rules carry no fast-path flag.
+    assert_eq!(agent.status()["ebpf"]["fast_enrolled"], 0);
     assert!(agent.stop().success());
 }

@@ -75,6 +75,7 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         limits: args.data.limits(),
         secrets: args.data.secrets(),
         audit: args.data.audit(),
+        fast_path: !args.data.no_fast_path,
         fail_mode: args.fail_mode,
         keep_interception: args.keep_interception,
         instance: args.instance,

@@ -115,6 +115,10 @@ struct DataPathArgs {
     /// [default: $LATCH_STATE_DIR, else /var/lib/latch]
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Keep every byte in the broker: never hand an application's sends to the kernel after
+    /// the handshake (the fast path; see ARCHITECTURE.md).
+    #[arg(long)]
+    no_fast_path: bool,
 }
 
 #[derive(Debug, Args)]

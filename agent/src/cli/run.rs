@@ -35,6 +35,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         limits: args.data.limits(),
         secrets: args.data.secrets(),
         audit: args.data.audit(),
+        fast_path: !args.data.no_fast_path,
         fail_mode: Default::default(),
         keep_interception: false,
         instance: format!("run-{}", std::process::id()),

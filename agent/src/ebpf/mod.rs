@@ -88,6 +88,8 @@ pub struct Interceptor {
     /// Links pinned on bpffs (empty unless interception is kept across restarts).
     pinned: Vec<aya::programs::links::PinnedLink>,
     installed: HashMap<RuleKey, RuleValue>,
+    /// Whether rules may enrol sockets for the fast path.
+    fast_path: bool,
     attached_to: Option<PathBuf>,
 }
 
@@ -140,6 +142,7 @@ impl Interceptor {
             logger,
             pinned: Vec::new(),
             installed: HashMap::new(),
+            fast_path: true,
             attached_to: None,
         })
     }
@@ -235,10 +238,22 @@ impl Interceptor {
         })
     }
 
+    /// With `false`, rules installed from now on never enrol sockets for the fast path.
+    pub fn set_fast_path(&mut self, enabled: bool) {
+        self.fast_path = enabled;
+    }
+
     /// Makes the rule tries hold exactly `rules`: inserts what is new or changed, removes what
     /// is gone. Existing connections are unaffected.
     pub fn sync_rules(&mut self, rules: &[Rule]) -> Result<(), EbpfError> {
-        let wanted: HashMap<RuleKey, RuleValue> = rules.iter().map(Rule::entry).collect();
+        let wanted: HashMap<RuleKey, RuleValue> = rules
+            .iter()
+            .map(|r| Rule {
+                fast_path: r.fast_path && self.fast_path,
+                ..*r
+            })
+            .map(|r| r.entry())
+            .collect();
         for (key, value) in &wanted {
             if self.installed.get(key) != Some(value) {
                 self.insert(key, *value)?;
