@@ -75,8 +75,10 @@ struct EbpfStatus {
     /// LATCH_TARGETS (target sockets of connections being or already handed over).
     fast_socks_entries: usize,
     fast_targets_entries: usize,
-    /// Application sockets enrolled for the fast path since start.
+    /// Application sockets enrolled for the fast path since start, and connections handed
+    /// over to the kernel since start.
     fast_enrolled: u64,
+    fast_handovers: u64,
 }
 
 /// Serves until `shutdown` fires.
@@ -191,6 +193,7 @@ fn status(state: &AdminState) -> Status<'_> {
             conns_entries: state.shared.conns.len(),
             fast_socks_entries: i.app_socks_len(),
             fast_enrolled: stats.fast_socks,
+            fast_handovers: state.shared.metrics.fast_path.get(),
             fast_targets_entries: state
                 .shared
                 .fast_path

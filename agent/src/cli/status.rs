@@ -49,10 +49,12 @@ fn render(s: &Value) -> String {
         n(&c["refused"])
     ));
     out.push_str(&format!(
-        "ebpf  rules {}  redirected {}  map errors {}\n\n",
+        "ebpf  rules {}  redirected {}  map errors {}  fast path: enrolled {}  handed over {}\n\n",
         n(&s["ebpf"]["rules"]),
         n(&s["ebpf"]["redirected"]),
-        n(&s["ebpf"]["map_errors"])
+        n(&s["ebpf"]["map_errors"]),
+        n(&s["ebpf"]["fast_enrolled"]),
+        n(&s["ebpf"]["fast_handovers"])
     ));
     let rows: Vec<[String; 3]> = s["policies"]
         .as_array()
@@ -115,7 +117,8 @@ mod tests {
             "version": "0.1.0", "ready": true, "cgroup": "/sys/fs/cgroup/x",
             "listeners": ["127.0.0.1:15001", "[::1]:15001"],
             "connections": {"active": 2, "relayed": 10, "failed": 1, "denied": 3, "refused": 0},
-            "ebpf": {"rules": 4, "redirected": 14, "map_errors": 0},
+            "ebpf": {"rules": 4, "redirected": 14, "map_errors": 0, "fast_enrolled": 12,
+                     "fast_handovers": 9},
             "policies": [
                 {"name": "orders-db", "protocol": "postgres", "destination": "orders-db.internal:5432"},
                 {"name": "web", "protocol": "tcp", "destination": "10.0.3.0/24:80"}
@@ -125,6 +128,10 @@ mod tests {
         assert!(text.contains("ready  cgroup /sys/fs/cgroup/x"), "{text}");
         assert!(
             text.contains("active 2  relayed 10  failed 1  denied 3  refused 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fast path: enrolled 12  handed over 9"),
             "{text}"
         );
         assert!(
