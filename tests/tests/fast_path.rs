@@ -206,3 +206,31 @@ fn no_fast_path_keeps_every_byte_in_the_broker() {
     assert_eq!(agent.status()["ebpf"]["fast_enrolled"], 0);
     assert!(agent.stop().success());
 }
+
+#[test]
+fn ipv6_and_ipv4_mapped_connections_are_handed_over_too() {
+    // The sk_msg program finds a flow by the 4-tuple it reads from the socket; the IPv6 and
+    // the IPv4-mapped (AF_INET6 socket, IPv4 path) encodings must match sock_ops' and the
+    // broker's.
+    let v4 = EchoServer::start("127.0.0.2");
+    let v6 = EchoServer::start("::1");
+    let cg = TestCgroup::new();
+    let policies = format!(
+        "{}---\n{}",
+        tcp_policy("echo4", "127.0.0.2", v4.addr.port()),
+        tcp_policy("echo6", "::1", v6.addr.port())
+    );
+    let agent = Agent::start(&policies, &cg);
+    let mapped = format!("[::ffff:127.0.0.2]:{}", v4.addr.port());
+    for (addr, handed) in [(v6.addr.to_string(), 5), (mapped, 10)] {
+        assert_eq!(probe(&cg, "chunks", &addr, 5, 1 << 20), "ok=5 failed=0");
+        agent.wait_count("relayed", handed);
+        assert_eq!(
+            metric(&agent, "latch_fast_path_handovers_total"),
+            handed,
+            "{addr}: every connection should have been handed over"
+        );
+    }
+    assert_every_connection_sent(&agent, 10, 1 << 20);
+    assert!(agent.stop().success());
+}
