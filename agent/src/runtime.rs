@@ -70,6 +70,8 @@ pub enum StartError {
     Listen(SocketAddr),
     #[error("an IPv4 loopback listen address is required")]
     NoIpv4Listener,
+    #[error("starting the connection threads: {0}")]
+    Workers(#[source] std::io::Error),
     #[error("keeping interception across restarts needs {0}")]
     Keep(&'static str),
     #[error(transparent)]
@@ -92,6 +94,8 @@ pub struct Running {
     abort: CancellationToken,
     background: CancellationToken,
     tracker: TaskTracker,
+    /// Connection threads; kept until `stop` has drained the connections they run.
+    workers: Arc<broker::workers::Workers>,
     listeners: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     stores: Mutex<String>,
@@ -176,6 +180,8 @@ impl Running {
         let slots = Arc::new(Semaphore::new(opts.limits.max_connections));
         let mut listeners = vec![local4];
         listeners.extend(local6);
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let workers = Arc::new(broker::workers::Workers::start(cpus).map_err(StartError::Workers)?);
         for listener in std::iter::once(listener4).chain(listener6) {
             tokio::spawn(broker::serve(
                 listener,
@@ -184,6 +190,7 @@ impl Running {
                 abort.clone(),
                 tracker.clone(),
                 slots.clone(),
+                workers.clone(),
             ));
         }
         let rules = Arc::new(RuleState {
@@ -217,6 +224,7 @@ impl Running {
             abort,
             background,
             tracker,
+            workers,
             listeners,
             admin_addr,
             stores: Mutex::new(store_fingerprint(&config.stores)),
@@ -288,6 +296,7 @@ impl Running {
             );
         }
         drop(self.interceptor);
+        drop(self.workers);
         totals
     }
 }

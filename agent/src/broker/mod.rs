@@ -3,6 +3,7 @@
 mod conn;
 mod origin;
 pub mod per_workload;
+pub mod workers;
 
 use std::{
     io,
@@ -12,7 +13,7 @@ use std::{
 };
 
 use tokio::{
-    net::{TcpListener, TcpSocket},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::Semaphore,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -198,6 +199,7 @@ pub async fn serve(
     abort: CancellationToken,
     tracker: TaskTracker,
     slots: Arc<Semaphore>,
+    workers: Arc<workers::Workers>,
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -228,12 +230,23 @@ pub async fn serve(
         };
         let shared = shared.clone();
         let abort = abort.clone();
-        tracker.spawn(async move {
+        // Move the socket to its connection thread's reactor.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::debug!(%err, "accepted socket could not be moved");
+                continue;
+            }
+        };
+        workers.next().spawn(tracker.track_future(async move {
             let _permit = permit;
+            let Ok(stream) = TcpStream::from_std(stream) else {
+                return;
+            };
             tokio::select! {
                 _ = conn::handle(stream, peer, &shared) => {}
                 _ = abort.cancelled() => {}
             }
-        });
+        }));
     }
 }
