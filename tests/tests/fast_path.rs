@@ -23,6 +23,19 @@ fn probe(cg: &TestCgroup, mode: &str, addr: &str, conns: usize, bytes: usize) ->
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// An echo server on 127.0.0.2, a test cgroup, and an agent (with `extra` arguments) relaying
+/// the cgroup's connections to the server as `protocol: tcp`.
+fn echo_behind_latch(extra: &[&str]) -> (EchoServer, TestCgroup, Agent) {
+    let echo = EchoServer::start("127.0.0.2");
+    let cg = TestCgroup::new();
+    let agent = Agent::start_args(
+        &tcp_policy("echo", "127.0.0.2", echo.addr.port()),
+        &cg,
+        extra,
+    );
+    (echo, cg, agent)
+}
+
 /// Waits for `conns` relayed connections and checks that each audit record counts `bytes`
 /// toward the target (the kernel's share included).
 fn assert_every_connection_sent(agent: &Agent, conns: usize, bytes: u64) {
@@ -36,9 +49,7 @@ fn assert_every_connection_sent(agent: &Agent, conns: usize, bytes: u64) {
 fn streams_handed_to_the_kernel_mid_flight_stay_whole_and_in_order() {
     const CONNS: usize = 40;
     const BYTES: usize = 4 << 20;
-    let echo = EchoServer::start("127.0.0.2");
-    let cg = TestCgroup::new();
-    let agent = Agent::start(&tcp_policy("echo", "127.0.0.2", echo.addr.port()), &cg);
+    let (echo, cg, agent) = echo_behind_latch(&[]);
     // Writes of 1..16 KiB with pauses: the broker relays the first bytes itself and hands
     // over at one of the pauses, while the application keeps writing.
     let got = probe(&cg, "chunks", &echo.addr.to_string(), CONNS, BYTES);
@@ -137,9 +148,7 @@ fn a_target_that_resets_mid_stream_fails_the_sender_instead_of_hanging_it() {
 #[test]
 fn a_stream_sent_all_at_once_is_intact_whoever_carries_it() {
     // One large write right after connect: the hand-over races the first bytes.
-    let echo = EchoServer::start("127.0.0.2");
-    let cg = TestCgroup::new();
-    let agent = Agent::start(&tcp_policy("echo", "127.0.0.2", echo.addr.port()), &cg);
+    let (echo, cg, agent) = echo_behind_latch(&[]);
     let got = probe(&cg, "echo", &echo.addr.to_string(), 100, 1 << 20);
     assert_eq!(got, "ok=100 failed=0");
     assert_every_connection_sent(&agent, 100, 1 << 20);
@@ -148,9 +157,7 @@ fn a_stream_sent_all_at_once_is_intact_whoever_carries_it() {
 
 #[test]
 fn the_fast_path_maps_empty_when_connections_close() {
-    let echo = EchoServer::start("127.0.0.2");
-    let cg = TestCgroup::new();
-    let agent = Agent::start(&tcp_policy("echo", "127.0.0.2", echo.addr.port()), &cg);
+    let (echo, cg, agent) = echo_behind_latch(&[]);
     // While connections are open, their sockets are in both maps...
     let holder = cg
         .command(bins::probe())
@@ -188,13 +195,7 @@ fn the_fast_path_maps_empty_when_connections_close() {
 
 #[test]
 fn no_fast_path_keeps_every_byte_in_the_broker() {
-    let echo = EchoServer::start("127.0.0.2");
-    let cg = TestCgroup::new();
-    let agent = Agent::start_args(
-        &tcp_policy("echo", "127.0.0.2", echo.addr.port()),
-        &cg,
-        &["--no-fast-path"],
-    );
+    let (echo, cg, agent) = echo_behind_latch(&["--no-fast-path"]);
     let got = probe(&cg, "chunks", &echo.addr.to_string(), 10, 1 << 20);
     assert_eq!(got, "ok=10 failed=0");
     assert_every_connection_sent(&agent, 10, 1 << 20);
