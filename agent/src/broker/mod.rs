@@ -106,12 +106,17 @@ impl Shared {
     }
 
     /// How a relay may hand the application's direction of this connection to the kernel.
-    pub fn handover(&self, origin: &Origin, taken: u64) -> Option<crate::relay::Handover<'_>> {
+    /// `taken` (bytes already read from the application) is asked only when it may.
+    pub fn handover(
+        &self,
+        origin: &Origin,
+        taken: impl FnOnce() -> Option<u64>,
+    ) -> Option<crate::relay::Handover<'_>> {
         let fast = self.fast_path.as_ref().filter(|_| origin.fast_path)?;
         Some(crate::relay::Handover {
             fast,
             cookie: origin.socket_cookie,
-            taken,
+            taken: taken()?,
         })
     }
 

@@ -239,7 +239,7 @@ async fn session(
     let result = relay_session(app, &mut target, early, progress, |app| {
         // Everything read from the application so far was handled above (written to the
         // server or dropped), so all of it counts as taken.
-        relay::bytes_read(app).and_then(|taken| shared.handover(origin, taken))
+        shared.handover(origin, || relay::bytes_read(app))
     })
     .await;
     drop(cancel);

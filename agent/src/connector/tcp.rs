@@ -16,7 +16,7 @@ pub async fn serve(
 ) -> Result<Transferred, ConnectError> {
     let target = connect_marked(origin.dst, shared.mark, shared.limits.connect_timeout).await?;
     handshake_done();
-    relay::splice_both(&app, &target, progress, shared.handover(origin, 0))
+    relay::splice_both(&app, &target, progress, shared.handover(origin, || Some(0)))
         .await
         .map_err(ConnectError::Relay)
 }

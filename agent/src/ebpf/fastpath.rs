@@ -109,11 +109,13 @@ impl FastPath {
     /// `taken` bytes to the broker — all of which the broker has read and written toward the
     /// target. `false` if more are in flight (try again later) or the slot is not this flow's.
     pub fn hand_over(&self, cookie: u64, taken: u64, room: impl FnOnce() -> u64) -> bool {
-        if taken > flow::PASSED {
+        let expect = flow::initial(cookie) | taken;
+        // Cheap check first: while bytes are in flight (the usual case mid-stream) the swap
+        // would fail, so the allowance is not worth computing.
+        if taken > flow::PASSED || self.word(cookie, 0).load(Ordering::SeqCst) != expect {
             return false;
         }
         self.allow(cookie, room);
-        let expect = flow::initial(cookie) | taken;
         self.word(cookie, 0)
             .compare_exchange(
                 expect,
