@@ -67,7 +67,7 @@ fn openbao(c: &mut Criterion) {
         );
         return;
     }
-    let bao = support::bao::Bao::start();
+    let bao = latch_tests::openbao::OpenBao::start_local();
     bao.cli(&[
         "kv",
         "put",
@@ -75,12 +75,12 @@ fn openbao(c: &mut Criterion) {
         "username=app",
         "password=s3cret",
     ]);
-    let token = bao.dir.path().join("token");
-    std::fs::write(&token, support::bao::ROOT_TOKEN).unwrap();
+    let token = bao.dir().join("token");
+    std::fs::write(&token, latch_tests::openbao::ROOT_TOKEN).unwrap();
     let vault = store(
         "vault",
         StoreBackend::Vault(config::VaultStore {
-            address: bao.addr.clone(),
+            address: bao.url(),
             namespace: None,
             mount: None,
             kv_version: 2,

@@ -13,7 +13,7 @@ use latch::config::{
     VaultTls,
 };
 use latch::secrets::{Resolver, ResolverOptions, SecretError};
-use support::bao::Bao;
+use latch_tests::openbao::{OpenBao as Bao, ROOT_TOKEN};
 use support::fake_http::{FakeHttp, Seen};
 use support::postgres::{self, Postgres};
 use support::*;
@@ -59,14 +59,14 @@ fn write_private(path: &Path, text: &str) -> PathBuf {
 
 fn token_auth(bao: &Bao, token: &str) -> VaultAuth {
     VaultAuth::Token(CredentialSource::File(write_private(
-        &bao.dir.path().join("token"),
+        &bao.dir().join("token"),
         token,
     )))
 }
 
 /// A token limited to READ_POLICY.
 fn reader_token(bao: &Bao, ttl: &str) -> String {
-    let policy = write_private(&bao.dir.path().join("reader.hcl"), READ_POLICY);
+    let policy = write_private(&bao.dir().join("reader.hcl"), READ_POLICY);
     bao.cli(&["policy", "write", "reader", policy.to_str().unwrap()]);
     bao.cli(&[
         "token",
@@ -96,7 +96,7 @@ fn with_version(mut p: config::Policy, version: &str) -> config::Policy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv2_latest_and_pinned_versions_with_a_token_file() {
-    let bao = Bao::start();
+    let bao = Bao::start_local();
     bao.cli(&[
         "kv",
         "put",
@@ -114,7 +114,7 @@ async fn kv2_latest_and_pinned_versions_with_a_token_file() {
     let token = reader_token(&bao, "1h");
     let r = resolver(vault_store(
         "vault",
-        &bao.addr,
+        &bao.url(),
         token_auth(&bao, &token),
         None,
         2,
@@ -172,7 +172,7 @@ async fn kv2_latest_and_pinned_versions_with_a_token_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv1_with_a_store_mount() {
-    let bao = Bao::start();
+    let bao = Bao::start_local();
     bao.cli(&["secrets", "enable", "-path=kv1", "-version=1", "kv"]);
     bao.cli(&[
         "kv",
@@ -184,7 +184,7 @@ async fn kv1_with_a_store_mount() {
     let token = reader_token(&bao, "1h");
     let r = resolver(vault_store(
         "vault",
-        &bao.addr,
+        &bao.url(),
         token_auth(&bao, &token),
         Some("kv1"),
         1,
@@ -199,12 +199,12 @@ async fn kv1_with_a_store_mount() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_lived_token_is_renewed_with_renew_self() {
-    let bao = Bao::start();
+    let bao = Bao::start_local();
     bao.cli(&["kv", "put", "secret/db", "username=u", "password=p"]);
     let token = reader_token(&bao, "3s");
     let r = resolver(vault_store(
         "vault",
-        &bao.addr,
+        &bao.url(),
         token_auth(&bao, &token),
         None,
         2,
@@ -225,12 +225,12 @@ async fn a_short_lived_token_is_renewed_with_renew_self() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_token_file_is_picked_up_after_a_denial() {
-    let bao = Bao::start();
+    let bao = Bao::start_local();
     bao.cli(&["kv", "put", "secret/db", "username=u", "password=p"]);
     let first = reader_token(&bao, "1h");
     let r = resolver(vault_store(
         "vault",
-        &bao.addr,
+        &bao.url(),
         token_auth(&bao, &first),
         None,
         2,
@@ -240,13 +240,13 @@ async fn a_rotated_token_file_is_picked_up_after_a_denial() {
     // the token is revoked and the file rewritten with a new one, as a vault agent would
     bao.cli(&["token", "revoke", &first]);
     let second = reader_token(&bao, "1h");
-    write_private(&bao.dir.path().join("token"), &second);
+    write_private(&bao.dir().join("token"), &second);
     r.credentials(&p).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approle_login() {
-    let bao = Bao::start();
+    let bao = Bao::start_local();
     bao.cli(&[
         "kv",
         "put",
@@ -269,13 +269,13 @@ async fn approle_login() {
         "-field=secret_id",
         "auth/approle/role/latch/secret-id",
     ]);
-    let secret_file = write_private(&bao.dir.path().join("secret-id"), &secret_id);
+    let secret_file = write_private(&bao.dir().join("secret-id"), &secret_id);
     let auth = VaultAuth::AppRole {
         role_id: RoleIdSource::Value(role_id.clone()),
         secret_id: CredentialSource::File(secret_file.clone()),
         mount: "approle".to_string(),
     };
-    let r = resolver(vault_store("vault", &bao.addr, auth, None, 2));
+    let r = resolver(vault_store("vault", &bao.url(), auth, None, 2));
     let c = r
         .credentials(&static_policy("db", "vault", "secret/db", None))
         .await
@@ -289,7 +289,7 @@ async fn approle_login() {
         secret_id: CredentialSource::File(secret_file),
         mount: "approle".to_string(),
     };
-    let r = resolver(vault_store("vault", &bao.addr, auth, None, 2));
+    let r = resolver(vault_store("vault", &bao.url(), auth, None, 2));
     let e = r
         .credentials(&static_policy("db", "vault", "secret/db", None))
         .await
@@ -306,7 +306,7 @@ fn b64url(data: &[u8]) -> String {
 /// TokenReview; no cluster runs here, so a fake API server answers a recorded TokenReview.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_login_with_a_service_account_token() {
-    let bao = Bao::start();
+    let bao = Bao::start_local();
     bao.cli(&[
         "kv",
         "put",
@@ -367,13 +367,13 @@ async fn kubernetes_login_with_a_service_account_token() {
         "token_policies=reader",
         "token_ttl=1h",
     ]);
-    let token_file = write_private(&bao.dir.path().join("sa-token"), &jwt);
+    let token_file = write_private(&bao.dir().join("sa-token"), &jwt);
     let auth = VaultAuth::Kubernetes {
         role: "latch".to_string(),
         token_file,
         mount: "kubernetes".to_string(),
     };
-    let r = resolver(vault_store("vault", &bao.addr, auth, None, 2));
+    let r = resolver(vault_store("vault", &bao.url(), auth, None, 2));
     let c = r
         .credentials(&static_policy("db", "vault", "secret/db", None))
         .await
@@ -388,14 +388,14 @@ async fn kubernetes_login_with_a_service_account_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denied_bad_token_and_unreachable_are_typed() {
-    let bao = Bao::start();
+    let bao = Bao::start_local();
     bao.cli(&["kv", "put", "secret/db", "username=u", "password=p"]);
     bao.cli(&["secrets", "enable", "-path=other", "kv-v2"]);
     bao.cli(&["kv", "put", "other/db", "username=u", "password=p"]);
     let token = reader_token(&bao, "1h");
     let r = resolver(vault_store(
         "vault",
-        &bao.addr,
+        &bao.url(),
         token_auth(&bao, &token),
         None,
         2,
@@ -409,7 +409,7 @@ async fn denied_bad_token_and_unreachable_are_typed() {
 
     let r = resolver(vault_store(
         "vault",
-        &bao.addr,
+        &bao.url(),
         token_auth(&bao, "not-a-token"),
         None,
         2,
@@ -440,7 +440,7 @@ async fn denied_bad_token_and_unreachable_are_typed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamic_postgres_credentials_lease_reuse_refresh_and_revoke() {
     let pg = Postgres::start();
-    let bao = Bao::start();
+    let bao = Bao::start_local();
     bao.cli(&["secrets", "enable", "database"]);
     bao.cli(&[
         "write",
@@ -468,7 +468,7 @@ async fn dynamic_postgres_credentials_lease_reuse_refresh_and_revoke() {
     let r = Resolver::new(
         &[vault_store(
             "vault",
-            &bao.addr,
+            &bao.url(),
             token_auth(&bao, &token),
             None,
             2,
@@ -537,7 +537,7 @@ async fn dynamic_postgres_credentials_lease_reuse_refresh_and_revoke() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_near_its_end_is_renewed() {
     let pg = Postgres::start();
-    let bao = Bao::start();
+    let bao = Bao::start_local();
     bao.cli(&["secrets", "enable", "database"]);
     bao.cli(&[
         "write",
@@ -558,8 +558,8 @@ async fn a_lease_near_its_end_is_renewed() {
     ]);
     let r = resolver(vault_store(
         "vault",
-        &bao.addr,
-        token_auth(&bao, support::bao::ROOT_TOKEN),
+        &bao.url(),
+        token_auth(&bao, ROOT_TOKEN),
         None,
         2,
     ));
@@ -585,7 +585,7 @@ async fn a_lease_near_its_end_is_renewed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_canaries_stay_out_of_debug_errors_and_logs() {
     let _logs = captured_logs();
-    let bao = Bao::start();
+    let bao = Bao::start_local();
     bao.cli(&[
         "kv",
         "put",
@@ -596,8 +596,8 @@ async fn vault_canaries_stay_out_of_debug_errors_and_logs() {
     bao.cli(&["kv", "put", "secret/half", "username=CANARY-vh-55aa"]);
     let r = resolver(vault_store(
         "vault",
-        &bao.addr,
-        token_auth(&bao, support::bao::ROOT_TOKEN),
+        &bao.url(),
+        token_auth(&bao, ROOT_TOKEN),
         None,
         2,
     ));
@@ -615,7 +615,7 @@ async fn vault_canaries_stay_out_of_debug_errors_and_logs() {
     // the root token is a secret too
     let bad = resolver(vault_store(
         "v",
-        &bao.addr,
+        &bao.url(),
         token_auth(&bao, "CANARY-token-x"),
         None,
         2,

