@@ -89,7 +89,12 @@ async fn reads_a_secret_over_https_with_the_service_account() {
         .await
         .unwrap();
     assert_eq!(c.password.as_ref().unwrap().expose(), "k8s-s3cret");
-    assert_eq!(api.requests().len(), 2);
+    let seen: Vec<_> = api
+        .requests()
+        .iter()
+        .map(|s| format!("{} {}", s.method, s.path))
+        .collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
     assert!(api.requests().iter().all(|s| s.method == "GET"));
 
     let e = r

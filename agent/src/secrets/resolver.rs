@@ -173,14 +173,8 @@ impl Resolver {
             config::Credentials::Static {
                 username, password, ..
             } => {
-                let (u, p) = tokio::join!(
-                    self.resolve_opt(username.as_ref(), fresh),
-                    self.resolve_opt(password.as_ref(), fresh)
-                );
-                match (u, p) {
-                    (Ok(u), Ok(p)) => Ok(Arc::new(Credentials::new(u, p))),
-                    (Err(e), _) | (_, Err(e)) => Err(e),
-                }
+                self.resolve_static(username.as_ref(), password.as_ref(), fresh)
+                    .await
             }
             config::Credentials::Dynamic { store, path } => {
                 self.resolve_dynamic(store, path, fresh).await
@@ -202,6 +196,30 @@ impl Resolver {
         result
     }
 
+    /// Username and password; one store request when both name the same secret (the usual
+    /// `field: username` / `field: password` pair), two concurrent ones otherwise.
+    async fn resolve_static(
+        &self,
+        username: Option<&SecretRef>,
+        password: Option<&SecretRef>,
+        fresh: bool,
+    ) -> Result<Arc<Credentials>, SecretError> {
+        if let (Some(u), Some(p)) = (username, password)
+            && let (Ok(ku), Ok(kp)) = (self.key(u), self.key(p))
+            && ku == kp
+        {
+            let (secret, per_field) = self.fetch(u, &ku, fresh).await?;
+            let u = extract(&secret, u, per_field)?;
+            let p = extract(&secret, p, per_field)?;
+            return Ok(Arc::new(Credentials::new(Some(u), Some(p))));
+        }
+        let (u, p) = tokio::join!(
+            self.resolve_opt(username, fresh),
+            self.resolve_opt(password, fresh)
+        );
+        Ok(Arc::new(Credentials::new(u?, p?)))
+    }
+
     async fn resolve_opt(
         &self,
         r: Option<&SecretRef>,
@@ -221,19 +239,36 @@ impl Resolver {
     }
 
     async fn resolve_ref(&self, r: &SecretRef, fresh: bool) -> Result<SecretString, SecretError> {
-        let store = self.store(&r.store)?;
-        let per_field = store.per_field();
-        let key = SecretKey {
+        let key = self.key(r)?;
+        let (secret, per_field) = self.fetch(r, &key, fresh).await?;
+        extract(&secret, r, per_field)
+    }
+
+    /// What one store request fetches for `r`: per-field stores fetch each field on its own.
+    fn key(&self, r: &SecretRef) -> Result<SecretKey, SecretError> {
+        let per_field = self.store(&r.store)?.per_field();
+        Ok(SecretKey {
             store: r.store.clone(),
             path: r.path.clone(),
             field: if per_field { r.field.clone() } else { None },
             version: r.version.clone(),
-        };
+        })
+    }
+
+    /// The secret behind `key`, shared with concurrent requests for it (single flight), and
+    /// whether its store is per-field.
+    async fn fetch(
+        &self,
+        r: &SecretRef,
+        key: &SecretKey,
+        fresh: bool,
+    ) -> Result<(Arc<Secret>, bool), SecretError> {
+        let store = self.store(&r.store)?;
         let bound = self.inner.opts.fetch_timeout;
         let secret = self
             .inner
             .secrets
-            .run(&key, fresh, || async {
+            .run(key, fresh, || async {
                 let lookup = Lookup {
                     path: &r.path,
                     field: key.field.as_deref(),
@@ -249,7 +284,7 @@ impl Resolver {
             })
             .await
             .map_err(|e| named(e, &r.store))?;
-        extract(&secret, r, per_field)
+        Ok((secret, store.per_field()))
     }
 
     async fn resolve_dynamic(
