@@ -144,10 +144,27 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// A header value that hyper must not log or compress into tables.
-pub(crate) fn sensitive(value: &str) -> Result<hyper::header::HeaderValue, String> {
-    let mut v = hyper::header::HeaderValue::from_str(value)
+/// A header value made of `parts` (e.g. `["Bearer ", token]`), which hyper must not log or
+/// compress into tables, held in a buffer zeroed when the header is dropped.
+pub(crate) fn sensitive(parts: &[&str]) -> Result<hyper::header::HeaderValue, String> {
+    let len = parts.iter().map(|p| p.len()).sum();
+    let bytes = secret_bytes(len, |buf| {
+        for p in parts {
+            buf.extend_from_slice(p.as_bytes());
+        }
+    });
+    let mut v = hyper::header::HeaderValue::from_maybe_shared(bytes)
         .map_err(|_| "a credential holds bytes not allowed in a header".to_string())?;
     v.set_sensitive(true);
     Ok(v)
+}
+
+/// Bytes that hold a credential (a request body, a header): `write` fills a buffer of
+/// `capacity` that must not grow, since a reallocation would leave a copy behind; the buffer
+/// is zeroed when the last reference is dropped.
+pub(crate) fn secret_bytes(capacity: usize, write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(capacity));
+    write(&mut buf);
+    debug_assert!(buf.len() <= capacity, "the credential buffer grew");
+    Bytes::from_owner(buf)
 }

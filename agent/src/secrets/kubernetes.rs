@@ -116,8 +116,7 @@ impl KubernetesStore {
             .header("accept", "application/json")
             .header(
                 "authorization",
-                sensitive(&format!("Bearer {}", token.expose()))
-                    .map_err(|r| self.auth_failed(r))?,
+                sensitive(&["Bearer ", token.expose()]).map_err(|r| self.auth_failed(r))?,
             )
             .body(Full::new(Bytes::new()))
             .map_err(|_| SecretError::Invalid {

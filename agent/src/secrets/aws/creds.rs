@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+
 use crate::config::SecretString;
+use crate::secrets::http::secret_bytes;
 
 #[derive(Clone)]
 pub struct AwsCredentials {
@@ -113,15 +116,29 @@ pub fn parse_profile(
     }
 }
 
-/// The form body of an STS `AssumeRoleWithWebIdentity` call (unsigned: the token is the proof).
-pub fn assume_role_body(role_arn: &str, session_name: &str, token: &SecretString) -> String {
-    form_urlencoded::Serializer::new(String::new())
-        .append_pair("Action", "AssumeRoleWithWebIdentity")
-        .append_pair("Version", "2011-06-15")
-        .append_pair("RoleArn", role_arn)
-        .append_pair("RoleSessionName", session_name)
-        .append_pair("WebIdentityToken", token.expose())
-        .finish()
+/// The form body of an STS `AssumeRoleWithWebIdentity` call (unsigned: the token is the
+/// proof), in a zeroizing buffer (URL encoding writes a byte as at most three).
+pub fn assume_role_body(role_arn: &str, session_name: &str, token: &SecretString) -> Bytes {
+    let fields = [
+        ("Action", "AssumeRoleWithWebIdentity"),
+        ("Version", "2011-06-15"),
+        ("RoleArn", role_arn),
+        ("RoleSessionName", session_name),
+        ("WebIdentityToken", token.expose()),
+    ];
+    let len: usize = fields.iter().map(|(k, v)| k.len() + 3 * v.len() + 2).sum();
+    secret_bytes(len, |buf| {
+        for (i, (k, v)) in fields.iter().enumerate() {
+            if i > 0 {
+                buf.push(b'&');
+            }
+            buf.extend_from_slice(k.as_bytes());
+            buf.push(b'=');
+            for chunk in form_urlencoded::byte_serialize(v.as_bytes()) {
+                buf.extend_from_slice(chunk.as_bytes());
+            }
+        }
+    })
 }
 
 /// Parses the XML answer of `AssumeRoleWithWebIdentity`.
@@ -268,11 +285,17 @@ mod tests {
             "latch",
             &SecretString::new("a.b+c=".into()),
         );
-        assert!(
-            b.contains("RoleArn=arn%3Aaws%3Aiam%3A%3A123%3Arole%2Fr"),
-            "{b}"
+        let b = std::str::from_utf8(&b).unwrap();
+        assert_eq!(
+            b,
+            "Action=AssumeRoleWithWebIdentity&Version=2011-06-15\
+             &RoleArn=arn%3Aaws%3Aiam%3A%3A123%3Arole%2Fr&RoleSessionName=latch\
+             &WebIdentityToken=a.b%2Bc%3D"
         );
-        assert!(b.contains("WebIdentityToken=a.b%2Bc%3D"), "{b}");
+        // every byte needing escape (three output bytes each) still fits the buffer
+        let nasty = "/".repeat(300);
+        let b = assume_role_body("r", "s", &SecretString::new(nasty));
+        assert!(b.ends_with("%2F".repeat(300).as_bytes()));
     }
 
     #[test]

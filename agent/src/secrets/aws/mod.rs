@@ -149,7 +149,7 @@ impl AwsStore {
             .uri(format!("{}/", self.sts_endpoint))
             .header("content-type", "application/x-www-form-urlencoded")
             .header("accept", "application/xml")
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body))
             .map_err(|_| self.auth_failed("bad STS endpoint URL"))?;
         let resp = self
             .http

@@ -5,7 +5,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use crate::config::{CredentialSource, RoleIdSource, SecretString};
+use crate::secrets::http::secret_bytes;
 
 /// The token the store uses, and when to renew or replace it.
 pub struct TokenState {
@@ -82,18 +85,28 @@ pub fn parse_lookup_self(body: &[u8]) -> Result<(Option<Duration>, bool), String
     Ok(((ttl > 0).then(|| Duration::from_secs(ttl)), renewable))
 }
 
-/// The body of `auth/MOUNT/login` for AppRole.
-pub fn approle_body(role_id: &str, secret_id: &SecretString) -> Vec<u8> {
-    serde_json::json!({ "role_id": role_id, "secret_id": secret_id.expose() })
-        .to_string()
-        .into_bytes()
+/// The body of `auth/MOUNT/login` for AppRole, in a buffer zeroed when the request is done.
+pub fn approle_body(role_id: &str, secret_id: &SecretString) -> Bytes {
+    login_body(&[("role_id", role_id), ("secret_id", secret_id.expose())])
 }
 
-/// The body of `auth/MOUNT/login` for the Kubernetes and JWT methods.
-pub fn jwt_body(role: &str, jwt: &SecretString) -> Vec<u8> {
-    serde_json::json!({ "role": role, "jwt": jwt.expose() })
-        .to_string()
-        .into_bytes()
+/// The body of `auth/MOUNT/login` for the Kubernetes and JWT methods (zeroed when done).
+pub fn jwt_body(role: &str, jwt: &SecretString) -> Bytes {
+    login_body(&[("role", role), ("jwt", jwt.expose())])
+}
+
+/// A JSON object of `fields` in a zeroizing buffer (JSON writes a byte as at most six).
+fn login_body(fields: &[(&str, &str)]) -> Bytes {
+    struct Object<'a>(&'a [(&'a str, &'a str)]);
+    impl serde::Serialize for Object<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_map(self.0.iter().copied())
+        }
+    }
+    let len: usize = fields.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
+    secret_bytes(2 + 6 * len, |buf| {
+        serde_json::to_writer(buf, &Object(fields)).expect("writing JSON to memory cannot fail")
+    })
 }
 
 /// Reads a credential the agent itself needs (a token, a secret id) from a file or variable;
@@ -187,5 +200,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["jwt"], "eyJ");
         assert_eq!(v["role"], "r");
+        // the worst case for escaping still fits the buffer (the debug assertion would fire)
+        let nasty = "\u{1}\"".repeat(500);
+        let b = approle_body("\u{2}", &SecretString::new(nasty.clone()));
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["secret_id"], nasty.as_str());
     }
 }

@@ -98,7 +98,7 @@ impl VaultStore {
         method: Method,
         path: &str,
         token: Option<&SecretString>,
-        body: Option<Vec<u8>>,
+        body: Option<Bytes>,
     ) -> Result<Response, SecretError> {
         let uri = format!("{}/v1/{}", self.base, path.trim_start_matches('/'));
         let mut req = Request::builder().method(method).uri(&uri);
@@ -108,14 +108,14 @@ impl VaultStore {
         if let Some(t) = token {
             req = req.header(
                 "X-Vault-Token",
-                sensitive(t.expose()).map_err(|r| self.auth_failed(r))?,
+                sensitive(&[t.expose()]).map_err(|r| self.auth_failed(r))?,
             );
         }
         if body.is_some() {
             req = req.header("Content-Type", "application/json");
         }
         let req = req
-            .body(Full::new(body.map(Bytes::from).unwrap_or_default()))
+            .body(Full::new(body.unwrap_or_default()))
             .map_err(|_| self.invalid(path, "the path cannot be used in a URL".to_string()))?;
         self.http.send(req).await.map_err(|e| self.unreachable(e))
     }
@@ -125,7 +125,7 @@ impl VaultStore {
         &self,
         method: Method,
         path: &str,
-        body: Option<Vec<u8>>,
+        body: Option<Bytes>,
     ) -> Result<Response, SecretError> {
         let token = self.token().await?;
         let resp = self
@@ -182,7 +182,7 @@ impl VaultStore {
                 Method::POST,
                 "auth/token/renew-self",
                 Some(token),
-                Some(b"{}".to_vec()),
+                Some(Bytes::from_static(b"{}")),
             )
             .await?;
         if !resp.status.is_success() {
@@ -318,7 +318,7 @@ impl VaultStore {
     async fn renew(&self, lease: &Lease) -> Result<Duration, SecretError> {
         let body = lease::renew_body(&lease.id, lease.duration);
         let resp = self
-            .call(Method::PUT, "sys/leases/renew", Some(body))
+            .call(Method::PUT, "sys/leases/renew", Some(body.into()))
             .await?;
         if !resp.status.is_success() {
             return Err(self.failure("sys/leases/renew", &resp));
@@ -396,7 +396,7 @@ impl VaultStore {
                 .call(
                     Method::PUT,
                     "sys/leases/revoke",
-                    Some(lease::revoke_body(id)),
+                    Some(lease::revoke_body(id).into()),
                 )
                 .await
             {
