@@ -62,16 +62,11 @@ fn write_token(dir: &Path, token: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_a_secret_over_https_with_the_service_account() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, tls) = test_tls(dir.path());
+    let (ca, tls) = test_tls();
     let api = FakeHttp::start_with(Arc::new(api_server), Some(tls)).await;
     let token = write_token(dir.path(), TOKEN);
     let r = Resolver::new(
-        &[k8s_store(
-            &api.url(),
-            Some("prod"),
-            &token,
-            Some(ca.clone()),
-        )],
+        &[k8s_store(&api.url(), Some("prod"), &token, Some(ca.ca()))],
         ResolverOptions::default(),
     )
     .unwrap();
@@ -137,7 +132,7 @@ async fn reads_a_secret_over_https_with_the_service_account() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refuses_a_server_certificate_not_signed_by_the_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let (_ca, tls) = test_tls(dir.path());
+    let (_ca, tls) = test_tls();
     let api = FakeHttp::start_with(Arc::new(api_server), Some(tls)).await;
     let token = write_token(dir.path(), TOKEN);
     // the system roots do not know the throw-away CA

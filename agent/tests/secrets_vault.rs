@@ -14,8 +14,8 @@ use latch::config::{
 };
 use latch::secrets::{Resolver, ResolverOptions, SecretError};
 use latch_tests::openbao::{OpenBao as Bao, ROOT_TOKEN};
+use latch_tests::postgres::PgCluster;
 use support::fake_http::{FakeHttp, Seen};
-use support::postgres::{self, Postgres};
 use support::*;
 
 const READ_POLICY: &str = r#"
@@ -439,7 +439,7 @@ async fn denied_bad_token_and_unreachable_are_typed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamic_postgres_credentials_lease_reuse_refresh_and_revoke() {
-    let pg = Postgres::start();
+    let pg = Db::start();
     let bao = Bao::start_local();
     bao.cli(&["secrets", "enable", "database"]);
     bao.cli(&[
@@ -447,8 +447,8 @@ async fn dynamic_postgres_credentials_lease_reuse_refresh_and_revoke() {
         "database/config/orders",
         "plugin_name=postgresql-database-plugin",
         &format!("connection_url={}", pg.url_template()),
-        &format!("username={}", postgres::ADMIN_USER),
-        &format!("password={}", postgres::ADMIN_PASSWORD),
+        &format!("username={DB_ADMIN}"),
+        &format!("password={DB_ADMIN_PASSWORD}"),
         "allowed_roles=orders-rw",
         "verify_connection=true",
     ]);
@@ -517,17 +517,17 @@ async fn dynamic_postgres_credentials_lease_reuse_refresh_and_revoke() {
         pg.login(ub.expose(), pb.expose()).await.unwrap(),
         ub.expose()
     );
-    assert!(pg.role_exists(ua.expose()).await && pg.role_exists(ub.expose()).await);
+    assert!(pg.role_exists(ua.expose()) && pg.role_exists(ub.expose()));
 
     // shutdown revokes both leases: the roles are gone
     r.shutdown().await;
     assert!(
-        !pg.role_exists(ua.expose()).await,
+        !pg.role_exists(ua.expose()),
         "role {} survived revocation",
         ua.expose()
     );
     assert!(
-        !pg.role_exists(ub.expose()).await,
+        !pg.role_exists(ub.expose()),
         "role {} survived revocation",
         ub.expose()
     );
@@ -536,7 +536,7 @@ async fn dynamic_postgres_credentials_lease_reuse_refresh_and_revoke() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_near_its_end_is_renewed() {
-    let pg = Postgres::start();
+    let pg = Db::start();
     let bao = Bao::start_local();
     bao.cli(&["secrets", "enable", "database"]);
     bao.cli(&[
@@ -544,8 +544,8 @@ async fn a_lease_near_its_end_is_renewed() {
         "database/config/orders",
         "plugin_name=postgresql-database-plugin",
         &format!("connection_url={}", pg.url_template()),
-        &format!("username={}", postgres::ADMIN_USER),
-        &format!("password={}", postgres::ADMIN_PASSWORD),
+        &format!("username={DB_ADMIN}"),
+        &format!("password={DB_ADMIN_PASSWORD}"),
         "allowed_roles=*",
     ]);
     bao.cli(&[
@@ -626,4 +626,54 @@ async fn vault_canaries_stay_out_of_debug_errors_and_logs() {
         .unwrap_err();
     assert!(!format!("{e} {e:?}").contains("CANARY"));
     assert_not_logged("CANARY");
+}
+
+const DB_ADMIN: &str = "vaultadmin";
+const DB_ADMIN_PASSWORD: &str = "admin-pw-for-tests";
+
+/// The database whose roles OpenBao's database engine manages: the shared test cluster plus a
+/// superuser that logs in with a password over TCP, as OpenBao does.
+struct Db(PgCluster);
+
+impl Db {
+    fn start() -> Db {
+        let pg = PgCluster::start("127.0.0.1", "scram-pw", "md5-pw", "plain-pw");
+        pg.sql(&format!(
+            "CREATE ROLE {DB_ADMIN} LOGIN SUPERUSER PASSWORD '{DB_ADMIN_PASSWORD}'"
+        ));
+        Db(pg)
+    }
+
+    /// OpenBao's `connection_url`, credentials filled in by OpenBao.
+    fn url_template(&self) -> String {
+        format!(
+            "postgresql://{{{{username}}}}:{{{{password}}}}@{}/postgres?sslmode=disable",
+            self.0.addr
+        )
+    }
+
+    /// Connects as `user`/`password` and returns `current_user`.
+    async fn login(&self, user: &str, password: &str) -> Result<String, tokio_postgres::Error> {
+        let (client, conn) = tokio_postgres::Config::new()
+            .host(self.0.addr.ip().to_string())
+            .port(self.0.addr.port())
+            .user(user)
+            .password(password)
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(5))
+            .connect(tokio_postgres::NoTls)
+            .await?;
+        let task = tokio::spawn(conn);
+        let row = client.query_one("SELECT current_user::text", &[]).await?;
+        drop(client);
+        let _ = task.await;
+        Ok(row.get(0))
+    }
+
+    fn role_exists(&self, role: &str) -> bool {
+        let role = role.replace('\'', "''");
+        self.0.sql(&format!(
+            "SELECT count(*) FROM pg_roles WHERE rolname = '{role}'"
+        )) == "1"
+    }
 }

@@ -5,6 +5,7 @@
 //! test with a message that says what to install or run.
 pub mod agent;
 pub mod bins;
+pub mod certs;
 pub mod cgroup;
 pub mod http;
 pub mod leftovers;

@@ -1,106 +1,14 @@
 //! `protocol: postgres` with TLS to the target, per the policy's `tls.mode`: SSLRequest first,
 //! rustls, certificate checks as libpq defines them, and SCRAM-SHA-256-PLUS channel binding.
-use std::{
-    path::{Path, PathBuf},
-    process::{Command, Output},
-};
+use std::{path::Path, process::Output};
 
 use latch_tests::{
     Agent, TempDir, TestCgroup, bins,
+    certs::TestCa,
     postgres::{APP_DB, PgCluster, SCRAM_USER, ServerTls, policy_yaml, secrets_yaml},
 };
 
 const SCRAM_PW: &str = "tls-scram-Secret-1";
-
-/// A throw-away CA and a server certificate for `db.test` and 127.0.0.2.
-struct Certs {
-    dir: TempDir,
-}
-
-impl Certs {
-    fn new() -> Certs {
-        let dir = TempDir::new("pg-certs");
-        let openssl = bins::tool("openssl", "openssl");
-        let d = dir.path();
-        let run = |args: &[&str]| {
-            let out = Command::new(&openssl)
-                .current_dir(d)
-                .args(args)
-                .output()
-                .expect("run openssl");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        std::fs::write(
-            d.join("ext.cnf"),
-            "subjectAltName=DNS:db.test,IP:127.0.0.2\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        for name in ["ca", "other-ca"] {
-            run(&[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.crt"),
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN=latch test {name}"),
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ]);
-        }
-        run(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=db.test",
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ]);
-        Certs { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
 
 fn psql(cg: &TestCgroup, pg: &PgCluster, sql: &str) -> Output {
     pg.psql_in(cg, "nobody", APP_DB, sql)
@@ -120,22 +28,22 @@ fn agent(pg: &PgCluster, cg: &TestCgroup, secrets: &Path, tls: &str) -> Agent {
 
 #[test]
 fn target_tls_follows_the_policy_mode_and_binds_scram_to_the_channel() {
-    let certs = Certs::new();
+    let certs = TestCa::new("db.test", &["DNS:db.test", "IP:127.0.0.2"]);
     let pg = PgCluster::start_with(
         "127.0.0.2",
         SCRAM_PW,
         "x-md5",
         "x-plain",
         Some(ServerTls {
-            cert: &certs.path("server.crt"),
-            key: &certs.path("server.key"),
+            cert: &certs.server_cert(),
+            key: &certs.server_key(),
         }),
     );
     let secrets_dir = TempDir::new("pg-tls-secrets");
     let secrets = secrets_dir.write("secrets.yaml", &secrets_yaml(SCRAM_USER, SCRAM_PW));
     let cg = TestCgroup::new();
-    let ca = certs.path("ca.crt").display().to_string();
-    let other_ca = certs.path("other-ca.crt").display().to_string();
+    let ca = certs.ca().display().to_string();
+    let other_ca = certs.other_ca().display().to_string();
 
     // (tls block, expected `ssl` column or None for a refused connection)
     let cases = [

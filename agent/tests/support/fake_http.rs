@@ -127,82 +127,20 @@ impl Drop for FakeHttp {
     }
 }
 
-/// A self-signed CA and a server certificate for `127.0.0.1` made with the `openssl` CLI in
-/// `dir`; returns the CA file and a TLS acceptor serving the server certificate.
-pub fn test_tls(dir: &std::path::Path) -> (std::path::PathBuf, tokio_rustls::TlsAcceptor) {
+/// A throw-away CA and a server certificate for `127.0.0.1` (and the in-cluster API server
+/// name); returns them and a TLS acceptor serving the server certificate.
+pub fn test_tls() -> (latch_tests::certs::TestCa, tokio_rustls::TlsAcceptor) {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let openssl = super::require_program("openssl", "apt-get install openssl");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(&openssl)
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=latch test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=kubernetes",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:kubernetes.default.svc\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.crt"))
+    let ca = latch_tests::certs::TestCa::new(
+        "kubernetes",
+        &["IP:127.0.0.1", "DNS:kubernetes.default.svc"],
+    );
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca.server_cert())
         .unwrap()
         .map(|c| c.unwrap())
         .collect();
-    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let key = PrivateKeyDer::from_pem_file(ca.server_key()).unwrap();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -211,7 +149,7 @@ pub fn test_tls(dir: &std::path::Path) -> (std::path::PathBuf, tokio_rustls::Tls
         .with_single_cert(certs, key)
         .unwrap();
     (
-        dir.join("ca.crt"),
+        ca,
         tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
     )
 }

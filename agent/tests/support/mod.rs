@@ -3,7 +3,6 @@
 
 pub mod fake_http;
 pub mod moto;
-pub mod postgres;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};

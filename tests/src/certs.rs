@@ -1,0 +1,128 @@
+//! Throw-away certificates made with the `openssl` CLI: a CA, a second CA that signed nothing
+//! here (for "wrong CA" cases), and a server certificate the first one signed. P-256 keys,
+//! valid for two days.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use crate::{TempDir, bins};
+
+pub struct TestCa {
+    dir: TempDir,
+}
+
+impl TestCa {
+    /// A server certificate for `common_name` with the subjectAltName entries `sans`
+    /// (`"DNS:db.test"`, `"IP:127.0.0.2"`).
+    pub fn new(common_name: &str, sans: &[&str]) -> TestCa {
+        let dir = TempDir::new("certs");
+        let d = dir.path();
+        std::fs::write(
+            d.join("ext.cnf"),
+            format!(
+                "subjectAltName={}\nbasicConstraints=CA:FALSE\n\
+                 keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+                sans.join(",")
+            ),
+        )
+        .expect("write ext.cnf");
+        for name in ["ca", "other-ca"] {
+            openssl(
+                d,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.crt"),
+                    "-days",
+                    "2",
+                    "-subj",
+                    &format!("/CN=latch test {name}"),
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+            );
+        }
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                &format!("/CN={common_name}"),
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+        );
+        TestCa { dir }
+    }
+
+    /// The CA certificate (PEM) that signed the server certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    /// A CA certificate that signed nothing here.
+    pub fn other_ca(&self) -> PathBuf {
+        self.dir.path().join("other-ca.crt")
+    }
+
+    /// The server certificate (PEM).
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.path().join("server.crt")
+    }
+
+    /// The server's private key (PEM, PKCS#8).
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.path().join("server.key")
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new(bins::tool("openssl", "openssl"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
