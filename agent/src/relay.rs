@@ -80,6 +80,9 @@ pub async fn splice_both(
 
 /// How often a handed-over flow's allowance is renewed while the application keeps sending.
 const TICK: Duration = Duration::from_millis(1);
+/// A flow is renewed every tick while it uses at least 1/TICKS_AHEAD of its allowance per
+/// renewal.
+const TICKS_AHEAD: u64 = 8;
 /// Send buffer asked for on target sockets of handed-over flows (the allowance is half the
 /// free buffer, renewed every [`TICK`]).
 const TARGET_SNDBUF: usize = 4 << 20;
@@ -95,9 +98,10 @@ struct HandoverState<'a> {
     failed: AtomicBool,
     /// Handed over at least once.
     ever: AtomicBool,
-    /// Renew the allowance every TICK (the flow is handed over and was busy last tick).
+    /// Renew the allowance every TICK (the flow is handed over and fast enough to use up
+    /// its allowance within a few ticks).
     ticking: AtomicBool,
-    /// Redirected bytes at the last tick.
+    /// Bytes charged at the last renewal.
     last: AtomicU64,
     /// The allowance last given.
     granted: AtomicU64,
@@ -148,13 +152,17 @@ impl<'a> HandoverState<'a> {
                 "application-to-target direction handed over to the kernel"
             );
             self.ever.store(true, Ordering::Relaxed);
+            self.last.store(fast.charged(cookie), Ordering::Relaxed);
             self.ticking.store(true, Ordering::Relaxed);
         }
     }
 
-    /// Renews the allowance while handed over; keeps ticking only while the flow is busy.
-    /// After a reply, only when less than half of the last allowance is left (request and
-    /// response flows then cost no extra system call).
+    /// Renews the allowance while handed over. After a reply, only when less than half of
+    /// the last allowance is left (request and response flows then cost no extra system
+    /// call). Ticking goes on only while the flow would use up its allowance within
+    /// [`TICKS_AHEAD`] ticks: a slower flow is renewed as replies pass, and if it runs out
+    /// the kernel hands it back, so an idle or chatty connection does not wake the broker
+    /// every tick.
     fn renew(&self, from_tick: bool) {
         let (fast, cookie) = (self.h.fast, self.h.cookie);
         if !fast.is_handed_over(cookie) {
@@ -164,15 +172,12 @@ impl<'a> HandoverState<'a> {
         if !from_tick && fast.remaining(cookie) >= self.granted.load(Ordering::Relaxed) / 2 {
             return;
         }
+        let charged = fast.charged(cookie);
+        let used = charged.saturating_sub(self.last.swap(charged, Ordering::Relaxed));
         let room = fast.allow(cookie, || room(self.target));
         self.granted.store(room, Ordering::Relaxed);
-        let now = fast.redirected(cookie).unwrap_or(0);
-        let busy = self.last.swap(now, Ordering::Relaxed) != now;
-        if from_tick {
-            self.ticking.store(busy, Ordering::Relaxed);
-        } else if busy {
-            self.ticking.store(true, Ordering::Relaxed);
-        }
+        self.ticking
+            .store(used.saturating_mul(TICKS_AHEAD) >= room, Ordering::Relaxed);
     }
 
     /// Ends the hand-over: marks it in `progress` and returns (and adds to `progress`) the
@@ -227,7 +232,7 @@ fn room(target: &TcpStream) -> u64 {
 /// What a pump does about a hand-over.
 #[derive(Clone, Copy)]
 enum Role<'s, 'a> {
-    /// The application-to-target direction: hands over, renews while busy.
+    /// The application-to-target direction: hands over, renews every tick while fast.
     ToTarget(&'s HandoverState<'a>),
     /// The other direction: renews when a reply passes.
     ToApp(&'s HandoverState<'a>),
@@ -247,7 +252,7 @@ impl<'s, 'a> Role<'s, 'a> {
 /// One direction: socket → pipe → socket until `src` reaches end-of-stream, then half-close
 /// `dst` for writing. With a hand-over, the application-to-target direction (`to_target`)
 /// attempts it whenever everything read so far has been written, and renews the allowance
-/// every tick while the kernel carries a busy flow; the other direction renews it whenever a
+/// every tick while the kernel carries a fast flow; the other direction renews it whenever a
 /// reply passes (the target has read something).
 async fn pump(
     src: &TcpStream,

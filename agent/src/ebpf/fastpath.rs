@@ -97,6 +97,12 @@ impl FastPath {
         room
     }
 
+    /// Bytes charged against allowances so far (redirected bytes plus the per-message
+    /// overhead).
+    pub fn charged(&self, cookie: u64) -> u64 {
+        self.word(cookie, 2).load(Ordering::SeqCst)
+    }
+
     /// What is left of the allowance.
     pub fn remaining(&self, cookie: u64) -> u64 {
         let charged = self.word(cookie, 2).load(Ordering::SeqCst);
