@@ -243,7 +243,15 @@ pub async fn serve(
                 continue;
             }
         };
-        workers.next().spawn(tracker.track_future(async move {
+        let opener = stream
+            .local_addr()
+            .ok()
+            .and_then(|local| shared.conns.opener(peer, local));
+        let worker = match opener {
+            Some((pid, tid)) => workers.for_opener(pid, tid),
+            None => workers.next(),
+        };
+        worker.spawn(tracker.track_future(async move {
             let _permit = permit;
             let Ok(stream) = TcpStream::from_std(stream) else {
                 return;

@@ -1,17 +1,39 @@
 //! Connection threads: one single-threaded tokio runtime per CPU. A connection lives on one
-//! of them from accept to close (assigned round robin), so the readiness of its sockets wakes
-//! the thread that runs it (its own epoll), never a second thread that would then have to wake
-//! it: on request/response traffic that halves the wake-ups per reply (pgbench `-S` through
-//! latch went from about 21k to 31k transactions per second here). The agent's other work
-//! (accept loops, admin, reload, DNS) stays on the main runtime.
+//! of them from accept to close, so the readiness of its sockets wakes the thread that runs it
+//! (its own epoll), never a second thread that would then have to wake it: on request/response
+//! traffic that halves the wake-ups per reply (pgbench `-S` through latch went from about 21k
+//! to 31k transactions per second here). The agent's other work (accept loops, admin, reload,
+//! DNS) stays on the main runtime.
+//!
+//! Which thread: the connections one application thread opens share a connection thread, and
+//! each new application thread gets the next connection thread round robin. An application
+//! thread that multiplexes connections (an event loop, pgbench's threads) then pairs with one
+//! broker thread, and the scheduler keeps the pair close. Measured with pgbench `-S -c 4 -j 2`:
+//! when accept order happened to give each pgbench thread a broker thread of its own, 42–45k
+//! transactions per second; when each pgbench thread's connections were split over both broker
+//! threads, 25–32k; both pgbench threads on one broker thread, 23–25k.
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
+/// Slots of the application-thread table.
+const OPENER_SLOTS: usize = 1024;
+
+#[derive(Clone, Copy, Default)]
+struct Opener {
+    /// `pid << 32 | tid`, 0 for an empty slot.
+    key: u64,
+    worker: usize,
+}
+
 pub struct Workers {
     handles: Vec<Handle>,
     next: AtomicUsize,
+    /// Application thread → connection thread, by hash of (pid, tid). A collision or a reused
+    /// thread id only moves a connection to another thread: this is placement, not identity.
+    openers: Mutex<Box<[Opener; OPENER_SLOTS]>>,
     /// Ends the threads (each drops its runtime, and with it any task still there).
     stop: CancellationToken,
 }
@@ -34,14 +56,37 @@ impl Workers {
         Ok(Self {
             handles,
             next: AtomicUsize::new(0),
+            openers: Mutex::new(Box::new([Opener::default(); OPENER_SLOTS])),
             stop,
         })
     }
 
     /// The thread for the next connection (round robin).
     pub fn next(&self) -> &Handle {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        &self.handles[i % self.handles.len()]
+        &self.handles[self.next_index()]
+    }
+
+    /// The thread for a connection opened by thread `tid` of process `pid`: the one its
+    /// earlier connections went to, or the next one round robin.
+    pub fn for_opener(&self, pid: u32, tid: u32) -> &Handle {
+        let key = u64::from(pid) << 32 | u64::from(tid);
+        if key == 0 {
+            return self.next();
+        }
+        let slot = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % OPENER_SLOTS;
+        let mut openers = self.openers.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = &mut openers[slot];
+        if entry.key != key {
+            *entry = Opener {
+                key,
+                worker: self.next_index(),
+            };
+        }
+        &self.handles[entry.worker]
+    }
+
+    fn next_index(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()
     }
 }
 
@@ -78,6 +123,39 @@ mod tests {
                 "latch-conn-1"
             ]
         );
+    }
+
+    fn thread_name(handle: &Handle) -> String {
+        let (tx, rx) = std::sync::mpsc::channel();
+        handle.spawn(async move {
+            let name = std::thread::current().name().unwrap_or_default().to_owned();
+            tx.send(name).unwrap();
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn an_application_threads_connections_share_a_thread_and_new_ones_spread() {
+        let workers = Workers::start(2).unwrap();
+        // pgbench -j 2: threads 100 and 102 of process 100, connections interleaved
+        let names: Vec<String> = [(100, 100), (100, 102), (100, 102), (100, 100), (100, 100)]
+            .iter()
+            .map(|&(pid, tid)| thread_name(workers.for_opener(pid, tid)))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "latch-conn-0",
+                "latch-conn-1",
+                "latch-conn-1",
+                "latch-conn-0",
+                "latch-conn-0"
+            ]
+        );
+        // the same thread id in another process is another opener
+        assert_eq!(thread_name(workers.for_opener(7, 100)), "latch-conn-0");
+        assert_eq!(thread_name(workers.for_opener(7, 100)), "latch-conn-0");
+        assert_eq!(thread_name(workers.for_opener(8, 100)), "latch-conn-1");
     }
 
     #[test]
