@@ -113,6 +113,8 @@ pub const RULE_FAST_PATH: u32 = 1;
 ///   `limit` within the free send buffer of the target socket, so a redirected send never
 ///   meets a full buffer (which would fail a non-blocking application's send with EAGAIN and
 ///   no wake-up to follow).
+/// * `limit` carries the generation too (`gen | bound`), so that an allowance the broker of an
+///   older flow writes after a newer socket took the slot counts as none for the newer flow.
 /// * Over the limit, the program clears the flag itself and passes the message: the flow is
 ///   handed back to the broker, which relays with ordinary TCP back-pressure and hands over
 ///   again once it has caught up. Verdicts for one socket run under its lock, so these updates
@@ -138,7 +140,7 @@ pub mod flow {
         pub bytes: u64,
         /// Bytes redirected plus MSG_OVERHEAD per message.
         pub charged: u64,
-        /// Bound on `charged`, set by the broker.
+        /// `gen | bound on charged`, set by the broker ([`limit_word`]).
         pub limit: u64,
     }
 
@@ -158,6 +160,50 @@ pub mod flow {
     #[inline(always)]
     pub const fn owned_by(state: u64, cookie: u64) -> bool {
         state >> GEN_SHIFT == (cookie >> 16) & 0xffff
+    }
+
+    /// The `limit` word for this cookie's flow: its generation and `bound` (capped to the
+    /// 48 bits below the generation).
+    #[inline(always)]
+    pub const fn limit_word(cookie: u64, bound: u64) -> u64 {
+        let max = (1 << GEN_SHIFT) - 1;
+        let bound = if bound > max { max } else { bound };
+        initial(cookie) | bound
+    }
+
+    /// The bound a `limit` word gives this cookie's flow: none if another flow wrote it.
+    #[inline(always)]
+    pub const fn limit_bound(word: u64, cookie: u64) -> u64 {
+        if owned_by(word, cookie) {
+            word & ((1 << GEN_SHIFT) - 1)
+        } else {
+            0
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn an_allowance_counts_only_for_the_flow_that_was_given_it() {
+            let old = 0x0003_0000_0000_1234_u64;
+            let new = old + (1 << 16); // same slot (low 16 bits), next generation
+            assert_eq!(slot(old), slot(new));
+            let word = limit_word(old, 4 << 20);
+            assert_eq!(limit_bound(word, old), 4 << 20);
+            assert_eq!(limit_bound(word, new), 0);
+            // a fresh slot (enrol writes 0) gives nothing either
+            assert_eq!(limit_bound(0, new), 0);
+        }
+
+        #[test]
+        fn a_bound_past_48_bits_is_capped_not_spilled_into_the_generation() {
+            let cookie = 0x0000_0000_0007_0001_u64;
+            let word = limit_word(cookie, u64::MAX);
+            assert!(owned_by(word, cookie));
+            assert_eq!(limit_bound(word, cookie), (1 << 48) - 1);
+        }
     }
 }
 

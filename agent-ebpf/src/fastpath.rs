@@ -87,6 +87,10 @@ pub fn latch_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY (here and below): `slot` is a valid pointer into the array map (see `enroll`);
     // only field addresses are taken, all accesses go through `add` and `load`.
     let state = unsafe { &raw mut (*slot).state };
+    // A newer socket owns the slot: leave its count alone.
+    if !flow::owned_by(load(state), cookie) {
+        return SK_PASS;
+    }
     // Count first, then look: a flag seen after our addition was set before it.
     add(state, size);
     let now = load(state);
@@ -95,7 +99,8 @@ pub fn latch_sk_msg(ctx: SkMsgContext) -> u32 {
     }
     let charged = unsafe { &raw mut (*slot).charged };
     let cost = size + flow::MSG_OVERHEAD;
-    if load(charged) + cost > load(unsafe { &raw const (*slot).limit }) {
+    let limit = flow::limit_bound(load(unsafe { &raw const (*slot).limit }), cookie);
+    if load(charged) + cost > limit {
         // Hand back: the broker relays this message (it stays counted as passed).
         add(state, flow::HANDED_OVER.wrapping_neg());
         return SK_PASS;

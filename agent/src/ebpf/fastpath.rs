@@ -92,8 +92,10 @@ impl FastPath {
     pub fn allow(&self, cookie: u64, room: impl FnOnce() -> u64) -> u64 {
         let charged = self.word(cookie, 2).load(Ordering::SeqCst);
         let room = room();
-        self.word(cookie, 3)
-            .store(charged.saturating_add(room), Ordering::SeqCst);
+        self.word(cookie, 3).store(
+            flow::limit_word(cookie, charged.saturating_add(room)),
+            Ordering::SeqCst,
+        );
         room
     }
 
@@ -106,8 +108,7 @@ impl FastPath {
     /// What is left of the allowance.
     pub fn remaining(&self, cookie: u64) -> u64 {
         let charged = self.word(cookie, 2).load(Ordering::SeqCst);
-        self.word(cookie, 3)
-            .load(Ordering::SeqCst)
+        flow::limit_bound(self.word(cookie, 3).load(Ordering::SeqCst), cookie)
             .saturating_sub(charged)
     }
 
