@@ -1,6 +1,8 @@
-//! One accepted connection, from the kernel lookup to the end of the relay.
+//! One accepted connection, from the kernel's record to the end of the relay.
 use std::{net::SocketAddr, os::fd::AsFd as _, sync::atomic::Ordering, time::Instant};
 
+use aya::maps::MapError;
+use latch_common::ConnMeta;
 use tokio::net::TcpStream;
 use tracing::{Instrument as _, info_span};
 
@@ -17,16 +19,17 @@ use crate::{
     relay::Progress,
 };
 
-pub(super) async fn handle(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+/// Serves one accepted connection. `meta` is the kernel's record of it, taken by the accept
+/// loop (which needs the opener to choose the connection thread).
+pub(super) async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    meta: Result<Option<ConnMeta>, MapError>,
+    shared: &Shared,
+) {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let local = match stream.local_addr() {
-        Ok(a) => a,
-        Err(err) => {
-            tracing::debug!(%err, %peer, "accepted socket has no local address");
-            return;
-        }
-    };
-    let meta = match shared.conns.take(peer, local) {
+    let meta = match meta {
         Ok(Some(meta)) => meta,
         Ok(None) => {
             // Nothing reaches credentials unless the kernel redirected it.

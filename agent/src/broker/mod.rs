@@ -243,13 +243,18 @@ pub async fn serve(
                 continue;
             }
         };
-        let opener = stream
-            .local_addr()
-            .ok()
-            .and_then(|local| shared.conns.opener(peer, local));
-        let worker = match opener {
-            Some((pid, tid)) => workers.for_opener(pid, tid),
-            None => workers.next(),
+        let local = match stream.local_addr() {
+            Ok(a) => a,
+            Err(err) => {
+                tracing::debug!(%err, %peer, "accepted socket has no local address");
+                continue;
+            }
+        };
+        // The kernel's record names the opener, which picks the connection thread.
+        let meta = shared.conns.take(peer, local);
+        let worker = match &meta {
+            Ok(Some(m)) => workers.for_opener(m.pid, m.tid),
+            _ => workers.next(),
         };
         worker.spawn(tracker.track_future(async move {
             let _permit = permit;
@@ -257,7 +262,7 @@ pub async fn serve(
                 return;
             };
             tokio::select! {
-                _ = conn::handle(stream, peer, &shared) => {}
+                _ = conn::handle(stream, peer, local, meta, &shared) => {}
                 _ = abort.cancelled() => {}
             }
         }));

@@ -36,21 +36,6 @@ impl ConnTable {
         }
     }
 
-    /// The thread id of the task that opened the connection, without taking the record.
-    pub fn opener_tid(&self, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&tuple_key(peer, local), 0).ok().map(|m| m.tid)
-    }
-
-    /// Process and thread id of the task that opened the connection, without taking the
-    /// record (the connection thread takes it).
-    pub fn opener(&self, peer: SocketAddr, local: SocketAddr) -> Option<(u32, u32)> {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&tuple_key(peer, local), 0)
-            .ok()
-            .map(|m| (m.pid, m.tid))
-    }
-
     /// Number of records currently held (for metrics; walks the map).
     pub fn len(&self) -> usize {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
