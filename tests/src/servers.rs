@@ -31,7 +31,7 @@ pub fn free_port(ip: &str) -> u16 {
     panic!("no free port below the ephemeral range on {ip}")
 }
 
-/// Echoes every connection's bytes back until the client half-closes; counts connections.
+/// What an [`EchoServer`] does with each connection.
 #[derive(Clone, Copy)]
 enum Behavior {
     Echo,
@@ -39,6 +39,7 @@ enum Behavior {
     ResetAfter(usize),
 }
 
+/// Echoes every connection's bytes back until the client half-closes; counts connections.
 pub struct EchoServer {
     pub addr: SocketAddr,
     accepted: Arc<AtomicU64>,

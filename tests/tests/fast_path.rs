@@ -13,13 +13,22 @@ fn metric(agent: &Agent, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
+/// `latch-probe MODE ADDR CONNS BYTES` inside the test cgroup.
+fn probe_command(
+    cg: &TestCgroup,
+    mode: &str,
+    addr: &str,
+    conns: usize,
+    bytes: usize,
+) -> std::process::Command {
+    let mut cmd = cg.command(bins::probe());
+    cmd.args([mode, addr, &conns.to_string(), &bytes.to_string()]);
+    cmd
+}
+
+/// Runs the probe, which must succeed; returns its summary line.
 fn probe(cg: &TestCgroup, mode: &str, addr: &str, conns: usize, bytes: usize) -> String {
-    let out = latch_tests::run_ok(cg.command(bins::probe()).args([
-        mode,
-        addr,
-        &conns.to_string(),
-        &bytes.to_string(),
-    ]));
+    let out = latch_tests::run_ok(&mut probe_command(cg, mode, addr, conns, bytes));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -84,12 +93,7 @@ fn a_non_blocking_sender_facing_a_stalled_target_is_not_left_hanging() {
     let cg = TestCgroup::new();
     let agent = Agent::start(&tcp_policy("echo", "127.0.0.2", echo.addr.port()), &cg);
     let out = latch_tests::run_within(
-        cg.command(bins::probe()).args([
-            "echo",
-            &echo.addr.to_string(),
-            "6",
-            &(24usize << 20).to_string(),
-        ]),
+        &mut probe_command(&cg, "echo", &echo.addr.to_string(), 6, 24 << 20),
         Duration::from_secs(60),
     );
     let got = String::from_utf8_lossy(&out.stdout);
@@ -116,12 +120,7 @@ fn a_target_that_resets_mid_stream_fails_the_sender_instead_of_hanging_it() {
     );
     let agent = Agent::start(&policies, &cg);
     let out = latch_tests::run_within(
-        cg.command(bins::probe()).args([
-            "chunks",
-            &resetting.addr.to_string(),
-            "4",
-            &(64usize << 20).to_string(),
-        ]),
+        &mut probe_command(&cg, "chunks", &resetting.addr.to_string(), 4, 64 << 20),
         Duration::from_secs(60),
     );
     assert!(!out.status.success(), "the sends cannot all have succeeded");
