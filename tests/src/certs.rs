@@ -28,18 +28,11 @@ impl TestCa {
         )
         .expect("write ext.cnf");
         for name in ["ca", "other-ca"] {
-            openssl(
+            new_key(
                 d,
+                &format!("{name}.key"),
                 &[
-                    "req",
                     "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-keyout",
-                    &format!("{name}.key"),
                     "-out",
                     &format!("{name}.crt"),
                     "-days",
@@ -53,22 +46,10 @@ impl TestCa {
                 ],
             );
         }
-        openssl(
+        new_key(
             d,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                &format!("/CN={common_name}"),
-            ],
+            "server.key",
+            &["-out", "server.csr", "-subj", &format!("/CN={common_name}")],
         );
         openssl(
             d,
@@ -112,6 +93,22 @@ impl TestCa {
     pub fn server_key(&self) -> PathBuf {
         self.dir.path().join("server.key")
     }
+}
+
+/// `openssl req` with a fresh P-256 key written to `key_file`, plus `args`.
+fn new_key(dir: &Path, key_file: &str, args: &[&str]) {
+    let mut all = vec![
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        key_file,
+    ];
+    all.extend_from_slice(args);
+    openssl(dir, &all);
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
