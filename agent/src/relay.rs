@@ -53,7 +53,8 @@ pub struct Handover<'a> {
 }
 
 /// Relays until both directions have seen end-of-stream (half-closes are passed on) or either
-/// fails. Returns the totals; on error the totals so far are in `progress`.
+/// fails. Returns the totals; on error the totals so far are in `progress`, and both sockets
+/// are set to close with a reset (see [`abort_on_close`]).
 pub async fn splice_both(
     app: &TcpStream,
     target: &TcpStream,
@@ -71,6 +72,9 @@ pub async fn splice_both(
         pump(target, app, &progress.to_app, Role::to_app(state.as_ref())),
     );
     let carried = state.as_ref().map_or(0, |s| s.finish(progress));
+    if res.is_err() {
+        abort_on_close(&[app, target]);
+    }
     let (to_target, to_app) = res?;
     Ok(Transferred {
         to_target: to_target + carried,
@@ -308,6 +312,15 @@ async fn pump(
             Role::ToApp(h) => h.renew(false),
             Role::Plain => {}
         }
+    }
+}
+
+/// Makes the sockets' closes abortive (SO_LINGER 0: RST, unsent data dropped). After a relay
+/// fails (one side reset, or a read or write failed), the other side must see the failure as
+/// a direct connection would, not a clean end-of-stream that looks like a complete reply.
+pub fn abort_on_close(streams: &[&TcpStream]) {
+    for s in streams {
+        let _ = socket2::SockRef::from(*s).set_linger(Some(Duration::ZERO));
     }
 }
 

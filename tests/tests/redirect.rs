@@ -125,6 +125,31 @@ fn two_hundred_concurrent_connections_each_carry_their_own_bytes() {
     assert!(agent.stop().success());
 }
 
+#[test]
+fn a_target_that_resets_is_seen_as_a_reset_not_as_a_clean_end() {
+    // The server reads 1000 bytes of each connection and closes with the rest unread, so its
+    // kernel resets the connection. A relay that answered that with a plain close would hand
+    // the application an end-of-stream that looks like a complete (empty) reply.
+    let resetting = EchoServer::start_resetting_after("127.0.0.2", 1000);
+    let cg = TestCgroup::new();
+    let policy = tcp_policy("resets", "127.0.0.2", resetting.addr.port());
+    let agent = Agent::start(&policy, &cg);
+    let addr = resetting.addr.to_string();
+    let out = cg
+        .command(bins::probe())
+        .args(["echo", &addr, "8", "16384"])
+        .output()
+        .expect("run latch-probe");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stdout(&out).trim(), "ok=0 failed=8", "{err}");
+    assert!(
+        !err.contains("echo differs"),
+        "a connection ended cleanly after the target reset it: {err}"
+    );
+    agent.wait_count("relayed", 8);
+    assert!(agent.stop().success());
+}
+
 /// Connects straight to the broker's port; returns what the broker sent back (it must be
 /// nothing: the connection is reset or closed without a byte).
 fn direct_to_broker(cmd: Option<&TestCgroup>, addr: std::net::SocketAddr) -> Vec<u8> {

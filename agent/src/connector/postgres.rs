@@ -273,7 +273,9 @@ async fn relay_session<'s>(
             relay::splice_both(app, tcp, progress, handover(app)).await
         }
         (_, target) => {
-            let (to_target, to_app) = tokio::io::copy_bidirectional(&mut app, target).await?;
+            let (to_target, to_app) = tokio::io::copy_bidirectional(&mut app, target)
+                .await
+                .inspect_err(|_| relay::abort_on_close(&[app.tcp(), target.tcp()]))?;
             progress.to_target.fetch_add(to_target, Ordering::Relaxed);
             progress.to_app.fetch_add(to_app, Ordering::Relaxed);
             Ok(Transferred { to_target, to_app })

@@ -28,6 +28,26 @@ impl<T> MaybeTls<T> {
     }
 }
 
+impl TargetStream {
+    /// The TCP connection under any TLS.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AppStream {
+    /// The TCP connection under any TLS.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
     fn poll_read(
         self: Pin<&mut Self>,
