@@ -192,8 +192,14 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    socket.listen(1024)
+    // Room for a burst of connects from a whole node; the kernel caps it at
+    // net.core.somaxconn. A full accept queue drops handshakes, which applications see as
+    // connect stalls of a second or more (SYN retransmits).
+    socket.listen(LISTEN_BACKLOG)
 }
+
+/// Accept queue length asked for on the broker's listeners.
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// Accepts on `listener` until `stop_accepting` fires. Each connection runs as a task on
 /// `tracker`; tasks still running when `abort` fires are dropped (their sockets closed).
