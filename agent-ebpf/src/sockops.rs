@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use latch_common::{RULE_FAST_PATH, TupleKey, stat};
 
-use crate::maps::{CONNS, SOCKS, count};
+use crate::maps::{CONNS, FAST_KEYS, SOCKS, count};
 
 const AF_INET: u32 = 2;
 
@@ -25,6 +25,12 @@ pub fn latch_sockops(ctx: SockOpsContext) -> u32 {
             // SAFETY: helper allowed for sock_ops; the context is the program's own.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = SOCKS.remove(&cookie);
+            // A fast-path socket's 4-tuple entry, unless a newer socket has taken the tuple.
+            let key = tuple_key(&ctx);
+            // SAFETY: the value is copied out at once (preallocated LRU map).
+            if unsafe { FAST_KEYS.get(&key) }.is_some_and(|&c| c == cookie) {
+                let _ = FAST_KEYS.remove(&key);
+            }
         }
         _ => {}
     }
@@ -38,6 +44,24 @@ fn established(ctx: &SockOpsContext) -> Option<()> {
     // SAFETY: the value is copied out at once; a concurrent LRU eviction can only make us
     // read a record that is being replaced, never freed memory (the map is preallocated).
     let meta = *unsafe { SOCKS.get(&cookie) }?;
+    let key = tuple_key(ctx);
+    if CONNS.insert(&key, &meta, 0).is_err() {
+        count(stat::MAP_ERRORS);
+        return None;
+    }
+    count(stat::ESTABLISHED);
+    if meta.flags & RULE_FAST_PATH != 0 {
+        crate::fastpath::enroll(ctx, &key, cookie);
+    }
+    // Ask for state callbacks so the per-socket record is dropped when the socket closes.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    Some(())
+}
+
+/// The connection's 4-tuple as the broker sees it on accept: the application's end is the
+/// broker's peer.
+#[inline(always)]
+fn tuple_key(ctx: &SockOpsContext) -> TupleKey {
     let mut key = TupleKey::default();
     if ctx.family() == AF_INET {
         key.peer_addr = crate::addr::mapped(ctx.local_ip4());
@@ -50,15 +74,5 @@ fn established(ctx: &SockOpsContext) -> Option<()> {
     // 16 bits on little-endian machines (the kernel shifts it there).
     key.peer_port = ctx.local_port() as u16;
     key.local_port = u16::from_be((ctx.remote_port() >> 16) as u16);
-    if CONNS.insert(&key, &meta, 0).is_err() {
-        count(stat::MAP_ERRORS);
-        return None;
-    }
-    count(stat::ESTABLISHED);
-    if meta.flags & RULE_FAST_PATH != 0 {
-        crate::fastpath::enroll(ctx, &key, cookie);
-    }
-    // Ask for state callbacks so the per-socket record is dropped when the socket closes.
-    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-    Some(())
+    key
 }

@@ -56,8 +56,8 @@ fn held_maps(pid: u32) -> Vec<u64> {
         .collect()
 }
 
-/// Entries in the agent's `LATCH_SOCKS` and `LATCH_CONNS` maps.
-fn map_entries(pid: u32) -> (usize, usize) {
+/// Entries in the agent's `LATCH_SOCKS`, `LATCH_CONNS` and `LATCH_FAST_KEYS` maps.
+fn map_entries(pid: u32) -> (usize, usize, usize) {
     let bpftool = bins::tool("bpftool", "the Debian package bpftool");
     let out = std::process::Command::new(&bpftool)
         .args(["-j", "map", "show"])
@@ -82,7 +82,11 @@ fn map_entries(pid: u32) -> (usize, usize) {
             .as_array()
             .map_or(0, Vec::len)
     };
-    (count("LATCH_SOCKS"), count("LATCH_CONNS"))
+    (
+        count("LATCH_SOCKS"),
+        count("LATCH_CONNS"),
+        count("LATCH_FAST_KEYS"),
+    )
 }
 
 fn wait_idle(agent: &Agent) {
@@ -117,10 +121,10 @@ fn a_thousand_concurrent_connections_three_times_leak_nothing() {
         wait_idle(&agent);
         rss.push(rss_kib(pid));
     }
-    let (fd1, (socks, conns)) = (fds(pid), map_entries(pid));
+    let (fd1, (socks, conns, fast_keys)) = (fds(pid), map_entries(pid));
     eprintln!(
         "fds: baseline {fd0}, after {fd1}; VmRSS KiB: baseline {rss0}, after rounds {rss:?}; \
-         map entries: LATCH_SOCKS {socks}, LATCH_CONNS {conns}"
+         map entries: LATCH_SOCKS {socks}, LATCH_CONNS {conns}, LATCH_FAST_KEYS {fast_keys}"
     );
     // ±2: admin HTTP connections of this test's own /status polls may be open or closed.
     assert!(fd1 <= fd0 + 2, "descriptors leaked: {fd0} -> {fd1}");
@@ -129,6 +133,10 @@ fn a_thousand_concurrent_connections_three_times_leak_nothing() {
         "LATCH_CONNS keeps records of accepted connections"
     );
     assert_eq!(socks, 0, "LATCH_SOCKS keeps records of closed sockets");
+    assert_eq!(
+        fast_keys, 0,
+        "LATCH_FAST_KEYS keeps the 4-tuples of closed fast-path sockets"
+    );
     // Memory: the first round may grow pools; later rounds must not keep growing.
     assert!(
         rss[2] <= rss[0] + 16 * 1024,
@@ -174,13 +182,14 @@ fn kill_9_under_load_then_a_restart_serves_again_and_nothing_leaks() {
     let (ok, out) = finish(load(&cg, target.addr, "65536"));
     assert!(ok && out.contains("ok=1000 failed=0"), "{out}");
     wait_idle(&second);
-    let (socks, conns) = map_entries(pid);
+    let (socks, conns, fast_keys) = map_entries(pid);
     eprintln!(
-        "after restart: fds {fd0} -> {}, LATCH_SOCKS {socks}, LATCH_CONNS {conns}",
+        "after restart: fds {fd0} -> {}, LATCH_SOCKS {socks}, LATCH_CONNS {conns}, \
+         LATCH_FAST_KEYS {fast_keys}",
         fds(pid)
     );
     let fd1 = fds(pid);
     assert!(fd1 <= fd0 + 2, "descriptors leaked: {fd0} -> {fd1}");
-    assert_eq!((socks, conns), (0, 0));
+    assert_eq!((socks, conns, fast_keys), (0, 0, 0));
     assert!(second.stop().success());
 }
