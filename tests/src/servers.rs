@@ -43,6 +43,8 @@ enum Behavior {
 pub struct EchoServer {
     pub addr: SocketAddr,
     accepted: Arc<AtomicU64>,
+    /// Connections that ended with a reset from the client rather than its FIN.
+    resets: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -68,8 +70,9 @@ impl EchoServer {
         let listener = listen((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicU64::new(0));
+        let resets = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (a, s) = (accepted.clone(), stop.clone());
+        let (a, r, s) = (accepted.clone(), resets.clone(), stop.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::Relaxed) {
@@ -77,6 +80,7 @@ impl EchoServer {
                 }
                 let Ok(mut conn) = conn else { continue };
                 a.fetch_add(1, Ordering::Relaxed);
+                let r = r.clone();
                 std::thread::spawn(move || {
                     match behavior {
                         Behavior::Echo => {}
@@ -98,6 +102,10 @@ impl EchoServer {
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
                         match conn.read(&mut buf) {
+                            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                                r.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
                             Ok(0) | Err(_) => break,
                             Ok(n) => {
                                 if conn.write_all(&buf[..n]).is_err() {
@@ -113,6 +121,7 @@ impl EchoServer {
         Self {
             addr,
             accepted,
+            resets,
             stop,
         }
     }
@@ -120,6 +129,11 @@ impl EchoServer {
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Connections (of `start`'s echo behaviour) the client ended with a reset.
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::Relaxed)
     }
 }
 

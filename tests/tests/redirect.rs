@@ -150,6 +150,38 @@ fn a_target_that_resets_is_seen_as_a_reset_not_as_a_clean_end() {
     assert!(agent.stop().success());
 }
 
+#[test]
+fn an_application_that_resets_is_seen_by_the_target_as_a_reset() {
+    let echo = EchoServer::start("127.0.0.2");
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&tcp_policy("aborts", "127.0.0.2", echo.addr.port()), &cg);
+    // Without latch, as a baseline of what the server sees.
+    let out = run(Command::new(bins::probe()).args(["abort", &echo.addr.to_string(), "4"]));
+    assert_eq!(stdout(&out).trim(), "echoed=4 refused=0");
+    wait_for(|| echo.resets() == 4, "resets of direct connections");
+    let out = run(cg
+        .command(bins::probe())
+        .args(["abort", &echo.addr.to_string(), "8"]));
+    assert_eq!(stdout(&out).trim(), "echoed=8 refused=0");
+    agent.wait_count("relayed", 8);
+    wait_for(
+        || echo.resets() == 12,
+        "the target to see the application's resets",
+    );
+    assert!(agent.stop().success());
+}
+
+fn wait_for(cond: impl Fn() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Connects straight to the broker's port; returns what the broker sent back (it must be
 /// nothing: the connection is reset or closed without a byte).
 fn direct_to_broker(cmd: Option<&TestCgroup>, addr: std::net::SocketAddr) -> Vec<u8> {

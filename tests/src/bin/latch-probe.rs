@@ -11,6 +11,8 @@
 //! * `latch-probe hold ADDR CONNS MILLIS` — open CONNS connections at once; on each send one
 //!   byte and wait for its echo, then keep the connection open until MILLIS after the start.
 //!   Prints `echoed=<n> refused=<n>` (refused: reset or closed before the echo); exits 0.
+//! * `latch-probe abort ADDR CONNS` — as `hold` with no wait, then closes each connection
+//!   with a reset (SO_LINGER 0) instead of a FIN.
 //! * `latch-probe pg CONNSTR SCENARIO` — a tokio-postgres client; see `probe/pg.rs`.
 //! * `latch-probe pgraw ADDR SCENARIO` — hostile PostgreSQL startup bytes; see `probe/pgraw.rs`.
 #[path = "probe/pg.rs"]
@@ -56,7 +58,9 @@ fn main() -> ExitCode {
             parse_addr(&args, 2),
             parse_num(&args, 3),
             parse_num(&args, 4),
+            false,
         )),
+        Some("abort") => rt.block_on(hold(parse_addr(&args, 2), parse_num(&args, 3), 0, true)),
         Some("pg") => rt.block_on(pg::run(
             args.get(2).map(String::as_str).unwrap_or_default(),
             args.get(3).map(String::as_str).unwrap_or("whoami"),
@@ -65,7 +69,7 @@ fn main() -> ExitCode {
             parse_addr(&args, 2),
             args.get(3).map(String::as_str).unwrap_or_default(),
         )),
-        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO".into()),
+        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS | abort ADDR CONNS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -98,7 +102,8 @@ async fn peer(addr: SocketAddr) -> Result<(), String> {
     Ok(())
 }
 
-async fn hold(addr: SocketAddr, conns: usize, millis: usize) -> Result<(), String> {
+/// `hold`, and with `reset` the `abort` mode.
+async fn hold(addr: SocketAddr, conns: usize, millis: usize, reset: bool) -> Result<(), String> {
     let until = tokio::time::Instant::now() + std::time::Duration::from_millis(millis as u64);
     let tasks: Vec<_> = (0..conns)
         .map(|i| {
@@ -129,6 +134,13 @@ async fn hold(addr: SocketAddr, conns: usize, millis: usize) -> Result<(), Strin
         }
     }
     println!("echoed={echoed} refused={refused}");
+    if reset {
+        for s in &open {
+            socket2::SockRef::from(s)
+                .set_linger(Some(std::time::Duration::ZERO))
+                .map_err(|e| format!("SO_LINGER: {e}"))?;
+        }
+    }
     Ok(())
 }
 
