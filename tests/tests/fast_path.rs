@@ -158,9 +158,7 @@ fn a_stream_sent_all_at_once_is_intact_whoever_carries_it() {
 fn the_fast_path_maps_empty_when_connections_close() {
     let (echo, cg, agent) = echo_behind_latch(&[]);
     // While connections are open, their sockets are in both maps...
-    let holder = cg
-        .command(bins::probe())
-        .args(["hold", &echo.addr.to_string(), "30", "3000"])
+    let holder = probe_command(&cg, "hold", &echo.addr.to_string(), 30, 3000)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start probe");
