@@ -71,6 +71,21 @@ impl Drop for TempDir {
     }
 }
 
+/// Polls `cond` every 20 ms until it holds or `within` has passed; returns whether it held.
+/// Callers assert on the result with their own message.
+pub fn eventually(within: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Runs `cmd` to completion; panics with its status and output unless it succeeded.
 pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
     let out = cmd.output().expect("run command");

@@ -1,12 +1,9 @@
 //! After attaching and binding, the agent keeps only the capabilities it still needs — and
 //! brokering, workload identity of other users' processes and hot reload (which updates eBPF
 //! maps) still work with that set.
-use std::{
-    os::unix::process::CommandExt as _,
-    time::{Duration, Instant},
-};
+use std::{os::unix::process::CommandExt as _, time::Duration};
 
-use latch_tests::{Agent, TestCgroup, bins, servers::EchoServer, tcp_policy};
+use latch_tests::{Agent, TestCgroup, bins, eventually, servers::EchoServer, tcp_policy};
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_IPC_LOCK: u32 = 14;
@@ -38,16 +35,13 @@ fn the_running_agent_keeps_only_net_admin_sys_ptrace_and_ipc_lock() {
     let agent = Agent::start(&tcp_policy("one", "127.0.0.2", first.addr.port()), &cg);
     let want = (1u64 << CAP_NET_ADMIN) | (1 << CAP_IPC_LOCK) | (1 << CAP_SYS_PTRACE);
     // The drop follows the start within moments.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while caps(agent.pid(), "CapEff") != want {
-        assert!(
-            Instant::now() < deadline,
-            "CapEff is {:#x}, expected {want:#x}:\n{}",
-            caps(agent.pid(), "CapEff"),
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        eventually(Duration::from_secs(5), || caps(agent.pid(), "CapEff")
+            == want),
+        "CapEff is {:#x}, expected {want:#x}:\n{}",
+        caps(agent.pid(), "CapEff"),
+        agent.log()
+    );
     assert_eq!(caps(agent.pid(), "CapPrm"), want, "permitted set");
     assert_eq!(caps(agent.pid(), "CapBnd"), want, "bounding set");
     assert_eq!(caps(agent.pid(), "CapInh"), 0, "inheritable set");

@@ -1,9 +1,9 @@
 //! The application-to-target fast path: once the broker has nothing in flight, the kernel
 //! carries the application's sends straight into the target socket. The hand-over must keep
 //! every stream intact and in order, count every byte, and leave nothing behind.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use latch_tests::{Agent, TestCgroup, bins, servers::EchoServer, tcp_policy};
+use latch_tests::{Agent, TestCgroup, bins, eventually, servers::EchoServer, tcp_policy};
 
 fn metric(agent: &Agent, name: &str) -> u64 {
     agent
@@ -163,30 +163,26 @@ fn the_fast_path_maps_empty_when_connections_close() {
         .spawn()
         .expect("start probe");
     let entries = |key: &str| agent.status()["ebpf"][key].as_u64().unwrap_or(u64::MAX);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while entries("fast_targets_entries") != 30 || entries("fast_socks_entries") != 30 {
-        assert!(
-            Instant::now() < deadline,
-            "expected 30 enrolled and 30 registered sockets: {}",
-            agent.status()["ebpf"]
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            entries("fast_targets_entries") == 30 && entries("fast_socks_entries") == 30
+        }),
+        "expected 30 enrolled and 30 registered sockets: {}",
+        agent.status()["ebpf"]
+    );
     let out = holder.wait_with_output().expect("probe");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "echoed=30 refused=0"
     );
     // ...and when they close, they leave both.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while entries("fast_targets_entries") != 0 || entries("fast_socks_entries") != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "fast-path maps not emptied: {}",
-            agent.status()["ebpf"]
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            entries("fast_targets_entries") == 0 && entries("fast_socks_entries") == 0
+        }),
+        "fast-path maps not emptied: {}",
+        agent.status()["ebpf"]
+    );
     assert!(agent.stop().success());
 }
 

@@ -8,7 +8,7 @@ use std::{
 };
 
 use latch_tests::{
-    Agent, TempDir, TestCgroup, bins,
+    Agent, TempDir, TestCgroup, bins, eventually,
     postgres::{
         self, APP_DB, MD5_USER, PLAIN_USER, PgCluster, SCRAM_USER, policy_yaml, secrets_yaml,
     },
@@ -244,15 +244,14 @@ fn cancel_through_latch_with_tokio_postgres_and_psql_sigint() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start psql");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while s
-        .pg
-        .sql("select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'")
-        != "1"
-    {
-        assert!(Instant::now() < deadline, "psql's query never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let running = || {
+        s.pg.sql("select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'")
+            == "1"
+    };
+    assert!(
+        eventually(Duration::from_secs(15), running),
+        "psql's query never started"
+    );
     let started = Instant::now();
     // SAFETY: kill(2) on the child we started.
     unsafe { libc::kill(psql.id() as i32, libc::SIGINT) };

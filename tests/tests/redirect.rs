@@ -8,7 +8,7 @@ use std::{
 };
 
 use latch_tests::{
-    Agent, TestCgroup, bins,
+    Agent, TestCgroup, bins, eventually,
     servers::{EchoServer, NGINX_BODY, Nginx},
     tcp_policy,
 };
@@ -104,18 +104,15 @@ fn two_hundred_concurrent_connections_each_carry_their_own_bytes() {
     assert_eq!(agent.count("active"), 0);
     // The kernel's records went with the connections: accepted ones at accept, per-socket
     // ones when the sockets closed.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let ebpf = agent.status()["ebpf"].clone();
-        if ebpf["socks_entries"] == 0 && ebpf["conns_entries"] == 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "eBPF maps not cleaned: {ebpf}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let cleaned = || {
+        let ebpf = &agent.status()["ebpf"];
+        ebpf["socks_entries"] == 0 && ebpf["conns_entries"] == 0
+    };
+    assert!(
+        eventually(Duration::from_secs(5), cleaned),
+        "eBPF maps not cleaned: {}",
+        agent.status()["ebpf"]
+    );
     assert!(
         agent
             .metrics()
@@ -158,28 +155,21 @@ fn an_application_that_resets_is_seen_by_the_target_as_a_reset() {
     // Without latch, as a baseline of what the server sees.
     let out = run(Command::new(bins::probe()).args(["abort", &echo.addr.to_string(), "4"]));
     assert_eq!(stdout(&out).trim(), "echoed=4 refused=0");
-    wait_for(|| echo.resets() == 4, "resets of direct connections");
+    assert!(
+        eventually(Duration::from_secs(5), || echo.resets() == 4),
+        "the server never saw the direct connections' resets"
+    );
     let out = run(cg
         .command(bins::probe())
         .args(["abort", &echo.addr.to_string(), "8"]));
     assert_eq!(stdout(&out).trim(), "echoed=8 refused=0");
     agent.wait_count("relayed", 8);
-    wait_for(
-        || echo.resets() == 12,
-        "the target to see the application's resets",
+    assert!(
+        eventually(Duration::from_secs(5), || echo.resets() == 12),
+        "the target did not see the application's resets: {} of 12",
+        echo.resets()
     );
     assert!(agent.stop().success());
-}
-
-fn wait_for(cond: impl Fn() -> bool, what: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Connects straight to the broker's port; returns what the broker sent back (it must be

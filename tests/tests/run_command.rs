@@ -2,13 +2,13 @@
 use std::{
     path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use latch_tests::{
     TempDir, bins,
     cgroup::v2_root,
-    leftovers, require_root,
+    eventually, leftovers, require_root,
     servers::{NGINX_BODY, Nginx},
     tcp_policy,
 };
@@ -92,14 +92,12 @@ fn a_killed_latch_run_is_cleaned_up_by_the_next_start() {
         .expect("latch run");
     let pid = victim.id();
     let cg = run_cgroup(pid);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(cg.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty()) {
-        assert!(
-            Instant::now() < deadline,
-            "latch run never started its command"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let started =
+        || std::fs::read_to_string(cg.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty());
+    assert!(
+        eventually(Duration::from_secs(10), started),
+        "latch run never started its command"
+    );
     victim.kill().expect("kill -9 latch run");
     victim.wait().expect("reap");
     assert!(cg.exists(), "the cgroup should survive a kill -9 of latch");

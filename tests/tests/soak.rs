@@ -6,7 +6,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use latch_tests::{Agent, TestCgroup, bins, leftovers, servers::EchoServer, tcp_policy};
+use latch_tests::{
+    Agent, TestCgroup, bins, eventually, leftovers, servers::EchoServer, tcp_policy,
+};
 
 const CONNS: &str = "1000";
 
@@ -90,11 +92,10 @@ fn map_entries(pid: u32) -> (usize, usize, usize) {
 }
 
 fn wait_idle(agent: &Agent) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while agent.count("active") != 0 {
-        assert!(Instant::now() < deadline, "connections still active");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        eventually(Duration::from_secs(10), || agent.count("active") == 0),
+        "connections still active"
+    );
 }
 
 #[test]
@@ -158,11 +159,10 @@ fn kill_9_under_load_then_a_restart_serves_again_and_nothing_leaks() {
     let first = Agent::start(&policy, &cg);
     let running = load(&cg, target.addr, "1048576");
     // Kill it while the relays are busy.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while first.count("active") < 100 {
-        assert!(Instant::now() < deadline, "load never got going");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        eventually(Duration::from_secs(10), || first.count("active") >= 100),
+        "load never got going"
+    );
     first.crash();
     let (ok, out) = finish(running);
     assert!(!ok, "no connection noticed the agent's death: {out}");
