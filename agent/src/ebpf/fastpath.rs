@@ -90,7 +90,7 @@ impl FastPath {
     /// after the charge so far is read: bytes charged meanwhile count against the new room.
     /// Returns the room given.
     pub fn allow(&self, cookie: u64, room: impl FnOnce() -> u64) -> u64 {
-        let charged = self.word(cookie, 2).load(Ordering::SeqCst);
+        let charged = self.charged(cookie);
         let room = room();
         self.word(cookie, 3).store(
             flow::limit_word(cookie, charged.saturating_add(room)),
@@ -107,7 +107,7 @@ impl FastPath {
 
     /// What is left of the allowance.
     pub fn remaining(&self, cookie: u64) -> u64 {
-        let charged = self.word(cookie, 2).load(Ordering::SeqCst);
+        let charged = self.charged(cookie);
         flow::limit_bound(self.word(cookie, 3).load(Ordering::SeqCst), cookie)
             .saturating_sub(charged)
     }

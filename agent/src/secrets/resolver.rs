@@ -208,9 +208,9 @@ impl Resolver {
             && let (Ok(ku), Ok(kp)) = (self.key(u), self.key(p))
             && ku == kp
         {
-            let (secret, per_field) = self.fetch(u, &ku, fresh).await?;
-            let u = extract(&secret, u, per_field)?;
-            let p = extract(&secret, p, per_field)?;
+            let secret = self.fetch(&ku, fresh).await?;
+            let u = extract(&secret, u, &ku)?;
+            let p = extract(&secret, p, &ku)?;
             return Ok(Arc::new(Credentials::new(Some(u), Some(p))));
         }
         let (u, p) = tokio::join!(
@@ -240,8 +240,8 @@ impl Resolver {
 
     async fn resolve_ref(&self, r: &SecretRef, fresh: bool) -> Result<SecretString, SecretError> {
         let key = self.key(r)?;
-        let (secret, per_field) = self.fetch(r, &key, fresh).await?;
-        extract(&secret, r, per_field)
+        let secret = self.fetch(&key, fresh).await?;
+        extract(&secret, r, &key)
     }
 
     /// What one store request fetches for `r`: per-field stores fetch each field on its own.
@@ -255,24 +255,17 @@ impl Resolver {
         })
     }
 
-    /// The secret behind `key`, shared with concurrent requests for it (single flight), and
-    /// whether its store is per-field.
-    async fn fetch(
-        &self,
-        r: &SecretRef,
-        key: &SecretKey,
-        fresh: bool,
-    ) -> Result<(Arc<Secret>, bool), SecretError> {
-        let store = self.store(&r.store)?;
+    /// The secret behind `key`, shared with concurrent requests for it (single flight).
+    async fn fetch(&self, key: &SecretKey, fresh: bool) -> Result<Arc<Secret>, SecretError> {
+        let store = self.store(&key.store)?;
         let bound = self.inner.opts.fetch_timeout;
-        let secret = self
-            .inner
+        self.inner
             .secrets
             .run(key, fresh, || async {
                 let lookup = Lookup {
-                    path: &r.path,
+                    path: &key.path,
                     field: key.field.as_deref(),
-                    version: r.version.as_deref(),
+                    version: key.version.as_deref(),
                 };
                 match tokio::time::timeout(bound, store.fetch(lookup)).await {
                     Ok(r) => r.map(Arc::new),
@@ -283,8 +276,7 @@ impl Resolver {
                 }
             })
             .await
-            .map_err(|e| named(e, &r.store))?;
-        Ok((secret, store.per_field()))
+            .map_err(|e| named(e, &key.store))
     }
 
     async fn resolve_dynamic(
@@ -331,15 +323,12 @@ fn named(e: SecretError, store_name: &str) -> SecretError {
     }
 }
 
-/// The value a reference names inside a fetched secret.
-pub fn extract(
-    secret: &Secret,
-    r: &SecretRef,
-    per_field: bool,
-) -> Result<SecretString, SecretError> {
+/// The value a reference names inside the secret fetched for `key` (a per-field store's
+/// key names the field, and its answer is that field's value).
+fn extract(secret: &Secret, r: &SecretRef, key: &SecretKey) -> Result<SecretString, SecretError> {
     match (secret, r.field.as_deref()) {
         (Secret::Value(v), None) => Ok(v.clone()),
-        (Secret::Value(v), Some(_)) if per_field => Ok(v.clone()),
+        (Secret::Value(v), Some(_)) if key.field.is_some() => Ok(v.clone()),
         (Secret::Structured { text, .. }, None) => Ok(text.clone()),
         (Secret::Fields(f) | Secret::Structured { fields: f, .. }, Some(field)) => f
             .get(field)
