@@ -112,14 +112,9 @@ fn new_key(dir: &Path, key_file: &str, args: &[&str]) {
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new(bins::tool("openssl", "openssl"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    crate::run_ok(
+        Command::new(bins::tool("openssl", "openssl"))
+            .current_dir(dir)
+            .args(args),
     );
 }

@@ -63,18 +63,15 @@ impl OpenBao {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        loop {
+        let mounted = || {
             let out = bao.command(&["secrets", "list"]).output().expect("run bao");
-            if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("secret/") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "bao did not become ready:\n{}",
-                bao.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("secret/")
+        };
+        assert!(
+            crate::eventually(deadline.saturating_duration_since(Instant::now()), mounted),
+            "bao did not become ready:\n{}",
+            bao.log()
+        );
         bao
     }
 
@@ -96,13 +93,7 @@ impl OpenBao {
     /// Runs a `bao` CLI command with the root token; panics with its output on failure;
     /// returns stdout, trimmed.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = self.command(args).output().expect("run bao");
-        assert!(
-            out.status.success(),
-            "bao {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = crate::run_ok(&mut self.command(args));
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 

@@ -67,7 +67,7 @@ impl EchoServer {
     }
 
     fn spawn(ip: &str, behavior: Behavior) -> Self {
-        let listener = listen((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+        let listener = listen(ip).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicU64::new(0));
         let resets = Arc::new(AtomicU64::new(0));
@@ -137,14 +137,13 @@ impl EchoServer {
     }
 }
 
-/// A listener with an accept queue long enough for the tests' bursts of a thousand connects
+/// A listener on a free port of `ip` with an accept queue long enough for the tests' bursts of a thousand connects
 /// (std's `TcpListener::bind` asks for 128; an overflowing queue drops handshakes and the
 /// clients then see stalls and resets that are no fault of what is under test).
-fn listen(addr: (&str, u16)) -> std::io::Result<TcpListener> {
+fn listen(ip: &str) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
-    let addr: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&addr)?
-        .next()
-        .ok_or_else(|| std::io::Error::other("no address"))?;
+    let ip: std::net::IpAddr = ip.parse().map_err(std::io::Error::other)?;
+    let addr = SocketAddr::new(ip, 0);
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
