@@ -30,6 +30,10 @@ pub mod map_names {
     pub const TARGETS: &str = "LATCH_TARGETS";
     /// `Array<flow::Slot>` with [`crate::flow::SLOTS`] entries, mmapable; see [`crate::flow`].
     pub const FLOWS: &str = "LATCH_FLOWS";
+    /// `SockHash<u64>`: direct-mode sockets; see [`crate::direct`].
+    pub const DIRECT: &str = "LATCH_DIRECT";
+    /// `HashMap<TupleKey, direct::Entry>`: direct-mode sockets by 4-tuple; see [`crate::direct`].
+    pub const DIRECT_KEYS: &str = "LATCH_DIR_KEYS";
 }
 
 /// Names of the programs in the eBPF object (also their kernel names; at most 15 bytes).
@@ -40,6 +44,8 @@ pub mod prog_names {
     pub const PEERNAME4: &str = "latch_peername4";
     pub const PEERNAME6: &str = "latch_peername6";
     pub const SK_MSG: &str = "latch_sk_msg";
+    pub const DIRECT_MSG: &str = "latch_dir_msg";
+    pub const DIRECT_SKB: &str = "latch_dir_skb";
 }
 
 /// Capacity of the per-socket and per-connection maps (both LRU, so they cannot fill up).
@@ -61,7 +67,10 @@ pub mod stat {
     pub const PEERNAME: u32 = 4;
     /// Application sockets added to `LATCH_APP_SOCKS` (eligible for the fast path).
     pub const FAST_SOCKS: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Connections left on their way to the target, with the broker in their startup only
+    /// (direct mode).
+    pub const DIRECT: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// `BrokerConfig::flags` bit: redirection is enabled (the broker listens).
@@ -94,6 +103,64 @@ pub type Rule6Data = [u8; 18];
 /// `RuleValue::flags` / `ConnMeta::flags` bit: once the broker's handshake is done, the
 /// application-to-target direction of these connections may be handed to the kernel.
 pub const RULE_FAST_PATH: u32 = 1;
+
+/// `RuleValue::flags` / `ConnMeta::flags` bit: the connection is not redirected; the broker
+/// takes part in its startup only (see [`direct`]).
+pub const RULE_DIRECT: u32 = 2;
+
+/// Direct mode: the application's own TCP connection goes to the target; latch takes part only
+/// in its startup, through sockmap programs, and then leaves the connection to the kernel.
+///
+/// * At establishment sock_ops adds the application's socket (A) to `LATCH_DIRECT` under its
+///   cookie and to `LATCH_DIR_KEYS` under its 4-tuple with [`direct::TO_BROKER`] and
+///   [`direct::FROM_TARGET`].
+/// * With `TO_BROKER`, what A sends goes to the broker's lobby socket (key [`direct::LOBBY`]),
+///   each message behind a [`direct::Header`] that names A. Without it, A's sends pass.
+/// * With `FROM_TARGET`, what A receives goes to the broker's socket for A (key
+///   `cookie | SIDE`). Without it, A's received bytes pass.
+/// * What the broker writes on that socket (its entry carries [`direct::SIDE`]) lands in A's
+///   receive queue: this is how the application gets its answers during startup.
+/// * The broker writes toward the target on a duplicate of A (pidfd_getfd), and at the
+///   application's first message after ReadyForQuery removes A from both maps: nothing is
+///   queued then (the server waits for that message), so leaving the sockmap loses nothing.
+pub mod direct {
+    /// Entry flag: the socket's sends go to the broker's lobby.
+    pub const TO_BROKER: u32 = 1;
+    /// Entry flag: what the socket receives goes to the broker's socket for it.
+    pub const FROM_TARGET: u32 = 2;
+    /// Entry flag: this is the broker's socket for the application socket `cookie`; what the
+    /// broker writes on it goes into that socket's receive queue.
+    pub const SIDE: u32 = 4;
+    /// `LATCH_DIRECT` key bit of the broker's socket for an application socket.
+    pub const SIDE_KEY: u64 = 1 << 63;
+    /// `LATCH_DIRECT` key of the broker's lobby socket.
+    pub const LOBBY: u64 = u64::MAX;
+
+    /// A `LATCH_DIR_KEYS` value.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Entry {
+        /// Cookie of the application's socket.
+        pub cookie: u64,
+        pub flags: u32,
+        pub _pad: u32,
+    }
+
+    /// What precedes each message an application socket sends to the lobby.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Header {
+        /// The application socket's 4-tuple, as sock_ops wrote it.
+        pub key: super::TupleKey,
+        /// Cookie of the application's socket.
+        pub cookie: u64,
+        /// Bytes of the message that follow.
+        pub len: u32,
+        pub _pad: u32,
+    }
+
+    pub const HEADER_LEN: usize = core::mem::size_of::<Header>();
+}
 
 /// The application-to-target fast path: after the broker has finished its handshake, an
 /// application's sends go straight into the broker's socket toward the target (sk_msg
@@ -271,6 +338,7 @@ mod pod {
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::ConnMeta {}
     unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::direct::Entry {}
 }
 
 // Layout checks: a change that introduces padding fails to compile.
@@ -279,3 +347,5 @@ const _: () = assert!(core::mem::size_of::<RuleValue>() == 8);
 const _: () = assert!(core::mem::size_of::<ConnMeta>() == 96);
 const _: () = assert!(core::mem::size_of::<TupleKey>() == 40);
 const _: () = assert!(core::mem::size_of::<flow::Slot>() == 32);
+const _: () = assert!(core::mem::size_of::<direct::Entry>() == 16);
+const _: () = assert!(direct::HEADER_LEN == 56);

@@ -1,6 +1,7 @@
 //! IPv6 addresses between the byte form our maps use and the four network-order words of
 //! `bpf_sock_addr` / `bpf_sock_ops`. The verifier allows only 4-byte accesses to those words.
 use aya_ebpf::bindings::bpf_sock_addr;
+use latch_common::TupleKey;
 
 /// Four words (as the kernel stores them) → 16 address bytes.
 #[inline(always)]
@@ -29,4 +30,36 @@ pub fn mapped(ip: u32) -> [u8; 16] {
     [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
     ]
+}
+
+/// The 4-tuple key of an IPv4 socket as sock_ops, sk_msg and sk_skb contexts give it: the
+/// socket's own end is the "peer" (the application's end, as the broker sees it). `local_port`
+/// is host order; `remote_port` holds the network-order port in its upper 16 bits on
+/// little-endian machines (the kernel shifts it there).
+#[inline(always)]
+pub fn tuple_key4(local_ip: u32, remote_ip: u32, local_port: u32, remote_port: u32) -> TupleKey {
+    TupleKey {
+        peer_addr: mapped(local_ip),
+        local_addr: mapped(remote_ip),
+        peer_port: local_port as u16,
+        local_port: u16::from_be((remote_port >> 16) as u16),
+        _pad: 0,
+    }
+}
+
+/// As [`tuple_key4`], for IPv6 sockets.
+#[inline(always)]
+pub fn tuple_key6(
+    local_ip: [u32; 4],
+    remote_ip: [u32; 4],
+    local_port: u32,
+    remote_port: u32,
+) -> TupleKey {
+    TupleKey {
+        peer_addr: from_words(local_ip),
+        local_addr: from_words(remote_ip),
+        peer_port: local_port as u16,
+        local_port: u16::from_be((remote_port >> 16) as u16),
+        _pad: 0,
+    }
 }

@@ -12,7 +12,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
-use latch_common::{BrokerConfig, CONFIG_ENABLED, ConnMeta, RuleValue, stat};
+use latch_common::{BrokerConfig, CONFIG_ENABLED, ConnMeta, RULE_DIRECT, RuleValue, stat};
 
 use crate::{
     addr,
@@ -75,6 +75,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Option<()> {
     orig[11] = 0xff;
     orig[12..16].copy_from_slice(&ip);
     record(ctx, rule, orig, port, AF_INET)?;
+    if rule.flags & RULE_DIRECT != 0 {
+        return Some(());
+    }
     sa.user_ip4 = u32::from_ne_bytes(cfg.addr4);
     sa.user_port = u32::from(cfg.port4.to_be());
     count(stat::REDIRECTED);
@@ -101,6 +104,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
         let ip = [orig[12], orig[13], orig[14], orig[15]];
         let rule = lookup4(ip, port)?;
         record(ctx, rule, orig, port, AF_INET6)?;
+        if rule.flags & RULE_DIRECT != 0 {
+            return Some(());
+        }
         sa.user_ip6[0] = 0;
         sa.user_ip6[1] = 0;
         sa.user_ip6[2] = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
@@ -109,6 +115,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
     } else {
         let rule = lookup6(orig, port)?;
         record(ctx, rule, orig, port, AF_INET6)?;
+        if rule.flags & RULE_DIRECT != 0 {
+            return Some(());
+        }
         addr::set_user_ip6(sa, &cfg.addr6);
         sa.user_port = u32::from(cfg.port6.to_be());
     }

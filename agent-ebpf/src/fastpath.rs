@@ -64,18 +64,11 @@ fn load(p: *const u64) -> u64 {
 pub fn latch_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: the context is the program's own; its fields are plain reads.
     let md = unsafe { &*ctx.msg };
-    let mut key = TupleKey::default();
-    if md.family == AF_INET {
-        key.peer_addr = crate::addr::mapped(md.local_ip4);
-        key.local_addr = crate::addr::mapped(md.remote_ip4);
+    let key = if md.family == AF_INET {
+        crate::addr::tuple_key4(md.local_ip4, md.remote_ip4, md.local_port, md.remote_port)
     } else {
-        key.peer_addr = crate::addr::from_words(md.local_ip6);
-        key.local_addr = crate::addr::from_words(md.remote_ip6);
-    }
-    // Same encodings as in sock_ops: local_port host order, remote_port network order in the
-    // upper 16 bits.
-    key.peer_port = md.local_port as u16;
-    key.local_port = u16::from_be((md.remote_port >> 16) as u16);
+        crate::addr::tuple_key6(md.local_ip6, md.remote_ip6, md.local_port, md.remote_port)
+    };
     // SAFETY: the value is copied out at once (preallocated LRU map).
     let Some(&cookie) = (unsafe { FAST_KEYS.get(&key) }) else {
         return SK_PASS;

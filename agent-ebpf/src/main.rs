@@ -9,6 +9,8 @@
 //!   its original destination as the peer.
 //! * `latch_sk_msg` (sk_msg on `LATCH_APP_SOCKS`): once the broker has handed a flow over,
 //!   the application's sends go straight to the broker's socket toward the target.
+//! * `latch_dir_msg` / `latch_dir_skb` (sk_msg and stream verdict on `LATCH_DIRECT`): direct
+//!   mode, where the broker takes part in a connection's startup only.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -16,6 +18,7 @@
 
 mod addr;
 mod connect;
+mod direct;
 mod fastpath;
 mod maps;
 mod peername;

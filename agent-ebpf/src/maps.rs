@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use latch_common::{
     BrokerConfig, CONN_MAP_ENTRIES, ConnMeta, RULE_MAP_ENTRIES, Rule4Data, Rule6Data, RuleValue,
-    TupleKey, flow, stat,
+    TupleKey, direct, flow, stat,
 };
 
 #[map(name = "LATCH_RULES4")]
@@ -39,6 +39,13 @@ pub static FAST_KEYS: LruHashMap<TupleKey, u64> = LruHashMap::with_max_entries(C
 
 #[map(name = "LATCH_FLOWS")]
 pub static FLOWS: Array<flow::Slot> = Array::with_max_entries(flow::SLOTS, BPF_F_MMAPABLE);
+
+#[map(name = "LATCH_DIRECT")]
+pub static DIRECT: SockHash<u64> = SockHash::with_max_entries(CONN_MAP_ENTRIES, 0);
+
+#[map(name = "LATCH_DIR_KEYS")]
+pub static DIRECT_KEYS: LruHashMap<TupleKey, direct::Entry> =
+    LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

@@ -9,9 +9,9 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use latch_common::{RULE_FAST_PATH, TupleKey, stat};
+use latch_common::{RULE_DIRECT, RULE_FAST_PATH, TupleKey, stat};
 
-use crate::maps::{CONNS, FAST_KEYS, SOCKS, count};
+use crate::maps::{CONNS, DIRECT_KEYS, FAST_KEYS, SOCKS, count};
 
 const AF_INET: u32 = 2;
 
@@ -30,6 +30,10 @@ pub fn latch_sockops(ctx: SockOpsContext) -> u32 {
             // SAFETY: the value is copied out at once (preallocated LRU map).
             if unsafe { FAST_KEYS.get(&key) }.is_some_and(|&c| c == cookie) {
                 let _ = FAST_KEYS.remove(&key);
+            }
+            // SAFETY: as above.
+            if unsafe { DIRECT_KEYS.get(&key) }.is_some_and(|e| e.cookie == cookie) {
+                let _ = DIRECT_KEYS.remove(&key);
             }
         }
         _ => {}
@@ -53,26 +57,31 @@ fn established(ctx: &SockOpsContext) -> Option<()> {
     if meta.flags & RULE_FAST_PATH != 0 {
         crate::fastpath::enroll(ctx, &key, cookie);
     }
+    if meta.flags & RULE_DIRECT != 0 {
+        crate::direct::enroll(ctx, &key, cookie);
+    }
     // Ask for state callbacks so the per-socket record is dropped when the socket closes.
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     Some(())
 }
 
 /// The connection's 4-tuple as the broker sees it on accept: the application's end is the
-/// broker's peer.
+/// broker's peer (see [`crate::addr::tuple_key4`]).
 #[inline(always)]
 fn tuple_key(ctx: &SockOpsContext) -> TupleKey {
-    let mut key = TupleKey::default();
     if ctx.family() == AF_INET {
-        key.peer_addr = crate::addr::mapped(ctx.local_ip4());
-        key.local_addr = crate::addr::mapped(ctx.remote_ip4());
+        crate::addr::tuple_key4(
+            ctx.local_ip4(),
+            ctx.remote_ip4(),
+            ctx.local_port(),
+            ctx.remote_port(),
+        )
     } else {
-        key.peer_addr = crate::addr::from_words(ctx.local_ip6());
-        key.local_addr = crate::addr::from_words(ctx.remote_ip6());
+        crate::addr::tuple_key6(
+            ctx.local_ip6(),
+            ctx.remote_ip6(),
+            ctx.local_port(),
+            ctx.remote_port(),
+        )
     }
-    // local_port is host byte order; remote_port holds the network-order port in its upper
-    // 16 bits on little-endian machines (the kernel shifts it there).
-    key.peer_port = ctx.local_port() as u16;
-    key.local_port = u16::from_be((ctx.remote_port() >> 16) as u16);
-    key
 }

@@ -79,6 +79,11 @@ struct EbpfStatus {
     /// over to the kernel since start.
     fast_enrolled: u64,
     fast_handovers: u64,
+    /// Direct mode: application sockets enrolled since start, connections handed over to the
+    /// kernel since start, and entries in LATCH_DIR_KEYS (sockets in their startup now).
+    direct_enrolled: u64,
+    direct_handovers: u64,
+    direct_entries: usize,
 }
 
 /// Serves until `shutdown` fires.
@@ -199,6 +204,9 @@ fn status(state: &AdminState) -> Status<'_> {
                 .fast_path
                 .as_ref()
                 .map_or(0, |f| f.targets_len()),
+            direct_enrolled: stats.direct,
+            direct_handovers: state.shared.metrics.direct.get(),
+            direct_entries: state.shared.direct.as_ref().map_or(0, |d| d.maps().len()),
         }
     };
     Status {

@@ -100,6 +100,8 @@ pub struct Metrics {
     pub secret_mlock_failed: Gauge<i64, AtomicI64>,
     /// Connections whose application-to-target direction the kernel carried (fast path).
     pub fast_path: Counter,
+    /// Direct-mode connections handed over to the kernel after latch's startup.
+    pub direct: Counter,
     /// relayed, failed, refused, denied.
     totals: [AtomicU64; 4],
 }
@@ -196,6 +198,12 @@ impl Metrics {
             "Connections whose application-to-target bytes the kernel carried after the handshake",
             fast_path.clone(),
         );
+        let direct = Counter::default();
+        registry.register(
+            "direct_handovers",
+            "Direct-mode connections left to the kernel once latch had authenticated them",
+            direct.clone(),
+        );
         let secret_seconds = Family::<StoreLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([
                 0.00001, 0.0001, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0,
@@ -227,6 +235,7 @@ impl Metrics {
             secret_mlock_locked,
             secret_mlock_failed,
             fast_path,
+            direct,
             connections,
             refused,
             denied,

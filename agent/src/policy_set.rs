@@ -108,6 +108,7 @@ impl PolicySet {
                         port,
                         rule_id,
                         fast_path: policy.fast_path_eligible(),
+                        direct: policy.direct,
                     });
                 }
             }

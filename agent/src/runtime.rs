@@ -143,6 +143,20 @@ impl Running {
         let (resolved, next_refresh) = dns.resolve_all(&policies.hosts(), &Resolved::new()).await;
         interceptor.sync_rules(&policies.rules(&resolved, local6.is_some()))?;
         interceptor.set_broker(broker_config(local4, local6, opts.mark))?;
+        // The lobby must exist before any application socket can be diverted to it.
+        let direct = match interceptor.take_direct() {
+            Ok(maps) => match broker::direct::Direct::new(maps) {
+                Ok(d) => Some(Arc::new(d)),
+                Err(err) => {
+                    tracing::warn!(%err, "direct mode unavailable");
+                    None
+                }
+            },
+            Err(err) => {
+                tracing::warn!(%err, "direct mode unavailable");
+                None
+            }
+        };
         interceptor.attach(&opts.cgroup, &pins, opts.keep_interception)?;
         tracing::info!(
             cgroup = %opts.cgroup.display(),
@@ -171,6 +185,7 @@ impl Running {
                 None
             }
         };
+        shared.direct = direct;
         let shared = Arc::new(shared);
         let interceptor = Arc::new(Mutex::new(interceptor));
         let stop_accepting = CancellationToken::new();
@@ -182,6 +197,10 @@ impl Running {
         listeners.extend(local6);
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         let workers = Arc::new(broker::workers::Workers::start(cpus).map_err(StartError::Workers)?);
+        tokio::spawn(broker::direct::run_lobby(
+            shared.clone(),
+            stop_accepting.clone(),
+        ));
         for listener in std::iter::once(listener4).chain(listener6) {
             tokio::spawn(broker::serve(
                 listener,

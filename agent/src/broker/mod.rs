@@ -1,6 +1,7 @@
 //! The broker: accepts redirected connections on loopback, finds the kernel's record of each,
 //! picks the policy and hands the connection to the policy's protocol connector.
 mod conn;
+pub mod direct;
 mod origin;
 pub mod per_workload;
 pub mod workers;
@@ -73,6 +74,8 @@ pub struct Shared {
     pub cgroup_root: std::path::PathBuf,
     /// The kernel side of the application-to-target fast path, if available.
     pub fast_path: Option<crate::ebpf::FastPath>,
+    /// Direct mode's maps and lobby, if available.
+    pub direct: Option<Arc<direct::Direct>>,
     next_id: AtomicU64,
 }
 
@@ -101,6 +104,7 @@ impl Shared {
             audit: crate::audit::Audit::disabled(),
             cgroup_root: crate::cgroup::v2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into()),
             fast_path: None,
+            direct: None,
             next_id: AtomicU64::new(1),
         }
     }

@@ -23,6 +23,7 @@ pub struct PolicySpec {
     pub app_tls: AppTlsMode,
     pub credentials: Option<Credentials>,
     pub cache_ttl: Option<Duration>,
+    pub direct: bool,
 }
 
 pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
@@ -54,6 +55,11 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     let app_tls = match app_tls_entry {
         Some(e) => app_tls(cx, e),
         None => Some(AppTlsMode::Disable),
+    };
+    let direct_entry = m.entry("direct");
+    let direct = match direct_entry {
+        Some(e) => decode::boolean(cx, &e.value, "direct"),
+        None => Some(false),
     };
     m.finish(cx);
 
@@ -87,6 +93,9 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
             format!("appTls applies to protocol postgres only (not {protocol}); remove appTls"),
         );
     }
+    if let (Some(true), Some(e)) = (direct, direct_entry) {
+        check_direct(cx, e.key_mark, protocol, tls.as_ref(), app_tls);
+    }
     if cx.errors.len() > errors_before {
         return None;
     }
@@ -98,7 +107,37 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         app_tls: app_tls?,
         credentials,
         cache_ttl,
+        direct: direct?,
     })
+}
+
+/// `direct: true` leaves the application's connection to the target, so both legs must be
+/// plain text and the protocol one whose startup latch can take part in.
+fn check_direct(
+    cx: &mut Cx,
+    at: Mark,
+    protocol: Protocol,
+    tls: Option<&TlsSpec>,
+    app_tls: Option<AppTlsMode>,
+) {
+    if protocol != Protocol::Postgres {
+        cx.error(
+            at,
+            format!("direct applies to protocol postgres only (not {protocol}); remove direct"),
+        );
+    } else if tls.is_some_and(|t| t.mode != TlsMode::Disable) {
+        cx.error(
+            at,
+            "direct needs tls.mode disable: the application's own connection carries the \
+             session, and it cannot speak TLS that latch negotiated"
+                .to_string(),
+        );
+    } else if app_tls == Some(AppTlsMode::Enable) {
+        cx.error(
+            at,
+            "direct cannot terminate TLS from the application; remove appTls or direct".to_string(),
+        );
+    }
 }
 
 /// Where errors about the spec as a whole point: its first key if any.

@@ -236,6 +236,7 @@ fn document(cx: &mut Cx, root: &Node) -> Option<Resource> {
             protocol: spec.protocol,
             tls: spec.tls,
             app_tls: spec.app_tls,
+            direct: spec.direct,
             credentials: spec.credentials,
             cache_ttl: spec.cache_ttl,
         }))

@@ -32,6 +32,9 @@ pub struct Policy {
     /// How long fetched credentials may be reused (`credentials.cache.ttl`); `None`: fetch for
     /// every connection.
     pub cache_ttl: Option<Duration>,
+    /// `spec.direct`: the application's own connection goes to the target and latch takes
+    /// part in its startup only (postgres, plain text on both legs).
+    pub direct: bool,
 }
 
 impl Policy {

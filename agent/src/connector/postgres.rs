@@ -16,6 +16,7 @@
 //! | [`stream`] | plain or TLS streams, either leg |
 pub mod app;
 pub mod cancel;
+pub mod direct;
 pub mod failure;
 pub mod stream;
 pub mod target;

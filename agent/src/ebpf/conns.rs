@@ -36,6 +36,19 @@ impl ConnTable {
         }
     }
 
+    /// As [`ConnTable::take`], by the key itself (direct mode gets it from the kernel).
+    pub fn take_key(&self, key: &TupleKey) -> Result<Option<ConnMeta>, MapError> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(key, 0) {
+            Ok(meta) => {
+                let _ = map.remove(key);
+                Ok(Some(meta))
+            }
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
     /// Number of records currently held (for metrics; walks the map).
     pub fn len(&self) -> usize {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());

@@ -4,6 +4,7 @@
 //! loaded programs; dropping it detaches them (their links are file descriptors we own), so a
 //! crash cannot leave programs attached unless they were pinned.
 mod conns;
+mod direct;
 mod fastpath;
 pub mod pins;
 mod rules;
@@ -17,11 +18,12 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, SockHash, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SkSkb, SockOps},
 };
 use latch_common::{BrokerConfig, Rule4Data, Rule6Data, RuleValue, map_names, prog_names, stat};
 
-pub use conns::ConnTable;
+pub use conns::{ConnTable, tuple_key};
+pub use direct::DirectMaps;
 pub use fastpath::FastPath;
 pub use rules::{Rule, RuleKey};
 
@@ -71,6 +73,7 @@ pub struct Stats {
     pub map_errors: u64,
     pub peername: u64,
     pub fast_socks: u64,
+    pub direct: u64,
 }
 
 /// Loaded (and, after [`Interceptor::attach`], attached) eBPF programs plus their maps.
@@ -84,6 +87,8 @@ pub struct Interceptor {
     socks: aya::maps::HashMap<MapData, u64, latch_common::ConnMeta>,
     /// Held so that `latch_sk_msg` stays attached to it.
     app_socks: SockHash<MapData, u64>,
+    /// `LATCH_DIRECT` until the broker takes it (the direct-mode programs stay attached).
+    direct_socks: Option<SockHash<MapData, u64>>,
     logger: Option<Logger>,
     /// Links pinned on bpffs (empty unless interception is kept across restarts).
     pinned: Vec<aya::programs::links::PinnedLink>,
@@ -131,8 +136,24 @@ impl Interceptor {
         let prog: &mut SkMsg = program(&mut bpf, prog_names::SK_MSG)?;
         prog.load().map_err(err)?;
         prog.attach(app_socks.fd()).map_err(err)?;
+        let direct_socks: SockHash<MapData, u64> = take_map(&mut bpf, map_names::DIRECT)?;
+        let err = |source| EbpfError::Program {
+            name: prog_names::DIRECT_MSG,
+            source,
+        };
+        let prog: &mut SkMsg = program(&mut bpf, prog_names::DIRECT_MSG)?;
+        prog.load().map_err(err)?;
+        prog.attach(direct_socks.fd()).map_err(err)?;
+        let err = |source| EbpfError::Program {
+            name: prog_names::DIRECT_SKB,
+            source,
+        };
+        let prog: &mut SkSkb = program(&mut bpf, prog_names::DIRECT_SKB)?;
+        prog.load().map_err(err)?;
+        prog.attach(direct_socks.fd()).map_err(err)?;
         Ok(Self {
             app_socks,
+            direct_socks: Some(direct_socks),
             rules4: take_map(&mut bpf, map_names::RULES4)?,
             rules6: take_map(&mut bpf, map_names::RULES6)?,
             config: take_map(&mut bpf, map_names::CONFIG)?,
@@ -163,6 +184,18 @@ impl Interceptor {
         };
         let targets = take_map(&mut self.bpf, map_names::TARGETS)?;
         FastPath::new(flows, targets).map_err(EbpfError::Mmap)
+    }
+
+    /// Takes the direct-mode maps for the broker. Call once, before the broker starts.
+    pub fn take_direct(&mut self) -> Result<DirectMaps, EbpfError> {
+        let socks = self
+            .direct_socks
+            .take()
+            .ok_or(EbpfError::Missing(map_names::DIRECT))?;
+        Ok(DirectMaps::new(
+            socks,
+            take_map(&mut self.bpf, map_names::DIRECT_KEYS)?,
+        ))
     }
 
     /// Attaches every program to the cgroup v2 directory `cgroup`.
@@ -302,6 +335,7 @@ impl Interceptor {
             map_errors: read(stat::MAP_ERRORS),
             peername: read(stat::PEERNAME),
             fast_socks: read(stat::FAST_SOCKS),
+            direct: read(stat::DIRECT),
         }
     }
 

@@ -14,6 +14,9 @@ pub struct Rule {
     /// Connections may use the application-to-target fast path once the broker's handshake
     /// is done ([`latch_common::RULE_FAST_PATH`]).
     pub fast_path: bool,
+    /// Connections are not redirected; the broker takes part in their startup only
+    /// ([`latch_common::RULE_DIRECT`]).
+    pub direct: bool,
 }
 
 /// Identity of a trie entry (what the kernel keys on), normalized so equal prefixes compare
@@ -54,7 +57,9 @@ impl Rule {
         };
         let value = RuleValue {
             rule_id: self.rule_id,
-            flags: if self.fast_path {
+            flags: if self.direct {
+                latch_common::RULE_DIRECT
+            } else if self.fast_path {
                 latch_common::RULE_FAST_PATH
             } else {
                 0
@@ -121,6 +126,7 @@ mod tests {
             port,
             rule_id: 7,
             fast_path: true,
+            direct: false,
         }
     }
 

@@ -47,6 +47,7 @@ fn policy(name: &str, credentials: Credentials, cache_ttl: Option<Duration>) -> 
         app_tls: Default::default(),
         credentials: Some(credentials),
         cache_ttl,
+        direct: false,
     }
 }
 

@@ -50,6 +50,10 @@ pub enum Failure {
     Tls { addr: SocketAddr, reason: String },
     #[error("this workload is not admitted by the policy")]
     Denied,
+    #[error("this workload already has {max} connections brokered (the agent's limit)")]
+    WorkloadLimit { max: usize },
+    #[error("handing the connection over to the kernel: {0}")]
+    HandOver(#[source] io::Error),
 }
 
 impl Failure {
@@ -67,6 +71,8 @@ impl Failure {
             Failure::AppTimeout(_) => say(SqlState::PROTOCOL_VIOLATION, self.to_string()),
             Failure::AppIo(_) | Failure::AppClosed | Failure::AppTls(_) => return None,
             Failure::Denied => say(SqlState::INVALID_AUTHORIZATION, self.to_string()),
+            Failure::WorkloadLimit { .. } => say(SqlState::TOO_MANY_CONNECTIONS, self.to_string()),
+            Failure::HandOver(_) => say(SqlState::CONNECTION_FAILURE, self.to_string()),
             Failure::Refused(StartupRefusal::Replication) => {
                 say(SqlState::INSUFFICIENT_PRIVILEGE, self.to_string())
             }

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::{failure::Failure, stream::TargetStream, tls};
 use crate::{
@@ -55,7 +55,13 @@ pub async fn open(
         write(&mut stream, addr, &out).await?;
         let auth = ClientAuth::new(user, password, tls_state)
             .with_key_cache(shared.pg_scram_keys.clone(), format!("{addr}/{user}"));
-        authenticate(stream, addr, auth).await
+        let done = authenticate(&mut stream, addr, auth).await?;
+        Ok(Established {
+            stream,
+            to_app: done.to_app,
+            key: done.key,
+            leftover: done.leftover,
+        })
     };
     match tokio::time::timeout(TARGET_HANDSHAKE_TIMEOUT, work).await {
         Ok(r) => r,
@@ -66,7 +72,11 @@ pub async fn open(
     }
 }
 
-async fn write(stream: &mut TargetStream, addr: SocketAddr, bytes: &[u8]) -> Result<(), Failure> {
+async fn write(
+    stream: &mut (impl AsyncWrite + Unpin),
+    addr: SocketAddr,
+    bytes: &[u8],
+) -> Result<(), Failure> {
     stream
         .write_all(bytes)
         .await
@@ -117,11 +127,22 @@ async fn negotiate_tls(
     }
 }
 
-async fn authenticate(
-    mut stream: TargetStream,
+/// What authentication gave, up to ReadyForQuery.
+pub struct Authenticated {
+    /// What to send the application after AuthenticationOk, BackendKeyData excluded.
+    pub to_app: Vec<Frame>,
+    /// The server's cancellation key.
+    pub key: Option<(i32, i32)>,
+    /// Bytes the server sent after ReadyForQuery (normally none).
+    pub leftover: BytesMut,
+}
+
+/// Runs the authentication exchange on a stream whose StartupMessage has been sent.
+pub async fn authenticate(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     addr: SocketAddr,
     auth: ClientAuth,
-) -> Result<Established, Failure> {
+) -> Result<Authenticated, Failure> {
     let mut hs = TargetHandshake::new(auth);
     let mut buf = BytesMut::with_capacity(4096);
     let mut to_app = Vec::new();
@@ -147,7 +168,7 @@ async fn authenticate(
         };
         match hs.on_frame(frame).map_err(handshake)? {
             Event::Reply(mut bytes) => {
-                let r = write(&mut stream, addr, &bytes).await;
+                let r = write(stream, addr, &bytes).await;
                 // The reply may hold a password or a value derived from it.
                 bytes.iter_mut().for_each(|b| *b = 0);
                 r?;
@@ -160,8 +181,7 @@ async fn authenticate(
             Event::BackendKey { pid, secret } => key = Some((pid, secret)),
             Event::Ready(f) => {
                 to_app.push(f);
-                return Ok(Established {
-                    stream,
+                return Ok(Authenticated {
                     to_app,
                     key,
                     leftover: buf,

@@ -1,0 +1,122 @@
+//! Direct mode (protocol in `latch_common::direct`): the application's own connection goes to
+//! the target; its startup is diverted to the broker and its answers injected.
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_F_INGRESS,
+        sk_action::{SK_DROP, SK_PASS},
+    },
+    helpers::generated::bpf_msg_pull_data,
+    macros::{sk_msg, stream_verdict},
+    programs::{SkBuffContext, SkMsgContext, SockOpsContext},
+};
+use latch_common::{
+    TupleKey,
+    direct::{self, Entry, HEADER_LEN, Header},
+    stat,
+};
+
+use crate::maps::{DIRECT, DIRECT_KEYS, count};
+
+const AF_INET: u32 = 2;
+
+/// Called at ACTIVE_ESTABLISHED for a connection whose rule is in direct mode: from now on
+/// what the socket sends goes to the broker, and what it receives too, until the broker says
+/// otherwise. Nothing can have been sent earlier.
+#[inline(always)]
+pub fn enroll(ctx: &SockOpsContext, key: &TupleKey, cookie: u64) {
+    let entry = Entry {
+        cookie,
+        flags: direct::TO_BROKER | direct::FROM_TARGET,
+        _pad: 0,
+    };
+    if DIRECT_KEYS.insert(key, &entry, 0).is_err() {
+        count(stat::MAP_ERRORS);
+        return;
+    }
+    let mut key = cookie;
+    // SAFETY: the context is the program's own sock_ops context.
+    let ops = unsafe { &mut *ctx.ops };
+    if DIRECT.update(&mut key, ops, u64::from(BPF_ANY)).is_ok() {
+        count(stat::DIRECT);
+    } else {
+        count(stat::MAP_ERRORS);
+    }
+}
+
+/// Sends: from an application socket to the lobby (behind a header naming it) while the
+/// broker runs its startup; from the broker's socket for an application into that
+/// application's receive queue.
+#[sk_msg]
+pub fn latch_dir_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the context is the program's own; its fields are plain reads.
+    let md = unsafe { &*ctx.msg };
+    let key = if md.family == AF_INET {
+        crate::addr::tuple_key4(md.local_ip4, md.remote_ip4, md.local_port, md.remote_port)
+    } else {
+        crate::addr::tuple_key6(md.local_ip6, md.remote_ip6, md.local_port, md.remote_port)
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(entry) = (unsafe { DIRECT_KEYS.get(&key) }).copied() else {
+        return SK_PASS;
+    };
+    if entry.flags & direct::SIDE != 0 {
+        let mut app = entry.cookie;
+        return DIRECT.redirect_msg(&ctx, &mut app, u64::from(BPF_F_INGRESS)) as u32;
+    }
+    if entry.flags & direct::TO_BROKER == 0 {
+        return SK_PASS;
+    }
+    let header = Header {
+        key,
+        cookie: entry.cookie,
+        len: ctx.size(),
+        _pad: 0,
+    };
+    let hlen = HEADER_LEN as u32;
+    // SAFETY: helper allowed for sk_msg programs; the context is the program's own.
+    if ctx.push_data(0, hlen, 0).is_err() || unsafe { bpf_msg_pull_data(ctx.msg, 0, hlen, 0) } != 0
+    {
+        count(stat::MAP_ERRORS);
+        return SK_DROP;
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + HEADER_LEN > end {
+        return SK_DROP;
+    }
+    // SAFETY: bounds checked just above; the header is written unaligned.
+    unsafe { core::ptr::write_unaligned(data as *mut Header, header) };
+    let mut lobby = direct::LOBBY;
+    DIRECT.redirect_msg(&ctx, &mut lobby, u64::from(BPF_F_INGRESS)) as u32
+}
+
+/// Receives: an application socket's bytes from the target go to the broker's socket for it
+/// while the broker runs the startup.
+#[stream_verdict]
+pub fn latch_dir_skb(ctx: SkBuffContext) -> u32 {
+    // SAFETY: the context is the program's own; these __sk_buff fields are readable in sk_skb.
+    let skb = unsafe { &*ctx.skb.skb };
+    let key = if skb.family == AF_INET {
+        crate::addr::tuple_key4(
+            skb.local_ip4,
+            skb.remote_ip4,
+            skb.local_port,
+            skb.remote_port,
+        )
+    } else {
+        crate::addr::tuple_key6(
+            skb.local_ip6,
+            skb.remote_ip6,
+            skb.local_port,
+            skb.remote_port,
+        )
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(entry) = (unsafe { DIRECT_KEYS.get(&key) }).copied() else {
+        return SK_PASS;
+    };
+    if entry.flags & (direct::SIDE | direct::FROM_TARGET) != direct::FROM_TARGET {
+        return SK_PASS;
+    }
+    let mut side = entry.cookie | direct::SIDE_KEY;
+    DIRECT.redirect_skb(&ctx, &mut side, u64::from(BPF_F_INGRESS)) as u32
+}

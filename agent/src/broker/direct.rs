@@ -1,0 +1,359 @@
+//! Direct mode's broker side (protocol in `latch_common::direct`): the lobby where the
+//! applications' startup messages arrive, the broker's socket per application, and admission
+//! (policy, workload, limits, audit) before the PostgreSQL connector takes over.
+use std::{
+    collections::HashMap,
+    io,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Instant,
+};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use latch_common::direct::{HEADER_LEN, Header, LOBBY, SIDE, SIDE_KEY};
+use tokio::{io::AsyncReadExt as _, net::TcpStream, sync::mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, info_span};
+
+use super::{Origin, Shared};
+use crate::{
+    audit::{self, Record},
+    connector::postgres::{
+        Failure,
+        direct::{self as pg_direct, Ended, Leg},
+    },
+    ebpf::DirectMaps,
+    identity::Workload,
+    metrics::{Outcome, RefusedReason},
+};
+
+/// The direct-mode maps and the broker's lobby socket.
+pub struct Direct {
+    maps: DirectMaps,
+    /// Makes the broker's socket pairs (loopback, never seen by applications).
+    pairs: std::net::TcpListener,
+    lobby: Mutex<Option<std::net::TcpStream>>,
+    /// The other ends of the broker's sockets, kept open while their socket is in use.
+    _lobby_peer: std::net::TcpStream,
+    sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Bytes>>>,
+}
+
+impl Direct {
+    /// Makes the lobby socket and puts it in the sock map. Call before the programs are
+    /// attached, so that no application message finds the lobby missing.
+    pub fn new(maps: DirectMaps) -> io::Result<Self> {
+        let pairs = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let (lobby, lobby_peer) = pair(&pairs)?;
+        maps.add_socket(LOBBY, &lobby).map_err(io::Error::other)?;
+        Ok(Self {
+            maps,
+            pairs,
+            lobby: Mutex::new(Some(lobby)),
+            _lobby_peer: lobby_peer,
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn maps(&self) -> &DirectMaps {
+        &self.maps
+    }
+
+    /// The broker's socket for the application socket `cookie`: in the sock map, with an entry
+    /// that sends what the broker writes into that application's receive queue.
+    fn side(&self, cookie: u64) -> io::Result<(TcpStream, std::net::TcpStream)> {
+        let (side, peer) = pair(&self.pairs)?;
+        let key = crate::ebpf::tuple_key(side.local_addr()?, side.peer_addr()?);
+        self.maps
+            .set(&key, cookie, SIDE)
+            .map_err(io::Error::other)?;
+        if let Err(e) = self.maps.add_socket(cookie | SIDE_KEY, &side) {
+            self.maps.forget(&key);
+            return Err(io::Error::other(e));
+        }
+        side.set_nonblocking(true)?;
+        Ok((TcpStream::from_std(side)?, peer))
+    }
+
+    fn drop_side(&self, cookie: u64, side: &TcpStream) {
+        let _ = self.maps.remove_socket(cookie | SIDE_KEY);
+        if let (Ok(l), Ok(p)) = (side.local_addr(), side.peer_addr()) {
+            self.maps.forget(&crate::ebpf::tuple_key(l, p));
+        }
+    }
+}
+
+/// A connected loopback pair made through `listener`.
+fn pair(
+    listener: &std::net::TcpListener,
+) -> io::Result<(std::net::TcpStream, std::net::TcpStream)> {
+    let a = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let (b, _) = listener.accept()?;
+    a.set_nodelay(true)?;
+    Ok((a, b))
+}
+
+/// A descriptor of the socket with this cookie among process `pid`'s open files
+/// (pidfd_getfd(2): the same socket, not a copy). The application's file flags are shared
+/// with it and must not be changed.
+pub fn app_socket(pid: u32, cookie: u64) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscalls; the returned descriptors are owned at once.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if !target
+            .as_os_str()
+            .as_encoded_bytes()
+            .starts_with(b"socket:")
+        {
+            continue;
+        }
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        if got < 0 {
+            continue;
+        }
+        let got = unsafe { OwnedFd::from_raw_fd(got as i32) };
+        if socket_cookie(&got).is_ok_and(|c| c == cookie) {
+            return Ok(got);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("process {pid} no longer holds the connection's socket"),
+    ))
+}
+
+fn socket_cookie(fd: &OwnedFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Reads the lobby until `stop` fires: each message goes to its connection's task; the first
+/// message of a connection starts one.
+pub async fn run_lobby(shared: Arc<Shared>, stop: CancellationToken) {
+    let Some(direct) = shared.direct.clone() else {
+        return;
+    };
+    let Some(lobby) = direct
+        .lobby
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    else {
+        return;
+    };
+    let lobby = match lobby
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(lobby))
+    {
+        Ok(l) => l,
+        Err(err) => {
+            tracing::error!(%err, "direct mode: cannot read the lobby");
+            return;
+        }
+    };
+    let mut lobby = lobby;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        while let Some((header, body)) = next_message(&mut buf) {
+            dispatch(&direct, &shared, header, body);
+        }
+        let n = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = lobby.read_buf(&mut buf) => n,
+        };
+        match n {
+            Ok(0) | Err(_) => {
+                tracing::error!("direct mode: the lobby closed");
+                return;
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+fn next_message(buf: &mut BytesMut) -> Option<(Header, Bytes)> {
+    if buf.len() < HEADER_LEN {
+        return None;
+    }
+    // SAFETY: Header is plain integers; the buffer holds at least HEADER_LEN bytes.
+    let header: Header = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
+    let len = header.len as usize;
+    if buf.len() < HEADER_LEN + len {
+        buf.reserve(HEADER_LEN + len - buf.len());
+        return None;
+    }
+    buf.advance(HEADER_LEN);
+    Some((header, buf.split_to(len).freeze()))
+}
+
+fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, header: Header, body: Bytes) {
+    let mut sessions = direct.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(tx) = sessions.get(&header.cookie) {
+        if tx.send(body).is_ok() {
+            return;
+        }
+        sessions.remove(&header.cookie);
+        tracing::debug!(
+            cookie = header.cookie,
+            "direct mode: message after the session ended"
+        );
+        return;
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let _ = tx.send(body);
+    sessions.insert(header.cookie, tx);
+    let (direct, shared) = (direct.clone(), shared.clone());
+    tokio::spawn(async move {
+        handle(&direct, &shared, header, rx).await;
+        direct
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&header.cookie);
+    });
+}
+
+/// Admission and the connector for one direct-mode connection.
+async fn handle(
+    direct: &Direct,
+    shared: &Shared,
+    header: Header,
+    from_app: mpsc::UnboundedReceiver<Bytes>,
+) {
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let meta = match shared.conns.take_key(&header.key) {
+        Ok(Some(m)) => m,
+        _ => {
+            shared.metrics.refuse(RefusedReason::not_redirected);
+            tracing::warn!(
+                conn = id,
+                "direct mode: no kernel record for a connection; leaving it"
+            );
+            let _ = direct.maps.remove_socket(header.cookie);
+            direct.maps.forget(&header.key);
+            return;
+        }
+    };
+    let origin = Origin::from(&meta);
+    let policies = shared.policies();
+    let Some(policy) = policies.by_rule(origin.rule_id).cloned() else {
+        tracing::warn!(conn = id, %origin, "direct mode: no policy any more; leaving it");
+        let _ = direct.maps.remove_socket(header.cookie);
+        direct.maps.forget(&header.key);
+        return;
+    };
+    let workload = Workload::resolve(&origin, &shared.cgroup_root);
+    let span = info_span!(
+        "conn",
+        id,
+        policy = %policy.name,
+        dst = %origin.dst,
+        pid = origin.pid,
+        uid = origin.uid,
+        comm = %origin.comm,
+        cgroup_id = origin.cgroup_id,
+        direct = true,
+    );
+    async {
+        let mut record =
+            Record::new(id, audit::Outcome::Relayed, origin.dst.to_string()).with_policy(&policy);
+        let (side, _side_peer) = match direct.side(header.cookie) {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::warn!(%err, "direct mode: no broker socket for the connection");
+                return;
+            }
+        };
+        let admitted = workload.admitted_by(&policy.workloads);
+        let slot = admitted
+            .then(|| shared.per_workload.try_acquire(origin.cgroup_id))
+            .flatten();
+        let refusal = if !admitted {
+            shared.metrics.deny(&policy.name);
+            tracing::warn!(exe = ?workload.exe, "denied: the policy does not admit this workload");
+            record.outcome = audit::Outcome::Denied;
+            Some(Failure::Denied)
+        } else if slot.is_none() {
+            shared.metrics.refuse(RefusedReason::workload_limit);
+            record.outcome = audit::Outcome::Refused;
+            Some(Failure::WorkloadLimit {
+                max: shared.per_workload.max(),
+            })
+        } else {
+            None
+        };
+        record.workload = Some(workload);
+        let mut leg = Leg {
+            direct,
+            cookie: header.cookie,
+            key: header.key,
+            pid: meta.pid,
+            from_app,
+            side,
+        };
+        let result = pg_direct::serve(&mut leg, &origin, &policy, shared, refusal).await;
+        match &result {
+            Ok(ended) => {
+                shared.metrics.connection(&policy.name, Outcome::relayed);
+                record.handshake_ms = Some(ms(started.elapsed()));
+                tracing::info!(
+                    ?ended,
+                    ms = started.elapsed().as_millis() as u64,
+                    "handed over"
+                );
+                if *ended == Ended::HandedOver {
+                    shared.metrics.direct.inc();
+                }
+            }
+            Err(f) => {
+                pg_direct::refuse(&mut leg, &policy, f).await;
+                if record.outcome == audit::Outcome::Relayed {
+                    record.outcome = audit::Outcome::Failed;
+                    shared.metrics.connection(&policy.name, Outcome::failed);
+                }
+                record.reason = Some(f.to_string());
+                tracing::warn!(err = %f, "direct-mode startup failed");
+            }
+        }
+        direct.drop_side(header.cookie, &leg.side);
+        record.duration_ms = ms(started.elapsed());
+        shared.audit.record(&record);
+        drop(slot);
+    }
+    .instrument(span)
+    .await;
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}

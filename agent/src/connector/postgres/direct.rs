@@ -1,0 +1,369 @@
+//! Direct mode (`spec.direct: true`; protocol in `latch_common::direct`): the application's
+//! own connection goes to the server. latch answers its startup, authenticates on that
+//! connection with the policy's credentials, and then leaves it to the kernel, so the session
+//! costs what a direct connection costs.
+//!
+//! The hand-over needs a moment when nothing can be queued in the application socket's sockmap
+//! state: latch withholds the server's ReadyForQuery, so the application (which waits for it)
+//! sends nothing; once it has read AuthenticationOk, its ParameterStatus and BackendKeyData,
+//! latch takes the socket out of the sock map and sends a Sync, which the server answers with
+//! a ReadyForQuery of its own, straight to the application.
+use std::{
+    io,
+    os::fd::{AsRawFd as _, OwnedFd},
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use latch_common::direct::{FROM_TARGET, TO_BROKER};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf},
+    net::TcpStream,
+    sync::mpsc,
+    time::Instant,
+};
+
+use super::{APP_STARTUP_TIMEOUT, failure::Failure, target};
+use crate::{
+    broker::{Origin, Shared, direct::Direct},
+    config::Policy,
+    pg::{
+        self,
+        auth::{ClientAuth, TargetTls},
+        encode,
+        startup::{self, Initial, MAX_STARTUP_LEN},
+    },
+};
+
+/// One application socket in direct mode, as the broker holds it.
+pub struct Leg<'a> {
+    pub direct: &'a Direct,
+    /// Cookie of the application's socket.
+    pub cookie: u64,
+    /// Its 4-tuple, as the kernel keys it.
+    pub key: latch_common::TupleKey,
+    /// The process that opened it (its descriptor is borrowed from there).
+    pub pid: u32,
+    /// What the application sent, message by message, from the lobby.
+    pub from_app: mpsc::UnboundedReceiver<Bytes>,
+    /// The broker's socket for it: reads what the server sent, writes into the application's
+    /// receive queue.
+    pub side: TcpStream,
+}
+
+/// How a direct-mode connection ended up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Authenticated and left to the kernel.
+    HandedOver,
+    /// A cancel request was passed on to the server.
+    Cancel,
+}
+
+/// How long the application may take to read the startup answers before the hand-over.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the startup of one direct-mode connection. `refusal` (the workload is not admitted,
+/// or over its limit) is told to the application once it has sent its StartupMessage.
+pub async fn serve(
+    leg: &mut Leg<'_>,
+    origin: &Origin,
+    policy: &Policy,
+    shared: &Shared,
+    refusal: Option<Failure>,
+) -> Result<Ended, Failure> {
+    let startup = match read_startup(leg).await? {
+        Initial::Startup(s) => s,
+        Initial::Cancel { pid, secret } => {
+            // The application holds the server's own key: pass the request on as it is.
+            let mut out = BytesMut::new();
+            startup::encode_cancel(pid, secret, &mut out);
+            let app = leg.release().map_err(Failure::HandOver)?;
+            send(&app, &out).map_err(Failure::AppIo)?;
+            return Ok(Ended::Cancel);
+        }
+        _ => unreachable!("read_startup answers SSL and GSS requests itself"),
+    };
+    if let Some(f) = refusal {
+        return Err(f);
+    }
+    let creds = shared
+        .secrets
+        .credentials(policy)
+        .await
+        .map_err(Failure::Secrets)?;
+    let rewritten = startup::rewrite(&startup, creds.username.as_ref().map(|u| u.expose()))
+        .map_err(Failure::Refused)?;
+    let user = rewritten.params[0].1.clone();
+    let addr = origin.dst;
+    // The application waits for the answer to its StartupMessage: what is sent on its socket
+    // from now on is latch's.
+    leg.set(FROM_TARGET).map_err(Failure::HandOver)?;
+    let app = leg.app_socket().map_err(Failure::HandOver)?;
+    let mut out = BytesMut::new();
+    startup::encode_startup(
+        rewritten
+            .params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+        &mut out,
+    );
+    send(&app, &out).map_err(|source| Failure::TargetIo { addr, source })?;
+    let auth = ClientAuth::new(
+        &user,
+        creds.password.as_ref().map(|p| p.expose()),
+        TargetTls::Plain,
+    )
+    .with_key_cache(shared.pg_scram_keys.clone(), format!("{addr}/{user}"));
+    let mut stream = Split {
+        read: &mut leg.side,
+        write: &app,
+    };
+    let done = tokio::time::timeout(
+        target::TARGET_HANDSHAKE_TIMEOUT,
+        target::authenticate(&mut stream, addr, auth),
+    )
+    .await
+    .map_err(|_| Failure::TargetTimeout {
+        addr,
+        after: target::TARGET_HANDSHAKE_TIMEOUT,
+    })?;
+    let done = match done {
+        Ok(d) => d,
+        Err(f) => {
+            if f.is_auth_rejection() {
+                // This connection cannot be retried (the server has closed it); the next one
+                // gets fresh credentials.
+                let _ = shared.secrets.refresh(policy).await;
+            }
+            return Err(f);
+        }
+    };
+    drop(creds);
+    // Everything up to ReadyForQuery, which is withheld (see the module documentation).
+    let mut welcome = BytesMut::with_capacity(1024);
+    if rewritten.negotiate {
+        encode::negotiate_protocol_version(&rewritten.unrecognized, &mut welcome);
+    }
+    encode::authentication_ok(&mut welcome);
+    for f in done.to_app {
+        if f.tag != pg::backend::READY_FOR_QUERY {
+            f.encode(&mut welcome);
+        }
+    }
+    if let Some((pid, secret)) = done.key {
+        encode::backend_key_data(pid, secret, &mut welcome);
+    }
+    welcome.extend_from_slice(&done.leftover);
+    leg.set(TO_BROKER | FROM_TARGET)
+        .map_err(Failure::HandOver)?;
+    leg.side.write_all(&welcome).await.map_err(Failure::AppIo)?;
+    leg.hand_over(&app).await?;
+    Ok(Ended::HandedOver)
+}
+
+/// Tells the application why, in its receive queue. The application socket stays in the sock
+/// map (the message would be lost if it left now); it leaves when the application closes it.
+pub async fn refuse(leg: &mut Leg<'_>, policy: &Policy, failure: &Failure) {
+    if let Some(fields) = failure.to_app(&policy.name) {
+        let mut out = BytesMut::new();
+        fields.encode(pg::backend::ERROR_RESPONSE, &mut out);
+        let _ = leg.set(TO_BROKER | FROM_TARGET);
+        let _ = tokio::time::timeout(Duration::from_secs(2), leg.side.write_all(&out)).await;
+    }
+    // The server must not wait for a startup that will not come.
+    if let Ok(app) = leg.app_socket() {
+        // SAFETY: plain shutdown(2) on a descriptor we own.
+        unsafe { libc::shutdown(app.as_raw_fd(), libc::SHUT_WR) };
+    }
+}
+
+/// Reads the first packet from the lobby, answering SSLRequest and GSSENCRequest with 'N'
+/// (the session is the application's own plain-text connection).
+async fn read_startup(leg: &mut Leg<'_>) -> Result<Initial, Failure> {
+    let deadline = Instant::now() + APP_STARTUP_TIMEOUT;
+    let mut buf = BytesMut::with_capacity(512);
+    let (mut ssl_seen, mut gss_seen) = (false, false);
+    loop {
+        let initial = loop {
+            if let Some(i) =
+                startup::parse(&mut buf, MAX_STARTUP_LEN).map_err(Failure::AppProtocol)?
+            {
+                break i;
+            }
+            match tokio::time::timeout_at(deadline, leg.from_app.recv()).await {
+                Ok(Some(b)) => buf.extend_from_slice(&b),
+                Ok(None) => return Err(Failure::AppClosed),
+                Err(_) => return Err(Failure::AppTimeout(APP_STARTUP_TIMEOUT)),
+            }
+        };
+        let seen = match initial {
+            Initial::SslRequest => &mut ssl_seen,
+            Initial::GssEncRequest => &mut gss_seen,
+            other => return Ok(other),
+        };
+        if std::mem::replace(seen, true) || !buf.is_empty() {
+            return Err(Failure::AppProtocol(pg::PgError::malformed(
+                "startup packet",
+                "encryption requested twice, or data after an encryption request",
+            )));
+        }
+        leg.side.write_all(b"N").await.map_err(Failure::AppIo)?;
+    }
+}
+
+impl Leg<'_> {
+    fn set(&self, flags: u32) -> io::Result<()> {
+        self.direct
+            .maps()
+            .set(&self.key, self.cookie, flags)
+            .map_err(io::Error::other)
+    }
+
+    /// A descriptor of the application's socket (see [`crate::broker::direct::app_socket`]).
+    fn app_socket(&self) -> io::Result<OwnedFd> {
+        crate::broker::direct::app_socket(self.pid, self.cookie)
+    }
+
+    /// Takes the application's socket out of the sock map at once (nothing is queued: only
+    /// the first packet has been exchanged).
+    fn release(&self) -> io::Result<OwnedFd> {
+        let app = self.app_socket()?;
+        self.leave()?;
+        Ok(app)
+    }
+
+    fn leave(&self) -> io::Result<()> {
+        let maps = self.direct.maps();
+        maps.remove_socket(self.cookie).map_err(io::Error::other)?;
+        maps.forget(&self.key);
+        Ok(())
+    }
+
+    /// Waits until the application has read everything injected, takes its socket out of
+    /// the sock map and asks the server for the ReadyForQuery it will read next.
+    async fn hand_over(&mut self, app: &OwnedFd) -> Result<(), Failure> {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let mut pause = Duration::from_micros(50);
+        loop {
+            if unread(app).map_err(Failure::AppIo)? == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Failure::HandOver(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the application did not read latch's answers",
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+        // The server has nothing to say until it is asked (it sent ReadyForQuery); anything
+        // that arrived meanwhile would be lost with the sock map state.
+        if unread_side(&self.side) {
+            return Err(Failure::HandOver(io::Error::other(
+                "the server sent a message during the hand-over",
+            )));
+        }
+        self.leave().map_err(Failure::HandOver)?;
+        let mut sync = BytesMut::new();
+        pg::frame::Frame {
+            tag: b'S',
+            body: Bytes::new(),
+        }
+        .encode(&mut sync);
+        send(app, &sync).map_err(Failure::HandOver)
+    }
+}
+
+/// Whether the server's side has sent something the broker has not read.
+fn unread_side(side: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    // SAFETY: a non-blocking peek into a valid one-byte buffer.
+    let n = unsafe {
+        libc::recv(
+            side.as_raw_fd(),
+            probe.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
+}
+
+/// Bytes waiting in the application's receive queue (for a socket in a sock map: the
+/// messages injected into it).
+fn unread(app: &OwnedFd) -> io::Result<i32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(app.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n)
+}
+
+/// Sends all of `bytes` on the application's socket without changing its file flags (they are
+/// the application's): non-blocking sends, waiting briefly when the buffer is full.
+fn send(app: &OwnedFd, mut bytes: &[u8]) -> io::Result<()> {
+    let mut waits = 0;
+    while !bytes.is_empty() {
+        // SAFETY: a plain send(2) from a valid buffer.
+        let n = unsafe {
+            libc::send(
+                app.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            bytes = &bytes[n as usize..];
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::WouldBlock || waits > 1000 {
+            return Err(err);
+        }
+        waits += 1;
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    Ok(())
+}
+
+/// The target leg during authentication: the server's messages arrive on the broker's side
+/// socket; latch's go out on the application's socket.
+struct Split<'a> {
+    read: &'a mut TcpStream,
+    write: &'a OwnedFd,
+}
+
+impl AsyncRead for Split<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Split<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        // Handshake messages are small and the socket's send buffer is empty.
+        Poll::Ready(send(self.write, buf).map(|()| buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,72 @@
+//! The broker's side of direct mode (protocol in `latch_common::direct`): which sockets the
+//! programs divert, and how.
+use std::{os::fd::AsRawFd, sync::Mutex};
+
+use aya::maps::{HashMap, MapData, MapError, SockHash};
+use latch_common::{TupleKey, direct};
+
+/// `LATCH_DIRECT` (the sockets) and `LATCH_DIR_KEYS` (what to do with each, by 4-tuple).
+pub struct DirectMaps {
+    socks: Mutex<SockHash<MapData, u64>>,
+    keys: Mutex<HashMap<MapData, TupleKey, direct::Entry>>,
+}
+
+impl DirectMaps {
+    pub(super) fn new(
+        socks: SockHash<MapData, u64>,
+        keys: HashMap<MapData, TupleKey, direct::Entry>,
+    ) -> Self {
+        Self {
+            socks: Mutex::new(socks),
+            keys: Mutex::new(keys),
+        }
+    }
+
+    /// Adds one of the broker's sockets (the lobby, or its socket for an application).
+    pub fn add_socket(&self, key: u64, socket: &impl AsRawFd) -> Result<(), MapError> {
+        let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
+        socks.insert(key, socket.as_raw_fd(), 0)
+    }
+
+    /// Takes a socket out of the sock map (its programs no longer run for it).
+    pub fn remove_socket(&self, key: u64) -> Result<(), MapError> {
+        let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
+        match socks.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the sock map still holds `key` (an application socket leaves it when closed).
+    pub fn has_socket(&self, key: u64) -> bool {
+        let socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
+        socks.get(&key, 0).is_ok()
+    }
+
+    /// Sets what the programs do with the socket of this 4-tuple.
+    pub fn set(&self, key: &TupleKey, cookie: u64, flags: u32) -> Result<(), MapError> {
+        let entry = direct::Entry {
+            cookie,
+            flags,
+            _pad: 0,
+        };
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        keys.insert(key, entry, 0)
+    }
+
+    /// Forgets the socket of this 4-tuple: its traffic passes untouched.
+    pub fn forget(&self, key: &TupleKey) {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = keys.remove(key);
+    }
+
+    /// Entries in the 4-tuple map (walks the keys; for tests and status).
+    pub fn len(&self) -> usize {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        keys.keys().filter(Result::is_ok).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
