@@ -90,7 +90,7 @@ pub fn latch_dir_msg(ctx: SkMsgContext) -> u32 {
 }
 
 /// Receives: an application socket's bytes from the target go to the broker's socket for it
-/// while the broker runs the startup.
+/// while the broker runs the startup, except the server's ErrorResponse.
 #[stream_verdict]
 pub fn latch_dir_skb(ctx: SkBuffContext) -> u32 {
     // SAFETY: the context is the program's own; these __sk_buff fields are readable in sk_skb.
@@ -115,6 +115,12 @@ pub fn latch_dir_skb(ctx: SkBuffContext) -> u32 {
         return SK_PASS;
     };
     if entry.flags & (direct::SIDE | direct::FROM_TARGET) != direct::FROM_TARGET {
+        return SK_PASS;
+    }
+    // An ErrorResponse during the startup is followed by the server closing the connection;
+    // the close reaches the application at once, so the error must go straight to it too
+    // (anything the broker injected afterwards would come after the end of the stream).
+    if ctx.load::<u8>(0) == Ok(b'E') {
         return SK_PASS;
     }
     let mut side = entry.cookie | direct::SIDE_KEY;

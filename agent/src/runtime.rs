@@ -141,22 +141,26 @@ impl Running {
         let policies = PolicySet::new(config);
         let dns = Dns::from_system()?;
         let (resolved, next_refresh) = dns.resolve_all(&policies.hosts(), &Resolved::new()).await;
-        interceptor.sync_rules(&policies.rules(&resolved, local6.is_some()))?;
-        interceptor.set_broker(broker_config(local4, local6, opts.mark))?;
-        // The lobby must exist before any application socket can be diverted to it.
-        let direct = match interceptor.take_direct() {
-            Ok(maps) => match broker::direct::Direct::new(maps) {
-                Ok(d) => Some(Arc::new(d)),
-                Err(err) => {
-                    tracing::warn!(%err, "direct mode unavailable");
-                    None
-                }
-            },
+        // The lobby must exist before any application socket can be diverted to it, and the
+        // kernel must pass the self-test before any rule asks for direct mode.
+        let direct = match interceptor
+            .take_direct()
+            .map_err(|e| e.to_string())
+            .and_then(|maps| broker::direct::Direct::new(maps).map_err(|e| e.to_string()))
+            .and_then(|d| d.self_test().map(|()| d).map_err(|e| e.to_string()))
+        {
+            Ok(d) => Some(Arc::new(d)),
             Err(err) => {
-                tracing::warn!(%err, "direct mode unavailable");
+                tracing::warn!(
+                    %err,
+                    "direct mode unavailable on this kernel; policies asking for it are relayed"
+                );
+                interceptor.set_direct(false);
                 None
             }
         };
+        interceptor.sync_rules(&policies.rules(&resolved, local6.is_some()))?;
+        interceptor.set_broker(broker_config(local4, local6, opts.mark))?;
         interceptor.attach(&opts.cgroup, &pins, opts.keep_interception)?;
         tracing::info!(
             cgroup = %opts.cgroup.display(),

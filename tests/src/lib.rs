@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod http;
 pub mod leftovers;
 pub mod openbao;
+pub mod pg_setup;
 pub mod postgres;
 pub mod servers;
 

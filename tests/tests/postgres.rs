@@ -9,96 +9,11 @@ use std::{
 
 use latch_tests::{
     Agent, TempDir, TestCgroup, bins, eventually,
+    pg_setup::{MD5_PW, PLAIN_PW, SCRAM_PW, Setup},
     postgres::{
         self, APP_DB, MD5_USER, PLAIN_USER, PgCluster, SCRAM_USER, policy_yaml, secrets_yaml,
     },
 };
-
-const SCRAM_PW: &str = "scram-Secret-7f3a";
-const MD5_PW: &str = "md5-Secret-91bc";
-const PLAIN_PW: &str = "plain-Secret-4d2e";
-
-/// A cluster, a secrets file for `user`/`password`, and an agent with policy `orders-db`.
-struct Setup {
-    agent: Agent,
-    cg: TestCgroup,
-    pg: PgCluster,
-    secrets: TempDir,
-}
-
-impl Setup {
-    fn new(user: &str, password: &str, extra_spec: &str) -> Setup {
-        let pg = PgCluster::start("127.0.0.2", SCRAM_PW, MD5_PW, PLAIN_PW);
-        let secrets = TempDir::new("pg-secrets");
-        let file = secrets.write("secrets.yaml", &secrets_yaml(user, password));
-        let cg = TestCgroup::new();
-        let agent = Agent::start(&policy_yaml("orders-db", pg.addr, &file, extra_spec), &cg);
-        Setup {
-            agent,
-            cg,
-            pg,
-            secrets,
-        }
-    }
-
-    fn set_secret(&self, user: &str, password: &str) {
-        self.secrets
-            .write("secrets.yaml", &secrets_yaml(user, password));
-    }
-
-    /// psql inside the cgroup: no password anywhere, never prompts.
-    fn psql(&self, db: &str, sql: &str) -> Command {
-        let mut cmd = self.cg.command(postgres::bin("psql"));
-        cmd.args([
-            "-h",
-            &self.pg.addr.ip().to_string(),
-            "-p",
-            &self.pg.addr.port().to_string(),
-        ])
-        .args([
-            "-U",
-            "app_without_password",
-            "-d",
-            db,
-            "-w",
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-        ])
-        .args(["-c", sql])
-        .env_remove("PGPASSWORD")
-        .env_remove("PGPASSFILE")
-        .env("PGCONNECT_TIMEOUT", "20");
-        cmd
-    }
-
-    fn connstr(&self, db: &str) -> String {
-        format!(
-            "host={} port={} user=app_without_password dbname={db} connect_timeout=20",
-            self.pg.addr.ip(),
-            self.pg.addr.port()
-        )
-    }
-
-    fn probe(&self, db: &str, scenario: &str) -> Command {
-        let mut cmd = self.cg.command(bins::probe());
-        cmd.args(["pg", &self.connstr(db), scenario]);
-        cmd
-    }
-
-    /// Nothing secret in the agent's log.
-    fn assert_log_clean(&self) {
-        let log = self.agent.log();
-        for pw in [SCRAM_PW, MD5_PW, PLAIN_PW, "canary"] {
-            assert!(
-                !log.contains(pw),
-                "a password appears in the agent log:\n{log}"
-            );
-        }
-    }
-}
 
 fn run(cmd: &mut Command) -> Output {
     latch_tests::run_ok(cmd)

@@ -5,13 +5,13 @@ use std::{
     collections::HashMap,
     io,
     net::Ipv4Addr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{Arc, Mutex, atomic::Ordering},
     time::Instant,
 };
 
 use bytes::{Buf as _, Bytes, BytesMut};
-use latch_common::direct::{HEADER_LEN, Header, LOBBY, SIDE, SIDE_KEY};
+use latch_common::direct::{FROM_TARGET, HEADER_LEN, Header, LOBBY, SIDE, SIDE_KEY, TO_BROKER};
 use tokio::{io::AsyncReadExt as _, net::TcpStream, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, info_span};
@@ -31,8 +31,9 @@ use crate::{
 /// The direct-mode maps and the broker's lobby socket.
 pub struct Direct {
     maps: DirectMaps,
-    /// Makes the broker's socket pairs (loopback, never seen by applications).
-    pairs: std::net::TcpListener,
+    /// Makes the broker's socket pairs (loopback, never seen by applications). Locked so
+    /// that each connect gets its own accept.
+    pairs: Mutex<std::net::TcpListener>,
     lobby: Mutex<Option<std::net::TcpStream>>,
     /// The other ends of the broker's sockets, kept open while their socket is in use.
     _lobby_peer: std::net::TcpStream,
@@ -48,7 +49,7 @@ impl Direct {
         maps.add_socket(LOBBY, &lobby).map_err(io::Error::other)?;
         Ok(Self {
             maps,
-            pairs,
+            pairs: Mutex::new(pairs),
             lobby: Mutex::new(Some(lobby)),
             _lobby_peer: lobby_peer,
             sessions: Mutex::new(HashMap::new()),
@@ -62,7 +63,13 @@ impl Direct {
     /// The broker's socket for the application socket `cookie`: in the sock map, with an entry
     /// that sends what the broker writes into that application's receive queue.
     fn side(&self, cookie: u64) -> io::Result<(TcpStream, std::net::TcpStream)> {
-        let (side, peer) = pair(&self.pairs)?;
+        let (side, peer) = self.side_std(cookie)?;
+        side.set_nonblocking(true)?;
+        Ok((TcpStream::from_std(side)?, peer))
+    }
+
+    fn side_std(&self, cookie: u64) -> io::Result<(std::net::TcpStream, std::net::TcpStream)> {
+        let (side, peer) = pair(&self.pairs.lock().unwrap_or_else(|e| e.into_inner()))?;
         let key = crate::ebpf::tuple_key(side.local_addr()?, side.peer_addr()?);
         self.maps
             .set(&key, cookie, SIDE)
@@ -71,16 +78,144 @@ impl Direct {
             self.maps.forget(&key);
             return Err(io::Error::other(e));
         }
-        side.set_nonblocking(true)?;
-        Ok((TcpStream::from_std(side)?, peer))
+        Ok((side, peer))
     }
 
-    fn drop_side(&self, cookie: u64, side: &TcpStream) {
+    fn drop_side(&self, cookie: u64, side: &impl SocketAddrs) {
         let _ = self.maps.remove_socket(cookie | SIDE_KEY);
-        if let (Ok(l), Ok(p)) = (side.local_addr(), side.peer_addr()) {
+        if let (Ok(l), Ok(p)) = (side.local(), side.peer()) {
             self.maps.forget(&crate::ebpf::tuple_key(l, p));
         }
     }
+
+    /// Runs direct mode's kernel steps on a loopback pair of the agent's own: a message the
+    /// "application" sends reaches the lobby behind its header, what the "server" sends
+    /// reaches the side socket, what the broker writes there reaches the application's receive
+    /// queue (and FIONREAD counts it), and once the socket has left the sock map the server's
+    /// next bytes arrive as plain TCP. Kernels whose sockmap loses or misplaces bytes on the
+    /// way fail it, and direct mode is not used there.
+    pub fn self_test(&self) -> io::Result<()> {
+        let timeout = Some(std::time::Duration::from_secs(2));
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let (mut app, mut server) = pair(&listener)?;
+        let cookie = socket_cookie_of(&app)?;
+        let key = crate::ebpf::tuple_key(app.local_addr()?, app.peer_addr()?);
+        let (mut side, _side_peer) = self.side_std(cookie)?;
+        let result = (|| {
+            use std::io::{Read as _, Write as _};
+            let expect = |what: &str, got: &[u8], want: &[u8]| {
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(io::Error::other(format!(
+                        "{what}: got {got:?}, expected {want:?}"
+                    )))
+                }
+            };
+            self.maps
+                .set(&key, cookie, TO_BROKER | FROM_TARGET)
+                .map_err(io::Error::other)?;
+            self.maps
+                .add_socket(cookie, &app)
+                .map_err(io::Error::other)?;
+            let mut lobby_guard = self.lobby.lock().unwrap_or_else(|e| e.into_inner());
+            let lobby = lobby_guard
+                .as_mut()
+                .ok_or_else(|| io::Error::other("the lobby is in use"))?;
+            lobby.set_read_timeout(timeout)?;
+            app.write_all(b"startup")?;
+            let mut got = vec![0u8; HEADER_LEN + 7];
+            lobby.read_exact(&mut got)?;
+            let mut buf = BytesMut::from(&got[..]);
+            let (header, body) = next_message(&mut buf)
+                .ok_or_else(|| io::Error::other("lobby: no whole message"))?;
+            expect("lobby message", &body, b"startup")?;
+            if header.cookie != cookie || header.key != key {
+                return Err(io::Error::other("lobby: the header names another socket"));
+            }
+            self.maps
+                .set(&key, cookie, FROM_TARGET)
+                .map_err(io::Error::other)?;
+            server.write_all(b"challenge")?;
+            side.set_read_timeout(timeout)?;
+            let mut got = [0u8; 9];
+            side.read_exact(&mut got)?;
+            expect("server to side socket", &got, b"challenge")?;
+            side.write_all(b"welcome")?;
+            let mut queued = 0;
+            for _ in 0..200 {
+                queued = fionread(&app)?;
+                if queued == 7 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if queued != 7 {
+                return Err(io::Error::other(format!(
+                    "FIONREAD counted {queued} of 7 injected bytes"
+                )));
+            }
+            app.set_read_timeout(timeout)?;
+            let mut got = [0u8; 7];
+            app.read_exact(&mut got)?;
+            expect("side socket to application", &got, b"welcome")?;
+            self.maps.remove_socket(cookie).map_err(io::Error::other)?;
+            self.maps.forget(&key);
+            server.write_all(b"ready")?;
+            let mut got = [0u8; 5];
+            app.read_exact(&mut got)?;
+            expect("server to application after the hand-over", &got, b"ready")?;
+            app.write_all(b"query")?;
+            server.set_read_timeout(timeout)?;
+            let mut got = [0u8; 5];
+            server.read_exact(&mut got)?;
+            expect("application to server after the hand-over", &got, b"query")
+        })();
+        let _ = self.maps.remove_socket(cookie);
+        self.maps.forget(&key);
+        self.drop_side(cookie, &side);
+        result
+    }
+}
+
+/// Local and peer addresses of std and tokio TCP streams alike.
+trait SocketAddrs {
+    fn local(&self) -> io::Result<std::net::SocketAddr>;
+    fn peer(&self) -> io::Result<std::net::SocketAddr>;
+}
+
+impl SocketAddrs for TcpStream {
+    fn local(&self) -> io::Result<std::net::SocketAddr> {
+        self.local_addr()
+    }
+    fn peer(&self) -> io::Result<std::net::SocketAddr> {
+        self.peer_addr()
+    }
+}
+
+impl SocketAddrs for std::net::TcpStream {
+    fn local(&self) -> io::Result<std::net::SocketAddr> {
+        self.local_addr()
+    }
+    fn peer(&self) -> io::Result<std::net::SocketAddr> {
+        self.peer_addr()
+    }
+}
+
+fn socket_cookie_of(s: &std::net::TcpStream) -> io::Result<u64> {
+    let fd = s.as_fd().try_clone_to_owned()?;
+    socket_cookie(&fd)
+}
+
+/// Bytes waiting in a socket's receive queue (for a socket in a sock map: the messages
+/// injected into it, not yet read).
+pub fn fionread(s: &impl std::os::fd::AsRawFd) -> io::Result<i32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n)
 }
 
 /// A connected loopback pair made through `listener`.
@@ -88,7 +223,13 @@ fn pair(
     listener: &std::net::TcpListener,
 ) -> io::Result<(std::net::TcpStream, std::net::TcpStream)> {
     let a = std::net::TcpStream::connect(listener.local_addr()?)?;
-    let (b, _) = listener.accept()?;
+    // Anything else that connected to the listener is dropped.
+    let b = loop {
+        let (b, from) = listener.accept()?;
+        if from == a.local_addr()? {
+            break b;
+        }
+    };
     a.set_nodelay(true)?;
     Ok((a, b))
 }

@@ -771,3 +771,54 @@ fn app_tls_mode() {
         vec!["t.yaml:24:3: appTls applies to protocol postgres only (not tcp); remove appTls"]
     );
 }
+
+#[test]
+fn direct_mode_needs_postgres_in_plain_text_on_both_legs() {
+    let spec = |proto: &str, extra: &str| {
+        format!(
+            "  destination: {{address: 10.0.0.1, port: 5432}}\n  protocol: {proto}\n  credentials: {{store: local, password: {{path: db}}}}\n{extra}  direct: true\n"
+        )
+    };
+    let ok = policy("db", &spec("postgres", "  tls: {mode: disable}\n"));
+    let config = load_str("t.yaml", &format!("{STORES}{ok}")).unwrap();
+    assert!(config.policies[0].direct);
+
+    let unset = policy(
+        "db",
+        "  destination: {address: 10.0.0.1, port: 5432}\n  protocol: postgres\n  credentials: {store: local, password: {path: db}}\n",
+    );
+    let config = load_str("t.yaml", &format!("{STORES}{unset}")).unwrap();
+    assert!(!config.policies[0].direct);
+
+    // postgres defaults to tls.mode prefer: direct mode cannot keep that promise.
+    let tls = policy("db", &spec("postgres", ""));
+    let errs = errors("t.yaml", &format!("{STORES}{tls}"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("t.yaml:25:3: direct needs tls.mode disable"),
+        "{errs:?}"
+    );
+    let app_tls = policy(
+        "db",
+        &spec(
+            "postgres",
+            "  tls: {mode: disable}\n  appTls: {mode: enable}\n",
+        ),
+    );
+    let errs = errors("t.yaml", &format!("{STORES}{app_tls}"));
+    assert!(
+        errs.len() == 1 && errs[0].starts_with("t.yaml:27:3: direct cannot terminate TLS"),
+        "{errs:?}"
+    );
+    let mysql = policy("db", &spec("mysql", "  tls: {mode: disable}\n"));
+    assert_eq!(
+        errors("t.yaml", &format!("{STORES}{mysql}")),
+        vec!["t.yaml:26:3: direct applies to protocol postgres only (not mysql); remove direct"]
+    );
+    let not_bool = policy(
+        "db",
+        "  destination: {address: 10.0.0.1, port: 5432}\n  protocol: postgres\n  tls: {mode: disable}\n  credentials: {store: local, password: {path: db}}\n  direct: yes please\n",
+    );
+    let errs = errors("t.yaml", &format!("{STORES}{not_bool}"));
+    assert!(errs.len() == 1 && errs[0].contains("direct"), "{errs:?}");
+}

@@ -317,25 +317,29 @@ async fn forward_cancel(pid: i32, secret: i32, origin: &Origin, policy: &Policy,
         tracing::warn!(session_policy = %t.policy, "cancel request under another policy ignored");
         return;
     }
-    let mut out = BytesMut::new();
-    startup::encode_cancel(t.pid, t.secret, &mut out);
-    let sent = async {
-        let mut s = connect_marked(t.addr, shared.mark, shared.limits.connect_timeout).await?;
-        s.write_all(&out)
-            .await
-            .map_err(|source| ConnectError::Target {
-                addr: t.addr,
-                source,
-            })?;
-        // The server closes after reading it; wait briefly so the request is not cut short.
-        let mut sink = [0u8; 16];
-        let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
-        Ok::<_, ConnectError>(())
-    };
-    match sent.await {
+    match send_cancel(t.addr, t.pid, t.secret, shared).await {
         Ok(()) => {
             tracing::info!(target_addr = %t.addr, app_dst = %origin.dst, "cancel request forwarded")
         }
         Err(e) => tracing::warn!(error = %e, "forwarding a cancel request failed"),
     }
+}
+
+/// Sends a CancelRequest with this key to the server at `addr` on a connection of latch's own.
+pub async fn send_cancel(
+    addr: std::net::SocketAddr,
+    pid: i32,
+    secret: i32,
+    shared: &Shared,
+) -> Result<(), ConnectError> {
+    let mut out = BytesMut::new();
+    startup::encode_cancel(pid, secret, &mut out);
+    let mut s = connect_marked(addr, shared.mark, shared.limits.connect_timeout).await?;
+    s.write_all(&out)
+        .await
+        .map_err(|source| ConnectError::Target { addr, source })?;
+    // The server closes after reading it; wait briefly so the request is not cut short.
+    let mut sink = [0u8; 16];
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
+    Ok(())
 }

@@ -33,6 +33,10 @@ impl DirectMaps {
         let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
         match socks.remove(&key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            // A socket leaves the map by itself when it is closed.
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }

@@ -95,6 +95,8 @@ pub struct Interceptor {
     installed: HashMap<RuleKey, RuleValue>,
     /// Whether rules may enrol sockets for the fast path.
     fast_path: bool,
+    /// Whether rules may put connections in direct mode (the kernel passed the self-test).
+    direct: bool,
     attached_to: Option<PathBuf>,
 }
 
@@ -164,6 +166,7 @@ impl Interceptor {
             pinned: Vec::new(),
             installed: HashMap::new(),
             fast_path: true,
+            direct: true,
             attached_to: None,
         })
     }
@@ -276,6 +279,12 @@ impl Interceptor {
         self.fast_path = enabled;
     }
 
+    /// With `false`, rules installed from now on never put connections in direct mode: their
+    /// policies are brokered by the relay instead.
+    pub fn set_direct(&mut self, enabled: bool) {
+        self.direct = enabled;
+    }
+
     /// Makes the rule tries hold exactly `rules`: inserts what is new or changed, removes what
     /// is gone. Existing connections are unaffected.
     pub fn sync_rules(&mut self, rules: &[Rule]) -> Result<(), EbpfError> {
@@ -283,6 +292,7 @@ impl Interceptor {
             .iter()
             .map(|r| Rule {
                 fast_path: r.fast_path && self.fast_path,
+                direct: r.direct && self.direct,
                 ..*r
             })
             .map(|r| r.entry())

@@ -77,11 +77,22 @@ pub async fn serve(
     let startup = match read_startup(leg).await? {
         Initial::Startup(s) => s,
         Initial::Cancel { pid, secret } => {
-            // The application holds the server's own key: pass the request on as it is.
+            // The application holds the server's own key: pass the request on as it is, on
+            // the application's connection (the server closes it after reading, which is what
+            // libpq waits for), or on one of latch's own when the application has closed it
+            // already (tokio-postgres does not wait).
+            let app = leg.app_socket();
+            leg.leave().map_err(Failure::HandOver)?;
             let mut out = BytesMut::new();
             startup::encode_cancel(pid, secret, &mut out);
-            let app = leg.release().map_err(Failure::HandOver)?;
-            send(&app, &out).map_err(Failure::AppIo)?;
+            if let Ok(app) = app
+                && send(&app, &out).is_ok()
+            {
+                return Ok(Ended::Cancel);
+            }
+            super::send_cancel(origin.dst, pid, secret, shared)
+                .await
+                .map_err(Failure::Connect)?;
             return Ok(Ended::Cancel);
         }
         _ => unreachable!("read_startup answers SSL and GSS requests itself"),
@@ -132,14 +143,14 @@ pub async fn serve(
     })?;
     let done = match done {
         Ok(d) => d,
-        Err(f) => {
-            if f.is_auth_rejection() {
-                // This connection cannot be retried (the server has closed it); the next one
-                // gets fresh credentials.
-                let _ = shared.secrets.refresh(policy).await;
-            }
-            return Err(f);
+        // An ErrorResponse went to the application (see latch_dir_skb) and the server closed
+        // the connection: most likely the credentials were refused. This connection cannot be
+        // retried; the next one gets fresh credentials.
+        Err(Failure::TargetClosed { addr }) => {
+            let _ = shared.secrets.refresh(policy).await;
+            return Err(Failure::ServerEnded { addr });
         }
+        Err(f) => return Err(f),
     };
     drop(creds);
     // Everything up to ReadyForQuery, which is withheld (see the module documentation).
@@ -227,14 +238,8 @@ impl Leg<'_> {
         crate::broker::direct::app_socket(self.pid, self.cookie)
     }
 
-    /// Takes the application's socket out of the sock map at once (nothing is queued: only
-    /// the first packet has been exchanged).
-    fn release(&self) -> io::Result<OwnedFd> {
-        let app = self.app_socket()?;
-        self.leave()?;
-        Ok(app)
-    }
-
+    /// Takes the application's socket out of the sock map and forgets it: the programs no
+    /// longer see its traffic.
     fn leave(&self) -> io::Result<()> {
         let maps = self.direct.maps();
         maps.remove_socket(self.cookie).map_err(io::Error::other)?;
@@ -248,7 +253,7 @@ impl Leg<'_> {
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         let mut pause = Duration::from_micros(50);
         loop {
-            if unread(app).map_err(Failure::AppIo)? == 0 {
+            if crate::broker::direct::fionread(app).map_err(Failure::HandOver)? == 0 {
                 break;
             }
             if Instant::now() > deadline {
@@ -291,17 +296,6 @@ fn unread_side(side: &TcpStream) -> bool {
         )
     };
     n > 0
-}
-
-/// Bytes waiting in the application's receive queue (for a socket in a sock map: the
-/// messages injected into it).
-fn unread(app: &OwnedFd) -> io::Result<i32> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    if unsafe { libc::ioctl(app.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n)
 }
 
 /// Sends all of `bytes` on the application's socket without changing its file flags (they are

@@ -54,6 +54,11 @@ pub enum Failure {
     WorkloadLimit { max: usize },
     #[error("handing the connection over to the kernel: {0}")]
     HandOver(#[source] io::Error),
+    #[error(
+        "target {addr} ended the startup (its ErrorResponse went to the application as the \
+         server sent it)"
+    )]
+    ServerEnded { addr: SocketAddr },
 }
 
 impl Failure {
@@ -73,6 +78,8 @@ impl Failure {
             Failure::Denied => say(SqlState::INVALID_AUTHORIZATION, self.to_string()),
             Failure::WorkloadLimit { .. } => say(SqlState::TOO_MANY_CONNECTIONS, self.to_string()),
             Failure::HandOver(_) => say(SqlState::CONNECTION_FAILURE, self.to_string()),
+            // The application has the server's own message already.
+            Failure::ServerEnded { .. } => return None,
             Failure::Refused(StartupRefusal::Replication) => {
                 say(SqlState::INSUFFICIENT_PRIVILEGE, self.to_string())
             }

@@ -5,6 +5,9 @@
 //! Scenarios: `oversized` (a 1 MB length prefix), `truncated` (20 bytes of a 100-byte packet,
 //! then half-close), `garbage` (4 KiB of noise), `stall` (half a packet, then silence),
 //! `badversion` (protocol 2.0), `ssl-then-data` (an SSLRequest with bytes after it).
+//!
+//! `late-reader DB`: a well-formed StartupMessage, then 1.5 s before reading the answers; then
+//! one query. Prints `result=session tags=<message tags up to ReadyForQuery> user=<user>`.
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -19,6 +22,9 @@ pub async fn run(addr: SocketAddr, scenario: &str) -> Result<(), String> {
     let mut s = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
+    if let Some(db) = scenario.strip_prefix("late-reader ") {
+        return late_reader(s, db).await;
+    }
     let started = Instant::now();
     let send = |b: Vec<u8>| b;
     let bytes = match scenario {
@@ -117,4 +123,68 @@ fn parse_error(b: &[u8]) -> Option<(String, String)> {
         rest = &r[end + 1..];
     }
     Some((code, msg))
+}
+
+/// See the module documentation.
+async fn late_reader(mut s: TcpStream, db: &str) -> Result<(), String> {
+    let mut body = 0x0003_0000u32.to_be_bytes().to_vec();
+    for (k, v) in [("user", "app_without_password"), ("database", db)] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    s.write_all(&packet)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let tags: String = read_until_ready(&mut s)
+        .await?
+        .iter()
+        .map(|(t, _)| *t as char)
+        .collect();
+    let sql = b"select current_user\0";
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((sql.len() + 4) as i32).to_be_bytes());
+    q.extend_from_slice(sql);
+    s.write_all(&q).await.map_err(|e| format!("send: {e}"))?;
+    let reply = read_until_ready(&mut s).await?;
+    // DataRow: field count (2), then the first field's length (4) and bytes.
+    let user = reply
+        .iter()
+        .find(|(t, _)| *t == b'D')
+        .and_then(|(_, b)| b.get(6..))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .ok_or_else(|| format!("no row in the reply: {reply:?}"))?;
+    println!("result=session tags={tags} user={user}");
+    Ok(())
+}
+
+/// Messages (tag, body) up to and including ReadyForQuery; an ErrorResponse is an error.
+async fn read_until_ready(s: &mut TcpStream) -> Result<Vec<(u8, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut head))
+            .await
+            .map_err(|_| format!("no answer within 20 s after {out:?}"))?
+            .map_err(|e| format!("read: {e}"))?;
+        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len.saturating_sub(4)];
+        s.read_exact(&mut body)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if head[0] == b'E' {
+            let mut whole = head.to_vec();
+            whole.extend_from_slice(&body);
+            return Err(format!("server error: {:?}", parse_error(&whole)));
+        }
+        out.push((head[0], body));
+        if head[0] == b'Z' {
+            return Ok(out);
+        }
+    }
 }

@@ -1,0 +1,249 @@
+//! `direct: true` end to end: the application's own connection goes to PostgreSQL 15; latch
+//! answers its startup, authenticates on that connection with the policy's credentials, and
+//! leaves it to the kernel. Real clients (psql, pgbench, tokio-postgres) in the intercepted
+//! cgroup, holding no password.
+use std::{
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use latch_tests::{
+    bins, eventually,
+    pg_setup::{SCRAM_PW, Setup},
+    postgres::{self, APP_DB, MD5_USER, PLAIN_USER, SCRAM_USER},
+};
+
+const DIRECT: &str = "  tls: {mode: disable}\n  direct: true\n";
+
+fn run(cmd: &mut Command) -> Output {
+    latch_tests::run_ok(cmd)
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The agent's eBPF status (`latch status` / `/status`).
+fn ebpf(s: &Setup) -> serde_json::Value {
+    s.agent.status()["ebpf"].clone()
+}
+
+/// Once every session has ended, no direct-mode state is left in the kernel maps.
+fn assert_maps_drain(s: &Setup) {
+    let drained = eventually(Duration::from_secs(10), || {
+        ebpf(s)["direct_entries"] == 0 && ebpf(s)["conns_entries"] == 0
+    });
+    assert!(drained, "direct-mode entries left: {}", ebpf(s));
+}
+
+#[test]
+fn psql_gets_its_own_connection_authenticated_with_scram_md5_and_cleartext() {
+    let s = Setup::new(SCRAM_USER, SCRAM_PW, DIRECT);
+    // psql's default sslmode=prefer sends an SSLRequest first: latch answers 'N'.
+    let out = run(&mut s.psql(APP_DB, "select current_user || ' ' || current_database()"));
+    assert_eq!(stdout(&out), format!("{SCRAM_USER} {APP_DB}"));
+    s.set_secret(MD5_USER, latch_tests::pg_setup::MD5_PW);
+    assert_eq!(
+        stdout(&run(&mut s.psql("postgres", "select current_user"))),
+        MD5_USER
+    );
+    s.set_secret(PLAIN_USER, latch_tests::pg_setup::PLAIN_PW);
+    assert_eq!(
+        stdout(&run(&mut s.psql("postgres", "select current_user"))),
+        PLAIN_USER
+    );
+
+    // The sessions were the applications' own connections: nothing was redirected to the
+    // broker, and each was handed over after latch's startup.
+    s.agent.wait_count("relayed", 3);
+    let status = ebpf(&s);
+    assert_eq!(status["redirected"], 0, "{status}");
+    assert_eq!(status["direct_enrolled"], 3, "{status}");
+    assert_eq!(status["direct_handovers"], 3, "{status}");
+    let metrics = s.agent.metrics();
+    assert!(
+        metrics.contains("latch_direct_handovers_total 3"),
+        "{metrics}"
+    );
+    assert_maps_drain(&s);
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn tokio_postgres_suite_and_pgbench_run_on_handed_over_connections() {
+    let s = Setup::new(SCRAM_USER, SCRAM_PW, DIRECT);
+    let out = run(&mut s.probe(APP_DB, "suite"));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("user={SCRAM_USER} db={APP_DB}")),
+        "{text}"
+    );
+    assert!(text.ends_with("suite ok"), "{text}");
+
+    let common = |cmd: &mut Command| {
+        cmd.args([
+            "-h",
+            &s.pg.addr.ip().to_string(),
+            "-p",
+            &s.pg.addr.port().to_string(),
+        ])
+        .args(["-U", "app_without_password"])
+        .env_remove("PGPASSWORD");
+    };
+    let mut init = s.cg.command(postgres::bin("pgbench"));
+    common(&mut init);
+    run(init.args(["-i", "-s", "1", "-q", APP_DB]));
+    // Persistent connections, then a new connection per transaction.
+    for extra in [&[][..], &["-C"][..]] {
+        let mut bench = s.cg.command(postgres::bin("pgbench"));
+        common(&mut bench);
+        let out = run(bench
+            .args(["-n", "-S", "-T", "2", "-c", "4", "-j", "2"])
+            .args(extra)
+            .arg(APP_DB));
+        let text = stdout(&out);
+        assert!(text.contains("number of failed transactions: 0"), "{text}");
+    }
+    let status = ebpf(&s);
+    assert_eq!(status["redirected"], 0, "{status}");
+    assert!(
+        status["direct_handovers"].as_u64().unwrap_or(0) > 10,
+        "{status}"
+    );
+    assert_eq!(s.agent.count("failed"), 0);
+    assert_maps_drain(&s);
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn cancel_reaches_the_server_with_tokio_postgres_and_psql_sigint() {
+    let s = Setup::new(SCRAM_USER, SCRAM_PW, DIRECT);
+    let out = run(&mut s.probe(APP_DB, "cancel"));
+    let text = stdout(&out);
+    assert!(text.contains("cancelled in"), "{text}");
+
+    let psql = s
+        .psql(APP_DB, "select pg_sleep(30)")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start psql");
+    let running = || {
+        s.pg.sql("select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'")
+            == "1"
+    };
+    assert!(
+        eventually(Duration::from_secs(15), running),
+        "psql's query never started"
+    );
+    let started = Instant::now();
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(psql.id() as i32, libc::SIGINT) };
+    let out = psql.wait_with_output().expect("wait psql");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("canceling statement due to user request"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let log = s.agent.log();
+    assert_eq!(log.matches("ended=Cancel").count(), 2, "{log}");
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn an_application_that_reads_late_still_gets_every_answer() {
+    // latch hands the connection over only once the application has read what latch put in
+    // its receive queue; an application slow to read must lose nothing.
+    let s = Setup::new(SCRAM_USER, SCRAM_PW, DIRECT);
+    let out = run(s.cg.command(bins::probe()).args([
+        "pgraw",
+        &s.pg.addr.to_string(),
+        &format!("late-reader {APP_DB}"),
+    ]));
+    let text = stdout(&out);
+    // AuthenticationOk, ParameterStatus…, BackendKeyData, then the server's own
+    // ReadyForQuery.
+    assert!(text.starts_with("result=session tags=RS"), "{text}");
+    assert!(text.contains("SKZ user="), "{text}");
+    assert!(text.ends_with(&format!("user={SCRAM_USER}")), "{text}");
+    s.agent.wait_count("relayed", 1);
+    assert_maps_drain(&s);
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn failures_reach_the_application_as_fatal_errors_and_leave_nothing_behind() {
+    let canary = "canary-Pw-d1rect";
+    let s = Setup::new(SCRAM_USER, canary, DIRECT);
+    // The server refuses the password and closes the connection: its own FATAL 28P01 reaches
+    // the application (a message latch sent after the close would come too late); the audit
+    // record says what happened.
+    let out = s.probe(APP_DB, "whoami").output().expect("run probe");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("FATAL 28P01"), "{err}");
+    assert!(
+        !err.contains(canary) && !stdout(&out).contains(canary),
+        "{err}"
+    );
+    let records = s.agent.wait_audit(1);
+    assert_eq!(records[0]["outcome"], "failed", "{}", records[0]);
+    assert!(
+        records[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("ended the startup")),
+        "{}",
+        records[0]
+    );
+
+    // Garbage instead of a startup packet: a protocol error naming the policy.
+    let out = run(s
+        .cg
+        .command(bins::probe())
+        .args(["pgraw", &s.pg.addr.to_string(), "garbage"]));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("result=error code=08P01") || text.starts_with("result=error code=0A000"),
+        "{text}"
+    );
+    assert!(text.contains("latch: policy \"orders-db\""), "{text}");
+
+    // The right password: sessions work again.
+    s.set_secret(SCRAM_USER, SCRAM_PW);
+    assert_eq!(
+        stdout(&run(&mut s.psql(APP_DB, "select current_user"))),
+        SCRAM_USER
+    );
+    s.agent.wait_count("failed", 2);
+    s.agent.wait_count("relayed", 1);
+    assert_maps_drain(&s);
+    assert!(!s.agent.log().contains(canary));
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn a_workload_the_policy_does_not_admit_gets_fatal_28000() {
+    let spec = format!("{DIRECT}  workloads:\n    - uid: 4242\n");
+    let s = Setup::new(SCRAM_USER, SCRAM_PW, &spec);
+    let out = s.psql(APP_DB, "select 1").output().expect("run psql");
+    assert!(
+        !out.status.success(),
+        "a workload outside the policy got a session"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not admitted by the policy"), "{err}");
+    let records = s.agent.wait_audit(1);
+    assert_eq!(records[0]["outcome"], "denied");
+    assert_eq!(s.agent.count("denied"), 1);
+    // The server never saw a StartupMessage for it.
+    assert!(
+        !s.pg.log().contains("connection authorized"),
+        "{}",
+        s.pg.log()
+    );
+    assert_maps_drain(&s);
+    assert!(s.agent.stop().success());
+}
