@@ -7,7 +7,7 @@
 //! | kept | why |
 //! |---|---|
 //! | `CAP_NET_ADMIN` | `SO_MARK` on every outbound socket the broker opens (or CAP_NET_RAW) |
-//! | `CAP_SYS_PTRACE` | reading `/proc/<pid>/exe` of another user's process for the workload identity |
+//! | `CAP_SYS_PTRACE` | reading `/proc/<pid>/exe` of another user's process for the workload identity; `pidfd_getfd(2)` of an application's socket in direct mode |
 //! | `CAP_IPC_LOCK` | `mlock` of secret buffers past `RLIMIT_MEMLOCK` |
 //! | `CAP_DAC_OVERRIDE` | `latch run` only: removing its cgroup from a cgroup root that is mode 0555 |
 //!

@@ -62,6 +62,8 @@ impl Case {
     fn routes(self) -> &'static [Route] {
         match self {
             Case::SelectConnectAppTls => &[Route::Direct, Route::Latch],
+            // Direct mode needs plain text to the server.
+            Case::SelectConnect => &[Route::Direct, Route::Latch, Route::Pgbouncer],
             _ => &Route::ALL,
         }
     }
@@ -70,17 +72,26 @@ impl Case {
 #[derive(Clone, Copy, PartialEq)]
 enum Route {
     Direct,
+    /// latch, relaying.
     Latch,
+    /// latch with `direct: true`: the application's own connection, latch in its startup.
+    LatchDirect,
     Pgbouncer,
 }
 
 impl Route {
-    const ALL: [Route; 3] = [Route::Direct, Route::Latch, Route::Pgbouncer];
+    const ALL: [Route; 4] = [
+        Route::Direct,
+        Route::Latch,
+        Route::LatchDirect,
+        Route::Pgbouncer,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Route::Direct => "direct",
             Route::Latch => "latch",
+            Route::LatchDirect => "latch direct mode",
             Route::Pgbouncer => "pgbouncer",
         }
     }
@@ -92,6 +103,7 @@ struct Rig {
     password: String,
     pg: Postgres,
     policy_plain: PathBuf,
+    policy_direct: PathBuf,
     policy_tls: PathBuf,
     policy_app_tls: PathBuf,
     bouncer_port: u16,
@@ -115,7 +127,7 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
                 continue;
             }
             print!(
-                "bench: round {round}/{repeat}: {:<32} {:<10} ",
+                "bench: round {round}/{repeat}: {:<32} {:<17} ",
                 case.label(),
                 route.label()
             );
@@ -139,8 +151,15 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
         rig.copy_rows() * ROW_BYTES / 1_000_000
     );
     println!(
-        "{:<32} {:>10} {:>10} {:>10} {:>13} {:>16}",
-        "case", "direct", "latch", "pgbouncer", "latch/direct", "pgbouncer/direct"
+        "{:<32} {:>10} {:>10} {:>10} {:>10} {:>13} {:>12} {:>16}",
+        "case",
+        "direct",
+        "latch",
+        "latch dm",
+        "pgbouncer",
+        "latch/direct",
+        "dm/direct",
+        "pgbouncer/direct"
     );
     let mut any_failed = false;
     for case in Case::ALL {
@@ -150,9 +169,10 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
                 .find(|s| s.0 == case && s.1 == route)
                 .and_then(|s| if s.3.is_some() { None } else { median(&s.2) })
         };
-        let (d, l, b) = (
+        let (d, l, m, b) = (
             value(Route::Direct),
             value(Route::Latch),
+            value(Route::LatchDirect),
             value(Route::Pgbouncer),
         );
         let ratio = |v: Option<f64>| match (v, d) {
@@ -160,20 +180,29 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
             _ => "-".to_string(),
         };
         let ran = |route: Route| case.routes().contains(&route);
-        any_failed |= d.is_none() || l.is_none() || (ran(Route::Pgbouncer) && b.is_none());
+        any_failed |= d.is_none()
+            || l.is_none()
+            || (ran(Route::Pgbouncer) && b.is_none())
+            || (ran(Route::LatchDirect) && m.is_none());
         let cell = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.1}"));
-        let (b_cell, b_ratio) = if ran(Route::Pgbouncer) {
-            (cell(b), ratio(b))
-        } else {
-            ("-".to_string(), "-".to_string())
+        let optional = |route: Route, v: Option<f64>| {
+            if ran(route) {
+                (cell(v), ratio(v))
+            } else {
+                ("-".to_string(), "-".to_string())
+            }
         };
+        let (m_cell, m_ratio) = optional(Route::LatchDirect, m);
+        let (b_cell, b_ratio) = optional(Route::Pgbouncer, b);
         println!(
-            "{:<32} {:>10} {:>10} {:>10} {:>13} {:>16}",
+            "{:<32} {:>10} {:>10} {:>10} {:>10} {:>13} {:>12} {:>16}",
             case.label(),
             cell(d),
             cell(l),
+            m_cell,
             b_cell,
             ratio(l),
+            m_ratio,
             b_ratio
         );
     }
@@ -237,6 +266,7 @@ impl Rig {
             Ok(path)
         };
         let policy_plain = policy("bench-pg-plain", "disable", "")?;
+        let policy_direct = policy("bench-pg-direct", "disable", "  direct: true\n")?;
         let policy_tls = policy("bench-pg-tls", "require", "")?;
         let policy_app_tls = policy(
             "bench-pg-app-tls",
@@ -266,6 +296,7 @@ impl Rig {
             password,
             pg,
             policy_plain,
+            policy_direct,
             policy_tls,
             policy_app_tls,
             bouncer_port,
@@ -281,7 +312,7 @@ impl Rig {
     /// One run: transactions per second (pgbench) or MB/s (COPY).
     fn measure(&self, case: Case, route: Route) -> Result<f64> {
         let (host, port) = match route {
-            Route::Direct | Route::Latch => (SERVER, self.pg.port),
+            Route::Direct | Route::Latch | Route::LatchDirect => (SERVER, self.pg.port),
             Route::Pgbouncer if case.tls() => (BOUNCER_TLS, self.bouncer_port),
             Route::Pgbouncer => (BOUNCER_PLAIN, self.bouncer_port),
         };
@@ -318,8 +349,9 @@ impl Rig {
                 ]
             }
         };
-        let mut cmd = if route == Route::Latch {
+        let mut cmd = if matches!(route, Route::Latch | Route::LatchDirect) {
             let policy = match case {
+                _ if route == Route::LatchDirect => &self.policy_direct,
                 Case::SelectConnect => &self.policy_tls,
                 Case::SelectConnectAppTls => &self.policy_app_tls,
                 _ => &self.policy_plain,
@@ -345,7 +377,7 @@ impl Rig {
         match route {
             // The application holds no password; latch authenticates (and does TLS when the
             // policy says so) for it.
-            Route::Latch => {
+            Route::Latch | Route::LatchDirect => {
                 let sslmode = if case == Case::SelectConnectAppTls {
                     "require"
                 } else {

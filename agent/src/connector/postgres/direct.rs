@@ -265,6 +265,14 @@ impl Leg<'_> {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(5));
         }
+        // The application must not have sent anything since its StartupMessage: it would be
+        // behind the Sync, out of order.
+        if !self.from_app.is_empty() {
+            return Err(Failure::AppProtocol(pg::PgError::malformed(
+                "startup",
+                "the application sent messages before ReadyForQuery",
+            )));
+        }
         // The server has nothing to say until it is asked (it sent ReadyForQuery); anything
         // that arrived meanwhile would be lost with the sock map state.
         if unread_side(&self.side) {
