@@ -63,6 +63,10 @@ pub struct Record {
     /// The kernel carried the application-to-target bytes after the handshake.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub fast_path: bool,
+    /// Direct mode: after latch's startup the session was the application's own connection
+    /// (no byte counts after the hand-over).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub direct: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handshake_ms: Option<f64>,
     pub duration_ms: f64,
@@ -85,6 +89,7 @@ impl Record {
             bytes_to_target: 0,
             bytes_to_app: 0,
             fast_path: false,
+            direct: false,
             handshake_ms: None,
             duration_ms: 0.0,
         }

@@ -247,3 +247,46 @@ fn a_workload_the_policy_does_not_admit_gets_fatal_28000() {
     assert_maps_drain(&s);
     assert!(s.agent.stop().success());
 }
+
+#[test]
+fn rotation_keeps_open_sessions_and_the_next_connection_uses_the_new_password() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let s = Setup::new(SCRAM_USER, SCRAM_PW, DIRECT);
+    let mut hold = s
+        .probe(APP_DB, "hold")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start probe");
+    let mut lines = BufReader::new(hold.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("probe output").expect("read probe");
+        if line == "ready" {
+            break;
+        }
+    }
+    // Rotated in the server and in the store while a session is open.
+    let new_pw = "rotated-Direct-77c1";
+    s.pg.sql(&format!("ALTER ROLE {SCRAM_USER} PASSWORD '{new_pw}'"));
+    s.set_secret(SCRAM_USER, new_pw);
+    writeln!(hold.stdin.take().unwrap(), "go").unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(
+        hold.wait().unwrap().success(),
+        "{rest:?}\n{}",
+        s.agent.log()
+    );
+    assert!(
+        rest.iter().any(|l| l.starts_with("old session ok")),
+        "{rest:?}"
+    );
+    assert!(
+        rest.iter().any(|l| l.starts_with("new session ok")),
+        "{rest:?}"
+    );
+    s.agent.wait_count("relayed", 2);
+    assert_eq!(s.agent.count("failed"), 0);
+    let log = s.agent.log();
+    assert!(!log.contains(new_pw) && !log.contains(SCRAM_PW));
+    assert!(s.agent.stop().success());
+}

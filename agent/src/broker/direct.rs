@@ -37,8 +37,20 @@ pub struct Direct {
     lobby: Mutex<Option<std::net::TcpStream>>,
     /// The other ends of the broker's sockets, kept open while their socket is in use.
     _lobby_peer: std::net::TcpStream,
-    sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Bytes>>>,
+    sessions: Mutex<HashMap<u64, Session>>,
 }
+
+/// A connection's task, as the lobby reader sees it.
+struct Session {
+    tx: mpsc::UnboundedSender<Bytes>,
+    /// Bytes passed on so far; past [`MAX_FROM_APP`] the rest is dropped.
+    bytes: usize,
+}
+
+/// What one application may send to the lobby: its SSLRequest and StartupMessage (at most
+/// 10 000 bytes, as PostgreSQL allows) and a little more. Anything past it is dropped (the
+/// connection fails its startup anyway), so an application cannot grow the agent's memory.
+const MAX_FROM_APP: usize = 16 * 1024;
 
 impl Direct {
     /// Makes the lobby socket and puts it in the sock map. Call before the programs are
@@ -358,20 +370,19 @@ fn next_message(buf: &mut BytesMut) -> Option<(Header, Bytes)> {
 
 fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, header: Header, body: Bytes) {
     let mut sessions = direct.sessions.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(tx) = sessions.get(&header.cookie) {
-        if tx.send(body).is_ok() {
+    if let Some(s) = sessions.get_mut(&header.cookie) {
+        if s.bytes > MAX_FROM_APP {
             return;
         }
-        sessions.remove(&header.cookie);
-        tracing::debug!(
-            cookie = header.cookie,
-            "direct mode: message after the session ended"
-        );
+        s.bytes += body.len();
+        // The task may be ending: the message is dropped then.
+        let _ = s.tx.send(body);
         return;
     }
     let (tx, rx) = mpsc::unbounded_channel();
+    let bytes = body.len();
     let _ = tx.send(body);
-    sessions.insert(header.cookie, tx);
+    sessions.insert(header.cookie, Session { tx, bytes });
     let (direct, shared) = (direct.clone(), shared.clone());
     tokio::spawn(async move {
         handle(&direct, &shared, header, rx).await;
@@ -428,6 +439,7 @@ async fn handle(
     async {
         let mut record =
             Record::new(id, audit::Outcome::Relayed, origin.dst.to_string()).with_policy(&policy);
+        record.direct = true;
         let (side, _side_peer) = match direct.side(header.cookie) {
             Ok(s) => s,
             Err(err) => {
