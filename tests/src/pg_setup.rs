@@ -1,10 +1,14 @@
 //! One PostgreSQL end-to-end set-up: a cluster with a SCRAM, an MD5 and a clear-text role, a
 //! secrets file, a test cgroup and an agent with policy `orders-db`; clients run in the cgroup
 //! and hold no password.
-use std::process::Command;
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
 
 use crate::{
-    Agent, TempDir, TestCgroup, bins,
+    Agent, TempDir, TestCgroup, bins, eventually,
     postgres::{self, PgCluster, policy_yaml, secrets_yaml},
 };
 
@@ -22,11 +26,22 @@ pub struct Setup {
 
 impl Setup {
     pub fn new(user: &str, password: &str, extra_spec: &str) -> Setup {
+        Setup::with_policy(user, password, extra_spec, |yaml| yaml)
+    }
+
+    /// As [`Setup::new`], with the policy document passed through `edit` first.
+    pub fn with_policy(
+        user: &str,
+        password: &str,
+        extra_spec: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Setup {
         let pg = PgCluster::start("127.0.0.2", SCRAM_PW, MD5_PW, PLAIN_PW);
         let secrets = TempDir::new("pg-secrets");
         let file = secrets.write("secrets.yaml", &secrets_yaml(user, password));
         let cg = TestCgroup::new();
-        let agent = Agent::start(&policy_yaml("orders-db", pg.addr, &file, extra_spec), &cg);
+        let yaml = edit(policy_yaml("orders-db", pg.addr, &file, extra_spec));
+        let agent = Agent::start(&yaml, &cg);
         Setup {
             agent,
             cg,
@@ -92,4 +107,82 @@ impl Setup {
             );
         }
     }
+
+    /// pgbench inside the cgroup with `args`, holding no password; asserts it succeeded and
+    /// returns its output.
+    pub fn pgbench(&self, args: &[&str]) -> String {
+        let mut cmd = self.cg.command(postgres::bin("pgbench"));
+        cmd.args([
+            "-h",
+            &self.pg.addr.ip().to_string(),
+            "-p",
+            &self.pg.addr.port().to_string(),
+        ])
+        .args(["-U", "app_without_password"])
+        .args(args)
+        .env_remove("PGPASSWORD");
+        stdout(&crate::run_ok(&mut cmd))
+    }
+
+    /// psql runs `select pg_sleep(30)` and gets Ctrl-C once the server runs it: the query must
+    /// be cancelled within 10 s.
+    pub fn assert_psql_sigint_cancels(&self, db: &str) {
+        let psql = self
+            .psql(db, "select pg_sleep(30)")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start psql");
+        let running = || {
+            self.pg.sql("select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'")
+                == "1"
+        };
+        assert!(
+            eventually(Duration::from_secs(15), running),
+            "psql's query never started"
+        );
+        let started = Instant::now();
+        // SAFETY: kill(2) on the child we started.
+        unsafe { libc::kill(psql.id() as i32, libc::SIGINT) };
+        let out = psql.wait_with_output().expect("wait psql");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("canceling statement due to user request"),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    /// The probe's `hold` scenario: a session opens, `meanwhile` runs, then the old session
+    /// and a new one each run a query. Returns the probe's lines after "ready" and asserts
+    /// both sessions worked.
+    pub fn hold_while(&self, db: &str, meanwhile: impl FnOnce()) -> Vec<String> {
+        let mut hold = self
+            .probe(db, "hold")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start probe");
+        let mut lines = BufReader::new(hold.stdout.take().unwrap()).lines();
+        loop {
+            let line = lines.next().expect("probe output").expect("read probe");
+            if line == "ready" {
+                break;
+            }
+        }
+        meanwhile();
+        writeln!(hold.stdin.take().unwrap(), "go").unwrap();
+        let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+        let status = hold.wait().unwrap();
+        assert!(status.success(), "{rest:?}\n{}", self.agent.log());
+        for session in ["old session ok", "new session ok"] {
+            assert!(rest.iter().any(|l| l.starts_with(session)), "{rest:?}");
+        }
+        rest
+    }
+}
+
+/// A command's standard output, trimmed.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }

@@ -1,26 +1,16 @@
 //! `protocol: postgres` end to end: real PostgreSQL 15, real clients (psql, pgbench,
 //! tokio-postgres) inside the intercepted cgroup, holding no password. latch authenticates to
 //! the server with the policy's credentials from a `file` store.
-use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    process::{Command, Output, Stdio},
-    time::{Duration, Instant},
-};
+use std::process::{Command, Output, Stdio};
 
 use latch_tests::{
-    Agent, TempDir, TestCgroup, bins, eventually,
-    pg_setup::{MD5_PW, PLAIN_PW, SCRAM_PW, Setup},
-    postgres::{
-        self, APP_DB, MD5_USER, PLAIN_USER, PgCluster, SCRAM_USER, policy_yaml, secrets_yaml,
-    },
+    bins,
+    pg_setup::{MD5_PW, PLAIN_PW, SCRAM_PW, Setup, stdout},
+    postgres::{APP_DB, MD5_USER, PLAIN_USER, SCRAM_USER},
 };
 
 fn run(cmd: &mut Command) -> Output {
     latch_tests::run_ok(cmd)
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 #[test]
@@ -153,30 +143,7 @@ fn cancel_through_latch_with_tokio_postgres_and_psql_sigint() {
     assert!(text.contains(&format!("user={SCRAM_USER}")), "{text}");
 
     // psql: Ctrl-C while pg_sleep runs.
-    let psql = s
-        .psql(APP_DB, "select pg_sleep(30)")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start psql");
-    let running = || {
-        s.pg.sql("select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'")
-            == "1"
-    };
-    assert!(
-        eventually(Duration::from_secs(15), running),
-        "psql's query never started"
-    );
-    let started = Instant::now();
-    // SAFETY: kill(2) on the child we started.
-    unsafe { libc::kill(psql.id() as i32, libc::SIGINT) };
-    let out = psql.wait_with_output().expect("wait psql");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("canceling statement due to user request"),
-        "{err}"
-    );
-    assert!(started.elapsed() < Duration::from_secs(10));
+    s.assert_psql_sigint_cancels(APP_DB);
     let log = s.agent.log();
     assert_eq!(log.matches("cancel request forwarded").count(), 2, "{log}");
     assert!(s.agent.stop().success());
@@ -185,23 +152,8 @@ fn cancel_through_latch_with_tokio_postgres_and_psql_sigint() {
 #[test]
 fn pgbench_initializes_and_runs_through_latch() {
     let s = Setup::new(SCRAM_USER, SCRAM_PW, "");
-    let common = |cmd: &mut Command| {
-        cmd.args([
-            "-h",
-            &s.pg.addr.ip().to_string(),
-            "-p",
-            &s.pg.addr.port().to_string(),
-        ])
-        .args(["-U", "app_without_password"])
-        .env_remove("PGPASSWORD");
-    };
-    let mut init = s.cg.command(postgres::bin("pgbench"));
-    common(&mut init);
-    run(init.args(["-i", "-s", "1", "-q", APP_DB]));
-    let mut bench = s.cg.command(postgres::bin("pgbench"));
-    common(&mut bench);
-    let out = run(bench.args(["-T", "3", "-c", "4", "-j", "2", APP_DB]));
-    let text = stdout(&out);
+    s.pgbench(&["-i", "-s", "1", "-q", APP_DB]);
+    let text = s.pgbench(&["-T", "3", "-c", "4", "-j", "2", APP_DB]);
     assert!(text.contains("number of failed transactions: 0"), "{text}");
     assert!(text.contains("tps = "), "{text}");
     s.assert_log_clean();
@@ -212,55 +164,23 @@ fn pgbench_initializes_and_runs_through_latch() {
 fn rotation_keeps_open_sessions_and_new_connections_use_the_new_password() {
     // Credentials cached for an hour: the new connection first tries the cached (old) password,
     // is refused, refreshes, and retries once — invisibly to the application.
-    let pg = PgCluster::start("127.0.0.2", SCRAM_PW, MD5_PW, PLAIN_PW);
-    let secrets = TempDir::new("pg-secrets");
-    let file = secrets.write("secrets.yaml", &secrets_yaml(SCRAM_USER, SCRAM_PW));
-    let cg = TestCgroup::new();
-    let yaml = policy_yaml("orders-db", pg.addr, &file, "").replace(
-        "    password: {path: db, field: password}\n",
-        "    password: {path: db, field: password}\n    cache: {ttl: 1h}\n",
-    );
-    let agent = Agent::start(&yaml, &cg);
-    let connstr = format!(
-        "host={} port={} user=app dbname={APP_DB} connect_timeout=20",
-        pg.addr.ip(),
-        pg.addr.port()
-    );
-    let mut hold = cg
-        .command(bins::probe())
-        .args(["pg", &connstr, "hold"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start probe");
-    let mut lines = BufReader::new(hold.stdout.take().unwrap()).lines();
-    loop {
-        let line = lines.next().expect("probe output").expect("read probe");
-        if line == "ready" {
-            break;
-        }
-    }
+    let s = Setup::with_policy(SCRAM_USER, SCRAM_PW, "", |yaml| {
+        yaml.replace(
+            "    password: {path: db, field: password}\n",
+            "    password: {path: db, field: password}\n    cache: {ttl: 1h}\n",
+        )
+    });
     let new_pw = "rotated-Secret-55aa";
-    pg.sql(&format!("ALTER ROLE {SCRAM_USER} PASSWORD '{new_pw}'"));
-    secrets.write("secrets.yaml", &secrets_yaml(SCRAM_USER, new_pw));
-    writeln!(hold.stdin.take().unwrap(), "go").unwrap();
-    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-    let status = hold.wait().unwrap();
-    assert!(status.success(), "{rest:?}\n{}", agent.log());
-    assert!(
-        rest.iter().any(|l| l.starts_with("old session ok")),
-        "{rest:?}"
-    );
-    assert!(
-        rest.iter().any(|l| l.starts_with("new session ok")),
-        "{rest:?}"
-    );
-    let log = agent.log();
+    s.hold_while(APP_DB, || {
+        s.pg.sql(&format!("ALTER ROLE {SCRAM_USER} PASSWORD '{new_pw}'"));
+        s.set_secret(SCRAM_USER, new_pw);
+    });
+    let log = s.agent.log();
     assert!(log.contains("retrying once with refreshed ones"), "{log}");
     assert!(!log.contains(new_pw) && !log.contains(SCRAM_PW));
-    agent.wait_count("relayed", 2);
-    assert_eq!(agent.count("failed"), 0);
-    assert!(agent.stop().success());
+    s.agent.wait_count("relayed", 2);
+    assert_eq!(s.agent.count("failed"), 0);
+    assert!(s.agent.stop().success());
 }
 
 #[test]

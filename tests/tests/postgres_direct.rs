@@ -3,24 +3,20 @@
 //! leaves it to the kernel. Real clients (psql, pgbench, tokio-postgres) in the intercepted
 //! cgroup, holding no password.
 use std::{
-    process::{Command, Output, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Output},
+    time::Duration,
 };
 
 use latch_tests::{
     bins, eventually,
-    pg_setup::{SCRAM_PW, Setup},
-    postgres::{self, APP_DB, MD5_USER, PLAIN_USER, SCRAM_USER},
+    pg_setup::{SCRAM_PW, Setup, stdout},
+    postgres::{APP_DB, MD5_USER, PLAIN_USER, SCRAM_USER},
 };
 
 const DIRECT: &str = "  tls: {mode: disable}\n  direct: true\n";
 
 fn run(cmd: &mut Command) -> Output {
     latch_tests::run_ok(cmd)
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// The agent's eBPF status (`latch status` / `/status`).
@@ -81,28 +77,13 @@ fn tokio_postgres_suite_and_pgbench_run_on_handed_over_connections() {
     );
     assert!(text.ends_with("suite ok"), "{text}");
 
-    let common = |cmd: &mut Command| {
-        cmd.args([
-            "-h",
-            &s.pg.addr.ip().to_string(),
-            "-p",
-            &s.pg.addr.port().to_string(),
-        ])
-        .args(["-U", "app_without_password"])
-        .env_remove("PGPASSWORD");
-    };
-    let mut init = s.cg.command(postgres::bin("pgbench"));
-    common(&mut init);
-    run(init.args(["-i", "-s", "1", "-q", APP_DB]));
+    s.pgbench(&["-i", "-s", "1", "-q", APP_DB]);
     // Persistent connections, then a new connection per transaction.
     for extra in [&[][..], &["-C"][..]] {
-        let mut bench = s.cg.command(postgres::bin("pgbench"));
-        common(&mut bench);
-        let out = run(bench
-            .args(["-n", "-S", "-T", "2", "-c", "4", "-j", "2"])
-            .args(extra)
-            .arg(APP_DB));
-        let text = stdout(&out);
+        let mut args = vec!["-n", "-S", "-T", "2", "-c", "4", "-j", "2"];
+        args.extend(extra);
+        args.push(APP_DB);
+        let text = s.pgbench(&args);
         assert!(text.contains("number of failed transactions: 0"), "{text}");
     }
     let status = ebpf(&s);
@@ -124,30 +105,7 @@ fn cancel_reaches_the_server_with_tokio_postgres_and_psql_sigint() {
     let text = stdout(&out);
     assert!(text.contains("cancelled in"), "{text}");
 
-    let psql = s
-        .psql(APP_DB, "select pg_sleep(30)")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start psql");
-    let running = || {
-        s.pg.sql("select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'")
-            == "1"
-    };
-    assert!(
-        eventually(Duration::from_secs(15), running),
-        "psql's query never started"
-    );
-    let started = Instant::now();
-    // SAFETY: kill(2) on the child we started.
-    unsafe { libc::kill(psql.id() as i32, libc::SIGINT) };
-    let out = psql.wait_with_output().expect("wait psql");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("canceling statement due to user request"),
-        "{err}"
-    );
-    assert!(started.elapsed() < Duration::from_secs(10));
+    s.assert_psql_sigint_cancels(APP_DB);
     let log = s.agent.log();
     assert_eq!(log.matches("ended=Cancel").count(), 2, "{log}");
     assert!(s.agent.stop().success());
@@ -250,40 +208,13 @@ fn a_workload_the_policy_does_not_admit_gets_fatal_28000() {
 
 #[test]
 fn rotation_keeps_open_sessions_and_the_next_connection_uses_the_new_password() {
-    use std::io::{BufRead as _, BufReader, Write as _};
     let s = Setup::new(SCRAM_USER, SCRAM_PW, DIRECT);
-    let mut hold = s
-        .probe(APP_DB, "hold")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start probe");
-    let mut lines = BufReader::new(hold.stdout.take().unwrap()).lines();
-    loop {
-        let line = lines.next().expect("probe output").expect("read probe");
-        if line == "ready" {
-            break;
-        }
-    }
     // Rotated in the server and in the store while a session is open.
     let new_pw = "rotated-Direct-77c1";
-    s.pg.sql(&format!("ALTER ROLE {SCRAM_USER} PASSWORD '{new_pw}'"));
-    s.set_secret(SCRAM_USER, new_pw);
-    writeln!(hold.stdin.take().unwrap(), "go").unwrap();
-    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-    assert!(
-        hold.wait().unwrap().success(),
-        "{rest:?}\n{}",
-        s.agent.log()
-    );
-    assert!(
-        rest.iter().any(|l| l.starts_with("old session ok")),
-        "{rest:?}"
-    );
-    assert!(
-        rest.iter().any(|l| l.starts_with("new session ok")),
-        "{rest:?}"
-    );
+    s.hold_while(APP_DB, || {
+        s.pg.sql(&format!("ALTER ROLE {SCRAM_USER} PASSWORD '{new_pw}'"));
+        s.set_secret(SCRAM_USER, new_pw);
+    });
     s.agent.wait_count("relayed", 2);
     assert_eq!(s.agent.count("failed"), 0);
     let log = s.agent.log();

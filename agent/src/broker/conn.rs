@@ -61,16 +61,7 @@ pub(super) async fn handle(
         return;
     };
     let workload = Workload::resolve(&origin, &shared.cgroup_root);
-    let span = info_span!(
-        "conn",
-        id,
-        policy = %policy.name,
-        dst = %origin.dst,
-        pid = origin.pid,
-        uid = origin.uid,
-        comm = %origin.comm,
-        cgroup_id = origin.cgroup_id,
-    );
+    let span = span(id, &policy.name, &origin, false);
     serve(stream, origin, workload, &policy, shared, id)
         .instrument(span)
         .await;
@@ -220,6 +211,21 @@ async fn serve(
         }
     }
     shared.audit.record(&record);
+}
+
+/// The one span of a connection (`direct` marks direct-mode connections).
+pub(super) fn span(id: u64, policy: &str, origin: &Origin, direct: bool) -> tracing::Span {
+    info_span!(
+        "conn",
+        id,
+        policy,
+        dst = %origin.dst,
+        pid = origin.pid,
+        uid = origin.uid,
+        comm = %origin.comm,
+        cgroup_id = origin.cgroup_id,
+        direct = direct.then_some(true),
+    )
 }
 
 /// A tokio stream over a duplicate of the application's socket.

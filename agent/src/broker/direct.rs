@@ -14,7 +14,7 @@ use bytes::{Buf as _, Bytes, BytesMut};
 use latch_common::direct::{FROM_TARGET, HEADER_LEN, Header, LOBBY, SIDE, SIDE_KEY, TO_BROKER};
 use tokio::{io::AsyncReadExt as _, net::TcpStream, sync::mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, info_span};
+use tracing::Instrument as _;
 
 use super::{Origin, Shared};
 use crate::{
@@ -425,17 +425,7 @@ async fn handle(
         return;
     };
     let workload = Workload::resolve(&origin, &shared.cgroup_root);
-    let span = info_span!(
-        "conn",
-        id,
-        policy = %policy.name,
-        dst = %origin.dst,
-        pid = origin.pid,
-        uid = origin.uid,
-        comm = %origin.comm,
-        cgroup_id = origin.cgroup_id,
-        direct = true,
-    );
+    let span = super::conn::span(id, &policy.name, &origin, true);
     async {
         let mut record =
             Record::new(id, audit::Outcome::Relayed, origin.dst.to_string()).with_policy(&policy);
