@@ -29,6 +29,11 @@ impl Setup {
         Setup::with_policy(user, password, extra_spec, |yaml| yaml)
     }
 
+    /// As [`Setup::new`], with the server listening on `ip` (127.0.0.2 for the others).
+    pub fn at(ip: &str, user: &str, password: &str, extra_spec: &str) -> Setup {
+        Setup::build(ip, user, password, extra_spec, |yaml| yaml)
+    }
+
     /// As [`Setup::new`], with the policy document passed through `edit` first.
     pub fn with_policy(
         user: &str,
@@ -36,7 +41,17 @@ impl Setup {
         extra_spec: &str,
         edit: impl FnOnce(String) -> String,
     ) -> Setup {
-        let pg = PgCluster::start("127.0.0.2", SCRAM_PW, MD5_PW, PLAIN_PW);
+        Setup::build("127.0.0.2", user, password, extra_spec, edit)
+    }
+
+    fn build(
+        ip: &str,
+        user: &str,
+        password: &str,
+        extra_spec: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Setup {
+        let pg = PgCluster::start(ip, SCRAM_PW, MD5_PW, PLAIN_PW);
         let secrets = TempDir::new("pg-secrets");
         let file = secrets.write("secrets.yaml", &secrets_yaml(user, password));
         let cg = TestCgroup::new();

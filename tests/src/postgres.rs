@@ -132,6 +132,7 @@ impl PgCluster {
              host all {MD5_USER} 127.0.0.0/8 md5\n\
              host all {PLAIN_USER} 127.0.0.0/8 password\n\
              host all all 127.0.0.0/8 scram-sha-256\n\
+             host all all ::1/128 scram-sha-256\n\
              host replication all 127.0.0.0/8 scram-sha-256\n"
         );
         std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
@@ -174,7 +175,7 @@ impl PgCluster {
             .expect("start postgres");
         let mut cluster = PgCluster {
             child: Some(child),
-            addr: format!("{ip}:{port}").parse().unwrap(),
+            addr: SocketAddr::new(ip.parse().expect("an IP address"), port),
             sock_dir,
             dir,
         };
@@ -291,7 +292,7 @@ pub fn policy_yaml(name: &str, addr: SocketAddr, secrets_file: &Path, extra_spec
         "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata:\n  name: local\nspec:\n  \
          file: {{path: {}}}\n---\n\
          apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: {name}\nspec:\n  \
-         destination:\n    address: {}\n    port: {}\n  protocol: postgres\n  \
+         destination:\n    address: \"{}\"\n    port: {}\n  protocol: postgres\n  \
          credentials:\n    store: local\n    username: {{path: db, field: username}}\n    \
          password: {{path: db, field: password}}\n{extra_spec}",
         secrets_file.display(),

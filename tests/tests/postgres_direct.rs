@@ -157,17 +157,41 @@ fn failures_reach_the_application_as_fatal_errors_and_leave_nothing_behind() {
         records[0]
     );
 
-    // Garbage instead of a startup packet: a protocol error naming the policy.
-    let out = run(s
-        .cg
-        .command(bins::probe())
-        .args(["pgraw", &s.pg.addr.to_string(), "garbage"]));
-    let text = stdout(&out);
-    assert!(
-        text.starts_with("result=error code=08P01") || text.starts_with("result=error code=0A000"),
-        "{text}"
-    );
-    assert!(text.contains("latch: policy \"orders-db\""), "{text}");
+    // Hostile first packets, all at once: each gets a protocol error naming the policy
+    // (bounded: the lobby keeps at most 16 KiB per application). A truncated packet followed
+    // by a half-close is the exception: the half-close goes to the server, which closes the
+    // connection at once, before latch could answer.
+    let scenarios = [
+        ("oversized", &["08P01"][..]),
+        ("truncated", &["closed", "08P01"][..]),
+        ("garbage", &["08P01", "0A000"][..]),
+        ("badversion", &["0A000"][..]),
+        ("ssl-then-data", &["08P01"][..]),
+        ("stall", &["08P01"][..]),
+    ];
+    let children: Vec<_> = scenarios
+        .iter()
+        .map(|(name, _)| {
+            s.cg.command(bins::probe())
+                .args(["pgraw", &s.pg.addr.to_string(), name])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("start probe")
+        })
+        .collect();
+    for ((name, answers), child) in scenarios.iter().zip(children) {
+        let out = child.wait_with_output().expect("wait probe");
+        let text = stdout(&out);
+        assert!(out.status.success(), "{name}: {text}");
+        let answered = answers.iter().any(|a| match *a {
+            "closed" => text.starts_with("result=closed"),
+            code => {
+                text.starts_with(&format!("result=error code={code} "))
+                    && text.contains("latch: policy \"orders-db\"")
+            }
+        });
+        assert!(answered, "{name}: {text}");
+    }
 
     // The right password: sessions work again.
     s.set_secret(SCRAM_USER, SCRAM_PW);
@@ -175,7 +199,7 @@ fn failures_reach_the_application_as_fatal_errors_and_leave_nothing_behind() {
         stdout(&run(&mut s.psql(APP_DB, "select current_user"))),
         SCRAM_USER
     );
-    s.agent.wait_count("failed", 2);
+    s.agent.wait_count("failed", 1 + scenarios.len() as u64);
     s.agent.wait_count("relayed", 1);
     assert_maps_drain(&s);
     assert!(!s.agent.log().contains(canary));
@@ -219,5 +243,22 @@ fn rotation_keeps_open_sessions_and_the_next_connection_uses_the_new_password() 
     assert_eq!(s.agent.count("failed"), 0);
     let log = s.agent.log();
     assert!(!log.contains(new_pw) && !log.contains(SCRAM_PW));
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn direct_mode_works_over_ipv6() {
+    let s = Setup::at("::1", SCRAM_USER, SCRAM_PW, DIRECT);
+    assert_eq!(
+        stdout(&run(&mut s.psql(APP_DB, "select current_user"))),
+        SCRAM_USER
+    );
+    let text = stdout(&run(&mut s.probe(APP_DB, "whoami")));
+    assert!(text.contains(&format!("user={SCRAM_USER}")), "{text}");
+    s.agent.wait_count("relayed", 2);
+    let status = ebpf(&s);
+    assert_eq!(status["redirected"], 0, "{status}");
+    assert_eq!(status["direct_handovers"], 2, "{status}");
+    assert_maps_drain(&s);
     assert!(s.agent.stop().success());
 }

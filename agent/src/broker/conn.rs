@@ -235,7 +235,7 @@ fn from_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<TcpStream> {
     TcpStream::from_std(std)
 }
 
-fn ms(d: std::time::Duration) -> f64 {
+pub(super) fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 

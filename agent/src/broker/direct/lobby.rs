@@ -1,0 +1,217 @@
+//! The lobby: every direct-mode application's messages before the hand-over, each behind a
+//! header naming its socket; one task per connection, started by its first message.
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use latch_common::direct::{HEADER_LEN, Header};
+use tokio::{io::AsyncReadExt as _, net::TcpStream, sync::mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use super::{Direct, MAX_FROM_APP, Session};
+use crate::{
+    audit::{self, Record},
+    broker::{Origin, Shared, conn::ms},
+    connector::postgres::{
+        Failure,
+        direct::{self as pg_direct, Ended, Leg},
+    },
+    identity::Workload,
+    metrics::{Outcome, RefusedReason},
+};
+
+/// Reads the lobby until `stop` fires: each message goes to its connection's task; the first
+/// message of a connection starts one.
+pub async fn run_lobby(shared: Arc<Shared>, stop: CancellationToken) {
+    let Some(direct) = shared.direct.clone() else {
+        return;
+    };
+    let Some(lobby) = direct
+        .lobby
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    else {
+        return;
+    };
+    let lobby = match lobby
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(lobby))
+    {
+        Ok(l) => l,
+        Err(err) => {
+            tracing::error!(%err, "direct mode: cannot read the lobby");
+            return;
+        }
+    };
+    let mut lobby = lobby;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        while let Some((header, body)) = next_message(&mut buf) {
+            dispatch(&direct, &shared, header, body);
+        }
+        let n = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = lobby.read_buf(&mut buf) => n,
+        };
+        match n {
+            Ok(0) | Err(_) => {
+                tracing::error!("direct mode: the lobby closed");
+                return;
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+pub(super) fn next_message(buf: &mut BytesMut) -> Option<(Header, Bytes)> {
+    if buf.len() < HEADER_LEN {
+        return None;
+    }
+    // SAFETY: Header is plain integers; the buffer holds at least HEADER_LEN bytes.
+    let header: Header = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
+    let len = header.len as usize;
+    if buf.len() < HEADER_LEN + len {
+        buf.reserve(HEADER_LEN + len - buf.len());
+        return None;
+    }
+    buf.advance(HEADER_LEN);
+    Some((header, buf.split_to(len).freeze()))
+}
+
+fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, header: Header, body: Bytes) {
+    let mut sessions = direct.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = sessions.get_mut(&header.cookie) {
+        if s.bytes > MAX_FROM_APP {
+            return;
+        }
+        s.bytes += body.len();
+        // The task may be ending: the message is dropped then.
+        let _ = s.tx.send(body);
+        return;
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let bytes = body.len();
+    let _ = tx.send(body);
+    sessions.insert(header.cookie, Session { tx, bytes });
+    let (direct, shared) = (direct.clone(), shared.clone());
+    tokio::spawn(async move {
+        handle(&direct, &shared, header, rx).await;
+        direct
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&header.cookie);
+    });
+}
+
+/// Admission and the connector for one direct-mode connection.
+async fn handle(
+    direct: &Direct,
+    shared: &Shared,
+    header: Header,
+    from_app: mpsc::UnboundedReceiver<Bytes>,
+) {
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let meta = match shared.conns.take_key(&header.key) {
+        Ok(Some(m)) => m,
+        _ => {
+            shared.metrics.refuse(RefusedReason::not_redirected);
+            tracing::warn!(
+                conn = id,
+                "direct mode: no kernel record for a connection; leaving it"
+            );
+            let _ = direct.maps.remove_socket(header.cookie);
+            direct.maps.forget(&header.key);
+            return;
+        }
+    };
+    let origin = Origin::from(&meta);
+    let policies = shared.policies();
+    let Some(policy) = policies.by_rule(origin.rule_id).cloned() else {
+        tracing::warn!(conn = id, %origin, "direct mode: no policy any more; leaving it");
+        let _ = direct.maps.remove_socket(header.cookie);
+        direct.maps.forget(&header.key);
+        return;
+    };
+    let workload = Workload::resolve(&origin, &shared.cgroup_root);
+    let span = crate::broker::conn::span(id, &policy.name, &origin, true);
+    async {
+        let mut record =
+            Record::new(id, audit::Outcome::Relayed, origin.dst.to_string()).with_policy(&policy);
+        record.direct = true;
+        let (side, _side_peer) = match direct.side(header.cookie) {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::warn!(%err, "direct mode: no broker socket for the connection");
+                return;
+            }
+        };
+        let admitted = workload.admitted_by(&policy.workloads);
+        let slot = admitted
+            .then(|| shared.per_workload.try_acquire(origin.cgroup_id))
+            .flatten();
+        let refusal = if !admitted {
+            shared.metrics.deny(&policy.name);
+            tracing::warn!(exe = ?workload.exe, "denied: the policy does not admit this workload");
+            record.outcome = audit::Outcome::Denied;
+            Some(Failure::Denied)
+        } else if slot.is_none() {
+            shared.metrics.refuse(RefusedReason::workload_limit);
+            record.outcome = audit::Outcome::Refused;
+            Some(Failure::WorkloadLimit {
+                max: shared.per_workload.max(),
+            })
+        } else {
+            None
+        };
+        record.workload = Some(workload);
+        let mut leg = Leg {
+            direct,
+            cookie: header.cookie,
+            key: header.key,
+            pid: meta.pid,
+            from_app,
+            side,
+        };
+        let result = pg_direct::serve(&mut leg, &origin, &policy, shared, refusal).await;
+        match &result {
+            Ok(ended) => {
+                shared.metrics.connection(&policy.name, Outcome::relayed);
+                record.handshake_ms = Some(ms(started.elapsed()));
+                tracing::info!(
+                    ?ended,
+                    ms = started.elapsed().as_millis() as u64,
+                    "handed over"
+                );
+                if *ended == Ended::HandedOver {
+                    shared.metrics.direct.inc();
+                }
+            }
+            Err(f) => {
+                pg_direct::refuse(&mut leg, &policy, f).await;
+                if record.outcome == audit::Outcome::Relayed {
+                    record.outcome = audit::Outcome::Failed;
+                    shared.metrics.connection(&policy.name, Outcome::failed);
+                }
+                record.reason = Some(f.to_string());
+                tracing::warn!(err = %f, "direct-mode startup failed");
+            }
+        }
+        direct.drop_side(header.cookie, &leg.side);
+        // The application may have closed its socket while the entry was being rewritten (the
+        // kernel drops both at close): an entry for a socket that is gone must not stay.
+        if !direct.maps.has_socket(header.cookie) {
+            direct.maps.forget(&header.key);
+        }
+        record.duration_ms = ms(started.elapsed());
+        shared.audit.record(&record);
+        drop(slot);
+    }
+    .instrument(span)
+    .await;
+}
