@@ -17,7 +17,7 @@ use latch_common::direct::{LOBBY, SIDE, SIDE_KEY};
 use tokio::{net::TcpStream, sync::mpsc};
 
 pub use lobby::run_lobby;
-pub use sockets::{app_socket, fionread};
+pub use sockets::{app_socket, cpu_of, fionread, on_cpu};
 
 use crate::ebpf::DirectMaps;
 

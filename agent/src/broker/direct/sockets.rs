@@ -83,3 +83,28 @@ pub fn fionread(s: &impl std::os::fd::AsRawFd) -> io::Result<i32> {
     }
     Ok(n)
 }
+
+/// The CPU thread `tid` of process `pid` last ran on (field 39 of its stat file).
+pub fn cpu_of(pid: u32, tid: u32) -> Option<usize> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields are counted after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(36)?.parse().ok()
+}
+
+/// Runs `f` on this (blocking-pool) thread pinned to `cpu`, then lets the thread run anywhere
+/// again. Without a CPU, or when pinning fails, `f` just runs.
+pub fn on_cpu<T>(cpu: Option<usize>, f: impl FnOnce() -> T) -> T {
+    let Some(cpu) = cpu else {
+        return f();
+    };
+    let mut one = nix::sched::CpuSet::new();
+    let all = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0));
+    let pinned = one.set(cpu).is_ok()
+        && nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).is_ok();
+    let out = f();
+    if pinned && let Ok(all) = all {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all);
+    }
+    out
+}

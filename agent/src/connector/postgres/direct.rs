@@ -12,6 +12,7 @@ use std::{
     io,
     os::fd::{AsRawFd as _, OwnedFd},
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -46,11 +47,17 @@ pub struct Leg<'a> {
     pub key: latch_common::TupleKey,
     /// The process that opened it (its descriptor is borrowed from there).
     pub pid: u32,
+    /// The thread that opened it.
+    pub tid: u32,
     /// What the application sent, message by message, from the lobby.
     pub from_app: mpsc::UnboundedReceiver<Bytes>,
     /// The broker's socket for it: reads what the server sent, writes into the application's
     /// receive queue.
     pub side: TcpStream,
+    /// The agent's main runtime. A session runs on a runtime of its own (see
+    /// `broker::direct::lobby`); the secret stores' pooled connections live on the main one.
+    pub main: tokio::runtime::Handle,
+    pub shared: Arc<Shared>,
 }
 
 /// How a direct-mode connection ended up.
@@ -100,11 +107,7 @@ pub async fn serve(
     if let Some(f) = refusal {
         return Err(f);
     }
-    let creds = shared
-        .secrets
-        .credentials(policy)
-        .await
-        .map_err(Failure::Secrets)?;
+    let creds = leg.credentials(policy, false).await?;
     let rewritten = startup::rewrite(&startup, creds.username.as_ref().map(|u| u.expose()))
         .map_err(Failure::Refused)?;
     let user = rewritten.params[0].1.clone();
@@ -147,7 +150,7 @@ pub async fn serve(
         // the connection: most likely the credentials were refused. This connection cannot be
         // retried; the next one gets fresh credentials.
         Err(Failure::TargetClosed { addr }) => {
-            let _ = shared.secrets.refresh(policy).await;
+            let _ = leg.credentials(policy, true).await;
             return Err(Failure::ServerEnded { addr });
         }
         Err(f) => return Err(f),
@@ -236,6 +239,26 @@ impl Leg<'_> {
     /// A descriptor of the application's socket (see [`crate::broker::direct::app_socket`]).
     fn app_socket(&self) -> io::Result<OwnedFd> {
         crate::broker::direct::app_socket(self.pid, self.cookie)
+    }
+
+    /// The policy's credentials (`fresh`: refetched), resolved on the main runtime.
+    async fn credentials(
+        &self,
+        policy: &Policy,
+        fresh: bool,
+    ) -> Result<Arc<crate::secrets::Credentials>, Failure> {
+        let (shared, policy) = (self.shared.clone(), policy.clone());
+        self.main
+            .spawn(async move {
+                if fresh {
+                    shared.secrets.refresh(&policy).await
+                } else {
+                    shared.secrets.credentials(&policy).await
+                }
+            })
+            .await
+            .map_err(|e| Failure::HandOver(io::Error::other(e)))?
+            .map_err(Failure::Secrets)
     }
 
     /// Takes the application's socket out of the sock map and forgets it: the programs no
