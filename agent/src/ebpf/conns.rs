@@ -21,19 +21,7 @@ impl ConnTable {
     /// The record is removed so that a later connection reusing the same 4-tuple without being
     /// redirected can never inherit it.
     pub fn take(&self, peer: SocketAddr, local: SocketAddr) -> Result<Option<ConnMeta>, MapError> {
-        let key = tuple_key(peer, local);
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(&key, 0) {
-            Ok(meta) => {
-                match map.remove(&key) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(err) => return Err(err),
-                }
-                Ok(Some(meta))
-            }
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(err) => Err(err),
-        }
+        self.take_key(&tuple_key(peer, local))
     }
 
     /// As [`ConnTable::take`], by the key itself (direct mode gets it from the kernel).
@@ -41,7 +29,10 @@ impl ConnTable {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(key, 0) {
             Ok(meta) => {
-                let _ = map.remove(key);
+                match map.remove(key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(err) => return Err(err),
+                }
                 Ok(Some(meta))
             }
             Err(MapError::KeyNotFound) => Ok(None),

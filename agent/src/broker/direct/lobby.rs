@@ -97,6 +97,8 @@ fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, header: Header, body: By
     let bytes = body.len();
     let _ = tx.send(body);
     sessions.insert(header.cookie, Session { tx, bytes });
+    // The kernel record and the CPU are read without holding up the other sessions.
+    drop(sessions);
     let (direct, shared) = (direct.clone(), shared.clone());
     // The session runs on a thread of its own, pinned to the CPU the application's thread last
     // ran on, with a runtime of its own: every wake-up of the application and of the server's
@@ -205,7 +207,7 @@ async fn handle(
             main,
             shared: shared.clone(),
         };
-        let result = pg_direct::serve(&mut leg, &origin, &policy, shared, refusal).await;
+        let result = pg_direct::serve(&mut leg, &origin, &policy, refusal).await;
         match &result {
             Ok(ended) => {
                 shared.metrics.connection(&policy.name, Outcome::relayed);

@@ -78,9 +78,9 @@ pub async fn serve(
     leg: &mut Leg<'_>,
     origin: &Origin,
     policy: &Policy,
-    shared: &Shared,
     refusal: Option<Failure>,
 ) -> Result<Ended, Failure> {
+    let shared = leg.shared.clone();
     let startup = match read_startup(leg).await? {
         Initial::Startup(s) => s,
         Initial::Cancel { pid, secret } => {
@@ -97,7 +97,7 @@ pub async fn serve(
             {
                 return Ok(Ended::Cancel);
             }
-            super::send_cancel(origin.dst, pid, secret, shared)
+            super::send_cancel(origin.dst, pid, secret, &shared)
                 .await
                 .map_err(Failure::Connect)?;
             return Ok(Ended::Cancel);
@@ -298,7 +298,7 @@ impl Leg<'_> {
         }
         // The server has nothing to say until it is asked (it sent ReadyForQuery); anything
         // that arrived meanwhile would be lost with the sock map state.
-        if unread_side(&self.side) {
+        if crate::broker::direct::fionread(&self.side).map_err(Failure::HandOver)? > 0 {
             return Err(Failure::HandOver(io::Error::other(
                 "the server sent a message during the hand-over",
             )));
@@ -312,21 +312,6 @@ impl Leg<'_> {
         .encode(&mut sync);
         send(app, &sync).map_err(Failure::HandOver)
     }
-}
-
-/// Whether the server's side has sent something the broker has not read.
-fn unread_side(side: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    // SAFETY: a non-blocking peek into a valid one-byte buffer.
-    let n = unsafe {
-        libc::recv(
-            side.as_raw_fd(),
-            probe.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n > 0
 }
 
 /// Sends all of `bytes` on the application's socket without changing its file flags (they are
