@@ -32,8 +32,20 @@ pub mod map_names {
     pub const FLOWS: &str = "LATCH_FLOWS";
     /// `SockHash<u64>`: direct-mode sockets; see [`crate::direct`].
     pub const DIRECT: &str = "LATCH_DIRECT";
-    /// `HashMap<TupleKey, direct::Entry>`: direct-mode sockets by 4-tuple; see [`crate::direct`].
+    /// `HashMap<TupleKey, direct::Entry>`: direct-mode sockets by namespace and 4-tuple; see
+    /// [`crate::direct`].
     pub const DIRECT_KEYS: &str = "LATCH_DIR_KEYS";
+    /// `HashMap<u64 (app socket cookie), u32 (flags)>`: direct-mode application sockets whose
+    /// received bytes go to the broker (stream verdict programs can read a socket's cookie but
+    /// not its namespace); see [`crate::direct`].
+    pub const DIRECT_RECV: &str = "LATCH_DIR_RECV";
+    /// `HashMap<u64 (netns cookie), u32>`: network namespaces in which the broker listens
+    /// (see [`crate::netns`]). A redirect is made only from a namespace in this map.
+    pub const NETNS: &str = "LATCH_NETNS";
+    /// `RingBuf` of [`ConnMeta`]: connects the hooks matched in a namespace that is not in
+    /// `LATCH_NETNS` (refused or let through as the fail mode says); the agent audits them and
+    /// prepares that namespace.
+    pub const EVENTS: &str = "LATCH_EVENTS";
 }
 
 /// Names of the programs in the eBPF object (also their kernel names; at most 15 bytes).
@@ -52,6 +64,10 @@ pub mod prog_names {
 pub const CONN_MAP_ENTRIES: u32 = 65_536;
 /// Capacity of each rule trie.
 pub const RULE_MAP_ENTRIES: u32 = 4_096;
+/// Capacity of `LATCH_NETNS`: network namespaces the broker can listen in at once.
+pub const NETNS_MAP_ENTRIES: u32 = 16_384;
+/// Size of the `LATCH_EVENTS` ring buffer (a power of two, a multiple of the page size).
+pub const EVENTS_BYTES: u32 = 64 * 1024;
 
 /// Indices into the `LATCH_STATS` per-CPU counter array.
 pub mod stat {
@@ -70,11 +86,36 @@ pub mod stat {
     /// Connections left on their way to the target, with the broker in their startup only
     /// (direct mode).
     pub const DIRECT: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Matching connects from a network namespace the broker does not listen in (refused, or
+    /// let through with the fail mode `open`).
+    pub const UNPREPARED: u32 = 7;
+    /// Events the ring buffer had no room for.
+    pub const EVENTS_LOST: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// `BrokerConfig::flags` bit: redirection is enabled (the broker listens).
 pub const CONFIG_ENABLED: u32 = 1;
+/// `BrokerConfig::flags` bit: a matching connect from a namespace the broker does not listen
+/// in goes to its destination directly (fail mode `open`); without it the connect fails with
+/// EPERM (fail mode `closed`).
+pub const CONFIG_FAIL_OPEN: u32 = 2;
+
+/// Network namespaces: every key and record carries the cookie of the namespace its socket
+/// lives in, because 4-tuples (loopback above all) repeat in every namespace.
+///
+/// * The broker listens in each namespace it serves, at the same address and port as in its
+///   own; `LATCH_NETNS` holds the cookies of those namespaces. A connect that a rule matches
+///   in any other namespace is never redirected (there is nobody to receive it): the hook
+///   refuses it (EPERM) or lets it through as [`CONFIG_FAIL_OPEN`] says, and reports it in
+///   `LATCH_EVENTS` so the agent audits it and prepares the namespace.
+/// * `LATCH_CONNS`, `LATCH_FAST_KEYS` and `LATCH_DIR_KEYS` are keyed by [`TupleKey`], whose
+///   `netns` field is the socket's namespace cookie; sock_ops deletes a socket's entries when
+///   it closes, so a later socket with the same 4-tuple never finds them.
+pub mod netns {
+    /// `LATCH_NETNS` value: the broker listens there.
+    pub const PREPARED: u32 = 1;
+}
 
 /// Where redirected connections go. One entry in `LATCH_CONFIG`.
 #[repr(C)]
@@ -112,8 +153,9 @@ pub const RULE_DIRECT: u32 = 2;
 /// in its startup, through sockmap programs, and then leaves the connection to the kernel.
 ///
 /// * At establishment sock_ops adds the application's socket (A) to `LATCH_DIRECT` under its
-///   cookie and to `LATCH_DIR_KEYS` under its 4-tuple with [`direct::TO_BROKER`] and
-///   [`direct::FROM_TARGET`].
+///   cookie, to `LATCH_DIR_KEYS` under its namespace and 4-tuple with [`direct::TO_BROKER`]
+///   and [`direct::FROM_TARGET`], and to `LATCH_DIR_RECV` under its cookie with
+///   `FROM_TARGET` (the receive-side program finds it there).
 /// * With `TO_BROKER`, what A sends goes to the broker's lobby socket (key [`direct::LOBBY`]),
 ///   each message behind a [`direct::Header`] that names A. Without it, A's sends pass.
 /// * With `FROM_TARGET`, what A receives goes to the broker's socket for A (key
@@ -317,8 +359,9 @@ pub struct ConnMeta {
     pub _pad: u32,
 }
 
-/// Key of `LATCH_CONNS`, as the broker sees the accepted connection. Addresses are IPv6 or
-/// IPv4-mapped IPv6, ports host byte order.
+/// Key of `LATCH_CONNS`, `LATCH_FAST_KEYS` and `LATCH_DIR_KEYS`: a connection as the broker
+/// sees the accepted connection, in the application's network namespace. Addresses are IPv6
+/// or IPv4-mapped IPv6, ports host byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TupleKey {
@@ -329,6 +372,8 @@ pub struct TupleKey {
     pub peer_port: u16,
     pub local_port: u16,
     pub _pad: u32,
+    /// Cookie of the network namespace of the application's socket.
+    pub netns: u64,
 }
 
 #[cfg(feature = "user")]
@@ -345,7 +390,7 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<BrokerConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<RuleValue>() == 8);
 const _: () = assert!(core::mem::size_of::<ConnMeta>() == 96);
-const _: () = assert!(core::mem::size_of::<TupleKey>() == 40);
+const _: () = assert!(core::mem::size_of::<TupleKey>() == 48);
 const _: () = assert!(core::mem::size_of::<flow::Slot>() == 32);
 const _: () = assert!(core::mem::size_of::<direct::Entry>() == 16);
-const _: () = assert!(direct::HEADER_LEN == 56);
+const _: () = assert!(direct::HEADER_LEN == 64);

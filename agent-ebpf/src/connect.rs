@@ -12,11 +12,13 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
-use latch_common::{BrokerConfig, CONFIG_ENABLED, ConnMeta, RULE_DIRECT, RuleValue, stat};
+use latch_common::{
+    BrokerConfig, CONFIG_ENABLED, CONFIG_FAIL_OPEN, ConnMeta, RULE_DIRECT, RuleValue, stat,
+};
 
 use crate::{
     addr,
-    maps::{CONFIG, RULES4, RULES6, SOCKS, count},
+    maps::{CONFIG, EVENTS, NETNS, RULES4, RULES6, SOCKS, count},
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -24,17 +26,17 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 /// Verdict that lets connect() proceed (with whatever address we left in the context).
 const ALLOW: i32 = 1;
+/// Verdict that fails connect() with EPERM.
+const DENY: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn latch_connect4(ctx: SockAddrContext) -> i32 {
-    try_connect4(&ctx);
-    ALLOW
+    try_connect4(&ctx)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn latch_connect6(ctx: SockAddrContext) -> i32 {
-    try_connect6(&ctx);
-    ALLOW
+    try_connect6(&ctx)
 }
 
 /// The broker config, if redirection is enabled and this socket is one we may redirect:
@@ -51,6 +53,7 @@ fn eligible(ctx: &SockAddrContext) -> Option<&'static BrokerConfig> {
     if cfg.flags & CONFIG_ENABLED == 0 {
         return None;
     }
+    // SAFETY: as above.
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     if sk.is_null() {
         return None;
@@ -64,29 +67,40 @@ fn eligible(ctx: &SockAddrContext) -> Option<&'static BrokerConfig> {
 }
 
 #[inline(always)]
-fn try_connect4(ctx: &SockAddrContext) -> Option<()> {
-    let cfg = eligible(ctx)?;
+fn try_connect4(ctx: &SockAddrContext) -> i32 {
+    let Some(cfg) = eligible(ctx) else {
+        return ALLOW;
+    };
+    // SAFETY: the program's own context.
     let sa = unsafe { &mut *ctx.sock_addr };
     let ip = sa.user_ip4.to_ne_bytes();
     let port = u16::from_be(sa.user_port as u16);
-    let rule = lookup4(ip, port)?;
+    let Some(rule) = lookup4(ip, port) else {
+        return ALLOW;
+    };
     let mut orig = [0u8; 16];
     orig[10] = 0xff;
     orig[11] = 0xff;
     orig[12..16].copy_from_slice(&ip);
-    record(ctx, rule, orig, port, AF_INET)?;
-    if rule.flags & RULE_DIRECT != 0 {
-        return Some(());
+    let meta = meta(ctx, rule, orig, port, AF_INET);
+    if let Some(verdict) = unprepared(ctx, cfg, &meta) {
+        return verdict;
+    }
+    if record(ctx, &meta).is_none() || rule.flags & RULE_DIRECT != 0 {
+        return ALLOW;
     }
     sa.user_ip4 = u32::from_ne_bytes(cfg.addr4);
     sa.user_port = u32::from(cfg.port4.to_be());
     count(stat::REDIRECTED);
-    Some(())
+    ALLOW
 }
 
 #[inline(always)]
-fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
-    let cfg = eligible(ctx)?;
+fn try_connect6(ctx: &SockAddrContext) -> i32 {
+    let Some(cfg) = eligible(ctx) else {
+        return ALLOW;
+    };
+    // SAFETY: the program's own context.
     let sa = unsafe { &mut *ctx.sock_addr };
     // Four 4-byte reads: the verifier allows only word-sized access to user_ip6.
     let w = [
@@ -98,31 +112,60 @@ fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
     let orig = addr::from_words(w);
     let port = u16::from_be(sa.user_port as u16);
     let v4_mapped = w[0] == 0 && w[1] == 0 && orig[8..12] == [0, 0, 0xff, 0xff];
+    // An AF_INET6 socket connecting to ::ffff:a.b.c.d travels as IPv4: IPv4 rules apply and
+    // the broker's IPv4 listener is the target, written in mapped form.
+    let rule = if v4_mapped {
+        lookup4([orig[12], orig[13], orig[14], orig[15]], port)
+    } else {
+        lookup6(orig, port)
+    };
+    let Some(rule) = rule else {
+        return ALLOW;
+    };
+    let meta = meta(ctx, rule, orig, port, AF_INET6);
+    if let Some(verdict) = unprepared(ctx, cfg, &meta) {
+        return verdict;
+    }
+    if record(ctx, &meta).is_none() || rule.flags & RULE_DIRECT != 0 {
+        return ALLOW;
+    }
     if v4_mapped {
-        // An AF_INET6 socket connecting to ::ffff:a.b.c.d travels as IPv4: IPv4 rules apply
-        // and the broker's IPv4 listener is the target, written in mapped form.
-        let ip = [orig[12], orig[13], orig[14], orig[15]];
-        let rule = lookup4(ip, port)?;
-        record(ctx, rule, orig, port, AF_INET6)?;
-        if rule.flags & RULE_DIRECT != 0 {
-            return Some(());
-        }
         sa.user_ip6[0] = 0;
         sa.user_ip6[1] = 0;
         sa.user_ip6[2] = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
         sa.user_ip6[3] = u32::from_ne_bytes(cfg.addr4);
         sa.user_port = u32::from(cfg.port4.to_be());
     } else {
-        let rule = lookup6(orig, port)?;
-        record(ctx, rule, orig, port, AF_INET6)?;
-        if rule.flags & RULE_DIRECT != 0 {
-            return Some(());
-        }
         addr::set_user_ip6(sa, &cfg.addr6);
         sa.user_port = u32::from(cfg.port6.to_be());
     }
     count(stat::REDIRECTED);
-    Some(())
+    ALLOW
+}
+
+/// The verdict for a connect a rule matched in a namespace where the broker does not listen,
+/// or `None` if it does (or the rule leaves the connection on its way, as direct mode does).
+/// A redirect there would go nowhere, so the connect is refused or let through as the fail
+/// mode says, and reported so that the agent audits it and prepares the namespace.
+#[inline(always)]
+fn unprepared(ctx: &SockAddrContext, cfg: &BrokerConfig, meta: &ConnMeta) -> Option<i32> {
+    if meta.flags & RULE_DIRECT != 0 {
+        return None;
+    }
+    // SAFETY: the value is not used, only its presence.
+    if unsafe { NETNS.get(&meta.netns_cookie) }.is_some() {
+        return None;
+    }
+    count(stat::UNPREPARED);
+    if EVENTS.output::<ConnMeta>(meta, 0).is_err() {
+        count(stat::EVENTS_LOST);
+    }
+    aya_log_ebpf::debug!(ctx, "latch: connect from a network namespace not prepared");
+    Some(if cfg.flags & CONFIG_FAIL_OPEN != 0 {
+        ALLOW
+    } else {
+        DENY
+    })
 }
 
 #[inline(always)]
@@ -140,15 +183,15 @@ fn lookup6(ip: [u8; 16], port: u16) -> Option<RuleValue> {
     RULES6.get(&Key::new(144, data)).copied()
 }
 
-/// Stores what the kernel knows about this connect, keyed by the socket's cookie.
+/// What the kernel knows about this connect.
 #[inline(always)]
-fn record(
+fn meta(
     ctx: &SockAddrContext,
     rule: RuleValue,
     orig_addr: [u8; 16],
     orig_port: u16,
     family: u16,
-) -> Option<()> {
+) -> ConnMeta {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     // SAFETY: helpers allowed for cgroup_sock_addr programs; the context is the program's own.
@@ -160,7 +203,7 @@ fn record(
             bpf_ktime_get_boot_ns(),
         )
     };
-    let meta = ConnMeta {
+    ConnMeta {
         orig_addr,
         cgroup_id,
         netns_cookie,
@@ -176,8 +219,13 @@ fn record(
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         flags: rule.flags,
         _pad: 0,
-    };
-    if SOCKS.insert(&cookie, &meta, 0).is_err() {
+    }
+}
+
+/// Stores the record under the socket's cookie.
+#[inline(always)]
+fn record(ctx: &SockAddrContext, meta: &ConnMeta) -> Option<()> {
+    if SOCKS.insert(&meta.socket_cookie, meta, 0).is_err() {
         // Without a record the broker could not tell where this connection was going:
         // leave it alone rather than redirect it blind.
         count(stat::MAP_ERRORS);

@@ -1,11 +1,12 @@
 //! Direct mode (protocol in `latch_common::direct`): the application's own connection goes to
 //! the target; its startup is diverted to the broker and its answers injected.
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{
         BPF_ANY, BPF_F_INGRESS,
         sk_action::{SK_DROP, SK_PASS},
     },
-    helpers::generated::bpf_msg_pull_data,
+    helpers::generated::{bpf_get_socket_cookie, bpf_msg_pull_data},
     macros::{sk_msg, stream_verdict},
     programs::{SkBuffContext, SkMsgContext, SockOpsContext},
 };
@@ -15,9 +16,7 @@ use latch_common::{
     stat,
 };
 
-use crate::maps::{DIRECT, DIRECT_KEYS, count};
-
-const AF_INET: u32 = 2;
+use crate::maps::{DIRECT, DIRECT_KEYS, DIRECT_RECV, count};
 
 /// Called at ACTIVE_ESTABLISHED for a connection whose rule is in direct mode: from now on
 /// what the socket sends goes to the broker, and what it receives too, until the broker says
@@ -29,7 +28,11 @@ pub fn enroll(ctx: &SockOpsContext, key: &TupleKey, cookie: u64) {
         flags: direct::TO_BROKER | direct::FROM_TARGET,
         _pad: 0,
     };
-    if DIRECT_KEYS.insert(key, &entry, 0).is_err() {
+    if DIRECT_KEYS.insert(key, &entry, 0).is_err()
+        || DIRECT_RECV
+            .insert(&cookie, &direct::FROM_TARGET, 0)
+            .is_err()
+    {
         count(stat::MAP_ERRORS);
         return;
     }
@@ -49,12 +52,7 @@ pub fn enroll(ctx: &SockOpsContext, key: &TupleKey, cookie: u64) {
 #[sk_msg]
 pub fn latch_dir_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: the context is the program's own; its fields are plain reads.
-    let md = unsafe { &*ctx.msg };
-    let key = if md.family == AF_INET {
-        crate::addr::tuple_key4(md.local_ip4, md.remote_ip4, md.local_port, md.remote_port)
-    } else {
-        crate::addr::tuple_key6(md.local_ip6, md.remote_ip6, md.local_port, md.remote_port)
-    };
+    let key = crate::addr::msg_key(&ctx);
     // SAFETY: the value is copied out at once.
     let Some(entry) = (unsafe { DIRECT_KEYS.get(&key) }).copied() else {
         return SK_PASS;
@@ -93,28 +91,15 @@ pub fn latch_dir_msg(ctx: SkMsgContext) -> u32 {
 /// while the broker runs the startup, except the server's ErrorResponse.
 #[stream_verdict]
 pub fn latch_dir_skb(ctx: SkBuffContext) -> u32 {
-    // SAFETY: the context is the program's own; these __sk_buff fields are readable in sk_skb.
-    let skb = unsafe { &*ctx.skb.skb };
-    let key = if skb.family == AF_INET {
-        crate::addr::tuple_key4(
-            skb.local_ip4,
-            skb.remote_ip4,
-            skb.local_port,
-            skb.remote_port,
-        )
-    } else {
-        crate::addr::tuple_key6(
-            skb.local_ip6,
-            skb.remote_ip6,
-            skb.local_port,
-            skb.remote_port,
-        )
-    };
+    // Stream verdict programs cannot read the namespace cookie, but they can read the
+    // receiving socket's own cookie: entries here are per socket, not per 4-tuple.
+    // SAFETY: helper allowed for sk_skb programs; the context is the program's own.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    let Some(entry) = (unsafe { DIRECT_KEYS.get(&key) }).copied() else {
+    let Some(flags) = (unsafe { DIRECT_RECV.get(&cookie) }).copied() else {
         return SK_PASS;
     };
-    if entry.flags & (direct::SIDE | direct::FROM_TARGET) != direct::FROM_TARGET {
+    if flags & direct::FROM_TARGET == 0 {
         return SK_PASS;
     }
     // An ErrorResponse during the startup is followed by the server closing the connection;
@@ -123,6 +108,6 @@ pub fn latch_dir_skb(ctx: SkBuffContext) -> u32 {
     if ctx.load::<u8>(0) == Ok(b'E') {
         return SK_PASS;
     }
-    let mut side = entry.cookie | direct::SIDE_KEY;
+    let mut side = cookie | direct::SIDE_KEY;
     DIRECT.redirect_skb(&ctx, &mut side, u64::from(BPF_F_INGRESS)) as u32
 }

@@ -10,8 +10,6 @@ use latch_common::{TupleKey, flow, stat};
 
 use crate::maps::{APP_SOCKS, FAST_KEYS, FLOWS, TARGETS, count};
 
-const AF_INET: u32 = 2;
-
 /// Called at ACTIVE_ESTABLISHED for a redirected connection whose rule allows the fast path:
 /// gives the socket a fresh flow slot, then adds it to `LATCH_APP_SOCKS` so that
 /// `latch_sk_msg` sees every byte it sends from now on (nothing can be sent earlier).
@@ -63,12 +61,7 @@ fn load(p: *const u64) -> u64 {
 #[sk_msg]
 pub fn latch_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: the context is the program's own; its fields are plain reads.
-    let md = unsafe { &*ctx.msg };
-    let key = if md.family == AF_INET {
-        crate::addr::tuple_key4(md.local_ip4, md.remote_ip4, md.local_port, md.remote_port)
-    } else {
-        crate::addr::tuple_key6(md.local_ip6, md.remote_ip6, md.local_port, md.remote_port)
-    };
+    let key = crate::addr::msg_key(&ctx);
     // SAFETY: the value is copied out at once (preallocated LRU map).
     let Some(&cookie) = (unsafe { FAST_KEYS.get(&key) }) else {
         return SK_PASS;

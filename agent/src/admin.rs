@@ -26,6 +26,8 @@ pub struct AdminState {
     pub listeners: Vec<SocketAddr>,
     pub cgroup: PathBuf,
     pub ready: AtomicBool,
+    /// The network namespaces the broker listens in.
+    pub namespaces: Arc<crate::netns::Namespaces>,
 }
 
 #[derive(Serialize)]
@@ -37,6 +39,8 @@ struct Status<'a> {
     policies: Vec<PolicyStatus>,
     connections: ConnStatus,
     ebpf: EbpfStatus,
+    /// The network namespaces the broker listens in (its own included).
+    netns: Vec<NetnsStatus>,
     /// The latest reachability probe per secret store (absent before the first).
     #[serde(skip_serializing_if = "Option::is_none")]
     stores: Option<Vec<crate::secrets::health::StoreState>>,
@@ -84,6 +88,20 @@ struct EbpfStatus {
     direct_enrolled: u64,
     direct_handovers: u64,
     direct_entries: usize,
+    /// Network namespaces the broker listens in (its own included), matching connects the
+    /// kernel saw from namespaces it did not listen in yet, and how long the last namespace
+    /// took to prepare.
+    netns_prepared: usize,
+    netns_unprepared: u64,
+    netns_last_prepare_us: u64,
+    /// The cookies in LATCH_NETNS.
+    netns_map: Vec<u64>,
+}
+
+#[derive(Serialize)]
+struct NetnsStatus {
+    inode: u64,
+    cookie: u64,
 }
 
 /// Serves until `shutdown` fires.
@@ -207,6 +225,10 @@ fn status(state: &AdminState) -> Status<'_> {
             direct_enrolled: stats.direct,
             direct_handovers: state.shared.metrics.direct.get(),
             direct_entries: state.shared.direct.as_ref().map_or(0, |d| d.maps().len()),
+            netns_prepared: state.namespaces.len(),
+            netns_unprepared: stats.unprepared,
+            netns_last_prepare_us: state.namespaces.last_prepare_us(),
+            netns_map: state.namespaces.kernel_cookies(),
         }
     };
     Status {
@@ -220,6 +242,12 @@ fn status(state: &AdminState) -> Status<'_> {
             active: state.shared.metrics.active.get(),
         },
         ebpf,
+        netns: state
+            .namespaces
+            .entries()
+            .into_iter()
+            .map(|(inode, cookie)| NetnsStatus { inode, cookie })
+            .collect(),
         stores: state.shared.store_health.get(),
         secret_memory: {
             let m = crate::config::mlock::stats();

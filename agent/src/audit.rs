@@ -35,6 +35,9 @@ pub enum Outcome {
     Denied,
     /// Not redirected by the kernel, or no policy covers it.
     Refused,
+    /// Matched a policy but went to its destination without latch (fail mode `open`, from a
+    /// network namespace latch did not listen in yet).
+    Bypassed,
 }
 
 /// One audit line.

@@ -34,15 +34,19 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// Builds the identity for a connection the kernel recorded. `cgroup_root` is the cgroup v2
-    /// mount point, used to check that the cgroup path really is the recorded cgroup id.
-    pub fn resolve(origin: &Origin, cgroup_root: &Path) -> Self {
+    /// Builds the identity for a connection the kernel recorded. `cgroups` gives the cgroup v2
+    /// mount point, used to check that the cgroup path really is the recorded cgroup id, and
+    /// where container ids and pod UIDs may be read from a path.
+    pub fn resolve(origin: &Origin, cgroups: &Cgroups) -> Self {
         let alive = process_predates(origin.pid, origin.ktime_ns);
         let exe = alive
             .then(|| fs::read_link(format!("/proc/{}/exe", origin.pid)).ok())
             .flatten();
-        let cgroup = cgroup_of(origin.pid, origin.cgroup_id, cgroup_root);
-        let parsed = cgroup.as_deref().map(CgroupInfo::parse).unwrap_or_default();
+        let (cgroup, owner) = cgroup_of(origin.pid, origin.cgroup_id, &cgroups.root).unzip();
+        let parsed = cgroup
+            .as_deref()
+            .map(|p| cgroups.info(p, owner == Some(0)))
+            .unwrap_or_default();
         // The kernel recorded the connecting *thread's* name; policies mean the process's
         // (the thread group leader's), which /proc has while the process lives.
         let comm = alive
@@ -90,6 +94,42 @@ impl Workload {
     }
 }
 
+/// The agent is not in the host's PID namespace: the process ids the kernel records are the
+/// host's, and /proc here would show other processes under them.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "latch must run in the host's PID namespace (the kernel records host process ids, and \
+     /proc must show the same processes): this process is pid {inner} in a nested namespace \
+     ({chain}). Run it on the host, or in a container with the host's PID namespace \
+     (Kubernetes: hostPID: true; podman/docker: --pid=host)"
+)]
+pub struct PidNamespaceError {
+    inner: u32,
+    chain: String,
+}
+
+/// Checks that this process sees process ids as the kernel's root PID namespace does: its
+/// `NSpid` in /proc/self/status has one entry only.
+pub fn require_host_pid_namespace() -> Result<(), PidNamespaceError> {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    check_nspid(&status)
+}
+
+fn check_nspid(status: &str) -> Result<(), PidNamespaceError> {
+    let Some(line) = status.lines().find_map(|l| l.strip_prefix("NSpid:")) else {
+        // Kernels before 4.1 have no NSpid; latch needs far newer ones anyway.
+        return Ok(());
+    };
+    let ids: Vec<&str> = line.split_whitespace().collect();
+    if ids.len() <= 1 {
+        return Ok(());
+    }
+    Err(PidNamespaceError {
+        inner: ids.last().and_then(|p| p.parse().ok()).unwrap_or(0),
+        chain: format!("NSpid: {}", ids.join(" ")),
+    })
+}
+
 /// True when process `pid` exists and started no later than `connect_ns` (monotonic clock,
 /// as `bpf_ktime_get_ns`), i.e. it is the process that connected, not a successor that got
 /// the same pid.
@@ -116,14 +156,79 @@ fn process_predates(pid: u32, connect_ns: u64) -> bool {
     start_ns <= connect_ns.saturating_add(1_000_000_000 / hz)
 }
 
-/// The process's cgroup path, accepted only if that directory's inode is the cgroup id the
-/// kernel recorded (so a recycled pid or a moved process cannot lend another identity).
-fn cgroup_of(pid: u32, cgroup_id: u64, root: &Path) -> Option<String> {
+/// The process's cgroup path and the owner of that directory, accepted only if its inode is
+/// the cgroup id the kernel recorded (so a recycled pid or a moved process cannot lend another
+/// identity).
+fn cgroup_of(pid: u32, cgroup_id: u64, root: &Path) -> Option<(String, u32)> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let path = text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
     let dir = root.join(path.trim_start_matches('/'));
-    let ino = fs::metadata(&dir).ok()?.ino();
-    (ino == cgroup_id).then_some(path)
+    let meta = fs::metadata(&dir).ok()?;
+    (meta.ino() == cgroup_id).then_some((path, meta.uid()))
+}
+
+/// Cgroups under which container runtimes make their cgroups, by default.
+pub const DEFAULT_RUNTIME_ROOTS: &[&str] = &[
+    "/kubepods.slice",
+    "/kubepods",
+    "/system.slice",
+    "/machine.slice",
+    "/libpod_parent",
+    "/docker",
+];
+
+/// The cgroup v2 hierarchy as the identity of a workload reads it: where it is mounted, and
+/// below which cgroups the names a container runtime gives (container ids, pod UIDs) are
+/// trusted. Anyone with a delegated subtree (a user's systemd manager, a rootless container
+/// engine) can name cgroups `kubepods-pod<uid>.slice/cri-containerd-<id>.scope`; those are not
+/// below a runtime root, or not owned by root, and say nothing about pods or containers.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    pub root: PathBuf,
+    runtime_roots: Vec<String>,
+}
+
+impl Cgroups {
+    /// The defaults plus `extra` runtime roots (paths from the hierarchy's root).
+    pub fn new(root: PathBuf, extra: &[String]) -> Self {
+        let mut runtime_roots: Vec<String> = DEFAULT_RUNTIME_ROOTS
+            .iter()
+            .map(|r| (*r).to_owned())
+            .chain(extra.iter().map(|r| format!("/{}", r.trim_matches('/'))))
+            .collect();
+        runtime_roots.sort();
+        runtime_roots.dedup();
+        Self {
+            root,
+            runtime_roots,
+        }
+    }
+
+    /// What `path` says about systemd units, containers and pods. Container ids and pod UIDs
+    /// come only from below a runtime root, and only when the cgroup is owned by root.
+    pub fn info(&self, path: &str, root_owned: bool) -> CgroupInfo {
+        let below = self
+            .runtime_roots
+            .iter()
+            .filter_map(|r| {
+                path.strip_prefix(r.as_str())
+                    .filter(|rest| rest.starts_with('/'))
+            })
+            .min_by_key(|rest| rest.len());
+        let mut info = CgroupInfo::parse(path);
+        match below {
+            Some(rest) if root_owned => {
+                let trusted = CgroupInfo::parse(rest);
+                info.container_id = trusted.container_id;
+                info.pod_uid = trusted.pod_uid;
+            }
+            _ => {
+                info.container_id = None;
+                info.pod_uid = None;
+            }
+        }
+        info
+    }
 }
 
 /// What a cgroup path says about systemd units, containers and pods.
@@ -199,6 +304,45 @@ fn is_hex_id(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn container_ids_and_pod_uids_only_below_a_runtime_root_and_from_root_owned_cgroups() {
+        let cg = Cgroups::new(
+            "/sys/fs/cgroup".into(),
+            &["/latch-test-1/kubepods.slice".into()],
+        );
+        let pod = format!(
+            "/kubepods-besteffort.slice/\
+             kubepods-besteffort-pod1b4e28ba_2fa1_11d2_883f_0016d3cca427.slice/\
+             cri-containerd-{ID}.scope"
+        );
+        for root in ["/kubepods.slice", "/latch-test-1/kubepods.slice"] {
+            let info = cg.info(&format!("{root}{pod}"), true);
+            assert_eq!(info.container_id.as_deref(), Some(ID), "{root}");
+            assert!(info.pod_uid.is_some(), "{root}");
+            let user_made = cg.info(&format!("{root}{pod}"), false);
+            assert_eq!(user_made.container_id, None, "not root-owned: {root}");
+            assert_eq!(user_made.pod_uid, None);
+        }
+        // A user's delegated subtree can spell the same names.
+        let spoof = format!("/user.slice/user-1000.slice/user@1000.service/kubepods.slice{pod}");
+        let info = cg.info(&spoof, true);
+        assert_eq!((info.container_id, info.pod_uid), (None, None));
+        // A prefix that is not a whole path component is no root.
+        let info = cg.info(&format!("/kubepods.slicex{pod}"), true);
+        assert_eq!(info.container_id, None);
+        let docker = cg.info(&format!("/system.slice/docker-{ID}.scope"), true);
+        assert_eq!(docker.container_id.as_deref(), Some(ID));
+    }
+
+    #[test]
+    fn a_nested_pid_namespace_is_refused_with_both_ids() {
+        let err = check_nspid("Name:\tlatch\nNSpid:\t4242\t7\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("pid 7 in a nested namespace"), "{msg}");
+        assert!(msg.contains("NSpid: 4242 7"), "{msg}");
+        assert!(check_nspid("NSpid:\t4242\n").is_ok());
+    }
+
     use super::*;
 
     const ID: &str = "4f1c0e7a9b2d3c4e5f60718293a4b5c6d7e8f90112233445566778899aabbccd";

@@ -16,6 +16,7 @@ pub mod doctor;
 pub mod ebpf;
 pub mod identity;
 pub mod metrics;
+pub mod netns;
 pub mod pg;
 pub mod policy_set;
 pub mod privileges;

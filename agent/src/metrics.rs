@@ -31,6 +31,9 @@ pub enum RefusedReason {
     no_policy,
     /// The workload already has `--max-per-workload` connections open.
     workload_limit,
+    /// A matching connect from a network namespace the broker did not listen in yet (the
+    /// kernel refused it, or let it through with the fail mode `open`).
+    netns_unprepared,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]

@@ -7,6 +7,7 @@
 //! | kept | why |
 //! |---|---|
 //! | `CAP_NET_ADMIN` | `SO_MARK` on every outbound socket the broker opens (or CAP_NET_RAW) |
+//! | `CAP_SYS_ADMIN` | `setns(2)` into an application's network namespace: the broker listens in every namespace it serves (prepared as pods and containers appear) and opens each target socket in the application's namespace, so the target sees the pod's address |
 //! | `CAP_SYS_PTRACE` | reading `/proc/<pid>/exe` of another user's process for the workload identity; `pidfd_getfd(2)` of an application's socket in direct mode |
 //! | `CAP_IPC_LOCK` | `mlock` of secret buffers past `RLIMIT_MEMLOCK` |
 //! | `CAP_DAC_OVERRIDE` | `latch run` only: removing its cgroup from a cgroup root that is mode 0555 |
@@ -20,6 +21,7 @@ use caps::{CapSet, Capability, CapsHashSet};
 /// What the long-lived agent keeps.
 pub const AGENT_KEEPS: &[Capability] = &[
     Capability::CAP_NET_ADMIN,
+    Capability::CAP_SYS_ADMIN,
     Capability::CAP_SYS_PTRACE,
     Capability::CAP_IPC_LOCK,
 ];
@@ -27,6 +29,7 @@ pub const AGENT_KEEPS: &[Capability] = &[
 /// What `latch run` keeps: the agent's set, plus removing its own cgroup at the end.
 pub const RUN_KEEPS: &[Capability] = &[
     Capability::CAP_NET_ADMIN,
+    Capability::CAP_SYS_ADMIN,
     Capability::CAP_SYS_PTRACE,
     Capability::CAP_IPC_LOCK,
     Capability::CAP_DAC_OVERRIDE,

@@ -44,6 +44,9 @@ pub struct Options {
     pub instance: String,
     /// Hand applications' sends to the kernel after the handshake where the policy allows.
     pub fast_path: bool,
+    /// Cgroups under which container ids and pod UIDs are trusted, beyond the defaults (see
+    /// [`crate::identity::Cgroups`]).
+    pub runtime_cgroup_roots: Vec<String>,
 }
 
 /// What happens to connections the programs would intercept while no broker serves them.
@@ -82,6 +85,12 @@ pub enum StartError {
     Secrets(#[from] crate::secrets::SecretError),
     #[error("opening the audit log: {0}")]
     Audit(#[source] std::io::Error),
+    #[error("{0}")]
+    PidNamespace(#[source] crate::identity::PidNamespaceError),
+    #[error("recording the agent's network namespace: {0}")]
+    Netns(#[source] std::io::Error),
+    #[error(transparent)]
+    NetnsMap(crate::netns::table::NetnsError),
 }
 
 /// The running data path. [`Running::stop`] takes it down in order.
@@ -101,6 +110,8 @@ pub struct Running {
     stores: Mutex<String>,
     secret_options: ResolverOptions,
     fail_mode: FailMode,
+    /// The network namespaces the broker listens in.
+    namespaces: Arc<crate::netns::Namespaces>,
 }
 
 impl Running {
@@ -108,6 +119,8 @@ impl Running {
     /// everything started so far is undone (dropping the interceptor detaches).
     pub async fn start(config: &Config, opts: &Options) -> Result<Self, StartError> {
         let (v4, v6) = split_listen(&opts.listen)?;
+        crate::identity::require_host_pid_namespace().map_err(StartError::PidNamespace)?;
+        crate::netns::init_own().map_err(StartError::Netns)?;
         let pins = pin_dir(opts)?;
         let secrets = Resolver::new(&config.stores, opts.secrets.clone())?;
         let listener4 = broker::bind(v4).map_err(|source| StartError::Bind { addr: v4, source })?;
@@ -138,6 +151,7 @@ impl Running {
         interceptor.set_fast_path(opts.fast_path);
         interceptor.spawn_log_reader();
         let conns = interceptor.take_conn_table()?;
+        let (netns_map, netns_events) = interceptor.take_netns()?;
         let policies = PolicySet::new(config);
         let dns = Dns::from_system()?;
         let (resolved, next_refresh) = dns.resolve_all(&policies.hosts(), &Resolved::new()).await;
@@ -160,17 +174,6 @@ impl Running {
             }
         };
         interceptor.sync_rules(&policies.rules(&resolved, local6.is_some()))?;
-        interceptor.set_broker(broker_config(local4, local6, opts.mark))?;
-        interceptor.attach(&opts.cgroup, &pins, opts.keep_interception)?;
-        tracing::info!(
-            cgroup = %opts.cgroup.display(),
-            listen4 = %local4,
-            listen6 = ?local6,
-            rules = interceptor.rule_count(),
-            policies = policies.policies().len(),
-            "attached"
-        );
-
         let metrics = Arc::new(Metrics::new());
         let mut shared = Shared::new(
             conns,
@@ -190,8 +193,9 @@ impl Running {
             }
         };
         shared.direct = direct;
+        shared.cgroups =
+            crate::identity::Cgroups::new(shared.cgroups.root.clone(), &opts.runtime_cgroup_roots);
         let shared = Arc::new(shared);
-        let interceptor = Arc::new(Mutex::new(interceptor));
         let stop_accepting = CancellationToken::new();
         let abort = CancellationToken::new();
         let background = CancellationToken::new();
@@ -201,21 +205,69 @@ impl Running {
         listeners.extend(local6);
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         let workers = Arc::new(broker::workers::Workers::start(cpus).map_err(StartError::Workers)?);
-        tokio::spawn(broker::direct::run_lobby(
-            shared.clone(),
-            stop_accepting.clone(),
-        ));
-        for listener in std::iter::once(listener4).chain(listener6) {
-            tokio::spawn(broker::serve(
-                listener,
+        // The broker listens in its own namespace and in every one in use under the cgroup
+        // before the programs are attached, so no redirect finds nobody listening.
+        let serve: crate::netns::table::Serve = {
+            let (shared, abort, tracker, slots, workers) = (
                 shared.clone(),
-                stop_accepting.clone(),
                 abort.clone(),
                 tracker.clone(),
                 slots.clone(),
                 workers.clone(),
-            ));
+            );
+            Box::new(move |netns, listener| {
+                tokio::spawn(broker::serve(
+                    listener,
+                    netns.clone(),
+                    shared.clone(),
+                    abort.clone(),
+                    tracker.clone(),
+                    slots.clone(),
+                    workers.clone(),
+                ));
+            })
+        };
+        let namespaces = Arc::new(
+            crate::netns::Namespaces::new(
+                netns_map,
+                std::iter::once(listener4).chain(listener6).collect(),
+                local4,
+                local6,
+                stop_accepting.clone(),
+                serve,
+            )
+            .map_err(StartError::NetnsMap)?,
+        );
+        crate::netns::watch::sweep(&namespaces, &opts.cgroup);
+        let mut cfg = broker_config(local4, local6, opts.mark);
+        if opts.fail_mode == FailMode::Open {
+            cfg.flags |= latch_common::CONFIG_FAIL_OPEN;
         }
+        interceptor.set_broker(cfg)?;
+        interceptor.attach(&opts.cgroup, &pins, opts.keep_interception)?;
+        tracing::info!(
+            cgroup = %opts.cgroup.display(),
+            listen4 = %local4,
+            listen6 = ?local6,
+            rules = interceptor.rule_count(),
+            policies = shared.policies().policies().len(),
+            namespaces = namespaces.len(),
+            "attached"
+        );
+        let interceptor = Arc::new(Mutex::new(interceptor));
+        tokio::spawn(broker::direct::run_lobby(
+            shared.clone(),
+            stop_accepting.clone(),
+        ));
+        tokio::spawn(crate::netns::watch::run(
+            crate::netns::watch::Watch {
+                namespaces: namespaces.clone(),
+                cgroup: opts.cgroup.clone(),
+                events: Some(netns_events),
+                on_unprepared: unprepared_reporter(shared.clone(), opts.fail_mode),
+            },
+            stop_accepting.clone(),
+        ));
         let rules = Arc::new(RuleState {
             dns,
             resolved: tokio::sync::Mutex::new(resolved),
@@ -234,6 +286,7 @@ impl Running {
                 listeners: listeners.clone(),
                 cgroup: opts.cgroup.clone(),
                 ready: true.into(),
+                namespaces: namespaces.clone(),
             });
             tokio::spawn(admin::serve(l, state.clone(), background.clone()));
             state
@@ -252,6 +305,7 @@ impl Running {
             admin_addr,
             stores: Mutex::new(store_fingerprint(&config.stores)),
             fail_mode: opts.fail_mode,
+            namespaces,
             secret_options: opts.secrets.clone(),
         })
     }
@@ -319,9 +373,41 @@ impl Running {
             );
         }
         drop(self.interceptor);
+        // Closes the listeners in every namespace (their accept loops have ended).
+        drop(self.namespaces);
         drop(self.workers);
         totals
     }
+}
+
+/// Audits and counts a connect the kernel matched in a namespace the broker did not listen in
+/// yet (refused, or let through with the fail mode `open`).
+fn unprepared_reporter(
+    shared: Arc<Shared>,
+    fail_mode: FailMode,
+) -> Box<dyn Fn(&latch_common::ConnMeta) + Send + Sync> {
+    Box::new(move |meta| {
+        let origin = broker::Origin::from(meta);
+        let id = shared.next_conn_id();
+        shared
+            .metrics
+            .refuse(crate::metrics::RefusedReason::netns_unprepared);
+        let (outcome, what) = match fail_mode {
+            FailMode::Closed => (crate::audit::Outcome::Refused, "refused by the kernel"),
+            FailMode::Open => (
+                crate::audit::Outcome::Bypassed,
+                "let through to its destination (fail mode open)",
+            ),
+        };
+        tracing::warn!(conn = id, %origin, netns = origin.netns_cookie, "connect from a network namespace latch was not listening in yet: {what}; preparing it");
+        let mut record = crate::audit::Record::new(id, outcome, origin.dst.to_string());
+        record.reason = Some(format!("network namespace not prepared yet: {what}"));
+        if let Some(policy) = shared.policies().by_rule(origin.rule_id) {
+            record = record.with_policy(policy);
+        }
+        record.workload = Some(crate::identity::Workload::resolve(&origin, &shared.cgroups));
+        shared.audit.record(&record);
+    })
 }
 
 /// This instance's pin directory, after checking that keeping interception is coherent.

@@ -8,7 +8,6 @@ use std::{
     },
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
 };
 
 /// The cgroup v2 mount point, from /proc/mounts.
@@ -81,18 +80,32 @@ impl Default for TestCgroup {
 }
 
 impl Drop for TestCgroup {
+    /// Kills everything in the cgroup and its descendants, then removes the directories
+    /// depth-first (children such as a pod's `kubepods.slice` first).
     fn drop(&mut self) {
         let _ = fs::OpenOptions::new()
             .write(true)
             .open(self.path.join("cgroup.kill"))
             .and_then(|mut f| f.write_all(b"1"));
-        for _ in 0..250 {
-            match fs::remove_dir(&self.path) {
-                Ok(()) => return,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
+        if !remove_tree(&self.path) {
+            eprintln!("warning: could not remove {}", self.path.display());
         }
-        eprintln!("warning: could not remove {}", self.path.display());
     }
+}
+
+/// Removes the cgroup directory `dir` and every cgroup below it, deepest first, each retried
+/// while its killed processes exit. True when `dir` is gone.
+fn remove_tree(dir: &Path) -> bool {
+    let children: Vec<PathBuf> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    let mut ok = true;
+    for child in children {
+        ok &= remove_tree(&child);
+    }
+    ok && crate::pod::remove_cgroup_dir(dir)
 }

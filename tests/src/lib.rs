@@ -7,10 +7,12 @@ pub mod agent;
 pub mod bins;
 pub mod certs;
 pub mod cgroup;
+pub mod container;
 pub mod http;
 pub mod leftovers;
 pub mod openbao;
 pub mod pg_setup;
+pub mod pod;
 pub mod postgres;
 pub mod servers;
 

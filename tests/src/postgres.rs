@@ -253,6 +253,15 @@ impl PgCluster {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Lets clients from `cidr` in with SCRAM (a pg_hba.conf line), and reloads.
+    pub fn hba_allow(&self, cidr: &str) {
+        let hba = self.dir.path().join("data").join("pg_hba.conf");
+        let mut text = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+        text.push_str(&format!("host all all {cidr} scram-sha-256\n"));
+        std::fs::write(&hba, text).expect("write pg_hba.conf");
+        assert_eq!(self.sql("SELECT pg_reload_conf()"), "t");
+    }
+
     /// The PID of the cluster's postmaster.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()

@@ -45,6 +45,8 @@ pub struct EchoServer {
     accepted: Arc<AtomicU64>,
     /// Connections that ended with a reset from the client rather than its FIN.
     resets: Arc<AtomicU64>,
+    /// Source addresses of the connections accepted, in order.
+    peers: Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -72,13 +74,22 @@ impl EchoServer {
         let accepted = Arc::new(AtomicU64::new(0));
         let resets = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (a, r, s) = (accepted.clone(), resets.clone(), stop.clone());
+        let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (a, r, s, p) = (
+            accepted.clone(),
+            resets.clone(),
+            stop.clone(),
+            peers.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::Relaxed) {
                     return;
                 }
                 let Ok(mut conn) = conn else { continue };
+                if let Ok(peer) = conn.peer_addr() {
+                    p.lock().unwrap().push(peer.ip());
+                }
                 a.fetch_add(1, Ordering::Relaxed);
                 let r = r.clone();
                 std::thread::spawn(move || {
@@ -122,8 +133,14 @@ impl EchoServer {
             addr,
             accepted,
             resets,
+            peers,
             stop,
         }
+    }
+
+    /// Source addresses of the connections accepted so far (what the server saw).
+    pub fn peers(&self) -> Vec<std::net::IpAddr> {
+        self.peers.lock().unwrap().clone()
     }
 
     /// Connections accepted so far.

@@ -8,6 +8,7 @@ use latch_tests::{Agent, TestCgroup, bins, eventually, servers::EchoServer, tcp_
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_IPC_LOCK: u32 = 14;
 const CAP_SYS_PTRACE: u32 = 19;
+const CAP_SYS_ADMIN: u32 = 21;
 
 fn caps(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
@@ -28,12 +29,16 @@ fn echo(cg: &TestCgroup, addr: std::net::SocketAddr, uid: Option<u32>) -> bool {
 }
 
 #[test]
-fn the_running_agent_keeps_only_net_admin_sys_ptrace_and_ipc_lock() {
+fn the_running_agent_keeps_only_net_admin_sys_admin_sys_ptrace_and_ipc_lock() {
     let first = EchoServer::start("127.0.0.2");
     let second = EchoServer::start("127.0.0.3");
     let cg = TestCgroup::new();
     let agent = Agent::start(&tcp_policy("one", "127.0.0.2", first.addr.port()), &cg);
-    let want = (1u64 << CAP_NET_ADMIN) | (1 << CAP_IPC_LOCK) | (1 << CAP_SYS_PTRACE);
+    // CAP_SYS_ADMIN: setns(2) into the network namespaces of pods and containers.
+    let want = (1u64 << CAP_NET_ADMIN)
+        | (1 << CAP_IPC_LOCK)
+        | (1 << CAP_SYS_PTRACE)
+        | (1 << CAP_SYS_ADMIN);
     // The drop follows the start within moments.
     assert!(
         eventually(Duration::from_secs(5), || caps(agent.pid(), "CapEff")

@@ -220,8 +220,9 @@ fn the_units_exec_start_runs_the_agent_under_the_units_capabilities() {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
-    // After attaching, the agent drops to NET_ADMIN | IPC_LOCK | SYS_PTRACE.
-    let want = (1u64 << 12) | (1 << 14) | (1 << 19);
+    // After attaching, the agent drops to NET_ADMIN | IPC_LOCK | SYS_PTRACE | SYS_ADMIN
+    // (setns into pods' and containers' network namespaces).
+    let want = (1u64 << 12) | (1 << 14) | (1 << 19) | (1 << 21);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

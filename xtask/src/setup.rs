@@ -21,6 +21,14 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "pgbouncer",
     "systemd",
     "util-linux",
+    // The container tests (tests/src/container.rs): podman with runc (crun refuses this host's
+    // low hard limits), buildah for the FROM-scratch image, a static busybox to put in it.
+    // Debian's packages bring a usable /etc/containers (policy.json, registries.conf) and
+    // overlay storage: building and running the local image offline needs no configuration.
+    "podman",
+    "buildah",
+    "runc",
+    "busybox-static",
 ];
 
 /// Tools from PyPI the tests start: (command, arguments that succeed when it works, pip requirement).

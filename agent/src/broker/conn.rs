@@ -26,6 +26,7 @@ pub(super) async fn handle(
     peer: SocketAddr,
     local: SocketAddr,
     meta: Result<Option<ConnMeta>, MapError>,
+    netns: crate::netns::Handle,
     shared: &Shared,
 ) {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -48,19 +49,21 @@ pub(super) async fn handle(
             return;
         }
     };
-    let origin = Origin::from(&meta);
+    let mut origin = Origin::from(&meta);
+    // Target sockets are opened in the application's namespace.
+    origin.netns = Some(netns);
     let policies = shared.policies();
     let Some(policy) = policies.by_rule(origin.rule_id).cloned() else {
         shared.metrics.refuse(RefusedReason::no_policy);
         tracing::warn!(conn = id, %origin, "no policy for this destination any more; refusing");
         let mut record = Record::new(id, audit::Outcome::Refused, origin.dst.to_string());
         record.reason = Some("no policy covers this destination".into());
-        record.workload = Some(Workload::resolve(&origin, &shared.cgroup_root));
+        record.workload = Some(Workload::resolve(&origin, &shared.cgroups));
         shared.audit.record(&record);
         reset(stream);
         return;
     };
-    let workload = Workload::resolve(&origin, &shared.cgroup_root);
+    let workload = Workload::resolve(&origin, &shared.cgroups);
     let span = span(id, &policy.name, &origin, false);
     serve(stream, origin, workload, &policy, shared, id)
         .instrument(span)

@@ -13,7 +13,7 @@ mod sockets;
 use std::{collections::HashMap, io, net::Ipv4Addr, sync::Mutex};
 
 use bytes::Bytes;
-use latch_common::direct::{LOBBY, SIDE, SIDE_KEY};
+use latch_common::direct::{LOBBY, SIDE_KEY};
 use tokio::{net::TcpStream, sync::mpsc};
 
 pub use lobby::run_lobby;
@@ -75,21 +75,27 @@ impl Direct {
 
     fn side_std(&self, cookie: u64) -> io::Result<(std::net::TcpStream, std::net::TcpStream)> {
         let (side, peer) = pair(&self.pairs.lock().unwrap_or_else(|e| e.into_inner()))?;
-        let key = crate::ebpf::tuple_key(side.local_addr()?, side.peer_addr()?);
-        self.maps
-            .set(&key, cookie, SIDE)
-            .map_err(io::Error::other)?;
+        let key = crate::ebpf::tuple_key(
+            crate::netns::cookie_of(std::os::fd::AsFd::as_fd(&side))?,
+            side.local_addr()?,
+            side.peer_addr()?,
+        );
+        self.maps.set_side(&key, cookie).map_err(io::Error::other)?;
         if let Err(e) = self.maps.add_socket(cookie | SIDE_KEY, &side) {
-            self.maps.forget(&key);
+            self.maps.forget_side(&key);
             return Err(io::Error::other(e));
         }
         Ok((side, peer))
     }
 
-    fn drop_side(&self, cookie: u64, side: &impl SocketAddrs) {
+    fn drop_side(&self, cookie: u64, side: &(impl SocketAddrs + std::os::fd::AsFd)) {
         let _ = self.maps.remove_socket(cookie | SIDE_KEY);
-        if let (Ok(l), Ok(p)) = (side.local(), side.peer()) {
-            self.maps.forget(&crate::ebpf::tuple_key(l, p));
+        if let (Ok(l), Ok(p), Ok(ns)) = (
+            side.local(),
+            side.peer(),
+            crate::netns::cookie_of(side.as_fd()),
+        ) {
+            self.maps.forget_side(&crate::ebpf::tuple_key(ns, l, p));
         }
     }
 }

@@ -70,8 +70,9 @@ pub struct Shared {
     pub pg_tls: crate::connector::postgres::tls::ClientConfigs,
     pub app_ca: crate::ca::NodeCa,
     pub audit: crate::audit::Audit,
-    /// The cgroup v2 mount point (to turn cgroup ids into paths).
-    pub cgroup_root: std::path::PathBuf,
+    /// The cgroup v2 mount point (to turn cgroup ids into paths) and where container
+    /// runtimes' cgroups are trusted.
+    pub cgroups: crate::identity::Cgroups,
     /// The kernel side of the application-to-target fast path, if available.
     pub fast_path: Option<crate::ebpf::FastPath>,
     /// Direct mode's maps and lobby, if available.
@@ -102,7 +103,10 @@ impl Shared {
             pg_tls: Default::default(),
             app_ca: Default::default(),
             audit: crate::audit::Audit::disabled(),
-            cgroup_root: crate::cgroup::v2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into()),
+            cgroups: crate::identity::Cgroups::new(
+                crate::cgroup::v2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into()),
+                &[],
+            ),
             fast_path: None,
             direct: None,
             next_id: AtomicU64::new(1),
@@ -122,6 +126,12 @@ impl Shared {
             cookie: origin.socket_cookie,
             taken: taken()?,
         })
+    }
+
+    /// A fresh connection id (audit records, spans).
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The policy set in force now.
@@ -203,19 +213,21 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Accept queue length asked for on the broker's listeners.
-const LISTEN_BACKLOG: u32 = 4096;
+pub const LISTEN_BACKLOG: u32 = 4096;
 
-/// Accepts on `listener` until `stop_accepting` fires. Each connection runs as a task on
-/// `tracker`; tasks still running when `abort` fires are dropped (their sockets closed).
+/// Accepts on `listener`, in network namespace `netns`, until the namespace's stop token fires
+/// (it is a child of the broker's). Each connection runs as a task on `tracker`; tasks still
+/// running when `abort` fires are dropped (their sockets closed).
 pub async fn serve(
     listener: TcpListener,
+    netns: crate::netns::Handle,
     shared: Arc<Shared>,
-    stop_accepting: CancellationToken,
     abort: CancellationToken,
     tracker: TaskTracker,
     slots: Arc<Semaphore>,
     workers: Arc<workers::Workers>,
 ) {
+    let stop_accepting = netns.stop.clone();
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
@@ -245,6 +257,7 @@ pub async fn serve(
         };
         let shared = shared.clone();
         let abort = abort.clone();
+        let netns = netns.clone();
         // Move the socket to its connection thread's reactor.
         let stream = match stream.into_std() {
             Ok(s) => s,
@@ -261,7 +274,7 @@ pub async fn serve(
             }
         };
         // The kernel's record names the opener, which picks the connection thread.
-        let meta = shared.conns.take(peer, local);
+        let meta = shared.conns.take(netns.cookie, peer, local);
         let worker = match &meta {
             Ok(Some(m)) => workers.for_opener(m.pid, m.tid),
             _ => workers.next(),
@@ -272,7 +285,7 @@ pub async fn serve(
                 return;
             };
             tokio::select! {
-                _ = conn::handle(stream, peer, local, meta, &shared) => {}
+                _ = conn::handle(stream, peer, local, meta, netns, &shared) => {}
                 _ = abort.cancelled() => {}
             }
         }));

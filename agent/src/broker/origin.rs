@@ -25,6 +25,9 @@ pub struct Origin {
     pub socket_cookie: u64,
     /// The kernel enrolled the application's socket for the fast path.
     pub fast_path: bool,
+    /// The application's network namespace, where the broker opens the target socket (so the
+    /// target sees the address it would see without latch); `None`: the agent's own.
+    pub netns: Option<crate::netns::Handle>,
 }
 
 impl From<&ConnMeta> for Origin {
@@ -48,6 +51,7 @@ impl From<&ConnMeta> for Origin {
             ktime_ns: m.ktime_ns,
             socket_cookie: m.socket_cookie,
             fast_path: m.flags & latch_common::RULE_FAST_PATH != 0,
+            netns: None,
         }
     }
 }

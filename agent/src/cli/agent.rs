@@ -79,6 +79,7 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         fail_mode: args.fail_mode,
         keep_interception: args.keep_interception,
         instance: args.instance,
+        runtime_cgroup_roots: args.data.runtime_cgroup_roots,
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

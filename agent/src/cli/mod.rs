@@ -119,6 +119,12 @@ struct DataPathArgs {
     /// the handshake (the fast path; see ARCHITECTURE.md).
     #[arg(long)]
     no_fast_path: bool,
+    /// A cgroup (path from the cgroup v2 root) under which only a container runtime creates
+    /// cgroups: container ids and pod UIDs are read from cgroup paths below these only, and
+    /// only from root-owned cgroups. Repeat for several; added to the defaults (/kubepods.slice,
+    /// /kubepods, /system.slice, /machine.slice, /libpod_parent, /docker).
+    #[arg(long = "runtime-cgroup-root", value_name = "PATH")]
+    runtime_cgroup_roots: Vec<String>,
 }
 
 #[derive(Debug, Args)]

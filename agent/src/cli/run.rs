@@ -39,6 +39,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         fail_mode: Default::default(),
         keep_interception: false,
         instance: format!("run-{}", std::process::id()),
+        runtime_cgroup_roots: args.data.runtime_cgroup_roots,
     };
     let running = Running::start(&config, &opts).await?;
     // CMD still gets root's usual capabilities (the bounding set stays); latch itself keeps

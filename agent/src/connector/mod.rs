@@ -50,14 +50,20 @@ pub async fn deny(
 
 /// Opens a connection to `addr` from a socket carrying `mark`, so latch's own connect hooks
 /// leave it alone (no redirect loop even when the broker runs inside an intercepted cgroup).
+/// The socket is created in `netns` (the application's namespace) when one is given.
 pub async fn connect_marked(
     addr: SocketAddr,
     mark: u32,
     timeout: Duration,
+    netns: Option<&crate::netns::Netns>,
 ) -> Result<TcpStream, ConnectError> {
     let err = |source| ConnectError::Target { addr, source };
-    let socket =
-        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    let new = || Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP));
+    let socket = match netns {
+        Some(ns) => ns.run(new),
+        None => new(),
+    }
+    .map_err(err)?;
     socket.set_mark(mark).map_err(err)?;
     socket.set_nonblocking(true).map_err(err)?;
     socket.set_tcp_nodelay(true).map_err(err)?;

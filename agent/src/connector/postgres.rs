@@ -155,6 +155,7 @@ async fn session(
         let password = creds.password.as_ref().map(|p| p.expose());
         match target::open(
             origin.dst,
+            origin.netns.as_deref(),
             policy,
             shared,
             &rewritten.params,
@@ -317,7 +318,7 @@ async fn forward_cancel(pid: i32, secret: i32, origin: &Origin, policy: &Policy,
         tracing::warn!(session_policy = %t.policy, "cancel request under another policy ignored");
         return;
     }
-    match send_cancel(t.addr, t.pid, t.secret, shared).await {
+    match send_cancel(t.addr, origin.netns.as_deref(), t.pid, t.secret, shared).await {
         Ok(()) => {
             tracing::info!(target_addr = %t.addr, app_dst = %origin.dst, "cancel request forwarded")
         }
@@ -325,16 +326,18 @@ async fn forward_cancel(pid: i32, secret: i32, origin: &Origin, policy: &Policy,
     }
 }
 
-/// Sends a CancelRequest with this key to the server at `addr` on a connection of latch's own.
+/// Sends a CancelRequest with this key to the server at `addr` on a connection of latch's own,
+/// opened in `netns` (the agent's own if `None`).
 pub async fn send_cancel(
     addr: std::net::SocketAddr,
+    netns: Option<&crate::netns::Netns>,
     pid: i32,
     secret: i32,
     shared: &Shared,
 ) -> Result<(), ConnectError> {
     let mut out = BytesMut::new();
     startup::encode_cancel(pid, secret, &mut out);
-    let mut s = connect_marked(addr, shared.mark, shared.limits.connect_timeout).await?;
+    let mut s = connect_marked(addr, shared.mark, shared.limits.connect_timeout, netns).await?;
     s.write_all(&out)
         .await
         .map_err(|source| ConnectError::Target { addr, source })?;

@@ -14,7 +14,13 @@ pub async fn serve(
     progress: &Progress,
     handshake_done: impl FnOnce(),
 ) -> Result<Transferred, ConnectError> {
-    let target = connect_marked(origin.dst, shared.mark, shared.limits.connect_timeout).await?;
+    let target = connect_marked(
+        origin.dst,
+        shared.mark,
+        shared.limits.connect_timeout,
+        origin.netns.as_deref(),
+    )
+    .await?;
     handshake_done();
     relay::splice_both(&app, &target, progress, shared.handover(origin, || Some(0)))
         .await

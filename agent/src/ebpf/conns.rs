@@ -16,12 +16,22 @@ impl ConnTable {
         }
     }
 
-    /// Takes the record of the connection the broker accepted from `peer` on `local`.
+    /// Takes the record of the connection the broker accepted from `peer` on `local`, on a
+    /// listener in the network namespace with cookie `netns`.
     ///
     /// The record is removed so that a later connection reusing the same 4-tuple without being
-    /// redirected can never inherit it.
-    pub fn take(&self, peer: SocketAddr, local: SocketAddr) -> Result<Option<ConnMeta>, MapError> {
-        self.take_key(&tuple_key(peer, local))
+    /// redirected can never inherit it (the kernel also removes it when the application's
+    /// socket closes first). A record made in another namespace has another key, and one whose
+    /// namespace is not `netns` is refused all the same.
+    pub fn take(
+        &self,
+        netns: u64,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Option<ConnMeta>, MapError> {
+        let meta = self.take_key(&tuple_key(netns, peer, local))?;
+        // A direct-mode record was never redirected to a listener.
+        Ok(meta.filter(|m| m.netns_cookie == netns && m.flags & latch_common::RULE_DIRECT == 0))
     }
 
     /// As [`ConnTable::take`], by the key itself (direct mode gets it from the kernel).
@@ -51,14 +61,16 @@ impl ConnTable {
     }
 }
 
-/// The key the sock_ops program wrote for this connection: both ends as IPv6 (IPv4 mapped).
-pub fn tuple_key(peer: SocketAddr, local: SocketAddr) -> TupleKey {
+/// The key the sock_ops program wrote for this connection in namespace `netns`: both ends as
+/// IPv6 (IPv4 mapped).
+pub fn tuple_key(netns: u64, peer: SocketAddr, local: SocketAddr) -> TupleKey {
     TupleKey {
         peer_addr: mapped(peer),
         local_addr: mapped(local),
         peer_port: peer.port(),
         local_port: local.port(),
         _pad: 0,
+        netns,
     }
 }
 
@@ -76,15 +88,26 @@ mod tests {
     #[test]
     fn ipv4_and_mapped_ipv6_peers_give_the_same_key() {
         let a = tuple_key(
+            7,
             "127.0.0.1:40000".parse().unwrap(),
             "127.0.0.1:15001".parse().unwrap(),
         );
         let b = tuple_key(
+            7,
             "[::ffff:127.0.0.1]:40000".parse().unwrap(),
             "[::ffff:127.0.0.1]:15001".parse().unwrap(),
         );
         assert_eq!(a, b);
         assert_eq!(a.peer_port, 40000);
         assert_eq!(a.local_addr[10..], [0xff, 0xff, 127, 0, 0, 1]);
+    }
+
+    #[test]
+    fn the_same_4_tuple_in_two_namespaces_gives_two_keys() {
+        let (peer, local) = (
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:15001".parse().unwrap(),
+        );
+        assert_ne!(tuple_key(1, peer, local), tuple_key(2, peer, local));
     }
 }

@@ -5,20 +5,25 @@ use std::{os::fd::AsRawFd, sync::Mutex};
 use aya::maps::{HashMap, MapData, MapError, SockHash};
 use latch_common::{TupleKey, direct};
 
-/// `LATCH_DIRECT` (the sockets) and `LATCH_DIR_KEYS` (what to do with each, by 4-tuple).
+/// `LATCH_DIRECT` (the sockets), `LATCH_DIR_KEYS` (what to do with each socket's sends, by
+/// namespace and 4-tuple) and `LATCH_DIR_RECV` (what to do with an application socket's
+/// received bytes, by its cookie).
 pub struct DirectMaps {
     socks: Mutex<SockHash<MapData, u64>>,
     keys: Mutex<HashMap<MapData, TupleKey, direct::Entry>>,
+    recv: Mutex<HashMap<MapData, u64, u32>>,
 }
 
 impl DirectMaps {
     pub(super) fn new(
         socks: SockHash<MapData, u64>,
         keys: HashMap<MapData, TupleKey, direct::Entry>,
+        recv: HashMap<MapData, u64, u32>,
     ) -> Self {
         Self {
             socks: Mutex::new(socks),
             keys: Mutex::new(keys),
+            recv: Mutex::new(recv),
         }
     }
 
@@ -47,8 +52,26 @@ impl DirectMaps {
         socks.get(&key, 0).is_ok()
     }
 
-    /// Sets what the programs do with the socket of this 4-tuple.
+    /// Sets what the programs do with the application socket `cookie` (key `key`).
     pub fn set(&self, key: &TupleKey, cookie: u64, flags: u32) -> Result<(), MapError> {
+        self.set_entry(key, cookie, flags)?;
+        let mut recv = self.recv.lock().unwrap_or_else(|e| e.into_inner());
+        if flags & direct::FROM_TARGET != 0 {
+            recv.insert(cookie, flags, 0)
+        } else {
+            match recv.remove(&cookie) {
+                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+    }
+
+    /// Marks the broker's socket `key` as its socket for the application socket `app`.
+    pub fn set_side(&self, key: &TupleKey, app: u64) -> Result<(), MapError> {
+        self.set_entry(key, app, direct::SIDE)
+    }
+
+    fn set_entry(&self, key: &TupleKey, cookie: u64, flags: u32) -> Result<(), MapError> {
         let entry = direct::Entry {
             cookie,
             flags,
@@ -58,8 +81,15 @@ impl DirectMaps {
         keys.insert(key, entry, 0)
     }
 
-    /// Forgets the socket of this 4-tuple: its traffic passes untouched.
-    pub fn forget(&self, key: &TupleKey) {
+    /// Forgets the application socket `cookie` (key `key`): its traffic passes untouched.
+    pub fn forget(&self, key: &TupleKey, cookie: u64) {
+        self.forget_side(key);
+        let mut recv = self.recv.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = recv.remove(&cookie);
+    }
+
+    /// Forgets one of the broker's sockets.
+    pub fn forget_side(&self, key: &TupleKey) {
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         let _ = keys.remove(key);
     }

@@ -74,6 +74,10 @@ pub struct Stats {
     pub peername: u64,
     pub fast_socks: u64,
     pub direct: u64,
+    /// Matching connects from namespaces the broker did not listen in yet.
+    pub unprepared: u64,
+    /// Reports of such connects the ring buffer had no room for.
+    pub events_lost: u64,
 }
 
 /// Loaded (and, after [`Interceptor::attach`], attached) eBPF programs plus their maps.
@@ -99,6 +103,12 @@ pub struct Interceptor {
     direct: bool,
     attached_to: Option<PathBuf>,
 }
+
+/// `LATCH_NETNS` and `LATCH_EVENTS`, taken by the agent (see [`Interceptor::take_netns`]).
+pub type NetnsMaps = (
+    aya::maps::HashMap<MapData, u64, u32>,
+    aya::maps::RingBuf<MapData>,
+);
 
 /// See [`Interceptor::attach`]: with bpf_link this is multi-attach.
 const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
@@ -198,6 +208,16 @@ impl Interceptor {
         Ok(DirectMaps::new(
             socks,
             take_map(&mut self.bpf, map_names::DIRECT_KEYS)?,
+            take_map(&mut self.bpf, map_names::DIRECT_RECV)?,
+        ))
+    }
+
+    /// Takes `LATCH_NETNS` (the namespaces the broker listens in) and `LATCH_EVENTS` (connects
+    /// matched elsewhere). Call once, before the programs are attached.
+    pub fn take_netns(&mut self) -> Result<NetnsMaps, EbpfError> {
+        Ok((
+            take_map(&mut self.bpf, map_names::NETNS)?,
+            take_map(&mut self.bpf, map_names::EVENTS)?,
         ))
     }
 
@@ -346,6 +366,8 @@ impl Interceptor {
             peername: read(stat::PEERNAME),
             fast_socks: read(stat::FAST_SOCKS),
             direct: read(stat::DIRECT),
+            unprepared: read(stat::UNPREPARED),
+            events_lost: read(stat::EVENTS_LOST),
         }
     }
 

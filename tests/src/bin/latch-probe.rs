@@ -15,10 +15,36 @@
 //!   with a reset (SO_LINGER 0) instead of a FIN.
 //! * `latch-probe pg CONNSTR SCENARIO` — a tokio-postgres client; see `probe/pg.rs`.
 //! * `latch-probe pgraw ADDR SCENARIO` — hostile PostgreSQL startup bytes; see `probe/pgraw.rs`.
+//!
+//! The modes below bind their client to 127.0.0.1:SRCPORT (SO_REUSEADDR) and print each line
+//! as it happens (stdout flushed); see `probe/srcport.rs`.
+//!
+//! * `latch-probe squat BROKERPORT SRCPORT ADDR MILLIS` — try to listen on
+//!   127.0.0.1:BROKERPORT: print `squat=yes` (and accept and hold connections in the
+//!   background) or `squat=no`; connect from SRCPORT to ADDR, print `connected=yes` or
+//!   `connected=no err=<error>`; at MILLIS after the start send `INJECT\n` 20 times 50 ms apart
+//!   (errors ignored), print `sent`; exits 0.
+//! * `latch-probe victim SRCPORT ADDR MILLIS` — connect from SRCPORT to ADDR, send `hello\n`,
+//!   read 6 bytes: unless they are `hello\n` print `echo=bad` and exit 1; print `echo=ok`, read
+//!   on until MILLIS after the start (or end of stream), print `extra=<bytes>` and
+//!   `extra_text=<them, lossy UTF-8, newlines as \n>`; exits 0.
+//! * `latch-probe from SRCPORT ADDR` — connect from SRCPORT to ADDR, send `hello\n`, wait up
+//!   to 3 s for it back: print `echoed`, or `refused <why>` with why one of `refused`,
+//!   `reset`, `closed`, `timeout`, `differs` or `errno=<n>`; exits 0.
+//! * `latch-probe pgpaused SRCPORT HOST:PORT GOFILE CONNSTR` — connect from SRCPORT to
+//!   HOST:PORT, print `connected`, wait (at most 20 s) until the file GOFILE exists, then run a
+//!   tokio-postgres session (CONNSTR, no TLS) over that same socket: `SELECT 1`,
+//!   `SELECT pg_backend_pid()`; prints `pg=ok` (exit 0) or `pg=err <error>` (exit 1).
+//! * `latch-probe fakepg LISTENADDR SRCPORT MILLIS` — listen on LISTENADDR, connect to it from
+//!   SRCPORT; the server side (if the connection reaches it) sends AuthenticationCleartextPassword
+//!   (`R`, int32 8, int32 3); the client reads until MILLIS after the start and prints
+//!   `client_got=<bytes>`; exits 0.
 #[path = "probe/pg.rs"]
 mod pg;
 #[path = "probe/pgraw.rs"]
 mod pgraw;
+#[path = "probe/srcport.rs"]
+mod srcport;
 
 use std::{net::SocketAddr, process::ExitCode};
 
@@ -69,7 +95,30 @@ fn main() -> ExitCode {
             parse_addr(&args, 2),
             args.get(3).map(String::as_str).unwrap_or_default(),
         )),
-        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS | abort ADDR CONNS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO".into()),
+        Some("squat") => srcport::squat(
+            parse_port(&args, 2),
+            parse_port(&args, 3),
+            parse_addr(&args, 4),
+            parse_num(&args, 5) as u64,
+        ),
+        Some("victim") => srcport::victim(
+            parse_port(&args, 2),
+            parse_addr(&args, 3),
+            parse_num(&args, 4) as u64,
+        ),
+        Some("from") => srcport::from(parse_port(&args, 2), parse_addr(&args, 3)),
+        Some("pgpaused") => rt.block_on(srcport::pgpaused(
+            parse_port(&args, 2),
+            parse_addr(&args, 3),
+            std::path::Path::new(args.get(4).map(String::as_str).unwrap_or_default()),
+            args.get(5).map(String::as_str).unwrap_or_default(),
+        )),
+        Some("fakepg") => srcport::fakepg(
+            parse_addr(&args, 2),
+            parse_port(&args, 3),
+            parse_num(&args, 4) as u64,
+        ),
+        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS | abort ADDR CONNS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO | squat BROKERPORT SRCPORT ADDR MILLIS | victim SRCPORT ADDR MILLIS | from SRCPORT ADDR | pgpaused SRCPORT HOST:PORT GOFILE CONNSTR | fakepg LISTENADDR SRCPORT MILLIS".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -84,6 +133,12 @@ fn parse_addr(args: &[String], i: usize) -> SocketAddr {
     args.get(i)
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("argument {i} must be a socket address"))
+}
+
+fn parse_port(args: &[String], i: usize) -> u16 {
+    args.get(i)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("argument {i} must be a port number"))
 }
 
 fn parse_num(args: &[String], i: usize) -> usize {

@@ -108,7 +108,12 @@ fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, header: Header, body: By
     // autogroup, 8 alternated runs each): with the startup on the agent's main runtime the
     // session settled in the slow placement (~44k instead of ~63k tps) in 5 runs of 6 and
     // 4 of 8, against 1 in 8 for direct connections; pinned, 1 in 8 too.
-    let meta = shared.conns.take_key(&header.key);
+    // The record must be the one the socket named in the header made (a later socket with the
+    // same 4-tuple in the same namespace replaces it).
+    let meta = shared
+        .conns
+        .take_key(&header.key)
+        .map(|m| m.filter(|m| m.socket_cookie == header.cookie));
     let main = tokio::runtime::Handle::current();
     let cpu = match &meta {
         Ok(Some(m)) => super::cpu_of(m.pid, m.tid),
@@ -152,7 +157,7 @@ async fn handle(
                 "direct mode: no kernel record for a connection; leaving it"
             );
             let _ = direct.maps.remove_socket(header.cookie);
-            direct.maps.forget(&header.key);
+            direct.maps.forget(&header.key, header.cookie);
             return;
         }
     };
@@ -161,10 +166,10 @@ async fn handle(
     let Some(policy) = policies.by_rule(origin.rule_id).cloned() else {
         tracing::warn!(conn = id, %origin, "direct mode: no policy any more; leaving it");
         let _ = direct.maps.remove_socket(header.cookie);
-        direct.maps.forget(&header.key);
+        direct.maps.forget(&header.key, header.cookie);
         return;
     };
-    let workload = Workload::resolve(&origin, &shared.cgroup_root);
+    let workload = Workload::resolve(&origin, &shared.cgroups);
     let span = crate::broker::conn::span(id, &policy.name, &origin, true);
     async {
         let mut record =
@@ -235,7 +240,7 @@ async fn handle(
         // The application may have closed its socket while the entry was being rewritten (the
         // kernel drops both at close): an entry for a socket that is gone must not stay.
         if !direct.maps.has_socket(header.cookie) {
-            direct.maps.forget(&header.key);
+            direct.maps.forget(&header.key, header.cookie);
         }
         record.duration_ms = ms(started.elapsed());
         shared.audit.record(&record);

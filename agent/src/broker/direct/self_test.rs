@@ -27,7 +27,11 @@ impl Direct {
         let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
         let (mut app, mut server) = pair(&listener)?;
         let cookie = socket_cookie_of(&app)?;
-        let key = crate::ebpf::tuple_key(app.local_addr()?, app.peer_addr()?);
+        let key = crate::ebpf::tuple_key(
+            crate::netns::cookie_of(std::os::fd::AsFd::as_fd(&app))?,
+            app.local_addr()?,
+            app.peer_addr()?,
+        );
         let (mut side, _side_peer) = self.side_std(cookie)?;
         let result = (|| {
             let expect = |what: &str, got: &[u8], want: &[u8]| {
@@ -87,7 +91,7 @@ impl Direct {
             app.read_exact(&mut got)?;
             expect("side socket to application", &got, b"welcome")?;
             self.maps.remove_socket(cookie).map_err(io::Error::other)?;
-            self.maps.forget(&key);
+            self.maps.forget(&key, cookie);
             server.write_all(b"ready")?;
             let mut got = [0u8; 5];
             app.read_exact(&mut got)?;
@@ -99,7 +103,7 @@ impl Direct {
             expect("application to server after the hand-over", &got, b"query")
         })();
         let _ = self.maps.remove_socket(cookie);
-        self.maps.forget(&key);
+        self.maps.forget(&key, cookie);
         self.drop_side(cookie, &side);
         result
     }

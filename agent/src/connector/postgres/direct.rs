@@ -97,7 +97,7 @@ pub async fn serve(
             {
                 return Ok(Ended::Cancel);
             }
-            super::send_cancel(origin.dst, pid, secret, &shared)
+            super::send_cancel(origin.dst, origin.netns.as_deref(), pid, secret, &shared)
                 .await
                 .map_err(Failure::Connect)?;
             return Ok(Ended::Cancel);
@@ -266,7 +266,7 @@ impl Leg<'_> {
     fn leave(&self) -> io::Result<()> {
         let maps = self.direct.maps();
         maps.remove_socket(self.cookie).map_err(io::Error::other)?;
-        maps.forget(&self.key);
+        maps.forget(&self.key, self.cookie);
         Ok(())
     }
 

@@ -33,9 +33,11 @@ pub struct Established {
     pub leftover: BytesMut,
 }
 
-/// Connects to `addr` and authenticates as `user` with `password`.
+/// Connects to `addr` (from namespace `netns`, the agent's own if `None`) and authenticates
+/// as `user` with `password`.
 pub async fn open(
     addr: SocketAddr,
+    netns: Option<&crate::netns::Netns>,
     policy: &Policy,
     shared: &Shared,
     params: &[(String, String)],
@@ -43,7 +45,7 @@ pub async fn open(
     password: Option<&str>,
 ) -> Result<Established, Failure> {
     let work = async {
-        let tcp = connect_marked(addr, shared.mark, shared.limits.connect_timeout)
+        let tcp = connect_marked(addr, shared.mark, shared.limits.connect_timeout, netns)
             .await
             .map_err(Failure::Connect)?;
         let (mut stream, tls_state) = negotiate_tls(tcp, addr, policy, shared).await?;

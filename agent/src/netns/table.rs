@@ -1,0 +1,261 @@
+//! The prepared namespaces: the broker's listeners in each, and `LATCH_NETNS`, which tells the
+//! connect hooks where a redirect will find the broker.
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd as _, OwnedFd},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{Handle, Netns, cookie_of};
+
+/// Starts the accept loop of one listener in one namespace.
+pub type Serve = Box<dyn Fn(&Handle, TcpListener) + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("listening on {addr} in network namespace {inode}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        inode: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("eBPF map LATCH_NETNS: {0}")]
+    Map(#[from] MapError),
+}
+
+/// Every namespace the broker listens in, by nsfs inode.
+pub struct Namespaces {
+    prepared: Mutex<HashMap<u64, Handle>>,
+    kernel: Mutex<BpfHashMap<MapData, u64, u32>>,
+    listen4: SocketAddr,
+    listen6: Option<SocketAddr>,
+    serve: Serve,
+    /// Parent of every namespace's stop token: cancelled when the broker stops accepting.
+    stop: CancellationToken,
+    /// Namespaces that could not be prepared (already warned about), by inode.
+    failed: Mutex<HashSet<u64>>,
+    /// Set up times of the last preparations, for status (microseconds).
+    last_prepare_us: std::sync::atomic::AtomicU64,
+}
+
+impl Namespaces {
+    /// `listeners` are the broker's, already bound in the agent's own namespace (recorded by
+    /// [`super::init_own`]); it is served from now on and never released.
+    pub fn new(
+        kernel: BpfHashMap<MapData, u64, u32>,
+        listeners: Vec<TcpListener>,
+        listen4: SocketAddr,
+        listen6: Option<SocketAddr>,
+        stop: CancellationToken,
+        serve: Serve,
+    ) -> Result<Self, NetnsError> {
+        let this = Self {
+            prepared: Mutex::new(HashMap::new()),
+            kernel: Mutex::new(kernel),
+            listen4,
+            listen6,
+            serve,
+            stop,
+            failed: Mutex::new(HashSet::new()),
+            last_prepare_us: Default::default(),
+        };
+        let handle = super::own(this.stop.child_token()).map_err(|source| NetnsError::Listen {
+            addr: this.listen4,
+            inode: super::own_inode().unwrap_or(0),
+            source,
+        })?;
+        for l in listeners {
+            (this.serve)(&handle, l);
+        }
+        this.kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(handle.cookie, latch_common::netns::PREPARED, 0)?;
+        this.lock().insert(handle.inode, handle);
+        Ok(this)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
+        self.prepared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the namespace with this inode is prepared.
+    pub fn contains(&self, inode: u64) -> bool {
+        self.lock().contains_key(&inode)
+    }
+
+    /// Number of namespaces served (the agent's own included).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Inodes of the namespaces served.
+    pub fn inodes(&self) -> Vec<u64> {
+        self.lock().keys().copied().collect()
+    }
+
+    /// The namespaces served, as (inode, cookie), sorted.
+    pub fn entries(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.lock().values().map(|h| (h.inode, h.cookie)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The cookies in `LATCH_NETNS` (walks the kernel map), sorted.
+    pub fn kernel_cookies(&self) -> Vec<u64> {
+        let map = self.kernel.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// How long the last preparation took, in microseconds.
+    pub fn last_prepare_us(&self) -> u64 {
+        self.last_prepare_us
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Listens in the namespace `fd` (nsfs inode `inode`) and tells the kernel it may redirect
+    /// there. Idempotent. The listeners are up before the kernel entry exists, so no redirect
+    /// into that namespace ever finds nobody listening.
+    pub fn prepare(&self, fd: OwnedFd, inode: u64) -> Result<Handle, NetnsError> {
+        let started = Instant::now();
+        // Held throughout, so two preparations of one namespace never race for its port.
+        let mut prepared = self.lock();
+        if let Some(h) = prepared.get(&inode) {
+            return Ok(h.clone());
+        }
+        let mut ns = Netns {
+            cookie: 0,
+            inode,
+            fd,
+            own: false,
+            stop: self.stop.child_token(),
+        };
+        let listen_err = |source| NetnsError::Listen {
+            addr: self.listen4,
+            inode,
+            source,
+        };
+        let (l4, l6, cookie) = ns
+            .run(|| {
+                let l4 = listen(self.listen4)?;
+                let cookie = cookie_of(l4.as_fd())?;
+                // Without IPv6 in the namespace (disabled by sysctl) its IPv6 connects fail
+                // as they would without latch; IPv4 is served.
+                let l6 = self.listen6.and_then(|a| listen(a).ok());
+                Ok((l4, l6, cookie))
+            })
+            .map_err(listen_err)?;
+        ns.cookie = cookie;
+        let handle = Arc::new(ns);
+        for l in std::iter::once(l4).chain(l6) {
+            let l = TcpListener::from_std(l).map_err(listen_err)?;
+            (self.serve)(&handle, l);
+        }
+        if let Err(e) = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cookie, latch_common::netns::PREPARED, 0)
+        {
+            handle.stop.cancel();
+            return Err(e.into());
+        }
+        prepared.insert(inode, handle.clone());
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&inode);
+        let us = started.elapsed().as_micros() as u64;
+        self.last_prepare_us
+            .store(us, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(inode, cookie, us, "network namespace prepared");
+        Ok(handle)
+    }
+
+    /// Stops serving the namespace with this inode: the kernel stops redirecting there, then
+    /// its listeners close. Connections already accepted carry on. The agent's own is kept.
+    pub fn release(&self, inode: u64) {
+        let Some(handle) = self.lock().remove(&inode) else {
+            return;
+        };
+        if handle.is_own() {
+            self.lock().insert(inode, handle);
+            return;
+        }
+        let _ = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&handle.cookie);
+        handle.stop.cancel();
+        tracing::debug!(inode, cookie = handle.cookie, "network namespace released");
+    }
+
+    /// Records that `inode` could not be prepared; true the first time (warn once).
+    pub fn note_failure(&self, inode: u64) -> bool {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(inode)
+    }
+
+    /// Makes the served namespaces exactly `in_use` (inode → a path to open it) plus the
+    /// agent's own: prepares what is new, releases what is gone.
+    pub fn sync(&self, in_use: &HashMap<u64, std::path::PathBuf>) {
+        for (inode, path) in in_use {
+            if self.contains(*inode) {
+                continue;
+            }
+            match super::open(path) {
+                Ok((fd, found)) if found == *inode => {
+                    if let Err(err) = self.prepare(fd, found)
+                        && self.note_failure(found)
+                    {
+                        tracing::warn!(%err, path = %path.display(), "network namespace not prepared: matching connects from it are refused (fail mode closed) or go direct (open)");
+                    }
+                }
+                // Gone or replaced since the scan: the next one sees it as it is.
+                _ => {}
+            }
+        }
+        for inode in self.inodes() {
+            if !in_use.contains_key(&inode) {
+                self.release(inode);
+            }
+        }
+    }
+}
+
+/// A listener at `addr` in the calling thread's namespace. `IP_FREEBIND`: a namespace whose
+/// loopback is still down (a pod being set up) can be prepared; connects there fail until it
+/// is up, as they would without latch.
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_cloexec(true)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_freebind_v6(true)?;
+    } else {
+        socket.set_freebind_v4(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(crate::broker::LISTEN_BACKLOG as i32)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
