@@ -89,11 +89,12 @@ struct EbpfStatus {
     direct_handovers: u64,
     direct_entries: usize,
     /// Network namespaces the broker listens in (its own included), matching connects the
-    /// kernel saw from namespaces it did not listen in yet, and how long the last namespace
-    /// took to prepare.
+    /// kernel saw from namespaces it did not listen in yet, and how long preparing a namespace
+    /// took (mean and longest, microseconds).
     netns_prepared: usize,
     netns_unprepared: u64,
-    netns_last_prepare_us: u64,
+    netns_prepare_us_mean: u64,
+    netns_prepare_us_max: u64,
     /// The cookies in LATCH_NETNS.
     netns_map: Vec<u64>,
 }
@@ -227,7 +228,8 @@ fn status(state: &AdminState) -> Status<'_> {
             direct_entries: state.shared.direct.as_ref().map_or(0, |d| d.maps().len()),
             netns_prepared: state.namespaces.len(),
             netns_unprepared: stats.unprepared,
-            netns_last_prepare_us: state.namespaces.last_prepare_us(),
+            netns_prepare_us_mean: state.namespaces.prepare_us().0,
+            netns_prepare_us_max: state.namespaces.prepare_us().1,
             netns_map: state.namespaces.kernel_cookies(),
         }
     };

@@ -170,49 +170,85 @@ fn pods_are_brokered_over_their_veth_and_their_own_loopback_from_their_own_addre
     agent.stop();
 }
 
+/// psql in `pod` against `pg` as the SCRAM role, holding no password.
+fn psql_in_pod(pod: &Pod, pg: &PgCluster, sql: &str) -> std::process::Output {
+    let mut cmd = pod.command(postgres::bin("psql"));
+    cmd.args([
+        "-h",
+        &pg.addr.ip().to_string(),
+        "-p",
+        &pg.addr.port().to_string(),
+        "-U",
+        SCRAM_USER,
+        "-d",
+        "postgres",
+        "-w",
+        "-X",
+        "-A",
+        "-t",
+        "-c",
+        sql,
+    ])
+    .env_remove("PGPASSWORD")
+    .env_remove("PGPASSFILE");
+    run_within(&mut cmd, Duration::from_secs(30))
+}
+
+/// A cluster on the host side of `pod`'s veth that lets only `pod`'s address in, and an agent
+/// for `cg` whose PostgreSQL policy adds `extra_spec`.
+fn pg_for_pod(cg: &TestCgroup, pod: &Pod, extra_spec: &str) -> (PgCluster, TempDir, Agent) {
+    let pg = PgCluster::start(
+        &pod.host_ip4().to_string(),
+        latch_tests::pg_setup::SCRAM_PW,
+        latch_tests::pg_setup::MD5_PW,
+        latch_tests::pg_setup::PLAIN_PW,
+    );
+    pg.hba_allow(&format!("{}/32", pod.pod_ip4()));
+    let secrets = TempDir::new("pg-secrets");
+    let file = secrets.write(
+        "secrets.yaml",
+        &secrets_yaml(SCRAM_USER, latch_tests::pg_setup::SCRAM_PW),
+    );
+    let yaml = policy_yaml("orders-db", pg.addr, &file, extra_spec);
+    let agent = Agent::start(&yaml, cg);
+    (pg, secrets, agent)
+}
+
+#[test]
+fn direct_mode_serves_an_application_in_a_pod() {
+    latch_tests::require_root();
+    let cg = TestCgroup::new();
+    let pod = Pod::new(&cg, 1);
+    let (pg, _secrets, agent) = pg_for_pod(&cg, &pod, "  tls: {mode: disable}\n  direct: true\n");
+    let out = psql_in_pod(&pod, &pg, "SELECT inet_client_addr()");
+    assert!(
+        out.status.success(),
+        "psql in the pod, direct mode: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.log()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        pod.pod_ip4().to_string()
+    );
+    let ebpf = &agent.status()["ebpf"];
+    assert_eq!(ebpf["direct_handovers"], 1, "{ebpf}");
+    assert_eq!(
+        ebpf["redirected"], 0,
+        "the application's own connection: {ebpf}"
+    );
+    agent.stop();
+}
+
 #[test]
 fn pods_keep_their_source_address_for_pg_hba() {
     latch_tests::require_root();
     let cg = TestCgroup::new();
     let pod1 = Pod::new(&cg, 1);
     let pod2 = Pod::new(&cg, 2);
-    let pg = PgCluster::start(
-        &pod1.host_ip4().to_string(),
-        latch_tests::pg_setup::SCRAM_PW,
-        latch_tests::pg_setup::MD5_PW,
-        latch_tests::pg_setup::PLAIN_PW,
-    );
     // Only pod 1's address may log in.
-    pg.hba_allow(&format!("{}/32", pod1.pod_ip4()));
-    let secrets = TempDir::new("pg-secrets");
-    let file = secrets.write(
-        "secrets.yaml",
-        &secrets_yaml(SCRAM_USER, latch_tests::pg_setup::SCRAM_PW),
-    );
-    let yaml = policy_yaml("orders-db", pg.addr, &file, "  tls: {mode: disable}\n");
-    let agent = Agent::start(&yaml, &cg);
-    let psql = |pod: &Pod| {
-        let mut cmd = pod.command(postgres::bin("psql"));
-        cmd.args([
-            "-h",
-            &pg.addr.ip().to_string(),
-            "-p",
-            &pg.addr.port().to_string(),
-            "-U",
-            SCRAM_USER,
-            "-d",
-            "postgres",
-            "-w",
-            "-X",
-            "-A",
-            "-t",
-            "-c",
-            "SELECT inet_client_addr()",
-        ])
-        .env_remove("PGPASSWORD")
-        .env_remove("PGPASSFILE");
-        run_within(&mut cmd, Duration::from_secs(30))
-    };
+    let (pg, _secrets, agent) = pg_for_pod(&cg, &pod1, "  tls: {mode: disable}\n");
+    let psql = |pod: &Pod| psql_in_pod(pod, &pg, "SELECT inet_client_addr()");
     let out = psql(&pod1);
     assert!(
         out.status.success(),

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: criterion micro-benchmarks (when the agent has any) and the bulk
 //! throughput of one TCP connection (iperf3): direct, through latch, through HAProxy, through socat;
-//! then the PostgreSQL cases of [`crate::bench_pg`].
+//! the network-namespace cases of [`crate::bench_netns`]; then the PostgreSQL cases of
+//! [`crate::bench_pg`].
 
 use crate::proc::{self, Guard, TempDir, run};
 use anyhow::{Context, Result, bail};
@@ -26,6 +27,9 @@ pub struct Args {
     /// Only the PostgreSQL cases (no iperf3).
     #[arg(long)]
     pg_only: bool,
+    /// Skip the network-namespace cases (iperf3 from a pod, the cost of 1000 namespaces).
+    #[arg(long)]
+    no_netns: bool,
 }
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -100,13 +104,20 @@ pub fn run_bench(args: &Args) -> Result<()> {
         iperf_cases(args, &latch)
     };
     proc::check_interrupted()?;
+    let netns = if args.pg_only || args.no_netns {
+        Ok(())
+    } else {
+        println!("\nbench: network namespaces (pods)");
+        crate::bench_netns::run(&latch, args.seconds, args.repeat)
+    };
+    proc::check_interrupted()?;
     let pg = if args.no_pg {
         Ok(())
     } else {
         println!("\nbench: PostgreSQL (direct vs latch vs pgbouncer)");
         crate::bench_pg::run(&latch, args.seconds, args.repeat)
     };
-    iperf.and(pg)
+    iperf.and(netns).and(pg)
 }
 
 fn iperf_cases(args: &Args, latch: &Path) -> Result<()> {
@@ -199,7 +210,7 @@ fn iperf_cases(args: &Args, latch: &Path) -> Result<()> {
     Ok(())
 }
 
-fn median(xs: &[f64]) -> Option<f64> {
+pub fn median(xs: &[f64]) -> Option<f64> {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -287,7 +298,7 @@ impl Rig {
 }
 
 /// `end.sum_received.bits_per_second` from `iperf3 -J`, or iperf3's own error message.
-fn parse_iperf3(json: &str) -> Result<f64> {
+pub fn parse_iperf3(json: &str) -> Result<f64> {
     let v: serde_json::Value = serde_json::from_str(json).with_context(|| {
         format!(
             "iperf3 output is not JSON: {:?}",

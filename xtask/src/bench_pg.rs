@@ -421,7 +421,7 @@ impl Rig {
     }
 }
 
-fn write_private(path: &Path, text: &str) -> Result<()> {
+pub fn write_private(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(())
@@ -477,7 +477,7 @@ ignore_startup_parameters = extra_float_digits
 }
 
 /// `tps = 1234.5 (...)` from pgbench's report.
-fn parse_tps(out: &str) -> Result<f64> {
+pub fn parse_tps(out: &str) -> Result<f64> {
     out.lines()
         .find_map(|l| l.strip_prefix("tps = "))
         .and_then(|rest| rest.split_whitespace().next())

@@ -5,7 +5,10 @@ use std::{
     io,
     net::SocketAddr,
     os::fd::{AsFd as _, OwnedFd},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Instant,
 };
 
@@ -42,8 +45,10 @@ pub struct Namespaces {
     stop: CancellationToken,
     /// Namespaces that could not be prepared (already warned about), by inode.
     failed: Mutex<HashSet<u64>>,
-    /// Set up times of the last preparations, for status (microseconds).
-    last_prepare_us: std::sync::atomic::AtomicU64,
+    /// Preparations so far: how many, their total and longest time (microseconds).
+    prepared_count: AtomicU64,
+    prepare_total_us: AtomicU64,
+    prepare_max_us: AtomicU64,
 }
 
 impl Namespaces {
@@ -65,7 +70,9 @@ impl Namespaces {
             serve,
             stop,
             failed: Mutex::new(HashSet::new()),
-            last_prepare_us: Default::default(),
+            prepared_count: AtomicU64::new(0),
+            prepare_total_us: AtomicU64::new(0),
+            prepare_max_us: AtomicU64::new(0),
         };
         let handle = super::own(this.stop.child_token()).map_err(|source| NetnsError::Listen {
             addr: this.listen4,
@@ -121,10 +128,13 @@ impl Namespaces {
         v
     }
 
-    /// How long the last preparation took, in microseconds.
-    pub fn last_prepare_us(&self) -> u64 {
-        self.last_prepare_us
-            .load(std::sync::atomic::Ordering::Relaxed)
+    /// How long preparing a namespace took: (mean, longest), in microseconds.
+    pub fn prepare_us(&self) -> (u64, u64) {
+        let n = self.prepared_count.load(Ordering::Relaxed).max(1);
+        (
+            self.prepare_total_us.load(Ordering::Relaxed) / n,
+            self.prepare_max_us.load(Ordering::Relaxed),
+        )
     }
 
     /// Listens in the namespace `fd` (nsfs inode `inode`) and tells the kernel it may redirect
@@ -180,8 +190,9 @@ impl Namespaces {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&inode);
         let us = started.elapsed().as_micros() as u64;
-        self.last_prepare_us
-            .store(us, std::sync::atomic::Ordering::Relaxed);
+        self.prepared_count.fetch_add(1, Ordering::Relaxed);
+        self.prepare_total_us.fetch_add(us, Ordering::Relaxed);
+        self.prepare_max_us.fetch_max(us, Ordering::Relaxed);
         tracing::debug!(inode, cookie, us, "network namespace prepared");
         Ok(handle)
     }
@@ -237,6 +248,11 @@ impl Namespaces {
                 self.release(inode);
             }
         }
+        // Forget failures of namespaces that are gone, so the set stays as small as the node.
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|inode| in_use.contains_key(inode));
     }
 }
 
