@@ -89,12 +89,11 @@ struct EbpfStatus {
     direct_handovers: u64,
     direct_entries: usize,
     /// Network namespaces the broker listens in (its own included), matching connects the
-    /// kernel saw from namespaces it did not listen in yet, and how long preparing a namespace
-    /// took (mean and longest, microseconds).
+    /// kernel saw from namespaces it did not listen in yet, and how long preparing one took
+    /// lately (microseconds).
     netns_prepared: usize,
     netns_unprepared: u64,
-    netns_prepare_us_mean: u64,
-    netns_prepare_us_max: u64,
+    netns_prepare_us: crate::netns::table::PrepareTimes,
     /// The cookies in LATCH_NETNS.
     netns_map: Vec<u64>,
 }
@@ -228,8 +227,7 @@ fn status(state: &AdminState) -> Status<'_> {
             direct_entries: state.shared.direct.as_ref().map_or(0, |d| d.maps().len()),
             netns_prepared: state.namespaces.len(),
             netns_unprepared: stats.unprepared,
-            netns_prepare_us_mean: state.namespaces.prepare_us().0,
-            netns_prepare_us_max: state.namespaces.prepare_us().1,
+            netns_prepare_us: state.namespaces.prepare_times(),
             netns_map: state.namespaces.kernel_cookies(),
         }
     };

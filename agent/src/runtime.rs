@@ -386,6 +386,9 @@ fn unprepared_reporter(
     shared: Arc<Shared>,
     fail_mode: FailMode,
 ) -> Box<dyn Fn(&latch_common::ConnMeta) + Send + Sync> {
+    // One warning per namespace (a namespace that cannot be prepared, its broker port taken by
+    // a squatter, reports every matching connect); each connect is still audited and counted.
+    let warned = Mutex::new(std::collections::HashSet::new());
     Box::new(move |meta| {
         let origin = broker::Origin::from(meta);
         let id = shared.next_conn_id();
@@ -399,7 +402,18 @@ fn unprepared_reporter(
                 "let through to its destination (fail mode open)",
             ),
         };
-        tracing::warn!(conn = id, %origin, netns = origin.netns_cookie, "connect from a network namespace latch was not listening in yet: {what}; preparing it");
+        let first = {
+            let mut warned = warned.lock().unwrap_or_else(|e| e.into_inner());
+            if warned.len() >= 1024 {
+                warned.clear();
+            }
+            warned.insert(origin.netns_cookie)
+        };
+        if first {
+            tracing::warn!(conn = id, %origin, netns = origin.netns_cookie, "connect from a network namespace latch was not listening in yet: {what}; preparing it");
+        } else {
+            tracing::debug!(conn = id, %origin, netns = origin.netns_cookie, "connect from an unprepared network namespace: {what}");
+        }
         let mut record = crate::audit::Record::new(id, outcome, origin.dst.to_string());
         record.reason = Some(format!("network namespace not prepared yet: {what}"));
         if let Some(policy) = shared.policies().by_rule(origin.rule_id) {

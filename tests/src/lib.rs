@@ -74,6 +74,16 @@ impl Drop for TempDir {
     }
 }
 
+/// A process a test started, killed (by PID) and reaped on drop, also when the test panics.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Polls `cond` every 20 ms until it holds or `within` has passed; returns whether it held.
 /// Callers assert on the result with their own message.
 pub fn eventually(within: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {

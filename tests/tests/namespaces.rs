@@ -5,28 +5,18 @@
 use std::{
     net::{IpAddr, SocketAddr},
     os::unix::fs::MetadataExt as _,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use latch_tests::{
-    Agent, TempDir, TestCgroup, bins, eventually,
+    Agent, Killed, TempDir, TestCgroup, bins, eventually,
     pod::Pod,
     postgres::{self, PgCluster, SCRAM_USER, policy_yaml, secrets_yaml},
     run_within,
     servers::{EchoServer, Nginx, free_port},
     tcp_policy,
 };
-
-/// A process this test started, killed by PID on drop.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `--runtime-cgroup-root` for pods laid out under `cg` (the kubelet's root there).
 fn kubepods_root(cg: &TestCgroup) -> String {
@@ -374,5 +364,36 @@ fn a_connect_from_a_namespace_latch_has_not_prepared_is_refused_audited_and_the_
         "{}",
         agent.metrics()
     );
+    agent.stop();
+}
+
+#[test]
+fn a_namespace_nobody_pinned_is_prepared_by_the_sweep_before_its_processes_connect() {
+    latch_tests::require_root();
+    let cg = TestCgroup::new();
+    let port = free_port("127.0.0.1");
+    let agent = Agent::start(&tcp_policy("loopback", "127.0.0.1", port), &cg);
+    // The agent sweeps the processes under its cgroup every 5 s: a namespace that exists for
+    // longer than that before it connects is served from its first connect.
+    let script = format!(
+        "ip link set lo up\n\
+         socat TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork EXEC:/bin/cat & S=$!\n\
+         sleep 6\n\
+         echo got=$({probe} echo 127.0.0.1:{port} 1 100)\n\
+         kill $S\n",
+        probe = bins::probe().display()
+    );
+    let out = run_within(
+        cg.command("unshare").args(["-n", "bash", "-c", &script]),
+        Duration::from_secs(30),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("got=ok=1 failed=0"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(agent.status()["ebpf"]["netns_unprepared"], 0);
+    assert_eq!(agent.wait_audit(1)[0]["outcome"], "relayed");
     agent.stop();
 }

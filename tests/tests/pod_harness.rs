@@ -3,21 +3,13 @@
 //! IPv4 and IPv6, its loopback is its own, and deleting it leaves nothing behind.
 use std::{
     path::PathBuf,
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::Duration,
 };
 
-use latch_tests::{TestCgroup, bins, eventually, pod::Pod, run_within, servers::EchoServer};
-
-/// A process this test started, killed by PID on drop.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use latch_tests::{
+    Killed, TestCgroup, bins, eventually, pod::Pod, run_within, servers::EchoServer,
+};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()

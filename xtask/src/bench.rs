@@ -27,9 +27,13 @@ pub struct Args {
     /// Only the PostgreSQL cases (no iperf3).
     #[arg(long)]
     pg_only: bool,
-    /// Skip the network-namespace cases (iperf3 from a pod, the cost of 1000 namespaces).
-    #[arg(long)]
+    /// Skip the network-namespace cases (iperf3 and pgbench from a pod, the cost of 1000
+    /// namespaces).
+    #[arg(long, conflicts_with = "netns_only")]
     no_netns: bool,
+    /// Only the network-namespace cases.
+    #[arg(long, conflicts_with = "pg_only")]
+    netns_only: bool,
 }
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -98,7 +102,7 @@ pub fn run_bench(args: &Args) -> Result<()> {
         micro()?;
     }
     let latch = proc::latch_bin(true)?;
-    let iperf = if args.pg_only {
+    let iperf = if args.pg_only || args.netns_only {
         Ok(())
     } else {
         iperf_cases(args, &latch)
@@ -111,7 +115,7 @@ pub fn run_bench(args: &Args) -> Result<()> {
         crate::bench_netns::run(&latch, args.seconds, args.repeat)
     };
     proc::check_interrupted()?;
-    let pg = if args.no_pg {
+    let pg = if args.no_pg || args.netns_only {
         Ok(())
     } else {
         println!("\nbench: PostgreSQL (direct vs latch vs pgbouncer)");

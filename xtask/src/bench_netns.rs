@@ -53,8 +53,112 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
         l / 1e9,
         l / d
     );
+    let pg = pod_pgbench(latch, &pod, tmp.path(), seconds, repeat);
     drop(pod);
-    preparation_cost(latch, tmp.path())
+    pg.and(preparation_cost(latch, tmp.path()))
+}
+
+/// pgbench select-only from the pod to a PostgreSQL 15 on the host side of its veth:
+/// directly (its own password) and through latch (none).
+fn pod_pgbench(latch: &Path, pod: &BenchPod, dir: &Path, seconds: u32, repeat: u32) -> Result<()> {
+    let pgdir = dir.join("pg");
+    std::fs::create_dir(&pgdir)?;
+    let pg = crate::pg::Postgres::start(&pgdir, HOST)?;
+    let hba = pgdir.join("data").join("pg_hba.conf");
+    let mut text = std::fs::read_to_string(&hba)?;
+    text.push_str(&format!("host all all {POD}/32 scram-sha-256\n"));
+    std::fs::write(&hba, text)?;
+    pg.admin_sql(&pgdir, "SELECT pg_reload_conf()")?;
+    let password = format!("pw-{}", std::process::id());
+    pg.admin_sql(
+        &pgdir,
+        &format!("CREATE ROLE bench LOGIN PASSWORD '{password}'"),
+    )?;
+    pg.admin_sql(&pgdir, "CREATE DATABASE bench OWNER bench")?;
+    let out = Command::new("pgbench")
+        .args(["-i", "-q", "-s", "5", "-h"])
+        .arg(&pgdir)
+        .args(["-p", &pg.port.to_string(), "-U", "bench", "bench"])
+        .stdin(Stdio::null())
+        .output()
+        .context("running pgbench -i")?;
+    if !out.status.success() {
+        bail!(
+            "pgbench -i: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let secrets = dir.join("pod-secrets.yaml");
+    crate::bench_pg::write_private(
+        &secrets,
+        &format!("orders-db: {{username: bench, password: {password}}}\n"),
+    )?;
+    let policy = dir.join("pod-pg.yaml");
+    std::fs::write(
+        &policy,
+        crate::policy::postgres("bench-pod-pg", HOST, pg.port, &secrets)
+            + "  tls:\n    mode: disable\n",
+    )?;
+    let mut direct = Vec::new();
+    let mut through = Vec::new();
+    for round in 1..=repeat {
+        for via_latch in [false, true] {
+            let label = if via_latch {
+                "pod pgbench through latch"
+            } else {
+                "pod pgbench direct"
+            };
+            print!("bench: round {round}/{repeat}: {label:<28} ");
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            let mut cmd = if via_latch {
+                let mut c = Command::new(latch);
+                c.arg("run")
+                    .arg("--policy")
+                    .arg(&policy)
+                    .arg("--")
+                    .arg("ip");
+                c.env_remove("PGPASSWORD");
+                c
+            } else {
+                let mut c = Command::new("ip");
+                c.env("PGPASSWORD", &password);
+                c
+            };
+            cmd.args([
+                "netns", "exec", &pod.name, "pgbench", "-n", "-S", "-c", "4", "-j", "2",
+            ])
+            .args(["-T", &seconds.to_string(), "-h", &HOST.to_string()])
+            .args(["-p", &pg.port.to_string(), "-U", "bench", "bench"])
+            .env("PGSSLMODE", "disable")
+            .stderr(Stdio::null());
+            let timeout = Duration::from_secs(u64::from(seconds) * 3 + 60);
+            let (status, stdout) = proc::run_capture(&mut cmd, timeout)?;
+            if !status.success() {
+                bail!("{label}: pgbench exited {status}");
+            }
+            let tps = crate::bench_pg::parse_tps(&stdout)?;
+            println!("{tps:10.1} tps");
+            if via_latch { &mut through } else { &mut direct }.push(tps);
+            proc::check_interrupted()?;
+        }
+    }
+    let (d, l) = (
+        crate::bench::median(&direct).unwrap_or(0.0),
+        crate::bench::median(&through).unwrap_or(0.0),
+    );
+    println!(
+        "\npgbench -S -c 4 -j 2 -T {seconds} (scale 5) from the pod to PostgreSQL 15 on the host \
+         side, median of {repeat}:\n"
+    );
+    println!("{:<28} {:>10} {:>10}", "case", "tps", "vs direct");
+    println!("{:<28} {:>10.1} {:>10}", "pod pgbench direct", d, "1.00");
+    println!(
+        "{:<28} {:>10.1} {:>10.2}",
+        "pod pgbench through latch",
+        l,
+        l / d
+    );
+    Ok(())
 }
 
 /// A network namespace with a veth pair to the host, removed on drop.
@@ -287,10 +391,8 @@ fn preparation_cost(latch: &Path, dir: &Path) -> Result<()> {
     let made = started.elapsed();
     let all_served = wait_served(&admin, base + MANY, Duration::from_secs(60))? + made;
     let s = status(&admin)?;
-    let (mean, max) = (
-        s["ebpf"]["netns_prepare_us_mean"].as_u64().unwrap_or(0),
-        s["ebpf"]["netns_prepare_us_max"].as_u64().unwrap_or(0),
-    );
+    let times = &s["ebpf"]["netns_prepare_us"];
+    let at = |q: &str| times[q].as_u64().unwrap_or(0);
     let (rss1, fds1) = (proc_kb(pid, "VmRSS")?, fds(pid)?);
     let started = Instant::now();
     drop(many);
@@ -302,11 +404,17 @@ fn preparation_cost(latch: &Path, dir: &Path) -> Result<()> {
         made.as_secs_f64() * 1e3
     );
     println!("{:<44} {:>14}", "what", "measured");
-    println!(
-        "{:<44} {:>11} µs",
-        "agent's time to prepare one (mean)", mean
-    );
-    println!("{:<44} {:>11} µs", "agent's time to prepare one (max)", max);
+    for (label, q) in [
+        ("median", "p50"),
+        ("99th percentile", "p99"),
+        ("longest", "max"),
+    ] {
+        println!(
+            "{:<44} {:>11} µs",
+            format!("agent's time to prepare one ({label})"),
+            at(q)
+        );
+    }
     println!(
         "{:<44} {:>11.0} ms",
         "first `ip netns add` to all served",

@@ -29,7 +29,7 @@ pub(super) async fn handle(
     netns: crate::netns::Handle,
     shared: &Shared,
 ) {
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = shared.next_conn_id();
     let meta = match meta {
         Ok(Some(meta)) => meta,
         Ok(None) => {

@@ -5,10 +5,7 @@ use std::{
     io,
     net::SocketAddr,
     os::fd::{AsFd as _, OwnedFd},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Instant,
 };
 
@@ -45,10 +42,20 @@ pub struct Namespaces {
     stop: CancellationToken,
     /// Namespaces that could not be prepared (already warned about), by inode.
     failed: Mutex<HashSet<u64>>,
-    /// Preparations so far: how many, their total and longest time (microseconds).
-    prepared_count: AtomicU64,
-    prepare_total_us: AtomicU64,
-    prepare_max_us: AtomicU64,
+    /// How long the last preparations took (microseconds), at most [`PREPARE_SAMPLES`].
+    prepare_us: Mutex<std::collections::VecDeque<u32>>,
+}
+
+/// Preparation times kept for status (a ring of the latest).
+const PREPARE_SAMPLES: usize = 1024;
+
+/// Percentiles of the latest preparation times, in microseconds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PrepareTimes {
+    pub samples: usize,
+    pub p50: u32,
+    pub p99: u32,
+    pub max: u32,
 }
 
 impl Namespaces {
@@ -70,9 +77,7 @@ impl Namespaces {
             serve,
             stop,
             failed: Mutex::new(HashSet::new()),
-            prepared_count: AtomicU64::new(0),
-            prepare_total_us: AtomicU64::new(0),
-            prepare_max_us: AtomicU64::new(0),
+            prepare_us: Mutex::new(std::collections::VecDeque::new()),
         };
         let handle = super::own(this.stop.child_token()).map_err(|source| NetnsError::Listen {
             addr: this.listen4,
@@ -128,22 +133,37 @@ impl Namespaces {
         v
     }
 
-    /// How long preparing a namespace took: (mean, longest), in microseconds.
-    pub fn prepare_us(&self) -> (u64, u64) {
-        let n = self.prepared_count.load(Ordering::Relaxed).max(1);
-        (
-            self.prepare_total_us.load(Ordering::Relaxed) / n,
-            self.prepare_max_us.load(Ordering::Relaxed),
-        )
+    /// How long preparing a namespace took lately.
+    pub fn prepare_times(&self) -> PrepareTimes {
+        let mut v: Vec<u32> = self
+            .prepare_us
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        if v.is_empty() {
+            return PrepareTimes::default();
+        }
+        PrepareTimes {
+            samples: v.len(),
+            p50: at(0.5),
+            p99: at(0.99),
+            max: at(1.0),
+        }
     }
 
     /// Listens in the namespace `fd` (nsfs inode `inode`) and tells the kernel it may redirect
     /// there. Idempotent. The listeners are up before the kernel entry exists, so no redirect
     /// into that namespace ever finds nobody listening.
     pub fn prepare(&self, fd: OwnedFd, inode: u64) -> Result<Handle, NetnsError> {
-        let started = Instant::now();
         // Held throughout, so two preparations of one namespace never race for its port.
         let mut prepared = self.lock();
+        // Timed from here: a burst of namespaces queues on the lock, and the bench reports
+        // that end to end separately.
+        let started = Instant::now();
         if let Some(h) = prepared.get(&inode) {
             return Ok(h.clone());
         }
@@ -189,10 +209,14 @@ impl Namespaces {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&inode);
-        let us = started.elapsed().as_micros() as u64;
-        self.prepared_count.fetch_add(1, Ordering::Relaxed);
-        self.prepare_total_us.fetch_add(us, Ordering::Relaxed);
-        self.prepare_max_us.fetch_max(us, Ordering::Relaxed);
+        let us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+        {
+            let mut times = self.prepare_us.lock().unwrap_or_else(|e| e.into_inner());
+            if times.len() == PREPARE_SAMPLES {
+                times.pop_front();
+            }
+            times.push_back(us);
+        }
         tracing::debug!(inode, cookie, us, "network namespace prepared");
         Ok(handle)
     }

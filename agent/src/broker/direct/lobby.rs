@@ -1,9 +1,6 @@
 //! The lobby: every direct-mode application's messages before the hand-over, each behind a
 //! header naming its socket; one task per connection, started by its first message.
-use std::{
-    sync::{Arc, atomic::Ordering},
-    time::Instant,
-};
+use std::{sync::Arc, time::Instant};
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use latch_common::direct::{HEADER_LEN, Header};
@@ -146,7 +143,7 @@ async fn handle(
     meta: Result<Option<latch_common::ConnMeta>, aya::maps::MapError>,
     from_app: mpsc::UnboundedReceiver<Bytes>,
 ) {
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = shared.next_conn_id();
     let started = Instant::now();
     let meta = match meta {
         Ok(Some(m)) => m,
