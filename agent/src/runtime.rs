@@ -233,6 +233,7 @@ impl Running {
                 std::iter::once(listener4).chain(listener6).collect(),
                 local4,
                 local6,
+                opts.limits.max_namespaces,
                 stop_accepting.clone(),
                 serve,
             )

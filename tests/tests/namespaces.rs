@@ -397,3 +397,44 @@ fn a_namespace_nobody_pinned_is_prepared_by_the_sweep_before_its_processes_conne
     assert_eq!(agent.wait_audit(1)[0]["outcome"], "relayed");
     agent.stop();
 }
+
+#[test]
+fn a_namespace_whose_broker_port_a_squatter_holds_fails_closed_and_the_squatter_gets_nothing() {
+    latch_tests::require_root();
+    let cg = TestCgroup::new();
+    let pod = Pod::new(&cg, 1);
+    let echo = EchoServer::start(&pod.host_ip4().to_string());
+    let broker = free_port("127.0.0.1");
+    // Before the agent starts, something in the pod's namespace holds the broker's port there.
+    let _squatter = loopback_echo(&pod, broker);
+    let agent = Agent::start_args(
+        &tcp_policy("echo", &echo.addr.ip().to_string(), echo.addr.port()),
+        &cg,
+        &["--listen", &format!("127.0.0.1:{broker}")],
+    );
+    let out = run_within(
+        pod.command("bash").args([
+            "-c",
+            &format!(
+                "exec 3<>/dev/tcp/{}/{} && echo connected",
+                echo.addr.ip(),
+                echo.addr.port()
+            ),
+        ]),
+        Duration::from_secs(20),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Operation not permitted") && out.stdout.is_empty(),
+        "the connect must fail closed, not reach the squatter:\n{err}"
+    );
+    assert_eq!(echo.accepted(), 0);
+    let records = agent.wait_audit(1);
+    assert_eq!(records[0]["outcome"], "refused", "{records:#?}");
+    assert!(
+        agent.log().contains("network namespace not prepared"),
+        "{}",
+        agent.log()
+    );
+    agent.stop();
+}

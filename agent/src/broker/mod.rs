@@ -35,6 +35,8 @@ pub struct Limits {
     /// How long a connector's pre-relay phase (target connect, protocol startup and
     /// authentication) may take before the connection is failed.
     pub handshake_timeout: Duration,
+    /// Network namespaces the broker listens in at once (its own included).
+    pub max_namespaces: usize,
 }
 
 impl Default for Limits {
@@ -44,6 +46,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             max_per_workload: 1_000,
             handshake_timeout: Duration::from_secs(30),
+            max_namespaces: 4_096,
         }
     }
 }

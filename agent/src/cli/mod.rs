@@ -92,6 +92,11 @@ struct DataPathArgs {
     /// (reset, or an ErrorResponse for PostgreSQL) and audited.
     #[arg(long, default_value_t = 1_000)]
     max_per_workload: usize,
+    /// Most network namespaces the broker listens in at once (its own included; each costs
+    /// two listening sockets and a namespace descriptor). Matching connects from namespaces
+    /// past it fail closed (or go direct with --fail-mode open) and are audited.
+    #[arg(long, default_value_t = 4_096)]
+    max_namespaces: usize,
     /// How long a connection's handshake (target connect, protocol startup and
     /// authentication) may take, in seconds; then it fails.
     #[arg(long, default_value_t = 30)]
@@ -211,6 +216,7 @@ impl DataPathArgs {
             max_connections: self.max_connections,
             connect_timeout: Duration::from_secs(self.connect_timeout),
             max_per_workload: self.max_per_workload.max(1),
+            max_namespaces: self.max_namespaces.max(1),
             handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
         }
     }

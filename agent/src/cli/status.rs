@@ -49,12 +49,17 @@ fn render(s: &Value) -> String {
         n(&c["refused"])
     ));
     out.push_str(&format!(
-        "ebpf  rules {}  redirected {}  map errors {}  fast path: enrolled {}  handed over {}\n\n",
+        "ebpf  rules {}  redirected {}  map errors {}  fast path: enrolled {}  handed over {}\n",
         n(&s["ebpf"]["rules"]),
         n(&s["ebpf"]["redirected"]),
         n(&s["ebpf"]["map_errors"]),
         n(&s["ebpf"]["fast_enrolled"]),
         n(&s["ebpf"]["fast_handovers"])
+    ));
+    out.push_str(&format!(
+        "network namespaces  served {}  connects from unprepared ones {}\n\n",
+        n(&s["ebpf"]["netns_prepared"]),
+        n(&s["ebpf"]["netns_unprepared"])
     ));
     let rows: Vec<[String; 3]> = s["policies"]
         .as_array()
@@ -118,7 +123,7 @@ mod tests {
             "listeners": ["127.0.0.1:15001", "[::1]:15001"],
             "connections": {"active": 2, "relayed": 10, "failed": 1, "denied": 3, "refused": 0},
             "ebpf": {"rules": 4, "redirected": 14, "map_errors": 0, "fast_enrolled": 12,
-                     "fast_handovers": 9},
+                     "fast_handovers": 9, "netns_prepared": 3, "netns_unprepared": 1},
             "policies": [
                 {"name": "orders-db", "protocol": "postgres", "destination": "orders-db.internal:5432"},
                 {"name": "web", "protocol": "tcp", "destination": "10.0.3.0/24:80"}
@@ -132,6 +137,10 @@ mod tests {
         );
         assert!(
             text.contains("fast path: enrolled 12  handed over 9"),
+            "{text}"
+        );
+        assert!(
+            text.contains("network namespaces  served 3  connects from unprepared ones 1\n"),
             "{text}"
         );
         assert!(

@@ -29,6 +29,11 @@ pub enum NetnsError {
     },
     #[error("eBPF map LATCH_NETNS: {0}")]
     Map(#[from] MapError),
+    #[error(
+        "network namespace {inode} not prepared: the broker already listens in {max} \
+         (--max-namespaces)"
+    )]
+    Full { inode: u64, max: usize },
 }
 
 /// Every namespace the broker listens in, by nsfs inode.
@@ -37,6 +42,8 @@ pub struct Namespaces {
     kernel: Mutex<BpfHashMap<MapData, u64, u32>>,
     listen4: SocketAddr,
     listen6: Option<SocketAddr>,
+    /// Most namespaces served at once (the agent's own included).
+    max: usize,
     serve: Serve,
     /// Parent of every namespace's stop token: cancelled when the broker stops accepting.
     stop: CancellationToken,
@@ -66,6 +73,7 @@ impl Namespaces {
         listeners: Vec<TcpListener>,
         listen4: SocketAddr,
         listen6: Option<SocketAddr>,
+        max: usize,
         stop: CancellationToken,
         serve: Serve,
     ) -> Result<Self, NetnsError> {
@@ -74,6 +82,7 @@ impl Namespaces {
             kernel: Mutex::new(kernel),
             listen4,
             listen6,
+            max,
             serve,
             stop,
             failed: Mutex::new(HashSet::new()),
@@ -166,6 +175,14 @@ impl Namespaces {
         let started = Instant::now();
         if let Some(h) = prepared.get(&inode) {
             return Ok(h.clone());
+        }
+        // A workload that makes namespaces without end cannot make the agent hold sockets
+        // without end: past the bound, its connects fail closed.
+        if prepared.len() >= self.max {
+            return Err(NetnsError::Full {
+                inode,
+                max: self.max,
+            });
         }
         let mut ns = Netns {
             cookie: 0,
