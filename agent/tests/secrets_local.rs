@@ -645,3 +645,31 @@ async fn canary_values_never_reach_debug_errors_or_logs() {
     assert!(!logs.lock().unwrap().is_empty());
     assert_not_logged("CANARY");
 }
+
+#[tokio::test]
+async fn exec_store_helpers_see_none_of_the_agents_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    // The "secret" is the list of variable names the helper sees.
+    let cmd = script(
+        dir.path(),
+        "env.sh",
+        "env | cut -d= -f1 | sort | tr '\\n' ' '",
+    );
+    let r = exec_resolver(vec![cmd], Duration::from_secs(5));
+    let c = r
+        .credentials(&static_policy("db", "exec", "orders-db", None))
+        .await
+        .unwrap();
+    let seen = c.password.as_ref().unwrap().expose().to_owned();
+    // This test process has CARGO_* variables (cargo test sets them); the helper must not.
+    assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+    let names: Vec<&str> = seen.split_whitespace().collect();
+    let shell_own = ["PWD", "SHLVL", "_", "OLDPWD"];
+    for name in &names {
+        assert!(
+            latch::secrets::child_env::HELPER_KEEPS.contains(name) || shell_own.contains(name),
+            "the helper saw {name} (all: {names:?})"
+        );
+    }
+    assert!(names.contains(&"PATH"), "{names:?}");
+}

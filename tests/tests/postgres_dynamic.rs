@@ -47,7 +47,7 @@ fn psql_gets_a_role_minted_by_openbao_and_the_lease_is_revoked_on_stop() {
     let token = dir.write("token", ROOT_TOKEN);
     let resources = format!(
         "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: bao}}\nspec:\n  \
-         vault:\n    address: {}\n    revokeOnShutdown: true\n    auth: {{token: {{file: {}}}}}\n\
+         vault:\n    address: {}\n    insecure: true\n    revokeOnShutdown: true\n    auth: {{token: {{file: {}}}}}\n\
          ---\napiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {{name: orders}}\nspec:\n  \
          destination: {{address: {}, port: {}}}\n  protocol: postgres\n  \
          credentials:\n    dynamic: {{store: bao, path: database/creds/orders-rw}}\n",

@@ -162,3 +162,94 @@ fn doctor_says_this_machine_can_run_latch() {
         );
     }
 }
+
+#[test]
+fn the_command_gets_its_users_environment_less_what_latch_reads_secrets_from() {
+    require_root();
+    let dir = TempDir::new("run");
+    let policy = dir.write(
+        "p.yaml",
+        &format!(
+            "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: envs}}\n\
+             spec: {{env: {{prefix: APP_SECRET_}}}}\n---\n\
+             apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {{name: db}}\nspec:\n  \
+             destination: {{address: 127.0.0.2, port: 9}}\n  protocol: postgres\n  \
+             tls: {{mode: disable}}\n  credentials:\n    store: envs\n    \
+             password: {{path: db, field: password}}\n---\n{}",
+            tcp_policy("x", "127.0.0.2", 10)
+        ),
+    );
+    let out = latch_run(&policy)
+        .env("APP_SECRET_DB_PASSWORD", "canary-env-store-7f1e")
+        .env("VAULT_TOKEN", "canary-vault-token-3c9a")
+        .env("AWS_SECRET_ACCESS_KEY", "canary-aws-key-88d2")
+        .env("UNRELATED_SETTING", "kept-as-is")
+        .args(["--", "env"])
+        .output()
+        .expect("latch run");
+    let env = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(env.contains("UNRELATED_SETTING=kept-as-is"), "{env}");
+    for canary in [
+        "canary-env-store-7f1e",
+        "canary-vault-token-3c9a",
+        "canary-aws-key-88d2",
+    ] {
+        assert!(
+            !env.contains(canary),
+            "{canary} reached the command:\n{env}"
+        );
+    }
+}
+
+#[test]
+fn policy_files_others_may_write_and_exec_stores_not_allowed_are_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    require_root();
+    let dir = TempDir::new("run");
+    let policy = dir.write("p.yaml", &tcp_policy("x", "127.0.0.2", 9));
+    std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = latch_run(&policy)
+        .args(["--", "true"])
+        .output()
+        .expect("latch run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("mode 666 lets others write it"), "{stderr}");
+
+    std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let helper = dir.write("get-secret.sh", "#!/bin/sh\necho pw\n");
+    let exec = dir.write(
+        "exec.yaml",
+        &format!(
+            "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: helper}}\n\
+             spec: {{exec: {{command: [{}]}}}}\n",
+            helper.display()
+        ),
+    );
+    let out = latch_run(&exec)
+        .args(["--", "true"])
+        .output()
+        .expect("latch run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("which the agent was not allowed to run"),
+        "{stderr}"
+    );
+    let out = latch_run(&exec)
+        .arg("--allow-exec")
+        .arg(&helper)
+        .args(["--", "true"])
+        .output()
+        .expect("latch run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

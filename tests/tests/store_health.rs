@@ -48,7 +48,7 @@ fn readyz_names_an_unreachable_vault_store_and_recovers_when_it_is_back() {
     let secrets = dir.write("secrets.yaml", "unused: {password: x}\n");
     let yaml = format!(
         "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: bao-main}}\nspec:\n  \
-         vault:\n    address: {}\n    auth:\n      token: {{file: {}}}\n---\n\
+         vault:\n    address: {}\n    insecure: true\n    auth:\n      token: {{file: {}}}\n---\n\
          apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: local}}\nspec:\n  \
          file: {{path: {}}}\n---\n{}",
         bao.url(),

@@ -20,8 +20,13 @@ fn write_ready_file(path: &std::path::Path, running: &Running) -> std::io::Resul
 }
 
 /// Loads the policy files again and applies them; an invalid set is logged and ignored.
-async fn reload(running: &Running, paths: &[std::path::PathBuf], cause: &str) {
-    let config = match latch::config::load(paths) {
+async fn reload(
+    running: &Running,
+    paths: &[std::path::PathBuf],
+    allowed_exec: &[std::path::PathBuf],
+    cause: &str,
+) {
+    let config = match latch::config::load_trusted(paths, allowed_exec) {
         Ok(config) => config,
         Err(errors) => {
             for error in &errors.0 {
@@ -53,7 +58,7 @@ async fn reload(running: &Running, paths: &[std::path::PathBuf], cause: &str) {
 }
 
 pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    let config = match load_config(&args.data.policies, false) {
+    let config = match load_config(&args.data.policies, &args.data.allow_exec, false) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
@@ -117,7 +122,7 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
             _ = hup.recv() => "SIGHUP",
             Some(()) = async { match &mut changes { Some(rx) => rx.recv().await, None => None } } => "file change",
         };
-        reload(&running, &args.data.policies, cause).await;
+        reload(&running, &args.data.policies, &args.data.allow_exec, cause).await;
     }
     let totals = running.stop(Duration::from_secs(args.grace_period)).await;
     tracing::info!(

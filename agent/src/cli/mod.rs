@@ -130,6 +130,10 @@ struct DataPathArgs {
     /// /kubepods, /system.slice, /machine.slice, /libpod_parent, /docker).
     #[arg(long = "runtime-cgroup-root", value_name = "PATH")]
     runtime_cgroup_roots: Vec<String>,
+    /// A command `exec` secret stores may run (they run it as root). Repeat for several; an
+    /// exec store whose command is not allowed is refused at load.
+    #[arg(long = "allow-exec", value_name = "PATH")]
+    allow_exec: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -278,8 +282,12 @@ fn with_runtime(fut: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode
 /// Loads and validates configuration; on error prints every diagnostic. `scoped_to_command`:
 /// `latch run`'s cgroup holds only the command it runs, so "admits every workload in the
 /// attached cgroups" is what the user asked for and not worth a warning.
-fn load_config(paths: &[PathBuf], scoped_to_command: bool) -> Result<Config, ExitCode> {
-    match config::load(paths) {
+fn load_config(
+    paths: &[PathBuf],
+    allowed_exec: &[PathBuf],
+    scoped_to_command: bool,
+) -> Result<Config, ExitCode> {
+    match config::load_trusted(paths, allowed_exec) {
         Ok(config) => {
             for warning in &config.warnings {
                 if scoped_to_command && warning.message.contains("has no workloads") {

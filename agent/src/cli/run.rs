@@ -14,7 +14,7 @@ use super::{RunArgs, load_config, raise_nofile_limit};
 const GRACE: Duration = Duration::from_secs(2);
 
 pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let config = match load_config(&args.data.policies, true) {
+    let config = match load_config(&args.data.policies, &args.data.allow_exec, true) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
@@ -49,7 +49,9 @@ pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         latch::privileges::Bounding::Keep,
     )?;
     tracing::debug!(kept = ?latch::privileges::names(&caps), "capabilities dropped");
-    let status = run_child(&args.command, &cg).await;
+    // CMD keeps its user's environment, less what the configuration reads secrets from.
+    let scrub = latch::secrets::child_env::Scrub::of(&config);
+    let status = run_child(&args.command, &cg, &scrub).await;
     let totals = running.stop(GRACE).await;
     tracing::info!(
         relayed = totals.relayed,
@@ -67,10 +69,12 @@ pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
 async fn run_child(
     command: &[std::ffi::OsString],
     cg: &OwnedCgroup,
+    scrub: &latch::secrets::child_env::Scrub,
 ) -> anyhow::Result<std::process::ExitStatus> {
     let procs = cg.procs_handle()?;
     let mut cmd = tokio::process::Command::new(&command[0]);
     cmd.args(&command[1..]);
+    scrub.apply(&mut cmd);
     // SAFETY: the closure only calls write(2) on an fd opened before fork.
     unsafe {
         cmd.as_std_mut()

@@ -539,7 +539,13 @@ fn check_tls(cx: &mut Cx, raw: RawTls, protocol: Protocol, entry: &Entry) -> Opt
     let RawTls { mode, mut spec } = raw;
     let (mode, mode_mark) = mode.unwrap_or((protocol.default_tls_mode(), entry.key_mark));
     let before = cx.errors.len();
-    if protocol == Protocol::Ssh && mode != TlsMode::Disable {
+    if protocol == Protocol::Tcp && mode != TlsMode::Disable {
+        // Accepting it would promise a verified, encrypted leg that latch does not make.
+        cx.error(
+            mode_mark,
+            format!("protocol tcp relays the application's bytes as they are: latch does not make TLS for it, so tls mode {:?} would be ignored; remove tls (or set mode \"disable\")", mode.as_str()),
+        );
+    } else if protocol == Protocol::Ssh && mode != TlsMode::Disable {
         cx.error(
             mode_mark,
             "tls does not apply to protocol ssh (SSH has its own encryption); remove tls",

@@ -204,6 +204,43 @@ pub fn url(cx: &mut Cx, node: &Node, what: &str) -> Option<String> {
     Some(text.trim_end_matches('/').to_string())
 }
 
+/// Plain `http://` to a store sends its credentials (a Vault token, signed AWS requests, a
+/// service-account token) to whoever holds that address and port — on loopback too, where any
+/// local user can bind the port while the real service restarts. It is allowed only when the
+/// store says `insecure: true`. Reads that key from `m`; returns whether the URL may be used.
+fn require_https(cx: &mut Cx, m: &mut Map, url: Option<(&str, Mark)>, store: &str) -> bool {
+    let insecure = match m.get("insecure") {
+        Some(n) => decode::boolean(cx, n, &format!("{store}.insecure")).unwrap_or(false),
+        None => false,
+    };
+    let Some((url, mark)) = url else {
+        return true;
+    };
+    if !url.starts_with("http://") {
+        return true;
+    }
+    if insecure {
+        cx.warn(
+            mark,
+            format!("{store}: {url:?} is plain http (insecure: true): credentials go to whoever answers there"),
+        );
+        return true;
+    }
+    cx.error(
+        mark,
+        format!(
+            "{store}: {url:?} is plain http: the store's credentials would go to whoever holds that \
+             address and port ({}); use https, or set `insecure: true` under {store} to accept that",
+            if is_loopback_url(url) {
+                "on loopback, any local user while the service is down"
+            } else {
+                "anyone on the path"
+            }
+        ),
+    );
+    false
+}
+
 /// Whether the URL's host is a loopback name or address.
 fn is_loopback_url(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
@@ -222,16 +259,19 @@ fn is_loopback_url(url: &str) -> bool {
 fn vault(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
     let mut m = Map::new(cx, &e.value, e.key_mark, "vault")?;
     let before = cx.errors.len();
-    let address = m.require(cx, "address").and_then(|a| {
-        let u = url(cx, &a.value, "vault.address")?;
-        if u.starts_with("http://") && !is_loopback_url(&u) {
-            cx.warn(
-                a.value.mark,
-                format!("vault.address {u:?} uses plain http to a host that is not loopback: tokens and secrets cross the network in clear"),
-            );
-        }
-        Some(u)
-    });
+    let address = m
+        .require(cx, "address")
+        .and_then(|a| Some((url(cx, &a.value, "vault.address")?, a.value.mark)));
+    if !require_https(
+        cx,
+        &mut m,
+        address.as_ref().map(|(u, mark)| (u.as_str(), *mark)),
+        "vault",
+    ) {
+        m.finish(cx);
+        return None;
+    }
+    let address = address.map(|(u, _)| u);
     let namespace = m.string(cx, "namespace");
     let mount = m
         .string(cx, "mount")
@@ -397,7 +437,19 @@ fn aws(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
         }
         Some(region)
     });
-    let endpoint = m.get("endpoint").and_then(|n| url(cx, n, "aws.endpoint"));
+    let endpoint = m
+        .get("endpoint")
+        .and_then(|n| Some((url(cx, n, "aws.endpoint")?, n.mark)));
+    if !require_https(
+        cx,
+        &mut m,
+        endpoint.as_ref().map(|(u, mark)| (u.as_str(), *mark)),
+        "aws",
+    ) {
+        m.finish(cx);
+        return None;
+    }
+    let endpoint = endpoint.map(|(u, _)| u);
     let auth = match m.map(cx, "auth") {
         Some(mut a) => {
             let chosen = a.one_of(cx, &["env", "profile", "webIdentity"], "aws auth method");
@@ -453,7 +505,17 @@ fn kubernetes(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
     let namespace = m.string(cx, "namespace");
     let api_server = m
         .get("apiServer")
-        .and_then(|n| url(cx, n, "kubernetes.apiServer"));
+        .and_then(|n| Some((url(cx, n, "kubernetes.apiServer")?, n.mark)));
+    if !require_https(
+        cx,
+        &mut m,
+        api_server.as_ref().map(|(u, mark)| (u.as_str(), *mark)),
+        "kubernetes",
+    ) {
+        m.finish(cx);
+        return None;
+    }
+    let api_server = api_server.map(|(u, _)| u);
     let token_file = m
         .get("tokenFile")
         .and_then(|n| decode::absolute_path(cx, n, "kubernetes.tokenFile"));

@@ -25,6 +25,7 @@ mod policy;
 mod secret;
 mod store;
 mod suggest;
+pub mod trust;
 mod validate;
 pub mod yaml;
 
@@ -33,6 +34,19 @@ mod tests;
 
 pub use diagnostic::{Diagnostic, LoadErrors, Location};
 pub use load::{load, load_str};
+
+/// Loads `paths` for the agent or `latch run`, which act on them as root: as [`load`], then
+/// the files must be root's alone and every `exec` store's command in `allowed_exec` (see
+/// [`trust`]).
+pub fn load_trusted(
+    paths: &[std::path::PathBuf],
+    allowed_exec: &[std::path::PathBuf],
+) -> Result<Config, LoadErrors> {
+    trust::check_files(paths)?;
+    let config = load(paths)?;
+    trust::check_exec(&config, allowed_exec)?;
+    Ok(config)
+}
 pub use net::{Cidr, PortRange};
 pub use policy::{
     AppTlsMode, Credentials, Destination, Policy, Protocol, SecretRef, Target, TlsMode, TlsSpec,

@@ -22,7 +22,7 @@ metadata:
   name: vault
 spec:
   vault:                              # Vault or OpenBao
-    address: http://127.0.0.1:8200
+    address: https://vault.internal:8200
     auth:
       token: { file: /run/latch/vault-token }   # or appRole: {...}, kubernetes: {...}
 ---
@@ -106,7 +106,7 @@ fn design_example_loads_as_written() {
         StoreBackend::File(f) if f.path == Path::new("/etc/latch/secrets.yaml")));
     match &config.store("vault").unwrap().backend {
         StoreBackend::Vault(v) => {
-            assert_eq!(v.address, "http://127.0.0.1:8200");
+            assert_eq!(v.address, "https://vault.internal:8200");
             assert_eq!(v.kv_version, 2);
             assert_eq!(
                 v.auth,
@@ -559,7 +559,7 @@ metadata: {name: aws}
 spec:
   aws:
     region: eu-west-1
-    endpoint: http://127.0.0.1:4566
+    endpoint: https://127.0.0.1:4566
     auth: {webIdentity: {roleArn: 'arn:aws:iam::123456789012:role/latch', tokenFile: /var/run/token}}
 ---
 apiVersion: latch.dev/v1alpha1
@@ -640,7 +640,7 @@ fn vault_revoke_on_shutdown_is_a_boolean() {
     let store = |value: &str| {
         format!(
             "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: v}}\nspec:\n  vault:\n    \
-             address: http://127.0.0.1:8200\n    revokeOnShutdown: {value}\n    auth: {{token: {{file: /t}}}}\n"
+             address: https://127.0.0.1:8200\n    revokeOnShutdown: {value}\n    auth: {{token: {{file: /t}}}}\n"
         )
     };
     let config = load_str("s.yaml", &store("true")).expect("valid");
@@ -821,4 +821,65 @@ fn direct_mode_needs_postgres_in_plain_text_on_both_legs() {
     );
     let errs = errors("t.yaml", &format!("{STORES}{not_bool}"));
     assert!(errs.len() == 1 && errs[0].contains("direct"), "{errs:?}");
+}
+
+#[test]
+fn plain_http_to_a_store_needs_an_explicit_insecure_even_on_loopback() {
+    let vault = |extra: &str| {
+        format!(
+            "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: v}}\nspec:\n  vault:\n    \
+             address: http://127.0.0.1:8200\n{extra}    auth: {{token: {{file: /t}}}}\n"
+        )
+    };
+    let errs = errors("s.yaml", &vault(""));
+    assert_has(
+        &errs,
+        "s.yaml:6:14: vault: \"http://127.0.0.1:8200\" is plain http: the store's credentials would go to whoever holds that address and port (on loopback, any local user while the service is down); use https, or set `insecure: true` under vault to accept that",
+    );
+    let allowed = load_str("s.yaml", &vault("    insecure: true\n")).expect("insecure: true");
+    assert_eq!(allowed.warnings.len(), 1, "{:?}", allowed.warnings);
+    assert!(
+        allowed.warnings[0]
+            .message
+            .contains("is plain http (insecure: true)"),
+        "{:?}",
+        allowed.warnings
+    );
+    let aws = "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {name: a}\nspec:\n  aws:\n    \
+               region: eu-west-1\n    endpoint: http://10.0.0.5:4566\n";
+    assert_has(
+        &errors("a.yaml", aws),
+        "a.yaml:7:15: aws: \"http://10.0.0.5:4566\" is plain http: the store's credentials would go to whoever holds that address and port (anyone on the path); use https, or set `insecure: true` under aws to accept that",
+    );
+    let k8s = "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {name: k}\nspec:\n  kubernetes:\n    \
+               apiServer: http://127.0.0.1:6443\n";
+    assert_eq!(
+        errors("k.yaml", k8s).len(),
+        1,
+        "{:?}",
+        errors("k.yaml", k8s)
+    );
+    let https = "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {name: k}\nspec:\n  kubernetes:\n    \
+                 apiServer: https://127.0.0.1:6443\n";
+    assert!(load_str("k.yaml", https).is_ok());
+}
+
+#[test]
+fn tls_settings_on_a_tcp_policy_are_refused_rather_than_ignored() {
+    let text = policy(
+        "p",
+        "  destination: {address: 10.0.0.1, port: 6379}\n  protocol: tcp\n  tls:\n    mode: verify-full\n    ca: /etc/ca.pem\n",
+    );
+    let errs = errors("p.yaml", &text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("protocol tcp relays the application's bytes as they are")
+            && errs[0].contains("\"verify-full\" would be ignored"),
+        "{errs:?}"
+    );
+    let plain = policy(
+        "p",
+        "  destination: {address: 10.0.0.1, port: 6379}\n  protocol: tcp\n  tls: {mode: disable}\n",
+    );
+    assert!(load_str("p.yaml", &plain).is_ok());
 }

@@ -290,7 +290,10 @@ async fn relay_session<'s>(
 fn strip_password_messages(mut buf: BytesMut) -> BytesMut {
     let mut out = BytesMut::new();
     loop {
-        match pg::frame::parse(&mut buf, usize::MAX >> 1) {
+        // Only frames wholly buffered matter here: a length beyond what is buffered is not
+        // parsed (parsing would reserve room for it, up to 2 GiB of the application's choice).
+        let buffered = buf.len();
+        match pg::frame::parse(&mut buf, buffered) {
             Ok(Some(Frame { tag: b'p', .. })) => {
                 tracing::warn!("dropped a password message the application sent unasked");
             }
@@ -345,4 +348,44 @@ pub async fn send_cancel(
     let mut sink = [0u8; 16];
     let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_announced_length_reserves_nothing_and_passes_through() {
+        let early = BytesMut::from(&b"Q\x7f\xff\xff\xffSELECT"[..]);
+        let out = strip_password_messages(early);
+        assert_eq!(&out[..], b"Q\x7f\xff\xff\xffSELECT");
+        assert!(
+            out.capacity() < 1 << 20,
+            "reserved {} bytes",
+            out.capacity()
+        );
+    }
+
+    #[test]
+    fn password_messages_are_dropped_and_the_rest_kept_in_order() {
+        let mut early = BytesMut::new();
+        Frame {
+            tag: b'p',
+            body: bytes::Bytes::from_static(b"secret\0"),
+        }
+        .encode(&mut early);
+        Frame {
+            tag: b'Q',
+            body: bytes::Bytes::from_static(b"SELECT 1\0"),
+        }
+        .encode(&mut early);
+        let out = strip_password_messages(early);
+        let mut want = BytesMut::new();
+        Frame {
+            tag: b'Q',
+            body: bytes::Bytes::from_static(b"SELECT 1\0"),
+        }
+        .encode(&mut want);
+        assert_eq!(out, want);
+    }
 }

@@ -13,6 +13,12 @@ use super::{
 /// Limit of one server message during the handshake (SASL, parameters, errors are small).
 pub const MAX_HANDSHAKE_MESSAGE: usize = 64 * 1024;
 
+/// Most ParameterStatus and NoticeResponse messages before ReadyForQuery (PostgreSQL 15 sends
+/// 14 ParameterStatus), and their bytes: latch holds them until the session starts, so a
+/// hostile server streaming them must not grow the agent's memory.
+pub const MAX_STARTUP_MESSAGES: usize = 256;
+pub const MAX_STARTUP_BYTES: usize = 64 * 1024;
+
 /// What the connector does next.
 #[derive(Debug)]
 pub enum Event {
@@ -40,6 +46,11 @@ pub enum HandshakeError {
     Auth(#[from] AuthError),
     #[error("protocol: {0}")]
     Protocol(#[from] PgError),
+    #[error(
+        "the server sent more than {MAX_STARTUP_MESSAGES} messages or {MAX_STARTUP_BYTES} bytes of \
+         parameters and notices before it was ready"
+    )]
+    Flood,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +66,8 @@ pub struct TargetHandshake {
     auth: ClientAuth,
     phase: Phase,
     key_seen: bool,
+    /// ParameterStatus and NoticeResponse messages (and their bytes) seen so far.
+    chatter: (usize, usize),
 }
 
 impl TargetHandshake {
@@ -63,6 +76,7 @@ impl TargetHandshake {
             auth,
             phase: Phase::Auth,
             key_seen: false,
+            chatter: (0, 0),
         }
     }
 
@@ -79,6 +93,17 @@ impl TargetHandshake {
     /// Handles one frame from the server.
     pub fn on_frame(&mut self, frame: Frame) -> Result<Event, HandshakeError> {
         let msg = BackendMessage::decode(&frame)?;
+        if matches!(
+            msg,
+            BackendMessage::ParameterStatus { .. } | BackendMessage::Notice
+        ) {
+            self.chatter.0 += 1;
+            self.chatter.1 += frame.wire_len();
+            if self.chatter.0 > MAX_STARTUP_MESSAGES || self.chatter.1 > MAX_STARTUP_BYTES {
+                self.phase = Phase::Done;
+                return Err(HandshakeError::Flood);
+            }
+        }
         let unexpected = |stage| {
             HandshakeError::Protocol(PgError::Unexpected {
                 tag: frame.tag as char,

@@ -472,3 +472,54 @@ fn debug_output_of_auth_state_shows_no_secret() {
     let c = ScramClient::new("", b"hunter2", ChannelBinding::Unsupported, "n".into());
     assert!(!format!("{c:?}").contains("hunter2"));
 }
+
+#[test]
+fn a_server_streaming_parameters_before_ready_is_cut_off() {
+    // Trust authentication (AuthenticationOk at once), then ParameterStatus without end.
+    let mut hs = TargetHandshake::new(ClientAuth::new("u", Some("pw"), TargetTls::Plain));
+    let ok = frame::parse(&mut BytesMut::from(&b"R\0\0\0\x08\0\0\0\0"[..]), 100)
+        .unwrap()
+        .unwrap();
+    assert!(matches!(hs.on_frame(ok).unwrap(), Event::Authenticated));
+    let param = |i: usize| {
+        let mut out = BytesMut::new();
+        let body = format!("p{i}\0v\0");
+        crate::pg::Frame {
+            tag: b'S',
+            body: bytes::Bytes::from(body.into_bytes()),
+        }
+        .encode(&mut out);
+        frame::parse(&mut out, 1000).unwrap().unwrap()
+    };
+    for i in 0..crate::pg::handshake::MAX_STARTUP_MESSAGES {
+        assert!(
+            matches!(hs.on_frame(param(i)).unwrap(), Event::Forward(_)),
+            "{i}"
+        );
+    }
+    assert!(matches!(
+        hs.on_frame(param(9999)),
+        Err(HandshakeError::Flood)
+    ));
+    // Fewer but larger messages reach the byte bound first.
+    let mut hs = TargetHandshake::new(ClientAuth::new("u", Some("pw"), TargetTls::Plain));
+    let ok = frame::parse(&mut BytesMut::from(&b"R\0\0\0\x08\0\0\0\0"[..]), 100)
+        .unwrap()
+        .unwrap();
+    hs.on_frame(ok).unwrap();
+    let big = |i: usize| {
+        let mut out = BytesMut::new();
+        let body = format!("p{i}\0{}\0", "x".repeat(8000));
+        crate::pg::Frame {
+            tag: b'S',
+            body: bytes::Bytes::from(body.into_bytes()),
+        }
+        .encode(&mut out);
+        frame::parse(&mut out, 1 << 16).unwrap().unwrap()
+    };
+    let flooded = (0..16).find_map(|i| hs.on_frame(big(i)).err());
+    assert!(
+        matches!(flooded, Some(HandshakeError::Flood)),
+        "{flooded:?}"
+    );
+}

@@ -32,6 +32,9 @@ impl ExecStore {
         };
         let program = &self.spec.command[0];
         let mut cmd = tokio::process::Command::new(program);
+        // The helper sees none of the agent's environment (store credentials, env-store
+        // secrets), only what it needs to run.
+        super::child_env::helper_env(&mut cmd);
         cmd.args(&self.spec.command[1..])
             .arg(lookup.path)
             .args(lookup.field)

@@ -14,6 +14,7 @@
 
 pub mod aws;
 pub mod cache;
+pub mod child_env;
 pub mod env;
 pub mod error;
 pub mod exec;

@@ -129,6 +129,10 @@ impl Failure {
                     SqlState::PROTOCOL_VIOLATION,
                     format!("the target {addr} broke the protocol: {e}"),
                 ),
+                HandshakeError::Flood => say(
+                    SqlState::PROTOCOL_VIOLATION,
+                    format!("the target {addr} broke the protocol: {source}"),
+                ),
             },
         })
     }
