@@ -33,32 +33,45 @@ fn assert_maps_drain(s: &Setup) {
 }
 
 #[test]
-fn psql_gets_its_own_connection_authenticated_with_scram_md5_and_cleartext() {
+fn psql_gets_its_own_connection_authenticated_with_scram_and_never_md5_or_cleartext() {
     let s = Setup::new(SCRAM_USER, SCRAM_PW, DIRECT);
     // psql's default sslmode=prefer sends an SSLRequest first: latch answers 'N'.
     let out = run(&mut s.psql(APP_DB, "select current_user || ' ' || current_database()"));
     assert_eq!(stdout(&out), format!("{SCRAM_USER} {APP_DB}"));
-    s.set_secret(MD5_USER, latch_tests::pg_setup::MD5_PW);
+    // On the application's own connection, the application reads whatever latch sends: a
+    // method that shows the password is never answered there.
+    for (user, pw) in [
+        (MD5_USER, latch_tests::pg_setup::MD5_PW),
+        (PLAIN_USER, latch_tests::pg_setup::PLAIN_PW),
+    ] {
+        s.set_secret(user, pw);
+        let out = s
+            .psql("postgres", "select current_user")
+            .output()
+            .expect("psql");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{user}: latch answered in direct mode"
+        );
+        assert!(!err.contains(pw), "{user}: {err}");
+    }
+    s.set_secret(SCRAM_USER, SCRAM_PW);
     assert_eq!(
         stdout(&run(&mut s.psql("postgres", "select current_user"))),
-        MD5_USER
-    );
-    s.set_secret(PLAIN_USER, latch_tests::pg_setup::PLAIN_PW);
-    assert_eq!(
-        stdout(&run(&mut s.psql("postgres", "select current_user"))),
-        PLAIN_USER
+        SCRAM_USER
     );
 
     // The sessions were the applications' own connections: nothing was redirected to the
     // broker, and each was handed over after latch's startup.
-    s.agent.wait_count("relayed", 3);
+    s.agent.wait_count("relayed", 2);
     let status = ebpf(&s);
     assert_eq!(status["redirected"], 0, "{status}");
-    assert_eq!(status["direct_enrolled"], 3, "{status}");
-    assert_eq!(status["direct_handovers"], 3, "{status}");
+    assert_eq!(status["direct_enrolled"], 4, "{status}");
+    assert_eq!(status["direct_handovers"], 2, "{status}");
     let metrics = s.agent.metrics();
     assert!(
-        metrics.contains("latch_direct_handovers_total 3"),
+        metrics.contains("latch_direct_handovers_total 2"),
         "{metrics}"
     );
     assert_maps_drain(&s);

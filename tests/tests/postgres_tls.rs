@@ -116,3 +116,75 @@ fn target_tls_follows_the_policy_mode_and_binds_scram_to_the_channel() {
     latch_tests::run_ok(cg.command(bins::probe()).args(["pg", &connstr, "cancel"]));
     assert!(agent.stop().success());
 }
+
+#[test]
+fn md5_and_cleartext_go_only_to_a_server_verified_with_verify_full_and_only_when_named() {
+    use latch_tests::{
+        pg_setup::{MD5_PW, PLAIN_PW},
+        postgres::{MD5_USER, PLAIN_USER},
+    };
+    let certs = TestCa::new("db.test", &["DNS:db.test", "IP:127.0.0.2"]);
+    let pg = PgCluster::start_with(
+        "127.0.0.2",
+        SCRAM_PW,
+        MD5_PW,
+        PLAIN_PW,
+        Some(ServerTls {
+            cert: &certs.server_cert(),
+            key: &certs.server_key(),
+        }),
+    );
+    let cg = TestCgroup::new();
+    let ca = certs.ca().display().to_string();
+    for (user, pw) in [(MD5_USER, MD5_PW), (PLAIN_USER, PLAIN_PW)] {
+        let dir = TempDir::new("pg-tls-secrets");
+        let secrets = dir.write("secrets.yaml", &secrets_yaml(user, pw));
+        // Named by the policy, toward a verified server: used.
+        let named = Agent::start(
+            &policy_yaml(
+                "orders-db",
+                pg.addr,
+                &secrets,
+                &format!(
+                    "  tls: {{mode: verify-full, ca: {ca}}}\n  \
+                     authentication: {{methods: [md5, password]}}\n"
+                ),
+            ),
+            &cg,
+        );
+        let out = psql(&cg, &pg, "select current_user");
+        assert!(
+            out.status.success(),
+            "{user}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            named.log()
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), user);
+        assert!(named.stop().success());
+
+        // Not named (the default is SCRAM only): refused before anything is sent.
+        let default = Agent::start(
+            &policy_yaml(
+                "orders-db",
+                pg.addr,
+                &secrets,
+                &format!("  tls: {{mode: verify-full, ca: {ca}}}\n"),
+            ),
+            &cg,
+        );
+        let out = psql(&cg, &pg, "select current_user");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{user} was allowed by default");
+        assert!(
+            err.contains("which the policy does not allow"),
+            "{user}: {err}"
+        );
+        assert!(!err.contains(pw) && !default.log().contains(pw));
+        assert!(default.stop().success());
+    }
+    assert!(
+        !pg.log().contains("authentication failed"),
+        "a refused method still reached the server:\n{}",
+        pg.log()
+    );
+}

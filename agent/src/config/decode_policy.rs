@@ -6,8 +6,8 @@ use std::time::Duration;
 use super::decode::{self, Cx, Map};
 use super::net::{self, Cidr, PortRange};
 use super::policy::{
-    AppTlsMode, Credentials, Destination, Protocol, SecretRef, Target, TlsMode, TlsSpec,
-    WorkloadSelector,
+    AppTlsMode, AuthSpec, ChannelBindingMode, Credentials, Destination, Protocol, SecretRef,
+    Target, TlsMode, TlsSpec, WorkloadSelector,
 };
 use super::yaml::{Entry, Mark, Node, Value};
 
@@ -24,6 +24,7 @@ pub struct PolicySpec {
     pub credentials: Option<Credentials>,
     pub cache_ttl: Option<Duration>,
     pub direct: bool,
+    pub auth: AuthSpec,
 }
 
 pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
@@ -55,6 +56,11 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     let app_tls = match app_tls_entry {
         Some(e) => app_tls(cx, e),
         None => Some(AppTlsMode::Disable),
+    };
+    let auth_entry = m.entry("authentication");
+    let auth = match auth_entry {
+        Some(e) => authentication(cx, e),
+        None => Some(AuthSpec::default()),
     };
     let direct_entry = m.entry("direct");
     let direct = match direct_entry {
@@ -96,6 +102,9 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     if let (Some(true), Some(e)) = (direct, direct_entry) {
         check_direct(cx, e.key_mark, protocol, tls.as_ref(), app_tls);
     }
+    if let (Some(a), Some(e)) = (auth, auth_entry) {
+        check_auth(cx, e, protocol, tls.as_ref(), direct == Some(true), a);
+    }
     if cx.errors.len() > errors_before {
         return None;
     }
@@ -108,7 +117,96 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         credentials,
         cache_ttl,
         direct: direct?,
+        auth: auth?,
     })
+}
+
+/// `authentication: {methods: [scram-sha-256, md5, password], channelBinding: prefer}`.
+fn authentication(cx: &mut Cx, entry: &Entry) -> Option<AuthSpec> {
+    let mut m = Map::new(cx, &entry.value, entry.key_mark, "authentication")?;
+    let mut spec = AuthSpec::default();
+    if let Some(e) = m.entry("methods") {
+        let items = decode::sequence(cx, &e.value, "authentication.methods")?;
+        spec.scram = false;
+        for item in items {
+            let name = decode::string(cx, item, "authentication method")?;
+            match name.as_str() {
+                "scram-sha-256" => spec.scram = true,
+                "md5" => spec.md5 = true,
+                "password" => spec.cleartext = true,
+                other => cx.error(
+                    item.mark,
+                    format!(
+                        "unknown authentication method {other:?}; expected one of {}",
+                        decode::list(&AuthSpec::METHODS)
+                    ),
+                ),
+            }
+        }
+        if !(spec.scram || spec.md5 || spec.cleartext) {
+            cx.error(
+                e.value.mark,
+                "authentication.methods is empty: name at least one",
+            );
+        }
+    }
+    if let Some(e) = m.entry("channelBinding") {
+        spec.channel_binding = decode::choice(
+            cx,
+            &e.value,
+            "authentication.channelBinding",
+            &ChannelBindingMode::ALL,
+        )?;
+    }
+    m.finish(cx);
+    Some(spec)
+}
+
+/// Methods that show the password (or an equivalent hash) to whoever answers go only to a
+/// server whose identity TLS verified; never on the application's own connection (direct
+/// mode), where the application reads everything; channel binding needs TLS.
+fn check_auth(
+    cx: &mut Cx,
+    entry: &Entry,
+    protocol: Protocol,
+    tls: Option<&TlsSpec>,
+    direct: bool,
+    auth: AuthSpec,
+) {
+    if protocol != Protocol::Postgres {
+        cx.error(
+            entry.key_mark,
+            format!("authentication applies to protocol postgres only (not {protocol}); remove it"),
+        );
+        return;
+    }
+    let revealing: Vec<&str> = [("md5", auth.md5), ("password", auth.cleartext)]
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| *n)
+        .collect();
+    if let Some(first) = revealing.first() {
+        let at = entry.value.locate(&["methods"]);
+        if direct {
+            cx.error(
+                at,
+                format!("authentication method {first:?} with direct: true would put the password on the application's own connection; use scram-sha-256"),
+            );
+        } else if tls.is_some_and(|t| t.mode != TlsMode::VerifyFull) {
+            cx.error(
+                at,
+                format!("authentication method {first:?} shows the password (or a hash as good as it) to whoever answers: it needs tls.mode verify-full"),
+            );
+        }
+    }
+    if auth.channel_binding == ChannelBindingMode::Require
+        && tls.is_some_and(|t| matches!(t.mode, TlsMode::Disable | TlsMode::Prefer))
+    {
+        cx.error(
+            entry.value.locate(&["channelBinding"]),
+            "channelBinding require needs TLS to the target: tls.mode require, verify-ca or verify-full",
+        );
+    }
 }
 
 /// `direct: true` leaves the application's connection to the target, so both legs must be

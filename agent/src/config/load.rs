@@ -237,6 +237,7 @@ fn document(cx: &mut Cx, root: &Node) -> Option<Resource> {
             tls: spec.tls,
             app_tls: spec.app_tls,
             direct: spec.direct,
+            auth: spec.auth,
             credentials: spec.credentials,
             cache_ttl: spec.cache_ttl,
         }))

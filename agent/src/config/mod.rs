@@ -49,8 +49,8 @@ pub fn load_trusted(
 }
 pub use net::{Cidr, PortRange};
 pub use policy::{
-    AppTlsMode, Credentials, Destination, Policy, Protocol, SecretRef, Target, TlsMode, TlsSpec,
-    WorkloadSelector,
+    AppTlsMode, AuthSpec, ChannelBindingMode, Credentials, Destination, Policy, Protocol,
+    SecretRef, Target, TlsMode, TlsSpec, WorkloadSelector,
 };
 pub use secret::SecretString;
 pub use store::{

@@ -35,6 +35,53 @@ pub struct Policy {
     /// `spec.direct`: the application's own connection goes to the target and latch takes
     /// part in its startup only (postgres, plain text on both legs).
     pub direct: bool,
+    /// `spec.authentication`: how latch may prove the credentials to the target.
+    pub auth: AuthSpec,
+}
+
+/// `spec.authentication` of a policy: the methods latch may answer a server's request with,
+/// and channel binding. By default SCRAM-SHA-256 only: a method that shows the password (or a
+/// hash as good as the password) to whoever answers is an explicit choice, and allowed only
+/// toward a server verified with `tls.mode: verify-full`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthSpec {
+    pub scram: bool,
+    pub md5: bool,
+    /// `password`: the password itself (PostgreSQL's AuthenticationCleartextPassword).
+    pub cleartext: bool,
+    pub channel_binding: ChannelBindingMode,
+}
+
+impl Default for AuthSpec {
+    fn default() -> Self {
+        AuthSpec {
+            scram: true,
+            md5: false,
+            cleartext: false,
+            channel_binding: ChannelBindingMode::Prefer,
+        }
+    }
+}
+
+impl AuthSpec {
+    /// Method names as written in `authentication.methods`.
+    pub const METHODS: [&'static str; 3] = ["scram-sha-256", "md5", "password"];
+}
+
+/// `authentication.channelBinding`: `prefer` binds SCRAM to the TLS session when the server
+/// offers SCRAM-SHA-256-PLUS; `require` refuses any other SCRAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChannelBindingMode {
+    #[default]
+    Prefer,
+    Require,
+}
+
+impl ChannelBindingMode {
+    pub const ALL: [(&'static str, ChannelBindingMode); 2] = [
+        ("prefer", ChannelBindingMode::Prefer),
+        ("require", ChannelBindingMode::Require),
+    ];
 }
 
 impl Policy {

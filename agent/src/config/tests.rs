@@ -883,3 +883,63 @@ fn tls_settings_on_a_tcp_policy_are_refused_rather_than_ignored() {
     );
     assert!(load_str("p.yaml", &plain).is_ok());
 }
+
+#[test]
+fn password_revealing_methods_need_a_verified_server_and_never_direct_mode() {
+    let pg = |extra: &str| {
+        policy(
+            "db",
+            &format!(
+                "  destination: {{address: 10.0.0.1, port: 5432}}\n  protocol: postgres\n  \
+                 workloads: [{{uid: 1}}]\n  credentials:\n    store: s\n    \
+                 password: {{path: db, field: password}}\n{extra}"
+            ),
+        ) + "---\napiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {name: s}\nspec: {env: {}}\n"
+    };
+    // The default: SCRAM-SHA-256 only, channel binding when offered.
+    let config = load_str("p.yaml", &pg("")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.policies[0].auth, AuthSpec::default());
+    assert!(config.policies[0].auth.scram && !config.policies[0].auth.md5);
+
+    let errs = errors("p.yaml", &pg("  authentication: {methods: [md5]}\n"));
+    assert!(
+        errs.iter().any(
+            |e| e.contains("authentication method \"md5\" shows the password")
+                && e.contains("needs tls.mode verify-full")
+        ),
+        "{errs:?}"
+    );
+    let errs = errors(
+        "p.yaml",
+        &pg("  tls: {mode: disable}\n  direct: true\n  authentication: {methods: [password]}\n"),
+    );
+    assert!(
+        errs.iter().any(|e| e.contains(
+            "with direct: true would put the password on the application's own connection"
+        )),
+        "{errs:?}"
+    );
+    let errs = errors(
+        "p.yaml",
+        &pg("  tls: {mode: disable}\n  authentication: {channelBinding: require}\n"),
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("channelBinding require needs TLS to the target")),
+        "{errs:?}"
+    );
+    let errs = errors("p.yaml", &pg("  authentication: {methods: [kerberos]}\n"));
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("unknown authentication method \"kerberos\"")),
+        "{errs:?}"
+    );
+    let ok = load_str(
+        "p.yaml",
+        &pg("  tls: {mode: verify-full}\n  authentication:\n    methods: [scram-sha-256, md5, password]\n    channelBinding: require\n"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let a = ok.policies[0].auth;
+    assert!(a.scram && a.md5 && a.cleartext);
+    assert_eq!(a.channel_binding, ChannelBindingMode::Require);
+}

@@ -130,7 +130,9 @@ mod tests {
         assert!(check_files(std::slice::from_ref(&file)).is_ok());
 
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let errs = check_files(std::slice::from_ref(&d)).unwrap_err().to_string();
+        let errs = check_files(std::slice::from_ref(&d))
+            .unwrap_err()
+            .to_string();
         assert!(errs.contains("mode 666 lets others write it"), "{errs}");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
 
@@ -143,7 +145,9 @@ mod tests {
 
         if nix::unistd::geteuid().is_root() {
             std::os::unix::fs::chown(&file, Some(4242), None).unwrap();
-            let errs = check_files(std::slice::from_ref(&d)).unwrap_err().to_string();
+            let errs = check_files(std::slice::from_ref(&d))
+                .unwrap_err()
+                .to_string();
             assert!(errs.contains("owned by uid 4242, not 0"), "{errs}");
         }
         std::fs::remove_dir_all(&d).unwrap();

@@ -31,6 +31,54 @@ pub enum AuthError {
     NulInPassword,
     #[error("the server ended SCRAM without proving it knows the password")]
     ScramIncomplete,
+    #[error(
+        "the server asks for {0}, which the policy does not allow (authentication.methods; \
+         by default scram-sha-256 only)"
+    )]
+    NotAllowed(&'static str),
+    #[error(
+        "the server asks for {0}, which shows the password (or a hash as good as it) to whoever \
+         answers: latch sends it only to a server verified with tls.mode verify-full"
+    )]
+    Unverified(&'static str),
+    #[error(
+        "the policy requires channel binding (channelBinding: require), but the server does not \
+         offer SCRAM-SHA-256-PLUS over TLS"
+    )]
+    BindingRequired,
+}
+
+/// What the policy lets one exchange answer with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowed {
+    pub scram: bool,
+    pub md5: bool,
+    pub cleartext: bool,
+    /// Only SCRAM-SHA-256-PLUS (bound to the TLS session).
+    pub require_binding: bool,
+    /// TLS verified the target's identity (verify-full); md5 and cleartext need it.
+    pub verified_target: bool,
+}
+
+impl Allowed {
+    /// SCRAM-SHA-256 only, toward an unverified target: what a policy gets by default.
+    pub const SCRAM: Allowed = Allowed {
+        scram: true,
+        md5: false,
+        cleartext: false,
+        require_binding: false,
+        verified_target: false,
+    };
+
+    fn check(&self, method: &'static str, allowed: bool, reveals: bool) -> Result<(), AuthError> {
+        if !allowed {
+            Err(AuthError::NotAllowed(method))
+        } else if reveals && !self.verified_target {
+            Err(AuthError::Unverified(method))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// What to do after a request.
@@ -64,6 +112,7 @@ pub struct ClientAuth {
     scram_done: bool,
     method: &'static str,
     key_cache: Option<(Arc<ScramKeyCache>, String)>,
+    allowed: Allowed,
 }
 
 impl std::fmt::Debug for ClientAuth {
@@ -84,7 +133,14 @@ impl ClientAuth {
             scram_done: false,
             method: "trust",
             key_cache: None,
+            allowed: Allowed::SCRAM,
         }
+    }
+
+    /// Answers only with what `allowed` permits (by default [`Allowed::SCRAM`]).
+    pub fn allowing(mut self, allowed: Allowed) -> ClientAuth {
+        self.allowed = allowed;
+        self
     }
 
     /// Keeps SCRAM keys in `cache` under `scope` (the target and user), so a later exchange
@@ -124,17 +180,15 @@ impl ClientAuth {
             }
             AuthRequest::CleartextPassword => {
                 self.method = "password";
+                self.allowed
+                    .check("password", self.allowed.cleartext, true)?;
                 let pw = self.password("password")?;
-                if self.tls == TargetTls::Plain {
-                    tracing::warn!(
-                        "the target asks for the password in clear text over an unencrypted connection"
-                    );
-                }
                 password_message(pw, &mut out)?;
                 Ok(AuthAction::Send(out))
             }
             AuthRequest::Md5Password { salt } => {
                 self.method = "md5";
+                self.allowed.check("md5", self.allowed.md5, true)?;
                 let pw = self.password("md5")?;
                 let hashed = Zeroizing::new(postgres_protocol::authentication::md5_hash(
                     self.user.as_bytes(),
@@ -148,6 +202,8 @@ impl ClientAuth {
                 if self.scram.is_some() {
                     return Err(AuthError::OutOfOrder("AuthenticationSASL"));
                 }
+                self.allowed
+                    .check("SCRAM-SHA-256", self.allowed.scram, false)?;
                 let pw = self.password("SCRAM-SHA-256")?.to_vec();
                 let pw = Zeroizing::new(pw);
                 let has = |m: &str| mechanisms.iter().any(|x| x == m);
@@ -164,6 +220,11 @@ impl ClientAuth {
                     }
                     _ => return Err(AuthError::NoMechanism(mechanisms)),
                 };
+                if self.allowed.require_binding
+                    && !matches!(binding, ChannelBinding::TlsServerEndPoint(_))
+                {
+                    return Err(AuthError::BindingRequired);
+                }
                 let nonce = self.nonce.take().unwrap_or_else(scram::random_nonce);
                 let mut client = ScramClient::new("", &pw, binding, nonce);
                 if let Some((cache, scope)) = &self.key_cache {

@@ -17,6 +17,11 @@ pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
 /// spend seconds of CPU per connection). PostgreSQL's default is 4096.
 pub const MAX_ITERATIONS: u32 = 1 << 20;
 
+/// Iteration counts below this are refused: the client proof lets whoever saw the exchange
+/// guess the password offline, and a hostile server that chose a low count makes each guess
+/// cheap. PostgreSQL's default (and RFC 7677's) is 4096.
+pub const MIN_ITERATIONS: u32 = 4096;
+
 /// Client nonce length in printable characters.
 const NONCE_LEN: usize = 24;
 
@@ -57,7 +62,7 @@ pub enum ScramError {
     BadServerFinal(&'static str),
     #[error("server nonce does not extend the client nonce")]
     NonceMismatch,
-    #[error("server iteration count {0} is outside 1..={MAX_ITERATIONS}")]
+    #[error("server iteration count {0} is outside {MIN_ITERATIONS}..={MAX_ITERATIONS}")]
     Iterations(u64),
     #[error("server signature does not verify: the server does not know the password")]
     BadServerSignature,
@@ -198,7 +203,7 @@ impl ScramClient {
         let iters: u64 = iters
             .parse()
             .map_err(|_| ScramError::BadServerFirst("bad iteration count"))?;
-        if iters == 0 || iters > MAX_ITERATIONS as u64 {
+        if iters < MIN_ITERATIONS as u64 || iters > MAX_ITERATIONS as u64 {
             return Err(ScramError::Iterations(iters));
         }
         let keys = match &self.cache {

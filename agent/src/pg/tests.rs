@@ -3,7 +3,7 @@ use bytes::{BufMut as _, BytesMut};
 
 use super::{
     ErrorFields, Frame, PgError, SqlState,
-    auth::{AuthAction, ClientAuth, TargetTls},
+    auth::{Allowed, AuthAction, AuthError, ClientAuth, TargetTls},
     backend::{AuthRequest, BackendMessage},
     encode, frame,
     handshake::{Event, HandshakeError, TargetHandshake},
@@ -362,7 +362,7 @@ fn scram_plus_binds_the_certificate_hash() {
         ChannelBinding::TlsServerEndPoint(vec![1, 2, 3]),
         "n".into(),
     );
-    let fin = String::from_utf8(c.server_first(b"r=nX,s=c2FsdA==,i=1").unwrap()).unwrap();
+    let fin = String::from_utf8(c.server_first(b"r=nX,s=c2FsdA==,i=4096").unwrap()).unwrap();
     // c = base64("p=tls-server-end-point,," + 01 02 03)
     assert!(
         fin.starts_with("c=cD10bHMtc2VydmVyLWVuZC1wb2ludCwsAQID,r=nX,p="),
@@ -423,8 +423,15 @@ fn a_server_skipping_scram_final_is_refused() {
 
 #[test]
 fn md5_and_cleartext_answers() {
+    // As a policy that names both, toward a server TLS verified.
+    let both = Allowed {
+        md5: true,
+        cleartext: true,
+        verified_target: true,
+        ..Allowed::SCRAM
+    };
     // md5(md5("md5-Secret" + "md5_app") + salt), computed independently (Python hashlib).
-    let mut a = ClientAuth::new("md5_app", Some("md5-Secret"), TargetTls::Plain);
+    let mut a = ClientAuth::new("md5_app", Some("md5-Secret"), TargetTls::Plain).allowing(both);
     let AuthAction::Send(b) = a
         .on_request(AuthRequest::Md5Password { salt: [1, 2, 3, 4] })
         .unwrap()
@@ -432,15 +439,118 @@ fn md5_and_cleartext_answers() {
         panic!()
     };
     assert_eq!(&b[..], b"p\0\0\0\x28md559c3ca6d4ac3b40ee3070cfb5578fbcc\0");
-    let mut a = ClientAuth::new("u", Some("pw"), TargetTls::Plain);
+    let mut a = ClientAuth::new("u", Some("pw"), TargetTls::Plain).allowing(both);
     let AuthAction::Send(b) = a.on_request(AuthRequest::CleartextPassword).unwrap() else {
         panic!()
     };
     assert_eq!(&b[..], b"p\0\0\0\x07pw\0");
-    let mut none = ClientAuth::new("u", None, TargetTls::Plain);
-    assert!(none.on_request(AuthRequest::CleartextPassword).is_err());
-    let mut nul = ClientAuth::new("u", Some("p\0w"), TargetTls::Plain);
-    assert!(nul.on_request(AuthRequest::CleartextPassword).is_err());
+    let mut none = ClientAuth::new("u", None, TargetTls::Plain).allowing(both);
+    assert!(matches!(
+        none.on_request(AuthRequest::CleartextPassword),
+        Err(AuthError::NoPassword { .. })
+    ));
+    let mut nul = ClientAuth::new("u", Some("p\0w"), TargetTls::Plain).allowing(both);
+    assert_eq!(
+        nul.on_request(AuthRequest::CleartextPassword).unwrap_err(),
+        AuthError::NulInPassword
+    );
+}
+
+#[test]
+fn cleartext_and_md5_are_never_volunteered_to_whoever_answers() {
+    let ask = |allowed: Allowed, req: AuthRequest| {
+        ClientAuth::new("u", Some("hunter2"), TargetTls::Plain)
+            .allowing(allowed)
+            .on_request(req)
+    };
+    // By default: SCRAM only.
+    assert_eq!(
+        ask(Allowed::SCRAM, AuthRequest::CleartextPassword).unwrap_err(),
+        AuthError::NotAllowed("password")
+    );
+    assert_eq!(
+        ask(
+            Allowed::SCRAM,
+            AuthRequest::Md5Password { salt: [1, 2, 3, 4] }
+        )
+        .unwrap_err(),
+        AuthError::NotAllowed("md5")
+    );
+    // Named by the policy, but the server's identity was not verified.
+    let named = Allowed {
+        md5: true,
+        cleartext: true,
+        ..Allowed::SCRAM
+    };
+    assert_eq!(
+        ask(named, AuthRequest::CleartextPassword).unwrap_err(),
+        AuthError::Unverified("password")
+    );
+    assert_eq!(
+        ask(named, AuthRequest::Md5Password { salt: [1, 2, 3, 4] }).unwrap_err(),
+        AuthError::Unverified("md5")
+    );
+    // A policy without SCRAM refuses it too.
+    let no_scram = Allowed {
+        scram: false,
+        md5: true,
+        verified_target: true,
+        ..Allowed::SCRAM
+    };
+    let sasl = AuthRequest::Sasl {
+        mechanisms: vec!["SCRAM-SHA-256".into()],
+    };
+    assert_eq!(
+        ask(no_scram, sasl).unwrap_err(),
+        AuthError::NotAllowed("SCRAM-SHA-256")
+    );
+}
+
+#[test]
+fn channel_binding_can_be_required_and_low_iteration_counts_are_refused() {
+    let bound = Allowed {
+        require_binding: true,
+        ..Allowed::SCRAM
+    };
+    let sasl = |m: &[&str]| AuthRequest::Sasl {
+        mechanisms: m.iter().map(|s| s.to_string()).collect(),
+    };
+    // TLS without the PLUS mechanism, or plain text: refused.
+    let mut a = ClientAuth::new(
+        "u",
+        Some("pw"),
+        TargetTls::Tls {
+            end_point: Some(vec![1]),
+        },
+    )
+    .allowing(bound);
+    assert_eq!(
+        a.on_request(sasl(&["SCRAM-SHA-256"])).unwrap_err(),
+        AuthError::BindingRequired
+    );
+    let mut a = ClientAuth::new("u", Some("pw"), TargetTls::Plain).allowing(bound);
+    assert_eq!(
+        a.on_request(sasl(&["SCRAM-SHA-256"])).unwrap_err(),
+        AuthError::BindingRequired
+    );
+    let mut a = ClientAuth::new(
+        "u",
+        Some("pw"),
+        TargetTls::Tls {
+            end_point: Some(vec![1]),
+        },
+    )
+    .allowing(bound);
+    assert!(matches!(
+        a.on_request(sasl(&["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"])),
+        Ok(AuthAction::Send(_))
+    ));
+    // A hostile server asking for 1 iteration (cheap offline guessing from the proof).
+    let mut c = ScramClient::new("", b"pw", ChannelBinding::Unsupported, "n".into());
+    assert!(matches!(
+        c.server_first(b"r=nX,s=c2FsdA==,i=1"),
+        Err(ScramError::Iterations(1))
+    ));
 }
 
 #[test]

@@ -48,6 +48,7 @@ fn policy(name: &str, credentials: Credentials, cache_ttl: Option<Duration>) -> 
         credentials: Some(credentials),
         cache_ttl,
         direct: false,
+        auth: Default::default(),
     }
 }
 

@@ -125,11 +125,19 @@ pub async fn serve(
         &mut out,
     );
     send(&app, &out).map_err(|source| Failure::TargetIo { addr, source })?;
+    // The application's own connection carries this exchange and reads what latch sends: a
+    // method that shows the password is never used here, whatever the policy says.
+    let allowed = crate::pg::auth::Allowed {
+        md5: false,
+        cleartext: false,
+        ..target::allowed(&policy, &TargetTls::Plain)
+    };
     let auth = ClientAuth::new(
         &user,
         creds.password.as_ref().map(|p| p.expose()),
         TargetTls::Plain,
     )
+    .allowing(allowed)
     .with_key_cache(shared.pg_scram_keys.clone(), format!("{addr}/{user}"));
     let mut stream = Split {
         read: &mut leg.side,

@@ -137,8 +137,26 @@ impl Failure {
         })
     }
 
-    /// Whether the target refused the credentials (a refresh and one retry may help).
+    /// Whether the target rejected the password (28P01): a refresh and one retry may help.
+    /// Not 28000: an application can provoke that at will (a database pg_hba refuses), and with
+    /// dynamic credentials each refresh mints a lease and a role.
     pub fn is_auth_rejection(&self) -> bool {
-        matches!(self, Failure::Handshake { source: HandshakeError::Server(f), .. } if f.is_auth_failure())
+        matches!(self, Failure::Handshake { source: HandshakeError::Server(f), .. }
+            if f.code == SqlState::INVALID_PASSWORD.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_rejected_password_asks_for_fresh_credentials() {
+        let failure = |state: SqlState| Failure::Handshake {
+            addr: "127.0.0.2:5432".parse().unwrap(),
+            source: HandshakeError::Server(ErrorFields::fatal(state, "no")),
+        };
+        assert!(failure(SqlState::INVALID_PASSWORD).is_auth_rejection());
+        assert!(!failure(SqlState::INVALID_AUTHORIZATION).is_auth_rejection());
     }
 }

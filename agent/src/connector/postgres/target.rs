@@ -12,7 +12,7 @@ use crate::{
     connector::connect_marked,
     pg::{
         Frame,
-        auth::{ClientAuth, TargetTls},
+        auth::{Allowed, ClientAuth, TargetTls},
         frame,
         handshake::{Event, MAX_HANDSHAKE_MESSAGE, TargetHandshake},
         startup,
@@ -31,6 +31,20 @@ pub struct Established {
     pub key: Option<(i32, i32)>,
     /// Bytes the server sent after ReadyForQuery (normally none).
     pub leftover: BytesMut,
+}
+
+/// What the policy lets latch answer the server with on this connection: md5 and cleartext
+/// only when the policy names them and TLS verified the server (verify-full).
+pub fn allowed(policy: &Policy, tls: &TargetTls) -> Allowed {
+    let verified = policy.tls.mode == crate::config::TlsMode::VerifyFull
+        && matches!(tls, TargetTls::Tls { .. });
+    Allowed {
+        scram: policy.auth.scram,
+        md5: policy.auth.md5,
+        cleartext: policy.auth.cleartext,
+        require_binding: policy.auth.channel_binding == crate::config::ChannelBindingMode::Require,
+        verified_target: verified,
+    }
 }
 
 /// Connects to `addr` (from namespace `netns`, the agent's own if `None`) and authenticates
@@ -55,7 +69,9 @@ pub async fn open(
             &mut out,
         );
         write(&mut stream, addr, &out).await?;
+        let allowed = allowed(policy, &tls_state);
         let auth = ClientAuth::new(user, password, tls_state)
+            .allowing(allowed)
             .with_key_cache(shared.pg_scram_keys.clone(), format!("{addr}/{user}"));
         let done = authenticate(&mut stream, addr, auth).await?;
         Ok(Established {
