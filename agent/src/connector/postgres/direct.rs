@@ -130,7 +130,7 @@ pub async fn serve(
     let allowed = crate::pg::auth::Allowed {
         md5: false,
         cleartext: false,
-        ..target::allowed(&policy, &TargetTls::Plain)
+        ..target::allowed(policy, &TargetTls::Plain)
     };
     let auth = ClientAuth::new(
         &user,
