@@ -294,9 +294,15 @@ impl Drop for PgCluster {
 }
 
 /// A `SecretStore` (file) plus a `protocol: postgres` policy for `addr`, reading
-/// `db.username`/`db.password` from `secrets_file`; `extra_spec` is added under `spec` (e.g.
-/// `"  tls: {mode: disable}\n"`).
+/// `db.username`/`db.password` from `secrets_file`; `extra_spec` is added under `spec`. Unless
+/// `extra_spec` has a `tls:` block, the policy says `tls: {mode: disable}`: the test clusters
+/// have no certificate (a policy verifies the server by default).
 pub fn policy_yaml(name: &str, addr: SocketAddr, secrets_file: &Path, extra_spec: &str) -> String {
+    let extra_spec = if extra_spec.lines().any(|l| l.starts_with("  tls:")) {
+        extra_spec.to_owned()
+    } else {
+        format!("  tls: {{mode: disable}}\n{extra_spec}")
+    };
     format!(
         "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata:\n  name: local\nspec:\n  \
          file: {{path: {}}}\n---\n\

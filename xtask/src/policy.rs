@@ -50,6 +50,11 @@ spec:
     )
 }
 
+/// What the demo relaxes, said in its policy: its throw-away server has no certificate, so the
+/// leg to it is plain text (policies verify the server by default).
+pub const DEMO_TLS: &str =
+    "  tls:\n    mode: disable   # demo only: the throw-away server has no certificate\n";
+
 /// Write `tcp(name, …)` to `dir/name.yaml` and return the path.
 pub fn write_tcp(dir: &Path, name: &str, address: Ipv4Addr, port: u16) -> Result<PathBuf> {
     let path = dir.join(format!("{name}.yaml"));
@@ -79,7 +84,7 @@ mod tests {
                 Ipv4Addr::new(127, 0, 0, 2),
                 5432,
                 Path::new("/etc/latch/secrets.yaml")
-            )
+            ) + DEMO_TLS
         );
     }
 }

@@ -52,6 +52,7 @@ pub(super) async fn handle(
     let mut origin = Origin::from(&meta);
     // Target sockets are opened in the application's namespace.
     origin.netns = Some(netns);
+    origin.conn = id;
     let policies = shared.policies();
     let Some(policy) = policies.by_rule(origin.rule_id).cloned() else {
         shared.metrics.refuse(RefusedReason::no_policy);

@@ -28,6 +28,8 @@ pub struct Origin {
     /// The application's network namespace, where the broker opens the target socket (so the
     /// target sees the address it would see without latch); `None`: the agent's own.
     pub netns: Option<crate::netns::Handle>,
+    /// The connection's id in logs and audit records (0 until the broker assigns it).
+    pub conn: u64,
 }
 
 impl From<&ConnMeta> for Origin {
@@ -52,6 +54,7 @@ impl From<&ConnMeta> for Origin {
             socket_cookie: m.socket_cookie,
             fast_path: m.flags & latch_common::RULE_FAST_PATH != 0,
             netns: None,
+            conn: 0,
         }
     }
 }

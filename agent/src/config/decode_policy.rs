@@ -674,6 +674,17 @@ fn check_tls(cx: &mut Cx, raw: RawTls, protocol: Protocol, entry: &Entry) -> Opt
     if cx.errors.len() > before {
         return None;
     }
+    if matches!(protocol, Protocol::Postgres | Protocol::Mysql) && mode != TlsMode::VerifyFull {
+        cx.warn(
+            mode_mark,
+            format!(
+                "tls mode {:?} does not check who answers at the destination: latch authenticates \
+                 to it all the same (by SCRAM, which keeps the password from it); use \
+                 \"verify-full\" (the default) where the server has a certificate",
+                mode.as_str()
+            ),
+        );
+    }
     spec.mode = mode;
     Some(spec)
 }

@@ -229,7 +229,9 @@ impl Protocol {
     /// http need an explicit `require` or `verify-*` to wrap the target connection in TLS).
     pub fn default_tls_mode(self) -> TlsMode {
         match self {
-            Protocol::Postgres | Protocol::Mysql => TlsMode::Prefer,
+            // Verify the server unless the policy says otherwise: a credential exchange with
+            // whoever answers is what TLS without verification allows.
+            Protocol::Postgres | Protocol::Mysql => TlsMode::VerifyFull,
             Protocol::Tcp | Protocol::Http | Protocol::Ssh => TlsMode::Disable,
         }
     }

@@ -435,7 +435,7 @@ fn protocol_rules() {
         ]
     );
 
-    // Defaults: tcp needs no credentials and gets tls disable; postgres gets prefer.
+    // Defaults: tcp needs no credentials and gets tls disable; postgres verifies the server.
     let tcp = policy(
         "tcp",
         "  destination: {host: db.internal, port: 1}\n  workloads: [{uid: 1}]\n",
@@ -443,7 +443,7 @@ fn protocol_rules() {
     let config = load_str("t.yaml", &format!("{STORES}{tcp}{}", policy("pg", PG_SPEC))).unwrap();
     assert_eq!(config.policy("tcp").unwrap().tls.mode, TlsMode::Disable);
     assert_eq!(config.policy("tcp").unwrap().protocol, Protocol::Tcp);
-    assert_eq!(config.policy("pg").unwrap().tls.mode, TlsMode::Prefer);
+    assert_eq!(config.policy("pg").unwrap().tls.mode, TlsMode::VerifyFull);
 }
 
 #[test]
@@ -899,9 +899,15 @@ fn password_revealing_methods_need_a_verified_server_and_never_direct_mode() {
     // The default: SCRAM-SHA-256 only, channel binding when offered.
     let config = load_str("p.yaml", &pg("")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.policies[0].auth, AuthSpec::default());
+    // ... toward a server TLS verifies, unless the policy says otherwise.
+    assert_eq!(config.policies[0].tls.mode, TlsMode::VerifyFull);
+    assert!(load_str("p.yaml", &pg("  authentication: {methods: [md5]}\n")).is_ok());
     assert!(config.policies[0].auth.scram && !config.policies[0].auth.md5);
 
-    let errs = errors("p.yaml", &pg("  authentication: {methods: [md5]}\n"));
+    let errs = errors(
+        "p.yaml",
+        &pg("  tls: {mode: require}\n  authentication: {methods: [md5]}\n"),
+    );
     assert!(
         errs.iter().any(
             |e| e.contains("authentication method \"md5\" shows the password")

@@ -92,7 +92,7 @@ pub async fn serve(
     };
     match result {
         Ok(t) => Ok(t),
-        Err((app, failure)) => Err(refuse(app, policy, failure).await),
+        Err((app, failure)) => Err(refuse(app, policy, origin.conn, failure).await),
     }
 }
 
@@ -110,13 +110,18 @@ pub async fn deny(app: TcpStream, origin: &Origin, policy: &Policy, shared: &Sha
     )
     .await;
     if let Ok((app, Initial::Startup(_))) = first {
-        let _ = refuse(Some(app), policy, Failure::Denied).await;
+        let _ = refuse(Some(app), policy, origin.conn, Failure::Denied).await;
     }
 }
 
 /// Tells the application why (when it is still there), then closes.
-async fn refuse(app: Option<AppStream>, policy: &Policy, failure: Failure) -> ConnectError {
-    if let (Some(mut app), Some(fields)) = (app, failure.to_app(&policy.name)) {
+async fn refuse(
+    app: Option<AppStream>,
+    policy: &Policy,
+    conn: u64,
+    failure: Failure,
+) -> ConnectError {
+    if let (Some(mut app), Some(fields)) = (app, failure.to_app(&policy.name, conn)) {
         let mut out = BytesMut::new();
         fields.encode(pg::backend::ERROR_RESPONSE, &mut out);
         // A stalled application must not hold the task: its send buffer is normally empty.

@@ -83,6 +83,27 @@ impl SecretError {
 
     /// Whether trying again later may help (the store was down or slow), as opposed to a
     /// problem that needs a person (missing secret, denied access, bad configuration).
+    /// What an application may be told: the kind of failure, without the store's name, address,
+    /// paths or its own words (those go to the log and the audit trail).
+    pub fn class(&self) -> &'static str {
+        match self {
+            SecretError::Unreachable { .. } | SecretError::Timeout { .. } => {
+                "the secret store is unreachable"
+            }
+            SecretError::StoreAuth { .. } | SecretError::Permission { .. } => {
+                "the agent is not allowed to read the secret store"
+            }
+            SecretError::NotFound { .. } | SecretError::FieldMissing { .. } => {
+                "the secret is not in the store"
+            }
+            SecretError::Invalid { .. } => "the secret store gave an unusable answer",
+            SecretError::Config { .. }
+            | SecretError::UnknownStore(_)
+            | SecretError::Unsupported { .. }
+            | SecretError::NoCredentials(_) => "the policy's secret store is misconfigured",
+        }
+    }
+
     pub fn is_transient(&self) -> bool {
         matches!(
             self,

@@ -158,7 +158,8 @@ async fn handle(
             return;
         }
     };
-    let origin = Origin::from(&meta);
+    let mut origin = Origin::from(&meta);
+    origin.conn = id;
     let policies = shared.policies();
     let Some(policy) = policies.by_rule(origin.rule_id).cloned() else {
         tracing::warn!(conn = id, %origin, "direct mode: no policy any more; leaving it");
@@ -224,7 +225,7 @@ async fn handle(
                 }
             }
             Err(f) => {
-                pg_direct::refuse(&mut leg, &policy, f).await;
+                pg_direct::refuse(&mut leg, &policy, id, f).await;
                 if record.outcome == audit::Outcome::Relayed {
                     record.outcome = audit::Outcome::Failed;
                     shared.metrics.connection(&policy.name, Outcome::failed);

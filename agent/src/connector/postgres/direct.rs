@@ -188,8 +188,8 @@ pub async fn serve(
 
 /// Tells the application why, in its receive queue. The application socket stays in the sock
 /// map (the message would be lost if it left now); it leaves when the application closes it.
-pub async fn refuse(leg: &mut Leg<'_>, policy: &Policy, failure: &Failure) {
-    if let Some(fields) = failure.to_app(&policy.name) {
+pub async fn refuse(leg: &mut Leg<'_>, policy: &Policy, conn: u64, failure: &Failure) {
+    if let Some(fields) = failure.to_app(&policy.name, conn) {
         let mut out = BytesMut::new();
         fields.encode(pg::backend::ERROR_RESPONSE, &mut out);
         let _ = leg.set(TO_BROKER | FROM_TARGET);

@@ -62,9 +62,9 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// The ErrorResponse for the application, or `None` when it cannot be told (it is gone or
-    /// stalled).
-    pub fn to_app(&self, policy: &str) -> Option<ErrorFields> {
+    /// The ErrorResponse for the application of connection `conn`, or `None` when it cannot be
+    /// told (it is gone or stalled).
+    pub fn to_app(&self, policy: &str, conn: u64) -> Option<ErrorFields> {
         let say = |code, what: String| {
             ErrorFields::fatal(code, format!("latch: policy \"{policy}\": {what}"))
         };
@@ -92,7 +92,16 @@ impl Failure {
                 } else {
                     SqlState::INVALID_AUTHORIZATION
                 };
-                say(code, format!("could not resolve the credentials: {e}"))
+                // The store's name, address and own words stay in the log and the audit record
+                // of this connection: the application learns the kind of failure.
+                say(
+                    code,
+                    format!(
+                        "could not resolve the credentials: {} (latch connection {conn}; the \
+                         agent's log and audit trail have the details)",
+                        e.class()
+                    ),
+                )
             }
             Failure::Connect(e) => say(
                 SqlState::UNABLE_TO_CONNECT,
@@ -149,6 +158,24 @@ impl Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_failure_tells_the_application_its_class_and_connection_not_the_store() {
+        let failure = Failure::Secrets(crate::secrets::SecretError::Unreachable {
+            store: "vault-prod".into(),
+            kind: "vault",
+            reason: "https://vault.internal:8200/v1/sys/health: connection refused".into(),
+        });
+        let fields = failure.to_app("orders-db", 17).unwrap();
+        let msg = &fields.message;
+        assert!(
+            msg.contains("the secret store is unreachable") && msg.contains("latch connection 17"),
+            "{msg}"
+        );
+        for leak in ["vault-prod", "vault.internal", "8200", "connection refused"] {
+            assert!(!msg.contains(leak), "{leak} in {msg}");
+        }
+    }
 
     #[test]
     fn only_a_rejected_password_asks_for_fresh_credentials() {
