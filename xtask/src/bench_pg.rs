@@ -99,6 +99,8 @@ impl Route {
 
 struct Rig {
     dir: PathBuf,
+    /// latch's files (root's alone).
+    latch_dir: PathBuf,
     latch: PathBuf,
     password: String,
     pg: Postgres,
@@ -114,7 +116,10 @@ struct Rig {
 /// Runs the PostgreSQL cases `repeat` times (interleaved) and prints one table.
 pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
     let tmp = TempDir::new("latch-bench-pg")?;
-    let rig = Rig::start(tmp.path(), latch, seconds)?;
+    // latch's policies, secrets and state in a directory of root's: the server's belongs to
+    // the postgres user, and latch refuses policy files anyone else controls.
+    let latch_tmp = TempDir::new("latch-bench-pg-policy")?;
+    let rig = Rig::start(tmp.path(), latch_tmp.path(), latch, seconds)?;
     let mut samples: Vec<(Case, Route, Vec<f64>, Option<String>)> = Vec::new();
     for case in Case::ALL {
         for &route in case.routes() {
@@ -229,7 +234,7 @@ fn median(xs: &[f64]) -> Option<f64> {
 }
 
 impl Rig {
-    fn start(dir: &Path, latch: &Path, seconds: u32) -> Result<Rig> {
+    fn start(dir: &Path, latch_dir: &Path, latch: &Path, seconds: u32) -> Result<Rig> {
         let pg = Postgres::start_with(dir, SERVER, true)?;
         let password = format!("pw-{}", std::process::id());
         pg.admin_sql(
@@ -253,7 +258,7 @@ impl Rig {
         }
 
         // latch: the password lives only in a 0600 secrets file.
-        let secrets = dir.join("secrets.yaml");
+        let secrets = latch_dir.join("secrets.yaml");
         write_private(
             &secrets,
             &format!("orders-db: {{username: {USER}, password: {password}}}\n"),
@@ -261,7 +266,7 @@ impl Rig {
         let policy = |name: &str, mode: &str, extra: &str| -> Result<PathBuf> {
             let text = crate::policy::postgres(name, SERVER, pg.port, &secrets)
                 + &format!("  tls:\n    mode: {mode}\n{extra}");
-            let path = dir.join(format!("{name}.yaml"));
+            let path = latch_dir.join(format!("{name}.yaml"));
             std::fs::write(&path, text)?;
             Ok(path)
         };
@@ -292,6 +297,7 @@ impl Rig {
         }
         Ok(Rig {
             dir: dir.to_path_buf(),
+            latch_dir: latch_dir.to_path_buf(),
             latch: latch.to_path_buf(),
             password,
             pg,
@@ -358,7 +364,7 @@ impl Rig {
             };
             let mut c = Command::new(&self.latch);
             c.arg("run").arg("--policy").arg(policy);
-            c.arg("--state-dir").arg(self.dir.join("latch-state"));
+            c.arg("--state-dir").arg(self.latch_dir.join("latch-state"));
             c.arg("--");
             c.args(&argv);
             c

@@ -17,8 +17,11 @@ pub fn run_demo() -> Result<i32> {
     crate::setup::run_setup()?;
     let latch = proc::latch_bin(false)?;
 
-    // Declared before the server so it is removed after the server has stopped.
+    // Declared before the server so it is removed after the server has stopped. The server's
+    // directory belongs to the postgres user; latch's policy and secrets live in one of root's
+    // (latch refuses policy files anyone else controls).
     let tmp = TempDir::new("latch-demo")?;
+    let latch_dir = TempDir::new("latch-demo-policy")?;
     let mut pg = Postgres::start(tmp.path(), DB_ADDR)?;
     // The password exists in PostgreSQL and in latch's secret store — and nowhere else.
     let password = random_hex(16)?;
@@ -26,12 +29,12 @@ pub fn run_demo() -> Result<i32> {
         tmp.path(),
         &format!("create role orders_app login password '{password}'"),
     )?;
-    let secrets = tmp.path().join("secrets.yaml");
+    let secrets = latch_dir.path().join("secrets.yaml");
     write_private(
         &secrets,
         &format!("orders-db:\n  username: orders_app\n  password: \"{password}\"\n"),
     )?;
-    let policy = tmp.path().join("demo-postgres.yaml");
+    let policy = latch_dir.path().join("demo-postgres.yaml");
     // The one thing the demo relaxes, said where it is relaxed: its throw-away server has no
     // certificate, so the leg to it is plain text (a policy verifies the server by default).
     std::fs::write(
