@@ -34,6 +34,8 @@ pub enum RefusedReason {
     /// A matching connect from a network namespace the broker did not listen in yet (the
     /// kernel refused it, or let it through with the fail mode `open`).
     netns_unprepared,
+    /// The broker already serves `--max-connections` connections.
+    capacity,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]

@@ -288,3 +288,42 @@ fn running_out_of_file_descriptors_does_not_kill_the_listener() {
     assert!(ok, "the listener did not recover: {out}\n{}", agent.log());
     assert!(agent.stop().success());
 }
+
+#[test]
+fn over_max_connections_a_connect_is_reset_at_once_rather_than_left_waiting() {
+    let echo = EchoServer::start("127.0.0.2");
+    let cg = TestCgroup::new();
+    let agent = Agent::start_args(
+        &tcp_policy("echo", "127.0.0.2", echo.addr.port()),
+        &cg,
+        &["--max-connections", "2"],
+    );
+    let addr = echo.addr.to_string();
+    // Two connections take the broker's capacity and hold it for 6 s.
+    let holder = cg
+        .command(bins::probe())
+        .args(["hold", &addr, "2", "6000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start holder");
+    let _holder = latch_tests::Killed(holder);
+    assert!(
+        latch_tests::eventually(Duration::from_secs(5), || agent.count("active") == 2),
+        "the two held connections never became active"
+    );
+    let started = Instant::now();
+    let (_, out) = probe(&cg, &["hold", &addr, "1", "100"]);
+    assert!(out.contains("echoed=0 refused=1"), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the third connect waited {:?} instead of being reset",
+        started.elapsed()
+    );
+    assert!(
+        agent
+            .metrics()
+            .contains("latch_connections_refused_total{reason=\"capacity\"} 1"),
+        "{}",
+        agent.metrics()
+    );
+}

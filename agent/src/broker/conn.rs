@@ -83,6 +83,25 @@ async fn serve(
     let metrics = &shared.metrics;
     let mut record =
         Record::new(id, audit::Outcome::Relayed, origin.dst.to_string()).with_policy(policy);
+    // The workload's own limit comes first: a workload flooding connections its policy denies
+    // meets its limit, not every other workload's.
+    let Some(_slot) = shared.per_workload.try_acquire(origin.cgroup_id) else {
+        let why = Refusal::WorkloadLimit {
+            max: shared.per_workload.max(),
+        };
+        metrics.refuse(RefusedReason::workload_limit);
+        tracing::warn!(
+            limit = shared.per_workload.max(),
+            "refused: workload over its connection limit"
+        );
+        record.outcome = audit::Outcome::Refused;
+        record.reason = Some(why.to_string());
+        record.workload = Some(workload);
+        record.duration_ms = ms(started.elapsed());
+        shared.audit.record(&record);
+        refuse::refuse(stream, policy, why).await;
+        return;
+    };
     if !workload.admitted_by(&policy.workloads) {
         metrics.deny(&policy.name);
         tracing::warn!(
@@ -102,22 +121,6 @@ async fn serve(
         return;
     }
     record.workload = Some(workload);
-    let Some(_slot) = shared.per_workload.try_acquire(origin.cgroup_id) else {
-        let why = Refusal::WorkloadLimit {
-            max: shared.per_workload.max(),
-        };
-        metrics.refuse(RefusedReason::workload_limit);
-        tracing::warn!(
-            limit = shared.per_workload.max(),
-            "refused: workload over its connection limit"
-        );
-        record.outcome = audit::Outcome::Refused;
-        record.reason = Some(why.to_string());
-        record.duration_ms = ms(started.elapsed());
-        shared.audit.record(&record);
-        refuse::refuse(stream, policy, why).await;
-        return;
-    };
     let _ = stream.set_nodelay(true);
     // A second descriptor of the application's socket, held until the handshake is done, so a
     // timed-out handshake can still be answered after the connector is dropped.

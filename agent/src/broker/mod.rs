@@ -233,13 +233,6 @@ pub async fn serve(
     let stop_accepting = netns.stop.clone();
     let mut backoff = Duration::from_millis(5);
     loop {
-        let permit = tokio::select! {
-            _ = stop_accepting.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
         let accepted = tokio::select! {
             _ = stop_accepting.cancelled() => return,
             a = listener.accept() => a,
@@ -257,6 +250,17 @@ pub async fn serve(
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
+        };
+        // Over capacity: reset at once rather than leave connections waiting in the backlog (a
+        // flood from one workload would otherwise stall every other workload's connects).
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            shared
+                .metrics
+                .refuse(crate::metrics::RefusedReason::capacity);
+            tracing::debug!(%peer, "refused: the broker is at --max-connections");
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            drop(stream);
+            continue;
         };
         let shared = shared.clone();
         let abort = abort.clone();

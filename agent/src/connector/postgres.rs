@@ -52,6 +52,10 @@ use crate::{
 /// How long an application may take to send its startup packet (SSLRequest round included).
 pub const APP_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a denied application gets to send its startup (to be told why in its own
+/// protocol): short, so that denied connections hold little for long.
+const DENY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Serves one redirected PostgreSQL connection.
 pub async fn serve(
     app: TcpStream,
@@ -102,13 +106,7 @@ pub async fn serve(
 pub async fn deny(app: TcpStream, origin: &Origin, policy: &Policy, shared: &Shared) {
     let mut buf = BytesMut::with_capacity(1024);
     let tls = AppTls::for_policy(policy, shared, origin.dst.ip());
-    let first = read_startup(
-        AppStream::Plain(app),
-        &mut buf,
-        tls.as_ref(),
-        APP_STARTUP_TIMEOUT,
-    )
-    .await;
+    let first = read_startup(AppStream::Plain(app), &mut buf, tls.as_ref(), DENY_TIMEOUT).await;
     if let Ok((app, Initial::Startup(_))) = first {
         let _ = refuse(Some(app), policy, origin.conn, Failure::Denied).await;
     }
