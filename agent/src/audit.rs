@@ -14,7 +14,6 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::sync::mpsc;
 
 use crate::{
     config::{Credentials, Policy, SecretRef},
@@ -73,6 +72,10 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handshake_ms: Option<f64>,
     pub duration_ms: f64,
+    /// Refusal and denial records of this workload not written since its previous one (see
+    /// [`crate::audit_limit`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
 }
 
 impl Record {
@@ -95,6 +98,7 @@ impl Record {
             direct: false,
             handshake_ms: None,
             duration_ms: 0.0,
+            suppressed: None,
         }
     }
 
@@ -146,11 +150,20 @@ pub struct AuditOptions {
 }
 
 /// Handle the data path uses to record events. Cheap to clone.
+///
+/// Records of connections latch brokered or tried to (relayed, failed, bypassed) are never
+/// dropped: when the writer falls behind, recording waits for room (the disk slows the data
+/// path rather than lose them). Refusals and denials are rate-limited per workload instead
+/// (the next record written says how many were not), and dropped only if the queue is full.
 #[derive(Clone)]
 pub struct Audit {
-    tx: Option<mpsc::Sender<String>>,
+    tx: Option<std::sync::mpsc::SyncSender<String>>,
     dropped: Arc<AtomicU64>,
+    limiter: Arc<std::sync::Mutex<crate::audit_limit::Limiter>>,
 }
+
+/// Lines the writer's queue holds.
+const QUEUE: usize = 4096;
 
 impl Audit {
     /// Records go nowhere.
@@ -158,20 +171,25 @@ impl Audit {
         Self {
             tx: None,
             dropped: Arc::default(),
+            limiter: Arc::default(),
         }
     }
 
     /// Starts the writer task (on the current tokio runtime).
     pub fn start(opts: AuditOptions) -> std::io::Result<Self> {
+        Self::start_with_queue(opts, QUEUE)
+    }
+
+    fn start_with_queue(opts: AuditOptions, queue: usize) -> std::io::Result<Self> {
         if opts.file.is_none() && !opts.stdout {
             return Ok(Self::disabled());
         }
         let mut writer = Writer::open(&opts)?;
-        let (tx, mut rx) = mpsc::channel::<String>(4096);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(queue);
         std::thread::Builder::new()
             .name("latch-audit".into())
             .spawn(move || {
-                while let Some(line) = rx.blocking_recv() {
+                for line in rx {
                     if let Err(err) = writer.write(&line) {
                         tracing::error!(%err, "writing the audit log failed");
                     }
@@ -180,16 +198,49 @@ impl Audit {
         Ok(Self {
             tx: Some(tx),
             dropped: Arc::default(),
+            limiter: Arc::default(),
         })
     }
 
     pub fn record(&self, record: &Record) {
         let Some(tx) = &self.tx else { return };
-        let Ok(mut line) = serde_json::to_string(record) else {
-            return;
+        let must_keep = matches!(
+            record.outcome,
+            Outcome::Relayed | Outcome::Failed | Outcome::Bypassed
+        );
+        let mut suppressed = None;
+        if !must_keep {
+            let key = record
+                .workload
+                .as_ref()
+                .and_then(|w| w.cgroup.clone())
+                .unwrap_or_default();
+            let allowed = self
+                .limiter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .allow(&key, std::time::Instant::now());
+            match allowed {
+                Some(0) => {}
+                Some(n) => suppressed = Some(n),
+                None => return,
+            }
+        }
+        let line = if suppressed.is_some() {
+            let mut r = record.clone();
+            r.suppressed = suppressed;
+            serde_json::to_string(&r)
+        } else {
+            serde_json::to_string(record)
         };
+        let Ok(mut line) = line else { return };
         line.push('\n');
-        if tx.try_send(line).is_err() {
+        if must_keep {
+            // Waits while the queue is full; fails only if the writer is gone.
+            if tx.send(line).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        } else if tx.try_send(line).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -305,6 +356,88 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn trail(tag: &str, queue: usize) -> (Audit, PathBuf) {
+        let file =
+            std::env::temp_dir().join(format!("latch-audit-{tag}-{}.jsonl", std::process::id()));
+        let _ = std::fs::remove_file(&file);
+        let opts = AuditOptions {
+            file: Some(file.clone()),
+            max_bytes: 1 << 30,
+            keep: 1,
+            stdout: false,
+        };
+        (Audit::start_with_queue(opts, queue).unwrap(), file)
+    }
+
+    fn lines_eventually(file: &Path, n: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines: Vec<String> = std::fs::read_to_string(file)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            if lines.len() >= n || std::time::Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn relayed_and_failed_records_are_never_dropped_when_the_writer_falls_behind() {
+        // A queue of one line: the writer is behind almost all the time.
+        let (audit, file) = trail("keep", 1);
+        for i in 0..3000 {
+            let outcome = if i % 2 == 0 {
+                Outcome::Relayed
+            } else {
+                Outcome::Failed
+            };
+            audit.record(&Record::new(i, outcome, "10.0.0.1:5432".into()));
+        }
+        let lines = lines_eventually(&file, 3000);
+        assert_eq!(lines.len(), 3000);
+        assert_eq!(audit.dropped(), 0);
+        let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn refusals_are_rate_limited_per_workload_and_the_next_record_says_how_many() {
+        let (audit, file) = trail("limit", QUEUE);
+        let refused = |cgroup: &str| {
+            let mut r = Record::new(1, Outcome::Refused, "127.0.0.1:15001".into());
+            r.workload = Some(Workload {
+                cgroup: Some(cgroup.into()),
+                ..Default::default()
+            });
+            r
+        };
+        for _ in 0..1000 {
+            audit.record(&refused("/flood"));
+        }
+        audit.record(&refused("/quiet"));
+        audit.record(&Record::new(2, Outcome::Relayed, "10.0.0.1:5432".into()));
+        let want = crate::audit_limit::BURST as usize + 2;
+        let lines = lines_eventually(&file, want);
+        assert_eq!(lines.len(), want, "{lines:#?}");
+        assert!(lines.iter().any(|l| l.contains("\"/quiet\"")));
+        assert!(lines.last().unwrap().contains("\"relayed\""));
+        // Once the bucket refills, the next record carries the count.
+        std::thread::sleep(Duration::from_millis(150));
+        audit.record(&refused("/flood"));
+        let lines = lines_eventually(&file, want + 1);
+        let last = lines.last().unwrap();
+        assert!(
+            last.contains(&format!(
+                "\"suppressed\":{}",
+                1000 - crate::audit_limit::BURST as usize
+            )),
+            "{last}"
+        );
+        let _ = std::fs::remove_file(&file);
+    }
 
     #[test]
     fn formats_rfc3339() {

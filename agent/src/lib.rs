@@ -6,6 +6,7 @@
 //! stops it all in order.
 pub mod admin;
 pub mod audit;
+pub mod audit_limit;
 pub mod broker;
 pub mod ca;
 pub mod cgroup;
