@@ -160,7 +160,10 @@ impl Running {
         let direct = match interceptor
             .take_direct()
             .map_err(|e| e.to_string())
-            .and_then(|maps| broker::direct::Direct::new(maps).map_err(|e| e.to_string()))
+            .and_then(|maps| {
+                broker::direct::Direct::new(maps, opts.limits.max_direct_startups)
+                    .map_err(|e| e.to_string())
+            })
             .and_then(|d| d.self_test().map(|()| d).map_err(|e| e.to_string()))
         {
             Ok(d) => Some(Arc::new(d)),

@@ -44,6 +44,11 @@ impl Setup {
         Setup::build("127.0.0.2", user, password, extra_spec, edit)
     }
 
+    /// As [`Setup::new`], with extra `latch agent` arguments.
+    pub fn with_agent_args(user: &str, password: &str, extra_spec: &str, args: &[&str]) -> Setup {
+        Setup::build_with("127.0.0.2", user, password, extra_spec, |yaml| yaml, args)
+    }
+
     fn build(
         ip: &str,
         user: &str,
@@ -51,12 +56,23 @@ impl Setup {
         extra_spec: &str,
         edit: impl FnOnce(String) -> String,
     ) -> Setup {
+        Setup::build_with(ip, user, password, extra_spec, edit, &[])
+    }
+
+    fn build_with(
+        ip: &str,
+        user: &str,
+        password: &str,
+        extra_spec: &str,
+        edit: impl FnOnce(String) -> String,
+        args: &[&str],
+    ) -> Setup {
         let pg = PgCluster::start(ip, SCRAM_PW, MD5_PW, PLAIN_PW);
         let secrets = TempDir::new("pg-secrets");
         let file = secrets.write("secrets.yaml", &secrets_yaml(user, password));
         let cg = TestCgroup::new();
         let yaml = edit(policy_yaml("orders-db", pg.addr, &file, extra_spec));
-        let agent = Agent::start(&yaml, &cg);
+        let agent = Agent::start_args(&yaml, &cg, args);
         Setup {
             agent,
             cg,

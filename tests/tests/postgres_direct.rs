@@ -275,3 +275,61 @@ fn direct_mode_works_over_ipv6() {
     assert_maps_drain(&s);
     assert!(s.agent.stop().success());
 }
+
+#[test]
+fn past_max_direct_startups_a_connection_gets_53300() {
+    let s = Setup::with_agent_args(
+        SCRAM_USER,
+        SCRAM_PW,
+        DIRECT,
+        &["--max-direct-startups", "1"],
+    );
+    // The late reader reads its answers 1.5 s late: its startup holds the only place that long.
+    let late =
+        s.cg.command(bins::probe())
+            .args([
+                "pgraw",
+                &s.pg.addr.to_string(),
+                &format!("late-reader {APP_DB}"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the late reader");
+    let late = latch_tests::Killed(late);
+    let authenticated = latch_tests::eventually(Duration::from_secs(10), || {
+        s.pg.sql(&format!(
+            "select count(*) from pg_stat_activity where usename = '{SCRAM_USER}'"
+        ))
+        .trim()
+            == "1"
+    });
+    assert!(
+        authenticated,
+        "the late reader's startup never reached the server"
+    );
+    let out = s
+        .psql("postgres", "select current_user")
+        .output()
+        .expect("psql");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second startup ran past the limit");
+    assert!(
+        err.contains("direct-mode startups are already running"),
+        "{err}"
+    );
+    drop(late);
+    // The place comes back.
+    let ok = latch_tests::eventually(Duration::from_secs(10), || {
+        s.psql("postgres", "select 1")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    assert!(ok, "no startup ran after the first ended");
+    assert!(
+        s.agent
+            .metrics()
+            .contains("latch_connections_refused_total{reason=\"capacity\"} 1"),
+        "{}",
+        s.agent.metrics()
+    );
+}

@@ -10,7 +10,12 @@ mod lobby;
 mod self_test;
 mod sockets;
 
-use std::{collections::HashMap, io, net::Ipv4Addr, sync::Mutex};
+use std::{
+    collections::HashMap,
+    io,
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+};
 
 use bytes::Bytes;
 use latch_common::direct::{LOBBY, SIDE_KEY};
@@ -31,6 +36,10 @@ pub struct Direct {
     /// The other ends of the broker's sockets, kept open while their socket is in use.
     _lobby_peer: std::net::TcpStream,
     sessions: Mutex<HashMap<u64, Session>>,
+    /// Startups running at once, each on a thread of its own (`--max-direct-startups`); past
+    /// it a connection is refused with 53300 on the agent's runtime, without a thread.
+    startups: Arc<tokio::sync::Semaphore>,
+    startups_limit: usize,
 }
 
 /// A connection's task, as the lobby reader sees it.
@@ -48,7 +57,7 @@ const MAX_FROM_APP: usize = 16 * 1024;
 impl Direct {
     /// Makes the lobby socket and puts it in the sock map. Call before the programs are
     /// attached, so that no application message finds the lobby missing.
-    pub fn new(maps: DirectMaps) -> io::Result<Self> {
+    pub fn new(maps: DirectMaps, max_startups: usize) -> io::Result<Self> {
         let pairs = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
         let (lobby, lobby_peer) = pair(&pairs)?;
         maps.add_socket(LOBBY, &lobby).map_err(io::Error::other)?;
@@ -58,7 +67,14 @@ impl Direct {
             lobby: Mutex::new(Some(lobby)),
             _lobby_peer: lobby_peer,
             sessions: Mutex::new(HashMap::new()),
+            startups: Arc::new(tokio::sync::Semaphore::new(max_startups.max(1))),
+            startups_limit: max_startups.max(1),
         })
+    }
+
+    /// The most startups run at once.
+    pub fn startups_max(&self) -> usize {
+        self.startups_limit
     }
 
     pub fn maps(&self) -> &DirectMaps {

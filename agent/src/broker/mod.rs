@@ -37,6 +37,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Network namespaces the broker listens in at once (its own included).
     pub max_namespaces: usize,
+    /// Direct-mode startups running at once (each on a thread of its own).
+    pub max_direct_startups: usize,
 }
 
 impl Default for Limits {
@@ -47,6 +49,7 @@ impl Default for Limits {
             max_per_workload: 1_000,
             handshake_timeout: Duration::from_secs(30),
             max_namespaces: 4_096,
+            max_direct_startups: 128,
         }
     }
 }

@@ -97,6 +97,10 @@ struct DataPathArgs {
     /// past it fail closed (or go direct with --fail-mode open) and are audited.
     #[arg(long, default_value_t = 4_096)]
     max_namespaces: usize,
+    /// Most direct-mode startups run at once (each holds a thread until the hand-over, at most
+    /// 10 s); past it a connection gets SQLSTATE 53300.
+    #[arg(long, default_value_t = 128)]
+    max_direct_startups: usize,
     /// How long a connection's handshake (target connect, protocol startup and
     /// authentication) may take, in seconds; then it fails.
     #[arg(long, default_value_t = 30)]
@@ -221,6 +225,7 @@ impl DataPathArgs {
             connect_timeout: Duration::from_secs(self.connect_timeout),
             max_per_workload: self.max_per_workload.max(1),
             max_namespaces: self.max_namespaces.max(1),
+            max_direct_startups: self.max_direct_startups.max(1),
             handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
         }
     }

@@ -112,17 +112,31 @@ fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, header: Header, body: By
         .take_key(&header.key)
         .map(|m| m.filter(|m| m.socket_cookie == header.cookie));
     let main = tokio::runtime::Handle::current();
+    let Ok(permit) = direct.startups.clone().try_acquire_owned() else {
+        // Too many startups at once: refuse this one without a thread (it reads the startup,
+        // then answers 53300 on the agent's runtime).
+        tokio::spawn(async move {
+            handle(&direct, &shared, main, header, meta, rx, true).await;
+            direct
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&header.cookie);
+        });
+        return;
+    };
     let cpu = match &meta {
         Ok(Some(m)) => super::cpu_of(m.pid, m.tid),
         _ => None,
     };
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         super::on_cpu(cpu, || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build();
             match rt {
-                Ok(rt) => rt.block_on(handle(&direct, &shared, main, header, meta, rx)),
+                Ok(rt) => rt.block_on(handle(&direct, &shared, main, header, meta, rx, false)),
                 Err(err) => tracing::error!(%err, "direct mode: no runtime for a session"),
             }
         });
@@ -142,6 +156,7 @@ async fn handle(
     header: Header,
     meta: Result<Option<latch_common::ConnMeta>, aya::maps::MapError>,
     from_app: mpsc::UnboundedReceiver<Bytes>,
+    busy: bool,
 ) {
     let id = shared.next_conn_id();
     let started = Instant::now();
@@ -194,6 +209,12 @@ async fn handle(
             record.outcome = audit::Outcome::Refused;
             Some(Failure::WorkloadLimit {
                 max: shared.per_workload.max(),
+            })
+        } else if busy {
+            shared.metrics.refuse(RefusedReason::capacity);
+            record.outcome = audit::Outcome::Refused;
+            Some(Failure::Busy {
+                max: direct.startups_max(),
             })
         } else {
             None

@@ -52,6 +52,8 @@ pub enum Failure {
     Denied,
     #[error("this workload already has {max} connections brokered (the agent's limit)")]
     WorkloadLimit { max: usize },
+    #[error("{max} direct-mode startups are already running (the agent's limit)")]
+    Busy { max: usize },
     #[error("handing the connection over to the kernel: {0}")]
     HandOver(#[source] io::Error),
     #[error(
@@ -76,7 +78,9 @@ impl Failure {
             Failure::AppTimeout(_) => say(SqlState::PROTOCOL_VIOLATION, self.to_string()),
             Failure::AppIo(_) | Failure::AppClosed | Failure::AppTls(_) => return None,
             Failure::Denied => say(SqlState::INVALID_AUTHORIZATION, self.to_string()),
-            Failure::WorkloadLimit { .. } => say(SqlState::TOO_MANY_CONNECTIONS, self.to_string()),
+            Failure::WorkloadLimit { .. } | Failure::Busy { .. } => {
+                say(SqlState::TOO_MANY_CONNECTIONS, self.to_string())
+            }
             Failure::HandOver(_) => say(SqlState::CONNECTION_FAILURE, self.to_string()),
             // The application has the server's own message already.
             Failure::ServerEnded { .. } => return None,
