@@ -399,6 +399,15 @@ fn workload(cx: &mut Cx, node: &Node, index: usize) -> Option<WorkloadSelector> 
         );
         return None;
     }
+    // A process names itself (prctl, exec of a renamed copy): comm alone admits anyone who
+    // chooses that name.
+    if w.comm.is_some() && w.uid.is_none() && w.cgroup.is_none() {
+        cx.error(
+            node.mark,
+            format!("{what} admits by comm alone, which a process sets itself: name a uid or a cgroup in the same entry (comm then narrows it)"),
+        );
+        return None;
+    }
     Some(w)
 }
 

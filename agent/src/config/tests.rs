@@ -299,7 +299,7 @@ fn missing_fields_and_unknown_kind_and_api_version() {
 
 #[test]
 fn ports_and_workload_values() {
-    let spec = "  destination:\n    address: 10.0.3.7\n    ports: {from: 1000, to: 5000}\n  workloads:\n    - comm: a-very-long-process-name\n    - {}\n    - uid: -1\n";
+    let spec = "  destination:\n    address: 10.0.3.7\n    ports: {from: 1000, to: 5000}\n  workloads:\n    - comm: a-very-long-process-name\n    - {}\n    - uid: -1\n    - comm: psql\n    - {comm: psql, uid: 1001}\n";
     let errs = errors("w.yaml", &policy("w", spec));
     assert_eq!(
         errs,
@@ -308,6 +308,7 @@ fn ports_and_workload_values() {
             "w.yaml:11:13: comm \"a-very-long-process-name\" is 24 bytes; the kernel keeps at most 15 bytes of a process name (did you mean \"a-very-long-pro\"?)",
             "w.yaml:12:7: workloads[1] is empty: an entry needs at least one of uid, gid, cgroup, exe, comm, namespace, serviceAccount, labels",
             "w.yaml:13:12: workloads[2].uid -1 is out of range: must be between 0 and 4294967295",
+            "w.yaml:14:7: workloads[3] admits by comm alone, which a process sets itself: name a uid or a cgroup in the same entry (comm then narrows it)",
         ]
     );
     let errs = errors(
