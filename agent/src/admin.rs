@@ -19,6 +19,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{broker::Shared, ebpf::Interceptor};
 
+/// Admin connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 32;
+/// How long a client may take to send its request headers.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long one admin connection may stay open.
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What the admin endpoint reports on.
 pub struct AdminState {
     pub shared: Arc<Shared>,
@@ -118,6 +125,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         )
         .await
     });
+    // Anyone on the node can reach this port: a bounded number of connections, each with a
+    // deadline for its request headers and for its whole life.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -130,15 +140,22 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
                 }
             },
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&req, &state)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
         });
     }
 }

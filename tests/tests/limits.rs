@@ -327,3 +327,30 @@ fn over_max_connections_a_connect_is_reset_at_once_rather_than_left_waiting() {
         agent.metrics()
     );
 }
+
+#[test]
+fn the_admin_endpoint_bounds_its_connections_and_closes_idle_ones() {
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&tcp_policy("x", "127.0.0.2", 9), &cg);
+    // Anyone on the node can open connections to the admin port and send nothing.
+    let idle: Vec<std::net::TcpStream> = (0..32)
+        .map(|_| std::net::TcpStream::connect(agent.admin).expect("connect to admin"))
+        .collect();
+    assert!(
+        latch_tests::eventually(Duration::from_secs(3), || latch_tests::http::get(
+            agent.admin,
+            "/healthz"
+        )
+        .is_err()),
+        "a 33rd admin connection was served while 32 idle ones were open"
+    );
+    // Idle connections are closed after the header timeout; the endpoint serves again.
+    assert!(
+        latch_tests::eventually(Duration::from_secs(15), || matches!(
+            latch_tests::http::get(agent.admin, "/healthz"),
+            Ok((200, _))
+        )),
+        "the admin endpoint never came back after the idle connections timed out"
+    );
+    drop(idle);
+}

@@ -7,12 +7,19 @@ use latch_common::{ConnMeta, TupleKey};
 /// Lookup-and-remove access to the kernel's per-connection records.
 pub struct ConnTable {
     map: Mutex<HashMap<MapData, TupleKey, ConnMeta>>,
+    /// Another handle on the same map, for [`ConnTable::len`] (so counting never holds up
+    /// [`ConnTable::take`]).
+    counter: Mutex<HashMap<MapData, TupleKey, ConnMeta>>,
 }
 
 impl ConnTable {
-    pub(super) fn new(map: HashMap<MapData, TupleKey, ConnMeta>) -> Self {
+    pub(super) fn new(
+        map: HashMap<MapData, TupleKey, ConnMeta>,
+        counter: HashMap<MapData, TupleKey, ConnMeta>,
+    ) -> Self {
         Self {
             map: Mutex::new(map),
+            counter: Mutex::new(counter),
         }
     }
 
@@ -52,7 +59,7 @@ impl ConnTable {
 
     /// Number of records currently held (for metrics; walks the map).
     pub fn len(&self) -> usize {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.counter.lock().unwrap_or_else(|e| e.into_inner());
         map.keys().filter(Result::is_ok).count()
     }
 

@@ -183,7 +183,33 @@ impl Interceptor {
 
     /// Takes the connection map for the broker. Call once, before the broker starts.
     pub fn take_conn_table(&mut self) -> Result<ConnTable, EbpfError> {
-        Ok(ConnTable::new(take_map(&mut self.bpf, map_names::CONNS)?))
+        let err = |source| EbpfError::Map {
+            name: map_names::CONNS,
+            source,
+        };
+        let raw = self
+            .bpf
+            .take_map(map_names::CONNS)
+            .ok_or(EbpfError::Missing(map_names::CONNS))?;
+        // A second handle on the same map, for counting: walking the map for /status must not
+        // hold the lock the accept path takes records under.
+        let fd = match &raw {
+            aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => {
+                use std::os::fd::AsFd as _;
+                d.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+                    err(MapError::SyscallError(aya::sys::SyscallError {
+                        call: "dup",
+                        io_error,
+                    }))
+                })?
+            }
+            _ => return Err(EbpfError::Missing(map_names::CONNS)),
+        };
+        let counter = aya::maps::Map::from_map_data(MapData::from_fd(fd).map_err(err)?)
+            .and_then(aya::maps::HashMap::try_from)
+            .map_err(err)?;
+        let map = aya::maps::HashMap::try_from(raw).map_err(err)?;
+        Ok(ConnTable::new(map, counter))
     }
 
     /// Takes the fast-path maps for the broker. Call once, before the broker starts.
