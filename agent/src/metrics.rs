@@ -89,6 +89,8 @@ pub struct Metrics {
     pub connections: Family<ConnLabels, Counter>,
     pub refused: Family<RefusedLabels, Counter>,
     pub denied: Family<PolicyLabels, Counter>,
+    /// Credentials fetched anew after a target rejected them, by policy.
+    pub refreshes: Family<PolicyLabels, Counter>,
     pub active: Gauge<i64, AtomicI64>,
     pub bytes: Family<BytesLabels, Counter<u64, AtomicU64>>,
     pub handshake_seconds: Family<PolicyLabels, Histogram>,
@@ -146,6 +148,12 @@ impl Metrics {
             "connections_denied",
             "Connections a policy covers but whose workload it does not admit",
             denied.clone(),
+        );
+        let refreshes = Family::<PolicyLabels, Counter>::default();
+        registry.register(
+            "credential_refreshes",
+            "Credentials fetched anew after a target rejected them (at most one a second per policy)",
+            refreshes.clone(),
         );
         let active = Gauge::<i64, AtomicI64>::default();
         registry.register("connections_active", "Connections open now", active.clone());
@@ -233,6 +241,7 @@ impl Metrics {
         );
         Self {
             registry,
+            refreshes,
             secret_seconds,
             secret_errors,
             map_entries,

@@ -98,7 +98,7 @@ impl Shared {
         Self {
             conns,
             policies: RwLock::new(Arc::new(policies)),
-            secrets: Secrets(RwLock::new(secrets), metrics.clone()),
+            secrets: Secrets(RwLock::new(secrets), metrics.clone(), Default::default()),
             metrics,
             mark,
             per_workload: per_workload::PerWorkload::new(limits.max_per_workload),
@@ -155,7 +155,16 @@ impl Shared {
 }
 
 /// The secret resolver in force; replaced when a reload changes the secret stores.
-pub struct Secrets(RwLock<Resolver>, Arc<Metrics>);
+pub struct Secrets(
+    RwLock<Resolver>,
+    Arc<Metrics>,
+    /// When each policy's credentials were last refreshed (see [`Secrets::refresh`]).
+    std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+);
+
+/// At most one refresh of a policy's credentials per this long: an application can make a
+/// target reject credentials at will, and with dynamic credentials a refresh mints a lease.
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Secrets {
     /// The resolver in force now (cheap: it is reference counted).
@@ -183,12 +192,33 @@ impl Secrets {
         result
     }
 
-    /// See [`Resolver::refresh`].
+    /// See [`Resolver::refresh`]; at most once per [`MIN_REFRESH_INTERVAL`] per policy
+    /// (otherwise the credentials in force, which the caller sees are the same).
     pub async fn refresh(
         &self,
         policy: &crate::config::Policy,
     ) -> Result<Arc<crate::secrets::Credentials>, crate::secrets::SecretError> {
         let started = std::time::Instant::now();
+        let recent = {
+            let mut last = self.2.lock().unwrap_or_else(|e| e.into_inner());
+            match last.get(&policy.name) {
+                Some(at) if started.duration_since(*at) < MIN_REFRESH_INTERVAL => true,
+                _ => {
+                    last.insert(policy.name.clone(), started);
+                    false
+                }
+            }
+        };
+        if recent {
+            tracing::debug!(policy = %policy.name, "credentials refreshed less than a second ago; not again");
+            return self.credentials(policy).await;
+        }
+        self.1
+            .refreshes
+            .get_or_create(&crate::metrics::PolicyLabels {
+                policy: policy.name.clone(),
+            })
+            .inc();
         let result = self.current().refresh(policy).await;
         self.1
             .secret_resolution(policy, started.elapsed(), result.as_ref().err());
@@ -299,5 +329,45 @@ pub async fn serve(
                 _ = abort.cancelled() => {}
             }
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_policys_credentials_are_refreshed_at_most_once_a_second() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("latch-refresh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secrets.yaml");
+        std::fs::write(&file, "db: {username: u, password: p}\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = format!(
+            "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: local}}\n\
+             spec: {{file: {{path: {}}}}}\n---\n\
+             apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {{name: db}}\nspec:\n  \
+             destination: {{address: 10.0.0.1, port: 5432}}\n  protocol: postgres\n  \
+             workloads: [{{uid: 1}}]\n  credentials:\n    store: local\n    \
+             password: {{path: db, field: password}}\n",
+            file.display()
+        );
+        let config = crate::config::load_str("p.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+        let metrics = Arc::new(Metrics::new());
+        let resolver = Resolver::new(&config.stores, Default::default()).unwrap();
+        let secrets = Secrets(RwLock::new(resolver), metrics.clone(), Default::default());
+        let policy = &config.policies[0];
+        for _ in 0..5 {
+            secrets.refresh(policy).await.unwrap();
+        }
+        assert!(
+            metrics
+                .encode()
+                .contains("latch_credential_refreshes_total{policy=\"db\"} 1"),
+            "{}",
+            metrics.encode()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
