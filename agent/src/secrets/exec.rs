@@ -107,7 +107,8 @@ pub fn parse_output(out: &[u8], field_asked: bool) -> Result<Secret, String> {
     }
     if field_asked
         && text.trim_start().starts_with('{')
-        && let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(text)
+        && let Ok(doc) = super::value::SecretJson::parse(text.as_bytes())
+        && let serde_json::Value::Object(map) = &*doc
     {
         return Ok(Secret::Fields(json_fields(map)));
     }

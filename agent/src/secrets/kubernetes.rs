@@ -207,8 +207,7 @@ pub fn secret_url(api: &str, namespace: &str, name: &str) -> Result<String, Stri
 
 /// The `data` of a Secret, base64-decoded. Values that are not UTF-8 text are left out.
 pub fn parse_secret(body: &[u8]) -> Result<Secret, String> {
-    let doc: serde_json::Value =
-        serde_json::from_slice(body).map_err(|_| "the answer is not JSON".to_string())?;
+    let doc = crate::secrets::value::SecretJson::parse(body)?;
     if doc.get("kind").and_then(|k| k.as_str()) != Some("Secret") {
         return Err("the answer is not a Secret".to_string());
     }

@@ -76,23 +76,79 @@ pub struct DynamicCredentials {
     pub expires_at: Option<Instant>,
 }
 
+/// A parsed JSON answer that may hold secrets: every string in it (values, not keys) is
+/// zeroized when it is dropped. Read it through `Deref`; copy out what is needed into
+/// [`SecretString`]s.
+pub struct SecretJson(serde_json::Value);
+
+impl SecretJson {
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes)
+            .map(SecretJson)
+            .map_err(|_| "the answer is not JSON".to_string())
+    }
+}
+
+impl std::ops::Deref for SecretJson {
+    type Target = serde_json::Value;
+    fn deref(&self) -> &serde_json::Value {
+        &self.0
+    }
+}
+
+impl Drop for SecretJson {
+    fn drop(&mut self) {
+        wipe(&mut self.0);
+    }
+}
+
+/// Zeroizes every string value in `v`.
+pub fn wipe(v: &mut serde_json::Value) {
+    use zeroize::Zeroize as _;
+    match v {
+        serde_json::Value::String(s) => s.zeroize(),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(wipe),
+        serde_json::Value::Object(map) => map.values_mut().for_each(wipe),
+        _ => {}
+    }
+}
+
 /// The scalar members of a JSON object as secret fields; nested values are kept as JSON text.
 pub fn json_fields(
-    map: serde_json::Map<String, serde_json::Value>,
+    map: &serde_json::Map<String, serde_json::Value>,
 ) -> BTreeMap<String, SecretString> {
-    map.into_iter()
-        .filter_map(|(k, v)| json_scalar(v).map(|v| (k, v)))
+    map.iter()
+        .filter_map(|(k, v)| json_scalar(v).map(|v| (k.clone(), v)))
         .collect()
 }
 
 /// A JSON value as a secret string: strings as they are, numbers and booleans written out,
 /// objects and arrays as JSON; `null` is no value.
-pub fn json_scalar(v: serde_json::Value) -> Option<SecretString> {
+pub fn json_scalar(v: &serde_json::Value) -> Option<SecretString> {
     match v {
         serde_json::Value::Null => None,
-        serde_json::Value::String(s) => Some(SecretString::new(s)),
+        serde_json::Value::String(s) => Some(SecretString::new(s.clone())),
         serde_json::Value::Bool(b) => Some(SecretString::new(b.to_string())),
         serde_json::Value::Number(n) => Some(SecretString::new(n.to_string())),
         other => Some(SecretString::new(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wipe_zeroizes_every_string_value_however_deep() {
+        let mut v: serde_json::Value = serde_json::from_str(
+            r#"{"password":"canary-1","nested":{"list":["canary-2",{"k":"canary-3"}]},"n":5}"#,
+        )
+        .unwrap();
+        wipe(&mut v);
+        let text = v.to_string();
+        assert!(!text.contains("canary"), "{text}");
+        assert_eq!(v["password"], "");
+        assert_eq!(v["nested"]["list"][1]["k"], "");
+        assert_eq!(v["n"], 5);
     }
 }

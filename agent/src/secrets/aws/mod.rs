@@ -310,8 +310,7 @@ pub fn request_body(secret_id: &str, version: Option<&str>) -> Vec<u8> {
 /// The secret in a `GetSecretValue` answer: `SecretString` (a JSON object also gives fields), or
 /// `SecretBinary` holding UTF-8 text.
 pub fn parse_secret_value(body: &[u8]) -> Result<Secret, String> {
-    let doc: serde_json::Value =
-        serde_json::from_slice(body).map_err(|_| "the answer is not JSON".to_string())?;
+    let doc = super::value::SecretJson::parse(body)?;
     let text = if let Some(s) = doc.get("SecretString").and_then(|s| s.as_str()) {
         s.to_string()
     } else if let Some(b) = doc.get("SecretBinary").and_then(|s| s.as_str()) {
@@ -326,11 +325,13 @@ pub fn parse_secret_value(body: &[u8]) -> Result<Secret, String> {
         return Err("the answer has neither SecretString nor SecretBinary".to_string());
     };
     if text.trim_start().starts_with('{')
-        && let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&text)
+        && let Ok(inner) = super::value::SecretJson::parse(text.as_bytes())
+        && let serde_json::Value::Object(map) = &*inner
     {
+        let fields = json_fields(map);
         return Ok(Secret::Structured {
             text: SecretString::new(text),
-            fields: json_fields(map),
+            fields,
         });
     }
     Ok(Secret::Value(SecretString::new(text)))

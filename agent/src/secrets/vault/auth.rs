@@ -43,8 +43,7 @@ pub struct AuthInfo {
 
 /// Parses the `auth` block of a login or renew-self answer.
 pub fn parse_auth(body: &[u8]) -> Result<AuthInfo, String> {
-    let doc: serde_json::Value =
-        serde_json::from_slice(body).map_err(|_| "the answer is not JSON".to_string())?;
+    let doc = crate::secrets::value::SecretJson::parse(body)?;
     let auth = doc
         .get("auth")
         .filter(|a| a.is_object())

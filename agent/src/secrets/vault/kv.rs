@@ -1,6 +1,6 @@
 //! Vault/OpenBao KV engines, versions 1 and 2: request paths and answers. Pure functions.
 
-use crate::secrets::value::{Secret, json_fields};
+use crate::secrets::value::{Secret, SecretJson, json_fields};
 
 /// Splits a reference's path into the KV mount and the secret's path in it. With a store
 /// `mount`, the whole path is inside it; without, the first segment is the mount
@@ -45,15 +45,14 @@ pub fn read_path(
 
 /// The fields of a read answer: `data.data` for KV v2, `data` for KV v1.
 pub fn parse_read(kv_version: u8, body: &[u8]) -> Result<Secret, String> {
-    let doc: serde_json::Value =
-        serde_json::from_slice(body).map_err(|_| "the answer is not JSON".to_string())?;
-    let serde_json::Value::Object(mut top) = doc else {
+    let doc = SecretJson::parse(body)?;
+    let serde_json::Value::Object(top) = &*doc else {
         return Err("the answer is not a JSON object".to_string());
     };
-    let mut data = top.remove("data").ok_or("the answer has no data")?;
+    let mut data = top.get("data").ok_or("the answer has no data")?;
     if kv_version != 1 {
         data = match data {
-            serde_json::Value::Object(mut d) => match d.remove("data") {
+            serde_json::Value::Object(d) => match d.get("data") {
                 Some(inner) => inner,
                 None => {
                     return Err("the answer has no data.data (is this a KV v1 mount?)".to_string());

@@ -58,8 +58,7 @@ pub fn renewal_sufficient(lease: &Lease, granted: Duration) -> bool {
 /// Parses a dynamic-secrets read: `lease_id`, `lease_duration`, `renewable`, and
 /// `data.username` / `data.password`.
 pub fn parse_creds(body: &[u8], now: Instant) -> Result<Lease, String> {
-    let doc: serde_json::Value =
-        serde_json::from_slice(body).map_err(|_| "the answer is not JSON".to_string())?;
+    let doc = crate::secrets::value::SecretJson::parse(body)?;
     let id = doc
         .get("lease_id")
         .and_then(|v| v.as_str())
