@@ -114,6 +114,14 @@ impl Setup {
         cmd
     }
 
+    /// psql in the cgroup, which must fail; returns what it printed on stderr.
+    pub fn psql_refused(&self, db: &str, sql: &str) -> String {
+        let out = self.psql(db, sql).output().expect("run psql");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "psql succeeded: {err}");
+        err
+    }
+
     pub fn connstr(&self, db: &str) -> String {
         format!(
             "host={} port={} user=app_without_password dbname={db} connect_timeout=20",

@@ -88,6 +88,19 @@ fn prepared(agent: &Agent) -> (Vec<(u64, u64)>, Vec<u64>) {
     (table, kernel)
 }
 
+/// Runs the bash `script` in `cg`, in a network namespace of its own that no one pinned
+/// (`unshare -n`); returns its stdout and stderr.
+fn in_new_netns(cg: &TestCgroup, script: &str) -> (String, String) {
+    let out = run_within(
+        cg.command("unshare").args(["-n", "bash", "-c", script]),
+        Duration::from_secs(30),
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn netns_inode(pod: &Pod) -> u64 {
     std::fs::metadata(pod.netns_path())
         .expect("stat the pod's namespace")
@@ -326,12 +339,7 @@ fn a_connect_from_a_namespace_latch_has_not_prepared_is_refused_audited_and_the_
          kill $S\n",
         probe = bins::probe().display()
     );
-    let out = run_within(
-        cg.command("unshare").args(["-n", "bash", "-c", &script]),
-        Duration::from_secs(30),
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (text, err) = in_new_netns(&cg, &script);
     assert!(text.contains("first=failed"), "{text}\n{err}");
     assert!(
         err.contains("Operation not permitted"),
@@ -383,16 +391,8 @@ fn a_namespace_nobody_pinned_is_prepared_by_the_sweep_before_its_processes_conne
          kill $S\n",
         probe = bins::probe().display()
     );
-    let out = run_within(
-        cg.command("unshare").args(["-n", "bash", "-c", &script]),
-        Duration::from_secs(30),
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("got=ok=1 failed=0"),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (text, err) = in_new_netns(&cg, &script);
+    assert!(text.contains("got=ok=1 failed=0"), "{text}\n{err}");
     assert_eq!(agent.status()["ebpf"]["netns_unprepared"], 0);
     assert_eq!(agent.wait_audit(1)[0]["outcome"], "relayed");
     agent.stop();

@@ -23,12 +23,7 @@ fn psql_without_a_password_runs_as_the_policys_user_and_md5_and_cleartext_are_ne
     // over an unverified connection: latch refuses to answer (docs/threat-model.md).
     for (user, pw) in [(MD5_USER, MD5_PW), (PLAIN_USER, PLAIN_PW)] {
         s.set_secret(user, pw);
-        let out = s
-            .psql("postgres", "select current_user")
-            .output()
-            .expect("psql");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{user}: latch answered");
+        let err = s.psql_refused("postgres", "select current_user");
         assert!(
             err.contains("which the policy does not allow"),
             "{user}: {err}"
