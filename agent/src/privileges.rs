@@ -1,4 +1,5 @@
-//! Dropping capabilities once the programs are attached and the listeners bound.
+//! Dropping capabilities once the programs are attached and the listeners bound — in every
+//! thread of the process (capabilities are per thread; see [`drop_to`]).
 //!
 //! Loading programs, creating maps, attaching links and binding sockets need CAP_BPF,
 //! CAP_SYS_ADMIN, CAP_NET_ADMIN and friends — but only at start. What the running agent still
@@ -16,6 +17,8 @@
 //! the broker config on stop) needs no capability since Linux 6.5 moved the unprivileged-BPF
 //! checks to map creation and program load; closing links needs none either. The e2e test
 //! `capabilities` proves it by reloading policies and brokering after the drop.
+mod threads;
+
 use caps::{CapSet, Capability, CapsHashSet};
 
 /// What the long-lived agent keeps.
@@ -55,7 +58,13 @@ pub enum Bounding {
 }
 
 /// Reduces the effective and permitted sets (and optionally the bounding set) to `keep` ∩ what
-/// the process has now; clears the inheritable and ambient sets. Returns the effective set left.
+/// the process has now; clears the inheritable and ambient sets — in **every thread** of the
+/// process. Returns the effective set left.
+///
+/// Capabilities are per thread: capset(2) and PR_CAPBSET_DROP change only the calling thread,
+/// and the agent's runtime and connection threads exist before the drop. So each thread is
+/// made to drop its own (a real-time signal whose handler makes the same system calls, the way
+/// libcap's psx does), and the drop is checked in `/proc/self/task/*/status`.
 pub fn drop_to(keep: &[Capability], bounding: Bounding) -> Result<CapsHashSet, PrivilegeError> {
     let err = |what| move |source| PrivilegeError { what, source };
     let permitted = caps::read(None, CapSet::Permitted).map_err(err("read permitted"))?;
@@ -64,6 +73,12 @@ pub fn drop_to(keep: &[Capability], bounding: Bounding) -> Result<CapsHashSet, P
         .copied()
         .filter(|c| permitted.contains(c))
         .collect();
+    let mask = kept.iter().fold(0u64, |m, c| m | 1 << c.index());
+    let shrink = bounding == Bounding::Shrink && permitted.contains(&Capability::CAP_SETPCAP);
+    threads::drop_in_other_threads(mask, shrink).map_err(|source| PrivilegeError {
+        what: "drop in every thread",
+        source: caps::errors::CapsError::from(source.to_string()),
+    })?;
     caps::clear(None, CapSet::Ambient).map_err(err("clear ambient"))?;
     if bounding == Bounding::Shrink && permitted.contains(&Capability::CAP_SETPCAP) {
         // Needs CAP_SETPCAP, so before the permitted set loses it. (Without it — e.g. a

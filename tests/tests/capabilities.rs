@@ -48,6 +48,32 @@ fn the_running_agent_keeps_only_net_admin_sys_admin_sys_ptrace_and_ipc_lock() {
         agent.log()
     );
     assert_eq!(caps(agent.pid(), "CapPrm"), want, "permitted set");
+    // Capabilities are per thread: the runtime's and the connection threads' too.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", agent.pid())).expect("list threads");
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                .map(|h| u64::from_str_radix(h.trim(), 16).expect("capability mask"))
+        };
+        let Some(eff) = field("CapEff") else { continue };
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        assert_eq!(
+            eff,
+            want,
+            "thread {} ({})",
+            task.file_name().to_string_lossy(),
+            comm.trim()
+        );
+        assert_eq!(
+            field("CapBnd"),
+            Some(want),
+            "bounding set of {}",
+            comm.trim()
+        );
+    }
     assert_eq!(caps(agent.pid(), "CapBnd"), want, "bounding set");
     assert_eq!(caps(agent.pid(), "CapInh"), 0, "inheritable set");
     assert_eq!(caps(agent.pid(), "CapAmb"), 0, "ambient set");
