@@ -37,7 +37,8 @@ pub const STATE_DIR_ENV: &str = "LATCH_STATE_DIR";
 
 const CA_COMMON_NAME: &str = "latch node-local CA";
 const CA_ORGANIZATION: &str = "latch";
-const CA_VALIDITY_DAYS: i64 = 3650;
+/// A year: the CA is rotated (`latch ca rotate`) well within that.
+const CA_VALIDITY_DAYS: i64 = 365;
 const LEAF_VALIDITY_DAYS: i64 = 7;
 /// Leaves are re-issued when less than this remains.
 const LEAF_RENEW_BEFORE: Duration = Duration::from_secs(24 * 3600);
@@ -55,6 +56,16 @@ pub enum CaError {
     },
     #[error("CA key {} is readable by group or others (mode {mode:o}); it must be 0600", path.display())]
     InsecureKey { path: PathBuf, mode: u32 },
+    #[error(
+        "CA directory {} must belong to uid {want} and be closed to others (0700); it is uid \
+         {uid}, mode {mode:o}", path.display()
+    )]
+    InsecureDir {
+        path: PathBuf,
+        uid: u32,
+        want: u32,
+        mode: u32,
+    },
     #[error("{what}: {reason}")]
     Crypto { what: &'static str, reason: String },
 }
@@ -125,6 +136,29 @@ fn random_serial() -> SerialNumber {
 impl Ca {
     /// Loads the CA from `<state_dir>/ca/`, creating it there first if it does not exist.
     pub fn load_or_create(state_dir: &Path) -> Result<Ca, CaError> {
+        Ca::under_lock(state_dir, false)
+    }
+
+    /// Replaces the CA with a new key and certificate; the old certificate is kept as
+    /// `ca.previous.crt` so that [`Ca::trust_bundle`] still includes it while applications move
+    /// to the new one. Agents use the new CA from their next start.
+    pub fn rotate(state_dir: &Path) -> Result<Ca, CaError> {
+        Ca::under_lock(state_dir, true)
+    }
+
+    /// The certificates applications should trust: this CA's and, after a rotation, the
+    /// previous one's.
+    pub fn trust_bundle(state_dir: &Path) -> Result<String, CaError> {
+        let ca = Ca::load_or_create(state_dir)?;
+        let previous = state_dir.join("ca").join("ca.previous.crt");
+        let mut bundle = ca.cert_pem().to_owned();
+        if let Ok(old) = std::fs::read_to_string(&previous) {
+            bundle.push_str(&old);
+        }
+        Ok(bundle)
+    }
+
+    fn under_lock(state_dir: &Path, rotate: bool) -> Result<Ca, CaError> {
         let dir = state_dir.join("ca");
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -155,8 +189,17 @@ impl Ca {
                 source: std::io::Error::last_os_error(),
             });
         }
+        check_dir(&dir)?;
         let (key_path, cert_path) = (dir.join("ca.key"), dir.join("ca.crt"));
-        let ca = if key_path.exists() {
+        let ca = if rotate && key_path.exists() {
+            let previous = dir.join("ca.previous.crt");
+            std::fs::rename(&cert_path, &previous).map_err(|source| CaError::Io {
+                what: "keeping the previous certificate as",
+                path: previous,
+                source,
+            })?;
+            Ca::create(&key_path, &cert_path)
+        } else if key_path.exists() {
             Ca::load(&key_path, &cert_path)
         } else {
             Ca::create(&key_path, &cert_path)
@@ -278,6 +321,26 @@ impl Ca {
 }
 
 /// Writes a file that must not exist yet, with `mode`, and syncs it.
+/// The CA directory must be the agent's alone: whoever can write it can put a CA of their own
+/// in front of every application that trusts latch's.
+fn check_dir(dir: &Path) -> Result<(), CaError> {
+    let meta = std::fs::metadata(dir).map_err(|source| CaError::Io {
+        what: "reading",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let want = nix::unistd::geteuid().as_raw();
+    if meta.uid() != want || meta.mode() & 0o077 != 0 {
+        return Err(CaError::InsecureDir {
+            path: dir.to_path_buf(),
+            uid: meta.uid(),
+            want,
+            mode: meta.mode() & 0o7777,
+        });
+    }
+    Ok(())
+}
+
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
     let io = |source| CaError::Io {
         what: "writing",
@@ -377,6 +440,35 @@ mod tests {
         let b = Ca::load_or_create(dir.path()).unwrap();
         assert_eq!(a.cert_pem(), b.cert_pem());
         assert!(a.cert_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    #[test]
+    fn rotation_makes_a_new_ca_and_keeps_the_old_certificate_in_the_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Ca::load_or_create(dir.path()).unwrap();
+        let new = Ca::rotate(dir.path()).unwrap();
+        assert_ne!(old.cert_pem(), new.cert_pem());
+        assert_eq!(
+            Ca::load_or_create(dir.path()).unwrap().cert_pem(),
+            new.cert_pem()
+        );
+        let bundle = Ca::trust_bundle(dir.path()).unwrap();
+        assert!(bundle.starts_with(new.cert_pem()), "{bundle}");
+        assert!(bundle.ends_with(old.cert_pem()), "{bundle}");
+    }
+
+    #[test]
+    fn refuses_a_ca_directory_others_may_enter() {
+        let dir = tempfile::tempdir().unwrap();
+        Ca::load_or_create(dir.path()).unwrap();
+        let ca_dir = dir.path().join("ca");
+        std::fs::set_permissions(&ca_dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let e = Ca::load_or_create(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("closed to others (0700)") && e.contains("mode 755"),
+            "{e}"
+        );
     }
 
     #[test]
