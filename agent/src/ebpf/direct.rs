@@ -11,6 +11,8 @@ use latch_common::{TupleKey, direct};
 pub struct DirectMaps {
     socks: Mutex<SockHash<MapData, u64>>,
     keys: Mutex<HashMap<MapData, TupleKey, direct::Entry>>,
+    /// A second handle on `LATCH_DIR_KEYS`, for [`DirectMaps::len`].
+    counter: Mutex<HashMap<MapData, TupleKey, direct::Entry>>,
     recv: Mutex<HashMap<MapData, u64, u32>>,
 }
 
@@ -18,11 +20,13 @@ impl DirectMaps {
     pub(super) fn new(
         socks: SockHash<MapData, u64>,
         keys: HashMap<MapData, TupleKey, direct::Entry>,
+        counter: HashMap<MapData, TupleKey, direct::Entry>,
         recv: HashMap<MapData, u64, u32>,
     ) -> Self {
         Self {
             socks: Mutex::new(socks),
             keys: Mutex::new(keys),
+            counter: Mutex::new(counter),
             recv: Mutex::new(recv),
         }
     }
@@ -96,7 +100,7 @@ impl DirectMaps {
 
     /// Entries in the 4-tuple map (walks the keys; for tests and status).
     pub fn len(&self) -> usize {
-        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = self.counter.lock().unwrap_or_else(|e| e.into_inner());
         keys.keys().filter(Result::is_ok).count()
     }
 

@@ -17,6 +17,8 @@ use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 pub struct FastPath {
     words: NonNull<AtomicU64>,
     targets: Mutex<SockHash<MapData, u64>>,
+    /// A second handle on `LATCH_TARGETS`, for [`FastPath::targets_len`].
+    counter: Mutex<SockHash<MapData, u64>>,
     /// Keeps the array map alive for as long as the mapping is used.
     _flows: MapData,
 }
@@ -29,7 +31,11 @@ unsafe impl Sync for FastPath {}
 const LEN: usize = flow::SLOTS as usize * std::mem::size_of::<flow::Slot>();
 
 impl FastPath {
-    pub(super) fn new(flows: MapData, targets: SockHash<MapData, u64>) -> std::io::Result<Self> {
+    pub(super) fn new(
+        flows: MapData,
+        targets: SockHash<MapData, u64>,
+        counter: SockHash<MapData, u64>,
+    ) -> std::io::Result<Self> {
         // SAFETY: a fresh shared mapping of the map's value area, unmapped in Drop; the kernel
         // keeps the map alive while it is mapped.
         let ptr = unsafe {
@@ -45,6 +51,7 @@ impl FastPath {
         Ok(Self {
             words: ptr.cast(),
             targets: Mutex::new(targets),
+            counter: Mutex::new(counter),
             _flows: flows,
         })
     }
@@ -135,7 +142,7 @@ impl FastPath {
 
     /// Target sockets registered now (walks the keys; for status).
     pub fn targets_len(&self) -> usize {
-        let map = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.counter.lock().unwrap_or_else(|e| e.into_inner());
         map.keys().filter(Result::is_ok).count()
     }
 

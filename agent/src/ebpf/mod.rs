@@ -183,32 +183,7 @@ impl Interceptor {
 
     /// Takes the connection map for the broker. Call once, before the broker starts.
     pub fn take_conn_table(&mut self) -> Result<ConnTable, EbpfError> {
-        let err = |source| EbpfError::Map {
-            name: map_names::CONNS,
-            source,
-        };
-        let raw = self
-            .bpf
-            .take_map(map_names::CONNS)
-            .ok_or(EbpfError::Missing(map_names::CONNS))?;
-        // A second handle on the same map, for counting: walking the map for /status must not
-        // hold the lock the accept path takes records under.
-        let fd = match &raw {
-            aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => {
-                use std::os::fd::AsFd as _;
-                d.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
-                    err(MapError::SyscallError(aya::sys::SyscallError {
-                        call: "dup",
-                        io_error,
-                    }))
-                })?
-            }
-            _ => return Err(EbpfError::Missing(map_names::CONNS)),
-        };
-        let counter = aya::maps::Map::from_map_data(MapData::from_fd(fd).map_err(err)?)
-            .and_then(aya::maps::HashMap::try_from)
-            .map_err(err)?;
-        let map = aya::maps::HashMap::try_from(raw).map_err(err)?;
+        let (map, counter) = take_map_twice(&mut self.bpf, map_names::CONNS)?;
         Ok(ConnTable::new(map, counter))
     }
 
@@ -221,8 +196,8 @@ impl Interceptor {
         let aya::maps::Map::Array(flows) = flows else {
             return Err(EbpfError::Missing(map_names::FLOWS));
         };
-        let targets = take_map(&mut self.bpf, map_names::TARGETS)?;
-        FastPath::new(flows, targets).map_err(EbpfError::Mmap)
+        let (targets, counter) = take_map_twice(&mut self.bpf, map_names::TARGETS)?;
+        FastPath::new(flows, targets, counter).map_err(EbpfError::Mmap)
     }
 
     /// Takes the direct-mode maps for the broker. Call once, before the broker starts.
@@ -231,9 +206,11 @@ impl Interceptor {
             .direct_socks
             .take()
             .ok_or(EbpfError::Missing(map_names::DIRECT))?;
+        let (keys, counter) = take_map_twice(&mut self.bpf, map_names::DIRECT_KEYS)?;
         Ok(DirectMaps::new(
             socks,
-            take_map(&mut self.bpf, map_names::DIRECT_KEYS)?,
+            keys,
+            counter,
             take_map(&mut self.bpf, map_names::DIRECT_RECV)?,
         ))
     }
@@ -431,6 +408,35 @@ where
         .ok_or(EbpfError::Missing(name))?
         .try_into()
         .map_err(|source| EbpfError::Program { name, source })
+}
+
+/// Takes a map and opens a second handle on it: walking a map for `/status` must not hold the
+/// lock the data path uses it under.
+fn take_map_twice<T>(bpf: &mut Ebpf, name: &'static str) -> Result<(T, T), EbpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let err = |source| EbpfError::Map { name, source };
+    let raw = bpf.take_map(name).ok_or(EbpfError::Missing(name))?;
+    let data = match &raw {
+        aya::maps::Map::HashMap(d)
+        | aya::maps::Map::LruHashMap(d)
+        | aya::maps::Map::SockHash(d) => d,
+        _ => return Err(EbpfError::Missing(name)),
+    };
+    let fd = {
+        use std::os::fd::AsFd as _;
+        data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+            err(MapError::SyscallError(aya::sys::SyscallError {
+                call: "dup",
+                io_error,
+            }))
+        })?
+    };
+    let second = aya::maps::Map::from_map_data(MapData::from_fd(fd).map_err(err)?)
+        .and_then(T::try_from)
+        .map_err(err)?;
+    Ok((T::try_from(raw).map_err(err)?, second))
 }
 
 fn take_map<T>(bpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
