@@ -159,6 +159,7 @@ pub fn run_within(
 pub fn tcp_policy(name: &str, address: &str, port: u16) -> String {
     format!(
         "apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: {name}\nspec:\n  \
-         destination:\n    address: {address}\n    port: {port}\n  protocol: tcp\n"
+         destination:\n    address: {address}\n    port: {port}\n  protocol: tcp\n  \
+         workloads: all\n"
     )
 }

@@ -298,11 +298,15 @@ impl Drop for PgCluster {
 /// `extra_spec` has a `tls:` block, the policy says `tls: {mode: disable}`: the test clusters
 /// have no certificate (a policy verifies the server by default).
 pub fn policy_yaml(name: &str, addr: SocketAddr, secrets_file: &Path, extra_spec: &str) -> String {
-    let extra_spec = if extra_spec.lines().any(|l| l.starts_with("  tls:")) {
+    let mut extra_spec = if extra_spec.lines().any(|l| l.starts_with("  tls:")) {
         extra_spec.to_owned()
     } else {
         format!("  tls: {{mode: disable}}\n{extra_spec}")
     };
+    // Unless the test names its workloads, the policy admits every one in the test cgroup.
+    if !extra_spec.lines().any(|l| l.starts_with("  workloads:")) {
+        extra_spec.push_str("  workloads: all\n");
+    }
     format!(
         "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata:\n  name: local\nspec:\n  \
          file: {{path: {}}}\n---\n\

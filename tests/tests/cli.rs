@@ -15,10 +15,44 @@ fn policy_check_reports_every_error_with_its_location() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("ok: 1 policies, 0 secret stores"), "{text}");
+    assert!(!text.contains("names no workloads"), "{text}");
+    // Without `workloads`, policy check warns that the agent refuses it; the agent does.
+    let open = dir.write(
+        "open.yaml",
+        &tcp_policy("web", "127.0.0.2", 80).replace("  workloads: all\n", ""),
+    );
+    let out = Command::new(bins::latch())
+        .args(["policy", "check"])
+        .arg(&open)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
     assert!(
-        text.contains("has no workloads"),
+        text.contains("names no workloads: the agent refuses it"),
         "the admit-all warning is missing: {text}"
     );
+    let cg = latch_tests::TestCgroup::new();
+    let out = Command::new(bins::latch())
+        .args(["agent", "--policy"])
+        .arg(&open)
+        .arg("--cgroup")
+        .arg(cg.path())
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("say `workloads: all`"), "{stderr}");
+    // Nor does the agent pick the whole host by itself.
+    let out = Command::new(bins::latch())
+        .args(["agent", "--policy"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--cgroup"), "{stderr}");
 
     let bad = dir.write(
         "bad.yaml",

@@ -50,7 +50,7 @@ fn psql_gets_a_role_minted_by_openbao_and_the_lease_is_revoked_on_stop() {
          vault:\n    address: {}\n    insecure: true\n    revokeOnShutdown: true\n    auth: {{token: {{file: {}}}}}\n\
          ---\napiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {{name: orders}}\nspec:\n  \
          destination: {{address: {}, port: {}}}\n  protocol: postgres\n  \
-         tls: {{mode: disable}}\n  credentials:\n    dynamic: {{store: bao, path: database/creds/orders-rw}}\n",
+         workloads: all\n  tls: {{mode: disable}}\n  credentials:\n    dynamic: {{store: bao, path: database/creds/orders-rw}}\n",
         vault.url(),
         token.display(),
         pg.addr.ip(),

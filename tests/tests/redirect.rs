@@ -257,9 +257,9 @@ fn host_policies_resolve_names_for_ipv4_and_ipv6() {
     // each, both named `localhost`.
     let policies = format!(
         "apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {{name: lo4}}\nspec:\n  \
-         destination: {{host: localhost, port: {}}}\n  protocol: tcp\n---\n\
+         destination: {{host: localhost, port: {}}}\n  protocol: tcp\n  workloads: all\n---\n\
          apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {{name: lo6}}\nspec:\n  \
-         destination: {{host: localhost, port: {}}}\n  protocol: tcp\n",
+         destination: {{host: localhost, port: {}}}\n  protocol: tcp\n  workloads: all\n",
         v4.addr.port(),
         v6.addr.port()
     );

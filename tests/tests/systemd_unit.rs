@@ -125,16 +125,21 @@ fn the_units_exec_start_runs_the_agent_under_the_units_capabilities() {
         .parse()
         .unwrap();
     argv[0] = bins::latch().display().to_string();
+    // The unit intercepts the whole host (`--cgroup /`); the test, a cgroup of its own.
+    let cg = TestCgroup::new();
     for arg in argv.iter_mut() {
         *arg = match arg.as_str() {
+            "/" => cg.path().display().to_string(),
             "/etc/latch/" => format!("{}/", etc.path().display()),
             "/var/log/latch/audit.jsonl" => logs.path().join("audit.jsonl").display().to_string(),
             "127.0.0.1:9477" => admin.to_string(),
             other => other.to_owned(),
         };
     }
-    let cg = TestCgroup::new();
-    argv.extend(["--cgroup".into(), cg.path().display().to_string()]);
+    assert!(
+        argv.iter().any(|a| *a == cg.path().display().to_string()),
+        "the unit's ExecStart names no --cgroup: {argv:?}"
+    );
     argv.extend(["--listen", "127.0.0.1:0", "--listen", "[::1]:0"].map(String::from));
 
     // The unit's sandbox, as far as it exists outside systemd. A capability this test process

@@ -16,6 +16,7 @@ spec:
     address: {address}
     port: {port}
   protocol: tcp
+  workloads: all
 "
     )
 }

@@ -26,7 +26,9 @@ async fn reload(
     allowed_exec: &[std::path::PathBuf],
     cause: &str,
 ) {
-    let config = match latch::config::load_trusted(paths, allowed_exec) {
+    let config = match latch::config::load_trusted(paths, allowed_exec)
+        .and_then(|c| latch::config::require_named_workloads(&c).map(|()| c))
+    {
         Ok(config) => config,
         Err(errors) => {
             for error in &errors.0 {
@@ -63,9 +65,11 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     raise_nofile_limit();
-    let cgroup = match args.cgroup {
-        Some(c) => c,
-        None => runtime::default_cgroup().context("finding the cgroup v2 root")?,
+    // Intercepting the whole host is something the operator says: `--cgroup /`.
+    let cgroup = if args.cgroup == std::path::Path::new("/") {
+        runtime::default_cgroup().context("finding the cgroup v2 root")?
+    } else {
+        args.cgroup
     };
     anyhow::ensure!(
         runtime::is_cgroup_dir(&cgroup),

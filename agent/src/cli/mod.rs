@@ -144,9 +144,10 @@ struct DataPathArgs {
 struct AgentArgs {
     #[command(flatten)]
     data: DataPathArgs,
-    /// cgroup v2 directory whose processes are intercepted (default: the hierarchy's root).
-    #[arg(long)]
-    cgroup: Option<PathBuf>,
+    /// cgroup v2 directory whose processes are intercepted, e.g. /sys/fs/cgroup/kubepods.slice;
+    /// `/` means the root of the hierarchy, i.e. every process on the host (said explicitly).
+    #[arg(long, required = true)]
+    cgroup: PathBuf,
     /// Broker listen addresses, loopback only: one IPv4 and optionally one IPv6 (port 0 picks
     /// a free port).
     #[arg(long, default_values_t = [
@@ -292,10 +293,15 @@ fn load_config(
     allowed_exec: &[PathBuf],
     scoped_to_command: bool,
 ) -> Result<Config, ExitCode> {
-    match config::load_trusted(paths, allowed_exec) {
+    match config::load_trusted(paths, allowed_exec).and_then(|c| {
+        if !scoped_to_command {
+            config::require_named_workloads(&c)?;
+        }
+        Ok(c)
+    }) {
         Ok(config) => {
             for warning in &config.warnings {
-                if scoped_to_command && warning.message.contains("has no workloads") {
+                if scoped_to_command && warning.message.contains("names no workloads") {
                     continue;
                 }
                 tracing::warn!("{warning}");

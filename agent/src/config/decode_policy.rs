@@ -25,6 +25,8 @@ pub struct PolicySpec {
     pub cache_ttl: Option<Duration>,
     pub direct: bool,
     pub auth: AuthSpec,
+    /// `workloads: all`: every workload in the intercepted cgroups, said explicitly.
+    pub admit_all: bool,
 }
 
 pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
@@ -40,7 +42,11 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         Some(e) => destination(cx, e),
         None => None,
     };
-    let workloads = match m.get("workloads") {
+    let workloads_node = m.get("workloads");
+    let admit_all = workloads_node
+        .is_some_and(|n| matches!(&n.value, Value::Scalar { text, .. } if text == "all"));
+    let workloads = match workloads_node {
+        Some(_) if admit_all => Some(Vec::new()),
         Some(n) => workloads(cx, n),
         None => Some(Vec::new()),
     };
@@ -118,6 +124,7 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         cache_ttl,
         direct: direct?,
         auth: auth?,
+        admit_all,
     })
 }
 
@@ -328,7 +335,7 @@ fn workloads(cx: &mut Cx, node: &Node) -> Option<Vec<WorkloadSelector>> {
     if items.is_empty() {
         cx.error(
             node.mark,
-            "workloads is empty: list who may connect, or leave the field out to admit every workload",
+            "workloads is empty: list who may connect, or say `workloads: all` to admit every workload",
         );
         return None;
     }

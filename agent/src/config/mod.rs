@@ -47,6 +47,22 @@ pub fn load_trusted(
     trust::check_exec(&config, allowed_exec)?;
     Ok(config)
 }
+
+/// The agent's rule: admitting every workload is something a policy says (`workloads: all`).
+/// (`latch run` does not apply it: its cgroup holds only its command.)
+pub fn require_named_workloads(config: &Config) -> Result<(), LoadErrors> {
+    let errors: Vec<Diagnostic> = config
+        .warnings
+        .iter()
+        .filter(|w| w.message.contains("names no workloads"))
+        .cloned()
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(LoadErrors(errors))
+    }
+}
 pub use net::{Cidr, PortRange};
 pub use policy::{
     AppTlsMode, AuthSpec, ChannelBindingMode, Credentials, Destination, Policy, Protocol,

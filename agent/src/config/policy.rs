@@ -37,6 +37,9 @@ pub struct Policy {
     pub direct: bool,
     /// `spec.authentication`: how latch may prove the credentials to the target.
     pub auth: AuthSpec,
+    /// `workloads: all`: the policy admits every workload in the intercepted cgroups, and says
+    /// so. The agent refuses a policy that names no workloads and does not say this.
+    pub admit_all: bool,
 }
 
 /// `spec.authentication` of a policy: the methods latch may answer a server's request with,

@@ -480,7 +480,7 @@ fn warnings_for_open_policies_and_literal_stores() {
         warnings,
         vec![
             "w.yaml:5:3: SecretStore \"dev\" is a literal store: its secrets are written in the configuration; use it for development only",
-            "w.yaml:14:1: Policy \"open\" has no workloads: it admits every workload in the attached cgroups",
+            "w.yaml:14:1: Policy \"open\" names no workloads: the agent refuses it (latch run, whose cgroup holds only its command, admits every process there); list the workloads it admits, or say `workloads: all`",
         ]
     );
     // Debug never shows secret values.

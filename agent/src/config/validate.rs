@@ -21,11 +21,11 @@ pub fn check(docs: &[LoadedDoc], errors: &mut Vec<Diagnostic>, warnings: &mut Ve
         .collect();
     for (doc, policy) in &policies {
         check_references(doc, policy, &stores, errors);
-        if policy.workloads.is_empty() {
+        if policy.workloads.is_empty() && !policy.admit_all {
             warnings.push(Diagnostic::new(
                 &doc.key_location(&["spec"]),
                 format!(
-                    "Policy {:?} has no workloads: it admits every workload in the attached cgroups",
+                    "Policy {:?} names no workloads: the agent refuses it (latch run, whose cgroup holds only its command, admits every process there); list the workloads it admits, or say `workloads: all`",
                     policy.name
                 ),
             ));

@@ -49,6 +49,7 @@ fn policy(name: &str, credentials: Credentials, cache_ttl: Option<Duration>) -> 
         cache_ttl,
         direct: false,
         auth: Default::default(),
+        admit_all: true,
     }
 }
 
