@@ -3,6 +3,22 @@ use std::process::Command;
 
 use latch_tests::{Agent, TempDir, TestCgroup, bins, require_root, tcp_policy};
 
+/// `latch agent` with `policy` for `cg`, which must refuse the configuration (exit 64) before
+/// attaching anything; returns its stderr.
+fn agent_refuses(policy: &std::path::Path, cg: &latch_tests::TestCgroup) -> String {
+    let out = Command::new(bins::latch())
+        .args(["agent", "--policy"])
+        .arg(policy)
+        .arg("--cgroup")
+        .arg(cg.path())
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    stderr
+}
+
 #[test]
 fn policy_check_reports_every_error_with_its_location() {
     let dir = TempDir::new("check");
@@ -33,16 +49,7 @@ fn policy_check_reports_every_error_with_its_location() {
         "the admit-all warning is missing: {text}"
     );
     let cg = latch_tests::TestCgroup::new();
-    let out = Command::new(bins::latch())
-        .args(["agent", "--policy"])
-        .arg(&open)
-        .arg("--cgroup")
-        .arg(cg.path())
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let stderr = agent_refuses(&open, &cg);
     assert!(stderr.contains("say `workloads: all`"), "{stderr}");
     // Nor does the agent pick the whole host by itself.
     let out = Command::new(bins::latch())
@@ -91,16 +98,7 @@ fn the_agent_refuses_an_invalid_configuration_before_attaching_anything() {
         "apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {name: x}\nspec:\n  \
          destination: {address: 127.0.0.2, port: 70000}\n",
     );
-    let out = Command::new(bins::latch())
-        .args(["agent", "--policy"])
-        .arg(&bad)
-        .arg("--cgroup")
-        .arg(cg.path())
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let stderr = agent_refuses(&bad, &cg);
     assert!(stderr.contains("bad.yaml:5:"), "{stderr}");
     latch_tests::leftovers::assert_none(cg.id(), None);
 }

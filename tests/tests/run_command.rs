@@ -22,6 +22,18 @@ fn latch_run(policy: &Path) -> Command {
     cmd
 }
 
+/// `latch run --policy POLICY -- true`, which must refuse the configuration (status 64);
+/// returns its stderr.
+fn run_refused(policy: &Path) -> String {
+    let out = latch_run(policy)
+        .args(["--", "true"])
+        .output()
+        .expect("latch run");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    stderr
+}
+
 fn run_cgroup(pid: u32) -> std::path::PathBuf {
     v2_root().join(format!("latch-run-{pid}"))
 }
@@ -126,12 +138,7 @@ fn invalid_policy_is_refused_with_status_64_and_its_location() {
         "apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {name: x}\nspec:\n  \
          destination: {cidr: 10.0.0.0/33, port: 5432}\n  protocol: tcp\n",
     );
-    let out = latch_run(&policy)
-        .args(["--", "true"])
-        .output()
-        .expect("latch run");
-    assert_eq!(out.status.code(), Some(64));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = run_refused(&policy);
     assert!(stderr.contains("bad.yaml:5:"), "no file:line in {stderr}");
     assert!(
         stderr.contains("10.0.0.0/33"),
@@ -213,12 +220,7 @@ fn policy_files_others_may_write_and_exec_stores_not_allowed_are_refused() {
     let dir = TempDir::new("run");
     let policy = dir.write("p.yaml", &tcp_policy("x", "127.0.0.2", 9));
     std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let out = latch_run(&policy)
-        .args(["--", "true"])
-        .output()
-        .expect("latch run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let stderr = run_refused(&policy);
     assert!(stderr.contains("mode 666 lets others write it"), "{stderr}");
 
     std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -231,12 +233,7 @@ fn policy_files_others_may_write_and_exec_stores_not_allowed_are_refused() {
             helper.display()
         ),
     );
-    let out = latch_run(&exec)
-        .args(["--", "true"])
-        .output()
-        .expect("latch run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let stderr = run_refused(&exec);
     assert!(
         stderr.contains("which the agent was not allowed to run"),
         "{stderr}"
