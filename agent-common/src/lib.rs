@@ -39,11 +39,11 @@ pub mod map_names {
     /// received bytes go to the broker (stream verdict programs can read a socket's cookie but
     /// not its namespace); see [`crate::direct`].
     pub const DIRECT_RECV: &str = "LATCH_DIR_RECV";
-    /// `HashMap<u64 (netns cookie), u32>`: network namespaces in which the broker listens
-    /// (see [`crate::netns`]). A redirect is made only from a namespace in this map.
+    /// `SockHash<netns::ListenerKey>`: the broker's own listening sockets, one per namespace
+    /// and family (see [`crate::netns`]). A redirect is made only to a listener in this map.
     pub const NETNS: &str = "LATCH_NETNS";
-    /// `RingBuf` of [`ConnMeta`]: connects the hooks matched in a namespace that is not in
-    /// `LATCH_NETNS` (refused or let through as the fail mode says); the agent audits them and
+    /// `RingBuf` of [`ConnMeta`]: connects the hooks matched in a namespace where
+    /// `LATCH_NETNS` holds no listener of latch's (refused or let through as the fail mode says); the agent audits them and
     /// prepares that namespace.
     pub const EVENTS: &str = "LATCH_EVENTS";
 }
@@ -64,8 +64,10 @@ pub mod prog_names {
 pub const CONN_MAP_ENTRIES: u32 = 65_536;
 /// Capacity of each rule trie.
 pub const RULE_MAP_ENTRIES: u32 = 4_096;
-/// Capacity of `LATCH_NETNS`: network namespaces the broker can listen in at once.
-pub const NETNS_MAP_ENTRIES: u32 = 16_384;
+/// Network namespaces the broker can listen in at once (the bound of `--max-namespaces`).
+pub const MAX_NAMESPACES: u32 = 16_384;
+/// Capacity of `LATCH_NETNS`: an IPv4 and an IPv6 listener per namespace.
+pub const NETNS_MAP_ENTRIES: u32 = 2 * MAX_NAMESPACES;
 /// Size of the `LATCH_EVENTS` ring buffer (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 64 * 1024;
 
@@ -105,16 +107,42 @@ pub const CONFIG_FAIL_OPEN: u32 = 2;
 /// lives in, because 4-tuples (loopback above all) repeat in every namespace.
 ///
 /// * The broker listens in each namespace it serves, at the same address and port as in its
-///   own; `LATCH_NETNS` holds the cookies of those namespaces. A connect that a rule matches
-///   in any other namespace is never redirected (there is nobody to receive it): the hook
-///   refuses it (EPERM) or lets it through as [`CONFIG_FAIL_OPEN`] says, and reports it in
-///   `LATCH_EVENTS` so the agent audits it and prepares the namespace.
+///   own; `LATCH_NETNS` holds those listening sockets themselves, keyed by namespace cookie
+///   and family. The kernel drops a socket from the map when it closes, however its process
+///   ends (a crash, SIGKILL), so an entry exists exactly while latch holds the port: whoever
+///   binds it after that (a local user while the agent is down, root in a workload's own
+///   namespace) is never sent a connection. A connect that a rule matches with no listener of
+///   latch's in its namespace is never redirected: the hook refuses it (EPERM) or lets it
+///   through as [`CONFIG_FAIL_OPEN`] says, and reports it in `LATCH_EVENTS` so the agent
+///   audits it and prepares the namespace.
 /// * `LATCH_CONNS`, `LATCH_FAST_KEYS` and `LATCH_DIR_KEYS` are keyed by [`TupleKey`], whose
 ///   `netns` field is the socket's namespace cookie; sock_ops deletes a socket's entries when
 ///   it closes, so a later socket with the same 4-tuple never finds them.
 pub mod netns {
-    /// `LATCH_NETNS` value: the broker listens there.
-    pub const PREPARED: u32 = 1;
+    /// `LATCH_NETNS` key: the broker's listener for one address family in one namespace.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct ListenerKey {
+        /// The namespace's cookie (`SO_NETNS_COOKIE`, `bpf_get_netns_cookie`).
+        pub netns_cookie: u64,
+        /// [`FAMILY_V4`] or [`FAMILY_V6`]: the listener a redirect of that family goes to
+        /// (IPv4-mapped IPv6 connects go to the IPv4 one).
+        pub family: u32,
+        pub _pad: u32,
+    }
+
+    pub const FAMILY_V4: u32 = 4;
+    pub const FAMILY_V6: u32 = 6;
+
+    impl ListenerKey {
+        pub const fn new(netns_cookie: u64, family: u32) -> Self {
+            Self {
+                netns_cookie,
+                family,
+                _pad: 0,
+            }
+        }
+    }
 }
 
 /// Where redirected connections go. One entry in `LATCH_CONFIG`.
@@ -384,6 +412,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConnMeta {}
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for super::direct::Entry {}
+    unsafe impl aya::Pod for super::netns::ListenerKey {}
 }
 
 // Layout checks: a change that introduces padding fails to compile.
@@ -393,4 +422,5 @@ const _: () = assert!(core::mem::size_of::<ConnMeta>() == 96);
 const _: () = assert!(core::mem::size_of::<TupleKey>() == 48);
 const _: () = assert!(core::mem::size_of::<flow::Slot>() == 32);
 const _: () = assert!(core::mem::size_of::<direct::Entry>() == 16);
+const _: () = assert!(core::mem::size_of::<netns::ListenerKey>() == 16);
 const _: () = assert!(direct::HEADER_LEN == 64);

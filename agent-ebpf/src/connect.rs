@@ -5,7 +5,7 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-            bpf_ktime_get_boot_ns,
+            bpf_ktime_get_boot_ns, bpf_map_lookup_elem, bpf_sk_release,
         },
     },
     macros::cgroup_sock_addr,
@@ -13,7 +13,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use latch_common::{
-    BrokerConfig, CONFIG_ENABLED, CONFIG_FAIL_OPEN, ConnMeta, RULE_DIRECT, RuleValue, stat,
+    BrokerConfig, CONFIG_ENABLED, CONFIG_FAIL_OPEN, ConnMeta, RULE_DIRECT, RuleValue,
+    netns::{self, ListenerKey},
+    stat,
 };
 
 use crate::{
@@ -83,7 +85,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     orig[11] = 0xff;
     orig[12..16].copy_from_slice(&ip);
     let meta = meta(ctx, rule, orig, port, AF_INET);
-    if let Some(verdict) = unprepared(ctx, cfg, &meta) {
+    if let Some(verdict) = unprepared(ctx, cfg, &meta, netns::FAMILY_V4) {
         return verdict;
     }
     if record(ctx, &meta).is_none() || rule.flags & RULE_DIRECT != 0 {
@@ -123,7 +125,12 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     };
     let meta = meta(ctx, rule, orig, port, AF_INET6);
-    if let Some(verdict) = unprepared(ctx, cfg, &meta) {
+    let family = if v4_mapped {
+        netns::FAMILY_V4
+    } else {
+        netns::FAMILY_V6
+    };
+    if let Some(verdict) = unprepared(ctx, cfg, &meta, family) {
         return verdict;
     }
     if record(ctx, &meta).is_none() || rule.flags & RULE_DIRECT != 0 {
@@ -143,17 +150,22 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// The verdict for a connect a rule matched in a namespace where the broker does not listen,
-/// or `None` if it does (or the rule leaves the connection on its way, as direct mode does).
-/// A redirect there would go nowhere, so the connect is refused or let through as the fail
-/// mode says, and reported so that the agent audits it and prepares the namespace.
+/// The verdict for a connect a rule matched in a namespace where latch holds no listener of
+/// `family`, or `None` if it does (or the rule leaves the connection on its way, as direct
+/// mode does). A redirect there would reach nobody, or whoever bound the broker's port after
+/// latch let go of it, so the connect is refused or let through as the fail mode says, and
+/// reported so that the agent audits it and prepares the namespace.
 #[inline(always)]
-fn unprepared(ctx: &SockAddrContext, cfg: &BrokerConfig, meta: &ConnMeta) -> Option<i32> {
+fn unprepared(
+    ctx: &SockAddrContext,
+    cfg: &BrokerConfig,
+    meta: &ConnMeta,
+    family: u32,
+) -> Option<i32> {
     if meta.flags & RULE_DIRECT != 0 {
         return None;
     }
-    // SAFETY: the value is not used, only its presence.
-    if unsafe { NETNS.get(&meta.netns_cookie) }.is_some() {
+    if holds_listener(meta.netns_cookie, family) {
         return None;
     }
     count(stat::UNPREPARED);
@@ -166,6 +178,27 @@ fn unprepared(ctx: &SockAddrContext, cfg: &BrokerConfig, meta: &ConnMeta) -> Opt
     } else {
         DENY
     })
+}
+
+/// Whether `LATCH_NETNS` holds latch's listener for `family` in the namespace `netns_cookie`.
+/// The kernel removes a socket from a sockhash when it closes, so this is true exactly while
+/// latch holds the broker's port there.
+#[inline(always)]
+fn holds_listener(netns_cookie: u64, family: u32) -> bool {
+    let key = ListenerKey::new(netns_cookie, family);
+    // SAFETY: a sockhash lookup returns a referenced socket (or null) that must be released;
+    // `NETNS` is repr(transparent) over its map definition, as the helper expects.
+    unsafe {
+        let sk = bpf_map_lookup_elem(
+            core::ptr::from_ref(&NETNS).cast_mut().cast(),
+            core::ptr::from_ref(&key).cast(),
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
 }
 
 #[inline(always)]

@@ -2,11 +2,11 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use latch_common::{
     BrokerConfig, CONN_MAP_ENTRIES, ConnMeta, EVENTS_BYTES, NETNS_MAP_ENTRIES, RULE_MAP_ENTRIES,
-    Rule4Data, Rule6Data, RuleValue, TupleKey, direct, flow, stat,
+    Rule4Data, Rule6Data, RuleValue, TupleKey, direct, flow, netns::ListenerKey, stat,
 };
 
 #[map(name = "LATCH_RULES4")]
@@ -51,7 +51,7 @@ pub static DIRECT_KEYS: LruHashMap<TupleKey, direct::Entry> =
 pub static DIRECT_RECV: LruHashMap<u64, u32> = LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);
 
 #[map(name = "LATCH_NETNS")]
-pub static NETNS: HashMap<u64, u32> = HashMap::with_max_entries(NETNS_MAP_ENTRIES, 0);
+pub static NETNS: SockHash<ListenerKey> = SockHash::with_max_entries(NETNS_MAP_ENTRIES, 0);
 
 #[map(name = "LATCH_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);

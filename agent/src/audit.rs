@@ -407,7 +407,7 @@ mod tests {
     fn refusals_are_rate_limited_per_workload_and_the_next_record_says_how_many() {
         let (audit, file) = trail("limit", QUEUE);
         let refused = |cgroup: &str| {
-            let mut r = Record::new(1, Outcome::Refused, "127.0.0.1:15001".into());
+            let mut r = Record::new(1, Outcome::Refused, "127.0.0.1:951".into());
             r.workload = Some(Workload {
                 cgroup: Some(cgroup.into()),
                 ..Default::default()

@@ -9,8 +9,9 @@
 //! |---|---|
 //! | `CAP_NET_ADMIN` | `SO_MARK` on every outbound socket the broker opens (or CAP_NET_RAW) |
 //! | `CAP_SYS_ADMIN` | `setns(2)` into an application's network namespace: the broker listens in every namespace it serves (prepared as pods and containers appear) and opens each target socket in the application's namespace, so the target sees the pod's address |
-//! | `CAP_SYS_PTRACE` | reading `/proc/<pid>/exe` of another user's process for the workload identity; `pidfd_getfd(2)` of an application's socket in direct mode |
 //! | `CAP_IPC_LOCK` | `mlock` of secret buffers past `RLIMIT_MEMLOCK` |
+//! | `CAP_SYS_PTRACE` | opening `/proc/<pid>/ns/net` of the processes under the cgroup (the sweep, and the namespaces the kernel reports): a process whose capabilities exceed the agent's (any root workload) is out of ptrace reach without it, so its namespace could not be prepared; reading `/proc/<pid>/exe` of another user's process for the audit; `pidfd_getfd(2)` of an application's socket in direct mode |
+//! | `CAP_NET_BIND_SERVICE` | only when a broker port is below 1024 (the default, so that no local user can hold it): binding it in each namespace prepared later |
 //! | `CAP_DAC_OVERRIDE` | `latch run` only: removing its cgroup from a cgroup root that is mode 0555 |
 //!
 //! Not kept: updating eBPF maps through an fd the agent already holds (rule tries on reload,
@@ -21,22 +22,33 @@ mod threads;
 
 use caps::{CapSet, Capability, CapsHashSet};
 
+/// What the running data path needs beyond the capabilities it always keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// A broker port is below 1024: binding it in namespaces prepared later.
+    pub privileged_port: bool,
+}
+
 /// What the long-lived agent keeps.
-pub const AGENT_KEEPS: &[Capability] = &[
-    Capability::CAP_NET_ADMIN,
-    Capability::CAP_SYS_ADMIN,
-    Capability::CAP_SYS_PTRACE,
-    Capability::CAP_IPC_LOCK,
-];
+pub fn agent_keeps(needs: Needs) -> Vec<Capability> {
+    let mut keep = vec![
+        Capability::CAP_NET_ADMIN,
+        Capability::CAP_SYS_ADMIN,
+        Capability::CAP_IPC_LOCK,
+        Capability::CAP_SYS_PTRACE,
+    ];
+    if needs.privileged_port {
+        keep.push(Capability::CAP_NET_BIND_SERVICE);
+    }
+    keep
+}
 
 /// What `latch run` keeps: the agent's set, plus removing its own cgroup at the end.
-pub const RUN_KEEPS: &[Capability] = &[
-    Capability::CAP_NET_ADMIN,
-    Capability::CAP_SYS_ADMIN,
-    Capability::CAP_SYS_PTRACE,
-    Capability::CAP_IPC_LOCK,
-    Capability::CAP_DAC_OVERRIDE,
-];
+pub fn run_keeps(needs: Needs) -> Vec<Capability> {
+    let mut keep = agent_keeps(needs);
+    keep.push(Capability::CAP_DAC_OVERRIDE);
+    keep
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("dropping capabilities ({what}): {source}")]

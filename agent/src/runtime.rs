@@ -119,16 +119,24 @@ impl Running {
     /// everything started so far is undone (dropping the interceptor detaches).
     pub async fn start(config: &Config, opts: &Options) -> Result<Self, StartError> {
         let (v4, v6) = split_listen(&opts.listen)?;
+        warn_unprivileged_ports(opts);
         crate::identity::require_host_pid_namespace().map_err(StartError::PidNamespace)?;
         crate::netns::init_own().map_err(StartError::Netns)?;
         let pins = pin_dir(opts)?;
         let secrets = Resolver::new(&config.stores, opts.secrets.clone())?;
         let listener4 = broker::bind(v4).map_err(|source| StartError::Bind { addr: v4, source })?;
+        // Someone else holding the IPv6 port is refused like the IPv4 one. Without IPv6 in
+        // the agent's namespace, IPv6 rules stay: the hooks find no listener of latch's there,
+        // so those connects fail closed (or go direct) and are audited, rather than silently
+        // escaping interception; pods with IPv6 get their listener when prepared.
         let listener6 = match v6 {
             Some(addr) => match broker::bind(addr) {
                 Ok(l) => Some(l),
+                Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
+                    return Err(StartError::Bind { addr, source });
+                }
                 Err(err) => {
-                    tracing::warn!(%addr, %err, "no IPv6 listener; IPv6 destinations will not be intercepted");
+                    tracing::warn!(%addr, %err, "no IPv6 listener in the agent's network namespace: IPv6 connects the policies match there are refused (fail mode closed) or go direct (open), and audited");
                     None
                 }
             },
@@ -137,7 +145,15 @@ impl Running {
         let local4 = listener4
             .local_addr()
             .map_err(|source| StartError::Bind { addr: v4, source })?;
-        let local6 = listener6.as_ref().and_then(|l| l.local_addr().ok());
+        let bound6 = match (&listener6, v6) {
+            (Some(l), Some(addr)) => Some(
+                l.local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            _ => None,
+        };
+        // Where IPv6 redirects go, in every namespace (the same port everywhere).
+        let local6 = bound6.or(v6.filter(|a| a.port() != 0));
         let admin_listener = match opts.admin {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -205,7 +221,7 @@ impl Running {
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(opts.limits.max_connections));
         let mut listeners = vec![local4];
-        listeners.extend(local6);
+        listeners.extend(bound6);
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         let workers = Arc::new(broker::workers::Workers::start(cpus).map_err(StartError::Workers)?);
         // The broker listens in its own namespace and in every one in use under the cgroup
@@ -320,6 +336,13 @@ impl Running {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The capabilities this run needs beyond those always kept.
+    pub fn needs(&self) -> crate::privileges::Needs {
+        crate::privileges::Needs {
+            privileged_port: self.listeners.iter().any(|a| a.port() < 1024),
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -450,6 +473,26 @@ fn pin_dir(opts: &Options) -> Result<std::path::PathBuf, StartError> {
     }
     let root = bpffs.unwrap_or_else(|| "/sys/fs/bpf".into());
     Ok(crate::ebpf::pins::pin_dir(&root, &opts.instance))
+}
+
+/// Warns about fixed ports any local user may bind in the agent's namespace: while the agent
+/// is down they can hold the port and keep it from starting, or (the admin port) answer
+/// health checks in its place. The hooks never redirect to a socket that is not latch's.
+fn warn_unprivileged_ports(opts: &Options) {
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(1024);
+    for addr in opts.listen.iter().chain(&opts.admin) {
+        if addr.port() != 0 && u32::from(addr.port()) >= start {
+            tracing::warn!(
+                %addr,
+                ip_unprivileged_port_start = start,
+                "any local user may bind this port while the agent is down (and so keep it \
+                 from starting); pick one below ip_unprivileged_port_start"
+            );
+        }
+    }
 }
 
 fn split_listen(listen: &[SocketAddr]) -> Result<(SocketAddr, Option<SocketAddr>), StartError> {

@@ -215,3 +215,79 @@ fn keeping_interception_with_fail_open_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--fail-mode closed"));
     leftovers::assert_none(cg.id(), None);
 }
+
+/// Issue 11, "the broker's port can be squatted": once latch lets go of its port (a crash
+/// with `--keep-interception`), whoever binds it is never sent an intercepted connection.
+#[test]
+fn a_squatter_on_the_broker_port_while_the_agent_is_down_gets_no_connection() {
+    let target = EchoServer::start("127.0.0.2");
+    let cg = TestCgroup::new();
+    let policy = tcp_policy("echo", "127.0.0.2", target.addr.port());
+    let instance = format!("test-squat-{}", std::process::id());
+    let port = free_port("127.0.0.1");
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "--keep-interception",
+        "--instance",
+        &instance,
+        "--listen",
+        &listen,
+    ];
+    let agent = Agent::start_args(&policy, &cg, &args);
+    assert!(echo(&cg, target.addr));
+    agent.crash();
+
+    // A local user binds the port latch held; the pinned hooks still match the destination.
+    let squatter = std::net::TcpListener::bind(&listen).expect("bind the broker's port");
+    squatter.set_nonblocking(true).unwrap();
+    assert!(
+        !echo(&cg, target.addr),
+        "a connection went through while latch was down"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    match squatter.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the squatter on {listen} was sent a connection: {other:?}"),
+    }
+    assert_eq!(target.accepted(), 1, "a connection bypassed latch");
+    drop(squatter);
+
+    let out = std::process::Command::new(bins::latch())
+        .args(["cleanup", "--instance", &instance])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    leftovers::assert_none(cg.id(), None);
+}
+
+/// Issue 11: a failed IPv6 bind used to be a warning that silently dropped the IPv6 rules.
+/// Someone holding the broker's IPv6 port keeps the agent from starting, as for IPv4.
+#[test]
+fn an_ipv6_broker_port_someone_else_holds_is_refused_at_start() {
+    let cg = TestCgroup::new();
+    let dir = latch_tests::TempDir::new("v6-squat");
+    let policy = dir.write("p.yaml", &tcp_policy("x", "127.0.0.2", 9));
+    let squatter = std::net::TcpListener::bind("[::1]:0").expect("bind [::1]");
+    let taken = squatter.local_addr().unwrap();
+    let out = std::process::Command::new(bins::latch())
+        .args(["agent", "--policy"])
+        .arg(&policy)
+        .arg("--cgroup")
+        .arg(cg.path())
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", free_port("127.0.0.1")),
+            "--listen",
+            &taken.to_string(),
+        ])
+        .args(["--admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the agent started: {stderr}");
+    assert!(
+        stderr.contains(&taken.to_string()),
+        "the error does not name {taken}: {stderr}"
+    );
+    leftovers::assert_none(cg.id(), None);
+}

@@ -320,6 +320,58 @@ fn a_pod_created_after_the_agent_started_is_brokered_from_its_first_connect_and_
     agent.stop();
 }
 
+/// A port below 1024 on loopback that nothing holds now (the broker's default is one, so that
+/// no local user can hold it).
+fn free_privileged_port() -> u16 {
+    (700..1000)
+        .find(|p| {
+            std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()
+                && std::net::TcpListener::bind(("::1", *p)).is_ok()
+        })
+        .expect("a free port below 1024")
+}
+
+/// Issue 11, "the broker's port can be squatted": the default broker port is below 1024, so
+/// the agent keeps CAP_NET_BIND_SERVICE to bind it in namespaces that appear later.
+#[test]
+fn with_a_privileged_broker_port_a_pod_created_later_is_still_served() {
+    latch_tests::require_root();
+    let cg = TestCgroup::new();
+    let loop_port = free_port("127.0.0.1");
+    let broker = free_privileged_port();
+    let agent = Agent::start_args(
+        &tcp_policy("pod-loopback", "127.0.0.1", loop_port),
+        &cg,
+        &[
+            "--runtime-cgroup-root",
+            &kubepods_root(&cg),
+            "--listen",
+            &format!("127.0.0.1:{broker}"),
+            "--listen",
+            &format!("[::1]:{broker}"),
+        ],
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || agent
+            .log()
+            .contains("CAP_NET_BIND_SERVICE")),
+        "the agent does not keep CAP_NET_BIND_SERVICE:\n{}",
+        agent.log()
+    );
+    let pod = Pod::new(&cg, 1);
+    let _server = loopback_echo(&pod, loop_port);
+    let got = stdout(pod.command(bins::probe()).args([
+        "echo",
+        &format!("127.0.0.1:{loop_port}"),
+        "1",
+        "100",
+    ]));
+    assert_eq!(got, "ok=1 failed=0", "{}", agent.log());
+    assert_eq!(agent.wait_audit(1)[0]["outcome"], "relayed");
+    pod.delete();
+    agent.stop();
+}
+
 #[test]
 fn a_connect_from_a_namespace_latch_has_not_prepared_is_refused_audited_and_the_namespace_prepared()
 {

@@ -132,7 +132,7 @@ fn the_units_exec_start_runs_the_agent_under_the_units_capabilities() {
             "/" => cg.path().display().to_string(),
             "/etc/latch/" => format!("{}/", etc.path().display()),
             "/var/log/latch/audit.jsonl" => logs.path().join("audit.jsonl").display().to_string(),
-            "127.0.0.1:9477" => admin.to_string(),
+            "127.0.0.1:952" => admin.to_string(),
             other => other.to_owned(),
         };
     }

@@ -103,7 +103,7 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let running = Running::start(&config, &opts).await?;
     // Attached and bound: from here on only what the running agent needs.
     let caps = latch::privileges::drop_to(
-        latch::privileges::AGENT_KEEPS,
+        &latch::privileges::agent_keeps(running.needs()),
         latch::privileges::Bounding::Shrink,
     )?;
     tracing::info!(

@@ -42,7 +42,7 @@ enum Command {
     /// Show a running agent's connections, policies and eBPF state (from its admin endpoint).
     Status {
         /// The agent's admin address.
-        #[arg(long, default_value = "127.0.0.1:9477")]
+        #[arg(long, default_value = "127.0.0.1:952")]
         admin: SocketAddr,
         /// Print the raw JSON instead of a table.
         #[arg(long)]
@@ -94,7 +94,7 @@ struct DataPathArgs {
     max_per_workload: usize,
     /// Most network namespaces the broker listens in at once (its own included; each costs
     /// two listening sockets and a namespace descriptor). Matching connects from namespaces
-    /// past it fail closed (or go direct with --fail-mode open) and are audited.
+    /// past it fail closed (or go direct with --fail-mode open) and are audited. At most 16384.
     #[arg(long, default_value_t = 4_096)]
     max_namespaces: usize,
     /// Most direct-mode startups run at once (each holds a thread until the hand-over, at most
@@ -151,12 +151,12 @@ struct AgentArgs {
     /// Broker listen addresses, loopback only: one IPv4 and optionally one IPv6 (port 0 picks
     /// a free port).
     #[arg(long, default_values_t = [
-        "127.0.0.1:15001".parse::<SocketAddr>().unwrap(),
-        "[::1]:15001".parse::<SocketAddr>().unwrap(),
+        "127.0.0.1:951".parse::<SocketAddr>().unwrap(),
+        "[::1]:951".parse::<SocketAddr>().unwrap(),
     ])]
     listen: Vec<SocketAddr>,
     /// Admin HTTP address (/healthz, /readyz, /metrics, /status).
-    #[arg(long, default_value = "127.0.0.1:9477")]
+    #[arg(long, default_value = "127.0.0.1:952")]
     admin: SocketAddr,
     /// On SIGTERM/SIGINT, how long live connections may finish, in seconds.
     #[arg(long, default_value_t = 10)]
@@ -225,7 +225,9 @@ impl DataPathArgs {
             max_connections: self.max_connections,
             connect_timeout: Duration::from_secs(self.connect_timeout),
             max_per_workload: self.max_per_workload.max(1),
-            max_namespaces: self.max_namespaces.max(1),
+            max_namespaces: self
+                .max_namespaces
+                .clamp(1, latch_common::MAX_NAMESPACES as usize),
             max_direct_startups: self.max_direct_startups.max(1),
             handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
         }

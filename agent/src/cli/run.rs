@@ -45,7 +45,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     // CMD still gets root's usual capabilities (the bounding set stays); latch itself keeps
     // what brokering and removing its cgroup need.
     let caps = latch::privileges::drop_to(
-        latch::privileges::RUN_KEEPS,
+        &latch::privileges::run_keeps(running.needs()),
         latch::privileges::Bounding::Keep,
     )?;
     tracing::debug!(kept = ?latch::privileges::names(&caps), "capabilities dropped");

@@ -120,7 +120,7 @@ mod tests {
     fn renders_a_readable_table() {
         let s: Value = serde_json::json!({
             "version": "0.1.0", "ready": true, "cgroup": "/sys/fs/cgroup/x",
-            "listeners": ["127.0.0.1:15001", "[::1]:15001"],
+            "listeners": ["127.0.0.1:951", "[::1]:951"],
             "connections": {"active": 2, "relayed": 10, "failed": 1, "denied": 3, "refused": 0},
             "ebpf": {"rules": 4, "redirected": 14, "map_errors": 0, "fast_enrolled": 12,
                      "fast_handovers": 9, "netns_prepared": 3, "netns_unprepared": 1},

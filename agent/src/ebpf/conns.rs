@@ -97,12 +97,12 @@ mod tests {
         let a = tuple_key(
             7,
             "127.0.0.1:40000".parse().unwrap(),
-            "127.0.0.1:15001".parse().unwrap(),
+            "127.0.0.1:951".parse().unwrap(),
         );
         let b = tuple_key(
             7,
             "[::ffff:127.0.0.1]:40000".parse().unwrap(),
-            "[::ffff:127.0.0.1]:15001".parse().unwrap(),
+            "[::ffff:127.0.0.1]:951".parse().unwrap(),
         );
         assert_eq!(a, b);
         assert_eq!(a.peer_port, 40000);
@@ -113,7 +113,7 @@ mod tests {
     fn the_same_4_tuple_in_two_namespaces_gives_two_keys() {
         let (peer, local) = (
             "127.0.0.1:40000".parse().unwrap(),
-            "127.0.0.1:15001".parse().unwrap(),
+            "127.0.0.1:951".parse().unwrap(),
         );
         assert_ne!(tuple_key(1, peer, local), tuple_key(2, peer, local));
     }

@@ -106,7 +106,7 @@ pub struct Interceptor {
 
 /// `LATCH_NETNS` and `LATCH_EVENTS`, taken by the agent (see [`Interceptor::take_netns`]).
 pub type NetnsMaps = (
-    aya::maps::HashMap<MapData, u64, u32>,
+    aya::maps::SockHash<MapData, latch_common::netns::ListenerKey>,
     aya::maps::RingBuf<MapData>,
 );
 

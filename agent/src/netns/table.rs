@@ -1,15 +1,19 @@
-//! The prepared namespaces: the broker's listeners in each, and `LATCH_NETNS`, which tells the
-//! connect hooks where a redirect will find the broker.
+//! The prepared namespaces: the broker's listeners in each, and `LATCH_NETNS`, which hands
+//! those listening sockets themselves to the connect hooks. The kernel drops a socket from
+//! that map when it closes, so the hooks redirect into a namespace only while latch holds the
+//! broker's port there, and never to whoever binds it once latch has let go (a crash, a stop
+//! with `--keep-interception`, a released namespace).
 use std::{
     collections::{HashMap, HashSet},
     io,
     net::SocketAddr,
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     sync::{Arc, Mutex},
     time::Instant,
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use aya::maps::{MapData, MapError, SockHash};
+use latch_common::netns::{FAMILY_V4, FAMILY_V6, ListenerKey};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -39,7 +43,7 @@ pub enum NetnsError {
 /// Every namespace the broker listens in, by nsfs inode.
 pub struct Namespaces {
     prepared: Mutex<HashMap<u64, Handle>>,
-    kernel: Mutex<BpfHashMap<MapData, u64, u32>>,
+    kernel: Mutex<SockHash<MapData, ListenerKey>>,
     listen4: SocketAddr,
     listen6: Option<SocketAddr>,
     /// Most namespaces served at once (the agent's own included).
@@ -69,7 +73,7 @@ impl Namespaces {
     /// `listeners` are the broker's, already bound in the agent's own namespace (recorded by
     /// [`super::init_own`]); it is served from now on and never released.
     pub fn new(
-        kernel: BpfHashMap<MapData, u64, u32>,
+        kernel: SockHash<MapData, ListenerKey>,
         listeners: Vec<TcpListener>,
         listen4: SocketAddr,
         listen6: Option<SocketAddr>,
@@ -93,13 +97,10 @@ impl Namespaces {
             inode: super::own_inode().unwrap_or(0),
             source,
         })?;
+        this.publish(handle.cookie, &listeners)?;
         for l in listeners {
             (this.serve)(&handle, l);
         }
-        this.kernel
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(handle.cookie, latch_common::netns::PREPARED, 0)?;
         this.lock().insert(handle.inode, handle);
         Ok(this)
     }
@@ -134,12 +135,39 @@ impl Namespaces {
         v
     }
 
-    /// The cookies in `LATCH_NETNS` (walks the kernel map), sorted.
+    /// The namespaces whose listeners are in `LATCH_NETNS` (walks the kernel map), as sorted
+    /// cookies.
     pub fn kernel_cookies(&self) -> Vec<u64> {
         let map = self.kernel.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+        let mut v: Vec<u64> = map
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.netns_cookie)
+            .collect();
         v.sort_unstable();
+        v.dedup();
         v
+    }
+
+    /// Hands the namespace's listeners to the connect hooks, keyed by their family.
+    fn publish(&self, cookie: u64, listeners: &[TcpListener]) -> Result<(), NetnsError> {
+        let mut map = self.kernel.lock().unwrap_or_else(|e| e.into_inner());
+        for l in listeners {
+            let family = match l.local_addr() {
+                Ok(SocketAddr::V6(_)) => FAMILY_V6,
+                _ => FAMILY_V4,
+            };
+            map.insert(ListenerKey::new(cookie, family), l.as_raw_fd(), 0)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the namespace's listeners out of `LATCH_NETNS` (closing them would too).
+    fn unpublish(&self, cookie: u64) {
+        let mut map = self.kernel.lock().unwrap_or_else(|e| e.into_inner());
+        for family in [FAMILY_V4, FAMILY_V6] {
+            let _ = map.remove(&ListenerKey::new(cookie, family));
+        }
     }
 
     /// How long preparing a namespace took lately.
@@ -208,18 +236,17 @@ impl Namespaces {
             .map_err(listen_err)?;
         ns.cookie = cookie;
         let handle = Arc::new(ns);
-        for l in std::iter::once(l4).chain(l6) {
-            let l = TcpListener::from_std(l).map_err(listen_err)?;
-            (self.serve)(&handle, l);
+        let listeners = std::iter::once(l4)
+            .chain(l6)
+            .map(TcpListener::from_std)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(listen_err)?;
+        if let Err(e) = self.publish(cookie, &listeners) {
+            self.unpublish(cookie);
+            return Err(e);
         }
-        if let Err(e) = self
-            .kernel
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(cookie, latch_common::netns::PREPARED, 0)
-        {
-            handle.stop.cancel();
-            return Err(e.into());
+        for l in listeners {
+            (self.serve)(&handle, l);
         }
         prepared.insert(inode, handle.clone());
         self.failed
@@ -248,11 +275,7 @@ impl Namespaces {
             self.lock().insert(inode, handle);
             return;
         }
-        let _ = self
-            .kernel
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&handle.cookie);
+        self.unpublish(handle.cookie);
         handle.stop.cancel();
         tracing::debug!(inode, cookie = handle.cookie, "network namespace released");
     }
