@@ -39,6 +39,7 @@ fn cap_bit(name: &str) -> u32 {
     match name {
         "CAP_DAC_OVERRIDE" => 1,
         "CAP_SETPCAP" => 8,
+        "CAP_NET_BIND_SERVICE" => 10,
         "CAP_NET_ADMIN" => 12,
         "CAP_IPC_LOCK" => 14,
         "CAP_SYS_PTRACE" => 19,
@@ -140,7 +141,8 @@ fn the_units_exec_start_runs_the_agent_under_the_units_capabilities() {
         argv.iter().any(|a| *a == cg.path().display().to_string()),
         "the unit's ExecStart names no --cgroup: {argv:?}"
     );
-    argv.extend(["--listen", "127.0.0.1:0", "--listen", "[::1]:0"].map(String::from));
+    // The broker listens on the unit's (the agent's) default ports: below 1024, so the unit
+    // must grant CAP_NET_BIND_SERVICE.
 
     // The unit's sandbox, as far as it exists outside systemd. A capability this test process
     // lacks itself (a sandbox without CAP_SYS_RESOURCE) cannot be granted; it is named.
@@ -226,8 +228,9 @@ fn the_units_exec_start_runs_the_agent_under_the_units_capabilities() {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     // After attaching, the agent drops to NET_ADMIN | IPC_LOCK | SYS_PTRACE | SYS_ADMIN
-    // (setns into pods' and containers' network namespaces).
-    let want = (1u64 << 12) | (1 << 14) | (1 << 19) | (1 << 21);
+    // (setns into pods' and containers' network namespaces) | NET_BIND_SERVICE (the default
+    // broker port, below 1024, in namespaces prepared later).
+    let want = (1u64 << 10) | (1 << 12) | (1 << 14) | (1 << 19) | (1 << 21);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
