@@ -38,6 +38,17 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         Some(e) => decode::choice(cx, &e.value, "protocol", &Protocol::ALL),
         None => Some(Protocol::Tcp),
     };
+    // Refused here rather than accepted and failing every matching connection at run time.
+    if let (Some(p), Some(e)) = (protocol, protocol_entry)
+        && !p.is_built()
+    {
+        cx.error(
+            e.value.mark,
+            format!(
+                "protocol {p} is not built yet: this version of latch brokers \"tcp\" and \"postgres\""
+            ),
+        );
+    }
     let destination = match m.require(cx, "destination") {
         Some(e) => destination(cx, e),
         None => None,

@@ -217,6 +217,12 @@ impl Protocol {
         ("ssh", Protocol::Ssh),
     ];
 
+    /// Whether this build has a connector for the protocol. The others are names the format
+    /// reserves; a policy that uses one is refused at load.
+    pub fn is_built(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Postgres)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",

@@ -409,9 +409,13 @@ fn protocol_rules() {
         "  destination: {host: api.internal, port: 443}\n  workloads: [{uid: 1}]\n  protocol: http\n  tls: {mode: prefer}\n  credentials: {store: local, password: {path: api}}\n",
     );
     let errs = errors("t.yaml", &format!("{STORES}{http_prefer}"));
-    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert_eq!(
+        errs[0],
+        "t.yaml:24:13: protocol http is not built yet: this version of latch brokers \"tcp\" and \"postgres\""
+    );
     assert!(
-        errs[0]
+        errs[1]
             .starts_with("t.yaml:25:15: tls mode \"prefer\" needs a protocol that negotiates TLS"),
         "{errs:?}"
     );
@@ -422,7 +426,10 @@ fn protocol_rules() {
     );
     assert_eq!(
         errors("t.yaml", &no_creds),
-        vec!["t.yaml:6:1: missing field \"credentials\" in spec: protocol ssh needs credentials"]
+        vec![
+            "t.yaml:6:1: missing field \"credentials\" in spec: protocol ssh needs credentials",
+            "t.yaml:8:13: protocol ssh is not built yet: this version of latch brokers \"tcp\" and \"postgres\""
+        ]
     );
 
     let ca_without_tls = policy(
@@ -814,7 +821,10 @@ fn direct_mode_needs_postgres_in_plain_text_on_both_legs() {
     let mysql = policy("db", &spec("mysql", "  tls: {mode: disable}\n"));
     assert_eq!(
         errors("t.yaml", &format!("{STORES}{mysql}")),
-        vec!["t.yaml:26:3: direct applies to protocol postgres only (not mysql); remove direct"]
+        vec![
+            "t.yaml:23:13: protocol mysql is not built yet: this version of latch brokers \"tcp\" and \"postgres\"",
+            "t.yaml:26:3: direct applies to protocol postgres only (not mysql); remove direct"
+        ]
     );
     let not_bool = policy(
         "db",
