@@ -406,12 +406,19 @@ pub struct TupleKey {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all are repr(C), made only of integers and integer arrays, with no padding.
+    // Each is repr(C), made only of integers and integer arrays, with no padding (the size
+    // assertions below fail to compile if a change adds any).
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::BrokerConfig {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::RuleValue {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnMeta {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::TupleKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::direct::Entry {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::netns::ListenerKey {}
 }
 

@@ -115,6 +115,7 @@ impl Drop for OwnedCgroup {
 /// Only async-signal-safe calls: meant for `CommandExt::pre_exec`.
 pub fn enter_from_child(procs: &OwnedFd) -> io::Result<()> {
     // Writing "0" moves the writer itself.
+    // SAFETY: write(2) of a static one-byte buffer to a descriptor the caller keeps open.
     let n = unsafe { libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) };
     if n == 1 {
         Ok(())
@@ -154,6 +155,7 @@ fn kill_all(path: &Path) {
     }
     if let Ok(procs) = fs::read_to_string(path.join("cgroup.procs")) {
         for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: kill(2) has no memory effects; the pids are this cgroup's own processes.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }

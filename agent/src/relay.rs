@@ -394,6 +394,7 @@ mod tests {
         for _ in 0..100 {
             let mut q: libc::c_int = 0;
             use std::os::fd::AsRawFd as _;
+            // SAFETY: FIONREAD writes one c_int into `q`, which outlives the call.
             unsafe { libc::ioctl(server.as_raw_fd(), libc::FIONREAD, &mut q) };
             if q == 3800 {
                 break;

@@ -26,6 +26,7 @@ pub struct FastPath {
 // SAFETY: the mapping is shared memory accessed only through atomics; the sock hash is behind
 // a mutex.
 unsafe impl Send for FastPath {}
+// SAFETY: as for Send.
 unsafe impl Sync for FastPath {}
 
 const LEN: usize = flow::SLOTS as usize * std::mem::size_of::<flow::Slot>();

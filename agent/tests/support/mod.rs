@@ -173,6 +173,7 @@ impl Drop for ProcessGuard {
     fn drop(&mut self) {
         let pid = self.child.id() as i32;
         // SIGTERM first so servers clean up, then SIGKILL.
+        // SAFETY: kill(2) has no memory effects; `pid` is this guard's own child.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {

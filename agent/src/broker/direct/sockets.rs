@@ -14,6 +14,7 @@ pub fn app_socket(pid: u32, cookie: u64) -> io::Result<OwnedFd> {
     if pidfd < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: pidfd_open just returned this descriptor; nothing else owns it.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         let entry = entry?;
@@ -34,10 +35,12 @@ pub fn app_socket(pid: u32, cookie: u64) -> io::Result<OwnedFd> {
         else {
             continue;
         };
+        // SAFETY: a plain system call on descriptors this function holds.
         let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
         if got < 0 {
             continue;
         }
+        // SAFETY: pidfd_getfd just returned this new descriptor; nothing else owns it.
         let got = unsafe { OwnedFd::from_raw_fd(got as i32) };
         if socket_cookie(&got).is_ok_and(|c| c == cookie) {
             return Ok(got);
