@@ -152,13 +152,14 @@ impl Agent {
 
     /// Waits (up to 5 s) until the agent's log contains `needle` `n` times.
     pub fn wait_log(&self, needle: &str, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.log().matches(needle).count() < n {
-            if Instant::now() > deadline {
-                panic!("agent never logged {needle:?} ({n}x):\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let logged = crate::eventually(Duration::from_secs(5), || {
+            self.log().matches(needle).count() >= n
+        });
+        assert!(
+            logged,
+            "agent never logged {needle:?} ({n}x):\n{}",
+            self.log()
+        );
     }
 
     /// The agent's process id.
@@ -179,20 +180,16 @@ impl Agent {
 
     /// Waits (up to 5 s) until `n` audit records exist; returns them.
     pub fn wait_audit(&self, n: usize) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        crate::wait_for(Duration::from_secs(5), || {
+            Some(self.audit()).filter(|r| r.len() >= n)
+        })
+        .unwrap_or_else(|| {
             let records = self.audit();
-            if records.len() >= n {
-                return records;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "{} audit records, expected {n}:\n{records:#?}",
-                    records.len()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            panic!(
+                "{} audit records, expected {n}:\n{records:#?}",
+                records.len()
+            )
+        })
     }
 
     /// The agent's stderr so far.
@@ -223,20 +220,13 @@ impl Agent {
 
     /// Waits (up to 5 s) until counter `what` reaches `n`; relays are counted when they close.
     pub fn wait_count(&self, what: &str, n: u64) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let got = self.count(what);
-            if got == n {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "connections.{what} is {got}, expected {n}; agent log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let reached = crate::eventually(Duration::from_secs(5), || self.count(what) == n);
+        assert!(
+            reached,
+            "connections.{what} is {}, expected {n}; agent log:\n{}",
+            self.count(what),
+            self.log()
+        );
     }
 
     /// The broker's listen address for IPv4 or IPv6.
@@ -272,18 +262,8 @@ impl Agent {
     /// Waits for the agent to exit after a signal, up to 15 s.
     pub fn wait_exit(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("agent running");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(s) = child.try_wait().expect("wait agent") {
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("agent did not exit within 15s:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        reap(&mut child, Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("agent did not exit within 15s:\n{}", self.log()))
     }
 
     /// SIGTERM, wait for exit, then check nothing of the agent remains attached or pinned.
@@ -291,21 +271,22 @@ impl Agent {
         let mut child = self.child.take().expect("agent running");
         // SAFETY: kill(2) on the child we started and have not reaped.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("wait agent") {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("agent did not stop within 15s of SIGTERM:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = reap(&mut child, Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("agent did not stop within 15s of SIGTERM:\n{}", self.log()));
         crate::leftovers::assert_none(self.cgroup_id, None);
         status
     }
+}
+
+/// The child's exit status once it exits within `within`; otherwise it is killed, reaped, and
+/// `None` returned.
+fn reap(child: &mut std::process::Child, within: Duration) -> Option<ExitStatus> {
+    let status = crate::wait_for(within, || child.try_wait().expect("wait agent"));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    status
 }
 
 impl Drop for Agent {

@@ -90,13 +90,19 @@ impl Drop for Killed {
 /// Polls `cond` every 20 ms until it holds or `within` has passed; returns whether it held.
 /// Callers assert on the result with their own message.
 pub fn eventually(within: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    wait_for(within, || cond().then_some(())).is_some()
+}
+
+/// Polls `probe` every 20 ms until it gives a value, for at most `within`; the value, or
+/// `None` when time ran out. The one wait loop of the tests: a condition, never a fixed sleep.
+pub fn wait_for<T>(within: std::time::Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = std::time::Instant::now() + within;
     loop {
-        if cond() {
-            return true;
+        if let Some(v) = probe() {
+            return Some(v);
         }
         if std::time::Instant::now() > deadline {
-            return false;
+            return None;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

@@ -118,8 +118,16 @@ fn a_postgres_client_over_the_limit_gets_sqlstate_53300() {
             .env_remove("PGPASSWORD");
         cmd
     };
-    let mut holder = psql("select pg_sleep(2)").spawn().expect("psql");
-    std::thread::sleep(Duration::from_millis(700));
+    let mut holder = psql("select pg_sleep(3)").spawn().expect("psql");
+    // The first session holds the workload's slot once its query runs on the server.
+    assert!(
+        latch_tests::eventually(Duration::from_secs(10), || pg.sql(
+            "select count(*) from pg_stat_activity where query = 'select pg_sleep(3)' \
+             and state = 'active'"
+        ) == "1"),
+        "the first session never started its query:\n{}",
+        agent.log()
+    );
     let second = psql("select 1").output().expect("psql");
     let _ = holder.wait();
     let err = String::from_utf8_lossy(&second.stderr);

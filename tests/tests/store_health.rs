@@ -1,9 +1,6 @@
 //! /readyz reports the secret stores reachable: a Vault (OpenBao) store that stops answering
 //! makes the agent unready, naming the store; when it is back, the agent is ready again.
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use latch_tests::{
     Agent, TempDir, TestCgroup, http,
@@ -13,19 +10,17 @@ use latch_tests::{
 };
 
 fn wait_readyz(agent: &Agent, code: u16, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    loop {
+    latch_tests::wait_for(within, || {
         let (got, body) = http::get(agent.admin, "/readyz").expect("GET /readyz");
-        if got == code {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz still {got} ({body:?}) after {within:?}, expected {code}:\n{}",
+        (got == code).then_some(body)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "/readyz still {:?} after {within:?}, expected {code}:\n{}",
+            http::get(agent.admin, "/readyz"),
             agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        )
+    })
 }
 
 fn store<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
