@@ -1,5 +1,5 @@
 //! The PostgreSQL half of `cargo xtask bench`: pgbench select-only with persistent and with
-//! new connections, and a large COPY out, each three ways — the application straight to the
+//! new connections (plain, TLS to the server, and app TLS to latch too), and a large COPY out, each three ways — the application straight to the
 //! server with its password, through latch (the application holds no password), and through
 //! pgbouncer (session pooling, the password in its auth_file) — on one throw-away
 //! PostgreSQL 15 that takes SCRAM over plain TCP and TLS.
@@ -27,6 +27,12 @@ const ROW_BYTES: u64 = 1001;
 enum Case {
     /// `pgbench -S -c 4 -j 2`, plain TCP + SCRAM.
     Select,
+    /// As `Select`, TLS to the server: direct, pgbench does TLS itself (`sslmode=require`);
+    /// through latch, plain text to latch and `tls.mode: require` to the server.
+    SelectTls,
+    /// As `SelectTls`, and the application keeps `sslmode=require` toward latch too
+    /// (`appTls: enable`).
+    SelectTlsAppTls,
     /// `pgbench -S -C -c 4 -j 2`: TLS + SCRAM to the server for every transaction.
     SelectConnect,
     /// As `SelectConnect`, but the application keeps `sslmode=require` toward latch too
@@ -38,8 +44,10 @@ enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 4] = [
+    const ALL: [Case; 6] = [
         Case::Select,
+        Case::SelectTls,
+        Case::SelectTlsAppTls,
         Case::SelectConnect,
         Case::SelectConnectAppTls,
         Case::Copy,
@@ -48,6 +56,8 @@ impl Case {
     fn label(self) -> &'static str {
         match self {
             Case::Select => "select-only, persistent (tps)",
+            Case::SelectTls => "  same, TLS to the server (tps)",
+            Case::SelectTlsAppTls => "  and app TLS to latch (tps)",
             Case::SelectConnect => "select-only -C, TLS+SCRAM (tps)",
             Case::SelectConnectAppTls => "  same, app TLS to latch (tps)",
             Case::Copy => "COPY out (MB/s)",
@@ -56,14 +66,32 @@ impl Case {
 
     /// Whether the leg to the server uses TLS.
     fn tls(self) -> bool {
+        matches!(
+            self,
+            Case::SelectTls
+                | Case::SelectTlsAppTls
+                | Case::SelectConnect
+                | Case::SelectConnectAppTls
+        )
+    }
+
+    /// Whether the application speaks TLS to latch (`appTls`).
+    fn app_tls(self) -> bool {
+        matches!(self, Case::SelectTlsAppTls | Case::SelectConnectAppTls)
+    }
+
+    /// Whether pgbench opens a new connection per transaction (`-C`).
+    fn connect_each(self) -> bool {
         matches!(self, Case::SelectConnect | Case::SelectConnectAppTls)
     }
 
     fn routes(self) -> &'static [Route] {
         match self {
-            Case::SelectConnectAppTls => &[Route::Direct, Route::Latch],
+            Case::SelectConnectAppTls | Case::SelectTlsAppTls => &[Route::Direct, Route::Latch],
             // Direct mode needs plain text to the server.
-            Case::SelectConnect => &[Route::Direct, Route::Latch, Route::Pgbouncer],
+            Case::SelectConnect | Case::SelectTls => {
+                &[Route::Direct, Route::Latch, Route::Pgbouncer]
+            }
             _ => &Route::ALL,
         }
     }
@@ -331,12 +359,16 @@ impl Rig {
             USER.to_string(),
         ];
         let mut argv: Vec<String> = match case {
-            Case::Select | Case::SelectConnect | Case::SelectConnectAppTls => {
+            Case::Select
+            | Case::SelectTls
+            | Case::SelectTlsAppTls
+            | Case::SelectConnect
+            | Case::SelectConnectAppTls => {
                 let mut a: Vec<String> = ["pgbench", "-n", "-S", "-c", "4", "-j", "2", "-T"]
                     .map(String::from)
                     .to_vec();
                 a.push(self.seconds.to_string());
-                if case.tls() {
+                if case.connect_each() {
                     a.push("-C".to_string());
                 }
                 a.extend(conn);
@@ -358,8 +390,8 @@ impl Rig {
         let mut cmd = if matches!(route, Route::Latch | Route::LatchDirect) {
             let policy = match case {
                 _ if route == Route::LatchDirect => &self.policy_direct,
-                Case::SelectConnect => &self.policy_tls,
-                Case::SelectConnectAppTls => &self.policy_app_tls,
+                _ if case.app_tls() => &self.policy_app_tls,
+                _ if case.tls() => &self.policy_tls,
                 _ => &self.policy_plain,
             };
             let mut c = Command::new(&self.latch);
@@ -384,11 +416,7 @@ impl Rig {
             // The application holds no password; latch authenticates (and does TLS when the
             // policy says so) for it.
             Route::Latch | Route::LatchDirect => {
-                let sslmode = if case == Case::SelectConnectAppTls {
-                    "require"
-                } else {
-                    "disable"
-                };
+                let sslmode = if case.app_tls() { "require" } else { "disable" };
                 cmd.env_remove("PGPASSWORD").env("PGSSLMODE", sslmode);
             }
             // What the application does on its own: its password, TLS when the case uses it.
@@ -406,7 +434,11 @@ impl Rig {
         let timeout = Duration::from_secs(u64::from(self.seconds) * 3 + 60);
         let (status, stdout) = proc::run_capture(&mut cmd, timeout)?;
         let parsed = match case {
-            Case::Select | Case::SelectConnect | Case::SelectConnectAppTls => parse_tps(&stdout),
+            Case::Select
+            | Case::SelectTls
+            | Case::SelectTlsAppTls
+            | Case::SelectConnect
+            | Case::SelectConnectAppTls => parse_tps(&stdout),
             Case::Copy => parse_seconds(&stdout)
                 .map(|s| (self.copy_rows() * ROW_BYTES) as f64 / 1e6 / s.max(1e-6)),
         };
