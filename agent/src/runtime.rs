@@ -148,6 +148,13 @@ impl Running {
         };
 
         let mut interceptor = Interceptor::load()?;
+        if let crate::ebpf::ExeIdentity::Unavailable(why) = interceptor.exe_identity() {
+            tracing::error!(
+                reason = %why,
+                "the connect hooks cannot record the connecting executable: every `exe` \
+                 workload selector admits nothing"
+            );
+        }
         interceptor.set_fast_path(opts.fast_path);
         interceptor.spawn_log_reader();
         let conns = interceptor.take_conn_table()?;
