@@ -207,7 +207,7 @@ fn program_type(name: &'static str, ty: ProgramType) -> Check {
 /// The real test: load latch's own programs through the verifier (not attached anywhere),
 /// and whether they record the connecting task's executable (what `exe` selectors need).
 fn load_object() -> Vec<Check> {
-    match crate::ebpf::Interceptor::load() {
+    match crate::ebpf::Interceptor::load(std::path::Path::new(crate::ebpf::btf_offsets::VMLINUX)) {
         Ok(loaded) => vec![
             check(
                 "latch programs",

@@ -318,3 +318,46 @@ fn a_process_that_execs_an_allowed_binary_after_connecting_is_not_admitted() {
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }
+
+#[test]
+fn without_kernel_btf_an_exe_selector_admits_nothing_and_says_why() {
+    let bin = TempDir::new("exe-nobtf");
+    let allowed = python_copy(&bin, "allowed-python");
+    let script = bin.write("pg_client.py", PG_CLIENT);
+    let no_btf = bin.path().join("no-such-btf");
+    let s = Setup::with_agent_args(
+        SCRAM_USER,
+        SCRAM_PW,
+        &format!("  workloads:\n    - exe: {}\n", allowed.display()),
+        &["--kernel-btf", no_btf.to_str().unwrap()],
+    );
+    let log = s.agent.log();
+    assert!(
+        log.contains("cannot record the connecting executable") && log.contains("no-such-btf"),
+        "{log}"
+    );
+    // The programs loaded without the reads, and still redirect.
+    let out = latch_tests::run_ok(
+        s.cg.command(&allowed)
+            .arg(&script)
+            .args(["connect", &s.pg.addr.ip().to_string()])
+            .arg(s.pg.addr.port().to_string())
+            .env("PGDATABASE", APP_DB),
+    );
+    assert!(stdout(&out).starts_with("ERROR 28000"), "{}", stdout(&out));
+    let records = s.agent.wait_audit(1);
+    assert_eq!(records[0]["outcome"], "denied", "{:?}", records[0]);
+    let reason = records[0]["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("no executable recorded at connect") && reason.contains("field offsets"),
+        "{reason}"
+    );
+    assert!(
+        records[0]["workload"]["exe_unrecorded"].is_string(),
+        "{:?}",
+        records[0]
+    );
+    // /proc names the allowed binary; that decides nothing.
+    assert_eq!(records[0]["workload"]["exe"], allowed.display().to_string());
+    assert!(s.agent.stop().success());
+}

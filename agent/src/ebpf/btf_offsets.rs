@@ -48,12 +48,7 @@ enum Want {
     Int(usize),
 }
 
-/// Reads the offsets from the kernel's BTF at [`VMLINUX`].
-pub fn from_kernel() -> Result<Offsets, OffsetsError> {
-    from_file(Path::new(VMLINUX))
-}
-
-/// Reads the offsets from a BTF file.
+/// Reads the offsets from a BTF file, normally [`VMLINUX`].
 pub fn from_file(path: &Path) -> Result<Offsets, OffsetsError> {
     let btf = Btf::from_file(path).map_err(|source| OffsetsError::Read {
         path: path.to_owned(),
@@ -163,7 +158,7 @@ mod tests {
     fn the_running_kernels_btf_gives_every_offset() {
         // Every machine latch runs on (and this project's CI) has kernel BTF; a kernel without
         // it is the agent's fail-closed case, tested through the error path below.
-        let off = from_kernel().expect("kernel BTF offsets");
+        let off = from_file(Path::new(VMLINUX)).expect("kernel BTF offsets");
         assert_eq!(off.flags, ENABLED);
         assert!(off.task_mm > 0 && off.mm_exe_file > 0 && off.inode_sb > 0);
         // i_ino follows i_mode, i_opflags, i_uid, i_gid, i_flags and more.

@@ -137,11 +137,11 @@ impl Interceptor {
     /// Loads the embedded object and its programs into the kernel, without attaching them.
     ///
     /// The connect hooks record the connecting task's executable with field offsets read from
-    /// the kernel's BTF. Without BTF, or if the kernel refuses the programs that read kernel
+    /// the kernel's BTF (`kernel_btf`, normally [`btf_offsets::VMLINUX`]). Without BTF, or if the kernel refuses the programs that read kernel
     /// memory (`bpf_probe_read_kernel` needs CAP_PERFMON), they are loaded without those reads
     /// and [`Interceptor::exe_identity`] says why: `exe` selectors then match nothing.
-    pub fn load() -> Result<Self, EbpfError> {
-        let offsets = btf_offsets::from_kernel();
+    pub fn load(kernel_btf: &Path) -> Result<Self, EbpfError> {
+        let offsets = btf_offsets::from_file(kernel_btf);
         let Ok(found) = offsets else {
             let why = offsets.err().map(|e| e.to_string()).unwrap_or_default();
             let mut me = Self::load_with(&latch_common::exe::Offsets::default())?;
