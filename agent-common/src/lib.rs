@@ -384,7 +384,62 @@ pub struct ConnMeta {
     pub comm: [u8; 16],
     /// The matching rule's [`RuleValue::flags`].
     pub flags: u32,
+    /// Device of the connecting task's executable (`current->mm->exe_file->f_inode->i_sb->s_dev`)
+    /// in the kernel's internal encoding (`major << 20 | minor`); see [`exe`].
+    pub exe_dev: u32,
+    /// Inode number of the connecting task's executable; 0 when none was recorded
+    /// (`exe_status` says why).
+    pub exe_ino: u64,
+    /// One of [`exe::RECORDED`], [`exe::NO_OFFSETS`], [`exe::NO_MM`], [`exe::READ_FAILED`].
+    pub exe_status: u32,
     pub _pad: u32,
+}
+
+/// The connecting task's executable, recorded by the connect hooks so that an `exe` selector
+/// is decided by what the process ran when it connected, not by what it runs when the broker
+/// accepts (a process could connect and then exec an allowed binary, keeping the socket).
+///
+/// Rust eBPF cannot carry CO-RE relocations, so the agent reads the offsets of the fields on
+/// the path `task_struct.mm → mm_struct.exe_file → file.f_inode → inode.{i_ino, i_sb} →
+/// super_block.s_dev` from the kernel's BTF at load time and hands them to the programs in
+/// the read-only global [`exe::OFFSETS_GLOBAL`] ([`exe::Offsets`]). Without them (`flags`
+/// 0) the programs never read kernel memory and record [`exe::NO_OFFSETS`].
+pub mod exe {
+    /// `ConnMeta::exe_status`: `exe_dev` and `exe_ino` hold the executable's identity.
+    pub const RECORDED: u32 = 0;
+    /// The agent gave the programs no field offsets (no kernel BTF, or the helpers needed
+    /// are not allowed): nothing was read.
+    pub const NO_OFFSETS: u32 = 1;
+    /// The task had no memory map or no executable file (a kernel thread).
+    pub const NO_MM: u32 = 2;
+    /// A `bpf_probe_read_kernel` on the way failed.
+    pub const READ_FAILED: u32 = 3;
+
+    /// Name of the global the programs read [`Offsets`] from.
+    pub const OFFSETS_GLOBAL: &str = "LATCH_EXE_OFFSETS";
+    /// `Offsets::flags` bit: the offsets are valid, read the executable.
+    pub const ENABLED: u32 = 1;
+
+    /// Byte offsets of kernel struct fields, from the running kernel's BTF.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Offsets {
+        /// [`ENABLED`] or 0.
+        pub flags: u32,
+        /// `task_struct.mm` (a pointer).
+        pub task_mm: u32,
+        /// `mm_struct.exe_file` (a pointer).
+        pub mm_exe_file: u32,
+        /// `file.f_inode` (a pointer).
+        pub file_inode: u32,
+        /// `inode.i_ino` (8 bytes).
+        pub inode_ino: u32,
+        /// `inode.i_sb` (a pointer).
+        pub inode_sb: u32,
+        /// `super_block.s_dev` (4 bytes).
+        pub sb_dev: u32,
+        pub _pad: u32,
+    }
 }
 
 /// Key of `LATCH_CONNS`, `LATCH_FAST_KEYS` and `LATCH_DIR_KEYS`: a connection as the broker
@@ -420,14 +475,17 @@ mod pod {
     unsafe impl aya::Pod for super::direct::Entry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::netns::ListenerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::exe::Offsets {}
 }
 
 // Layout checks: a change that introduces padding fails to compile.
 const _: () = assert!(core::mem::size_of::<BrokerConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<RuleValue>() == 8);
-const _: () = assert!(core::mem::size_of::<ConnMeta>() == 96);
+const _: () = assert!(core::mem::size_of::<ConnMeta>() == 112);
 const _: () = assert!(core::mem::size_of::<TupleKey>() == 48);
 const _: () = assert!(core::mem::size_of::<flow::Slot>() == 32);
 const _: () = assert!(core::mem::size_of::<direct::Entry>() == 16);
 const _: () = assert!(core::mem::size_of::<netns::ListenerKey>() == 16);
 const _: () = assert!(direct::HEADER_LEN == 64);
+const _: () = assert!(core::mem::size_of::<exe::Offsets>() == 32);

@@ -19,7 +19,7 @@ use latch_common::{
 };
 
 use crate::{
-    addr,
+    addr, exe,
     maps::{CONFIG, EVENTS, NETNS, RULES4, RULES6, SOCKS, count},
 };
 
@@ -227,6 +227,7 @@ fn meta(
 ) -> ConnMeta {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
+    let (exe_dev, exe_ino, exe_status) = exe::current();
     // SAFETY: helpers allowed for cgroup_sock_addr programs; the context is the program's own.
     let (cookie, netns_cookie, cgroup_id, now) = unsafe {
         (
@@ -251,6 +252,9 @@ fn meta(
         family,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         flags: rule.flags,
+        exe_dev,
+        exe_ino,
+        exe_status,
         _pad: 0,
     }
 }

@@ -19,6 +19,7 @@
 mod addr;
 mod connect;
 mod direct;
+mod exe;
 mod fastpath;
 mod maps;
 mod peername;

@@ -52,7 +52,7 @@ pub fn run() -> Vec<Check> {
     ] {
         checks.push(program_type(name, ty));
     }
-    checks.push(load_object());
+    checks.extend(load_object());
     checks
 }
 
@@ -204,18 +204,40 @@ fn program_type(name: &'static str, ty: ProgramType) -> Check {
     }
 }
 
-/// The real test: load latch's own programs through the verifier (not attached anywhere).
-fn load_object() -> Check {
-    match crate::ebpf::Interceptor::load() {
-        Ok(_) => check(
-            "latch programs",
-            Verdict::Ok("verified and loaded (then unloaded)".into()),
-        ),
-        Err(err) => check(
+/// The real test: load latch's own programs through the verifier (not attached anywhere),
+/// and whether they record the connecting task's executable (what `exe` selectors need).
+fn load_object() -> Vec<Check> {
+    match crate::ebpf::Interceptor::load(std::path::Path::new(crate::ebpf::btf_offsets::VMLINUX)) {
+        Ok(loaded) => vec![
+            check(
+                "latch programs",
+                Verdict::Ok("verified and loaded (then unloaded)".into()),
+            ),
+            exe_identity(loaded.exe_identity()),
+        ],
+        Err(err) => vec![check(
             "latch programs",
             Verdict::Fail {
                 found: format!("{err:#}"),
                 fix: "see the verifier message above; check the kernel version and capabilities"
+                    .into(),
+            },
+        )],
+    }
+}
+
+fn exe_identity(state: &crate::ebpf::ExeIdentity) -> Check {
+    match state {
+        crate::ebpf::ExeIdentity::Recorded => check(
+            "exe identity",
+            Verdict::Ok("the connect hooks record the executable (device, inode)".into()),
+        ),
+        crate::ebpf::ExeIdentity::Unavailable(why) => check(
+            "exe identity",
+            Verdict::Warn {
+                found: format!("not recorded at connect: {why}"),
+                fix: "policies with `exe` selectors admit nothing: use a kernel with \
+                      CONFIG_DEBUG_INFO_BTF and run with CAP_PERFMON (or CAP_SYS_ADMIN)"
                     .into(),
             },
         ),

@@ -1,5 +1,7 @@
 //! Who is behind a redirected connection: the workload, built from the kernel's record plus
 //! what /proc and the cgroup hierarchy say about that process.
+pub mod exe;
+
 use std::{
     fs,
     os::unix::fs::MetadataExt as _,
@@ -8,6 +10,7 @@ use std::{
 
 use serde::Serialize;
 
+use self::exe::{ExeMatch, ExeRecord};
 use crate::{broker::Origin, config::WorkloadSelector};
 
 /// The identity policies match on. Fields that could not be established are `None`.
@@ -18,10 +21,14 @@ pub struct Workload {
     pub gid: u32,
     /// Process name (of the thread group leader; the connecting thread's if the process is gone).
     pub comm: String,
-    /// Executable path, read at accept time and trusted only if the process started before the
-    /// connect (a recycled pid yields `None`).
+    /// Executable path, read at accept time, for display only (a recycled pid yields `None`):
+    /// the process may have exec'd another binary since it connected. `exe` selectors use
+    /// `exe_id`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exe: Option<PathBuf>,
+    /// The executable's identity as the kernel recorded it at connect time.
+    #[serde(flatten)]
+    pub exe_id: ExeRecord,
     /// cgroup v2 path relative to the hierarchy root, e.g. `/system.slice/orders.service`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
@@ -60,6 +67,7 @@ impl Workload {
             gid: origin.gid,
             comm,
             exe,
+            exe_id: origin.exe,
             cgroup,
             systemd_unit: parsed.systemd_unit,
             container_id: parsed.container_id,
@@ -69,7 +77,9 @@ impl Workload {
 
     /// Whether `selector` admits this workload: every field it sets must match. Kubernetes
     /// fields need pod metadata the agent does not have yet, so an entry using them admits
-    /// nothing (deny by default).
+    /// nothing (deny by default). `exe` compares the executable the kernel recorded at connect
+    /// time with the file the selector names as it is now (`stat()` at every match, so a
+    /// binary replaced by an upgrade is the new file); nothing recorded matches nothing.
     pub fn matches(&self, selector: &WorkloadSelector) -> bool {
         if selector.uses_kubernetes() {
             return false;
@@ -80,7 +90,7 @@ impl Workload {
             && selector
                 .exe
                 .as_deref()
-                .is_none_or(|e| self.exe.as_deref() == Some(e))
+                .is_none_or(|e| matches!(self.exe_id.compare(e), ExeMatch::Same))
             && (selector.cgroup.is_none()
                 || self
                     .cgroup
@@ -91,6 +101,24 @@ impl Workload {
     /// Whether any of `selectors` admits this workload; an empty list admits everyone.
     pub fn admitted_by(&self, selectors: &[WorkloadSelector]) -> bool {
         selectors.is_empty() || selectors.iter().any(|s| self.matches(s))
+    }
+
+    /// For a denial: how the executable compared with each `exe` the selectors name, e.g.
+    /// `exe /usr/bin/psql: a different executable (...)`, joined with "; ". `None` if no
+    /// selector names one.
+    pub fn exe_verdicts(&self, selectors: &[WorkloadSelector]) -> Option<String> {
+        let mut seen = Vec::new();
+        let verdicts: Vec<String> = selectors
+            .iter()
+            .filter_map(|s| s.exe.as_deref())
+            .filter(|e| {
+                let new = !seen.contains(e);
+                seen.push(e);
+                new
+            })
+            .map(|e| format!("exe {}: {}", e.display(), self.exe_id.compare(e)))
+            .collect();
+        (!verdicts.is_empty()).then(|| verdicts.join("; "))
     }
 }
 
@@ -388,13 +416,16 @@ mod tests {
         assert_eq!(unit.container_id, None);
     }
 
+    /// A workload that ran this test binary when it connected.
     fn workload() -> Workload {
+        let me = std::env::current_exe().unwrap();
         Workload {
             pid: 10,
             uid: 1001,
             gid: 1001,
             comm: "psql".into(),
-            exe: Some("/usr/bin/psql".into()),
+            exe_id: ExeRecord::Recorded(exe::ExeId::of_path(&me).unwrap()),
+            exe: Some(me),
             cgroup: Some("/system.slice/orders.service".into()),
             ..Default::default()
         }
@@ -410,11 +441,12 @@ mod tests {
         };
         assert!(w.matches(&sel(|s| s.uid = Some(1001))));
         assert!(!w.matches(&sel(|s| s.uid = Some(0))));
-        assert!(w.matches(&sel(|s| {
+        let mut all = sel(|s| {
             s.uid = Some(1001);
-            s.exe = Some("/usr/bin/psql".into());
             s.cgroup = Some("/system.slice".into());
-        })));
+        });
+        all.exe = Some(std::env::current_exe().unwrap());
+        assert!(w.matches(&all));
         assert!(!w.matches(&sel(|s| {
             s.uid = Some(1001);
             s.comm = Some("bash".into());
@@ -429,14 +461,35 @@ mod tests {
     }
 
     #[test]
-    fn unknown_exe_never_matches_an_exe_selector() {
-        let mut w = workload();
-        w.exe = None;
-        let s = WorkloadSelector {
-            exe: Some("/usr/bin/psql".into()),
+    fn exe_is_decided_by_the_kernels_record_not_the_path_the_process_runs_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let allowed = dir.path().join("allowed");
+        let other = dir.path().join("other");
+        std::fs::write(&allowed, b"allowed").unwrap();
+        std::fs::write(&other, b"other").unwrap();
+        let sel = WorkloadSelector {
+            exe: Some(allowed.clone()),
             ..Default::default()
         };
-        assert!(!w.matches(&s));
+        // Connected as `other`, then exec'd `allowed`: /proc says `allowed`, the kernel's
+        // record says `other`.
+        let mut w = workload();
+        w.exe = Some(allowed.clone());
+        w.exe_id = ExeRecord::Recorded(exe::ExeId::of_path(&other).unwrap());
+        assert!(!w.matches(&sel));
+        let why = w.exe_verdicts(std::slice::from_ref(&sel)).unwrap();
+        assert!(why.contains("a different executable"), "{why}");
+        assert!(why.contains(&allowed.display().to_string()), "{why}");
+        // Nothing recorded: never, whatever /proc says.
+        w.exe_id = ExeRecord::Unrecorded(exe::Unrecorded::NoOffsets);
+        assert!(!w.matches(&sel));
+        let why = w.exe_verdicts(std::slice::from_ref(&sel)).unwrap();
+        assert!(why.contains("no executable recorded"), "{why}");
+        // Recorded as `allowed`: admitted, even with no path from /proc (process gone).
+        w.exe = None;
+        w.exe_id = ExeRecord::Recorded(exe::ExeId::of_path(&allowed).unwrap());
+        assert!(w.matches(&sel));
+        assert_eq!(w.exe_verdicts(&[WorkloadSelector::default()]), None);
     }
 
     #[test]

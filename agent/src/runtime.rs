@@ -47,6 +47,8 @@ pub struct Options {
     /// Cgroups under which container ids and pod UIDs are trusted, beyond the defaults (see
     /// [`crate::identity::Cgroups`]).
     pub runtime_cgroup_roots: Vec<String>,
+    /// The kernel's BTF (field offsets for recording the connecting executable).
+    pub kernel_btf: PathBuf,
 }
 
 /// What happens to connections the programs would intercept while no broker serves them.
@@ -163,7 +165,14 @@ impl Running {
             None => None,
         };
 
-        let mut interceptor = Interceptor::load()?;
+        let mut interceptor = Interceptor::load(&opts.kernel_btf)?;
+        if let crate::ebpf::ExeIdentity::Unavailable(why) = interceptor.exe_identity() {
+            tracing::error!(
+                reason = %why,
+                "the connect hooks cannot record the connecting executable: every `exe` \
+                 workload selector admits nothing"
+            );
+        }
         interceptor.set_fast_path(opts.fast_path);
         interceptor.spawn_log_reader();
         let conns = interceptor.take_conn_table()?;

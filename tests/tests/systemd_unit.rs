@@ -223,6 +223,12 @@ fn the_units_exec_start_runs_the_agent_under_the_units_capabilities() {
         assert!(Instant::now() < deadline, "not ready:\n{}", stderr());
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The unit's capabilities let the connect hooks read the connecting executable (`exe`).
+    assert!(
+        !stderr().contains("cannot record the connecting executable"),
+        "{}",
+        stderr()
+    );
     // prlimit and setpriv exec, so the PID is the agent's.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();

@@ -104,16 +104,15 @@ async fn serve(
     };
     if !workload.admitted_by(&policy.workloads) {
         metrics.deny(&policy.name);
+        let exe_verdicts = workload.exe_verdicts(&policy.workloads);
         tracing::warn!(
             exe = ?workload.exe,
+            exe_verdicts,
             cgroup = ?workload.cgroup,
             "denied: the policy does not admit this workload"
         );
         record.outcome = audit::Outcome::Denied;
-        record.reason = Some(format!(
-            "policy {:?} does not admit this workload",
-            policy.name
-        ));
+        record.reason = Some(denial_reason(&policy.name, exe_verdicts));
         record.workload = Some(workload);
         record.duration_ms = ms(started.elapsed());
         shared.audit.record(&record);
@@ -250,4 +249,12 @@ pub(super) fn ms(d: std::time::Duration) -> f64 {
 fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
     drop(stream);
+}
+
+/// The audit reason of a denial; with `exe` selectors, how the executable compared with each.
+pub(super) fn denial_reason(policy: &str, exe_verdicts: Option<String>) -> String {
+    match exe_verdicts {
+        Some(v) => format!("policy {policy:?} does not admit this workload ({v})"),
+        None => format!("policy {policy:?} does not admit this workload"),
+    }
 }

@@ -23,6 +23,8 @@ pub struct Origin {
     pub ktime_ns: u64,
     /// Cookie of the application's socket.
     pub socket_cookie: u64,
+    /// The executable the connecting task ran, as the kernel recorded it.
+    pub exe: crate::identity::exe::ExeRecord,
     /// The kernel enrolled the application's socket for the fast path.
     pub fast_path: bool,
     /// The application's network namespace, where the broker opens the target socket (so the
@@ -52,6 +54,7 @@ impl From<&ConnMeta> for Origin {
             rule_id: m.rule_id,
             ktime_ns: m.ktime_ns,
             socket_cookie: m.socket_cookie,
+            exe: m.into(),
             fast_path: m.flags & latch_common::RULE_FAST_PATH != 0,
             netns: None,
             conn: 0,

@@ -89,6 +89,7 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         keep_interception: args.keep_interception,
         instance: args.instance,
         runtime_cgroup_roots: args.data.runtime_cgroup_roots,
+        kernel_btf: args.data.kernel_btf,
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -138,6 +138,10 @@ struct DataPathArgs {
     /// exec store whose command is not allowed is refused at load.
     #[arg(long = "allow-exec", value_name = "PATH")]
     allow_exec: Vec<PathBuf>,
+    /// The kernel's BTF, from which the connect hooks get the field offsets to record the
+    /// connecting executable (what `exe` selectors compare). Without it `exe` admits nothing.
+    #[arg(long, value_name = "FILE", default_value = latch::ebpf::btf_offsets::VMLINUX)]
+    kernel_btf: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,7 @@
 //! The object is built by `agent/build.rs` and embedded in the binary. [`Interceptor`] owns the
 //! loaded programs; dropping it detaches them (their links are file descriptors we own), so a
 //! crash cannot leave programs attached unless they were pinned.
+pub mod btf_offsets;
 mod conns;
 mod direct;
 mod fastpath;
@@ -102,6 +103,18 @@ pub struct Interceptor {
     /// Whether rules may put connections in direct mode (the kernel passed the self-test).
     direct: bool,
     attached_to: Option<PathBuf>,
+    /// Whether the connect hooks record the connecting task's executable.
+    exe_identity: ExeIdentity,
+}
+
+/// Whether the connect hooks record the executable of the task that connects (what `exe`
+/// selectors compare with).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExeIdentity {
+    /// They do (device and inode of `current->mm->exe_file`).
+    Recorded,
+    /// They do not, for this reason: every `exe` selector fails closed.
+    Unavailable(String),
 }
 
 /// `LATCH_NETNS` and `LATCH_EVENTS`, taken by the agent (see [`Interceptor::take_netns`]).
@@ -122,8 +135,37 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
 
 impl Interceptor {
     /// Loads the embedded object and its programs into the kernel, without attaching them.
-    pub fn load() -> Result<Self, EbpfError> {
-        let mut bpf = EbpfLoader::new().load(OBJECT)?;
+    ///
+    /// The connect hooks record the connecting task's executable with field offsets read from
+    /// the kernel's BTF (`kernel_btf`, normally [`btf_offsets::VMLINUX`]). Without BTF, or if the kernel refuses the programs that read kernel
+    /// memory (`bpf_probe_read_kernel` needs CAP_PERFMON), they are loaded without those reads
+    /// and [`Interceptor::exe_identity`] says why: `exe` selectors then match nothing.
+    pub fn load(kernel_btf: &Path) -> Result<Self, EbpfError> {
+        let offsets = btf_offsets::from_file(kernel_btf);
+        let Ok(found) = offsets else {
+            let why = offsets.err().map(|e| e.to_string()).unwrap_or_default();
+            let mut me = Self::load_with(&latch_common::exe::Offsets::default())?;
+            me.exe_identity = ExeIdentity::Unavailable(why);
+            return Ok(me);
+        };
+        match Self::load_with(&found) {
+            Ok(me) => Ok(me),
+            Err(first) => {
+                // Either the kernel refuses the reads to this program type, or the load fails
+                // for another reason, which the second attempt then reports.
+                let mut me = Self::load_with(&latch_common::exe::Offsets::default())?;
+                me.exe_identity = ExeIdentity::Unavailable(format!(
+                    "the kernel refused the connect hooks that read the executable: {first}"
+                ));
+                Ok(me)
+            }
+        }
+    }
+
+    fn load_with(exe_offsets: &latch_common::exe::Offsets) -> Result<Self, EbpfError> {
+        let mut bpf = EbpfLoader::new()
+            .override_global(latch_common::exe::OFFSETS_GLOBAL, exe_offsets, true)
+            .load(OBJECT)?;
         // The logger must outlive program loading: it holds the log ring buffer's fd.
         let logger = aya_log::EbpfLogger::init(&mut bpf)
             .map_err(|err| tracing::debug!(%err, "eBPF logging unavailable"))
@@ -178,7 +220,13 @@ impl Interceptor {
             fast_path: true,
             direct: true,
             attached_to: None,
+            exe_identity: ExeIdentity::Recorded,
         })
+    }
+
+    /// Whether the connect hooks record the connecting task's executable.
+    pub fn exe_identity(&self) -> &ExeIdentity {
+        &self.exe_identity
     }
 
     /// Takes the connection map for the broker. Call once, before the broker starts.

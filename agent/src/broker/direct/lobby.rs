@@ -201,8 +201,10 @@ async fn handle(
             .flatten();
         let refusal = if !admitted {
             shared.metrics.deny(&policy.name);
-            tracing::warn!(exe = ?workload.exe, "denied: the policy does not admit this workload");
+            let exe_verdicts = workload.exe_verdicts(&policy.workloads);
+            tracing::warn!(exe = ?workload.exe, exe_verdicts, "denied: the policy does not admit this workload");
             record.outcome = audit::Outcome::Denied;
+            record.reason = Some(crate::broker::conn::denial_reason(&policy.name, exe_verdicts));
             Some(Failure::Denied)
         } else if slot.is_none() {
             shared.metrics.refuse(RefusedReason::workload_limit);
@@ -251,7 +253,8 @@ async fn handle(
                     record.outcome = audit::Outcome::Failed;
                     shared.metrics.connection(&policy.name, Outcome::failed);
                 }
-                record.reason = Some(f.to_string());
+                // A denial's reason is set above (with how `exe` selectors compared).
+                record.reason.get_or_insert_with(|| f.to_string());
                 tracing::warn!(err = %f, "direct-mode startup failed");
             }
         }
