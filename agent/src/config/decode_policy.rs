@@ -69,21 +69,36 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     };
     let tls_entry = m.entry("tls");
     let tls = tls_entry.and_then(|e| tls(cx, e, default_store));
-    let app_tls_entry = m.entry("appTls");
+    // PostgreSQL's own options live under `postgres:`; the older top-level spelling is still
+    // read, with a warning.
+    let pg_entry = m.entry("postgres");
+    let mut pg = pg_entry.and_then(|e| Map::new(cx, &e.value, e.key_mark, "postgres"));
+    if let (Some(e), Some(p)) = (pg_entry, protocol)
+        && p != Protocol::Postgres
+    {
+        cx.error(
+            e.key_mark,
+            format!("postgres options apply to protocol postgres only (not {p}); remove postgres"),
+        );
+    }
+    let app_tls_entry = protocol_option(cx, &mut m, pg.as_mut(), "appTls");
     let app_tls = match app_tls_entry {
         Some(e) => app_tls(cx, e),
         None => Some(AppTlsMode::Disable),
     };
-    let auth_entry = m.entry("authentication");
+    let auth_entry = protocol_option(cx, &mut m, pg.as_mut(), "authentication");
     let auth = match auth_entry {
         Some(e) => authentication(cx, e),
         None => Some(AuthSpec::default()),
     };
-    let direct_entry = m.entry("direct");
+    let direct_entry = protocol_option(cx, &mut m, pg.as_mut(), "direct");
     let direct = match direct_entry {
         Some(e) => decode::boolean(cx, &e.value, "direct"),
         None => Some(false),
     };
+    if let Some(pg) = pg {
+        pg.finish(cx);
+    }
     m.finish(cx);
 
     let protocol = protocol?;
@@ -137,6 +152,40 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         auth: auth?,
         admit_all,
     })
+}
+
+/// A PostgreSQL option: `postgres.<key>`, or `<key>` at the top of the spec as it was spelled
+/// before (a deprecation warning; both at once is an error).
+fn protocol_option<'n>(
+    cx: &mut Cx,
+    spec: &mut Map<'n>,
+    pg: Option<&mut Map<'n>>,
+    key: &'static str,
+) -> Option<&'n Entry> {
+    let old = spec.entry(key);
+    let new = pg.and_then(|p| p.entry(key));
+    match (old, new) {
+        (Some(_), Some(n)) => {
+            cx.error(
+                n.key_mark,
+                format!(
+                    "{key} is given twice, in postgres and at the top of spec; keep postgres.{key}"
+                ),
+            );
+            None
+        }
+        (Some(o), None) => {
+            cx.warn(
+                o.key_mark,
+                format!(
+                    "{key} at the top of spec is deprecated: write it under postgres \
+                     (postgres: {{{key}: ...}}); the old spelling is read until the next release"
+                ),
+            );
+            Some(o)
+        }
+        (None, new) => new,
+    }
 }
 
 /// `authentication: {methods: [scram-sha-256, md5, password], channelBinding: prefer}`.

@@ -960,3 +960,67 @@ fn password_revealing_methods_need_a_verified_server_and_never_direct_mode() {
     assert!(a.scram && a.md5 && a.cleartext);
     assert_eq!(a.channel_binding, ChannelBindingMode::Require);
 }
+
+#[test]
+fn postgres_options_live_under_postgres_and_the_old_spelling_is_read_with_a_warning() {
+    let head = "  destination: {address: 10.0.0.1, port: 5432}\n  workloads: all\n  protocol: postgres\n  credentials: {store: local, password: {path: db}}\n  tls: {mode: disable}\n";
+    let new = policy(
+        "db",
+        &format!(
+            "{head}  postgres:\n    direct: true\n    authentication: {{channelBinding: prefer}}\n"
+        ),
+    );
+    let config = load_str("t.yaml", &format!("{STORES}{new}")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.policies[0].direct);
+    let deprecated = |c: &Config| -> Vec<String> {
+        c.warnings
+            .iter()
+            .map(ToString::to_string)
+            .filter(|w| w.contains("deprecated"))
+            .collect()
+    };
+    assert!(deprecated(&config).is_empty(), "{:?}", config.warnings);
+
+    let old = policy("db", &format!("{head}  direct: true\n"));
+    let config = load_str("t.yaml", &format!("{STORES}{old}")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.policies[0].direct, "the old spelling still works");
+    assert_eq!(
+        deprecated(&config),
+        vec![
+            "t.yaml:27:3: direct at the top of spec is deprecated: write it under postgres (postgres: {direct: ...}); the old spelling is read until the next release"
+        ]
+    );
+
+    let both = policy(
+        "db",
+        &format!("{head}  direct: true\n  postgres: {{direct: true}}\n"),
+    );
+    assert_eq!(
+        errors("t.yaml", &format!("{STORES}{both}")),
+        vec![
+            "t.yaml:28:14: direct is given twice, in postgres and at the top of spec; keep postgres.direct"
+        ]
+    );
+
+    let unknown = policy("db", &format!("{head}  postgres: {{drect: true}}\n"));
+    let errs = errors("t.yaml", &format!("{STORES}{unknown}"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with(
+            "t.yaml:27:14: unknown field \"drect\" in postgres (did you mean \"direct\"?)"
+        ),
+        "{errs:?}"
+    );
+
+    let tcp = policy(
+        "t",
+        "  destination: {address: 10.0.0.2, port: 9}\n  workloads: all\n  postgres: {direct: true}\n",
+    );
+    let errs = errors("t.yaml", &format!("{STORES}{tcp}"));
+    assert!(
+        errs.iter().any(|e| e.starts_with(
+            "t.yaml:24:3: postgres options apply to protocol postgres only (not tcp)"
+        )),
+        "{errs:?}"
+    );
+}
