@@ -26,3 +26,4 @@ pub mod runtime;
 pub mod secrets;
 pub mod telemetry;
 pub mod watch;
+pub mod wipe;

@@ -143,3 +143,98 @@ fn the_canary_password_never_leaves_the_secrets_file() {
     }
     assert!(agent.stop().success());
 }
+
+/// A store answer's field latch does not use, written with JSON escapes: once parsed, only
+/// serde_json's scratch buffer and the parsed document ever hold it unescaped.
+fn escaped_note() -> (String, String) {
+    let (mut escaped, mut plain) = (String::from("LATCH\\u002dNOTE"), String::from("LATCH-NOTE"));
+    for i in 0..32 {
+        // Every 16 bytes a `"`, which the answer writes as `\"`: any 32 bytes of the plain
+        // text hold two, so no part of it can be read from the answer's raw bytes.
+        escaped.push_str(&format!("\\\"k{i:02}-5e1f9a2c7d"));
+        plain.push_str(&format!("\"k{i:02}-5e1f9a2c7d"));
+    }
+    (escaped, plain)
+}
+
+/// The unescaped text appears nowhere in the agent's memory after connections whose
+/// credentials came from an `exec` store's JSON answer holding it in an unused field. Without
+/// wiping what is freed while the answer is parsed, serde_json's scratch buffer (where an
+/// escaped string is unescaped) keeps it after it is freed.
+#[test]
+fn an_escaped_store_answer_leaves_no_unescaped_copy_in_the_agents_memory() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pg = PgCluster::start(
+        "127.0.0.6",
+        "wipe-scram-pw-5b",
+        "wipe-md5-1",
+        "wipe-plain-1",
+    );
+    let dir = TempDir::new("canary-wipe");
+    let (escaped, plain) = escaped_note();
+    let answer = format!(
+        "{{\"note\": \"{escaped}\", \"username\": \"{SCRAM_USER}\", \"password\": \"wipe-scram-pw-5b\"}}"
+    );
+    let helper = dir.write(
+        "get-secret.sh",
+        &format!("#!/bin/sh\ncat <<'EOF'\n{answer}\nEOF\n"),
+    );
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let policy = format!(
+        "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata:\n  name: helper\nspec:\n  \
+         exec: {{command: [{helper}]}}\n---\n\
+         apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: wipe-db\nspec:\n  \
+         destination:\n    address: \"127.0.0.6\"\n    port: {port}\n  protocol: postgres\n  \
+         credentials:\n    store: helper\n    username: {{path: db, field: username}}\n    \
+         password: {{path: db, field: password}}\n  tls: {{mode: disable}}\n  workloads: all\n",
+        helper = helper.display(),
+        port = pg.addr.port(),
+    );
+    let cg = TestCgroup::new();
+    let agent = Agent::start_args(&policy, &cg, &["--allow-exec", &helper.to_string_lossy()]);
+    // Each connection runs the helper twice (an exec store reads one field at a time).
+    for _ in 0..3 {
+        let out = cg
+            .command(postgres::bin("psql"))
+            .args(["-w", "-X", "-h", "127.0.0.6", "-p"])
+            .arg(pg.addr.port().to_string())
+            .args([
+                "-U",
+                "app",
+                "-d",
+                postgres::APP_DB,
+                "-tAc",
+                "select current_user",
+            ])
+            .env_remove("PGPASSWORD")
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(SCRAM_USER),
+            "{}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            agent.log()
+        );
+    }
+    // The scan finds what the agent does hold (the helper's path, from the policy)...
+    let path = helper.to_string_lossy();
+    assert!(
+        !latch_tests::memory::find(agent.pid(), path.as_bytes()).is_empty(),
+        "the memory scan found not even the policy's helper path"
+    );
+    // ... and no part of the unescaped note. 12 bytes across a `"`: only the plain text has
+    // them (the answer writes `\"`); allocators write their lists into a freed block's first
+    // 16 to 32 bytes, so what is past them is looked for, 31 times over.
+    let needle = b"5e1f9a2c7d\"k";
+    assert!(plain.as_bytes().windows(needle.len()).any(|w| w == needle));
+    assert!(!answer.as_bytes().windows(needle.len()).any(|w| w == needle));
+    let hits = latch_tests::memory::find(agent.pid(), needle);
+    assert!(
+        hits.is_empty(),
+        "{} pieces of the unescaped note in the agent's memory, e.g. {:x?}",
+        hits.len(),
+        &hits[..hits.len().min(8)]
+    );
+    assert!(agent.stop().success());
+}

@@ -59,7 +59,7 @@ impl ExecStore {
                 if out.len() + n > MAX_OUTPUT {
                     return Err(std::io::Error::other("output larger than 1 MiB"));
                 }
-                out.extend_from_slice(&buf[..n]);
+                crate::wipe::append(&mut out, &buf[..n]);
             }
             child.wait().await
         };

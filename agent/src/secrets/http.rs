@@ -1,17 +1,18 @@
 //! The small HTTP(S) client the network stores share: hyper 1 with rustls (ring), one
 //! connection pool per store, a bound on every exchange, answers read into zeroizing buffers.
+//! Exchanges and hyper's connection tasks run in wipe scopes ([`crate::wipe`]): what hyper and
+//! rustls free while an answer passes through them is zeroized first.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -19,6 +20,8 @@ use zeroize::Zeroizing;
 
 /// Answers larger than this are refused.
 const MAX_BODY: usize = 4 << 20;
+/// The answer buffer's first capacity at most, whatever length the server announces.
+const FIRST_CAPACITY: usize = 64 << 10;
 
 #[derive(Clone)]
 pub(crate) struct HttpClient {
@@ -98,13 +101,15 @@ impl HttpClient {
             None => builder,
         };
         let connector = builder.enable_http1().wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
+        // hyper's connection tasks (socket, TLS, read buffers) run in wipe scopes.
+        let client = Client::builder(crate::wipe::WipingExecutor)
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
         Ok(HttpClient { client, timeout })
     }
 
-    /// Sends `req` and reads the whole answer, all within the client's timeout.
+    /// Sends `req` and reads the whole answer, all within the client's timeout, in a wipe
+    /// scope.
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response, HttpError> {
         let exchange = async {
             let resp = self
@@ -113,20 +118,41 @@ impl HttpClient {
                 .await
                 .map_err(|e| HttpError::Transport(chain(&e)))?;
             let status = resp.status();
-            let body = Limited::new(resp.into_body(), MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| HttpError::Transport(format!("reading the answer: {e}")))?
-                .to_bytes();
-            Ok(Response {
-                status,
-                body: Zeroizing::new(body.to_vec()),
-            })
+            let body = read_body(resp.into_body()).await?;
+            Ok(Response { status, body })
         };
-        tokio::time::timeout(self.timeout, exchange)
+        crate::wipe::Scoped::new(tokio::time::timeout(self.timeout, exchange))
             .await
             .unwrap_or(Err(HttpError::Timeout(self.timeout)))
     }
+}
+
+/// The whole body, at most [`MAX_BODY`], in a zeroizing buffer that grows by moving to a new
+/// zeroizing buffer (the old one is wiped, not left behind by a reallocation). Chunks hyper no
+/// longer shares are zeroized before they are dropped; shared ones belong to hyper's read
+/// buffer, wiped when it is freed (in the connection's wipe scope).
+async fn read_body(mut body: hyper::body::Incoming) -> Result<Zeroizing<Vec<u8>>, HttpError> {
+    use hyper::body::Body as _;
+    use zeroize::Zeroize as _;
+    let hint = body.size_hint().lower() as usize;
+    let mut buf = Zeroizing::new(Vec::with_capacity(hint.min(FIRST_CAPACITY)));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| HttpError::Transport(format!("reading the answer: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if buf.len() + data.len() > MAX_BODY {
+            return Err(HttpError::Transport(format!(
+                "the answer is larger than {} MiB",
+                MAX_BODY >> 20
+            )));
+        }
+        crate::wipe::append(&mut buf, &data);
+        if let Ok(mut owned) = data.try_into_mut() {
+            owned.as_mut().zeroize();
+        }
+    }
+    Ok(buf)
 }
 
 /// An error and its sources, joined (hyper's own text alone says little).

@@ -235,7 +235,7 @@ pub fn parse_secret(body: &[u8]) -> Result<Secret, String> {
 
 /// The `message` of a Kubernetes `Status` answer.
 fn status_message(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
+    crate::secrets::value::SecretJson::parse(body)
         .ok()
         .and_then(|d| {
             d.get("message")

@@ -122,7 +122,8 @@ impl Resolver {
         for (name, store) in &self.inner.stores {
             let (name, store) = (name.clone(), store.clone());
             checks.spawn(async move {
-                let result = match tokio::time::timeout(bound, store.health()).await {
+                let check = crate::wipe::Scoped::new(store.health());
+                let result = match tokio::time::timeout(bound, check).await {
                     Ok(r) => r,
                     Err(_) => Err(SecretError::Timeout {
                         store: name.clone(),
@@ -148,10 +149,8 @@ impl Resolver {
         let revoke = self.inner.opts.revoke_leases_on_shutdown;
         for (name, store) in &self.inner.stores {
             let bound = self.inner.opts.fetch_timeout;
-            if tokio::time::timeout(bound, store.shutdown(revoke))
-                .await
-                .is_err()
-            {
+            let stop = crate::wipe::Scoped::new(store.shutdown(revoke));
+            if tokio::time::timeout(bound, stop).await.is_err() {
                 tracing::warn!(store = %name, "secret store shutdown did not finish within {bound:?}");
             }
         }
@@ -267,7 +266,10 @@ impl Resolver {
                     field: key.field.as_deref(),
                     version: key.version.as_deref(),
                 };
-                match tokio::time::timeout(bound, store.fetch(lookup)).await {
+                // A wipe scope around every poll: what the store frees while its answer is
+                // read and parsed (buffers, growing `Vec`s, parser scratch) is zeroized.
+                let fetch = crate::wipe::Scoped::new(store.fetch(lookup));
+                match tokio::time::timeout(bound, fetch).await {
                     Ok(r) => r.map(Arc::new),
                     Err(_) => Err(SecretError::Timeout {
                         store: key.store.clone(),
@@ -291,7 +293,8 @@ impl Resolver {
         self.inner
             .dynamic
             .run(&key, fresh, || async {
-                match tokio::time::timeout(bound, store.dynamic(path, fresh)).await {
+                let mint = crate::wipe::Scoped::new(store.dynamic(path, fresh));
+                match tokio::time::timeout(bound, mint).await {
                     Ok(Ok(d)) => Ok(Arc::new(Credentials {
                         username: Some(d.username),
                         password: Some(d.password),

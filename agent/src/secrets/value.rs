@@ -82,10 +82,15 @@ pub struct DynamicCredentials {
 pub struct SecretJson(serde_json::Value);
 
 impl SecretJson {
+    /// Parses `bytes` in a wipe scope ([`crate::wipe`]): serde_json's scratch buffer, where it
+    /// unescapes strings that hold escapes, is zeroized before it is freed, and so is every
+    /// other block freed while parsing (a failed parse's partial document included).
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(bytes)
-            .map(SecretJson)
-            .map_err(|_| "the answer is not JSON".to_string())
+        crate::wipe::scope(|| {
+            serde_json::from_slice(bytes)
+                .map(SecretJson)
+                .map_err(|_| "the answer is not JSON".to_string())
+        })
     }
 }
 

@@ -1,5 +1,10 @@
 //! The lobby: every direct-mode application's messages before the hand-over, each behind a
 //! header naming its socket; one task per connection, started by its first message.
+//!
+//! A header's length is the size of the application's send, which the application chooses:
+//! the lobby never reserves room for it. It reads at most [`LOBBY_BUF`] at a time and passes a
+//! message on in pieces as its bytes arrive ([`Framer`]); each connection's task gets at most
+//! [`MAX_FROM_APP`] (and one piece) before the rest is dropped.
 use std::{sync::Arc, time::Instant};
 
 use bytes::{Buf as _, Bytes, BytesMut};
@@ -19,6 +24,9 @@ use crate::{
     identity::Workload,
     metrics::{Outcome, RefusedReason},
 };
+
+/// What one read of the lobby may bring, and about all the lobby's buffer ever reserves.
+const LOBBY_BUF: usize = 64 * 1024;
 
 /// Reads the lobby until `stop` fires: each message goes to its connection's task; the first
 /// message of a connection starts one.
@@ -45,11 +53,15 @@ pub async fn run_lobby(shared: Arc<Shared>, stop: CancellationToken) {
         }
     };
     let mut lobby = lobby;
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut buf = BytesMut::with_capacity(LOBBY_BUF);
+    let mut framer = Framer::default();
     loop {
-        while let Some((header, body)) = next_message(&mut buf) {
-            dispatch(&direct, &shared, header, body);
+        while let Some(piece) = framer.next(&mut buf) {
+            dispatch(&direct, &shared, piece);
         }
+        // What is left is less than a header: room for one more read, whatever the
+        // application announced.
+        buf.reserve(LOBBY_BUF);
         let n = tokio::select! {
             _ = stop.cancelled() => return,
             n = lobby.read_buf(&mut buf) => n,
@@ -64,22 +76,75 @@ pub async fn run_lobby(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-pub(super) fn next_message(buf: &mut BytesMut) -> Option<(Header, Bytes)> {
-    if buf.len() < HEADER_LEN {
-        return None;
-    }
-    // SAFETY: Header is plain integers; the buffer holds at least HEADER_LEN bytes.
-    let header: Header = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
-    let len = header.len as usize;
-    if buf.len() < HEADER_LEN + len {
-        buf.reserve(HEADER_LEN + len - buf.len());
-        return None;
-    }
-    buf.advance(HEADER_LEN);
-    Some((header, buf.split_to(len).freeze()))
+/// Part of an application's message, as the lobby passes it on.
+#[derive(Debug)]
+pub(super) struct Piece {
+    /// The header of the message it belongs to.
+    pub header: Header,
+    pub body: Bytes,
+    /// The message's first piece: only a first piece may start a connection's task.
+    pub first: bool,
 }
 
-fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, header: Header, body: Bytes) {
+/// Splits the lobby's stream into pieces of messages, passing on what has arrived of a message
+/// without waiting (or reserving room) for the rest of it. Sans-IO: feed it the buffer the
+/// lobby reads into.
+#[derive(Debug, Default)]
+pub(super) struct Framer {
+    current: Option<Current>,
+}
+
+#[derive(Debug)]
+struct Current {
+    header: Header,
+    /// Bytes of the message still to come.
+    left: usize,
+    /// A piece of it was passed on.
+    started: bool,
+}
+
+impl Framer {
+    /// The next piece in `buf`, or `None` until more bytes arrive. Never reserves room in
+    /// `buf`.
+    pub(super) fn next(&mut self, buf: &mut BytesMut) -> Option<Piece> {
+        if self.current.is_none() {
+            if buf.len() < HEADER_LEN {
+                return None;
+            }
+            // SAFETY: Header is plain integers; the buffer holds at least HEADER_LEN bytes.
+            let header: Header = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
+            buf.advance(HEADER_LEN);
+            self.current = Some(Current {
+                header,
+                left: header.len as usize,
+                started: false,
+            });
+        }
+        let cur = self.current.as_mut()?;
+        let n = cur.left.min(buf.len());
+        if n == 0 && cur.left > 0 {
+            return None;
+        }
+        let first = !std::mem::replace(&mut cur.started, true);
+        cur.left -= n;
+        let header = cur.header;
+        if cur.left == 0 {
+            self.current = None;
+        }
+        Some(Piece {
+            header,
+            body: buf.split_to(n).freeze(),
+            first,
+        })
+    }
+}
+
+fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, piece: Piece) {
+    let Piece {
+        header,
+        body,
+        first,
+    } = piece;
     let mut sessions = direct.sessions.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(s) = sessions.get_mut(&header.cookie) {
         if s.bytes > MAX_FROM_APP {
@@ -88,6 +153,10 @@ fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, header: Header, body: By
         s.bytes += body.len();
         // The task may be ending: the message is dropped then.
         let _ = s.tx.send(body);
+        return;
+    }
+    if !first {
+        // The rest of a message whose connection's task has ended.
         return;
     }
     let (tx, rx) = mpsc::unbounded_channel();
@@ -270,4 +339,79 @@ async fn handle(
     }
     .instrument(span)
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(cookie: u64, len: u32) -> Vec<u8> {
+        let h = Header {
+            cookie,
+            len,
+            ..Header::default()
+        };
+        // SAFETY: Header is repr(C) plain integers with explicit padding.
+        unsafe { std::slice::from_raw_parts((&h as *const Header).cast::<u8>(), HEADER_LEN) }
+            .to_vec()
+    }
+
+    #[test]
+    fn an_announced_message_length_reserves_nothing_in_the_lobby() {
+        // A header announcing 256 MiB, then what the application did send.
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&header(7, 256 << 20));
+        buf.extend_from_slice(&[b'x'; 100]);
+        let mut framer = Framer::default();
+        let piece = framer.next(&mut buf).expect("what arrived is passed on");
+        assert_eq!((piece.header.cookie, piece.first), (7, true));
+        assert_eq!(&piece.body[..], &[b'x'; 100]);
+        assert!(framer.next(&mut buf).is_none());
+        assert!(
+            buf.capacity() < 1 << 20,
+            "reserved {} bytes",
+            buf.capacity()
+        );
+        // More of it: a later piece, which cannot start a task of its own.
+        buf.extend_from_slice(&[b'y'; 50]);
+        let piece = framer.next(&mut buf).unwrap();
+        assert_eq!((piece.body.len(), piece.first), (50, false));
+        assert!(
+            buf.capacity() < 1 << 20,
+            "reserved {} bytes",
+            buf.capacity()
+        );
+    }
+
+    #[test]
+    fn messages_are_passed_on_whole_or_in_pieces_in_order() {
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&header(1, 5));
+        buf.extend_from_slice(b"hel");
+        let mut framer = Framer::default();
+        let p = framer.next(&mut buf).unwrap();
+        assert_eq!((&p.body[..], p.first), (&b"hel"[..], true));
+        assert!(framer.next(&mut buf).is_none());
+        // the end of the first message, an empty one and half a header
+        buf.extend_from_slice(b"lo");
+        buf.extend_from_slice(&header(2, 0));
+        buf.extend_from_slice(&header(3, 4)[..HEADER_LEN / 2]);
+        let p = framer.next(&mut buf).unwrap();
+        assert_eq!(
+            (&p.body[..], p.first, p.header.cookie),
+            (&b"lo"[..], false, 1)
+        );
+        let p = framer.next(&mut buf).unwrap();
+        assert_eq!((p.body.len(), p.first, p.header.cookie), (0, true, 2));
+        assert!(framer.next(&mut buf).is_none());
+        buf.extend_from_slice(&header(3, 4)[HEADER_LEN / 2..]);
+        buf.extend_from_slice(b"abcd");
+        let p = framer.next(&mut buf).unwrap();
+        assert_eq!(
+            (&p.body[..], p.first, p.header.cookie),
+            (&b"abcd"[..], true, 3)
+        );
+        assert!(framer.next(&mut buf).is_none());
+        assert!(buf.is_empty());
+    }
 }

@@ -10,7 +10,7 @@ use latch_common::direct::{FROM_TARGET, HEADER_LEN, TO_BROKER};
 
 use super::{
     Direct,
-    lobby::next_message,
+    lobby::Framer,
     pair,
     sockets::{fionread, socket_cookie_of},
 };
@@ -58,9 +58,12 @@ impl Direct {
             let mut got = vec![0u8; HEADER_LEN + 7];
             lobby.read_exact(&mut got)?;
             let mut buf = BytesMut::from(&got[..]);
-            let (header, body) = next_message(&mut buf)
+            let piece = Framer::default()
+                .next(&mut buf)
+                .filter(|p| p.first && buf.is_empty())
                 .ok_or_else(|| io::Error::other("lobby: no whole message"))?;
-            expect("lobby message", &body, b"startup")?;
+            let header = piece.header;
+            expect("lobby message", &piece.body, b"startup")?;
             if header.cookie != cookie || header.key != key {
                 return Err(io::Error::other("lobby: the header names another socket"));
             }

@@ -347,7 +347,8 @@ pub fn parse_error(body: &[u8]) -> (String, String) {
             None => (creds::parse_sts_error(&text), String::new()),
         };
     }
-    let doc: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let doc = super::value::SecretJson::parse(body).ok();
+    let doc = doc.as_deref().unwrap_or(&serde_json::Value::Null);
     let code = doc
         .get("__type")
         .or_else(|| doc.get("code"))

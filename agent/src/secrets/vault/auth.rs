@@ -68,10 +68,11 @@ pub fn parse_auth(body: &[u8]) -> Result<AuthInfo, String> {
 }
 
 /// Parses `auth/token/lookup-self`: the token's remaining `ttl` (0: never expires) and whether
-/// it is renewable.
+/// it is renewable. The answer holds the token itself (`data.id`): parsed as a [`SecretJson`].
+///
+/// [`SecretJson`]: crate::secrets::value::SecretJson
 pub fn parse_lookup_self(body: &[u8]) -> Result<(Option<Duration>, bool), String> {
-    let doc: serde_json::Value =
-        serde_json::from_slice(body).map_err(|_| "the answer is not JSON".to_string())?;
+    let doc = crate::secrets::value::SecretJson::parse(body)?;
     let data = doc
         .get("data")
         .filter(|d| d.is_object())

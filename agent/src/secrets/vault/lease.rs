@@ -101,8 +101,7 @@ pub fn parse_creds(body: &[u8], now: Instant) -> Result<Lease, String> {
 
 /// Parses `sys/leases/renew`: the newly granted duration.
 pub fn parse_renewal(body: &[u8]) -> Result<Duration, String> {
-    let doc: serde_json::Value =
-        serde_json::from_slice(body).map_err(|_| "the answer is not JSON".to_string())?;
+    let doc = crate::secrets::value::SecretJson::parse(body)?;
     doc.get("lease_duration")
         .and_then(|v| v.as_u64())
         .map(Duration::from_secs)

@@ -415,7 +415,7 @@ impl VaultStore {
 /// shortened.
 fn describe(resp: &Response) -> String {
     let mut text = resp.status.to_string();
-    if let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&resp.body)
+    if let Ok(doc) = super::value::SecretJson::parse(&resp.body)
         && let Some(errors) = doc.get("errors").and_then(|e| e.as_array())
     {
         let msgs: Vec<&str> = errors.iter().filter_map(|e| e.as_str()).collect();
