@@ -107,8 +107,15 @@ pub async fn deny(app: TcpStream, origin: &Origin, policy: &Policy, shared: &Sha
     let mut buf = BytesMut::with_capacity(1024);
     let tls = AppTls::for_policy(policy, shared, origin.dst.ip());
     let first = read_startup(AppStream::Plain(app), &mut buf, tls.as_ref(), DENY_TIMEOUT).await;
-    if let Ok((app, Initial::Startup(_))) = first {
-        let _ = refuse(Some(app), policy, origin.conn, Failure::Denied).await;
+    match first {
+        Ok((app, Initial::Startup(_))) => {
+            let _ = refuse(Some(app), policy, origin.conn, Failure::Denied).await;
+        }
+        // Before its startup, the application hears what the server would say.
+        Err((app, f @ Failure::PreStartup(_))) => {
+            let _ = refuse(app, policy, origin.conn, f).await;
+        }
+        _ => {}
     }
 }
 
@@ -119,12 +126,13 @@ async fn refuse(
     conn: u64,
     failure: Failure,
 ) -> ConnectError {
-    if let (Some(mut app), Some(fields)) = (app, failure.to_app(&policy.name, conn)) {
-        let mut out = BytesMut::new();
-        fields.encode(pg::backend::ERROR_RESPONSE, &mut out);
+    if let Some(mut app) = app {
+        let reply = failure.reply(&policy.name, conn);
         // A stalled application must not hold the task: its send buffer is normally empty.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            app.write_all(&out).await?;
+            if let Some(out) = reply {
+                app.write_all(&out).await?;
+            }
             app.shutdown().await
         })
         .await;
