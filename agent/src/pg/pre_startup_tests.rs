@@ -31,6 +31,10 @@ enum End {
     Startup,
 }
 
+/// One row: the case, the application's writes, whether it half-closes after them,
+/// PostgreSQL's bytes and how it ended.
+type Row = (&'static str, Vec<Vec<u8>>, bool, Vec<u8>, End);
+
 /// Feeds `writes` one read each, answering encryption requests `N`, then end of stream when
 /// `eof`. Returns everything sent to the application and how it ended.
 fn drive(writes: &[Vec<u8>], eof: bool) -> (Vec<u8>, End) {
@@ -101,8 +105,7 @@ fn pre_startup_paths_answer_as_postgresql_15_does() {
     let no_user: &[u8] = b"E\x00\x00\x00ySFATAL\x00VFATAL\x00C28000\x00Mno PostgreSQL user name specified in startup packet\x00Fpostmaster.c\x00L2351\x00RProcessStartupPacket\x00\x00";
     let layout: &[u8] = b"E\x00\x00\x00\x85SFATAL\x00VFATAL\x00C08P01\x00Minvalid startup packet layout: expected terminator as last byte\x00Fpostmaster.c\x00L2334\x00RProcessStartupPacket\x00\x00";
     let n_then = |rest: &[u8]| [b"N", rest].concat();
-    // (case, writes, half-close after them, PostgreSQL's bytes, how it ended)
-    let table: Vec<(&str, Vec<Vec<u8>>, bool, Vec<u8>, End)> = vec![
+    let table: Vec<Row> = vec![
         ("close at once", vec![], true, vec![], End::Closed),
         ("Terminate first", vec![terminate.clone()], true, vec![], End::Closed),
         ("Terminate first, left open", vec![terminate.clone()], false, vec![], End::Closed),
