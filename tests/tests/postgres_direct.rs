@@ -117,6 +117,22 @@ fn cancel_reaches_the_server_with_tokio_postgres_and_psql_sigint() {
 }
 
 #[test]
+fn pre_startup_paths_answer_as_postgresql_15_does() {
+    let s = Setup::new(SCRAM_USER, SCRAM_PW, DIRECT);
+    s.assert_pre_startup_as_postgres();
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn the_pid_and_key_the_client_holds_are_the_servers() {
+    let s = Setup::new(SCRAM_USER, SCRAM_PW, DIRECT);
+    s.assert_session_pids_agree();
+    s.assert_cancel_at_the_server_with_the_applications_key();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
 fn an_application_that_reads_late_still_gets_every_answer() {
     // latch hands the connection over only once the application has read what latch put in
     // its receive queue; an application slow to read must lose nothing.
