@@ -225,3 +225,168 @@ impl Setup {
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// The bytes of `hex` with the source location fields (`F`, `L`, `R`) taken out of every v3
+/// ErrorResponse: latch does not pretend to be postmaster.c.
+fn without_location(hex: &str) -> Vec<u8> {
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex"))
+        .collect();
+    let mut rest = &bytes[..];
+    let mut out = Vec::new();
+    while let Some((&tag, r)) = rest.split_first() {
+        if tag != b'E' || r.len() < 4 || r[0] != 0 {
+            out.push(tag);
+            rest = r;
+            continue;
+        }
+        let len = i32::from_be_bytes([r[0], r[1], r[2], r[3]]) as usize;
+        let mut fields = &r[4..len.min(r.len())];
+        let mut body = Vec::new();
+        while let Some((&t, f)) = fields.split_first() {
+            if t == 0 {
+                break;
+            }
+            let end = f.iter().position(|&b| b == 0).unwrap_or(f.len() - 1);
+            if !matches!(t, b'F' | b'L' | b'R') {
+                body.push(t);
+                body.extend_from_slice(&f[..=end]);
+            }
+            fields = &f[end + 1..];
+        }
+        body.push(0);
+        out.push(b'E');
+        out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        out.extend_from_slice(&body);
+        rest = &r[len.min(r.len())..];
+    }
+    out
+}
+
+/// `latch-probe pgpre` output: case → (closed, bytes without source locations).
+fn pre_startup_answers(cmd: &mut Command) -> Vec<(String, (bool, Vec<u8>))> {
+    let out = crate::run_ok(cmd);
+    stdout(&out)
+        .lines()
+        .map(|l| {
+            let mut f = l.split(' ');
+            let case = f
+                .next()
+                .and_then(|c| c.strip_prefix("case="))
+                .expect("case");
+            let closed = f.next() == Some("closed=yes");
+            let hex = f
+                .next()
+                .and_then(|b| b.strip_prefix("bytes="))
+                .expect("bytes");
+            (case.to_owned(), (closed, without_location(hex)))
+        })
+        .collect()
+}
+
+impl Setup {
+    /// Every path before a StartupMessage, sent to PostgreSQL directly (over TCP, and over its
+    /// Unix socket, where it declines GSSAPI encryption as latch does) and through latch: latch
+    /// must send the same bytes (less source locations) and close the same way.
+    pub fn assert_pre_startup_as_postgres(&self) {
+        let addr = self.pg.addr.to_string();
+        let socket = self.pg.unix_socket();
+        let tcp = pre_startup_answers(Command::new(bins::probe()).args(["pgpre", &addr]));
+        let unix = pre_startup_answers(Command::new(bins::probe()).arg("pgpre").arg(&socket));
+        let latch = pre_startup_answers(self.cg.command(bins::probe()).args(["pgpre", &addr]));
+        assert_eq!(tcp.len(), latch.len());
+        let mut wrong = Vec::new();
+        for ((case, direct), ((_, local), (_, brokered))) in tcp.iter().zip(unix.iter().zip(&latch))
+        {
+            // Over TCP this server offers GSSAPI encryption ('G'); latch never does.
+            let reference = if case.contains("gss") { local } else { direct };
+            if !case.contains("gss") && direct != local {
+                wrong.push(format!(
+                    "{case}: PostgreSQL over TCP {direct:?}, over Unix {local:?}"
+                ));
+            }
+            if brokered != reference {
+                wrong.push(format!(
+                    "{case}: latch closed={} {:?}\n    PostgreSQL closed={} {:?}",
+                    brokered.0,
+                    String::from_utf8_lossy(&brokered.1),
+                    reference.0,
+                    String::from_utf8_lossy(&reference.1)
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+}
+
+impl Setup {
+    /// The pid in the BackendKeyData the application got is the server's: `pg_backend_pid()`
+    /// says so, a NOTIFY it sends carries it, and `pg_terminate_backend` on it ends the session.
+    pub fn assert_session_pids_agree(&self) {
+        let out = crate::run_ok(self.cg.command(bins::probe()).args([
+            "pgraw",
+            &self.pg.addr.to_string(),
+            &format!("session-pids {}", postgres::APP_DB),
+        ]));
+        let text = stdout(&out);
+        let field = |name: &str| {
+            text.split(' ')
+                .find_map(|f| f.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+                .to_owned()
+        };
+        let key_pid = field("key_pid");
+        assert_eq!(field("backend_pid"), key_pid, "{text}");
+        assert_eq!(field("notify_pid"), key_pid, "{text}");
+        assert_eq!(field("terminated"), "t", "{text}");
+        assert_eq!(field("then"), "57P01", "{text}");
+    }
+
+    /// The application's key is the server's own: a CancelRequest with it, sent straight to
+    /// the server (from outside the test cgroup), cancels the application's `pg_sleep`.
+    pub fn assert_cancel_at_the_server_with_the_applications_key(&self) {
+        let mut probe = self
+            .cg
+            .command(bins::probe())
+            .args([
+                "pgraw",
+                &self.pg.addr.to_string(),
+                &format!("sleep-key {}", postgres::APP_DB),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start probe");
+        let mut lines = BufReader::new(probe.stdout.take().unwrap()).lines();
+        let first = lines.next().expect("probe output").expect("read probe");
+        let num = |name: &str| -> i32 {
+            first
+                .split(' ')
+                .find_map(|f| f.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {first}"))
+        };
+        let (pid, secret) = (num("pid"), num("secret"));
+        let running = || {
+            self.pg.sql(
+                "select count(*) from pg_stat_activity where query = 'select pg_sleep(20)' \
+                 and state = 'active'",
+            ) == "1"
+        };
+        assert!(eventually(Duration::from_secs(15), running), "no pg_sleep");
+        let mut cancel = std::net::TcpStream::connect(self.pg.addr).expect("connect");
+        let mut req = 16i32.to_be_bytes().to_vec();
+        req.extend_from_slice(&80_877_102u32.to_be_bytes());
+        req.extend_from_slice(&pid.to_be_bytes());
+        req.extend_from_slice(&secret.to_be_bytes());
+        cancel.write_all(&req).expect("send cancel");
+        let _ = std::io::Read::read(&mut cancel, &mut [0u8; 1]);
+        let started = Instant::now();
+        let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+        assert!(probe.wait().unwrap().success(), "{rest:?}");
+        assert!(
+            rest.iter().any(|l| l.contains("57014")),
+            "not cancelled after {:?}: {rest:?}",
+            started.elapsed()
+        );
+    }
+}

@@ -262,6 +262,11 @@ impl PgCluster {
         assert_eq!(self.sql("SELECT pg_reload_conf()"), "t");
     }
 
+    /// The path of the cluster's Unix socket.
+    pub fn unix_socket(&self) -> PathBuf {
+        self.sock_dir.join(format!(".s.PGSQL.{}", self.addr.port()))
+    }
+
     /// The PID of the cluster's postmaster.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()

@@ -68,7 +68,7 @@ pub struct Shared {
     pub per_workload: per_workload::PerWorkload,
     /// Reachability of the secret stores, probed periodically (see `secrets::health`).
     pub store_health: crate::secrets::health::StoreHealth,
-    /// latch's PostgreSQL cancellation keys of open sessions → the servers' keys.
+    /// Open relayed PostgreSQL sessions by (namespace, destination, server's key), for cancels.
     pub pg_cancel: crate::connector::postgres::CancelMap,
     /// PostgreSQL per-connection cost savers: SCRAM keys, TLS client configurations (with
     /// their session caches), the node-local CA for TLS toward applications.

@@ -2,7 +2,7 @@
 //! the real PostgreSQL server. It reads the application's startup packet (answering SSLRequest
 //! with 'S' and terminating TLS when the policy's `appTls` says so, else 'N'; GSSENCRequest
 //! with 'N'), authenticates to the server with the policy's credentials,
-//! tells the application AuthenticationOk with latch's own cancellation key, then relays.
+//! tells the application AuthenticationOk and the server's own cancellation key, then relays.
 //! The application never holds, sends or sees a password.
 //!
 //! | file | holds |
@@ -11,7 +11,7 @@
 //! | [`app`] | the application's first packet, TLS toward it (node-local CA) |
 //! | [`target`] | connect, TLS negotiation, startup and authentication to the server |
 //! | [`tls`] | rustls client configuration per `tls.mode`, channel binding data |
-//! | [`cancel`] | latch's cancellation keys → the servers' |
+//! | [`cancel`] | open sessions by namespace, destination and key, for CancelRequests |
 //! | [`failure`] | failures and the ErrorResponse each becomes |
 //! | [`stream`] | plain or TLS streams, either leg |
 pub mod app;
@@ -30,7 +30,7 @@ use tokio::{
     net::TcpStream,
 };
 
-pub use cancel::{CancelMap, CancelTarget};
+pub use cancel::{CancelKey, CancelMap};
 pub use failure::Failure;
 
 use self::{
@@ -107,8 +107,15 @@ pub async fn deny(app: TcpStream, origin: &Origin, policy: &Policy, shared: &Sha
     let mut buf = BytesMut::with_capacity(1024);
     let tls = AppTls::for_policy(policy, shared, origin.dst.ip());
     let first = read_startup(AppStream::Plain(app), &mut buf, tls.as_ref(), DENY_TIMEOUT).await;
-    if let Ok((app, Initial::Startup(_))) = first {
-        let _ = refuse(Some(app), policy, origin.conn, Failure::Denied).await;
+    match first {
+        Ok((app, Initial::Startup(_))) => {
+            let _ = refuse(Some(app), policy, origin.conn, Failure::Denied).await;
+        }
+        // Before its startup, the application hears what the server would say.
+        Err((app, f @ Failure::PreStartup(_))) => {
+            let _ = refuse(app, policy, origin.conn, f).await;
+        }
+        _ => {}
     }
 }
 
@@ -119,12 +126,13 @@ async fn refuse(
     conn: u64,
     failure: Failure,
 ) -> ConnectError {
-    if let (Some(mut app), Some(fields)) = (app, failure.to_app(&policy.name, conn)) {
-        let mut out = BytesMut::new();
-        fields.encode(pg::backend::ERROR_RESPONSE, &mut out);
+    if let Some(mut app) = app {
+        let reply = failure.reply(&policy.name, conn);
         // A stalled application must not hold the task: its send buffer is normally empty.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            app.write_all(&out).await?;
+            if let Some(out) = reply {
+                app.write_all(&out).await?;
+            }
             app.shutdown().await
         })
         .await;
@@ -197,13 +205,20 @@ async fn session(
         leftover: target_leftover,
     } = established;
 
-    let cancel = key.map(|(pid, secret)| {
-        shared.pg_cancel.register(CancelTarget {
-            addr: origin.dst,
+    // The application holds the server's own key; latch only remembers which session it
+    // names, to pass a CancelRequest on to the right server.
+    let cancel = key.and_then(|(pid, secret)| {
+        let key = CancelKey {
+            netns: origin.netns_cookie,
+            dst: origin.dst,
             pid,
             secret,
-            policy: policy.name.clone(),
-        })
+        };
+        let guard = shared.pg_cancel.register(key, &policy.name);
+        if guard.is_none() {
+            tracing::debug!("cancel map full: cancel requests for this session are ignored");
+        }
+        guard
     });
     let mut out = BytesMut::with_capacity(1024);
     if rewritten.negotiate {
@@ -214,8 +229,7 @@ async fn session(
     for f in to_app {
         if f.tag == pg::backend::READY_FOR_QUERY {
             // BackendKeyData comes before ReadyForQuery.
-            if let Some(c) = &cancel {
-                let (pid, secret) = c.key();
+            if let Some((pid, secret)) = key {
                 encode::backend_key_data(pid, secret, &mut out);
             }
             ready = Some(f);
@@ -313,21 +327,26 @@ fn same(a: &crate::secrets::Credentials, b: &crate::secrets::Credentials) -> boo
     a.username == b.username && a.password == b.password
 }
 
-/// Forwards a CancelRequest naming one of latch's keys to the server with the real key.
-/// Unknown keys are ignored silently, as PostgreSQL does.
+/// Passes a CancelRequest on to the server the application sent it to, when it names a
+/// session latch relays there for this namespace under this policy. Unknown keys are ignored
+/// silently, as PostgreSQL does. The key is never logged.
 async fn forward_cancel(pid: i32, secret: i32, origin: &Origin, policy: &Policy, shared: &Shared) {
-    let Some(t) = shared.pg_cancel.lookup(pid, secret) else {
+    let key = CancelKey {
+        netns: origin.netns_cookie,
+        dst: origin.dst,
+        pid,
+        secret,
+    };
+    let Some(session_policy) = shared.pg_cancel.lookup(&key) else {
         tracing::info!("cancel request with an unknown key ignored");
         return;
     };
-    if t.policy != policy.name {
-        tracing::warn!(session_policy = %t.policy, "cancel request under another policy ignored");
+    if session_policy != policy.name {
+        tracing::warn!(%session_policy, "cancel request under another policy ignored");
         return;
     }
-    match send_cancel(t.addr, origin.netns.as_deref(), t.pid, t.secret, shared).await {
-        Ok(()) => {
-            tracing::info!(target_addr = %t.addr, app_dst = %origin.dst, "cancel request forwarded")
-        }
+    match send_cancel(origin.dst, origin.netns.as_deref(), pid, secret, shared).await {
+        Ok(()) => tracing::info!(target_addr = %origin.dst, "cancel request forwarded"),
         Err(e) => tracing::warn!(error = %e, "forwarding a cancel request failed"),
     }
 }

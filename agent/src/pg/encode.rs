@@ -11,7 +11,7 @@ pub fn authentication_ok(out: &mut BytesMut) {
     write_msg(out, AUTHENTICATION, |b| b.put_i32(0));
 }
 
-/// BackendKeyData with latch's own key.
+/// BackendKeyData: the server's process id and secret key, as the server sent them.
 pub fn backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
     write_msg(out, BACKEND_KEY_DATA, |b| {
         b.put_i32(pid);

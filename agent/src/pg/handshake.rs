@@ -30,7 +30,7 @@ pub enum Event {
     Authenticated,
     /// Forward this frame to the application unchanged (ParameterStatus, NoticeResponse).
     Forward(Frame),
-    /// The server's cancellation key: replace it with latch's own before telling the app.
+    /// The server's cancellation key, passed on to the application as it is.
     BackendKey { pid: i32, secret: i32 },
     /// ReadyForQuery: forward it; the handshake is over.
     Ready(Frame),

@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`frame`] | framing of regular (tagged) messages: `parse(&mut BytesMut) -> Option<Frame>` |
 //! | [`startup`] | the untagged first packet: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage |
+//! | [`pre_startup`] | what a PostgreSQL 15 server answers before it accepts a StartupMessage |
 //! | [`backend`] | decoding what a server sends (authentication requests, key data, parameters) |
 //! | [`error_fields`] | ErrorResponse / NoticeResponse fields, decode and encode |
 //! | [`encode`] | messages latch writes as a server toward the application |
@@ -24,6 +25,7 @@ pub mod error;
 pub mod error_fields;
 pub mod frame;
 pub mod handshake;
+pub mod pre_startup;
 pub mod scram;
 pub mod scram_cache;
 pub mod startup;

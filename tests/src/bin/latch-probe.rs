@@ -15,6 +15,7 @@
 //!   with a reset (SO_LINGER 0) instead of a FIN.
 //! * `latch-probe pg CONNSTR SCENARIO` — a tokio-postgres client; see `probe/pg.rs`.
 //! * `latch-probe pgraw ADDR SCENARIO` — hostile PostgreSQL startup bytes; see `probe/pgraw.rs`.
+//! * `latch-probe pgpre TARGET` — every path before a StartupMessage; see `probe/pgpre.rs`.
 //!
 //! The modes below bind their client to 127.0.0.1:SRCPORT (SO_REUSEADDR) and print each line
 //! as it happens (stdout flushed); see `probe/srcport.rs`.
@@ -41,6 +42,8 @@
 //!   `client_got=<bytes>`; exits 0.
 #[path = "probe/pg.rs"]
 mod pg;
+#[path = "probe/pgpre.rs"]
+mod pgpre;
 #[path = "probe/pgraw.rs"]
 mod pgraw;
 #[path = "probe/srcport.rs"]
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
             args.get(2).map(String::as_str).unwrap_or_default(),
             args.get(3).map(String::as_str).unwrap_or("whoami"),
         )),
+        Some("pgpre") if args.len() == 3 => rt.block_on(pgpre::run(&args[2])),
         Some("pgraw") => rt.block_on(pgraw::run(
             parse_addr(&args, 2),
             args.get(3).map(String::as_str).unwrap_or_default(),
@@ -118,7 +122,7 @@ fn main() -> ExitCode {
             parse_port(&args, 3),
             parse_num(&args, 4) as u64,
         ),
-        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS | abort ADDR CONNS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO | squat BROKERPORT SRCPORT ADDR MILLIS | victim SRCPORT ADDR MILLIS | from SRCPORT ADDR | pgpaused SRCPORT HOST:PORT GOFILE CONNSTR | fakepg LISTENADDR SRCPORT MILLIS".into()),
+        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS | abort ADDR CONNS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO | pgpre TARGET | squat BROKERPORT SRCPORT ADDR MILLIS | victim SRCPORT ADDR MILLIS | from SRCPORT ADDR | pgpaused SRCPORT HOST:PORT GOFILE CONNSTR | fakepg LISTENADDR SRCPORT MILLIS".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,8 @@
 //! The application leg before the session: the first packet, with SSLRequest answered 'S' and
 //! TLS terminated (a certificate from the node-local CA for the original destination) when the
-//! policy's `appTls.mode` is `enable`, 'N' otherwise; GSSENCRequest always gets 'N'.
+//! policy's `appTls.mode` is `enable`, 'N' otherwise; GSSENCRequest always gets 'N'. Every
+//! other path before the StartupMessage is answered as PostgreSQL 15 answers it
+//! ([`crate::pg::pre_startup`]).
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
@@ -16,8 +18,8 @@ use crate::{
     broker::Shared,
     config::{AppTlsMode, Policy, Target},
     pg::{
-        self,
-        startup::{self, Initial, MAX_STARTUP_LEN},
+        pre_startup::{Encryption, Ending, PreStartup, Reason, Step},
+        startup::Initial,
     },
 };
 
@@ -57,9 +59,9 @@ impl<'a> AppTls<'a> {
 /// A failure while reading the first packet; the stream is gone when a TLS handshake failed.
 pub type StartupError = (Option<AppStream>, Failure);
 
-/// Reads the first packet, answering SSLRequest/GSSENCRequest (once each, as PostgreSQL
-/// allows) until a StartupMessage or CancelRequest arrives, all within `limit` (the stream is
-/// kept for the error message when the application stalls).
+/// Reads the first packet, answering SSLRequest and GSSENCRequest as PostgreSQL does (see
+/// [`pg::pre_startup`]) until a StartupMessage or CancelRequest arrives, all within `limit`.
+/// Anything else ends in [`Failure::PreStartup`], with what PostgreSQL would have answered.
 pub async fn read_startup(
     mut app: AppStream,
     buf: &mut BytesMut,
@@ -67,83 +69,41 @@ pub async fn read_startup(
     limit: Duration,
 ) -> Result<(AppStream, Initial), StartupError> {
     let deadline = Instant::now() + limit;
-    let (mut ssl_seen, mut gss_seen) = (false, false);
+    let mut pre = PreStartup::default();
     loop {
-        let initial = match read_initial(&mut app, buf, deadline, limit).await {
-            Ok(i) => i,
-            Err(f) => return Err((Some(app), f)),
-        };
-        match initial {
-            Initial::SslRequest if !ssl_seen => {
-                ssl_seen = true;
-                if let Some(f) = data_after_request(buf) {
-                    return Err((Some(app), f));
-                }
+        match pre.next(buf) {
+            Step::Pending => {
+                let read = tokio::time::timeout_at(deadline, app.read_buf(buf)).await;
+                let ending = match read {
+                    Ok(Ok(0)) => pre.closed(buf),
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => return Err((Some(app), Failure::AppIo(e))),
+                    // PostgreSQL ends a connection that stalls in its startup without a word.
+                    Err(_) => Ending::silent(Reason::Timeout),
+                };
+                return Err((Some(app), Failure::PreStartup(ending)));
+            }
+            Step::Encryption(Encryption::Ssl) => {
                 let config = match (&app, tls) {
                     (AppStream::Plain(_), Some(t)) => t.server_config(),
                     _ => None,
                 };
                 app = match (app, config) {
                     (AppStream::Plain(tcp), Some(config)) => {
+                        // Plain-text bytes behind the request are refused once TLS is up,
+                        // as PostgreSQL refuses them.
+                        pre.tls_started();
                         accept_tls(tcp, config, deadline, limit).await?
                     }
                     (app, _) => answer(app, b'N').await?,
                 };
             }
-            Initial::GssEncRequest if !gss_seen => {
-                gss_seen = true;
-                if let Some(f) = data_after_request(buf) {
-                    return Err((Some(app), f));
-                }
-                app = answer(app, b'N').await?;
-            }
-            Initial::SslRequest | Initial::GssEncRequest => {
-                return Err((
-                    Some(app),
-                    Failure::AppProtocol(pg::PgError::malformed(
-                        "startup packet",
-                        "encryption requested twice",
-                    )),
-                ));
-            }
-            other => return Ok((app, other)),
+            Step::Encryption(Encryption::Gss) => app = answer(app, b'N').await?,
+            Step::Startup(s) => return Ok((app, Initial::Startup(s))),
+            Step::Cancel { pid, secret } => return Ok((app, Initial::Cancel { pid, secret })),
+            Step::Close(ending) => return Err((Some(app), Failure::PreStartup(ending))),
         }
     }
-}
-
-async fn read_initial(
-    app: &mut AppStream,
-    buf: &mut BytesMut,
-    deadline: Instant,
-    limit: Duration,
-) -> Result<Initial, Failure> {
-    loop {
-        if let Some(i) = startup::parse(buf, MAX_STARTUP_LEN).map_err(Failure::AppProtocol)? {
-            return Ok(i);
-        }
-        let n = tokio::time::timeout_at(deadline, app.read_buf(buf))
-            .await
-            .map_err(|_| Failure::AppTimeout(limit))?
-            .map_err(Failure::AppIo)?;
-        if n == 0 {
-            return Err(if buf.is_empty() {
-                Failure::AppClosed
-            } else {
-                Failure::AppProtocol(pg::PgError::malformed("startup packet", "truncated"))
-            });
-        }
-    }
-}
-
-/// Bytes after an encryption request would be read as plain text: refuse, as PostgreSQL does
-/// (CVE-2021-23214).
-fn data_after_request(buf: &BytesMut) -> Option<Failure> {
-    (!buf.is_empty()).then(|| {
-        Failure::AppProtocol(pg::PgError::malformed(
-            "startup packet",
-            "data after an encryption request",
-        ))
-    })
 }
 
 async fn answer(mut app: AppStream, byte: u8) -> Result<AppStream, StartupError> {

@@ -34,7 +34,8 @@ use crate::{
         self,
         auth::{ClientAuth, TargetTls},
         encode,
-        startup::{self, Initial, MAX_STARTUP_LEN},
+        pre_startup::{Ending, PreStartup, Reason, Step},
+        startup::{self, Initial},
     },
 };
 
@@ -189,9 +190,7 @@ pub async fn serve(
 /// Tells the application why, in its receive queue. The application socket stays in the sock
 /// map (the message would be lost if it left now); it leaves when the application closes it.
 pub async fn refuse(leg: &mut Leg<'_>, policy: &Policy, conn: u64, failure: &Failure) {
-    if let Some(fields) = failure.to_app(&policy.name, conn) {
-        let mut out = BytesMut::new();
-        fields.encode(pg::backend::ERROR_RESPONSE, &mut out);
+    if let Some(out) = failure.reply(&policy.name, conn) {
         let _ = leg.set(TO_BROKER | FROM_TARGET);
         let _ = tokio::time::timeout(Duration::from_secs(2), leg.side.write_all(&out)).await;
     }
@@ -203,36 +202,24 @@ pub async fn refuse(leg: &mut Leg<'_>, policy: &Policy, conn: u64, failure: &Fai
 }
 
 /// Reads the first packet from the lobby, answering SSLRequest and GSSENCRequest with 'N'
-/// (the session is the application's own plain-text connection).
+/// (the session is the application's own plain-text connection) and every other path as
+/// PostgreSQL 15 does ([`pg::pre_startup`]).
 async fn read_startup(leg: &mut Leg<'_>) -> Result<Initial, Failure> {
     let deadline = Instant::now() + APP_STARTUP_TIMEOUT;
     let mut buf = BytesMut::with_capacity(512);
-    let (mut ssl_seen, mut gss_seen) = (false, false);
+    let mut pre = PreStartup::default();
     loop {
-        let initial = loop {
-            if let Some(i) =
-                startup::parse(&mut buf, MAX_STARTUP_LEN).map_err(Failure::AppProtocol)?
-            {
-                break i;
-            }
-            match tokio::time::timeout_at(deadline, leg.from_app.recv()).await {
+        match pre.next(&mut buf) {
+            Step::Pending => match tokio::time::timeout_at(deadline, leg.from_app.recv()).await {
                 Ok(Some(b)) => buf.extend_from_slice(&b),
-                Ok(None) => return Err(Failure::AppClosed),
-                Err(_) => return Err(Failure::AppTimeout(APP_STARTUP_TIMEOUT)),
-            }
-        };
-        let seen = match initial {
-            Initial::SslRequest => &mut ssl_seen,
-            Initial::GssEncRequest => &mut gss_seen,
-            other => return Ok(other),
-        };
-        if std::mem::replace(seen, true) || !buf.is_empty() {
-            return Err(Failure::AppProtocol(pg::PgError::malformed(
-                "startup packet",
-                "encryption requested twice, or data after an encryption request",
-            )));
+                Ok(None) => return Err(Failure::PreStartup(pre.closed(&buf))),
+                Err(_) => return Err(Failure::PreStartup(Ending::silent(Reason::Timeout))),
+            },
+            Step::Encryption(_) => leg.side.write_all(b"N").await.map_err(Failure::AppIo)?,
+            Step::Startup(s) => return Ok(Initial::Startup(s)),
+            Step::Cancel { pid, secret } => return Ok(Initial::Cancel { pid, secret }),
+            Step::Close(ending) => return Err(Failure::PreStartup(ending)),
         }
-        leg.side.write_all(b"N").await.map_err(Failure::AppIo)?;
     }
 }
 

@@ -24,6 +24,10 @@ pub enum Failure {
     AppClosed,
     #[error("TLS with the application: {0}")]
     AppTls(String),
+    /// The application's first packets ended the connection: it is told what PostgreSQL
+    /// would tell it ([`Failure::reply`]), often nothing.
+    #[error("before the startup packet: {}", .0.reason)]
+    PreStartup(crate::pg::pre_startup::Ending),
     #[error("{0}")]
     Refused(#[source] StartupRefusal),
     #[error("resolving credentials: {0}")]
@@ -76,7 +80,10 @@ impl Failure {
             }
             Failure::AppProtocol(_) => say(SqlState::PROTOCOL_VIOLATION, self.to_string()),
             Failure::AppTimeout(_) => say(SqlState::PROTOCOL_VIOLATION, self.to_string()),
-            Failure::AppIo(_) | Failure::AppClosed | Failure::AppTls(_) => return None,
+            Failure::AppIo(_)
+            | Failure::AppClosed
+            | Failure::AppTls(_)
+            | Failure::PreStartup(_) => return None,
             Failure::Denied => say(SqlState::INVALID_AUTHORIZATION, self.to_string()),
             Failure::WorkloadLimit { .. } | Failure::Busy { .. } => {
                 say(SqlState::TOO_MANY_CONNECTIONS, self.to_string())
@@ -148,6 +155,18 @@ impl Failure {
                 ),
             },
         })
+    }
+
+    /// The bytes that tell the application, if anything is to be said: PostgreSQL's own answer
+    /// before the startup packet, else the ErrorResponse of [`Failure::to_app`].
+    pub fn reply(&self, policy: &str, conn: u64) -> Option<bytes::Bytes> {
+        if let Failure::PreStartup(e) = self {
+            return (!e.reply.is_empty()).then(|| e.reply.clone());
+        }
+        let mut out = bytes::BytesMut::new();
+        self.to_app(policy, conn)?
+            .encode(crate::pg::backend::ERROR_RESPONSE, &mut out);
+        Some(out.freeze())
     }
 
     /// Whether the target rejected the password (28P01): a refresh and one retry may help.

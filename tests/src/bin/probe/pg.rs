@@ -27,7 +27,7 @@ pub async fn run(connstr: &str, scenario: &str) -> Result<(), String> {
 }
 
 /// Connects and drives the connection in a task; notifications arrive on the channel.
-async fn connect(
+pub async fn connect(
     connstr: &str,
 ) -> Result<
     (

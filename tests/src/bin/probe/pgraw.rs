@@ -8,6 +8,14 @@
 //!
 //! `late-reader DB`: a well-formed StartupMessage, then 1.5 s before reading the answers; then
 //! one query. Prints `result=session tags=<message tags up to ReadyForQuery> user=<user>`.
+//!
+//! `session-pids DB`: a session whose BackendKeyData pid is compared with what the server says
+//! of it: `pg_backend_pid()`, the sender pid a tokio-postgres listener receives for its NOTIFY,
+//! and whether `pg_terminate_backend(<that pid>)` from the listener's session ends it. Prints
+//! `key_pid=<> backend_pid=<> notify_pid=<> terminated=<t|f> then=<SQLSTATE or eof>`.
+//!
+//! `sleep-key DB`: prints `key pid=<> secret=<>` (the BackendKeyData it was given), runs
+//! `select pg_sleep(20)` and prints `result=error code=<SQLSTATE>` or `result=done`.
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -24,6 +32,12 @@ pub async fn run(addr: SocketAddr, scenario: &str) -> Result<(), String> {
         .map_err(|e| format!("connect: {e}"))?;
     if let Some(db) = scenario.strip_prefix("late-reader ") {
         return late_reader(s, db).await;
+    }
+    if let Some(db) = scenario.strip_prefix("session-pids ") {
+        return session_pids(s, addr, db).await;
+    }
+    if let Some(db) = scenario.strip_prefix("sleep-key ") {
+        return sleep_key(s, db).await;
     }
     let started = Instant::now();
     let send = |b: Vec<u8>| b;
@@ -125,8 +139,8 @@ fn parse_error(b: &[u8]) -> Option<(String, String)> {
     Some((code, msg))
 }
 
-/// See the module documentation.
-async fn late_reader(mut s: TcpStream, db: &str) -> Result<(), String> {
+/// Sends a StartupMessage for `db` as the application's user (no password).
+async fn send_startup(s: &mut TcpStream, db: &str) -> Result<(), String> {
     let mut body = 0x0003_0000u32.to_be_bytes().to_vec();
     for (k, v) in [("user", "app_without_password"), ("database", db)] {
         body.extend_from_slice(k.as_bytes());
@@ -137,9 +151,100 @@ async fn late_reader(mut s: TcpStream, db: &str) -> Result<(), String> {
     body.push(0);
     let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
     packet.extend_from_slice(&body);
-    s.write_all(&packet)
+    s.write_all(&packet).await.map_err(|e| format!("send: {e}"))
+}
+
+/// The (pid, secret) of the BackendKeyData among `msgs`.
+fn key(msgs: &[(u8, Vec<u8>)]) -> Result<(i32, i32), String> {
+    let (_, b) = msgs
+        .iter()
+        .find(|(t, b)| *t == b'K' && b.len() == 8)
+        .ok_or_else(|| format!("no BackendKeyData in {msgs:?}"))?;
+    Ok((
+        i32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        i32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+    ))
+}
+
+/// Sends one simple query.
+async fn send_query(s: &mut TcpStream, sql: &str) -> Result<(), String> {
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+    q.extend_from_slice(sql.as_bytes());
+    q.push(0);
+    s.write_all(&q).await.map_err(|e| format!("send: {e}"))
+}
+
+/// The first column of the first row of a simple query's reply.
+async fn query_value(s: &mut TcpStream, sql: &str) -> Result<String, String> {
+    send_query(s, sql).await?;
+    let reply = read_until_ready(s).await?;
+    reply
+        .iter()
+        .find(|(t, _)| *t == b'D')
+        .and_then(|(_, b)| b.get(6..))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .ok_or_else(|| format!("no row in the reply: {reply:?}"))
+}
+
+/// See the module documentation.
+async fn session_pids(mut s: TcpStream, addr: SocketAddr, db: &str) -> Result<(), String> {
+    send_startup(&mut s, db).await?;
+    let (key_pid, _) = key(&read_until_ready(&mut s).await?)?;
+    let backend_pid = query_value(&mut s, "select pg_backend_pid()").await?;
+    let connstr = format!(
+        "host={} port={} user=app_without_password dbname={db} connect_timeout=20",
+        addr.ip(),
+        addr.port()
+    );
+    let (listener, mut notes) = crate::pg::connect(&connstr).await?;
+    listener
+        .batch_execute("listen latch_pids")
         .await
-        .map_err(|e| format!("send: {e}"))?;
+        .map_err(|e| format!("listen: {e}"))?;
+    send_query(&mut s, "notify latch_pids, 'hi'").await?;
+    read_until_ready(&mut s).await?;
+    let note = tokio::time::timeout(Duration::from_secs(5), notes.recv())
+        .await
+        .map_err(|_| "no notification within 5 s".to_string())?
+        .ok_or("the listener's connection closed")?;
+    let terminated: bool = listener
+        .query_one("select pg_terminate_backend($1)", &[&key_pid])
+        .await
+        .map_err(|e| format!("pg_terminate_backend: {}", crate::pg::describe(&e)))?
+        .get(0);
+    // The terminated session gets FATAL 57P01, then the end of the stream.
+    let then = match tokio::time::timeout(Duration::from_secs(5), read_until_ready(&mut s)).await {
+        Ok(Err(e)) if e.contains("57P01") => "57P01".to_owned(),
+        Ok(Err(e)) if e.contains("read:") => "eof".to_owned(),
+        Ok(other) => format!("{other:?}"),
+        Err(_) => "still-open".to_owned(),
+    };
+    println!(
+        "key_pid={key_pid} backend_pid={backend_pid} notify_pid={} terminated={} then={then}",
+        note.process_id(),
+        if terminated { "t" } else { "f" }
+    );
+    Ok(())
+}
+
+/// See the module documentation.
+async fn sleep_key(mut s: TcpStream, db: &str) -> Result<(), String> {
+    send_startup(&mut s, db).await?;
+    let (pid, secret) = key(&read_until_ready(&mut s).await?)?;
+    println!("key pid={pid} secret={secret}");
+    send_query(&mut s, "select pg_sleep(20)").await?;
+    match tokio::time::timeout(Duration::from_secs(30), read_until_ready(&mut s)).await {
+        Ok(Ok(_)) => println!("result=done"),
+        Ok(Err(e)) => println!("result=error {e}"),
+        Err(_) => println!("result=timeout"),
+    }
+    Ok(())
+}
+
+/// See the module documentation.
+async fn late_reader(mut s: TcpStream, db: &str) -> Result<(), String> {
+    send_startup(&mut s, db).await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let tags: String = read_until_ready(&mut s)
         .await?
