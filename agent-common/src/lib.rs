@@ -39,6 +39,10 @@ pub mod map_names {
     /// received bytes go to the broker (stream verdict programs can read a socket's cookie but
     /// not its namespace); see [`crate::direct`].
     pub const DIRECT_RECV: &str = "LATCH_DIR_RECV";
+    /// `SockHash<u64 (app socket cookie)>`: direct-mode application sockets handed over to the
+    /// kernel, with no program attached: the kernel drops a socket from it when it closes, so
+    /// the agent knows when to give the workload's concurrency slot back.
+    pub const DIRECT_LIVE: &str = "LATCH_DIR_LIVE";
     /// `SockHash<netns::ListenerKey>`: the broker's own listening sockets, one per namespace
     /// and family (see [`crate::netns`]). A redirect is made only to a listener in this map.
     pub const NETNS: &str = "LATCH_NETNS";

@@ -287,6 +287,8 @@ impl Running {
         tokio::spawn(broker::direct::run_lobby(
             shared.clone(),
             stop_accepting.clone(),
+            tracker.clone(),
+            abort.clone(),
         ));
         tokio::spawn(crate::netns::watch::run(
             crate::netns::watch::Watch {

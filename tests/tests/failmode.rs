@@ -44,20 +44,36 @@ fn links_on(cgroup_id: u64) -> usize {
         .count()
 }
 
-#[test]
-fn kept_interception_fails_closed_while_the_agent_is_down_and_the_next_agent_takes_over() {
+/// An echo target, a cgroup, and a tcp policy for that target.
+fn echo_setup() -> (EchoServer, TestCgroup, String) {
     let target = EchoServer::start("127.0.0.2");
-    let cg = TestCgroup::new();
     let policy = tcp_policy("echo", "127.0.0.2", target.addr.port());
-    let instance = format!("test-keep-{}", std::process::id());
-    let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
-    let args = [
+    (target, TestCgroup::new(), policy)
+}
+
+/// A pin instance name and a fixed broker address for an agent that keeps interception.
+fn kept(name: &str) -> (String, String) {
+    (
+        format!("test-{name}-{}", std::process::id()),
+        format!("127.0.0.1:{}", free_port("127.0.0.1")),
+    )
+}
+
+fn keep_args<'a>(instance: &'a str, listen: &'a str) -> [&'a str; 5] {
+    [
         "--keep-interception",
         "--instance",
-        &instance,
+        instance,
         "--listen",
-        &listen,
-    ];
+        listen,
+    ]
+}
+
+#[test]
+fn kept_interception_fails_closed_while_the_agent_is_down_and_the_next_agent_takes_over() {
+    let (target, cg, policy) = echo_setup();
+    let (instance, listen) = kept("keep");
+    let args = keep_args(&instance, &listen);
 
     let first = Agent::start_args(&policy, &cg, &args);
     assert!(echo(&cg, target.addr));
@@ -220,19 +236,9 @@ fn keeping_interception_with_fail_open_is_refused() {
 /// with `--keep-interception`), whoever binds it is never sent an intercepted connection.
 #[test]
 fn a_squatter_on_the_broker_port_while_the_agent_is_down_gets_no_connection() {
-    let target = EchoServer::start("127.0.0.2");
-    let cg = TestCgroup::new();
-    let policy = tcp_policy("echo", "127.0.0.2", target.addr.port());
-    let instance = format!("test-squat-{}", std::process::id());
-    let port = free_port("127.0.0.1");
-    let listen = format!("127.0.0.1:{port}");
-    let args = [
-        "--keep-interception",
-        "--instance",
-        &instance,
-        "--listen",
-        &listen,
-    ];
+    let (target, cg, policy) = echo_setup();
+    let (instance, listen) = kept("squat");
+    let args = keep_args(&instance, &listen);
     let agent = Agent::start_args(&policy, &cg, &args);
     assert!(echo(&cg, target.addr));
     agent.crash();

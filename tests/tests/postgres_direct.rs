@@ -279,11 +279,12 @@ fn direct_mode_works_over_ipv6() {
 
 #[test]
 fn past_max_direct_startups_a_connection_gets_53300() {
+    // The late reader's hand-over waits for it at most --handshake-timeout.
     let s = Setup::with_agent_args(
         SCRAM_USER,
         SCRAM_PW,
         DIRECT,
-        &["--max-direct-startups", "1"],
+        &["--max-direct-startups", "1", "--handshake-timeout", "5"],
     );
     // The late reader reads its answers 1.5 s late: its startup holds the only place that long.
     let late =
@@ -310,7 +311,7 @@ fn past_max_direct_startups_a_connection_gets_53300() {
     );
     let err = s.psql_refused("postgres", "select current_user");
     assert!(
-        err.contains("direct-mode startups are already running"),
+        err.contains("too many direct-mode startups at once (at most 1)"),
         "{err}"
     );
     assert!(
@@ -322,11 +323,126 @@ fn past_max_direct_startups_a_connection_gets_53300() {
     );
     drop(late);
     // The place comes back once the late reader's session has ended (its hand-over waits for
-    // the application at most 10 s).
+    // the application at most the handshake timeout).
     let ok = latch_tests::eventually(Duration::from_secs(20), || {
         s.psql("postgres", "select 1")
             .output()
             .is_ok_and(|o| o.status.success())
     });
     assert!(ok, "no startup ran after the first ended");
+}
+
+/// Issue 13 (drift between the relay's admission and direct mode's): a handed-over session is
+/// still its workload's connection, so its slot is held until the application closes it, and
+/// the refusal reads as the relay's does.
+#[test]
+fn a_direct_mode_session_holds_its_workloads_slot_until_it_closes() {
+    let s = Setup::with_agent_args(SCRAM_USER, SCRAM_PW, DIRECT, &["--max-per-workload", "1"]);
+    let holder = s
+        .psql(APP_DB, "select pg_sleep(3)")
+        .spawn()
+        .expect("start psql");
+    let holder = latch_tests::Killed(holder);
+    let running = eventually(Duration::from_secs(10), || {
+        s.pg.sql(
+            "select count(*) from pg_stat_activity where query = 'select pg_sleep(3)' \
+             and state = 'active'",
+        ) == "1"
+    });
+    assert!(running, "the first session never ran its query");
+    let err = s.psql_refused(APP_DB, "select 1");
+    assert!(
+        err.contains("too many connections from this workload (at most 1 at once)"),
+        "the second session was not refused as the relay refuses it: {err}"
+    );
+    drop(holder);
+    // Once the first session's socket is closed, its slot comes back.
+    let again = eventually(Duration::from_secs(10), || {
+        s.psql(APP_DB, "select 1")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    assert!(again, "the slot never came back:\n{}", s.agent.log());
+    // (Tries while the slot was still held were refused too.)
+    let records = s.agent.audit();
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r["outcome"] == "refused")
+        .collect();
+    assert!(!refused.is_empty(), "{records:#?}");
+    for r in refused {
+        assert_eq!(
+            r["reason"], "too many connections from this workload (at most 1 at once)",
+            "{r}"
+        );
+        assert_eq!(r["direct"], true, "{r}");
+    }
+}
+
+/// Issue 13: `--handshake-timeout` bounds a direct-mode startup as it bounds a relayed one
+/// (direct mode had fixed 10/30/10 s timeouts), with the relay's words for the application
+/// and the audit.
+#[test]
+fn the_handshake_timeout_bounds_a_direct_mode_startup_as_it_bounds_the_relay() {
+    // A server that accepts and never answers.
+    let silent = latch_tests::servers::EchoServer::start_store_and_forward(
+        "127.0.0.2",
+        Duration::from_secs(120),
+    );
+    let dir = latch_tests::TempDir::new("direct-timeout");
+    let secrets = dir.write(
+        "secrets.yaml",
+        &latch_tests::postgres::secrets_yaml(SCRAM_USER, SCRAM_PW),
+    );
+    let cg = latch_tests::TestCgroup::new();
+    let agent = latch_tests::Agent::start_args(
+        &latch_tests::postgres::policy_yaml("silent", silent.addr, &secrets, DIRECT),
+        &cg,
+        &["--handshake-timeout", "1"],
+    );
+    let started = std::time::Instant::now();
+    let out = cg
+        .command(latch_tests::postgres::bin("psql"))
+        .args([
+            "-h",
+            &silent.addr.ip().to_string(),
+            "-p",
+            &silent.addr.port().to_string(),
+            "-U",
+            "app",
+            "-d",
+            APP_DB,
+            "-w",
+            "-c",
+            "select 1",
+        ])
+        .env("PGCONNECT_TIMEOUT", "25")
+        .env_remove("PGPASSWORD")
+        .output()
+        .expect("run psql");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the startup took {:?}: {err}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains("connecting to the target timed out after 1s"),
+        "{err}"
+    );
+    let record = agent.wait_audit(1)[0].clone();
+    assert_eq!(record["outcome"], "failed", "{record}");
+    assert_eq!(
+        record["reason"], "handshake did not finish within 1s",
+        "{record}"
+    );
+    assert!(
+        agent
+            .metrics()
+            .contains("latch_connections_total{policy=\"silent\",outcome=\"timed_out\"} 1"),
+        "{}",
+        agent.metrics()
+    );
+    assert!(agent.stop().success());
 }

@@ -1,21 +1,23 @@
 //! One accepted connection, from the kernel's record to the end of the relay.
-use std::{net::SocketAddr, os::fd::AsFd as _, sync::atomic::Ordering, time::Instant};
+use std::{net::SocketAddr, os::fd::AsFd as _, sync::atomic::Ordering};
 
 use aya::maps::MapError;
 use latch_common::ConnMeta;
 use tokio::net::TcpStream;
-use tracing::{Instrument as _, info_span};
+use tracing::Instrument as _;
 
-use super::{Origin, Shared};
+use super::{
+    Shared,
+    admit::{self, Admitted, Unrecorded, Verdict, ms},
+};
 use crate::{
-    audit::{self, Record},
+    audit,
     config::Protocol,
     connector::{
         self, ConnectError,
         refuse::{self, Refusal},
     },
-    identity::Workload,
-    metrics::{Direction, Outcome, RefusedReason},
+    metrics::{Direction, Outcome},
     relay::Progress,
 };
 
@@ -30,96 +32,43 @@ pub(super) async fn handle(
     shared: &Shared,
 ) {
     let id = shared.next_conn_id();
-    let meta = match meta {
-        Ok(Some(meta)) => meta,
-        Ok(None) => {
-            // Nothing reaches credentials unless the kernel redirected it.
-            shared.metrics.refuse(RefusedReason::not_redirected);
-            tracing::warn!(conn = id, %peer, %local, "refused a connection the kernel did not redirect");
-            let mut record = Record::new(id, audit::Outcome::Refused, local.to_string());
-            record.reason = Some(format!("not redirected by the kernel (peer {peer})"));
-            shared.audit.record(&record);
-            reset(stream);
-            return;
-        }
-        Err(err) => {
-            shared.metrics.refuse(RefusedReason::not_redirected);
-            tracing::error!(conn = id, %peer, %err, "kernel connection map lookup failed; refusing");
-            reset(stream);
-            return;
-        }
+    let unrecorded = || Unrecorded {
+        destination: local.to_string(),
+        peer: peer.to_string(),
     };
-    let mut origin = Origin::from(&meta);
-    // Target sockets are opened in the application's namespace.
-    origin.netns = Some(netns);
-    origin.conn = id;
-    let policies = shared.policies();
-    let Some(policy) = policies.by_rule(origin.rule_id).cloned() else {
-        shared.metrics.refuse(RefusedReason::no_policy);
-        tracing::warn!(conn = id, %origin, "no policy for this destination any more; refusing");
-        let mut record = Record::new(id, audit::Outcome::Refused, origin.dst.to_string());
-        record.reason = Some("no policy covers this destination".into());
-        record.workload = Some(Workload::resolve(&origin, &shared.cgroups));
-        shared.audit.record(&record);
-        reset(stream);
+    let Some(admitted) = admit::admit(shared, id, meta, Some(netns), unrecorded, false) else {
+        refuse::reset(stream);
         return;
     };
-    let workload = Workload::resolve(&origin, &shared.cgroups);
-    let span = span(id, &policy.name, &origin, false);
-    serve(stream, origin, workload, &policy, shared, id)
-        .instrument(span)
-        .await;
+    let span = admitted.span.clone();
+    serve(stream, admitted, shared).instrument(span).await;
 }
 
-async fn serve(
-    stream: TcpStream,
-    origin: Origin,
-    workload: Workload,
-    policy: &crate::config::Policy,
-    shared: &Shared,
-    id: u64,
-) {
-    let started = Instant::now();
+async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
     let metrics = &shared.metrics;
-    let mut record =
-        Record::new(id, audit::Outcome::Relayed, origin.dst.to_string()).with_policy(policy);
-    // The workload's own limit comes first: a workload flooding connections its policy denies
-    // meets its limit, not every other workload's.
-    let Some(_slot) = shared.per_workload.try_acquire(origin.cgroup_id) else {
-        let why = Refusal::WorkloadLimit {
-            max: shared.per_workload.max(),
-        };
-        metrics.refuse(RefusedReason::workload_limit);
-        tracing::warn!(
-            limit = shared.per_workload.max(),
-            "refused: workload over its connection limit"
-        );
-        record.outcome = audit::Outcome::Refused;
-        record.reason = Some(why.to_string());
-        record.workload = Some(workload);
-        record.duration_ms = ms(started.elapsed());
-        shared.audit.record(&record);
-        refuse::refuse(stream, policy, why).await;
-        return;
-    };
-    if !workload.admitted_by(&policy.workloads) {
-        metrics.deny(&policy.name);
-        let exe_verdicts = workload.exe_verdicts(&policy.workloads);
-        tracing::warn!(
-            exe = ?workload.exe,
-            exe_verdicts,
-            cgroup = ?workload.cgroup,
-            "denied: the policy does not admit this workload"
-        );
-        record.outcome = audit::Outcome::Denied;
-        record.reason = Some(denial_reason(&policy.name, exe_verdicts));
-        record.workload = Some(workload);
-        record.duration_ms = ms(started.elapsed());
-        shared.audit.record(&record);
-        connector::deny(stream, &origin, policy, shared).await;
-        return;
+    // A refused or denied connection keeps its workload's slot until it is answered.
+    match admitted.verdict {
+        Verdict::Admit => {}
+        Verdict::Refuse(why) => {
+            admitted.audit(shared);
+            refuse::refuse(stream, &admitted.policy, why).await;
+            return;
+        }
+        Verdict::Deny => {
+            admitted.audit(shared);
+            connector::deny(stream, &admitted.origin, &admitted.policy, shared).await;
+            return;
+        }
     }
-    record.workload = Some(workload);
+    let Admitted {
+        origin,
+        policy,
+        mut record,
+        started,
+        slot: _slot,
+        ..
+    } = admitted;
+    let policy = &policy;
     let _ = stream.set_nodelay(true);
     // A second descriptor of the application's socket, held until the handshake is done, so a
     // timed-out handshake can still be answered after the connector is dropped.
@@ -219,42 +168,9 @@ async fn serve(
     shared.audit.record(&record);
 }
 
-/// The one span of a connection (`direct` marks direct-mode connections).
-pub(super) fn span(id: u64, policy: &str, origin: &Origin, direct: bool) -> tracing::Span {
-    info_span!(
-        "conn",
-        id,
-        policy,
-        dst = %origin.dst,
-        pid = origin.pid,
-        uid = origin.uid,
-        comm = %origin.comm,
-        cgroup_id = origin.cgroup_id,
-        direct = direct.then_some(true),
-    )
-}
-
 /// A tokio stream over a duplicate of the application's socket.
 fn from_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<TcpStream> {
     let std = std::net::TcpStream::from(fd);
     std.set_nonblocking(true)?;
     TcpStream::from_std(std)
-}
-
-pub(super) fn ms(d: std::time::Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
-}
-
-/// Closes with RST, so the client sees a refused/reset connection rather than a clean EOF.
-fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
-    drop(stream);
-}
-
-/// The audit reason of a denial; with `exe` selectors, how the executable compared with each.
-pub(super) fn denial_reason(policy: &str, exe_verdicts: Option<String>) -> String {
-    match exe_verdicts {
-        Some(v) => format!("policy {policy:?} does not admit this workload ({v})"),
-        None => format!("policy {policy:?} does not admit this workload"),
-    }
 }

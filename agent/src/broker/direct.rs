@@ -40,7 +40,13 @@ pub struct Direct {
     /// it a connection is refused with 53300 on the agent's runtime, without a thread.
     startups: Arc<tokio::sync::Semaphore>,
     startups_limit: usize,
+    /// The workload slots of handed-over connections, by application socket cookie, until
+    /// their sockets close ([`Direct::release_closed`]).
+    held: Mutex<HashMap<u64, crate::broker::per_workload::Slot>>,
 }
+
+/// How often the slots of closed direct-mode connections are given back.
+pub const RELEASE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A connection's task, as the lobby reader sees it.
 struct Session {
@@ -69,7 +75,32 @@ impl Direct {
             sessions: Mutex::new(HashMap::new()),
             startups: Arc::new(tokio::sync::Semaphore::new(max_startups.max(1))),
             startups_limit: max_startups.max(1),
+            held: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Holds a handed-over connection's workload slot until its socket closes (the hand-over
+    /// put it in `LATCH_DIR_LIVE`).
+    fn hold_until_closed(&self, cookie: u64, slot: crate::broker::per_workload::Slot) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.insert(cookie, slot);
+    }
+
+    /// Gives back the slots of connections whose sockets have closed; returns how many are
+    /// still held.
+    pub fn release_closed(&self) -> usize {
+        if self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            return 0;
+        }
+        let open = self.maps.open_watched();
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|cookie, _| open.contains(cookie));
+        held.len()
     }
 
     /// The most startups run at once.

@@ -1,5 +1,6 @@
 //! The broker: accepts redirected connections on loopback, finds the kernel's record of each,
 //! picks the policy and hands the connection to the policy's protocol connector.
+pub mod admit;
 mod conn;
 pub mod direct;
 mod origin;

@@ -28,6 +28,8 @@ pub enum Refusal {
     WorkloadLimit { max: usize },
     /// Connecting and authenticating to the target took longer than allowed.
     HandshakeTimeout(Duration),
+    /// `max` direct-mode startups are running already.
+    Busy { max: usize },
 }
 
 impl Refusal {
@@ -36,12 +38,14 @@ impl Refusal {
         match self {
             Refusal::WorkloadLimit { .. } => "workload_limit",
             Refusal::HandshakeTimeout(_) => "handshake_timeout",
+            Refusal::Busy { .. } => "capacity",
         }
     }
 
-    fn sqlstate(&self) -> SqlState {
+    /// The SQLSTATE a PostgreSQL client is told.
+    pub fn sqlstate(&self) -> SqlState {
         match self {
-            Refusal::WorkloadLimit { .. } => SqlState::TOO_MANY_CONNECTIONS,
+            Refusal::WorkloadLimit { .. } | Refusal::Busy { .. } => SqlState::TOO_MANY_CONNECTIONS,
             Refusal::HandshakeTimeout(_) => SqlState::UNABLE_TO_CONNECT,
         }
     }
@@ -56,6 +60,9 @@ impl std::fmt::Display for Refusal {
             ),
             Refusal::HandshakeTimeout(t) => {
                 write!(f, "connecting to the target timed out after {t:?}")
+            }
+            Refusal::Busy { max } => {
+                write!(f, "too many direct-mode startups at once (at most {max})")
             }
         }
     }

@@ -81,6 +81,21 @@ pub fn tuple_key(netns: u64, peer: SocketAddr, local: SocketAddr) -> TupleKey {
     }
 }
 
+/// The (peer, local) addresses of a key: [`tuple_key`] the other way round.
+pub fn tuple_addrs(key: &TupleKey) -> (SocketAddr, SocketAddr) {
+    let addr = |octets: [u8; 16], port| {
+        let v6 = std::net::Ipv6Addr::from(octets);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), port),
+            None => SocketAddr::new(v6.into(), port),
+        }
+    };
+    (
+        addr(key.peer_addr, key.peer_port),
+        addr(key.local_addr, key.local_port),
+    )
+}
+
 fn mapped(addr: SocketAddr) -> [u8; 16] {
     match addr {
         SocketAddr::V4(v4) => v4.ip().to_ipv6_mapped().octets(),

@@ -14,6 +14,8 @@ pub struct DirectMaps {
     /// A second handle on `LATCH_DIR_KEYS`, for [`DirectMaps::len`].
     counter: Mutex<HashMap<MapData, TupleKey, direct::Entry>>,
     recv: Mutex<HashMap<MapData, u64, u32>>,
+    /// `LATCH_DIR_LIVE`: handed-over application sockets, until they close.
+    live: Mutex<SockHash<MapData, u64>>,
 }
 
 impl DirectMaps {
@@ -22,13 +24,29 @@ impl DirectMaps {
         keys: HashMap<MapData, TupleKey, direct::Entry>,
         counter: HashMap<MapData, TupleKey, direct::Entry>,
         recv: HashMap<MapData, u64, u32>,
+        live: SockHash<MapData, u64>,
     ) -> Self {
         Self {
             socks: Mutex::new(socks),
             keys: Mutex::new(keys),
             counter: Mutex::new(counter),
             recv: Mutex::new(recv),
+            live: Mutex::new(live),
         }
+    }
+
+    /// Watches the handed-over application socket `cookie` until it closes (no program runs
+    /// for it there). False if it could not be watched (closed already, or the map is full).
+    pub fn watch_close(&self, cookie: u64, socket: &impl AsRawFd) -> bool {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.insert(cookie, socket.as_raw_fd(), 0).is_ok()
+    }
+
+    /// The watched application sockets still open, by cookie. (A sock map's values cannot be
+    /// read from user space when they are 4 bytes wide, as aya makes them; its keys can.)
+    pub fn open_watched(&self) -> std::collections::HashSet<u64> {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.keys().filter_map(Result::ok).collect()
     }
 
     /// Adds one of the broker's sockets (the lobby, or its socket for an application).

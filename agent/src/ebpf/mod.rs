@@ -23,7 +23,7 @@ use aya::{
 };
 use latch_common::{BrokerConfig, Rule4Data, Rule6Data, RuleValue, map_names, prog_names, stat};
 
-pub use conns::{ConnTable, tuple_key};
+pub use conns::{ConnTable, tuple_addrs, tuple_key};
 pub use direct::DirectMaps;
 pub use fastpath::FastPath;
 pub use rules::{Rule, RuleKey};
@@ -260,6 +260,7 @@ impl Interceptor {
             keys,
             counter,
             take_map(&mut self.bpf, map_names::DIRECT_RECV)?,
+            take_map(&mut self.bpf, map_names::DIRECT_LIVE)?,
         ))
     }
 

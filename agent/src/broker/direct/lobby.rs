@@ -5,23 +5,29 @@
 //! the lobby never reserves room for it. It reads at most [`LOBBY_BUF`] at a time and passes a
 //! message on in pieces as its bytes arrive ([`Framer`]); each connection's task gets at most
 //! [`MAX_FROM_APP`] (and one piece) before the rest is dropped.
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use latch_common::direct::{HEADER_LEN, Header};
 use tokio::{io::AsyncReadExt as _, net::TcpStream, sync::mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
 use super::{Direct, MAX_FROM_APP, Session};
 use crate::{
-    audit::{self, Record},
-    broker::{Origin, Shared, conn::ms},
-    connector::postgres::{
-        Failure,
-        direct::{self as pg_direct, Ended, Leg},
+    audit,
+    broker::{
+        Shared,
+        admit::{self, Admitted, Unrecorded, Verdict, ms},
     },
-    identity::Workload,
+    connector::{
+        ConnectError,
+        postgres::{
+            Failure,
+            direct::{self as pg_direct, Ended, Leg},
+        },
+        refuse::Refusal,
+    },
     metrics::{Outcome, RefusedReason},
 };
 
@@ -29,8 +35,14 @@ use crate::{
 const LOBBY_BUF: usize = 64 * 1024;
 
 /// Reads the lobby until `stop` fires: each message goes to its connection's task; the first
-/// message of a connection starts one.
-pub async fn run_lobby(shared: Arc<Shared>, stop: CancellationToken) {
+/// message of a connection starts one. Sessions count in `tracker` (the drain waits for them)
+/// and end when `abort` fires.
+pub async fn run_lobby(
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    abort: CancellationToken,
+) {
     let Some(direct) = shared.direct.clone() else {
         return;
     };
@@ -52,12 +64,14 @@ pub async fn run_lobby(shared: Arc<Shared>, stop: CancellationToken) {
             return;
         }
     };
+    tokio::spawn(release_closed(direct.clone(), stop.clone()));
     let mut lobby = lobby;
     let mut buf = BytesMut::with_capacity(LOBBY_BUF);
     let mut framer = Framer::default();
+    let run = Run { tracker, abort };
     loop {
         while let Some(piece) = framer.next(&mut buf) {
-            dispatch(&direct, &shared, piece);
+            dispatch(&direct, &shared, &run, piece);
         }
         // What is left is less than a header: room for one more read, whatever the
         // application announced.
@@ -74,6 +88,23 @@ pub async fn run_lobby(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(_) => {}
         }
     }
+}
+
+/// Gives back the workload slots of handed-over connections whose sockets closed.
+async fn release_closed(direct: Arc<Direct>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(super::RELEASE_EVERY) => {}
+        }
+        direct.release_closed();
+    }
+}
+
+/// What every session is run under: the broker's drain and its abort.
+struct Run {
+    tracker: TaskTracker,
+    abort: CancellationToken,
 }
 
 /// Part of an application's message, as the lobby passes it on.
@@ -139,7 +170,7 @@ impl Framer {
     }
 }
 
-fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, piece: Piece) {
+fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, run: &Run, piece: Piece) {
     let Piece {
         header,
         body,
@@ -181,11 +212,17 @@ fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, piece: Piece) {
         .take_key(&header.key)
         .map(|m| m.filter(|m| m.socket_cookie == header.cookie));
     let main = tokio::runtime::Handle::current();
+    // The drain waits for the session; past the grace period it is cut.
+    let (in_drain, abort) = (run.tracker.token(), run.abort.clone());
     let Ok(permit) = direct.startups.clone().try_acquire_owned() else {
         // Too many startups at once: refuse this one without a thread (it reads the startup,
         // then answers 53300 on the agent's runtime).
         tokio::spawn(async move {
-            handle(&direct, &shared, main, header, meta, rx, true).await;
+            let _in_drain = in_drain;
+            tokio::select! {
+                _ = abort.cancelled() => {}
+                _ = handle(&direct, &shared, main, header, meta, rx, true) => {}
+            }
             direct
                 .sessions
                 .lock()
@@ -199,13 +236,18 @@ fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, piece: Piece) {
         _ => None,
     };
     tokio::task::spawn_blocking(move || {
-        let _permit = permit;
+        let (_permit, _in_drain) = (permit, in_drain);
         super::on_cpu(cpu, || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build();
             match rt {
-                Ok(rt) => rt.block_on(handle(&direct, &shared, main, header, meta, rx, false)),
+                Ok(rt) => rt.block_on(async {
+                    tokio::select! {
+                        _ = abort.cancelled() => {}
+                        _ = handle(&direct, &shared, main, header, meta, rx, false) => {}
+                    }
+                }),
                 Err(err) => tracing::error!(%err, "direct mode: no runtime for a session"),
             }
         });
@@ -228,117 +270,133 @@ async fn handle(
     busy: bool,
 ) {
     let id = shared.next_conn_id();
-    let started = Instant::now();
-    let meta = match meta {
-        Ok(Some(m)) => m,
-        _ => {
-            shared.metrics.refuse(RefusedReason::not_redirected);
-            tracing::warn!(
-                conn = id,
-                "direct mode: no kernel record for a connection; leaving it"
-            );
-            let _ = direct.maps.remove_socket(header.cookie);
-            direct.maps.forget(&header.key, header.cookie);
-            return;
+    let unrecorded = || {
+        let (peer, local) = crate::ebpf::tuple_addrs(&header.key);
+        Unrecorded {
+            destination: local.to_string(),
+            peer: peer.to_string(),
         }
     };
-    let mut origin = Origin::from(&meta);
-    origin.conn = id;
-    let policies = shared.policies();
-    let Some(policy) = policies.by_rule(origin.rule_id).cloned() else {
-        tracing::warn!(conn = id, %origin, "direct mode: no policy any more; leaving it");
+    let Some(mut admitted) = admit::admit(shared, id, meta, None, unrecorded, true) else {
+        // Not latch's to serve: the kernel path goes on without it.
         let _ = direct.maps.remove_socket(header.cookie);
         direct.maps.forget(&header.key, header.cookie);
         return;
     };
-    let workload = Workload::resolve(&origin, &shared.cgroups);
-    let span = crate::broker::conn::span(id, &policy.name, &origin, true);
-    async {
-        let mut record =
-            Record::new(id, audit::Outcome::Relayed, origin.dst.to_string()).with_policy(&policy);
-        record.direct = true;
-        let (side, _side_peer) = match direct.side(header.cookie) {
-            Ok(s) => s,
-            Err(err) => {
-                tracing::warn!(%err, "direct mode: no broker socket for the connection");
-                return;
-            }
-        };
-        let admitted = workload.admitted_by(&policy.workloads);
-        let slot = admitted
-            .then(|| shared.per_workload.try_acquire(origin.cgroup_id))
-            .flatten();
-        let refusal = if !admitted {
-            shared.metrics.deny(&policy.name);
-            let exe_verdicts = workload.exe_verdicts(&policy.workloads);
-            tracing::warn!(exe = ?workload.exe, exe_verdicts, "denied: the policy does not admit this workload");
-            record.outcome = audit::Outcome::Denied;
-            record.reason = Some(crate::broker::conn::denial_reason(&policy.name, exe_verdicts));
-            Some(Failure::Denied)
-        } else if slot.is_none() {
-            shared.metrics.refuse(RefusedReason::workload_limit);
-            record.outcome = audit::Outcome::Refused;
-            Some(Failure::WorkloadLimit {
-                max: shared.per_workload.max(),
-            })
-        } else if busy {
-            shared.metrics.refuse(RefusedReason::capacity);
-            record.outcome = audit::Outcome::Refused;
-            Some(Failure::Busy {
+    if busy && admitted.verdict == Verdict::Admit {
+        admitted.refuse(
+            shared,
+            Refusal::Busy {
                 max: direct.startups_max(),
-            })
-        } else {
-            None
-        };
-        record.workload = Some(workload);
-        let mut leg = Leg {
-            direct,
-            cookie: header.cookie,
-            key: header.key,
-            pid: meta.pid,
-            tid: meta.tid,
-            from_app,
-            side,
-            main,
-            shared: shared.clone(),
-        };
-        let result = pg_direct::serve(&mut leg, &origin, &policy, refusal).await;
-        match &result {
-            Ok(ended) => {
-                shared.metrics.connection(&policy.name, Outcome::relayed);
-                record.handshake_ms = Some(ms(started.elapsed()));
-                tracing::info!(
-                    ?ended,
-                    ms = started.elapsed().as_millis() as u64,
-                    "handed over"
-                );
-                if *ended == Ended::HandedOver {
-                    shared.metrics.direct.inc();
+            },
+            RefusedReason::capacity,
+        );
+    }
+    let span = admitted.span.clone();
+    serve(direct, shared, main, header, from_app, admitted)
+        .instrument(span)
+        .await;
+}
+
+async fn serve(
+    direct: &Direct,
+    shared: &Arc<Shared>,
+    main: tokio::runtime::Handle,
+    header: Header,
+    from_app: mpsc::UnboundedReceiver<Bytes>,
+    mut admitted: Admitted,
+) {
+    let (side, _side_peer) = match direct.side(header.cookie) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::warn!(%err, "direct mode: no broker socket for the connection");
+            admitted.record.outcome = audit::Outcome::Failed;
+            admitted.record.reason = Some(format!("direct mode: no broker socket: {err}"));
+            admitted.audit(shared);
+            return;
+        }
+    };
+    let refusal = match admitted.verdict {
+        Verdict::Admit => None,
+        Verdict::Deny => Some(Failure::Denied),
+        Verdict::Refuse(why) => Some(Failure::Limit(why)),
+    };
+    let timeout = shared.limits.handshake_timeout;
+    let mut leg = Leg {
+        direct,
+        cookie: header.cookie,
+        key: header.key,
+        pid: admitted.origin.pid,
+        tid: admitted.origin.tid,
+        from_app,
+        side,
+        main,
+        shared: shared.clone(),
+        deadline: tokio::time::Instant::now() + timeout,
+        watched: false,
+    };
+    let (origin, policy) = (admitted.origin.clone(), admitted.policy.clone());
+    let result = match tokio::time::timeout_at(
+        leg.deadline,
+        pg_direct::serve(&mut leg, &origin, &policy, refusal),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(Failure::Limit(Refusal::HandshakeTimeout(timeout))),
+    };
+    let started = admitted.started;
+    match &result {
+        Ok(ended) => {
+            shared.metrics.connection(&policy.name, Outcome::relayed);
+            admitted.record.handshake_ms = Some(ms(started.elapsed()));
+            tracing::info!(
+                ?ended,
+                ms = started.elapsed().as_millis() as u64,
+                "handed over"
+            );
+            if *ended == Ended::HandedOver {
+                shared.metrics.direct.inc();
+                // The session is the kernel's now, but still this workload's connection: its
+                // slot is held until the application's socket closes.
+                if let Some(slot) = admitted.slot.take()
+                    && leg.watched
+                {
+                    direct.hold_until_closed(header.cookie, slot);
                 }
             }
-            Err(f) => {
-                pg_direct::refuse(&mut leg, &policy, id, f).await;
-                if record.outcome == audit::Outcome::Relayed {
-                    record.outcome = audit::Outcome::Failed;
-                    shared.metrics.connection(&policy.name, Outcome::failed);
-                }
-                // A denial's reason is set above (with how `exe` selectors compared).
-                record.reason.get_or_insert_with(|| f.to_string());
+        }
+        Err(f) => {
+            pg_direct::refuse(&mut leg, &policy, admitted.id, f).await;
+            if admitted.record.outcome == audit::Outcome::Relayed {
+                admitted.record.outcome = audit::Outcome::Failed;
+                let timed_out = matches!(f, Failure::Limit(Refusal::HandshakeTimeout(_)));
+                shared.metrics.connection(
+                    &policy.name,
+                    if timed_out {
+                        Outcome::timed_out
+                    } else {
+                        Outcome::failed
+                    },
+                );
+                admitted.record.reason = Some(match f {
+                    // Worded as the relay's audit records word it.
+                    Failure::Limit(Refusal::HandshakeTimeout(t)) => {
+                        ConnectError::HandshakeTimeout(*t).to_string()
+                    }
+                    f => f.to_string(),
+                });
                 tracing::warn!(err = %f, "direct-mode startup failed");
             }
         }
-        direct.drop_side(header.cookie, &leg.side);
-        // The application may have closed its socket while the entry was being rewritten (the
-        // kernel drops both at close): an entry for a socket that is gone must not stay.
-        if !direct.maps.has_socket(header.cookie) {
-            direct.maps.forget(&header.key, header.cookie);
-        }
-        record.duration_ms = ms(started.elapsed());
-        shared.audit.record(&record);
-        drop(slot);
     }
-    .instrument(span)
-    .await;
+    direct.drop_side(header.cookie, &leg.side);
+    // The application may have closed its socket while the entry was being rewritten (the
+    // kernel drops both at close): an entry for a socket that is gone must not stay.
+    if !direct.maps.has_socket(header.cookie) {
+        direct.maps.forget(&header.key, header.cookie);
+    }
+    admitted.audit(shared);
 }
 
 #[cfg(test)]

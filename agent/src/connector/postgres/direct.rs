@@ -27,6 +27,7 @@ use tokio::{
 };
 
 use super::{APP_STARTUP_TIMEOUT, failure::Failure, target};
+use crate::connector::refuse::Refusal;
 use crate::{
     broker::{Origin, Shared, direct::Direct},
     config::Policy,
@@ -59,6 +60,11 @@ pub struct Leg<'a> {
     /// `broker::direct::lobby`); the secret stores' pooled connections live on the main one.
     pub main: tokio::runtime::Handle,
     pub shared: Arc<Shared>,
+    /// When the startup must be done (`--handshake-timeout` after admission began), as for
+    /// relayed connections.
+    pub deadline: tokio::time::Instant,
+    /// Set by the hand-over: the kernel tells when the application's socket closes.
+    pub watched: bool,
 }
 
 /// How a direct-mode connection ended up.
@@ -69,9 +75,6 @@ pub enum Ended {
     /// A cancel request was passed on to the server.
     Cancel,
 }
-
-/// How long the application may take to read the startup answers before the hand-over.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the startup of one direct-mode connection. `refusal` (the workload is not admitted,
 /// or over its limit) is told to the application once it has sent its StartupMessage.
@@ -144,15 +147,10 @@ pub async fn serve(
         read: &mut leg.side,
         write: &app,
     };
-    let done = tokio::time::timeout(
-        target::TARGET_HANDSHAKE_TIMEOUT,
-        target::authenticate(&mut stream, addr, auth),
-    )
-    .await
-    .map_err(|_| Failure::TargetTimeout {
-        addr,
-        after: target::TARGET_HANDSHAKE_TIMEOUT,
-    })?;
+    let deadline = leg.deadline;
+    let done = tokio::time::timeout_at(deadline, target::authenticate(&mut stream, addr, auth))
+        .await
+        .map_err(|_| Failure::Limit(Refusal::HandshakeTimeout(shared.limits.handshake_timeout)))?;
     let done = match done {
         Ok(d) => d,
         // An ErrorResponse went to the application (see latch_dir_skb) and the server closed
@@ -205,7 +203,9 @@ pub async fn refuse(leg: &mut Leg<'_>, policy: &Policy, conn: u64, failure: &Fai
 /// (the session is the application's own plain-text connection) and every other path as
 /// PostgreSQL 15 does ([`pg::pre_startup`]).
 async fn read_startup(leg: &mut Leg<'_>) -> Result<Initial, Failure> {
-    let deadline = Instant::now() + APP_STARTUP_TIMEOUT;
+    // The application gets as long for its startup packet as a relayed one, within the
+    // handshake's own deadline.
+    let deadline = (Instant::now() + APP_STARTUP_TIMEOUT).min(leg.deadline);
     let mut buf = BytesMut::with_capacity(512);
     let mut pre = PreStartup::default();
     loop {
@@ -268,7 +268,7 @@ impl Leg<'_> {
     /// Waits until the application has read everything injected, takes its socket out of
     /// the sock map and asks the server for the ReadyForQuery it will read next.
     async fn hand_over(&mut self, app: &OwnedFd) -> Result<(), Failure> {
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let deadline = self.deadline;
         let mut pause = Duration::from_micros(50);
         loop {
             if crate::broker::direct::fionread(app).map_err(Failure::HandOver)? == 0 {
@@ -299,6 +299,9 @@ impl Leg<'_> {
             )));
         }
         self.leave().map_err(Failure::HandOver)?;
+        // Still this workload's connection: the broker learns when it closes (see
+        // `broker::direct::Direct::hold_until_closed`).
+        self.watched = self.direct.maps().watch_close(self.cookie, app);
         let mut sync = BytesMut::new();
         pg::frame::Frame {
             tag: b'S',

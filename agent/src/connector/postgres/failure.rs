@@ -54,10 +54,9 @@ pub enum Failure {
     Tls { addr: SocketAddr, reason: String },
     #[error("this workload is not admitted by the policy")]
     Denied,
-    #[error("this workload already has {max} connections brokered (the agent's limit)")]
-    WorkloadLimit { max: usize },
-    #[error("{max} direct-mode startups are already running (the agent's limit)")]
-    Busy { max: usize },
+    /// A limit of the agent's (the same words as the relay's refusals).
+    #[error("{0}")]
+    Limit(crate::connector::refuse::Refusal),
     #[error("handing the connection over to the kernel: {0}")]
     HandOver(#[source] io::Error),
     #[error(
@@ -85,9 +84,7 @@ impl Failure {
             | Failure::AppTls(_)
             | Failure::PreStartup(_) => return None,
             Failure::Denied => say(SqlState::INVALID_AUTHORIZATION, self.to_string()),
-            Failure::WorkloadLimit { .. } | Failure::Busy { .. } => {
-                say(SqlState::TOO_MANY_CONNECTIONS, self.to_string())
-            }
+            Failure::Limit(why) => say(why.sqlstate(), self.to_string()),
             Failure::HandOver(_) => say(SqlState::CONNECTION_FAILURE, self.to_string()),
             // The application has the server's own message already.
             Failure::ServerEnded { .. } => return None,

@@ -1,0 +1,197 @@
+//! Admission: the one step every connection takes, relayed or in direct mode, before its
+//! protocol's connector runs — the kernel's record, the policy, the workload, the workload's
+//! concurrency slot, the policy's decision, the audit record and the connection's span.
+//!
+//! Order matters: the slot is taken before the policy decides, so a workload flooding
+//! connections its policy denies meets its own limit, not every other workload's.
+use std::{sync::Arc, time::Instant};
+
+use aya::maps::MapError;
+use latch_common::ConnMeta;
+
+use super::{Origin, Shared, per_workload::Slot};
+use crate::{
+    audit::{self, Record},
+    config::Policy,
+    connector::refuse::Refusal,
+    identity::Workload,
+    metrics::RefusedReason,
+};
+
+/// What admission decided for a connection that reached its policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Serve it with the policy's connector.
+    Admit,
+    /// The policy does not admit the workload (audited `denied`).
+    Deny,
+    /// A limit refuses it (audited `refused`).
+    Refuse(Refusal),
+}
+
+/// A connection that reached its policy, with everything its connector and its audit record
+/// need.
+pub struct Admitted {
+    pub id: u64,
+    pub origin: Origin,
+    pub policy: Arc<Policy>,
+    pub verdict: Verdict,
+    /// The audit record so far (outcome and reason set for a denial or a refusal).
+    pub record: Record,
+    pub started: Instant,
+    /// The connection's one span.
+    pub span: tracing::Span,
+    /// The workload's concurrency slot, held for as long as the connection is latch's.
+    pub slot: Option<Slot>,
+}
+
+/// Where a connection without a kernel record was seen, for its audit record.
+pub struct Unrecorded {
+    /// The address the application reached (the broker's own, for a connection nobody
+    /// redirected).
+    pub destination: String,
+    /// Who it was (the peer address), for the reason.
+    pub peer: String,
+}
+
+/// Admits connection `id`: `meta` is the kernel's record of it (taken by the caller, which
+/// needs it early), `netns` the namespace it was accepted in (`None`: read from the record
+/// later, as direct mode does). `None`: nothing to serve (no kernel record, or no policy for
+/// its destination any more); it is counted, logged and audited, and the caller closes it.
+pub fn admit(
+    shared: &Shared,
+    id: u64,
+    meta: Result<Option<ConnMeta>, MapError>,
+    netns: Option<crate::netns::Handle>,
+    unrecorded: impl FnOnce() -> Unrecorded,
+    direct: bool,
+) -> Option<Admitted> {
+    let started = Instant::now();
+    let meta = match meta {
+        Ok(Some(meta)) => meta,
+        Ok(None) => {
+            // Nothing reaches credentials unless the kernel redirected it.
+            let seen = unrecorded();
+            shared.metrics.refuse(RefusedReason::not_redirected);
+            tracing::warn!(conn = id, peer = %seen.peer, at = %seen.destination, direct, "refused a connection the kernel did not redirect");
+            let mut record = Record::new(id, audit::Outcome::Refused, seen.destination);
+            record.reason = Some(format!("not redirected by the kernel (peer {})", seen.peer));
+            record.direct = direct;
+            shared.audit.record(&record);
+            return None;
+        }
+        Err(err) => {
+            shared.metrics.refuse(RefusedReason::not_redirected);
+            tracing::error!(conn = id, %err, direct, "kernel connection map lookup failed; refusing");
+            return None;
+        }
+    };
+    let mut origin = Origin::from(&meta);
+    // Target sockets are opened in the application's namespace.
+    origin.netns = netns;
+    origin.conn = id;
+    let policies = shared.policies();
+    let Some(policy) = policies.by_rule(origin.rule_id).cloned() else {
+        shared.metrics.refuse(RefusedReason::no_policy);
+        tracing::warn!(conn = id, %origin, direct, "no policy for this destination any more; refusing");
+        let mut record = Record::new(id, audit::Outcome::Refused, origin.dst.to_string());
+        record.reason = Some("no policy covers this destination".into());
+        record.workload = Some(Workload::resolve(&origin, &shared.cgroups));
+        record.direct = direct;
+        shared.audit.record(&record);
+        return None;
+    };
+    let workload = Workload::resolve(&origin, &shared.cgroups);
+    let span = span(id, &policy.name, &origin, direct);
+    let mut record =
+        Record::new(id, audit::Outcome::Relayed, origin.dst.to_string()).with_policy(&policy);
+    record.direct = direct;
+    let slot = shared.per_workload.try_acquire(origin.cgroup_id);
+    let verdict = span.in_scope(|| {
+        if slot.is_none() {
+            let why = Refusal::WorkloadLimit {
+                max: shared.per_workload.max(),
+            };
+            shared.metrics.refuse(RefusedReason::workload_limit);
+            tracing::warn!(
+                limit = shared.per_workload.max(),
+                "refused: workload over its connection limit"
+            );
+            record.outcome = audit::Outcome::Refused;
+            record.reason = Some(why.to_string());
+            Verdict::Refuse(why)
+        } else if !workload.admitted_by(&policy.workloads) {
+            shared.metrics.deny(&policy.name);
+            let exe_verdicts = workload.exe_verdicts(&policy.workloads);
+            tracing::warn!(
+                exe = ?workload.exe,
+                exe_verdicts,
+                cgroup = ?workload.cgroup,
+                "denied: the policy does not admit this workload"
+            );
+            record.outcome = audit::Outcome::Denied;
+            record.reason = Some(denial_reason(&policy.name, exe_verdicts));
+            Verdict::Deny
+        } else {
+            Verdict::Admit
+        }
+    });
+    record.workload = Some(workload);
+    Some(Admitted {
+        id,
+        origin,
+        policy,
+        verdict,
+        record,
+        started,
+        span,
+        slot,
+    })
+}
+
+impl Admitted {
+    /// Refuses for a limit found after admission (direct mode's startup threads): counted,
+    /// logged and set on the audit record like the limits admission applies itself.
+    pub fn refuse(&mut self, shared: &Shared, why: Refusal, reason: RefusedReason) {
+        shared.metrics.refuse(reason);
+        self.span
+            .in_scope(|| tracing::warn!(%why, "refused: {}", why.reason()));
+        self.record.outcome = audit::Outcome::Refused;
+        self.record.reason = Some(why.to_string());
+        self.verdict = Verdict::Refuse(why);
+    }
+
+    /// Writes the audit record, with the time since admission began.
+    pub fn audit(&mut self, shared: &Shared) {
+        self.record.duration_ms = ms(self.started.elapsed());
+        shared.audit.record(&self.record);
+    }
+}
+
+/// The one span of a connection (`direct` marks direct-mode connections).
+fn span(id: u64, policy: &str, origin: &Origin, direct: bool) -> tracing::Span {
+    tracing::info_span!(
+        "conn",
+        id,
+        policy,
+        dst = %origin.dst,
+        pid = origin.pid,
+        uid = origin.uid,
+        comm = %origin.comm,
+        cgroup_id = origin.cgroup_id,
+        direct = direct.then_some(true),
+    )
+}
+
+/// The audit reason of a denial; with `exe` selectors, how the executable compared with each.
+fn denial_reason(policy: &str, exe_verdicts: Option<String>) -> String {
+    match exe_verdicts {
+        Some(v) => format!("policy {policy:?} does not admit this workload ({v})"),
+        None => format!("policy {policy:?} does not admit this workload"),
+    }
+}
+
+/// Milliseconds, to the microsecond (audit records).
+pub fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
