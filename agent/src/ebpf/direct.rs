@@ -68,11 +68,6 @@ impl DirectMaps {
         }
     }
 
-    /// Whether the sock map still holds `key` (an application socket leaves it when closed).
-    pub fn has_socket(&self, key: u64) -> bool {
-        let socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
-        socks.get(&key, 0).is_ok()
-    }
 
     /// Sets what the programs do with the application socket `cookie` (key `key`).
     pub fn set(&self, key: &TupleKey, cookie: u64, flags: u32) -> Result<(), MapError> {

@@ -391,11 +391,11 @@ async fn serve(
         }
     }
     direct.drop_side(header.cookie, &leg.side);
-    // The application may have closed its socket while the entry was being rewritten (the
-    // kernel drops both at close): an entry for a socket that is gone must not stay.
-    if !direct.maps.has_socket(header.cookie) {
-        direct.maps.forget(&header.key, header.cookie);
-    }
+    // The session is over: whatever its socket's entries say is stale (handed over, refused,
+    // or the application closed it while they were being rewritten). This used to ask the
+    // sock map whether the socket was still there, which user space cannot read from a map
+    // whose values are 4 bytes wide (the kernel answers ENOSPC): it always forgot.
+    direct.maps.forget(&header.key, header.cookie);
     admitted.audit(shared);
 }
 
