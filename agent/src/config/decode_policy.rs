@@ -84,7 +84,7 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     let app_tls_entry = protocol_option(cx, &mut m, pg.as_mut(), "appTls");
     let app_tls = match app_tls_entry {
         Some(e) => app_tls(cx, e),
-        None => Some(AppTlsMode::Disable),
+        None => Some(AppTlsMode::Auto),
     };
     let auth_entry = protocol_option(cx, &mut m, pg.as_mut(), "authentication");
     let auth = match auth_entry {
@@ -123,12 +123,26 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         }),
         _ => None,
     };
-    if let (Some(AppTlsMode::Enable), Some(e)) = (app_tls, app_tls_entry)
+    if let (Some(AppTlsMode::Enable | AppTlsMode::Auto), Some(e)) = (app_tls, app_tls_entry)
         && protocol != Protocol::Postgres
     {
         cx.error(
             e.key_mark,
             format!("appTls applies to protocol postgres only (not {protocol}); remove appTls"),
+        );
+    }
+    if let (Some(AppTlsMode::Enable), Some(e), Some(t)) = (app_tls, app_tls_entry, tls.as_ref())
+        && protocol == Protocol::Postgres
+        && t.mode != TlsMode::VerifyFull
+    {
+        cx.warn(
+            e.key_mark,
+            format!(
+                "appTls mode \"enable\" with tls mode {:?}: applications are offered TLS whose \
+                 certificate claims the destination, while latch does not verify the server it \
+                 reaches; \"auto\" (the default) offers TLS only over \"verify-full\"",
+                t.mode.as_str()
+            ),
         );
     }
     if let (Some(true), Some(e)) = (direct, direct_entry) {
@@ -644,7 +658,7 @@ fn secret_ref(
     })
 }
 
-/// `appTls: {mode: disable | enable}`.
+/// `appTls: {mode: auto | disable | enable}`.
 fn app_tls(cx: &mut Cx, entry: &Entry) -> Option<AppTlsMode> {
     let mut m = Map::new(cx, &entry.value, entry.key_mark, "appTls")?;
     let mode = match m.require(cx, "mode") {

@@ -13,6 +13,7 @@
 //! Layout: [`yaml`] is the only module that knows the YAML parser; `decode*` read typed values
 //! out of its located tree; `validate` runs the checks across documents; `load` reads files.
 
+pub mod app_tls;
 mod decode;
 mod decode_policy;
 mod decode_store;
@@ -32,6 +33,7 @@ pub mod yaml;
 #[cfg(test)]
 mod tests;
 
+pub use app_tls::SslAnswer;
 pub use diagnostic::{Diagnostic, LoadErrors, Location};
 pub use load::{load, load_str};
 

@@ -96,7 +96,7 @@ impl Policy {
             Protocol::Tcp => true,
             Protocol::Postgres => {
                 matches!(self.tls.mode, TlsMode::Disable | TlsMode::Prefer)
-                    && self.app_tls == AppTlsMode::Disable
+                    && self.ssl_answer() == super::SslAnswer::Decline
             }
             Protocol::Mysql | Protocol::Http | Protocol::Ssh => false,
         }
@@ -298,18 +298,24 @@ impl fmt::Display for TlsMode {
     }
 }
 
-/// `spec.appTls.mode`: whether latch accepts TLS from the application (answering PostgreSQL's
-/// SSLRequest with 'S') and terminates it with a certificate for the original destination,
-/// issued by the node-local CA. `disable` answers 'N' and the client goes on in plain text.
+/// `spec.postgres.appTls.mode`: whether latch accepts TLS from the application (answering
+/// PostgreSQL's SSLRequest with 'S') and terminates it with a certificate for the original
+/// destination, issued by the node-local CA. `auto` (the default) does so only when the leg to
+/// the server is TLS that latch verifies (`tls.mode: verify-full`), so that TLS toward the
+/// application never claims more than is true of the server leg; `enable` always; `disable`
+/// never (the application is told 'N' and goes on in plain text, or gives up). The decision is
+/// [`Policy::ssl_answer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum AppTlsMode {
     #[default]
+    Auto,
     Disable,
     Enable,
 }
 
 impl AppTlsMode {
-    pub const ALL: [(&'static str, AppTlsMode); 2] = [
+    pub const ALL: [(&'static str, AppTlsMode); 3] = [
+        ("auto", AppTlsMode::Auto),
         ("disable", AppTlsMode::Disable),
         ("enable", AppTlsMode::Enable),
     ];

@@ -766,12 +766,43 @@ fn app_tls_mode() {
         "  destination: {address: 10.0.0.1, port: 5432}\n  protocol: postgres\n  credentials: {store: local, password: {path: db}}\n",
     );
     let config = load_str("t.yaml", &format!("{STORES}{unset}")).unwrap();
-    assert_eq!(config.policies[0].app_tls, AppTlsMode::Disable);
+    // Unset: auto, which offers TLS over the default verify-full leg to the server.
+    assert_eq!(config.policies[0].app_tls, AppTlsMode::Auto);
+    assert_eq!(config.policies[0].ssl_answer(), SslAnswer::Tls);
+    assert!(!config.policies[0].fast_path_eligible());
+    let off = policy("db", &spec("postgres", "{mode: disable}"));
+    let config = load_str("t.yaml", &format!("{STORES}{off}")).unwrap();
+    assert_eq!(config.policies[0].ssl_answer(), SslAnswer::Decline);
+    // The new spelling under postgres:, auto over a plain leg: declined, fast path kept.
+    let plain = policy(
+        "db",
+        "  destination: {address: 10.0.0.1, port: 5432}\n  protocol: postgres\n  tls: {mode: disable}\n  postgres: {appTls: {mode: auto}}\n  credentials: {store: local, password: {path: db}}\n",
+    );
+    let config = load_str("t.yaml", &format!("{STORES}{plain}")).unwrap();
+    assert_eq!(config.policies[0].app_tls, AppTlsMode::Auto);
+    assert_eq!(config.policies[0].ssl_answer(), SslAnswer::Decline);
+    assert!(config.policies[0].fast_path_eligible());
+    // enable over a leg latch does not verify: allowed, with a warning that says what it claims.
+    let claims = policy(
+        "db",
+        "  destination: {address: 10.0.0.1, port: 5432}\n  protocol: postgres\n  tls: {mode: require}\n  postgres: {appTls: {mode: enable}}\n  credentials: {store: local, password: {path: db}}\n",
+    );
+    let config = load_str("t.yaml", &format!("{STORES}{claims}")).unwrap();
+    assert_eq!(config.policies[0].ssl_answer(), SslAnswer::Tls);
+    assert!(
+        config.warnings.iter().any(|w| w
+            .message
+            .starts_with("appTls mode \"enable\" with tls mode \"require\"")),
+        "{:?}",
+        config.warnings
+    );
 
     let bad = policy("db", &spec("postgres", "{mode: on}"));
     assert_eq!(
         errors("t.yaml", &format!("{STORES}{bad}")),
-        vec!["t.yaml:24:18: invalid appTls mode \"on\": expected \"disable\" or \"enable\""]
+        vec![
+            "t.yaml:24:18: invalid appTls mode \"on\": expected \"auto\", \"disable\" or \"enable\""
+        ]
     );
     let tcp = policy("db", &spec("tcp", "{mode: enable}"));
     assert_eq!(
@@ -818,6 +849,16 @@ fn direct_mode_needs_postgres_in_plain_text_on_both_legs() {
         errs.len() == 1 && errs[0].starts_with("t.yaml:27:3: direct cannot terminate TLS"),
         "{errs:?}"
     );
+    // auto (the default, and said explicitly) declines over direct mode's plain leg.
+    let auto = policy(
+        "db",
+        &spec(
+            "postgres",
+            "  tls: {mode: disable}\n  appTls: {mode: auto}\n",
+        ),
+    );
+    let config = load_str("t.yaml", &format!("{STORES}{auto}")).unwrap();
+    assert_eq!(config.policies[0].ssl_answer(), SslAnswer::Decline);
     let mysql = policy("db", &spec("mysql", "  tls: {mode: disable}\n"));
     assert_eq!(
         errors("t.yaml", &format!("{STORES}{mysql}")),

@@ -112,7 +112,7 @@ pub async fn deny(app: TcpStream, origin: &Origin, policy: &Policy, shared: &Sha
             let _ = refuse(Some(app), policy, origin.conn, Failure::Denied).await;
         }
         // Before its startup, the application hears what the server would say.
-        Err((app, f @ Failure::PreStartup(_))) => {
+        Err((app, f @ (Failure::PreStartup(_) | Failure::AppCertificate(_)))) => {
             let _ = refuse(app, policy, origin.conn, f).await;
         }
         _ => {}

@@ -1,8 +1,10 @@
 //! The application leg before the session: the first packet, with SSLRequest answered 'S' and
 //! TLS terminated (a certificate from the node-local CA for the original destination) when the
-//! policy's `appTls.mode` is `enable`, 'N' otherwise; GSSENCRequest always gets 'N'. Every
-//! other path before the StartupMessage is answered as PostgreSQL 15 answers it
-//! ([`crate::pg::pre_startup`]).
+//! policy says so ([`Policy::ssl_answer`]: `appTls.mode` `enable`, or `auto` over a
+//! `verify-full` server leg), 'N' otherwise; GSSENCRequest always gets 'N'. When the CA or a
+//! certificate cannot be had, the application gets a FATAL ErrorResponse, never a silent 'N'
+//! that would send a `prefer` client on in plain text. Every other path before the
+//! StartupMessage is answered as PostgreSQL 15 answers it ([`crate::pg::pre_startup`]).
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
@@ -16,7 +18,8 @@ use tokio_rustls::TlsAcceptor;
 use super::{failure::Failure, stream::AppStream};
 use crate::{
     broker::Shared,
-    config::{AppTlsMode, Policy, Target},
+    ca::CaError,
+    config::{Policy, SslAnswer, Target},
     pg::{
         pre_startup::{Encryption, Ending, PreStartup, Reason, Step},
         startup::Initial,
@@ -37,22 +40,15 @@ impl<'a> AppTls<'a> {
             Target::Host(h) => Some(h.as_str()),
             _ => None,
         };
-        (policy.app_tls == AppTlsMode::Enable).then_some(AppTls {
+        (policy.ssl_answer() == SslAnswer::Tls).then_some(AppTls {
             shared,
             ip: dst,
             host,
         })
     }
 
-    fn server_config(&self) -> Option<Arc<ServerConfig>> {
-        match self.shared.app_ca.server_config(self.ip, self.host) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                // The application is told 'N'; with sslmode=prefer it goes on in plain text.
-                tracing::warn!(error = %e, "no certificate for TLS toward the application");
-                None
-            }
-        }
+    fn server_config(&self) -> Result<Arc<ServerConfig>, CaError> {
+        self.shared.app_ca.server_config(self.ip, self.host)
     }
 }
 
@@ -85,7 +81,11 @@ pub async fn read_startup(
             }
             Step::Encryption(Encryption::Ssl) => {
                 let config = match (&app, tls) {
-                    (AppStream::Plain(_), Some(t)) => t.server_config(),
+                    (AppStream::Plain(_), Some(t)) => match t.server_config() {
+                        Ok(c) => Some(c),
+                        // Told as an ErrorResponse in place of 'S' (libpq reports it).
+                        Err(e) => return Err((Some(app), Failure::AppCertificate(e))),
+                    },
                     _ => None,
                 };
                 app = match (app, config) {

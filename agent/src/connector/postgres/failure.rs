@@ -24,6 +24,9 @@ pub enum Failure {
     AppClosed,
     #[error("TLS with the application: {0}")]
     AppTls(String),
+    /// The node-local CA could not be loaded or created, or issue a certificate.
+    #[error("no certificate for TLS toward the application: {0}")]
+    AppCertificate(#[source] crate::ca::CaError),
     /// The application's first packets ended the connection: it is told what PostgreSQL
     /// would tell it ([`Failure::reply`]), often nothing.
     #[error("before the startup packet: {}", .0.reason)]
@@ -84,6 +87,14 @@ impl Failure {
             | Failure::AppTls(_)
             | Failure::PreStartup(_) => return None,
             Failure::Denied => say(SqlState::INVALID_AUTHORIZATION, self.to_string()),
+            // The state directory and the CA's own words stay in the agent's log.
+            Failure::AppCertificate(_) => say(
+                SqlState::INTERNAL_ERROR,
+                format!(
+                    "no certificate for TLS toward the application: the node-local CA is not \
+                     usable (latch connection {conn}; the agent's log has the details)"
+                ),
+            ),
             Failure::Limit(why) => say(why.sqlstate(), self.to_string()),
             Failure::HandOver(_) => say(SqlState::CONNECTION_FAILURE, self.to_string()),
             // The application has the server's own message already.
