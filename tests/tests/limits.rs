@@ -30,6 +30,49 @@ fn probe(cg: &TestCgroup, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// Issue 18: a flood of refusals is not a flood of log lines. Each refusal is counted (and
+/// audited, within the audit's own rate limit); the log says a few a second and how many it
+/// left out.
+#[test]
+fn a_refusal_flood_writes_a_few_log_lines_a_second_and_counts_the_rest() {
+    let target = EchoServer::start("127.0.0.2");
+    let cg = TestCgroup::new();
+    let agent = Agent::start_args(
+        &tcp_policy("capped", "127.0.0.2", target.addr.port()),
+        &cg,
+        &["--max-per-workload", "1"],
+    );
+    // 300 connections held at once: one gets through, 299 are refused.
+    let (_, out) = probe(&cg, &["hold", &target.addr.to_string(), "300", "1500"]);
+    assert!(out.contains("echoed=1 refused=299"), "{out}");
+    assert!(
+        agent
+            .metrics()
+            .contains("latch_connections_refused_total{reason=\"workload_limit\"} 299"),
+        "{}",
+        agent.metrics()
+    );
+    let log = agent.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("refused: workload over its connection limit"))
+        .count();
+    // At most 5 a second; the refusals took a few seconds at most.
+    assert!(
+        (1..=25).contains(&lines),
+        "{lines} log lines for 299 refusals:\n{log}"
+    );
+    // The next one written (a second later) says how many were left out.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let _ = probe(&cg, &["hold", &target.addr.to_string(), "2", "200"]);
+    assert!(
+        agent.log().contains("suppressed="),
+        "no line says how many were left out:\n{}",
+        agent.log()
+    );
+    assert!(agent.stop().success());
+}
+
 #[test]
 fn a_workload_over_its_limit_is_refused_audited_and_counted() {
     let target = EchoServer::start("127.0.0.2");

@@ -73,7 +73,7 @@ pub fn admit(
             // Nothing reaches credentials unless the kernel redirected it.
             let seen = unrecorded();
             shared.metrics.refuse(RefusedReason::not_redirected);
-            tracing::warn!(conn = id, peer = %seen.peer, at = %seen.destination, direct, "refused a connection the kernel did not redirect");
+            crate::warn_throttled!(conn = id, peer = %seen.peer, at = %seen.destination, direct, "refused a connection the kernel did not redirect");
             let mut record = Record::new(id, audit::Outcome::Refused, seen.destination);
             record.reason = Some(format!("not redirected by the kernel (peer {})", seen.peer));
             record.direct = direct;
@@ -93,7 +93,7 @@ pub fn admit(
     let policies = shared.policies();
     let Some(policy) = policies.by_rule(origin.rule_id).cloned() else {
         shared.metrics.refuse(RefusedReason::no_policy);
-        tracing::warn!(conn = id, %origin, direct, "no policy for this destination any more; refusing");
+        crate::warn_throttled!(conn = id, %origin, direct, "no policy for this destination any more; refusing");
         let mut record = Record::new(id, audit::Outcome::Refused, origin.dst.to_string());
         record.reason = Some("no policy covers this destination".into());
         record.workload = Some(Workload::resolve(&origin, &shared.cgroups));
@@ -113,7 +113,7 @@ pub fn admit(
                 max: shared.per_workload.max(),
             };
             shared.metrics.refuse(RefusedReason::workload_limit);
-            tracing::warn!(
+            crate::warn_throttled!(
                 limit = shared.per_workload.max(),
                 "refused: workload over its connection limit"
             );
@@ -123,7 +123,7 @@ pub fn admit(
         } else if !workload.admitted_by(&policy.workloads) {
             shared.metrics.deny(&policy.name);
             let exe_verdicts = workload.exe_verdicts(&policy.workloads);
-            tracing::warn!(
+            crate::warn_throttled!(
                 exe = ?workload.exe,
                 exe_verdicts,
                 cgroup = ?workload.cgroup,
@@ -155,7 +155,7 @@ impl Admitted {
     pub fn refuse(&mut self, shared: &Shared, why: Refusal, reason: RefusedReason) {
         shared.metrics.refuse(reason);
         self.span
-            .in_scope(|| tracing::warn!(%why, "refused: {}", why.reason()));
+            .in_scope(|| crate::warn_throttled!(%why, "refused: {}", why.reason()));
         self.record.outcome = audit::Outcome::Refused;
         self.record.reason = Some(why.to_string());
         self.verdict = Verdict::Refuse(why);

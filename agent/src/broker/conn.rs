@@ -160,7 +160,7 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
                 _ => Outcome::failed,
             };
             metrics.connection(&policy.name, outcome);
-            tracing::warn!(%err, to_target, to_app, "failed");
+            crate::warn_throttled!(%err, to_target, to_app, "failed");
             record.outcome = audit::Outcome::Failed;
             record.reason = Some(err.to_string());
         }

@@ -279,7 +279,7 @@ pub async fn serve(
             Err(err) => {
                 // EMFILE, ENOBUFS and friends: wait and try again rather than give up the
                 // listener (the pending connection stays in the backlog).
-                tracing::warn!(%err, ?backoff, "accept failed; backing off");
+                crate::warn_throttled!(%err, ?backoff, "accept failed; backing off");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;

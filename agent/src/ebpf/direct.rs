@@ -68,7 +68,6 @@ impl DirectMaps {
         }
     }
 
-
     /// Sets what the programs do with the application socket `cookie` (key `key`).
     pub fn set(&self, key: &TupleKey, cookie: u64, flags: u32) -> Result<(), MapError> {
         self.set_entry(key, cookie, flags)?;

@@ -386,7 +386,7 @@ async fn serve(
                     }
                     f => f.to_string(),
                 });
-                tracing::warn!(err = %f, "direct-mode startup failed");
+                crate::warn_throttled!(err = %f, "direct-mode startup failed");
             }
         }
     }
