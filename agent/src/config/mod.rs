@@ -14,6 +14,7 @@
 //! out of its located tree; `validate` runs the checks across documents; `load` reads files.
 
 mod decode;
+mod decode_pg_startup;
 mod decode_policy;
 mod decode_store;
 mod diagnostic;
@@ -29,6 +30,8 @@ pub mod trust;
 mod validate;
 pub mod yaml;
 
+#[cfg(test)]
+mod pg_startup_tests;
 #[cfg(test)]
 mod tests;
 
@@ -65,8 +68,8 @@ pub fn require_named_workloads(config: &Config) -> Result<(), LoadErrors> {
 }
 pub use net::{Cidr, PortRange};
 pub use policy::{
-    AppTlsMode, AuthSpec, ChannelBindingMode, Credentials, Destination, Policy, Protocol,
-    SecretRef, Target, TlsMode, TlsSpec, WorkloadSelector,
+    AppTlsMode, AuthSpec, ChannelBindingMode, Credentials, Destination, OptionsRule, Policy,
+    Protocol, Role, SecretRef, StartupRules, Target, TlsMode, TlsSpec, WorkloadSelector,
 };
 pub use secret::SecretString;
 pub use store::{

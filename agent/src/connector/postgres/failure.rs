@@ -30,6 +30,10 @@ pub enum Failure {
     PreStartup(crate::pg::pre_startup::Ending),
     #[error("{0}")]
     Refused(#[source] StartupRefusal),
+    /// The policy does not let the application ask for this role, database or setting: it is
+    /// told what PostgreSQL 15 says ([`crate::pg::startup_rules`]).
+    #[error("refused by the policy's startup rules: {0}")]
+    Startup(#[source] crate::pg::startup_rules::Refusal),
     #[error("resolving credentials: {0}")]
     Secrets(#[source] SecretError),
     #[error(transparent)]
@@ -85,6 +89,9 @@ impl Failure {
             | Failure::AppTls(_)
             | Failure::PreStartup(_) => return None,
             Failure::Denied => say(SqlState::INVALID_AUTHORIZATION, self.to_string()),
+            // The server's own words, so that an application cannot tell latch from a server
+            // configured to refuse it (ARCHITECTURE.md, "Which role").
+            Failure::Startup(r) => r.fields(),
             Failure::WorkloadLimit { .. } | Failure::Busy { .. } => {
                 say(SqlState::TOO_MANY_CONNECTIONS, self.to_string())
             }
