@@ -125,17 +125,16 @@ pub fn secret_refs(policy: &Policy) -> Vec<String> {
         }
         s
     };
-    match &policy.credentials {
-        None => Vec::new(),
-        Some(Credentials::Static {
-            username, password, ..
-        }) => [username, password]
-            .into_iter()
-            .flatten()
-            .map(fmt)
-            .collect(),
-        Some(Credentials::Dynamic { store, path }) => vec![format!("{store}:{path}")],
+    let mut out = Vec::new();
+    for block in policy.credential_blocks() {
+        match block {
+            Credentials::Static {
+                username, password, ..
+            } => out.extend([username, password].into_iter().flatten().map(&fmt)),
+            Credentials::Dynamic { store, path } => out.push(format!("{store}:{path}")),
+        }
     }
+    out
 }
 
 /// Where audit lines go.

@@ -299,8 +299,8 @@ impl Metrics {
         error: Option<&crate::secrets::SecretError>,
     ) {
         let store = policy
-            .credentials
-            .as_ref()
+            .credential_blocks()
+            .next()
             .and_then(|c| c.stores().first().map(|s| s.to_string()))
             .unwrap_or_default();
         self.secret_seconds

@@ -12,6 +12,7 @@ pub mod http;
 pub mod leftovers;
 pub mod memory;
 pub mod openbao;
+pub mod pg_roles;
 pub mod pg_setup;
 pub mod pod;
 pub mod postgres;

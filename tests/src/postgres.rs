@@ -223,7 +223,8 @@ impl PgCluster {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
-    fn admin(&self, args: &[&str]) -> Output {
+    /// psql as the superuser over the unix socket with `args` (a later `-d` picks the database).
+    pub fn admin(&self, args: &[&str]) -> Output {
         Command::new(bin("psql"))
             .arg("-h")
             .arg(&self.sock_dir)

@@ -278,3 +278,24 @@ fn the_key_the_client_holds_is_the_servers_and_cancels_through_latch_too() {
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }
+
+#[test]
+fn the_user_the_application_asks_for_selects_one_of_the_policys_credentials() {
+    let s = Setup::with_roles("", "");
+    s.assert_roles_select_credentials();
+    s.agent.wait_count("relayed", 5);
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn a_database_outside_the_allow_list_and_options_outside_theirs_are_refused_as_postgresql_would() {
+    let s = Setup::with_roles(
+        "",
+        "    databases: [appdb]\n    options: [statement_timeout]\n",
+    );
+    s.assert_database_allow_list();
+    s.assert_options_restricted();
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}

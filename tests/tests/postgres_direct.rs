@@ -445,4 +445,23 @@ fn the_handshake_timeout_bounds_a_direct_mode_startup_as_it_bounds_the_relay() {
         agent.metrics()
     );
     assert!(agent.stop().success());
+
+#[test]
+fn the_user_the_application_asks_for_selects_one_of_the_policys_credentials() {
+    let s = Setup::with_roles(DIRECT, "");
+    s.assert_roles_select_credentials();
+    assert_maps_drain(&s);
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn a_database_outside_the_allow_list_and_options_outside_theirs_are_refused_as_postgresql_would() {
+    let s = Setup::with_roles(
+        DIRECT,
+        "    databases: [appdb]\n    options: [statement_timeout]\n",
+    );
+    s.assert_database_allow_list();
+    s.assert_options_restricted();
+    assert_maps_drain(&s);
+    assert!(s.agent.stop().success());
 }

@@ -186,8 +186,17 @@ impl Secrets {
         &self,
         policy: &crate::config::Policy,
     ) -> Result<Arc<crate::secrets::Credentials>, crate::secrets::SecretError> {
+        self.credentials_for(policy, None).await
+    }
+
+    /// See [`Resolver::credentials_for`].
+    pub async fn credentials_for(
+        &self,
+        policy: &crate::config::Policy,
+        role: Option<&crate::config::Role>,
+    ) -> Result<Arc<crate::secrets::Credentials>, crate::secrets::SecretError> {
         let started = std::time::Instant::now();
-        let result = self.current().credentials(policy).await;
+        let result = self.current().credentials_for(policy, role).await;
         self.1
             .secret_resolution(policy, started.elapsed(), result.as_ref().err());
         result
@@ -199,20 +208,33 @@ impl Secrets {
         &self,
         policy: &crate::config::Policy,
     ) -> Result<Arc<crate::secrets::Credentials>, crate::secrets::SecretError> {
+        self.refresh_for(policy, None).await
+    }
+
+    /// See [`Resolver::refresh_for`]; rate-limited per policy and role like [`Self::refresh`].
+    pub async fn refresh_for(
+        &self,
+        policy: &crate::config::Policy,
+        role: Option<&crate::config::Role>,
+    ) -> Result<Arc<crate::secrets::Credentials>, crate::secrets::SecretError> {
         let started = std::time::Instant::now();
+        let key = match role {
+            Some(r) => format!("{}\0{}", policy.name, r.user),
+            None => policy.name.clone(),
+        };
         let recent = {
             let mut last = self.2.lock().unwrap_or_else(|e| e.into_inner());
-            match last.get(&policy.name) {
+            match last.get(&key) {
                 Some(at) if started.duration_since(*at) < MIN_REFRESH_INTERVAL => true,
                 _ => {
-                    last.insert(policy.name.clone(), started);
+                    last.insert(key, started);
                     false
                 }
             }
         };
         if recent {
             tracing::debug!(policy = %policy.name, "credentials refreshed less than a second ago; not again");
-            return self.credentials(policy).await;
+            return self.credentials_for(policy, role).await;
         }
         self.1
             .refreshes
@@ -220,7 +242,7 @@ impl Secrets {
                 policy: policy.name.clone(),
             })
             .inc();
-        let result = self.current().refresh(policy).await;
+        let result = self.current().refresh_for(policy, role).await;
         self.1
             .secret_resolution(policy, started.elapsed(), result.as_ref().err());
         result

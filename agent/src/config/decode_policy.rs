@@ -4,10 +4,11 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use super::decode::{self, Cx, Map};
+use super::decode_pg_startup;
 use super::net::{self, Cidr, PortRange};
 use super::policy::{
-    AppTlsMode, AuthSpec, ChannelBindingMode, Credentials, Destination, Protocol, SecretRef,
-    Target, TlsMode, TlsSpec, WorkloadSelector,
+    AppTlsMode, AuthSpec, ChannelBindingMode, Credentials, Destination, Protocol, Role, SecretRef,
+    StartupRules, Target, TlsMode, TlsSpec, WorkloadSelector,
 };
 use super::yaml::{Entry, Mark, Node, Value};
 
@@ -23,6 +24,8 @@ pub struct PolicySpec {
     pub app_tls: AppTlsMode,
     pub credentials: Option<Credentials>,
     pub cache_ttl: Option<Duration>,
+    pub roles: Vec<Role>,
+    pub startup: StartupRules,
     pub direct: bool,
     pub auth: AuthSpec,
     /// `workloads: all`: every workload in the intercepted cgroups, said explicitly.
@@ -62,7 +65,7 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         None => Some(Vec::new()),
     };
     let credentials_entry = m.entry("credentials");
-    let creds = credentials_entry.and_then(|e| credentials(cx, e));
+    let creds = credentials_entry.and_then(|e| credentials(cx, e, "credentials"));
     let default_store = match &creds {
         Some((Credentials::Static { store, .. }, _)) => Some(store.as_str()),
         _ => None,
@@ -96,6 +99,31 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         Some(e) => decode::boolean(cx, &e.value, "direct"),
         None => Some(false),
     };
+    // What the application's StartupMessage may ask for: under `postgres:` only.
+    let roles_entry = pg.as_mut().and_then(|p| p.entry("roles"));
+    let roles = match roles_entry {
+        Some(e) => decode_pg_startup::roles(cx, e),
+        None => Some(Vec::new()),
+    };
+    let databases = match pg.as_mut().and_then(|p| p.entry("databases")) {
+        Some(e) => decode_pg_startup::databases(cx, e).map(Some),
+        None => Some(None),
+    };
+    let options = match pg.as_mut().and_then(|p| p.entry("options")) {
+        Some(e) => decode_pg_startup::options(cx, e),
+        None => Some(Default::default()),
+    };
+    if let (Some(r), Some(c)) = (roles_entry, credentials_entry) {
+        cx.error(
+            r.key_mark,
+            format!(
+                "postgres.roles and credentials (line {}) cannot both be given: with roles, \
+                 the user the application asks for selects the credentials; move credentials \
+                 under roles with the user name the application sends",
+                c.key_mark.line
+            ),
+        );
+    }
     if let Some(pg) = pg {
         pg.finish(cx);
     }
@@ -106,7 +134,11 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         Some((c, ttl)) => (Some(c), ttl),
         None => (None, None),
     };
-    if credentials.is_none() && credentials_entry.is_none() && protocol != Protocol::Tcp {
+    if credentials.is_none()
+        && credentials_entry.is_none()
+        && roles_entry.is_none()
+        && protocol != Protocol::Tcp
+    {
         cx.error(
             m_at(node, at),
             format!("missing field \"credentials\" in spec: protocol {protocol} needs credentials"),
@@ -162,6 +194,11 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         app_tls: app_tls?,
         credentials,
         cache_ttl,
+        roles: roles?,
+        startup: StartupRules {
+            databases: databases?,
+            options: options?,
+        },
         direct: direct?,
         auth: auth?,
         admit_all,
@@ -518,16 +555,20 @@ fn cgroup_path(text: &str) -> Result<String, String> {
     })
 }
 
-/// Decoded `credentials` with its cache ttl.
-fn credentials(cx: &mut Cx, entry: &Entry) -> Option<(Credentials, Option<Duration>)> {
-    let mut m = Map::new(cx, &entry.value, entry.key_mark, "credentials")?;
+/// Decoded `credentials` (or a role's credentials, `what` naming where) with its cache ttl.
+pub(super) fn credentials(
+    cx: &mut Cx,
+    entry: &Entry,
+    what: &str,
+) -> Option<(Credentials, Option<Duration>)> {
+    let mut m = Map::new(cx, &entry.value, entry.key_mark, what)?;
     let before = cx.errors.len();
     let cache_ttl = m.map(cx, "cache").and_then(|mut c| {
         let ttl = c.require(cx, "ttl").and_then(|e| {
             decode::duration(
                 cx,
                 &e.value,
-                "credentials.cache.ttl",
+                &format!("{what}.cache.ttl"),
                 Duration::ZERO,
                 MAX_CACHE_TTL,
             )
@@ -548,11 +589,16 @@ fn credentials(cx: &mut Cx, entry: &Entry) -> Option<(Credentials, Option<Durati
             if let Some(e) = e {
                 cx.error(
                     e.key_mark,
-                    format!("credentials.{name} cannot be combined with credentials.dynamic (the dynamic engine returns both username and password)"),
+                    format!("{what}.{name} cannot be combined with {what}.dynamic (the dynamic engine returns both username and password)"),
                 );
             }
         }
-        let d = Map::new(cx, &dynamic.value, dynamic.key_mark, "credentials.dynamic");
+        let d = Map::new(
+            cx,
+            &dynamic.value,
+            dynamic.key_mark,
+            format!("{what}.dynamic"),
+        );
         let result = d.and_then(|mut d| {
             let store = d.require_string(cx, "store");
             let path = d.require_string(cx, "path");
@@ -566,25 +612,25 @@ fn credentials(cx: &mut Cx, entry: &Entry) -> Option<(Credentials, Option<Durati
         result
     } else {
         let store_name = match store {
-            Some(e) => decode::string(cx, &e.value, "credentials.store"),
+            Some(e) => decode::string(cx, &e.value, &format!("{what}.store")),
             None => {
                 cx.error(
                     entry.key_mark,
-                    "missing field \"store\" in credentials (or use credentials.dynamic)",
+                    format!("missing field \"store\" in {what} (or use {what}.dynamic)"),
                 );
                 None
             }
         };
         let default = store_name.as_deref().unwrap_or("");
         let username =
-            username.and_then(|e| secret_ref(cx, e, "credentials.username", Some(default)));
+            username.and_then(|e| secret_ref(cx, e, &format!("{what}.username"), Some(default)));
         let password =
-            password.and_then(|e| secret_ref(cx, e, "credentials.password", Some(default)));
+            password.and_then(|e| secret_ref(cx, e, &format!("{what}.password"), Some(default)));
         m.finish(cx);
         if username.is_none() && password.is_none() && cx.errors.len() == before {
             cx.error(
                 entry.key_mark,
-                "credentials needs username, password, or both (or dynamic)",
+                format!("{what} needs username, password, or both (or dynamic)"),
             );
         }
         Some(Credentials::Static {

@@ -241,6 +241,8 @@ fn document(cx: &mut Cx, root: &Node) -> Option<Resource> {
             admit_all: spec.admit_all,
             credentials: spec.credentials,
             cache_ttl: spec.cache_ttl,
+            roles: spec.roles,
+            startup: spec.startup,
         }))
     } else {
         let backend = store_spec(cx, &spec.value, spec.key_mark);

@@ -15,6 +15,7 @@
 
 pub mod app_tls;
 mod decode;
+mod decode_pg_startup;
 mod decode_policy;
 mod decode_store;
 mod diagnostic;
@@ -30,6 +31,8 @@ pub mod trust;
 mod validate;
 pub mod yaml;
 
+#[cfg(test)]
+mod pg_startup_tests;
 #[cfg(test)]
 mod tests;
 
@@ -67,8 +70,8 @@ pub fn require_named_workloads(config: &Config) -> Result<(), LoadErrors> {
 }
 pub use net::{Cidr, PortRange};
 pub use policy::{
-    AppTlsMode, AuthSpec, ChannelBindingMode, Credentials, Destination, Policy, Protocol,
-    SecretRef, Target, TlsMode, TlsSpec, WorkloadSelector,
+    AppTlsMode, AuthSpec, ChannelBindingMode, Credentials, Destination, OptionsRule, Policy,
+    Protocol, Role, SecretRef, StartupRules, Target, TlsMode, TlsSpec, WorkloadSelector,
 };
 pub use secret::SecretString;
 pub use store::{

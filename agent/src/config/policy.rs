@@ -7,6 +7,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::pg::startup_rules::{OptionsRule, StartupRules};
+
 use super::diagnostic::Location;
 use super::net::{Cidr, PortRange};
 
@@ -27,8 +29,14 @@ pub struct Policy {
     pub tls: TlsSpec,
     /// TLS toward the application (`spec.appTls.mode`), with a certificate from the node-local CA.
     pub app_tls: AppTlsMode,
-    /// `None` only for `protocol: tcp`.
+    /// `None` for `protocol: tcp`, and when the policy holds [`Policy::roles`] instead.
     pub credentials: Option<Credentials>,
+    /// `postgres.roles`: several credentials for one destination, selected by the user name
+    /// the application asks for. Empty: `credentials` serves whatever user it names.
+    pub roles: Vec<Role>,
+    /// `postgres.databases` and `postgres.options`: what the application's StartupMessage may
+    /// ask for.
+    pub startup: StartupRules,
     /// How long fetched credentials may be reused (`credentials.cache.ttl`); `None`: fetch for
     /// every connection.
     pub cache_ttl: Option<Duration>,
@@ -88,6 +96,13 @@ impl ChannelBindingMode {
 }
 
 impl Policy {
+    /// Every credentials block: `credentials`, then each role's.
+    pub fn credential_blocks(&self) -> impl Iterator<Item = &Credentials> {
+        self.credentials
+            .iter()
+            .chain(self.roles.iter().map(|r| &r.credentials))
+    }
+
     /// Whether both legs can be plain TCP once the broker's handshake is done, so that the
     /// kernel may carry the application's sends straight to the target (the fast path). TLS
     /// the broker terminates or originates keeps every byte in user space.
@@ -346,6 +361,17 @@ pub struct SecretRef {
     pub field: Option<String>,
     /// A specific version (Vault KV v2: a positive integer; AWS: a version id or stage).
     pub version: Option<String>,
+}
+
+/// One entry of `postgres.roles`: the credentials latch logs in with when the application
+/// asks for `user`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    /// The user name the application sends in its StartupMessage (case-sensitive).
+    pub user: String,
+    pub credentials: Credentials,
+    /// `cache.ttl` of this role's credentials.
+    pub cache_ttl: Option<Duration>,
 }
 
 /// `spec.credentials` of a policy.

@@ -49,7 +49,7 @@ spec:
 "#;
 
 /// Two stores used by the policy snippets below (6 + 1 + 8 = 15 lines).
-const STORES: &str = "\
+pub(super) const STORES: &str = "\
 apiVersion: latch.dev/v1alpha1
 kind: SecretStore
 metadata:
@@ -68,13 +68,13 @@ spec:
 ";
 
 /// A policy document; `spec` is indented by the caller (2 spaces per level).
-fn policy(name: &str, spec: &str) -> String {
+pub(super) fn policy(name: &str, spec: &str) -> String {
     format!(
         "---\napiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: {name}\nspec:\n{spec}"
     )
 }
 
-fn errors(name: &str, text: &str) -> Vec<String> {
+pub(super) fn errors(name: &str, text: &str) -> Vec<String> {
     match load_str(name, text) {
         Ok(c) => panic!("expected errors, loaded {} policies", c.policies.len()),
         Err(e) => e.0.iter().map(ToString::to_string).collect(),

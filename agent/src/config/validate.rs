@@ -95,63 +95,78 @@ fn check_references(
         }
         found
     };
-    let mut refs: Vec<(&[&str], &SecretRef)> = Vec::new();
-    match &policy.credentials {
-        Some(Credentials::Dynamic { store, .. }) => {
-            let at = doc.location(&["spec", "credentials", "dynamic", "store"]);
-            if let Some(s) = lookup(store, at.clone(), errors)
-                && !matches!(s.backend, StoreBackend::Vault(_))
-            {
-                errors.push(Diagnostic::new(
-                    &at,
-                    format!(
-                        "credentials.dynamic store {store:?} is {} {} store; dynamic credentials need a vault store",
-                        article(s.backend.kind()),
-                        s.backend.kind()
-                    ),
-                ));
+    // Each credentials block with the path to it: `spec.credentials`, or each role's.
+    let mut blocks: Vec<(Vec<&str>, &Credentials)> = Vec::new();
+    if let Some(c) = &policy.credentials {
+        blocks.push((vec!["spec", "credentials"], c));
+    }
+    for role in &policy.roles {
+        blocks.push((
+            vec!["spec", "postgres", "roles", role.user.as_str()],
+            &role.credentials,
+        ));
+    }
+    let mut refs: Vec<(Vec<&str>, &SecretRef, Option<&str>)> = Vec::new();
+    for (base, block) in &blocks {
+        let at = |field: &[&str]| {
+            let mut p = base.clone();
+            p.extend_from_slice(field);
+            doc.location(&p)
+        };
+        match block {
+            Credentials::Dynamic { store, .. } => {
+                let at = at(&["dynamic", "store"]);
+                if let Some(s) = lookup(store, at.clone(), errors)
+                    && !matches!(s.backend, StoreBackend::Vault(_))
+                {
+                    errors.push(Diagnostic::new(
+                        &at,
+                        format!(
+                            "credentials.dynamic store {store:?} is {} {} store; dynamic credentials need a vault store",
+                            article(s.backend.kind()),
+                            s.backend.kind()
+                        ),
+                    ));
+                }
             }
-        }
-        Some(Credentials::Static {
-            store,
-            username,
-            password,
-        }) => {
-            lookup(
+            Credentials::Static {
                 store,
-                doc.location(&["spec", "credentials", "store"]),
-                errors,
-            );
-            if let Some(r) = username {
-                refs.push((&["spec", "credentials", "username"], r));
-            }
-            if let Some(r) = password {
-                refs.push((&["spec", "credentials", "password"], r));
+                username,
+                password,
+            } => {
+                lookup(store, at(&["store"]), errors);
+                for (field, r) in [("username", username), ("password", password)] {
+                    if let Some(r) = r {
+                        let mut p = base.clone();
+                        p.push(field);
+                        refs.push((p, r, Some(store.as_str())));
+                    }
+                }
             }
         }
-        None => {}
     }
-    if let Some(r) = &policy.tls.client_cert {
-        refs.push((&["spec", "tls", "clientCert"], r));
-    }
-    if let Some(r) = &policy.tls.client_key {
-        refs.push((&["spec", "tls", "clientKey"], r));
-    }
+    // TLS client certificates default to `credentials.store`.
     let default_store = match &policy.credentials {
         Some(Credentials::Static { store, .. }) => Some(store.as_str()),
         _ => None,
     };
-    for (path, r) in refs {
+    if let Some(r) = &policy.tls.client_cert {
+        refs.push((vec!["spec", "tls", "clientCert"], r, default_store));
+    }
+    if let Some(r) = &policy.tls.client_key {
+        refs.push((vec!["spec", "tls", "clientKey"], r, default_store));
+    }
+    for (path, r, default_store) in refs {
         let at = |field: &str| {
-            let mut p = path.to_vec();
+            let mut p = path.clone();
             p.push(field);
             doc.location(&p)
         };
         let store = if default_store == Some(r.store.as_str())
             && doc.root.entry("spec").is_some()
-            && !has_key(doc, path, "store")
+            && !has_key(doc, &path, "store")
         {
-            // Inherited from credentials.store, which was checked (and reported) above.
+            // Inherited from its block's store, which was checked (and reported) above.
             stores.get(r.store.as_str()).copied()
         } else {
             lookup(&r.store, at("store"), errors)

@@ -45,6 +45,7 @@ use crate::{
     pg::{
         self, Frame, encode,
         startup::{self, Initial, Startup},
+        startup_rules,
     },
     relay::{self, Progress, Transferred},
 };
@@ -151,7 +152,19 @@ async fn session(
     progress: &Progress,
     handshake_done: impl FnOnce(),
 ) -> Result<Transferred, (AppStream, Failure)> {
-    let mut creds = match shared.secrets.credentials(policy).await {
+    let client = startup_rules::Client {
+        host: app
+            .tcp()
+            .peer_addr()
+            .map(|a| a.ip().to_canonical())
+            .unwrap_or(origin.dst.ip()),
+        tls: app.is_tls(),
+    };
+    let role = match select_role(&startup_msg, policy, client) {
+        Ok(r) => r,
+        Err(r) => return Err((app, Failure::Startup(r))),
+    };
+    let mut creds = match shared.secrets.credentials_for(policy, role).await {
         Ok(c) => c,
         Err(e) => return Err((app, Failure::Secrets(e))),
     };
@@ -180,7 +193,7 @@ async fn session(
                 retried = true;
                 // Maybe the password was rotated since it was cached: fetch again, and retry
                 // once if that gives something new.
-                match shared.secrets.refresh(policy).await {
+                match shared.secrets.refresh_for(policy, role).await {
                     Ok(fresh) if !same(&fresh, &creds) => {
                         tracing::info!(
                             "target rejected the credentials; retrying once with refreshed ones"
@@ -319,6 +332,25 @@ fn strip_password_messages(mut buf: BytesMut) -> BytesMut {
                 out.extend_from_slice(&buf);
                 return out;
             }
+        }
+    }
+}
+
+/// Applies the policy's startup rules to the application's StartupMessage: the role its
+/// `user` selects (`None`: the policy's one credential), or the refusal PostgreSQL would give
+/// (told to the application as [`Failure::Startup`]).
+/// Nothing is resolved and the server is not contacted before this passes.
+pub fn select_role<'p>(
+    app: &Startup,
+    policy: &'p Policy,
+    client: startup_rules::Client,
+) -> Result<Option<&'p crate::config::Role>, startup_rules::Refusal> {
+    let users: Vec<&str> = policy.roles.iter().map(|r| r.user.as_str()).collect();
+    match startup_rules::check(app, &users, &policy.startup, client) {
+        Ok(role) => Ok(role.map(|i| &policy.roles[i])),
+        Err(r) => {
+            tracing::info!(refusal = %r, "startup refused by the policy");
+            Err(r)
         }
     }
 }

@@ -19,6 +19,7 @@ impl SqlState {
     pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
     pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");
+    pub const SYNTAX_ERROR: SqlState = SqlState("42601");
     pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 }
 

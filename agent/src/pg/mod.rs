@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`frame`] | framing of regular (tagged) messages: `parse(&mut BytesMut) -> Option<Frame>` |
 //! | [`startup`] | the untagged first packet: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage |
+//! | [`startup_rules`] | which role, database and `options` a policy lets the application ask for |
 //! | [`pre_startup`] | what a PostgreSQL 15 server answers before it accepts a StartupMessage |
 //! | [`backend`] | decoding what a server sends (authentication requests, key data, parameters) |
 //! | [`error_fields`] | ErrorResponse / NoticeResponse fields, decode and encode |
@@ -29,6 +30,7 @@ pub mod pre_startup;
 pub mod scram;
 pub mod scram_cache;
 pub mod startup;
+pub mod startup_rules;
 
 #[cfg(test)]
 mod tests;

@@ -76,10 +76,10 @@ impl Scrub {
             }
         }
         // An env store without a prefix reads any variable: scrub those the policies name.
-        for policy in &config.policies {
-            let Some(Credentials::Static {
+        for block in config.policies.iter().flat_map(|p| p.credential_blocks()) {
+            let Credentials::Static {
                 username, password, ..
-            }) = &policy.credentials
+            } = block
             else {
                 continue;
             };

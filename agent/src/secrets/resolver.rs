@@ -9,7 +9,7 @@ use super::error::SecretError;
 use super::flight::Flights;
 use super::store::{self, Lookup, Store};
 use super::value::{Credentials, Secret};
-use crate::config::{self, Policy, SecretRef, SecretStore, SecretString};
+use crate::config::{self, Policy, Role, SecretRef, SecretStore, SecretString};
 
 /// How the resolver behaves. `Default` is what production wants.
 #[derive(Debug, Clone)]
@@ -96,15 +96,34 @@ impl Resolver {
     /// The credentials `policy` names: from the cache while its `cache_ttl` lasts, else from the
     /// stores (concurrent callers share one fetch per secret).
     pub async fn credentials(&self, policy: &Policy) -> Result<Arc<Credentials>, SecretError> {
-        self.resolve(policy, false).await
+        self.credentials_for(policy, None).await
+    }
+
+    /// The credentials of `role` (one of `policy.roles`), or the policy's own when `None`;
+    /// each role is cached and refreshed on its own.
+    pub async fn credentials_for(
+        &self,
+        policy: &Policy,
+        role: Option<&Role>,
+    ) -> Result<Arc<Credentials>, SecretError> {
+        self.resolve(policy, role, false).await
+    }
+
+    /// [`Resolver::refresh`] for one role (see [`Resolver::credentials_for`]).
+    pub async fn refresh_for(
+        &self,
+        policy: &Policy,
+        role: Option<&Role>,
+    ) -> Result<Arc<Credentials>, SecretError> {
+        self.inner.cache.remove(&cache_key(policy, role));
+        self.resolve(policy, role, true).await
     }
 
     /// Drops what is cached for `policy` and fetches again, bypassing fetches that started
     /// before. Connectors call it once after the target refused the credentials, then retry.
     /// For dynamic credentials this mints new ones.
     pub async fn refresh(&self, policy: &Policy) -> Result<Arc<Credentials>, SecretError> {
-        self.inner.cache.remove(&policy.name);
-        self.resolve(policy, true).await
+        self.refresh_for(policy, None).await
     }
 
     /// One value (e.g. a TLS client key), uncached but coalesced with concurrent reads.
@@ -156,14 +175,26 @@ impl Resolver {
         }
     }
 
-    async fn resolve(&self, policy: &Policy, fresh: bool) -> Result<Arc<Credentials>, SecretError> {
-        let spec = policy
-            .credentials
-            .as_ref()
-            .ok_or_else(|| SecretError::NoCredentials(policy.name.clone()))?;
+    async fn resolve(
+        &self,
+        policy: &Policy,
+        role: Option<&Role>,
+        fresh: bool,
+    ) -> Result<Arc<Credentials>, SecretError> {
+        let (spec, cache_ttl) = match role {
+            Some(r) => (&r.credentials, r.cache_ttl),
+            None => (
+                policy
+                    .credentials
+                    .as_ref()
+                    .ok_or_else(|| SecretError::NoCredentials(policy.name.clone()))?,
+                policy.cache_ttl,
+            ),
+        };
+        let key = cache_key(policy, role);
         if !fresh
-            && policy.cache_ttl.is_some()
-            && let Some(hit) = self.inner.cache.get(&policy.name, spec, Instant::now())
+            && cache_ttl.is_some()
+            && let Some(hit) = self.inner.cache.get(&key, spec, Instant::now())
         {
             return Ok(hit);
         }
@@ -181,11 +212,11 @@ impl Resolver {
         };
         match &result {
             Ok(creds) => {
-                tracing::debug!(policy = %policy.name, fresh, elapsed_us = started.elapsed().as_micros() as u64, "credentials resolved");
-                if let Some(ttl) = policy.cache_ttl {
+                tracing::debug!(policy = %policy.name, role = role.map(|r| r.user.as_str()), fresh, elapsed_us = started.elapsed().as_micros() as u64, "credentials resolved");
+                if let Some(ttl) = cache_ttl {
                     self.inner
                         .cache
-                        .put(&policy.name, spec, creds.clone(), ttl, Instant::now());
+                        .put(&key, spec, creds.clone(), ttl, Instant::now());
                 }
             }
             Err(e) => {
@@ -309,6 +340,15 @@ impl Resolver {
             })
             .await
             .map_err(|e| named(e, store_name))
+    }
+}
+
+/// The cache entry of a policy's credentials, or of one of its roles.
+fn cache_key(policy: &Policy, role: Option<&Role>) -> String {
+    match role {
+        // A policy name never holds a NUL.
+        Some(r) => format!("{}\0{}", policy.name, r.user),
+        None => policy.name.clone(),
     }
 }
 

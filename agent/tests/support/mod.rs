@@ -47,6 +47,8 @@ fn policy(name: &str, credentials: Credentials, cache_ttl: Option<Duration>) -> 
         app_tls: Default::default(),
         credentials: Some(credentials),
         cache_ttl,
+        roles: Vec::new(),
+        startup: Default::default(),
         direct: false,
         auth: Default::default(),
         admit_all: true,

@@ -111,7 +111,12 @@ pub async fn serve(
     if let Some(f) = refusal {
         return Err(f);
     }
-    let creds = leg.credentials(policy, false).await?;
+    let client = crate::pg::startup_rules::Client {
+        host: leg.app_host().map_err(Failure::HandOver)?,
+        tls: false,
+    };
+    let role = super::select_role(&startup, policy, client).map_err(Failure::Startup)?;
+    let creds = leg.credentials(policy, role, false).await?;
     let rewritten = startup::rewrite(&startup, creds.username.as_ref().map(|u| u.expose()))
         .map_err(Failure::Refused)?;
     let user = rewritten.params[0].1.clone();
@@ -157,7 +162,7 @@ pub async fn serve(
         // the connection: most likely the credentials were refused. This connection cannot be
         // retried; the next one gets fresh credentials.
         Err(Failure::TargetClosed { addr }) => {
-            let _ = leg.credentials(policy, true).await;
+            let _ = leg.credentials(policy, role, true).await;
             return Err(Failure::ServerEnded { addr });
         }
         Err(f) => return Err(f),
@@ -236,19 +241,32 @@ impl Leg<'_> {
         crate::broker::direct::app_socket(self.pid, self.cookie)
     }
 
-    /// The policy's credentials (`fresh`: refetched), resolved on the main runtime.
+    /// The address the server sees the application's connection come from (its own end).
+    fn app_host(&self) -> io::Result<std::net::IpAddr> {
+        let app = self.app_socket()?;
+        let local = socket2::SockRef::from(&app).local_addr()?;
+        local
+            .as_socket()
+            .map(|a| a.ip().to_canonical())
+            .ok_or_else(|| io::Error::other("the application's socket has no IP address"))
+    }
+
+    /// The credentials of the policy or of `role` (`fresh`: refetched), resolved on the main
+    /// runtime.
     async fn credentials(
         &self,
         policy: &Policy,
+        role: Option<&crate::config::Role>,
         fresh: bool,
     ) -> Result<Arc<crate::secrets::Credentials>, Failure> {
         let (shared, policy) = (self.shared.clone(), policy.clone());
+        let role = role.cloned();
         self.main
             .spawn(async move {
                 if fresh {
-                    shared.secrets.refresh(&policy).await
+                    shared.secrets.refresh_for(&policy, role.as_ref()).await
                 } else {
-                    shared.secrets.credentials(&policy).await
+                    shared.secrets.credentials_for(&policy, role.as_ref()).await
                 }
             })
             .await

@@ -33,6 +33,10 @@ pub enum Failure {
     PreStartup(crate::pg::pre_startup::Ending),
     #[error("{0}")]
     Refused(#[source] StartupRefusal),
+    /// The policy does not let the application ask for this role, database or setting: it is
+    /// told what PostgreSQL 15 says ([`crate::pg::startup_rules`]).
+    #[error("refused by the policy's startup rules: {0}")]
+    Startup(#[source] crate::pg::startup_rules::Refusal),
     #[error("resolving credentials: {0}")]
     Secrets(#[source] SecretError),
     #[error(transparent)]
@@ -96,6 +100,9 @@ impl Failure {
                 ),
             ),
             Failure::Limit(why) => say(why.sqlstate(), self.to_string()),
+            // The server's own words, so that an application cannot tell latch from a server
+            // configured to refuse it (ARCHITECTURE.md, "Which role").
+            Failure::Startup(r) => r.fields(),
             Failure::HandOver(_) => say(SqlState::CONNECTION_FAILURE, self.to_string()),
             // The application has the server's own message already.
             Failure::ServerEnded { .. } => return None,
