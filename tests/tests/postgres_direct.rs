@@ -445,6 +445,7 @@ fn the_handshake_timeout_bounds_a_direct_mode_startup_as_it_bounds_the_relay() {
         agent.metrics()
     );
     assert!(agent.stop().success());
+}
 
 #[test]
 fn the_user_the_application_asks_for_selects_one_of_the_policys_credentials() {
