@@ -1,6 +1,6 @@
 //! The target leg: connect (marked socket), negotiate TLS as the policy says, send the
 //! rewritten StartupMessage and authenticate, up to ReadyForQuery.
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -18,9 +18,6 @@ use crate::{
         startup,
     },
 };
-
-/// How long the target may take from connect to ReadyForQuery.
-pub const TARGET_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A target connection that is authenticated and ready for queries.
 pub struct Established {
@@ -81,12 +78,12 @@ pub async fn open(
             leftover: done.leftover,
         })
     };
-    match tokio::time::timeout(TARGET_HANDSHAKE_TIMEOUT, work).await {
+    // Bounded by --handshake-timeout like the whole pre-relay phase (which the broker's
+    // watchdog measures from admission, so it ends first); not a fixed bound of its own.
+    let after = shared.limits.handshake_timeout;
+    match tokio::time::timeout(after, work).await {
         Ok(r) => r,
-        Err(_) => Err(Failure::TargetTimeout {
-            addr,
-            after: TARGET_HANDSHAKE_TIMEOUT,
-        }),
+        Err(_) => Err(Failure::TargetTimeout { addr, after }),
     }
 }
 
