@@ -124,8 +124,46 @@ pub fn check(
     if let Some(options) = app.get("options") {
         check_options(options, &rules.options)?;
     }
+    check_parameters(app, &rules.options)?;
     Ok(role)
 }
+
+/// Startup parameters that are not the protocol's own (`user`, `database`, `options`,
+/// `replication`, `_pq_.*`) set a setting each, as `-c name=value` in `options` does: under a
+/// restricting rule they are checked the same way, except those client libraries send on their
+/// own to describe the session's formatting (libpq, pgjdbc, tokio-postgres, pg8000), which the
+/// application can change with SET at any time anyway.
+fn check_parameters(app: &Startup, rule: &OptionsRule) -> Result<(), Refusal> {
+    let allowed = match rule {
+        OptionsRule::Pass => return Ok(()),
+        OptionsRule::Refuse => &[][..],
+        OptionsRule::Allow(names) => names.as_slice(),
+    };
+    for (name, _) in &app.params {
+        if matches!(
+            name.as_str(),
+            "user" | "database" | "options" | "replication"
+        ) || name.starts_with("_pq_.")
+        {
+            continue;
+        }
+        let name = setting_name(name);
+        if !DRIVER_SETTINGS.contains(&name.as_str()) && !allowed.contains(&name) {
+            return Err(Refusal::Setting(name));
+        }
+    }
+    Ok(())
+}
+
+/// Settings client libraries send as startup parameters of their own accord.
+const DRIVER_SETTINGS: [&str; 6] = [
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "extra_float_digits",
+    "intervalstyle",
+    "timezone",
+];
 
 fn check_options(options: &str, rule: &OptionsRule) -> Result<(), Refusal> {
     let allowed = match rule {
@@ -330,6 +368,53 @@ host \"127.0.0.1\", user \"admin\", database \"postgres\", no encryption\x00\x00
             hint.hint.as_deref(),
             Some("Try \"postgres --help\" for more information.")
         );
+    }
+
+    #[test]
+    fn startup_parameters_are_settings_too_under_a_restricting_rule() {
+        let client = Client {
+            host: "127.0.0.1".parse().unwrap(),
+            tls: false,
+        };
+        let app = startup(&[
+            ("user", "app"),
+            ("database", "orders"),
+            ("client_encoding", "UTF8"),
+            ("DateStyle", "ISO"),
+            ("TimeZone", "UTC"),
+            ("application_name", "worker"),
+            ("extra_float_digits", "3"),
+            ("_pq_.something", "x"),
+        ]);
+        // What drivers send passes under every rule.
+        for options in [
+            OptionsRule::Pass,
+            OptionsRule::Refuse,
+            OptionsRule::Allow(vec!["statement_timeout".into()]),
+        ] {
+            let rules = StartupRules {
+                databases: None,
+                options,
+            };
+            assert_eq!(check(&app, &[], &rules, client), Ok(None));
+        }
+        // A setting sent as its own parameter is checked as `-c` would be.
+        let sneaky = startup(&[("user", "app"), ("Statement_Timeout", "0")]);
+        let refuse = StartupRules {
+            databases: None,
+            options: OptionsRule::Refuse,
+        };
+        assert_eq!(
+            check(&sneaky, &[], &refuse, client),
+            Err(Refusal::Setting("statement_timeout".into()))
+        );
+        let allow = StartupRules {
+            databases: None,
+            options: OptionsRule::Allow(vec!["statement_timeout".into()]),
+        };
+        assert_eq!(check(&sneaky, &[], &allow, client), Ok(None));
+        let pass = StartupRules::default();
+        assert_eq!(check(&sneaky, &[], &pass, client), Ok(None));
     }
 
     #[test]
