@@ -1,7 +1,7 @@
 //! Who opened a redirected connection and where it was going, as the kernel recorded it.
 use std::{
     fmt,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{Ipv6Addr, SocketAddr},
 };
 
 use latch_common::ConnMeta;
@@ -36,11 +36,8 @@ pub struct Origin {
 
 impl From<&ConnMeta> for Origin {
     fn from(m: &ConnMeta) -> Self {
-        let v6 = Ipv6Addr::from(m.orig_addr);
-        let ip = match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        };
+        // IPv4 destinations are recorded IPv4-mapped.
+        let ip = Ipv6Addr::from(m.orig_addr).to_canonical();
         let comm_len = m.comm.iter().position(|&b| b == 0).unwrap_or(m.comm.len());
         Self {
             dst: SocketAddr::new(ip, m.orig_port),

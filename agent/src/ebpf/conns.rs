@@ -84,11 +84,7 @@ pub fn tuple_key(netns: u64, peer: SocketAddr, local: SocketAddr) -> TupleKey {
 /// The (peer, local) addresses of a key: [`tuple_key`] the other way round.
 pub fn tuple_addrs(key: &TupleKey) -> (SocketAddr, SocketAddr) {
     let addr = |octets: [u8; 16], port| {
-        let v6 = std::net::Ipv6Addr::from(octets);
-        match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), port),
-            None => SocketAddr::new(v6.into(), port),
-        }
+        SocketAddr::new(std::net::Ipv6Addr::from(octets).to_canonical(), port)
     };
     (
         addr(key.peer_addr, key.peer_port),
