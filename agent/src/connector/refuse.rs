@@ -14,7 +14,7 @@ use crate::{
     pg::{
         backend::ERROR_RESPONSE,
         error_fields::{ErrorFields, SqlState},
-        startup::{self, Initial, MAX_STARTUP_LEN},
+        pre_startup::{PreStartup, Step},
     },
 };
 
@@ -104,25 +104,31 @@ async fn tell_postgres(mut app: TcpStream, policy: &Policy, why: Refusal) {
     .await;
 }
 
-/// Reads until a StartupMessage; `false` on anything else (cancel request, garbage, EOF).
+/// Reads until a StartupMessage, answering every path before it as PostgreSQL 15 does (the
+/// same codec as the connectors', [`pre_startup`]); `false` on anything else.
 async fn read_startup(app: &mut TcpStream) -> bool {
     let mut buf = BytesMut::with_capacity(512);
-    let mut answered = 0;
+    let mut pre = PreStartup::default();
     loop {
-        match startup::parse(&mut buf, MAX_STARTUP_LEN) {
-            Ok(Some(Initial::Startup(_))) => return true,
-            Ok(Some(Initial::SslRequest | Initial::GssEncRequest)) if answered < 2 => {
-                answered += 1;
-                if !buf.is_empty() || app.write_all(b"N").await.is_err() {
+        let ending = match pre.next(&mut buf) {
+            Step::Startup(_) => return true,
+            Step::Cancel { .. } => return false,
+            Step::Encryption(_) => {
+                if app.write_all(b"N").await.is_err() {
                     return false;
                 }
+                continue;
             }
-            Ok(Some(_)) | Err(_) => return false,
-            Ok(None) => match app.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(_) => {}
+            Step::Close(ending) => ending,
+            Step::Pending => match app.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => pre.closed(&buf),
+                Ok(_) => continue,
             },
+        };
+        if !ending.reply.is_empty() {
+            let _ = app.write_all(&ending.reply).await;
         }
+        return false;
     }
 }
 
