@@ -117,15 +117,17 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
             Err(_) => app_fd,
         }
     };
+    // The watchdog is polled first: the connector's own target bound has the same length but
+    // started later, so when both are due in one timer tick the whole-handshake verdict wins.
     let result = tokio::select! {
         biased;
-        r = connector => r,
         app = watchdog => {
             if let Some(app) = app.and_then(|fd| from_fd(fd).ok()) {
                 refuse::abort(app, policy, Refusal::HandshakeTimeout(timeout)).await;
             }
             Err(ConnectError::HandshakeTimeout(timeout))
         }
+        r = connector => r,
     };
     metrics.active.dec();
     let to_target = progress.to_target.load(Ordering::Relaxed);
