@@ -18,7 +18,6 @@ pub mod ebpf;
 pub mod identity;
 pub mod metrics;
 pub mod netns;
-pub mod pg;
 pub mod policy_set;
 pub mod privileges;
 pub mod relay;

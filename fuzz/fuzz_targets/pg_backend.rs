@@ -2,7 +2,7 @@
 //! handshake state machine (including SCRAM) fed with arbitrary server bytes.
 #![no_main]
 use bytes::BytesMut;
-use latch_fuzz::pg::{
+use latch_pg::{
     auth::{ClientAuth, TargetTls},
     backend::BackendMessage,
     frame,

@@ -2,7 +2,7 @@
 //! StartupMessage rewrite. Must never panic, and never buffer more than the limit.
 #![no_main]
 use bytes::BytesMut;
-use latch_fuzz::pg::startup::{self, Initial, MAX_STARTUP_LEN};
+use latch_pg::startup::{self, Initial, MAX_STARTUP_LEN};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

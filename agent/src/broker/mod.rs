@@ -73,7 +73,7 @@ pub struct Shared {
     pub pg_cancel: crate::connector::postgres::CancelMap,
     /// PostgreSQL per-connection cost savers: SCRAM keys, TLS client configurations (with
     /// their session caches), the node-local CA for TLS toward applications.
-    pub pg_scram_keys: Arc<crate::pg::scram_cache::ScramKeyCache>,
+    pub pg_scram_keys: Arc<latch_pg::scram_cache::ScramKeyCache>,
     pub pg_tls: crate::connector::postgres::tls::ClientConfigs,
     pub app_ca: crate::ca::NodeCa,
     pub audit: crate::audit::Audit,

@@ -15,7 +15,7 @@ use super::decode::{self, Cx};
 use super::decode_policy::credentials;
 use super::policy::{OptionsRule, Role};
 use super::yaml::{Entry, Node, Value};
-use crate::pg::startup_rules::setting_name;
+use latch_pg::startup_rules::setting_name;
 
 /// `postgres.roles`: a mapping from the user name the application asks for to a credentials
 /// block (the shape of `spec.credentials`). Keys are unique (the YAML reader reports a

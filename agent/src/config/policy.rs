@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use crate::pg::startup_rules::{OptionsRule, StartupRules};
+pub use latch_pg::startup_rules::{OptionsRule, StartupRules};
 
 use super::diagnostic::Location;
 use super::net::{Cidr, PortRange};

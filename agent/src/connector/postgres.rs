@@ -42,12 +42,12 @@ use super::{ConnectError, connect_marked};
 use crate::{
     broker::{Origin, Shared},
     config::Policy,
-    pg::{
-        self, Frame, encode,
-        startup::{self, Initial, Startup},
-        startup_rules,
-    },
     relay::{self, Progress, Transferred},
+};
+use latch_pg::{
+    self as pg, Frame, encode,
+    startup::{self, Initial, Startup},
+    startup_rules,
 };
 
 /// How long an application may take to send its startup packet (SSLRequest round included).

@@ -9,13 +9,11 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{
-    config::{Policy, Protocol},
-    pg::{
-        backend::ERROR_RESPONSE,
-        error_fields::{ErrorFields, SqlState},
-        pre_startup::{PreStartup, Step},
-    },
+use crate::config::{Policy, Protocol};
+use latch_pg::{
+    backend::ERROR_RESPONSE,
+    error_fields::{ErrorFields, SqlState},
+    pre_startup::{PreStartup, Step},
 };
 
 /// How long a refused application gets to send its startup packet and take the answer.

@@ -4,7 +4,7 @@
 //! `verify-full` server leg), 'N' otherwise; GSSENCRequest always gets 'N'. When the CA or a
 //! certificate cannot be had, the application gets a FATAL ErrorResponse, never a silent 'N'
 //! that would send a `prefer` client on in plain text. Every other path before the
-//! StartupMessage is answered as PostgreSQL 15 answers it ([`crate::pg::pre_startup`]).
+//! StartupMessage is answered as PostgreSQL 15 answers it ([`latch_pg::pre_startup`]).
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
@@ -20,10 +20,10 @@ use crate::{
     broker::Shared,
     ca::CaError,
     config::{Policy, SslAnswer, Target},
-    pg::{
-        pre_startup::{Encryption, Ending, PreStartup, Reason, Step},
-        startup::Initial,
-    },
+};
+use latch_pg::{
+    pre_startup::{Encryption, Ending, PreStartup, Reason, Step},
+    startup::Initial,
 };
 
 /// Where a certificate for the application's TLS comes from, if the policy enables it.

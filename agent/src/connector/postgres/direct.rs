@@ -31,13 +31,13 @@ use crate::connector::refuse::Refusal;
 use crate::{
     broker::{Origin, Shared, direct::Direct},
     config::Policy,
-    pg::{
-        self,
-        auth::{ClientAuth, TargetTls},
-        encode,
-        pre_startup::{Ending, PreStartup, Reason, Step},
-        startup::{self, Initial},
-    },
+};
+use latch_pg::{
+    self as pg,
+    auth::{ClientAuth, TargetTls},
+    encode,
+    pre_startup::{Ending, PreStartup, Reason, Step},
+    startup::{self, Initial},
 };
 
 /// One application socket in direct mode, as the broker holds it.
@@ -111,7 +111,7 @@ pub async fn serve(
     if let Some(f) = refusal {
         return Err(f);
     }
-    let client = crate::pg::startup_rules::Client {
+    let client = latch_pg::startup_rules::Client {
         host: leg.app_host().map_err(Failure::HandOver)?,
         tls: false,
     };
@@ -136,7 +136,7 @@ pub async fn serve(
     send(&app, &out).map_err(|source| Failure::TargetIo { addr, source })?;
     // The application's own connection carries this exchange and reads what latch sends: a
     // method that shows the password is never used here, whatever the policy says.
-    let allowed = crate::pg::auth::Allowed {
+    let allowed = latch_pg::auth::Allowed {
         md5: false,
         cleartext: false,
         ..target::allowed(policy, &TargetTls::Plain)

@@ -3,13 +3,10 @@
 //! failed — never a secret.
 use std::{io, net::SocketAddr, time::Duration};
 
-use crate::{
-    connector::ConnectError,
-    pg::{
-        ErrorFields, PgError, SqlState, auth::AuthError, handshake::HandshakeError,
-        startup::StartupRefusal,
-    },
-    secrets::SecretError,
+use crate::{connector::ConnectError, secrets::SecretError};
+use latch_pg::{
+    ErrorFields, PgError, SqlState, auth::AuthError, handshake::HandshakeError,
+    startup::StartupRefusal,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -30,13 +27,13 @@ pub enum Failure {
     /// The application's first packets ended the connection: it is told what PostgreSQL
     /// would tell it ([`Failure::reply`]), often nothing.
     #[error("before the startup packet: {}", .0.reason)]
-    PreStartup(crate::pg::pre_startup::Ending),
+    PreStartup(latch_pg::pre_startup::Ending),
     #[error("{0}")]
     Refused(#[source] StartupRefusal),
     /// The policy does not let the application ask for this role, database or setting: it is
-    /// told what PostgreSQL 15 says ([`crate::pg::startup_rules`]).
+    /// told what PostgreSQL 15 says ([`latch_pg::startup_rules`]).
     #[error("refused by the policy's startup rules: {0}")]
-    Startup(#[source] crate::pg::startup_rules::Refusal),
+    Startup(#[source] latch_pg::startup_rules::Refusal),
     #[error("resolving credentials: {0}")]
     Secrets(#[source] SecretError),
     #[error(transparent)]
@@ -180,7 +177,7 @@ impl Failure {
         }
         let mut out = bytes::BytesMut::new();
         self.to_app(policy, conn)?
-            .encode(crate::pg::backend::ERROR_RESPONSE, &mut out);
+            .encode(latch_pg::backend::ERROR_RESPONSE, &mut out);
         Some(out.freeze())
     }
 

@@ -10,13 +10,13 @@ use crate::{
     broker::Shared,
     config::{Policy, TlsMode},
     connector::connect_marked,
-    pg::{
-        Frame,
-        auth::{Allowed, ClientAuth, TargetTls},
-        frame,
-        handshake::{Event, MAX_HANDSHAKE_MESSAGE, TargetHandshake},
-        startup,
-    },
+};
+use latch_pg::{
+    Frame,
+    auth::{Allowed, ClientAuth, TargetTls},
+    frame,
+    handshake::{Event, MAX_HANDSHAKE_MESSAGE, TargetHandshake},
+    startup,
 };
 
 /// A target connection that is authenticated and ready for queries.

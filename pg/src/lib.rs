@@ -4,7 +4,7 @@
 //! application (it reads the startup packet and answers it) and as a *client* toward the real
 //! server (it sends the rewritten startup packet and authenticates with the policy's
 //! credentials). Everything here works on byte buffers; the tokio glue lives in
-//! [`crate::connector::postgres`].
+//! `latch::connector::postgres` in the agent.
 //!
 //! | module | holds |
 //! |---|---|

@@ -25,7 +25,8 @@ pub enum PgError {
 }
 
 impl PgError {
-    pub(crate) fn malformed(what: &'static str, reason: &'static str) -> PgError {
+    /// A message that does not parse: `what` names it, `reason` says how.
+    pub fn malformed(what: &'static str, reason: &'static str) -> PgError {
         PgError::Malformed { what, reason }
     }
 }

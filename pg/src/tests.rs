@@ -594,14 +594,14 @@ fn a_server_streaming_parameters_before_ready_is_cut_off() {
     let param = |i: usize| {
         let mut out = BytesMut::new();
         let body = format!("p{i}\0v\0");
-        crate::pg::Frame {
+        crate::Frame {
             tag: b'S',
             body: bytes::Bytes::from(body.into_bytes()),
         }
         .encode(&mut out);
         frame::parse(&mut out, 1000).unwrap().unwrap()
     };
-    for i in 0..crate::pg::handshake::MAX_STARTUP_MESSAGES {
+    for i in 0..crate::handshake::MAX_STARTUP_MESSAGES {
         assert!(
             matches!(hs.on_frame(param(i)).unwrap(), Event::Forward(_)),
             "{i}"
@@ -620,7 +620,7 @@ fn a_server_streaming_parameters_before_ready_is_cut_off() {
     let big = |i: usize| {
         let mut out = BytesMut::new();
         let body = format!("p{i}\0{}\0", "x".repeat(8000));
-        crate::pg::Frame {
+        crate::Frame {
             tag: b'S',
             body: bytes::Bytes::from(body.into_bytes()),
         }

@@ -3,7 +3,7 @@
 //! from the captured PostgreSQL 15 exchange (dominated by PBKDF2 with 4096 iterations).
 use bytes::{BufMut as _, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use latch::pg::{
+use latch_pg::{
     auth::{ClientAuth, TargetTls},
     frame,
     handshake::{Event, TargetHandshake},
@@ -13,7 +13,7 @@ use latch::pg::{
 const PSQL_STARTUP: &[u8] = b"\0\0\0\x4f\0\x03\0\0user\0alice\0database\0orders\0application_name\0psql\0client_encoding\0UTF8\0\0";
 
 fn server_messages() -> Vec<Vec<u8>> {
-    include_str!("../src/pg/testdata/scram_pg15.txt")
+    include_str!("../src/testdata/scram_pg15.txt")
         .lines()
         .filter(|l| l.starts_with("S "))
         .map(|l| {
@@ -80,7 +80,7 @@ fn bench(c: &mut Criterion) {
 /// What one SCRAM login costs latch on the client side: PBKDF2 (4096 rounds, PostgreSQL's
 /// default) when the keys must be derived, a lookup when the cache has them.
 fn scram_keys(c: &mut Criterion) {
-    use latch::pg::{scram::ScramKeys, scram_cache::ScramKeyCache};
+    use latch_pg::{scram::ScramKeys, scram_cache::ScramKeyCache};
     let salt = b"0123456789abcdef";
     let mut g = c.benchmark_group("scram_keys");
     g.bench_function("derive_4096", |b| {
