@@ -118,7 +118,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
     tokio::spawn(async move {
         let shared = &prober.shared;
         crate::secrets::health::run(
-            || shared.secrets.current(),
+            || shared.env.secrets.current(),
             &shared.store_health,
             crate::secrets::health::INTERVAL,
             stop,
@@ -236,6 +236,7 @@ fn status(state: &AdminState) -> Status<'_> {
             fast_handovers: state.shared.metrics.fast_path.get(),
             fast_targets_entries: state
                 .shared
+                .env
                 .fast_path
                 .as_ref()
                 .map_or(0, |f| f.targets_len()),

@@ -18,6 +18,7 @@ pub mod ebpf;
 pub mod identity;
 pub mod metrics;
 pub mod netns;
+pub mod origin;
 pub mod policy_set;
 pub mod privileges;
 pub mod relay;

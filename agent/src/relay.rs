@@ -19,7 +19,10 @@ use nix::{
 };
 use tokio::{io::Interest, net::TcpStream};
 
-use crate::ebpf::FastPath;
+use crate::{
+    connector::stream::{AppStream, MaybeTls, TargetStream},
+    ebpf::FastPath,
+};
 
 /// Pipe capacity asked for per direction; the kernel may grant less.
 const PIPE_SIZE: usize = 1 << 20;
@@ -311,6 +314,39 @@ async fn pump(
             Role::ToTarget(h) => h.attempt(total),
             Role::ToApp(h) => h.renew(false),
             Role::Plain => {}
+        }
+    }
+}
+
+/// Relays between two legs that may each be TLS, once a connector's handshake is done:
+/// `early` (bytes the application sent before, already vetted) goes to the target first; then
+/// splice(2) when both legs are plain TCP (with the fast-path hand-over `handover` may allow),
+/// a copy loop when either is TLS.
+pub async fn streams<'s>(
+    mut app: AppStream,
+    target: &mut TargetStream,
+    early: &[u8],
+    progress: &Progress,
+    handover: impl FnOnce(&TcpStream) -> Option<Handover<'s>>,
+) -> io::Result<Transferred> {
+    use tokio::io::AsyncWriteExt as _;
+    if !early.is_empty() {
+        target.write_all(early).await?;
+        progress
+            .to_target
+            .fetch_add(early.len() as u64, Ordering::Relaxed);
+    }
+    match (&mut app, target) {
+        (MaybeTls::Plain(app), MaybeTls::Plain(tcp)) => {
+            splice_both(app, tcp, progress, handover(app)).await
+        }
+        (_, target) => {
+            let (to_target, to_app) = tokio::io::copy_bidirectional(&mut app, target)
+                .await
+                .inspect_err(|_| abort_on_close(&[app.tcp(), target.tcp()]))?;
+            progress.to_target.fetch_add(to_target, Ordering::Relaxed);
+            progress.to_app.fetch_add(to_app, Ordering::Relaxed);
+            Ok(Transferred { to_target, to_app })
         }
     }
 }

@@ -212,7 +212,7 @@ impl Running {
             opts.limits.clone(),
         );
         shared.audit = crate::audit::Audit::start(opts.audit.clone()).map_err(StartError::Audit)?;
-        shared.fast_path = match interceptor.take_fast_path() {
+        shared.env.fast_path = match interceptor.take_fast_path() {
             Ok(_) if !opts.fast_path => None,
             Ok(fast) => Some(fast),
             Err(err) => {
@@ -370,7 +370,7 @@ impl Running {
             // New connections go straight to their targets from now on.
             let mut i = self.interceptor.lock().unwrap_or_else(|e| e.into_inner());
             let mut cfg = broker_config_disabled();
-            cfg.mark = self.shared.mark;
+            cfg.mark = self.shared.env.mark;
             if let Err(err) = i.set_broker(cfg) {
                 tracing::warn!(%err, "could not disable redirection before draining");
             }
@@ -395,7 +395,7 @@ impl Running {
             self.tracker.wait().await;
         }
         self.background.cancel();
-        self.shared.secrets.shutdown().await;
+        self.shared.env.secrets.shutdown().await;
         let totals = self.shared.metrics.totals();
         // Dropping the last reference to the interceptor detaches every program that is not
         // pinned; pinned ones stay for the next agent.
@@ -627,7 +627,7 @@ impl Running {
         // its policy; one redirected under a removed policy's id is refused.
         self.shared.set_policies(set);
         if let Some(resolver) = resolver {
-            let old = self.shared.secrets.replace(resolver);
+            let old = self.shared.env.secrets.replace(resolver);
             *self.stores.lock().unwrap_or_else(|e| e.into_inner()) =
                 store_fingerprint(&config.stores);
             tokio::spawn(async move { old.shutdown().await });

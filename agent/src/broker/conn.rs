@@ -12,13 +12,8 @@ use super::{
 };
 use crate::{
     audit,
-    config::Protocol,
-    connector::{
-        self, ConnectError,
-        refuse::{self, Refusal},
-    },
+    connector::{ConnectError, Context, Refusal, Session, refuse},
     metrics::{Direction, Outcome},
-    relay::Progress,
 };
 
 /// Serves one accepted connection. `meta` is the kernel's record of it, taken by the accept
@@ -46,72 +41,57 @@ pub(super) async fn handle(
 
 async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
     let metrics = &shared.metrics;
+    let Some(connector) = shared.connectors.get(admitted.policy.protocol) else {
+        // Refused at load; a policy set made otherwise still gets no further than this.
+        admitted.record.outcome = audit::Outcome::Failed;
+        admitted.record.reason = Some(
+            ConnectError::Unsupported(admitted.policy.protocol.as_str()).to_string(),
+        );
+        admitted.audit(shared);
+        refuse::reset(stream);
+        return;
+    };
+    let session = Session::new(admitted.started);
     // A refused or denied connection keeps its workload's slot until it is answered.
     match admitted.verdict {
         Verdict::Admit => {}
         Verdict::Refuse(why) => {
             admitted.audit(shared);
-            refuse::refuse(stream, &admitted.policy, why).await;
+            connector.refuse(stream, &admitted.policy, why).await;
             return;
         }
-        Verdict::Deny => {
-            admitted.audit(shared);
-            connector::deny(stream, &admitted.origin, &admitted.policy, shared).await;
-            return;
-        }
+        Verdict::Deny => admitted.audit(shared),
     }
-    let Admitted {
-        origin,
-        policy,
-        mut record,
-        started,
-        slot: _slot,
-        ..
-    } = admitted;
-    let policy = &policy;
+    let cx = Context {
+        origin: &admitted.origin,
+        policy: &admitted.policy,
+        env: &shared.env,
+        session: &session,
+    };
+    if admitted.verdict == Verdict::Deny {
+        connector.deny(stream, cx).await;
+        return;
+    }
+    let policy = &admitted.policy;
     let _ = stream.set_nodelay(true);
     // A second descriptor of the application's socket, held until the handshake is done, so a
     // timed-out handshake can still be answered after the connector is dropped.
     let app_fd = stream.as_fd().try_clone_to_owned().ok();
-    let handshake_signal = tokio::sync::Notify::new();
-    let handshake = std::sync::OnceLock::new();
     metrics.active.inc();
-    let progress = Progress::default();
-    let handshake_done = || {
-        metrics
-            .handshake_seconds
-            .get_or_create(&crate::metrics::PolicyLabels {
-                policy: policy.name.clone(),
-            })
-            .observe(started.elapsed().as_secs_f64());
-        let _ = handshake.set(started.elapsed());
-        handshake_signal.notify_one();
-    };
     tracing::debug!("brokering");
-    let connector = async {
-        match policy.protocol {
-            Protocol::Tcp => {
-                connector::tcp::serve(stream, &origin, shared, &progress, handshake_done).await
-            }
-            Protocol::Postgres => {
-                connector::postgres::serve(
-                    stream,
-                    &origin,
-                    policy,
-                    shared,
-                    &progress,
-                    handshake_done,
-                )
-                .await
-            }
-            other => Err(ConnectError::Unsupported(other.as_str())),
-        }
-    };
     let timeout = shared.limits.handshake_timeout;
     let watchdog = async {
-        match tokio::time::timeout(timeout, handshake_signal.notified()).await {
+        match tokio::time::timeout(timeout, session.handshake()).await {
             Ok(()) => {
                 drop(app_fd);
+                if let Some(took) = session.handshake_took() {
+                    metrics
+                        .handshake_seconds
+                        .get_or_create(&crate::metrics::PolicyLabels {
+                            policy: policy.name.clone(),
+                        })
+                        .observe(took.as_secs_f64());
+                }
                 std::future::pending().await
             }
             Err(_) => app_fd,
@@ -123,25 +103,27 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
         biased;
         app = watchdog => {
             if let Some(app) = app.and_then(|fd| from_fd(fd).ok()) {
-                refuse::abort(app, policy, Refusal::HandshakeTimeout(timeout)).await;
+                connector.abort(app, policy, Refusal::HandshakeTimeout(timeout)).await;
             }
             Err(ConnectError::HandshakeTimeout(timeout))
         }
-        r = connector => r,
+        r = connector.serve(stream, cx) => r,
     };
     metrics.active.dec();
+    let progress = &session.progress;
     let to_target = progress.to_target.load(Ordering::Relaxed);
     let to_app = progress.to_app.load(Ordering::Relaxed);
     metrics.add_bytes(Direction::to_target, to_target);
     metrics.add_bytes(Direction::to_app, to_app);
+    let record = &mut admitted.record;
     record.bytes_to_target = to_target;
     record.bytes_to_app = to_app;
     record.fast_path = progress.handed_over.load(Ordering::Relaxed);
     if record.fast_path {
         metrics.fast_path.inc();
     }
-    record.handshake_ms = handshake.get().copied().map(ms);
-    record.duration_ms = ms(started.elapsed());
+    record.handshake_ms = session.handshake_took().map(ms);
+    record.duration_ms = ms(admitted.started.elapsed());
     match &result {
         // Once relaying, a reset from either side ends the session; it is not a broker failure.
         Ok(_) | Err(ConnectError::Relay(_)) => {
@@ -152,7 +134,7 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
             tracing::info!(
                 to_target,
                 to_app,
-                ms = started.elapsed().as_millis() as u64,
+                ms = admitted.started.elapsed().as_millis() as u64,
                 "closed"
             );
         }
@@ -167,7 +149,7 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
             record.reason = Some(err.to_string());
         }
     }
-    shared.audit.record(&record);
+    shared.audit.record(record);
 }
 
 /// A tokio stream over a duplicate of the application's socket.

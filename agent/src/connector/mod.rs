@@ -1,75 +1,161 @@
-//! Protocol connectors: given an accepted, authorized connection and its policy, reach the
-//! target and carry the application's traffic. `tcp` relays bytes; the protocol-aware
-//! connectors (PostgreSQL, MySQL, HTTP, SSH) authenticate to the target first.
+//! Protocol connectors: given an admitted connection and its policy, reach the target and
+//! carry the application's traffic. `tcp` relays bytes; the protocol-aware connectors
+//! (PostgreSQL today; MySQL, HTTP, SSH next) authenticate to the target first.
+//!
+//! A connector implements [`Connector`] and registers in [`registry`]; the broker looks it up
+//! by the policy's protocol and never names a protocol itself. What a connector gets is a
+//! [`Context`]: the connection's origin and policy, the agent services in [`Env`], and the
+//! [`Session`] it reports progress to. Protocol-neutral pieces live here too: [`dial`] (the
+//! broker's marked outbound sockets), [`stream`] (plain or TLS legs), [`target_tls`] (rustls
+//! toward the target), [`app_tls`] (TLS toward applications from the node-local CA); the copy
+//! loops are in [`crate::relay`].
+pub mod app_tls;
+pub mod dial;
+mod env;
 pub mod postgres;
 pub mod refuse;
+pub mod registry;
+pub mod stream;
+pub mod target_tls;
 pub mod tcp;
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{
+    any::Any,
+    future::Future,
+    io,
+    pin::Pin,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
 
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::{net::TcpStream, sync::Notify};
+
+pub use dial::{DialError, connect_marked};
+pub use env::Env;
+pub use refuse::Refusal;
+pub use registry::{Connectors, Support};
+
+use crate::{
+    config::{Policy, Protocol},
+    origin::Origin,
+    relay::{Progress, Transferred},
+};
+
+/// A connector's answer to [`Connector::serve`].
+pub type Served<'a> = Pin<Box<dyn Future<Output = Result<Transferred, ConnectError>> + Send + 'a>>;
+/// A connector's answer to a connection it refuses.
+pub type Answered<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// One protocol's broker. Implementations keep their own caches (keys, TLS configurations,
+/// cancel maps) as fields; everything else they use comes through the [`Context`].
+pub trait Connector: Any + Send + Sync {
+    /// The protocol it speaks.
+    fn protocol(&self) -> Protocol;
+
+    /// Serves an admitted connection: reach the target, authenticate, relay until either side
+    /// closes. Calls [`Context::handshake_done`] once the application's session is set up (the
+    /// broker's handshake deadline ends there). A failure is told to the application in the
+    /// protocol's own terms before this returns.
+    fn serve<'a>(&'a self, app: TcpStream, cx: Context<'a>) -> Served<'a>;
+
+    /// The policy does not admit this workload: say so in the protocol's terms, without
+    /// resolving anything or contacting the target. The default resets the connection.
+    fn deny<'a>(&'a self, app: TcpStream, cx: Context<'a>) -> Answered<'a> {
+        let _ = cx;
+        Box::pin(async move { refuse::reset(app) })
+    }
+
+    /// A limit refuses the connection before anything was exchanged. The default resets it.
+    fn refuse<'a>(&'a self, app: TcpStream, policy: &'a Policy, why: Refusal) -> Answered<'a> {
+        let _ = (policy, why);
+        Box::pin(async move { refuse::reset(app) })
+    }
+
+    /// The handshake was cut short (`why`): the application may be anywhere in its startup.
+    /// The default resets the connection.
+    fn abort<'a>(&'a self, app: TcpStream, policy: &'a Policy, why: Refusal) -> Answered<'a> {
+        let _ = (policy, why);
+        Box::pin(async move { refuse::reset(app) })
+    }
+}
+
+/// What a connector gets for one connection.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    pub origin: &'a Origin,
+    pub policy: &'a Policy,
+    pub env: &'a Env,
+    pub session: &'a Session,
+}
+
+impl Context<'_> {
+    /// The application's session is set up: the handshake deadline no longer applies.
+    pub fn handshake_done(&self) {
+        self.session.handshake_done();
+    }
+
+    /// Bytes moved so far, both ways (the broker reads them for metrics and the audit record).
+    pub fn progress(&self) -> &Progress {
+        &self.session.progress
+    }
+}
+
+/// The broker's view of a connection a connector is serving: the bytes it moved and when its
+/// handshake ended.
+pub struct Session {
+    pub progress: Progress,
+    started: Instant,
+    handshake: OnceLock<Duration>,
+    done: Notify,
+}
+
+impl Session {
+    /// A session whose handshake time counts from `started` (admission).
+    pub fn new(started: Instant) -> Self {
+        Self {
+            progress: Progress::default(),
+            started,
+            handshake: OnceLock::new(),
+            done: Notify::new(),
+        }
+    }
+
+    fn handshake_done(&self) {
+        if self.handshake.set(self.started.elapsed()).is_ok() {
+            self.done.notify_one();
+        }
+    }
+
+    /// Waits until the connector says the handshake is done.
+    pub async fn handshake(&self) {
+        if self.handshake.get().is_none() {
+            self.done.notified().await;
+        }
+    }
+
+    /// How long the handshake took, once it is done.
+    pub fn handshake_took(&self) -> Option<Duration> {
+        self.handshake.get().copied()
+    }
+}
 
 /// Why a connection could not be brokered. Messages name what failed, never a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("connecting to target {addr}: {source}")]
-    Target {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("connecting to target {addr}: timed out after {timeout:?}")]
-    TargetTimeout { addr: SocketAddr, timeout: Duration },
+    #[error(transparent)]
+    Dial(#[from] DialError),
     #[error("handshake did not finish within {0:?}")]
     HandshakeTimeout(Duration),
     #[error("protocol {0} is not supported by this build of latch yet")]
     Unsupported(&'static str),
+    /// Either side reset the connection while it was relayed (not a broker failure).
     #[error("relay: {0}")]
     Relay(#[source] io::Error),
-    #[error("postgres: {0}")]
-    Postgres(#[source] Box<postgres::Failure>),
-}
-
-/// Tells the application that its workload may not use `policy`, in the application's own
-/// protocol where latch speaks it; plain TCP can only be reset.
-pub async fn deny(
-    app: TcpStream,
-    origin: &crate::broker::Origin,
-    policy: &crate::config::Policy,
-    shared: &crate::broker::Shared,
-) {
-    match policy.protocol {
-        crate::config::Protocol::Postgres => postgres::deny(app, origin, policy, shared).await,
-        _ => {
-            let _ = socket2::SockRef::from(&app).set_linger(Some(Duration::ZERO));
-            drop(app);
-        }
-    }
-}
-
-/// Opens a connection to `addr` from a socket carrying `mark`, so latch's own connect hooks
-/// leave it alone (no redirect loop even when the broker runs inside an intercepted cgroup).
-/// The socket is created in `netns` (the application's namespace) when one is given.
-pub async fn connect_marked(
-    addr: SocketAddr,
-    mark: u32,
-    timeout: Duration,
-    netns: Option<&crate::netns::Netns>,
-) -> Result<TcpStream, ConnectError> {
-    let err = |source| ConnectError::Target { addr, source };
-    let new = || Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP));
-    let socket = match netns {
-        Some(ns) => ns.run(new),
-        None => new(),
-    }
-    .map_err(err)?;
-    socket.set_mark(mark).map_err(err)?;
-    socket.set_nonblocking(true).map_err(err)?;
-    socket.set_tcp_nodelay(true).map_err(err)?;
-    let socket = TcpSocket::from_std_stream(socket.into());
-    match tokio::time::timeout(timeout, socket.connect(addr)).await {
-        Ok(res) => res.map_err(err),
-        Err(_) => Err(ConnectError::TargetTimeout { addr, timeout }),
-    }
+    /// The protocol's own failure, already told to the application in the protocol's terms.
+    #[error("{protocol}: {source}")]
+    Protocol {
+        protocol: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }

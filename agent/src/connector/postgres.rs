@@ -7,24 +7,31 @@
 //!
 //! | file | holds |
 //! |---|---|
-//! | `postgres.rs` | the session: app side, retry after rotation, relay |
+//! | `postgres.rs` | the [`Postgres`] connector: the session, retry after rotation, relay |
 //! | [`app`] | the application's first packet, TLS toward it (node-local CA) |
 //! | [`target`] | connect, TLS negotiation, startup and authentication to the server |
-//! | [`tls`] | rustls client configuration per `tls.mode`, channel binding data |
 //! | [`cancel`] | open sessions by namespace, destination and key, for CancelRequests |
 //! | [`failure`] | failures and the ErrorResponse each becomes |
-//! | [`stream`] | plain or TLS streams, either leg |
+//! | [`refusal`] | latch's limits as ErrorResponses |
+//! | [`direct`] | direct mode: the startup on the application's own connection |
+//!
+//! The wire protocol itself is the `latch-pg` crate (sans-IO).
 pub mod app;
 pub mod cancel;
 pub mod direct;
 pub mod failure;
-pub mod stream;
+pub mod refusal;
 pub mod target;
-pub mod tls;
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 
 use bytes::BytesMut;
+use latch_pg::{
+    self as pg, Frame, encode,
+    scram_cache::ScramKeyCache,
+    startup::{self, Initial, Startup},
+    startup_rules,
+};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
@@ -34,21 +41,59 @@ pub use cancel::{CancelKey, CancelMap};
 pub use failure::Failure;
 
 use self::{
-    app::{AppTls, read_startup},
-    stream::{AppStream, TargetStream},
-    target::Established,
+    app::{app_tls, read_startup},
+    target::{Established, TargetCx},
 };
-use super::{ConnectError, connect_marked};
+use super::{
+    Answered, ConnectError, Connector, Context, DialError, Env, Refusal, Served, Support,
+    connect_marked, stream::AppStream, target_tls::ClientConfigs,
+};
 use crate::{
-    broker::{Origin, Shared},
-    config::Policy,
-    relay::{self, Progress, Transferred},
+    config::{Policy, Protocol},
+    relay::{self, Transferred},
 };
-use latch_pg::{
-    self as pg, Frame, encode,
-    startup::{self, Initial, Startup},
-    startup_rules,
+
+pub const SUPPORT: Support = Support {
+    credentials: true,
+    target_tls: true,
+    negotiates_tls: true,
+    app_tls: true,
+    direct: true,
+    fast_path: true,
 };
+
+/// The PostgreSQL connector and the state its sessions share.
+#[derive(Default)]
+pub struct Postgres {
+    /// Open relayed sessions by (namespace, destination, server's key), for cancels.
+    pub cancels: CancelMap,
+    /// Derived SCRAM keys: a reconnect skips PBKDF2.
+    pub scram_keys: Arc<ScramKeyCache>,
+    /// TLS client configurations per policy (each with its session cache).
+    pub tls: ClientConfigs,
+}
+
+impl Connector for Postgres {
+    fn protocol(&self) -> Protocol {
+        Protocol::Postgres
+    }
+
+    fn serve<'a>(&'a self, app: TcpStream, cx: Context<'a>) -> Served<'a> {
+        Box::pin(self.serve_app(app, cx))
+    }
+
+    fn deny<'a>(&'a self, app: TcpStream, cx: Context<'a>) -> Answered<'a> {
+        Box::pin(deny(app, cx))
+    }
+
+    fn refuse<'a>(&'a self, app: TcpStream, policy: &'a Policy, why: Refusal) -> Answered<'a> {
+        Box::pin(refusal::before_startup(app, policy, why))
+    }
+
+    fn abort<'a>(&'a self, app: TcpStream, policy: &'a Policy, why: Refusal) -> Answered<'a> {
+        Box::pin(refusal::tell(app, policy, why))
+    }
+}
 
 /// How long an application may take to send its startup packet (SSLRequest round included).
 pub const APP_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,56 +102,43 @@ pub const APP_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// protocol): short, so that denied connections hold little for long.
 const DENY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Serves one redirected PostgreSQL connection.
-pub async fn serve(
-    app: TcpStream,
-    origin: &Origin,
-    policy: &Policy,
-    shared: &Shared,
-    progress: &Progress,
-    handshake_done: impl FnOnce(),
-) -> Result<Transferred, ConnectError> {
-    let mut inbuf = BytesMut::with_capacity(1024);
-    let tls = AppTls::for_policy(policy, shared, origin.dst.ip());
-    let first = read_startup(
-        AppStream::Plain(app),
-        &mut inbuf,
-        tls.as_ref(),
-        APP_STARTUP_TIMEOUT,
-    )
-    .await;
-    let result = match first {
-        Ok((_, Initial::Cancel { pid, secret })) => {
-            forward_cancel(pid, secret, origin, policy, shared).await;
-            return Ok(Transferred::default());
-        }
-        Ok((app, Initial::Startup(s))) => session(
-            app,
-            inbuf,
-            s,
-            origin,
-            policy,
-            shared,
-            progress,
-            handshake_done,
+impl Postgres {
+    /// Serves one redirected PostgreSQL connection.
+    async fn serve_app(&self, app: TcpStream, cx: Context<'_>) -> Result<Transferred, ConnectError> {
+        let (origin, policy) = (cx.origin, cx.policy);
+        let mut inbuf = BytesMut::with_capacity(1024);
+        let tls = app_tls(policy, cx.env, origin.dst.ip());
+        let first = read_startup(
+            AppStream::Plain(app),
+            &mut inbuf,
+            tls.as_ref(),
+            APP_STARTUP_TIMEOUT,
         )
-        .await
-        .map_err(|(app, f)| (Some(app), f)),
-        Ok(_) => unreachable!("read_startup answers SSL and GSS requests itself"),
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(t) => Ok(t),
-        Err((app, failure)) => Err(refuse(app, policy, origin.conn, failure).await),
+        .await;
+        let result = match first {
+            Ok((_, Initial::Cancel { pid, secret })) => {
+                forward_cancel(self, pid, secret, cx).await;
+                return Ok(Transferred::default());
+            }
+            Ok((app, Initial::Startup(s))) => session(self, app, inbuf, s, cx)
+                .await
+                .map_err(|(app, f)| (Some(app), f)),
+            Ok(_) => unreachable!("read_startup answers SSL and GSS requests itself"),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(t) => Ok(t),
+            Err((app, failure)) => Err(refuse(app, policy, origin.conn, failure).await),
+        }
     }
 }
-
 /// Refuses a workload the policy does not admit, in PostgreSQL's own terms: the startup
 /// exchange is answered (TLS as the policy says) and a FATAL 28000 explains the refusal.
 /// Nothing is resolved and the target is never contacted.
-pub async fn deny(app: TcpStream, origin: &Origin, policy: &Policy, shared: &Shared) {
+async fn deny(app: TcpStream, cx: Context<'_>) {
+    let (origin, policy) = (cx.origin, cx.policy);
     let mut buf = BytesMut::with_capacity(1024);
-    let tls = AppTls::for_policy(policy, shared, origin.dst.ip());
+    let tls = app_tls(policy, cx.env, origin.dst.ip());
     let first = read_startup(AppStream::Plain(app), &mut buf, tls.as_ref(), DENY_TIMEOUT).await;
     match first {
         Ok((app, Initial::Startup(_))) => {
@@ -138,20 +170,20 @@ async fn refuse(
         })
         .await;
     }
-    ConnectError::Postgres(Box::new(failure))
+    ConnectError::Protocol {
+        protocol: "postgres",
+        source: Box::new(failure),
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn session(
+    pg: &Postgres,
     mut app: AppStream,
     app_leftover: BytesMut,
     startup_msg: Startup,
-    origin: &Origin,
-    policy: &Policy,
-    shared: &Shared,
-    progress: &Progress,
-    handshake_done: impl FnOnce(),
+    cx: Context<'_>,
 ) -> Result<Transferred, (AppStream, Failure)> {
+    let (origin, policy, env) = (cx.origin, cx.policy, cx.env);
     let client = startup_rules::Client {
         host: app
             .tcp()
@@ -164,9 +196,16 @@ async fn session(
         Ok(r) => r,
         Err(r) => return Err((app, Failure::Startup(r))),
     };
-    let mut creds = match shared.secrets.credentials_for(policy, role).await {
+    let mut creds = match env.secrets.credentials_for(policy, role).await {
         Ok(c) => c,
         Err(e) => return Err((app, Failure::Secrets(e))),
+    };
+    let to = TargetCx {
+        addr: origin.dst,
+        netns: origin.netns.as_deref(),
+        policy,
+        env,
+        pg,
     };
     let mut retried = false;
     let (established, rewritten) = loop {
@@ -177,23 +216,13 @@ async fn session(
         };
         let user = rewritten.params[0].1.clone();
         let password = creds.password.as_ref().map(|p| p.expose());
-        match target::open(
-            origin.dst,
-            origin.netns.as_deref(),
-            policy,
-            shared,
-            &rewritten.params,
-            &user,
-            password,
-        )
-        .await
-        {
+        match target::open(&to, &rewritten.params, &user, password).await {
             Ok(e) => break (e, rewritten),
             Err(f) if f.is_auth_rejection() && !retried => {
                 retried = true;
                 // Maybe the password was rotated since it was cached: fetch again, and retry
                 // once if that gives something new.
-                match shared.secrets.refresh_for(policy, role).await {
+                match env.secrets.refresh_for(policy, role).await {
                     Ok(fresh) if !same(&fresh, &creds) => {
                         tracing::info!(
                             "target rejected the credentials; retrying once with refreshed ones"
@@ -227,7 +256,7 @@ async fn session(
             pid,
             secret,
         };
-        let guard = shared.pg_cancel.register(key, &policy.name);
+        let guard = pg.cancels.register(key, &policy.name);
         if guard.is_none() {
             tracing::debug!("cancel map full: cancel requests for this session are ignored");
         }
@@ -258,20 +287,21 @@ async fn session(
         tracing::debug!(error = %e, "application went away before the session started");
         return Ok(Transferred::default());
     }
-    handshake_done();
+    cx.handshake_done();
     tracing::debug!(
         tls = target.is_tls(),
         app_tls = app.is_tls(),
         "session ready; relaying"
     );
     let early = strip_password_messages(app_leftover);
+    let progress = cx.progress();
     progress
         .to_app
         .fetch_add(out.len() as u64, Ordering::Relaxed);
-    let result = relay_session(app, &mut target, early, progress, |app| {
+    let result = relay::streams(app, &mut target, &early, progress, |app| {
         // Everything read from the application so far was handled above (written to the
         // server or dropped), so all of it counts as taken.
-        shared.handover(origin, || relay::bytes_read(app))
+        env.handover(origin, || relay::bytes_read(app))
     })
     .await;
     drop(cancel);
@@ -283,36 +313,6 @@ async fn session(
             to_app: progress.to_app.load(Ordering::Relaxed),
         }
     }))
-}
-
-/// Relays until either side closes: splice(2) when both legs are plain TCP, a copy loop when
-/// either is TLS.
-async fn relay_session<'s>(
-    mut app: AppStream,
-    target: &mut TargetStream,
-    early: BytesMut,
-    progress: &Progress,
-    handover: impl FnOnce(&TcpStream) -> Option<relay::Handover<'s>>,
-) -> std::io::Result<Transferred> {
-    if !early.is_empty() {
-        target.write_all(&early).await?;
-        progress
-            .to_target
-            .fetch_add(early.len() as u64, Ordering::Relaxed);
-    }
-    match (&mut app, target) {
-        (AppStream::Plain(app), TargetStream::Plain(tcp)) => {
-            relay::splice_both(app, tcp, progress, handover(app)).await
-        }
-        (_, target) => {
-            let (to_target, to_app) = tokio::io::copy_bidirectional(&mut app, target)
-                .await
-                .inspect_err(|_| relay::abort_on_close(&[app.tcp(), target.tcp()]))?;
-            progress.to_target.fetch_add(to_target, Ordering::Relaxed);
-            progress.to_app.fetch_add(to_app, Ordering::Relaxed);
-            Ok(Transferred { to_target, to_app })
-        }
-    }
 }
 
 /// Bytes the application sent before the session started, minus any PasswordMessage (latch
@@ -362,14 +362,15 @@ fn same(a: &crate::secrets::Credentials, b: &crate::secrets::Credentials) -> boo
 /// Passes a CancelRequest on to the server the application sent it to, when it names a
 /// session latch relays there for this namespace under this policy. Unknown keys are ignored
 /// silently, as PostgreSQL does. The key is never logged.
-async fn forward_cancel(pid: i32, secret: i32, origin: &Origin, policy: &Policy, shared: &Shared) {
+async fn forward_cancel(pg: &Postgres, pid: i32, secret: i32, cx: Context<'_>) {
+    let (origin, policy) = (cx.origin, cx.policy);
     let key = CancelKey {
         netns: origin.netns_cookie,
         dst: origin.dst,
         pid,
         secret,
     };
-    let Some(session_policy) = shared.pg_cancel.lookup(&key) else {
+    let Some(session_policy) = pg.cancels.lookup(&key) else {
         tracing::info!("cancel request with an unknown key ignored");
         return;
     };
@@ -377,7 +378,7 @@ async fn forward_cancel(pid: i32, secret: i32, origin: &Origin, policy: &Policy,
         tracing::warn!(%session_policy, "cancel request under another policy ignored");
         return;
     }
-    match send_cancel(origin.dst, origin.netns.as_deref(), pid, secret, shared).await {
+    match send_cancel(origin.dst, origin.netns.as_deref(), pid, secret, cx.env).await {
         Ok(()) => tracing::info!(target_addr = %origin.dst, "cancel request forwarded"),
         Err(e) => tracing::warn!(error = %e, "forwarding a cancel request failed"),
     }
@@ -390,14 +391,14 @@ pub async fn send_cancel(
     netns: Option<&crate::netns::Netns>,
     pid: i32,
     secret: i32,
-    shared: &Shared,
-) -> Result<(), ConnectError> {
+    env: &Env,
+) -> Result<(), DialError> {
     let mut out = BytesMut::new();
     startup::encode_cancel(pid, secret, &mut out);
-    let mut s = connect_marked(addr, shared.mark, shared.limits.connect_timeout, netns).await?;
+    let mut s = connect_marked(addr, env.mark, env.connect_timeout, netns).await?;
     s.write_all(&out)
         .await
-        .map_err(|source| ConnectError::Target { addr, source })?;
+        .map_err(|source| DialError::Io { addr, source })?;
     // The server closes after reading it; wait briefly so the request is not cut short.
     let mut sink = [0u8; 16];
     let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;

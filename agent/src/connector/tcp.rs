@@ -1,28 +1,34 @@
 //! `protocol: tcp` — connect to the original destination and relay bytes, nothing more.
 use tokio::net::TcpStream;
 
-use super::{ConnectError, connect_marked};
-use crate::{
-    broker::{Origin, Shared},
-    relay::{self, Progress, Transferred},
+use super::{ConnectError, Connector, Context, Served, Support};
+use crate::{config::Protocol, relay};
+
+pub const SUPPORT: Support = Support {
+    credentials: false,
+    target_tls: false,
+    negotiates_tls: false,
+    app_tls: false,
+    direct: false,
+    fast_path: true,
 };
 
-pub async fn serve(
-    app: TcpStream,
-    origin: &Origin,
-    shared: &Shared,
-    progress: &Progress,
-    handshake_done: impl FnOnce(),
-) -> Result<Transferred, ConnectError> {
-    let target = connect_marked(
-        origin.dst,
-        shared.mark,
-        shared.limits.connect_timeout,
-        origin.netns.as_deref(),
-    )
-    .await?;
-    handshake_done();
-    relay::splice_both(&app, &target, progress, shared.handover(origin, || Some(0)))
-        .await
-        .map_err(ConnectError::Relay)
+/// The plain relay. Refusals are resets: there is no protocol to say them in.
+pub struct Tcp;
+
+impl Connector for Tcp {
+    fn protocol(&self) -> Protocol {
+        Protocol::Tcp
+    }
+
+    fn serve<'a>(&'a self, app: TcpStream, cx: Context<'a>) -> Served<'a> {
+        Box::pin(async move {
+            let target = cx.env.dial(cx.origin).await?;
+            cx.handshake_done();
+            let handover = cx.env.handover(cx.origin, || Some(0));
+            relay::splice_both(&app, &target, cx.progress(), handover)
+                .await
+                .map_err(ConnectError::Relay)
+        })
+    }
 }

@@ -21,6 +21,7 @@ pub mod exec;
 pub mod file;
 pub mod flight;
 pub mod health;
+mod in_force;
 mod http;
 pub mod kubernetes;
 pub mod literal;
@@ -30,6 +31,7 @@ pub mod value;
 pub mod vault;
 
 pub use error::SecretError;
+pub use in_force::{MIN_REFRESH_INTERVAL, Secrets};
 pub use resolver::{Resolver, ResolverOptions};
 pub use store::{BoxFuture, Lookup, Store};
 pub use value::{Credentials, DynamicCredentials, Secret};

@@ -13,43 +13,25 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     time::Instant,
 };
-use tokio_rustls::TlsAcceptor;
 
-use super::{failure::Failure, stream::AppStream};
+use super::failure::Failure;
 use crate::{
-    broker::Shared,
-    ca::CaError,
-    config::{Policy, SslAnswer, Target},
+    config::{Policy, SslAnswer},
+    connector::{
+        Env,
+        app_tls::{self, AcceptError, AppTls},
+        stream::AppStream,
+    },
 };
 use latch_pg::{
     pre_startup::{Encryption, Ending, PreStartup, Reason, Step},
     startup::Initial,
 };
 
-/// Where a certificate for the application's TLS comes from, if the policy enables it.
-pub struct AppTls<'a> {
-    shared: &'a Shared,
-    ip: IpAddr,
-    host: Option<&'a str>,
-}
-
-impl<'a> AppTls<'a> {
-    /// `Some` when `policy` terminates TLS from applications; `dst` is where the app connected.
-    pub fn for_policy(policy: &'a Policy, shared: &'a Shared, dst: IpAddr) -> Option<AppTls<'a>> {
-        let host = match &policy.destination.target {
-            Target::Host(h) => Some(h.as_str()),
-            _ => None,
-        };
-        (policy.ssl_answer() == SslAnswer::Tls).then_some(AppTls {
-            shared,
-            ip: dst,
-            host,
-        })
-    }
-
-    fn server_config(&self) -> Result<Arc<ServerConfig>, CaError> {
-        self.shared.app_ca.server_config(self.ip, self.host)
-    }
+/// The certificate source for the application's TLS, when `policy` answers an SSLRequest
+/// with 'S'; `dst` is where the application connected.
+pub fn app_tls<'a>(policy: &'a Policy, env: &'a Env, dst: IpAddr) -> Option<AppTls<'a>> {
+    (policy.ssl_answer() == SslAnswer::Tls).then(|| AppTls::new(&env.app_ca, policy, dst))
 }
 
 /// A failure while reading the first packet; the stream is gone when a TLS handshake failed.
@@ -122,12 +104,12 @@ async fn accept_tls(
     if let Err(e) = tcp.write_all(b"S").await {
         return Err((Some(AppStream::Plain(tcp)), Failure::AppIo(e)));
     }
-    match tokio::time::timeout_at(deadline, TlsAcceptor::from(config).accept(tcp)).await {
-        Ok(Ok(tls)) => {
+    match app_tls::accept(tcp, config, deadline).await {
+        Ok(tls) => {
             tracing::debug!("TLS with the application established");
             Ok(AppStream::Tls(Box::new(tls)))
         }
-        Ok(Err(e)) => Err((None, Failure::AppTls(e.to_string()))),
-        Err(_) => Err((None, Failure::AppTimeout(limit))),
+        Err(AcceptError::Handshake(e)) => Err((None, Failure::AppTls(e.to_string()))),
+        Err(AcceptError::Timeout) => Err((None, Failure::AppTimeout(limit))),
     }
 }

@@ -27,7 +27,7 @@ use tokio::{
 };
 
 use super::{APP_STARTUP_TIMEOUT, failure::Failure, target};
-use crate::connector::refuse::Refusal;
+use crate::connector::Refusal;
 use crate::{
     broker::{Origin, Shared, direct::Direct},
     config::Policy,
@@ -101,9 +101,9 @@ pub async fn serve(
             {
                 return Ok(Ended::Cancel);
             }
-            super::send_cancel(origin.dst, origin.netns.as_deref(), pid, secret, &shared)
+            super::send_cancel(origin.dst, origin.netns.as_deref(), pid, secret, &shared.env)
                 .await
-                .map_err(Failure::Connect)?;
+                .map_err(Failure::Dial)?;
             return Ok(Ended::Cancel);
         }
         _ => unreachable!("read_startup answers SSL and GSS requests itself"),
@@ -147,7 +147,7 @@ pub async fn serve(
         TargetTls::Plain,
     )
     .allowing(allowed)
-    .with_key_cache(shared.pg_scram_keys.clone(), format!("{addr}/{user}"));
+    .with_key_cache(leg.pg().scram_keys.clone(), format!("{addr}/{user}"));
     let mut stream = Split {
         read: &mut leg.side,
         write: &app,
@@ -155,7 +155,7 @@ pub async fn serve(
     let deadline = leg.deadline;
     let done = tokio::time::timeout_at(deadline, target::authenticate(&mut stream, addr, auth))
         .await
-        .map_err(|_| Failure::Limit(Refusal::HandshakeTimeout(shared.limits.handshake_timeout)))?;
+        .map_err(|_| Failure::Limit(Refusal::HandshakeTimeout(shared.env.handshake_timeout)))?;
     let done = match done {
         Ok(d) => d,
         // An ErrorResponse went to the application (see latch_dir_skb) and the server closed
@@ -264,14 +264,22 @@ impl Leg<'_> {
         self.main
             .spawn(async move {
                 if fresh {
-                    shared.secrets.refresh_for(&policy, role.as_ref()).await
+                    shared.env.secrets.refresh_for(&policy, role.as_ref()).await
                 } else {
-                    shared.secrets.credentials_for(&policy, role.as_ref()).await
+                    shared.env.secrets.credentials_for(&policy, role.as_ref()).await
                 }
             })
             .await
             .map_err(|e| Failure::HandOver(io::Error::other(e)))?
             .map_err(Failure::Secrets)
+    }
+
+    /// The PostgreSQL connector (its SCRAM key cache).
+    fn pg(&self) -> &super::Postgres {
+        self.shared
+            .connectors
+            .find::<super::Postgres>()
+            .expect("the postgres connector is registered")
     }
 
     /// Takes the application's socket out of the sock map and forgets it: the programs no

@@ -3,7 +3,10 @@
 //! failed — never a secret.
 use std::{io, net::SocketAddr, time::Duration};
 
-use crate::{connector::ConnectError, secrets::SecretError};
+use crate::{
+    connector::{DialError, Refusal, target_tls::TlsFailure},
+    secrets::SecretError,
+};
 use latch_pg::{
     ErrorFields, PgError, SqlState, auth::AuthError, handshake::HandshakeError,
     startup::StartupRefusal,
@@ -37,7 +40,7 @@ pub enum Failure {
     #[error("resolving credentials: {0}")]
     Secrets(#[source] SecretError),
     #[error(transparent)]
-    Connect(ConnectError),
+    Dial(DialError),
     #[error("target {addr}: {source}")]
     TargetIo {
         addr: SocketAddr,
@@ -54,13 +57,13 @@ pub enum Failure {
         #[source]
         source: HandshakeError,
     },
-    #[error("TLS to target {addr}: {reason}")]
-    Tls { addr: SocketAddr, reason: String },
+    #[error(transparent)]
+    Tls(TlsFailure),
     #[error("this workload is not admitted by the policy")]
     Denied,
     /// A limit of the agent's (the same words as the relay's refusals).
     #[error("{0}")]
-    Limit(crate::connector::refuse::Refusal),
+    Limit(Refusal),
     #[error("handing the connection over to the kernel: {0}")]
     HandOver(#[source] io::Error),
     #[error(
@@ -96,7 +99,7 @@ impl Failure {
                      usable (latch connection {conn}; the agent's log has the details)"
                 ),
             ),
-            Failure::Limit(why) => say(why.sqlstate(), self.to_string()),
+            Failure::Limit(why) => say(super::refusal::sqlstate(why), self.to_string()),
             // The server's own words, so that an application cannot tell latch from a server
             // configured to refuse it (ARCHITECTURE.md, "Which role").
             Failure::Startup(r) => r.fields(),
@@ -126,14 +129,14 @@ impl Failure {
                     ),
                 )
             }
-            Failure::Connect(e) => say(
+            Failure::Dial(e) => say(
                 SqlState::UNABLE_TO_CONNECT,
                 format!("could not reach the target: {e}"),
             ),
             Failure::TargetIo { .. }
             | Failure::TargetClosed { .. }
             | Failure::TargetTimeout { .. } => say(SqlState::CONNECTION_FAILURE, self.to_string()),
-            Failure::Tls { .. } => say(SqlState::UNABLE_TO_CONNECT, self.to_string()),
+            Failure::Tls(_) => say(SqlState::UNABLE_TO_CONNECT, self.to_string()),
             Failure::Handshake { addr, source } => match source {
                 HandshakeError::Server(f) if f.is_auth_failure() => say(
                     if f.code == SqlState::INVALID_PASSWORD.0 {

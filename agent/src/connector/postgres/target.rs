@@ -5,11 +5,10 @@ use std::net::SocketAddr;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use super::{failure::Failure, stream::TargetStream, tls};
+use super::{Postgres, failure::Failure};
 use crate::{
-    broker::Shared,
     config::{Policy, TlsMode},
-    connector::connect_marked,
+    connector::{Env, connect_marked, stream::TargetStream, target_tls},
 };
 use latch_pg::{
     Frame,
@@ -44,22 +43,37 @@ pub fn allowed(policy: &Policy, tls: &TargetTls) -> Allowed {
     }
 }
 
-/// Connects to `addr` (from namespace `netns`, the agent's own if `None`) and authenticates
-/// as `user` with `password`.
+/// Where a session's target leg goes and what it may use.
+#[derive(Clone, Copy)]
+pub struct TargetCx<'a> {
+    pub addr: SocketAddr,
+    /// The namespace the socket is made in (the agent's own if `None`).
+    pub netns: Option<&'a crate::netns::Netns>,
+    pub policy: &'a Policy,
+    pub env: &'a Env,
+    pub pg: &'a Postgres,
+}
+
+/// Connects to the target and authenticates as `user` with `password`, sending `params` as
+/// the StartupMessage.
 pub async fn open(
-    addr: SocketAddr,
-    netns: Option<&crate::netns::Netns>,
-    policy: &Policy,
-    shared: &Shared,
+    to: &TargetCx<'_>,
     params: &[(String, String)],
     user: &str,
     password: Option<&str>,
 ) -> Result<Established, Failure> {
+    let TargetCx {
+        addr,
+        netns,
+        policy,
+        env,
+        pg,
+    } = *to;
     let work = async {
-        let tcp = connect_marked(addr, shared.mark, shared.limits.connect_timeout, netns)
+        let tcp = connect_marked(addr, env.mark, env.connect_timeout, netns)
             .await
-            .map_err(Failure::Connect)?;
-        let (mut stream, tls_state) = negotiate_tls(tcp, addr, policy, shared).await?;
+            .map_err(Failure::Dial)?;
+        let (mut stream, tls_state) = negotiate_tls(tcp, to).await?;
         let mut out = BytesMut::new();
         startup::encode_startup(
             params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
@@ -69,7 +83,7 @@ pub async fn open(
         let allowed = allowed(policy, &tls_state);
         let auth = ClientAuth::new(user, password, tls_state)
             .allowing(allowed)
-            .with_key_cache(shared.pg_scram_keys.clone(), format!("{addr}/{user}"));
+            .with_key_cache(pg.scram_keys.clone(), format!("{addr}/{user}"));
         let done = authenticate(&mut stream, addr, auth).await?;
         Ok(Established {
             stream,
@@ -80,7 +94,7 @@ pub async fn open(
     };
     // Bounded by --handshake-timeout like the whole pre-relay phase (which the broker's
     // watchdog measures from admission, so it ends first); not a fixed bound of its own.
-    let after = shared.limits.handshake_timeout;
+    let after = env.handshake_timeout;
     match tokio::time::timeout(after, work).await {
         Ok(r) => r,
         Err(_) => Err(Failure::TargetTimeout { addr, after }),
@@ -101,10 +115,9 @@ async fn write(
 /// SSLRequest first unless `disable`; TLS on 'S'; on 'N' plain text only for `prefer`.
 async fn negotiate_tls(
     mut tcp: tokio::net::TcpStream,
-    addr: SocketAddr,
-    policy: &Policy,
-    shared: &Shared,
+    to: &TargetCx<'_>,
 ) -> Result<(TargetStream, TargetTls), Failure> {
+    let (addr, policy) = (to.addr, to.policy);
     let mode = policy.tls.mode;
     if mode == TlsMode::Disable {
         return Ok((TargetStream::Plain(tcp), TargetTls::Plain));
@@ -119,7 +132,9 @@ async fn negotiate_tls(
     }
     match answer[0] {
         b'S' => {
-            let (stream, end_point) = tls::connect(tcp, addr, policy, shared).await?;
+            let (stream, end_point) = target_tls::connect(tcp, addr, policy, to.env, &to.pg.tls)
+                .await
+                .map_err(Failure::Tls)?;
             Ok((
                 TargetStream::Tls(Box::new(stream)),
                 TargetTls::Tls {
@@ -131,14 +146,14 @@ async fn negotiate_tls(
             tracing::debug!("target declined TLS; continuing in plain text (tls.mode prefer)");
             Ok((TargetStream::Plain(tcp), TargetTls::Plain))
         }
-        b'N' => Err(Failure::Tls {
+        b'N' => Err(Failure::Tls(target_tls::TlsFailure {
             addr,
             reason: format!("the server does not support TLS, and tls.mode is {mode}"),
-        }),
-        other => Err(Failure::Tls {
+        })),
+        other => Err(Failure::Tls(target_tls::TlsFailure {
             addr,
             reason: format!("unexpected answer {:?} to SSLRequest", other as char),
-        }),
+        })),
     }
 }
 

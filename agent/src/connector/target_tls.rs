@@ -1,5 +1,7 @@
 //! TLS to the target with rustls, as the policy's `tls` block says: `require` encrypts without
 //! checking the certificate, `verify-ca` checks the chain, `verify-full` the chain and the name.
+//! Protocol-neutral: a connector calls [`connect`] once its protocol has agreed to TLS, with
+//! the [`ClientConfigs`] cache it owns.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -20,11 +22,17 @@ use sha2::{Digest as _, Sha256, Sha384, Sha512};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::failure::Failure;
-use crate::{
-    broker::Shared,
-    config::{Policy, Target, TlsMode},
-};
+use super::Env;
+use crate::config::{Policy, Target, TlsMode};
+
+/// The TLS handshake with the target failed, or could not start (no usable CA, client
+/// certificate or server name). The reason names what, never a secret.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS to target {addr}: {reason}")]
+pub struct TlsFailure {
+    pub addr: SocketAddr,
+    pub reason: String,
+}
 
 /// Runs the TLS handshake on `tcp`; returns the stream and the `tls-server-end-point` channel
 /// binding data (the server certificate's hash).
@@ -32,10 +40,11 @@ pub async fn connect(
     tcp: TcpStream,
     addr: SocketAddr,
     policy: &Policy,
-    shared: &Shared,
-) -> Result<(TlsStream<TcpStream>, Vec<u8>), Failure> {
-    let fail = |reason: String| Failure::Tls { addr, reason };
-    let config = client_config(policy, shared).await.map_err(fail)?;
+    env: &Env,
+    configs: &ClientConfigs,
+) -> Result<(TlsStream<TcpStream>, Vec<u8>), TlsFailure> {
+    let fail = |reason: String| TlsFailure { addr, reason };
+    let config = client_config(policy, env, configs).await.map_err(fail)?;
     let name = server_name(policy, addr).map_err(fail)?;
     let stream = TlsConnector::from(config)
         .connect(name, tcp)
@@ -124,10 +133,14 @@ fn fingerprint(policy: &Policy, client: Option<(&[u8], &[u8])>) -> [u8; 32] {
     h.finalize().into()
 }
 
-async fn client_config(policy: &Policy, shared: &Shared) -> Result<Arc<ClientConfig>, String> {
+async fn client_config(
+    policy: &Policy,
+    env: &Env,
+    configs: &ClientConfigs,
+) -> Result<Arc<ClientConfig>, String> {
     let client = match (&policy.tls.client_cert, &policy.tls.client_key) {
         (Some(cert), Some(key)) => {
-            let resolver = shared.secrets.current();
+            let resolver = env.secrets.current();
             let cert = resolver
                 .secret(cert)
                 .await
@@ -144,11 +157,11 @@ async fn client_config(policy: &Policy, shared: &Shared) -> Result<Arc<ClientCon
         .as_ref()
         .map(|(c, k)| (c.expose().as_bytes(), k.expose().as_bytes()));
     let fp = fingerprint(policy, pems);
-    if let Some(config) = shared.pg_tls.get(&policy.name, &fp) {
+    if let Some(config) = configs.get(&policy.name, &fp) {
         return Ok(config);
     }
     let config = Arc::new(build_client_config(policy, pems)?);
-    shared.pg_tls.put(&policy.name, fp, config.clone());
+    configs.put(&policy.name, fp, config.clone());
     Ok(config)
 }
 
