@@ -19,7 +19,8 @@ pub enum DialError {
 
 /// Opens a connection to `addr` from a socket carrying `mark`, so latch's own connect hooks
 /// leave it alone (no redirect loop even when the broker runs inside an intercepted cgroup).
-/// The socket is created in `netns` (the application's namespace) when one is given.
+/// The socket is created in `netns` (the application's namespace) when one is given. Mark 0
+/// leaves the socket unmarked (setting a mark needs CAP_NET_ADMIN; unit tests run without).
 pub async fn connect_marked(
     addr: SocketAddr,
     mark: u32,
@@ -33,7 +34,9 @@ pub async fn connect_marked(
         None => new(),
     }
     .map_err(err)?;
-    socket.set_mark(mark).map_err(err)?;
+    if mark != 0 {
+        socket.set_mark(mark).map_err(err)?;
+    }
     socket.set_nonblocking(true).map_err(err)?;
     socket.set_tcp_nodelay(true).map_err(err)?;
     let socket = TcpSocket::from_std_stream(socket.into());

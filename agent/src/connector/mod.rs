@@ -18,6 +18,8 @@ pub mod registry;
 pub mod stream;
 pub mod target_tls;
 pub mod tcp;
+#[cfg(test)]
+mod tests;
 
 use std::{
     any::Any,
