@@ -44,9 +44,8 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
     let Some(connector) = shared.connectors.get(admitted.policy.protocol) else {
         // Refused at load; a policy set made otherwise still gets no further than this.
         admitted.record.outcome = audit::Outcome::Failed;
-        admitted.record.reason = Some(
-            ConnectError::Unsupported(admitted.policy.protocol.as_str()).to_string(),
-        );
+        admitted.record.reason =
+            Some(ConnectError::Unsupported(admitted.policy.protocol.as_str()).to_string());
         admitted.audit(shared);
         refuse::reset(stream);
         return;

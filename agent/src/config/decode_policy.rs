@@ -3,6 +3,8 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::connector::registry;
+
 use super::decode::{self, Cx, Map};
 use super::decode_pg_startup;
 use super::net::{self, Cidr, PortRange};
@@ -43,12 +45,13 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     };
     // Refused here rather than accepted and failing every matching connection at run time.
     if let (Some(p), Some(e)) = (protocol, protocol_entry)
-        && !p.is_built()
+        && registry::supports(p).is_none()
     {
         cx.error(
             e.value.mark,
             format!(
-                "protocol {p} is not built yet: this version of latch brokers \"tcp\" and \"postgres\""
+                "protocol {p} is not built yet: this version of latch brokers {}",
+                quoted_list(&registry::built_names())
             ),
         );
     }
@@ -134,10 +137,11 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         Some((c, ttl)) => (Some(c), ttl),
         None => (None, None),
     };
+    let support = registry::supports(protocol);
     if credentials.is_none()
         && credentials_entry.is_none()
         && roles_entry.is_none()
-        && protocol != Protocol::Tcp
+        && support.is_none_or(|s| s.credentials)
     {
         cx.error(
             m_at(node, at),
@@ -156,11 +160,14 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         _ => None,
     };
     if let (Some(AppTlsMode::Enable | AppTlsMode::Auto), Some(e)) = (app_tls, app_tls_entry)
-        && protocol != Protocol::Postgres
+        && !support.is_some_and(|s| s.app_tls)
     {
         cx.error(
             e.key_mark,
-            format!("appTls applies to protocol postgres only (not {protocol}); remove appTls"),
+            format!(
+                "appTls applies to protocol {} only (not {protocol}); remove appTls",
+                registry::names_where(|s| s.app_tls)
+            ),
         );
     }
     if let (Some(AppTlsMode::Enable), Some(e), Some(t)) = (app_tls, app_tls_entry, tls.as_ref())
@@ -336,10 +343,13 @@ fn check_direct(
     tls: Option<&TlsSpec>,
     app_tls: Option<AppTlsMode>,
 ) {
-    if protocol != Protocol::Postgres {
+    if !registry::supports(protocol).is_some_and(|s| s.direct) {
         cx.error(
             at,
-            format!("direct applies to protocol postgres only (not {protocol}); remove direct"),
+            format!(
+                "direct applies to protocol {} only (not {protocol}); remove direct",
+                registry::names_where(|s| s.direct)
+            ),
         );
     } else if tls.is_some_and(|t| t.mode != TlsMode::Disable) {
         cx.error(
@@ -773,21 +783,27 @@ fn check_tls(cx: &mut Cx, raw: RawTls, protocol: Protocol, entry: &Entry) -> Opt
     let RawTls { mode, mut spec } = raw;
     let (mode, mode_mark) = mode.unwrap_or((protocol.default_tls_mode(), entry.key_mark));
     let before = cx.errors.len();
+    let support = registry::supports(protocol);
     if protocol == Protocol::Tcp && mode != TlsMode::Disable {
         // Accepting it would promise a verified, encrypted leg that latch does not make.
         cx.error(
             mode_mark,
             format!("protocol tcp relays the application's bytes as they are: latch does not make TLS for it, so tls mode {:?} would be ignored; remove tls (or set mode \"disable\")", mode.as_str()),
         );
+    } else if support.is_some_and(|s| !s.target_tls) && mode != TlsMode::Disable {
+        cx.error(
+            mode_mark,
+            format!("latch does not make TLS for protocol {protocol}, so tls mode {:?} would be ignored; remove tls (or set mode \"disable\")", mode.as_str()),
+        );
     } else if protocol == Protocol::Ssh && mode != TlsMode::Disable {
         cx.error(
             mode_mark,
             "tls does not apply to protocol ssh (SSH has its own encryption); remove tls",
         );
-    } else if mode == TlsMode::Prefer && !matches!(protocol, Protocol::Postgres | Protocol::Mysql) {
+    } else if mode == TlsMode::Prefer && !support.is_some_and(|s| s.negotiates_tls) {
         cx.error(
             mode_mark,
-            format!("tls mode \"prefer\" needs a protocol that negotiates TLS (postgres, mysql); for {protocol} use \"disable\", \"require\", \"verify-ca\" or \"verify-full\""),
+            format!("tls mode \"prefer\" needs a protocol that negotiates TLS ({}); for {protocol} use \"disable\", \"require\", \"verify-ca\" or \"verify-full\"", registry::names_where(|s| s.negotiates_tls)),
         );
     }
     if mode == TlsMode::Disable {
@@ -823,4 +839,14 @@ fn check_tls(cx: &mut Cx, raw: RawTls, protocol: Protocol, entry: &Entry) -> Opt
     }
     spec.mode = mode;
     Some(spec)
+}
+
+/// `"a"`, `"a" and "b"`, `"a", "b" and "c"`.
+fn quoted_list(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        Some((last, _)) => last.clone(),
+        None => String::new(),
+    }
 }

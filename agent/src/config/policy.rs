@@ -107,14 +107,9 @@ impl Policy {
     /// kernel may carry the application's sends straight to the target (the fast path). TLS
     /// the broker terminates or originates keeps every byte in user space.
     pub fn fast_path_eligible(&self) -> bool {
-        match self.protocol {
-            Protocol::Tcp => true,
-            Protocol::Postgres => {
-                matches!(self.tls.mode, TlsMode::Disable | TlsMode::Prefer)
-                    && self.ssl_answer() == super::SslAnswer::Decline
-            }
-            Protocol::Mysql | Protocol::Http | Protocol::Ssh => false,
-        }
+        crate::connector::registry::supports(self.protocol).is_some_and(|s| s.fast_path)
+            && matches!(self.tls.mode, TlsMode::Disable | TlsMode::Prefer)
+            && self.ssl_answer() == super::SslAnswer::Decline
     }
 }
 
@@ -231,12 +226,6 @@ impl Protocol {
         ("http", Protocol::Http),
         ("ssh", Protocol::Ssh),
     ];
-
-    /// Whether this build has a connector for the protocol. The others are names the format
-    /// reserves; a policy that uses one is refused at load.
-    pub fn is_built(self) -> bool {
-        matches!(self, Protocol::Tcp | Protocol::Postgres)
-    }
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -3,7 +3,7 @@
 //! connector can be run against an [`Env`] made in a unit test, without root or eBPF.
 use std::time::Duration;
 
-use crate::{ca::NodeCa, origin::Origin, ebpf::FastPath, relay::Handover, secrets::Secrets};
+use crate::{ca::NodeCa, ebpf::FastPath, origin::Origin, relay::Handover, secrets::Secrets};
 
 pub struct Env {
     /// Resolves the credentials a policy names, at connection time.

@@ -104,7 +104,11 @@ const DENY_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Postgres {
     /// Serves one redirected PostgreSQL connection.
-    async fn serve_app(&self, app: TcpStream, cx: Context<'_>) -> Result<Transferred, ConnectError> {
+    async fn serve_app(
+        &self,
+        app: TcpStream,
+        cx: Context<'_>,
+    ) -> Result<Transferred, ConnectError> {
         let (origin, policy) = (cx.origin, cx.policy);
         let mut inbuf = BytesMut::with_capacity(1024);
         let tls = app_tls(policy, cx.env, origin.dst.ip());

@@ -58,6 +58,16 @@ pub fn built_names() -> Vec<&'static str> {
     BUILT.iter().map(|e| e.protocol.as_str()).collect()
 }
 
+/// The protocols whose connector has what `want` asks for, for messages ("postgres, mysql").
+pub fn names_where(want: impl Fn(&Support) -> bool) -> String {
+    BUILT
+        .iter()
+        .filter(|e| want(&e.support))
+        .map(|e| e.protocol.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The agent's connectors, one per built protocol, each with its own caches.
 pub struct Connectors {
     all: Vec<Arc<dyn Connector>>,

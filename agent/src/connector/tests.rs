@@ -117,10 +117,19 @@ async fn the_postgres_connector_denies_with_fatal_28000_and_never_contacts_the_t
         got
     };
     let ((), mut got) = tokio::join!(pg.deny(app, cx), app_side);
-    let reply = frame::parse(&mut got, 1 << 16).unwrap().expect("one message");
+    let reply = frame::parse(&mut got, 1 << 16)
+        .unwrap()
+        .expect("one message");
     assert_eq!(reply.tag, ERROR_RESPONSE);
     let fields = ErrorFields::decode(&reply.body).unwrap();
-    assert_eq!((fields.severity.as_str(), fields.code.as_str()), ("FATAL", "28000"));
-    assert!(fields.message.contains("policy \"unit\""), "{}", fields.message);
+    assert_eq!(
+        (fields.severity.as_str(), fields.code.as_str()),
+        ("FATAL", "28000")
+    );
+    assert!(
+        fields.message.contains("policy \"unit\""),
+        "{}",
+        fields.message
+    );
     assert!(session.handshake_took().is_none());
 }

@@ -44,10 +44,7 @@ impl Secrets {
     }
 
     /// See [`Resolver::credentials`].
-    pub async fn credentials(
-        &self,
-        policy: &Policy,
-    ) -> Result<Arc<Credentials>, SecretError> {
+    pub async fn credentials(&self, policy: &Policy) -> Result<Arc<Credentials>, SecretError> {
         self.credentials_for(policy, None).await
     }
 
@@ -66,10 +63,7 @@ impl Secrets {
 
     /// See [`Resolver::refresh`]; at most once per [`MIN_REFRESH_INTERVAL`] per policy
     /// (otherwise the credentials in force, which the caller sees are the same).
-    pub async fn refresh(
-        &self,
-        policy: &Policy,
-    ) -> Result<Arc<Credentials>, SecretError> {
+    pub async fn refresh(&self, policy: &Policy) -> Result<Arc<Credentials>, SecretError> {
         self.refresh_for(policy, None).await
     }
 

@@ -101,9 +101,15 @@ pub async fn serve(
             {
                 return Ok(Ended::Cancel);
             }
-            super::send_cancel(origin.dst, origin.netns.as_deref(), pid, secret, &shared.env)
-                .await
-                .map_err(Failure::Dial)?;
+            super::send_cancel(
+                origin.dst,
+                origin.netns.as_deref(),
+                pid,
+                secret,
+                &shared.env,
+            )
+            .await
+            .map_err(Failure::Dial)?;
             return Ok(Ended::Cancel);
         }
         _ => unreachable!("read_startup answers SSL and GSS requests itself"),
@@ -266,7 +272,11 @@ impl Leg<'_> {
                 if fresh {
                     shared.env.secrets.refresh_for(&policy, role.as_ref()).await
                 } else {
-                    shared.env.secrets.credentials_for(&policy, role.as_ref()).await
+                    shared
+                        .env
+                        .secrets
+                        .credentials_for(&policy, role.as_ref())
+                        .await
                 }
             })
             .await
