@@ -10,7 +10,9 @@ use sha1::Sha1;
 use sha2::{Digest as _, Sha256};
 
 use crate::client_auth::{AuthStep, ClientAuth, ClientAuthOptions, Transport};
-use crate::constants::{CACHING_SHA2_PASSWORD, CapabilityFlags, MYSQL_NATIVE_PASSWORD, StatusFlags};
+use crate::constants::{
+    CACHING_SHA2_PASSWORD, CapabilityFlags, MYSQL_NATIVE_PASSWORD, StatusFlags,
+};
 use crate::error::AuthError;
 use crate::frame::{self, Packet};
 use crate::greeting::Greeting;
@@ -90,24 +92,45 @@ fn start(transport: Transport, options: ClientAuthOptions) -> (ClientAuth, Hands
 /// response with SHA256(that + scramble) to get SHA256(password), and compares its hash.
 fn server_fast_path_accepts(response: &[u8], scramble: &[u8], password: &[u8]) -> bool {
     let stored = Sha256::digest(Sha256::digest(password));
-    let mask = Sha256::new().chain_update(stored).chain_update(scramble).finalize();
-    let candidate: Vec<u8> = response.iter().zip(mask.iter()).map(|(a, b)| a ^ b).collect();
+    let mask = Sha256::new()
+        .chain_update(stored)
+        .chain_update(scramble)
+        .finalize();
+    let candidate: Vec<u8> = response
+        .iter()
+        .zip(mask.iter())
+        .map(|(a, b)| a ^ b)
+        .collect();
     response.len() == 32 && Sha256::digest(&candidate) == stored
 }
 
 #[test]
 fn first_response_is_the_documented_sha256_scramble() {
     let (_, r) = start(Transport::Plain, ClientAuthOptions::default());
-    assert_eq!(r.auth_plugin.as_deref(), Some(CACHING_SHA2_PASSWORD.as_bytes()));
-    assert!(server_fast_path_accepts(r.auth_response.expose(), SCRAMBLE, PW));
-    assert!(!server_fast_path_accepts(r.auth_response.expose(), SCRAMBLE, b"other"));
+    assert_eq!(
+        r.auth_plugin.as_deref(),
+        Some(CACHING_SHA2_PASSWORD.as_bytes())
+    );
+    assert!(server_fast_path_accepts(
+        r.auth_response.expose(),
+        SCRAMBLE,
+        PW
+    ));
+    assert!(!server_fast_path_accepts(
+        r.auth_response.expose(),
+        SCRAMBLE,
+        b"other"
+    ));
 }
 
 #[test]
 fn fast_path_success_then_ok() {
     let (mut auth, _) = start(Transport::Plain, ClientAuthOptions::default());
     let mut out = BytesMut::new();
-    assert_eq!(auth.on_packet(&pkt(2, b"\x01\x03"), &mut out).unwrap(), AuthStep::Continue);
+    assert_eq!(
+        auth.on_packet(&pkt(2, b"\x01\x03"), &mut out).unwrap(),
+        AuthStep::Continue
+    );
     assert!(out.is_empty(), "nothing to send after fast auth success");
     let AuthStep::Done(ok) = auth.on_packet(&pkt(3, &ok()), &mut out).unwrap() else {
         panic!("OK expected")
@@ -161,7 +184,11 @@ fn full_authentication_without_tls_asks_for_the_key_and_encrypts() {
     let mut out = BytesMut::new();
     auth.on_packet(&pkt(2, b"\x01\x04"), &mut out).unwrap();
     let p = sent(&out);
-    assert_eq!((p.seq, &p.payload[..]), (3, &b"\x02"[..]), "public key request");
+    assert_eq!(
+        (p.seq, &p.payload[..]),
+        (3, &b"\x02"[..]),
+        "public key request"
+    );
     out.clear();
     let mut key_packet = vec![0x01];
     key_packet.extend_from_slice(pem.as_bytes());
@@ -224,11 +251,18 @@ fn garbage_instead_of_a_key_is_a_typed_error() {
 #[test]
 fn switch_from_native_to_caching_sha2_uses_the_new_scramble() {
     // A MySQL 8 server whose default is mysql_native_password, for a caching_sha2 account.
-    let mut auth = ClientAuth::new(&greeting(MYSQL_NATIVE_PASSWORD), PW, ClientAuthOptions::default());
+    let mut auth = ClientAuth::new(
+        &greeting(MYSQL_NATIVE_PASSWORD),
+        PW,
+        ClientAuthOptions::default(),
+    );
     let mut r = response();
     let mut out = BytesMut::new();
     auth.start(&mut r, Transport::Plain, &mut out).unwrap();
-    assert_eq!(r.auth_plugin.as_deref(), Some(MYSQL_NATIVE_PASSWORD.as_bytes()));
+    assert_eq!(
+        r.auth_plugin.as_deref(),
+        Some(MYSQL_NATIVE_PASSWORD.as_bytes())
+    );
     let new_scramble = b"ZYXWVUTSRQ9876543210";
     let mut switch = b"\xfecaching_sha2_password\0".to_vec();
     switch.extend_from_slice(new_scramble);
@@ -248,7 +282,11 @@ fn switch_from_native_to_caching_sha2_uses_the_new_scramble() {
 
 #[test]
 fn empty_password_sends_empty_data() {
-    let mut auth = ClientAuth::new(&greeting(CACHING_SHA2_PASSWORD), b"", ClientAuthOptions::default());
+    let mut auth = ClientAuth::new(
+        &greeting(CACHING_SHA2_PASSWORD),
+        b"",
+        ClientAuthOptions::default(),
+    );
     let mut r = response();
     let mut out = BytesMut::new();
     auth.start(&mut r, Transport::Plain, &mut out).unwrap();

@@ -6,9 +6,7 @@ use bytes::BytesMut;
 use super::{Dir, capture};
 use crate::client_auth::{AuthStep, ClientAuth, ClientAuthOptions, Transport};
 use crate::command::{ChangeUser, Command};
-use crate::constants::{
-    CLIENT_ED25519, CapabilityFlags, MYSQL_NATIVE_PASSWORD, StatusFlags, er,
-};
+use crate::constants::{CLIENT_ED25519, CapabilityFlags, MYSQL_NATIVE_PASSWORD, StatusFlags, er};
 use crate::error::AuthError;
 use crate::frame::Seq;
 use crate::greeting::Greeting;
@@ -35,10 +33,16 @@ fn mariadb_greeting_parses_and_round_trips() {
     let g = Greeting::parse(&p.payload).unwrap();
     assert_eq!(g.server_version, b"5.5.5-10.11.19-MariaDB-0+deb12u1");
     assert!(g.is_mariadb());
-    assert_eq!(g.connection_id, 9, "the id `SELECT CONNECTION_ID()` printed");
+    assert_eq!(
+        g.connection_id, 9,
+        "the id `SELECT CONNECTION_ID()` printed"
+    );
     assert_eq!(g.scramble.len(), 20);
     assert!(!g.scramble.contains(&0));
-    assert_eq!(g.auth_plugin.as_deref(), Some(MYSQL_NATIVE_PASSWORD.as_bytes()));
+    assert_eq!(
+        g.auth_plugin.as_deref(),
+        Some(MYSQL_NATIVE_PASSWORD.as_bytes())
+    );
     assert_eq!(g.charset, 8, "latin1_swedish_ci, the server default");
     assert_eq!(g.status, StatusFlags::SERVER_STATUS_AUTOCOMMIT);
     for f in [
@@ -50,15 +54,23 @@ fn mariadb_greeting_parses_and_round_trips() {
     ] {
         assert!(g.capabilities.contains(f), "{f:?}");
     }
-    assert!(!g.capabilities.contains(CapabilityFlags::CLIENT_SSL), "server ran --skip-ssl");
     assert!(
-        !g.capabilities.contains(CapabilityFlags::CLIENT_LONG_PASSWORD),
+        !g.capabilities.contains(CapabilityFlags::CLIENT_SSL),
+        "server ran --skip-ssl"
+    );
+    assert!(
+        !g.capabilities
+            .contains(CapabilityFlags::CLIENT_LONG_PASSWORD),
         "MariaDB clears CLIENT_MYSQL to announce extended capabilities"
     );
     assert!(!g.mariadb_capabilities.is_empty());
     let mut out = BytesMut::new();
     g.encode(&mut out).unwrap();
-    assert_eq!(&out[..], &p.payload[..], "greeting re-encodes byte for byte");
+    assert_eq!(
+        &out[..],
+        &p.payload[..],
+        "greeting re-encodes byte for byte"
+    );
 
     // With TLS configured the server adds CLIENT_SSL, nothing else changes in the layout.
     let tls = capture("ssl_request.txt");
@@ -77,21 +89,43 @@ fn mariadb_client_response_parses_and_round_trips() {
     let r = app_response(&p.payload);
     assert_eq!(r.username, b"native_user");
     assert_eq!(r.database.as_deref(), Some(&b"shop"[..]));
-    assert_eq!(r.auth_plugin.as_deref(), Some(MYSQL_NATIVE_PASSWORD.as_bytes()));
+    assert_eq!(
+        r.auth_plugin.as_deref(),
+        Some(MYSQL_NATIVE_PASSWORD.as_bytes())
+    );
     assert_eq!(r.auth_response.len(), 20);
     assert_eq!(r.charset, 33, "utf8mb3_general_ci, the client's default");
     assert!(r.capabilities.contains(CapabilityFlags::CLIENT_PROTOCOL_41));
-    let attrs = r.connect_attrs.as_ref().expect("the mariadb client sends attributes");
+    let attrs = r
+        .connect_attrs
+        .as_ref()
+        .expect("the mariadb client sends attributes");
     assert_eq!(attrs.get(b"_client_name"), Some(&b"libmariadb"[..]));
-    assert_eq!(attrs.get(b"program_name"), Some(&b"mysql"[..]), "as the client names itself");
+    assert_eq!(
+        attrs.get(b"program_name"),
+        Some(&b"mysql"[..]),
+        "as the client names itself"
+    );
     let mut out = BytesMut::new();
     r.encode(&mut out).unwrap();
-    assert_eq!(&out[..], &p.payload[..], "response re-encodes byte for byte");
+    assert_eq!(
+        &out[..],
+        &p.payload[..],
+        "response re-encodes byte for byte"
+    );
 
     // The authentication data never shows in Debug output.
     let debug = format!("{r:?}");
-    assert!(debug.contains("AuthResponse(<20 bytes redacted>)"), "{debug}");
-    let secret_hex: String = r.auth_response.expose().iter().map(|b| format!("{b}, ")).collect();
+    assert!(
+        debug.contains("AuthResponse(<20 bytes redacted>)"),
+        "{debug}"
+    );
+    let secret_hex: String = r
+        .auth_response
+        .expose()
+        .iter()
+        .map(|b| format!("{b}, "))
+        .collect();
     assert!(!debug.contains(secret_hex.trim_end_matches(", ")));
 }
 
@@ -149,7 +183,9 @@ fn native_password_response_matches_the_mariadb_client() {
     let ok = replay("native_ok.txt", NATIVE_PW).unwrap();
     assert!(ok.status.contains(StatusFlags::SERVER_STATUS_AUTOCOMMIT));
     // The server reports the schema the connection starts in.
-    let state = ok.session_state.expect("session state with CLIENT_SESSION_TRACK");
+    let state = ok
+        .session_state
+        .expect("session state with CLIENT_SESSION_TRACK");
     assert!(state.ends_with(b"shop"), "{state:?}");
 }
 
@@ -163,8 +199,8 @@ fn ed25519_signature_matches_the_mariadb_client() {
     let ok = replay("ed25519_ok.txt", ED_PW).unwrap();
     assert_eq!(ok.affected_rows, 0);
     // The signature verifies under the public key MariaDB derives from the password.
-    let public = ed25519_dalek::VerifyingKey::from_bytes(&scramble::ed25519_public_key(ED_PW))
-        .unwrap();
+    let public =
+        ed25519_dalek::VerifyingKey::from_bytes(&scramble::ed25519_public_key(ED_PW)).unwrap();
     let sig = ed25519_dalek::Signature::from_bytes(
         &cap[3].payload()[..].try_into().expect("64-byte signature"),
     );
@@ -173,13 +209,19 @@ fn ed25519_signature_matches_the_mariadb_client() {
 
 #[test]
 fn wrong_password_ends_in_the_servers_access_denied() {
-    for (name, user) in [("native_denied.txt", "native_user"), ("ed25519_denied.txt", "ed_user")] {
+    for (name, user) in [
+        ("native_denied.txt", "native_user"),
+        ("ed25519_denied.txt", "ed_user"),
+    ] {
         // Replayed with the password the real client used, so the bytes match.
         let err = replay(name, b"wrong-pw").unwrap_err();
         let AuthError::Server(e) = &err else {
             panic!("{name}: {err:?}")
         };
-        assert_eq!((e.code, e.sql_state_str()), (er::ACCESS_DENIED_ERROR.0, "28000"));
+        assert_eq!(
+            (e.code, e.sql_state_str()),
+            (er::ACCESS_DENIED_ERROR.0, "28000")
+        );
         assert_eq!(
             e.message,
             format!("Access denied for user '{user}'@'localhost' (using password: YES)")
@@ -241,7 +283,10 @@ fn change_user_matches_mariadb_test_and_round_trips() {
         assert_eq!(cu.username, user);
         assert_eq!(cu.database, b"shop");
         assert_eq!(cu.charset, Some(8));
-        assert_eq!(cu.auth_plugin.as_deref(), Some(MYSQL_NATIVE_PASSWORD.as_bytes()));
+        assert_eq!(
+            cu.auth_plugin.as_deref(),
+            Some(MYSQL_NATIVE_PASSWORD.as_bytes())
+        );
         let mut out = BytesMut::new();
         cu.encode(caps, &mut out).unwrap();
         assert_eq!(&out[..], &p.payload[..], "COM_CHANGE_USER round trip");
@@ -305,7 +350,11 @@ fn latch_greeting_copies_the_servers_identity() {
     assert!(back.capabilities.contains(CapabilityFlags::CLIENT_SSL));
     assert!(!back.capabilities.contains(CapabilityFlags::CLIENT_COMPRESS));
     assert_eq!(back.scramble.len(), 20);
-    assert!(back.scramble.iter().all(|&b| (1..=127).contains(&b) && b != b'$'));
+    assert!(
+        back.scramble
+            .iter()
+            .all(|&b| (1..=127).contains(&b) && b != b'$')
+    );
 }
 
 #[test]
@@ -318,17 +367,28 @@ fn for_server_passes_the_applications_session_settings() {
     assert_eq!(r.database, app.database);
     assert_eq!(r.connect_attrs, app.connect_attrs);
     assert_eq!(r.charset, app.charset);
-    assert!(r.auth_response.is_empty(), "application's authentication data never forwarded");
-    assert!(r.capabilities.contains(CapabilityFlags::CLIENT_CONNECT_WITH_DB));
+    assert!(
+        r.auth_response.is_empty(),
+        "application's authentication data never forwarded"
+    );
+    assert!(
+        r.capabilities
+            .contains(CapabilityFlags::CLIENT_CONNECT_WITH_DB)
+    );
     assert!(!r.capabilities.contains(CapabilityFlags::CLIENT_SSL));
     assert_eq!(
-        r.capabilities.difference(app.capabilities & server.capabilities),
+        r.capabilities
+            .difference(app.capabilities & server.capabilities),
         CapabilityFlags::empty(),
         "nothing either side lacks"
     );
     let tls = HandshakeResponse::for_server(&app, &server, b"svc", true);
     assert!(tls.capabilities.contains(CapabilityFlags::CLIENT_SSL));
-    assert!(tls.ssl_request().capabilities.contains(CapabilityFlags::CLIENT_SSL));
+    assert!(
+        tls.ssl_request()
+            .capabilities
+            .contains(CapabilityFlags::CLIENT_SSL)
+    );
 }
 
 #[test]
