@@ -147,6 +147,27 @@ impl Greeting {
         Ok(())
     }
 
+    /// The greeting latch sends the application on behalf of `server`: the server's version,
+    /// connection id, collation, status and MariaDB capabilities, its capabilities as
+    /// [`crate::response::app_capabilities`] filters them (CLIENT_SSL when `offer_tls`), a
+    /// scramble of latch's own (the application's answer to it is dropped unchecked) and
+    /// mysql_native_password, the plugin every client implements.
+    pub fn for_app(server: &Greeting, scramble: [u8; SCRAMBLE_LEN], offer_tls: bool) -> Greeting {
+        Greeting {
+            server_version: server.server_version.clone(),
+            connection_id: server.connection_id,
+            scramble: scramble.to_vec(),
+            capabilities: crate::response::app_capabilities(server.capabilities, offer_tls)
+                | CapabilityFlags::CLIENT_PROTOCOL_41
+                | CapabilityFlags::CLIENT_SECURE_CONNECTION
+                | CapabilityFlags::CLIENT_PLUGIN_AUTH,
+            mariadb_capabilities: server.mariadb_capabilities,
+            charset: server.charset,
+            status: server.status,
+            auth_plugin: Some(crate::constants::MYSQL_NATIVE_PASSWORD.as_bytes().to_vec()),
+        }
+    }
+
     /// The server version as text (lossy).
     pub fn server_version_str(&self) -> Cow<'_, str> {
         String::from_utf8_lossy(&self.server_version)

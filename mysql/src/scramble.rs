@@ -30,7 +30,7 @@ pub fn caching_sha2(scramble: &[u8; SCRAMBLE_LEN], password: &[u8]) -> Vec<u8> {
 /// MariaDB client_ed25519: an Ed25519 signature of the server's nonce, under a key derived as
 /// RFC 8032 derives one from a seed, except that the "seed" is the password of any length:
 /// SHA-512(password) gives the clamped secret scalar (first half) and the nonce prefix
-/// (second half) — MariaDB's `crypto_sign` in plugin/auth_ed25519/ref10 hashes the password
+/// (second half): MariaDB's `crypto_sign` (plugin/auth_ed25519/ref10/sign.c) hashes the password
 /// where the reference code hashes the 32-byte seed. The public key the server stores is that
 /// scalar times the base point.
 pub fn ed25519(password: &[u8], nonce: &[u8]) -> [u8; 64] {

@@ -336,11 +336,7 @@ fn seq_tracks_both_legs_of_a_whole_session() {
 fn latch_greeting_copies_the_servers_identity() {
     let cap = capture("native_ok.txt");
     let server = Greeting::parse(&cap[0].payload()).unwrap();
-    let mine = Greeting {
-        scramble: crate::greeting::random_scramble().unwrap().to_vec(),
-        capabilities: crate::response::app_capabilities(server.capabilities, true),
-        ..server.clone()
-    };
+    let mine = Greeting::for_app(&server, crate::greeting::random_scramble().unwrap(), true);
     let mut out = BytesMut::new();
     mine.encode(&mut out).unwrap();
     let back = Greeting::parse(&out).unwrap();
@@ -350,6 +346,14 @@ fn latch_greeting_copies_the_servers_identity() {
     assert!(back.capabilities.contains(CapabilityFlags::CLIENT_SSL));
     assert!(!back.capabilities.contains(CapabilityFlags::CLIENT_COMPRESS));
     assert_eq!(back.scramble.len(), 20);
+    assert_ne!(back.scramble, server.scramble);
+    assert_eq!(
+        back.auth_plugin.as_deref(),
+        Some(MYSQL_NATIVE_PASSWORD.as_bytes())
+    );
+    assert_eq!((back.charset, back.status), (server.charset, server.status));
+    let plain = Greeting::for_app(&server, [b'a'; 20], false);
+    assert!(!plain.capabilities.contains(CapabilityFlags::CLIENT_SSL));
     assert!(
         back.scramble
             .iter()
