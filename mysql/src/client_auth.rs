@@ -42,7 +42,8 @@ pub enum Transport {
     Plain,
     /// TLS without verification of the server's certificate (`require`).
     Tls,
-    /// TLS with the server's certificate verified (`verify-ca`, `verify-full`).
+    /// TLS with the server's certificate and name verified (`verify-full`): the only leg a
+    /// password may be sent on as it is.
     TlsVerified,
 }
 
@@ -56,7 +57,8 @@ impl Transport {
 #[derive(Clone)]
 pub struct ClientAuthOptions {
     /// Ask the server for its RSA public key when full authentication is needed without TLS
-    /// (MySQL's `--get-server-public-key`). Default: true.
+    /// (MySQL's `--get-server-public-key`). Default: false — a key asked for on a leg nobody
+    /// verified may be an impersonator's, which would read the password; opt in per policy.
     pub request_public_key: bool,
     /// The server's RSA public key (PEM), known in advance: used instead of asking for it.
     pub server_public_key: Option<Vec<u8>>,
@@ -67,7 +69,7 @@ pub struct ClientAuthOptions {
 impl Default for ClientAuthOptions {
     fn default() -> Self {
         ClientAuthOptions {
-            request_public_key: true,
+            request_public_key: false,
             server_public_key: None,
             max_rounds: 8,
         }
@@ -391,7 +393,14 @@ impl ClientAuth {
 
     /// caching_sha2_password: the server has no cached hash and wants the password itself.
     fn full_auth(&mut self, out: &mut BytesMut) -> Result<AuthStep, AuthError> {
-        if self.transport.is_tls() {
+        if self.transport == Transport::Tls {
+            // The server reads the password in clear over any TLS; an unverified leg may
+            // be an impersonator's.
+            return Err(AuthError::ClearTextRefused {
+                plugin: "caching_sha2_password (full authentication)",
+            });
+        }
+        if self.transport == Transport::TlsVerified {
             self.seq.write(&with_nul(&self.password), out);
             self.state = State::AwaitingResult;
         } else if let Some(pem) = self.options.server_public_key.clone() {

@@ -139,8 +139,17 @@ fn fast_path_success_then_ok() {
 }
 
 #[test]
-fn full_authentication_over_tls_sends_the_password() {
-    for transport in [Transport::Tls, Transport::TlsVerified] {
+fn full_authentication_over_unverified_tls_is_refused_rather_than_send_the_password() {
+    let (mut auth, _) = start(Transport::Tls, ClientAuthOptions::default());
+    let mut out = BytesMut::new();
+    let err = auth.on_packet(&pkt(2, b"\x01\x04"), &mut out).unwrap_err();
+    assert!(matches!(err, AuthError::ClearTextRefused { .. }), "{err}");
+    assert!(out.is_empty(), "nothing is sent");
+}
+
+#[test]
+fn full_authentication_over_verified_tls_sends_the_password() {
+    for transport in [Transport::TlsVerified] {
         let (mut auth, _) = start(transport, ClientAuthOptions::default());
         let mut out = BytesMut::new();
         auth.on_packet(&pkt(2, b"\x01\x04"), &mut out).unwrap();
@@ -178,9 +187,13 @@ fn server_decrypts(private: &PrivateKey, cipher: &[u8], scramble: &[u8]) -> Vec<
 }
 
 #[test]
-fn full_authentication_without_tls_asks_for_the_key_and_encrypts() {
+fn full_authentication_without_tls_asks_for_the_key_and_encrypts_when_allowed() {
     let (private, pem) = key_pair();
-    let (mut auth, _) = start(Transport::Plain, ClientAuthOptions::default());
+    let asking = ClientAuthOptions {
+        request_public_key: true,
+        ..ClientAuthOptions::default()
+    };
+    let (mut auth, _) = start(Transport::Plain, asking);
     let mut out = BytesMut::new();
     auth.on_packet(&pkt(2, b"\x01\x04"), &mut out).unwrap();
     let p = sent(&out);
@@ -221,12 +234,8 @@ fn pinned_key_skips_the_request() {
 }
 
 #[test]
-fn key_request_can_be_forbidden() {
-    let options = ClientAuthOptions {
-        request_public_key: false,
-        ..ClientAuthOptions::default()
-    };
-    let (mut auth, _) = start(Transport::Plain, options);
+fn by_default_a_key_is_not_asked_for_on_a_leg_nobody_verified() {
+    let (mut auth, _) = start(Transport::Plain, ClientAuthOptions::default());
     let mut out = BytesMut::new();
     assert_eq!(
         auth.on_packet(&pkt(2, b"\x01\x04"), &mut out).unwrap_err(),
@@ -237,7 +246,11 @@ fn key_request_can_be_forbidden() {
 
 #[test]
 fn garbage_instead_of_a_key_is_a_typed_error() {
-    let (mut auth, _) = start(Transport::Plain, ClientAuthOptions::default());
+    let asking = ClientAuthOptions {
+        request_public_key: true,
+        ..ClientAuthOptions::default()
+    };
+    let (mut auth, _) = start(Transport::Plain, asking);
     let mut out = BytesMut::new();
     auth.on_packet(&pkt(2, b"\x01\x04"), &mut out).unwrap();
     out.clear();
