@@ -47,12 +47,6 @@ pub enum Transport {
     TlsVerified,
 }
 
-impl Transport {
-    fn is_tls(self) -> bool {
-        !matches!(self, Transport::Plain)
-    }
-}
-
 /// Choices about caching_sha2_password's RSA exchange and limits.
 #[derive(Clone)]
 pub struct ClientAuthOptions {
