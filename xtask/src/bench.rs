@@ -225,18 +225,31 @@ pub fn median(xs: &[f64]) -> Option<f64> {
     }
 }
 
-/// `cargo bench -p latch` when the agent has benchmarks (agent/benches or [[bench]] targets).
+/// The criterion benchmarks of the agent and the wire crates (every package with a `benches/`
+/// directory).
 fn micro() -> Result<()> {
-    let agent = proc::root().join("agent");
-    let has_dir = std::fs::read_dir(agent.join("benches")).is_ok_and(|mut d| d.next().is_some());
-    let manifest = std::fs::read_to_string(agent.join("Cargo.toml")).unwrap_or_default();
-    if has_dir || manifest.contains("[[bench]]") {
-        println!("\nbench: criterion micro-benchmarks");
-        run(proc::cargo().args(["bench", "-p", "latch", "--benches"]))
-    } else {
-        println!("bench: the agent has no micro-benchmarks yet, skipping `cargo bench`");
-        Ok(())
+    let root = proc::root();
+    let mut cmd = proc::cargo();
+    cmd.args(["bench", "--benches"]);
+    let mut any = false;
+    for (dir, package) in [
+        ("agent", "latch"),
+        ("pg", "latch-pg"),
+        ("mysql", "latch-mysql"),
+    ] {
+        let has =
+            std::fs::read_dir(root.join(dir).join("benches")).is_ok_and(|mut d| d.next().is_some());
+        if has {
+            cmd.args(["-p", package]);
+            any = true;
+        }
     }
+    if !any {
+        println!("bench: no criterion benchmarks, skipping `cargo bench`");
+        return Ok(());
+    }
+    println!("\nbench: criterion micro-benchmarks");
+    run(&mut cmd)
 }
 
 impl Rig {

@@ -4,7 +4,10 @@
 //!
 //! Order matters: the slot is taken before the policy decides, so a workload flooding
 //! connections its policy denies meets its own limit, not every other workload's.
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use aya::maps::MapError;
 use latch_common::ConnMeta;
@@ -159,6 +162,16 @@ impl Admitted {
         self.record.outcome = audit::Outcome::Refused;
         self.record.reason = Some(why.to_string());
         self.verdict = Verdict::Refuse(why);
+    }
+
+    /// When the handshake must be done: `--handshake-timeout` after admission began, for
+    /// relayed and direct-mode connections alike. Returns the bound too (for the refusal).
+    pub fn handshake_deadline(&self, shared: &Shared) -> (tokio::time::Instant, Duration) {
+        let timeout = shared.limits.handshake_timeout;
+        (
+            tokio::time::Instant::from_std(self.started) + timeout,
+            timeout,
+        )
     }
 
     /// Writes the audit record, with the time since admission began.

@@ -78,9 +78,9 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
     let app_fd = stream.as_fd().try_clone_to_owned().ok();
     metrics.active.inc();
     tracing::debug!("brokering");
-    let timeout = shared.limits.handshake_timeout;
+    let (deadline, timeout) = admitted.handshake_deadline(shared);
     let watchdog = async {
-        match tokio::time::timeout(timeout, session.handshake()).await {
+        match tokio::time::timeout_at(deadline, session.handshake()).await {
             Ok(()) => {
                 drop(app_fd);
                 if let Some(took) = session.handshake_took() {

@@ -321,7 +321,7 @@ async fn serve(
         Verdict::Deny => Some(Failure::Denied),
         Verdict::Refuse(why) => Some(Failure::Limit(why)),
     };
-    let timeout = shared.limits.handshake_timeout;
+    let (deadline, timeout) = admitted.handshake_deadline(shared);
     let mut leg = Leg {
         direct,
         cookie: header.cookie,
@@ -332,7 +332,7 @@ async fn serve(
         side,
         main,
         shared: shared.clone(),
-        deadline: tokio::time::Instant::now() + timeout,
+        deadline,
         watched: false,
     };
     let (origin, policy) = (admitted.origin.clone(), admitted.policy.clone());
