@@ -229,6 +229,7 @@ impl Running {
         let background = CancellationToken::new();
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(opts.limits.max_connections));
+        crate::relay::pipes::set_max(opts.limits.max_pipes);
         let mut listeners = vec![local4];
         listeners.extend(bound6);
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);

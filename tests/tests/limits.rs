@@ -405,3 +405,65 @@ fn the_admin_endpoint_bounds_its_connections_and_closes_idle_ones() {
     );
     drop(idle);
 }
+
+#[test]
+fn an_idle_connection_holds_its_two_sockets_and_no_pipes() {
+    let target = EchoServer::start("127.0.0.2");
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&tcp_policy("idle", "127.0.0.2", target.addr.port()), &cg);
+    let before = open_fds(agent.pid());
+    // 300 connections, each echoes a byte (both directions splice through a pipe), then idle.
+    let conns = 300;
+    let holder = cg
+        .command(bins::probe())
+        .args(["hold", &target.addr.to_string(), &conns.to_string(), "8000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start holder");
+    let _holder = latch_tests::Killed(holder);
+    assert!(
+        latch_tests::eventually(Duration::from_secs(6), || agent.count("active") == conns),
+        "the held connections never all became active: {}",
+        agent.count("active")
+    );
+    let during = open_fds(agent.pid());
+    let per_conn = (during - before) as f64 / conns as f64;
+    // Two sockets each, and the few drained pipes kept for reuse (at most 16 per connection
+    // thread); with a pipe pair per direction for life it was 6.
+    assert!(
+        per_conn < 2.5,
+        "{per_conn:.2} descriptors per idle connection ({before} before, {during} with {conns} held)"
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn with_no_pipes_to_be_had_the_relay_copies_through_a_buffer() {
+    let target = EchoServer::start("127.0.0.2");
+    let cg = TestCgroup::new();
+    let agent = Agent::start_args(
+        &tcp_policy("nopipes", "127.0.0.2", target.addr.port()),
+        &cg,
+        &["--max-pipes", "0"],
+    );
+    let before = open_fds(agent.pid());
+    // 4 connections, each echoing 1 MB.
+    let (ok, out) = probe(
+        &cg,
+        &[
+            "echo",
+            &target.addr.to_string(),
+            "4",
+            &(1 << 20).to_string(),
+        ],
+    );
+    assert!(ok, "{out}\n{}", agent.log());
+    agent.wait_count("relayed", 4);
+    // Nothing left behind (other descriptors of the agent's may come and go meanwhile).
+    assert!(
+        latch_tests::eventually(Duration::from_secs(3), || open_fds(agent.pid()) <= before),
+        "descriptors left behind after the connections closed: {} > {before}",
+        open_fds(agent.pid())
+    );
+    assert!(agent.stop().success());
+}

@@ -35,6 +35,8 @@ use crate::{
 pub struct Limits {
     /// Connections handled at once; further accepts wait.
     pub max_connections: usize,
+    /// Pipes the relay splices through at once (see `relay::pipes`).
+    pub max_pipes: usize,
     /// How long reaching a target may take.
     pub connect_timeout: Duration,
     /// Connections one workload (cgroup) may have brokered at once; more are refused.
@@ -52,6 +54,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
+            max_pipes: 2_500,
             connect_timeout: Duration::from_secs(10),
             max_per_workload: 1_000,
             handshake_timeout: Duration::from_secs(30),

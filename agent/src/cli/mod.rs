@@ -85,6 +85,11 @@ struct DataPathArgs {
     /// Most connections brokered at once.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
+    /// Most pipes the relay splices through at once (each is two descriptors, held only while
+    /// data is in flight); past it a connection copies through a buffer instead.
+    /// [default: a quarter of --max-connections]
+    #[arg(long)]
+    max_pipes: Option<usize>,
     /// How long reaching a target may take, in seconds.
     #[arg(long, default_value_t = 10)]
     connect_timeout: u64,
@@ -227,6 +232,7 @@ impl DataPathArgs {
     fn limits(&self) -> Limits {
         Limits {
             max_connections: self.max_connections,
+            max_pipes: self.max_pipes.unwrap_or(self.max_connections / 4),
             connect_timeout: Duration::from_secs(self.connect_timeout),
             max_per_workload: self.max_per_workload.max(1),
             max_namespaces: self

@@ -7,25 +7,24 @@
 //! straight into the target socket and this side only waits for the end of the stream.
 use std::{
     io,
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::AsFd as _,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
 
 use nix::{
-    fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice},
+    fcntl::{SpliceFFlags, splice},
     sys::socket::{Shutdown, shutdown},
-    unistd::pipe2,
 };
 use tokio::{io::Interest, net::TcpStream};
 
+pub mod pipes;
+
+use self::pipes::{PIPE_SIZE, Pipe};
 use crate::{
     connector::stream::{AppStream, MaybeTls, TargetStream},
     ebpf::FastPath,
 };
-
-/// Pipe capacity asked for per direction; the kernel may grant less.
-const PIPE_SIZE: usize = 1 << 20;
 
 /// Bytes moved in each direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -267,29 +266,32 @@ async fn pump(
     counter: &AtomicU64,
     role: Role<'_, '_>,
 ) -> io::Result<u64> {
-    let (pipe_r, pipe_w) = pipe()?;
-    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut total = 0u64;
     if let Role::ToTarget(h) = role {
         h.attempt(0);
     }
     loop {
-        // The pipe is empty here (drained below), so EAGAIN can only mean "no data yet".
-        let read = src.async_io(Interest::READABLE, || {
-            splice(src.as_fd(), None, pipe_w.as_fd(), None, PIPE_SIZE, flags)
-                .map_err(io::Error::from)
-        });
-        let n = match role {
+        // Wait for data (or the end of the stream) holding no pipe: an idle direction costs
+        // nothing but its socket.
+        let ready = src.readable();
+        match role {
             Role::ToTarget(h) if h.ticking.load(Ordering::Relaxed) => {
                 tokio::select! {
-                    n = read => n?,
+                    r = ready => r?,
                     () = tokio::time::sleep(TICK) => {
                         h.renew(true);
                         continue;
                     }
                 }
             }
-            _ => read.await?,
+            _ => ready.await?,
+        }
+        let moved = match pipes::take() {
+            Some(pipe) => through_pipe(src, dst, pipe).await?,
+            None => through_buffer(src, dst).await?,
+        };
+        let Some(n) = moved else {
+            continue; // readiness was stale
         };
         if n == 0 {
             match shutdown(dst_fd(dst), Shutdown::Write) {
@@ -297,16 +299,6 @@ async fn pump(
                 Err(e) => return Err(e.into()),
             }
             return Ok(total);
-        }
-        let mut left = n;
-        while left > 0 {
-            let m = dst
-                .async_io(Interest::WRITABLE, || {
-                    splice(pipe_r.as_fd(), None, dst.as_fd(), None, left, flags)
-                        .map_err(io::Error::from)
-                })
-                .await?;
-            left -= m;
         }
         total += n as u64;
         counter.fetch_add(n as u64, Ordering::Relaxed);
@@ -316,6 +308,60 @@ async fn pump(
             Role::Plain => {}
         }
     }
+}
+
+/// Moves what `src` has into `pipe` and all of it on to `dst`, then gives the (empty) pipe
+/// back; on an error the pipe is closed with whatever it held. `None`: nothing to read after
+/// all; `Some(0)`: end of stream.
+async fn through_pipe(src: &TcpStream, dst: &TcpStream, pipe: Pipe) -> io::Result<Option<usize>> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let read = src.try_io(Interest::READABLE, || {
+        splice(src.as_fd(), None, pipe.w.as_fd(), None, PIPE_SIZE, flags).map_err(io::Error::from)
+    });
+    let n = match read {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            pipes::give(pipe);
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let mut left = n;
+    while left > 0 {
+        let m = dst
+            .async_io(Interest::WRITABLE, || {
+                splice(pipe.r.as_fd(), None, dst.as_fd(), None, left, flags)
+                    .map_err(io::Error::from)
+            })
+            .await?;
+        left -= m;
+    }
+    pipes::give(pipe);
+    Ok(Some(n))
+}
+
+/// Bytes copied at a time when no pipe is to be had.
+const COPY_BUF: usize = 16 * 1024;
+
+/// The same as [`through_pipe`] through a buffer of the process's, for when every pipe is
+/// taken (or descriptors ran out): slower, but the connection goes on.
+async fn through_buffer(src: &TcpStream, dst: &TcpStream) -> io::Result<Option<usize>> {
+    let mut buf = vec![0u8; COPY_BUF];
+    let n = match src.try_read(&mut buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut sent = 0;
+    while sent < n {
+        dst.writable().await?;
+        match dst.try_write(&buf[sent..n]) {
+            Ok(m) => sent += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(n))
 }
 
 /// Relays between two legs that may each be TLS, once a connector's handshake is done:
@@ -397,13 +443,6 @@ pub fn bytes_read(stream: &TcpStream) -> Option<u64> {
 fn dst_fd(dst: &TcpStream) -> std::os::fd::RawFd {
     use std::os::fd::AsRawFd as _;
     dst.as_raw_fd()
-}
-
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let (r, w) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-    // A larger pipe means fewer splice calls per megabyte; not fatal if refused.
-    let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32));
-    Ok((r, w))
 }
 
 #[cfg(test)]
