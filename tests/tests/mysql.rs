@@ -127,6 +127,16 @@ fn mysql_async_sees_the_real_connection_id_and_runs_queries_prepared_statements_
     assert_eq!(ok(&mut s.probe("suite")), "suite ok");
     let killed = ok(&mut s.probe("kill"));
     assert!(killed.starts_with("killed in "), "{killed}");
+    // COM_CHANGE_USER would carry the application's own credentials: refused as a server
+    // refuses a command it does not have, and the session goes on as the policy's user.
+    let changed = ok(&mut s.probe("changeuser"));
+    assert_eq!(
+        changed,
+        format!("change_user=1047\nafter={ED25519_USER}@%"),
+        "{changed}"
+    );
+    let log = s.db.log();
+    assert!(!log.contains("user 'root'"), "{log}");
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }

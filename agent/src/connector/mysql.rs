@@ -3,7 +3,8 @@
 //! with the server's own version, connection id and capabilities (so `CONNECTION_ID()` and
 //! `KILL <id>` agree with what the application was told), reads the application's
 //! HandshakeResponse41 and drops its authentication data unread, authenticates to the server
-//! with the policy's credentials, tells the application the server's OK, then relays. The
+//! with the policy's credentials, tells the application the server's OK, then relays, refusing COM_CHANGE_USER (which would
+//! carry the application's own authentication data to the server). The
 //! application never holds, sends or sees a password.
 //!
 //! | file | holds |
@@ -13,8 +14,10 @@
 //! | [`failure`] | failures and the ERR packet each becomes |
 //! | [`refusal`] | latch's limits and denials as ERR packets |
 //! | [`io`] | reading whole packets during the handshake |
+//! | [`commands`] | the relay, refusing COM_CHANGE_USER |
 //!
 //! The wire protocol itself is the `latch-mysql` crate (sans-IO).
+pub mod commands;
 pub mod failure;
 pub mod io;
 pub mod refusal;
@@ -34,13 +37,12 @@ use self::{
     target::{Established, TargetCx},
 };
 use super::{
-    Answered, ConnectError, Connector, Context, Refusal, Served, Support,
-    stream::{AppStream, TargetStream},
+    Answered, ConnectError, Connector, Context, Refusal, Served, Support, stream::TargetStream,
     target_tls::ClientConfigs,
 };
 use crate::{
     config::{Policy, Protocol, Role},
-    relay::{self, Transferred},
+    relay::Transferred,
     secrets::Credentials,
 };
 
@@ -50,7 +52,8 @@ pub const SUPPORT: Support = Support {
     negotiates_tls: true,
     app_tls: false,
     direct: false,
-    fast_path: true,
+    // The application's commands are watched (COM_CHANGE_USER), so the kernel cannot carry them.
+    fast_path: false,
 };
 
 /// The MySQL connector and the state its sessions share.
@@ -121,21 +124,13 @@ impl Mysql {
         app.tracked.set(app.leg);
         let result = handshake(self, &mut app, cx).await;
         app.tracked.done();
-        let (mut target, early) = match result {
+        let (target, early) = match result {
             Ok(Some(ready)) => ready,
             Ok(None) => return Ok(Transferred::default()),
             Err((failure, raw)) => return Err(refuse(app, cx, failure, raw).await),
         };
-        let (origin, env) = (cx.origin, cx.env);
         let progress = cx.progress();
-        let result = relay::streams(
-            AppStream::Plain(app.tcp),
-            &mut target,
-            &early,
-            progress,
-            |app| env.handover(origin, || relay::bytes_read(app)),
-        )
-        .await;
+        let result = commands::relay(app.tcp, target, early, progress).await;
         // The session ran; a reset from either side ends it and is not a broker failure.
         Ok(result.unwrap_or_else(|e| {
             tracing::debug!(error = %e, "relay ended by an error");

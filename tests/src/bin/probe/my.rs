@@ -7,6 +7,8 @@
 //!   two on the wire) each way, several result sets; prints `suite ok`.
 //! * `kill` — one session runs `SELECT SLEEP(30)`; a second one sees it in the process list
 //!   under the first one's id and runs `KILL QUERY <id>`; prints `killed in <ms>ms`.
+//! * `changeuser` — COM_CHANGE_USER to user `root` with password `guess`: prints
+//!   `change_user=<error code or ok>`, then `after=<CURRENT_USER()>` on the same session.
 use std::time::{Duration, Instant};
 
 use mysql_async::{Conn, Opts, prelude::*};
@@ -25,6 +27,7 @@ pub async fn run(url: &str, scenario: &str) -> Result<(), String> {
         }
         "suite" => suite(url).await,
         "kill" => kill(url).await,
+        "changeuser" => change_user(url).await,
         other => Err(format!("unknown my scenario {other:?}")),
     }
 }
@@ -155,4 +158,23 @@ async fn kill(url: &str) -> Result<(), String> {
     }
     println!("killed in {}ms", started.elapsed().as_millis());
     Ok(())
+}
+
+async fn change_user(url: &str) -> Result<(), String> {
+    let mut conn = connect(url).await?;
+    let opts = mysql_async::ChangeUserOpts::default()
+        .with_user(Some("root".into()))
+        .with_pass(Some("guess".into()));
+    match conn.change_user(opts).await {
+        Ok(()) => println!("change_user=ok"),
+        Err(mysql_async::Error::Server(s)) => println!("change_user={}", s.code),
+        Err(other) => println!("change_user=other {other}"),
+    }
+    let user: String = conn
+        .query_first("SELECT CURRENT_USER()")
+        .await
+        .map_err(e)?
+        .ok_or("no row")?;
+    println!("after={user}");
+    conn.disconnect().await.map_err(e)
 }
