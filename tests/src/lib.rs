@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod container;
 pub mod http;
 pub mod leftovers;
+pub mod mariadb;
 pub mod memory;
 pub mod openbao;
 pub mod pg_roles;

@@ -29,6 +29,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "buildah",
     "runc",
     "busybox-static",
+    // The MySQL connector's tests (tests/src/mariadb.rs): a throw-away MariaDB 10.11 server
+    // and the `mariadb` CLI.
+    "mariadb-server",
+    "mariadb-client",
 ];
 
 /// Tools from PyPI the tests start: (command, arguments that succeed when it works, pip requirement).

@@ -412,7 +412,7 @@ fn protocol_rules() {
     assert_eq!(errs.len(), 2, "{errs:?}");
     assert_eq!(
         errs[0],
-        "t.yaml:24:13: protocol http is not built yet: this version of latch brokers \"tcp\" and \"postgres\""
+        "t.yaml:24:13: protocol http is not built yet: this version of latch brokers \"tcp\", \"postgres\" and \"mysql\""
     );
     assert!(
         errs[1]
@@ -428,7 +428,7 @@ fn protocol_rules() {
         errors("t.yaml", &no_creds),
         vec![
             "t.yaml:6:1: missing field \"credentials\" in spec: protocol ssh needs credentials",
-            "t.yaml:8:13: protocol ssh is not built yet: this version of latch brokers \"tcp\" and \"postgres\""
+            "t.yaml:8:13: protocol ssh is not built yet: this version of latch brokers \"tcp\", \"postgres\" and \"mysql\""
         ]
     );
 
@@ -862,10 +862,7 @@ fn direct_mode_needs_postgres_in_plain_text_on_both_legs() {
     let mysql = policy("db", &spec("mysql", "  tls: {mode: disable}\n"));
     assert_eq!(
         errors("t.yaml", &format!("{STORES}{mysql}")),
-        vec![
-            "t.yaml:23:13: protocol mysql is not built yet: this version of latch brokers \"tcp\" and \"postgres\"",
-            "t.yaml:26:3: direct applies to protocol postgres only (not mysql); remove direct"
-        ]
+        vec!["t.yaml:26:3: direct applies to protocol postgres only (not mysql); remove direct"]
     );
     let not_bool = policy(
         "db",

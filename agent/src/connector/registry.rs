@@ -2,7 +2,7 @@
 //! supports (asked by config validation), and the agent's instances (asked by the broker).
 use std::sync::Arc;
 
-use super::{Connector, postgres, tcp};
+use super::{Connector, mysql, postgres, tcp};
 use crate::config::Protocol;
 
 /// What a protocol's connector can do, so that a policy asking for more is refused at load.
@@ -42,6 +42,11 @@ pub const BUILT: &[Entry] = &[
         protocol: Protocol::Postgres,
         support: postgres::SUPPORT,
         make: || Arc::new(postgres::Postgres::default()),
+    },
+    Entry {
+        protocol: Protocol::Mysql,
+        support: mysql::SUPPORT,
+        make: || Arc::new(mysql::Mysql::default()),
     },
 ];
 
@@ -110,6 +115,7 @@ mod tests {
             assert_eq!(all.get(e.protocol).map(|c| c.protocol()), Some(e.protocol));
         }
         assert!(all.find::<postgres::Postgres>().is_some());
-        assert!(supports(Protocol::Mysql).is_none());
+        assert!(all.find::<mysql::Mysql>().is_some());
+        assert!(supports(Protocol::Http).is_none());
     }
 }

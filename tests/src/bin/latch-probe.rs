@@ -14,6 +14,7 @@
 //! * `latch-probe abort ADDR CONNS` — as `hold` with no wait, then closes each connection
 //!   with a reset (SO_LINGER 0) instead of a FIN.
 //! * `latch-probe pg CONNSTR SCENARIO` — a tokio-postgres client; see `probe/pg.rs`.
+//! * `latch-probe my URL SCENARIO` — a mysql_async client; see `probe/my.rs`.
 //! * `latch-probe pgraw ADDR SCENARIO` — hostile PostgreSQL startup bytes; see `probe/pgraw.rs`.
 //! * `latch-probe pgpre TARGET` — every path before a StartupMessage; see `probe/pgpre.rs`.
 //!
@@ -40,6 +41,8 @@
 //!   SRCPORT; the server side (if the connection reaches it) sends AuthenticationCleartextPassword
 //!   (`R`, int32 8, int32 3); the client reads until MILLIS after the start and prints
 //!   `client_got=<bytes>`; exits 0.
+#[path = "probe/my.rs"]
+mod my;
 #[path = "probe/pg.rs"]
 mod pg;
 #[path = "probe/pgpre.rs"]
@@ -90,6 +93,10 @@ fn main() -> ExitCode {
             false,
         )),
         Some("abort") => rt.block_on(hold(parse_addr(&args, 2), parse_num(&args, 3), 0, true)),
+        Some("my") => rt.block_on(my::run(
+            args.get(2).map(String::as_str).unwrap_or_default(),
+            args.get(3).map(String::as_str).unwrap_or("whoami"),
+        )),
         Some("pg") => rt.block_on(pg::run(
             args.get(2).map(String::as_str).unwrap_or_default(),
             args.get(3).map(String::as_str).unwrap_or("whoami"),

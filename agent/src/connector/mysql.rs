@@ -1,0 +1,357 @@
+//! `protocol: mysql` — MySQL and MariaDB. latch is the server toward the application and the
+//! client toward the real server. It connects to the server first and greets the application
+//! with the server's own version, connection id and capabilities (so `CONNECTION_ID()` and
+//! `KILL <id>` agree with what the application was told), reads the application's
+//! HandshakeResponse41 and drops its authentication data unread, authenticates to the server
+//! with the policy's credentials, tells the application the server's OK, then relays, refusing COM_CHANGE_USER (which would
+//! carry the application's own authentication data to the server). The
+//! application never holds, sends or sees a password.
+//!
+//! | file | holds |
+//! |---|---|
+//! | `mysql.rs` | the [`Mysql`] connector: the session, retry after rotation, relay |
+//! | [`target`] | connect, greeting, TLS negotiation and authentication to the server |
+//! | [`failure`] | failures and the ERR packet each becomes |
+//! | [`refusal`] | latch's limits and denials as ERR packets |
+//! | [`io`] | reading whole packets during the handshake |
+//! | [`commands`] | the relay, refusing COM_CHANGE_USER |
+//!
+//! The wire protocol itself is the `latch-mysql` crate (sans-IO).
+pub mod commands;
+pub mod failure;
+pub mod io;
+pub mod refusal;
+pub mod target;
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use bytes::BytesMut;
+use latch_mysql::{ClientHello, Greeting, HandshakeResponse, greeting::random_scramble};
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+
+pub use failure::Failure;
+
+use self::{
+    io::{ReadError, read_packet},
+    refusal::{AppLeg, InProgress, Tracked},
+    target::{Established, TargetCx},
+};
+use super::{
+    Answered, ConnectError, Connector, Context, Refusal, Served, Support, stream::TargetStream,
+    target_tls::ClientConfigs,
+};
+use crate::{
+    config::{Policy, Protocol, Role},
+    relay::Transferred,
+    secrets::Credentials,
+};
+
+pub const SUPPORT: Support = Support {
+    credentials: true,
+    target_tls: true,
+    negotiates_tls: true,
+    app_tls: false,
+    direct: false,
+    // The application's commands are watched (COM_CHANGE_USER), so the kernel cannot carry them.
+    fast_path: false,
+};
+
+/// The MySQL connector and the state its sessions share.
+#[derive(Default)]
+pub struct Mysql {
+    /// TLS client configurations per policy (each with its session cache).
+    pub tls: ClientConfigs,
+    /// Handshakes in progress, for answering one the broker cuts short.
+    pub in_progress: InProgress,
+}
+
+/// How long an application may take to send its handshake response.
+pub const APP_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Connector for Mysql {
+    fn protocol(&self) -> Protocol {
+        Protocol::Mysql
+    }
+
+    fn serve<'a>(&'a self, app: TcpStream, cx: Context<'a>) -> Served<'a> {
+        Box::pin(self.serve_app(app, cx))
+    }
+
+    fn deny<'a>(&'a self, app: TcpStream, cx: Context<'a>) -> Answered<'a> {
+        // As a server answers a host it does not let in: an ERR in place of the greeting. The
+        // target is never contacted and nothing is resolved.
+        let err = Failure::Denied
+            .to_app(&cx.policy.name, cx.origin.conn)
+            .expect("a denial is told");
+        Box::pin(async move { refusal::tell(app, &err, AppLeg::default()).await })
+    }
+
+    fn refuse<'a>(&'a self, app: TcpStream, policy: &'a Policy, why: Refusal) -> Answered<'a> {
+        Box::pin(refusal::before_greeting(app, policy, why))
+    }
+
+    fn abort<'a>(&'a self, app: TcpStream, policy: &'a Policy, why: Refusal) -> Answered<'a> {
+        Box::pin(refusal::abort(app, policy, why, &self.in_progress))
+    }
+}
+
+/// The application's leg during the handshake.
+struct App {
+    tcp: TcpStream,
+    leg: AppLeg,
+    tracked: Tracked,
+}
+
+impl App {
+    fn advance(&mut self, leg: AppLeg) {
+        self.leg = leg;
+        self.tracked.set(leg);
+    }
+}
+
+impl Mysql {
+    async fn serve_app(
+        &self,
+        tcp: TcpStream,
+        cx: Context<'_>,
+    ) -> Result<Transferred, ConnectError> {
+        let tracked = self.in_progress.track(tcp.peer_addr().ok());
+        let mut app = App {
+            tcp,
+            leg: AppLeg::default(),
+            tracked,
+        };
+        app.tracked.set(app.leg);
+        let result = handshake(self, &mut app, cx).await;
+        app.tracked.done();
+        let (target, early) = match result {
+            Ok(Some(ready)) => ready,
+            Ok(None) => return Ok(Transferred::default()),
+            Err((failure, raw)) => return Err(refuse(app, cx, failure, raw).await),
+        };
+        let progress = cx.progress();
+        let result = commands::relay(app.tcp, target, early, progress).await;
+        // The session ran; a reset from either side ends it and is not a broker failure.
+        Ok(result.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "relay ended by an error");
+            Transferred {
+                to_target: progress.to_target.load(Ordering::Relaxed),
+                to_app: progress.to_app.load(Ordering::Relaxed),
+            }
+        }))
+    }
+}
+
+type SessionError = (Failure, Option<bytes::Bytes>);
+
+/// Tells the application why (`raw`: the server's own packet, else the failure's ERR), closes.
+async fn refuse(
+    mut app: App,
+    cx: Context<'_>,
+    failure: Failure,
+    raw: Option<bytes::Bytes>,
+) -> ConnectError {
+    let out = match raw {
+        Some(raw) => Some(BytesMut::from(&raw[..])),
+        None => failure.to_app(&cx.policy.name, cx.origin.conn).map(|err| {
+            let mut out = BytesMut::new();
+            failure::encode(&err, app.leg.seq, app.leg.caps, &mut out);
+            out
+        }),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if let Some(out) = out {
+            app.tcp.write_all(&out).await?;
+        }
+        app.tcp.shutdown().await
+    })
+    .await;
+    ConnectError::Protocol {
+        protocol: "mysql",
+        source: Box::new(failure),
+    }
+}
+
+/// The handshake on both legs, up to the server's OK told to the application: the target
+/// stream and the bytes the application sent after its response (to go to the server first).
+/// `None`: the application left before the session started.
+async fn handshake(
+    my: &Mysql,
+    app: &mut App,
+    cx: Context<'_>,
+) -> Result<Option<(TargetStream, BytesMut)>, SessionError> {
+    let (origin, policy, env) = (cx.origin, cx.policy, cx.env);
+    let to = TargetCx {
+        origin,
+        policy,
+        env,
+        mysql: my,
+    };
+    let mut greeted = target::connect(&to).await?;
+    let server = greeted.greeting.clone();
+
+    // The application's greeting: the server's version, connection id and capabilities, a
+    // scramble of latch's own whose answer is never checked.
+    let scramble = random_scramble().map_err(|e| {
+        let source = std::io::Error::other(e.to_string());
+        (
+            Failure::TargetIo {
+                addr: origin.dst,
+                source,
+            },
+            None,
+        )
+    })?;
+    let greeting = Greeting::for_app(&server, scramble, false);
+    let mut out = BytesMut::new();
+    let mut payload = BytesMut::new();
+    greeting
+        .encode(&mut payload)
+        .map_err(|e| (Failure::AppIo(std::io::Error::other(e.to_string())), None))?;
+    target::packet(&payload, 0, &mut out);
+    app.tcp
+        .write_all(&out)
+        .await
+        .map_err(|e| (Failure::AppIo(e), None))?;
+    app.advance(AppLeg { seq: 1, caps: None });
+
+    let mut inbuf = BytesMut::with_capacity(1024);
+    let response = read_response(app, &mut inbuf)
+        .await
+        .map_err(|f| (f, None))?;
+    let caps = Some(response.capabilities);
+    app.advance(AppLeg {
+        seq: app.leg.seq,
+        caps,
+    });
+
+    let role = select_role(&response, policy, app).map_err(|f| (f, None))?;
+    let mut creds = env
+        .secrets
+        .credentials_for(policy, role)
+        .await
+        .map_err(|e| (Failure::Secrets(e), None))?;
+    let mut retried = false;
+    let established = loop {
+        let user = match &creds.username {
+            Some(u) => u.expose().as_bytes().to_vec(),
+            None => response.username.clone(),
+        };
+        let password = creds
+            .password
+            .as_ref()
+            .map(|p| p.expose().as_bytes())
+            .unwrap_or_default();
+        match target::authenticate(&to, greeted, &response, &user, password).await {
+            Ok(e) => break e,
+            Err(f) if f.is_auth_rejection() && !retried => {
+                retried = true;
+                // Maybe the password was rotated since it was cached: fetch again, and retry
+                // once on a new connection if that gives something new.
+                match env.secrets.refresh_for(policy, role).await {
+                    Ok(fresh) if !same(&fresh, &creds) => {
+                        tracing::info!(
+                            "target rejected the credentials; retrying once with refreshed ones"
+                        );
+                        creds = fresh;
+                    }
+                    Ok(_) => return Err((f, None)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "refreshing credentials after a rejection failed");
+                        return Err((f, None));
+                    }
+                }
+                // The application was greeted with the first connection's id; the new one has
+                // its own (CONNECTION_ID() tells the truth, a client's cached id does not).
+                greeted = target::connect(&to).await?;
+                if greeted.greeting.connection_id != server.connection_id {
+                    tracing::debug!("the retried connection has another connection id");
+                }
+            }
+            Err(f) => return Err((f, None)),
+        }
+    };
+    drop(creds);
+    let Established {
+        stream: target,
+        ok,
+        leftover,
+    } = established;
+
+    // The server's OK, with the sequence id the application expects.
+    let mut out = BytesMut::new();
+    target::packet(&ok, app.leg.seq, &mut out);
+    out.extend_from_slice(&leftover);
+    if let Err(e) = app.tcp.write_all(&out).await {
+        tracing::debug!(error = %e, "application went away before the session started");
+        return Ok(None);
+    }
+    cx.handshake_done();
+    tracing::debug!(
+        tls = target.is_tls(),
+        connection_id = server.connection_id,
+        "session ready; relaying"
+    );
+    cx.progress()
+        .to_app
+        .fetch_add(out.len() as u64, Ordering::Relaxed);
+    Ok(Some((target, inbuf)))
+}
+
+/// Reads the application's HandshakeResponse41 (sequence id 1). An SSLRequest is refused:
+/// the greeting did not offer TLS.
+async fn read_response(app: &mut App, buf: &mut BytesMut) -> Result<HandshakeResponse, Failure> {
+    let read = tokio::time::timeout(APP_RESPONSE_TIMEOUT, read_packet(&mut app.tcp, buf)).await;
+    let packet = match read {
+        Err(_) => return Err(Failure::AppTimeout(APP_RESPONSE_TIMEOUT)),
+        Ok(Err(ReadError::Closed)) => return Err(Failure::AppClosed),
+        Ok(Err(ReadError::Io(e))) => return Err(Failure::AppIo(e)),
+        Ok(Err(ReadError::Frame(e))) => {
+            return Err(Failure::AppIo(std::io::Error::other(e.to_string())));
+        }
+        Ok(Ok(p)) => p,
+    };
+    app.leg.seq = packet.next_seq();
+    if packet.seq != 1 {
+        return Err(Failure::AppIo(std::io::Error::other(format!(
+            "handshake response with sequence id {}, expected 1",
+            packet.seq
+        ))));
+    }
+    match ClientHello::parse(&packet.payload).map_err(Failure::AppProtocol)? {
+        ClientHello::SslRequest(_) => Err(Failure::AppTls),
+        ClientHello::Response(r) => Ok(r),
+    }
+}
+
+/// The role the application's user selects when the policy has several (`None`: the policy's
+/// one credential); a user no role names is refused as the server refuses an unknown user.
+fn select_role<'p>(
+    response: &HandshakeResponse,
+    policy: &'p Policy,
+    app: &App,
+) -> Result<Option<&'p Role>, Failure> {
+    if policy.roles.is_empty() {
+        return Ok(None);
+    }
+    let user = String::from_utf8_lossy(&response.username);
+    match policy.roles.iter().find(|r| r.user == user) {
+        Some(r) => Ok(Some(r)),
+        None => {
+            tracing::info!(user = %user, "no role of the policy for the requested user");
+            let host = app
+                .tcp
+                .peer_addr()
+                .map(|a| a.ip().to_canonical().to_string())
+                .unwrap_or_default();
+            Err(Failure::UnknownRole {
+                user: user.into_owned(),
+                host,
+            })
+        }
+    }
+}
+
+fn same(a: &Credentials, b: &Credentials) -> bool {
+    a.username == b.username && a.password == b.password
+}

@@ -1,0 +1,151 @@
+//! The relay of a MySQL session, watching the application's commands: every packet passes
+//! through untouched (streamed, never buffered whole) except COM_CHANGE_USER, which would hand
+//! the server authentication data of the application's; latch refuses it with the server's own
+//! error ("Unknown command", 1047/08S01, as a server without the command answers) and the
+//! session goes on as it was.
+//!
+//! A command starts with a packet of sequence id 0. Inside a long exchange (LOAD DATA LOCAL
+//! INFILE) the application's sequence ids can wrap from 255 to 0: a 0 right after a 255 is a
+//! continuation, not a command.
+use std::{
+    io,
+    sync::{Arc, atomic::Ordering},
+};
+
+use bytes::BytesMut;
+use latch_mysql::{ErrPacket, constants::COM_CHANGE_USER};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::Mutex,
+};
+
+use crate::{
+    connector::stream::TargetStream,
+    relay::{Progress, Transferred},
+};
+
+/// Largest COM_CHANGE_USER latch reads to drop it; a longer one ends the session.
+const MAX_CHANGE_USER: usize = 64 * 1024;
+
+/// Relays until either side closes. `early`: bytes the application sent after its handshake
+/// response, relayed first.
+pub async fn relay(
+    app: TcpStream,
+    target: TargetStream,
+    early: BytesMut,
+    progress: &Progress,
+) -> io::Result<Transferred> {
+    let (app_r, app_w) = app.into_split();
+    let app_w = Arc::new(Mutex::new(app_w));
+    let (target_r, target_w) = tokio::io::split(target);
+    let up = to_target(app_r, target_w, early, app_w.clone(), progress);
+    let down = to_app(target_r, app_w, progress);
+    // Either direction ending ends the session (a client's COM_QUIT closes both).
+    tokio::select! {
+        r = up => r?,
+        r = down => r?,
+    }
+    Ok(Transferred {
+        to_target: progress.to_target.load(Ordering::Relaxed),
+        to_app: progress.to_app.load(Ordering::Relaxed),
+    })
+}
+
+async fn to_app(
+    mut target: impl AsyncRead + Unpin,
+    app: Arc<Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+    progress: &Progress,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = target.read(&mut buf).await?;
+        let mut app = app.lock().await;
+        if n == 0 {
+            return app.shutdown().await;
+        }
+        app.write_all(&buf[..n]).await?;
+        progress.to_app.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+async fn to_target(
+    mut app: impl AsyncRead + Unpin,
+    mut target: impl AsyncWrite + Unpin,
+    mut buf: BytesMut,
+    app_w: Arc<Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+    progress: &Progress,
+) -> io::Result<()> {
+    // The sequence id of the application's last packet.
+    let mut last_seq = None::<u8>;
+    // Bytes of the current chunk still to pass on.
+    let mut pass = 0usize;
+    loop {
+        if pass > 0 {
+            if buf.is_empty() && fill(&mut app, &mut buf).await? == 0 {
+                return target.shutdown().await;
+            }
+            let n = pass.min(buf.len());
+            let chunk = buf.split_to(n);
+            target.write_all(&chunk).await?;
+            progress.to_target.fetch_add(n as u64, Ordering::Relaxed);
+            pass -= n;
+            continue;
+        }
+        // A packet header, and the first payload byte of a command.
+        loop {
+            let empty = buf.len() >= 4 && buf[..3] == [0, 0, 0];
+            if buf.len() >= 5 || empty {
+                break;
+            }
+            if fill(&mut app, &mut buf).await? == 0 {
+                if !buf.is_empty() {
+                    target.write_all(&buf).await?;
+                }
+                return target.shutdown().await;
+            }
+        }
+        let len = usize::from(buf[0]) | usize::from(buf[1]) << 8 | usize::from(buf[2]) << 16;
+        let seq = buf[3];
+        let command = seq == 0 && last_seq != Some(255);
+        last_seq = Some(seq);
+        if command && len > 0 && buf[4] == COM_CHANGE_USER {
+            if len > MAX_CHANGE_USER {
+                return Err(io::Error::other("oversized COM_CHANGE_USER"));
+            }
+            while buf.len() < 4 + len {
+                if fill(&mut app, &mut buf).await? == 0 {
+                    return target.shutdown().await;
+                }
+            }
+            // The application's credentials go nowhere: wiped and dropped.
+            let mut packet = buf.split_to(4 + len);
+            packet.iter_mut().for_each(|b| *b = 0);
+            tracing::warn!("refused COM_CHANGE_USER: latch does not pass application credentials");
+            let err = ErrPacket::new(
+                latch_mysql::constants::er::UNKNOWN_COM_ERROR,
+                "Unknown command (COM_CHANGE_USER is not available through latch)",
+            );
+            let mut out = BytesMut::new();
+            super::failure::encode(
+                &err,
+                1,
+                Some(latch_mysql::CapabilityFlags::CLIENT_PROTOCOL_41),
+                &mut out,
+            );
+            app_w.lock().await.write_all(&out).await?;
+            progress
+                .to_app
+                .fetch_add(out.len() as u64, Ordering::Relaxed);
+            continue;
+        }
+        pass = 4 + len;
+    }
+}
+
+async fn fill(app: &mut (impl AsyncRead + Unpin), buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(64 * 1024);
+    }
+    app.read_buf(buf).await
+}

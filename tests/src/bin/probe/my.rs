@@ -1,0 +1,180 @@
+//! `latch-probe my URL SCENARIO`: a mysql_async client holding no password (URL
+//! `mysql://user@host:port/db`). Scenarios:
+//!
+//! * `whoami` — print `user=<current_user()> id=<CONNECTION_ID()> greeted=<id from the
+//!   greeting>`.
+//! * `suite` — queries, prepared statements with parameters, a 17 MiB blob (a packet split in
+//!   two on the wire) each way, several result sets; prints `suite ok`.
+//! * `kill` — one session runs `SELECT SLEEP(30)`; a second one sees it in the process list
+//!   under the first one's id and runs `KILL QUERY <id>`; prints `killed in <ms>ms`.
+//! * `changeuser` — COM_CHANGE_USER to user `root` with password `guess`: prints
+//!   `change_user=<error code or ok>`, then `after=<CURRENT_USER()>` on the same session.
+use std::time::{Duration, Instant};
+
+use mysql_async::{Conn, Opts, prelude::*};
+
+pub async fn run(url: &str, scenario: &str) -> Result<(), String> {
+    match scenario {
+        "whoami" => {
+            let mut conn = connect(url).await?;
+            let (user, id): (String, u32) = conn
+                .query_first("SELECT CURRENT_USER(), CONNECTION_ID()")
+                .await
+                .map_err(e)?
+                .ok_or("no row")?;
+            println!("user={user} id={id} greeted={}", conn.id());
+            conn.disconnect().await.map_err(e)
+        }
+        "suite" => suite(url).await,
+        "kill" => kill(url).await,
+        "changeuser" => change_user(url).await,
+        other => Err(format!("unknown my scenario {other:?}")),
+    }
+}
+
+fn e(err: impl std::fmt::Display) -> String {
+    format!("mysql: {err}")
+}
+
+async fn connect(url: &str) -> Result<Conn, String> {
+    let opts = Opts::from_url(url).map_err(e)?;
+    Conn::new(opts).await.map_err(e)
+}
+
+async fn suite(url: &str) -> Result<(), String> {
+    let mut conn = connect(url).await?;
+    conn.query_drop(
+        "CREATE TEMPORARY TABLE t (id INT PRIMARY KEY, name VARCHAR(64), data LONGBLOB)",
+    )
+    .await
+    .map_err(e)?;
+    let insert = conn
+        .prep("INSERT INTO t (id, name, data) VALUES (?, ?, ?)")
+        .await
+        .map_err(e)?;
+    for i in 0..50u32 {
+        conn.exec_drop(&insert, (i, format!("row {i}"), vec![i as u8; 16]))
+            .await
+            .map_err(e)?;
+    }
+    let n: u64 = conn
+        .exec_first("SELECT COUNT(*) FROM t WHERE id >= ?", (10,))
+        .await
+        .map_err(e)?
+        .ok_or("no count")?;
+    if n != 40 {
+        return Err(format!("count {n}, expected 40"));
+    }
+    let name: String = conn
+        .exec_first("SELECT name FROM t WHERE id = ?", (42,))
+        .await
+        .map_err(e)?
+        .ok_or("no row 42")?;
+    if name != "row 42" {
+        return Err(format!("name {name:?}"));
+    }
+    // A value larger than one packet (0xFFFFFF bytes) each way.
+    let big: Vec<u8> = (0..17 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    conn.exec_drop(&insert, (1000, "big", big.clone()))
+        .await
+        .map_err(e)?;
+    let back: Vec<u8> = conn
+        .query_first("SELECT data FROM t WHERE id = 1000")
+        .await
+        .map_err(e)?
+        .ok_or("no big row")?;
+    if back != big {
+        return Err(format!("blob came back as {} bytes, differing", back.len()));
+    }
+    // Several result sets from one query.
+    let mut result = conn
+        .query_iter("SELECT 1; SELECT 2, 3; SELECT name FROM t WHERE id = 7")
+        .await
+        .map_err(e)?;
+    let mut sets = 0;
+    while !result.is_empty() {
+        let rows: Vec<mysql_async::Row> = result.collect().await.map_err(e)?;
+        if rows.is_empty() {
+            return Err("empty result set".into());
+        }
+        sets += 1;
+    }
+    drop(result);
+    if sets != 3 {
+        return Err(format!("{sets} result sets, expected 3"));
+    }
+    conn.disconnect().await.map_err(e)?;
+    println!("suite ok");
+    Ok(())
+}
+
+async fn kill(url: &str) -> Result<(), String> {
+    let mut sleeper = connect(url).await?;
+    let id = sleeper.id();
+    let real: u32 = sleeper
+        .query_first("SELECT CONNECTION_ID()")
+        .await
+        .map_err(e)?
+        .ok_or("no id")?;
+    if real != id {
+        return Err(format!(
+            "greeted with connection id {id}, CONNECTION_ID() is {real}"
+        ));
+    }
+    let started = Instant::now();
+    let sleeping = tokio::spawn(async move {
+        let r: Result<Option<i64>, _> = sleeper.query_first("SELECT SLEEP(30)").await;
+        r.map_err(e)
+    });
+    let mut killer = connect(url).await?;
+    loop {
+        let running: Option<u64> = killer
+            .exec_first(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ? AND INFO = 'SELECT SLEEP(30)'",
+                (id,),
+            )
+            .await
+            .map_err(e)?;
+        if running == Some(1) {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err(format!("the query of connection {id} never showed up"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    killer
+        .query_drop(format!("KILL QUERY {id}"))
+        .await
+        .map_err(e)?;
+    let got = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .map_err(|_| "SLEEP(30) was not interrupted within 10 s".to_string())?
+        .map_err(e)?;
+    // MariaDB's SLEEP returns 1 when it is killed; other servers fail the query.
+    match got {
+        Ok(Some(1)) | Err(_) => {}
+        Ok(other) => return Err(format!("SLEEP returned {other:?}")),
+    }
+    println!("killed in {}ms", started.elapsed().as_millis());
+    Ok(())
+}
+
+async fn change_user(url: &str) -> Result<(), String> {
+    let mut conn = connect(url).await?;
+    let opts = mysql_async::ChangeUserOpts::default()
+        .with_user(Some("root".into()))
+        .with_pass(Some("guess".into()));
+    match conn.change_user(opts).await {
+        Ok(()) => println!("change_user=ok"),
+        Err(mysql_async::Error::Server(s)) => println!("change_user={}", s.code),
+        Err(other) => println!("change_user=other {other}"),
+    }
+    let user: String = conn
+        .query_first("SELECT CURRENT_USER()")
+        .await
+        .map_err(e)?
+        .ok_or("no row")?;
+    println!("after={user}");
+    conn.disconnect().await.map_err(e)
+}

@@ -1,0 +1,205 @@
+//! A throw-away MariaDB 10.11 server on a loopback address: its own datadir made with
+//! `mariadb-install-db`, `mariadbd` on a free port, with an account on mysql_native_password
+//! and one on ed25519 (`auth_ed25519`). Stopped by PID on drop. Administration goes over the
+//! server's Unix socket as root (unix_socket authentication), which latch does not intercept.
+use std::{
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{TempDir, TestCgroup, bins, servers::free_port};
+
+/// An account that authenticates with mysql_native_password.
+pub const NATIVE_USER: &str = "native_app";
+/// An account that authenticates with MariaDB's ed25519.
+pub const ED25519_USER: &str = "ed_app";
+/// A database both may use.
+pub const APP_DB: &str = "appdb";
+
+pub struct MariaDb {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    socket: PathBuf,
+    dir: TempDir,
+}
+
+impl MariaDb {
+    /// A server on `ip` (a 127.0.0.x address) and a free port, with [`NATIVE_USER`] and
+    /// [`ED25519_USER`] created with these passwords.
+    pub fn start(ip: &str, native_pw: &str, ed_pw: &str) -> Self {
+        crate::require_root();
+        let install = bins::tool("mariadb-install-db", "mariadb-server");
+        let server = bins::tool("mariadbd", "mariadb-server");
+        bins::tool("mariadb", "mariadb-client");
+        let dir = TempDir::new("mariadb");
+        let data = dir.path().join("data");
+        crate::run_ok(
+            Command::new(install)
+                .arg("--no-defaults")
+                .arg(format!("--datadir={}", data.display()))
+                .args([
+                    "--user=root",
+                    "--skip-test-db",
+                    "--auth-root-authentication-method=socket",
+                ]),
+        );
+        let port = free_port(ip);
+        let socket = dir.path().join("mysqld.sock");
+        let child = Command::new(server)
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!(
+                "--pid-file={}",
+                dir.path().join("mysqld.pid").display()
+            ))
+            .arg(format!(
+                "--log-error={}",
+                dir.path().join("server.log").display()
+            ))
+            .arg(format!("--bind-address={ip}"))
+            .arg(format!("--port={port}"))
+            .args([
+                "--user=root",
+                "--skip-log-bin",
+                "--innodb-buffer-pool-size=16M",
+                "--max-allowed-packet=64M",
+                "--skip-name-resolve",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mariadbd");
+        let mut db = MariaDb {
+            child: Some(child),
+            addr: SocketAddr::new(ip.parse().expect("an IP address"), port),
+            socket,
+            dir,
+        };
+        db.wait_ready();
+        db.sql("INSTALL SONAME 'auth_ed25519'");
+        db.sql(&format!("CREATE DATABASE {APP_DB}"));
+        db.sql(&format!(
+            "CREATE USER {NATIVE_USER}@'%' IDENTIFIED VIA mysql_native_password USING PASSWORD('{native_pw}')"
+        ));
+        db.sql(&format!(
+            "CREATE USER {ED25519_USER}@'%' IDENTIFIED VIA ed25519 USING PASSWORD('{ed_pw}')"
+        ));
+        for user in [NATIVE_USER, ED25519_USER] {
+            db.sql(&format!("GRANT ALL ON {APP_DB}.* TO {user}@'%'"));
+            db.sql(&format!("GRANT PROCESS ON *.* TO {user}@'%'"));
+        }
+        db
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok()
+                && self.admin("SELECT 1").status.success()
+            {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("mariadbd exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mariadbd not ready after 30s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The server's error log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    fn admin(&self, sql: &str) -> Output {
+        Command::new(bins::tool("mariadb", "mariadb-client"))
+            .arg("--no-defaults")
+            .arg(format!("--socket={}", self.socket.display()))
+            .args(["-u", "root", "-N", "-B", "-e", sql])
+            .output()
+            .expect("run mariadb")
+    }
+
+    /// Runs `sql` as root over the Unix socket (not intercepted); returns stdout, trimmed.
+    pub fn sql(&self, sql: &str) -> String {
+        let out = self.admin(sql);
+        assert!(
+            out.status.success(),
+            "mariadb as root failed: {sql}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The `mariadb` CLI inside `cg` (so latch intercepts it) as `user`: no password given,
+    /// none in the environment or an option file, batch output without column names.
+    pub fn cli_in(&self, cg: &TestCgroup, user: &str, sql: &str) -> Command {
+        let mut cmd = cg.command(bins::tool("mariadb", "mariadb-client"));
+        cmd.arg("--no-defaults")
+            .args(["-h", &self.addr.ip().to_string()])
+            .args(["-P", &self.addr.port().to_string()])
+            .args(["--protocol=TCP", "--connect-timeout=20"])
+            .args(["-u", user, "-D", APP_DB, "-N", "-B", "-e", sql])
+            .env_remove("MYSQL_PWD");
+        cmd
+    }
+
+    /// The URL mysql_async connects with (no password).
+    pub fn url(&self, user: &str) -> String {
+        format!(
+            "mysql://{user}@{}:{}/{APP_DB}",
+            self.addr.ip(),
+            self.addr.port()
+        )
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on the child we started and have not reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            if std::thread::panicking() {
+                eprintln!("--- mariadb log ---\n{}", self.log());
+            }
+        }
+    }
+}
+
+/// A `SecretStore` (file) plus a `protocol: mysql` policy named `name` for `addr`, reading
+/// `db.username`/`db.password` from `secrets_file`; `extra_spec` is added under `spec` (the
+/// policy says `tls: {mode: disable}` unless it has a `tls:` block: the test server has no
+/// certificate).
+pub fn policy_yaml(
+    name: &str,
+    addr: SocketAddr,
+    secrets_file: &std::path::Path,
+    extra_spec: &str,
+) -> String {
+    crate::postgres::policy_yaml(name, addr, secrets_file, extra_spec)
+        .replace("protocol: postgres", "protocol: mysql")
+}

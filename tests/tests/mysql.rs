@@ -1,0 +1,221 @@
+//! `protocol: mysql` end to end: real MariaDB 10.11, real clients (the `mariadb` CLI and
+//! mysql_async in `latch-probe`) inside the intercepted cgroup, holding no password. latch
+//! authenticates to the server with the policy's credentials from a `file` store.
+use std::process::{Command, Output};
+
+use latch_tests::{
+    Agent, TempDir, TestCgroup, bins,
+    mariadb::{ED25519_USER, MariaDb, NATIVE_USER, policy_yaml},
+    pg_setup::stdout,
+    postgres::secrets_yaml,
+};
+
+const NATIVE_PW: &str = "native-Secret-3c1d";
+const ED_PW: &str = "ed25519-Secret-8e0f";
+
+/// A server, a secrets file for `user`/`password`, and an agent with policy `orders-db`.
+struct Setup {
+    agent: Agent,
+    cg: TestCgroup,
+    db: MariaDb,
+    secrets: TempDir,
+}
+
+impl Setup {
+    fn new(user: &str, password: &str, extra_spec: &str) -> Setup {
+        Setup::with_policy(user, password, extra_spec, |y| y)
+    }
+
+    fn with_policy(
+        user: &str,
+        password: &str,
+        extra_spec: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Setup {
+        let db = MariaDb::start("127.0.0.2", NATIVE_PW, ED_PW);
+        let secrets = TempDir::new("my-secrets");
+        let file = secrets.write("secrets.yaml", &secrets_yaml(user, password));
+        let cg = TestCgroup::new();
+        let agent = Agent::start(
+            &edit(policy_yaml("orders-db", db.addr, &file, extra_spec)),
+            &cg,
+        );
+        Setup {
+            agent,
+            cg,
+            db,
+            secrets,
+        }
+    }
+
+    fn set_secret(&self, user: &str, password: &str) {
+        self.secrets
+            .write("secrets.yaml", &secrets_yaml(user, password));
+    }
+
+    fn cli(&self, sql: &str) -> Command {
+        self.db.cli_in(&self.cg, "app_without_password", sql)
+    }
+
+    /// The CLI in the cgroup, which must fail; returns what it printed on stderr.
+    fn cli_refused(&self, sql: &str) -> String {
+        let out = self.cli(sql).output().expect("run mariadb");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "mariadb succeeded: {err}");
+        err
+    }
+
+    fn probe(&self, scenario: &str) -> Command {
+        let mut cmd = self.cg.command(bins::probe());
+        cmd.args(["my", &self.db.url("app_without_password"), scenario]);
+        cmd
+    }
+
+    fn assert_log_clean(&self) {
+        let log = self.agent.log();
+        for pw in [NATIVE_PW, ED_PW, "canary"] {
+            assert!(
+                !log.contains(pw),
+                "a password appears in the agent log:\n{log}"
+            );
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    latch_tests::run_within(cmd, std::time::Duration::from_secs(60))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stdout(&out)
+    );
+    stdout(&out)
+}
+
+#[test]
+fn the_cli_without_a_password_runs_as_the_policys_user_on_native_and_ed25519_accounts() {
+    let s = Setup::new(NATIVE_USER, NATIVE_PW, "");
+    assert_eq!(
+        ok(&mut s.cli("select current_user()")),
+        format!("{NATIVE_USER}@%")
+    );
+    // The same policy, the store now naming the ed25519 account.
+    s.set_secret(ED25519_USER, ED_PW);
+    assert_eq!(
+        ok(&mut s.cli("select current_user(), database()")),
+        format!("{ED25519_USER}@%\tappdb")
+    );
+    s.agent.wait_count("relayed", 2);
+    assert_eq!(s.agent.count("failed"), 0);
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn mysql_async_sees_the_real_connection_id_and_runs_queries_prepared_statements_and_big_blobs() {
+    let s = Setup::new(ED25519_USER, ED_PW, "");
+    let who = ok(&mut s.probe("whoami"));
+    let fields: Vec<&str> = who.split(' ').collect();
+    assert_eq!(fields[0], format!("user={ED25519_USER}@%"), "{who}");
+    let id = fields[1].trim_start_matches("id=");
+    assert_eq!(fields[2], format!("greeted={id}"), "{who}");
+    assert_eq!(ok(&mut s.probe("suite")), "suite ok");
+    let killed = ok(&mut s.probe("kill"));
+    assert!(killed.starts_with("killed in "), "{killed}");
+    // COM_CHANGE_USER would carry the application's own credentials: refused as a server
+    // refuses a command it does not have, and the session goes on as the policy's user.
+    let changed = ok(&mut s.probe("changeuser"));
+    assert_eq!(
+        changed,
+        format!("change_user=1047\nafter={ED25519_USER}@%"),
+        "{changed}"
+    );
+    let log = s.db.log();
+    assert!(!log.contains("user 'root'"), "{log}");
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn a_wrong_password_in_the_store_reaches_the_app_as_1045_naming_the_policy() {
+    let canary = "canary-Pw-7d31";
+    let s = Setup::new(NATIVE_USER, canary, "");
+    let err = s.cli_refused("select 1");
+    assert!(err.contains("ERROR 1045 (28000)"), "{err}");
+    assert!(err.contains("policy \"orders-db\""), "{err}");
+    assert!(err.contains("rejected the policy's credentials"), "{err}");
+    assert!(!err.contains(canary), "{err}");
+
+    // No credentials at all for the policy's path: 1045, naming the class of failure.
+    s.secrets
+        .write("secrets.yaml", "other: {username: x, password: y}\n");
+    let err = s.cli_refused("select 1");
+    assert!(
+        err.contains("ERROR 1045") && err.contains("orders-db") && err.contains("not in the store"),
+        "{err}"
+    );
+    let out = run(&mut s.probe("whoami"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1045"), "{err}");
+    s.agent.wait_count("failed", 3);
+    assert_eq!(s.agent.count("relayed"), 0);
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn a_workload_the_policy_does_not_admit_gets_an_err_and_the_server_is_never_contacted() {
+    let s = Setup::new(NATIVE_USER, NATIVE_PW, "  workloads:\n    - uid: 4242\n");
+    let before = s.db.sql("SHOW GLOBAL STATUS LIKE 'Connections'");
+    let err = s.cli_refused("select 1");
+    // An ERR in place of the greeting, as MariaDB answers a host it does not let in; the
+    // 10.11 client adds that it came before TLS could have been set up.
+    assert!(err.contains("1045"), "{err}");
+    assert!(err.contains("not admitted by the policy"), "{err}");
+    assert!(err.contains("policy \"orders-db\""), "{err}");
+    let records = s.agent.wait_audit(1);
+    assert_eq!(records[0]["outcome"], "denied");
+    assert_eq!(s.agent.count("relayed"), 0);
+    // Only the admin query above and this one reached the server.
+    let after = s.db.sql("SHOW GLOBAL STATUS LIKE 'Connections'");
+    let n = |s: &str| s.split('\t').nth(1).unwrap().parse::<u64>().unwrap();
+    assert_eq!(n(&after), n(&before) + 1, "{before} -> {after}");
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn rotation_is_picked_up_by_the_next_connection_after_one_refused_try() {
+    // Credentials cached for an hour: the next connection first tries the cached (old)
+    // password, is refused, refreshes, and retries once — invisibly to the application.
+    let s = Setup::with_policy(NATIVE_USER, NATIVE_PW, "", |yaml| {
+        yaml.replace(
+            "    password: {path: db, field: password}\n",
+            "    password: {path: db, field: password}\n    cache: {ttl: 1h}\n",
+        )
+    });
+    assert_eq!(
+        ok(&mut s.cli("select current_user()")),
+        format!("{NATIVE_USER}@%")
+    );
+    let new_pw = "rotated-Secret-91ab";
+    s.db.sql(&format!(
+        "ALTER USER {NATIVE_USER}@'%' IDENTIFIED BY '{new_pw}'"
+    ));
+    s.set_secret(NATIVE_USER, new_pw);
+    assert_eq!(
+        ok(&mut s.cli("select current_user()")),
+        format!("{NATIVE_USER}@%")
+    );
+    let log = s.agent.log();
+    assert!(log.contains("retrying once with refreshed ones"), "{log}");
+    assert!(!log.contains(new_pw) && !log.contains(NATIVE_PW));
+    s.agent.wait_count("relayed", 2);
+    assert_eq!(s.agent.count("failed"), 0);
+    assert!(s.agent.stop().success());
+}
