@@ -35,16 +35,21 @@ impl MariaDb {
         bins::tool("mariadb", "mariadb-client");
         let dir = TempDir::new("mariadb");
         let data = dir.path().join("data");
-        crate::run_ok(
-            Command::new(install)
-                .arg("--no-defaults")
-                .arg(format!("--datadir={}", data.display()))
-                .args([
-                    "--user=root",
-                    "--skip-test-db",
-                    "--auth-root-authentication-method=socket",
-                ]),
-        );
+        // One at a time: concurrent bootstraps in one test process have been seen to fail.
+        static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        {
+            let _one = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
+            crate::run_ok(
+                Command::new(install)
+                    .arg("--no-defaults")
+                    .arg(format!("--datadir={}", data.display()))
+                    .args([
+                        "--user=root",
+                        "--skip-test-db",
+                        "--auth-root-authentication-method=socket",
+                    ]),
+            );
+        }
         let port = free_port(ip);
         let socket = dir.path().join("mysqld.sock");
         let child = Command::new(server)

@@ -102,7 +102,7 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
         biased;
         app = watchdog => {
             if let Some(app) = app.and_then(|fd| from_fd(fd).ok()) {
-                connector.abort(app, policy, Refusal::HandshakeTimeout(timeout)).await;
+                connector.abort(app, cx, Refusal::HandshakeTimeout(timeout)).await;
             }
             Err(ConnectError::HandshakeTimeout(timeout))
         }

@@ -27,7 +27,10 @@ use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::OnceLock,
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -74,10 +77,11 @@ pub trait Connector: Any + Send + Sync {
         Box::pin(async move { refuse::reset(app) })
     }
 
-    /// The handshake was cut short (`why`): the application may be anywhere in its startup.
-    /// The default resets the connection.
-    fn abort<'a>(&'a self, app: TcpStream, policy: &'a Policy, why: Refusal) -> Answered<'a> {
-        let _ = (policy, why);
+    /// The handshake was cut short (`why`): the application may be anywhere in its startup
+    /// (what the connector noted in `cx.session` says where). The default resets the
+    /// connection.
+    fn abort<'a>(&'a self, app: TcpStream, cx: Context<'a>, why: Refusal) -> Answered<'a> {
+        let _ = (cx, why);
         Box::pin(async move { refuse::reset(app) })
     }
 }
@@ -110,6 +114,9 @@ pub struct Session {
     started: Instant,
     handshake: OnceLock<Duration>,
     done: Notify,
+    /// The connector's own note of how far the application's handshake got, for
+    /// [`Connector::abort`] (opaque to the broker).
+    stage: AtomicU64,
 }
 
 impl Session {
@@ -120,7 +127,18 @@ impl Session {
             started,
             handshake: OnceLock::new(),
             done: Notify::new(),
+            stage: AtomicU64::new(0),
         }
+    }
+
+    /// Notes how far the application's handshake got (the connector's own encoding).
+    pub fn set_stage(&self, stage: u64) {
+        self.stage.store(stage, Ordering::Relaxed);
+    }
+
+    /// What the connector noted last (0 before anything).
+    pub fn stage(&self) -> u64 {
+        self.stage.load(Ordering::Relaxed)
     }
 
     fn handshake_done(&self) {

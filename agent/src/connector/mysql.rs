@@ -33,7 +33,7 @@ pub use failure::Failure;
 
 use self::{
     io::{ReadError, read_packet},
-    refusal::{AppLeg, InProgress, Tracked},
+    refusal::AppLeg,
     target::{Established, TargetCx},
 };
 use super::{
@@ -61,8 +61,6 @@ pub const SUPPORT: Support = Support {
 pub struct Mysql {
     /// TLS client configurations per policy (each with its session cache).
     pub tls: ClientConfigs,
-    /// Handshakes in progress, for answering one the broker cuts short.
-    pub in_progress: InProgress,
 }
 
 /// How long an application may take to send its handshake response.
@@ -90,22 +88,24 @@ impl Connector for Mysql {
         Box::pin(refusal::before_greeting(app, policy, why))
     }
 
-    fn abort<'a>(&'a self, app: TcpStream, policy: &'a Policy, why: Refusal) -> Answered<'a> {
-        Box::pin(refusal::abort(app, policy, why, &self.in_progress))
+    fn abort<'a>(&'a self, app: TcpStream, cx: Context<'a>, why: Refusal) -> Answered<'a> {
+        let leg = AppLeg::from_stage(cx.session.stage());
+        Box::pin(refusal::abort(app, cx.policy, why, leg))
     }
 }
 
 /// The application's leg during the handshake.
-struct App {
+struct App<'s> {
     tcp: TcpStream,
     leg: AppLeg,
-    tracked: Tracked,
+    /// Where the leg is noted for an abort.
+    session: &'s super::Session,
 }
 
-impl App {
+impl App<'_> {
     fn advance(&mut self, leg: AppLeg) {
         self.leg = leg;
-        self.tracked.set(leg);
+        self.session.set_stage(leg.stage());
     }
 }
 
@@ -115,15 +115,12 @@ impl Mysql {
         tcp: TcpStream,
         cx: Context<'_>,
     ) -> Result<Transferred, ConnectError> {
-        let tracked = self.in_progress.track(tcp.peer_addr().ok());
         let mut app = App {
             tcp,
             leg: AppLeg::default(),
-            tracked,
+            session: cx.session,
         };
-        app.tracked.set(app.leg);
         let result = handshake(self, &mut app, cx).await;
-        app.tracked.done();
         let (target, early) = match result {
             Ok(Some(ready)) => ready,
             Ok(None) => return Ok(Transferred::default()),
@@ -146,7 +143,7 @@ type SessionError = (Failure, Option<bytes::Bytes>);
 
 /// Tells the application why (`raw`: the server's own packet, else the failure's ERR), closes.
 async fn refuse(
-    mut app: App,
+    mut app: App<'_>,
     cx: Context<'_>,
     failure: Failure,
     raw: Option<bytes::Bytes>,
@@ -177,7 +174,7 @@ async fn refuse(
 /// `None`: the application left before the session started.
 async fn handshake(
     my: &Mysql,
-    app: &mut App,
+    app: &mut App<'_>,
     cx: Context<'_>,
 ) -> Result<Option<(TargetStream, BytesMut)>, SessionError> {
     let (origin, policy, env) = (cx.origin, cx.policy, cx.env);
@@ -300,7 +297,10 @@ async fn handshake(
 
 /// Reads the application's HandshakeResponse41 (sequence id 1). An SSLRequest is refused:
 /// the greeting did not offer TLS.
-async fn read_response(app: &mut App, buf: &mut BytesMut) -> Result<HandshakeResponse, Failure> {
+async fn read_response(
+    app: &mut App<'_>,
+    buf: &mut BytesMut,
+) -> Result<HandshakeResponse, Failure> {
     let read = tokio::time::timeout(APP_RESPONSE_TIMEOUT, read_packet(&mut app.tcp, buf)).await;
     let packet = match read {
         Err(_) => return Err(Failure::AppTimeout(APP_RESPONSE_TIMEOUT)),

@@ -90,8 +90,9 @@ impl Connector for Postgres {
         Box::pin(refusal::before_startup(app, policy, why))
     }
 
-    fn abort<'a>(&'a self, app: TcpStream, policy: &'a Policy, why: Refusal) -> Answered<'a> {
-        Box::pin(refusal::tell(app, policy, why))
+    fn abort<'a>(&'a self, app: TcpStream, cx: Context<'a>, why: Refusal) -> Answered<'a> {
+        // An ErrorResponse is valid at any point of a PostgreSQL startup.
+        Box::pin(refusal::tell(app, cx.policy, why))
     }
 }
 

@@ -1,13 +1,8 @@
 //! latch's own refusals told to a MySQL client: an ERR packet in place of the greeting, as a
 //! MariaDB server answers a client it will not serve ("Too many connections", "Host is not
 //! allowed"), or, when a handshake is cut short, with the sequence id the application expects
-//! at the point it had reached.
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+//! at the point it had reached (noted in the connection's session as it goes).
+use std::time::Duration;
 
 use bytes::BytesMut;
 use latch_mysql::{CapabilityFlags, ErrPacket, constants::er};
@@ -34,67 +29,22 @@ pub struct AppLeg {
     pub caps: Option<CapabilityFlags>,
 }
 
-/// Handshakes in progress, by the application's address, so that one the broker cuts short
-/// ([`crate::connector::Connector::abort`], which gets only the socket) is answered with the
-/// sequence id its client expects.
-#[derive(Default)]
-pub struct InProgress {
-    map: Arc<Mutex<HashMap<SocketAddr, AppLeg>>>,
-}
-
-/// More than this many entries and the map starts over (entries of handshakes whose serving
-/// was dropped without an abort, e.g. at shutdown).
-const MAX_IN_PROGRESS: usize = 65_536;
-
-impl InProgress {
-    /// Tracks the handshake of the application at `peer` until the guard says it is done.
-    pub fn track(&self, peer: Option<SocketAddr>) -> Tracked {
-        Tracked {
-            map: self.map.clone(),
-            peer,
-            done: false,
-        }
+impl AppLeg {
+    /// As noted in the connection's session: bits 0-7 the sequence id, bit 8 whether the
+    /// capabilities are known, bits 32-63 the capabilities.
+    pub fn stage(self) -> u64 {
+        let caps = self
+            .caps
+            .map_or(0, |c| (1 << 8) | (u64::from(c.bits()) << 32));
+        u64::from(self.seq) | caps
     }
 
-    fn take(&self, peer: SocketAddr) -> Option<AppLeg> {
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&peer)
-    }
-}
-
-/// One handshake's entry. Dropped after [`Tracked::done`] it goes away; dropped before (the
-/// broker's handshake deadline passed), it stays for the abort to read.
-pub struct Tracked {
-    map: Arc<Mutex<HashMap<SocketAddr, AppLeg>>>,
-    peer: Option<SocketAddr>,
-    done: bool,
-}
-
-impl Tracked {
-    pub fn set(&self, leg: AppLeg) {
-        if let Some(peer) = self.peer {
-            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-            if map.len() >= MAX_IN_PROGRESS && !map.contains_key(&peer) {
-                map.clear();
-            }
-            map.insert(peer, leg);
-        }
-    }
-
-    pub fn done(&mut self) {
-        self.done = true;
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if let (true, Some(peer)) = (self.done, self.peer) {
-            self.map
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&peer);
+    /// The leg a session's note describes (0: nothing sent yet).
+    pub fn from_stage(stage: u64) -> Self {
+        Self {
+            seq: stage as u8,
+            caps: (stage & (1 << 8) != 0)
+                .then(|| CapabilityFlags::from_bits_retain((stage >> 32) as u32)),
         }
     }
 }
@@ -108,13 +58,8 @@ pub async fn before_greeting(app: TcpStream, policy: &Policy, why: Refusal) {
     tell(app, &err, AppLeg::default()).await;
 }
 
-/// A handshake cut short: told at the point the application had reached.
-pub async fn abort(app: TcpStream, policy: &Policy, why: Refusal, legs: &InProgress) {
-    let leg = app
-        .peer_addr()
-        .ok()
-        .and_then(|p| legs.take(p))
-        .unwrap_or_default();
+/// A handshake cut short: told at the point the application had reached (`leg`).
+pub async fn abort(app: TcpStream, policy: &Policy, why: Refusal, leg: AppLeg) {
     let err = ErrPacket::new(
         code(&why),
         format!("latch: policy \"{}\": {why}", policy.name),
@@ -131,4 +76,24 @@ pub async fn tell(mut app: TcpStream, err: &ErrPacket, leg: AppLeg) {
         app.shutdown().await
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leg_survives_its_note_in_the_session() {
+        for leg in [
+            AppLeg::default(),
+            AppLeg { seq: 1, caps: None },
+            AppLeg {
+                seq: 2,
+                caps: Some(CapabilityFlags::CLIENT_PROTOCOL_41 | CapabilityFlags::CLIENT_SSL),
+            },
+        ] {
+            let back = AppLeg::from_stage(leg.stage());
+            assert_eq!((back.seq, back.caps), (leg.seq, leg.caps));
+        }
+    }
 }
