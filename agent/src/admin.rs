@@ -52,6 +52,26 @@ struct Status<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     stores: Option<Vec<crate::secrets::health::StoreState>>,
     secret_memory: SecretMemory,
+    descriptors: Descriptors,
+}
+
+/// The agent's open files: how many now, the limit, and the most its limits can need.
+#[derive(Serialize)]
+struct Descriptors {
+    open: usize,
+    limit: u64,
+    budget: u64,
+}
+
+fn descriptors(limits: &crate::broker::Limits) -> Descriptors {
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(0, |(soft, _)| soft);
+    Descriptors {
+        open,
+        limit,
+        budget: limits.descriptors_needed(),
+    }
 }
 
 #[derive(Serialize)]
@@ -274,6 +294,7 @@ fn status(state: &AdminState) -> Status<'_> {
                 mlock_failed: m.failed,
             }
         },
+        descriptors: descriptors(&state.shared.limits),
     }
 }
 

@@ -44,7 +44,14 @@ const MIN_KERNEL: (u32, u32) = (5, 8);
 
 /// Runs every check. latch can run when none is `Fail`.
 pub fn run() -> Vec<Check> {
-    let mut checks = vec![kernel(), btf(), capabilities(), cgroup_v2(), bpffs()];
+    let mut checks = vec![
+        kernel(),
+        btf(),
+        capabilities(),
+        cgroup_v2(),
+        bpffs(),
+        open_files(),
+    ];
     for (name, ty) in [
         ("prog cgroup_sock_addr", ProgramType::CgroupSockAddr),
         ("prog sock_ops", ProgramType::SockOps),
@@ -114,6 +121,34 @@ fn btf() -> Check {
 }
 
 /// Effective capabilities from /proc/self/status.
+/// Whether the default limits fit the open-file limit the agent would raise itself to.
+fn open_files() -> Check {
+    use nix::sys::resource::{Resource, getrlimit};
+    let hard = getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(_, hard)| hard);
+    let limits = crate::broker::Limits::default();
+    let need = limits.descriptors_needed();
+    if hard >= need {
+        check(
+            "open files",
+            Verdict::Ok(format!(
+                "limit {hard} (the default limits need up to {need})"
+            )),
+        )
+    } else {
+        check(
+            "open files",
+            Verdict::Warn {
+                found: format!(
+                    "limit {hard}: the default limits need up to {need}; the agent fits \
+                     --max-connections to about {}",
+                    limits.connections_fitting(hard)
+                ),
+                fix: format!("raise LimitNOFILE (ulimit -Hn) to {need} or more"),
+            },
+        )
+    }
+}
+
 fn capabilities() -> Check {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;

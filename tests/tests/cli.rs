@@ -121,5 +121,38 @@ fn latch_status_shows_the_running_agent() {
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json is JSON");
     assert_eq!(json["policies"][0]["name"], "web");
+    // The open files, their limit and what the limits can need, which fits the limit.
+    let d = &json["descriptors"];
+    let (open, limit, budget) = (
+        d["open"].as_u64().unwrap(),
+        d["limit"].as_u64().unwrap(),
+        d["budget"].as_u64().unwrap(),
+    );
+    assert!(open > 0 && open < limit && budget <= limit, "{d}");
+    assert!(text.contains("open files"), "{text}");
     assert!(agent.stop().success());
+}
+
+#[test]
+fn a_max_connections_that_cannot_fit_the_open_file_limit_is_refused_at_start_with_the_numbers() {
+    let dir = TempDir::new("nofile");
+    let policy = dir.write("p.yaml", &tcp_policy("web", "127.0.0.2", 8080));
+    let cg = TestCgroup::new();
+    let out = Command::new(bins::latch())
+        .args(["agent", "--policy"])
+        .arg(&policy)
+        .arg("--cgroup")
+        .arg(cg.path())
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        // Far past any open-file limit a process may have (fs.nr_open is at most 2^30).
+        .args(["--max-connections", "2000000000"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("2000000000 connections × 2") && stderr.contains("the open-file limit is"),
+        "{stderr}"
+    );
+    latch_tests::leftovers::assert_none(cg.id(), None);
 }

@@ -50,6 +50,29 @@ pub struct Limits {
     pub max_direct_startups: usize,
 }
 
+/// Descriptors the agent keeps for itself beside its connections: listeners' neighbours, the
+/// admin port, secret stores, the audit log, kernel maps and programs, runtimes.
+pub const DESCRIPTOR_RESERVE: u64 = 256;
+
+impl Limits {
+    /// The most descriptors these limits can make the agent hold: two sockets per connection,
+    /// two per pipe, a namespace descriptor and two listeners per namespace, and the reserve.
+    pub fn descriptors_needed(&self) -> u64 {
+        2 * self.max_connections as u64
+            + 2 * self.max_pipes as u64
+            + 3 * self.max_namespaces as u64
+            + DESCRIPTOR_RESERVE
+    }
+
+    /// The most connections that fit `limit` descriptors with the other limits as they are
+    /// (pipes a quarter of the connections, as by default).
+    pub fn connections_fitting(&self, limit: u64) -> usize {
+        let rest = 3 * self.max_namespaces as u64 + DESCRIPTOR_RESERVE;
+        // 2 per connection + 2 per pipe at one pipe per four connections = 2.5 each.
+        (limit.saturating_sub(rest) * 2 / 5) as usize
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {

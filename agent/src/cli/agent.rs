@@ -64,7 +64,7 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    raise_nofile_limit();
+    let nofile = raise_nofile_limit();
     // Intercepting the whole host is something the operator says: `--cgroup /`.
     let cgroup = if args.cgroup == std::path::Path::new("/") {
         runtime::default_cgroup().context("finding the cgroup v2 root")?
@@ -81,7 +81,7 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         admin: Some(args.admin),
         mark: args.data.mark,
-        limits: args.data.limits(),
+        limits: args.data.limits(nofile)?,
         secrets: args.data.secrets(),
         audit: args.data.audit(),
         fast_path: !args.data.no_fast_path,

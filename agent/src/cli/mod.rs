@@ -82,9 +82,11 @@ struct DataPathArgs {
     /// SO_MARK carried by the broker's own outbound sockets (they are never intercepted).
     #[arg(long, default_value_t = DEFAULT_MARK, value_parser = parse_u32)]
     mark: u32,
-    /// Most connections brokered at once.
-    #[arg(long, default_value_t = 10_000)]
-    max_connections: usize,
+    /// Most connections brokered at once. A value whose descriptors (see --max-pipes and
+    /// --max-namespaces) cannot fit the open-file limit is refused at start.
+    /// [default: 10000, or as many as fit the open-file limit]
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Most pipes the relay splices through at once (each is two descriptors, held only while
     /// data is in flight); past it a connection copies through a buffer instead.
     /// [default: a quarter of --max-connections]
@@ -229,10 +231,38 @@ impl DataPathArgs {
         }
     }
 
-    fn limits(&self) -> Limits {
+    /// The limits, fitted to `nofile` (the open-file limit): defaults shrink to fit it; a value
+    /// given that cannot fit is an error naming the numbers.
+    fn limits(&self, nofile: u64) -> anyhow::Result<Limits> {
+        let mut limits = self.limits_as_given(DEFAULT_MAX_CONNECTIONS);
+        if self.max_connections.is_none() && limits.descriptors_needed() > nofile {
+            let fit = limits.connections_fitting(nofile).max(1);
+            tracing::info!(
+                max_connections = fit,
+                nofile,
+                "--max-connections fitted to the open-file limit"
+            );
+            limits = self.limits_as_given(fit);
+        }
+        let need = limits.descriptors_needed();
+        anyhow::ensure!(
+            need <= nofile,
+            "these limits can need {need} descriptors ({} connections × 2, {} pipes × 2, {} \
+             namespaces × 3, {} for the agent) but the open-file limit is {nofile}: raise \
+             LimitNOFILE (ulimit -n) or lower --max-connections, --max-pipes or --max-namespaces",
+            limits.max_connections,
+            limits.max_pipes,
+            limits.max_namespaces,
+            latch::broker::DESCRIPTOR_RESERVE,
+        );
+        Ok(limits)
+    }
+
+    fn limits_as_given(&self, default_connections: usize) -> Limits {
+        let max_connections = self.max_connections.unwrap_or(default_connections).max(1);
         Limits {
-            max_connections: self.max_connections,
-            max_pipes: self.max_pipes.unwrap_or(self.max_connections / 4),
+            max_connections,
+            max_pipes: self.max_pipes.unwrap_or(max_connections / 4),
             connect_timeout: Duration::from_secs(self.connect_timeout),
             max_per_workload: self.max_per_workload.max(1),
             max_namespaces: self
@@ -398,11 +428,21 @@ fn harden() {
     }
 }
 
-/// Raises the open-file soft limit to the hard limit: each relayed connection holds two
-/// sockets and two pipes.
-fn raise_nofile_limit() {
+/// Raises the open-file soft limit to the hard limit (each relayed connection holds two
+/// sockets, and a pipe pair while data is in flight); returns the limit now in force.
+fn raise_nofile_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 1024,
     }
 }
+
+/// `--max-connections` when neither it nor the open-file limit says otherwise.
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;

@@ -18,7 +18,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    raise_nofile_limit();
+    let nofile = raise_nofile_limit();
     let root = cgroup::v2_mount()?;
     for stale in cgroup::remove_stale_runs(&root) {
         tracing::info!(path = %stale.display(), "removed a cgroup left by a latch run that died");
@@ -32,7 +32,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         ],
         admin: args.admin,
         mark: args.data.mark,
-        limits: args.data.limits(),
+        limits: args.data.limits(nofile)?,
         secrets: args.data.secrets(),
         audit: args.data.audit(),
         fast_path: !args.data.no_fast_path,

@@ -48,6 +48,13 @@ fn render(s: &Value) -> String {
         n(&c["denied"]),
         n(&c["refused"])
     ));
+    let d = &s["descriptors"];
+    out.push_str(&format!(
+        "open files  {} of {} (the limits can need {})\n",
+        n(&d["open"]),
+        n(&d["limit"]),
+        n(&d["budget"])
+    ));
     out.push_str(&format!(
         "ebpf  rules {}  redirected {}  map errors {}  fast path: enrolled {}  handed over {}\n",
         n(&s["ebpf"]["rules"]),
