@@ -332,6 +332,7 @@ fn refresh_ebpf_gauges(state: &AdminState) {
     let locks = crate::config::mlock::stats();
     m.secret_mlock_locked.set(locks.locked as i64);
     m.secret_mlock_failed.set(locks.failed as i64);
+    m.relay_pipes.set(crate::relay::pipes::live() as i64);
     if let Some(stores) = state.shared.store_health.get() {
         m.store_up.clear();
         for s in stores {

@@ -105,6 +105,8 @@ pub struct Metrics {
     /// Secret buffers mlocked / refused a lock since start.
     pub secret_mlock_locked: Gauge<i64, AtomicI64>,
     pub secret_mlock_failed: Gauge<i64, AtomicI64>,
+    /// Pipes the relay holds (in flight or idle in its pool).
+    pub relay_pipes: Gauge<i64, AtomicI64>,
     /// Connections whose application-to-target direction the kernel carried (fast path).
     pub fast_path: Counter,
     /// Direct-mode connections handed over to the kernel after latch's startup.
@@ -199,6 +201,12 @@ impl Metrics {
             "Secret buffers locked in memory (mlock) since start",
             secret_mlock_locked.clone(),
         );
+        let relay_pipes = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "relay_pipes",
+            "Pipes the relay holds for splice: in use while data is in flight, or idle in its pool",
+            relay_pipes.clone(),
+        );
         let secret_mlock_failed = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "secret_mlock_failed",
@@ -248,6 +256,7 @@ impl Metrics {
             store_up,
             secret_mlock_locked,
             secret_mlock_failed,
+            relay_pipes,
             fast_path,
             direct,
             connections,

@@ -459,6 +459,11 @@ fn with_no_pipes_to_be_had_the_relay_copies_through_a_buffer() {
     );
     assert!(ok, "{out}\n{}", agent.log());
     agent.wait_count("relayed", 4);
+    assert!(
+        agent.metrics().contains("latch_relay_pipes 0"),
+        "a pipe was made past --max-pipes 0:\n{}",
+        agent.metrics()
+    );
     // Nothing left behind (other descriptors of the agent's may come and go meanwhile).
     assert!(
         latch_tests::eventually(Duration::from_secs(3), || open_fds(agent.pid()) <= before),
