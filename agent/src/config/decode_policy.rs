@@ -181,7 +181,7 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         );
     }
     if let (Some(AppTlsMode::Enable), Some(e), Some(t)) = (app_tls, app_tls_entry, tls.as_ref())
-        && protocol == Protocol::Postgres
+        && support.is_some_and(|s| s.app_tls)
         && t.mode != TlsMode::VerifyFull
     {
         cx.warn(

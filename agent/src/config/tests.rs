@@ -807,7 +807,9 @@ fn app_tls_mode() {
     let tcp = policy("db", &spec("tcp", "{mode: enable}"));
     assert_eq!(
         errors("t.yaml", &format!("{STORES}{tcp}")),
-        vec!["t.yaml:24:3: appTls applies to protocol postgres only (not tcp); remove appTls"]
+        vec![
+            "t.yaml:24:3: appTls applies to protocol postgres, mysql only (not tcp); remove appTls"
+        ]
     );
 }
 
@@ -1070,17 +1072,31 @@ fn mysql_options_live_under_mysql_with_roles_selected_by_the_user_the_applicatio
     let ok = policy(
         "my",
         &format!(
-            "{head}  mysql:\n    appTls: {{mode: disable}}\n    roles:\n      app: {{store: local, username: {{path: app, field: username}}, password: {{path: app, field: password}}}}\n      reader: {{store: local, password: {{path: reader}}, cache: {{ttl: 30s}}}}\n"
+            "{head}  mysql:\n    appTls: {{mode: enable}}\n    roles:\n      app: {{store: local, username: {{path: app, field: username}}, password: {{path: app, field: password}}}}\n      reader: {{store: local, password: {{path: reader}}, cache: {{ttl: 30s}}}}\n"
         ),
     );
     let config = load_str("t.yaml", &format!("{STORES}{ok}")).unwrap_or_else(|e| panic!("{e}"));
     let p = &config.policies[0];
     assert_eq!(p.protocol, Protocol::Mysql);
-    assert_eq!(p.app_tls, AppTlsMode::Disable);
+    assert_eq!(p.app_tls, AppTlsMode::Enable);
+    assert_eq!(p.ssl_answer(), SslAnswer::Tls);
     assert!(p.credentials.is_none());
     let users: Vec<&str> = p.roles.iter().map(|r| r.user.as_str()).collect();
     assert_eq!(users, ["app", "reader"]);
     assert_eq!(p.roles[1].cache_ttl, Some(Duration::from_secs(30)));
+    // appTls auto, as for PostgreSQL: TLS offered only over a verify-full leg to the server.
+    for (tls, want) in [
+        ("", SslAnswer::Tls),
+        ("  tls: {mode: require}\n", SslAnswer::Decline),
+    ] {
+        let auto = policy(
+            "my",
+            &format!("{head}{tls}  credentials: {{store: local, password: {{path: db}}}}\n"),
+        );
+        let config =
+            load_str("t.yaml", &format!("{STORES}{auto}")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.policies[0].ssl_answer(), want, "{tls:?}");
+    }
 
     // Roles and credentials at once: located at mysql.roles, naming the credentials' line.
     let both = policy(
