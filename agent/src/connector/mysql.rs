@@ -307,7 +307,10 @@ async fn handshake(
     target::packet(&ok, app.leg.seq, &mut out);
     out.extend_from_slice(&leftover);
     let written = match app.io() {
-        Ok(stream) => stream.write_all(&out).await,
+        Ok(stream) => match stream.write_all(&out).await {
+            Ok(()) => stream.flush().await,
+            Err(e) => Err(e),
+        },
         Err(_) => return Ok(None),
     };
     if let Err(e) = written {

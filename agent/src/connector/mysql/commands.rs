@@ -82,6 +82,8 @@ async fn to_app(
             return app.shutdown().await;
         }
         app.write_all(&buf[..n]).await?;
+        // A TLS leg may keep records buffered until flushed.
+        app.flush().await?;
         progress.to_app.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
@@ -150,7 +152,10 @@ async fn to_target(
                 Some(latch_mysql::CapabilityFlags::CLIENT_PROTOCOL_41),
                 &mut out,
             );
-            app_w.lock().await.write_all(&out).await?;
+            let mut app = app_w.lock().await;
+            app.write_all(&out).await?;
+            app.flush().await?;
+            drop(app);
             progress
                 .to_app
                 .fetch_add(out.len() as u64, Ordering::Relaxed);
