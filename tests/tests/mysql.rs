@@ -219,3 +219,36 @@ fn rotation_is_picked_up_by_the_next_connection_after_one_refused_try() {
     assert_eq!(s.agent.count("failed"), 0);
     assert!(s.agent.stop().success());
 }
+
+#[test]
+fn with_mysql_roles_the_user_the_application_sends_selects_the_credentials() {
+    let s = Setup::with_policy(NATIVE_USER, NATIVE_PW, "", |yaml| {
+        let creds = "  credentials:\n    store: local\n    username: {path: db, field: username}\n    password: {path: db, field: password}\n";
+        assert!(yaml.contains(creds), "{yaml}");
+        yaml.replace(
+            creds,
+            &format!(
+                "  mysql:\n    roles:\n      reporting: {{store: local, username: {{path: db, field: username}}, password: {{path: db, field: password}}}}\n      {ED25519_USER}: {{store: local, username: {{path: ed, field: username}}, password: {{path: ed, field: password}}}}\n"
+            ),
+        )
+    });
+    s.secrets.write(
+        "secrets.yaml",
+        &format!(
+            "db:\n  username: {NATIVE_USER}\n  password: \"{NATIVE_PW}\"\ned:\n  username: {ED25519_USER}\n  password: \"{ED_PW}\"\n"
+        ),
+    );
+    let as_user = |user: &str| s.db.cli_in(&s.cg, user, "select current_user()");
+    assert_eq!(ok(&mut as_user("reporting")), format!("{NATIVE_USER}@%"));
+    assert_eq!(ok(&mut as_user(ED25519_USER)), format!("{ED25519_USER}@%"));
+    // A user no role names: refused as the server refuses an unknown user.
+    let out = run(&mut as_user("stranger"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("ERROR 1045") && err.contains("Access denied for user 'stranger'"),
+        "{err}"
+    );
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
