@@ -125,6 +125,10 @@ fn mysql_async_sees_the_real_connection_id_and_runs_queries_prepared_statements_
     let id = fields[1].trim_start_matches("id=");
     assert_eq!(fields[2], format!("greeted={id}"), "{who}");
     assert_eq!(ok(&mut s.probe("suite")), "suite ok");
+    assert_eq!(
+        ok(&mut s.probe("infile")),
+        "infile rows=1000 sum=499500 then=1"
+    );
     let killed = ok(&mut s.probe("kill"));
     assert!(killed.starts_with("killed in "), "{killed}");
     // COM_CHANGE_USER would carry the application's own credentials: refused as a server
