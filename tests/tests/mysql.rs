@@ -256,3 +256,50 @@ fn with_mysql_roles_the_user_the_application_sends_selects_the_credentials() {
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }
+
+/// PyMySQL (a pure-Python client, its own protocol code), no password: queries, parameters,
+/// a server-side prepared statement (SQL PREPARE/EXECUTE: PyMySQL has no COM_STMT_PREPARE),
+/// and CONNECTION_ID() against the id the greeting gave it.
+const PYMYSQL: &str = r#"
+import sys
+import pymysql
+host, port, user, db = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+con = pymysql.connect(host=host, port=port, user=user, database=db)
+cur = con.cursor()
+cur.execute("SELECT CURRENT_USER(), CONNECTION_ID()")
+who, cid = cur.fetchone()
+cur.execute("CREATE TEMPORARY TABLE p (id INT, name VARCHAR(32))")
+cur.executemany("INSERT INTO p VALUES (%s, %s)", [(i, f"row {i}") for i in range(100)])
+cur.execute("SELECT COUNT(*), SUM(id) FROM p WHERE name LIKE %s", ("row%",))
+n, total = cur.fetchone()
+cur.execute("PREPARE s FROM 'SELECT ? * ?'")
+cur.execute("SET @a = 6, @b = 7")
+cur.execute("EXECUTE s USING @a, @b")
+(product,) = cur.fetchone()
+print(f"user={who} id_matches={cid == con.server_thread_id[0]} rows={n} sum={total} prepared={product}")
+con.close()
+"#;
+
+#[test]
+fn pymysql_without_a_password_runs_queries_and_a_prepared_statement_and_sees_its_connection_id() {
+    let s = Setup::new(NATIVE_USER, NATIVE_PW, "");
+    let out = run(s
+        .cg
+        .command("python3")
+        .args(["-c", PYMYSQL])
+        .arg(s.db.addr.ip().to_string())
+        .arg(s.db.addr.port().to_string())
+        .args(["app_without_password", latch_tests::mariadb::APP_DB]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("No module named 'pymysql'"),
+        "PyMySQL is missing: run `cargo xtask setup`"
+    );
+    assert!(out.status.success(), "{err}\n{}", s.agent.log());
+    assert_eq!(
+        stdout(&out),
+        format!("user={NATIVE_USER}@% id_matches=True rows=100 sum=4950 prepared=42")
+    );
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}

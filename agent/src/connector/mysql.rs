@@ -37,7 +37,7 @@ use tokio::{io::AsyncWriteExt as _, net::TcpStream, time::Instant};
 pub use failure::Failure;
 
 use self::{
-    io::{ReadError, read_packet},
+    io::{ReadError, read_one_packet},
     refusal::AppLeg,
     target::{Established, TargetCx},
 };
@@ -355,13 +355,8 @@ async fn read_response(
                 let (Some(config), Some(AppStream::Plain(_))) = (tls.as_ref(), &app.stream) else {
                     return Err(Failure::AppTls);
                 };
-                // Plain-text bytes behind the request would be the application's next packet
-                // sent unencrypted: refused, as a server refuses them.
-                if !buf.is_empty() {
-                    return Err(Failure::AppIo(std::io::Error::other(
-                        "plain-text bytes after the SSLRequest",
-                    )));
-                }
+                // Only the request was read: what follows (the TLS ClientHello, sent at once)
+                // is the acceptor's, and plain-text bytes injected there fail the handshake.
                 let Some(AppStream::Plain(tcp)) = app.stream.take() else {
                     unreachable!("checked above");
                 };
@@ -386,7 +381,7 @@ async fn read_app_packet(
     buf: &mut BytesMut,
     deadline: Instant,
 ) -> Result<Packet, Failure> {
-    match tokio::time::timeout_at(deadline, read_packet(stream, buf)).await {
+    match tokio::time::timeout_at(deadline, read_one_packet(stream, buf)).await {
         Err(_) => Err(Failure::AppTimeout(APP_RESPONSE_TIMEOUT)),
         Ok(Err(ReadError::Closed)) => Err(Failure::AppClosed),
         Ok(Err(ReadError::Io(e))) => Err(Failure::AppIo(e)),
