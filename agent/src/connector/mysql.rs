@@ -1,7 +1,8 @@
 //! `protocol: mysql` — MySQL and MariaDB. latch is the server toward the application and the
 //! client toward the real server. It connects to the server first and greets the application
 //! with the server's own version, connection id and capabilities (so `CONNECTION_ID()` and
-//! `KILL <id>` agree with what the application was told), reads the application's
+//! `KILL <id>` agree with what the application was told; CLIENT_SSL when the policy offers
+//! TLS, [`Policy::ssl_answer`], terminated with a node-CA certificate), reads the application's
 //! HandshakeResponse41 and drops its authentication data unread, authenticates to the server
 //! with the policy's credentials, tells the application the server's OK, then relays, refusing COM_CHANGE_USER (which would
 //! carry the application's own authentication data to the server). The
