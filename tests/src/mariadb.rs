@@ -29,6 +29,17 @@ impl MariaDb {
     /// A server on `ip` (a 127.0.0.x address) and a free port, with [`NATIVE_USER`] and
     /// [`ED25519_USER`] created with these passwords.
     pub fn start(ip: &str, native_pw: &str, ed_pw: &str) -> Self {
+        Self::start_with(ip, native_pw, ed_pw, None)
+    }
+
+    /// [`MariaDb::start`], with TLS from this certificate and key (`--ssl-cert`/`--ssl-key`)
+    /// when `tls` is given.
+    pub fn start_with(
+        ip: &str,
+        native_pw: &str,
+        ed_pw: &str,
+        tls: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Self {
         crate::require_root();
         let install = bins::tool("mariadb-install-db", "mariadb-server");
         let server = bins::tool("mariadbd", "mariadb-server");
@@ -52,8 +63,15 @@ impl MariaDb {
         }
         let port = free_port(ip);
         let socket = dir.path().join("mysqld.sock");
-        let child = Command::new(server)
-            .arg("--no-defaults")
+        let mut server = Command::new(server);
+        // --no-defaults must come first.
+        server.arg("--no-defaults");
+        if let Some((cert, key)) = tls {
+            server
+                .arg(format!("--ssl-cert={}", cert.display()))
+                .arg(format!("--ssl-key={}", key.display()));
+        }
+        let child = server
             .arg(format!("--datadir={}", data.display()))
             .arg(format!("--socket={}", socket.display()))
             .arg(format!(

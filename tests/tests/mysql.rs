@@ -125,6 +125,10 @@ fn mysql_async_sees_the_real_connection_id_and_runs_queries_prepared_statements_
     let id = fields[1].trim_start_matches("id=");
     assert_eq!(fields[2], format!("greeted={id}"), "{who}");
     assert_eq!(ok(&mut s.probe("suite")), "suite ok");
+    assert_eq!(
+        ok(&mut s.probe("infile")),
+        "infile rows=1000 sum=499500 then=1"
+    );
     let killed = ok(&mut s.probe("kill"));
     assert!(killed.starts_with("killed in "), "{killed}");
     // COM_CHANGE_USER would carry the application's own credentials: refused as a server
@@ -217,5 +221,85 @@ fn rotation_is_picked_up_by_the_next_connection_after_one_refused_try() {
     assert!(!log.contains(new_pw) && !log.contains(NATIVE_PW));
     s.agent.wait_count("relayed", 2);
     assert_eq!(s.agent.count("failed"), 0);
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn with_mysql_roles_the_user_the_application_sends_selects_the_credentials() {
+    let s = Setup::with_policy(NATIVE_USER, NATIVE_PW, "", |yaml| {
+        let creds = "  credentials:\n    store: local\n    username: {path: db, field: username}\n    password: {path: db, field: password}\n";
+        assert!(yaml.contains(creds), "{yaml}");
+        yaml.replace(
+            creds,
+            &format!(
+                "  mysql:\n    roles:\n      reporting: {{store: local, username: {{path: db, field: username}}, password: {{path: db, field: password}}}}\n      {ED25519_USER}: {{store: local, username: {{path: ed, field: username}}, password: {{path: ed, field: password}}}}\n"
+            ),
+        )
+    });
+    s.secrets.write(
+        "secrets.yaml",
+        &format!(
+            "db:\n  username: {NATIVE_USER}\n  password: \"{NATIVE_PW}\"\ned:\n  username: {ED25519_USER}\n  password: \"{ED_PW}\"\n"
+        ),
+    );
+    let as_user = |user: &str| s.db.cli_in(&s.cg, user, "select current_user()");
+    assert_eq!(ok(&mut as_user("reporting")), format!("{NATIVE_USER}@%"));
+    assert_eq!(ok(&mut as_user(ED25519_USER)), format!("{ED25519_USER}@%"));
+    // A user no role names: refused as the server refuses an unknown user.
+    let out = run(&mut as_user("stranger"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("ERROR 1045") && err.contains("Access denied for user 'stranger'"),
+        "{err}"
+    );
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+/// PyMySQL (a pure-Python client, its own protocol code), no password: queries, parameters,
+/// a server-side prepared statement (SQL PREPARE/EXECUTE: PyMySQL has no COM_STMT_PREPARE),
+/// and CONNECTION_ID() against the id the greeting gave it.
+const PYMYSQL: &str = r#"
+import sys
+import pymysql
+host, port, user, db = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+con = pymysql.connect(host=host, port=port, user=user, database=db)
+cur = con.cursor()
+cur.execute("SELECT CURRENT_USER(), CONNECTION_ID()")
+who, cid = cur.fetchone()
+cur.execute("CREATE TEMPORARY TABLE p (id INT, name VARCHAR(32))")
+cur.executemany("INSERT INTO p VALUES (%s, %s)", [(i, f"row {i}") for i in range(100)])
+cur.execute("SELECT COUNT(*), SUM(id) FROM p WHERE name LIKE %s", ("row%",))
+n, total = cur.fetchone()
+cur.execute("PREPARE s FROM 'SELECT ? * ?'")
+cur.execute("SET @a = 6, @b = 7")
+cur.execute("EXECUTE s USING @a, @b")
+(product,) = cur.fetchone()
+print(f"user={who} id_matches={cid == con.server_thread_id[0]} rows={n} sum={total} prepared={product}")
+con.close()
+"#;
+
+#[test]
+fn pymysql_without_a_password_runs_queries_and_a_prepared_statement_and_sees_its_connection_id() {
+    let s = Setup::new(NATIVE_USER, NATIVE_PW, "");
+    let out = run(s
+        .cg
+        .command("python3")
+        .args(["-c", PYMYSQL])
+        .arg(s.db.addr.ip().to_string())
+        .arg(s.db.addr.port().to_string())
+        .args(["app_without_password", latch_tests::mariadb::APP_DB]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("No module named 'pymysql'"),
+        "PyMySQL is missing: run `cargo xtask setup`"
+    );
+    assert!(out.status.success(), "{err}\n{}", s.agent.log());
+    assert_eq!(
+        stdout(&out),
+        format!("user={NATIVE_USER}@% id_matches=True rows=100 sum=4950 prepared=42")
+    );
+    s.assert_log_clean();
     assert!(s.agent.stop().success());
 }

@@ -41,6 +41,8 @@ pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
     ("moto_server", &["--help"], "moto[server]"),
     // A pure-Python PostgreSQL client (its own protocol code, Python's TLS): postgres_app_tls.
     ("python3", &["-c", "import pg8000"], "pg8000"),
+    // A pure-Python MySQL client (its own protocol code): tests/tests/mysql.rs.
+    ("python3", &["-c", "import pymysql"], "PyMySQL"),
 ];
 
 /// bpf-linker release line verified with the nightly toolchain's LLVM (see HANDBOOK).

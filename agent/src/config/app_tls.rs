@@ -1,5 +1,6 @@
-//! What latch answers a PostgreSQL application's SSLRequest: the policy's `appTls.mode` and
-//! the leg to the server decide it, before the server is contacted (sans-IO).
+//! What latch answers an application's request for TLS (PostgreSQL's SSLRequest, MySQL's
+//! CLIENT_SSL in the greeting): the policy's `appTls.mode` and the leg to the server decide it,
+//! before the application asks (sans-IO).
 //!
 //! The rule behind `auto`, the default: an application that verifies latch's certificate
 //! (libpq `verify-full` with the node CA as its root) concludes that it talks, encrypted, to
@@ -11,7 +12,8 @@
 //! will check afterwards, so the answer must hold for the application that checks the most.
 //! `enable` is the operator saying otherwise (the loader warns when the server leg is not
 //! `verify-full`).
-use super::{AppTlsMode, Policy, Protocol, TlsMode};
+use super::{AppTlsMode, Policy, TlsMode};
+use crate::connector::registry;
 
 /// The answer to an SSLRequest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,9 +40,10 @@ pub fn ssl_answer(mode: AppTlsMode, server_leg: TlsMode, direct: bool) -> SslAns
 
 impl Policy {
     /// What this policy answers an application's SSLRequest (see [`ssl_answer`]); always
-    /// [`SslAnswer::Decline`] for protocols other than postgres.
+    /// [`SslAnswer::Decline`] for protocols whose connector does not terminate TLS from
+    /// applications ([`Support::app_tls`](crate::connector::registry::Support::app_tls)).
     pub fn ssl_answer(&self) -> SslAnswer {
-        if self.protocol != Protocol::Postgres {
+        if !registry::supports(self.protocol).is_some_and(|s| s.app_tls) {
             return SslAnswer::Decline;
         }
         ssl_answer(self.app_tls, self.tls.mode, self.direct)

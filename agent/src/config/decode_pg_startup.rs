@@ -17,16 +17,16 @@ use super::policy::{OptionsRule, Role};
 use super::yaml::{Entry, Node, Value};
 use latch_pg::startup_rules::setting_name;
 
-/// `postgres.roles`: a mapping from the user name the application asks for to a credentials
-/// block (the shape of `spec.credentials`). Keys are unique (the YAML reader reports a
-/// duplicate with both positions).
-pub fn roles(cx: &mut Cx, entry: &Entry) -> Option<Vec<Role>> {
+/// `postgres.roles` or `mysql.roles` (`block`): a mapping from the user name the application
+/// asks for to a credentials block (the shape of `spec.credentials`). Keys are unique (the
+/// YAML reader reports a duplicate with both positions).
+pub fn roles(cx: &mut Cx, entry: &Entry, block: &str) -> Option<Vec<Role>> {
     let entries = match &entry.value.value {
         Value::Mapping(entries) if !entries.is_empty() => entries,
         Value::Mapping(_) | Value::Null => {
             cx.error(
                 entry.key_mark,
-                "postgres.roles is empty: name at least one role, or use credentials",
+                format!("{block}.roles is empty: name at least one role, or use credentials"),
             );
             return None;
         }
@@ -34,7 +34,7 @@ pub fn roles(cx: &mut Cx, entry: &Entry) -> Option<Vec<Role>> {
             cx.error(
                 entry.value.mark,
                 format!(
-                    "postgres.roles must be a mapping of user names to credentials, found {}",
+                    "{block}.roles must be a mapping of user names to credentials, found {}",
                     entry.value.describe()
                 ),
             );
@@ -45,11 +45,14 @@ pub fn roles(cx: &mut Cx, entry: &Entry) -> Option<Vec<Role>> {
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
         if e.key.is_empty() {
-            cx.error(e.key_mark, "postgres.roles: a user name cannot be empty");
+            cx.error(
+                e.key_mark,
+                format!("{block}.roles: a user name cannot be empty"),
+            );
             continue;
         }
         if let Some((credentials, cache_ttl)) =
-            credentials(cx, e, &format!("postgres.roles.{}", e.key))
+            credentials(cx, e, &format!("{block}.roles.{}", e.key))
         {
             out.push(Role {
                 user: e.key.clone(),

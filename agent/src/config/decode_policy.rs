@@ -75,39 +75,49 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     };
     let tls_entry = m.entry("tls");
     let tls = tls_entry.and_then(|e| tls(cx, e, default_store));
-    // PostgreSQL's own options live under `postgres:`; the older top-level spelling is still
-    // read, with a warning.
+    // A protocol's own options live under a block named after it (`postgres:`, `mysql:`);
+    // PostgreSQL's older top-level spelling is still read, with a warning.
+    let block = match protocol {
+        Some(Protocol::Mysql) => "mysql",
+        _ => "postgres",
+    };
     let pg_entry = m.entry("postgres");
-    let mut pg = pg_entry.and_then(|e| Map::new(cx, &e.value, e.key_mark, "postgres"));
-    if let (Some(e), Some(p)) = (pg_entry, protocol)
-        && p != Protocol::Postgres
-    {
-        cx.error(
-            e.key_mark,
-            format!("postgres options apply to protocol postgres only (not {p}); remove postgres"),
-        );
+    let my_entry = m.entry("mysql");
+    for (entry, owner) in [(pg_entry, Protocol::Postgres), (my_entry, Protocol::Mysql)] {
+        if let (Some(e), Some(p)) = (entry, protocol)
+            && p != owner
+        {
+            cx.error(
+                e.key_mark,
+                format!("{owner} options apply to protocol {owner} only (not {p}); remove {owner}"),
+            );
+        }
     }
-    let app_tls_entry = protocol_option(cx, &mut m, pg.as_mut(), "appTls");
+    let own_entry = if block == "mysql" { my_entry } else { pg_entry };
+    let mut own = own_entry.and_then(|e| Map::new(cx, &e.value, e.key_mark, block));
+    let app_tls_entry = protocol_option(cx, &mut m, own.as_mut(), block, "appTls");
     let app_tls = match app_tls_entry {
         Some(e) => app_tls(cx, e),
         None => Some(AppTlsMode::Auto),
     };
-    let auth_entry = protocol_option(cx, &mut m, pg.as_mut(), "authentication");
+    let auth_entry = protocol_option(cx, &mut m, own.as_mut(), block, "authentication");
     let auth = match auth_entry {
         Some(e) => authentication(cx, e),
         None => Some(AuthSpec::default()),
     };
-    let direct_entry = protocol_option(cx, &mut m, pg.as_mut(), "direct");
+    let direct_entry = protocol_option(cx, &mut m, own.as_mut(), block, "direct");
     let direct = match direct_entry {
         Some(e) => decode::boolean(cx, &e.value, "direct"),
         None => Some(false),
     };
-    // What the application's StartupMessage may ask for: under `postgres:` only.
-    let roles_entry = pg.as_mut().and_then(|p| p.entry("roles"));
+    // Credentials by the user name the application sends: `postgres.roles`, `mysql.roles`.
+    let roles_entry = own.as_mut().and_then(|p| p.entry("roles"));
     let roles = match roles_entry {
-        Some(e) => decode_pg_startup::roles(cx, e),
+        Some(e) => decode_pg_startup::roles(cx, e, block),
         None => Some(Vec::new()),
     };
+    // What a PostgreSQL StartupMessage may ask for: under `postgres:` only.
+    let mut pg = own.as_mut().filter(|_| block == "postgres");
     let databases = match pg.as_mut().and_then(|p| p.entry("databases")) {
         Some(e) => decode_pg_startup::databases(cx, e).map(Some),
         None => Some(None),
@@ -120,15 +130,15 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         cx.error(
             r.key_mark,
             format!(
-                "postgres.roles and credentials (line {}) cannot both be given: with roles, \
+                "{block}.roles and credentials (line {}) cannot both be given: with roles, \
                  the user the application asks for selects the credentials; move credentials \
                  under roles with the user name the application sends",
                 c.key_mark.line
             ),
         );
     }
-    if let Some(pg) = pg {
-        pg.finish(cx);
+    if let Some(own) = own {
+        own.finish(cx);
     }
     m.finish(cx);
 
@@ -171,7 +181,7 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         );
     }
     if let (Some(AppTlsMode::Enable), Some(e), Some(t)) = (app_tls, app_tls_entry, tls.as_ref())
-        && protocol == Protocol::Postgres
+        && support.is_some_and(|s| s.app_tls)
         && t.mode != TlsMode::VerifyFull
     {
         cx.warn(
@@ -212,22 +222,23 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     })
 }
 
-/// A PostgreSQL option: `postgres.<key>`, or `<key>` at the top of the spec as it was spelled
-/// before (a deprecation warning; both at once is an error).
+/// A protocol's option: `<block>.<key>` (`postgres.appTls`), or `<key>` at the top of the spec
+/// as it was spelled before (a deprecation warning; both at once is an error).
 fn protocol_option<'n>(
     cx: &mut Cx,
     spec: &mut Map<'n>,
-    pg: Option<&mut Map<'n>>,
+    own: Option<&mut Map<'n>>,
+    block: &str,
     key: &'static str,
 ) -> Option<&'n Entry> {
     let old = spec.entry(key);
-    let new = pg.and_then(|p| p.entry(key));
+    let new = own.and_then(|p| p.entry(key));
     match (old, new) {
         (Some(_), Some(n)) => {
             cx.error(
                 n.key_mark,
                 format!(
-                    "{key} is given twice, in postgres and at the top of spec; keep postgres.{key}"
+                    "{key} is given twice, in {block} and at the top of spec; keep {block}.{key}"
                 ),
             );
             None
@@ -236,8 +247,8 @@ fn protocol_option<'n>(
             cx.warn(
                 o.key_mark,
                 format!(
-                    "{key} at the top of spec is deprecated: write it under postgres \
-                     (postgres: {{{key}: ...}}); the old spelling is read until the next release"
+                    "{key} at the top of spec is deprecated: write it under {block} \
+                     ({block}: {{{key}: ...}}); the old spelling is read until the next release"
                 ),
             );
             Some(o)

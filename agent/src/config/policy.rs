@@ -31,8 +31,8 @@ pub struct Policy {
     pub app_tls: AppTlsMode,
     /// `None` for `protocol: tcp`, and when the policy holds [`Policy::roles`] instead.
     pub credentials: Option<Credentials>,
-    /// `postgres.roles`: several credentials for one destination, selected by the user name
-    /// the application asks for. Empty: `credentials` serves whatever user it names.
+    /// `postgres.roles` or `mysql.roles`: several credentials for one destination, selected by
+    /// the user name the application asks for. Empty: `credentials` serves whatever user it names.
     pub roles: Vec<Role>,
     /// `postgres.databases` and `postgres.options`: what the application's StartupMessage may
     /// ask for.
@@ -352,11 +352,12 @@ pub struct SecretRef {
     pub version: Option<String>,
 }
 
-/// One entry of `postgres.roles`: the credentials latch logs in with when the application
+/// One entry of `postgres.roles` or `mysql.roles`: the credentials latch logs in with when the application
 /// asks for `user`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Role {
-    /// The user name the application sends in its StartupMessage (case-sensitive).
+    /// The user name the application sends (PostgreSQL's StartupMessage, MySQL's
+    /// HandshakeResponse41; case-sensitive).
     pub user: String,
     pub credentials: Credentials,
     /// `cache.ttl` of this role's credentials.

@@ -807,7 +807,9 @@ fn app_tls_mode() {
     let tcp = policy("db", &spec("tcp", "{mode: enable}"));
     assert_eq!(
         errors("t.yaml", &format!("{STORES}{tcp}")),
-        vec!["t.yaml:24:3: appTls applies to protocol postgres only (not tcp); remove appTls"]
+        vec![
+            "t.yaml:24:3: appTls applies to protocol postgres, mysql only (not tcp); remove appTls"
+        ]
     );
 }
 
@@ -1060,5 +1062,108 @@ fn postgres_options_live_under_postgres_and_the_old_spelling_is_read_with_a_warn
             "t.yaml:24:3: postgres options apply to protocol postgres only (not tcp)"
         )),
         "{errs:?}"
+    );
+}
+
+#[test]
+fn mysql_options_live_under_mysql_with_roles_selected_by_the_user_the_application_sends() {
+    let head =
+        "  destination: {address: 10.0.0.1, port: 3306}\n  workloads: all\n  protocol: mysql\n";
+    let ok = policy(
+        "my",
+        &format!(
+            "{head}  mysql:\n    appTls: {{mode: enable}}\n    roles:\n      app: {{store: local, username: {{path: app, field: username}}, password: {{path: app, field: password}}}}\n      reader: {{store: local, password: {{path: reader}}, cache: {{ttl: 30s}}}}\n"
+        ),
+    );
+    let config = load_str("t.yaml", &format!("{STORES}{ok}")).unwrap_or_else(|e| panic!("{e}"));
+    let p = &config.policies[0];
+    assert_eq!(p.protocol, Protocol::Mysql);
+    assert_eq!(p.app_tls, AppTlsMode::Enable);
+    assert_eq!(p.ssl_answer(), SslAnswer::Tls);
+    assert!(p.credentials.is_none());
+    let users: Vec<&str> = p.roles.iter().map(|r| r.user.as_str()).collect();
+    assert_eq!(users, ["app", "reader"]);
+    assert_eq!(p.roles[1].cache_ttl, Some(Duration::from_secs(30)));
+    // appTls auto, as for PostgreSQL: TLS offered only over a verify-full leg to the server.
+    for (tls, want) in [
+        ("", SslAnswer::Tls),
+        ("  tls: {mode: require}\n", SslAnswer::Decline),
+    ] {
+        let auto = policy(
+            "my",
+            &format!("{head}{tls}  credentials: {{store: local, password: {{path: db}}}}\n"),
+        );
+        let config =
+            load_str("t.yaml", &format!("{STORES}{auto}")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.policies[0].ssl_answer(), want, "{tls:?}");
+    }
+
+    // Roles and credentials at once: located at mysql.roles, naming the credentials' line.
+    let both = policy(
+        "my",
+        &format!(
+            "{head}  credentials: {{store: local, password: {{path: db}}}}\n  mysql:\n    roles:\n      app: {{store: local, password: {{path: app}}}}\n"
+        ),
+    );
+    assert_eq!(
+        errors("t.yaml", &format!("{STORES}{both}")),
+        vec![
+            "t.yaml:27:5: mysql.roles and credentials (line 25) cannot both be given: with roles, the user the application asks for selects the credentials; move credentials under roles with the user name the application sends"
+        ]
+    );
+    let empty = policy("my", &format!("{head}  mysql: {{roles: {{}}}}\n"));
+    assert_eq!(
+        errors("t.yaml", &format!("{STORES}{empty}")),
+        vec!["t.yaml:25:11: mysql.roles is empty: name at least one role, or use credentials"]
+    );
+    // A role's store is checked like spec.credentials, at the role's own position.
+    let store = policy(
+        "my",
+        &format!(
+            "{head}  mysql:\n    roles:\n      app: {{store: nowhere, password: {{path: app}}}}\n"
+        ),
+    );
+    let errs = errors("t.yaml", &format!("{STORES}{store}"));
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("t.yaml:27:20: ") && e.contains("nowhere")),
+        "{errs:?}"
+    );
+    // PostgreSQL-only options are unknown under mysql.
+    let pg_only = policy(
+        "my",
+        &format!(
+            "{head}  credentials: {{store: local, password: {{path: db}}}}\n  mysql: {{databases: [a]}}\n"
+        ),
+    );
+    let errs = errors("t.yaml", &format!("{STORES}{pg_only}"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("t.yaml:26:11: unknown field \"databases\" in mysql"),
+        "{errs:?}"
+    );
+
+    // A block of the other protocol is an error, either way round.
+    let pg_on_my = policy(
+        "my",
+        &format!(
+            "{head}  credentials: {{store: local, password: {{path: db}}}}\n  postgres: {{direct: true}}\n"
+        ),
+    );
+    assert_eq!(
+        errors("t.yaml", &format!("{STORES}{pg_on_my}")),
+        vec![
+            "t.yaml:26:3: postgres options apply to protocol postgres only (not mysql); remove postgres"
+        ]
+    );
+    let my_on_pg = policy(
+        "pg",
+        "  destination: {address: 10.0.0.1, port: 5432}\n  workloads: all\n  protocol: postgres\n  credentials: {store: local, password: {path: db}}\n  mysql: {roles: {a: {store: local, password: {path: a}}}}\n",
+    );
+    assert_eq!(
+        errors("t.yaml", &format!("{STORES}{my_on_pg}")),
+        vec![
+            "t.yaml:26:3: mysql options apply to protocol mysql only (not postgres); remove mysql"
+        ]
     );
 }

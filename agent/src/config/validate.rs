@@ -102,7 +102,12 @@ fn check_references(
     }
     for role in &policy.roles {
         blocks.push((
-            vec!["spec", "postgres", "roles", role.user.as_str()],
+            vec![
+                "spec",
+                policy.protocol.as_str(),
+                "roles",
+                role.user.as_str(),
+            ],
             &role.credentials,
         ));
     }

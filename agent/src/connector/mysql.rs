@@ -1,7 +1,8 @@
 //! `protocol: mysql` — MySQL and MariaDB. latch is the server toward the application and the
 //! client toward the real server. It connects to the server first and greets the application
 //! with the server's own version, connection id and capabilities (so `CONNECTION_ID()` and
-//! `KILL <id>` agree with what the application was told), reads the application's
+//! `KILL <id>` agree with what the application was told; CLIENT_SSL when the policy offers
+//! TLS, [`Policy::ssl_answer`], terminated with a node-CA certificate), reads the application's
 //! HandshakeResponse41 and drops its authentication data unread, authenticates to the server
 //! with the policy's credentials, tells the application the server's OK, then relays, refusing COM_CHANGE_USER (which would
 //! carry the application's own authentication data to the server). The
@@ -23,25 +24,32 @@ pub mod io;
 pub mod refusal;
 pub mod target;
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{
+    net::IpAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use bytes::BytesMut;
-use latch_mysql::{ClientHello, Greeting, HandshakeResponse, greeting::random_scramble};
-use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+use latch_mysql::{ClientHello, Greeting, HandshakeResponse, Packet, greeting::random_scramble};
+use rustls::ServerConfig;
+use tokio::{io::AsyncWriteExt as _, net::TcpStream, time::Instant};
 
 pub use failure::Failure;
 
 use self::{
-    io::{ReadError, read_packet},
+    io::{ReadError, read_one_packet},
     refusal::AppLeg,
     target::{Established, TargetCx},
 };
 use super::{
-    Answered, ConnectError, Connector, Context, Refusal, Served, Support, stream::TargetStream,
+    Answered, ConnectError, Connector, Context, Env, Refusal, Served, Support,
+    app_tls::{self, AcceptError, AppTls},
+    stream::{AppStream, TargetStream},
     target_tls::ClientConfigs,
 };
 use crate::{
-    config::{Policy, Protocol, Role},
+    config::{Policy, Protocol, Role, SslAnswer},
     relay::Transferred,
     secrets::Credentials,
 };
@@ -50,7 +58,7 @@ pub const SUPPORT: Support = Support {
     credentials: true,
     target_tls: true,
     negotiates_tls: true,
-    app_tls: false,
+    app_tls: true,
     direct: false,
     // The application's commands are watched (COM_CHANGE_USER), so the kernel cannot carry them.
     fast_path: false,
@@ -96,13 +104,18 @@ impl Connector for Mysql {
 
 /// The application's leg during the handshake.
 struct App<'s> {
-    tcp: TcpStream,
+    /// `None` once a TLS handshake with it failed (nothing more can be told).
+    stream: Option<AppStream>,
     leg: AppLeg,
     /// Where the leg is noted for an abort.
     session: &'s super::Session,
 }
 
 impl App<'_> {
+    fn io(&mut self) -> Result<&mut AppStream, Failure> {
+        self.stream.as_mut().ok_or(Failure::AppClosed)
+    }
+
     fn advance(&mut self, leg: AppLeg) {
         self.leg = leg;
         self.session.set_stage(leg.stage());
@@ -116,7 +129,7 @@ impl Mysql {
         cx: Context<'_>,
     ) -> Result<Transferred, ConnectError> {
         let mut app = App {
-            tcp,
+            stream: Some(AppStream::Plain(tcp)),
             leg: AppLeg::default(),
             session: cx.session,
         };
@@ -127,7 +140,10 @@ impl Mysql {
             Err((failure, raw)) => return Err(refuse(app, cx, failure, raw).await),
         };
         let progress = cx.progress();
-        let result = commands::relay(app.tcp, target, early, progress).await;
+        let Some(stream) = app.stream.take() else {
+            return Ok(Transferred::default());
+        };
+        let result = commands::relay(stream, target, early, progress).await;
         // The session ran; a reset from either side ends it and is not a broker failure.
         Ok(result.unwrap_or_else(|e| {
             tracing::debug!(error = %e, "relay ended by an error");
@@ -156,13 +172,15 @@ async fn refuse(
             out
         }),
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        if let Some(out) = out {
-            app.tcp.write_all(&out).await?;
-        }
-        app.tcp.shutdown().await
-    })
-    .await;
+    if let Some(stream) = app.stream.as_mut() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            if let Some(out) = out {
+                stream.write_all(&out).await?;
+            }
+            stream.shutdown().await
+        })
+        .await;
+    }
     ConnectError::Protocol {
         protocol: "mysql",
         source: Box::new(failure),
@@ -199,21 +217,31 @@ async fn handshake(
             None,
         )
     })?;
-    let greeting = Greeting::for_app(&server, scramble, false);
+    // TLS toward the application when the policy offers it (`appTls`, the same rule as
+    // PostgreSQL's); a CA that cannot give a certificate is told, never a silent plain text.
+    let tls = match app_tls(policy, env, origin.dst.ip()) {
+        Some(t) => Some(
+            t.server_config()
+                .map_err(|e| (Failure::AppCertificate(e), None))?,
+        ),
+        None => None,
+    };
+    let greeting = Greeting::for_app(&server, scramble, tls.is_some());
     let mut out = BytesMut::new();
     let mut payload = BytesMut::new();
     greeting
         .encode(&mut payload)
         .map_err(|e| (Failure::AppIo(std::io::Error::other(e.to_string())), None))?;
     target::packet(&payload, 0, &mut out);
-    app.tcp
+    app.io()
+        .map_err(|f| (f, None))?
         .write_all(&out)
         .await
         .map_err(|e| (Failure::AppIo(e), None))?;
     app.advance(AppLeg { seq: 1, caps: None });
 
     let mut inbuf = BytesMut::with_capacity(1024);
-    let response = read_response(app, &mut inbuf)
+    let response = read_response(app, &mut inbuf, tls)
         .await
         .map_err(|f| (f, None))?;
     let caps = Some(response.capabilities);
@@ -279,13 +307,21 @@ async fn handshake(
     let mut out = BytesMut::new();
     target::packet(&ok, app.leg.seq, &mut out);
     out.extend_from_slice(&leftover);
-    if let Err(e) = app.tcp.write_all(&out).await {
+    let written = match app.io() {
+        Ok(stream) => match stream.write_all(&out).await {
+            Ok(()) => stream.flush().await,
+            Err(e) => Err(e),
+        },
+        Err(_) => return Ok(None),
+    };
+    if let Err(e) = written {
         tracing::debug!(error = %e, "application went away before the session started");
         return Ok(None);
     }
     cx.handshake_done();
     tracing::debug!(
         tls = target.is_tls(),
+        app_tls = app.stream.as_ref().is_some_and(AppStream::is_tls),
         connection_id = server.connection_id,
         "session ready; relaying"
     );
@@ -295,32 +331,63 @@ async fn handshake(
     Ok(Some((target, inbuf)))
 }
 
-/// Reads the application's HandshakeResponse41 (sequence id 1). An SSLRequest is refused:
-/// the greeting did not offer TLS.
+/// Reads the application's HandshakeResponse41 (sequence id 1). An SSLRequest (sequence id 1)
+/// is answered with a TLS handshake when the greeting offered TLS (`tls`), and the response
+/// then comes over TLS with sequence id 2; without the offer it is refused.
 async fn read_response(
     app: &mut App<'_>,
     buf: &mut BytesMut,
+    tls: Option<Arc<ServerConfig>>,
 ) -> Result<HandshakeResponse, Failure> {
-    let read = tokio::time::timeout(APP_RESPONSE_TIMEOUT, read_packet(&mut app.tcp, buf)).await;
-    let packet = match read {
-        Err(_) => return Err(Failure::AppTimeout(APP_RESPONSE_TIMEOUT)),
-        Ok(Err(ReadError::Closed)) => return Err(Failure::AppClosed),
-        Ok(Err(ReadError::Io(e))) => return Err(Failure::AppIo(e)),
-        Ok(Err(ReadError::Frame(e))) => {
-            return Err(Failure::AppIo(std::io::Error::other(e.to_string())));
+    let deadline = Instant::now() + APP_RESPONSE_TIMEOUT;
+    let mut expect = 1;
+    loop {
+        let packet = read_app_packet(app.io()?, buf, deadline).await?;
+        app.leg.seq = packet.next_seq();
+        if packet.seq != expect {
+            return Err(Failure::AppIo(std::io::Error::other(format!(
+                "handshake response with sequence id {}, expected {expect}",
+                packet.seq
+            ))));
         }
-        Ok(Ok(p)) => p,
-    };
-    app.leg.seq = packet.next_seq();
-    if packet.seq != 1 {
-        return Err(Failure::AppIo(std::io::Error::other(format!(
-            "handshake response with sequence id {}, expected 1",
-            packet.seq
-        ))));
+        match ClientHello::parse(&packet.payload).map_err(Failure::AppProtocol)? {
+            ClientHello::Response(r) => return Ok(r),
+            ClientHello::SslRequest(_) => {
+                let (Some(config), Some(AppStream::Plain(_))) = (tls.as_ref(), &app.stream) else {
+                    return Err(Failure::AppTls);
+                };
+                // Only the request was read: what follows (the TLS ClientHello, sent at once)
+                // is the acceptor's, and plain-text bytes injected there fail the handshake.
+                let Some(AppStream::Plain(tcp)) = app.stream.take() else {
+                    unreachable!("checked above");
+                };
+                match app_tls::accept(tcp, config.clone(), deadline).await {
+                    Ok(stream) => app.stream = Some(AppStream::Tls(Box::new(stream))),
+                    Err(AcceptError::Handshake(e)) => {
+                        return Err(Failure::AppTlsHandshake(e.to_string()));
+                    }
+                    Err(AcceptError::Timeout) => {
+                        return Err(Failure::AppTlsHandshake("timed out".into()));
+                    }
+                }
+                tracing::debug!("TLS with the application established");
+                expect = packet.next_seq();
+            }
+        }
     }
-    match ClientHello::parse(&packet.payload).map_err(Failure::AppProtocol)? {
-        ClientHello::SslRequest(_) => Err(Failure::AppTls),
-        ClientHello::Response(r) => Ok(r),
+}
+
+async fn read_app_packet(
+    stream: &mut AppStream,
+    buf: &mut BytesMut,
+    deadline: Instant,
+) -> Result<Packet, Failure> {
+    match tokio::time::timeout_at(deadline, read_one_packet(stream, buf)).await {
+        Err(_) => Err(Failure::AppTimeout(APP_RESPONSE_TIMEOUT)),
+        Ok(Err(ReadError::Closed)) => Err(Failure::AppClosed),
+        Ok(Err(ReadError::Io(e))) => Err(Failure::AppIo(e)),
+        Ok(Err(ReadError::Frame(e))) => Err(Failure::AppIo(std::io::Error::other(e.to_string()))),
+        Ok(Ok(p)) => Ok(p),
     }
 }
 
@@ -340,8 +407,9 @@ fn select_role<'p>(
         None => {
             tracing::info!(user = %user, "no role of the policy for the requested user");
             let host = app
-                .tcp
-                .peer_addr()
+                .stream
+                .as_ref()
+                .and_then(|s| s.tcp().peer_addr().ok())
                 .map(|a| a.ip().to_canonical().to_string())
                 .unwrap_or_default();
             Err(Failure::UnknownRole {
@@ -350,6 +418,12 @@ fn select_role<'p>(
             })
         }
     }
+}
+
+/// The certificate source for TLS toward the application, when `policy` offers it
+/// ([`Policy::ssl_answer`]); `dst` is where the application connected.
+fn app_tls<'a>(policy: &'a Policy, env: &'a Env, dst: IpAddr) -> Option<AppTls<'a>> {
+    (policy.ssl_answer() == SslAnswer::Tls).then(|| AppTls::new(&env.app_ca, policy, dst))
 }
 
 fn same(a: &Credentials, b: &Credentials) -> bool {

@@ -16,12 +16,11 @@ use bytes::BytesMut;
 use latch_mysql::{ErrPacket, constants::COM_CHANGE_USER};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
-    net::TcpStream,
     sync::Mutex,
 };
 
 use crate::{
-    connector::stream::TargetStream,
+    connector::stream::{AppStream, MaybeTls, TargetStream},
     relay::{Progress, Transferred},
 };
 
@@ -31,12 +30,30 @@ const MAX_CHANGE_USER: usize = 64 * 1024;
 /// Relays until either side closes. `early`: bytes the application sent after its handshake
 /// response, relayed first.
 pub async fn relay(
-    app: TcpStream,
+    app: AppStream,
     target: TargetStream,
     early: BytesMut,
     progress: &Progress,
 ) -> io::Result<Transferred> {
-    let (app_r, app_w) = app.into_split();
+    match app {
+        MaybeTls::Plain(tcp) => {
+            let (app_r, app_w) = tcp.into_split();
+            relay_halves(app_r, app_w, target, early, progress).await
+        }
+        MaybeTls::Tls(tls) => {
+            let (app_r, app_w) = tokio::io::split(*tls);
+            relay_halves(app_r, app_w, target, early, progress).await
+        }
+    }
+}
+
+async fn relay_halves(
+    app_r: impl AsyncRead + Unpin,
+    app_w: impl AsyncWrite + Unpin,
+    target: TargetStream,
+    early: BytesMut,
+    progress: &Progress,
+) -> io::Result<Transferred> {
     let app_w = Arc::new(Mutex::new(app_w));
     let (target_r, target_w) = tokio::io::split(target);
     let up = to_target(app_r, target_w, early, app_w.clone(), progress);
@@ -54,7 +71,7 @@ pub async fn relay(
 
 async fn to_app(
     mut target: impl AsyncRead + Unpin,
-    app: Arc<Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+    app: Arc<Mutex<impl AsyncWrite + Unpin>>,
     progress: &Progress,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
@@ -65,6 +82,8 @@ async fn to_app(
             return app.shutdown().await;
         }
         app.write_all(&buf[..n]).await?;
+        // A TLS leg may keep records buffered until flushed.
+        app.flush().await?;
         progress.to_app.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
@@ -73,7 +92,7 @@ async fn to_target(
     mut app: impl AsyncRead + Unpin,
     mut target: impl AsyncWrite + Unpin,
     mut buf: BytesMut,
-    app_w: Arc<Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+    app_w: Arc<Mutex<impl AsyncWrite + Unpin>>,
     progress: &Progress,
 ) -> io::Result<()> {
     // The sequence id of the application's last packet.
@@ -133,7 +152,10 @@ async fn to_target(
                 Some(latch_mysql::CapabilityFlags::CLIENT_PROTOCOL_41),
                 &mut out,
             );
-            app_w.lock().await.write_all(&out).await?;
+            let mut app = app_w.lock().await;
+            app.write_all(&out).await?;
+            app.flush().await?;
+            drop(app);
             progress
                 .to_app
                 .fetch_add(out.len() as u64, Ordering::Relaxed);

@@ -21,6 +21,12 @@ pub enum Failure {
     AppProtocol(#[source] ParseError),
     #[error("the application asked for TLS, which this policy does not offer it")]
     AppTls,
+    /// The TLS handshake with the application failed (nothing can be told in plain text).
+    #[error("TLS with the application: {0}")]
+    AppTlsHandshake(String),
+    /// The node-local CA could not be loaded or created, or issue a certificate.
+    #[error("no certificate for TLS toward the application: {0}")]
+    AppCertificate(#[source] crate::ca::CaError),
     #[error("the application did not send its handshake response within {0:?}")]
     AppTimeout(Duration),
     #[error("reading the application's handshake response: {0}")]
@@ -82,7 +88,17 @@ impl Failure {
             Failure::AppProtocol(_) | Failure::AppTls | Failure::AppTimeout(_) => {
                 say(er::HANDSHAKE_ERROR, self.to_string())
             }
-            Failure::AppIo(_) | Failure::AppClosed | Failure::ServerRefused { .. } => return None,
+            Failure::AppIo(_)
+            | Failure::AppClosed
+            | Failure::AppTlsHandshake(_)
+            | Failure::ServerRefused { .. } => return None,
+            Failure::AppCertificate(_) => say(
+                er::HANDSHAKE_ERROR,
+                format!(
+                    "no certificate for TLS toward the application: the node-local CA is not \
+                     usable (latch connection {conn}; the agent's log has the details)"
+                ),
+            ),
             // The server's own words for a user it does not know.
             Failure::UnknownRole { user, host } => ErrPacket::new(
                 er::ACCESS_DENIED_ERROR,

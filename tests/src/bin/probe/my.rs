@@ -7,6 +7,9 @@
 //!   two on the wire) each way, several result sets; prints `suite ok`.
 //! * `kill` — one session runs `SELECT SLEEP(30)`; a second one sees it in the process list
 //!   under the first one's id and runs `KILL QUERY <id>`; prints `killed in <ms>ms`.
+//! * `infile` — `LOAD DATA LOCAL INFILE` of 1000 rows, each its own packet (so the sequence
+//!   ids wrap past 255 several times), then a query on the same session; prints
+//!   `infile rows=1000 sum=499500 then=1`.
 //! * `changeuser` — COM_CHANGE_USER to user `root` with password `guess`: prints
 //!   `change_user=<error code or ok>`, then `after=<CURRENT_USER()>` on the same session.
 use std::time::{Duration, Instant};
@@ -28,6 +31,7 @@ pub async fn run(url: &str, scenario: &str) -> Result<(), String> {
         "suite" => suite(url).await,
         "kill" => kill(url).await,
         "changeuser" => change_user(url).await,
+        "infile" => infile(url).await,
         other => Err(format!("unknown my scenario {other:?}")),
     }
 }
@@ -176,5 +180,32 @@ async fn change_user(url: &str) -> Result<(), String> {
         .map_err(e)?
         .ok_or("no row")?;
     println!("after={user}");
+    conn.disconnect().await.map_err(e)
+}
+
+async fn infile(url: &str) -> Result<(), String> {
+    let mut conn = connect(url).await?;
+    conn.query_drop("CREATE TEMPORARY TABLE li (id INT PRIMARY KEY, name VARCHAR(32))")
+        .await
+        .map_err(e)?;
+    // One chunk per row: mysql_async writes each as its own packet.
+    let rows = (0..1000u32).map(|i| Ok(bytes::Bytes::from(format!("{i}\trow {i}\n"))));
+    conn.set_infile_handler(async move {
+        Ok(Box::pin(futures_util::stream::iter(rows)) as mysql_async::InfileData)
+    });
+    conn.query_drop("LOAD DATA LOCAL INFILE 'rows' INTO TABLE li (id, name)")
+        .await
+        .map_err(e)?;
+    let (n, sum): (u64, u64) = conn
+        .query_first("SELECT COUNT(*), SUM(id) FROM li")
+        .await
+        .map_err(e)?
+        .ok_or("no row")?;
+    let then: u32 = conn
+        .query_first("SELECT 1")
+        .await
+        .map_err(e)?
+        .ok_or("no row")?;
+    println!("infile rows={n} sum={sum} then={then}");
     conn.disconnect().await.map_err(e)
 }

@@ -1,0 +1,171 @@
+//! `protocol: mysql` with TLS on both legs: MariaDB 10.11 with a certificate, latch verifying
+//! it (`tls.mode: verify-full` with the test CA), and by default (`appTls` auto over that
+//! verified leg) TLS toward the application with a certificate from the node-local CA that
+//! `latch ca export` prints. The `mariadb` CLI inside the test cgroup holds no password.
+use std::{
+    path::Path,
+    process::{Command, Output},
+};
+
+use latch_tests::{
+    Agent, TempDir, TestCgroup, bins,
+    certs::TestCa,
+    mariadb::{APP_DB, MariaDb, policy_yaml},
+    postgres::secrets_yaml,
+};
+
+const NATIVE_PW: &str = "native-Secret-tls-41a";
+const ED_PW: &str = "ed25519-Secret-tls-9b2";
+/// An account the server lets in only over TLS.
+const TLS_USER: &str = "tls_app";
+const TLS_PW: &str = "tls-Secret-77c0";
+
+fn export_ca(state_dir: &Path) -> String {
+    let out = Command::new(bins::latch())
+        .args(["ca", "export", "--state-dir"])
+        .arg(state_dir)
+        .output()
+        .expect("run latch ca export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    latch_tests::run_within(cmd, std::time::Duration::from_secs(60))
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
+/// A server with a certificate for db.test and 127.0.0.2, and [`TLS_USER`] `REQUIRE SSL`.
+fn tls_server(certs: &TestCa) -> MariaDb {
+    let db = MariaDb::start_with(
+        "127.0.0.2",
+        NATIVE_PW,
+        ED_PW,
+        Some((&certs.server_cert(), &certs.server_key())),
+    );
+    db.sql(&format!(
+        "CREATE USER {TLS_USER}@'%' IDENTIFIED BY '{TLS_PW}' REQUIRE SSL"
+    ));
+    db.sql(&format!("GRANT ALL ON {APP_DB}.* TO {TLS_USER}@'%'"));
+    db
+}
+
+/// What the server says of the session latch opened: its user and its TLS cipher.
+const SERVER_LEG: &str = "SELECT CONCAT(CURRENT_USER(), ' ', VARIABLE_VALUE <> '') FROM information_schema.SESSION_STATUS WHERE VARIABLE_NAME = 'Ssl_cipher'";
+
+#[test]
+fn the_cli_verifies_latchs_node_ca_certificate_and_latch_verifies_the_server() {
+    let certs = TestCa::new("db.test", &["DNS:db.test", "IP:127.0.0.2"]);
+    let db = tls_server(&certs);
+    let dir = TempDir::new("my-tls");
+    let secrets = dir.write("secrets.yaml", &secrets_yaml(TLS_USER, TLS_PW));
+    let state = dir.path().join("state");
+    let cg = TestCgroup::new();
+    // No appTls: auto, over a verify-full leg to the server.
+    let yaml = policy_yaml(
+        "orders-db",
+        db.addr,
+        &secrets,
+        &format!(
+            "  tls: {{mode: verify-full, ca: {}}}\n",
+            certs.ca().display()
+        ),
+    );
+    assert!(!yaml.contains("appTls"));
+    let state_arg = state.display().to_string();
+    let agent = Agent::start_args(&yaml, &cg, &["--state-dir", &state_arg]);
+    let want = format!("{TLS_USER}@% 1");
+
+    // Plain text to latch: the REQUIRE SSL account still gets in, latch's leg is TLS.
+    let out = run(db.cli_in(&cg, "nobody", SERVER_LEG).arg("--skip-ssl"));
+    assert_eq!(
+        text(&out).0,
+        want,
+        "plain: {}\n{}",
+        text(&out).1,
+        agent.log()
+    );
+
+    let ca_file = dir.write("latch-ca.pem", &export_ca(&state));
+    // The CLI verifies latch's certificate (for 127.0.0.2) against the node CA.
+    let verify = |ca: &Path| {
+        let mut cmd = db.cli_in(&cg, "nobody", SERVER_LEG);
+        cmd.args(["--ssl", "--ssl-verify-server-cert"])
+            .arg(format!("--ssl-ca={}", ca.display()));
+        run(&mut cmd)
+    };
+    let out = verify(&ca_file);
+    assert!(
+        out.status.success(),
+        "verified: {}\n{}",
+        text(&out).1,
+        agent.log()
+    );
+    assert_eq!(text(&out).0, want);
+    // The application's leg is TLS: the CLI's own status says so.
+    let mut status = db.cli_in(&cg, "nobody", "\\s");
+    status
+        .args(["--ssl", "--ssl-verify-server-cert"])
+        .arg(format!("--ssl-ca={}", ca_file.display()));
+    let out = run(&mut status);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "status: {stderr}\n{}", agent.log());
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("SSL:") && l.contains("Cipher in use")),
+        "{stdout}"
+    );
+    // Another CA: the CLI refuses latch's certificate.
+    let out = verify(&certs.other_ca());
+    assert!(!out.status.success(), "a foreign CA was accepted");
+    assert!(
+        text(&out).1.contains("certificate") || text(&out).1.contains("TLS/SSL"),
+        "{}",
+        text(&out).1
+    );
+    let log = agent.log();
+    assert!(!log.contains(TLS_PW), "a password in the agent log:\n{log}");
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn verify_full_against_another_name_fails_with_an_err_naming_the_policy_and_the_tls_failure() {
+    let certs = TestCa::new("db.test", &["DNS:db.test", "IP:127.0.0.2"]);
+    let db = tls_server(&certs);
+    let dir = TempDir::new("my-tls-name");
+    let secrets = dir.write("secrets.yaml", &secrets_yaml(TLS_USER, TLS_PW));
+    let cg = TestCgroup::new();
+    let yaml = policy_yaml(
+        "orders-db",
+        db.addr,
+        &secrets,
+        &format!(
+            "  tls: {{mode: verify-full, ca: {}, serverName: other.test}}\n",
+            certs.ca().display()
+        ),
+    );
+    let agent = Agent::start(&yaml, &cg);
+    let out = run(db.cli_in(&cg, "nobody", "SELECT 1").arg("--skip-ssl"));
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success(), "connected despite the wrong name");
+    assert!(
+        stderr.contains("latch: policy \"orders-db\"") && stderr.contains("TLS to target"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("NotValidForName") || stderr.contains("name"),
+        "{stderr}"
+    );
+    assert!(agent.stop().success());
+}
