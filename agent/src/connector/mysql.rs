@@ -51,7 +51,6 @@ use super::{
 use crate::{
     config::{Policy, Protocol, Role, SslAnswer},
     relay::Transferred,
-    secrets::Credentials,
 };
 
 pub const SUPPORT: Support = Support {
@@ -271,20 +270,14 @@ async fn handshake(
             Ok(e) => break e,
             Err(f) if f.is_auth_rejection() && !retried => {
                 retried = true;
-                // Maybe the password was rotated since it was cached: fetch again, and retry
-                // once on a new connection if that gives something new.
-                match env.secrets.refresh_for(policy, role).await {
-                    Ok(fresh) if !same(&fresh, &creds) => {
-                        tracing::info!(
-                            "target rejected the credentials; retrying once with refreshed ones"
-                        );
-                        creds = fresh;
-                    }
-                    Ok(_) => return Err((f, None)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "refreshing credentials after a rejection failed");
-                        return Err((f, None));
-                    }
+                // Retried on a new connection.
+                match env
+                    .secrets
+                    .fresh_after_rejection(policy, role, &creds)
+                    .await
+                {
+                    Some(fresh) => creds = fresh,
+                    None => return Err((f, None)),
                 }
                 // The application was greeted with the first connection's id; the new one has
                 // its own (CONNECTION_ID() tells the truth, a client's cached id does not).
@@ -424,8 +417,4 @@ fn select_role<'p>(
 /// ([`Policy::ssl_answer`]); `dst` is where the application connected.
 fn app_tls<'a>(policy: &'a Policy, env: &'a Env, dst: IpAddr) -> Option<AppTls<'a>> {
     (policy.ssl_answer() == SslAnswer::Tls).then(|| AppTls::new(&env.app_ca, policy, dst))
-}
-
-fn same(a: &Credentials, b: &Credentials) -> bool {
-    a.username == b.username && a.password == b.password
 }

@@ -225,20 +225,13 @@ async fn session(
             Ok(e) => break (e, rewritten),
             Err(f) if f.is_auth_rejection() && !retried => {
                 retried = true;
-                // Maybe the password was rotated since it was cached: fetch again, and retry
-                // once if that gives something new.
-                match env.secrets.refresh_for(policy, role).await {
-                    Ok(fresh) if !same(&fresh, &creds) => {
-                        tracing::info!(
-                            "target rejected the credentials; retrying once with refreshed ones"
-                        );
-                        creds = fresh;
-                    }
-                    Ok(_) => return Err((app, f)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "refreshing credentials after a rejection failed");
-                        return Err((app, f));
-                    }
+                match env
+                    .secrets
+                    .fresh_after_rejection(policy, role, &creds)
+                    .await
+                {
+                    Some(fresh) => creds = fresh,
+                    None => return Err((app, f)),
                 }
             }
             Err(f) => return Err((app, f)),
@@ -358,10 +351,6 @@ pub fn select_role<'p>(
             Err(r)
         }
     }
-}
-
-fn same(a: &crate::secrets::Credentials, b: &crate::secrets::Credentials) -> bool {
-    a.username == b.username && a.password == b.password
 }
 
 /// Passes a CancelRequest on to the server the application sent it to, when it names a

@@ -67,6 +67,30 @@ impl Secrets {
         self.refresh_for(policy, None).await
     }
 
+    /// After the target rejected `used`: fresh credentials for one retry, if fetching again
+    /// gives something new (the password may have been rotated since it was cached); `None`
+    /// when it does not, or the store fails (logged), and the rejection stands.
+    pub async fn fresh_after_rejection(
+        &self,
+        policy: &Policy,
+        role: Option<&Role>,
+        used: &Credentials,
+    ) -> Option<Arc<Credentials>> {
+        match self.refresh_for(policy, role).await {
+            Ok(fresh) if fresh.username != used.username || fresh.password != used.password => {
+                tracing::info!(
+                    "target rejected the credentials; retrying once with refreshed ones"
+                );
+                Some(fresh)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "refreshing credentials after a rejection failed");
+                None
+            }
+        }
+    }
+
     /// See [`Resolver::refresh_for`]; rate-limited per policy and role like [`Self::refresh`].
     pub async fn refresh_for(
         &self,
