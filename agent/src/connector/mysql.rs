@@ -172,13 +172,7 @@ async fn refuse(
         }),
     };
     if let Some(stream) = app.stream.as_mut() {
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            if let Some(out) = out {
-                stream.write_all(&out).await?;
-            }
-            stream.shutdown().await
-        })
-        .await;
+        crate::connector::refuse::tell_and_close(stream, out.as_deref()).await;
     }
     ConnectError::Protocol {
         protocol: "mysql",

@@ -166,14 +166,7 @@ async fn refuse(
 ) -> ConnectError {
     if let Some(mut app) = app {
         let reply = failure.reply(&policy.name, conn);
-        // A stalled application must not hold the task: its send buffer is normally empty.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            if let Some(out) = reply {
-                app.write_all(&out).await?;
-            }
-            app.shutdown().await
-        })
-        .await;
+        crate::connector::refuse::tell_and_close(&mut app, reply.as_deref()).await;
     }
     ConnectError::Protocol {
         protocol: "postgres",

@@ -4,7 +4,14 @@
 //! be reset.
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+/// How long a refused application gets to take its answer: a stalled one must not hold the
+/// task (its send buffer is normally empty, so this is rarely waited for).
+pub const TELL_WITHIN: Duration = Duration::from_secs(2);
 
 /// Why latch refuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +50,18 @@ impl std::fmt::Display for Refusal {
             }
         }
     }
+}
+
+/// Writes `answer` (if any) to the application and closes its write side, within
+/// [`TELL_WITHIN`]; whatever fails is dropped (the application is going away).
+pub async fn tell_and_close(app: &mut (impl AsyncWrite + Unpin), answer: Option<&[u8]>) {
+    let _ = tokio::time::timeout(TELL_WITHIN, async {
+        if let Some(bytes) = answer {
+            app.write_all(bytes).await?;
+        }
+        app.shutdown().await
+    })
+    .await;
 }
 
 /// Closes with RST, so the client sees a reset rather than a clean EOF.

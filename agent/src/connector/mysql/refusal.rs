@@ -2,16 +2,12 @@
 //! MariaDB server answers a client it will not serve ("Too many connections", "Host is not
 //! allowed"), or, when a handshake is cut short, with the sequence id the application expects
 //! at the point it had reached (noted in the connection's session as it goes).
-use std::time::Duration;
 
 use bytes::BytesMut;
 use latch_mysql::{CapabilityFlags, ErrPacket, constants::er};
-use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+use tokio::net::TcpStream;
 
 use crate::{config::Policy, connector::Refusal};
-
-/// How long a refused application gets to take the answer.
-const REFUSAL_IO: Duration = Duration::from_secs(2);
 
 /// The error code and SQLSTATE a MySQL client is told for `why`.
 pub fn code(why: &Refusal) -> (u16, &'static str) {
@@ -71,11 +67,7 @@ pub async fn abort(app: TcpStream, policy: &Policy, why: Refusal, leg: AppLeg) {
 pub async fn tell(mut app: TcpStream, err: &ErrPacket, leg: AppLeg) {
     let mut out = BytesMut::new();
     super::failure::encode(err, leg.seq, leg.caps, &mut out);
-    let _ = tokio::time::timeout(REFUSAL_IO, async {
-        app.write_all(&out).await?;
-        app.shutdown().await
-    })
-    .await;
+    crate::connector::refuse::tell_and_close(&mut app, Some(&out)).await;
 }
 
 #[cfg(test)]

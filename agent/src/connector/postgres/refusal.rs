@@ -43,11 +43,7 @@ pub async fn tell(mut app: TcpStream, policy: &Policy, why: Refusal) {
     );
     let mut out = BytesMut::new();
     fields.encode(ERROR_RESPONSE, &mut out);
-    let _ = tokio::time::timeout(REFUSAL_IO, async {
-        app.write_all(&out).await?;
-        app.shutdown().await
-    })
-    .await;
+    crate::connector::refuse::tell_and_close(&mut app, Some(&out)).await;
 }
 
 /// Reads until a StartupMessage, answering every path before it as PostgreSQL 15 does (the
