@@ -76,6 +76,10 @@ pub struct Record {
     /// [`crate::audit_limit`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suppressed: Option<u64>,
+    /// A summary of a storm of refusals: how many, in the last second, had `reason` (see
+    /// [`crate::refusals`]); `conn` is 0 and `destination` empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 impl Record {
@@ -99,6 +103,7 @@ impl Record {
             handshake_ms: None,
             duration_ms: 0.0,
             suppressed: None,
+            count: None,
         }
     }
 
@@ -240,6 +245,19 @@ impl Audit {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         } else if tx.try_send(line).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes a summary record (at most one per refusal reason a second): not subject to the
+    /// per-workload limit, dropped only if the queue is full.
+    pub fn summary(&self, record: &Record) {
+        let Some(tx) = &self.tx else { return };
+        let Ok(mut line) = serde_json::to_string(record) else {
+            return;
+        };
+        line.push('\n');
+        if tx.try_send(line).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -21,6 +21,7 @@ pub mod netns;
 pub mod origin;
 pub mod policy_set;
 pub mod privileges;
+pub mod refusals;
 pub mod relay;
 pub mod runtime;
 pub mod secrets;

@@ -431,9 +431,8 @@ fn unprepared_reporter(
     Box::new(move |meta| {
         let origin = broker::Origin::from(meta);
         let id = shared.next_conn_id();
-        shared
-            .metrics
-            .refuse(crate::metrics::RefusedReason::netns_unprepared);
+        // Its own warning below (once per namespace); the summaries count the storm.
+        shared.refuse(crate::metrics::RefusedReason::netns_unprepared);
         let (outcome, what) = match fail_mode {
             FailMode::Closed => (crate::audit::Outcome::Refused, "refused by the kernel"),
             FailMode::Open => (

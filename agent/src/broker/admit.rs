@@ -75,8 +75,9 @@ pub fn admit(
         Ok(None) => {
             // Nothing reaches credentials unless the kernel redirected it.
             let seen = unrecorded();
-            shared.metrics.refuse(RefusedReason::not_redirected);
-            crate::warn_throttled!(conn = id, peer = %seen.peer, at = %seen.destination, direct, "refused a connection the kernel did not redirect");
+            if shared.refuse(RefusedReason::not_redirected) {
+                tracing::warn!(conn = id, peer = %seen.peer, at = %seen.destination, direct, "refused a connection the kernel did not redirect");
+            }
             let mut record = Record::new(id, audit::Outcome::Refused, seen.destination);
             record.reason = Some(format!("not redirected by the kernel (peer {})", seen.peer));
             record.direct = direct;
@@ -84,7 +85,7 @@ pub fn admit(
             return None;
         }
         Err(err) => {
-            shared.metrics.refuse(RefusedReason::not_redirected);
+            shared.refuse(RefusedReason::not_redirected);
             tracing::error!(conn = id, %err, direct, "kernel connection map lookup failed; refusing");
             return None;
         }
@@ -95,8 +96,9 @@ pub fn admit(
     origin.conn = id;
     let policies = shared.policies();
     let Some(policy) = policies.by_rule(origin.rule_id).cloned() else {
-        shared.metrics.refuse(RefusedReason::no_policy);
-        crate::warn_throttled!(conn = id, %origin, direct, "no policy for this destination any more; refusing");
+        if shared.refuse(RefusedReason::no_policy) {
+            tracing::warn!(conn = id, %origin, direct, "no policy for this destination any more; refusing");
+        }
         let mut record = Record::new(id, audit::Outcome::Refused, origin.dst.to_string());
         record.reason = Some("no policy covers this destination".into());
         record.workload = Some(Workload::resolve(&origin, &shared.cgroups));
@@ -115,11 +117,12 @@ pub fn admit(
             let why = Refusal::WorkloadLimit {
                 max: shared.per_workload.max(),
             };
-            shared.metrics.refuse(RefusedReason::workload_limit);
-            crate::warn_throttled!(
-                limit = shared.per_workload.max(),
-                "refused: workload over its connection limit"
-            );
+            if shared.refuse(RefusedReason::workload_limit) {
+                tracing::warn!(
+                    limit = shared.per_workload.max(),
+                    "refused: workload over its connection limit"
+                );
+            }
             record.outcome = audit::Outcome::Refused;
             record.reason = Some(why.to_string());
             Verdict::Refuse(why)
@@ -156,9 +159,10 @@ impl Admitted {
     /// Refuses for a limit found after admission (direct mode's startup threads): counted,
     /// logged and set on the audit record like the limits admission applies itself.
     pub fn refuse(&mut self, shared: &Shared, why: Refusal, reason: RefusedReason) {
-        shared.metrics.refuse(reason);
-        self.span
-            .in_scope(|| crate::warn_throttled!(%why, "refused: {}", why.reason()));
+        if shared.refuse(reason) {
+            self.span
+                .in_scope(|| tracing::warn!(%why, "refused: {}", why.reason()));
+        }
         self.record.outcome = audit::Outcome::Refused;
         self.record.reason = Some(why.to_string());
         self.verdict = Verdict::Refuse(why);

@@ -109,6 +109,8 @@ pub struct Shared {
     pub cgroups: crate::identity::Cgroups,
     /// Direct mode's maps and lobby, if available.
     pub direct: Option<Arc<direct::Direct>>,
+    /// Per-reason refusal counts for the log's and the audit trail's summaries.
+    pub refusals: crate::refusals::Refusals,
     next_id: AtomicU64,
 }
 
@@ -142,8 +144,17 @@ impl Shared {
                 &[],
             ),
             direct: None,
+            refusals: Default::default(),
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// Counts a refusal (metrics, and the log's and audit trail's per-second summaries).
+    /// `true`: the first of a storm for this reason, which the caller logs in full; later
+    /// ones go into a summary line.
+    pub fn refuse(&self, reason: crate::metrics::RefusedReason) -> bool {
+        self.metrics.refuse(reason);
+        self.refusals.note(reason, &self.audit)
     }
 
     /// A fresh connection id (audit records, spans).
@@ -222,10 +233,9 @@ pub async fn serve(
         // Over capacity: reset at once rather than leave connections waiting in the backlog (a
         // flood from one workload would otherwise stall every other workload's connects).
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            shared
-                .metrics
-                .refuse(crate::metrics::RefusedReason::capacity);
-            tracing::debug!(%peer, "refused: the broker is at --max-connections");
+            if shared.refuse(crate::metrics::RefusedReason::capacity) {
+                tracing::warn!(%peer, "refused: the broker is at --max-connections");
+            }
             let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
             drop(stream);
             continue;
