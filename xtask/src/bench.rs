@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: criterion micro-benchmarks (when the agent has any) and the bulk
 //! throughput of one TCP connection (iperf3): direct, through latch, through HAProxy, through socat;
 //! the network-namespace cases of [`crate::bench_netns`]; then the PostgreSQL cases of
-//! [`crate::bench_pg`].
+//! [`crate::bench_pg`]; then the cost of a connection, held idle and opened, against HAProxy
+//! ([`crate::bench_conns`]).
 
 use crate::proc::{self, Guard, TempDir, run};
 use anyhow::{Context, Result, bail};
@@ -34,6 +35,13 @@ pub struct Args {
     /// Only the network-namespace cases.
     #[arg(long, conflicts_with = "pg_only")]
     netns_only: bool,
+    /// Skip the connections cases (idle cost per connection, new connections per second,
+    /// system calls per connection: latch vs HAProxy).
+    #[arg(long, conflicts_with = "conns_only")]
+    no_conns: bool,
+    /// Only the connections cases.
+    #[arg(long, conflicts_with_all = ["pg_only", "netns_only"])]
+    conns_only: bool,
 }
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -102,6 +110,10 @@ pub fn run_bench(args: &Args) -> Result<()> {
         micro()?;
     }
     let latch = proc::latch_bin(true)?;
+    if args.conns_only {
+        println!("\nbench: connections (latch vs haproxy)");
+        return crate::bench_conns::run(&latch);
+    }
     let iperf = if args.pg_only || args.netns_only {
         Ok(())
     } else {
@@ -121,7 +133,14 @@ pub fn run_bench(args: &Args) -> Result<()> {
         println!("\nbench: PostgreSQL (direct vs latch vs pgbouncer)");
         crate::bench_pg::run(&latch, args.seconds, args.repeat)
     };
-    iperf.and(netns).and(pg)
+    proc::check_interrupted()?;
+    let conns = if args.no_conns || args.pg_only || args.netns_only {
+        Ok(())
+    } else {
+        println!("\nbench: connections (latch vs haproxy)");
+        crate::bench_conns::run(&latch)
+    };
+    iperf.and(netns).and(pg).and(conns)
 }
 
 fn iperf_cases(args: &Args, latch: &Path) -> Result<()> {

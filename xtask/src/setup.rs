@@ -33,6 +33,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     // and the `mariadb` CLI.
     "mariadb-server",
     "mariadb-client",
+    // The connections bench (xtask/src/bench_conns.rs): `ab` opens one connection per request,
+    // `strace -c` counts the proxies' system calls per connection.
+    "apache2-utils",
+    "strace",
 ];
 
 /// Tools from PyPI the tests start: (command, arguments that succeed when it works, pip requirement).
