@@ -397,6 +397,13 @@ pub struct ConnMeta {
     /// One of [`exe::RECORDED`], [`exe::NO_OFFSETS`], [`exe::NO_MM`], [`exe::READ_FAILED`].
     pub exe_status: u32,
     pub _pad: u32,
+    /// When the connecting process (its thread group leader) started, CLOCK_BOOTTIME ns
+    /// (`group_leader->start_boottime`, what /proc/<pid>/stat shows in ticks): with `pid`, it
+    /// names the process across pid reuse. 0 when not recorded (see [`exe::LEADER`]).
+    pub leader_start_ns: u64,
+    /// The thread group leader's command name (the process's, which policies mean; `comm` is
+    /// the connecting thread's), NUL padded; all zero when not recorded.
+    pub leader_comm: [u8; 16],
 }
 
 /// The connecting task's executable, recorded by the connect hooks so that an `exe` selector
@@ -423,6 +430,9 @@ pub mod exe {
     pub const OFFSETS_GLOBAL: &str = "LATCH_EXE_OFFSETS";
     /// `Offsets::flags` bit: the offsets are valid, read the executable.
     pub const ENABLED: u32 = 1;
+    /// `Offsets::flags` bit: the leader offsets are valid, read the thread group leader's
+    /// start time and name.
+    pub const LEADER: u32 = 2;
 
     /// Byte offsets of kernel struct fields, from the running kernel's BTF.
     #[repr(C)]
@@ -442,7 +452,12 @@ pub mod exe {
         pub inode_sb: u32,
         /// `super_block.s_dev` (4 bytes).
         pub sb_dev: u32,
-        pub _pad: u32,
+        /// `task_struct.group_leader` (a pointer).
+        pub task_group_leader: u32,
+        /// `task_struct.start_boottime` (8 bytes, ns).
+        pub task_start_boottime: u32,
+        /// `task_struct.comm` (16 bytes).
+        pub task_comm: u32,
     }
 }
 
@@ -486,10 +501,10 @@ mod pod {
 // Layout checks: a change that introduces padding fails to compile.
 const _: () = assert!(core::mem::size_of::<BrokerConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<RuleValue>() == 8);
-const _: () = assert!(core::mem::size_of::<ConnMeta>() == 112);
+const _: () = assert!(core::mem::size_of::<ConnMeta>() == 136);
 const _: () = assert!(core::mem::size_of::<TupleKey>() == 48);
 const _: () = assert!(core::mem::size_of::<flow::Slot>() == 32);
 const _: () = assert!(core::mem::size_of::<direct::Entry>() == 16);
 const _: () = assert!(core::mem::size_of::<netns::ListenerKey>() == 16);
 const _: () = assert!(direct::HEADER_LEN == 64);
-const _: () = assert!(core::mem::size_of::<exe::Offsets>() == 32);
+const _: () = assert!(core::mem::size_of::<exe::Offsets>() == 40);

@@ -228,6 +228,7 @@ fn meta(
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     let (exe_dev, exe_ino, exe_status) = exe::current();
+    let (leader_start_ns, leader_comm) = exe::leader();
     // SAFETY: helpers allowed for cgroup_sock_addr programs; the context is the program's own.
     let (cookie, netns_cookie, cgroup_id, now) = unsafe {
         (
@@ -256,6 +257,8 @@ fn meta(
         exe_ino,
         exe_status,
         _pad: 0,
+        leader_start_ns,
+        leader_comm,
     }
 }
 

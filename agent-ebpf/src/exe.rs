@@ -17,7 +17,9 @@ static LATCH_EXE_OFFSETS: Offsets = Offsets {
     inode_ino: 0,
     inode_sb: 0,
     sb_dev: 0,
-    _pad: 0,
+    task_group_leader: 0,
+    task_start_boottime: 0,
+    task_comm: 0,
 };
 
 /// What was recorded: `(kernel dev_t, inode number, status)`; the inode is 0 unless the
@@ -34,6 +36,35 @@ pub fn current() -> (u32, u64, u32) {
         Ok(Some((dev, ino))) if ino != 0 => (dev, ino, exe::RECORDED),
         Ok(_) => (0, 0, exe::NO_MM),
         Err(()) => (0, 0, exe::READ_FAILED),
+    }
+}
+
+/// The connecting process's thread group leader: its start time (CLOCK_BOOTTIME ns) and
+/// command name; `(0, [0; 16])` when the offsets are not there or a read fails.
+#[inline(always)]
+pub fn leader() -> (u64, [u8; 16]) {
+    // SAFETY: as in `current`.
+    let off = unsafe { core::ptr::read_volatile(&LATCH_EXE_OFFSETS) };
+    if off.flags & exe::LEADER == 0 {
+        return (0, [0; 16]);
+    }
+    read_leader(&off).unwrap_or((0, [0; 16]))
+}
+
+#[inline(always)]
+fn read_leader(off: &Offsets) -> Result<(u64, [u8; 16]), ()> {
+    // SAFETY: as in `read`: only bpf_probe_read_kernel dereferences.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let leader = ptr_at(task, off.task_group_leader)?;
+        if leader.is_null() {
+            return Err(());
+        }
+        let start: u64 = bpf_probe_read_kernel(leader.add(off.task_start_boottime as usize).cast())
+            .map_err(|_| ())?;
+        let comm: [u8; 16] =
+            bpf_probe_read_kernel(leader.add(off.task_comm as usize).cast()).map_err(|_| ())?;
+        Ok((start, comm))
     }
 }
 

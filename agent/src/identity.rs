@@ -1,12 +1,9 @@
 //! Who is behind a redirected connection: the workload, built from the kernel's record plus
 //! what /proc and the cgroup hierarchy say about that process.
 pub mod exe;
+pub mod seen;
 
-use std::{
-    fs,
-    os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
-};
+use std::{fs, path::PathBuf};
 
 use serde::Serialize;
 
@@ -44,23 +41,23 @@ impl Workload {
     /// Builds the identity for a connection the kernel recorded. `cgroups` gives the cgroup v2
     /// mount point, used to check that the cgroup path really is the recorded cgroup id, and
     /// where container ids and pod UIDs may be read from a path.
+    ///
+    /// When the kernel recorded the process's start time and name (see
+    /// `latch_common::exe::LEADER`), a process or cgroup seen before costs no /proc read
+    /// ([`seen`]); otherwise /proc is read for each connection.
     pub fn resolve(origin: &Origin, cgroups: &Cgroups) -> Self {
-        let alive = process_predates(origin.pid, origin.ktime_ns);
-        let exe = alive
-            .then(|| fs::read_link(format!("/proc/{}/exe", origin.pid)).ok())
-            .flatten();
-        let (cgroup, owner) = cgroup_of(origin.pid, origin.cgroup_id, &cgroups.root).unzip();
+        let (exe, comm) = match &origin.leader {
+            Some((start_ns, comm)) => (cgroups.seen.exe(origin.pid, *start_ns), comm.clone()),
+            None => read_process(origin),
+        };
+        let (cgroup, owner) = cgroups
+            .seen
+            .cgroup(origin.pid, origin.cgroup_id, &cgroups.root)
+            .unzip();
         let parsed = cgroup
             .as_deref()
             .map(|p| cgroups.info(p, owner == Some(0)))
             .unwrap_or_default();
-        // The kernel recorded the connecting *thread's* name; policies mean the process's
-        // (the thread group leader's), which /proc has while the process lives.
-        let comm = alive
-            .then(|| fs::read_to_string(format!("/proc/{}/comm", origin.pid)).ok())
-            .flatten()
-            .map(|c| c.trim_end_matches('\n').to_owned())
-            .unwrap_or_else(|| origin.comm.clone());
         Self {
             pid: origin.pid,
             uid: origin.uid,
@@ -158,41 +155,33 @@ fn check_nspid(status: &str) -> Result<(), PidNamespaceError> {
     })
 }
 
+/// The executable path and the process's name from /proc, for a kernel that did not record
+/// the process's start time and name.
+fn read_process(origin: &Origin) -> (Option<PathBuf>, String) {
+    let alive = process_predates(origin.pid, origin.ktime_ns);
+    let exe = alive
+        .then(|| fs::read_link(format!("/proc/{}/exe", origin.pid)).ok())
+        .flatten();
+    // The kernel recorded the connecting *thread's* name; policies mean the process's (the
+    // thread group leader's), which /proc has while the process lives.
+    let comm = alive
+        .then(|| fs::read_to_string(format!("/proc/{}/comm", origin.pid)).ok())
+        .flatten()
+        .map(|c| c.trim_end_matches('\n').to_owned())
+        .unwrap_or_else(|| origin.comm.clone());
+    (exe, comm)
+}
+
 /// True when process `pid` exists and started no later than `connect_ns` (monotonic clock,
 /// as `bpf_ktime_get_ns`), i.e. it is the process that connected, not a successor that got
 /// the same pid.
 fn process_predates(pid: u32, connect_ns: u64) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let Some(start_ticks) = seen::start_ticks(pid) else {
         return false;
     };
-    // Field 22 (starttime, clock ticks since boot) comes after the parenthesised comm, which
-    // may itself contain spaces and parentheses.
-    let Some(after_comm) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return false;
-    };
-    let Some(start_ticks) = after_comm
-        .split_whitespace()
-        .nth(19)
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
-        return false;
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let start_ns = start_ticks.saturating_mul(1_000_000_000 / hz);
+    let tick = seen::tick_ns();
     // One tick of slack: starttime is rounded to ticks.
-    start_ns <= connect_ns.saturating_add(1_000_000_000 / hz)
-}
-
-/// The process's cgroup path and the owner of that directory, accepted only if its inode is
-/// the cgroup id the kernel recorded (so a recycled pid or a moved process cannot lend another
-/// identity).
-fn cgroup_of(pid: u32, cgroup_id: u64, root: &Path) -> Option<(String, u32)> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
-    let dir = root.join(path.trim_start_matches('/'));
-    let meta = fs::metadata(&dir).ok()?;
-    (meta.ino() == cgroup_id).then_some((path, meta.uid()))
+    start_ticks.saturating_mul(tick) <= connect_ns.saturating_add(tick)
 }
 
 /// Cgroups under which container runtimes make their cgroups, by default.
@@ -214,6 +203,8 @@ pub const DEFAULT_RUNTIME_ROOTS: &[&str] = &[
 pub struct Cgroups {
     pub root: PathBuf,
     runtime_roots: Vec<String>,
+    /// Processes and cgroups seen before (shared by the clones).
+    pub seen: std::sync::Arc<seen::Seen>,
 }
 
 impl Cgroups {
@@ -229,6 +220,7 @@ impl Cgroups {
         Self {
             root,
             runtime_roots,
+            seen: Default::default(),
         }
     }
 

@@ -32,13 +32,19 @@ pub struct Origin {
     pub netns: Option<crate::netns::Handle>,
     /// The connection's id in logs and audit records (0 until the broker assigns it).
     pub conn: u64,
+    /// The process's start (CLOCK_BOOTTIME ns) and name as the kernel recorded them at
+    /// connect time (its thread group leader's); `None` when not recorded.
+    pub leader: Option<(u64, String)>,
 }
 
 impl From<&ConnMeta> for Origin {
     fn from(m: &ConnMeta) -> Self {
         // IPv4 destinations are recorded IPv4-mapped.
         let ip = Ipv6Addr::from(m.orig_addr).to_canonical();
-        let comm_len = m.comm.iter().position(|&b| b == 0).unwrap_or(m.comm.len());
+        let text = |b: &[u8; 16]| {
+            let len = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+            String::from_utf8_lossy(&b[..len]).into_owned()
+        };
         Self {
             dst: SocketAddr::new(ip, m.orig_port),
             pid: m.pid,
@@ -47,7 +53,7 @@ impl From<&ConnMeta> for Origin {
             gid: m.gid,
             cgroup_id: m.cgroup_id,
             netns_cookie: m.netns_cookie,
-            comm: String::from_utf8_lossy(&m.comm[..comm_len]).into_owned(),
+            comm: text(&m.comm),
             rule_id: m.rule_id,
             ktime_ns: m.ktime_ns,
             socket_cookie: m.socket_cookie,
@@ -55,6 +61,7 @@ impl From<&ConnMeta> for Origin {
             fast_path: m.flags & latch_common::RULE_FAST_PATH != 0,
             netns: None,
             conn: 0,
+            leader: (m.leader_start_ns != 0).then(|| (m.leader_start_ns, text(&m.leader_comm))),
         }
     }
 }

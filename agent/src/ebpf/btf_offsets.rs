@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use btfparse::{Offset, TypeInformation, TypeVariant};
-use latch_common::exe::{ENABLED, Offsets};
+use latch_common::exe::{ENABLED, LEADER, Offsets};
 
 /// Where the kernel publishes its own BTF.
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
@@ -43,6 +43,8 @@ enum Want {
     Pointer,
     /// An integer (through typedefs) of this many bytes.
     Int(usize),
+    /// An array of this many elements (`char comm[16]`).
+    Array(u32),
 }
 
 /// The BTF file's bytes, for the parser.
@@ -77,7 +79,7 @@ pub fn from_file(path: &Path) -> Result<Offsets, OffsetsError> {
         path: path.to_owned(),
         why: describe(&e),
     })?;
-    Ok(Offsets {
+    let mut offsets = Offsets {
         flags: ENABLED,
         task_mm: offset(&btf, "task_struct", "mm", Want::Pointer)?,
         mm_exe_file: offset(&btf, "mm_struct", "exe_file", Want::Pointer)?,
@@ -85,8 +87,30 @@ pub fn from_file(path: &Path) -> Result<Offsets, OffsetsError> {
         inode_ino: offset(&btf, "inode", "i_ino", Want::Int(8))?,
         inode_sb: offset(&btf, "inode", "i_sb", Want::Pointer)?,
         sb_dev: offset(&btf, "super_block", "s_dev", Want::Int(4))?,
-        _pad: 0,
-    })
+        ..Offsets::default()
+    };
+    // The leader's start time and name spare the broker reading /proc per connection; a
+    // kernel without them (start_boottime is 5.5+) only costs those reads.
+    match leader_offsets(&btf) {
+        Ok((leader, start, comm)) => {
+            offsets.flags |= LEADER;
+            offsets.task_group_leader = leader;
+            offsets.task_start_boottime = start;
+            offsets.task_comm = comm;
+        }
+        Err(e) => {
+            tracing::info!(%e, "the connect hooks will not record the process's start time and name; the broker reads them from /proc")
+        }
+    }
+    Ok(offsets)
+}
+
+fn leader_offsets(btf: &TypeInformation) -> Result<(u32, u32, u32), OffsetsError> {
+    Ok((
+        offset(btf, "task_struct", "group_leader", Want::Pointer)?,
+        offset(btf, "task_struct", "start_boottime", Want::Int(8))?,
+        offset(btf, "task_struct", "comm", Want::Array(16))?,
+    ))
 }
 
 /// Byte offset of `strukt.member` (the parser looks through anonymous structs and unions: the
@@ -114,6 +138,7 @@ fn offset(
             Want::Pointer => "a pointer",
             Want::Int(4) => "a 4-byte integer",
             Want::Int(_) => "an 8-byte integer",
+            Want::Array(_) => "an array of 16",
         },
     };
     let bytes = match at {
@@ -125,6 +150,7 @@ fn offset(
     match (want, strip(btf, member_tid)) {
         (Want::Pointer, Some(TypeVariant::Ptr(_))) => {}
         (Want::Int(n), Some(TypeVariant::Int(i))) if *i.size() == n => {}
+        (Want::Array(n), Some(TypeVariant::Array(a))) if *a.element_count() == n => {}
         (_, Some(TypeVariant::Int(i))) => {
             return Err(shape(format!("a {}-byte integer", i.size())));
         }
@@ -163,8 +189,11 @@ mod tests {
         // Every machine latch runs on (and this project's CI) has kernel BTF; a kernel without
         // it is the agent's fail-closed case, tested through the error path below.
         let off = from_file(Path::new(VMLINUX)).expect("kernel BTF offsets");
-        assert_eq!(off.flags, ENABLED);
+        assert_eq!(off.flags, ENABLED | LEADER);
         assert!(off.task_mm > 0 && off.mm_exe_file > 0 && off.inode_sb > 0);
+        assert!(off.task_group_leader > 0 && off.task_start_boottime > 0 && off.task_comm > 0);
+        assert_eq!(off.task_group_leader % 8, 0, "{off:?}");
+        assert_eq!(off.task_start_boottime % 8, 0, "{off:?}");
         // i_ino follows i_mode, i_opflags, i_uid, i_gid, i_flags and more.
         assert!(off.inode_ino > 0, "{off:?}");
         // Each is a field start, so pointers are 8-aligned.

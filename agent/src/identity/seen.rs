@@ -1,0 +1,156 @@
+//! What the broker remembers between connections about the processes and cgroups it has
+//! seen, so that a connection from a process or cgroup seen before costs no /proc reads.
+//!
+//! - A process is named by its pid and its start time as the kernel recorded them at
+//!   connect time (a pid alone is reused); its executable's path (for display) is read once,
+//!   from /proc, after checking that /proc shows that very process (same start time).
+//! - A cgroup is named by its id, which the kernel never reuses while it runs; its path is
+//!   read once from /proc/<pid>/cgroup and then checked per connection with one `stat` (the
+//!   directory at that path still has that id: a cgroup can be renamed), which also gives
+//!   its owner now.
+//!
+//! Each map holds at most [`MAX`] entries and is emptied when full: a bound, not an LRU (a
+//! node's processes and cgroups that connect through latch are far fewer).
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+/// Entries per map.
+pub const MAX: usize = 4096;
+
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// (pid, start ns) → executable path.
+    exes: Mutex<HashMap<(u32, u64), PathBuf>>,
+    /// cgroup id → path from the hierarchy's root.
+    cgroups: Mutex<HashMap<u64, String>>,
+}
+
+impl Seen {
+    /// The executable path of process `pid` that started at `start_ns` (CLOCK_BOOTTIME), if
+    /// it still runs (or was seen before).
+    pub fn exe(&self, pid: u32, start_ns: u64) -> Option<PathBuf> {
+        if let Some(p) = lock(&self.exes).get(&(pid, start_ns)) {
+            return Some(p.clone());
+        }
+        // Read, then check that the process /proc showed is the one that connected: a
+        // successor with the same pid has another start time.
+        let path = fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        if start_ticks(pid)? != start_ns / tick_ns() {
+            return None;
+        }
+        insert(&self.exes, (pid, start_ns), path.clone());
+        Some(path)
+    }
+
+    /// The path of cgroup `id` and the owner of its directory, `pid` being a process that
+    /// was in it when it connected.
+    pub fn cgroup(&self, pid: u32, id: u64, root: &Path) -> Option<(String, u32)> {
+        let cached = lock(&self.cgroups).get(&id).cloned();
+        if let Some(path) = cached {
+            if let Some(owner) = owner_if_id(root, &path, id) {
+                return Some((path, owner));
+            }
+            lock(&self.cgroups).remove(&id);
+        }
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let path = text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
+        let owner = owner_if_id(root, &path, id)?;
+        insert(&self.cgroups, id, path.clone());
+        Some((path, owner))
+    }
+}
+
+/// The owner of the cgroup directory at `path`, if that directory is cgroup `id` (its inode).
+fn owner_if_id(root: &Path, path: &str, id: u64) -> Option<u32> {
+    let meta = fs::metadata(root.join(path.trim_start_matches('/'))).ok()?;
+    (meta.ino() == id).then_some(meta.uid())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn insert<K: std::hash::Hash + Eq, V>(m: &Mutex<HashMap<K, V>>, k: K, v: V) {
+    let mut m = lock(m);
+    if m.len() >= MAX {
+        m.clear();
+    }
+    m.insert(k, v);
+}
+
+/// Nanoseconds per clock tick of /proc/<pid>/stat.
+pub fn tick_ns() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    1_000_000_000 / hz
+}
+
+/// Field 22 of /proc/<pid>/stat: when the process started, in clock ticks since boot.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // It comes after the parenthesised comm, which may itself contain spaces and parentheses.
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn my_start_ns() -> u64 {
+        start_ticks(std::process::id()).unwrap() * tick_ns()
+    }
+
+    #[test]
+    fn a_process_is_known_by_pid_and_start_time_and_read_once() {
+        let seen = Seen::default();
+        let me = std::process::id();
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(seen.exe(me, my_start_ns()), Some(exe.clone()));
+        assert_eq!(lock(&seen.exes).len(), 1);
+        // Same pid, another start time: another process, which /proc does not show.
+        assert_eq!(seen.exe(me, my_start_ns() + 10 * tick_ns()), None);
+        // The cached answer comes without /proc (a pid that does not exist).
+        insert(&seen.exes, (u32::MAX, 7), exe.clone());
+        assert_eq!(seen.exe(u32::MAX, 7), Some(exe));
+        assert_eq!(seen.exe(u32::MAX, 8), None);
+    }
+
+    #[test]
+    fn a_cgroup_path_is_cached_by_id_and_checked_against_the_directory() {
+        let root = crate::cgroup::v2_mount().expect("cgroup v2 mounted");
+        let seen = Seen::default();
+        let me = std::process::id();
+        let text = fs::read_to_string("/proc/self/cgroup").unwrap();
+        let path = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+        let dir = root.join(path.trim_start_matches('/'));
+        let id = fs::metadata(&dir).unwrap().ino();
+        let (got, _) = seen.cgroup(me, id, &root).expect("own cgroup");
+        assert_eq!(got, path);
+        // From the cache, for a pid that does not exist.
+        assert_eq!(
+            seen.cgroup(u32::MAX, id, &root).map(|c| c.0),
+            Some(path.to_owned())
+        );
+        // A wrong id is never given the path.
+        assert_eq!(seen.cgroup(me, id + 1, &root), None);
+        // A cached path whose directory has another id now is dropped.
+        insert(&seen.cgroups, 42, path.to_owned());
+        assert_eq!(seen.cgroup(u32::MAX, 42, &root), None);
+        assert!(!lock(&seen.cgroups).contains_key(&42));
+    }
+
+    #[test]
+    fn the_maps_are_bounded() {
+        let seen = Seen::default();
+        for i in 0..(MAX as u64 + 10) {
+            insert(&seen.cgroups, i, String::new());
+        }
+        assert!(lock(&seen.cgroups).len() <= MAX);
+    }
+}
