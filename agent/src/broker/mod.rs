@@ -1,5 +1,6 @@
 //! The broker: accepts redirected connections on loopback, finds the kernel's record of each,
 //! picks the policy and hands the connection to the policy's protocol connector.
+mod accept;
 pub mod admit;
 mod conn;
 pub mod direct;
@@ -210,6 +211,13 @@ pub async fn serve(
     workers: Arc<workers::Workers>,
 ) {
     let stop_accepting = netns.stop.clone();
+    let listener = match accept::Acceptor::new(listener) {
+        Ok(l) => l,
+        Err(err) => {
+            tracing::error!(%err, "cannot accept on the broker's listener");
+            return;
+        }
+    };
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -243,14 +251,6 @@ pub async fn serve(
         let shared = shared.clone();
         let abort = abort.clone();
         let netns = netns.clone();
-        // Move the socket to its connection thread's reactor.
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(err) => {
-                tracing::debug!(%err, "accepted socket could not be moved");
-                continue;
-            }
-        };
         let local = match stream.local_addr() {
             Ok(a) => a,
             Err(err) => {

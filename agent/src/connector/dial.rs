@@ -28,7 +28,14 @@ pub async fn connect_marked(
     netns: Option<&crate::netns::Netns>,
 ) -> Result<TcpStream, DialError> {
     let err = |source| DialError::Io { addr, source };
-    let new = || Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP));
+    // Non-blocking from the start: no fcntl calls per connection.
+    let new = || {
+        Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking(),
+            Some(Protocol::TCP),
+        )
+    };
     let socket = match netns {
         Some(ns) => ns.run(new),
         None => new(),
@@ -37,7 +44,6 @@ pub async fn connect_marked(
     if mark != 0 {
         socket.set_mark(mark).map_err(err)?;
     }
-    socket.set_nonblocking(true).map_err(err)?;
     socket.set_tcp_nodelay(true).map_err(err)?;
     let socket = TcpSocket::from_std_stream(socket.into());
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
