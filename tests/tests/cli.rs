@@ -156,3 +156,48 @@ fn a_max_connections_that_cannot_fit_the_open_file_limit_is_refused_at_start_wit
     );
     latch_tests::leftovers::assert_none(cg.id(), None);
 }
+
+#[test]
+fn the_agent_raises_its_soft_open_file_limit_to_the_hard_one() {
+    require_root();
+    let dir = TempDir::new("softlimit");
+    let policy = dir.write("p.yaml", &tcp_policy("web", "127.0.0.2", 8080));
+    let ready = dir.path().join("ready.json");
+    let cg = TestCgroup::new();
+    // Started with a soft limit far below the hard one, as a shell's default 1024 would be.
+    let mut child = Command::new(bins::tool("prlimit", "the Debian package util-linux"))
+        .arg("--nofile=1024:20000")
+        .arg("--")
+        .arg(bins::latch())
+        .args(["agent", "--policy"])
+        .arg(&policy)
+        .arg("--cgroup")
+        .arg(cg.path())
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args([
+            "--instance",
+            &format!("test-softlimit-{}", std::process::id()),
+        ])
+        .args(["--grace-period", "1", "--ready-file"])
+        .arg(&ready)
+        .env("LATCH_STATE_DIR", dir.path().join("state"))
+        .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let up = latch_tests::eventually(std::time::Duration::from_secs(20), || ready.exists());
+    // prlimit execs the agent: the child's pid is the agent's.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    // SAFETY: kill(2) of our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+    assert!(up, "the agent never became ready:\n{log}");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("{limits}"));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&fields[3..5], ["20000", "20000"], "soft and hard: {line}");
+    assert!(status.success(), "{status}\n{log}");
+    latch_tests::leftovers::assert_none(cg.id(), None);
+}
