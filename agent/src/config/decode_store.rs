@@ -452,12 +452,21 @@ fn aws(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
     let endpoint = endpoint.map(|(u, _)| u);
     let auth = match m.map(cx, "auth") {
         Some(mut a) => {
-            let chosen = a.one_of(cx, &["env", "profile", "webIdentity"], "aws auth method");
+            let chosen = a.one_of(
+                cx,
+                &["env", "profile", "webIdentity", "instance", "container"],
+                "aws auth method",
+            );
             let auth = chosen.and_then(|(kind, e)| match kind {
-                "env" => {
-                    let inner = Map::new(cx, &e.value, e.key_mark, "aws.auth.env")?;
+                "env" | "instance" | "container" => {
+                    let what = format!("aws.auth.{kind}");
+                    let inner = Map::new(cx, &e.value, e.key_mark, &what)?;
                     inner.finish(cx);
-                    Some(AwsAuth::Env)
+                    Some(match kind {
+                        "env" => AwsAuth::Env,
+                        "instance" => AwsAuth::Instance,
+                        _ => AwsAuth::Container,
+                    })
                 }
                 "profile" => decode::string(cx, &e.value, "aws.auth.profile").map(AwsAuth::Profile),
                 _ => {
@@ -486,7 +495,7 @@ fn aws(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
             a.finish_choice(cx, "aws auth method");
             auth
         }
-        None => Some(AwsAuth::Env),
+        None => Some(AwsAuth::Chain),
     };
     m.finish(cx);
     if cx.errors.len() > before {

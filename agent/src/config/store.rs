@@ -206,9 +206,17 @@ pub struct AwsStore {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum AwsAuth {
-    /// `AWS_ACCESS_KEY_ID` etc. from the agent's environment (the default).
+    /// The providers in the order the AWS SDKs try them (the default): environment, web
+    /// identity (`AWS_WEB_IDENTITY_TOKEN_FILE`, `AWS_ROLE_ARN`), shared profile, ECS container
+    /// credentials, EC2 instance metadata (IMDSv2).
     #[default]
+    Chain,
+    /// `AWS_ACCESS_KEY_ID` etc. from the agent's environment.
     Env,
+    /// The EC2 instance metadata service's role credentials (IMDSv2).
+    Instance,
+    /// The ECS/EKS container credentials endpoint (`AWS_CONTAINER_CREDENTIALS_*_URI`).
+    Container,
     /// A named profile of the shared config files.
     Profile(String),
     WebIdentity {

@@ -1,15 +1,18 @@
-//! AWS Secrets Manager: SigV4-signed `GetSecretValue`, credentials from the environment, a
-//! shared profile, or a web identity token exchanged with STS (at the store's `endpoint` when
-//! one is set, for local emulators).
+//! AWS Secrets Manager: SigV4-signed `GetSecretValue` with credentials found as the AWS SDKs
+//! find them (`provider.rs`: environment, web identity, shared profile, container endpoint,
+//! instance metadata), or from the one provider the store's `auth` names (STS at the store's
+//! `endpoint` when one is set, for local emulators).
 //!
 //! A reference's `path` is the secret id (name or ARN), `field` a member of its JSON
 //! `SecretString` (no field: the whole string), `version` a version id (a UUID) or a stage
 //! (`AWSCURRENT`, `AWSPREVIOUS`, custom labels).
 
 pub mod creds;
+pub mod metadata;
+pub mod provider;
 pub mod sigv4;
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -21,7 +24,7 @@ use super::error::SecretError;
 use super::http::{HttpClient, Response};
 use super::store::{BoxFuture, Lookup, Store};
 use super::value::{Secret, json_fields};
-use crate::config::{self, AwsAuth, SecretString};
+use crate::config::{self, SecretString};
 use creds::AwsCredentials;
 
 const KIND: &str = "aws";
@@ -30,10 +33,9 @@ pub struct AwsStore {
     name: String,
     spec: config::AwsStore,
     endpoint: String,
-    sts_endpoint: String,
     http: HttpClient,
-    /// Temporary credentials from STS, kept until shortly before they expire.
-    assumed: tokio::sync::Mutex<Option<AwsCredentials>>,
+    /// Where the credentials come from; keeps temporary ones fresh.
+    creds: std::sync::Arc<provider::Provider>,
 }
 
 impl AwsStore {
@@ -59,13 +61,18 @@ impl AwsStore {
                 format!("https://sts.{region}.amazonaws.com"),
             ),
         };
+        let creds = std::sync::Arc::new(provider::Provider::new(
+            name.clone(),
+            spec.auth.clone(),
+            sts_endpoint,
+            http.clone(),
+        ));
         Ok(AwsStore {
             name,
             spec,
             endpoint,
-            sts_endpoint,
             http,
-            assumed: tokio::sync::Mutex::new(None),
+            creds,
         })
     }
 
@@ -85,99 +92,11 @@ impl AwsStore {
         }
     }
 
-    async fn credentials(&self) -> Result<AwsCredentials, SecretError> {
-        match &self.spec.auth {
-            AwsAuth::Env => {
-                creds::from_env(|k| std::env::var(k).ok()).map_err(|r| self.auth_failed(r))
-            }
-            AwsAuth::Profile(profile) => self.profile(profile),
-            AwsAuth::WebIdentity {
-                role_arn,
-                token_file,
-            } => {
-                let mut cached = self.assumed.lock().await;
-                let margin = SystemTime::now() + Duration::from_secs(300);
-                if let Some(c) = cached
-                    .as_ref()
-                    .filter(|c| c.expires.is_none_or(|e| e > margin))
-                {
-                    return Ok(c.clone());
-                }
-                let fresh = self.assume_role(role_arn, token_file).await?;
-                *cached = Some(fresh.clone());
-                Ok(fresh)
-            }
-        }
-    }
-
-    fn profile(&self, profile: &str) -> Result<AwsCredentials, SecretError> {
-        let files = [
-            (creds::credentials_file(), false),
-            (creds::config_file(), true),
-        ];
-        for (path, config_style) in files {
-            let Some(path) = path else { continue };
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => zeroize::Zeroizing::new(t),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(self.auth_failed(format!("cannot read {}: {e}", path.display())));
-                }
-            };
-            match creds::parse_profile(&text, profile, config_style) {
-                Ok(Some(c)) => return Ok(c),
-                Ok(None) => continue,
-                Err(r) => return Err(self.auth_failed(format!("{}: {r}", path.display()))),
-            }
-        }
-        Err(self.auth_failed(format!(
-            "no AWS profile {profile:?} in the shared credentials or config file"
-        )))
-    }
-
-    async fn assume_role(
-        &self,
-        role_arn: &str,
-        token_file: &std::path::Path,
-    ) -> Result<AwsCredentials, SecretError> {
-        let token = super::vault::auth::read_file(token_file)
-            .map_err(|r| self.auth_failed(format!("web identity token: {r}")))?;
-        let body =
-            creds::assume_role_body(role_arn, &format!("latch-{}", std::process::id()), &token);
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(format!("{}/", self.sts_endpoint))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("accept", "application/xml")
-            .body(Full::new(body))
-            .map_err(|_| self.auth_failed("bad STS endpoint URL"))?;
-        let resp = self
-            .http
-            .send(req)
-            .await
-            .map_err(|e| self.unreachable(format!("STS {}: {e}", self.sts_endpoint)))?;
-        let text = std::str::from_utf8(&resp.body).unwrap_or_default();
-        if resp.status.is_server_error() {
-            return Err(self.unreachable(format!("STS answered {}", resp.status)));
-        }
-        if !resp.status.is_success() {
-            return Err(self.auth_failed(format!(
-                "AssumeRoleWithWebIdentity for {role_arn} refused ({}): {}",
-                resp.status,
-                creds::parse_sts_error(text)
-            )));
-        }
-        let c = creds::parse_assume_role(text)
-            .map_err(|r| self.auth_failed(format!("AssumeRoleWithWebIdentity: {r}")))?;
-        tracing::debug!(store = %self.name, role = %role_arn, "assumed role with web identity");
-        Ok(c)
-    }
-
     async fn get_secret_value(&self, lookup: Lookup<'_>) -> Result<Secret, SecretError> {
         let body = request_body(lookup.path, lookup.version);
         let mut retried = false;
         loop {
-            let creds = self.credentials().await?;
+            let creds = self.creds.credentials().await?;
             let resp = self.send_signed(&body, &creds).await?;
             if resp.status.is_success() {
                 return parse_secret_value(&resp.body).map_err(|reason| SecretError::Invalid {
@@ -188,12 +107,9 @@ impl AwsStore {
             }
             let (code, message) = parse_error(&resp.body);
             // temporary credentials may have been revoked or expired early: once more, fresh
-            if !retried
-                && is_auth_code(&code)
-                && matches!(self.spec.auth, AwsAuth::WebIdentity { .. })
-            {
+            if !retried && is_auth_code(&code) && self.creds.temporary_kind() {
                 retried = true;
-                *self.assumed.lock().await = None;
+                self.creds.forget().await;
                 continue;
             }
             return Err(self.failure(lookup.path, resp.status, &code, &message));
