@@ -35,7 +35,12 @@ pub enum Failure {
     AppClosed,
     /// The application asked for a user the policy's roles do not name.
     #[error("no role of the policy is for user {user:?}")]
-    UnknownRole { user: String, host: String },
+    UnknownRole {
+        user: String,
+        host: String,
+        /// Whether the application sent authentication data ("using password: YES").
+        password: bool,
+    },
     #[error("resolving credentials: {0}")]
     Secrets(#[source] SecretError),
     #[error(transparent)]
@@ -100,9 +105,16 @@ impl Failure {
                 ),
             ),
             // The server's own words for a user it does not know.
-            Failure::UnknownRole { user, host } => ErrPacket::new(
+            Failure::UnknownRole {
+                user,
+                host,
+                password,
+            } => ErrPacket::new(
                 er::ACCESS_DENIED_ERROR,
-                format!("Access denied for user '{user}'@'{host}' (using password: YES)"),
+                format!(
+                    "Access denied for user '{user}'@'{host}' (using password: {})",
+                    if *password { "YES" } else { "NO" }
+                ),
             ),
             Failure::Secrets(e) => say(
                 if e.is_transient() {
