@@ -33,6 +33,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     // and the `mariadb` CLI.
     "mariadb-server",
     "mariadb-client",
+    // sysbench's oltp_read_only through latch (tests/tests/mysql_sysbench.rs, `cargo xtask bench`).
+    "sysbench",
 ];
 
 /// Tools from PyPI the tests start: (command, arguments that succeed when it works, pip requirement).

@@ -251,7 +251,12 @@ async fn handshake(
         .write_all(&out)
         .await
         .map_err(|e| (Failure::AppIo(e), None))?;
-    app.advance(AppLeg { seq: 1, caps: None });
+    // From here on an ERR carries its SQLSTATE unless the client says it predates protocol
+    // 4.1 (MariaDB's rule: it assumes 4.1 until the response says otherwise).
+    app.advance(AppLeg {
+        seq: 1,
+        caps: Some(CapabilityFlags::CLIENT_PROTOCOL_41),
+    });
 
     let mut inbuf = BytesMut::with_capacity(1024);
     let response = read_response(app, &mut inbuf, tls)
@@ -350,15 +355,20 @@ async fn read_response(
     let deadline = Instant::now() + APP_RESPONSE_TIMEOUT;
     let mut expect = 1;
     loop {
-        let packet = read_app_packet(app.io()?, buf, deadline).await?;
+        // MariaDB answers a packet out of order with the sequence id it expected.
+        let packet = read_app_packet(app.io()?, buf, deadline, expect).await?;
         app.leg.seq = packet.next_seq();
-        if packet.seq != expect {
-            return Err(Failure::AppIo(std::io::Error::other(format!(
-                "handshake response with sequence id {}, expected {expect}",
-                packet.seq
-            ))));
-        }
-        match ClientHello::parse(&packet.payload).map_err(Failure::AppProtocol)? {
+        let hello = ClientHello::parse(&packet.payload).map_err(|e| {
+            // The SQLSTATE goes in unless the client's capabilities (its first two bytes,
+            // as far as they came) say it predates protocol 4.1, as MariaDB decides.
+            if let [lo, hi, ..] = packet.payload[..] {
+                let caps =
+                    CapabilityFlags::from_bits_truncate(u32::from(u16::from_le_bytes([lo, hi])));
+                app.leg.caps = Some(caps & CapabilityFlags::CLIENT_PROTOCOL_41);
+            }
+            Failure::AppProtocol(e)
+        })?;
+        match hello {
             ClientHello::Response(r) => return Ok(r),
             ClientHello::SslRequest(_) => {
                 let (Some(config), Some(AppStream::Plain(_))) = (tls.as_ref(), &app.stream) else {
@@ -389,8 +399,12 @@ async fn read_app_packet(
     stream: &mut AppStream,
     buf: &mut BytesMut,
     deadline: Instant,
+    expect: u8,
 ) -> Result<Packet, Failure> {
-    match tokio::time::timeout_at(deadline, read_one_packet(stream, buf)).await {
+    match tokio::time::timeout_at(deadline, read_one_packet(stream, buf, expect)).await {
+        Ok(Err(ReadError::OutOfOrder { got, expected })) => {
+            Err(Failure::AppOutOfOrder { got, expected })
+        }
         Err(_) => Err(Failure::AppTimeout(APP_RESPONSE_TIMEOUT)),
         Ok(Err(ReadError::Closed)) => Err(Failure::AppClosed),
         Ok(Err(ReadError::Io(e))) => Err(Failure::AppIo(e)),

@@ -286,5 +286,11 @@ fn read_failure(addr: SocketAddr, e: ReadError) -> Failure {
             addr,
             source: e.into(),
         },
+        ReadError::OutOfOrder { got, expected } => Failure::TargetIo {
+            addr,
+            source: std::io::Error::other(format!(
+                "packet with sequence id {got}, expected {expected}"
+            )),
+        },
     }
 }

@@ -31,6 +31,10 @@ pub enum Failure {
     AppTimeout(Duration),
     #[error("reading the application's handshake response: {0}")]
     AppIo(#[source] io::Error),
+    /// A packet with the wrong sequence id (garbage, a confused client): told as MariaDB tells
+    /// it, "Got packets out of order".
+    #[error("the application sent a packet with sequence id {got}, expected {expected}")]
+    AppOutOfOrder { got: u8, expected: u8 },
     #[error("the application closed the connection during the handshake")]
     AppClosed,
     /// The application asked for a user the policy's roles do not name.
@@ -90,10 +94,14 @@ impl Failure {
             ErrPacket::new(code, format!("latch: policy \"{policy}\": {what}"))
         };
         Some(match self {
-            Failure::AppProtocol(_) | Failure::AppTls | Failure::AppTimeout(_) => {
-                say(er::HANDSHAKE_ERROR, self.to_string())
-            }
-            Failure::AppIo(_)
+            Failure::AppProtocol(_) | Failure::AppTls => say(er::HANDSHAKE_ERROR, self.to_string()),
+            Failure::AppOutOfOrder { .. } => ErrPacket::new(
+                er::NET_PACKETS_OUT_OF_ORDER,
+                format!("Got packets out of order (latch: policy \"{policy}\")"),
+            ),
+            // MariaDB closes a connection whose client stalls in the handshake without a word.
+            Failure::AppTimeout(_)
+            | Failure::AppIo(_)
             | Failure::AppClosed
             | Failure::AppTlsHandshake(_)
             | Failure::ServerRefused { .. } => return None,
