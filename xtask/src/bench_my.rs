@@ -93,7 +93,11 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
             print!(
                 "bench: round {round}/{repeat}: {:<34} {:<7} ",
                 case.label(),
-                if *route == Route::Direct { "direct" } else { "latch" }
+                if *route == Route::Direct {
+                    "direct"
+                } else {
+                    "latch"
+                }
             );
             let _ = std::io::Write::flush(&mut std::io::stdout());
             match rig.measure(*case, *route) {
@@ -143,7 +147,11 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
     }
     for (case, route, _, failed) in &samples {
         if let Some(why) = failed {
-            let route = if *route == Route::Direct { "direct" } else { "latch" };
+            let route = if *route == Route::Direct {
+                "direct"
+            } else {
+                "latch"
+            };
             println!("  {} / {route}: {why}", case.label());
         }
     }
@@ -237,7 +245,10 @@ impl Rig {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("mariadbd not ready after 30 s (log: {})", dir.join("server.log").display());
+                bail!(
+                    "mariadbd not ready after 30 s (log: {})",
+                    dir.join("server.log").display()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }

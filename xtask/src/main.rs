@@ -1,8 +1,8 @@
 //! `cargo xtask`: set up a machine, run the test suite, the demo and the benchmarks.
 
 mod bench;
-mod bench_netns;
 mod bench_my;
+mod bench_netns;
 mod bench_pg;
 mod demo;
 mod pg;

@@ -4,7 +4,8 @@
 //! the end of the stream, a reset, or `wait` of silence. For each case prints
 //! `case=<name> greeting=<yes|no> answer=<what came after the greeting> closed=<yes|no>`, the
 //! answer being `ERR <code> <SQLSTATE> seq=<n>` per ERR packet, `bytes=<n>` for anything else,
-//! or `none`. The same cases are the table of `tests/tests/mysql_pre_handshake.rs`.
+//! or `none`, then ` raw=<hex of every byte received, greeting included>`. The same cases are
+//! the table of `tests/tests/mysql_pre_handshake.rs`.
 use std::time::Duration;
 
 use tokio::{
@@ -88,6 +89,7 @@ pub fn cases() -> Vec<(&'static str, Vec<Vec<u8>>, bool, u64)> {
             false,
             3,
         ),
+        ("valid-response", vec![packet(1, &response())], false, 3),
         (
             "ssl-request-then-plain",
             vec![packet(1, &fixed(CAPS | CLIENT_SSL)), packet(2, &resp)],
@@ -106,9 +108,10 @@ pub async fn run(target: &str, only: Option<&str>) -> Result<(), String> {
         let s = TcpStream::connect(target)
             .await
             .map_err(|e| format!("connect {target}: {e}"))?;
-        let (greeted, answer, closed) = exchange(s, &writes, half_close, wait).await;
+        let (greeted, answer, closed, raw) = exchange(s, &writes, half_close, wait).await;
+        let raw: String = raw.iter().map(|b| format!("{b:02x}")).collect();
         println!(
-            "case={name} greeting={} answer={answer} closed={}",
+            "case={name} greeting={} answer={answer} closed={} raw={raw}",
             if greeted { "yes" } else { "no" },
             if closed { "yes" } else { "no" }
         );
@@ -133,7 +136,7 @@ async fn exchange(
     writes: &[Vec<u8>],
     half_close: bool,
     wait: u64,
-) -> (bool, String, bool) {
+) -> (bool, String, bool, Vec<u8>) {
     // The greeting: one whole packet.
     let mut got = Vec::new();
     let mut closed = read_until(&mut s, &mut got, 4, 5).await;
@@ -146,7 +149,11 @@ async fn exchange(
         closed = read_until(&mut s, &mut got, 4 + len, 5).await;
     }
     let greeted = got.len() >= 5 && got[4] == 0x0a;
-    let mut rest = if greeted { got.split_off(4 + len) } else { got };
+    let mut rest = if greeted {
+        got.split_off((4 + len).min(got.len()))
+    } else {
+        std::mem::take(&mut got)
+    };
     if !closed {
         for w in writes {
             // The server may close before reading everything; that is an answer too.
@@ -158,7 +165,9 @@ async fn exchange(
         }
         closed = read_until(&mut s, &mut rest, usize::MAX, wait).await;
     }
-    (greeted, describe(&rest), closed)
+    let answer = describe(&rest);
+    got.extend_from_slice(&rest);
+    (greeted, answer, closed, got)
 }
 
 fn describe(mut bytes: &[u8]) -> String {
