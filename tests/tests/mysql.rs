@@ -312,7 +312,28 @@ fn com_change_user_reauthenticates_with_the_roles_credentials_or_fails_as_mariad
         .args(["my", &s.db.url("reporting")])
         .arg("changeuser:stranger,stranger,stranger,stranger"));
     assert_eq!(through, direct);
-    s.agent.wait_count("relayed", 2);
+    // The store's password for the ed25519 role is wrong: the server refuses latch's
+    // COM_CHANGE_USER, the application hears 1045 naming the policy (no secret), and the
+    // session stays the previous user's, as the server left it.
+    s.secrets.write(
+        "secrets.yaml",
+        &format!(
+            "db:\n  username: {NATIVE_USER}\n  password: \"{NATIVE_PW}\"\ned:\n  username: {ED25519_USER}\n  password: \"canary-Wrong-ed\"\n"
+        ),
+    );
+    let through = ok(s
+        .cg
+        .command(latch_tests::bins::probe())
+        .args(["my", &s.db.url("reporting")])
+        .arg(format!("changeuser:{ED25519_USER}")));
+    assert_eq!(
+        through,
+        format!(
+            "{ED25519_USER}: 1045 28000 latch: policy \"orders-db\": the target {} rejected the policy's credentials (server error 1045) after={NATIVE_USER}@% x=NULL",
+            s.db.addr
+        )
+    );
+    s.agent.wait_count("relayed", 3);
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }
