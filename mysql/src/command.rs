@@ -86,9 +86,8 @@ impl ChangeUser {
         if caps.contains(CapabilityFlags::CLIENT_CONNECT_ATTRS) && !r.is_empty() {
             cu.connect_attrs = Some(ConnectAttrs::parse(&mut r, WHAT)?);
         }
-        if !r.is_empty() {
-            return Err(r.err("trailing bytes"));
-        }
+        // Anything after is ignored, as MariaDB does: mysql_async writes an (empty) attribute
+        // block whether or not CLIENT_CONNECT_ATTRS was agreed.
         Ok(cu)
     }
 

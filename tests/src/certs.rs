@@ -95,6 +95,54 @@ impl TestCa {
     }
 }
 
+impl TestCa {
+    /// A client certificate with subject `/CN=<common_name>` that the CA signed (TLS client
+    /// authentication): the paths of its certificate and key (PEM).
+    pub fn client(&self, common_name: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.path();
+        let (cert, key, csr, ext) = (
+            format!("client-{common_name}.crt"),
+            format!("client-{common_name}.key"),
+            format!("client-{common_name}.csr"),
+            "client-ext.cnf",
+        );
+        std::fs::write(
+            d.join(ext),
+            "basicConstraints=CA:FALSE
+keyUsage=digitalSignature
+extendedKeyUsage=clientAuth
+",
+        )
+        .expect("write client-ext.cnf");
+        new_key(
+            d,
+            &key,
+            &["-out", &csr, "-subj", &format!("/CN={common_name}")],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &cert,
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+            ],
+        );
+        (d.join(cert), d.join(key))
+    }
+}
+
 /// `openssl req` with a fresh P-256 key written to `key_file`, plus `args`.
 fn new_key(dir: &Path, key_file: &str, args: &[&str]) {
     let mut all = vec![

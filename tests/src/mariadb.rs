@@ -40,6 +40,18 @@ impl MariaDb {
         ed_pw: &str,
         tls: Option<(&std::path::Path, &std::path::Path)>,
     ) -> Self {
+        Self::start_tls(ip, native_pw, ed_pw, tls, None)
+    }
+
+    /// [`MariaDb::start_with`], and `--ssl-ca=<client_ca>` when given: the CA client
+    /// certificates are verified against (for `REQUIRE X509` / `REQUIRE SUBJECT` accounts).
+    pub fn start_tls(
+        ip: &str,
+        native_pw: &str,
+        ed_pw: &str,
+        tls: Option<(&std::path::Path, &std::path::Path)>,
+        client_ca: Option<&std::path::Path>,
+    ) -> Self {
         crate::require_root();
         let install = bins::tool("mariadb-install-db", "mariadb-server");
         let server = bins::tool("mariadbd", "mariadb-server");
@@ -70,6 +82,9 @@ impl MariaDb {
             server
                 .arg(format!("--ssl-cert={}", cert.display()))
                 .arg(format!("--ssl-key={}", key.display()));
+        }
+        if let Some(ca) = client_ca {
+            server.arg(format!("--ssl-ca={}", ca.display()));
         }
         let child = server
             .arg(format!("--datadir={}", data.display()))

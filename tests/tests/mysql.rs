@@ -131,13 +131,18 @@ fn mysql_async_sees_the_real_connection_id_and_runs_queries_prepared_statements_
     );
     let killed = ok(&mut s.probe("kill"));
     assert!(killed.starts_with("killed in "), "{killed}");
-    // COM_CHANGE_USER would carry the application's own credentials: refused as a server
-    // refuses a command it does not have, and the session goes on as the policy's user.
+    // COM_CHANGE_USER: latch re-authenticates with the policy's credential (this policy has
+    // one, as at connect); the application's "root"/"guess" never reaches the server.
     let changed = ok(&mut s.probe("changeuser"));
     assert_eq!(
         changed,
-        format!("change_user=1047\nafter={ED25519_USER}@%"),
+        format!("change_user=ok\nafter={ED25519_USER}@%"),
         "{changed}"
+    );
+    // COM_RESET_CONNECTION passes: the session's variables are gone, the user stays.
+    assert_eq!(
+        ok(&mut s.probe("reset")),
+        format!("reset=ok user={ED25519_USER}@% x=NULL")
     );
     let log = s.db.log();
     assert!(!log.contains("user 'root'"), "{log}");
@@ -226,6 +231,25 @@ fn rotation_is_picked_up_by_the_next_connection_after_one_refused_try() {
 
 #[test]
 fn with_mysql_roles_the_user_the_application_sends_selects_the_credentials() {
+    let s = roles_setup();
+    let as_user = |user: &str| s.db.cli_in(&s.cg, user, "select current_user()");
+    assert_eq!(ok(&mut as_user("reporting")), format!("{NATIVE_USER}@%"));
+    assert_eq!(ok(&mut as_user(ED25519_USER)), format!("{ED25519_USER}@%"));
+    // A user no role names: refused as the server refuses an unknown user.
+    let out = run(&mut as_user("stranger"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("ERROR 1045") && err.contains("Access denied for user 'stranger'"),
+        "{err}"
+    );
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+/// A policy with `mysql.roles`: `reporting` takes the native account's credentials from
+/// `db`, [`ED25519_USER`] the ed25519 account's from `ed`.
+fn roles_setup() -> Setup {
     let s = Setup::with_policy(NATIVE_USER, NATIVE_PW, "", |yaml| {
         let creds = "  credentials:\n    store: local\n    username: {path: db, field: username}\n    password: {path: db, field: password}\n";
         assert!(yaml.contains(creds), "{yaml}");
@@ -242,17 +266,74 @@ fn with_mysql_roles_the_user_the_application_sends_selects_the_credentials() {
             "db:\n  username: {NATIVE_USER}\n  password: \"{NATIVE_PW}\"\ned:\n  username: {ED25519_USER}\n  password: \"{ED_PW}\"\n"
         ),
     );
-    let as_user = |user: &str| s.db.cli_in(&s.cg, user, "select current_user()");
-    assert_eq!(ok(&mut as_user("reporting")), format!("{NATIVE_USER}@%"));
-    assert_eq!(ok(&mut as_user(ED25519_USER)), format!("{ED25519_USER}@%"));
-    // A user no role names: refused as the server refuses an unknown user.
-    let out = run(&mut as_user("stranger"));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("ERROR 1045") && err.contains("Access denied for user 'stranger'"),
-        "{err}"
+    s
+}
+
+#[test]
+fn com_change_user_reauthenticates_with_the_roles_credentials_or_fails_as_mariadb_does() {
+    let s = roles_setup();
+    // What MariaDB itself does, asked directly (with the real password at connect) to change
+    // to a user it does not know, four times: 1045 three times, the session staying the
+    // previous user's, then 1047 (its limit of three failed changes per connection).
+    let direct_url = format!(
+        "mysql://{NATIVE_USER}:{NATIVE_PW}@{}:{}/{}",
+        s.db.addr.ip(),
+        s.db.addr.port(),
+        latch_tests::mariadb::APP_DB
     );
+    let direct = ok(Command::new(latch_tests::bins::probe())
+        .args(["my", &direct_url])
+        .arg("changeuser:stranger,stranger,stranger,stranger"));
+    eprintln!("directly:\n{direct}");
+    let refused = format!(
+        "stranger: 1045 28000 Access denied for user 'stranger'@'localhost' (using password: YES) after={NATIVE_USER}@%"
+    );
+    // Through latch, holding no password: to users the roles name (ed25519, then back to the
+    // native account through its role name), then to one no role names.
+    let through = ok(s
+        .cg
+        .command(latch_tests::bins::probe())
+        .args(["my", &s.db.url("reporting")])
+        .arg(format!("changeuser:{ED25519_USER},reporting,stranger")));
+    assert_eq!(
+        through,
+        format!(
+            "{ED25519_USER}: ok after={ED25519_USER}@% x=NULL\n\
+             reporting: ok after={NATIVE_USER}@% x=NULL\n\
+             {}",
+            direct.lines().next().unwrap()
+        )
+    );
+    assert!(direct.starts_with(&refused), "{direct}");
+    // The same four refusals through latch: what the application sees is what MariaDB said.
+    let through = ok(s
+        .cg
+        .command(latch_tests::bins::probe())
+        .args(["my", &s.db.url("reporting")])
+        .arg("changeuser:stranger,stranger,stranger,stranger"));
+    assert_eq!(through, direct);
+    // The store's password for the ed25519 role is wrong: the server refuses latch's
+    // COM_CHANGE_USER, the application hears 1045 naming the policy (no secret), and the
+    // session stays the previous user's, as the server left it.
+    s.secrets.write(
+        "secrets.yaml",
+        &format!(
+            "db:\n  username: {NATIVE_USER}\n  password: \"{NATIVE_PW}\"\ned:\n  username: {ED25519_USER}\n  password: \"canary-Wrong-ed\"\n"
+        ),
+    );
+    let through = ok(s
+        .cg
+        .command(latch_tests::bins::probe())
+        .args(["my", &s.db.url("reporting")])
+        .arg(format!("changeuser:{ED25519_USER}")));
+    assert_eq!(
+        through,
+        format!(
+            "{ED25519_USER}: 1045 28000 latch: policy \"orders-db\": the target {} rejected the policy's credentials (server error 1045) after={NATIVE_USER}@% x=NULL",
+            s.db.addr
+        )
+    );
+    s.agent.wait_count("relayed", 3);
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }

@@ -169,3 +169,99 @@ fn verify_full_against_another_name_fails_with_an_err_naming_the_policy_and_the_
     );
     assert!(agent.stop().success());
 }
+
+/// An account that needs a client certificate with this subject (`REQUIRE SUBJECT`).
+const X509_USER: &str = "x509_app";
+const X509_PW: &str = "x509-Secret-5e21";
+const X509_SUBJECT: &str = "latch-app";
+
+/// The policy's `tls` for the client-certificate case, certificate and key from the store.
+fn x509_tls(certs: &TestCa, with_client_cert: bool) -> String {
+    let client = if with_client_cert {
+        ", clientCert: {path: client, field: cert}, clientKey: {path: client, field: key}"
+    } else {
+        ""
+    };
+    format!(
+        "  tls: {{mode: verify-full, ca: {}{client}}}\n",
+        certs.ca().display()
+    )
+}
+
+fn indented(pem: &Path) -> String {
+    std::fs::read_to_string(pem)
+        .expect("read PEM")
+        .lines()
+        .map(|l| format!("    {l}\n"))
+        .collect()
+}
+
+#[test]
+fn a_require_subject_account_gets_in_with_the_policys_client_certificate_and_not_without() {
+    let certs = TestCa::new("db.test", &["DNS:db.test", "IP:127.0.0.2"]);
+    let db = MariaDb::start_tls(
+        "127.0.0.2",
+        NATIVE_PW,
+        ED_PW,
+        Some((&certs.server_cert(), &certs.server_key())),
+        Some(&certs.ca()),
+    );
+    db.sql(&format!(
+        "CREATE USER {X509_USER}@'%' IDENTIFIED BY '{X509_PW}' REQUIRE SUBJECT '/CN={X509_SUBJECT}'"
+    ));
+    db.sql(&format!("GRANT ALL ON {APP_DB}.* TO {X509_USER}@'%'"));
+    let (cert, key) = certs.client(X509_SUBJECT);
+    let dir = TempDir::new("my-x509");
+    let secrets = dir.write(
+        "secrets.yaml",
+        &format!(
+            "{}client:\n  cert: |\n{}  key: |\n{}",
+            secrets_yaml(X509_USER, X509_PW),
+            indented(&cert),
+            indented(&key)
+        ),
+    );
+    let cg = TestCgroup::new();
+    let x509_leg = "SELECT CONCAT(CURRENT_USER(), ' ', VARIABLE_VALUE <> '') FROM information_schema.SESSION_STATUS WHERE VARIABLE_NAME = 'Ssl_cipher'";
+
+    // The application holds no password and no certificate; latch presents the store's.
+    let yaml = policy_yaml("orders-db", db.addr, &secrets, &x509_tls(&certs, true));
+    let agent = Agent::start(&yaml, &cg);
+    let out = run(db.cli_in(&cg, "nobody", x509_leg).arg("--skip-ssl"));
+    assert_eq!(
+        text(&out).0,
+        format!("{X509_USER}@% 1"),
+        "{}\n{}",
+        text(&out).1,
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(
+        !log.contains(X509_PW) && !log.contains("PRIVATE KEY"),
+        "{log}"
+    );
+    assert!(agent.stop().success());
+
+    // The same policy without the client certificate: the server refuses the account, and
+    // the application hears a 1045 naming the policy.
+    let yaml = policy_yaml("orders-db", db.addr, &secrets, &x509_tls(&certs, false));
+    let agent = Agent::start(&yaml, &cg);
+    let out = run(db.cli_in(&cg, "nobody", "SELECT 1").arg("--skip-ssl"));
+    let (_, stderr) = text(&out);
+    assert!(
+        !out.status.success(),
+        "connected without the client certificate"
+    );
+    assert!(
+        stderr.contains("ERROR 1045") && stderr.contains("latch: policy \"orders-db\""),
+        "{stderr}"
+    );
+    // The server's own view: it refused the account, for want of the certificate.
+    assert!(
+        db.log()
+            .contains(&format!("Access denied for user '{X509_USER}'")),
+        "{}",
+        db.log()
+    );
+    assert!(agent.stop().success());
+}

@@ -1,8 +1,8 @@
 //! `cargo xtask bench`: criterion micro-benchmarks (when the agent has any) and the bulk
 //! throughput of one TCP connection (iperf3): direct, through latch, through HAProxy, through socat;
 //! the network-namespace cases of [`crate::bench_netns`]; then the PostgreSQL cases of
-//! [`crate::bench_pg`]; then the cost of a connection, held idle and opened, against HAProxy
-//! ([`crate::bench_conns`]).
+//! [`crate::bench_pg`] and the MySQL cases of [`crate::bench_my`]; then the cost of a
+//! connection, held idle and opened, against HAProxy ([`crate::bench_conns`]).
 
 use crate::proc::{self, Guard, TempDir, run};
 use anyhow::{Context, Result, bail};
@@ -42,6 +42,12 @@ pub struct Args {
     /// Only the connections cases.
     #[arg(long, conflicts_with_all = ["pg_only", "netns_only"])]
     conns_only: bool,
+    /// Skip the MySQL cases (sysbench through latch vs direct).
+    #[arg(long, conflicts_with = "mysql_only")]
+    no_mysql: bool,
+    /// Only the MySQL cases.
+    #[arg(long, conflicts_with_all = ["pg_only", "netns_only", "conns_only"])]
+    mysql_only: bool,
 }
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -106,7 +112,7 @@ pub fn run_bench(args: &Args) -> Result<()> {
         bail!("--seconds and --repeat must be at least 1");
     }
     crate::setup::run_setup()?;
-    if !args.no_micro {
+    if !args.no_micro && !args.mysql_only {
         micro()?;
     }
     let latch = proc::latch_bin(true)?;
@@ -114,33 +120,40 @@ pub fn run_bench(args: &Args) -> Result<()> {
         println!("\nbench: connections (latch vs haproxy)");
         return crate::bench_conns::run(&latch);
     }
-    let iperf = if args.pg_only || args.netns_only {
+    let iperf = if args.pg_only || args.netns_only || args.mysql_only {
         Ok(())
     } else {
         iperf_cases(args, &latch)
     };
     proc::check_interrupted()?;
-    let netns = if args.pg_only || args.no_netns {
+    let netns = if args.pg_only || args.no_netns || args.mysql_only {
         Ok(())
     } else {
         println!("\nbench: network namespaces (pods)");
         crate::bench_netns::run(&latch, args.seconds, args.repeat)
     };
     proc::check_interrupted()?;
-    let pg = if args.no_pg || args.netns_only {
+    let pg = if args.no_pg || args.netns_only || args.mysql_only {
         Ok(())
     } else {
         println!("\nbench: PostgreSQL (direct vs latch vs pgbouncer)");
         crate::bench_pg::run(&latch, args.seconds, args.repeat)
     };
     proc::check_interrupted()?;
-    let conns = if args.no_conns || args.pg_only || args.netns_only {
+    let my = if args.no_mysql || args.pg_only || args.netns_only {
+        Ok(())
+    } else {
+        println!("\nbench: MySQL (sysbench: direct vs latch)");
+        crate::bench_my::run(&latch, args.seconds, args.repeat)
+    };
+    proc::check_interrupted()?;
+    let conns = if args.no_conns || args.pg_only || args.netns_only || args.mysql_only {
         Ok(())
     } else {
         println!("\nbench: connections (latch vs haproxy)");
         crate::bench_conns::run(&latch)
     };
-    iperf.and(netns).and(pg).and(conns)
+    iperf.and(netns).and(pg).and(my).and(conns)
 }
 
 fn iperf_cases(args: &Args, latch: &Path) -> Result<()> {

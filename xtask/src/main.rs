@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_conns;
+mod bench_my;
 mod bench_netns;
 mod bench_pg;
 mod demo;

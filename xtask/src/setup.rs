@@ -37,6 +37,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     // `strace -c` counts the proxies' system calls per connection.
     "apache2-utils",
     "strace",
+    // sysbench's oltp_read_only through latch (tests/tests/mysql_sysbench.rs, `cargo xtask bench`).
+    "sysbench",
 ];
 
 /// Tools from PyPI the tests start: (command, arguments that succeed when it works, pip requirement).

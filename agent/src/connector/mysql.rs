@@ -4,9 +4,10 @@
 //! `KILL <id>` agree with what the application was told; CLIENT_SSL when the policy offers
 //! TLS, [`Policy::ssl_answer`], terminated with a node-CA certificate), reads the application's
 //! HandshakeResponse41 and drops its authentication data unread, authenticates to the server
-//! with the policy's credentials, tells the application the server's OK, then relays, refusing COM_CHANGE_USER (which would
-//! carry the application's own authentication data to the server). The
-//! application never holds, sends or sees a password.
+//! with the policy's credentials, tells the application the server's OK, then relays,
+//! performing a COM_CHANGE_USER itself with the policy's credentials for the requested user
+//! (the application's own authentication data is dropped there too). The application never
+//! holds, sends or sees a password.
 //!
 //! | file | holds |
 //! |---|---|
@@ -15,9 +16,11 @@
 //! | [`failure`] | failures and the ERR packet each becomes |
 //! | [`refusal`] | latch's limits and denials as ERR packets |
 //! | [`io`] | reading whole packets during the handshake |
-//! | [`commands`] | the relay, refusing COM_CHANGE_USER |
+//! | [`commands`] | the relay, watching for COM_CHANGE_USER |
+//! | [`change_user`] | COM_CHANGE_USER: re-authentication with the policy's credentials |
 //!
 //! The wire protocol itself is the `latch-mysql` crate (sans-IO).
+pub mod change_user;
 pub mod commands;
 pub mod failure;
 pub mod io;
@@ -31,7 +34,9 @@ use std::{
 };
 
 use bytes::BytesMut;
-use latch_mysql::{ClientHello, Greeting, HandshakeResponse, Packet, greeting::random_scramble};
+use latch_mysql::{
+    CapabilityFlags, ClientHello, Greeting, HandshakeResponse, Packet, greeting::random_scramble,
+};
 use rustls::ServerConfig;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream, time::Instant};
 
@@ -59,7 +64,8 @@ pub const SUPPORT: Support = Support {
     negotiates_tls: true,
     app_tls: true,
     direct: false,
-    // The application's commands are watched (COM_CHANGE_USER), so the kernel cannot carry them.
+    // The application's commands are watched (COM_CHANGE_USER, which latch performs itself), so
+    // the kernel cannot carry them.
     fast_path: false,
 };
 
@@ -133,7 +139,7 @@ impl Mysql {
             session: cx.session,
         };
         let result = handshake(self, &mut app, cx).await;
-        let (target, early) = match result {
+        let (target, early, session, app_caps) = match result {
             Ok(Some(ready)) => ready,
             Ok(None) => return Ok(Transferred::default()),
             Err((failure, raw)) => return Err(refuse(app, cx, failure, raw).await),
@@ -142,7 +148,17 @@ impl Mysql {
         let Some(stream) = app.stream.take() else {
             return Ok(Transferred::default());
         };
-        let result = commands::relay(stream, target, early, progress).await;
+        let host = host_name(&stream);
+        let reauth = change_user::Reauth::new(
+            cx.policy,
+            cx.env,
+            cx.origin.dst,
+            cx.origin.conn,
+            host,
+            app_caps,
+            session,
+        );
+        let result = commands::relay(stream, target, early, reauth, progress).await;
         // The session ran; a reset from either side ends it and is not a broker failure.
         Ok(result.unwrap_or_else(|e| {
             tracing::debug!(error = %e, "relay ended by an error");
@@ -180,14 +196,18 @@ async fn refuse(
     }
 }
 
-/// The handshake on both legs, up to the server's OK told to the application: the target
-/// stream and the bytes the application sent after its response (to go to the server first).
+/// A session ready to relay: the target stream, the bytes the application sent after its
+/// response (to go to the server first), what a COM_CHANGE_USER needs and the application's
+/// capabilities.
+type Ready = (TargetStream, BytesMut, target::SessionAuth, CapabilityFlags);
+
+/// The handshake on both legs, up to the server's OK told to the application.
 /// `None`: the application left before the session started.
 async fn handshake(
     my: &Mysql,
     app: &mut App<'_>,
     cx: Context<'_>,
-) -> Result<Option<(TargetStream, BytesMut)>, SessionError> {
+) -> Result<Option<Ready>, SessionError> {
     let (origin, policy, env) = (cx.origin, cx.policy, cx.env);
     let to = TargetCx {
         origin,
@@ -231,7 +251,12 @@ async fn handshake(
         .write_all(&out)
         .await
         .map_err(|e| (Failure::AppIo(e), None))?;
-    app.advance(AppLeg { seq: 1, caps: None });
+    // From here on an ERR carries its SQLSTATE unless the client says it predates protocol
+    // 4.1 (MariaDB's rule: it assumes 4.1 until the response says otherwise).
+    app.advance(AppLeg {
+        seq: 1,
+        caps: Some(CapabilityFlags::CLIENT_PROTOCOL_41),
+    });
 
     let mut inbuf = BytesMut::with_capacity(1024);
     let response = read_response(app, &mut inbuf, tls)
@@ -288,6 +313,7 @@ async fn handshake(
         stream: target,
         ok,
         leftover,
+        session,
     } = established;
 
     // The server's OK, with the sequence id the application expects.
@@ -315,7 +341,7 @@ async fn handshake(
     cx.progress()
         .to_app
         .fetch_add(out.len() as u64, Ordering::Relaxed);
-    Ok(Some((target, inbuf)))
+    Ok(Some((target, inbuf, session, response.capabilities)))
 }
 
 /// Reads the application's HandshakeResponse41 (sequence id 1). An SSLRequest (sequence id 1)
@@ -329,15 +355,20 @@ async fn read_response(
     let deadline = Instant::now() + APP_RESPONSE_TIMEOUT;
     let mut expect = 1;
     loop {
-        let packet = read_app_packet(app.io()?, buf, deadline).await?;
+        // MariaDB answers a packet out of order with the sequence id it expected.
+        let packet = read_app_packet(app.io()?, buf, deadline, expect).await?;
         app.leg.seq = packet.next_seq();
-        if packet.seq != expect {
-            return Err(Failure::AppIo(std::io::Error::other(format!(
-                "handshake response with sequence id {}, expected {expect}",
-                packet.seq
-            ))));
-        }
-        match ClientHello::parse(&packet.payload).map_err(Failure::AppProtocol)? {
+        let hello = ClientHello::parse(&packet.payload).map_err(|e| {
+            // The SQLSTATE goes in unless the client's capabilities (its first two bytes,
+            // as far as they came) say it predates protocol 4.1, as MariaDB decides.
+            if let [lo, hi, ..] = packet.payload[..] {
+                let caps =
+                    CapabilityFlags::from_bits_truncate(u32::from(u16::from_le_bytes([lo, hi])));
+                app.leg.caps = Some(caps & CapabilityFlags::CLIENT_PROTOCOL_41);
+            }
+            Failure::AppProtocol(e)
+        })?;
+        match hello {
             ClientHello::Response(r) => return Ok(r),
             ClientHello::SslRequest(_) => {
                 let (Some(config), Some(AppStream::Plain(_))) = (tls.as_ref(), &app.stream) else {
@@ -368,8 +399,12 @@ async fn read_app_packet(
     stream: &mut AppStream,
     buf: &mut BytesMut,
     deadline: Instant,
+    expect: u8,
 ) -> Result<Packet, Failure> {
-    match tokio::time::timeout_at(deadline, read_one_packet(stream, buf)).await {
+    match tokio::time::timeout_at(deadline, read_one_packet(stream, buf, expect)).await {
+        Ok(Err(ReadError::OutOfOrder { got, expected })) => {
+            Err(Failure::AppOutOfOrder { got, expected })
+        }
         Err(_) => Err(Failure::AppTimeout(APP_RESPONSE_TIMEOUT)),
         Ok(Err(ReadError::Closed)) => Err(Failure::AppClosed),
         Ok(Err(ReadError::Io(e))) => Err(Failure::AppIo(e)),
@@ -385,23 +420,43 @@ fn select_role<'p>(
     policy: &'p Policy,
     app: &App,
 ) -> Result<Option<&'p Role>, Failure> {
+    let with_password = !response.auth_response.expose().is_empty();
+    role_for(&response.username, policy, with_password, || {
+        app.stream.as_ref().map(host_name).unwrap_or_default()
+    })
+}
+
+/// The application's host as MariaDB names it in "Access denied for user 'u'@'host'": its
+/// address, or `localhost` for a loopback one (as the server says even with
+/// `--skip-name-resolve`).
+fn host_name(stream: &AppStream) -> String {
+    match stream.tcp().peer_addr() {
+        Ok(a) if a.ip().to_canonical().is_loopback() => "localhost".to_owned(),
+        Ok(a) => a.ip().to_canonical().to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+/// The role `user` selects (at connect and for COM_CHANGE_USER); `host` names the application
+/// in the refusal, `with_password` whether it sent authentication data.
+fn role_for<'p>(
+    user: &[u8],
+    policy: &'p Policy,
+    with_password: bool,
+    host: impl FnOnce() -> String,
+) -> Result<Option<&'p Role>, Failure> {
     if policy.roles.is_empty() {
         return Ok(None);
     }
-    let user = String::from_utf8_lossy(&response.username);
+    let user = String::from_utf8_lossy(user);
     match policy.roles.iter().find(|r| r.user == user) {
         Some(r) => Ok(Some(r)),
         None => {
             tracing::info!(user = %user, "no role of the policy for the requested user");
-            let host = app
-                .stream
-                .as_ref()
-                .and_then(|s| s.tcp().peer_addr().ok())
-                .map(|a| a.ip().to_canonical().to_string())
-                .unwrap_or_default();
             Err(Failure::UnknownRole {
                 user: user.into_owned(),
-                host,
+                host: host(),
+                password: with_password,
             })
         }
     }

@@ -303,3 +303,48 @@ fn empty_password_sends_empty_data() {
     auth.start(&mut r, Transport::Plain, &mut out).unwrap();
     assert!(r.auth_response.is_empty());
 }
+
+#[test]
+fn change_user_on_a_caching_sha2_server_takes_the_fast_path_then_full_auth_over_verified_tls() {
+    // COM_CHANGE_USER (sequence id 0) carries the fast-path scramble over the greeting's
+    // scramble; the server answers with sequence ids from 1, as after a handshake response.
+    let mut cu = crate::command::ChangeUser {
+        username: b"app".to_vec(),
+        auth_response: AuthResponse::new(b"the application's, never sent".to_vec()),
+        database: b"shop".to_vec(),
+        charset: Some(255),
+        auth_plugin: None,
+        connect_attrs: None,
+    };
+    let mut auth = ClientAuth::new(
+        &greeting(CACHING_SHA2_PASSWORD),
+        PW,
+        ClientAuthOptions::default(),
+    );
+    let mut out = BytesMut::new();
+    auth.start_change_user(&mut cu, caps(), Transport::TlsVerified, &mut out)
+        .unwrap();
+    let p = sent(&out);
+    assert_eq!(p.seq, 0);
+    let parsed = crate::command::ChangeUser::parse(&p.payload, caps()).unwrap();
+    assert_eq!(
+        parsed.auth_plugin.as_deref(),
+        Some(CACHING_SHA2_PASSWORD.as_bytes())
+    );
+    assert!(server_fast_path_accepts(
+        parsed.auth_response.expose(),
+        SCRAMBLE,
+        PW
+    ));
+    // An account not in the server's cache: full authentication, the password over the
+    // verified TLS leg, then OK.
+    out.clear();
+    auth.on_packet(&pkt(1, b"\x01\x04"), &mut out).unwrap();
+    let p = sent(&out);
+    assert_eq!((p.seq, &p.payload[..]), (2, &b"sha2-test-pw\0"[..]));
+    out.clear();
+    assert!(matches!(
+        auth.on_packet(&pkt(3, &ok()), &mut out).unwrap(),
+        AuthStep::Done(_)
+    ));
+}

@@ -290,6 +290,16 @@ fn change_user_matches_mariadb_test_and_round_trips() {
         let mut out = BytesMut::new();
         cu.encode(caps, &mut out).unwrap();
         assert_eq!(&out[..], &p.payload[..], "COM_CHANGE_USER round trip");
+        // mysql_async appends an (empty) attribute block whatever the capabilities say;
+        // MariaDB ignores what follows, and so does the parser.
+        let mut padded = p.payload.to_vec();
+        padded.push(0);
+        let without_attrs = caps - CapabilityFlags::CLIENT_CONNECT_ATTRS;
+        let lenient = ChangeUser::parse(&padded, without_attrs).unwrap();
+        assert_eq!(
+            (lenient.username, lenient.connect_attrs),
+            (cu.username.clone(), None)
+        );
 
         // latch's client re-authenticating with the same password writes the same packets.
         let mut auth = ClientAuth::new(&greeting, password, ClientAuthOptions::default());

@@ -17,6 +17,8 @@
 //! * `latch-probe my URL SCENARIO` — a mysql_async client; see `probe/my.rs`.
 //! * `latch-probe pgraw ADDR SCENARIO` — hostile PostgreSQL startup bytes; see `probe/pgraw.rs`.
 //! * `latch-probe pgpre TARGET` — every path before a StartupMessage; see `probe/pgpre.rs`.
+//! * `latch-probe mypre HOST:PORT [CASE]` — odd bytes before a MySQL handshake completes; see
+//!   `probe/mypre.rs`.
 //!
 //! The modes below bind their client to 127.0.0.1:SRCPORT (SO_REUSEADDR) and print each line
 //! as it happens (stdout flushed); see `probe/srcport.rs`.
@@ -43,6 +45,8 @@
 //!   `client_got=<bytes>`; exits 0.
 #[path = "probe/my.rs"]
 mod my;
+#[path = "probe/mypre.rs"]
+mod mypre;
 #[path = "probe/pg.rs"]
 mod pg;
 #[path = "probe/pgpre.rs"]
@@ -102,6 +106,9 @@ fn main() -> ExitCode {
             args.get(3).map(String::as_str).unwrap_or("whoami"),
         )),
         Some("pgpre") if args.len() == 3 => rt.block_on(pgpre::run(&args[2])),
+        Some("mypre") if args.len() == 3 || args.len() == 4 => {
+            rt.block_on(mypre::run(&args[2], args.get(3).map(String::as_str)))
+        }
         Some("pgraw") => rt.block_on(pgraw::run(
             parse_addr(&args, 2),
             args.get(3).map(String::as_str).unwrap_or_default(),
@@ -129,7 +136,7 @@ fn main() -> ExitCode {
             parse_port(&args, 3),
             parse_num(&args, 4) as u64,
         ),
-        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS | abort ADDR CONNS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO | pgpre TARGET | squat BROKERPORT SRCPORT ADDR MILLIS | victim SRCPORT ADDR MILLIS | from SRCPORT ADDR | pgpaused SRCPORT HOST:PORT GOFILE CONNSTR | fakepg LISTENADDR SRCPORT MILLIS".into()),
+        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS | abort ADDR CONNS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO | pgpre TARGET | mypre HOST:PORT [CASE] | squat BROKERPORT SRCPORT ADDR MILLIS | victim SRCPORT ADDR MILLIS | from SRCPORT ADDR | pgpaused SRCPORT HOST:PORT GOFILE CONNSTR | fakepg LISTENADDR SRCPORT MILLIS".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,30 +1,36 @@
 //! The relay of a MySQL session, watching the application's commands: every packet passes
 //! through untouched (streamed, never buffered whole) except COM_CHANGE_USER, which would hand
-//! the server authentication data of the application's; latch refuses it with the server's own
-//! error ("Unknown command", 1047/08S01, as a server without the command answers) and the
-//! session goes on as it was.
+//! the server authentication data of the application's; latch performs the change itself with
+//! the policy's credentials ([`super::change_user`]) and tells the application the outcome.
 //!
 //! A command starts with a packet of sequence id 0. Inside a long exchange (LOAD DATA LOCAL
 //! INFILE) the application's sequence ids can wrap from 255 to 0: a 0 right after a 255 is a
 //! continuation, not a command.
+//!
+//! The server-to-application direction owns the target's read half; for a COM_CHANGE_USER the
+//! other direction asks it to step aside ([`Shared::pause`]) and takes the read half for the
+//! exchange. The application is waiting for the answer to its command then, so the server has
+//! nothing else in flight.
 use std::{
     io,
     sync::{Arc, atomic::Ordering},
 };
 
 use bytes::BytesMut;
-use latch_mysql::{ErrPacket, constants::COM_CHANGE_USER};
+use latch_mysql::constants::COM_CHANGE_USER;
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
-    sync::Mutex,
+    sync::{Mutex, Notify},
 };
+
+use super::change_user::Reauth;
 
 use crate::{
     connector::stream::{AppStream, MaybeTls, TargetStream},
     relay::{Progress, Transferred},
 };
 
-/// Largest COM_CHANGE_USER latch reads to drop it; a longer one ends the session.
+/// Largest COM_CHANGE_USER latch reads; a longer one ends the session.
 const MAX_CHANGE_USER: usize = 64 * 1024;
 
 /// Relays until either side closes. `early`: bytes the application sent after its handshake
@@ -33,18 +39,27 @@ pub async fn relay(
     app: AppStream,
     target: TargetStream,
     early: BytesMut,
+    reauth: Reauth<'_>,
     progress: &Progress,
 ) -> io::Result<Transferred> {
     match app {
         MaybeTls::Plain(tcp) => {
             let (app_r, app_w) = tcp.into_split();
-            relay_halves(app_r, app_w, target, early, progress).await
+            relay_halves(app_r, app_w, target, early, reauth, progress).await
         }
         MaybeTls::Tls(tls) => {
             let (app_r, app_w) = tokio::io::split(*tls);
-            relay_halves(app_r, app_w, target, early, progress).await
+            relay_halves(app_r, app_w, target, early, reauth, progress).await
         }
     }
+}
+
+/// What both directions use.
+struct Shared<R, W> {
+    target_r: Mutex<R>,
+    app_w: Mutex<W>,
+    /// Asks the server-to-application direction to let go of `target_r`.
+    pause: Notify,
 }
 
 async fn relay_halves(
@@ -52,12 +67,17 @@ async fn relay_halves(
     app_w: impl AsyncWrite + Unpin,
     target: TargetStream,
     early: BytesMut,
+    reauth: Reauth<'_>,
     progress: &Progress,
 ) -> io::Result<Transferred> {
-    let app_w = Arc::new(Mutex::new(app_w));
     let (target_r, target_w) = tokio::io::split(target);
-    let up = to_target(app_r, target_w, early, app_w.clone(), progress);
-    let down = to_app(target_r, app_w, progress);
+    let shared = Arc::new(Shared {
+        target_r: Mutex::new(target_r),
+        app_w: Mutex::new(app_w),
+        pause: Notify::new(),
+    });
+    let up = to_target(app_r, target_w, early, &shared, reauth, progress);
+    let down = to_app(&shared, progress);
     // Either direction ending ends the session (a client's COM_QUIT closes both).
     tokio::select! {
         r = up => r?,
@@ -70,14 +90,23 @@ async fn relay_halves(
 }
 
 async fn to_app(
-    mut target: impl AsyncRead + Unpin,
-    app: Arc<Mutex<impl AsyncWrite + Unpin>>,
+    shared: &Shared<impl AsyncRead + Unpin, impl AsyncWrite + Unpin>,
     progress: &Progress,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = target.read(&mut buf).await?;
-        let mut app = app.lock().await;
+        let mut target = shared.target_r.lock().await;
+        // `read` is cancel safe: a pause loses no bytes.
+        let n = tokio::select! {
+            n = target.read(&mut buf) => n?,
+            () = shared.pause.notified() => {
+                // The mutex is fair: the waiting COM_CHANGE_USER exchange gets it first.
+                drop(target);
+                continue;
+            }
+        };
+        drop(target);
+        let mut app = shared.app_w.lock().await;
         if n == 0 {
             return app.shutdown().await;
         }
@@ -92,7 +121,8 @@ async fn to_target(
     mut app: impl AsyncRead + Unpin,
     mut target: impl AsyncWrite + Unpin,
     mut buf: BytesMut,
-    app_w: Arc<Mutex<impl AsyncWrite + Unpin>>,
+    shared: &Shared<impl AsyncRead + Unpin, impl AsyncWrite + Unpin>,
+    mut reauth: Reauth<'_>,
     progress: &Progress,
 ) -> io::Result<()> {
     // The sequence id of the application's last packet.
@@ -137,22 +167,21 @@ async fn to_target(
                     return target.shutdown().await;
                 }
             }
-            // The application's credentials go nowhere: wiped and dropped.
+            // The application's credentials go nowhere: read, wiped and dropped.
             let mut packet = buf.split_to(4 + len);
+            shared.pause.notify_one();
+            let mut target_r = shared.target_r.lock().await;
+            let outcome = reauth.run(&packet[4..], &mut *target_r, &mut target).await;
+            drop(target_r);
             packet.iter_mut().for_each(|b| *b = 0);
-            tracing::warn!("refused COM_CHANGE_USER: latch does not pass application credentials");
-            let err = ErrPacket::new(
-                latch_mysql::constants::er::UNKNOWN_COM_ERROR,
-                "Unknown command (COM_CHANGE_USER is not available through latch)",
-            );
-            let mut out = BytesMut::new();
-            super::failure::encode(
-                &err,
-                1,
-                Some(latch_mysql::CapabilityFlags::CLIENT_PROTOCOL_41),
-                &mut out,
-            );
-            let mut app = app_w.lock().await;
+            let out = match outcome {
+                Ok(out) => out,
+                Err(failure) => {
+                    tracing::warn!(error = %failure, "COM_CHANGE_USER failed on the target; ending the session");
+                    return Err(io::Error::other(failure));
+                }
+            };
+            let mut app = shared.app_w.lock().await;
             app.write_all(&out).await?;
             app.flush().await?;
             drop(app);

@@ -31,11 +31,20 @@ pub enum Failure {
     AppTimeout(Duration),
     #[error("reading the application's handshake response: {0}")]
     AppIo(#[source] io::Error),
+    /// A packet with the wrong sequence id (garbage, a confused client): told as MariaDB tells
+    /// it, "Got packets out of order".
+    #[error("the application sent a packet with sequence id {got}, expected {expected}")]
+    AppOutOfOrder { got: u8, expected: u8 },
     #[error("the application closed the connection during the handshake")]
     AppClosed,
     /// The application asked for a user the policy's roles do not name.
     #[error("no role of the policy is for user {user:?}")]
-    UnknownRole { user: String, host: String },
+    UnknownRole {
+        user: String,
+        host: String,
+        /// Whether the application sent authentication data ("using password: YES").
+        password: bool,
+    },
     #[error("resolving credentials: {0}")]
     Secrets(#[source] SecretError),
     #[error(transparent)]
@@ -85,10 +94,14 @@ impl Failure {
             ErrPacket::new(code, format!("latch: policy \"{policy}\": {what}"))
         };
         Some(match self {
-            Failure::AppProtocol(_) | Failure::AppTls | Failure::AppTimeout(_) => {
-                say(er::HANDSHAKE_ERROR, self.to_string())
-            }
-            Failure::AppIo(_)
+            Failure::AppProtocol(_) | Failure::AppTls => say(er::HANDSHAKE_ERROR, self.to_string()),
+            Failure::AppOutOfOrder { .. } => ErrPacket::new(
+                er::NET_PACKETS_OUT_OF_ORDER,
+                format!("Got packets out of order (latch: policy \"{policy}\")"),
+            ),
+            // MariaDB closes a connection whose client stalls in the handshake without a word.
+            Failure::AppTimeout(_)
+            | Failure::AppIo(_)
             | Failure::AppClosed
             | Failure::AppTlsHandshake(_)
             | Failure::ServerRefused { .. } => return None,
@@ -100,9 +113,16 @@ impl Failure {
                 ),
             ),
             // The server's own words for a user it does not know.
-            Failure::UnknownRole { user, host } => ErrPacket::new(
+            Failure::UnknownRole {
+                user,
+                host,
+                password,
+            } => ErrPacket::new(
                 er::ACCESS_DENIED_ERROR,
-                format!("Access denied for user '{user}'@'{host}' (using password: YES)"),
+                format!(
+                    "Access denied for user '{user}'@'{host}' (using password: {})",
+                    if *password { "YES" } else { "NO" }
+                ),
             ),
             Failure::Secrets(e) => say(
                 if e.is_transient() {

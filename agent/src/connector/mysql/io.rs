@@ -6,9 +6,12 @@ use tokio::io::{AsyncRead, AsyncReadExt as _};
 /// Reads exactly one packet into `buf` (cleared first) and nothing after it: after an
 /// SSLRequest the client starts its TLS handshake at once, and those bytes must stay in the
 /// socket for the TLS acceptor.
+/// A packet whose sequence id is not `expect` is refused on its header, before its length is
+/// looked at, as MariaDB does ("Got packets out of order").
 pub async fn read_one_packet(
     stream: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
+    expect: u8,
 ) -> Result<Packet, ReadError> {
     let eof = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => ReadError::Closed,
@@ -16,6 +19,12 @@ pub async fn read_one_packet(
     };
     let mut header = [0u8; 4];
     stream.read_exact(&mut header).await.map_err(eof)?;
+    if header[3] != expect {
+        return Err(ReadError::OutOfOrder {
+            got: header[3],
+            expected: expect,
+        });
+    }
     let len = usize::from(header[0]) | usize::from(header[1]) << 8 | usize::from(header[2]) << 16;
     if len > MAX_HANDSHAKE_PACKET {
         return Err(ReadError::Io(std::io::Error::other(format!(
@@ -41,6 +50,11 @@ pub enum ReadError {
     Io(std::io::Error),
     Closed,
     Frame(FrameError),
+    /// A packet with another sequence id than the one expected.
+    OutOfOrder {
+        got: u8,
+        expected: u8,
+    },
 }
 
 /// Reads the next whole packet into `buf` (bytes after it stay there).
@@ -75,20 +89,29 @@ mod tests {
         wire.extend_from_slice(&[0x16, 0x03, 0x01]);
         let mut stream = &wire[..];
         let mut buf = BytesMut::new();
-        let p = read_one_packet(&mut stream, &mut buf).await.unwrap();
+        let p = read_one_packet(&mut stream, &mut buf, 1).await.unwrap();
         assert_eq!((p.seq, p.payload.len()), (1, 32));
         assert_eq!(stream, &[0x16, 0x03, 0x01]);
         assert!(buf.is_empty());
         // Cut short: closed; oversized: refused before reading it.
         let mut short = &[32u8, 0, 0, 1, 0xAB][..];
         assert!(matches!(
-            read_one_packet(&mut short, &mut buf).await,
+            read_one_packet(&mut short, &mut buf, 1).await,
             Err(ReadError::Closed)
         ));
         let mut huge = &[0xFFu8, 0xFF, 0xFF, 1][..];
         assert!(matches!(
-            read_one_packet(&mut huge, &mut buf).await,
+            read_one_packet(&mut huge, &mut buf, 1).await,
             Err(ReadError::Io(_))
+        ));
+        // Another sequence id: refused on the header, whatever the length says.
+        let mut garbage = &b"GET / HTTP/1.1\r\n"[..];
+        assert!(matches!(
+            read_one_packet(&mut garbage, &mut buf, 1).await,
+            Err(ReadError::OutOfOrder {
+                got: b' ',
+                expected: 1
+            })
         ));
     }
 }

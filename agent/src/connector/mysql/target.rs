@@ -54,6 +54,17 @@ pub struct Established {
     pub ok: bytes::Bytes,
     /// Bytes the server sent after its OK (normally none).
     pub leftover: BytesMut,
+    /// What a later COM_CHANGE_USER on this connection needs: the server's greeting (its
+    /// scramble), the session's capabilities and what protects the leg.
+    pub session: SessionAuth,
+}
+
+/// What an established connection was authenticated with, for COM_CHANGE_USER.
+#[derive(Debug, Clone)]
+pub struct SessionAuth {
+    pub greeting: Greeting,
+    pub caps: CapabilityFlags,
+    pub transport: Transport,
 }
 
 fn read_error(addr: SocketAddr, e: ReadError) -> Failure {
@@ -63,6 +74,12 @@ fn read_error(addr: SocketAddr, e: ReadError) -> Failure {
         ReadError::Frame(e) => Failure::Auth {
             addr,
             source: e.into(),
+        },
+        ReadError::OutOfOrder { got, expected } => Failure::TargetIo {
+            addr,
+            source: std::io::Error::other(format!(
+                "packet with sequence id {got}, expected {expected}"
+            )),
         },
     }
 }
@@ -135,6 +152,7 @@ pub async fn authenticate(
         let mut response = HandshakeResponse::for_server(app, &greeting, user, tls);
         let options = ClientAuthOptions::default();
         let mut auth = ClientAuth::new(&greeting, password, options);
+        let caps = response.capabilities;
         let mut out = BytesMut::new();
         let (mut stream, transport) = if tls {
             auth.ssl_request(&response.ssl_request(), &mut out);
@@ -184,6 +202,11 @@ pub async fn authenticate(
                         stream,
                         ok: packet.payload,
                         leftover: buf,
+                        session: SessionAuth {
+                            greeting,
+                            caps,
+                            transport,
+                        },
                     });
                 }
             }

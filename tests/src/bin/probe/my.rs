@@ -12,6 +12,13 @@
 //!   `infile rows=1000 sum=499500 then=1`.
 //! * `changeuser` — COM_CHANGE_USER to user `root` with password `guess`: prints
 //!   `change_user=<error code or ok>`, then `after=<CURRENT_USER()>` on the same session.
+//! * `changeuser:U1,U2,...` — COM_CHANGE_USER to each user in turn (password `guess`) on one
+//!   session; for each prints `<user>: ok after=<CURRENT_USER()> x=<@x>` or
+//!   `<user>: <code> <SQLSTATE> <message> after=<CURRENT_USER()> x=<@x>` (or `after=gone` when
+//!   the session is no longer usable, and stops); `@x` is set to 5 before each change, so
+//!   `x=NULL` says the change reset the session.
+//! * `reset` — `SET @x = 5`, COM_RESET_CONNECTION, then prints
+//!   `reset=ok user=<CURRENT_USER()> x=<@x or NULL>`.
 use std::time::{Duration, Instant};
 
 use mysql_async::{Conn, Opts, prelude::*};
@@ -31,6 +38,8 @@ pub async fn run(url: &str, scenario: &str) -> Result<(), String> {
         "suite" => suite(url).await,
         "kill" => kill(url).await,
         "changeuser" => change_user(url).await,
+        "reset" => reset(url).await,
+        s if s.starts_with("changeuser:") => change_users(url, &s["changeuser:".len()..]).await,
         "infile" => infile(url).await,
         other => Err(format!("unknown my scenario {other:?}")),
     }
@@ -180,6 +189,49 @@ async fn change_user(url: &str) -> Result<(), String> {
         .map_err(e)?
         .ok_or("no row")?;
     println!("after={user}");
+    conn.disconnect().await.map_err(e)
+}
+
+async fn change_users(url: &str, users: &str) -> Result<(), String> {
+    let mut conn = connect(url).await?;
+    conn.query_drop("SET @x = 5").await.map_err(e)?;
+    for user in users.split(',') {
+        let opts = mysql_async::ChangeUserOpts::default()
+            .with_user(Some(user.into()))
+            .with_pass(Some("guess".into()));
+        let said = match conn.change_user(opts).await {
+            Ok(()) => "ok".to_owned(),
+            Err(mysql_async::Error::Server(s)) => format!("{} {} {}", s.code, s.state, s.message),
+            Err(other) => format!("other {other}"),
+        };
+        let after: Result<Option<(String, Option<i64>)>, _> =
+            conn.query_first("SELECT CURRENT_USER(), @x").await;
+        match after {
+            Ok(Some((u, x))) => {
+                let x = x.map_or("NULL".to_owned(), |x| x.to_string());
+                println!("{user}: {said} after={u} x={x}");
+                conn.query_drop("SET @x = 5").await.map_err(e)?;
+            }
+            _ => {
+                println!("{user}: {said} after=gone");
+                return Ok(());
+            }
+        }
+    }
+    conn.disconnect().await.map_err(e)
+}
+
+async fn reset(url: &str) -> Result<(), String> {
+    let mut conn = connect(url).await?;
+    conn.query_drop("SET @x = 5").await.map_err(e)?;
+    conn.reset().await.map_err(e)?;
+    let (user, x): (String, Option<i64>) = conn
+        .query_first("SELECT CURRENT_USER(), @x")
+        .await
+        .map_err(e)?
+        .ok_or("no row")?;
+    let x = x.map_or("NULL".to_owned(), |x| x.to_string());
+    println!("reset=ok user={user} x={x}");
     conn.disconnect().await.map_err(e)
 }
 

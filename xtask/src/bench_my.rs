@@ -1,0 +1,385 @@
+//! The MySQL half of `cargo xtask bench`, on one throw-away MariaDB 10.11 (the account on
+//! mysql_native_password): sysbench `oltp_read_only` with persistent connections, and a new
+//! connection per query (a sysbench Lua script: connect, `SELECT 1`, disconnect), each two
+//! ways — the application straight to the server with its password, and through latch
+//! (`latch run`, the application holding no password).
+
+use crate::bench_pg::write_private;
+use crate::proc::{self, Guard, TempDir};
+use anyhow::{Context, Result, bail};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SERVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const USER: &str = "bench";
+const DB: &str = "bench";
+/// sysbench's data: tables × rows.
+const TABLES: u32 = 4;
+const TABLE_SIZE: u32 = 10_000;
+const THREADS: u32 = 4;
+
+/// One connection per event: what `pgbench -C` is for PostgreSQL.
+const CONNECT_LUA: &str = r#"
+function thread_init()
+  drv = sysbench.sql.driver()
+end
+
+function event()
+  local con = drv:connect()
+  con:query("SELECT 1")
+  con:disconnect()
+end
+"#;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Case {
+    OltpReadOnly,
+    ConnectPerQuery,
+}
+
+impl Case {
+    const ALL: [Case; 2] = [Case::OltpReadOnly, Case::ConnectPerQuery];
+
+    fn label(self) -> &'static str {
+        match self {
+            Case::OltpReadOnly => "oltp_read_only, persistent (tps)",
+            Case::ConnectPerQuery => "new connection per query (cps)",
+        }
+    }
+
+    /// What latch should reach, as a share of direct (issue #14).
+    fn target(self) -> f64 {
+        match self {
+            Case::OltpReadOnly => 0.95,
+            Case::ConnectPerQuery => 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Route {
+    Direct,
+    Latch,
+}
+
+struct Rig {
+    dir: PathBuf,
+    latch: PathBuf,
+    policy: PathBuf,
+    port: u16,
+    password: String,
+    lua: PathBuf,
+    seconds: u32,
+    _server: Guard,
+}
+
+/// Runs the MySQL cases `repeat` times (interleaved) and prints one table.
+pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
+    let tmp = TempDir::new("latch-bench-my")?;
+    let rig = Rig::start(tmp.path(), latch, seconds)?;
+    let mut samples: Vec<(Case, Route, Vec<f64>, Option<String>)> = Vec::new();
+    for case in Case::ALL {
+        for route in [Route::Direct, Route::Latch] {
+            samples.push((case, route, Vec::new(), None));
+        }
+    }
+    for round in 1..=repeat {
+        for (case, route, got, failed) in samples.iter_mut() {
+            if failed.is_some() {
+                continue;
+            }
+            print!(
+                "bench: round {round}/{repeat}: {:<34} {:<7} ",
+                case.label(),
+                if *route == Route::Direct {
+                    "direct"
+                } else {
+                    "latch"
+                }
+            );
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            match rig.measure(*case, *route) {
+                Ok(v) => {
+                    println!("{v:10.1}");
+                    got.push(v);
+                }
+                Err(e) => {
+                    println!("failed: {e:#}");
+                    *failed = Some(format!("{e:#}"));
+                }
+            }
+            proc::check_interrupted()?;
+        }
+    }
+    println!(
+        "\nMariaDB 10.11 on {SERVER} (mysql_native_password), sysbench {THREADS} threads, \
+         {seconds} s, {TABLES} tables × {TABLE_SIZE} rows; median of {repeat} run(s):\n"
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>13} {:>8}",
+        "case", "direct", "latch", "latch/direct", "target"
+    );
+    let mut any_failed = false;
+    for case in Case::ALL {
+        let value = |route: Route| {
+            samples
+                .iter()
+                .find(|s| s.0 == case && s.1 == route)
+                .and_then(|s| if s.3.is_some() { None } else { median(&s.2) })
+        };
+        let (d, l) = (value(Route::Direct), value(Route::Latch));
+        any_failed |= d.is_none() || l.is_none();
+        let cell = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.1}"));
+        let ratio = match (l, d) {
+            (Some(l), Some(d)) if d > 0.0 => format!("{:.2}", l / d),
+            _ => "-".to_string(),
+        };
+        println!(
+            "{:<34} {:>10} {:>10} {:>13} {:>8}",
+            case.label(),
+            cell(d),
+            cell(l),
+            ratio,
+            format!("≥{:.2}", case.target())
+        );
+    }
+    for (case, route, _, failed) in &samples {
+        if let Some(why) = failed {
+            let route = if *route == Route::Direct {
+                "direct"
+            } else {
+                "latch"
+            };
+            println!("  {} / {route}: {why}", case.label());
+        }
+    }
+    drop(rig);
+    if any_failed {
+        bail!("some MySQL bench cases failed");
+    }
+    Ok(())
+}
+
+fn median(xs: &[f64]) -> Option<f64> {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(v[n / 2]),
+        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+fn tool(name: &str) -> Result<PathBuf> {
+    let path = PathBuf::from("/usr/bin").join(name);
+    if !path.exists() {
+        let path = PathBuf::from("/usr/sbin").join(name);
+        if path.exists() {
+            return Ok(path);
+        }
+        bail!("{name} is missing: run `cargo xtask setup`");
+    }
+    Ok(path)
+}
+
+impl Rig {
+    fn start(dir: &Path, latch: &Path, seconds: u32) -> Result<Rig> {
+        let data = dir.join("data");
+        let socket = dir.join("mysqld.sock");
+        proc::run(
+            Command::new(tool("mariadb-install-db")?)
+                .arg("--no-defaults")
+                .arg(format!("--datadir={}", data.display()))
+                .args([
+                    "--user=root",
+                    "--skip-test-db",
+                    "--auth-root-authentication-method=socket",
+                ])
+                .stdout(Stdio::null()),
+        )?;
+        let port = proc::free_port(SERVER)?;
+        let mut server = Guard::spawn(
+            "mariadbd",
+            Command::new(tool("mariadbd")?)
+                .arg("--no-defaults")
+                .arg(format!("--datadir={}", data.display()))
+                .arg(format!("--socket={}", socket.display()))
+                .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
+                .arg(format!("--log-error={}", dir.join("server.log").display()))
+                .arg(format!("--bind-address={SERVER}"))
+                .arg(format!("--port={port}"))
+                .args([
+                    "--user=root",
+                    "--skip-log-bin",
+                    "--skip-name-resolve",
+                    "--innodb-buffer-pool-size=128M",
+                    "--max-connections=1000",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            libc::SIGTERM,
+        )?;
+        let admin = |sql: &str| -> Result<()> {
+            proc::run(
+                Command::new(tool("mariadb")?)
+                    .arg("--no-defaults")
+                    .arg(format!("--socket={}", socket.display()))
+                    .args(["-u", "root", "-e", sql]),
+            )
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            server.ensure_running()?;
+            if proc::is_listening(SERVER, port)
+                && proc::succeeds(
+                    Command::new(tool("mariadb")?)
+                        .arg("--no-defaults")
+                        .arg(format!("--socket={}", socket.display()))
+                        .args(["-u", "root", "-e", "SELECT 1"])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null()),
+                )
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "mariadbd not ready after 30 s (log: {})",
+                    dir.join("server.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let password = format!("pw-{}", std::process::id());
+        admin(&format!("CREATE DATABASE {DB}"))?;
+        admin(&format!(
+            "CREATE USER {USER}@'%' IDENTIFIED VIA mysql_native_password USING PASSWORD('{password}')"
+        ))?;
+        admin(&format!("GRANT ALL ON {DB}.* TO {USER}@'%'"))?;
+
+        // latch: the password lives only in a 0600 secrets file.
+        let secrets = dir.join("secrets.yaml");
+        write_private(
+            &secrets,
+            &format!("orders-db: {{username: {USER}, password: {password}}}\n"),
+        )?;
+        let policy = dir.join("bench-my.yaml");
+        std::fs::write(
+            &policy,
+            crate::policy::postgres("bench-my", SERVER, port, &secrets)
+                .replace("protocol: postgres", "protocol: mysql")
+                + "  tls:\n    mode: disable\n",
+        )?;
+        let lua = dir.join("connect.lua");
+        std::fs::write(&lua, CONNECT_LUA)?;
+        let rig = Rig {
+            dir: dir.to_path_buf(),
+            latch: latch.to_path_buf(),
+            policy,
+            port,
+            password,
+            lua,
+            seconds,
+            _server: server,
+        };
+        println!("bench: sysbench oltp_read_only prepare ({TABLES} × {TABLE_SIZE} rows)");
+        let mut prepare = Command::new(tool("sysbench")?);
+        prepare
+            .args(rig.sysbench_args(Case::OltpReadOnly, Route::Direct))
+            .arg("prepare")
+            .stdout(Stdio::null());
+        proc::run(&mut prepare)?;
+        Ok(rig)
+    }
+
+    fn sysbench_args(&self, case: Case, route: Route) -> Vec<String> {
+        let script = match case {
+            Case::OltpReadOnly => "oltp_read_only".to_owned(),
+            Case::ConnectPerQuery => self.lua.display().to_string(),
+        };
+        let mut a = vec![
+            script,
+            "--db-driver=mysql".to_owned(),
+            format!("--mysql-host={SERVER}"),
+            format!("--mysql-port={}", self.port),
+            format!("--mysql-db={DB}"),
+            format!("--tables={TABLES}"),
+            format!("--table-size={TABLE_SIZE}"),
+            format!("--threads={THREADS}"),
+            format!("--time={}", self.seconds),
+        ];
+        match route {
+            Route::Direct => {
+                a.push(format!("--mysql-user={USER}"));
+                a.push(format!("--mysql-password={}", self.password));
+            }
+            // The application holds no password, and names no real user.
+            Route::Latch => a.push("--mysql-user=app".to_owned()),
+        }
+        a
+    }
+
+    /// One run: transactions (events) per second.
+    fn measure(&self, case: Case, route: Route) -> Result<f64> {
+        let mut argv = vec![tool("sysbench")?.display().to_string()];
+        argv.extend(self.sysbench_args(case, route));
+        argv.push("run".to_owned());
+        let mut cmd = match route {
+            Route::Latch => {
+                let mut c = Command::new(&self.latch);
+                c.arg("run").arg("--policy").arg(&self.policy);
+                c.arg("--state-dir").arg(self.dir.join("latch-state"));
+                c.arg("--");
+                c.args(&argv);
+                c
+            }
+            Route::Direct => {
+                let mut c = Command::new(&argv[0]);
+                c.args(&argv[1..]);
+                c
+            }
+        };
+        let err_path = self.dir.join("client.stderr");
+        cmd.stderr(std::fs::File::create(&err_path)?);
+        let timeout = Duration::from_secs(u64::from(self.seconds) * 3 + 60);
+        let (status, stdout) = proc::run_capture(&mut cmd, timeout)?;
+        match (status.success(), parse_tps(&stdout)) {
+            (true, Ok(v)) => Ok(v),
+            (_, parsed) => {
+                let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+                let why = parsed.err().map(|e| format!("{e:#}")).unwrap_or_default();
+                bail!("exited {status}; {why} {}", stderr.trim())
+            }
+        }
+    }
+}
+
+/// sysbench's "transactions: N (X per sec.)".
+fn parse_tps(out: &str) -> Result<f64> {
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("transactions:"))
+        .context("no transactions line in sysbench's output")?;
+    let inner = line
+        .split('(')
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .context("no rate in sysbench's transactions line")?;
+    inner
+        .parse()
+        .with_context(|| format!("cannot parse sysbench rate {inner:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sysbench_transactions() {
+        let out = "SQL statistics:\n    transactions:                        12345  (2468.21 per sec.)\n    queries: 1\n";
+        assert!((parse_tps(out).unwrap() - 2468.21).abs() < 1e-9);
+        assert!(parse_tps("nothing").is_err());
+    }
+}
