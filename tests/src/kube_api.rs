@@ -11,8 +11,9 @@
 //!   event with a 410 `Status` (reason `Expired`), as the real server sends it;
 //! - a bearer token is required (401 `Status` otherwise).
 //!
-//! Plain HTTP (the agent's TLS to the API server is kube-rs' rustls, not exercised here).
-//! [`KubeApi::restart`] drops every connection and stops answering for a while, then listens
+//! [`KubeApi::start_tls`] puts `socat` in front as the TLS server (a certificate for
+//! 127.0.0.1 from [`crate::certs::TestCa`]; the kubeconfig names the CA), so the agent's
+//! client verifies the server as it does a real one. [`KubeApi::restart`] drops every connection and stops answering for a while, then listens
 //! on the same port again, like an API server restart.
 use std::{
     collections::BTreeMap,
@@ -69,9 +70,18 @@ struct Inner {
 }
 
 pub struct KubeApi {
+    /// The plain HTTP listener.
     pub addr: SocketAddr,
     inner: Arc<Inner>,
     acceptor: Option<thread::JoinHandle<()>>,
+    tls: Option<Tls>,
+}
+
+/// The TLS front: socat terminating TLS for the plain listener.
+struct Tls {
+    addr: SocketAddr,
+    ca: crate::certs::TestCa,
+    _socat: crate::Killed,
 }
 
 impl KubeApi {
@@ -99,16 +109,51 @@ impl KubeApi {
             addr,
             inner,
             acceptor,
+            tls: None,
         }
     }
 
-    /// A kubeconfig pointing at this server with [`TOKEN`].
+    /// Like [`KubeApi::start`], served over TLS (see the module documentation).
+    pub fn start_tls() -> Self {
+        let mut api = Self::start();
+        let ca = crate::certs::TestCa::new("kube-apiserver", &["IP:127.0.0.1"]);
+        let port = crate::servers::free_port("127.0.0.1");
+        let socat = crate::bins::tool("socat", "the Debian package socat");
+        let child = std::process::Command::new(socat)
+            .arg(format!(
+                "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
+                ca.server_cert().display(),
+                ca.server_key().display()
+            ))
+            .arg(format!("TCP:{}", api.addr))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start socat");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let up = crate::eventually(Duration::from_secs(10), || TcpStream::connect(addr).is_ok());
+        assert!(up, "socat never listened on {addr}");
+        api.tls = Some(Tls {
+            addr,
+            ca,
+            _socat: crate::Killed(child),
+        });
+        api
+    }
+
+    /// A kubeconfig pointing at this server (its TLS front if any) with [`TOKEN`].
     pub fn kubeconfig(&self) -> String {
+        let cluster = match &self.tls {
+            Some(t) => format!(
+                "    server: https://{}\n    certificate-authority: {}\n",
+                t.addr,
+                t.ca.ca().display()
+            ),
+            None => format!("    server: http://{}\n", self.addr),
+        };
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://{}\n\
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n{cluster}\
              users:\n- name: latch\n  user:\n    token: {TOKEN}\ncontexts:\n- name: test\n  context:\n    \
-             cluster: test\n    user: latch\ncurrent-context: test\n",
-            self.addr
+             cluster: test\n    user: latch\ncurrent-context: test\n"
         )
     }
 

@@ -62,14 +62,24 @@ fn spec(pod: &Pod, namespace: &str, sa: &str, labels: &[(&str, &str)]) -> PodSpe
     }
 }
 
-/// The last audit record of a connection from `pod`.
-fn last_audit_of(agent: &Agent, pod: &Pod) -> serde_json::Value {
+fn audits_of(agent: &Agent, pod: &Pod) -> Vec<serde_json::Value> {
     agent
         .audit()
         .into_iter()
-        .rev()
-        .find(|r| r["workload"]["pod_uid"] == pod.uid())
-        .unwrap_or_else(|| panic!("no audit record for pod {}", pod.uid()))
+        .filter(|r| r["workload"]["pod_uid"] == pod.uid())
+        .collect()
+}
+
+/// psql from `pod`: whether it got in, and the audit record of its connection (audit records
+/// are written asynchronously: waits for it).
+fn connect(agent: &Agent, pod: &Pod, pg: &PgCluster) -> (bool, serde_json::Value) {
+    let before = audits_of(agent, pod).len();
+    let ok = admitted(pod, pg);
+    let record = latch_tests::wait_for(Duration::from_secs(10), || {
+        audits_of(agent, pod).into_iter().nth(before)
+    })
+    .unwrap_or_else(|| panic!("no audit record for pod {}:\n{}", pod.uid(), agent.log()));
+    (ok, record)
 }
 
 /// Fields drop in this order: the agent first, the pods before their cgroup.
@@ -87,10 +97,15 @@ struct Setup {
 /// Two pods, PostgreSQL on pod 1's veth letting both pods' addresses in, and an agent whose
 /// policy admits `{namespace: shop, serviceAccount: orders, labels: {app: orders}}` only.
 /// The API describes pod 1 (`shop`/`orders`, app=orders) and, if `describe_pod2`, pod 2
-/// (`shop`/`orders`, app=web), plus a pod of another node.
-fn setup(describe_pod2: bool) -> Setup {
+/// (`shop`/`orders`, app=web), plus a pod of another node. `tls`: the API server is served
+/// over TLS, verified with the kubeconfig's CA.
+fn setup(describe_pod2: bool, tls: bool) -> Setup {
     latch_tests::require_root();
-    let api = KubeApi::start();
+    let api = if tls {
+        KubeApi::start_tls()
+    } else {
+        KubeApi::start()
+    };
     let cg = TestCgroup::new();
     let pod1 = Pod::new(&cg, 1);
     let pod2 = Pod::new(&cg, 2);
@@ -145,7 +160,7 @@ fn setup(describe_pod2: bool) -> Setup {
 
 #[test]
 fn only_the_pod_the_policy_selects_gets_in_and_label_changes_and_deletions_take_effect() {
-    let s = setup(true);
+    let s = setup(true, true);
     let (agent, api, pg) = (&s.agent, &s.api, &s.pg);
     assert!(
         api.field_selectors()
@@ -154,27 +169,25 @@ fn only_the_pod_the_policy_selects_gets_in_and_label_changes_and_deletions_take_
         "the agent asked for other pods than its node's: {:?}",
         api.field_selectors()
     );
+    assert!(
+        agent.log().contains("api=https://127.0.0.1:"),
+        "the agent did not reach the API over TLS:\n{}",
+        agent.log()
+    );
     let pods = &agent.status()["pods"];
     assert_eq!(pods["synced"], true, "{pods}");
     assert_eq!(pods["count"], 2, "only this node's pods are cached: {pods}");
 
     // Pod 1 matches namespace, service account and labels; pod 2 differs by a label.
-    let out = psql_in_pod(&s.pod1, pg);
-    assert!(
-        out.status.success(),
-        "psql in pod 1: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        agent.log()
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), SCRAM_USER);
-    let r = last_audit_of(agent, &s.pod1);
+    let (ok, r) = connect(agent, &s.pod1, pg);
+    assert!(ok, "psql in pod 1 failed:\n{}", agent.log());
     assert_eq!(r["outcome"], "relayed", "{r}");
     assert_eq!(r["workload"]["pod"]["namespace"], "shop", "{r}");
     assert_eq!(r["workload"]["pod"]["serviceAccount"], "orders", "{r}");
     assert_eq!(r["workload"]["pod"]["labels"]["app"], "orders", "{r}");
 
-    assert!(!admitted(&s.pod2, pg), "pod 2 (app=web) got in");
-    let r = last_audit_of(agent, &s.pod2);
+    let (ok, r) = connect(agent, &s.pod2, pg);
+    assert!(!ok, "pod 2 (app=web) got in");
     assert_eq!(r["outcome"], "denied", "{r}");
     assert_eq!(r["workload"]["pod"]["labels"]["app"], "web", "{r}");
 
@@ -190,7 +203,9 @@ fn only_the_pod_the_policy_selects_gets_in_and_label_changes_and_deletions_take_
         eventually(Duration::from_secs(10), || !admitted(&s.pod1, pg)),
         "pod 1 relabelled away still gets in"
     );
-    assert_eq!(last_audit_of(agent, &s.pod1)["outcome"], "denied");
+    let (ok, r) = connect(agent, &s.pod1, pg);
+    assert!(!ok);
+    assert_eq!(r["outcome"], "denied", "{r}");
 
     // Deleting pod 2 removes it from the cache: its cgroup (still there) gets nothing.
     api.delete_pod(s.pod2.uid());
@@ -199,8 +214,8 @@ fn only_the_pod_the_policy_selects_gets_in_and_label_changes_and_deletions_take_
         "the deleted pod stays in the cache: {}",
         agent.status()["pods"]
     );
-    assert!(!admitted(&s.pod2, pg), "a deleted pod's cgroup got in");
-    let r = last_audit_of(agent, &s.pod2);
+    let (ok, r) = connect(agent, &s.pod2, pg);
+    assert!(!ok, "a deleted pod's cgroup got in");
     assert_eq!(r["outcome"], "denied", "{r}");
     assert!(
         r["reason"].as_str().unwrap().contains("no metadata from the Kubernetes API"),
@@ -210,10 +225,10 @@ fn only_the_pod_the_policy_selects_gets_in_and_label_changes_and_deletions_take_
 
 #[test]
 fn a_pod_the_api_has_not_described_is_refused_and_audited_until_it_is() {
-    let s = setup(false);
+    let s = setup(false, false);
     let (agent, api, pg) = (&s.agent, &s.api, &s.pg);
-    assert!(!admitted(&s.pod2, pg), "an unknown pod got in");
-    let r = last_audit_of(agent, &s.pod2);
+    let (ok, r) = connect(agent, &s.pod2, pg);
+    assert!(!ok, "an unknown pod got in");
     assert_eq!(r["outcome"], "denied", "{r}");
     assert_eq!(r["workload"]["pod_unknown"], true, "{r}");
     assert!(
@@ -233,7 +248,7 @@ fn a_pod_the_api_has_not_described_is_refused_and_audited_until_it_is() {
 
 #[test]
 fn the_pod_cache_relists_after_410_gone_and_recovers_from_an_api_server_restart() {
-    let mut s = setup(true);
+    let mut s = setup(true, false);
     let pg = &s.pg;
     assert!(!admitted(&s.pod2, pg));
     let lists = s.api.lists();
