@@ -103,7 +103,9 @@ impl Workload {
     /// time with the file the selector names as it is now (`stat()` at every match, so a
     /// binary replaced by an upgrade is the new file); nothing recorded matches nothing.
     pub fn matches(&self, selector: &WorkloadSelector) -> bool {
-        if selector.uses_kubernetes() && !self.pod.as_ref().is_some_and(|p| pod_matches(selector, p)) {
+        if selector.uses_kubernetes()
+            && !self.pod.as_ref().is_some_and(|p| pod_matches(selector, p))
+        {
             return false;
         }
         selector.uid.is_none_or(|u| u == self.uid)
@@ -135,7 +137,9 @@ impl Workload {
             (Some(uid), true) => format!(
                 "pod {uid}: no metadata from the Kubernetes API yet (not arrived, or not a pod of this node); refused (fail closed)"
             ),
-            (Some(uid), false) => format!("pod {uid}: the agent does not watch pods (no --node-name)"),
+            (Some(uid), false) => {
+                format!("pod {uid}: the agent does not watch pods (no --node-name)")
+            }
             (None, _) => "not in a pod (no pod UID in its cgroup)".into(),
         })
     }
@@ -170,7 +174,10 @@ impl Workload {
 
 /// Whether the pod's metadata has every Kubernetes field `selector` sets.
 fn pod_matches(selector: &WorkloadSelector, pod: &PodMeta) -> bool {
-    selector.namespace.as_deref().is_none_or(|n| n == pod.namespace)
+    selector
+        .namespace
+        .as_deref()
+        .is_none_or(|n| n == pod.namespace)
         && selector
             .service_account
             .as_deref()

@@ -229,6 +229,19 @@ impl Running {
         shared.cgroups =
             crate::identity::Cgroups::new(shared.cgroups.root.clone(), &opts.runtime_cgroup_roots);
         let background = CancellationToken::new();
+        let kubernetes_selectors: Vec<&str> = config
+            .policies
+            .iter()
+            .filter(|p| p.workloads.iter().any(|w| w.uses_kubernetes()))
+            .map(|p| p.name.as_str())
+            .collect();
+        if opts.node_name.is_none() && !kubernetes_selectors.is_empty() {
+            tracing::warn!(
+                policies = ?kubernetes_selectors,
+                "namespace/serviceAccount/labels selectors admit nothing without pod metadata: \
+                 set --node-name (or NODE_NAME) to watch this node's pods"
+            );
+        }
         if let Some(node) = &opts.node_name {
             let cache = crate::pods::PodCache::new();
             // Until the first list completes, /readyz says the pod cache is not in sync.

@@ -462,13 +462,21 @@ fn serve(stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
         return Ok(());
     }
     if req.token.as_deref() != Some(TOKEN) {
-        return respond(&stream, 401, &status_json(401, "Unauthorized", "Unauthorized"));
+        return respond(
+            &stream,
+            401,
+            &status_json(401, "Unauthorized", "Unauthorized"),
+        );
     }
     if req.path != "/api/v1/pods" {
         return respond(
             &stream,
             404,
-            &status_json(404, "NotFound", &format!("the server could not find {}", req.path)),
+            &status_json(
+                404,
+                "NotFound",
+                &format!("the server could not find {}", req.path),
+            ),
         );
     }
     if let Some(sel) = req.query.get("fieldSelector") {

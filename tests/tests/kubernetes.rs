@@ -130,7 +130,10 @@ fn setup(describe_pod2: bool, tls: bool) -> Setup {
     pg.hba_allow(&format!("{}/32", pod1.pod_ip4()));
     pg.hba_allow(&format!("{}/32", pod2.pod_ip4()));
     let secrets = TempDir::new("k8s-secrets");
-    let file = secrets.write("secrets.yaml", &secrets_yaml(SCRAM_USER, pg_setup::SCRAM_PW));
+    let file = secrets.write(
+        "secrets.yaml",
+        &secrets_yaml(SCRAM_USER, pg_setup::SCRAM_PW),
+    );
     let yaml = policy_yaml(
         "orders-db",
         pg.addr,
@@ -144,7 +147,10 @@ fn setup(describe_pod2: bool, tls: bool) -> Setup {
         &yaml,
         &cg,
         &["--runtime-cgroup-root", &root, "--node-name", NODE],
-        &[("KUBECONFIG", kubeconfig.as_os_str()), ("HOME", OsStr::new("/nonexistent"))],
+        &[
+            ("KUBECONFIG", kubeconfig.as_os_str()),
+            ("HOME", OsStr::new("/nonexistent")),
+        ],
     );
     Setup {
         agent,
@@ -210,7 +216,8 @@ fn only_the_pod_the_policy_selects_gets_in_and_label_changes_and_deletions_take_
     // Deleting pod 2 removes it from the cache: its cgroup (still there) gets nothing.
     api.delete_pod(s.pod2.uid());
     assert!(
-        eventually(Duration::from_secs(10), || agent.status()["pods"]["count"] == 1),
+        eventually(Duration::from_secs(10), || agent.status()["pods"]["count"]
+            == 1),
         "the deleted pod stays in the cache: {}",
         agent.status()["pods"]
     );
@@ -218,7 +225,10 @@ fn only_the_pod_the_policy_selects_gets_in_and_label_changes_and_deletions_take_
     assert!(!ok, "a deleted pod's cgroup got in");
     assert_eq!(r["outcome"], "denied", "{r}");
     assert!(
-        r["reason"].as_str().unwrap().contains("no metadata from the Kubernetes API"),
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no metadata from the Kubernetes API"),
         "{r}"
     );
 }
@@ -272,12 +282,14 @@ fn the_pod_cache_relists_after_410_gone_and_recovers_from_an_api_server_restart(
     let admin = s.agent.admin;
     let mut saw_not_ready = String::new();
     s.api.restart(Duration::from_secs(1), || {
-        eventually(Duration::from_secs(15), || match http::get(admin, "/readyz") {
-            Ok((503, body)) => {
-                saw_not_ready = body;
-                true
+        eventually(Duration::from_secs(15), || {
+            match http::get(admin, "/readyz") {
+                Ok((503, body)) => {
+                    saw_not_ready = body;
+                    true
+                }
+                _ => false,
             }
-            _ => false,
         });
     });
     assert!(
@@ -297,5 +309,8 @@ fn the_pod_cache_relists_after_410_gone_and_recovers_from_an_api_server_restart(
         )),
         "not ready again after the API server came back"
     );
-    assert!(admitted(&s.pod1, pg), "pod 1 lost access across the restart");
+    assert!(
+        admitted(&s.pod1, pg),
+        "pod 1 lost access across the restart"
+    );
 }

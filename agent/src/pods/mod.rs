@@ -139,7 +139,11 @@ mod tests {
         assert!(!cache.synced(), "no complete list yet");
         cache.replace(HashMap::from([("u2".to_owned(), Arc::new(meta("b")))]));
         assert!(cache.synced());
-        assert_eq!(cache.lookup("u1"), Lookup::Unknown, "a relist drops what it lacks");
+        assert_eq!(
+            cache.lookup("u1"),
+            Lookup::Unknown,
+            "a relist drops what it lacks"
+        );
         cache.set_synced(false);
         assert!(!cache.synced());
         cache.delete("u2");

@@ -113,7 +113,12 @@ where
             }
             Ok(watcher::Event::Apply(pod)) => {
                 if let Some((uid, meta)) = meta_of(&pod) {
-                    tracing::debug!(uid, namespace = meta.namespace, name = meta.name, "pod applied");
+                    tracing::debug!(
+                        uid,
+                        namespace = meta.namespace,
+                        name = meta.name,
+                        "pod applied"
+                    );
                     cache.apply(uid, meta);
                 }
                 cache.set_synced(true);
