@@ -61,6 +61,8 @@ struct Inner {
     changed: Condvar,
     /// Incremented to end every open connection (restart).
     epoch: AtomicU64,
+    /// Incremented when the history is compacted: open watches get 410 Gone.
+    compactions: AtomicU64,
     down: AtomicBool,
     stop: AtomicBool,
     lists: AtomicU64,
@@ -97,6 +99,7 @@ impl KubeApi {
             }),
             changed: Condvar::new(),
             epoch: AtomicU64::new(0),
+            compactions: AtomicU64::new(0),
             down: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             lists: AtomicU64::new(0),
@@ -201,17 +204,18 @@ impl KubeApi {
         self.inner.changed.notify_all();
     }
 
-    /// Compacts the history (every resourceVersion so far expires) and ends the open
-    /// watches: the client's next watch from its resourceVersion gets 410 Gone and must list
-    /// again. Changes made while `during` runs happen between the end of the watches and
-    /// the relist, so only a relist shows them.
+    /// Compacts the history (every resourceVersion so far expires): open watches end with
+    /// the `ERROR` event carrying a 410 Gone `Status`, as kube-apiserver ends a watch whose
+    /// resourceVersion its watch cache no longer holds, and a watch from an old
+    /// resourceVersion gets the same. The client must list again. Changes made while `during`
+    /// runs are compacted too, so only a list shows them.
     pub fn expire_history(&self, during: impl FnOnce()) {
         {
             let mut s = self.inner.store.lock().unwrap();
             s.compacted = s.rv;
             s.events.clear();
         }
-        self.inner.epoch.fetch_add(1, Ordering::SeqCst);
+        self.inner.compactions.fetch_add(1, Ordering::SeqCst);
         self.inner.changed.notify_all();
         during();
         let mut s = self.inner.store.lock().unwrap();
@@ -455,6 +459,7 @@ fn on_node(node: &Option<String>, pod: &serde_json::Value) -> bool {
 fn serve(stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let epoch = inner.epoch.load(Ordering::SeqCst);
+    let compactions = inner.compactions.load(Ordering::SeqCst);
     let Some(req) = read_request(&stream)? else {
         return Ok(());
     };
@@ -528,15 +533,19 @@ fn serve(stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
     w.flush()?;
     let deadline = Instant::now() + timeout;
     let mut s = inner.store.lock().unwrap();
-    if from < s.compacted {
+    let gone = |from: u64, compacted: u64| -> std::io::Result<()> {
         inner.gone.fetch_add(1, Ordering::SeqCst);
-        let msg = format!("too old resource version: {from} ({})", s.compacted + 1);
-        drop(s);
+        let msg = format!("too old resource version: {from} ({})", compacted + 1);
         chunk(
             &stream,
             &serde_json::json!({"type": "ERROR", "object": status_json(410, "Expired", &msg)}),
         )?;
-        return w.write_all(b"0\r\n\r\n");
+        (&stream).write_all(b"0\r\n\r\n")
+    };
+    if from < s.compacted {
+        let compacted = s.compacted;
+        drop(s);
+        return gone(from, compacted);
     }
     let mut last_sent = Instant::now();
     loop {
@@ -547,6 +556,11 @@ fn serve(stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
                 let _ = w.write_all(b"0\r\n\r\n");
             }
             return Ok(());
+        }
+        if inner.compactions.load(Ordering::SeqCst) != compactions {
+            let compacted = s.compacted;
+            drop(s);
+            return gone(from, compacted);
         }
         let pending: Vec<(u64, &'static str, serde_json::Value)> = s
             .events

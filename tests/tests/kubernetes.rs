@@ -263,8 +263,8 @@ fn the_pod_cache_relists_after_410_gone_and_recovers_from_an_api_server_restart(
     assert!(!admitted(&s.pod2, pg));
     let lists = s.api.lists();
 
-    // History compacted while the watch is down: the watch from the old resourceVersion gets
-    // 410 Gone, the agent lists again, and sees the change made in between.
+    // History compacted: the open watch ends with 410 Gone, the agent lists again, and sees
+    // the change that only the list shows.
     let uid2 = s.pod2.uid().to_owned();
     let api = &s.api;
     api.expire_history(|| api.set_labels(&uid2, &[("app", "orders")]));
@@ -278,8 +278,10 @@ fn the_pod_cache_relists_after_410_gone_and_recovers_from_an_api_server_restart(
     assert!(s.agent.log().contains("pod list complete"));
 
     // API server restart: while it is down, /readyz says the pod cache is not in sync; once
-    // back, the watch resumes and a change made meanwhile takes effect.
+    // back, the agent lists again (ready at once, even with no pod event to come), and a
+    // change made after it takes effect.
     let admin = s.agent.admin;
+    let lists = s.api.lists();
     let mut saw_not_ready = String::new();
     s.api.restart(Duration::from_secs(1), || {
         eventually(Duration::from_secs(15), || {
@@ -296,18 +298,20 @@ fn the_pod_cache_relists_after_410_gone_and_recovers_from_an_api_server_restart(
         saw_not_ready.contains("pod cache not in sync"),
         "/readyz while the API server was down: {saw_not_ready:?}"
     );
-    s.api.set_labels(s.pod2.uid(), &[("app", "web")]);
-    assert!(
-        eventually(Duration::from_secs(30), || !admitted(&s.pod2, pg)),
-        "the change after the restart never reached the agent:\n{}",
-        s.agent.log()
-    );
     assert!(
         eventually(Duration::from_secs(30), || matches!(
             http::get(admin, "/readyz"),
             Ok((200, _))
         )),
-        "not ready again after the API server came back"
+        "not ready again after the API server came back:\n{}",
+        s.agent.log()
+    );
+    assert!(s.api.lists() > lists, "no list after the restart");
+    s.api.set_labels(s.pod2.uid(), &[("app", "web")]);
+    assert!(
+        eventually(Duration::from_secs(30), || !admitted(&s.pod2, pg)),
+        "the change after the restart never reached the agent:\n{}",
+        s.agent.log()
     );
     assert!(
         admitted(&s.pod1, pg),

@@ -43,8 +43,8 @@ pub enum Lookup {
 #[derive(Debug, Default)]
 struct Inner {
     pods: RwLock<HashMap<String, Arc<PodMeta>>>,
-    /// The last list or watch event succeeded (false from start until the first list is
-    /// complete, and after a watch error until the watch delivers again).
+    /// False from start until the first list is complete, and after a watch error until
+    /// the next list is.
     synced: AtomicBool,
     /// A complete list was seen at least once.
     listed: AtomicBool,
@@ -99,7 +99,7 @@ impl PodCache {
     }
 
     /// Whether the cache follows the API server now: a complete list arrived, and the watch
-    /// has not failed since its last delivery.
+    /// has not failed since.
     pub fn synced(&self) -> bool {
         self.0.listed.load(Ordering::Acquire) && self.0.synced.load(Ordering::Acquire)
     }

@@ -1,7 +1,8 @@
 //! Keeps a [`PodCache`] in step with the API server: kube-runtime's watcher lists the pods of
 //! this node (field selector `spec.nodeName=<node>`), then watches from the list's
-//! resourceVersion with bookmarks; a 410 Gone (expired resourceVersion) makes it list again,
-//! a lost connection or an API server restart makes it retry with [`Backoff`].
+//! resourceVersion with bookmarks (a watch that times out is resumed from its last
+//! resourceVersion). Any failure — a 410 Gone (expired resourceVersion), a lost connection,
+//! an API server restart — marks the cache not in sync, and after [`Backoff`] it lists again.
 //!
 //! The client is configured the way kubectl finds its cluster (`kube::Config::infer`):
 //! `KUBECONFIG` or `~/.kube/config` if present, else in-cluster (`KUBERNETES_SERVICE_HOST`,
@@ -10,10 +11,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
-use kube::{
-    Api, Client,
-    runtime::{WatchStreamExt as _, watcher},
-};
+use kube::{Api, Client, runtime::watcher};
 use tokio_util::sync::CancellationToken;
 
 use super::{PodCache, PodMeta};
@@ -79,23 +77,44 @@ pub async fn start(
     let client = Client::try_from(config).map_err(WatchError::Client)?;
     let api: Api<Pod> = Api::all(client);
     let wc = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let stream = watcher(api, wc).backoff(Backoff::default());
     Ok(tokio::spawn(async move {
         tokio::select! {
             () = stop.cancelled() => {}
-            () = follow(stream, &cache) => {}
+            () = run(api, wc, &cache) => {}
         }
     }))
 }
 
-/// Applies the watcher's events to `cache`: a list (Init, InitApply..., InitDone) replaces
-/// the cache at its end; Apply and Delete change one pod.
-async fn follow<S>(stream: S, cache: &PodCache)
+/// Lists and watches until an error, then waits ([`Backoff`]) and starts again with a list.
+///
+/// kube-runtime's watcher could resume a failed watch from its last resourceVersion by
+/// itself, but it consumes bookmarks: after a failure on a quiet node nothing would say
+/// that the watch works again, and `/readyz` would stay "not in sync". A list after every
+/// failure (one node's pods) says it, and replaces the cache with what is true now. A 410
+/// Gone is such a failure too.
+async fn run(api: Api<Pod>, wc: watcher::Config, cache: &PodCache) {
+    use kube::runtime::utils::Backoff as _;
+    let mut backoff = Backoff::default();
+    loop {
+        if follow(watcher(api.clone(), wc.clone()), cache).await {
+            backoff.reset();
+        }
+        let wait = backoff.next().unwrap_or(Backoff::MAX);
+        tracing::debug!(?wait, "pod watch: listing again after");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Applies the watcher's events to `cache` until the first error (returned after marking
+/// the cache not in sync): a list (Init, InitApply..., InitDone) replaces the cache at its
+/// end; Apply and Delete change one pod. Returns whether a list completed.
+async fn follow<S>(stream: S, cache: &PodCache) -> bool
 where
     S: futures_util::Stream<Item = Result<watcher::Event<Pod>, watcher::Error>>,
 {
     let mut stream = std::pin::pin!(stream);
     let mut listing: Option<HashMap<String, Arc<PodMeta>>> = None;
+    let mut listed = false;
     while let Some(item) = stream.next().await {
         match item {
             Ok(watcher::Event::Init) => listing = Some(HashMap::new()),
@@ -110,6 +129,7 @@ where
                 let list = listing.take().unwrap_or_default();
                 tracing::info!(pods = list.len(), "pod list complete; pod cache in sync");
                 cache.replace(list);
+                listed = true;
             }
             Ok(watcher::Event::Apply(pod)) => {
                 if let Some((uid, meta)) = meta_of(&pod) {
@@ -121,21 +141,21 @@ where
                     );
                     cache.apply(uid, meta);
                 }
-                cache.set_synced(true);
             }
             Ok(watcher::Event::Delete(pod)) => {
                 if let Some(uid) = pod.metadata.uid.as_deref() {
                     tracing::debug!(uid, "pod deleted");
                     cache.delete(uid);
                 }
-                cache.set_synced(true);
             }
             Err(err) => {
                 cache.set_synced(false);
-                tracing::warn!(%err, "pod watch failed; retrying (pod cache not in sync)");
+                tracing::warn!(%err, "pod watch failed; listing again (pod cache not in sync)");
+                return listed;
             }
         }
     }
+    listed
 }
 
 /// The UID and policy-relevant metadata of a pod; `None` without a UID or namespace.
