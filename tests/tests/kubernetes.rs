@@ -180,6 +180,10 @@ fn only_the_pod_the_policy_selects_gets_in_and_label_changes_and_deletions_take_
         "the agent did not reach the API over TLS:\n{}",
         agent.log()
     );
+    assert!(
+        !agent.log().contains(latch_tests::kube_api::TOKEN),
+        "the API token is in the agent's log"
+    );
     let pods = &agent.status()["pods"];
     assert_eq!(pods["synced"], true, "{pods}");
     assert_eq!(pods["count"], 2, "only this node's pods are cached: {pods}");
