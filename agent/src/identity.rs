@@ -99,9 +99,10 @@ impl Workload {
     /// Whether `selector` admits this workload: every field it sets must match. Kubernetes
     /// fields (`namespace`, `serviceAccount`, `labels`) match the pod's metadata from the API;
     /// without it (no pod, no pod watch, or a pod whose metadata has not arrived) an entry
-    /// using them admits nothing (deny by default). `exe` compares the executable the kernel recorded at connect
-    /// time with the file the selector names as it is now (`stat()` at every match, so a
-    /// binary replaced by an upgrade is the new file); nothing recorded matches nothing.
+    /// using them admits nothing (deny by default). `exe` compares the executable the kernel
+    /// recorded at connect time with the file the selector names as it is now (`stat()` at
+    /// every match, so a binary replaced by an upgrade is the new file); nothing recorded
+    /// matches nothing.
     pub fn matches(&self, selector: &WorkloadSelector) -> bool {
         if selector.uses_kubernetes()
             && !self.pod.as_ref().is_some_and(|p| pod_matches(selector, p))
