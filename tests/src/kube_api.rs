@@ -223,8 +223,8 @@ impl KubeApi {
         s.events.clear();
     }
 
-    /// Stops answering (connections refused... in effect: reset) for `down`, dropping every
-    /// open watch, then serves again on the same address. The history survives, as etcd's
+    /// Like an API server restart: stops listening and drops every open connection (watches
+    /// end mid-stream), runs `during`, waits `down`, then serves again on the same address. The history survives, as etcd's
     /// does across an API server restart.
     pub fn restart(&mut self, down: Duration, during: impl FnOnce()) {
         self.inner.down.store(true, Ordering::SeqCst);
