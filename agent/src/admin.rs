@@ -53,6 +53,16 @@ struct Status<'a> {
     stores: Option<Vec<crate::secrets::health::StoreState>>,
     secret_memory: SecretMemory,
     descriptors: Descriptors,
+    /// The pod cache (absent when the agent does not watch pods).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pods: Option<PodsStatus>,
+}
+
+/// This node's pods as the agent knows them from the Kubernetes API.
+#[derive(Serialize)]
+struct PodsStatus {
+    synced: bool,
+    count: usize,
 }
 
 /// The agent's open files: how many now, the limit, and the most its limits can need.
@@ -218,10 +228,16 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
 }
 
 /// Ready: programs attached and listeners up (the runtime's flag, cleared on shutdown) and
-/// every secret store reachable at the latest probe.
+/// every secret store reachable at the latest probe, and (watching pods) the pod cache in
+/// sync with the Kubernetes API.
 fn readiness(state: &AdminState) -> Result<(), String> {
     if !state.ready.load(Ordering::Acquire) {
         return Err("not brokering (starting or shutting down)".into());
+    }
+    if let Some(pods) = &state.shared.cgroups.pods
+        && !pods.synced()
+    {
+        return Err("pod cache not in sync with the Kubernetes API".into());
     }
     match state.shared.store_health.unreachable() {
         Err(_) => Err("secret stores not probed yet".into()),
@@ -295,6 +311,10 @@ fn status(state: &AdminState) -> Status<'_> {
             }
         },
         descriptors: descriptors(&state.shared.limits),
+        pods: state.shared.cgroups.pods.as_ref().map(|p| PodsStatus {
+            synced: p.synced(),
+            count: p.len(),
+        }),
     }
 }
 

@@ -8,7 +8,11 @@ use std::{fs, path::PathBuf};
 use serde::Serialize;
 
 use self::exe::{ExeMatch, ExeRecord};
-use crate::{broker::Origin, config::WorkloadSelector};
+use crate::{
+    broker::Origin,
+    config::WorkloadSelector,
+    pods::{Lookup, PodCache, PodMeta},
+};
 
 /// The identity policies match on. Fields that could not be established are `None`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -35,6 +39,14 @@ pub struct Workload {
     pub container_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
+    /// What the Kubernetes API says about the pod (namespace, name, service account, labels),
+    /// when the agent watches pods and has the pod's metadata.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodMeta>,
+    /// The cgroup names a pod, but the agent's pod cache has no metadata for it (not arrived
+    /// yet, or not a pod of this node): Kubernetes selectors admit nothing.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pod_unknown: bool,
 }
 
 impl Workload {
@@ -58,6 +70,13 @@ impl Workload {
             .as_deref()
             .map(|p| cgroups.info(p, owner == Some(0)))
             .unwrap_or_default();
+        let (pod, pod_unknown) = match (&parsed.pod_uid, &cgroups.pods) {
+            (Some(uid), Some(cache)) => match cache.lookup(uid) {
+                Lookup::Known(meta) => (Some((*meta).clone()), false),
+                Lookup::Unknown => (None, true),
+            },
+            _ => (None, false),
+        };
         Self {
             pid: origin.pid,
             uid: origin.uid,
@@ -69,16 +88,22 @@ impl Workload {
             systemd_unit: parsed.systemd_unit,
             container_id: parsed.container_id,
             pod_uid: parsed.pod_uid,
+            pod,
+            pod_unknown,
         }
     }
 
     /// Whether `selector` admits this workload: every field it sets must match. Kubernetes
-    /// fields need pod metadata the agent does not have yet, so an entry using them admits
-    /// nothing (deny by default). `exe` compares the executable the kernel recorded at connect
-    /// time with the file the selector names as it is now (`stat()` at every match, so a
-    /// binary replaced by an upgrade is the new file); nothing recorded matches nothing.
+    /// fields (`namespace`, `serviceAccount`, `labels`) match the pod's metadata from the API;
+    /// without it (no pod, no pod watch, or a pod whose metadata has not arrived) an entry
+    /// using them admits nothing (deny by default). `exe` compares the executable the kernel
+    /// recorded at connect time with the file the selector names as it is now (`stat()` at
+    /// every match, so a binary replaced by an upgrade is the new file); nothing recorded
+    /// matches nothing.
     pub fn matches(&self, selector: &WorkloadSelector) -> bool {
-        if selector.uses_kubernetes() {
+        if selector.uses_kubernetes()
+            && !self.pod.as_ref().is_some_and(|p| pod_matches(selector, p))
+        {
             return false;
         }
         selector.uid.is_none_or(|u| u == self.uid)
@@ -100,6 +125,32 @@ impl Workload {
         selectors.is_empty() || selectors.iter().any(|s| self.matches(s))
     }
 
+    /// For a denial: why the Kubernetes fields of `selectors` could not match, if any uses
+    /// them and the workload has no pod metadata.
+    pub fn pod_verdict(&self, selectors: &[WorkloadSelector]) -> Option<String> {
+        if self.pod.is_some() || !selectors.iter().any(WorkloadSelector::uses_kubernetes) {
+            return None;
+        }
+        Some(match (&self.pod_uid, self.pod_unknown) {
+            (Some(uid), true) => format!(
+                "pod {uid}: no metadata from the Kubernetes API yet (not arrived, or not a pod of this node); refused (fail closed)"
+            ),
+            (Some(uid), false) => {
+                format!("pod {uid}: the agent does not watch pods (no --node-name)")
+            }
+            (None, _) => "not in a pod (no pod UID in its cgroup)".into(),
+        })
+    }
+
+    /// The details of a denial: the pod verdict and the `exe` verdicts, joined with "; ".
+    pub fn denial_details(&self, selectors: &[WorkloadSelector]) -> Option<String> {
+        let parts: Vec<String> = [self.pod_verdict(selectors), self.exe_verdicts(selectors)]
+            .into_iter()
+            .flatten()
+            .collect();
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+
     /// For a denial: how the executable compared with each `exe` the selectors name, e.g.
     /// `exe /usr/bin/psql: a different executable (...)`, joined with "; ". `None` if no
     /// selector names one.
@@ -117,6 +168,22 @@ impl Workload {
             .collect();
         (!verdicts.is_empty()).then(|| verdicts.join("; "))
     }
+}
+
+/// Whether the pod's metadata has every Kubernetes field `selector` sets.
+fn pod_matches(selector: &WorkloadSelector, pod: &PodMeta) -> bool {
+    selector
+        .namespace
+        .as_deref()
+        .is_none_or(|n| n == pod.namespace)
+        && selector
+            .service_account
+            .as_deref()
+            .is_none_or(|s| s == pod.service_account)
+        && selector
+            .labels
+            .iter()
+            .all(|(k, v)| pod.labels.get(k) == Some(v))
 }
 
 /// The agent is not in the host's PID namespace: the process ids the kernel records are the
@@ -205,6 +272,8 @@ pub struct Cgroups {
     runtime_roots: Vec<String>,
     /// Processes and cgroups seen before (shared by the clones).
     pub seen: std::sync::Arc<seen::Seen>,
+    /// This node's pods from the Kubernetes API (`None`: the agent does not watch pods).
+    pub pods: Option<PodCache>,
 }
 
 impl Cgroups {
@@ -221,6 +290,7 @@ impl Cgroups {
             root,
             runtime_roots,
             seen: Default::default(),
+            pods: None,
         }
     }
 
@@ -446,10 +516,60 @@ mod tests {
         assert!(!w.matches(&sel(|s| s.cgroup = Some("/system.slice/orders".into()))));
         assert!(
             !w.matches(&sel(|s| s.namespace = Some("prod".into()))),
-            "k8s fields deny for now"
+            "k8s fields admit nothing without pod metadata"
         );
         assert!(w.admitted_by(&[]));
         assert!(w.admitted_by(&[sel(|s| s.uid = Some(0)), sel(|s| s.gid = Some(1001))]));
+    }
+
+    #[test]
+    fn kubernetes_fields_match_the_pods_metadata() {
+        let sel = |f: fn(&mut WorkloadSelector)| {
+            let mut s = WorkloadSelector::default();
+            f(&mut s);
+            s
+        };
+        let uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        let mut w = workload();
+        w.pod_uid = Some(uid.into());
+        w.pod = Some(PodMeta {
+            namespace: "shop".into(),
+            name: "orders-1".into(),
+            service_account: "orders".into(),
+            labels: [("app", "orders"), ("tier", "db")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        });
+        assert!(w.matches(&sel(|s| s.namespace = Some("shop".into()))));
+        assert!(!w.matches(&sel(|s| s.namespace = Some("shop2".into()))));
+        assert!(w.matches(&sel(|s| s.service_account = Some("orders".into()))));
+        assert!(!w.matches(&sel(|s| s.service_account = Some("default".into()))));
+        let mut labels = sel(|s| s.namespace = Some("shop".into()));
+        labels.labels.insert("app".into(), "orders".into());
+        assert!(w.matches(&labels));
+        labels.labels.insert("tier".into(), "web".into());
+        assert!(!w.matches(&labels), "every label must match");
+        labels.labels.insert("tier".into(), "db".into());
+        labels.uid = Some(0);
+        assert!(!w.matches(&labels), "the other fields still count");
+        assert_eq!(w.pod_verdict(&[labels.clone()]), None);
+
+        // The same pod before its metadata arrived.
+        w.pod = None;
+        w.pod_unknown = true;
+        labels.uid = None;
+        assert!(!w.matches(&labels));
+        let why = w.denial_details(&[labels.clone()]).unwrap();
+        assert!(why.contains(&format!("pod {uid}: no metadata")), "{why}");
+        // Not in a pod at all.
+        w.pod_uid = None;
+        w.pod_unknown = false;
+        assert_eq!(
+            w.pod_verdict(&[labels]).as_deref(),
+            Some("not in a pod (no pod UID in its cgroup)")
+        );
+        assert_eq!(w.pod_verdict(&[sel(|s| s.uid = Some(1))]), None);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod identity;
 pub mod metrics;
 pub mod netns;
 pub mod origin;
+pub mod pods;
 pub mod policy_set;
 pub mod privileges;
 pub mod refusals;

@@ -49,6 +49,9 @@ pub struct Options {
     pub runtime_cgroup_roots: Vec<String>,
     /// The kernel's BTF (field offsets for recording the connecting executable).
     pub kernel_btf: PathBuf,
+    /// This node's name in Kubernetes: watch its pods (the `namespace`, `serviceAccount` and
+    /// `labels` selectors need them). `None`: no pod metadata.
+    pub node_name: Option<String>,
 }
 
 /// What happens to connections the programs would intercept while no broker serves them.
@@ -93,6 +96,8 @@ pub enum StartError {
     Netns(#[source] std::io::Error),
     #[error(transparent)]
     NetnsMap(crate::netns::table::NetnsError),
+    #[error("watching pods: {0}")]
+    Pods(#[from] crate::pods::watch::WatchError),
 }
 
 /// The running data path. [`Running::stop`] takes it down in order.
@@ -223,10 +228,29 @@ impl Running {
         shared.direct = direct;
         shared.cgroups =
             crate::identity::Cgroups::new(shared.cgroups.root.clone(), &opts.runtime_cgroup_roots);
+        let background = CancellationToken::new();
+        let kubernetes_selectors: Vec<&str> = config
+            .policies
+            .iter()
+            .filter(|p| p.workloads.iter().any(|w| w.uses_kubernetes()))
+            .map(|p| p.name.as_str())
+            .collect();
+        if opts.node_name.is_none() && !kubernetes_selectors.is_empty() {
+            tracing::warn!(
+                policies = ?kubernetes_selectors,
+                "namespace/serviceAccount/labels selectors admit nothing without pod metadata: \
+                 set --node-name (or NODE_NAME) to watch this node's pods"
+            );
+        }
+        if let Some(node) = &opts.node_name {
+            let cache = crate::pods::PodCache::new();
+            // Until the first list completes, /readyz says the pod cache is not in sync.
+            crate::pods::watch::start(node, cache.clone(), background.clone()).await?;
+            shared.cgroups.pods = Some(cache);
+        }
         let shared = Arc::new(shared);
         let stop_accepting = CancellationToken::new();
         let abort = CancellationToken::new();
-        let background = CancellationToken::new();
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(opts.limits.max_connections));
         crate::relay::pipes::set_max(opts.limits.max_pipes);

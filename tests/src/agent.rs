@@ -31,6 +31,18 @@ impl Agent {
         Self::spawn(policy_yaml, cgroup, cmd, extra)
     }
 
+    /// Like [`Agent::start_args`], with `envs` set for the agent process.
+    pub fn start_env(
+        policy_yaml: &str,
+        cgroup: &TestCgroup,
+        extra: &[&str],
+        envs: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
+        let mut cmd = Command::new(bins::latch());
+        cmd.args(["agent"]).envs(envs.iter().copied());
+        Self::spawn(policy_yaml, cgroup, cmd, extra)
+    }
+
     /// Like [`Agent::start_args`], with the log filter `latch_log` (the `LATCH_LOG` value).
     pub fn start_logging(
         policy_yaml: &str,

@@ -9,6 +9,7 @@ pub mod certs;
 pub mod cgroup;
 pub mod container;
 pub mod http;
+pub mod kube_api;
 pub mod leftovers;
 pub mod mariadb;
 pub mod memory;

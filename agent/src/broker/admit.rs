@@ -128,7 +128,7 @@ pub fn admit(
             Verdict::Refuse(why)
         } else if !workload.admitted_by(&policy.workloads) {
             shared.metrics.deny(&policy.name);
-            let exe_verdicts = workload.exe_verdicts(&policy.workloads);
+            let exe_verdicts = workload.denial_details(&policy.workloads);
             crate::warn_throttled!(
                 exe = ?workload.exe,
                 exe_verdicts,

@@ -90,6 +90,10 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         instance: args.instance,
         runtime_cgroup_roots: args.data.runtime_cgroup_roots,
         kernel_btf: args.data.kernel_btf,
+        node_name: args
+            .node_name
+            .or_else(|| std::env::var("NODE_NAME").ok())
+            .filter(|n| !n.is_empty()),
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

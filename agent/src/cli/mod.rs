@@ -187,6 +187,11 @@ struct AgentArgs {
     /// Name of this agent's pin directory under <bpffs>/latch/.
     #[arg(long, default_value = "default")]
     instance: String,
+    /// This node's Kubernetes name [default: $NODE_NAME]: watch the pods of this node (from
+    /// the API server of the kubeconfig, else in-cluster) so that the `namespace`,
+    /// `serviceAccount` and `labels` selectors can match. Without it they admit nothing.
+    #[arg(long, value_name = "NODE")]
+    node_name: Option<String>,
 }
 
 #[derive(Debug, Args)]

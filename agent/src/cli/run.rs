@@ -41,6 +41,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         instance: format!("run-{}", std::process::id()),
         runtime_cgroup_roots: args.data.runtime_cgroup_roots,
         kernel_btf: args.data.kernel_btf,
+        node_name: None,
     };
     let running = Running::start(&config, &opts).await?;
     // CMD still gets root's usual capabilities (the bounding set stays); latch itself keeps

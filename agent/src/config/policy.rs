@@ -180,7 +180,7 @@ pub struct WorkloadSelector {
     pub exe: Option<PathBuf>,
     /// The process name as the kernel keeps it (at most 15 bytes).
     pub comm: Option<String>,
-    /// Kubernetes pod namespace (accepted now, enforced once the agent knows pods).
+    /// Kubernetes pod namespace (matched against the pod cache, see `crate::pods`).
     pub namespace: Option<String>,
     /// Kubernetes service account name.
     pub service_account: Option<String>,

@@ -1,0 +1,324 @@
+//! Pod-aware policies: the agent watches this node's pods on a Kubernetes API server (the test
+//! server of `latch_tests::kube_api`, speaking the real list/watch shapes) and admits
+//! connections of simulated pods by their namespace, service account and labels. psql in the
+//! pods holds no password; PostgreSQL is real.
+use std::{ffi::OsStr, process::Output, time::Duration};
+
+use latch_tests::{
+    Agent, TempDir, TestCgroup, eventually, http,
+    kube_api::{KubeApi, PodSpecT, labels_of},
+    pg_setup,
+    pod::Pod,
+    postgres::{self, PgCluster, SCRAM_USER, policy_yaml, secrets_yaml},
+    run_within,
+};
+
+const NODE: &str = "test-node";
+
+/// `--runtime-cgroup-root` for pods laid out under `cg`.
+fn kubepods_root(cg: &TestCgroup) -> String {
+    format!(
+        "/{}/kubepods.slice",
+        cg.path().file_name().unwrap().to_string_lossy()
+    )
+}
+
+fn psql_in_pod(pod: &Pod, pg: &PgCluster) -> Output {
+    let mut cmd = pod.command(postgres::bin("psql"));
+    cmd.args([
+        "-h",
+        &pg.addr.ip().to_string(),
+        "-p",
+        &pg.addr.port().to_string(),
+        "-U",
+        SCRAM_USER,
+        "-d",
+        "postgres",
+        "-w",
+        "-X",
+        "-A",
+        "-t",
+        "-c",
+        "SELECT current_user",
+    ])
+    .env_remove("PGPASSWORD")
+    .env_remove("PGPASSFILE");
+    run_within(&mut cmd, Duration::from_secs(30))
+}
+
+fn admitted(pod: &Pod, pg: &PgCluster) -> bool {
+    let out = psql_in_pod(pod, pg);
+    out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == SCRAM_USER
+}
+
+fn spec(pod: &Pod, namespace: &str, sa: &str, labels: &[(&str, &str)]) -> PodSpecT {
+    PodSpecT {
+        uid: pod.uid().to_owned(),
+        namespace: namespace.into(),
+        name: format!("app-{}", pod.index()),
+        service_account: sa.into(),
+        node: NODE.into(),
+        labels: labels_of(labels),
+    }
+}
+
+fn audits_of(agent: &Agent, pod: &Pod) -> Vec<serde_json::Value> {
+    agent
+        .audit()
+        .into_iter()
+        .filter(|r| r["workload"]["pod_uid"] == pod.uid())
+        .collect()
+}
+
+/// psql from `pod`: whether it got in, and the audit record of its connection (audit records
+/// are written asynchronously: waits for it).
+fn connect(agent: &Agent, pod: &Pod, pg: &PgCluster) -> (bool, serde_json::Value) {
+    let before = audits_of(agent, pod).len();
+    let ok = admitted(pod, pg);
+    let record = latch_tests::wait_for(Duration::from_secs(10), || {
+        audits_of(agent, pod).into_iter().nth(before)
+    })
+    .unwrap_or_else(|| panic!("no audit record for pod {}:\n{}", pod.uid(), agent.log()));
+    (ok, record)
+}
+
+/// Fields drop in this order: the agent first, the pods before their cgroup.
+struct Setup {
+    agent: Agent,
+    pod1: Pod,
+    pod2: Pod,
+    _cg: TestCgroup,
+    pg: PgCluster,
+    api: KubeApi,
+    _secrets: TempDir,
+    _kube: TempDir,
+}
+
+/// Two pods, PostgreSQL on pod 1's veth letting both pods' addresses in, and an agent whose
+/// policy admits `{namespace: shop, serviceAccount: orders, labels: {app: orders}}` only.
+/// The API describes pod 1 (`shop`/`orders`, app=orders) and, if `describe_pod2`, pod 2
+/// (`shop`/`orders`, app=web), plus a pod of another node. `tls`: the API server is served
+/// over TLS, verified with the kubeconfig's CA.
+fn setup(describe_pod2: bool, tls: bool) -> Setup {
+    latch_tests::require_root();
+    let api = if tls {
+        KubeApi::start_tls()
+    } else {
+        KubeApi::start()
+    };
+    let cg = TestCgroup::new();
+    let pod1 = Pod::new(&cg, 1);
+    let pod2 = Pod::new(&cg, 2);
+    api.put_pod(&spec(&pod1, "shop", "orders", &[("app", "orders")]));
+    if describe_pod2 {
+        api.put_pod(&spec(&pod2, "shop", "orders", &[("app", "web")]));
+    }
+    api.put_pod(&PodSpecT {
+        uid: "7d1f7d6e-0000-4000-8000-000000000001".into(),
+        namespace: "shop".into(),
+        name: "elsewhere".into(),
+        service_account: "orders".into(),
+        node: "another-node".into(),
+        labels: labels_of(&[("app", "orders")]),
+    });
+    let pg = PgCluster::start(
+        &pod1.host_ip4().to_string(),
+        pg_setup::SCRAM_PW,
+        pg_setup::MD5_PW,
+        pg_setup::PLAIN_PW,
+    );
+    pg.hba_allow(&format!("{}/32", pod1.pod_ip4()));
+    pg.hba_allow(&format!("{}/32", pod2.pod_ip4()));
+    let secrets = TempDir::new("k8s-secrets");
+    let file = secrets.write(
+        "secrets.yaml",
+        &secrets_yaml(SCRAM_USER, pg_setup::SCRAM_PW),
+    );
+    let yaml = policy_yaml(
+        "orders-db",
+        pg.addr,
+        &file,
+        "  workloads:\n    - namespace: shop\n      serviceAccount: orders\n      labels: {app: orders}\n",
+    );
+    let kube = TempDir::new("kubeconfig");
+    let kubeconfig = kube.write("config", &api.kubeconfig());
+    let root = kubepods_root(&cg);
+    let agent = Agent::start_env(
+        &yaml,
+        &cg,
+        &["--runtime-cgroup-root", &root, "--node-name", NODE],
+        &[
+            ("KUBECONFIG", kubeconfig.as_os_str()),
+            ("HOME", OsStr::new("/nonexistent")),
+        ],
+    );
+    Setup {
+        agent,
+        pod1,
+        pod2,
+        _cg: cg,
+        pg,
+        api,
+        _secrets: secrets,
+        _kube: kube,
+    }
+}
+
+#[test]
+fn only_the_pod_the_policy_selects_gets_in_and_label_changes_and_deletions_take_effect() {
+    let s = setup(true, true);
+    let (agent, api, pg) = (&s.agent, &s.api, &s.pg);
+    assert!(
+        api.field_selectors()
+            .iter()
+            .all(|f| f == &format!("spec.nodeName={NODE}")),
+        "the agent asked for other pods than its node's: {:?}",
+        api.field_selectors()
+    );
+    assert!(
+        agent.log().contains("api=https://127.0.0.1:"),
+        "the agent did not reach the API over TLS:\n{}",
+        agent.log()
+    );
+    assert!(
+        !agent.log().contains(latch_tests::kube_api::TOKEN),
+        "the API token is in the agent's log"
+    );
+    let pods = &agent.status()["pods"];
+    assert_eq!(pods["synced"], true, "{pods}");
+    assert_eq!(pods["count"], 2, "only this node's pods are cached: {pods}");
+
+    // Pod 1 matches namespace, service account and labels; pod 2 differs by a label.
+    let (ok, r) = connect(agent, &s.pod1, pg);
+    assert!(ok, "psql in pod 1 failed:\n{}", agent.log());
+    assert_eq!(r["outcome"], "relayed", "{r}");
+    assert_eq!(r["workload"]["pod"]["namespace"], "shop", "{r}");
+    assert_eq!(r["workload"]["pod"]["serviceAccount"], "orders", "{r}");
+    assert_eq!(r["workload"]["pod"]["labels"]["app"], "orders", "{r}");
+
+    let (ok, r) = connect(agent, &s.pod2, pg);
+    assert!(!ok, "pod 2 (app=web) got in");
+    assert_eq!(r["outcome"], "denied", "{r}");
+    assert_eq!(r["workload"]["pod"]["labels"]["app"], "web", "{r}");
+
+    // A label change takes effect on the next connection (once the watch delivers it).
+    api.set_labels(s.pod2.uid(), &[("app", "orders")]);
+    assert!(
+        eventually(Duration::from_secs(10), || admitted(&s.pod2, pg)),
+        "pod 2 relabelled app=orders never got in:\n{}",
+        agent.log()
+    );
+    api.set_labels(s.pod1.uid(), &[("app", "orders-v2")]);
+    assert!(
+        eventually(Duration::from_secs(10), || !admitted(&s.pod1, pg)),
+        "pod 1 relabelled away still gets in"
+    );
+    let (ok, r) = connect(agent, &s.pod1, pg);
+    assert!(!ok);
+    assert_eq!(r["outcome"], "denied", "{r}");
+
+    // Deleting pod 2 removes it from the cache: its cgroup (still there) gets nothing.
+    api.delete_pod(s.pod2.uid());
+    assert!(
+        eventually(Duration::from_secs(10), || agent.status()["pods"]["count"]
+            == 1),
+        "the deleted pod stays in the cache: {}",
+        agent.status()["pods"]
+    );
+    let (ok, r) = connect(agent, &s.pod2, pg);
+    assert!(!ok, "a deleted pod's cgroup got in");
+    assert_eq!(r["outcome"], "denied", "{r}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no metadata from the Kubernetes API"),
+        "{r}"
+    );
+}
+
+#[test]
+fn a_pod_the_api_has_not_described_is_refused_and_audited_until_it_is() {
+    let s = setup(false, false);
+    let (agent, api, pg) = (&s.agent, &s.api, &s.pg);
+    let (ok, r) = connect(agent, &s.pod2, pg);
+    assert!(!ok, "an unknown pod got in");
+    assert_eq!(r["outcome"], "denied", "{r}");
+    assert_eq!(r["workload"]["pod_unknown"], true, "{r}");
+    assert!(
+        r["reason"].as_str().unwrap().contains(&format!(
+            "pod {}: no metadata from the Kubernetes API yet",
+            s.pod2.uid()
+        )),
+        "{r}"
+    );
+    api.put_pod(&spec(&s.pod2, "shop", "orders", &[("app", "orders")]));
+    assert!(
+        eventually(Duration::from_secs(10), || admitted(&s.pod2, pg)),
+        "pod 2 never got in once described:\n{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn the_pod_cache_relists_after_410_gone_and_recovers_from_an_api_server_restart() {
+    let mut s = setup(true, false);
+    let pg = &s.pg;
+    assert!(!admitted(&s.pod2, pg));
+    let lists = s.api.lists();
+
+    // History compacted: the open watch ends with 410 Gone, the agent lists again, and sees
+    // the change that only the list shows.
+    let uid2 = s.pod2.uid().to_owned();
+    let api = &s.api;
+    api.expire_history(|| api.set_labels(&uid2, &[("app", "orders")]));
+    assert!(
+        eventually(Duration::from_secs(15), || admitted(&s.pod2, pg)),
+        "the change made across the 410 never reached the agent:\n{}",
+        s.agent.log()
+    );
+    assert!(s.api.gone() >= 1, "no watch met 410 Gone");
+    assert!(s.api.lists() > lists, "no relist after 410 Gone");
+    assert!(s.agent.log().contains("pod list complete"));
+
+    // API server restart: while it is down, /readyz says the pod cache is not in sync; once
+    // back, the agent lists again (ready at once, even with no pod event to come), and a
+    // change made after it takes effect.
+    let admin = s.agent.admin;
+    let lists = s.api.lists();
+    let mut saw_not_ready = String::new();
+    s.api.restart(Duration::from_secs(1), || {
+        eventually(Duration::from_secs(15), || {
+            match http::get(admin, "/readyz") {
+                Ok((503, body)) => {
+                    saw_not_ready = body;
+                    true
+                }
+                _ => false,
+            }
+        });
+    });
+    assert!(
+        saw_not_ready.contains("pod cache not in sync"),
+        "/readyz while the API server was down: {saw_not_ready:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || matches!(
+            http::get(admin, "/readyz"),
+            Ok((200, _))
+        )),
+        "not ready again after the API server came back:\n{}",
+        s.agent.log()
+    );
+    assert!(s.api.lists() > lists, "no list after the restart");
+    s.api.set_labels(s.pod2.uid(), &[("app", "web")]);
+    assert!(
+        eventually(Duration::from_secs(30), || !admitted(&s.pod2, pg)),
+        "the change after the restart never reached the agent:\n{}",
+        s.agent.log()
+    );
+    assert!(
+        admitted(&s.pod1, pg),
+        "pod 1 lost access across the restart"
+    );
+}
