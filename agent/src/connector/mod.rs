@@ -12,6 +12,7 @@
 pub mod app_tls;
 pub mod dial;
 mod env;
+pub mod http;
 pub mod mysql;
 pub mod postgres;
 pub mod refuse;
