@@ -12,6 +12,7 @@ pub mod http;
 pub mod leftovers;
 pub mod mariadb;
 pub mod memory;
+pub mod nginx_api;
 pub mod openbao;
 pub mod pg_roles;
 pub mod pg_setup;
