@@ -509,3 +509,173 @@ print("echo ok")
     );
     assert!(!agent.log().contains(TOKEN));
 }
+
+#[test]
+fn hostile_input_gets_clear_4xx_and_others_are_unaffected() {
+    let s = Setup::with(
+        |_| "  http: {inject: bearer}\n".to_owned(),
+        "",
+        &["--handshake-timeout", "2"],
+    );
+    let script = r#"
+import socket, sys, time, json
+host, port = sys.argv[1], int(sys.argv[2])
+def ask(raw, wait=10):
+    s = socket.create_connection((host, port))
+    s.settimeout(wait)
+    s.sendall(raw)
+    data = b""
+    try:
+        while True:
+            c = s.recv(65536)
+            if not c:
+                break
+            data += c
+    except socket.timeout:
+        data += b" <timeout>"
+    s.close()
+    return data.split(b"\r\n", 1)[0].decode(errors="replace")
+r = {}
+r["garbage"] = ask(b"GARBAGE\r\n\r\n")
+r["bad_version"] = ask(b"GET / HTTP/9.9\r\nHost: x\r\n\r\n")
+r["header_flood"] = ask(b"GET /bearer/ok.txt HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n")
+r["huge_header"] = ask(b"GET /bearer/ok.txt HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
+r["cr_in_value"] = ask(b"GET /bearer/ok.txt HTTP/1.1\r\nHost: x\r\nX-Split: a\rSet-Cookie: evil=1\r\n\r\n")
+r["obs_fold"] = ask(b"GET /bearer/ok.txt HTTP/1.1\r\nHost: x\r\nX-Fold: a\r\n b\r\n\r\n")
+r["two_lengths"] = ask(b"POST /bearer/ok.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab")
+r["bad_chunk"] = ask(b"POST /bearer/ok.txt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+# Slowloris: a head that never ends, one byte at a time.
+s = socket.create_connection((host, port))
+s.sendall(b"GET /bearer/ok.txt HTTP/1.1\r\nHost: x\r\n")
+start = time.time()
+closed = None
+try:
+    for i in range(40):
+        s.sendall(b"X")
+        time.sleep(0.25)
+        s.settimeout(0.01)
+        try:
+            if s.recv(1024) == b"":
+                closed = time.time() - start
+                break
+        except socket.timeout:
+            pass
+except (BrokenPipeError, ConnectionResetError):
+    closed = time.time() - start
+r["slowloris_closed_after"] = closed
+r["after"] = ask(b"GET /bearer/ok.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+print(json.dumps(r))
+"#;
+    let ip = s.nginx.addr.ip().to_string();
+    let port = s.nginx.addr.port().to_string();
+    let cg = &s.cg;
+    let (out, (code, body, _)) = std::thread::scope(|t| {
+        let hostile = t.spawn(|| python_in(cg, script, &[&ip, &port]));
+        // Someone else's request while the hostile ones run.
+        std::thread::sleep(Duration::from_millis(500));
+        let other = s.curl(&[&s.nginx.url("/bearer/ok.txt")]);
+        (hostile.join().unwrap(), other)
+    });
+    assert_eq!((code, body.as_str()), (200, OK_BODY));
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    for (case, want) in [
+        ("garbage", "HTTP/1.1 400 Bad Request"),
+        ("bad_version", "HTTP/1.1 400 Bad Request"),
+        (
+            "header_flood",
+            "HTTP/1.1 431 Request Header Fields Too Large",
+        ),
+        (
+            "huge_header",
+            "HTTP/1.1 431 Request Header Fields Too Large",
+        ),
+        ("cr_in_value", "HTTP/1.1 400 Bad Request"),
+        ("obs_fold", "HTTP/1.1 400 Bad Request"),
+        ("two_lengths", "HTTP/1.1 400 Bad Request"),
+        ("after", "HTTP/1.1 200 OK"),
+    ] {
+        assert_eq!(r[case], want, "{case}: {r}");
+    }
+    let closed = r["slowloris_closed_after"]
+        .as_f64()
+        .expect("slowloris never closed");
+    assert!(
+        closed < 6.0,
+        "slowloris held the connection {closed} s: {r}"
+    );
+    s.assert_log_clean();
+}
+
+#[test]
+fn failures_are_answered_with_their_class_and_nothing_else() {
+    // Denied: the policy names another workload.
+    let denied = Setup::new("  http: {inject: bearer}\n  workloads: [{uid: 4242}]\n");
+    let (code, body, _) = denied.curl(&["-i", &denied.nginx.url("/bearer/ok.txt")]);
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains("{\"error\":\"denied\",\"status\":403,\"from\":\"latch\"}"),
+        "{body}"
+    );
+
+    // The target is unreachable: nothing listens on the port latch dials.
+    let ip = "127.0.0.2";
+    let closed = latch_tests::servers::free_port(ip);
+    let down = Setup::new(&format!(
+        "  http: {{inject: bearer, targetPort: {closed}}}\n"
+    ));
+    let (code, body, _) = down.curl(&["-i", &down.nginx.url("/bearer/ok.txt")]);
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("\"error\":\"target_unreachable\""), "{body}");
+    assert!(!body.contains(&closed.to_string()), "{body}");
+
+    // The target accepts and never answers the TLS handshake: 504.
+    let silent = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let slow = Setup::with(
+        |n| {
+            format!(
+                "  http: {{inject: bearer, targetPort: {silent_port}}}\n  tls: {{mode: verify-full, ca: {}, serverName: api.test}}\n",
+                n.ca.ca().display()
+            )
+        },
+        "",
+        &["--handshake-timeout", "2"],
+    );
+    let (code, body, _) = slow.curl(&["-i", &slow.nginx.url("/bearer/ok.txt")]);
+    assert_eq!(code, 504, "{body}");
+    assert!(body.contains("timeout\""), "{body}");
+
+    // The store is unreachable (OpenBao, stopped after the agent is ready): 503, nothing of
+    // the store's address or the secret's path.
+    let vault_port = latch_tests::servers::free_port("127.0.0.1");
+    let bao =
+        latch_tests::openbao::OpenBao::start(format!("127.0.0.1:{vault_port}").parse().unwrap());
+    let token = TempDir::new("vault-token");
+    let token_file = token.write("token", latch_tests::openbao::ROOT_TOKEN);
+    let nginx = NginxApi::start(ip);
+    let cg = TestCgroup::new();
+    let yaml = format!(
+        "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata:\n  name: vault\nspec:\n  \
+         vault:\n    address: http://127.0.0.1:{vault_port}\n    insecure: true\n    auth: {{token: {{file: {}}}}}\n---\n\
+         apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: api\nspec:\n  \
+         destination: {{address: \"{ip}\", port: {}}}\n  protocol: http\n  workloads: all\n  \
+         tls: {{mode: disable}}\n  credentials: {{store: vault, password: {{path: secret/api, field: token}}}}\n  \
+         http: {{inject: bearer}}\n",
+        token_file.display(),
+        nginx.addr.port()
+    );
+    let agent = Agent::start(&yaml, &cg);
+    bao.stop();
+    let (code, body, _) = curl(
+        &mut cg.command(bins::tool("curl", "curl")),
+        &["-i", &nginx.url("/bearer/ok.txt")],
+    );
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"error\":\"store_unreachable\""), "{body}");
+    assert!(
+        !body.contains(&vault_port.to_string()) && !body.contains("secret/api"),
+        "{body}"
+    );
+    let audit = agent.wait_audit(1);
+    assert_eq!(audit[0]["outcome"], "failed", "{audit:?}");
+}

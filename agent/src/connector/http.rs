@@ -32,9 +32,10 @@ pub mod target;
 
 use std::{
     convert::Infallible,
+    os::fd::AsFd as _,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -143,6 +144,9 @@ struct Session<'a> {
     to_target: Arc<AtomicU64>,
     /// The `Host` to send, when it must change.
     host: Option<HeaderValue>,
+    /// Set until an upgrade: hyper's shutdown of the application's stream is held (see
+    /// [`Counted`]).
+    hold_shutdown: Arc<AtomicBool>,
 }
 
 /// The server side as latch runs it: hyper's HTTP/1.1 with header limits, the header read
@@ -184,16 +188,33 @@ impl Http {
             to_app: Default::default(),
             to_target: Default::default(),
             host: host_header(cx),
+            hold_shutdown: Arc::new(AtomicBool::new(true)),
         };
-        let io = TokioIo::new(Counted::new(app, session.to_app.clone()));
+        // A second descriptor of the application's socket, to answer a request head hyper
+        // could not parse (hyper closes without a word).
+        let app_fd = app.as_fd().try_clone_to_owned().ok();
+        let io = TokioIo::new(Counted::holding_shutdown(
+            app,
+            session.to_app.clone(),
+            session.hold_shutdown.clone(),
+        ));
         let service = service_fn(|req| session.handle(req));
         let served = server(cx.env.handshake_timeout)
             .serve_connection(io, service)
             .with_upgrades()
             .await;
         if let Err(e) = served {
-            // A malformed request (answered 400/431 by hyper), a head that never came, a reset.
+            // A malformed request, a head that never came (slowloris), a reset.
             tracing::debug!(error = %e, "application connection ended by an error");
+            if let Some(answer) = bad_request(&e)
+                && let Some(fd) = app_fd
+                && let Ok(mut app) = stream_from(fd)
+            {
+                super::refuse::tell_and_close(&mut app, Some(answer)).await;
+                session
+                    .to_app
+                    .fetch_add(answer.len() as u64, Ordering::Relaxed);
+            }
         }
         let upgrade = session
             .upgrade
@@ -319,6 +340,7 @@ impl Session<'_> {
             && let Some(app_up) = app_upgrade
         {
             let target_up = hyper::upgrade::on(&mut resp);
+            self.hold_shutdown.store(false, Ordering::Relaxed);
             *self.upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some((app_up, target_up));
         }
         Ok(resp)
@@ -342,6 +364,26 @@ impl Session<'_> {
         );
         Ok((target, creds))
     }
+}
+
+/// The answer to a request head hyper could not read: 431 for one too large (too many or too
+/// long header fields), 400 for any other malformed head; `None` for other errors (a reset, a
+/// head that never came: closed without a word, as nginx does).
+fn bad_request(e: &hyper::Error) -> Option<&'static [u8]> {
+    if e.is_parse_too_large() {
+        Some(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\ncontent-length: 65\r\nconnection: close\r\n\r\n{\"error\":\"request_header_too_large\",\"status\":431,\"from\":\"latch\"}\n")
+    } else if e.is_parse() {
+        Some(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 52\r\nconnection: close\r\n\r\n{\"error\":\"bad_request\",\"status\":400,\"from\":\"latch\"}\n")
+    } else {
+        None
+    }
+}
+
+/// A tokio stream over a duplicate of the application's socket.
+fn stream_from(fd: std::os::fd::OwnedFd) -> std::io::Result<TcpStream> {
+    let std = std::net::TcpStream::from(fd);
+    std.set_nonblocking(true)?;
+    TcpStream::from_std(std)
 }
 
 /// Whether the request asks to switch protocols (`Connection: upgrade` with `Upgrade`).

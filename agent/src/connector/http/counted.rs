@@ -5,7 +5,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
 };
@@ -15,11 +15,28 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct Counted<S> {
     inner: S,
     written: Arc<AtomicU64>,
+    /// While set, a shutdown only flushes: the owner closes the stream itself (to answer after
+    /// hyper gave up on a request head) — cleared once the connection is upgraded, so a
+    /// half-close passes on.
+    hold_shutdown: Option<Arc<AtomicBool>>,
 }
 
 impl<S> Counted<S> {
     pub fn new(inner: S, written: Arc<AtomicU64>) -> Self {
-        Self { inner, written }
+        Self {
+            inner,
+            written,
+            hold_shutdown: None,
+        }
+    }
+
+    /// As [`Counted::new`], with shutdowns held while `hold` is set.
+    pub fn holding_shutdown(inner: S, written: Arc<AtomicU64>, hold: Arc<AtomicBool>) -> Self {
+        Self {
+            inner,
+            written,
+            hold_shutdown: Some(hold),
+        }
     }
 }
 
@@ -69,6 +86,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let me = self.get_mut();
+        if me
+            .hold_shutdown
+            .as_ref()
+            .is_some_and(|h| h.load(Ordering::Relaxed))
+        {
+            return Pin::new(&mut me.inner).poll_flush(cx);
+        }
+        Pin::new(&mut me.inner).poll_shutdown(cx)
     }
 }
