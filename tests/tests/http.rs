@@ -679,3 +679,188 @@ fn failures_are_answered_with_their_class_and_nothing_else() {
     let audit = agent.wait_audit(1);
     assert_eq!(audit[0]["outcome"], "failed", "{audit:?}");
 }
+
+#[test]
+fn python_requests_behaves_the_same_through_latch_as_directly() {
+    // The same calls with Python's `requests` (urllib3 underneath): directly with the token in
+    // hand, and from inside the cgroup without it. Statuses, reasons, response headers (names,
+    // order and values; not Date/ETag/Last-Modified, and Content-Length apart from its place,
+    // which hyper chooses) and bodies must be the same.
+    let s = Setup::new("  http: {inject: bearer}\n");
+    let script = format!(
+        r#"
+import hashlib, json, sys, requests
+base, mode = sys.argv[1], sys.argv[2]
+s = requests.Session()
+if mode == "direct":
+    s.headers["Authorization"] = "Bearer {TOKEN}"
+out = []
+def rec(r):
+    # hyper writes Content-Length itself, after the other fields: compared apart from the order.
+    h = [(k.lower(), v) for k, v in r.headers.items() if k.lower() not in ("date", "etag", "last-modified", "content-length")]
+    out.append({{"status": r.status_code, "reason": r.reason, "headers": h, "length": r.headers.get("content-length"), "body": hashlib.sha256(r.content).hexdigest()}})
+rec(s.get(base + "/bearer/ok.txt"))
+rec(s.get(base + "/bearer/missing.txt"))
+rec(s.head(base + "/bearer/ok.txt"))
+rec(s.post(base + "/bearer/ok.txt", data=b"x"))
+rec(s.get(base + "/bearer/ok.txt", headers={{"Range": "bytes=0-3"}}))
+rec(s.get(base + "/bearer/ok.txt", headers={{"If-None-Match": "*"}}))
+def gen():
+    for i in range(200):
+        yield (b"%05d" % i) * 1000
+rec(s.put(base + "/upload/requests-" + mode + ".bin", data=gen()))
+r = s.get(base + "/upload/requests-" + mode + ".bin", stream=True)
+out.append({{"streamed": hashlib.sha256(b"".join(r.iter_content(4096))).hexdigest(), "status": r.status_code}})
+for i in range(20):
+    rec(s.get(base + "/bearer/ok.txt", params={{"i": i}}))
+# The upload's Location names the file, which has the mode in it.
+print(json.dumps(out).replace("requests-" + mode, "requests-MODE"))
+"#
+    );
+    let base = format!("http://{}", s.nginx.addr);
+    let direct = run_within(
+        Command::new(bins::tool("python3", "python3")).args(["-c", &script, &base, "direct"]),
+        Duration::from_secs(60),
+    );
+    assert!(
+        direct.status.success(),
+        "{}",
+        String::from_utf8_lossy(&direct.stderr)
+    );
+    let direct = String::from_utf8_lossy(&direct.stdout).into_owned();
+    let through = python_in(&s.cg, &script, &[&base, "latch"]);
+    assert!(
+        direct.contains("\"status\": 200") && direct.contains("\"status\": 201"),
+        "{direct}"
+    );
+    assert_eq!(through, direct, "through latch vs direct");
+    assert!(!through.contains(TOKEN));
+    s.assert_log_clean();
+}
+
+#[test]
+fn aws_sigv4_signed_by_latch_is_accepted_by_moto() {
+    let ip = "127.0.0.2";
+    let port = latch_tests::servers::free_port(ip);
+    let dir = TempDir::new("moto");
+    let moto_bin = bins::tool("moto_server", "moto[server] from PyPI (cargo xtask setup)");
+    // After 4 unauthenticated setup calls moto checks every request's SigV4 signature against
+    // the access keys it issued.
+    let moto = Command::new(moto_bin)
+        .args(["-H", ip, "-p", &port.to_string()])
+        .env("INITIAL_NO_AUTH_ACTION_COUNT", "4")
+        .env("HOME", dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("moto.log")).unwrap())
+        .spawn()
+        .expect("start moto_server");
+    let _moto = latch_tests::Killed(moto);
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    assert!(
+        latch_tests::eventually(Duration::from_secs(60), || std::net::TcpStream::connect(
+            addr
+        )
+        .is_ok()),
+        "moto_server did not start"
+    );
+    let setup = r#"
+import boto3, json, sys
+kw = dict(endpoint_url=sys.argv[1], region_name="us-east-1", aws_access_key_id="AKIAIOSFODNN7EXAMPLE", aws_secret_access_key="setup")
+iam = boto3.client("iam", **kw)
+iam.create_user(UserName="latch")
+key = iam.create_access_key(UserName="latch")["AccessKey"]
+iam.put_user_policy(UserName="latch", PolicyName="all", PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+boto3.client("s3", **kw).create_bucket(Bucket="latch-bucket")
+print(key["AccessKeyId"], key["SecretAccessKey"])
+"#;
+    let out = run_within(
+        Command::new(bins::tool("python3", "python3")).args([
+            "-c",
+            setup,
+            &format!("http://{addr}"),
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let keys = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (key_id, secret) = keys.trim().split_once(' ').expect("key id and secret");
+    // moto checks signatures: curl's own SigV4 with the right key id and a wrong secret is
+    // refused.
+    let root = format!("http://{addr}/");
+    let signed_by_curl = |secret: &str| {
+        outside_curl(&[
+            "--aws-sigv4",
+            "aws:amz:us-east-1:s3",
+            "--user",
+            &format!("{key_id}:{secret}"),
+            &root,
+        ])
+        .0
+    };
+    assert_eq!(
+        signed_by_curl("not-the-secret"),
+        403,
+        "moto must check signatures"
+    );
+
+    let secrets = TempDir::new("aws-secrets");
+    let file = secrets.write("secrets.yaml", &secrets_yaml(key_id, secret, ""));
+    let cg = TestCgroup::new();
+    let agent = Agent::start(
+        &policy_yaml(
+            addr,
+            &file,
+            "  http:\n    aws: {service: s3, region: us-east-1}\n",
+        ),
+        &cg,
+    );
+    let curl_in = |args: &[&str]| curl(&mut cg.command(bins::tool("curl", "curl")), args);
+    let (code, body, err) = curl_in(&[&format!("http://{addr}/")]);
+    assert_eq!(
+        code,
+        200,
+        "ListBuckets signed by latch: {body}{err}\n{}",
+        agent.log()
+    );
+    assert!(body.contains("<Name>latch-bucket</Name>"), "{body}");
+    // An upload (UNSIGNED-PAYLOAD, streamed) and the object read back.
+    let data = TempDir::new("aws-object");
+    let obj = data.write("obj.txt", &"latch object line\n".repeat(10_000));
+    let url = format!("http://{addr}/latch-bucket/obj.txt");
+    let (code, body, _) = curl_in(&["-T", &obj.display().to_string(), &url]);
+    assert_eq!(code, 200, "PutObject: {body}");
+    let (code, body, _) = curl_in(&[&url]);
+    assert_eq!(code, 200);
+    assert_eq!(body, std::fs::read_to_string(&obj).unwrap());
+    assert!(!agent.log().contains(secret));
+    drop(agent);
+
+    // A service that signs the payload's hash (SQS, form-encoded): latch reads the body to sign it.
+    let agent = Agent::start(
+        &policy_yaml(
+            addr,
+            &file,
+            "  http:\n    aws: {service: sqs, region: us-east-1}\n",
+        ),
+        &cg,
+    );
+    let (code, body, err) = curl(
+        &mut cg.command(bins::tool("curl", "curl")),
+        &[
+            "-d",
+            "Action=CreateQueue&QueueName=latch-q&Version=2012-11-05",
+            &format!("http://{addr}/"),
+        ],
+    );
+    assert_eq!(
+        code,
+        200,
+        "CreateQueue signed by latch: {body}{err}\n{}",
+        agent.log()
+    );
+    assert!(body.contains("latch-q"), "{body}");
+}

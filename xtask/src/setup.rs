@@ -43,6 +43,14 @@ pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
     ("python3", &["-c", "import pg8000"], "pg8000"),
     // A pure-Python MySQL client (its own protocol code): tests/tests/mysql.rs.
     ("python3", &["-c", "import pymysql"], "PyMySQL"),
+    // The HTTP connector's tests (tests/tests/http.rs): Python's `requests` compared through
+    // latch and directly, and a WebSocket server and client.
+    ("python3", &["-c", "import requests"], "requests"),
+    (
+        "python3",
+        &["-c", "import websockets.sync.client"],
+        "websockets",
+    ),
 ];
 
 /// bpf-linker release line verified with the nightly toolchain's LLVM (see HANDBOOK).
