@@ -617,6 +617,20 @@ fn failures_are_answered_with_their_class_and_nothing_else() {
         "{body}"
     );
 
+    // An application that speaks TLS to an http policy: reset, audited with the reason.
+    let tls = Setup::new("  http: {inject: bearer}\n");
+    let (code, _, err) = tls.curl(&["-k", &format!("https://{}/bearer/ok.txt", tls.nginx.addr)]);
+    assert_eq!(code, 0, "{err}");
+    let audit = tls.agent.wait_audit(1);
+    assert_eq!(audit[0]["outcome"], "failed", "{audit:?}");
+    assert!(
+        audit[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("speaks TLS to an http policy"),
+        "{audit:?}"
+    );
+
     // The target is unreachable: nothing listens on the port latch dials.
     let ip = "127.0.0.2";
     let closed = latch_tests::servers::free_port(ip);
