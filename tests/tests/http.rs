@@ -878,3 +878,56 @@ print(key["AccessKeyId"], key["SecretAccessKey"])
     );
     assert!(body.contains("latch-q"), "{body}");
 }
+
+#[test]
+fn the_canary_credential_never_reaches_the_application_log_audit_or_metrics() {
+    use std::fmt::Write as _;
+    let s = Setup::new("");
+    let basic = {
+        // base64("api-user:basic-Canary-0c7d41") as latch sends it.
+        let out = run_within(
+            Command::new(bins::tool("sh", "dash")).args([
+                "-c",
+                &format!("printf %s '{BASIC_USER}:{BASIC_PASSWORD}' | base64 -w0"),
+            ]),
+            Duration::from_secs(10),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let hex = BASIC_PASSWORD.bytes().fold(String::new(), |mut h, b| {
+        let _ = write!(h, "{b:02x}");
+        h
+    });
+    let forms = [BASIC_PASSWORD, basic.as_str(), hex.as_str()];
+    let mut seen = String::new();
+    for path in [
+        "/basic/ok.txt",
+        "/basic/missing",
+        "/bearer/ok.txt",
+        "/upload/x",
+    ] {
+        let out = run_within(
+            s.cg.command(bins::tool("curl", "curl"))
+                .args(["-sS", "-i", "-v", "--max-time", "20"])
+                .arg(s.nginx.url(path)),
+            Duration::from_secs(30),
+        );
+        seen.push_str(&String::from_utf8_lossy(&out.stdout));
+        seen.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(seen.contains(OK_BODY), "{seen}");
+    let audit = serde_json::to_string(&s.agent.wait_audit(4)).unwrap();
+    for (name, text) in [
+        ("the application's bytes", seen),
+        ("the agent log", s.agent.log()),
+        ("the audit trail", audit),
+        ("the metrics", s.agent.metrics()),
+    ] {
+        for form in forms {
+            assert!(
+                !text.contains(form),
+                "the canary ({form}) leaked into {name}:\n{text}"
+            );
+        }
+    }
+}
