@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: criterion micro-benchmarks (when the agent has any) and the bulk
 //! throughput of one TCP connection (iperf3): direct, through latch, through HAProxy, through socat;
 //! the network-namespace cases of [`crate::bench_netns`]; then the PostgreSQL cases of
-//! [`crate::bench_pg`].
+//! [`crate::bench_pg`]; then the HTTP cases of [`crate::bench_http`].
 
 use crate::proc::{self, Guard, TempDir, run};
 use anyhow::{Context, Result, bail};
@@ -34,6 +34,12 @@ pub struct Args {
     /// Only the network-namespace cases.
     #[arg(long, conflicts_with = "pg_only")]
     netns_only: bool,
+    /// Skip the HTTP cases (wrk: direct vs latch vs nginx as a reverse proxy).
+    #[arg(long, conflicts_with = "http_only")]
+    no_http: bool,
+    /// Only the HTTP cases.
+    #[arg(long, conflicts_with_all = ["pg_only", "netns_only"])]
+    http_only: bool,
 }
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -102,6 +108,10 @@ pub fn run_bench(args: &Args) -> Result<()> {
         micro()?;
     }
     let latch = proc::latch_bin(true)?;
+    if args.http_only {
+        println!("\nbench: HTTP (direct vs latch vs nginx reverse proxy)");
+        return crate::bench_http::run(&latch, args.seconds, args.repeat);
+    }
     let iperf = if args.pg_only || args.netns_only {
         Ok(())
     } else {
@@ -121,7 +131,14 @@ pub fn run_bench(args: &Args) -> Result<()> {
         println!("\nbench: PostgreSQL (direct vs latch vs pgbouncer)");
         crate::bench_pg::run(&latch, args.seconds, args.repeat)
     };
-    iperf.and(netns).and(pg)
+    proc::check_interrupted()?;
+    let http = if args.no_http || args.pg_only || args.netns_only {
+        Ok(())
+    } else {
+        println!("\nbench: HTTP (direct vs latch vs nginx reverse proxy)");
+        crate::bench_http::run(&latch, args.seconds, args.repeat)
+    };
+    iperf.and(netns).and(pg).and(http)
 }
 
 fn iperf_cases(args: &Args, latch: &Path) -> Result<()> {

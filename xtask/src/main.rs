@@ -1,6 +1,7 @@
 //! `cargo xtask`: set up a machine, run the test suite, the demo and the benchmarks.
 
 mod bench;
+mod bench_http;
 mod bench_netns;
 mod bench_pg;
 mod demo;

@@ -33,6 +33,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     // and the `mariadb` CLI.
     "mariadb-server",
     "mariadb-client",
+    // The HTTP benchmark (xtask/src/bench_http.rs).
+    "wrk",
 ];
 
 /// Tools from PyPI the tests start: (command, arguments that succeed when it works, pip requirement).
