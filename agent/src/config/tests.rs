@@ -181,8 +181,11 @@ fn examples_dir() -> PathBuf {
 fn example_directory_loads() {
     let config = load(&[examples_dir()]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.stores.len(), 2);
-    assert_eq!(config.policies.len(), 1);
+    assert_eq!(config.policies.len(), 2);
     assert!(config.policies[0].source.file.ends_with("orders-db.yaml"));
+    let api = config.policy("payments-api").expect("the http example");
+    assert_eq!(api.http.target_port, Some(443));
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
 }
 
 #[test]
