@@ -93,6 +93,43 @@ impl TestCa {
     pub fn server_key(&self) -> PathBuf {
         self.dir.path().join("server.key")
     }
+
+    /// A client certificate for `common_name` (extendedKeyUsage clientAuth) signed by the CA:
+    /// (certificate, key) PEM files.
+    pub fn client_cert(&self, common_name: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.path();
+        std::fs::write(
+            d.join("client-ext.cnf"),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+        )
+        .expect("write client-ext.cnf");
+        new_key(
+            d,
+            "client.key",
+            &["-out", "client.csr", "-subj", &format!("/CN={common_name}")],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "client.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "client.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "client-ext.cnf",
+            ],
+        );
+        (d.join("client.crt"), d.join("client.key"))
+    }
 }
 
 impl TestCa {

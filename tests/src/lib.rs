@@ -13,6 +13,7 @@ pub mod kube_api;
 pub mod leftovers;
 pub mod mariadb;
 pub mod memory;
+pub mod nginx_api;
 pub mod openbao;
 pub mod pg_roles;
 pub mod pg_setup;

@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: criterion micro-benchmarks (when the agent has any) and the bulk
 //! throughput of one TCP connection (iperf3): direct, through latch, through HAProxy, through socat;
 //! the network-namespace cases of [`crate::bench_netns`]; then the PostgreSQL cases of
-//! [`crate::bench_pg`] and the MySQL cases of [`crate::bench_my`]; then the cost of a
-//! connection, held idle and opened, against HAProxy ([`crate::bench_conns`]).
+//! [`crate::bench_pg`], the MySQL cases of [`crate::bench_my`], the HTTP cases of
+//! [`crate::bench_http`]; then the cost of a connection, held idle and opened, against HAProxy
+//! ([`crate::bench_conns`]).
 
 use crate::proc::{self, Guard, TempDir, run};
 use anyhow::{Context, Result, bail};
@@ -48,6 +49,12 @@ pub struct Args {
     /// Only the MySQL cases.
     #[arg(long, conflicts_with_all = ["pg_only", "netns_only", "conns_only"])]
     mysql_only: bool,
+    /// Skip the HTTP cases (wrk: direct vs latch vs nginx as a reverse proxy).
+    #[arg(long, conflicts_with = "http_only")]
+    no_http: bool,
+    /// Only the HTTP cases.
+    #[arg(long, conflicts_with_all = ["pg_only", "netns_only", "conns_only", "mysql_only"])]
+    http_only: bool,
 }
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -120,6 +127,10 @@ pub fn run_bench(args: &Args) -> Result<()> {
         println!("\nbench: connections (latch vs haproxy)");
         return crate::bench_conns::run(&latch);
     }
+    if args.http_only {
+        println!("\nbench: HTTP (direct vs latch vs nginx reverse proxy)");
+        return crate::bench_http::run(&latch, args.seconds, args.repeat);
+    }
     let iperf = if args.pg_only || args.netns_only || args.mysql_only {
         Ok(())
     } else {
@@ -153,7 +164,14 @@ pub fn run_bench(args: &Args) -> Result<()> {
         println!("\nbench: connections (latch vs haproxy)");
         crate::bench_conns::run(&latch)
     };
-    iperf.and(netns).and(pg).and(my).and(conns)
+    proc::check_interrupted()?;
+    let http = if args.no_http || args.pg_only || args.netns_only || args.mysql_only {
+        Ok(())
+    } else {
+        println!("\nbench: HTTP (direct vs latch vs nginx reverse proxy)");
+        crate::bench_http::run(&latch, args.seconds, args.repeat)
+    };
+    iperf.and(netns).and(pg).and(my).and(http).and(conns)
 }
 
 fn iperf_cases(args: &Args, latch: &Path) -> Result<()> {

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_conns;
 mod bench_my;
+mod bench_http;
 mod bench_netns;
 mod bench_pg;
 mod demo;

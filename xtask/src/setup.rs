@@ -39,6 +39,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "strace",
     // sysbench's oltp_read_only through latch (tests/tests/mysql_sysbench.rs, `cargo xtask bench`).
     "sysbench",
+    // The HTTP benchmark (xtask/src/bench_http.rs).
+    "wrk",
 ];
 
 /// Tools from PyPI the tests start: (command, arguments that succeed when it works, pip requirement).
@@ -49,6 +51,14 @@ pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
     ("python3", &["-c", "import pg8000"], "pg8000"),
     // A pure-Python MySQL client (its own protocol code): tests/tests/mysql.rs.
     ("python3", &["-c", "import pymysql"], "PyMySQL"),
+    // The HTTP connector's tests (tests/tests/http.rs): Python's `requests` compared through
+    // latch and directly, and a WebSocket server and client.
+    ("python3", &["-c", "import requests"], "requests"),
+    (
+        "python3",
+        &["-c", "import websockets.sync.client"],
+        "websockets",
+    ),
 ];
 
 /// bpf-linker release line verified with the nightly toolchain's LLVM (see HANDBOOK).

@@ -7,6 +7,7 @@ use crate::connector::registry;
 
 use super::decode::{self, Cx, Map};
 use super::decode_pg_startup;
+use super::http::HttpSpec;
 use super::net::{self, Cidr, PortRange};
 use super::policy::{
     AppTlsMode, AuthSpec, ChannelBindingMode, Credentials, Destination, Protocol, Role, SecretRef,
@@ -32,6 +33,7 @@ pub struct PolicySpec {
     pub auth: AuthSpec,
     /// `workloads: all`: every workload in the intercepted cgroups, said explicitly.
     pub admit_all: bool,
+    pub http: HttpSpec,
 }
 
 pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
@@ -83,7 +85,12 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     };
     let pg_entry = m.entry("postgres");
     let my_entry = m.entry("mysql");
-    for (entry, owner) in [(pg_entry, Protocol::Postgres), (my_entry, Protocol::Mysql)] {
+    let http_entry = m.entry("http");
+    for (entry, owner) in [
+        (pg_entry, Protocol::Postgres),
+        (my_entry, Protocol::Mysql),
+        (http_entry, Protocol::Http),
+    ] {
         if let (Some(e), Some(p)) = (entry, protocol)
             && p != owner
         {
@@ -140,6 +147,12 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     if let Some(own) = own {
         own.finish(cx);
     }
+    let http = match http_entry {
+        Some(e) if protocol == Some(Protocol::Http) => {
+            super::decode_http::http(cx, e, default_store)
+        }
+        _ => Some(HttpSpec::default()),
+    };
     m.finish(cx);
 
     let protocol = protocol?;
@@ -200,6 +213,12 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     if let (Some(a), Some(e)) = (auth, auth_entry) {
         check_auth(cx, e, protocol, tls.as_ref(), direct == Some(true), a);
     }
+    if protocol == Protocol::Http
+        && let (Some(h), Some(t)) = (http.as_ref(), tls.as_ref())
+    {
+        let at = http_entry.map_or(m_at(node, at), |e| e.key_mark);
+        check_http(cx, h, t, credentials.as_ref(), at, tls_entry);
+    }
     if cx.errors.len() > errors_before {
         return None;
     }
@@ -219,7 +238,57 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         direct: direct?,
         auth: auth?,
         admit_all,
+        http: http?,
     })
+}
+
+/// The rules that tie `http` to the credentials and the target leg: an injection that needs
+/// a username gets one; a credential sent over a leg latch does not verify is warned about.
+fn check_http(
+    cx: &mut Cx,
+    http: &HttpSpec,
+    tls: &TlsSpec,
+    credentials: Option<&Credentials>,
+    at: Mark,
+    tls_entry: Option<&Entry>,
+) {
+    if let Some(Credentials::Static {
+        username: None,
+        password,
+        ..
+    }) = credentials
+        && http.inject.needs_username()
+    {
+        cx.error(
+            at,
+            format!(
+                "http inject {:?} needs credentials.username as well as credentials.password{}",
+                http.inject.name(),
+                if password.is_some() && matches!(http.inject, super::http::Injection::Basic) {
+                    "; for a token alone set http.inject to \"bearer\", or give http.header or http.query"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
+    if let Some(Credentials::Static { password: None, .. }) = credentials {
+        cx.error(
+            at,
+            "protocol http injects credentials.password (the secret): give it",
+        );
+    }
+    if tls.mode != TlsMode::VerifyFull {
+        cx.warn(
+            tls_entry.map_or(at, |e| e.key_mark),
+            format!(
+                "tls mode {:?}: latch puts the credential into requests to whoever answers at \
+                 the destination, unchecked; use \"verify-full\" (the default for http) where \
+                 the target has a certificate",
+                tls.mode.as_str()
+            ),
+        );
+    }
 }
 
 /// A protocol's option: `<block>.<key>` (`postgres.appTls`), or `<key>` at the top of the spec
@@ -667,7 +736,7 @@ pub(super) fn credentials(
 }
 
 /// `{store?, path, field?, version?}`; `store` defaults to `default_store`.
-fn secret_ref(
+pub(super) fn secret_ref(
     cx: &mut Cx,
     entry: &Entry,
     what: &str,

@@ -243,6 +243,7 @@ fn document(cx: &mut Cx, root: &Node) -> Option<Resource> {
             cache_ttl: spec.cache_ttl,
             roles: spec.roles,
             startup: spec.startup,
+            http: spec.http,
         }))
     } else {
         let backend = store_spec(cx, &spec.value, spec.key_mark);

@@ -15,11 +15,13 @@
 
 pub mod app_tls;
 mod decode;
+mod decode_http;
 mod decode_pg_startup;
 mod decode_policy;
 mod decode_store;
 mod diagnostic;
 pub mod duration;
+pub mod http;
 mod load;
 pub mod mlock;
 mod net;
@@ -32,12 +34,15 @@ mod validate;
 pub mod yaml;
 
 #[cfg(test)]
+mod http_tests;
+#[cfg(test)]
 mod pg_startup_tests;
 #[cfg(test)]
 mod tests;
 
 pub use app_tls::SslAnswer;
 pub use diagnostic::{Diagnostic, LoadErrors, Location};
+pub use http::{AppCredentials, AwsSigning, HttpSpec, Injection};
 pub use load::{load, load_str};
 
 /// Loads `paths` for the agent or `latch run`, which act on them as root: as [`load`], then

@@ -48,6 +48,9 @@ pub struct Policy {
     /// `workloads: all`: the policy admits every workload in the intercepted cgroups, and says
     /// so. The agent refuses a policy that names no workloads and does not say this.
     pub admit_all: bool,
+    /// `spec.http`: how the credentials go into requests (protocol http; the default
+    /// otherwise).
+    pub http: super::http::HttpSpec,
 }
 
 /// `spec.authentication` of a policy: the methods latch may answer a server's request with,
@@ -237,15 +240,16 @@ impl Protocol {
         }
     }
 
-    /// The TLS mode when a policy names none: `prefer` for the protocols that negotiate TLS in
-    /// band (postgres, mysql), `disable` for the others (ssh has its own encryption; tcp and
-    /// http need an explicit `require` or `verify-*` to wrap the target connection in TLS).
+    /// The TLS mode when a policy names none: `verify-full` for the protocols latch puts
+    /// credentials into (postgres, mysql, http; plain text toward an HTTP target is an explicit
+    /// `tls: {mode: disable}`), `disable` for the others (ssh has its own encryption; tcp
+    /// relays the application's bytes as they are).
     pub fn default_tls_mode(self) -> TlsMode {
         match self {
             // Verify the server unless the policy says otherwise: a credential exchange with
             // whoever answers is what TLS without verification allows.
-            Protocol::Postgres | Protocol::Mysql => TlsMode::VerifyFull,
-            Protocol::Tcp | Protocol::Http | Protocol::Ssh => TlsMode::Disable,
+            Protocol::Postgres | Protocol::Mysql | Protocol::Http => TlsMode::VerifyFull,
+            Protocol::Tcp | Protocol::Ssh => TlsMode::Disable,
         }
     }
 }

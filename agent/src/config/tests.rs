@@ -181,8 +181,11 @@ fn examples_dir() -> PathBuf {
 fn example_directory_loads() {
     let config = load(&[examples_dir()]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.stores.len(), 2);
-    assert_eq!(config.policies.len(), 1);
+    assert_eq!(config.policies.len(), 2);
     assert!(config.policies[0].source.file.ends_with("orders-db.yaml"));
+    let api = config.policy("payments-api").expect("the http example");
+    assert_eq!(api.http.target_port, Some(443));
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
 }
 
 #[test]
@@ -409,13 +412,9 @@ fn protocol_rules() {
         "  destination: {host: api.internal, port: 443}\n  workloads: [{uid: 1}]\n  protocol: http\n  tls: {mode: prefer}\n  credentials: {store: local, password: {path: api}}\n",
     );
     let errs = errors("t.yaml", &format!("{STORES}{http_prefer}"));
-    assert_eq!(errs.len(), 2, "{errs:?}");
-    assert_eq!(
-        errs[0],
-        "t.yaml:24:13: protocol http is not built yet: this version of latch brokers \"tcp\", \"postgres\" and \"mysql\""
-    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(
-        errs[1]
+        errs[0]
             .starts_with("t.yaml:25:15: tls mode \"prefer\" needs a protocol that negotiates TLS"),
         "{errs:?}"
     );
@@ -428,7 +427,7 @@ fn protocol_rules() {
         errors("t.yaml", &no_creds),
         vec![
             "t.yaml:6:1: missing field \"credentials\" in spec: protocol ssh needs credentials",
-            "t.yaml:8:13: protocol ssh is not built yet: this version of latch brokers \"tcp\", \"postgres\" and \"mysql\""
+            "t.yaml:8:13: protocol ssh is not built yet: this version of latch brokers \"tcp\", \"postgres\", \"mysql\" and \"http\""
         ]
     );
 

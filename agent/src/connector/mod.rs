@@ -1,6 +1,6 @@
 //! Protocol connectors: given an admitted connection and its policy, reach the target and
 //! carry the application's traffic. `tcp` relays bytes; the protocol-aware connectors
-//! (PostgreSQL and MySQL today; HTTP, SSH next) authenticate to the target first.
+//! (PostgreSQL, MySQL and HTTP today; SSH next) authenticate to the target first.
 //!
 //! A connector implements [`Connector`] and registers in [`registry`]; the broker looks it up
 //! by the policy's protocol and never names a protocol itself. What a connector gets is a
@@ -12,6 +12,7 @@
 pub mod app_tls;
 pub mod dial;
 mod env;
+pub mod http;
 pub mod mysql;
 pub mod postgres;
 pub mod refuse;

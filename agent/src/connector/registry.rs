@@ -2,7 +2,7 @@
 //! supports (asked by config validation), and the agent's instances (asked by the broker).
 use std::sync::Arc;
 
-use super::{Connector, mysql, postgres, tcp};
+use super::{Connector, http, mysql, postgres, tcp};
 use crate::config::Protocol;
 
 /// What a protocol's connector can do, so that a policy asking for more is refused at load.
@@ -47,6 +47,11 @@ pub const BUILT: &[Entry] = &[
         protocol: Protocol::Mysql,
         support: mysql::SUPPORT,
         make: || Arc::new(mysql::Mysql::default()),
+    },
+    Entry {
+        protocol: Protocol::Http,
+        support: http::SUPPORT,
+        make: || Arc::new(http::Http::default()),
     },
 ];
 
@@ -116,6 +121,7 @@ mod tests {
         }
         assert!(all.find::<postgres::Postgres>().is_some());
         assert!(all.find::<mysql::Mysql>().is_some());
-        assert!(supports(Protocol::Http).is_none());
+        assert!(all.find::<http::Http>().is_some());
+        assert!(supports(Protocol::Ssh).is_none());
     }
 }

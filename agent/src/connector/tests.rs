@@ -28,9 +28,14 @@ fn policy(protocol: &str, dst: SocketAddr) -> Policy {
          spec: {{env: {{}}}}\n---\n\
          apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {{name: unit}}\nspec:\n  \
          destination: {{address: {}, port: {}}}\n  protocol: {protocol}\n  \
-         workloads: [{{uid: 1}}]\n{}",
+         workloads: [{{uid: 1}}]\n{}{}",
         dst.ip(),
         dst.port(),
+        if protocol == "http" {
+            "  http: {inject: bearer}\n"
+        } else {
+            ""
+        },
         if protocol == "tcp" {
             ""
         } else {
@@ -132,4 +137,45 @@ async fn the_postgres_connector_denies_with_fatal_28000_and_never_contacts_the_t
         fields.message
     );
     assert!(session.handshake_took().is_none());
+}
+
+#[tokio::test]
+async fn the_http_connector_answers_a_malformed_request_400_without_the_target() {
+    let dst: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let (env, policy, origin) = (env(), policy("http", dst), origin(dst));
+    let session = Session::new(Instant::now());
+    let cx = Context {
+        origin: &origin,
+        policy: &policy,
+        env: &env,
+        session: &session,
+    };
+    let connectors = Connectors::default();
+    let http = connectors.get(Protocol::Http).unwrap();
+    for (raw, want) in [
+        (
+            &b"GARBAGE\r\n\r\n"[..],
+            &b"HTTP/1.1 400 Bad Request\r\n"[..],
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\nX: a\rb\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\n",
+        ),
+    ] {
+        let (app, mut client) = app_pair().await;
+        let app_side = async {
+            client.write_all(raw).await.unwrap();
+            let mut got = Vec::new();
+            let _ = client.read_to_end(&mut got).await;
+            got
+        };
+        let (_served, got) = tokio::join!(http.serve(app, cx), app_side);
+        let responses = String::from_utf8_lossy(&got).matches("HTTP/1.1").count();
+        assert!(
+            got.starts_with(want) && responses == 1,
+            "{:?} -> {:?}",
+            String::from_utf8_lossy(raw),
+            String::from_utf8_lossy(&got)
+        );
+    }
 }

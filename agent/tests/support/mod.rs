@@ -52,6 +52,7 @@ fn policy(name: &str, credentials: Credentials, cache_ttl: Option<Duration>) -> 
         direct: false,
         auth: Default::default(),
         admit_all: true,
+        http: Default::default(),
     }
 }
 

@@ -1,0 +1,470 @@
+//! `protocol: http` — HTTP/1.1 with the policy's credential put into every request. latch is
+//! the server toward the application (hyper's HTTP/1.1 server on the intercepted connection)
+//! and the client toward the target (hyper's client over a marked socket, TLS as the policy's
+//! `tls` block says). Each request head is rewritten ([`inject`]: the application's own
+//! credential dropped unless `appCredentials: keep`, latch's put in, `Host` set for the real
+//! target, or an AWS SigV4 signature, [`sigv4`]); bodies, trailers and everything else stream
+//! through hyper unbuffered (bounded memory whatever the size), in both directions. Keep-alive
+//! and pipelined requests are answered in order on one target connection (a new one when the
+//! target closed its own); `Expect: 100-continue` is answered when the body is wanted; an
+//! `Upgrade` (WebSocket) request goes signed, and after the target's `101` both connections
+//! are relayed as bytes.
+//!
+//! | file | holds |
+//! |---|---|
+//! | `http.rs` | the [`Http`] connector: the session, per-request forwarding, upgrades |
+//! | [`inject`] | the credential into one request head (sans-IO) |
+//! | [`sigv4`] | AWS SigV4 signing of a request head |
+//! | [`target`] | dial, TLS and hyper's client toward the target |
+//! | [`failure`] | latch's failures as 403/502/503/504 responses with a JSON body |
+//! | [`counted`] | byte counts of the streams hyper owns |
+//!
+//! The application is told latch's failures as HTTP responses naming the failure class
+//! ([`failure`]); malformed requests, header floods (more than [`MAX_HEADERS`] headers or
+//! [`MAX_HEADER_BYTES`] of head) and heads that do not arrive within the handshake timeout
+//! (slowloris) are hyper's to refuse (400, 431, close). A connection that opens with a TLS
+//! ClientHello is reset and audited: HTTPS interception is not built.
+pub mod counted;
+pub mod failure;
+pub mod inject;
+pub mod sigv4;
+pub mod target;
+
+use std::{
+    convert::Infallible,
+    os::fd::AsFd as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Either, Full, Limited};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn, upgrade::OnUpgrade};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+pub use failure::Failure;
+
+use self::{counted::Counted, target::Target};
+use super::{
+    Answered, ConnectError, Connector, Context, Refusal, Served, Support, target_tls::ClientConfigs,
+};
+use crate::{
+    config::{Injection, Policy, Protocol, Target as Dest, TlsMode},
+    relay::Transferred,
+    secrets::Credentials,
+};
+
+pub const SUPPORT: Support = Support {
+    credentials: true,
+    target_tls: true,
+    negotiates_tls: false,
+    app_tls: false,
+    direct: false,
+    // Every request head is rewritten: the bytes stay in user space.
+    fast_path: false,
+};
+
+/// The most header fields a request may carry (more: 431).
+pub const MAX_HEADERS: usize = 100;
+/// The most bytes a request line and headers may take (more: 431).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The largest body latch hashes for a signed SigV4 payload (more: 413; S3 signs
+/// `UNSIGNED-PAYLOAD` and streams).
+pub const MAX_SIGNED_BODY: usize = 8 << 20;
+/// How long a refused application has to send its request head before it is closed.
+const REFUSAL_READ: Duration = Duration::from_secs(10);
+
+/// A request body toward the target: the application's, streamed, or one latch read whole to
+/// sign it.
+pub type ReqBody = Either<Incoming, Full<Bytes>>;
+type ResBody = Either<Incoming, Full<Bytes>>;
+
+/// The HTTP connector and the TLS client configurations its sessions share.
+#[derive(Default)]
+pub struct Http {
+    pub tls: ClientConfigs,
+}
+
+impl Connector for Http {
+    fn protocol(&self) -> Protocol {
+        Protocol::Http
+    }
+
+    fn serve<'a>(&'a self, app: TcpStream, cx: Context<'a>) -> Served<'a> {
+        Box::pin(self.serve_app(app, cx))
+    }
+
+    fn deny<'a>(&'a self, app: TcpStream, cx: Context<'a>) -> Answered<'a> {
+        Box::pin(answer_all(app, Failure::Denied, cx.env.handshake_timeout))
+    }
+
+    fn refuse<'a>(&'a self, app: TcpStream, policy: &'a Policy, why: Refusal) -> Answered<'a> {
+        let _ = policy;
+        Box::pin(answer_all(app, Failure::Refused(why), REFUSAL_READ))
+    }
+
+    fn abort<'a>(&'a self, app: TcpStream, cx: Context<'a>, why: Refusal) -> Answered<'a> {
+        let _ = cx;
+        // Before the handshake is done no response has gone to the application: it waits for
+        // the answer to its first request.
+        Box::pin(async move {
+            let mut app = app;
+            let raw = Failure::Refused(why).raw();
+            super::refuse::tell_and_close(&mut app, Some(&raw)).await;
+        })
+    }
+}
+
+/// Why a session was not served at all (audited; nothing is told).
+#[derive(Debug, thiserror::Error)]
+enum NotServed {
+    #[error(
+        "the application speaks TLS to an http policy: latch does not intercept HTTPS; \
+         let the application speak plain HTTP to the destination (latch makes the TLS)"
+    )]
+    AppTls,
+}
+
+/// One application connection.
+struct Session<'a> {
+    http: &'a Http,
+    cx: Context<'a>,
+    /// The target connection and the credentials resolved for it.
+    target: tokio::sync::Mutex<Option<(Target, Arc<Credentials>)>>,
+    /// An upgrade agreed by the target: both sides' pending upgraded streams.
+    upgrade: Mutex<Option<(OnUpgrade, OnUpgrade)>>,
+    /// The first failure latch told the application (for the audit record).
+    failure: Mutex<Option<Failure>>,
+    to_app: Arc<AtomicU64>,
+    to_target: Arc<AtomicU64>,
+    /// The `Host` to send, when it must change.
+    host: Option<HeaderValue>,
+    /// Set until an upgrade: hyper's shutdown of the application's stream is held (see
+    /// [`Counted`]).
+    hold_shutdown: Arc<AtomicBool>,
+}
+
+/// The server side as latch runs it: hyper's HTTP/1.1 with header limits, the header read
+/// timeout (slowloris), header case kept, no `Date` added.
+fn server(header_timeout: Duration) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .preserve_header_case(true)
+        .title_case_headers(false)
+        .auto_date_header(false)
+        .max_headers(MAX_HEADERS)
+        .max_header_size(MAX_HEADER_BYTES)
+        .half_close(true)
+        .pipeline_flush(true);
+    b
+}
+
+impl Http {
+    async fn serve_app(
+        &self,
+        app: TcpStream,
+        cx: Context<'_>,
+    ) -> Result<Transferred, ConnectError> {
+        if speaks_tls(&app, cx.env.handshake_timeout).await {
+            tracing::info!("the application opened with a TLS ClientHello; refused");
+            super::refuse::reset(app);
+            return Err(ConnectError::Protocol {
+                protocol: "http",
+                source: Box::new(NotServed::AppTls),
+            });
+        }
+        let session = Session {
+            http: self,
+            cx,
+            target: Default::default(),
+            upgrade: Default::default(),
+            failure: Default::default(),
+            to_app: Default::default(),
+            to_target: Default::default(),
+            host: host_header(cx),
+            hold_shutdown: Arc::new(AtomicBool::new(true)),
+        };
+        // A second descriptor of the application's socket, to answer a request head hyper
+        // could not parse (hyper closes without a word).
+        let app_fd = app.as_fd().try_clone_to_owned().ok();
+        let io = TokioIo::new(Counted::holding_shutdown(
+            app,
+            session.to_app.clone(),
+            session.hold_shutdown.clone(),
+        ));
+        let service = service_fn(|req| session.handle(req));
+        let served = server(cx.env.handshake_timeout)
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await;
+        if let Err(e) = served {
+            // A malformed request, a head that never came (slowloris), a reset.
+            tracing::debug!(error = %e, "application connection ended by an error");
+            if let Some(answer) = bad_request(&e)
+                && let Some(fd) = app_fd
+                && let Ok(mut app) = stream_from(fd)
+            {
+                super::refuse::tell_and_close(&mut app, Some(answer)).await;
+                session
+                    .to_app
+                    .fetch_add(answer.len() as u64, Ordering::Relaxed);
+            }
+        }
+        let upgrade = session
+            .upgrade
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((app_up, target_up)) = upgrade {
+            relay_upgraded(app_up, target_up).await;
+        }
+        drop(session.target.lock().await.take());
+        let progress = cx.progress();
+        let (to_app, to_target) = (
+            session.to_app.load(Ordering::Relaxed),
+            session.to_target.load(Ordering::Relaxed),
+        );
+        progress.to_app.fetch_add(to_app, Ordering::Relaxed);
+        progress.to_target.fetch_add(to_target, Ordering::Relaxed);
+        let failure = session
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match failure {
+            Some(f) => Err(ConnectError::Protocol {
+                protocol: "http",
+                source: Box::new(f),
+            }),
+            None => Ok(Transferred { to_target, to_app }),
+        }
+    }
+}
+
+impl Session<'_> {
+    async fn handle(&self, req: Request<Incoming>) -> Result<Response<ResBody>, Infallible> {
+        match self.forward(req).await {
+            Ok(resp) => Ok(resp.map(Either::Left)),
+            Err(f) => {
+                crate::warn_throttled!(error = %f, "request failed");
+                let resp = f.response().map(|b| Either::Right(Full::new(b)));
+                self.failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(f);
+                Ok(resp)
+            }
+        }
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, Failure> {
+        let (cx, spec) = (self.cx, &self.cx.policy.http);
+        if req.method() == Method::CONNECT {
+            return Err(Failure::Connect);
+        }
+        let app_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        let mut slot = self.target.lock().await;
+        let reuse = slot.as_mut().is_some_and(|(t, _)| !t.send.is_closed());
+        if !reuse {
+            *slot = Some(self.connect().await?);
+        }
+        let ready = match slot.as_mut() {
+            Some((t, _)) => t.send.ready().await.is_ok(),
+            None => false,
+        };
+        if !ready {
+            // The target closed its keep-alive connection between requests: a new one.
+            *slot = Some(self.connect().await?);
+        }
+        let Some((target, creds)) = slot.as_mut() else {
+            unreachable!("connected above");
+        };
+        let (mut parts, body) = req.into_parts();
+        let add = inject::prepare(&mut parts, spec, self.host.as_ref(), creds)
+            .map_err(Failure::Inject)?;
+        let body = match (&spec.inject, add) {
+            (Injection::AwsSigV4(aws), true) => {
+                let token = match &aws.session_token {
+                    Some(r) => Some(
+                        cx.env
+                            .secrets
+                            .current()
+                            .secret(r)
+                            .await
+                            .map_err(Failure::Secrets)?,
+                    ),
+                    None => None,
+                };
+                let (bytes, body) = if aws.unsigned_payload {
+                    (None, Either::Left(body))
+                } else {
+                    let bytes = Limited::new(body, MAX_SIGNED_BODY)
+                        .collect()
+                        .await
+                        .map_err(|e| {
+                            if e.is::<http_body_util::LengthLimitError>() {
+                                Failure::TooLargeToSign(MAX_SIGNED_BODY)
+                            } else {
+                                Failure::AppBody(e.to_string())
+                            }
+                        })?
+                        .to_bytes();
+                    (Some(bytes.clone()), Either::Right(Full::new(bytes)))
+                };
+                sigv4::sign_parts(
+                    &mut parts,
+                    bytes.as_deref(),
+                    creds,
+                    token.as_ref(),
+                    aws,
+                    SystemTime::now(),
+                )
+                .map_err(Failure::Sign)?;
+                body
+            }
+            _ => Either::Left(body),
+        };
+        cx.handshake_done();
+        let mut resp = target
+            .send
+            .send_request(Request::from_parts(parts, body))
+            .await
+            .map_err(|e| Failure::Target(target::TargetError::Http(e)))?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(app_up) = app_upgrade
+        {
+            let target_up = hyper::upgrade::on(&mut resp);
+            self.hold_shutdown.store(false, Ordering::Relaxed);
+            *self.upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some((app_up, target_up));
+        }
+        Ok(resp)
+    }
+
+    /// Resolves the credentials and opens a target connection.
+    async fn connect(&self) -> Result<(Target, Arc<Credentials>), Failure> {
+        let cx = self.cx;
+        let creds = cx
+            .env
+            .secrets
+            .credentials(cx.policy)
+            .await
+            .map_err(Failure::Secrets)?;
+        let target = target::connect(&cx, &self.http.tls, self.to_target.clone())
+            .await
+            .map_err(Failure::Target)?;
+        tracing::debug!(
+            tls = cx.policy.tls.mode != TlsMode::Disable,
+            "target connected"
+        );
+        Ok((target, creds))
+    }
+}
+
+/// The answer to a request head hyper could not read: 431 for one too large (too many or too
+/// long header fields), 400 for any other malformed head; `None` for other errors (a reset, a
+/// head that never came: closed without a word, as nginx does).
+fn bad_request(e: &hyper::Error) -> Option<&'static [u8]> {
+    if e.is_parse_too_large() {
+        Some(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\ncontent-length: 65\r\nconnection: close\r\n\r\n{\"error\":\"request_header_too_large\",\"status\":431,\"from\":\"latch\"}\n")
+    } else if e.is_parse() {
+        Some(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 52\r\nconnection: close\r\n\r\n{\"error\":\"bad_request\",\"status\":400,\"from\":\"latch\"}\n")
+    } else {
+        None
+    }
+}
+
+/// A tokio stream over a duplicate of the application's socket.
+fn stream_from(fd: std::os::fd::OwnedFd) -> std::io::Result<TcpStream> {
+    let std = std::net::TcpStream::from(fd);
+    std.set_nonblocking(true)?;
+    TcpStream::from_std(std)
+}
+
+/// Whether the request asks to switch protocols (`Connection: upgrade` with `Upgrade`).
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// After a `101`: the two connections relayed as bytes until either side ends.
+async fn relay_upgraded(app: OnUpgrade, target: OnUpgrade) {
+    let (app, target) = match tokio::join!(app, target) {
+        (Ok(a), Ok(t)) => (a, t),
+        (a, t) => {
+            tracing::debug!(
+                app = a.is_ok(),
+                target = t.is_ok(),
+                "upgrade did not complete"
+            );
+            return;
+        }
+    };
+    let (mut app, mut target) = (TokioIo::new(app), TokioIo::new(target));
+    match tokio::io::copy_bidirectional(&mut app, &mut target).await {
+        Ok((up, down)) => tracing::debug!(up, down, "upgraded connection closed"),
+        Err(e) => tracing::debug!(error = %e, "upgraded connection ended by an error"),
+    }
+}
+
+/// The `Host` latch sends: `http.host`, else — when latch makes TLS — the name it verifies
+/// (`tls.serverName` or the destination host, with the port unless it is 443); else `None`
+/// (the application's own).
+fn host_header(cx: Context<'_>) -> Option<HeaderValue> {
+    let policy = cx.policy;
+    if let Some(h) = &policy.http.host {
+        return HeaderValue::from_str(h).ok();
+    }
+    if policy.tls.mode == TlsMode::Disable {
+        return None;
+    }
+    let name = match (&policy.tls.server_name, &policy.destination.target) {
+        (Some(n), _) => n.clone(),
+        (None, Dest::Host(h)) => h.clone(),
+        _ => return None,
+    };
+    let port = target::address(&cx).port();
+    let value = if port == 443 {
+        name
+    } else {
+        format!("{name}:{port}")
+    };
+    HeaderValue::from_str(&value).ok()
+}
+
+/// Whether the application's first byte is a TLS handshake record (waits for it at most
+/// `within`; a silent application is hyper's to time out).
+async fn speaks_tls(app: &TcpStream, within: Duration) -> bool {
+    let mut first = [0u8; 1];
+    matches!(
+        tokio::time::timeout(within, app.peek(&mut first)).await,
+        Ok(Ok(1)) if first[0] == 0x16
+    )
+}
+
+/// Answers every request on `app` with `failure`'s response (it closes the connection), the
+/// head read within `within`.
+async fn answer_all(app: TcpStream, failure: Failure, within: Duration) {
+    let failure = &failure;
+    let service = service_fn(|_req: Request<Incoming>| async move {
+        Ok::<_, Infallible>(failure.response().map(Full::new))
+    });
+    let conn = server(within).serve_connection(TokioIo::new(app), service);
+    if let Err(e) = tokio::time::timeout(within * 2, conn)
+        .await
+        .unwrap_or(Ok(()))
+    {
+        tracing::debug!(error = %e, "refused application connection ended by an error");
+    }
+}
