@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod container;
 pub mod http;
 pub mod leftovers;
+pub mod manifests;
 pub mod mariadb;
 pub mod memory;
 pub mod openbao;
