@@ -55,7 +55,9 @@ pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
 pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// cargo-deb, which builds the Debian package (`[package.metadata.deb]` in agent/Cargo.toml).
-const CARGO_DEB_VERSION: &str = "^3";
+/// Pinned: tests/tests/packaging_deb.rs packages the dev-profile binary, which cargo-deb 3.8
+/// accepts with a warning and says a later release may refuse.
+const CARGO_DEB_VERSION: &str = "=3.8.0";
 
 /// bpf-linker release line verified with the nightly toolchain's LLVM (see HANDBOOK).
 const BPF_LINKER_VERSION: &str = "^0.13";
