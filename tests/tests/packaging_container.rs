@@ -9,8 +9,9 @@
 //! asks for, read from daemonset.yaml: host PID and network namespaces, the capabilities it
 //! adds (all others dropped, not privileged), no_new_privs, a read-only root, its hostPath
 //! mounts (bpffs, cgroup fs, /run/netns; the state directory is a temporary directory instead
-//! of the host's /var/lib/latch), the ConfigMap's place (/etc/latch/) from a directory the
-//! test writes, its arguments (with `--cgroup` pointed at the test's own cgroup, never the
+//! of the host's /var/lib/latch), the ConfigMap (/etc/latch/) and the Secret
+//! (/var/run/latch/secrets/) as directories laid out the way the kubelet lays them out (a
+//! world-writable root, `..data` and symlinks), its arguments (with `--cgroup` pointed at the test's own cgroup, never the
 //! pods' or the root), and its readiness probe. latch inside the container then brokers psql,
 //! a process on the host in the intercepted cgroup holding no password, to a real
 //! PostgreSQL 15.
@@ -101,6 +102,46 @@ fn build_image() -> Image {
     image
 }
 
+/// Fills `dir` the way the kubelet fills a ConfigMap or Secret volume (its atomic writer):
+/// the files in a timestamped directory (0755) with mode `file_mode` (`defaultMode`), a
+/// `..data` symlink to it, and a symlink per key to `..data/<key>`; the volume's root is
+/// world-writable (0777), as the kubelet leaves it (kubernetes/kubernetes#133641).
+fn kubelet_volume(dir: &Path, files: &[(&str, &str)], file_mode: u32) {
+    use std::os::unix::fs::{PermissionsExt as _, symlink};
+    let ts = "..2026_12_03_15_00_00.1234567890";
+    let data = dir.join(ts);
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (name, text) in files {
+        let f = data.join(name);
+        std::fs::write(&f, text).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(file_mode)).unwrap();
+        symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+    }
+    symlink(ts, dir.join("..data")).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+}
+
+/// What the kubelet does when the ConfigMap or Secret changes: the new files in a new
+/// timestamped directory, a `..data_tmp` symlink to it renamed over `..data`, the old
+/// directory removed.
+fn kubelet_update(dir: &Path, files: &[(&str, &str)], file_mode: u32) {
+    use std::os::unix::fs::{PermissionsExt as _, symlink};
+    let old = std::fs::read_link(dir.join("..data")).unwrap();
+    let ts = "..2026_12_03_15_05_00.2345678901";
+    let data = dir.join(ts);
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (name, text) in files {
+        let f = data.join(name);
+        std::fs::write(&f, text).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(file_mode)).unwrap();
+    }
+    symlink(ts, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    std::fs::remove_dir_all(dir.join(old)).unwrap();
+}
+
 /// The audit records among a container's log lines.
 fn audit_records(logs: &str) -> Vec<Value> {
     logs.lines()
@@ -119,25 +160,25 @@ fn the_image_runs_as_the_daemonset_says_and_brokers_psql_without_a_password() {
     let pg = PgCluster::start("127.0.0.2", PASSWORD, "unused-md5", "unused-plain");
     let cg = TestCgroup::new();
 
-    // What the ConfigMap would hold, in the container's /etc/latch/; credentials in a
-    // root-only file in a subdirectory (the agent reads *.yaml of /etc/latch/ only).
+    // The ConfigMap latch-policies and the Secret latch-secrets, laid out as the kubelet
+    // lays out their volumes (see [`kubelet_volume`]).
     let etc = TempDir::new("ct-etc");
-    std::fs::create_dir(etc.path().join("secrets")).unwrap();
+    let policy = format!(
+        "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: local}}\n\
+         spec: {{file: {{path: /var/run/latch/secrets/secrets.yaml}}}}\n---\n\
+         apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {{name: orders-db}}\n\
+         spec:\n  destination: {{address: \"{}\", port: {}}}\n  workloads: all\n  \
+         protocol: postgres\n  tls: {{mode: disable}}\n  credentials:\n    store: local\n    \
+         username: {{path: db, field: username}}\n    password: {{path: db, field: password}}\n",
+        pg.addr.ip(),
+        pg.addr.port()
+    );
+    kubelet_volume(etc.path(), &[("orders-db.yaml", &policy)], 0o644);
     let secrets = TempDir::new("ct-secrets");
-    let creds = secrets.write("credentials.yaml", &secrets_yaml(SCRAM_USER, PASSWORD));
-    std::fs::copy(&creds, etc.path().join("secrets/credentials.yaml")).unwrap();
-    etc.write(
-        "orders-db.yaml",
-        &format!(
-            "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: local}}\n\
-             spec: {{file: {{path: /etc/latch/secrets/credentials.yaml}}}}\n---\n\
-             apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {{name: orders-db}}\n\
-             spec:\n  destination: {{address: \"{}\", port: {}}}\n  workloads: all\n  \
-             protocol: postgres\n  tls: {{mode: disable}}\n  credentials:\n    store: local\n    \
-             username: {{path: db, field: username}}\n    password: {{path: db, field: password}}\n",
-            pg.addr.ip(),
-            pg.addr.port()
-        ),
+    kubelet_volume(
+        secrets.path(),
+        &[("secrets.yaml", &secrets_yaml(SCRAM_USER, PASSWORD))],
+        0o400,
     );
     let state = TempDir::new("ct-state");
 
@@ -186,6 +227,8 @@ fn the_image_runs_as_the_daemonset_says_and_brokers_psql_without_a_password() {
         let target = m["mountPath"].as_str().unwrap();
         let source = if v["configMap"].is_object() {
             etc.path().display().to_string()
+        } else if v["secret"].is_object() {
+            secrets.path().display().to_string()
         } else {
             let host = v["hostPath"]["path"]
                 .as_str()
@@ -297,6 +340,28 @@ fn the_image_runs_as_the_daemonset_says_and_brokers_psql_without_a_password() {
         records[0]
     );
     assert!(!logs().contains(PASSWORD), "the password reached the log");
+
+    // `kubectl apply` of a changed ConfigMap: the kubelet writes a new timestamped directory
+    // and swaps `..data` to it with a rename. The agent reloads without a restart.
+    let renamed = policy.replace("name: orders-db}", "name: orders-db-v2}");
+    assert_ne!(renamed, policy);
+    kubelet_update(etc.path(), &[("orders-db.yaml", &renamed)], 0o644);
+    let reloaded = wait_for(Duration::from_secs(10), || {
+        let out = pg
+            .psql_in(&cg, "whoever", "postgres", "select 1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}\n{}", logs());
+        audit_records(&logs())
+            .iter()
+            .any(|r| r["policy"] == "orders-db-v2")
+            .then_some(())
+    });
+    assert!(
+        reloaded.is_some(),
+        "the ConfigMap update was not picked up:\n{}",
+        logs()
+    );
 
     // The kubelet stops a pod with SIGTERM: the agent drains, detaches and exits 0.
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
