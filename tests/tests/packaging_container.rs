@@ -191,7 +191,11 @@ fn the_image_runs_as_the_daemonset_says_and_brokers_psql_without_a_password() {
     cmd.args(["run", "--detach", "--pull", "never", "--name", &name])
         .args(["--ulimit", &format!("nofile={hard}:{hard}")])
         .args(["--ulimit", "nproc=1024:1024"])
-        .args(["--cgroups", "no-conmon"]);
+        .args(["--cgroups", "no-conmon"])
+        // A cgroup namespace of its own, as containerd gives every container on a cgroup v2
+        // node (podman on this hybrid host would share the host's): the agent joins the
+        // host's at start, or the workload cgroups it reads would be relative to its own.
+        .arg("--cgroupns=private");
     // Host namespaces.
     assert_eq!(
         pod["hostPID"], true,
@@ -303,6 +307,11 @@ fn the_image_runs_as_the_daemonset_says_and_brokers_psql_without_a_password() {
         matches!(http::get(admin, path), Ok((200, _))).then_some(())
     });
     assert!(ready.is_some(), "never ready:\n{}", logs());
+    assert!(
+        logs().contains("joined the node's cgroup namespace"),
+        "the agent stayed in the container's cgroup namespace:\n{}",
+        logs()
+    );
     let live = spec["livenessProbe"]["httpGet"]["path"].as_str().unwrap();
     assert!(matches!(http::get(admin, live), Ok((200, _))));
 
