@@ -36,6 +36,11 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     // The static `latch` of the container image (deploy/Containerfile): musl-gcc compiles
     // ring's C and assembly for the x86_64-unknown-linux-musl target.
     "musl-tools",
+    // Packaging tests: strip (binutils) for the image's binary and cargo-deb, dpkg-shlibdeps
+    // (dpkg-dev) for the package's dependencies, the CA bundle the image carries.
+    "binutils",
+    "dpkg-dev",
+    "ca-certificates",
 ];
 
 /// Tools from PyPI the tests start: (command, arguments that succeed when it works, pip requirement).
