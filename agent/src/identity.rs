@@ -207,6 +207,62 @@ pub fn require_host_pid_namespace() -> Result<(), PidNamespaceError> {
     check_nspid(&status)
 }
 
+/// The agent could not join the host's cgroup namespace.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this process is in a cgroup namespace of its own and could not join the node's \
+     (PID 1's, or its parent's): {source}. Workload cgroups read from /proc/<pid>/cgroup would be \
+     relative to this container's and say nothing. Grant CAP_SYS_ADMIN (the DaemonSet does) \
+     or run in the host's cgroup namespace (podman/docker: --cgroupns=host)"
+)]
+pub struct CgroupNamespaceError {
+    #[source]
+    source: std::io::Error,
+}
+
+/// Joins the node's cgroup namespace when this process has one of its own (a container
+/// runtime on a cgroup v2 host gives every container a private one, containerd and the
+/// kubelet included). `/proc/<pid>/cgroup` shows paths relative to the *reader's* cgroup
+/// namespace, so only in the node's do workload cgroup paths (selectors, container ids, pod
+/// UIDs) read as the kernel and the runtime named them. The node's is PID 1's or, where PID
+/// 1's cannot be read, that of this process's parent (the runtime's shim, which stays in the
+/// node's namespaces when the agent is the container's entry point). Must run before any
+/// other thread exists: `setns` changes the calling thread, and threads inherit it when they
+/// are made. Returns whether it switched. Outside the host PID namespace it does nothing
+/// (PID 1 is not the node's init there; the agent refuses to start anyway).
+pub fn join_host_cgroup_namespace() -> Result<bool, CgroupNamespaceError> {
+    use std::os::unix::fs::MetadataExt as _;
+    if require_host_pid_namespace().is_err() {
+        return Ok(false);
+    }
+    let id = |p: &str| fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let Some(own) = id("/proc/self/ns/cgroup") else {
+        return Ok(false); // no cgroup namespaces in this kernel
+    };
+    let parent = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .and_then(|p| p.trim().parse::<u32>().ok())
+        })
+        .filter(|&p| p > 1);
+    let node = std::iter::once(1)
+        .chain(parent)
+        .map(|pid| format!("/proc/{pid}/ns/cgroup"))
+        .find_map(|path| id(&path).map(|ns| (path, ns)));
+    let Some((path, ns)) = node else {
+        return Ok(false);
+    };
+    if ns == own {
+        return Ok(false);
+    }
+    let file = fs::File::open(&path).map_err(|source| CgroupNamespaceError { source })?;
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWCGROUP)
+        .map_err(|e| CgroupNamespaceError { source: e.into() })?;
+    Ok(true)
+}
+
 fn check_nspid(status: &str) -> Result<(), PidNamespaceError> {
     let Some(line) = status.lines().find_map(|l| l.strip_prefix("NSpid:")) else {
         // Kernels before 4.1 have no NSpid; latch needs far newer ones anyway.

@@ -39,3 +39,24 @@ pub fn tool(name: &str, package: &str) -> PathBuf {
     }
     panic!("`{name}` not found: install {package} (`cargo xtask setup` does)")
 }
+
+/// The static (musl) `latch` that deploy/Containerfile puts in the image. `cargo xtask test`
+/// builds it (`cargo build -p latch --bin latch --target x86_64-unknown-linux-musl`, the dev
+/// profile) and sets `LATCH_STATIC_BIN`.
+pub fn latch_static() -> PathBuf {
+    if let Some(p) = std::env::var_os("LATCH_STATIC_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("x86_64-unknown-linux-musl/debug/latch");
+    if !path.exists() {
+        panic!(
+            "{} not found: build it first (`cargo build -p latch --bin latch --target \
+             x86_64-unknown-linux-musl`; `cargo xtask test` does), or set LATCH_STATIC_BIN",
+            path.display()
+        );
+    }
+    path
+}

@@ -55,7 +55,7 @@ pub fn require_podman() {
 }
 
 /// Whether `elf` is a 64-bit little-endian ELF file without a program interpreter.
-fn is_static_elf(elf: &[u8]) -> bool {
+pub fn is_static_elf(elf: &[u8]) -> bool {
     const PT_INTERP: u32 = 3;
     let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     let u32_at = |o: usize| {

@@ -11,6 +11,7 @@ pub mod container;
 pub mod http;
 pub mod kube_api;
 pub mod leftovers;
+pub mod manifests;
 pub mod mariadb;
 pub mod memory;
 pub mod nginx_api;

@@ -71,7 +71,7 @@ fn systemd_analyze_verify_accepts_the_unit() {
     let dir = TempDir::new("unit");
     let copy = dir.write(
         "latch.service",
-        &unit.replace("/usr/local/bin/latch", &bins::latch().display().to_string()),
+        &unit.replace("/usr/bin/latch", &bins::latch().display().to_string()),
     );
     let out = Command::new(analyze)
         .args(["verify", "--man=no"])
@@ -108,7 +108,7 @@ fn the_units_exec_start_runs_the_agent_under_the_units_capabilities() {
     let exec = directive(&unit, "ExecStart");
     assert_eq!(exec.len(), 1, "one ExecStart expected");
     let mut argv: Vec<String> = exec[0].split_whitespace().map(str::to_owned).collect();
-    assert_eq!(argv[0], "/usr/local/bin/latch");
+    assert_eq!(argv[0], "/usr/bin/latch");
     assert_eq!(
         directive(&unit, "ExecReload"),
         ["/bin/kill -HUP $MAINPID"],

@@ -7,6 +7,7 @@ mod bench_my;
 mod bench_netns;
 mod bench_pg;
 mod demo;
+mod image;
 mod pg;
 mod policy;
 mod proc;
@@ -38,6 +39,8 @@ enum Cmd {
     /// Throughput of one TCP connection (direct vs latch vs HAProxy vs socat) and PostgreSQL
     /// (pgbench, COPY: direct vs latch vs pgbouncer).
     Bench(bench::Args),
+    /// Build the container image (deploy/Containerfile) from a static release `latch`.
+    Image(image::Args),
 }
 
 fn main() {
@@ -48,6 +51,7 @@ fn main() {
         Cmd::Test(args) => test::run_tests(&args).map(|()| 0),
         Cmd::Demo => demo::run_demo(),
         Cmd::Bench(args) => bench::run_bench(&args).map(|()| 0),
+        Cmd::Image(args) => image::run_image(&args).map(|()| 0),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -41,6 +41,14 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "sysbench",
     // The HTTP benchmark (xtask/src/bench_http.rs).
     "wrk",
+    // The static `latch` of the container image (deploy/Containerfile): musl-gcc compiles
+    // ring's C and assembly for the x86_64-unknown-linux-musl target.
+    "musl-tools",
+    // Packaging tests: strip (binutils) for the image's binary and cargo-deb, dpkg-shlibdeps
+    // (dpkg-dev) for the package's dependencies, the CA bundle the image carries.
+    "binutils",
+    "dpkg-dev",
+    "ca-certificates",
 ];
 
 /// Tools from PyPI the tests start: (command, arguments that succeed when it works, pip requirement).
@@ -59,7 +67,18 @@ pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
         &["-c", "import websockets.sync.client"],
         "websockets",
     ),
+    // Offline validation of deploy/kubernetes/ against the upstream OpenAPI schemas
+    // (tests/tests/packaging_kubernetes.rs); brings PyYAML and jsonschema along.
+    ("kubernetes-validate", &["--version"], "kubernetes-validate"),
 ];
+
+/// The Rust target of the static binary in the container image (deploy/Containerfile).
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// cargo-deb, which builds the Debian package (`[package.metadata.deb]` in agent/Cargo.toml).
+/// Pinned: tests/tests/packaging_deb.rs packages the dev-profile binary, which cargo-deb 3.8
+/// accepts with a warning and says a later release may refuse.
+const CARGO_DEB_VERSION: &str = "=3.8.0";
 
 /// bpf-linker release line verified with the nightly toolchain's LLVM (see HANDBOOK).
 const BPF_LINKER_VERSION: &str = "^0.13";
@@ -71,6 +90,8 @@ pub fn run_setup() -> Result<()> {
     bpf_linker()?;
     debian_packages()?;
     python_tools()?;
+    static_target()?;
+    cargo_deb()?;
     bpffs()?;
     Ok(())
 }
@@ -225,6 +246,36 @@ fn python_tools() -> Result<()> {
         "python tools (pip)",
         &format!("installed {}", missing.join(" ")),
     );
+    Ok(())
+}
+
+fn static_target() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if installed.lines().any(|l| l.trim() == STATIC_TARGET) {
+        step(&format!("rust target {STATIC_TARGET}"), "ok");
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["target", "add", STATIC_TARGET]))?;
+    step(&format!("rust target {STATIC_TARGET}"), "installed");
+    Ok(())
+}
+
+fn cargo_deb() -> Result<()> {
+    if succeeds(proc::cargo().args(["deb", "--version"])) {
+        step("cargo-deb", "ok");
+        return Ok(());
+    }
+    run(proc::cargo().args([
+        "install",
+        "cargo-deb",
+        "--locked",
+        "--version",
+        CARGO_DEB_VERSION,
+    ]))?;
+    if !succeeds(proc::cargo().args(["deb", "--version"])) {
+        bail!("cargo-deb was installed but `cargo deb --version` fails: is ~/.cargo/bin on PATH?");
+    }
+    step("cargo-deb", "installed");
     Ok(())
 }
 

@@ -41,9 +41,27 @@ pub fn run_tests(args: &Args) -> Result<()> {
             );
         }
     }
+    // The container image's static binary (tests/tests/packaging_container.rs), dev profile:
+    // a second build of the workspace for the musl target, incremental after the first.
+    banner("build the static binary (musl)");
+    let static_target = crate::setup::STATIC_TARGET;
+    run(proc::cargo().args([
+        "build",
+        "-p",
+        "latch",
+        "--bin",
+        "latch",
+        "--target",
+        static_target,
+    ]))?;
+    let static_bin = proc::target_dir()
+        .join(static_target)
+        .join("debug")
+        .join("latch");
     banner("test");
     run(proc::cargo()
         .env("LATCH_BIN", bin.join("latch"))
+        .env("LATCH_STATIC_BIN", static_bin)
         .env("LATCH_PROBE_BIN", bin.join("latch-probe"))
         .arg("test")
         .args(EXCLUDE)

@@ -292,6 +292,15 @@ pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Agent(args) => {
             telemetry::init(cli.log_format, "info");
+            // Before the runtime's threads exist: they inherit the namespace.
+            match latch::identity::join_host_cgroup_namespace() {
+                Ok(true) => tracing::info!("joined the node's cgroup namespace"),
+                Ok(false) => {}
+                Err(err) => {
+                    eprintln!("latch: {err}");
+                    return ExitCode::FAILURE;
+                }
+            }
             with_runtime(agent::main(args))
         }
         Command::Run(args) => {

@@ -3,7 +3,8 @@
 //!
 //! * Every policy file, the directories given, and every directory above them must belong to
 //!   root and be writable by no one else (a directory with the sticky bit, like `/tmp`, may be
-//!   world-writable: others cannot replace what is in it).
+//!   world-writable: others cannot replace what is in it; so may one on a read-only mount,
+//!   like a ConfigMap volume in a container: no one can write it there).
 //! * An `exec` store may run only a command the operator allowed on the command line
 //!   (`--allow-exec PATH`).
 //!
@@ -74,13 +75,22 @@ fn untrusted(path: &Path) -> Option<String> {
     }
     let mode = meta.permissions().mode();
     let sticky_dir = meta.is_dir() && mode & 0o1000 != 0;
-    if mode & 0o022 != 0 && !sticky_dir {
+    if mode & 0o022 != 0 && !sticky_dir && !read_only_mount(path) {
         return Some(format!(
             "mode {:o} lets others write it: whoever can write the policy files controls what latch does as root; chmod go-w",
             mode & 0o7777
         ));
     }
     None
+}
+
+/// Whether `path` is on a read-only mount: then no one, root included, can write it through
+/// this path, whatever its mode says. The kubelet mounts ConfigMap and Secret volumes
+/// read-only into containers but leaves their root directory mode 0777
+/// (kubernetes/kubernetes#133641), so the DaemonSet's `/etc/latch/` is one of these.
+fn read_only_mount(path: &Path) -> bool {
+    nix::sys::statvfs::statvfs(path)
+        .is_ok_and(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
 }
 
 /// Checks that every `exec` store runs a command in `allowed`.

@@ -1,0 +1,279 @@
+//! deploy/kubernetes/ is valid against the real upstream schemas, offline.
+//!
+//! `kubernetes-validate` (PyPI) carries the OpenAPI schemas of each Kubernetes release; every
+//! `*.yaml` below deploy/kubernetes is checked with `--strict` (unknown fields are errors)
+//! against [`KUBERNETES_VERSION`]. It only warns about kinds it has no schema for: the
+//! Kustomization and our custom resources. The custom resources are checked here instead:
+//! against the CustomResourceDefinitions in crds.yaml when that file exists, and always as
+//! file-format documents by `latch policy check` (their `spec` is the file format's).
+//!
+//! No cluster runs here: that the DaemonSet really runs is tested with podman in
+//! packaging_container.rs, with the namespaces, mounts and capabilities read from it.
+use std::{path::Path, process::Command};
+
+use latch_tests::{
+    TempDir, bins,
+    manifests::{self, kubernetes_dir, load_yaml, yaml_files},
+    run_ok,
+};
+use serde_json::Value;
+
+/// The Kubernetes release the manifests are validated against (and need: the DaemonSet's
+/// `appArmorProfile` field exists since 1.30).
+const KUBERNETES_VERSION: &str = "1.33.0";
+
+/// Kinds kubernetes-validate has no schema for, and who checks them instead.
+const OWN_KINDS: &[&str] = &["Kustomization", "Policy", "SecretStore"];
+
+fn kubernetes_validate(files: &[&Path]) -> std::process::Output {
+    Command::new(bins::tool(
+        "kubernetes-validate",
+        "the PyPI package kubernetes-validate",
+    ))
+    .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+    .args(files)
+    .output()
+    .expect("run kubernetes-validate")
+}
+
+#[test]
+fn every_manifest_passes_kubernetes_validate_strict() {
+    let files = yaml_files(&kubernetes_dir());
+    for want in [
+        "namespace.yaml",
+        "serviceaccount.yaml",
+        "configmap.yaml",
+        "daemonset.yaml",
+        "kustomization.yaml",
+        "examples/demo.yaml",
+    ] {
+        assert!(
+            files.iter().any(|f| f.ends_with(want)),
+            "deploy/kubernetes/{want} is missing"
+        );
+    }
+    let refs: Vec<&Path> = files.iter().map(|f| f.as_path()).collect();
+    let out = kubernetes_validate(&refs);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "kubernetes-validate failed:\n{text}");
+    // Each document with a known kind says "passed"; the only warnings are our own kinds.
+    let mut documents = 0;
+    for f in &files {
+        for doc in load_yaml(f) {
+            documents += 1;
+            let kind = doc["kind"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: a document without kind", f.display()));
+            if OWN_KINDS.contains(&kind) {
+                continue;
+            }
+            let name = doc["metadata"]["name"].as_str().unwrap();
+            let line = format!("passed for resource {}/{name}", kind.to_lowercase());
+            assert!(text.contains(&line), "no `{line}` in:\n{text}");
+        }
+    }
+    for warning in text.lines().filter(|l| l.starts_with("WARN")) {
+        assert!(
+            OWN_KINDS
+                .iter()
+                .any(|k| warning.contains(&format!("schema for kind {k} "))),
+            "unexpected warning: {warning}"
+        );
+    }
+    eprintln!(
+        "{} files, {documents} documents valid for Kubernetes {KUBERNETES_VERSION}",
+        files.len()
+    );
+}
+
+#[test]
+fn kubernetes_validate_rejects_a_daemonset_with_a_misspelt_field() {
+    // The check above can fail: the same DaemonSet with `hostPid` for `hostPID`.
+    let dir = TempDir::new("k8s-bad");
+    let text = std::fs::read_to_string(kubernetes_dir().join("daemonset.yaml")).unwrap();
+    assert!(text.contains("hostPID: true"));
+    let bad = dir.write("daemonset.yaml", &text.replace("hostPID:", "hostPid:"));
+    let out = kubernetes_validate(&[&bad]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a misspelt field passed:\n{text}");
+    assert!(text.contains("hostPid"), "{text}");
+}
+
+#[test]
+fn the_kustomization_applies_every_top_level_manifest() {
+    let docs = load_yaml(&kubernetes_dir().join("kustomization.yaml"));
+    let resources: Vec<&str> = docs[0]["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    for f in std::fs::read_dir(kubernetes_dir()).unwrap() {
+        let name = f.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".yaml") && name != "kustomization.yaml" {
+            assert!(
+                resources.contains(&name.as_str()),
+                "kustomization.yaml does not list {name}"
+            );
+        }
+    }
+    // crds.yaml and rbac.yaml come with the Kubernetes API side of the agent (issue 16's
+    // other half); everything else listed must exist.
+    for r in &resources {
+        let exists = kubernetes_dir().join(r).is_file();
+        if ["crds.yaml", "rbac.yaml"].contains(r) && !exists {
+            eprintln!("note: {r} is listed but not in this tree yet");
+            continue;
+        }
+        assert!(exists, "kustomization.yaml lists {r}, which does not exist");
+    }
+}
+
+/// Policy and SecretStore documents of a file: the custom resources.
+fn custom_resources(docs: Vec<Value>) -> Vec<Value> {
+    docs.into_iter()
+        .filter(|d| {
+            d["apiVersion"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("latch.dev/"))
+        })
+        .collect()
+}
+
+#[test]
+fn the_example_resources_load_as_latch_configuration() {
+    let examples = custom_resources(load_yaml(&kubernetes_dir().join("examples/demo.yaml")));
+    let kinds: Vec<&str> = examples
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"Policy") && kinds.contains(&"SecretStore"),
+        "examples/demo.yaml needs a Policy and a SecretStore: {kinds:?}"
+    );
+    for d in &examples {
+        assert_eq!(d["apiVersion"], "latch.dev/v1alpha1", "{d}");
+    }
+    // The file format has no metadata.namespace (a namespaced resource's scope is the
+    // Kubernetes side's business); the spec is checked as the agent's loader reads it.
+    let dir = TempDir::new("k8s-examples");
+    let file_format: Vec<Value> = examples
+        .iter()
+        .cloned()
+        .map(|mut d| {
+            d["metadata"].as_object_mut().unwrap().remove("namespace");
+            d
+        })
+        .collect();
+    manifests::write_yaml(&dir.path().join("demo.yaml"), &file_format);
+    let out = run_ok(
+        Command::new(bins::latch())
+            .args(["policy", "check"])
+            .arg(dir.path()),
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("1 policies, 1 secret stores"), "{said}");
+
+    // The ConfigMap's files are what the agent loads from /etc/latch/.
+    let cm = load_yaml(&kubernetes_dir().join("configmap.yaml"));
+    let data = cm[0]["data"].as_object().expect("ConfigMap data");
+    let etc = TempDir::new("k8s-configmap");
+    for (name, text) in data {
+        assert!(name.ends_with(".yaml"), "{name}: the agent loads *.yaml");
+        etc.write(name, text.as_str().unwrap());
+    }
+    run_ok(
+        Command::new(bins::latch())
+            .args(["policy", "check"])
+            .arg(etc.path()),
+    );
+}
+
+#[test]
+fn the_example_resources_match_the_crd_schemas() {
+    let crds_file = kubernetes_dir().join("crds.yaml");
+    if !crds_file.is_file() {
+        // Not a skip of what this branch owns: crds.yaml is generated by the Kubernetes API
+        // side of issue 16 and arrives with it.
+        eprintln!("note: deploy/kubernetes/crds.yaml not in this tree yet: nothing to match");
+        return;
+    }
+    let crds = load_yaml(&crds_file);
+    let examples = custom_resources(load_yaml(&kubernetes_dir().join("examples/demo.yaml")));
+    let dir = TempDir::new("k8s-crd");
+    for cr in examples {
+        let kind = cr["kind"].as_str().unwrap();
+        let (group, version) = cr["apiVersion"].as_str().unwrap().split_once('/').unwrap();
+        let crd = crds
+            .iter()
+            .find(|c| c["spec"]["group"] == group && c["spec"]["names"]["kind"] == kind)
+            .unwrap_or_else(|| panic!("crds.yaml has no CRD for {group} {kind}"));
+        let v = crd["spec"]["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == version)
+            .unwrap_or_else(|| panic!("the {kind} CRD has no version {version}"));
+        let schema = &v["schema"]["openAPIV3Schema"];
+        assert!(schema.is_object(), "the {kind} CRD has no openAPIV3Schema");
+        let pair = dir.path().join(format!("{kind}.json"));
+        std::fs::write(&pair, serde_json::to_vec(&(schema, &cr)).unwrap()).unwrap();
+        // jsonschema comes with kubernetes-validate. OpenAPI's x-kubernetes-* keywords are
+        // annotations to it.
+        let out = Command::new(bins::tool("python3", "python3"))
+            .args([
+                "-c",
+                "import sys, json, jsonschema\n\
+                 schema, doc = json.load(open(sys.argv[1]))\n\
+                 jsonschema.validate(doc, schema)",
+            ])
+            .arg(&pair)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "example {kind} does not match crds.yaml:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_daemonset_grants_the_capabilities_of_the_systemd_unit() {
+    // One list of what the agent needs, said twice (unit and DaemonSet): they must agree.
+    let unit = std::fs::read_to_string(manifests::deploy_dir().join("latch.service")).unwrap();
+    let bounding: Vec<&str> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet")
+        .split_whitespace()
+        .collect();
+    let mut ds = manifests::daemonset_capabilities();
+    ds.sort();
+    let mut unit_caps: Vec<String> = bounding.iter().map(|s| s.to_string()).collect();
+    unit_caps.sort();
+    assert_eq!(ds, unit_caps);
+    let (pod, c) = manifests::daemonset();
+    assert_eq!(pod["hostPID"], true);
+    assert_eq!(c["securityContext"]["privileged"], false);
+    let mounts: Vec<&str> = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    for need in [
+        "/sys/fs/bpf",
+        "/sys/fs/cgroup",
+        "/run/netns",
+        "/var/lib/latch",
+        "/etc/latch",
+    ] {
+        assert!(mounts.contains(&need), "no mount at {need}: {mounts:?}");
+    }
+}
