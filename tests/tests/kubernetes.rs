@@ -486,15 +486,34 @@ fn custom_resources_apply_report_their_status_and_a_namespaced_policy_serves_onl
     );
     assert!(!admitted(&bank, &pg));
 
-    // Conditions are written when they change, not at every reload.
+    // Conditions are written when they change, not at every reload (SIGHUP: a reload with
+    // nothing changed).
     std::thread::sleep(Duration::from_secs(2));
     let patches = api.status_patches();
-    api.put_pod(&spec(&shop, "shop", "orders", &[("app", "orders-v2")]));
-    std::thread::sleep(Duration::from_secs(3));
+    let reloads = agent.log().matches("configuration reloaded").count();
+    agent.signal(libc::SIGHUP);
+    agent.wait_log("configuration reloaded", reloads + 1);
+    std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
         api.status_patches(),
         patches,
         "statuses rewritten unchanged"
+    );
+    // A changed spec with the same verdict: the condition says which generation it judged.
+    api.put_resource(
+        "Policy",
+        Some("bank"),
+        "typo",
+        serde_json::json!({"destination": {"address": "192.0.2.1", "port": 5433}, "protocl": "postgres", "workloads": "all"}),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || api
+            .resource("Policy", Some("bank"), "typo")
+            .is_some_and(
+                |o| o["status"]["conditions"][0]["observedGeneration"] == 2
+            )),
+        "observedGeneration not updated: {:?}",
+        api.resource("Policy", Some("bank"), "typo")
     );
 
     // A ClusterPolicy has no namespace: it may admit the bank pod, with a store of the files.

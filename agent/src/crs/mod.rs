@@ -84,6 +84,8 @@ pub struct Object {
     pub spec: serde_json::Value,
     /// The `Accepted` condition the object carries now (to write only changes).
     pub accepted: Option<Condition>,
+    /// The generation that condition judged.
+    pub observed_generation: Option<i64>,
     pub generation: Option<i64>,
     pub resource_version: Option<String>,
 }

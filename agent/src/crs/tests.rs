@@ -13,6 +13,7 @@ fn obj(spec: serde_json::Value) -> Object {
     Object {
         spec,
         accepted: None,
+        observed_generation: None,
         generation: Some(1),
         resource_version: Some("1".into()),
     }

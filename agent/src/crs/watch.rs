@@ -95,7 +95,7 @@ impl Resources {
             let Some(obj) = snapshot.get(key) else {
                 continue;
             };
-            if obj.accepted.as_ref() == Some(cond) {
+            if obj.accepted.as_ref() == Some(cond) && obj.observed_generation == obj.generation {
                 continue;
             }
             let stamp = (cond.clone(), obj.resource_version.clone());
@@ -274,14 +274,15 @@ fn object_of(kind: Kind, obj: &DynamicObject) -> Option<(Key, Object)> {
     } else {
         None
     };
-    let accepted = obj.data["status"]["conditions"]
+    let condition = obj.data["status"]["conditions"]
         .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["type"] == "Accepted"))
-        .map(|c| Condition {
-            accepted: c["status"] == "True",
-            reason: c["reason"].as_str().unwrap_or_default().to_owned(),
-            message: c["message"].as_str().unwrap_or_default().to_owned(),
-        });
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Accepted"));
+    let observed_generation = condition.and_then(|c| c["observedGeneration"].as_i64());
+    let accepted = condition.map(|c| Condition {
+        accepted: c["status"] == "True",
+        reason: c["reason"].as_str().unwrap_or_default().to_owned(),
+        message: c["message"].as_str().unwrap_or_default().to_owned(),
+    });
     Some((
         Key {
             kind,
@@ -295,6 +296,7 @@ fn object_of(kind: Kind, obj: &DynamicObject) -> Option<(Key, Object)> {
                 .cloned()
                 .unwrap_or(serde_json::Value::Null),
             accepted,
+            observed_generation,
             generation: obj.metadata.generation,
             resource_version: obj.metadata.resource_version.clone(),
         },
