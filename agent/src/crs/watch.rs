@@ -27,6 +27,8 @@ use crate::pods::watch::{Backoff, WatchError};
 pub const MAX_OBJECTS: usize = 5_000;
 
 type Objects = Arc<Mutex<BTreeMap<Key, Object>>>;
+/// A condition written, with the resourceVersion of the object it was written against.
+type Stamp = (Condition, Option<String>);
 
 /// The watched resources, and what writes their conditions.
 #[derive(Clone)]
@@ -35,7 +37,7 @@ pub struct Resources {
     objects: Objects,
     /// The condition last written per resource, with the resourceVersion it was written
     /// against: not written again until the object changes.
-    written: Arc<Mutex<HashMap<Key, (Condition, Option<String>)>>>,
+    written: Arc<Mutex<HashMap<Key, Stamp>>>,
 }
 
 fn api_resource(kind: Kind) -> ApiResource {
@@ -98,7 +100,7 @@ impl Resources {
             if obj.accepted.as_ref() == Some(cond) && obj.observed_generation == obj.generation {
                 continue;
             }
-            let stamp = (cond.clone(), obj.resource_version.clone());
+            let stamp: Stamp = (cond.clone(), obj.resource_version.clone());
             if written.get(key) == Some(&stamp) {
                 continue;
             }
