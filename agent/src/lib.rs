@@ -12,6 +12,7 @@ pub mod ca;
 pub mod cgroup;
 pub mod config;
 pub mod connector;
+pub mod crs;
 pub mod dns;
 pub mod doctor;
 pub mod ebpf;

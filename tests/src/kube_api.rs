@@ -9,6 +9,11 @@
 //!   chunked stream of watch events (`ADDED`, `MODIFIED`, `DELETED`, and `BOOKMARK` every
 //!   second while idle) after RV; an RV older than the compacted history gets the `ERROR`
 //!   event with a 410 `Status` (reason `Expired`), as the real server sends it;
+//! - latch's custom resources the same way (`GET /apis/latch.dev/v1alpha1/{policies,
+//!   clusterpolicies,secretstores}`, list and watch across namespaces), and the merge
+//!   `PATCH` of their `status` subresource (`.../namespaces/NS/PLURAL/NAME/status`, or
+//!   `.../PLURAL/NAME/status` for cluster-scoped ones), which changes only `.status`;
+//! - `GET /api/v1/namespaces/NS/secrets/NAME`: Secrets the test put;
 //! - a bearer token is required (401 `Status` otherwise).
 //!
 //! [`KubeApi::start_tls`] puts `socat` in front as the TLS server (a certificate for
@@ -52,8 +57,13 @@ struct Store {
     /// get 410 Gone.
     compacted: u64,
     pods: BTreeMap<String, (u64, PodSpecT)>,
-    /// (resourceVersion, type, object) of every change, oldest first.
-    events: Vec<(u64, &'static str, serde_json::Value)>,
+    /// Custom resources by (plural, namespace, name): (resourceVersion, object).
+    objects: BTreeMap<(String, Option<String>, String), (u64, serde_json::Value)>,
+    /// Secrets by (namespace, name): their `data` (plain values; served base64).
+    secrets: BTreeMap<(String, String), BTreeMap<String, String>>,
+    /// (resourceVersion, type, collection, object) of every change, oldest first; the
+    /// collection is `pods` or a custom resource's plural.
+    events: Vec<(u64, &'static str, String, serde_json::Value)>,
 }
 
 struct Inner {
@@ -69,6 +79,9 @@ struct Inner {
     watches: AtomicU64,
     gone: AtomicU64,
     field_selectors: Mutex<Vec<String>>,
+    status_patches: AtomicU64,
+    /// `namespace/name` of every Secret read.
+    secret_reads: Mutex<Vec<String>>,
 }
 
 pub struct KubeApi {
@@ -95,6 +108,8 @@ impl KubeApi {
                 rv: 100,
                 compacted: 0,
                 pods: BTreeMap::new(),
+                objects: BTreeMap::new(),
+                secrets: BTreeMap::new(),
                 events: Vec::new(),
             }),
             changed: Condvar::new(),
@@ -106,6 +121,8 @@ impl KubeApi {
             watches: AtomicU64::new(0),
             gone: AtomicU64::new(0),
             field_selectors: Mutex::new(Vec::new()),
+            status_patches: AtomicU64::new(0),
+            secret_reads: Mutex::new(Vec::new()),
         });
         let acceptor = Some(spawn_acceptor(listener, inner.clone()));
         KubeApi {
@@ -143,6 +160,19 @@ impl KubeApi {
         api
     }
 
+    /// The URL clients use (the TLS front if any).
+    pub fn url(&self) -> String {
+        match &self.tls {
+            Some(t) => format!("https://{}", t.addr),
+            None => format!("http://{}", self.addr),
+        }
+    }
+
+    /// The CA file of the TLS front, if any.
+    pub fn ca_file(&self) -> Option<std::path::PathBuf> {
+        self.tls.as_ref().map(|t| t.ca.ca())
+    }
+
     /// A kubeconfig pointing at this server (its TLS front if any) with [`TOKEN`].
     pub fn kubeconfig(&self) -> String {
         let cluster = match &self.tls {
@@ -171,7 +201,7 @@ impl KubeApi {
             "ADDED"
         };
         s.pods.insert(pod.uid.clone(), (rv, pod.clone()));
-        s.events.push((rv, kind, pod_json(pod, rv)));
+        s.events.push((rv, kind, "pods".into(), pod_json(pod, rv)));
         self.inner.changed.notify_all();
     }
 
@@ -200,8 +230,128 @@ impl KubeApi {
         };
         s.rv += 1;
         let rv = s.rv;
-        s.events.push((rv, "DELETED", pod_json(&pod, rv)));
+        s.events
+            .push((rv, "DELETED", "pods".into(), pod_json(&pod, rv)));
         self.inner.changed.notify_all();
+    }
+
+    /// Creates or replaces (keeping its `status`) the custom resource `kind` (`Policy`,
+    /// `ClusterPolicy`, `SecretStore`) `namespace/name` with `spec`; its `generation` grows
+    /// with each spec change, as the real server counts it.
+    pub fn put_resource(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+        spec: serde_json::Value,
+    ) {
+        let plural = plural_of(kind);
+        let mut s = self.inner.store.lock().unwrap();
+        s.rv += 1;
+        let rv = s.rv;
+        let key = (
+            plural.to_owned(),
+            namespace.map(str::to_owned),
+            name.to_owned(),
+        );
+        let (event, mut obj) = match s.objects.get(&key) {
+            Some((_, old)) => ("MODIFIED", old.clone()),
+            None => {
+                let mut meta =
+                    serde_json::json!({"name": name, "uid": format!("uid-{rv}"), "generation": 0});
+                if let Some(ns) = namespace {
+                    meta["namespace"] = ns.into();
+                }
+                (
+                    "ADDED",
+                    serde_json::json!({"apiVersion": "latch.dev/v1alpha1", "kind": kind, "metadata": meta}),
+                )
+            }
+        };
+        obj["spec"] = spec;
+        obj["metadata"]["generation"] =
+            (obj["metadata"]["generation"].as_i64().unwrap_or(0) + 1).into();
+        obj["metadata"]["resourceVersion"] = rv.to_string().into();
+        s.objects.insert(key, (rv, obj.clone()));
+        s.events.push((rv, event, plural.to_owned(), obj));
+        self.inner.changed.notify_all();
+    }
+
+    /// Deletes a custom resource (`DELETED`).
+    pub fn delete_resource(&self, kind: &str, namespace: Option<&str>, name: &str) {
+        let plural = plural_of(kind);
+        let mut s = self.inner.store.lock().unwrap();
+        let key = (
+            plural.to_owned(),
+            namespace.map(str::to_owned),
+            name.to_owned(),
+        );
+        let Some((_, mut obj)) = s.objects.remove(&key) else {
+            return;
+        };
+        s.rv += 1;
+        let rv = s.rv;
+        obj["metadata"]["resourceVersion"] = rv.to_string().into();
+        s.events.push((rv, "DELETED", plural.to_owned(), obj));
+        self.inner.changed.notify_all();
+    }
+
+    /// A custom resource as stored now.
+    pub fn resource(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Option<serde_json::Value> {
+        let key = (
+            plural_of(kind).to_owned(),
+            namespace.map(str::to_owned),
+            name.to_owned(),
+        );
+        self.inner
+            .store
+            .lock()
+            .unwrap()
+            .objects
+            .get(&key)
+            .map(|(_, o)| o.clone())
+    }
+
+    /// The `Accepted` condition of a custom resource: (status, reason, message).
+    pub fn accepted(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Option<(String, String, String)> {
+        let obj = self.resource(kind, namespace, name)?;
+        let c = obj["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Accepted")?
+            .clone();
+        let s = |f: &str| c[f].as_str().unwrap_or_default().to_owned();
+        Some((s("status"), s("reason"), s("message")))
+    }
+
+    /// Status PATCHes served so far.
+    pub fn status_patches(&self) -> u64 {
+        self.inner.status_patches.load(Ordering::SeqCst)
+    }
+
+    /// Adds a Secret `namespace/name` with `data`.
+    pub fn put_secret(&self, namespace: &str, name: &str, data: &[(&str, &str)]) {
+        self.inner.store.lock().unwrap().secrets.insert(
+            (namespace.to_owned(), name.to_owned()),
+            data.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        );
+    }
+
+    /// `namespace/name` of every Secret read so far.
+    pub fn secret_reads(&self) -> Vec<String> {
+        self.inner.secret_reads.lock().unwrap().clone()
     }
 
     /// Compacts the history (every resourceVersion so far expires): open watches end with
@@ -346,6 +496,8 @@ fn spawn_acceptor(listener: TcpListener, inner: Arc<Inner>) -> thread::JoinHandl
 }
 
 struct Request {
+    method: String,
+    body: Vec<u8>,
     path: String,
     query: BTreeMap<String, String>,
     token: Option<String>,
@@ -357,19 +509,25 @@ fn read_request(stream: &TcpStream) -> std::io::Result<Option<Request>> {
     if reader.read_line(&mut line)? == 0 {
         return Ok(None);
     }
+    let method = line.split_whitespace().next().unwrap_or("GET").to_owned();
     let target = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
     let mut token = None;
+    let mut length = 0usize;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
             break;
         }
-        if let Some((name, value)) = h.split_once(':')
-            && name.eq_ignore_ascii_case("authorization")
-        {
-            token = value.trim().strip_prefix("Bearer ").map(str::to_owned);
+        if let Some((name, value)) = h.split_once(':') {
+            if name.eq_ignore_ascii_case("authorization") {
+                token = value.trim().strip_prefix("Bearer ").map(str::to_owned);
+            } else if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap_or(0).min(1 << 20);
+            }
         }
     }
+    let mut body = vec![0; length];
+    std::io::Read::read_exact(&mut reader, &mut body)?;
     let (path, q) = target.split_once('?').unwrap_or((&target, ""));
     let query = q
         .split('&')
@@ -380,6 +538,8 @@ fn read_request(stream: &TcpStream) -> std::io::Result<Option<Request>> {
         })
         .collect();
     Ok(Some(Request {
+        method,
+        body,
         path: path.to_owned(),
         query,
         token,
@@ -473,7 +633,29 @@ fn serve(stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
             &status_json(401, "Unauthorized", "Unauthorized"),
         );
     }
-    if req.path != "/api/v1/pods" {
+    if let Some(rest) = req.path.strip_prefix("/api/v1/namespaces/")
+        && let [ns, "secrets", name] = rest.split('/').collect::<Vec<_>>()[..]
+    {
+        return serve_secret(&stream, inner, ns, name);
+    }
+    let collection = if req.path == "/api/v1/pods" {
+        "pods".to_owned()
+    } else if let Some(rest) = req.path.strip_prefix("/apis/latch.dev/v1alpha1/") {
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts[..] {
+            [plural] if PLURALS.contains(&plural) => plural.to_owned(),
+            ["namespaces", ns, plural, name, "status"] if req.method == "PATCH" => {
+                return patch_status(&stream, inner, plural, Some(ns), name, &req.body);
+            }
+            [plural, name, "status"] if req.method == "PATCH" => {
+                return patch_status(&stream, inner, plural, None, name, &req.body);
+            }
+            _ => String::new(),
+        }
+    } else {
+        String::new()
+    };
+    if collection.is_empty() {
         return respond(
             &stream,
             404,
@@ -498,15 +680,30 @@ fn serve(stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
     if !watch {
         inner.lists.fetch_add(1, Ordering::SeqCst);
         let s = inner.store.lock().unwrap();
-        let items: Vec<serde_json::Value> = s
-            .pods
-            .values()
-            .map(|(rv, p)| pod_json(p, *rv))
-            .filter(|p| on_node(&node, p))
-            .collect();
+        let items: Vec<serde_json::Value> = if collection == "pods" {
+            s.pods
+                .values()
+                .map(|(rv, p)| pod_json(p, *rv))
+                .filter(|p| on_node(&node, p))
+                .collect()
+        } else {
+            s.objects
+                .iter()
+                .filter(|((plural, _, _), _)| *plural == collection)
+                .map(|(_, (_, o))| o.clone())
+                .collect()
+        };
+        let (api_version, list_kind) = if collection == "pods" {
+            ("v1", "PodList".to_owned())
+        } else {
+            (
+                "latch.dev/v1alpha1",
+                format!("{}List", kind_of(&collection)),
+            )
+        };
         let list = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "PodList",
+            "apiVersion": api_version,
+            "kind": list_kind,
             "metadata": {"resourceVersion": s.rv.to_string()},
             "items": items,
         });
@@ -562,24 +759,29 @@ fn serve(stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
             drop(s);
             return gone(from, compacted);
         }
-        let pending: Vec<(u64, &'static str, serde_json::Value)> = s
+        let pending: Vec<(u64, &'static str, String, serde_json::Value)> = s
             .events
             .iter()
-            .filter(|(rv, _, obj)| *rv > from && on_node(&node, obj))
+            .filter(|(rv, _, coll, obj)| *rv > from && *coll == collection && on_node(&node, obj))
             .cloned()
             .collect();
         // Everything up to the head has been seen (other nodes' pods are not this watch's).
         let head = s.rv;
         from = from.max(head);
         drop(s);
-        for (_, kind, obj) in &pending {
+        for (_, kind, _, obj) in &pending {
             chunk(&stream, &serde_json::json!({"type": kind, "object": obj}))?;
             last_sent = Instant::now();
         }
         if bookmarks && last_sent.elapsed() >= Duration::from_secs(1) {
+            let (api_version, kind) = if collection == "pods" {
+                ("v1", "Pod")
+            } else {
+                ("latch.dev/v1alpha1", kind_of(&collection))
+            };
             let mark = serde_json::json!({
                 "type": "BOOKMARK",
-                "object": {"apiVersion": "v1", "kind": "Pod",
+                "object": {"apiVersion": api_version, "kind": kind,
                            "metadata": {"resourceVersion": head.to_string()}},
             });
             chunk(&stream, &mark)?;
@@ -594,4 +796,123 @@ fn serve(stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
                 .0;
         }
     }
+}
+
+const PLURALS: [&str; 3] = ["policies", "clusterpolicies", "secretstores"];
+
+fn plural_of(kind: &str) -> &'static str {
+    match kind {
+        "Policy" => "policies",
+        "ClusterPolicy" => "clusterpolicies",
+        "SecretStore" => "secretstores",
+        other => panic!("not a latch kind: {other}"),
+    }
+}
+
+fn kind_of(plural: &str) -> &'static str {
+    match plural {
+        "policies" => "Policy",
+        "clusterpolicies" => "ClusterPolicy",
+        _ => "SecretStore",
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match patch {
+        serde_json::Value::Object(p) => {
+            if !target.is_object() {
+                *target = serde_json::json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// The `status` subresource: a merge patch of which only `.status` is applied (as the real
+/// server ignores other changes through it); a `MODIFIED` event.
+fn patch_status(
+    stream: &TcpStream,
+    inner: &Inner,
+    plural: &str,
+    namespace: Option<&str>,
+    name: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    inner.status_patches.fetch_add(1, Ordering::SeqCst);
+    let Ok(patch) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return respond(stream, 400, &status_json(400, "BadRequest", "not JSON"));
+    };
+    let mut s = inner.store.lock().unwrap();
+    let key = (
+        plural.to_owned(),
+        namespace.map(str::to_owned),
+        name.to_owned(),
+    );
+    let Some((_, obj)) = s.objects.get(&key).cloned() else {
+        drop(s);
+        return respond(
+            stream,
+            404,
+            &status_json(404, "NotFound", &format!("{plural} {name:?} not found")),
+        );
+    };
+    let mut obj = obj;
+    let mut status = obj
+        .get("status")
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
+    merge_patch(&mut status, &patch["status"]);
+    obj["status"] = status;
+    s.rv += 1;
+    let rv = s.rv;
+    obj["metadata"]["resourceVersion"] = rv.to_string().into();
+    s.objects.insert(key, (rv, obj.clone()));
+    s.events
+        .push((rv, "MODIFIED", plural.to_owned(), obj.clone()));
+    inner.changed.notify_all();
+    drop(s);
+    respond(stream, 200, &obj)
+}
+
+fn serve_secret(stream: &TcpStream, inner: &Inner, ns: &str, name: &str) -> std::io::Result<()> {
+    use base64::Engine as _;
+    inner
+        .secret_reads
+        .lock()
+        .unwrap()
+        .push(format!("{ns}/{name}"));
+    let s = inner.store.lock().unwrap();
+    let Some(data) = s.secrets.get(&(ns.to_owned(), name.to_owned())).cloned() else {
+        drop(s);
+        return respond(
+            stream,
+            404,
+            &status_json(404, "NotFound", &format!("secrets {name:?} not found")),
+        );
+    };
+    drop(s);
+    let data: serde_json::Map<String, serde_json::Value> = data
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                base64::engine::general_purpose::STANDARD.encode(v).into(),
+            )
+        })
+        .collect();
+    respond(
+        stream,
+        200,
+        &serde_json::json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": name, "namespace": ns}, "data": data}),
+    )
 }

@@ -322,3 +322,224 @@ fn the_pod_cache_relists_after_410_gone_and_recovers_from_an_api_server_restart(
         "pod 1 lost access across the restart"
     );
 }
+
+/// The policy spec of the custom-resource tests: PostgreSQL at `pg`, credentials `path` (a
+/// Secret's `username` and `password`) from `store`.
+fn pg_spec(
+    pg: &PgCluster,
+    store: &str,
+    path: &str,
+    workloads: serde_json::Value,
+) -> serde_json::Value {
+    serde_json::json!({
+        "destination": {"address": pg.addr.ip().to_string(), "port": pg.addr.port()},
+        "protocol": "postgres",
+        "tls": {"mode": "disable"},
+        "credentials": {"store": store, "username": {"path": path, "field": "username"},
+                        "password": {"path": path, "field": "password"}},
+        "workloads": workloads,
+    })
+}
+
+fn wait_accepted(
+    api: &KubeApi,
+    agent: &Agent,
+    kind: &str,
+    ns: Option<&str>,
+    name: &str,
+) -> (String, String, String) {
+    latch_tests::wait_for(Duration::from_secs(20), || api.accepted(kind, ns, name)).unwrap_or_else(
+        || {
+            panic!(
+                "no Accepted condition on {kind} {ns:?}/{name}:\n{}",
+                agent.log()
+            )
+        },
+    )
+}
+
+#[test]
+fn custom_resources_apply_report_their_status_and_a_namespaced_policy_serves_only_its_namespace() {
+    latch_tests::require_root();
+    let api = KubeApi::start_tls();
+    let cg = TestCgroup::new();
+    let shop = Pod::new(&cg, 1);
+    let bank = Pod::new(&cg, 2);
+    api.put_pod(&spec(&shop, "shop", "orders", &[("app", "orders")]));
+    api.put_pod(&spec(&bank, "bank", "orders", &[("app", "orders")]));
+    let pg = PgCluster::start(
+        &shop.host_ip4().to_string(),
+        pg_setup::SCRAM_PW,
+        pg_setup::MD5_PW,
+        pg_setup::PLAIN_PW,
+    );
+    pg.hba_allow(&format!("{}/32", shop.pod_ip4()));
+    pg.hba_allow(&format!("{}/32", bank.pod_ip4()));
+    let creds = [("username", SCRAM_USER), ("password", pg_setup::SCRAM_PW)];
+    api.put_secret("shop", "db-creds", &creds);
+    api.put_secret("bank", "db-creds", &creds);
+    let kube = TempDir::new("kubeconfig");
+    let kubeconfig = kube.write("config", &api.kubeconfig());
+    let token = kube.write("token", latch_tests::kube_api::TOKEN);
+    // The files hold only the store whose API address and credentials the namespaced
+    // SecretStores use.
+    let files = format!(
+        "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata:\n  name: cluster-api\nspec:\n  \
+         kubernetes: {{apiServer: \"{}\", tokenFile: {}, caFile: {}}}\n",
+        api.url(),
+        token.display(),
+        api.ca_file().unwrap().display()
+    );
+    let root = kubepods_root(&cg);
+    let agent = Agent::start_env(
+        &files,
+        &cg,
+        &[
+            "--runtime-cgroup-root",
+            &root,
+            "--node-name",
+            NODE,
+            "--kubernetes-api-store",
+            "cluster-api",
+        ],
+        &[
+            ("KUBECONFIG", kubeconfig.as_os_str()),
+            ("HOME", OsStr::new("/nonexistent")),
+        ],
+    );
+    assert!(!admitted(&shop, &pg), "a pod got in before any policy");
+
+    // A namespaced store and a namespaced Policy with `workloads: all`: all of *its* namespace.
+    api.put_resource(
+        "SecretStore",
+        Some("shop"),
+        "secrets",
+        serde_json::json!({"kubernetes": {}}),
+    );
+    api.put_resource(
+        "Policy",
+        Some("shop"),
+        "orders-db",
+        pg_spec(&pg, "secrets", "db-creds", "all".into()),
+    );
+    let c = wait_accepted(&api, &agent, "Policy", Some("shop"), "orders-db");
+    assert_eq!((c.0.as_str(), c.1.as_str()), ("True", "Valid"), "{c:?}");
+    let c = wait_accepted(&api, &agent, "SecretStore", Some("shop"), "secrets");
+    assert_eq!(c.0, "True", "{c:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || admitted(&shop, &pg)),
+        "the shop pod never got in under Policy shop/orders-db:\n{}",
+        agent.log()
+    );
+    let (ok, r) = connect(&agent, &shop, &pg);
+    assert!(ok);
+    assert_eq!(r["policy"], "shop/orders-db", "{r}");
+    // The bank pod (same service account and labels, another namespace) is refused.
+    let (ok, r) = connect(&agent, &bank, &pg);
+    assert!(
+        !ok,
+        "Policy shop/orders-db handed credentials to a pod of namespace bank"
+    );
+    assert_eq!(r["outcome"], "denied", "{r}");
+    assert!(
+        api.secret_reads().iter().all(|s| s == "shop/db-creds"),
+        "Secrets read: {:?}",
+        api.secret_reads()
+    );
+
+    // A Policy of namespace bank cannot name shop's pods, nor use shop's store: invalid,
+    // with the decoder's reason, and left out.
+    api.put_resource(
+        "Policy",
+        Some("bank"),
+        "steal",
+        pg_spec(
+            &pg,
+            "secrets",
+            "db-creds",
+            serde_json::json!([{"namespace": "shop"}]),
+        ),
+    );
+    let c = wait_accepted(&api, &agent, "Policy", Some("bank"), "steal");
+    assert_eq!((c.0.as_str(), c.1.as_str()), ("False", "Invalid"), "{c:?}");
+    assert!(c.2.contains("Policy bank/steal"), "{c:?}");
+    assert!(
+        c.2.contains("SecretStore \"secrets\" is not a valid SecretStore of namespace \"bank\""),
+        "{c:?}"
+    );
+    // A misspelt field: the file decoder's message and hint.
+    api.put_resource(
+        "Policy",
+        Some("bank"),
+        "typo",
+        serde_json::json!({"destination": {"address": "192.0.2.1", "port": 5432}, "protocl": "postgres", "workloads": "all"}),
+    );
+    let c = wait_accepted(&api, &agent, "Policy", Some("bank"), "typo");
+    assert_eq!(c.0, "False", "{c:?}");
+    assert!(
+        c.2.contains("Policy bank/typo:") && c.2.contains("protocl"),
+        "{c:?}"
+    );
+    assert!(
+        admitted(&shop, &pg),
+        "an invalid resource disturbed the valid ones"
+    );
+    assert!(!admitted(&bank, &pg));
+
+    // Conditions are written when they change, not at every reload (SIGHUP: a reload with
+    // nothing changed).
+    std::thread::sleep(Duration::from_secs(2));
+    let patches = api.status_patches();
+    let reloads = agent.log().matches("configuration reloaded").count();
+    agent.signal(libc::SIGHUP);
+    agent.wait_log("configuration reloaded", reloads + 1);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        api.status_patches(),
+        patches,
+        "statuses rewritten unchanged"
+    );
+    // A changed spec with the same verdict: the condition says which generation it judged.
+    api.put_resource(
+        "Policy",
+        Some("bank"),
+        "typo",
+        serde_json::json!({"destination": {"address": "192.0.2.1", "port": 5433}, "protocl": "postgres", "workloads": "all"}),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || api
+            .resource("Policy", Some("bank"), "typo")
+            .is_some_and(
+                |o| o["status"]["conditions"][0]["observedGeneration"] == 2
+            )),
+        "observedGeneration not updated: {:?}",
+        api.resource("Policy", Some("bank"), "typo")
+    );
+
+    // A ClusterPolicy has no namespace: it may admit the bank pod, with a store of the files.
+    api.delete_resource("Policy", Some("shop"), "orders-db");
+    assert!(
+        eventually(Duration::from_secs(10), || !admitted(&shop, &pg)),
+        "the deleted Policy still admits"
+    );
+    api.put_resource(
+        "ClusterPolicy",
+        None,
+        "bank-db",
+        pg_spec(
+            &pg,
+            "cluster-api",
+            "bank/db-creds",
+            serde_json::json!([{"namespace": "bank"}]),
+        ),
+    );
+    let c = wait_accepted(&api, &agent, "ClusterPolicy", None, "bank-db");
+    assert_eq!(c.0, "True", "{c:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || admitted(&bank, &pg)),
+        "the bank pod never got in under ClusterPolicy bank-db:\n{}",
+        agent.log()
+    );
+    assert!(!admitted(&shop, &pg));
+    drop(agent);
+}

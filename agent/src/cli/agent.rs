@@ -19,11 +19,19 @@ fn write_ready_file(path: &std::path::Path, running: &Running) -> std::io::Resul
     std::fs::rename(&tmp, path)
 }
 
-/// Loads the policy files again and applies them; an invalid set is logged and ignored.
+/// The custom resources the agent follows, if any.
+struct Crs {
+    resources: latch::crs::watch::Resources,
+    api_store: Option<String>,
+}
+
+/// Loads the policy files again, merges the custom resources (each valid one; every one's
+/// condition is written back) and applies them; an invalid file set is logged and ignored.
 async fn reload(
     running: &Running,
     paths: &[std::path::PathBuf],
     allowed_exec: &[std::path::PathBuf],
+    crs: Option<&Crs>,
     cause: &str,
 ) {
     let config = match latch::config::load_trusted(paths, allowed_exec)
@@ -45,6 +53,23 @@ async fn reload(
     for warning in &config.warnings {
         tracing::warn!(%warning, "configuration warning");
     }
+    let config = match crs {
+        Some(crs) => {
+            let snapshot = crs.resources.snapshot();
+            let merged = latch::crs::merge(config, &snapshot, crs.api_store.as_deref());
+            for (key, cond) in merged.conditions.iter().filter(|(_, c)| !c.accepted) {
+                tracing::error!(
+                    resource = key.source(),
+                    error = cond.message,
+                    "invalid resource left out"
+                );
+            }
+            crs.resources
+                .write_conditions(&merged.conditions, &snapshot);
+            merged.config
+        }
+        None => config,
+    };
     match running.reload(&config).await {
         Ok(report) => tracing::info!(
             cause,
@@ -106,6 +131,20 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let running = Running::start(&config, &opts).await?;
+    // The custom resources arrive after the start: their first list is a reload.
+    let stop_crs = tokio_util::sync::CancellationToken::new();
+    let (crs, mut crs_changes) = if opts.node_name.is_some() && !args.no_kubernetes_resources {
+        let (resources, rx) = latch::crs::watch::start(stop_crs.clone()).await?;
+        (
+            Some(Crs {
+                resources,
+                api_store: args.kubernetes_api_store.clone(),
+            }),
+            Some(rx),
+        )
+    } else {
+        (None, None)
+    };
     // Attached and bound: from here on only what the running agent needs.
     let caps = latch::privileges::drop_to(
         &latch::privileges::agent_keeps(running.needs()),
@@ -130,9 +169,18 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
             _ = hup.recv() => "SIGHUP",
             Some(()) = async { match &mut changes { Some(rx) => rx.recv().await, None => None } } => "file change",
+            Some(()) = async { match &mut crs_changes { Some(rx) => rx.recv().await, None => None } } => "resource change",
         };
-        reload(&running, &args.data.policies, &args.data.allow_exec, cause).await;
+        reload(
+            &running,
+            &args.data.policies,
+            &args.data.allow_exec,
+            crs.as_ref(),
+            cause,
+        )
+        .await;
     }
+    stop_crs.cancel();
     let totals = running.stop(Duration::from_secs(args.grace_period)).await;
     tracing::info!(
         relayed = totals.relayed,

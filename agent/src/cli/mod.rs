@@ -192,6 +192,14 @@ struct AgentArgs {
     /// `serviceAccount` and `labels` selectors can match. Without it they admit nothing.
     #[arg(long, value_name = "NODE")]
     node_name: Option<String>,
+    /// Do not watch latch's custom resources (Policy, ClusterPolicy, SecretStore). They are
+    /// watched, and merged with the files, whenever a node name is set.
+    #[arg(long)]
+    no_kubernetes_resources: bool,
+    /// A `kubernetes` SecretStore of the files whose apiServer, tokenFile and caFile the
+    /// namespaced SecretStore resources use [default: in-cluster, the agent's service account].
+    #[arg(long, value_name = "STORE")]
+    kubernetes_api_store: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -46,6 +46,7 @@ struct Loader {
     errors: Vec<Diagnostic>,
     warnings: Vec<Diagnostic>,
     files: Vec<PathBuf>,
+    known_stores: Vec<SecretStore>,
 }
 
 /// Loads every resource in `paths`: files, and directories (their `*.yaml` and `*.yml` files,
@@ -80,6 +81,21 @@ pub fn load(paths: &[PathBuf]) -> Result<Config, LoadErrors> {
 /// Loads the documents of one text, reported under the file name `name`.
 pub fn load_str(name: &str, text: &str) -> Result<Config, LoadErrors> {
     let mut loader = Loader::default();
+    loader.text(Path::new(name), text);
+    loader.finish()
+}
+
+/// Like [`load_str`], with policies' store references also resolved among `known_stores`
+/// (stores defined elsewhere: the files', for a Kubernetes resource).
+pub fn load_str_with(
+    name: &str,
+    text: &str,
+    known_stores: &[SecretStore],
+) -> Result<Config, LoadErrors> {
+    let mut loader = Loader {
+        known_stores: known_stores.to_vec(),
+        ..Loader::default()
+    };
     loader.text(Path::new(name), text);
     loader.finish()
 }
@@ -149,7 +165,12 @@ impl Loader {
     }
 
     fn finish(mut self) -> Result<Config, LoadErrors> {
-        validate::check(&self.docs, &mut self.errors, &mut self.warnings);
+        validate::check(
+            &self.docs,
+            &self.known_stores,
+            &mut self.errors,
+            &mut self.warnings,
+        );
         let order: BTreeMap<PathBuf, usize> = self
             .files
             .iter()

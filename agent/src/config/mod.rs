@@ -43,7 +43,7 @@ mod tests;
 pub use app_tls::SslAnswer;
 pub use diagnostic::{Diagnostic, LoadErrors, Location};
 pub use http::{AppCredentials, AwsSigning, HttpSpec, Injection};
-pub use load::{load, load_str};
+pub use load::{load, load_str, load_str_with};
 
 /// Loads `paths` for the agent or `latch run`, which act on them as root: as [`load`], then
 /// the files must be root's alone and every `exec` store's command in `allowed_exec` (see

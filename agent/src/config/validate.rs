@@ -10,8 +10,17 @@ use super::policy::{Credentials, Policy, SecretRef, Target};
 use super::store::{LiteralSecret, SecretStore, StoreBackend};
 use super::suggest;
 
-pub fn check(docs: &[LoadedDoc], errors: &mut Vec<Diagnostic>, warnings: &mut Vec<Diagnostic>) {
-    let stores = unique_names(docs, errors);
+pub fn check(
+    docs: &[LoadedDoc],
+    known_stores: &[SecretStore],
+    errors: &mut Vec<Diagnostic>,
+    warnings: &mut Vec<Diagnostic>,
+) {
+    let mut stores = unique_names(docs, errors);
+    // Stores defined elsewhere (Kubernetes resources checked against the files' stores).
+    for s in known_stores {
+        stores.entry(s.name.as_str()).or_insert(s);
+    }
     let policies: Vec<(&LoadedDoc, &Policy)> = docs
         .iter()
         .filter_map(|d| match &d.resource {
