@@ -173,6 +173,25 @@ pub enum VaultAuth {
         /// Default `kubernetes`.
         mount: String,
     },
+    /// The JWT/OIDC method: a token file (a projected, audience-bound service account token
+    /// or any OIDC token) read again at each login.
+    Jwt {
+        role: String,
+        token_file: PathBuf,
+        /// Default `jwt`.
+        mount: String,
+    },
+    /// TLS certificate auth: the node's own certificate and key, presented on the TLS
+    /// connection (the store's address must be https).
+    Cert {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+        /// The certificate role (`name`) to log in against; `None`: any role the certificate
+        /// matches.
+        role: Option<String>,
+        /// Default `cert`.
+        mount: String,
+    },
 }
 
 impl VaultAuth {

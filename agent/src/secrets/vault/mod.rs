@@ -48,10 +48,19 @@ impl VaultStore {
         spec: config::VaultStore,
         opts: &ResolverOptions,
     ) -> Result<VaultStore, SecretError> {
-        let http = HttpClient::new(
+        let client_cert = match &spec.auth {
+            VaultAuth::Cert {
+                cert_file,
+                key_file,
+                ..
+            } => Some((cert_file.as_path(), key_file.as_path())),
+            _ => None,
+        };
+        let http = HttpClient::with_client_cert(
             spec.tls.ca.as_deref(),
             spec.tls.server_name.as_deref(),
             opts.http_timeout,
+            client_cert,
         )
         .map_err(|reason| SecretError::Config {
             store: name.clone(),
@@ -242,6 +251,24 @@ impl VaultStore {
                 let jwt = auth::read_file(token_file)
                     .map_err(|r| self.auth_failed(format!("service account token: {r}")))?;
                 (mount, auth::jwt_body(role, &jwt))
+            }
+            VaultAuth::Jwt {
+                role,
+                token_file,
+                mount,
+            } => {
+                // read at each login: the issuer rotates the file (projected tokens last an hour)
+                let jwt = auth::read_file(token_file)
+                    .map_err(|r| self.auth_failed(format!("JWT auth token: {r}")))?;
+                (mount, auth::jwt_body(role, &jwt))
+            }
+            VaultAuth::Cert { role, mount, .. } => {
+                if !self.base.starts_with("https://") {
+                    return Err(self.auth_failed(
+                        "certificate auth needs TLS: make the store's address https://",
+                    ));
+                }
+                (mount, auth::cert_body(role.as_deref()))
             }
         };
         let path = format!("auth/{}/login", mount.trim_matches('/'));
