@@ -405,3 +405,142 @@ async fn temporary_credentials_refresh_in_background_before_expiry() {
         "the read took {took:?}: it did not wait for the fetch of fresh credentials"
     );
 }
+
+fn vault_store(name: &str, addr: &str, auth: config::VaultAuth) -> SecretStore {
+    SecretStore {
+        name: name.to_string(),
+        labels: Default::default(),
+        annotations: Default::default(),
+        source: config::Location::new("test.yaml", 1, 1),
+        backend: StoreBackend::Vault(config::VaultStore {
+            address: addr.to_string(),
+            namespace: None,
+            mount: None,
+            kv_version: 2,
+            tls: Default::default(),
+            auth,
+            revoke_on_shutdown: false,
+        }),
+    }
+}
+
+/// Vault's `aws` auth method (IAM type). OpenBao 2.x no longer builds this method in and no
+/// Vault binary is installed here, so a stub answers as Vault for the login and the read;
+/// what makes the login work is real: the test replays the signed `sts:GetCallerIdentity`
+/// exactly as Vault would, to moto's STS with signature checking on, and moto names the
+/// agent's IAM principal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_aws_iam_login_is_a_get_caller_identity_sts_accepts() {
+    use base64::Engine;
+    let _env = ENV.lock().await;
+    // 3 setup calls unauthenticated; from then on moto checks every signature
+    let moto = Moto::start(Some(3));
+    moto.iam(&[("Action", "CreateUser"), ("UserName", "node-1")]);
+    let key = moto.iam(&[("Action", "CreateAccessKey"), ("UserName", "node-1")]);
+    moto.iam(&[
+        ("Action", "PutUserPolicy"),
+        ("UserName", "node-1"),
+        ("PolicyName", "all"),
+        (
+            "PolicyDocument",
+            r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}"#,
+        ),
+    ]);
+    let home = tempfile::tempdir().unwrap();
+    keyless_env(
+        home.path(),
+        &[
+            (
+                "AWS_ACCESS_KEY_ID",
+                &support::moto::xml_text(&key, "AccessKeyId"),
+            ),
+            (
+                "AWS_SECRET_ACCESS_KEY",
+                &support::moto::xml_text(&key, "SecretAccessKey"),
+            ),
+        ],
+    );
+    let vault = FakeHttp::start(Arc::new(|seen: &Seen| match seen.path.as_str() {
+        "/v1/auth/aws/login" => (
+            200,
+            r#"{"auth":{"client_token":"stub-token","lease_duration":3600,"renewable":false}}"#
+                .into(),
+        ),
+        p if p.starts_with("/v1/secret/data/db") => (
+            200,
+            r#"{"data":{"data":{"username":"iam-user","password":"iam-pass"},"metadata":{"version":1}}}"#.into(),
+        ),
+        _ => (404, r#"{"errors":[]}"#.into()),
+    }))
+    .await;
+    let sts = format!("{}/", moto.endpoint());
+    let r = resolver(vault_store(
+        "vm-vault",
+        &vault.url(),
+        config::VaultAuth::Aws {
+            role: "node".into(),
+            mount: "aws".into(),
+            region: "us-east-1".into(),
+            sts_endpoint: sts.clone(),
+            server_id: Some("vault.test".into()),
+        },
+    ));
+    let c = r
+        .credentials(&static_policy("db", "vm-vault", "secret/db", None))
+        .await
+        .unwrap();
+    assert_eq!(c.password.as_ref().unwrap().expose(), "iam-pass");
+
+    let login = vault
+        .requests()
+        .into_iter()
+        .find(|s| s.path == "/v1/auth/aws/login")
+        .expect("no login");
+    let v: serde_json::Value = serde_json::from_slice(&login.body).unwrap();
+    let b64 = |k: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(v[k].as_str().unwrap())
+            .unwrap()
+    };
+    assert_eq!(v["role"], "node");
+    assert_eq!(v["iam_http_request_method"], "POST");
+    assert_eq!(String::from_utf8(b64("iam_request_url")).unwrap(), sts);
+    let body = String::from_utf8(b64("iam_request_body")).unwrap();
+    let headers: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&b64("iam_request_headers")).unwrap();
+    assert_eq!(headers["x-vault-aws-iam-server-id"][0], "vault.test");
+
+    // what Vault does with it: send it to STS
+    use std::io::{Read, Write};
+    let mut raw = format!(
+        "POST / HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, values) in &headers {
+        for value in values.as_array().unwrap() {
+            raw.push_str(&format!("{name}: {}\r\n", value.as_str().unwrap()));
+        }
+    }
+    raw.push_str("\r\n");
+    raw.push_str(&body);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", moto.port)).unwrap();
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "STS refused the signed request:\n{answer}"
+    );
+    assert!(
+        answer.contains("<Arn>arn:aws:iam::123456789012:user/node-1</Arn>"),
+        "{answer}"
+    );
+
+    // tampering with the signed request is caught by STS: the signature covers the server ID
+    let forged = raw.replace("vault.test", "vault.evil");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", moto.port)).unwrap();
+    s.write_all(forged.as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

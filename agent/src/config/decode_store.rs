@@ -315,7 +315,7 @@ fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
     let mut m = Map::new(cx, &e.value, e.key_mark, "vault.auth")?;
     let chosen = m.one_of(
         cx,
-        &["token", "appRole", "kubernetes", "jwt", "cert"],
+        &["token", "appRole", "kubernetes", "jwt", "cert", "aws"],
         "vault auth method",
     );
     let auth = chosen.and_then(|(kind, e)| match kind {
@@ -366,6 +366,27 @@ fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
                 key_file: key_file?,
                 role,
                 mount,
+            })
+        }
+        "aws" => {
+            let mut a = Map::new(cx, &e.value, e.key_mark, "vault.auth.aws")?;
+            let role = a.require_string(cx, "role");
+            let mount = a.string(cx, "mount").unwrap_or_else(|| "aws".to_string());
+            let region = a
+                .string(cx, "region")
+                .unwrap_or_else(|| "us-east-1".to_string());
+            let sts_endpoint = match a.get("stsEndpoint") {
+                Some(n) => url(cx, n, "vault.auth.aws.stsEndpoint"),
+                None => Some("https://sts.amazonaws.com/".to_string()),
+            };
+            let server_id = a.string(cx, "serverId");
+            a.finish(cx);
+            Some(VaultAuth::Aws {
+                role: role?,
+                mount,
+                region,
+                sts_endpoint: sts_endpoint?,
+                server_id,
             })
         }
         _ => {

@@ -192,6 +192,21 @@ pub enum VaultAuth {
         /// Default `cert`.
         mount: String,
     },
+    /// The `aws` method, IAM type: a signed `sts:GetCallerIdentity` made with the machine's
+    /// AWS credentials (the SDKs' chain: environment, web identity, profile, container,
+    /// instance metadata).
+    Aws {
+        role: String,
+        /// Default `aws`.
+        mount: String,
+        /// The region the request is signed for; default `us-east-1`.
+        region: String,
+        /// The STS URL signed (Vault sends the request to its own `sts_endpoint`); default
+        /// `https://sts.amazonaws.com/`.
+        sts_endpoint: String,
+        /// The `X-Vault-AWS-IAM-Server-ID` header, when the mount requires it.
+        server_id: Option<String>,
+    },
 }
 
 impl VaultAuth {

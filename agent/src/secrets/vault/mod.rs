@@ -8,6 +8,7 @@
 //! [`Store::shutdown`] can revoke them.
 
 pub mod auth;
+pub mod aws_iam;
 pub mod kv;
 pub mod lease;
 
@@ -40,6 +41,8 @@ pub struct VaultStore {
     leases: tokio::sync::Mutex<HashMap<String, Lease>>,
     /// Every lease handed out and not yet revoked: (id, end).
     issued: Mutex<Vec<(String, Instant)>>,
+    /// The machine's AWS credentials, for `auth: aws`.
+    aws: Option<std::sync::Arc<crate::secrets::aws::provider::Provider>>,
 }
 
 impl VaultStore {
@@ -66,7 +69,28 @@ impl VaultStore {
             store: name.clone(),
             reason,
         })?;
+        let aws = match &spec.auth {
+            VaultAuth::Aws { region, .. } => {
+                // the chain's own STS calls (web identity) go to the region's endpoint
+                let sts = HttpClient::new(None, None, opts.http_timeout).map_err(|reason| {
+                    SecretError::Config {
+                        store: name.clone(),
+                        reason,
+                    }
+                })?;
+                Some(std::sync::Arc::new(
+                    crate::secrets::aws::provider::Provider::new(
+                        name.clone(),
+                        config::AwsAuth::Chain,
+                        format!("https://sts.{region}.amazonaws.com"),
+                        sts,
+                    ),
+                ))
+            }
+            _ => None,
+        };
         Ok(VaultStore {
+            aws,
             base: spec.address.trim_end_matches('/').to_string(),
             name,
             spec,
@@ -261,6 +285,26 @@ impl VaultStore {
                 let jwt = auth::read_file(token_file)
                     .map_err(|r| self.auth_failed(format!("JWT auth token: {r}")))?;
                 (mount, auth::jwt_body(role, &jwt))
+            }
+            VaultAuth::Aws {
+                role,
+                mount,
+                region,
+                sts_endpoint,
+                server_id,
+            } => {
+                let provider = self.aws.as_ref().expect("built with the store");
+                let creds = provider.credentials().await?;
+                let body = aws_iam::login_body(
+                    role,
+                    &creds,
+                    sts_endpoint,
+                    region,
+                    server_id.as_deref(),
+                    std::time::SystemTime::now(),
+                )
+                .map_err(|r| self.auth_failed(format!("AWS IAM login: {r}")))?;
+                (mount, body)
             }
             VaultAuth::Cert { role, mount, .. } => {
                 if !self.base.starts_with("https://") {
