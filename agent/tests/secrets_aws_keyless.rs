@@ -251,9 +251,34 @@ fn iso8601(t: SystemTime) -> String {
 
 /// A container credentials endpoint answering credentials that last `lifetime`, requiring
 /// `token` in `Authorization`, and taking `delay` to answer every request after the first.
-async fn container_stub(token: &'static str, lifetime: Duration, delay: Duration) -> FakeHttp {
+/// It runs on a runtime of its own, so its slow answers never hold up a thread of the runtime
+/// the store's code runs on.
+struct ContainerStub {
+    http: FakeHttp,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl ContainerStub {
+    fn url(&self) -> String {
+        self.http.url()
+    }
+
+    fn requests(&self) -> Vec<Seen> {
+        self.http.requests()
+    }
+}
+
+impl Drop for ContainerStub {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn container_stub(token: &'static str, lifetime: Duration, delay: Duration) -> ContainerStub {
     let served = Arc::new(AtomicUsize::new(0));
-    FakeHttp::start(Arc::new(move |seen: &Seen| {
+    let handler: support::fake_http::Handler = Arc::new(move |seen: &Seen| {
         if seen.authorization.as_deref() != Some(token) {
             return (401, r#"{"message":"bad token"}"#.into());
         }
@@ -268,8 +293,21 @@ async fn container_stub(token: &'static str, lifetime: Duration, delay: Duration
             "Expiration": iso8601(SystemTime::now() + lifetime),
         });
         (200, body.to_string())
-    }))
-    .await
+    });
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let http = runtime.block_on(FakeHttp::start(handler));
+        ContainerStub {
+            http,
+            runtime: Some(runtime),
+        }
+    })
+    .join()
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -357,6 +395,7 @@ async fn temporary_credentials_refresh_in_background_before_expiry() {
             ("AWS_CONTAINER_AUTHORIZATION_TOKEN", "t"),
         ],
     );
+    let counted = latch::secrets::credential_stats::of("aws");
     let r = resolver(aws_store("aws", &moto.endpoint(), AwsAuth::Container));
     assert_eq!(read_password(&r).await.unwrap(), "from-imds");
     assert_eq!(stub.requests().len(), 1);
@@ -379,6 +418,10 @@ async fn temporary_credentials_refresh_in_background_before_expiry() {
     tokio::time::sleep(slow * 2).await;
     let after = stub.requests().len();
     assert!(after <= 3, "{after} fetches: refreshes were not coalesced");
+    // every fetch, inline or in the background, is counted for /metrics
+    let now = latch::secrets::credential_stats::of("aws");
+    assert_eq!(now.ok - counted.ok, after as u64);
+    assert_eq!(now.failed, counted.failed);
 
     // 30 seconds left: too little to use, the read waits for new credentials
     let stub = container_stub("t", Duration::from_secs(30), slow).await;

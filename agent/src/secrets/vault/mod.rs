@@ -182,7 +182,9 @@ impl VaultStore {
                 return Ok(s.token.clone());
             }
             if s.renewable && !s.expired(now) {
-                match self.renew_self(&s.token).await {
+                let renewed = self.renew_self(&s.token).await;
+                super::credential_stats::record(&self.name, renewed.is_ok());
+                match renewed {
                     Ok(renewed) => {
                         tracing::debug!(store = %self.name, ttl = ?renewed.ttl, "vault token renewed");
                         let token = renewed.token.clone();
@@ -195,7 +197,9 @@ impl VaultStore {
                 }
             }
         }
-        let fresh = self.login().await?;
+        let fresh = self.login().await;
+        super::credential_stats::record(&self.name, fresh.is_ok());
+        let fresh = fresh?;
         let token = fresh.token.clone();
         *state = Some(fresh);
         Ok(token)
