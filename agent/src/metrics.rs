@@ -67,6 +67,13 @@ pub struct StoreLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreRefreshLabels {
+    pub store: String,
+    /// `ok` or `failed`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreErrorLabels {
     pub store: String,
     /// `SecretError::code()`: store_unreachable, store_auth_failed, not_found, …
@@ -102,6 +109,8 @@ pub struct Metrics {
     pub map_entries: Family<MapLabels, Gauge<i64, AtomicI64>>,
     /// 1 when the latest probe reached the store, 0 when not.
     pub store_up: Family<StoreLabels, Gauge<i64, AtomicI64>>,
+    /// The stores' own credentials obtained or renewed since start, by result.
+    pub store_credential_refreshes: Family<StoreRefreshLabels, Gauge<i64, AtomicI64>>,
     /// Secret buffers mlocked / refused a lock since start.
     pub secret_mlock_locked: Gauge<i64, AtomicI64>,
     pub secret_mlock_failed: Gauge<i64, AtomicI64>,
@@ -195,6 +204,13 @@ impl Metrics {
             "Whether the latest reachability probe reached the secret store (1) or not (0)",
             store_up.clone(),
         );
+        let store_credential_refreshes =
+            Family::<StoreRefreshLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "store_credential_refreshes",
+            "Times each store's own credential was obtained or renewed since start (AWS temporary credentials, Vault logins and token renewals), by result",
+            store_credential_refreshes.clone(),
+        );
         let secret_mlock_locked = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "secret_mlock_locked",
@@ -254,6 +270,7 @@ impl Metrics {
             secret_errors,
             map_entries,
             store_up,
+            store_credential_refreshes,
             secret_mlock_locked,
             secret_mlock_failed,
             relay_pipes,

@@ -313,7 +313,11 @@ fn vault(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
 
 fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
     let mut m = Map::new(cx, &e.value, e.key_mark, "vault.auth")?;
-    let chosen = m.one_of(cx, &["token", "appRole", "kubernetes"], "vault auth method");
+    let chosen = m.one_of(
+        cx,
+        &["token", "appRole", "kubernetes", "jwt", "cert", "aws"],
+        "vault auth method",
+    );
     let auth = chosen.and_then(|(kind, e)| match kind {
         "token" => credential_source(cx, e, "vault.auth.token").map(VaultAuth::Token),
         "appRole" => {
@@ -330,6 +334,59 @@ fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
                 role_id: role_id?,
                 secret_id: secret_id?,
                 mount,
+            })
+        }
+        "jwt" => {
+            let mut j = Map::new(cx, &e.value, e.key_mark, "vault.auth.jwt")?;
+            let role = j.require_string(cx, "role");
+            let token_file = j
+                .require(cx, "tokenFile")
+                .and_then(|n| decode::absolute_path(cx, &n.value, "vault.auth.jwt.tokenFile"));
+            let mount = j.string(cx, "mount").unwrap_or_else(|| "jwt".to_string());
+            j.finish(cx);
+            Some(VaultAuth::Jwt {
+                role: role?,
+                token_file: token_file?,
+                mount,
+            })
+        }
+        "cert" => {
+            let mut c = Map::new(cx, &e.value, e.key_mark, "vault.auth.cert")?;
+            let cert_file = c
+                .require(cx, "certFile")
+                .and_then(|n| decode::absolute_path(cx, &n.value, "vault.auth.cert.certFile"));
+            let key_file = c
+                .require(cx, "keyFile")
+                .and_then(|n| decode::absolute_path(cx, &n.value, "vault.auth.cert.keyFile"));
+            let role = c.string(cx, "role");
+            let mount = c.string(cx, "mount").unwrap_or_else(|| "cert".to_string());
+            c.finish(cx);
+            Some(VaultAuth::Cert {
+                cert_file: cert_file?,
+                key_file: key_file?,
+                role,
+                mount,
+            })
+        }
+        "aws" => {
+            let mut a = Map::new(cx, &e.value, e.key_mark, "vault.auth.aws")?;
+            let role = a.require_string(cx, "role");
+            let mount = a.string(cx, "mount").unwrap_or_else(|| "aws".to_string());
+            let region = a
+                .string(cx, "region")
+                .unwrap_or_else(|| "us-east-1".to_string());
+            let sts_endpoint = match a.get("stsEndpoint") {
+                Some(n) => url(cx, n, "vault.auth.aws.stsEndpoint"),
+                None => Some("https://sts.amazonaws.com/".to_string()),
+            };
+            let server_id = a.string(cx, "serverId");
+            a.finish(cx);
+            Some(VaultAuth::Aws {
+                role: role?,
+                mount,
+                region,
+                sts_endpoint: sts_endpoint?,
+                server_id,
             })
         }
         _ => {

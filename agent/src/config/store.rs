@@ -173,6 +173,40 @@ pub enum VaultAuth {
         /// Default `kubernetes`.
         mount: String,
     },
+    /// The JWT/OIDC method: a token file (a projected, audience-bound service account token
+    /// or any OIDC token) read again at each login.
+    Jwt {
+        role: String,
+        token_file: PathBuf,
+        /// Default `jwt`.
+        mount: String,
+    },
+    /// TLS certificate auth: the node's own certificate and key, presented on the TLS
+    /// connection (the store's address must be https).
+    Cert {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+        /// The certificate role (`name`) to log in against; `None`: any role the certificate
+        /// matches.
+        role: Option<String>,
+        /// Default `cert`.
+        mount: String,
+    },
+    /// The `aws` method, IAM type: a signed `sts:GetCallerIdentity` made with the machine's
+    /// AWS credentials (the SDKs' chain: environment, web identity, profile, container,
+    /// instance metadata).
+    Aws {
+        role: String,
+        /// Default `aws`.
+        mount: String,
+        /// The region the request is signed for; default `us-east-1`.
+        region: String,
+        /// The STS URL signed (Vault sends the request to its own `sts_endpoint`); default
+        /// `https://sts.amazonaws.com/`.
+        sts_endpoint: String,
+        /// The `X-Vault-AWS-IAM-Server-ID` header, when the mount requires it.
+        server_id: Option<String>,
+    },
 }
 
 impl VaultAuth {

@@ -1166,3 +1166,59 @@ fn mysql_options_live_under_mysql_with_roles_selected_by_the_user_the_applicatio
         ]
     );
 }
+
+#[test]
+fn vault_machine_identity_auth_methods() {
+    let store = |auth: &str| {
+        format!(
+            "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: v}}\nspec:\n  vault:\n    address: https://vault.internal\n    auth: {auth}\n"
+        )
+    };
+    let auth_of = |text: String| match load_str("v.yaml", &text)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .stores
+        .remove(0)
+        .backend
+    {
+        StoreBackend::Vault(v) => v.auth,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        auth_of(store(
+            "{jwt: {role: node, tokenFile: /run/latch/oidc-token}}"
+        )),
+        VaultAuth::Jwt {
+            role: "node".into(),
+            token_file: "/run/latch/oidc-token".into(),
+            mount: "jwt".into(),
+        }
+    );
+    assert_eq!(
+        auth_of(store(
+            "{cert: {certFile: /etc/latch/node.crt, keyFile: /etc/latch/node.key, role: nodes}}"
+        )),
+        VaultAuth::Cert {
+            cert_file: "/etc/latch/node.crt".into(),
+            key_file: "/etc/latch/node.key".into(),
+            role: Some("nodes".into()),
+            mount: "cert".into(),
+        }
+    );
+    assert_eq!(
+        auth_of(store("{aws: {role: node, serverId: vault.internal}}")),
+        VaultAuth::Aws {
+            role: "node".into(),
+            mount: "aws".into(),
+            region: "us-east-1".into(),
+            sts_endpoint: "https://sts.amazonaws.com/".into(),
+            server_id: Some("vault.internal".into()),
+        }
+    );
+    let errors = errors_of(load_str("v.yaml", &store("{jwt: {role: node}}")));
+    assert!(errors.iter().any(|e| e.contains("tokenFile")), "{errors:?}");
+    let errors = errors_of(load_str(
+        "v.yaml",
+        &store("{cert: {certFile: node.crt, keyFile: /k}}"),
+    ));
+    assert!(errors.iter().any(|e| e.contains("certFile")), "{errors:?}");
+}

@@ -58,6 +58,17 @@ impl HttpClient {
         server_name: Option<&str>,
         timeout: Duration,
     ) -> Result<HttpClient, String> {
+        Self::with_client_cert(ca_file, server_name, timeout, None)
+    }
+
+    /// As [`HttpClient::new`], presenting `client_cert` (PEM certificate chain file, PEM key
+    /// file) to servers that ask for one (Vault's TLS certificate auth).
+    pub fn with_client_cert(
+        ca_file: Option<&Path>,
+        server_name: Option<&str>,
+        timeout: Duration,
+        client_cert: Option<(&Path, &Path)>,
+    ) -> Result<HttpClient, String> {
         let mut roots = RootCertStore::empty();
         match ca_file {
             Some(path) => {
@@ -83,8 +94,26 @@ impl HttpClient {
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS setup: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let tls = match client_cert {
+            None => tls.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .map_err(|e| format!("cannot read client certificate {}: {e}", cert.display()))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| {
+                        format!("cannot parse client certificate {}: {e}", cert.display())
+                    })?;
+                if chain.is_empty() {
+                    return Err(format!("{} holds no certificate", cert.display()));
+                }
+                // the error names the file, never its content
+                let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+                    .map_err(|_| format!("cannot read a private key from {}", key.display()))?;
+                tls.with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("client certificate {}: {e}", cert.display()))?
+            }
+        };
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(timeout));

@@ -15,6 +15,7 @@
 pub mod aws;
 pub mod cache;
 pub mod child_env;
+pub mod credential_stats;
 pub mod env;
 pub mod error;
 pub mod exec;

@@ -105,7 +105,9 @@ impl Provider {
                 Some(_) => {}
             }
         }
-        let fresh = self.fetch().await?;
+        let fresh = self.fetch().await;
+        crate::secrets::credential_stats::record(&self.store, fresh.is_ok());
+        let fresh = fresh?;
         // Static credentials found by the chain (environment, profile) are not kept: they
         // are read again for the next request, as with `auth: env` or `profile`.
         if fresh.expires.is_some() {
@@ -120,7 +122,9 @@ impl Provider {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            match this.fetch().await {
+            let fetched = this.fetch().await;
+            crate::secrets::credential_stats::record(&this.store, fetched.is_ok());
+            match fetched {
                 Ok(c) => {
                     tracing::debug!(store = %this.store, "AWS credentials refreshed before expiry");
                     *this.cached.lock().await = Some(c);

@@ -95,6 +95,15 @@ pub fn jwt_body(role: &str, jwt: &SecretString) -> Bytes {
     login_body(&[("role", role), ("jwt", jwt.expose())])
 }
 
+/// The body of `auth/MOUNT/login` for TLS certificate auth: the role (`name`) if one is
+/// named; the credential is the client certificate on the connection.
+pub fn cert_body(role: Option<&str>) -> Bytes {
+    match role {
+        Some(r) => login_body(&[("name", r)]),
+        None => login_body(&[]),
+    }
+}
+
 /// A JSON object of `fields` in a zeroizing buffer (JSON writes a byte as at most six).
 fn login_body(fields: &[(&str, &str)]) -> Bytes {
     struct Object<'a>(&'a [(&'a str, &'a str)]);

@@ -8,6 +8,7 @@
 //! [`Store::shutdown`] can revoke them.
 
 pub mod auth;
+pub mod aws_iam;
 pub mod kv;
 pub mod lease;
 
@@ -40,6 +41,8 @@ pub struct VaultStore {
     leases: tokio::sync::Mutex<HashMap<String, Lease>>,
     /// Every lease handed out and not yet revoked: (id, end).
     issued: Mutex<Vec<(String, Instant)>>,
+    /// The machine's AWS credentials, for `auth: aws`.
+    aws: Option<std::sync::Arc<crate::secrets::aws::provider::Provider>>,
 }
 
 impl VaultStore {
@@ -48,16 +51,46 @@ impl VaultStore {
         spec: config::VaultStore,
         opts: &ResolverOptions,
     ) -> Result<VaultStore, SecretError> {
-        let http = HttpClient::new(
+        let client_cert = match &spec.auth {
+            VaultAuth::Cert {
+                cert_file,
+                key_file,
+                ..
+            } => Some((cert_file.as_path(), key_file.as_path())),
+            _ => None,
+        };
+        let http = HttpClient::with_client_cert(
             spec.tls.ca.as_deref(),
             spec.tls.server_name.as_deref(),
             opts.http_timeout,
+            client_cert,
         )
         .map_err(|reason| SecretError::Config {
             store: name.clone(),
             reason,
         })?;
+        let aws = match &spec.auth {
+            VaultAuth::Aws { region, .. } => {
+                // the chain's own STS calls (web identity) go to the region's endpoint
+                let sts = HttpClient::new(None, None, opts.http_timeout).map_err(|reason| {
+                    SecretError::Config {
+                        store: name.clone(),
+                        reason,
+                    }
+                })?;
+                Some(std::sync::Arc::new(
+                    crate::secrets::aws::provider::Provider::new(
+                        name.clone(),
+                        config::AwsAuth::Chain,
+                        format!("https://sts.{region}.amazonaws.com"),
+                        sts,
+                    ),
+                ))
+            }
+            _ => None,
+        };
         Ok(VaultStore {
+            aws,
             base: spec.address.trim_end_matches('/').to_string(),
             name,
             spec,
@@ -149,7 +182,9 @@ impl VaultStore {
                 return Ok(s.token.clone());
             }
             if s.renewable && !s.expired(now) {
-                match self.renew_self(&s.token).await {
+                let renewed = self.renew_self(&s.token).await;
+                super::credential_stats::record(&self.name, renewed.is_ok());
+                match renewed {
                     Ok(renewed) => {
                         tracing::debug!(store = %self.name, ttl = ?renewed.ttl, "vault token renewed");
                         let token = renewed.token.clone();
@@ -162,7 +197,9 @@ impl VaultStore {
                 }
             }
         }
-        let fresh = self.login().await?;
+        let fresh = self.login().await;
+        super::credential_stats::record(&self.name, fresh.is_ok());
+        let fresh = fresh?;
         let token = fresh.token.clone();
         *state = Some(fresh);
         Ok(token)
@@ -242,6 +279,44 @@ impl VaultStore {
                 let jwt = auth::read_file(token_file)
                     .map_err(|r| self.auth_failed(format!("service account token: {r}")))?;
                 (mount, auth::jwt_body(role, &jwt))
+            }
+            VaultAuth::Jwt {
+                role,
+                token_file,
+                mount,
+            } => {
+                // read at each login: the issuer rotates the file (projected tokens last an hour)
+                let jwt = auth::read_file(token_file)
+                    .map_err(|r| self.auth_failed(format!("JWT auth token: {r}")))?;
+                (mount, auth::jwt_body(role, &jwt))
+            }
+            VaultAuth::Aws {
+                role,
+                mount,
+                region,
+                sts_endpoint,
+                server_id,
+            } => {
+                let provider = self.aws.as_ref().expect("built with the store");
+                let creds = provider.credentials().await?;
+                let body = aws_iam::login_body(
+                    role,
+                    &creds,
+                    sts_endpoint,
+                    region,
+                    server_id.as_deref(),
+                    std::time::SystemTime::now(),
+                )
+                .map_err(|r| self.auth_failed(format!("AWS IAM login: {r}")))?;
+                (mount, body)
+            }
+            VaultAuth::Cert { role, mount, .. } => {
+                if !self.base.starts_with("https://") {
+                    return Err(self.auth_failed(
+                        "certificate auth needs TLS: make the store's address https://",
+                    ));
+                }
+                (mount, auth::cert_body(role.as_deref()))
             }
         };
         let path = format!("auth/{}/login", mount.trim_matches('/'));
