@@ -931,3 +931,146 @@ fn the_canary_credential_never_reaches_the_application_log_audit_or_metrics() {
         }
     }
 }
+
+fn export_node_ca(agent: &Agent, into: &TempDir) -> PathBuf {
+    let out = Command::new(bins::latch())
+        .args(["ca", "export", "--state-dir"])
+        .arg(agent.dir.path().join("state"))
+        .output()
+        .expect("run latch ca export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    into.write("node-ca.pem", &String::from_utf8_lossy(&out.stdout))
+}
+
+/// What Python's `ssl` sees of latch's certificate (subject CN, issuer CN, ALPN chosen when
+/// offered `h2` and `http/1.1`), then a `requests` GET over the same name; `api.test`
+/// resolves to 127.0.0.2 inside the script only.
+const PY_INTERCEPTED: &str = r#"
+import socket, ssl, sys
+import requests
+port, cafile, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+real = socket.getaddrinfo
+socket.getaddrinfo = lambda h, *a, **k: real("127.0.0.2" if h == "api.test" else h, *a, **k)
+ctx = ssl.create_default_context(cafile=cafile)
+ctx.set_alpn_protocols(["h2", "http/1.1"])
+with socket.create_connection(("api.test", port)) as raw:
+    with ctx.wrap_socket(raw, server_hostname="api.test") as t:
+        c = t.getpeercert()
+        cn = lambda rdns: [v for rdn in rdns for (k, v) in rdn if k == "commonName"][0]
+        print("subject=" + cn(c["subject"]), "issuer=" + cn(c["issuer"]), "alpn=" + str(t.selected_alpn_protocol()))
+h2only = ssl.create_default_context(cafile=cafile)
+h2only.set_alpn_protocols(["h2"])
+try:
+    with socket.create_connection(("api.test", port)) as raw:
+        with h2only.wrap_socket(raw, server_hostname="api.test") as t:
+            print("h2only=accepted:" + str(t.selected_alpn_protocol()))
+except ssl.SSLError as e:
+    print("h2only=refused")
+r = requests.get("https://api.test:%d%s" % (port, path), verify=cafile, timeout=30)
+print("requests=%d %s" % (r.status_code, r.text.strip()))
+"#;
+
+#[test]
+fn https_interception_terminates_tls_for_covered_names_with_the_node_ca() {
+    // The application speaks HTTPS to api.test (nginx's TLS port); latch terminates it with a
+    // certificate from the node-local CA, injects the token, and re-encrypts to nginx,
+    // verifying api.test with the test CA.
+    let nginx = NginxApi::start("127.0.0.2");
+    let secrets = TempDir::new("http-secrets");
+    let file = secrets.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
+    let cg = TestCgroup::new();
+    let spec = format!(
+        "  http: {{inject: bearer, appTls: {{mode: enable}}}}\n  tls: {{mode: verify-full, ca: {}, serverName: api.test}}\n",
+        nginx.ca.ca().display()
+    );
+    let agent = Agent::start(&policy_yaml(nginx.tls_addr, &file, &spec), &cg);
+    let s = Setup {
+        agent,
+        cg,
+        nginx,
+        _secrets: secrets,
+    };
+    let node_ca = export_node_ca(&s.agent, &s._secrets);
+    let node_ca = node_ca.to_str().unwrap();
+    let port = s.nginx.tls_addr.port();
+    let resolve = format!("api.test:{port}:127.0.0.2");
+    let url = format!("https://api.test:{port}/bearer/ok.txt");
+    // nginx checks the token: directly, with its own CA and no token, 401.
+    let test_ca = s.nginx.ca.ca();
+    let (code, _, err) = outside_curl(&[
+        "--cacert",
+        test_ca.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        &url,
+    ]);
+    assert_eq!(code, 401, "{err}");
+
+    // Through latch: curl trusts only the node CA and verifies the name api.test; it offers
+    // h2 and http/1.1 in ALPN and is given http/1.1.
+    let (code, body, err) = s.curl(&["-v", "--cacert", node_ca, "--resolve", &resolve, &url]);
+    assert_eq!((code, body.as_str()), (200, OK_BODY), "{err}");
+    assert!(
+        err.contains("CN=api.test") && err.contains("latch node-local CA"),
+        "the certificate curl saw: {err}"
+    );
+    assert!(err.contains("ALPN: server accepted http/1.1"), "{err}");
+    let (code, seen, err) = s.curl(&[
+        "--cacert",
+        node_ca,
+        "--resolve",
+        &resolve,
+        &format!("https://api.test:{port}/seen"),
+    ]);
+    assert_eq!(code, 200, "{err}");
+    assert!(
+        seen.contains(&format!("auth=[Bearer {TOKEN}]"))
+            && seen.contains(&format!("host=[api.test:{port}]")),
+        "{seen}"
+    );
+
+    // Python: the certificate is for api.test, issued by the node CA; h2 alone is refused in
+    // ALPN (latch does not speak it); requests gets the protected file.
+    let out = python_in(&s.cg, PY_INTERCEPTED, &[&port.to_string(), node_ca, "/bearer/ok.txt"]);
+    assert!(
+        out.contains("subject=api.test issuer=latch node-local CA alpn=http/1.1"),
+        "{out}"
+    );
+    assert!(out.contains("h2only=refused"), "{out}");
+    assert!(out.contains("requests=200 ok from nginx"), "{out}");
+
+    // No SNI (an address in the URL): a certificate for the destination address.
+    let (code, body, err) = s.curl(&[
+        "--cacert",
+        node_ca,
+        &format!("https://127.0.0.2:{port}/bearer/ok.txt"),
+    ]);
+    assert_eq!((code, body.as_str()), (200, OK_BODY), "{err}");
+
+    // A name the policy does not cover gets no certificate: the handshake is refused and the
+    // audit record says why.
+    let before = s.agent.audit().len();
+    let other = format!("other.test:{port}:127.0.0.2");
+    let (code, _, err) = s.curl(&[
+        "-k",
+        "--resolve",
+        &other,
+        &format!("https://other.test:{port}/bearer/ok.txt"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let audit = s.agent.wait_audit(before + 1);
+    let refused = audit
+        .iter()
+        .find(|a| {
+            a["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("\"other.test\", a name this policy does not cover"))
+        })
+        .unwrap_or_else(|| panic!("no audit record of the refused name: {audit:?}"));
+    assert_eq!(refused["outcome"], "failed", "{refused:?}");
+    s.assert_log_clean();
+}

@@ -16,6 +16,7 @@
 //! | [`inject`] | the credential into one request head (sans-IO) |
 //! | [`sigv4`] | AWS SigV4 signing of a request head |
 //! | [`target`] | dial, TLS and hyper's client toward the target |
+//! | [`intercept`] | HTTPS interception: the application's TLS terminated for a covered SNI |
 //! | [`failure`] | latch's failures as 403/502/503/504 responses with a JSON body |
 //! | [`counted`] | byte counts of the streams hyper owns |
 //!
@@ -23,10 +24,13 @@
 //! ([`failure`]); malformed requests, header floods (more than [`MAX_HEADERS`] headers or
 //! [`MAX_HEADER_BYTES`] of head) and heads that do not arrive within the handshake timeout
 //! (slowloris) are hyper's to refuse (400, 431, close). A connection that opens with a TLS
-//! ClientHello is reset and audited: HTTPS interception is not built.
+//! ClientHello is reset and audited, unless the policy opts in to HTTPS interception
+//! (`http.appTls: {mode: enable}`, [`intercept`]): then latch terminates that TLS with a
+//! certificate from the node-local CA for the name asked for, if the policy covers it.
 pub mod counted;
 pub mod failure;
 pub mod inject;
+pub mod intercept;
 pub mod sigv4;
 pub mod target;
 
@@ -54,7 +58,7 @@ use super::{
     Answered, ConnectError, Connector, Context, Refusal, Served, Support, target_tls::ClientConfigs,
 };
 use crate::{
-    config::{Injection, Policy, Protocol, Target as Dest, TlsMode},
+    config::{AppTlsMode, Injection, Policy, Protocol, Target as Dest, TlsMode},
     relay::Transferred,
     secrets::Credentials,
 };
@@ -63,7 +67,8 @@ pub const SUPPORT: Support = Support {
     credentials: true,
     target_tls: true,
     negotiates_tls: false,
-    app_tls: false,
+    // Opt-in HTTPS interception (`http.appTls: {mode: enable}`).
+    app_tls: true,
     direct: false,
     // Every request head is rewritten: the bytes stay in user space.
     fast_path: false,
@@ -124,8 +129,9 @@ impl Connector for Http {
 #[derive(Debug, thiserror::Error)]
 enum NotServed {
     #[error(
-        "the application speaks TLS to an http policy: latch does not intercept HTTPS; \
-         let the application speak plain HTTP to the destination (latch makes the TLS)"
+        "the application speaks TLS to an http policy that does not intercept HTTPS; let the \
+         application speak plain HTTP to the destination (latch makes the TLS), or opt in \
+         with http.appTls: {{mode: enable}}"
     )]
     AppTls,
 }
@@ -172,13 +178,41 @@ impl Http {
         cx: Context<'_>,
     ) -> Result<Transferred, ConnectError> {
         if speaks_tls(&app, cx.env.handshake_timeout).await {
-            tracing::info!("the application opened with a TLS ClientHello; refused");
-            super::refuse::reset(app);
-            return Err(ConnectError::Protocol {
-                protocol: "http",
-                source: Box::new(NotServed::AppTls),
-            });
+            if cx.policy.app_tls != AppTlsMode::Enable {
+                tracing::info!("the application opened with a TLS ClientHello; refused");
+                super::refuse::reset(app);
+                return Err(ConnectError::Protocol {
+                    protocol: "http",
+                    source: Box::new(NotServed::AppTls),
+                });
+            }
+            let deadline = tokio::time::Instant::now() + cx.env.handshake_timeout;
+            let tls = intercept::accept(app, &cx, deadline).await.map_err(|e| {
+                tracing::info!(error = %e, "HTTPS interception refused or failed");
+                ConnectError::Protocol {
+                    protocol: "http",
+                    source: Box::new(e),
+                }
+            })?;
+            // A malformed head is hyper's to close: the raw answer below needs the plain socket.
+            return self.serve_stream(tls, None, cx).await;
         }
+        // A second descriptor of the application's socket, to answer a request head hyper
+        // could not parse (hyper closes without a word).
+        let app_fd = app.as_fd().try_clone_to_owned().ok();
+        self.serve_stream(app, app_fd, cx).await
+    }
+
+    /// Serves the application's requests on `app` (plain, or TLS latch terminated).
+    async fn serve_stream<S>(
+        &self,
+        app: S,
+        app_fd: Option<std::os::fd::OwnedFd>,
+        cx: Context<'_>,
+    ) -> Result<Transferred, ConnectError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let session = Session {
             http: self,
             cx,
@@ -190,9 +224,6 @@ impl Http {
             host: host_header(cx),
             hold_shutdown: Arc::new(AtomicBool::new(true)),
         };
-        // A second descriptor of the application's socket, to answer a request head hyper
-        // could not parse (hyper closes without a word).
-        let app_fd = app.as_fd().try_clone_to_owned().ok();
         let io = TokioIo::new(Counted::holding_shutdown(
             app,
             session.to_app.clone(),
