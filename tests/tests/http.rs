@@ -1074,3 +1074,173 @@ fn https_interception_terminates_tls_for_covered_names_with_the_node_ca() {
     assert_eq!(refused["outcome"], "failed", "{refused:?}");
     s.assert_log_clean();
 }
+
+/// A `requests` session on one connection: a GET, then the password rotated in nginx's
+/// htpasswd and in the store (files rewritten by the script, as an operator would), a GET, a
+/// second rotation and a POST with a body, a last GET.
+const PY_ROTATION: &str = r#"
+import sys, time, requests
+url, htpasswd, store = sys.argv[1:4]
+rotations = [(sys.argv[4], sys.argv[5]), (sys.argv[6], sys.argv[7])]
+def rotate(i):
+    for path, text in zip((htpasswd, store), rotations[i]):
+        with open(path, "w") as f:
+            f.write(text)
+    time.sleep(1.2)  # past latch's once-a-second limit on refreshing
+s = requests.Session()
+print("first=%d" % s.get(url, timeout=30).status_code)
+rotate(0)
+print("get_after_rotation=%d" % s.get(url, timeout=30).status_code)
+rotate(1)
+print("post_after_rotation=%d" % s.post(url, data=b"x" * 10, timeout=30).status_code)
+print("next_get=%d" % s.get(url, timeout=30).status_code)
+"#;
+
+#[test]
+fn a_401_refreshes_the_credential_and_a_get_is_retried_once_with_it() {
+    let s = Setup::new("");
+    let url = s.nginx.url("/basic/ok.txt");
+    let htpasswd = s.nginx.dir.path().join("htpasswd");
+    let store = s._secrets.path().join("secrets.yaml");
+    let (pw_b, pw_c) = ("rotated-Canary-b1", "rotated-Canary-c2");
+    let out = python_in(
+        &s.cg,
+        PY_ROTATION,
+        &[
+            &url,
+            htpasswd.to_str().unwrap(),
+            store.to_str().unwrap(),
+            &format!("{BASIC_USER}:{{PLAIN}}{pw_b}\n"),
+            &secrets_yaml(BASIC_USER, pw_b, ""),
+            &format!("{BASIC_USER}:{{PLAIN}}{pw_c}\n"),
+            &secrets_yaml(BASIC_USER, pw_c, ""),
+        ],
+    );
+    // The GET after the rotation: nginx answered 401 to the old password; latch fetched the
+    // new one and sent the GET again with it.
+    assert!(
+        out.contains("first=200\nget_after_rotation=200\n"),
+        "{out}"
+    );
+    // The POST (a body: not repeated) gets nginx's 401 as it is; the next GET on the same
+    // connection carries the password fetched after that 401 and is answered at once.
+    assert!(
+        out.contains("post_after_rotation=401\nnext_get=200\n"),
+        "{out}"
+    );
+    let log = s.agent.log();
+    assert_eq!(
+        log.matches("retrying once with refreshed ones").count(),
+        2,
+        "one refresh per rotation (none for the last GET):\n{log}"
+    );
+    for pw in [pw_b, pw_c] {
+        assert!(!log.contains(pw), "a credential in the agent log:\n{log}");
+    }
+    s.assert_log_clean();
+}
+
+/// A target that answers the first request on each connection (keep-alive) and closes the
+/// connection when the second arrives, without answering: the race of a keep-alive timeout,
+/// every time. Returns its address and, per request seen, whether it carried the token.
+fn closing_target() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<bool>>>) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(mut conn) = conn else { return };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                for answered in [false, true] {
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => head.extend_from_slice(&buf[..k]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    log.lock()
+                        .unwrap()
+                        .push(text.contains(&format!("authorization: bearer {}", TOKEN.to_ascii_lowercase())));
+                    head.clear();
+                    if answered {
+                        return; // closed as the second request arrives
+                    }
+                    let body = format!("conn={}\n", n + 1);
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn a_get_is_retried_once_on_a_new_connection_when_the_target_closes_a_reused_one() {
+    let (addr, seen) = closing_target();
+    let secrets = TempDir::new("http-secrets");
+    let file = secrets.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
+    let cg = TestCgroup::new();
+    let agent = Agent::start(
+        &policy_yaml(addr, &file, "  http: {inject: bearer}\n"),
+        &cg,
+    );
+    let url = format!("http://{addr}/a");
+    // curl sends both GETs on one connection to latch (num_connects 1, then 0); latch's
+    // connection to the target is reused for the second and closed under it.
+    let out = run_within(
+        cg.command(bins::tool("curl", "curl")).args([
+            "-sS",
+            "--max-time",
+            "60",
+            "-w",
+            "[%{http_code} %{num_connects}]",
+            &url,
+            &url,
+        ]),
+        Duration::from_secs(90),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text,
+        "conn=1\n[200 1]conn=2\n[200 0]",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What the target saw: the first GET, the second on the reused connection (closed), the
+    // second again on a new one; each with the token.
+    assert_eq!(*seen.lock().unwrap(), vec![true, true, true]);
+    // A POST with a body is not repeated: the application is told.
+    let out = run_within(
+        cg.command(bins::tool("curl", "curl")).args([
+            "-sS",
+            "--max-time",
+            "60",
+            "-w",
+            "[%{http_code}]",
+            &url,
+            "--next",
+            "-d",
+            "body",
+            "-w",
+            "[%{http_code}]",
+            &url,
+        ]),
+        Duration::from_secs(90),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("conn=3\n[200]") && text.contains("\"error\":\"target_error\"") && text.ends_with("[502]"),
+        "{text}"
+    );
+    drop(agent);
+}

@@ -47,6 +47,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Either, Full, Limited};
+use hyper::body::Body as _;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn, upgrade::OnUpgrade};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -295,7 +296,6 @@ impl Session<'_> {
     }
 
     async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, Failure> {
-        let (cx, spec) = (self.cx, &self.cx.policy.http);
         if req.method() == Method::CONNECT {
             return Err(Failure::Connect);
         }
@@ -313,10 +313,97 @@ impl Session<'_> {
             // The target closed its keep-alive connection between requests: a new one.
             *slot = Some(self.connect().await?);
         }
+        let reused = reuse && ready;
+        let (parts, body) = req.into_parts();
+        // A GET or HEAD without a body can be sent again as it was: kept (before latch's
+        // credential goes in) for one retry.
+        let again = (app_upgrade.is_none()
+            && matches!(parts.method, Method::GET | Method::HEAD)
+            && body.is_end_stream())
+        .then(|| parts.clone());
         let Some((target, creds)) = slot.as_mut() else {
             unreachable!("connected above");
         };
-        let (mut parts, body) = req.into_parts();
+        let sent = self
+            .send(target, creds, parts, Either::Left(body))
+            .await;
+        let (mut resp, injected) = match (sent, again.as_ref()) {
+            (Ok(r), _) => r,
+            (Err(Failure::Target(target::TargetError::Http(e))), Some(again)) if reused => {
+                // The target closed the kept-alive connection as latch reused it: the request
+                // is safe to repeat, once, on a new connection.
+                tracing::debug!(error = %e, "target closed a reused connection; retrying on a new one");
+                *slot = Some(self.connect().await?);
+                let Some((target, creds)) = slot.as_mut() else {
+                    unreachable!("connected above");
+                };
+                self.send(target, creds, again.clone(), empty()).await?
+            }
+            (Err(f), _) => return Err(f),
+        };
+        if resp.status() == StatusCode::UNAUTHORIZED && injected {
+            resp = self.after_rejection(&mut slot, resp, again).await?;
+        }
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(app_up) = app_upgrade
+        {
+            let target_up = hyper::upgrade::on(&mut resp);
+            self.hold_shutdown.store(false, Ordering::Relaxed);
+            *self.upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some((app_up, target_up));
+        }
+        Ok(resp)
+    }
+
+    /// The target answered 401 to latch's credential: fresh credentials from the store
+    /// (rate-limited per policy) for this connection's next requests; a request that can be
+    /// repeated (`again`) is sent once more with them on a new connection, any other gets
+    /// the 401 as the target wrote it.
+    async fn after_rejection(
+        &self,
+        slot: &mut Option<(Target, Arc<Credentials>)>,
+        resp: Response<Incoming>,
+        again: Option<http::request::Parts>,
+    ) -> Result<Response<Incoming>, Failure> {
+        let cx = self.cx;
+        let Some((_, used)) = slot.as_ref() else {
+            return Ok(resp);
+        };
+        let Some(fresh) = cx
+            .env
+            .secrets
+            .fresh_after_rejection(cx.policy, None, used)
+            .await
+        else {
+            return Ok(resp);
+        };
+        let Some(again) = again else {
+            if let Some((_, creds)) = slot.as_mut() {
+                *creds = fresh;
+            }
+            return Ok(resp);
+        };
+        // The 401's body is not read: the connection it came on is not reused.
+        drop(resp);
+        let target = target::connect(&cx, &self.http.tls, self.to_target.clone())
+            .await
+            .map_err(Failure::Target)?;
+        *slot = Some((target, fresh));
+        let Some((target, creds)) = slot.as_mut() else {
+            unreachable!("connected above");
+        };
+        Ok(self.send(target, creds, again, empty()).await?.0)
+    }
+
+    /// Puts the credential into one request and sends it; the response and whether latch's
+    /// credential went in.
+    async fn send(
+        &self,
+        target: &mut Target,
+        creds: &Credentials,
+        mut parts: http::request::Parts,
+        body: ReqBody,
+    ) -> Result<(Response<Incoming>, bool), Failure> {
+        let (cx, spec) = (self.cx, &self.cx.policy.http);
         let add = inject::prepare(&mut parts, spec, self.host.as_ref(), creds)
             .map_err(Failure::Inject)?;
         let body = match (&spec.inject, add) {
@@ -333,7 +420,7 @@ impl Session<'_> {
                     None => None,
                 };
                 let (bytes, body) = if aws.unsigned_payload {
-                    (None, Either::Left(body))
+                    (None, body)
                 } else {
                     let bytes = Limited::new(body, MAX_SIGNED_BODY)
                         .collect()
@@ -359,22 +446,15 @@ impl Session<'_> {
                 .map_err(Failure::Sign)?;
                 body
             }
-            _ => Either::Left(body),
+            _ => body,
         };
         cx.handshake_done();
-        let mut resp = target
+        let resp = target
             .send
             .send_request(Request::from_parts(parts, body))
             .await
             .map_err(|e| Failure::Target(target::TargetError::Http(e)))?;
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(app_up) = app_upgrade
-        {
-            let target_up = hyper::upgrade::on(&mut resp);
-            self.hold_shutdown.store(false, Ordering::Relaxed);
-            *self.upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some((app_up, target_up));
-        }
-        Ok(resp)
+        Ok((resp, add))
     }
 
     /// Resolves the credentials and opens a target connection.
@@ -415,6 +495,11 @@ fn stream_from(fd: std::os::fd::OwnedFd) -> std::io::Result<TcpStream> {
     let std = std::net::TcpStream::from(fd);
     std.set_nonblocking(true)?;
     TcpStream::from_std(std)
+}
+
+/// An empty request body (a repeated GET or HEAD).
+fn empty() -> ReqBody {
+    Either::Right(Full::new(Bytes::new()))
 }
 
 /// Whether the request asks to switch protocols (`Connection: upgrade` with `Upgrade`).
