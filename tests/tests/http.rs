@@ -1035,7 +1035,11 @@ fn https_interception_terminates_tls_for_covered_names_with_the_node_ca() {
 
     // Python: the certificate is for api.test, issued by the node CA; h2 alone is refused in
     // ALPN (latch does not speak it); requests gets the protected file.
-    let out = python_in(&s.cg, PY_INTERCEPTED, &[&port.to_string(), node_ca, "/bearer/ok.txt"]);
+    let out = python_in(
+        &s.cg,
+        PY_INTERCEPTED,
+        &[&port.to_string(), node_ca, "/bearer/ok.txt"],
+    );
     assert!(
         out.contains("subject=api.test issuer=latch node-local CA alpn=http/1.1"),
         "{out}"
@@ -1118,10 +1122,7 @@ fn a_401_refreshes_the_credential_and_a_get_is_retried_once_with_it() {
     );
     // The GET after the rotation: nginx answered 401 to the old password; latch fetched the
     // new one and sent the GET again with it.
-    assert!(
-        out.contains("first=200\nget_after_rotation=200\n"),
-        "{out}"
-    );
+    assert!(out.contains("first=200\nget_after_rotation=200\n"), "{out}");
     // The POST (a body: not repeated) gets nginx's 401 as it is; the next GET on the same
     // connection carries the password fetched after that 401 and is answered at once.
     assert!(
@@ -1143,7 +1144,10 @@ fn a_401_refreshes_the_credential_and_a_get_is_retried_once_with_it() {
 /// A target that answers the first request on each connection (keep-alive) and closes the
 /// connection when the second arrives, without answering: the race of a keep-alive timeout,
 /// every time. Returns its address and, per request seen, whether it carried the token.
-fn closing_target() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<bool>>>) {
+fn closing_target() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
+) {
     use std::io::{Read as _, Write as _};
     let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1164,9 +1168,10 @@ fn closing_target() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Ve
                         }
                     }
                     let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                    log.lock()
-                        .unwrap()
-                        .push(text.contains(&format!("authorization: bearer {}", TOKEN.to_ascii_lowercase())));
+                    log.lock().unwrap().push(text.contains(&format!(
+                        "authorization: bearer {}",
+                        TOKEN.to_ascii_lowercase()
+                    )));
                     head.clear();
                     if answered {
                         return; // closed as the second request arrives
@@ -1190,10 +1195,7 @@ fn a_get_is_retried_once_on_a_new_connection_when_the_target_closes_a_reused_one
     let secrets = TempDir::new("http-secrets");
     let file = secrets.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
     let cg = TestCgroup::new();
-    let agent = Agent::start(
-        &policy_yaml(addr, &file, "  http: {inject: bearer}\n"),
-        &cg,
-    );
+    let agent = Agent::start(&policy_yaml(addr, &file, "  http: {inject: bearer}\n"), &cg);
     let url = format!("http://{addr}/a");
     // curl sends both GETs on one connection to latch (num_connects 1, then 0); latch's
     // connection to the target is reused for the second and closed under it.
@@ -1239,7 +1241,9 @@ fn a_get_is_retried_once_on_a_new_connection_when_the_target_closes_a_reused_one
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.starts_with("conn=3\n[200]") && text.contains("\"error\":\"target_error\"") && text.ends_with("[502]"),
+        text.starts_with("conn=3\n[200]")
+            && text.contains("\"error\":\"target_error\"")
+            && text.ends_with("[502]"),
         "{text}"
     );
     drop(agent);

@@ -2,8 +2,8 @@
 
 mod bench;
 mod bench_conns;
-mod bench_my;
 mod bench_http;
+mod bench_my;
 mod bench_netns;
 mod bench_pg;
 mod demo;

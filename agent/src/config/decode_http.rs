@@ -3,8 +3,8 @@
 use super::decode::{self, Cx, Map};
 use super::decode_policy::secret_ref;
 use super::http::{AppCredentials, AwsSigning, HttpSpec, Injection};
-use super::policy::AppTlsMode;
 use super::net;
+use super::policy::AppTlsMode;
 use super::yaml::{Entry, Mark};
 
 /// The placeholders a header template may hold.

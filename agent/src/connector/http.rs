@@ -324,9 +324,7 @@ impl Session<'_> {
         let Some((target, creds)) = slot.as_mut() else {
             unreachable!("connected above");
         };
-        let sent = self
-            .send(target, creds, parts, Either::Left(body))
-            .await;
+        let sent = self.send(target, creds, parts, Either::Left(body)).await;
         let (mut resp, injected) = match (sent, again.as_ref()) {
             (Ok(r), _) => r,
             (Err(Failure::Target(target::TargetError::Http(e))), Some(again)) if reused => {

@@ -58,18 +58,19 @@ pub async fn accept(
     cx: &Context<'_>,
     deadline: Instant,
 ) -> Result<TlsStream<TcpStream>, InterceptError> {
-    let start = match tokio::time::timeout_at(
-        deadline,
-        LazyConfigAcceptor::new(Acceptor::default(), tcp),
-    )
-    .await
-    {
-        Err(_) => return Err(InterceptError::Timeout),
-        Ok(Err(e)) => return Err(InterceptError::Handshake(e)),
-        Ok(Ok(start)) => start,
-    };
+    let start =
+        match tokio::time::timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), tcp))
+            .await
+        {
+            Err(_) => return Err(InterceptError::Timeout),
+            Ok(Err(e)) => return Err(InterceptError::Handshake(e)),
+            Ok(Ok(start)) => start,
+        };
     let policy = cx.policy;
-    let sni = start.client_hello().server_name().map(str::to_ascii_lowercase);
+    let sni = start
+        .client_hello()
+        .server_name()
+        .map(str::to_ascii_lowercase);
     let name = match sni {
         Some(n) if covers(policy, &n) => Some(n.strip_suffix('.').unwrap_or(&n).to_owned()),
         Some(n) => return Err(InterceptError::NameNotCovered(n)),
@@ -89,7 +90,10 @@ pub async fn accept(
         Err(_) => Err(InterceptError::Timeout),
         Ok(Err(e)) => Err(InterceptError::Handshake(e)),
         Ok(Ok(tls)) => {
-            tracing::debug!(sni = name.as_deref(), "TLS with the application established");
+            tracing::debug!(
+                sni = name.as_deref(),
+                "TLS with the application established"
+            );
             Ok(tls)
         }
     }
