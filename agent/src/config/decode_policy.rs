@@ -906,13 +906,7 @@ fn check_tls(cx: &mut Cx, raw: RawTls, protocol: Protocol, entry: &Entry) -> Opt
     let (mode, mode_mark) = mode.unwrap_or((protocol.default_tls_mode(), entry.key_mark));
     let before = cx.errors.len();
     let support = registry::supports(protocol);
-    if protocol == Protocol::Tcp && mode != TlsMode::Disable {
-        // Accepting it would promise a verified, encrypted leg that latch does not make.
-        cx.error(
-            mode_mark,
-            format!("protocol tcp relays the application's bytes as they are: latch does not make TLS for it, so tls mode {:?} would be ignored; remove tls (or set mode \"disable\")", mode.as_str()),
-        );
-    } else if support.is_some_and(|s| !s.target_tls) && mode != TlsMode::Disable {
+    if support.is_some_and(|s| !s.target_tls) && mode != TlsMode::Disable {
         cx.error(
             mode_mark,
             format!("latch does not make TLS for protocol {protocol}, so tls mode {:?} would be ignored; remove tls (or set mode \"disable\")", mode.as_str()),
