@@ -807,7 +807,7 @@ fn app_tls_mode() {
     assert_eq!(
         errors("t.yaml", &format!("{STORES}{tcp}")),
         vec![
-            "t.yaml:24:3: appTls applies to protocol postgres, mysql only (not tcp); remove appTls"
+            "t.yaml:24:3: appTls applies to protocol postgres, mysql, http only (not tcp); remove appTls"
         ]
     );
 }
