@@ -931,3 +931,320 @@ fn the_canary_credential_never_reaches_the_application_log_audit_or_metrics() {
         }
     }
 }
+
+fn export_node_ca(agent: &Agent, into: &TempDir) -> PathBuf {
+    let out = Command::new(bins::latch())
+        .args(["ca", "export", "--state-dir"])
+        .arg(agent.dir.path().join("state"))
+        .output()
+        .expect("run latch ca export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    into.write("node-ca.pem", &String::from_utf8_lossy(&out.stdout))
+}
+
+/// What Python's `ssl` sees of latch's certificate (subject CN, issuer CN, ALPN chosen when
+/// offered `h2` and `http/1.1`), then a `requests` GET over the same name; `api.test`
+/// resolves to 127.0.0.2 inside the script only.
+const PY_INTERCEPTED: &str = r#"
+import socket, ssl, sys
+import requests
+port, cafile, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+real = socket.getaddrinfo
+socket.getaddrinfo = lambda h, *a, **k: real("127.0.0.2" if h == "api.test" else h, *a, **k)
+ctx = ssl.create_default_context(cafile=cafile)
+ctx.set_alpn_protocols(["h2", "http/1.1"])
+with socket.create_connection(("api.test", port)) as raw:
+    with ctx.wrap_socket(raw, server_hostname="api.test") as t:
+        c = t.getpeercert()
+        cn = lambda rdns: [v for rdn in rdns for (k, v) in rdn if k == "commonName"][0]
+        print("subject=" + cn(c["subject"]), "issuer=" + cn(c["issuer"]), "alpn=" + str(t.selected_alpn_protocol()))
+h2only = ssl.create_default_context(cafile=cafile)
+h2only.set_alpn_protocols(["h2"])
+try:
+    with socket.create_connection(("api.test", port)) as raw:
+        with h2only.wrap_socket(raw, server_hostname="api.test") as t:
+            print("h2only=accepted:" + str(t.selected_alpn_protocol()))
+except ssl.SSLError as e:
+    print("h2only=refused")
+r = requests.get("https://api.test:%d%s" % (port, path), verify=cafile, timeout=30)
+print("requests=%d %s" % (r.status_code, r.text.strip()))
+"#;
+
+#[test]
+fn https_interception_terminates_tls_for_covered_names_with_the_node_ca() {
+    // The application speaks HTTPS to api.test (nginx's TLS port); latch terminates it with a
+    // certificate from the node-local CA, injects the token, and re-encrypts to nginx,
+    // verifying api.test with the test CA.
+    let nginx = NginxApi::start("127.0.0.2");
+    let secrets = TempDir::new("http-secrets");
+    let file = secrets.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
+    let cg = TestCgroup::new();
+    let spec = format!(
+        "  http: {{inject: bearer, appTls: {{mode: enable}}}}\n  tls: {{mode: verify-full, ca: {}, serverName: api.test}}\n",
+        nginx.ca.ca().display()
+    );
+    let agent = Agent::start(&policy_yaml(nginx.tls_addr, &file, &spec), &cg);
+    let s = Setup {
+        agent,
+        cg,
+        nginx,
+        _secrets: secrets,
+    };
+    let node_ca = export_node_ca(&s.agent, &s._secrets);
+    let node_ca = node_ca.to_str().unwrap();
+    let port = s.nginx.tls_addr.port();
+    let resolve = format!("api.test:{port}:127.0.0.2");
+    let url = format!("https://api.test:{port}/bearer/ok.txt");
+    // nginx checks the token: directly, with its own CA and no token, 401.
+    let test_ca = s.nginx.ca.ca();
+    let (code, _, err) = outside_curl(&[
+        "--cacert",
+        test_ca.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        &url,
+    ]);
+    assert_eq!(code, 401, "{err}");
+
+    // Through latch: curl trusts only the node CA and verifies the name api.test; it offers
+    // h2 and http/1.1 in ALPN and is given http/1.1.
+    let (code, body, err) = s.curl(&["-v", "--cacert", node_ca, "--resolve", &resolve, &url]);
+    assert_eq!((code, body.as_str()), (200, OK_BODY), "{err}");
+    assert!(
+        err.contains("CN=api.test") && err.contains("latch node-local CA"),
+        "the certificate curl saw: {err}"
+    );
+    assert!(err.contains("ALPN: server accepted http/1.1"), "{err}");
+    let (code, seen, err) = s.curl(&[
+        "--cacert",
+        node_ca,
+        "--resolve",
+        &resolve,
+        &format!("https://api.test:{port}/seen"),
+    ]);
+    assert_eq!(code, 200, "{err}");
+    assert!(
+        seen.contains(&format!("auth=[Bearer {TOKEN}]"))
+            && seen.contains(&format!("host=[api.test:{port}]")),
+        "{seen}"
+    );
+
+    // Python: the certificate is for api.test, issued by the node CA; h2 alone is refused in
+    // ALPN (latch does not speak it); requests gets the protected file.
+    let out = python_in(
+        &s.cg,
+        PY_INTERCEPTED,
+        &[&port.to_string(), node_ca, "/bearer/ok.txt"],
+    );
+    assert!(
+        out.contains("subject=api.test issuer=latch node-local CA alpn=http/1.1"),
+        "{out}"
+    );
+    assert!(out.contains("h2only=refused"), "{out}");
+    assert!(out.contains("requests=200 ok from nginx"), "{out}");
+
+    // No SNI (an address in the URL): a certificate for the destination address.
+    let (code, body, err) = s.curl(&[
+        "--cacert",
+        node_ca,
+        &format!("https://127.0.0.2:{port}/bearer/ok.txt"),
+    ]);
+    assert_eq!((code, body.as_str()), (200, OK_BODY), "{err}");
+
+    // A name the policy does not cover gets no certificate: the handshake is refused and the
+    // audit record says why.
+    let before = s.agent.audit().len();
+    let other = format!("other.test:{port}:127.0.0.2");
+    let (code, _, err) = s.curl(&[
+        "-k",
+        "--resolve",
+        &other,
+        &format!("https://other.test:{port}/bearer/ok.txt"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let audit = s.agent.wait_audit(before + 1);
+    let refused = audit
+        .iter()
+        .find(|a| {
+            a["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("\"other.test\", a name this policy does not cover"))
+        })
+        .unwrap_or_else(|| panic!("no audit record of the refused name: {audit:?}"));
+    assert_eq!(refused["outcome"], "failed", "{refused:?}");
+    s.assert_log_clean();
+}
+
+/// A `requests` session on one connection: a GET, then the password rotated in nginx's
+/// htpasswd and in the store (files rewritten by the script, as an operator would), a GET, a
+/// second rotation and a POST with a body, a last GET.
+const PY_ROTATION: &str = r#"
+import sys, time, requests
+url, htpasswd, store = sys.argv[1:4]
+rotations = [(sys.argv[4], sys.argv[5]), (sys.argv[6], sys.argv[7])]
+def rotate(i):
+    for path, text in zip((htpasswd, store), rotations[i]):
+        with open(path, "w") as f:
+            f.write(text)
+    time.sleep(1.2)  # past latch's once-a-second limit on refreshing
+s = requests.Session()
+print("first=%d" % s.get(url, timeout=30).status_code)
+rotate(0)
+print("get_after_rotation=%d" % s.get(url, timeout=30).status_code)
+rotate(1)
+print("post_after_rotation=%d" % s.post(url, data=b"x" * 10, timeout=30).status_code)
+print("next_get=%d" % s.get(url, timeout=30).status_code)
+"#;
+
+#[test]
+fn a_401_refreshes_the_credential_and_a_get_is_retried_once_with_it() {
+    let s = Setup::new("");
+    let url = s.nginx.url("/basic/ok.txt");
+    let htpasswd = s.nginx.dir.path().join("htpasswd");
+    let store = s._secrets.path().join("secrets.yaml");
+    let (pw_b, pw_c) = ("rotated-Canary-b1", "rotated-Canary-c2");
+    let out = python_in(
+        &s.cg,
+        PY_ROTATION,
+        &[
+            &url,
+            htpasswd.to_str().unwrap(),
+            store.to_str().unwrap(),
+            &format!("{BASIC_USER}:{{PLAIN}}{pw_b}\n"),
+            &secrets_yaml(BASIC_USER, pw_b, ""),
+            &format!("{BASIC_USER}:{{PLAIN}}{pw_c}\n"),
+            &secrets_yaml(BASIC_USER, pw_c, ""),
+        ],
+    );
+    // The GET after the rotation: nginx answered 401 to the old password; latch fetched the
+    // new one and sent the GET again with it.
+    assert!(out.contains("first=200\nget_after_rotation=200\n"), "{out}");
+    // The POST (a body: not repeated) gets nginx's 401 as it is; the next GET on the same
+    // connection carries the password fetched after that 401 and is answered at once.
+    assert!(
+        out.contains("post_after_rotation=401\nnext_get=200\n"),
+        "{out}"
+    );
+    let log = s.agent.log();
+    assert_eq!(
+        log.matches("retrying once with refreshed ones").count(),
+        2,
+        "one refresh per rotation (none for the last GET):\n{log}"
+    );
+    for pw in [pw_b, pw_c] {
+        assert!(!log.contains(pw), "a credential in the agent log:\n{log}");
+    }
+    s.assert_log_clean();
+}
+
+/// A target that answers the first request on each connection (keep-alive) and closes the
+/// connection when the second arrives, without answering: the race of a keep-alive timeout,
+/// every time. Returns its address and, per request seen, whether it carried the token.
+fn closing_target() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
+) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(mut conn) = conn else { return };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                for answered in [false, true] {
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => head.extend_from_slice(&buf[..k]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    log.lock().unwrap().push(text.contains(&format!(
+                        "authorization: bearer {}",
+                        TOKEN.to_ascii_lowercase()
+                    )));
+                    head.clear();
+                    if answered {
+                        return; // closed as the second request arrives
+                    }
+                    let body = format!("conn={}\n", n + 1);
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn a_get_is_retried_once_on_a_new_connection_when_the_target_closes_a_reused_one() {
+    let (addr, seen) = closing_target();
+    let secrets = TempDir::new("http-secrets");
+    let file = secrets.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&policy_yaml(addr, &file, "  http: {inject: bearer}\n"), &cg);
+    let url = format!("http://{addr}/a");
+    // curl sends both GETs on one connection to latch (num_connects 1, then 0); latch's
+    // connection to the target is reused for the second and closed under it.
+    let out = run_within(
+        cg.command(bins::tool("curl", "curl")).args([
+            "-sS",
+            "--max-time",
+            "60",
+            "-w",
+            "[%{http_code} %{num_connects}]",
+            &url,
+            &url,
+        ]),
+        Duration::from_secs(90),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text,
+        "conn=1\n[200 1]conn=2\n[200 0]",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What the target saw: the first GET, the second on the reused connection (closed), the
+    // second again on a new one; each with the token.
+    assert_eq!(*seen.lock().unwrap(), vec![true, true, true]);
+    // A POST with a body is not repeated: the application is told.
+    let out = run_within(
+        cg.command(bins::tool("curl", "curl")).args([
+            "-sS",
+            "--max-time",
+            "60",
+            "-w",
+            "[%{http_code}]",
+            &url,
+            "--next",
+            "-d",
+            "body",
+            "-w",
+            "[%{http_code}]",
+            &url,
+        ]),
+        Duration::from_secs(90),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("conn=3\n[200]")
+            && text.contains("\"error\":\"target_error\"")
+            && text.ends_with("[502]"),
+        "{text}"
+    );
+    drop(agent);
+}

@@ -4,14 +4,20 @@ use super::decode::{self, Cx, Map};
 use super::decode_policy::secret_ref;
 use super::http::{AppCredentials, AwsSigning, HttpSpec, Injection};
 use super::net;
+use super::policy::AppTlsMode;
 use super::yaml::{Entry, Mark};
 
 /// The placeholders a header template may hold.
 const PLACEHOLDERS: [&str; 2] = ["{secret}", "{username}"];
 
-/// `http: {inject, header, query, aws, appCredentials, targetPort, host}`. `default_store`
-/// is the credentials' store (for `aws.sessionToken`).
-pub fn http(cx: &mut Cx, entry: &Entry, default_store: Option<&str>) -> Option<HttpSpec> {
+/// `http: {inject, header, query, aws, appCredentials, targetPort, host, appTls}`.
+/// `default_store` is the credentials' store (for `aws.sessionToken`). `appTls` (HTTPS
+/// interception) is returned beside the spec, with where it was written, for the policy.
+pub fn http(
+    cx: &mut Cx,
+    entry: &Entry,
+    default_store: Option<&str>,
+) -> Option<(HttpSpec, Option<(AppTlsMode, Mark)>)> {
     let mut m = Map::new(cx, &entry.value, entry.key_mark, "http")?;
     let before = cx.errors.len();
     let inject_entry = m.entry("inject");
@@ -121,16 +127,26 @@ pub fn http(cx: &mut Cx, entry: &Entry, default_store: Option<&str>) -> Option<H
             .ok()
             .map(|_| text)
     });
+    let app_tls = m
+        .entry("appTls")
+        .map(|e| (super::decode_policy::app_tls(cx, e), e.key_mark));
     m.finish(cx);
     if cx.errors.len() > before {
         return None;
     }
-    Some(HttpSpec {
-        inject: inject?,
-        app_credentials: app_credentials?,
-        target_port,
-        host,
-    })
+    let app_tls = match app_tls {
+        Some((mode, at)) => Some((mode?, at)),
+        None => None,
+    };
+    Some((
+        HttpSpec {
+            inject: inject?,
+            app_credentials: app_credentials?,
+            target_port,
+            host,
+        },
+        app_tls,
+    ))
 }
 
 /// `header: "Name: template"`.

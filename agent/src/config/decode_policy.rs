@@ -151,7 +151,36 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         Some(e) if protocol == Some(Protocol::Http) => {
             super::decode_http::http(cx, e, default_store)
         }
-        _ => Some(HttpSpec::default()),
+        _ => Some((HttpSpec::default(), None)),
+    };
+    let (http, http_app_tls) = match http {
+        Some((h, a)) => (Some(h), a),
+        None => (None, None),
+    };
+    // HTTPS interception is opt-in: `http.appTls` says `enable`; without it (the default for
+    // http) an application that opens with TLS is refused.
+    let app_tls = if protocol == Some(Protocol::Http) {
+        if let Some(e) = app_tls_entry {
+            cx.error(
+                e.key_mark,
+                "for protocol http write appTls under http (http: {appTls: {mode: enable}})",
+            );
+        }
+        match http_app_tls {
+            Some((AppTlsMode::Auto, at)) => {
+                cx.error(
+                    at,
+                    "http appTls mode \"auto\": HTTPS interception is opt-in for http; write \
+                     \"enable\" (terminate the application's TLS with the node-local CA) or \
+                     \"disable\" (the default: refuse it)",
+                );
+                None
+            }
+            Some((mode, _)) => Some(mode),
+            None => Some(AppTlsMode::Disable),
+        }
+    } else {
+        app_tls
     };
     m.finish(cx);
 
@@ -218,6 +247,19 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     {
         let at = http_entry.map_or(m_at(node, at), |e| e.key_mark);
         check_http(cx, h, t, credentials.as_ref(), at, tls_entry);
+        if let (Some(AppTlsMode::Enable), Some((_, mark))) = (app_tls, http_app_tls)
+            && t.mode != TlsMode::VerifyFull
+        {
+            cx.error(
+                mark,
+                format!(
+                    "http appTls mode \"enable\" needs tls mode \"verify-full\" (not {:?}): \
+                     applications trust the node-local CA's certificate for the destination, so \
+                     latch must verify the target it re-encrypts to",
+                    t.mode.as_str()
+                ),
+            );
+        }
     }
     if cx.errors.len() > errors_before {
         return None;
@@ -795,7 +837,7 @@ pub(super) fn secret_ref(
 }
 
 /// `appTls: {mode: auto | disable | enable}`.
-fn app_tls(cx: &mut Cx, entry: &Entry) -> Option<AppTlsMode> {
+pub(super) fn app_tls(cx: &mut Cx, entry: &Entry) -> Option<AppTlsMode> {
     let mut m = Map::new(cx, &entry.value, entry.key_mark, "appTls")?;
     let mode = match m.require(cx, "mode") {
         Some(e) => decode::choice(cx, &e.value, "appTls mode", &AppTlsMode::ALL),
@@ -864,13 +906,7 @@ fn check_tls(cx: &mut Cx, raw: RawTls, protocol: Protocol, entry: &Entry) -> Opt
     let (mode, mode_mark) = mode.unwrap_or((protocol.default_tls_mode(), entry.key_mark));
     let before = cx.errors.len();
     let support = registry::supports(protocol);
-    if protocol == Protocol::Tcp && mode != TlsMode::Disable {
-        // Accepting it would promise a verified, encrypted leg that latch does not make.
-        cx.error(
-            mode_mark,
-            format!("protocol tcp relays the application's bytes as they are: latch does not make TLS for it, so tls mode {:?} would be ignored; remove tls (or set mode \"disable\")", mode.as_str()),
-        );
-    } else if support.is_some_and(|s| !s.target_tls) && mode != TlsMode::Disable {
+    if support.is_some_and(|s| !s.target_tls) && mode != TlsMode::Disable {
         cx.error(
             mode_mark,
             format!("latch does not make TLS for protocol {protocol}, so tls mode {:?} would be ignored; remove tls (or set mode \"disable\")", mode.as_str()),

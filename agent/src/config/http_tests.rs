@@ -153,3 +153,36 @@ fn errors_name_the_place_and_the_reason() {
         ["h.yaml:24:3: http options apply to protocol http only (not tcp); remove http"]
     );
 }
+
+#[test]
+fn https_interception_is_opt_in_and_needs_a_verified_target() {
+    let creds = "  credentials: {store: local, password: {path: api, field: key}}\n";
+    let p = load(&format!("{HEAD}{creds}  http: {{inject: bearer}}\n"));
+    assert_eq!(p.policy("api").unwrap().app_tls, AppTlsMode::Disable);
+    let p = load(&format!(
+        "{HEAD}{creds}  http: {{inject: bearer, appTls: {{mode: enable}}}}\n"
+    ));
+    assert_eq!(p.policy("api").unwrap().app_tls, AppTlsMode::Enable);
+    let e = errs(&format!(
+        "{HEAD}{creds}  http: {{inject: bearer, appTls: {{mode: auto}}}}\n"
+    ));
+    assert!(
+        e.iter().any(|e| e.contains("HTTPS interception is opt-in")),
+        "{e:?}"
+    );
+    let e = errs(&format!(
+        "{HEAD}{creds}  tls: {{mode: disable}}\n  http: {{inject: bearer, appTls: {{mode: enable}}}}\n"
+    ));
+    assert!(
+        e.iter()
+            .any(|e| e.contains("needs tls mode \"verify-full\" (not \"disable\")")),
+        "{e:?}"
+    );
+    let e = errs(&format!(
+        "{HEAD}{creds}  appTls: {{mode: enable}}\n  http: {{inject: bearer}}\n"
+    ));
+    assert!(
+        e.iter().any(|e| e.contains("write appTls under http")),
+        "{e:?}"
+    );
+}

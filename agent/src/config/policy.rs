@@ -243,7 +243,7 @@ impl Protocol {
     /// The TLS mode when a policy names none: `verify-full` for the protocols latch puts
     /// credentials into (postgres, mysql, http; plain text toward an HTTP target is an explicit
     /// `tls: {mode: disable}`), `disable` for the others (ssh has its own encryption; tcp
-    /// relays the application's bytes as they are).
+    /// relays the application's bytes as they are unless its policy has a `tls` block).
     pub fn default_tls_mode(self) -> TlsMode {
         match self {
             // Verify the server unless the policy says otherwise: a credential exchange with

@@ -807,7 +807,7 @@ fn app_tls_mode() {
     assert_eq!(
         errors("t.yaml", &format!("{STORES}{tcp}")),
         vec![
-            "t.yaml:24:3: appTls applies to protocol postgres, mysql only (not tcp); remove appTls"
+            "t.yaml:24:3: appTls applies to protocol postgres, mysql, http only (not tcp); remove appTls"
         ]
     );
 }
@@ -915,16 +915,20 @@ fn plain_http_to_a_store_needs_an_explicit_insecure_even_on_loopback() {
 }
 
 #[test]
-fn tls_settings_on_a_tcp_policy_are_refused_rather_than_ignored() {
+fn tls_on_a_tcp_policy_makes_tls_to_the_target() {
     let text = policy(
         "p",
-        "  destination: {address: 10.0.0.1, port: 6379}\n  protocol: tcp\n  tls:\n    mode: verify-full\n    ca: /etc/ca.pem\n",
+        "  destination: {address: 10.0.0.1, port: 6379}\n  protocol: tcp\n  tls:\n    mode: verify-full\n    ca: /etc/ca.pem\n    serverName: cache.internal\n",
     );
-    let errs = errors("p.yaml", &text);
-    assert_eq!(errs.len(), 1, "{errs:?}");
+    let c = load_str("p.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.policies[0].tls.mode, TlsMode::VerifyFull);
+    let prefer = policy(
+        "p",
+        "  destination: {address: 10.0.0.1, port: 6379}\n  protocol: tcp\n  tls: {mode: prefer}\n",
+    );
+    let errs = errors("p.yaml", &prefer);
     assert!(
-        errs[0].contains("protocol tcp relays the application's bytes as they are")
-            && errs[0].contains("\"verify-full\" would be ignored"),
+        errs[0].contains("\"prefer\" needs a protocol that negotiates TLS"),
         "{errs:?}"
     );
     let plain = policy(

@@ -16,6 +16,7 @@
 //! | [`inject`] | the credential into one request head (sans-IO) |
 //! | [`sigv4`] | AWS SigV4 signing of a request head |
 //! | [`target`] | dial, TLS and hyper's client toward the target |
+//! | [`intercept`] | HTTPS interception: the application's TLS terminated for a covered SNI |
 //! | [`failure`] | latch's failures as 403/502/503/504 responses with a JSON body |
 //! | [`counted`] | byte counts of the streams hyper owns |
 //!
@@ -23,10 +24,13 @@
 //! ([`failure`]); malformed requests, header floods (more than [`MAX_HEADERS`] headers or
 //! [`MAX_HEADER_BYTES`] of head) and heads that do not arrive within the handshake timeout
 //! (slowloris) are hyper's to refuse (400, 431, close). A connection that opens with a TLS
-//! ClientHello is reset and audited: HTTPS interception is not built.
+//! ClientHello is reset and audited, unless the policy opts in to HTTPS interception
+//! (`http.appTls: {mode: enable}`, [`intercept`]): then latch terminates that TLS with a
+//! certificate from the node-local CA for the name asked for, if the policy covers it.
 pub mod counted;
 pub mod failure;
 pub mod inject;
+pub mod intercept;
 pub mod sigv4;
 pub mod target;
 
@@ -43,6 +47,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Either, Full, Limited};
+use hyper::body::Body as _;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn, upgrade::OnUpgrade};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -54,7 +59,7 @@ use super::{
     Answered, ConnectError, Connector, Context, Refusal, Served, Support, target_tls::ClientConfigs,
 };
 use crate::{
-    config::{Injection, Policy, Protocol, Target as Dest, TlsMode},
+    config::{AppTlsMode, Injection, Policy, Protocol, Target as Dest, TlsMode},
     relay::Transferred,
     secrets::Credentials,
 };
@@ -63,7 +68,8 @@ pub const SUPPORT: Support = Support {
     credentials: true,
     target_tls: true,
     negotiates_tls: false,
-    app_tls: false,
+    // Opt-in HTTPS interception (`http.appTls: {mode: enable}`).
+    app_tls: true,
     direct: false,
     // Every request head is rewritten: the bytes stay in user space.
     fast_path: false,
@@ -124,8 +130,9 @@ impl Connector for Http {
 #[derive(Debug, thiserror::Error)]
 enum NotServed {
     #[error(
-        "the application speaks TLS to an http policy: latch does not intercept HTTPS; \
-         let the application speak plain HTTP to the destination (latch makes the TLS)"
+        "the application speaks TLS to an http policy that does not intercept HTTPS; let the \
+         application speak plain HTTP to the destination (latch makes the TLS), or opt in \
+         with http.appTls: {{mode: enable}}"
     )]
     AppTls,
 }
@@ -172,13 +179,41 @@ impl Http {
         cx: Context<'_>,
     ) -> Result<Transferred, ConnectError> {
         if speaks_tls(&app, cx.env.handshake_timeout).await {
-            tracing::info!("the application opened with a TLS ClientHello; refused");
-            super::refuse::reset(app);
-            return Err(ConnectError::Protocol {
-                protocol: "http",
-                source: Box::new(NotServed::AppTls),
-            });
+            if cx.policy.app_tls != AppTlsMode::Enable {
+                tracing::info!("the application opened with a TLS ClientHello; refused");
+                super::refuse::reset(app);
+                return Err(ConnectError::Protocol {
+                    protocol: "http",
+                    source: Box::new(NotServed::AppTls),
+                });
+            }
+            let deadline = tokio::time::Instant::now() + cx.env.handshake_timeout;
+            let tls = intercept::accept(app, &cx, deadline).await.map_err(|e| {
+                tracing::info!(error = %e, "HTTPS interception refused or failed");
+                ConnectError::Protocol {
+                    protocol: "http",
+                    source: Box::new(e),
+                }
+            })?;
+            // A malformed head is hyper's to close: the raw answer below needs the plain socket.
+            return self.serve_stream(tls, None, cx).await;
         }
+        // A second descriptor of the application's socket, to answer a request head hyper
+        // could not parse (hyper closes without a word).
+        let app_fd = app.as_fd().try_clone_to_owned().ok();
+        self.serve_stream(app, app_fd, cx).await
+    }
+
+    /// Serves the application's requests on `app` (plain, or TLS latch terminated).
+    async fn serve_stream<S>(
+        &self,
+        app: S,
+        app_fd: Option<std::os::fd::OwnedFd>,
+        cx: Context<'_>,
+    ) -> Result<Transferred, ConnectError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let session = Session {
             http: self,
             cx,
@@ -190,9 +225,6 @@ impl Http {
             host: host_header(cx),
             hold_shutdown: Arc::new(AtomicBool::new(true)),
         };
-        // A second descriptor of the application's socket, to answer a request head hyper
-        // could not parse (hyper closes without a word).
-        let app_fd = app.as_fd().try_clone_to_owned().ok();
         let io = TokioIo::new(Counted::holding_shutdown(
             app,
             session.to_app.clone(),
@@ -264,7 +296,6 @@ impl Session<'_> {
     }
 
     async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, Failure> {
-        let (cx, spec) = (self.cx, &self.cx.policy.http);
         if req.method() == Method::CONNECT {
             return Err(Failure::Connect);
         }
@@ -282,10 +313,95 @@ impl Session<'_> {
             // The target closed its keep-alive connection between requests: a new one.
             *slot = Some(self.connect().await?);
         }
+        let reused = reuse && ready;
+        let (parts, body) = req.into_parts();
+        // A GET or HEAD without a body can be sent again as it was: kept (before latch's
+        // credential goes in) for one retry.
+        let again = (app_upgrade.is_none()
+            && matches!(parts.method, Method::GET | Method::HEAD)
+            && body.is_end_stream())
+        .then(|| parts.clone());
         let Some((target, creds)) = slot.as_mut() else {
             unreachable!("connected above");
         };
-        let (mut parts, body) = req.into_parts();
+        let sent = self.send(target, creds, parts, Either::Left(body)).await;
+        let (mut resp, injected) = match (sent, again.as_ref()) {
+            (Ok(r), _) => r,
+            (Err(Failure::Target(target::TargetError::Http(e))), Some(again)) if reused => {
+                // The target closed the kept-alive connection as latch reused it: the request
+                // is safe to repeat, once, on a new connection.
+                tracing::debug!(error = %e, "target closed a reused connection; retrying on a new one");
+                *slot = Some(self.connect().await?);
+                let Some((target, creds)) = slot.as_mut() else {
+                    unreachable!("connected above");
+                };
+                self.send(target, creds, again.clone(), empty()).await?
+            }
+            (Err(f), _) => return Err(f),
+        };
+        if resp.status() == StatusCode::UNAUTHORIZED && injected {
+            resp = self.after_rejection(&mut slot, resp, again).await?;
+        }
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(app_up) = app_upgrade
+        {
+            let target_up = hyper::upgrade::on(&mut resp);
+            self.hold_shutdown.store(false, Ordering::Relaxed);
+            *self.upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some((app_up, target_up));
+        }
+        Ok(resp)
+    }
+
+    /// The target answered 401 to latch's credential: fresh credentials from the store
+    /// (rate-limited per policy) for this connection's next requests; a request that can be
+    /// repeated (`again`) is sent once more with them on a new connection, any other gets
+    /// the 401 as the target wrote it.
+    async fn after_rejection(
+        &self,
+        slot: &mut Option<(Target, Arc<Credentials>)>,
+        resp: Response<Incoming>,
+        again: Option<http::request::Parts>,
+    ) -> Result<Response<Incoming>, Failure> {
+        let cx = self.cx;
+        let Some((_, used)) = slot.as_ref() else {
+            return Ok(resp);
+        };
+        let Some(fresh) = cx
+            .env
+            .secrets
+            .fresh_after_rejection(cx.policy, None, used)
+            .await
+        else {
+            return Ok(resp);
+        };
+        let Some(again) = again else {
+            if let Some((_, creds)) = slot.as_mut() {
+                *creds = fresh;
+            }
+            return Ok(resp);
+        };
+        // The 401's body is not read: the connection it came on is not reused.
+        drop(resp);
+        let target = target::connect(&cx, &self.http.tls, self.to_target.clone())
+            .await
+            .map_err(Failure::Target)?;
+        *slot = Some((target, fresh));
+        let Some((target, creds)) = slot.as_mut() else {
+            unreachable!("connected above");
+        };
+        Ok(self.send(target, creds, again, empty()).await?.0)
+    }
+
+    /// Puts the credential into one request and sends it; the response and whether latch's
+    /// credential went in.
+    async fn send(
+        &self,
+        target: &mut Target,
+        creds: &Credentials,
+        mut parts: http::request::Parts,
+        body: ReqBody,
+    ) -> Result<(Response<Incoming>, bool), Failure> {
+        let (cx, spec) = (self.cx, &self.cx.policy.http);
         let add = inject::prepare(&mut parts, spec, self.host.as_ref(), creds)
             .map_err(Failure::Inject)?;
         let body = match (&spec.inject, add) {
@@ -302,7 +418,7 @@ impl Session<'_> {
                     None => None,
                 };
                 let (bytes, body) = if aws.unsigned_payload {
-                    (None, Either::Left(body))
+                    (None, body)
                 } else {
                     let bytes = Limited::new(body, MAX_SIGNED_BODY)
                         .collect()
@@ -328,22 +444,15 @@ impl Session<'_> {
                 .map_err(Failure::Sign)?;
                 body
             }
-            _ => Either::Left(body),
+            _ => body,
         };
         cx.handshake_done();
-        let mut resp = target
+        let resp = target
             .send
             .send_request(Request::from_parts(parts, body))
             .await
             .map_err(|e| Failure::Target(target::TargetError::Http(e)))?;
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(app_up) = app_upgrade
-        {
-            let target_up = hyper::upgrade::on(&mut resp);
-            self.hold_shutdown.store(false, Ordering::Relaxed);
-            *self.upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some((app_up, target_up));
-        }
-        Ok(resp)
+        Ok((resp, add))
     }
 
     /// Resolves the credentials and opens a target connection.
@@ -384,6 +493,11 @@ fn stream_from(fd: std::os::fd::OwnedFd) -> std::io::Result<TcpStream> {
     let std = std::net::TcpStream::from(fd);
     std.set_nonblocking(true)?;
     TcpStream::from_std(std)
+}
+
+/// An empty request body (a repeated GET or HEAD).
+fn empty() -> ReqBody {
+    Either::Right(Full::new(Bytes::new()))
 }
 
 /// Whether the request asks to switch protocols (`Connection: upgrade` with `Upgrade`).

@@ -36,7 +36,7 @@ pub const BUILT: &[Entry] = &[
     Entry {
         protocol: Protocol::Tcp,
         support: tcp::SUPPORT,
-        make: || Arc::new(tcp::Tcp),
+        make: || Arc::new(tcp::Tcp::default()),
     },
     Entry {
         protocol: Protocol::Postgres,

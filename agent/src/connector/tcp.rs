@@ -1,20 +1,32 @@
-//! `protocol: tcp` — connect to the original destination and relay bytes, nothing more.
+//! `protocol: tcp` — connect to the original destination and relay bytes, nothing more; or,
+//! when the policy has a `tls` block (mode `require`, `verify-ca` or `verify-full`), make TLS
+//! to the destination — verified with the system roots or `tls.ca`, a client certificate from
+//! the store when `tls.clientCert` is given (databases, brokers and caches that authenticate by
+//! client certificate) — and relay the application's plain bytes through it.
 use tokio::net::TcpStream;
 
-use super::{ConnectError, Connector, Context, Served, Support};
-use crate::{config::Protocol, relay};
+use super::{
+    ConnectError, Connector, Context, Served, Support,
+    stream::MaybeTls,
+    target_tls::{self, ClientConfigs},
+};
+use crate::{config::Protocol, config::TlsMode, relay};
 
 pub const SUPPORT: Support = Support {
     credentials: false,
-    target_tls: false,
+    target_tls: true,
     negotiates_tls: false,
     app_tls: false,
     direct: false,
     fast_path: true,
 };
 
-/// The plain relay. Refusals are resets: there is no protocol to say them in.
-pub struct Tcp;
+/// The plain relay, or TLS origination. Refusals are resets: there is no protocol to say
+/// them in.
+#[derive(Default)]
+pub struct Tcp {
+    tls: ClientConfigs,
+}
 
 impl Connector for Tcp {
     fn protocol(&self) -> Protocol {
@@ -24,11 +36,39 @@ impl Connector for Tcp {
     fn serve<'a>(&'a self, app: TcpStream, cx: Context<'a>) -> Served<'a> {
         Box::pin(async move {
             let target = cx.env.dial(cx.origin).await?;
+            if cx.policy.tls.mode == TlsMode::Disable {
+                cx.handshake_done();
+                let handover = cx.env.handover(cx.origin, || Some(0));
+                return relay::splice_both(&app, &target, cx.progress(), handover)
+                    .await
+                    .map_err(ConnectError::Relay);
+            }
+            let limit = cx.env.handshake_timeout;
+            let handshake =
+                target_tls::connect(target, cx.origin.dst, cx.policy, cx.env, &self.tls);
+            let tls = match tokio::time::timeout(limit, handshake).await {
+                Err(_) => return Err(ConnectError::HandshakeTimeout(limit)),
+                Ok(Err(e)) => {
+                    super::refuse::reset(app);
+                    return Err(ConnectError::Protocol {
+                        protocol: "tcp",
+                        source: Box::new(e),
+                    });
+                }
+                Ok(Ok((tls, _))) => tls,
+            };
+            tracing::debug!("TLS to the target established");
             cx.handshake_done();
-            let handover = cx.env.handover(cx.origin, || Some(0));
-            relay::splice_both(&app, &target, cx.progress(), handover)
-                .await
-                .map_err(ConnectError::Relay)
+            let mut target = MaybeTls::Tls(Box::new(tls));
+            relay::streams(
+                MaybeTls::Plain(app),
+                &mut target,
+                &[],
+                cx.progress(),
+                |_| None,
+            )
+            .await
+            .map_err(ConnectError::Relay)
         })
     }
 }
