@@ -181,6 +181,12 @@ fn the_image_runs_as_the_daemonset_says_and_brokers_psql_without_a_password() {
         0o400,
     );
     let state = TempDir::new("ct-state");
+    // The Kubernetes API the DaemonSet's agent watches (its node's pods, the latch.dev
+    // resources): the test server, over the host network, named by a kubeconfig in place of
+    // the in-cluster service account.
+    let api = latch_tests::kube_api::KubeApi::start();
+    let kube = TempDir::new("ct-kube");
+    kube.write("config", &api.kubeconfig());
 
     let name = format!("latch-test-agent-{}", std::process::id());
     let mut cmd = podman();
@@ -254,6 +260,11 @@ fn the_image_runs_as_the_daemonset_says_and_brokers_psql_without_a_password() {
         let value = e["value"].as_str().unwrap_or("test-node");
         cmd.arg(format!("--env={}={value}", e["name"].as_str().unwrap()));
     }
+    cmd.arg(format!(
+        "--volume={}:/var/run/latch/kube:ro",
+        kube.path().display()
+    ))
+    .arg("--env=KUBECONFIG=/var/run/latch/kube/config");
     cmd.arg(&image.0);
     // Its arguments, with the attach point, the admin port and the pin directory made the
     // test's own. The broker keeps the DaemonSet's default port, 951 (below 1024: the agent
