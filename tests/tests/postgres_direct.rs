@@ -111,6 +111,9 @@ fn cancel_reaches_the_server_with_tokio_postgres_and_psql_sigint() {
     assert!(text.contains("cancelled in"), "{text}");
 
     s.assert_psql_sigint_cancels(APP_DB);
+    // The lobby logs a cancel once it has passed it on, which can be after psql, answered by
+    // the server, has returned.
+    s.agent.wait_log("ended=Cancel", 2);
     let log = s.agent.log();
     assert_eq!(log.matches("ended=Cancel").count(), 2, "{log}");
     assert!(s.agent.stop().success());
