@@ -5,37 +5,38 @@ use std::fmt;
 
 use zeroize::Zeroize as _;
 
-use super::mlock;
+use super::mlock::LockedBuf;
 
-/// A secret value. Its heap buffer is `mlock`ed (best effort: a failure is counted, see
-/// [`mlock::stats`]), wiped and unlocked when dropped; `Debug` prints `<redacted>`; there is no
+/// A secret value. Its bytes live in locked memory ([`super::mlock`]: out of swap and core dumps,
+/// best effort, a failure is counted in [`super::mlock::stats`]) and are wiped when it is dropped;
+/// the `String` it is made from is wiped at once. `Debug` prints `<redacted>`; there is no
 /// `Display`. Read it with [`SecretString::expose`] only where the bytes are needed.
-#[derive(PartialEq, Eq)]
-pub struct SecretString(String);
+pub struct SecretString(LockedBuf);
 
 impl SecretString {
-    pub fn new(value: String) -> SecretString {
-        mlock::lock(value.as_ptr(), value.capacity());
-        SecretString(value)
+    pub fn new(mut value: String) -> SecretString {
+        let locked = LockedBuf::copy_of(value.as_bytes());
+        value.zeroize();
+        SecretString(locked)
     }
 
     pub fn expose(&self) -> &str {
-        &self.0
+        // SAFETY: the bytes were copied from a `String` and are never changed.
+        unsafe { std::str::from_utf8_unchecked(self.0.as_bytes()) }
     }
 }
+
+impl PartialEq for SecretString {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_bytes() == other.0.as_bytes()
+    }
+}
+
+impl Eq for SecretString {}
 
 impl Clone for SecretString {
     fn clone(&self) -> Self {
-        SecretString::new(self.0.clone())
-    }
-}
-
-impl Drop for SecretString {
-    fn drop(&mut self) {
-        let (ptr, cap) = (self.0.as_ptr(), self.0.capacity());
-        // Wipes the whole capacity, then the pages may be swapped again.
-        self.0.zeroize();
-        mlock::unlock(ptr, cap);
+        SecretString(LockedBuf::copy_of(self.0.as_bytes()))
     }
 }
 
@@ -54,6 +55,7 @@ impl fmt::Debug for SecretString {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::mlock;
 
     #[test]
     fn debug_is_redacted() {
@@ -63,12 +65,12 @@ mod tests {
         assert_eq!(s.expose(), "hunter2");
     }
 
-    /// The buffer is locked while the secret lives and released when it is dropped; clones
-    /// lock their own buffer.
+    /// The bytes are in locked memory while the secret lives and not once it is dropped;
+    /// clones have their own.
     #[test]
     fn buffer_is_locked_while_alive() {
         let before = mlock::stats();
-        let s = SecretString::new("s3cret".repeat(2000));
+        let s = SecretString::new("s3cret".repeat(20));
         let clone = s.clone();
         let (p1, p2) = (s.expose().as_ptr(), clone.expose().as_ptr());
         let after = mlock::stats();
@@ -79,10 +81,17 @@ mod tests {
         } else {
             assert!(after.failed > before.failed);
         }
+        // Dropped, the bytes are wiped (the memory stays mapped for reuse; another test's
+        // secret may have taken the slot since, but never holds this value).
+        let gone = |p: *const u8| {
+            // SAFETY: slots stay mapped for the life of the process.
+            let now = unsafe { std::slice::from_raw_parts(p, 120) };
+            !now.windows(6).any(|w| w == b"s3cret")
+        };
         drop(s);
-        assert!(!mlock::is_locked(p1));
+        assert!(gone(p1), "the secret's bytes stayed after drop");
         drop(clone);
-        assert!(!mlock::is_locked(p2));
+        assert!(gone(p2), "the clone's bytes stayed after drop");
     }
 
     #[test]
