@@ -214,7 +214,7 @@ struct Metadata {
 }
 
 fn document(cx: &mut Cx, root: &Node) -> Option<Resource> {
-    let mut m = Map::new(cx, root, root.mark, "document")?;
+    let mut m = Map::new(cx, root, root.mark, "document", &super::schema::DOCUMENT)?;
     let before = cx.errors.len();
     if let Some(e) = m.require(cx, "apiVersion")
         && let Some(v) = decode::string(cx, &e.value, "apiVersion")
@@ -281,7 +281,7 @@ fn document(cx: &mut Cx, root: &Node) -> Option<Resource> {
 }
 
 fn metadata(cx: &mut Cx, e: &yaml::Entry) -> Option<Metadata> {
-    let mut m = Map::new(cx, &e.value, e.key_mark, "metadata")?;
+    let mut m = Map::new(cx, &e.value, e.key_mark, "metadata", &super::schema::METADATA)?;
     let name = m.require(cx, "name").and_then(|n| {
         let name = decode::string(cx, &n.value, "metadata.name")?;
         match decode::resource_name(&name) {

@@ -14,6 +14,7 @@
 //! own namespace with the agent's credentials: the other kinds read the agent's files,
 //! environment, commands or cloud identity, which belong to the node's operator (they are
 //! defined in files/ConfigMaps).
+pub mod crd;
 pub mod watch;
 
 use std::collections::BTreeMap;
