@@ -42,6 +42,8 @@ mod http_tests;
 #[cfg(test)]
 mod pg_startup_tests;
 #[cfg(test)]
+mod schema_tests;
+#[cfg(test)]
 mod tests;
 
 pub use app_tls::SslAnswer;

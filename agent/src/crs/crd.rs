@@ -231,6 +231,68 @@ mod tests {
         );
     }
 
+    /// Kubernetes' rules for a structural schema: a type on every node (save an open or an
+    /// int-or-string one), no `$ref`, junctors that only say `required` (or hold the
+    /// int-or-string types), never both `properties` and `additionalProperties`. And the
+    /// fields left open are exactly the format's two-shaped ones.
+    #[test]
+    fn schemas_are_structural_and_open_only_where_the_format_has_two_shapes() {
+        fn walk(v: &Value, path: &str, open: &mut Vec<String>) {
+            let m = v.as_object().unwrap_or_else(|| panic!("{path}: not a schema"));
+            assert!(!m.contains_key("$ref"), "{path}: $ref");
+            let preserve = m.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true));
+            let int_or_string = m.get("x-kubernetes-int-or-string") == Some(&json!(true));
+            if preserve {
+                open.push(path.to_string());
+            }
+            assert!(
+                m.contains_key("type") || preserve || int_or_string,
+                "{path}: no type"
+            );
+            assert!(
+                !(m.contains_key("properties") && m.contains_key("additionalProperties")),
+                "{path}: properties and additionalProperties"
+            );
+            for junctor in ["oneOf", "anyOf", "allOf"] {
+                for branch in m.get(junctor).and_then(Value::as_array).into_iter().flatten() {
+                    for (k, inner) in branch.as_object().unwrap() {
+                        let ok = k == "required"
+                            || (k == "oneOf" && junctor == "allOf")
+                            || (k == "type" && int_or_string && junctor == "anyOf");
+                        assert!(ok, "{path}: {junctor} holds {k}: {inner}");
+                    }
+                }
+            }
+            if let Some(p) = m.get("properties").and_then(Value::as_object) {
+                for (k, child) in p {
+                    walk(child, &format!("{path}.{k}"), open);
+                }
+            }
+            if let Some(items) = m.get("items") {
+                walk(items, &format!("{path}[]"), open);
+            }
+            if let Some(extra) = m.get("additionalProperties") {
+                walk(extra, &format!("{path}.*"), open);
+            }
+        }
+        let mut open = Vec::new();
+        for kind in Kind::ALL {
+            let v = crd(kind);
+            let schema = &v["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+            walk(schema, kind.name(), &mut open);
+        }
+        assert_eq!(
+            open,
+            [
+                "Policy.spec.postgres.options",
+                "Policy.spec.workloads",
+                "ClusterPolicy.spec.postgres.options",
+                "ClusterPolicy.spec.workloads",
+                "SecretStore.spec.literal.values.*",
+            ]
+        );
+    }
+
     /// The YAML emitter's output reads back, through the file format's own YAML reader, as
     /// the JSON it came from.
     #[test]
