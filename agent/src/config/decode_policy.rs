@@ -780,7 +780,10 @@ pub(super) fn credentials(
     result.map(|c| (c, cache_ttl))
 }
 
-/// `{store?, path, field?, version?}`; `store` defaults to `default_store`.
+/// A secret reference's `namespace`: `fromPod`, the connecting pod's.
+pub const SECRET_NAMESPACES: [(&str, bool); 1] = [("fromPod", true)];
+
+/// `{store?, path, field?, version?, namespace?}`; `store` defaults to `default_store`.
 pub(super) fn secret_ref(
     cx: &mut Cx,
     entry: &Entry,
@@ -814,6 +817,18 @@ pub(super) fn secret_ref(
     };
     let path = m.require_string(cx, "path");
     let field = m.string(cx, "field");
+    let from_pod = match m.get("namespace") {
+        Some(n) => decode::choice(cx, n, &format!("{what}.namespace"), &SECRET_NAMESPACES),
+        None => Some(false),
+    };
+    if from_pod == Some(true)
+        && let Some(p) = path.as_deref().filter(|p| p.contains('/'))
+    {
+        cx.error(
+            m.at(),
+            format!("{what}: path {p:?} names a namespace, and namespace: fromPod says the pod's; name the Secret alone"),
+        );
+    }
     let version = m.get("version").and_then(|n| match &n.value {
         Value::Scalar { text, .. } if !text.is_empty() => Some(text.clone()),
         _ => {
@@ -836,6 +851,7 @@ pub(super) fn secret_ref(
         path: path?,
         field,
         version,
+        from_pod: from_pod?,
     })
 }
 

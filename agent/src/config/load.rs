@@ -265,6 +265,7 @@ fn document(cx: &mut Cx, root: &Node) -> Option<Resource> {
             roles: spec.roles,
             startup: spec.startup,
             http: spec.http,
+            pod_namespace: None,
         }))
     } else {
         let backend = store_spec(cx, &spec.value, spec.key_mark);

@@ -2,6 +2,7 @@
 //! `decode_http.rs`, `decode_pg_startup.rs`).
 
 use super::decode_http::PAYLOADS;
+use super::decode_policy;
 use super::http::{AppCredentials, Injection};
 use super::policy::{AppTlsMode, AuthSpec, ChannelBindingMode, Protocol, TlsMode};
 use super::schema::{Field, Object, Type, names};
@@ -12,6 +13,7 @@ const APP_TLS_MODES: [&str; 3] = names(&AppTlsMode::ALL);
 const CHANNEL_BINDING: [&str; 2] = names(&ChannelBindingMode::ALL);
 const APP_CREDENTIALS: [&str; 2] = names(&AppCredentials::ALL);
 const PAYLOAD: [&str; 2] = names(&PAYLOADS);
+const SECRET_NAMESPACES: [&str; 1] = names(&decode_policy::SECRET_NAMESPACES);
 const PORT: Type = Type::Integer { min: 1, max: 65535 };
 const ID: Type = Type::Integer {
     min: 0,
@@ -181,6 +183,12 @@ pub(super) static SECRET_REF: Object = Object {
         ),
         Field::req("path", Type::String, ""),
         Field::opt("field", Type::String, ""),
+        Field::opt(
+            "namespace",
+            Type::Enum(&SECRET_NAMESPACES),
+            "fromPod: the Secret named by path is in the connecting pod's namespace (a \
+             kubernetes store; a pod whose namespace latch does not know gets nothing).",
+        ),
         Field::opt(
             "version",
             Type::Either(
