@@ -284,13 +284,23 @@ fn the_crd_schemas_reject_unknown_fields_wrong_enums_and_two_backends() {
     cases.push(("an unknown protocol", &policy_schema, p, "postgress"));
     let mut p = policy.clone();
     p["spec"]["tls"]["mode"] = "verify-everything".into();
-    cases.push(("an unknown tls mode", &cluster_schema, p, "verify-everything"));
+    cases.push((
+        "an unknown tls mode",
+        &cluster_schema,
+        p,
+        "verify-everything",
+    ));
     let mut p = policy.clone();
     p["spec"]["destination"]["port"] = 70000.into();
     cases.push(("a port out of range", &policy_schema, p, "70000"));
     let mut p = policy.clone();
     p["spec"]["credentials"]["password"]["feild"] = "password".into();
-    cases.push(("a misspelt secret reference field", &policy_schema, p, "feild"));
+    cases.push((
+        "a misspelt secret reference field",
+        &policy_schema,
+        p,
+        "feild",
+    ));
     let mut p = policy.clone();
     p["spec"]["destination"]["address"] = "10.0.0.1".into();
     cases.push(("two targets", &policy_schema, p, "valid under each of"));
@@ -313,7 +323,10 @@ fn the_crd_schemas_reject_unknown_fields_wrong_enums_and_two_backends() {
     validate_cr(&policy_schema, &policy).unwrap();
     validate_cr(&cluster_schema, &policy).unwrap();
     validate_cr(&store_schema, &store).unwrap();
-    eprintln!("{} invalid resources rejected by the generated schemas", cases.len());
+    eprintln!(
+        "{} invalid resources rejected by the generated schemas",
+        cases.len()
+    );
 }
 
 #[test]

@@ -4,8 +4,8 @@ use super::decode::{self, Cx, Map};
 use super::decode_policy::secret_ref;
 use super::http::{AppCredentials, AwsSigning, HttpSpec, Injection};
 use super::net;
-use super::schema_policy as schema;
 use super::policy::AppTlsMode;
+use super::schema_policy as schema;
 use super::yaml::{Entry, Mark};
 
 /// `http.aws.payload`: whether the payload is left unsigned.

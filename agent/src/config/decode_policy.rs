@@ -7,13 +7,13 @@ use crate::connector::registry;
 
 use super::decode::{self, Cx, Map};
 use super::decode_pg_startup;
-use super::schema_policy as schema;
 use super::http::HttpSpec;
 use super::net::{self, Cidr, PortRange};
 use super::policy::{
     AppTlsMode, AuthSpec, ChannelBindingMode, Credentials, Destination, Protocol, Role, SecretRef,
     StartupRules, Target, TlsMode, TlsSpec, WorkloadSelector,
 };
+use super::schema_policy as schema;
 use super::yaml::{Entry, Mark, Node, Value};
 
 /// The longest credential cache allowed: credentials are meant to be fetched per connection.
@@ -372,7 +372,13 @@ fn protocol_option<'n>(
 
 /// `authentication: {methods: [scram-sha-256, md5, password], channelBinding: prefer}`.
 fn authentication(cx: &mut Cx, entry: &Entry) -> Option<AuthSpec> {
-    let mut m = Map::new(cx, &entry.value, entry.key_mark, "authentication", &schema::AUTHENTICATION)?;
+    let mut m = Map::new(
+        cx,
+        &entry.value,
+        entry.key_mark,
+        "authentication",
+        &schema::AUTHENTICATION,
+    )?;
     let mut spec = AuthSpec::default();
     if let Some(e) = m.entry("methods") {
         let items = decode::sequence(cx, &e.value, "authentication.methods")?;
@@ -499,7 +505,13 @@ fn m_at(node: &Node, at: Mark) -> Mark {
 }
 
 fn destination(cx: &mut Cx, entry: &Entry) -> Option<Destination> {
-    let mut m = Map::new(cx, &entry.value, entry.key_mark, "destination", &schema::DESTINATION)?;
+    let mut m = Map::new(
+        cx,
+        &entry.value,
+        entry.key_mark,
+        "destination",
+        &schema::DESTINATION,
+    )?;
     let target = m.one_of(cx, &["host", "address", "cidr"], "target");
     let target = target.and_then(|(kind, e)| {
         let what = format!("destination.{kind}");
@@ -544,7 +556,13 @@ fn port(cx: &mut Cx, node: &Node, what: &str) -> Option<u16> {
 }
 
 fn port_range(cx: &mut Cx, entry: &Entry) -> Option<PortRange> {
-    let mut m = Map::new(cx, &entry.value, entry.key_mark, "destination.ports", &schema::PORT_RANGE)?;
+    let mut m = Map::new(
+        cx,
+        &entry.value,
+        entry.key_mark,
+        "destination.ports",
+        &schema::PORT_RANGE,
+    )?;
     let from = m
         .require(cx, "from")
         .and_then(|e| port(cx, &e.value, "destination.ports.from"));
@@ -798,7 +816,13 @@ pub(super) fn secret_ref(
         return None;
     }
     let before = cx.errors.len();
-    let mut m = Map::new(cx, &entry.value, entry.key_mark, what.to_string(), &schema::SECRET_REF)?;
+    let mut m = Map::new(
+        cx,
+        &entry.value,
+        entry.key_mark,
+        what.to_string(),
+        &schema::SECRET_REF,
+    )?;
     if let Some(v) = m.forbidden("value") {
         cx.error(
             v.key_mark,

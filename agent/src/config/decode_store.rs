@@ -322,7 +322,13 @@ fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
     let auth = chosen.and_then(|(kind, e)| match kind {
         "token" => credential_source(cx, e, "vault.auth.token").map(VaultAuth::Token),
         "appRole" => {
-            let mut a = Map::new(cx, &e.value, e.key_mark, "vault.auth.appRole", &schema::APP_ROLE)?;
+            let mut a = Map::new(
+                cx,
+                &e.value,
+                e.key_mark,
+                "vault.auth.appRole",
+                &schema::APP_ROLE,
+            )?;
             let role_id = a.require(cx, "roleId").and_then(|r| role_id(cx, r));
             let secret_id = a
                 .require(cx, "secretId")
@@ -338,7 +344,13 @@ fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
             })
         }
         "jwt" => {
-            let mut j = Map::new(cx, &e.value, e.key_mark, "vault.auth.jwt", &schema::VAULT_JWT)?;
+            let mut j = Map::new(
+                cx,
+                &e.value,
+                e.key_mark,
+                "vault.auth.jwt",
+                &schema::VAULT_JWT,
+            )?;
             let role = j.require_string(cx, "role");
             let token_file = j
                 .require(cx, "tokenFile")
@@ -352,7 +364,13 @@ fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
             })
         }
         "cert" => {
-            let mut c = Map::new(cx, &e.value, e.key_mark, "vault.auth.cert", &schema::VAULT_CERT)?;
+            let mut c = Map::new(
+                cx,
+                &e.value,
+                e.key_mark,
+                "vault.auth.cert",
+                &schema::VAULT_CERT,
+            )?;
             let cert_file = c
                 .require(cx, "certFile")
                 .and_then(|n| decode::absolute_path(cx, &n.value, "vault.auth.cert.certFile"));
@@ -370,7 +388,13 @@ fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
             })
         }
         "aws" => {
-            let mut a = Map::new(cx, &e.value, e.key_mark, "vault.auth.aws", &schema::VAULT_AWS)?;
+            let mut a = Map::new(
+                cx,
+                &e.value,
+                e.key_mark,
+                "vault.auth.aws",
+                &schema::VAULT_AWS,
+            )?;
             let role = a.require_string(cx, "role");
             let mount = a.string(cx, "mount").unwrap_or_else(|| "aws".to_string());
             let region = a
@@ -391,7 +415,13 @@ fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
             })
         }
         _ => {
-            let mut k = Map::new(cx, &e.value, e.key_mark, "vault.auth.kubernetes", &schema::VAULT_KUBERNETES)?;
+            let mut k = Map::new(
+                cx,
+                &e.value,
+                e.key_mark,
+                "vault.auth.kubernetes",
+                &schema::VAULT_KUBERNETES,
+            )?;
             let role = k.require_string(cx, "role");
             let token_file = match k.get("tokenFile") {
                 Some(n) => decode::absolute_path(cx, n, "vault.auth.kubernetes.tokenFile"),
@@ -422,7 +452,13 @@ fn credential_source(cx: &mut Cx, e: &Entry, what: &str) -> Option<CredentialSou
         );
         return None;
     }
-    let mut m = Map::new(cx, &e.value, e.key_mark, what.to_string(), &schema::CREDENTIAL_SOURCE)?;
+    let mut m = Map::new(
+        cx,
+        &e.value,
+        e.key_mark,
+        what.to_string(),
+        &schema::CREDENTIAL_SOURCE,
+    )?;
     let source = m
         .one_of(cx, &["file", "env"], "source")
         .and_then(|(kind, s)| {
@@ -528,7 +564,13 @@ fn aws(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
                 }
                 "profile" => decode::string(cx, &e.value, "aws.auth.profile").map(AwsAuth::Profile),
                 _ => {
-                    let mut w = Map::new(cx, &e.value, e.key_mark, "aws.auth.webIdentity", &schema::WEB_IDENTITY)?;
+                    let mut w = Map::new(
+                        cx,
+                        &e.value,
+                        e.key_mark,
+                        "aws.auth.webIdentity",
+                        &schema::WEB_IDENTITY,
+                    )?;
                     let role_arn = w.require(cx, "roleArn").and_then(|r| {
                         let arn = decode::string(cx, &r.value, "aws.auth.webIdentity.roleArn")?;
                         if !arn.starts_with("arn:") {

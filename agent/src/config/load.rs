@@ -282,7 +282,13 @@ fn document(cx: &mut Cx, root: &Node) -> Option<Resource> {
 }
 
 fn metadata(cx: &mut Cx, e: &yaml::Entry) -> Option<Metadata> {
-    let mut m = Map::new(cx, &e.value, e.key_mark, "metadata", &super::schema::METADATA)?;
+    let mut m = Map::new(
+        cx,
+        &e.value,
+        e.key_mark,
+        "metadata",
+        &super::schema::METADATA,
+    )?;
     let name = m.require(cx, "name").and_then(|n| {
         let name = decode::string(cx, &n.value, "metadata.name")?;
         match decode::resource_name(&name) {

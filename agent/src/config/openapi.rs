@@ -59,7 +59,9 @@ fn field(f: &Field) -> Value {
     let mut v = of_type(&f.ty);
     let mut doc = f.doc.to_string();
     if let Some((sibling, value)) = f.when {
-        doc = format!("{doc} Read with {sibling}: {value}.").trim().to_string();
+        doc = format!("{doc} Read with {sibling}: {value}.")
+            .trim()
+            .to_string();
     }
     if let Some(m) = v.as_object_mut() {
         // The field's words first, then the type's own (an object's, an open field's shapes).

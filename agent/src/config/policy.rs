@@ -130,7 +130,11 @@ impl Policy {
             _ => None,
         };
         creds
-            .chain([self.tls.client_cert.as_ref(), self.tls.client_key.as_ref(), session])
+            .chain([
+                self.tls.client_cert.as_ref(),
+                self.tls.client_key.as_ref(),
+                session,
+            ])
             .flatten()
     }
 

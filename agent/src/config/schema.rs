@@ -19,7 +19,10 @@ pub enum Type {
     /// A string (its form, when it has one, is in the field's description).
     String,
     /// An unquoted integer in `min..=max`.
-    Integer { min: i64, max: i64 },
+    Integer {
+        min: i64,
+        max: i64,
+    },
     Boolean,
     /// One of these words.
     Enum(&'static [&'static str]),
@@ -110,7 +113,11 @@ pub static DOCUMENT: Object = Object {
         Field::req("apiVersion", Type::String, "latch.dev/v1alpha1"),
         Field::req("kind", Type::String, "Policy or SecretStore"),
         Field::req("metadata", Type::Object(&METADATA), ""),
-        Field::req("spec", Type::Map(&Type::String), "POLICY_SPEC or STORE_SPEC"),
+        Field::req(
+            "spec",
+            Type::Map(&Type::String),
+            "POLICY_SPEC or STORE_SPEC",
+        ),
     ],
     one_of: &[],
 };

@@ -45,15 +45,23 @@ pub static POLICY_SPEC: Object = Object {
             Type::Object(&CREDENTIALS),
             "The credentials latch presents to the target.",
         ),
-        Field::opt("tls", Type::Object(&TLS), "The leg from latch to the target."),
+        Field::opt(
+            "tls",
+            Type::Object(&TLS),
+            "The leg from latch to the target.",
+        ),
         Field::opt(
             "postgres",
             Type::Object(&POSTGRES),
             "PostgreSQL options (protocol postgres).",
         )
         .when("protocol", "postgres"),
-        Field::opt("mysql", Type::Object(&MYSQL), "MySQL options (protocol mysql).")
-            .when("protocol", "mysql"),
+        Field::opt(
+            "mysql",
+            Type::Object(&MYSQL),
+            "MySQL options (protocol mysql).",
+        )
+        .when("protocol", "mysql"),
         Field::opt("http", Type::Object(&HTTP), "HTTP options (protocol http).")
             .when("protocol", "http"),
         Field::opt(
@@ -91,10 +99,7 @@ pub(super) static DESTINATION: Object = Object {
 pub(super) static PORT_RANGE: Object = Object {
     name: "destination.ports",
     doc: "A range of ports, both ends included (at most 1024).",
-    fields: &[
-        Field::req("from", PORT, ""),
-        Field::req("to", PORT, ""),
-    ],
+    fields: &[Field::req("from", PORT, ""), Field::req("to", PORT, "")],
     one_of: &[],
 };
 
@@ -116,11 +121,7 @@ pub(super) static WORKLOAD: Object = Object {
             "The process name (at most 15 bytes; needs uid or cgroup beside it).",
         ),
         Field::opt("namespace", Type::String, "The pod's Kubernetes namespace."),
-        Field::opt(
-            "serviceAccount",
-            Type::String,
-            "The pod's service account.",
-        ),
+        Field::opt("serviceAccount", Type::String, "The pod's service account."),
         Field::opt(
             "labels",
             Type::Map(&Type::String),
@@ -176,11 +177,7 @@ pub(super) static SECRET_REF: Object = Object {
     name: "secret reference",
     doc: "A secret in a store: path, and optionally field, version, store.",
     fields: &[
-        Field::opt(
-            "store",
-            Type::String,
-            "Defaults to credentials.store.",
-        ),
+        Field::opt("store", Type::String, "Defaults to credentials.store."),
         Field::req("path", Type::String, ""),
         Field::opt("field", Type::String, ""),
         Field::opt(
@@ -228,11 +225,7 @@ pub(super) static AUTHENTICATION: Object = Object {
     name: "authentication",
     doc: "",
     fields: &[
-        Field::opt(
-            "methods",
-            Type::List(&Type::Enum(&AuthSpec::METHODS)),
-            "",
-        ),
+        Field::opt("methods", Type::List(&Type::Enum(&AuthSpec::METHODS)), ""),
         Field::opt("channelBinding", Type::Enum(&CHANNEL_BINDING), ""),
     ],
     one_of: &[],

@@ -85,11 +85,7 @@ pub(super) static VAULT: Object = Object {
     doc: "",
     fields: &[
         Field::req("address", Type::String, "https://..."),
-        Field::opt(
-            "insecure",
-            Type::Boolean,
-            "Allow a plain http address.",
-        ),
+        Field::opt("insecure", Type::Boolean, "Allow a plain http address."),
         Field::opt("namespace", Type::String, ""),
         Field::opt("mount", Type::String, "The KV engine's mount."),
         Field::opt("kvVersion", Type::Integer { min: 1, max: 2 }, ""),
@@ -213,11 +209,7 @@ pub(super) static AWS: Object = Object {
     fields: &[
         Field::req("region", Type::String, ""),
         Field::opt("endpoint", Type::String, ""),
-        Field::opt(
-            "insecure",
-            Type::Boolean,
-            "Allow a plain http endpoint.",
-        ),
+        Field::opt("insecure", Type::Boolean, "Allow a plain http endpoint."),
         Field::opt("auth", Type::Object(&AWS_AUTH), ""),
     ],
     one_of: &[],
@@ -263,11 +255,7 @@ pub(super) static KUBERNETES: Object = Object {
             "The namespace of Secrets a reference names without one.",
         ),
         Field::opt("apiServer", Type::String, "Default: in-cluster."),
-        Field::opt(
-            "insecure",
-            Type::Boolean,
-            "Allow a plain http apiServer.",
-        ),
+        Field::opt("insecure", Type::Boolean, "Allow a plain http apiServer."),
         Field::opt("tokenFile", Type::String, PATH),
         Field::opt("caFile", Type::String, PATH),
     ],

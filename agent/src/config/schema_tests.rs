@@ -76,7 +76,10 @@ fn samples(t: &Type) -> Vec<String> {
         Type::Boolean => vec!["true".into()],
         Type::Enum(values) => values.iter().map(|v| v.to_string()).collect(),
         Type::Object(_) => vec!["{}".into()],
-        Type::List(item) => samples(item).into_iter().map(|s| format!("[{s}]")).collect(),
+        Type::List(item) => samples(item)
+            .into_iter()
+            .map(|s| format!("[{s}]"))
+            .collect(),
         Type::Map(value) => samples(value)
             .into_iter()
             .map(|s| format!("{{k: {s}}}"))
@@ -297,7 +300,11 @@ fn a_schema_field_the_decoder_does_not_read_is_caught() {
         name: "tls",
         doc: "",
         fields: &[
-            Field::opt("mode", Type::Enum(&["disable", "verify-full", "paranoid"]), ""),
+            Field::opt(
+                "mode",
+                Type::Enum(&["disable", "verify-full", "paranoid"]),
+                "",
+            ),
             Field::opt("pinnedKey", Type::String, ""),
         ],
         one_of: &[],

@@ -222,7 +222,10 @@ mod tests {
     /// `cargo run -p latch -- crds > deploy/kubernetes/crds.yaml`).
     #[test]
     fn deployed_crds_are_the_generated_ones() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/kubernetes/crds.yaml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/kubernetes/crds.yaml"
+        );
         let deployed = std::fs::read_to_string(path).unwrap();
         assert!(
             deployed == manifests(),
@@ -238,7 +241,9 @@ mod tests {
     #[test]
     fn schemas_are_structural_and_open_only_where_the_format_has_two_shapes() {
         fn walk(v: &Value, path: &str, open: &mut Vec<String>) {
-            let m = v.as_object().unwrap_or_else(|| panic!("{path}: not a schema"));
+            let m = v
+                .as_object()
+                .unwrap_or_else(|| panic!("{path}: not a schema"));
             assert!(!m.contains_key("$ref"), "{path}: $ref");
             let preserve = m.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true));
             let int_or_string = m.get("x-kubernetes-int-or-string") == Some(&json!(true));
@@ -254,7 +259,12 @@ mod tests {
                 "{path}: properties and additionalProperties"
             );
             for junctor in ["oneOf", "anyOf", "allOf"] {
-                for branch in m.get(junctor).and_then(Value::as_array).into_iter().flatten() {
+                for branch in m
+                    .get(junctor)
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     for (k, inner) in branch.as_object().unwrap() {
                         let ok = k == "required"
                             || (k == "oneOf" && junctor == "allOf")
