@@ -597,7 +597,9 @@ fn a_cluster_policy_reads_the_secret_of_the_connecting_pods_namespace_only_when_
             ("HOME", OsStr::new("/nonexistent")),
         ],
     );
-    let both = serde_json::json!([{"namespace": "shop"}, {"namespace": "bank"}]);
+    // uid 0 admits a host process of the intercepted cgroup too: not a pod, so no namespace.
+    let both = serde_json::json!([{"namespace": "shop"}, {"namespace": "bank"}, {"uid": 0}]);
+    pg.hba_allow(&format!("{}/32", shop.host_ip4()));
     api.put_resource(
         "ClusterPolicy",
         None,
@@ -645,6 +647,36 @@ fn a_cluster_policy_reads_the_secret_of_the_connecting_pods_namespace_only_when_
     );
     assert!(admitted(&bank, &pg), "{}", agent.log());
     assert!(admitted(&shop, &pg));
+    // A host process the selectors admit (uid 0) is no pod: it has no namespace, and gets
+    // nothing.
+    let mut host = cg.command(postgres::bin("psql"));
+    host.args([
+        "-h",
+        &pg.addr.ip().to_string(),
+        "-p",
+        &pg.addr.port().to_string(),
+        "-U",
+        SCRAM_USER,
+        "-d",
+        "postgres",
+        "-w",
+        "-X",
+        "-A",
+        "-t",
+        "-c",
+        "SELECT current_user",
+    ])
+    .env_remove("PGPASSWORD")
+    .env_remove("PGPASSFILE");
+    let out = run_within(&mut host, Duration::from_secs(30));
+    assert!(!out.status.success(), "a host process got credentials");
+    let record = latch_tests::wait_for(Duration::from_secs(10), || {
+        agent.audit().into_iter().find(|r| {
+            r["outcome"] == "denied" && r["reason"].as_str().is_some_and(|s| s.contains("fromPod"))
+        })
+    })
+    .unwrap_or_else(|| panic!("no denial of the host process:\n{}", agent.log()));
+    assert!(record["workload"]["pod_uid"].is_null(), "{record}");
     let reads = api.secret_reads();
     assert!(
         reads

@@ -113,10 +113,12 @@ pub static DOCUMENT: Object = Object {
         Field::req("apiVersion", Type::String, "latch.dev/v1alpha1"),
         Field::req("kind", Type::String, "Policy or SecretStore"),
         Field::req("metadata", Type::Object(&METADATA), ""),
+        // Its type depends on `kind`: the decoder opens it with POLICY_SPEC or STORE_SPEC
+        // (this envelope is not part of any CRD; only its field names are checked).
         Field::req(
             "spec",
-            Type::Map(&Type::String),
-            "POLICY_SPEC or STORE_SPEC",
+            Type::Object(&POLICY_SPEC),
+            "POLICY_SPEC or STORE_SPEC, by kind",
         ),
     ],
     one_of: &[],
