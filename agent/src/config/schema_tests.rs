@@ -225,7 +225,7 @@ impl Run {
                 let wrap = wrap.clone();
                 let name = f.name.to_string();
                 let siblings = siblings.clone();
-                let inner: Rc<dyn Fn(Doc) -> Doc> = inner;
+                let inner: Place = inner;
                 self.visit(
                     child,
                     Rc::new(move |entries| {
@@ -239,22 +239,24 @@ impl Run {
     }
 }
 
-/// The objects a type holds, each with how its mapping is placed in the field's value.
-fn children(t: &Type) -> Vec<(&'static Object, Rc<dyn Fn(Doc) -> Doc>)> {
+/// How an object's mapping is placed in its field's value (as is, in a list, under a key).
+type Place = Rc<dyn Fn(Doc) -> Doc>;
+
+/// The objects a type holds, each with its [`Place`].
+fn children(t: &Type) -> Vec<(&'static Object, Place)> {
     match t {
         Type::Object(o) => vec![(*o, Rc::new(|d| d))],
         Type::List(item) => children(item)
             .into_iter()
             .map(|(o, inner)| {
-                let f: Rc<dyn Fn(Doc) -> Doc> = Rc::new(move |d| Doc::List(vec![inner(d)]));
+                let f: Place = Rc::new(move |d| Doc::List(vec![inner(d)]));
                 (o, f)
             })
             .collect(),
         Type::Map(value) => children(value)
             .into_iter()
             .map(|(o, inner)| {
-                let f: Rc<dyn Fn(Doc) -> Doc> =
-                    Rc::new(move |d| Doc::Map(vec![("k".into(), inner(d))]));
+                let f: Place = Rc::new(move |d| Doc::Map(vec![("k".into(), inner(d))]));
                 (o, f)
             })
             .collect(),
