@@ -543,3 +543,146 @@ fn custom_resources_apply_report_their_status_and_a_namespaced_policy_serves_onl
     assert!(!admitted(&shop, &pg));
     drop(agent);
 }
+
+/// `namespace: fromPod`: one ClusterPolicy serves the pods of two namespaces, each with the
+/// Secret of its own namespace, and only once a reference says so: before, the same policy
+/// reads no Secret of any pod's namespace.
+#[test]
+fn a_cluster_policy_reads_the_secret_of_the_connecting_pods_namespace_only_when_it_says_so() {
+    latch_tests::require_root();
+    let api = KubeApi::start_tls();
+    let cg = TestCgroup::new();
+    let shop = Pod::new(&cg, 1);
+    let bank = Pod::new(&cg, 2);
+    api.put_pod(&spec(&shop, "shop", "orders", &[("app", "orders")]));
+    api.put_pod(&spec(&bank, "bank", "orders", &[("app", "orders")]));
+    let pg = PgCluster::start(
+        &shop.host_ip4().to_string(),
+        pg_setup::SCRAM_PW,
+        pg_setup::MD5_PW,
+        pg_setup::PLAIN_PW,
+    );
+    pg.hba_allow(&format!("{}/32", shop.pod_ip4()));
+    pg.hba_allow(&format!("{}/32", bank.pod_ip4()));
+    api.put_secret(
+        "shop",
+        "db-creds",
+        &[("username", SCRAM_USER), ("password", pg_setup::SCRAM_PW)],
+    );
+    // bank's Secret holds another password: a bank pod that gets in read bank's own Secret.
+    api.put_secret(
+        "bank",
+        "db-creds",
+        &[("username", SCRAM_USER), ("password", "not-the-password")],
+    );
+    let kube = TempDir::new("kubeconfig");
+    let kubeconfig = kube.write("config", &api.kubeconfig());
+    let token = kube.write("token", latch_tests::kube_api::TOKEN);
+    // The store names no namespace: a reference without one, and without fromPod, has no
+    // namespace to read (the agent runs outside a pod here, with no service-account file).
+    let files = format!(
+        "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata:\n  name: cluster-api\nspec:\n  \
+         kubernetes: {{apiServer: \"{}\", tokenFile: {}, caFile: {}}}\n",
+        api.url(),
+        token.display(),
+        api.ca_file().unwrap().display()
+    );
+    let root = kubepods_root(&cg);
+    let agent = Agent::start_env(
+        &files,
+        &cg,
+        &["--runtime-cgroup-root", &root, "--node-name", NODE],
+        &[
+            ("KUBECONFIG", kubeconfig.as_os_str()),
+            ("HOME", OsStr::new("/nonexistent")),
+        ],
+    );
+    // uid 0 admits a host process of the intercepted cgroup too: not a pod, so no namespace.
+    let both = serde_json::json!([{"namespace": "shop"}, {"namespace": "bank"}, {"uid": 0}]);
+    pg.hba_allow(&format!("{}/32", shop.host_ip4()));
+    api.put_resource(
+        "ClusterPolicy",
+        None,
+        "per-namespace",
+        pg_spec(&pg, "cluster-api", "db-creds", both.clone()),
+    );
+    let c = wait_accepted(&api, &agent, "ClusterPolicy", None, "per-namespace");
+    assert_eq!(c.0, "True", "{c:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    let (ok, r) = connect(&agent, &shop, &pg);
+    assert!(!ok, "without fromPod a pod got credentials: {r}");
+    assert!(
+        api.secret_reads().is_empty(),
+        "without fromPod a Secret was read: {:?}",
+        api.secret_reads()
+    );
+
+    // The same policy with `namespace: fromPod` on both references.
+    let mut from_pod = pg_spec(&pg, "cluster-api", "db-creds", both);
+    from_pod["credentials"]["username"]["namespace"] = "fromPod".into();
+    from_pod["credentials"]["password"]["namespace"] = "fromPod".into();
+    api.put_resource("ClusterPolicy", None, "per-namespace", from_pod);
+    assert!(
+        eventually(Duration::from_secs(15), || admitted(&shop, &pg)),
+        "the shop pod never got in with fromPod:\n{}",
+        agent.log()
+    );
+    assert!(
+        api.secret_reads().iter().all(|s| s == "shop/db-creds"),
+        "{:?}",
+        api.secret_reads()
+    );
+    let (ok, r) = connect(&agent, &bank, &pg);
+    assert!(!ok, "the bank pod got in with shop's Secret: {r}");
+    assert!(
+        api.secret_reads().contains(&"bank/db-creds".to_string()),
+        "the bank pod's connection did not read bank's Secret: {:?}",
+        api.secret_reads()
+    );
+    // bank's Secret fixed: bank's pod gets in with it, shop's still with shop's.
+    api.put_secret(
+        "bank",
+        "db-creds",
+        &[("username", SCRAM_USER), ("password", pg_setup::SCRAM_PW)],
+    );
+    assert!(admitted(&bank, &pg), "{}", agent.log());
+    assert!(admitted(&shop, &pg));
+    // A host process the selectors admit (uid 0) is no pod: it has no namespace, and gets
+    // nothing.
+    let mut host = cg.command(postgres::bin("psql"));
+    host.args([
+        "-h",
+        &pg.addr.ip().to_string(),
+        "-p",
+        &pg.addr.port().to_string(),
+        "-U",
+        SCRAM_USER,
+        "-d",
+        "postgres",
+        "-w",
+        "-X",
+        "-A",
+        "-t",
+        "-c",
+        "SELECT current_user",
+    ])
+    .env_remove("PGPASSWORD")
+    .env_remove("PGPASSFILE");
+    let out = run_within(&mut host, Duration::from_secs(30));
+    assert!(!out.status.success(), "a host process got credentials");
+    let record = latch_tests::wait_for(Duration::from_secs(10), || {
+        agent.audit().into_iter().find(|r| {
+            r["outcome"] == "denied" && r["reason"].as_str().is_some_and(|s| s.contains("fromPod"))
+        })
+    })
+    .unwrap_or_else(|| panic!("no denial of the host process:\n{}", agent.log()));
+    assert!(record["workload"]["pod_uid"].is_null(), "{record}");
+    let reads = api.secret_reads();
+    assert!(
+        reads
+            .iter()
+            .all(|s| s == "shop/db-creds" || s == "bank/db-creds"),
+        "{reads:?}"
+    );
+    drop(agent);
+}

@@ -188,47 +188,145 @@ fn the_example_resources_load_as_latch_configuration() {
     );
 }
 
+/// The `openAPIV3Schema` of `kind` (group/version from `api_version`) in crds.yaml.
+fn crd_schema(api_version: &str, kind: &str) -> Value {
+    let crds = load_yaml(&kubernetes_dir().join("crds.yaml"));
+    let (group, version) = api_version.split_once('/').unwrap();
+    let crd = crds
+        .iter()
+        .find(|c| c["spec"]["group"] == group && c["spec"]["names"]["kind"] == kind)
+        .unwrap_or_else(|| panic!("crds.yaml has no CRD for {group} {kind}"));
+    let v = crd["spec"]["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == version)
+        .unwrap_or_else(|| panic!("the {kind} CRD has no version {version}"));
+    let schema = v["schema"]["openAPIV3Schema"].clone();
+    assert!(schema.is_object(), "the {kind} CRD has no openAPIV3Schema");
+    schema
+}
+
+/// Validates `doc` against a CRD schema with the `jsonschema` package, as the API server with
+/// strict field validation (kubectl's default) does: a field the schema does not declare is an
+/// error, except where the schema keeps fields (x-kubernetes-preserve-unknown-fields) and in
+/// `metadata` (the API server's own). OpenAPI's x-kubernetes-* keywords are annotations to
+/// jsonschema. `Err` holds jsonschema's message.
+fn validate_cr(schema: &Value, doc: &Value) -> Result<(), String> {
+    let dir = TempDir::new("k8s-crd");
+    let pair = dir.path().join("pair.json");
+    std::fs::write(&pair, serde_json::to_vec(&(schema, doc)).unwrap()).unwrap();
+    let out = Command::new(bins::tool("python3", "python3"))
+        .args([
+            "-c",
+            "import sys, json, jsonschema\n\
+             def strict(s):\n\
+             \x20   if isinstance(s, list):\n\
+             \x20       for v in s: strict(v)\n\
+             \x20   if not isinstance(s, dict): return\n\
+             \x20   if s.get('type') == 'object' and not s.get('x-kubernetes-preserve-unknown-fields'):\n\
+             \x20       s.setdefault('additionalProperties', False)\n\
+             \x20   for k, v in s.items():\n\
+             \x20       if k != 'enum': strict(v)\n\
+             schema, doc = json.load(open(sys.argv[1]))\n\
+             meta = schema['properties'].pop('metadata')\n\
+             strict(schema)\n\
+             schema['properties']['metadata'] = meta\n\
+             jsonschema.validate(doc, schema)",
+        ])
+        .arg(&pair)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success() || stderr.contains("jsonschema.exceptions.ValidationError"),
+        "the validator itself failed:\n{stderr}"
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(stderr)
+    }
+}
+
+fn example(kind: &str) -> Value {
+    custom_resources(load_yaml(&kubernetes_dir().join("examples/demo.yaml")))
+        .into_iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("examples/demo.yaml has no {kind}"))
+}
+
 #[test]
 fn the_example_resources_match_the_crd_schemas() {
-    let crds_file = kubernetes_dir().join("crds.yaml");
-    let crds = load_yaml(&crds_file);
     let examples = custom_resources(load_yaml(&kubernetes_dir().join("examples/demo.yaml")));
-    let dir = TempDir::new("k8s-crd");
     for cr in examples {
         let kind = cr["kind"].as_str().unwrap();
-        let (group, version) = cr["apiVersion"].as_str().unwrap().split_once('/').unwrap();
-        let crd = crds
-            .iter()
-            .find(|c| c["spec"]["group"] == group && c["spec"]["names"]["kind"] == kind)
-            .unwrap_or_else(|| panic!("crds.yaml has no CRD for {group} {kind}"));
-        let v = crd["spec"]["versions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == version)
-            .unwrap_or_else(|| panic!("the {kind} CRD has no version {version}"));
-        let schema = &v["schema"]["openAPIV3Schema"];
-        assert!(schema.is_object(), "the {kind} CRD has no openAPIV3Schema");
-        let pair = dir.path().join(format!("{kind}.json"));
-        std::fs::write(&pair, serde_json::to_vec(&(schema, &cr)).unwrap()).unwrap();
-        // jsonschema comes with kubernetes-validate. OpenAPI's x-kubernetes-* keywords are
-        // annotations to it.
-        let out = Command::new(bins::tool("python3", "python3"))
-            .args([
-                "-c",
-                "import sys, json, jsonschema\n\
-                 schema, doc = json.load(open(sys.argv[1]))\n\
-                 jsonschema.validate(doc, schema)",
-            ])
-            .arg(&pair)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "example {kind} does not match crds.yaml:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let schema = crd_schema(cr["apiVersion"].as_str().unwrap(), kind);
+        if let Err(e) = validate_cr(&schema, &cr) {
+            panic!("example {kind} does not match crds.yaml:\n{e}");
+        }
     }
+}
+
+#[test]
+fn the_crd_schemas_reject_unknown_fields_wrong_enums_and_two_backends() {
+    let policy = example("Policy");
+    let store = example("SecretStore");
+    let policy_schema = crd_schema("latch.dev/v1alpha1", "Policy");
+    let store_schema = crd_schema("latch.dev/v1alpha1", "SecretStore");
+    let cluster_schema = crd_schema("latch.dev/v1alpha1", "ClusterPolicy");
+    let mut cases: Vec<(&str, &Value, Value, &str)> = Vec::new();
+    let mut p = policy.clone();
+    p["spec"]["destination"]["hots"] = "db.example".into();
+    cases.push(("a misspelt destination field", &policy_schema, p, "hots"));
+    let mut p = policy.clone();
+    p["spec"]["protocol"] = "postgress".into();
+    cases.push(("an unknown protocol", &policy_schema, p, "postgress"));
+    let mut p = policy.clone();
+    p["spec"]["tls"]["mode"] = "verify-everything".into();
+    cases.push((
+        "an unknown tls mode",
+        &cluster_schema,
+        p,
+        "verify-everything",
+    ));
+    let mut p = policy.clone();
+    p["spec"]["destination"]["port"] = 70000.into();
+    cases.push(("a port out of range", &policy_schema, p, "70000"));
+    let mut p = policy.clone();
+    p["spec"]["credentials"]["password"]["feild"] = "password".into();
+    cases.push((
+        "a misspelt secret reference field",
+        &policy_schema,
+        p,
+        "feild",
+    ));
+    let mut p = policy.clone();
+    p["spec"]["destination"]["address"] = "10.0.0.1".into();
+    cases.push(("two targets", &policy_schema, p, "valid under each of"));
+    let mut s = store.clone();
+    s["spec"]["kubernetes"]["namespase"] = "x".into();
+    cases.push(("a misspelt store field", &store_schema, s, "namespase"));
+    let mut s = store.clone();
+    s["spec"]["env"] = serde_json::json!({});
+    cases.push(("two backends", &store_schema, s, "valid under each of"));
+    let mut s = store.clone();
+    s["spec"] = serde_json::json!({"vautl": {"address": "https://vault"}});
+    cases.push(("a misspelt backend", &store_schema, s, "vautl"));
+    for (what, schema, doc, needle) in &cases {
+        match validate_cr(schema, doc) {
+            Ok(()) => panic!("{what} passed the CRD schema: {doc}"),
+            Err(e) => assert!(e.contains(needle), "{what}: no {needle:?} in:\n{e}"),
+        }
+    }
+    // And the same documents, unmodified, pass.
+    validate_cr(&policy_schema, &policy).unwrap();
+    validate_cr(&cluster_schema, &policy).unwrap();
+    validate_cr(&store_schema, &store).unwrap();
+    eprintln!(
+        "{} invalid resources rejected by the generated schemas",
+        cases.len()
+    );
 }
 
 #[test]

@@ -70,6 +70,9 @@ pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
     // Offline validation of deploy/kubernetes/ against the upstream OpenAPI schemas
     // (tests/tests/packaging_kubernetes.rs); brings PyYAML and jsonschema along.
     ("kubernetes-validate", &["--version"], "kubernetes-validate"),
+    // The example and invalid custom resources against the generated CRD schemas
+    // (packaging_kubernetes.rs); named on its own, not left to kubernetes-validate's deps.
+    ("python3", &["-c", "import jsonschema"], "jsonschema"),
 ];
 
 /// The Rust target of the static binary in the container image (deploy/Containerfile).

@@ -95,7 +95,7 @@ pub fn admit(
     origin.netns = netns;
     origin.conn = id;
     let policies = shared.policies();
-    let Some(policy) = policies.by_rule(origin.rule_id).cloned() else {
+    let Some(mut policy) = policies.by_rule(origin.rule_id).cloned() else {
         if shared.refuse(RefusedReason::no_policy) {
             tracing::warn!(conn = id, %origin, direct, "no policy for this destination any more; refusing");
         }
@@ -138,6 +138,29 @@ pub fn admit(
             record.outcome = audit::Outcome::Denied;
             record.reason = Some(denial_reason(&policy.name, exe_verdicts));
             Verdict::Deny
+        } else if policy.reads_pod_namespace() {
+            // The policy's Secrets are in the pod's own namespace: a connection of a pod whose
+            // namespace the Kubernetes API gave. Anyone else (a host process, a pod not yet
+            // described) gets nothing.
+            match workload.pod.as_ref().map(|p| p.namespace.as_str()) {
+                Some(ns) => {
+                    policy = Arc::new(policy.in_pod_namespace(ns));
+                    Verdict::Admit
+                }
+                None => {
+                    shared.metrics.deny(&policy.name);
+                    crate::warn_throttled!(
+                        cgroup = ?workload.cgroup,
+                        "denied: the policy reads Secrets of the pod's namespace, and this connection is not from a pod latch knows"
+                    );
+                    record.outcome = audit::Outcome::Denied;
+                    record.reason = Some(format!(
+                        "policy {:?} reads Secrets of the connecting pod's namespace (namespace: fromPod); this workload is not a pod whose namespace latch knows",
+                        policy.name
+                    ));
+                    Verdict::Deny
+                }
+            }
         } else {
             Verdict::Admit
         }

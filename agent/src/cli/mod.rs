@@ -51,6 +51,9 @@ enum Command {
     /// Work with policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Print the CustomResourceDefinitions of Policy, ClusterPolicy and SecretStore (their spec
+    /// schemas generated from the policy file format); deploy/kubernetes/crds.yaml is this output.
+    Crds,
     /// The node-local CA that issues certificates for TLS toward applications (appTls).
     #[command(subcommand)]
     Ca(ca::CaCommand),
@@ -326,6 +329,10 @@ pub fn main(cli: Cli) -> ExitCode {
         },
         Command::Policy(PolicyCommand::Check { paths }) => policy_check(&paths),
         Command::Ca(command) => ca::main(command),
+        Command::Crds => {
+            print!("{}", latch::crs::crd::manifests());
+            ExitCode::SUCCESS
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::diagnostic::{Diagnostic, Location};
+use super::schema::{Object, Type};
 use super::suggest;
 use super::yaml::{Entry, Mark, Node, Value};
 
@@ -42,9 +43,12 @@ impl Cx {
     }
 }
 
-/// A mapping being read. Every key asked for becomes a known key; [`Map::finish`] reports the
-/// others as unknown, with a suggestion among the known ones.
+/// A mapping being read, described by its [`Object`] of the schema. Every key asked for becomes
+/// a known key; [`Map::finish`] reports the others as unknown, with a suggestion among the known
+/// ones. Asking for a key the object does not declare is a decoder bug (a debug assertion): the
+/// schema is what the CRDs are generated from, so the two cannot drift apart.
 pub struct Map<'n> {
+    schema: &'static Object,
     entries: &'n [Entry],
     /// Where "missing field" errors point: the key that holds this mapping.
     at: Mark,
@@ -55,7 +59,13 @@ pub struct Map<'n> {
 
 impl<'n> Map<'n> {
     /// Opens `node` as a mapping. `null` reads as an empty mapping (`env:` alone is `env: {}`).
-    pub fn new(cx: &mut Cx, node: &'n Node, at: Mark, what: impl Into<String>) -> Option<Map<'n>> {
+    pub fn new(
+        cx: &mut Cx,
+        node: &'n Node,
+        at: Mark,
+        what: impl Into<String>,
+        schema: &'static Object,
+    ) -> Option<Map<'n>> {
         let what = what.into();
         let entries: &'n [Entry] = match &node.value {
             Value::Mapping(entries) => entries,
@@ -69,6 +79,7 @@ impl<'n> Map<'n> {
             }
         };
         Some(Map {
+            schema,
             entries,
             at,
             what,
@@ -92,6 +103,13 @@ impl<'n> Map<'n> {
 
     /// The entry for `key`, unless absent or null.
     pub fn entry(&mut self, key: &'static str) -> Option<&'n Entry> {
+        self.declared(key);
+        self.forbidden(key)
+    }
+
+    /// The entry for a key the format names only to refuse it with a better message than
+    /// "unknown field" (`value:` where a secret would be written): not in the schema.
+    pub fn forbidden(&mut self, key: &'static str) -> Option<&'n Entry> {
         if !self.known.contains(&key) {
             self.known.push(key);
         }
@@ -106,6 +124,11 @@ impl<'n> Map<'n> {
 
     /// Like [`Map::entry`], reporting `missing field "key" in what` when absent.
     pub fn require(&mut self, cx: &mut Cx, key: &'static str) -> Option<&'n Entry> {
+        debug_assert!(
+            self.schema.field(key).is_none_or(|f| f.required),
+            "the decoder requires {key:?} in {}, which the schema declares optional",
+            self.schema.name
+        );
         let entry = self.entry(key);
         if entry.is_none() {
             let explicit_null = self.entries.iter().find(|e| e.key == key);
@@ -141,16 +164,38 @@ impl<'n> Map<'n> {
             .and_then(|e| string(cx, &e.value, &path))
     }
 
-    /// An optional child mapping.
+    /// An optional child mapping, described by the field's object in the schema.
     pub fn map(&mut self, cx: &mut Cx, key: &'static str) -> Option<Map<'n>> {
         let path = self.path(key);
         let entry = self.entry(key)?;
-        Map::new(cx, &entry.value, entry.key_mark, path)
+        let schema = self.child(key);
+        Map::new(cx, &entry.value, entry.key_mark, path, schema)
+    }
+
+    /// The schema object of field `key` (a decoder bug if the field is not an object).
+    pub fn child(&self, key: &str) -> &'static Object {
+        match self.schema.field(key).map(|f| f.ty) {
+            Some(Type::Object(o)) => o,
+            other => panic!(
+                "the decoder reads {key:?} of {} as a mapping; the schema says {other:?}",
+                self.schema.name
+            ),
+        }
+    }
+
+    /// Asserts (in debug builds) that the schema declares `key`.
+    fn declared(&self, key: &str) {
+        debug_assert!(
+            self.schema.field(key).is_some(),
+            "the decoder reads {key:?} in {}, which the schema does not declare",
+            self.schema.name
+        );
     }
 
     /// Which of `choices` are present (non-null), in source order.
     pub fn present(&mut self, choices: &[&'static str]) -> Vec<(&'static str, &'n Entry)> {
         for c in choices {
+            self.declared(c);
             if !self.known.contains(c) {
                 self.known.push(c);
             }
@@ -175,6 +220,11 @@ impl<'n> Map<'n> {
         choices: &[&'static str],
         noun: &str,
     ) -> Option<(&'static str, &'n Entry)> {
+        debug_assert!(
+            self.schema.one_of.contains(&choices),
+            "the decoder reads one of {choices:?} in {}, which the schema does not declare as a group",
+            self.schema.name
+        );
         let found = self.present(choices);
         match found.as_slice() {
             [] => {

@@ -5,7 +5,11 @@ use super::decode_policy::secret_ref;
 use super::http::{AppCredentials, AwsSigning, HttpSpec, Injection};
 use super::net;
 use super::policy::AppTlsMode;
+use super::schema_policy as schema;
 use super::yaml::{Entry, Mark};
+
+/// `http.aws.payload`: whether the payload is left unsigned.
+pub const PAYLOADS: [(&str, bool); 2] = [("signed", false), ("unsigned", true)];
 
 /// The placeholders a header template may hold.
 const PLACEHOLDERS: [&str; 2] = ["{secret}", "{username}"];
@@ -18,7 +22,7 @@ pub fn http(
     entry: &Entry,
     default_store: Option<&str>,
 ) -> Option<(HttpSpec, Option<(AppTlsMode, Mark)>)> {
-    let mut m = Map::new(cx, &entry.value, entry.key_mark, "http")?;
+    let mut m = Map::new(cx, &entry.value, entry.key_mark, "http", &schema::HTTP)?;
     let before = cx.errors.len();
     let inject_entry = m.entry("inject");
     let named = inject_entry.and_then(|e| {
@@ -181,20 +185,14 @@ fn header(cx: &mut Cx, e: &Entry) -> Option<(String, String)> {
 
 /// `aws: {service, region, sessionToken?, payload?: signed | unsigned}`.
 fn aws(cx: &mut Cx, e: &Entry, default_store: Option<&str>) -> Option<AwsSigning> {
-    let mut m = Map::new(cx, &e.value, e.key_mark, "http.aws")?;
+    let mut m = Map::new(cx, &e.value, e.key_mark, "http.aws", &schema::HTTP_AWS)?;
     let service = m.require_string(cx, "service");
     let region = m.require_string(cx, "region");
     let session_token = m
         .entry("sessionToken")
         .map(|t| secret_ref(cx, t, "http.aws.sessionToken", default_store));
     let payload = match m.get("payload") {
-        Some(n) => decode::choice(
-            cx,
-            n,
-            "http.aws.payload",
-            &[("signed", false), ("unsigned", true)],
-        )
-        .map(Some),
+        Some(n) => decode::choice(cx, n, "http.aws.payload", &PAYLOADS).map(Some),
         None => Some(None),
     };
     m.finish(cx);

@@ -13,6 +13,7 @@ use super::policy::{
     AppTlsMode, AuthSpec, ChannelBindingMode, Credentials, Destination, Protocol, Role, SecretRef,
     StartupRules, Target, TlsMode, TlsSpec, WorkloadSelector,
 };
+use super::schema_policy as schema;
 use super::yaml::{Entry, Mark, Node, Value};
 
 /// The longest credential cache allowed: credentials are meant to be fetched per connection.
@@ -37,7 +38,7 @@ pub struct PolicySpec {
 }
 
 pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
-    let mut m = Map::new(cx, node, at, "")?;
+    let mut m = Map::new(cx, node, at, "", &schema::POLICY_SPEC)?;
     let errors_before = cx.errors.len();
 
     let protocol_entry = m.entry("protocol");
@@ -101,7 +102,8 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         }
     }
     let own_entry = if block == "mysql" { my_entry } else { pg_entry };
-    let mut own = own_entry.and_then(|e| Map::new(cx, &e.value, e.key_mark, block));
+    let own_schema = m.child(block);
+    let mut own = own_entry.and_then(|e| Map::new(cx, &e.value, e.key_mark, block, own_schema));
     let app_tls_entry = protocol_option(cx, &mut m, own.as_mut(), block, "appTls");
     let app_tls = match app_tls_entry {
         Some(e) => app_tls(cx, e),
@@ -370,7 +372,13 @@ fn protocol_option<'n>(
 
 /// `authentication: {methods: [scram-sha-256, md5, password], channelBinding: prefer}`.
 fn authentication(cx: &mut Cx, entry: &Entry) -> Option<AuthSpec> {
-    let mut m = Map::new(cx, &entry.value, entry.key_mark, "authentication")?;
+    let mut m = Map::new(
+        cx,
+        &entry.value,
+        entry.key_mark,
+        "authentication",
+        &schema::AUTHENTICATION,
+    )?;
     let mut spec = AuthSpec::default();
     if let Some(e) = m.entry("methods") {
         let items = decode::sequence(cx, &e.value, "authentication.methods")?;
@@ -497,7 +505,13 @@ fn m_at(node: &Node, at: Mark) -> Mark {
 }
 
 fn destination(cx: &mut Cx, entry: &Entry) -> Option<Destination> {
-    let mut m = Map::new(cx, &entry.value, entry.key_mark, "destination")?;
+    let mut m = Map::new(
+        cx,
+        &entry.value,
+        entry.key_mark,
+        "destination",
+        &schema::DESTINATION,
+    )?;
     let target = m.one_of(cx, &["host", "address", "cidr"], "target");
     let target = target.and_then(|(kind, e)| {
         let what = format!("destination.{kind}");
@@ -542,7 +556,13 @@ fn port(cx: &mut Cx, node: &Node, what: &str) -> Option<u16> {
 }
 
 fn port_range(cx: &mut Cx, entry: &Entry) -> Option<PortRange> {
-    let mut m = Map::new(cx, &entry.value, entry.key_mark, "destination.ports")?;
+    let mut m = Map::new(
+        cx,
+        &entry.value,
+        entry.key_mark,
+        "destination.ports",
+        &schema::PORT_RANGE,
+    )?;
     let from = m
         .require(cx, "from")
         .and_then(|e| port(cx, &e.value, "destination.ports.from"));
@@ -596,7 +616,7 @@ fn workloads(cx: &mut Cx, node: &Node) -> Option<Vec<WorkloadSelector>> {
 fn workload(cx: &mut Cx, node: &Node, index: usize) -> Option<WorkloadSelector> {
     let what = format!("workloads[{index}]");
     let before = cx.errors.len();
-    let mut m = Map::new(cx, node, node.mark, what.clone())?;
+    let mut m = Map::new(cx, node, node.mark, what.clone(), &schema::WORKLOAD)?;
     let mut w = WorkloadSelector::default();
     let id = |cx: &mut Cx, n: &Node, what: String| {
         decode::integer(cx, n, &what, 0, i64::from(u32::MAX)).and_then(|v| u32::try_from(v).ok())
@@ -693,7 +713,7 @@ pub(super) fn credentials(
     entry: &Entry,
     what: &str,
 ) -> Option<(Credentials, Option<Duration>)> {
-    let mut m = Map::new(cx, &entry.value, entry.key_mark, what)?;
+    let mut m = Map::new(cx, &entry.value, entry.key_mark, what, &schema::CREDENTIALS)?;
     let before = cx.errors.len();
     let cache_ttl = m.map(cx, "cache").and_then(|mut c| {
         let ttl = c.require(cx, "ttl").and_then(|e| {
@@ -730,6 +750,7 @@ pub(super) fn credentials(
             &dynamic.value,
             dynamic.key_mark,
             format!("{what}.dynamic"),
+            &schema::DYNAMIC,
         );
         let result = d.and_then(|mut d| {
             let store = d.require_string(cx, "store");
@@ -777,7 +798,10 @@ pub(super) fn credentials(
     result.map(|c| (c, cache_ttl))
 }
 
-/// `{store?, path, field?, version?}`; `store` defaults to `default_store`.
+/// A secret reference's `namespace`: `fromPod`, the connecting pod's.
+pub const SECRET_NAMESPACES: [(&str, bool); 1] = [("fromPod", true)];
+
+/// `{store?, path, field?, version?, namespace?}`; `store` defaults to `default_store`.
 pub(super) fn secret_ref(
     cx: &mut Cx,
     entry: &Entry,
@@ -792,8 +816,14 @@ pub(super) fn secret_ref(
         return None;
     }
     let before = cx.errors.len();
-    let mut m = Map::new(cx, &entry.value, entry.key_mark, what.to_string())?;
-    if let Some(v) = m.entry("value") {
+    let mut m = Map::new(
+        cx,
+        &entry.value,
+        entry.key_mark,
+        what.to_string(),
+        &schema::SECRET_REF,
+    )?;
+    if let Some(v) = m.forbidden("value") {
         cx.error(
             v.key_mark,
             format!("{what}.value: secret values are never written in a Policy; put them in a SecretStore (a literal store for development)"),
@@ -811,6 +841,18 @@ pub(super) fn secret_ref(
     };
     let path = m.require_string(cx, "path");
     let field = m.string(cx, "field");
+    let from_pod = match m.get("namespace") {
+        Some(n) => decode::choice(cx, n, &format!("{what}.namespace"), &SECRET_NAMESPACES),
+        None => Some(false),
+    };
+    if from_pod == Some(true)
+        && let Some(p) = path.as_deref().filter(|p| p.contains('/'))
+    {
+        cx.error(
+            m.at(),
+            format!("{what}: path {p:?} names a namespace, and namespace: fromPod says the pod's; name the Secret alone"),
+        );
+    }
     let version = m.get("version").and_then(|n| match &n.value {
         Value::Scalar { text, .. } if !text.is_empty() => Some(text.clone()),
         _ => {
@@ -833,12 +875,13 @@ pub(super) fn secret_ref(
         path: path?,
         field,
         version,
+        from_pod: from_pod?,
     })
 }
 
 /// `appTls: {mode: auto | disable | enable}`.
 pub(super) fn app_tls(cx: &mut Cx, entry: &Entry) -> Option<AppTlsMode> {
-    let mut m = Map::new(cx, &entry.value, entry.key_mark, "appTls")?;
+    let mut m = Map::new(cx, &entry.value, entry.key_mark, "appTls", &schema::APP_TLS)?;
     let mode = match m.require(cx, "mode") {
         Some(e) => decode::choice(cx, &e.value, "appTls mode", &AppTlsMode::ALL),
         None => None,
@@ -854,7 +897,7 @@ struct RawTls {
 }
 
 fn tls(cx: &mut Cx, entry: &Entry, default_store: Option<&str>) -> Option<RawTls> {
-    let mut m = Map::new(cx, &entry.value, entry.key_mark, "tls")?;
+    let mut m = Map::new(cx, &entry.value, entry.key_mark, "tls", &schema::TLS)?;
     let before = cx.errors.len();
     let mode = m
         .get("mode")

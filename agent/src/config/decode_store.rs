@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::decode::{self, Cx, Map};
+use super::schema_store as schema;
 use super::secret::SecretString;
 use super::store::{
     AwsAuth, AwsStore, CredentialSource, EnvStore, ExecStore, FileStore, KubernetesStore,
@@ -12,7 +13,7 @@ use super::store::{
 use super::yaml::{Entry, Mark, Node, Value};
 
 pub fn store_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<StoreBackend> {
-    let mut m = Map::new(cx, node, at, "")?;
+    let mut m = Map::new(cx, node, at, "", &schema::STORE_SPEC)?;
     let before = cx.errors.len();
     let chosen = m.one_of(cx, &StoreBackend::KINDS, "secret store");
     let backend = chosen.and_then(|(kind, e)| match kind {
@@ -32,7 +33,7 @@ pub fn store_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<StoreBackend> {
 }
 
 fn file(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
-    let mut m = Map::new(cx, &e.value, e.key_mark, "file")?;
+    let mut m = Map::new(cx, &e.value, e.key_mark, "file", &schema::FILE)?;
     let path = m
         .require(cx, "path")
         .and_then(|e| decode::absolute_path(cx, &e.value, "file.path"));
@@ -41,7 +42,7 @@ fn file(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
 }
 
 fn env(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
-    let mut m = Map::new(cx, &e.value, e.key_mark, "env")?;
+    let mut m = Map::new(cx, &e.value, e.key_mark, "env", &schema::ENV)?;
     let prefix = match m.get("prefix") {
         Some(n) => {
             let p = decode::string(cx, n, "env.prefix")?;
@@ -61,7 +62,7 @@ fn env(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
 }
 
 fn exec(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
-    let mut m = Map::new(cx, &e.value, e.key_mark, "exec")?;
+    let mut m = Map::new(cx, &e.value, e.key_mark, "exec", &schema::EXEC)?;
     let before = cx.errors.len();
     let mut command = Vec::new();
     if let Some(c) = m.require(cx, "command")
@@ -106,7 +107,7 @@ fn exec(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
 }
 
 fn literal(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
-    let mut m = Map::new(cx, &e.value, e.key_mark, "literal")?;
+    let mut m = Map::new(cx, &e.value, e.key_mark, "literal", &schema::LITERAL)?;
     let before = cx.errors.len();
     let mut values = BTreeMap::new();
     if let Some(v) = m.require(cx, "values") {
@@ -257,7 +258,7 @@ fn is_loopback_url(url: &str) -> bool {
 }
 
 fn vault(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
-    let mut m = Map::new(cx, &e.value, e.key_mark, "vault")?;
+    let mut m = Map::new(cx, &e.value, e.key_mark, "vault", &schema::VAULT)?;
     let before = cx.errors.len();
     let address = m
         .require(cx, "address")
@@ -312,7 +313,7 @@ fn vault(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
 }
 
 fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
-    let mut m = Map::new(cx, &e.value, e.key_mark, "vault.auth")?;
+    let mut m = Map::new(cx, &e.value, e.key_mark, "vault.auth", &schema::VAULT_AUTH)?;
     let chosen = m.one_of(
         cx,
         &["token", "appRole", "kubernetes", "jwt", "cert", "aws"],
@@ -321,7 +322,13 @@ fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
     let auth = chosen.and_then(|(kind, e)| match kind {
         "token" => credential_source(cx, e, "vault.auth.token").map(VaultAuth::Token),
         "appRole" => {
-            let mut a = Map::new(cx, &e.value, e.key_mark, "vault.auth.appRole")?;
+            let mut a = Map::new(
+                cx,
+                &e.value,
+                e.key_mark,
+                "vault.auth.appRole",
+                &schema::APP_ROLE,
+            )?;
             let role_id = a.require(cx, "roleId").and_then(|r| role_id(cx, r));
             let secret_id = a
                 .require(cx, "secretId")
@@ -337,7 +344,13 @@ fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
             })
         }
         "jwt" => {
-            let mut j = Map::new(cx, &e.value, e.key_mark, "vault.auth.jwt")?;
+            let mut j = Map::new(
+                cx,
+                &e.value,
+                e.key_mark,
+                "vault.auth.jwt",
+                &schema::VAULT_JWT,
+            )?;
             let role = j.require_string(cx, "role");
             let token_file = j
                 .require(cx, "tokenFile")
@@ -351,7 +364,13 @@ fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
             })
         }
         "cert" => {
-            let mut c = Map::new(cx, &e.value, e.key_mark, "vault.auth.cert")?;
+            let mut c = Map::new(
+                cx,
+                &e.value,
+                e.key_mark,
+                "vault.auth.cert",
+                &schema::VAULT_CERT,
+            )?;
             let cert_file = c
                 .require(cx, "certFile")
                 .and_then(|n| decode::absolute_path(cx, &n.value, "vault.auth.cert.certFile"));
@@ -369,7 +388,13 @@ fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
             })
         }
         "aws" => {
-            let mut a = Map::new(cx, &e.value, e.key_mark, "vault.auth.aws")?;
+            let mut a = Map::new(
+                cx,
+                &e.value,
+                e.key_mark,
+                "vault.auth.aws",
+                &schema::VAULT_AWS,
+            )?;
             let role = a.require_string(cx, "role");
             let mount = a.string(cx, "mount").unwrap_or_else(|| "aws".to_string());
             let region = a
@@ -390,7 +415,13 @@ fn vault_auth(cx: &mut Cx, e: &Entry) -> Option<VaultAuth> {
             })
         }
         _ => {
-            let mut k = Map::new(cx, &e.value, e.key_mark, "vault.auth.kubernetes")?;
+            let mut k = Map::new(
+                cx,
+                &e.value,
+                e.key_mark,
+                "vault.auth.kubernetes",
+                &schema::VAULT_KUBERNETES,
+            )?;
             let role = k.require_string(cx, "role");
             let token_file = match k.get("tokenFile") {
                 Some(n) => decode::absolute_path(cx, n, "vault.auth.kubernetes.tokenFile"),
@@ -421,7 +452,13 @@ fn credential_source(cx: &mut Cx, e: &Entry, what: &str) -> Option<CredentialSou
         );
         return None;
     }
-    let mut m = Map::new(cx, &e.value, e.key_mark, what.to_string())?;
+    let mut m = Map::new(
+        cx,
+        &e.value,
+        e.key_mark,
+        what.to_string(),
+        &schema::CREDENTIAL_SOURCE,
+    )?;
     let source = m
         .one_of(cx, &["file", "env"], "source")
         .and_then(|(kind, s)| {
@@ -432,7 +469,7 @@ fn credential_source(cx: &mut Cx, e: &Entry, what: &str) -> Option<CredentialSou
                 env_name(cx, &s.value, &format!("{what}.env")).map(CredentialSource::Env)
             }
         });
-    if m.entry("value").is_some() {
+    if m.forbidden("value").is_some() {
         cx.error(
             m.at(),
             format!(
@@ -446,7 +483,7 @@ fn credential_source(cx: &mut Cx, e: &Entry, what: &str) -> Option<CredentialSou
 
 fn role_id(cx: &mut Cx, e: &Entry) -> Option<RoleIdSource> {
     let what = "vault.auth.appRole.roleId";
-    let mut m = Map::new(cx, &e.value, e.key_mark, what)?;
+    let mut m = Map::new(cx, &e.value, e.key_mark, what, &schema::ROLE_ID)?;
     let source =
         m.one_of(cx, &["file", "env", "value"], "source")
             .and_then(|(kind, s)| match kind {
@@ -476,7 +513,7 @@ fn env_name(cx: &mut Cx, node: &Node, what: &str) -> Option<String> {
 }
 
 fn aws(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
-    let mut m = Map::new(cx, &e.value, e.key_mark, "aws")?;
+    let mut m = Map::new(cx, &e.value, e.key_mark, "aws", &schema::AWS)?;
     let before = cx.errors.len();
     let region = m.require(cx, "region").and_then(|r| {
         let region = decode::string(cx, &r.value, "aws.region")?;
@@ -517,7 +554,7 @@ fn aws(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
             let auth = chosen.and_then(|(kind, e)| match kind {
                 "env" | "instance" | "container" => {
                     let what = format!("aws.auth.{kind}");
-                    let inner = Map::new(cx, &e.value, e.key_mark, &what)?;
+                    let inner = Map::new(cx, &e.value, e.key_mark, &what, &schema::EMPTY)?;
                     inner.finish(cx);
                     Some(match kind {
                         "env" => AwsAuth::Env,
@@ -527,7 +564,13 @@ fn aws(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
                 }
                 "profile" => decode::string(cx, &e.value, "aws.auth.profile").map(AwsAuth::Profile),
                 _ => {
-                    let mut w = Map::new(cx, &e.value, e.key_mark, "aws.auth.webIdentity")?;
+                    let mut w = Map::new(
+                        cx,
+                        &e.value,
+                        e.key_mark,
+                        "aws.auth.webIdentity",
+                        &schema::WEB_IDENTITY,
+                    )?;
                     let role_arn = w.require(cx, "roleArn").and_then(|r| {
                         let arn = decode::string(cx, &r.value, "aws.auth.webIdentity.roleArn")?;
                         if !arn.starts_with("arn:") {
@@ -566,7 +609,7 @@ fn aws(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
 }
 
 fn kubernetes(cx: &mut Cx, e: &Entry) -> Option<StoreBackend> {
-    let mut m = Map::new(cx, &e.value, e.key_mark, "kubernetes")?;
+    let mut m = Map::new(cx, &e.value, e.key_mark, "kubernetes", &schema::KUBERNETES)?;
     let before = cx.errors.len();
     let namespace = m.string(cx, "namespace");
     let api_server = m

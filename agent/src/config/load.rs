@@ -214,7 +214,7 @@ struct Metadata {
 }
 
 fn document(cx: &mut Cx, root: &Node) -> Option<Resource> {
-    let mut m = Map::new(cx, root, root.mark, "document")?;
+    let mut m = Map::new(cx, root, root.mark, "document", &super::schema::DOCUMENT)?;
     let before = cx.errors.len();
     if let Some(e) = m.require(cx, "apiVersion")
         && let Some(v) = decode::string(cx, &e.value, "apiVersion")
@@ -265,6 +265,7 @@ fn document(cx: &mut Cx, root: &Node) -> Option<Resource> {
             roles: spec.roles,
             startup: spec.startup,
             http: spec.http,
+            pod_namespace: None,
         }))
     } else {
         let backend = store_spec(cx, &spec.value, spec.key_mark);
@@ -281,7 +282,13 @@ fn document(cx: &mut Cx, root: &Node) -> Option<Resource> {
 }
 
 fn metadata(cx: &mut Cx, e: &yaml::Entry) -> Option<Metadata> {
-    let mut m = Map::new(cx, &e.value, e.key_mark, "metadata")?;
+    let mut m = Map::new(
+        cx,
+        &e.value,
+        e.key_mark,
+        "metadata",
+        &super::schema::METADATA,
+    )?;
     let name = m.require(cx, "name").and_then(|n| {
         let name = decode::string(cx, &n.value, "metadata.name")?;
         match decode::resource_name(&name) {

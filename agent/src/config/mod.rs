@@ -25,7 +25,11 @@ pub mod http;
 mod load;
 pub mod mlock;
 mod net;
+pub mod openapi;
 mod policy;
+pub mod schema;
+mod schema_policy;
+mod schema_store;
 mod secret;
 mod store;
 mod suggest;
@@ -37,6 +41,8 @@ pub mod yaml;
 mod http_tests;
 #[cfg(test)]
 mod pg_startup_tests;
+#[cfg(test)]
+mod schema_tests;
 #[cfg(test)]
 mod tests;
 

@@ -51,6 +51,10 @@ pub struct Policy {
     /// `spec.http`: how the credentials go into requests (protocol http; the default
     /// otherwise).
     pub http: super::http::HttpSpec,
+    /// Set on the copy admission makes of a policy whose references say `namespace: fromPod`,
+    /// for a connection of a pod of this namespace ([`Policy::in_pod_namespace`]); `None` in
+    /// a loaded policy.
+    pub pod_namespace: Option<String>,
 }
 
 /// `spec.authentication` of a policy: the methods latch may answer a server's request with,
@@ -104,6 +108,67 @@ impl Policy {
         self.credentials
             .iter()
             .chain(self.roles.iter().map(|r| &r.credentials))
+    }
+
+    /// Whether a secret reference says `namespace: fromPod`: the Secret is read in the
+    /// connecting pod's namespace (a `kubernetes` store; the loader checks that).
+    pub fn reads_pod_namespace(&self) -> bool {
+        self.secret_refs().any(|r| r.from_pod)
+    }
+
+    /// Every secret reference of the policy: credentials, roles, the TLS client certificate
+    /// and key, the AWS session token of `http.aws`.
+    pub fn secret_refs(&self) -> impl Iterator<Item = &SecretRef> {
+        let creds = self.credential_blocks().flat_map(|c| match c {
+            Credentials::Static {
+                username, password, ..
+            } => [username.as_ref(), password.as_ref()],
+            Credentials::Dynamic { .. } => [None, None],
+        });
+        let session = match &self.http.inject {
+            super::http::Injection::AwsSigV4(a) => a.session_token.as_ref(),
+            _ => None,
+        };
+        creds
+            .chain([
+                self.tls.client_cert.as_ref(),
+                self.tls.client_key.as_ref(),
+                session,
+            ])
+            .flatten()
+    }
+
+    /// The policy as it serves a connection of a pod of `namespace`: each `fromPod`
+    /// reference reads the Secret of that name in that namespace (`namespace/path`), and the
+    /// credentials are cached per namespace. Only admission calls it, with the namespace the
+    /// Kubernetes API gave for the connecting pod.
+    pub fn in_pod_namespace(&self, namespace: &str) -> Policy {
+        let mut p = self.clone();
+        let pin = |r: &mut SecretRef| {
+            if r.from_pod {
+                r.path = format!("{namespace}/{}", r.path);
+                r.from_pod = false;
+            }
+        };
+        let blocks = p
+            .credentials
+            .iter_mut()
+            .chain(p.roles.iter_mut().map(|r| &mut r.credentials));
+        for c in blocks {
+            if let Credentials::Static {
+                username, password, ..
+            } = c
+            {
+                username.iter_mut().chain(password.iter_mut()).for_each(pin);
+            }
+        }
+        p.tls.client_cert.iter_mut().for_each(pin);
+        p.tls.client_key.iter_mut().for_each(pin);
+        if let super::http::Injection::AwsSigV4(a) = &mut p.http.inject {
+            a.session_token.iter_mut().for_each(pin);
+        }
+        p.pod_namespace = Some(namespace.to_owned());
+        p
     }
 
     /// Whether both legs can be plain TCP once the broker's handshake is done, so that the
@@ -354,6 +419,9 @@ pub struct SecretRef {
     pub field: Option<String>,
     /// A specific version (Vault KV v2: a positive integer; AWS: a version id or stage).
     pub version: Option<String>,
+    /// `namespace: fromPod`: `path` names a Secret of the connecting pod's namespace (a
+    /// `kubernetes` store). Without it a reference never reads there.
+    pub from_pod: bool,
 }
 
 /// One entry of `postgres.roles` or `mysql.roles`: the credentials latch logs in with when the application

@@ -139,6 +139,7 @@ fn design_example_loads_as_written() {
         path: "orders-db".into(),
         field: Some("username".into()),
         version: None,
+        from_pod: false,
     };
     let password = SecretRef {
         field: Some("password".into()),

@@ -218,6 +218,18 @@ fn check_ref_against_store(
     at: &dyn Fn(&str) -> Location,
     errors: &mut Vec<Diagnostic>,
 ) {
+    if r.from_pod && !matches!(store.backend, StoreBackend::Kubernetes(_)) {
+        let kind = store.backend.kind();
+        errors.push(Diagnostic::new(
+            &at("namespace"),
+            format!(
+                "namespace: fromPod reads a Secret of the connecting pod's namespace, which only \
+                 a kubernetes store has; store {:?} is {} {kind} store",
+                store.name,
+                article(kind)
+            ),
+        ));
+    }
     if let Some(version) = &r.version {
         let problem = match &store.backend {
             StoreBackend::Vault(v) if v.kv_version == 1 => Some(format!(

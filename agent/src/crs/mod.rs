@@ -14,6 +14,7 @@
 //! own namespace with the agent's credentials: the other kinds read the agent's files,
 //! environment, commands or cloud identity, which belong to the node's operator (they are
 //! defined in files/ConfigMaps).
+pub mod crd;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -314,6 +315,13 @@ fn namespaced_policy(
     let mut spec = obj.spec.clone();
     rewrite_store_refs(&mut spec, key, ns, stores)?;
     let mut p = decode_policy(key, &spec, stores)?;
+    if p.reads_pod_namespace() {
+        return Err(format!(
+            "{}: namespace: fromPod is for ClusterPolicies and files: a namespaced Policy reads \
+             Secrets of its own namespace through its own SecretStores already",
+            key.source()
+        ));
+    }
     if p.admit_all || p.workloads.is_empty() {
         // `workloads: all` of a namespaced Policy: every pod of its namespace.
         p.admit_all = false;

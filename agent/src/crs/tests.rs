@@ -171,3 +171,83 @@ fn a_cluster_policy_uses_the_files_stores_and_any_namespace() {
         Some("bank")
     );
 }
+
+/// `namespace: fromPod`: a ClusterPolicy (or a file policy) may read the Secret of the
+/// connecting pod's namespace; a namespaced Policy may not say it (its own namespace's stores
+/// are all it reads).
+#[test]
+fn from_pod_is_for_cluster_policies_and_pins_each_connection_to_its_pods_namespace() {
+    let mut spec = pg_policy(
+        "api",
+        "db-creds",
+        json!([{"namespace": "shop"}, {"namespace": "bank"}]),
+    );
+    spec["credentials"]["username"]["namespace"] = "fromPod".into();
+    spec["credentials"]["password"]["namespace"] = "fromPod".into();
+    let mut objects = BTreeMap::new();
+    objects.insert(key(Kind::ClusterPolicy, None, "per-ns"), obj(spec.clone()));
+    objects.insert(
+        key(Kind::SecretStore, Some("shop"), "secrets"),
+        obj(json!({"kubernetes": {}})),
+    );
+    let mut own = pg_policy("secrets", "db-creds", json!("all"));
+    own["credentials"]["password"]["namespace"] = "fromPod".into();
+    objects.insert(key(Kind::Policy, Some("shop"), "own"), obj(own));
+    let m = merge(files(), &objects, Some("api"));
+    let c = &m.conditions[&key(Kind::ClusterPolicy, None, "per-ns")];
+    assert!(c.accepted, "{c:?}");
+    let c = &m.conditions[&key(Kind::Policy, Some("shop"), "own")];
+    assert!(!c.accepted, "{c:?}");
+    assert!(
+        c.message
+            .contains("namespace: fromPod is for ClusterPolicies"),
+        "{c:?}"
+    );
+
+    let p = m.config.policy("per-ns").unwrap();
+    assert!(p.reads_pod_namespace());
+    let shop = p.in_pod_namespace("shop");
+    let bank = p.in_pod_namespace("bank");
+    let paths = |p: &config::Policy| p.secret_refs().map(|r| r.path.clone()).collect::<Vec<_>>();
+    assert_eq!(paths(&shop), ["shop/db-creds", "shop/db-creds"]);
+    assert_eq!(paths(&bank), ["bank/db-creds", "bank/db-creds"]);
+    assert!(!shop.reads_pod_namespace());
+    assert_eq!(shop.pod_namespace.as_deref(), Some("shop"));
+    // Without fromPod the references stay as written, whatever pod connects.
+    let mut objects = BTreeMap::new();
+    objects.insert(
+        key(Kind::ClusterPolicy, None, "plain"),
+        obj(pg_policy("api", "db-creds", json!([{"namespace": "shop"}]))),
+    );
+    let m = merge(files(), &objects, Some("api"));
+    let plain = m.config.policy("plain").unwrap();
+    assert!(!plain.reads_pod_namespace());
+    assert_eq!(
+        paths(&plain.in_pod_namespace("shop")),
+        ["db-creds", "db-creds"]
+    );
+
+    // Only a kubernetes store has namespaces, and the path names the Secret alone.
+    spec["credentials"]["store"] = "local".into();
+    let mut objects = BTreeMap::new();
+    objects.insert(
+        key(Kind::ClusterPolicy, None, "file-store"),
+        obj(spec.clone()),
+    );
+    spec["credentials"]["store"] = "api".into();
+    spec["credentials"]["password"]["path"] = "shop/db-creds".into();
+    objects.insert(key(Kind::ClusterPolicy, None, "ns-path"), obj(spec));
+    let m = merge(files(), &objects, Some("api"));
+    let c = &m.conditions[&key(Kind::ClusterPolicy, None, "file-store")];
+    assert!(
+        c.message
+            .contains("only a kubernetes store has; store \"local\" is a file store"),
+        "{c:?}"
+    );
+    let c = &m.conditions[&key(Kind::ClusterPolicy, None, "ns-path")];
+    assert!(
+        c.message
+            .contains("names a namespace, and namespace: fromPod"),
+        "{c:?}"
+    );
+}

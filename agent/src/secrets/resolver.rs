@@ -345,10 +345,15 @@ impl Resolver {
 
 /// The cache entry of a policy's credentials, or of one of its roles.
 fn cache_key(policy: &Policy, role: Option<&Role>) -> String {
-    match role {
-        // A policy name never holds a NUL.
-        Some(r) => format!("{}\0{}", policy.name, r.user),
+    // A policy name never holds a NUL. A policy reading Secrets of the pod's namespace caches
+    // per namespace: one namespace's credentials never serve another's pods.
+    let name = match &policy.pod_namespace {
+        Some(ns) => format!("{}\0ns={ns}", policy.name),
         None => policy.name.clone(),
+    };
+    match role {
+        Some(r) => format!("{name}\0{}", r.user),
+        None => name,
     }
 }
 

@@ -22,6 +22,7 @@ pub fn secret_ref(store: &str, path: &str, field: Option<&str>) -> SecretRef {
         path: path.to_string(),
         field: field.map(str::to_string),
         version: None,
+        from_pod: false,
     }
 }
 
@@ -53,6 +54,7 @@ fn policy(name: &str, credentials: Credentials, cache_ttl: Option<Duration>) -> 
         auth: Default::default(),
         admit_all: true,
         http: Default::default(),
+        pod_namespace: None,
     }
 }
 
