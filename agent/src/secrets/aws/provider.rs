@@ -81,6 +81,12 @@ impl Provider {
         }
     }
 
+    /// When the temporary credentials held now expire; `None` when none are held (or a
+    /// refresh holds them right now).
+    pub fn expires(&self) -> Option<SystemTime> {
+        self.cached.try_lock().ok()?.as_ref()?.expires
+    }
+
     /// Forgets cached credentials AWS refused (revoked, or expired early).
     pub async fn forget(&self) {
         *self.cached.lock().await = None;
