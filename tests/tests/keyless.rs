@@ -44,20 +44,8 @@ impl Vm {
     /// `orders-db` reading `username`/`password` of `path` in it; the agent's environment is
     /// `PATH` and `envs` only.
     fn agent(&self, store_spec: &str, path: &str, envs: &[(&str, &str)]) -> Agent {
-        let yaml = format!(
-            "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: vm-store}}\n\
-             spec:\n{store_spec}---\n\
-             apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {{name: orders-db}}\nspec:\n  \
-             destination: {{address: \"{}\", port: {}}}\n  protocol: postgres\n  \
-             tls: {{mode: disable}}\n  workloads: all\n  credentials:\n    store: vm-store\n    \
-             username: {{path: {path}, field: username}}\n    \
-             password: {{path: {path}, field: password}}\n",
-            self.pg.addr.ip(),
-            self.pg.addr.port()
-        );
-        let agent = Agent::start_clean_env(&yaml, &self.cg, &[], envs);
-        assert_no_store_credential(&agent);
-        agent
+        let yaml = store_and_policy("vm-store", store_spec, "orders-db", &self.pg, path);
+        start_agent(&yaml, &self.cg, envs)
     }
 
     /// psql in the cgroup with no password: the user the session runs as.
@@ -74,6 +62,72 @@ impl Vm {
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
+}
+
+/// A `SecretStore` `store` with `store_spec` (YAML under `spec:`, indented by 2) and a
+/// postgres `Policy` `policy` for `pg` reading `username`/`password` of `path` in it.
+fn store_and_policy(
+    store: &str,
+    store_spec: &str,
+    policy: &str,
+    pg: &PgCluster,
+    path: &str,
+) -> String {
+    format!(
+        "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata: {{name: {store}}}\n\
+         spec:\n{store_spec}---\n\
+         apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {{name: {policy}}}\nspec:\n  \
+         destination: {{address: \"{}\", port: {}}}\n  protocol: postgres\n  \
+         tls: {{mode: disable}}\n  workloads: all\n  credentials:\n    store: {store}\n    \
+         username: {{path: {path}, field: username}}\n    \
+         password: {{path: {path}, field: password}}\n",
+        pg.addr.ip(),
+        pg.addr.port()
+    )
+}
+
+/// The agent with `yaml`, an environment of `PATH` and `envs` only (checked).
+fn start_agent(yaml: &str, cg: &TestCgroup, envs: &[(&str, &str)]) -> Agent {
+    let agent = Agent::start_clean_env(yaml, cg, &[], envs);
+    assert_no_store_credential(&agent);
+    agent
+}
+
+/// `latch doctor --policy` on the agent's policy file, with the agent's environment (`PATH`
+/// and `envs`): (whether it passed, the line of `store`).
+fn doctor(agent: &Agent, envs: &[(&str, &str)], store: &str) -> (bool, String) {
+    let out = Command::new(latch_tests::bins::latch())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(envs.iter().copied())
+        .args(["doctor", "--policy"])
+        .arg(agent.dir.path().join("policy.yaml"))
+        .output()
+        .expect("run latch doctor");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let start = text
+        .find(&format!("store {store} "))
+        .unwrap_or_else(|| panic!("no line for store {store}:\n{text}"));
+    let line = text[start - 6..]
+        .lines()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("\n");
+    (out.status.success(), line)
+}
+
+/// `latch status`: the row of `store` in its STORE table.
+fn status_row(agent: &Agent, store: &str) -> String {
+    let out = latch_tests::run_ok(
+        Command::new(latch_tests::bins::latch())
+            .args(["status", "--admin"])
+            .arg(agent.admin.to_string()),
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.starts_with(&format!("{store} ")))
+        .unwrap_or_else(|| panic!("no row for {store}:\n{text}"))
+        .to_owned()
 }
 
 /// No AWS keys, session token, profile, Vault/OpenBao token or AppRole secret in the agent's
@@ -167,6 +221,22 @@ fn secrets_manager_with_the_instance_roles_credentials_from_imdsv2() {
     assert_eq!(vm.psql_user(), SCRAM_USER);
     assert_eq!(moto.requests("PUT", "/latest/api/token"), 1);
     assert_eq!(refreshes(&agent, "ok"), 1);
+    // who the agent is to the store, and until when
+    let imds_env = [("AWS_EC2_METADATA_SERVICE_ENDPOINT", moto.endpoint())];
+    let imds_env: Vec<(&str, &str)> = imds_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (ok, line) = doctor(&agent, &imds_env, "vm-store");
+    assert!(ok, "{line}");
+    assert!(
+        line.starts_with("ok    store vm-store")
+            && line.contains("aws: arn:aws:sts::123456789012:")
+            && line.contains("; credential expires "),
+        "{line}"
+    );
+    let row = status_row(&agent, "vm-store");
+    assert!(
+        row.contains(" aws ") && row.contains(" yes ") && row.contains("expires "),
+        "{row}"
+    );
     // moto's metadata service hands out these fixed credentials
     assert_log_clean(&agent, &["test-secret-key", "test-session-token"]);
     assert!(agent.stop().success());
@@ -280,6 +350,21 @@ fn vault_token_from_aws_iam_auth_signed_with_the_instance_role() {
     );
     assert_eq!(vm.psql_user(), SCRAM_USER);
     assert_eq!(front.logins().len(), 1, "the token was not kept");
+    let (ok, line) = doctor(
+        &agent,
+        &[("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.url())],
+        "vm-store",
+    );
+    assert!(ok, "{line}");
+    assert!(
+        line.contains("vault: token token-aws-vm-node")
+            && line.contains("policies default, reader")
+            && line.contains("credential expires "),
+        "{line}"
+    );
+    assert_eq!(front.logins().len(), 2, "doctor logs in as the agent would");
+    let row = status_row(&agent, "vm-store");
+    assert!(row.contains(" vault ") && row.contains("expires "), "{row}");
     assert_log_clean(
         &agent,
         &[
@@ -327,10 +412,8 @@ fn sign_jwt(dir: &Path, sub: &str, aud: &str) -> String {
     format!("{signed}.{}", b64url(&sig))
 }
 
-#[test]
-fn vault_token_from_jwt_auth_renewed_before_it_expires() {
-    let bao = OpenBao::start_local();
-    bao_with_secret(&bao);
+/// An OIDC issuer's signing key, and OpenBao's `jwt` method trusting it.
+fn jwt_issuer(bao: &OpenBao) -> TempDir {
     let issuer = TempDir::new("oidc-issuer");
     openssl(
         issuer.path(),
@@ -357,6 +440,14 @@ fn vault_token_from_jwt_auth_renewed_before_it_expires() {
             issuer.path().join("issuer.pem").display()
         ),
     ]);
+    issuer
+}
+
+#[test]
+fn vault_token_from_jwt_auth_renewed_before_it_expires() {
+    let bao = OpenBao::start_local();
+    bao_with_secret(&bao);
+    let issuer = jwt_issuer(&bao);
     // a Vault token of 4 s, renewable for an hour: renewed two thirds into its TTL
     bao.cli(&[
         "write",
@@ -388,6 +479,14 @@ fn vault_token_from_jwt_auth_renewed_before_it_expires() {
     assert_eq!(refreshes(&agent, "failed"), 0);
     agent.wait_log("vault token renewed", 1);
     assert!(!agent.log().contains("logging in again"), "{}", agent.log());
+    let (ok, line) = doctor(&agent, &[], "vm-store");
+    assert!(ok, "{line}");
+    assert!(
+        line.contains("vault: entity ") && line.contains("policies default, reader"),
+        "{line}"
+    );
+    let row = status_row(&agent, "vm-store");
+    assert!(row.contains("expires ") && row.contains(" s)"), "{row}");
     assert_log_clean(&agent, &[&jwt]);
     assert!(agent.stop().success());
 }
@@ -417,8 +516,96 @@ fn vault_token_from_cert_auth_with_the_nodes_own_key() {
     let agent = vm.agent(&store, "secret/db", &[]);
     assert_eq!(vm.psql_user(), SCRAM_USER);
     assert_eq!(refreshes(&agent, "ok"), 1);
+    let (ok, line) = doctor(&agent, &[], "vm-store");
+    assert!(ok, "{line}");
+    assert!(
+        line.contains("vault: entity ") && line.contains("policies default, reader"),
+        "{line}"
+    );
     let key_pem = std::fs::read_to_string(&key).unwrap();
     let key_body = key_pem.lines().nth(1).unwrap();
     assert_log_clean(&agent, &[key_body]);
+    assert!(agent.stop().success());
+}
+
+/// A Vault role that does not accept the machine's identity: the policy using that store fails
+/// with one message naming the store and what to change (in the agent's log and in
+/// `latch doctor`), and the policy whose store works keeps being served by the same agent.
+#[test]
+fn a_role_that_does_not_match_is_named_and_the_other_policies_keep_working() {
+    let bao = OpenBao::start_local();
+    bao_with_secret(&bao);
+    let issuer = jwt_issuer(&bao);
+    for (role, audience) in [("vm-node", "latch-agent"), ("billing", "billing-agents")] {
+        bao.cli(&[
+            "write",
+            &format!("auth/jwt/role/{role}"),
+            "role_type=jwt",
+            &format!("bound_audiences={audience}"),
+            "user_claim=sub",
+            "token_policies=reader",
+        ]);
+    }
+    let platform = TempDir::new("platform-token");
+    let jwt = sign_jwt(issuer.path(), "vm-node-1", "latch-agent");
+    let token_file = platform.write("oidc-token", &jwt);
+    let vm = Vm::new();
+    let billing_pg = PgCluster::start("127.0.0.3", SCRAM_PW, MD5_PW, PLAIN_PW);
+    let spec = |role: &str| {
+        format!(
+            "  vault:\n    address: {}\n    insecure: true\n    auth:\n      jwt: {{role: {role}, tokenFile: {}}}\n",
+            bao.url(),
+            token_file.display()
+        )
+    };
+    let yaml = format!(
+        "{}---\n{}",
+        store_and_policy(
+            "vm-store",
+            &spec("vm-node"),
+            "orders-db",
+            &vm.pg,
+            "secret/db"
+        ),
+        store_and_policy(
+            "billing-store",
+            &spec("billing"),
+            "billing-db",
+            &billing_pg,
+            "secret/db"
+        ),
+    );
+    let agent = start_agent(&yaml, &vm.cg, &[]);
+
+    let out = billing_pg
+        .psql_in(&vm.cg, "app_without_password", APP_DB, "select 1")
+        .env("PGCONNECT_TIMEOUT", "20")
+        .output()
+        .expect("run psql");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("policy \"billing-db\""), "{err}");
+    let expected = "authentication to secret store \"billing-store\" (vault) failed: auth/jwt/login \
+                    answered 400";
+    agent.wait_log(expected, 1);
+    agent.wait_log(
+        "role \"billing\" at auth/jwt does not accept this machine's identity: check its bound \
+         audiences",
+        1,
+    );
+    // the other policy, same agent, same token file: served
+    assert_eq!(vm.psql_user(), SCRAM_USER);
+
+    let (ok, line) = doctor(&agent, &[], "billing-store");
+    assert!(!ok, "doctor passed with a store that refuses the machine");
+    assert!(
+        line.starts_with("FAIL  store billing-store")
+            && line.contains("role \"billing\" at auth/jwt"),
+        "{line}"
+    );
+    assert!(line.contains("fix: "), "{line}");
+    let (_, line) = doctor(&agent, &[], "vm-store");
+    assert!(line.starts_with("ok    store vm-store"), "{line}");
+    assert_log_clean(&agent, &[&jwt]);
     assert!(agent.stop().success());
 }

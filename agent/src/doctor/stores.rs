@@ -133,7 +133,7 @@ mod tests {
         assert_eq!(
             describe(&id, now),
             "entity 8f2e (aws-vm-node); policies default, reader; credential expires \
-             2026-12-03T18:59:00Z (in 59 min)"
+             2026-12-03T19:19:00Z (in 59 min)"
         );
         assert!(expires_text(1_796_321_000, now).starts_with("expired "));
         let check = StoreCheck {
