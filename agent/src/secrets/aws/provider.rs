@@ -215,7 +215,7 @@ impl Provider {
     async fn imds(&self, endpoint: &str) -> Result<AwsCredentials, SecretError> {
         let c = metadata::from_imds(&self.http, endpoint)
             .await
-            .map_err(|f| self.fault("instance metadata", f))?;
+            .map_err(|f| self.fault("instance metadata", metadata::imds_fix(f)))?;
         tracing::debug!(store = %self.store, "AWS credentials from the instance metadata service");
         Ok(c)
     }

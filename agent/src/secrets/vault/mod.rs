@@ -278,9 +278,15 @@ impl VaultStore {
                     .send(Method::GET, "auth/token/lookup-self", Some(&token), None)
                     .await?;
                 if !resp.status.is_success() {
-                    return Err(
-                        self.auth_failed(format!("the token was refused: {}", describe(&resp)))
-                    );
+                    return Err(self.auth_failed(format!(
+                        "the token was refused: {} (expired or revoked: put a valid token in \
+                         {}, or log in with the machine's identity: auth aws, jwt or cert)",
+                        describe(&resp),
+                        match source {
+                            config::CredentialSource::File(p) => p.display().to_string(),
+                            config::CredentialSource::Env(v) => format!("${v}"),
+                        }
+                    )));
                 }
                 let (ttl, renewable) = auth::parse_lookup_self(&resp.body)
                     .map_err(|r| self.auth_failed(format!("lookup-self: {r}")))?;
