@@ -9,7 +9,7 @@
 //! `sts:GetCallerIdentity` to STS (moto, checking signatures), maps the answering assumed-role
 //! ARN to its role ARN, compares it with the role's bound principal and the signed server-ID
 //! header with the configured one, and then has OpenBao issue a real token with the role's
-//! policies. Every other request goes to OpenBao untouched.
+//! policies. Every other request goes to OpenBao untouched, one request a connection.
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
