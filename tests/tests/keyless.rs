@@ -9,7 +9,7 @@
 //! - Vault/OpenBao with a token from the `aws` auth method: the instance role's credentials
 //!   sign an `sts:GetCallerIdentity` that moto's STS verifies (see `aws_iam_vault.rs` for why a
 //!   stand-in does the method's part in front of the real OpenBao);
-//! - OpenBao's `jwt` auth method with an OIDC token file; the Vault token lasts 4 s and is
+//! - OpenBao's `jwt` auth method with an OIDC token file; the Vault token lasts 6 s and is
 //!   renewed before it expires;
 //! - OpenBao's `cert` auth method with the node's own key and certificate.
 use std::{path::Path, process::Command, time::Duration};
@@ -113,6 +113,7 @@ fn doctor(agent: &Agent, envs: &[(&str, &str)], store: &str) -> (bool, String) {
         .take(2)
         .collect::<Vec<_>>()
         .join("\n");
+    eprintln!("latch doctor: {line}");
     (out.status.success(), line)
 }
 
@@ -124,6 +125,7 @@ fn status_row(agent: &Agent, store: &str) -> String {
             .arg(agent.admin.to_string()),
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("latch status:\n{text}");
     text.lines()
         .find(|l| l.starts_with(&format!("{store} ")))
         .unwrap_or_else(|| panic!("no row for {store}:\n{text}"))
@@ -448,7 +450,7 @@ fn vault_token_from_jwt_auth_renewed_before_it_expires() {
     let bao = OpenBao::start_local();
     bao_with_secret(&bao);
     let issuer = jwt_issuer(&bao);
-    // a Vault token of 4 s, renewable for an hour: renewed two thirds into its TTL
+    // a Vault token of 6 s, renewable for an hour: renewed two thirds into its TTL
     bao.cli(&[
         "write",
         "auth/jwt/role/vm-node",
@@ -456,7 +458,7 @@ fn vault_token_from_jwt_auth_renewed_before_it_expires() {
         "bound_audiences=latch-agent",
         "user_claim=sub",
         "token_policies=reader",
-        "token_ttl=4s",
+        "token_ttl=6s",
         "token_max_ttl=1h",
     ]);
     // the platform's OIDC token file (an identity document, not a store credential)
@@ -472,21 +474,22 @@ fn vault_token_from_jwt_auth_renewed_before_it_expires() {
     let agent = vm.agent(&store, "secret/db", &[]);
     assert_eq!(vm.psql_user(), SCRAM_USER);
     assert_eq!(refreshes(&agent, "ok"), 1, "one login");
-    // past two thirds of the 4 s, before the end: the next session renews the token
-    std::thread::sleep(Duration::from_millis(3000));
+    // past two thirds of the 6 s (4 s), before the end: the next session renews the token
+    std::thread::sleep(Duration::from_millis(4500));
     assert_eq!(vm.psql_user(), SCRAM_USER);
     assert_eq!(refreshes(&agent, "ok"), 2);
     assert_eq!(refreshes(&agent, "failed"), 0);
     agent.wait_log("vault token renewed", 1);
     assert!(!agent.log().contains("logging in again"), "{}", agent.log());
+    // the 6 s token renewed just now: its expiry is seconds away
+    let row = status_row(&agent, "vm-store");
+    assert!(row.contains("expires ") && row.contains(" s)"), "{row}");
     let (ok, line) = doctor(&agent, &[], "vm-store");
     assert!(ok, "{line}");
     assert!(
         line.contains("vault: entity ") && line.contains("policies default, reader"),
         "{line}"
     );
-    let row = status_row(&agent, "vm-store");
-    assert!(row.contains("expires ") && row.contains(" s)"), "{row}");
     assert_log_clean(&agent, &[&jwt]);
     assert!(agent.stop().success());
 }
