@@ -302,7 +302,16 @@ fn status(state: &AdminState) -> Status<'_> {
             .into_iter()
             .map(|(inode, cookie)| NetnsStatus { inode, cookie })
             .collect(),
-        stores: state.shared.store_health.get(),
+        // reachability as last probed; credential and lease expiry as of now
+        stores: state.shared.store_health.get().map(|mut stores| {
+            let mut now = state.shared.env.secrets.current().expiries();
+            for s in &mut stores {
+                if let Some(e) = now.remove(&s.name) {
+                    s.expiry = e;
+                }
+            }
+            stores
+        }),
         secret_memory: {
             let m = crate::config::mlock::stats();
             SecretMemory {

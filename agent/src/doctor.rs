@@ -3,6 +3,8 @@ use std::{fmt, fs, path::Path};
 
 use aya::programs::ProgramType;
 
+pub mod stores;
+
 /// The result of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {

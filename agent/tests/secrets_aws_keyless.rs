@@ -195,6 +195,8 @@ async fn unreachable_metadata_service_is_unreachable() {
     assert!(text.contains("vm-secrets"), "{text}");
     assert!(text.contains("instance metadata"), "{text}");
     assert!(text.contains(&closed), "{text}");
+    // and what to change
+    assert!(text.contains("AWS_EC2_METADATA_SERVICE_ENDPOINT"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,6 +222,12 @@ async fn metadata_refusal_is_an_auth_error() {
         let text = e.to_string();
         assert!(text.contains("vm-secrets"), "{text}");
         assert!(text.contains(&status.to_string()), "{text}");
+        let fix = if status == 401 {
+            "HttpPutResponseHopLimit"
+        } else {
+            "HttpEndpoint"
+        };
+        assert!(text.contains(fix), "{status}: {text}");
         let seen = stub.requests();
         assert_eq!(seen.len(), 1, "{seen:?}");
         assert_eq!(seen[0].method, "PUT");
@@ -586,4 +594,66 @@ async fn vault_aws_iam_login_is_a_get_caller_identity_sts_accepts() {
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
     assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// AWS refusing a signature for its time (the machine's clock is off): Secrets Manager's
+/// `InvalidSignatureException: Signature expired`, and STS's `SignatureDoesNotMatch` passed on
+/// by Vault's `aws` method, each one error naming the store and the clock. The services are
+/// stubs answering as AWS does (moto checks no request times).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_skew_is_named_with_the_store_and_the_clock() {
+    let _env = ENV.lock().await;
+    let home = tempfile::tempdir().unwrap();
+    keyless_env(
+        home.path(),
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIASKEWED"),
+            ("AWS_SECRET_ACCESS_KEY", "skew-secret-canary"),
+        ],
+    );
+    let sm = FakeHttp::start(Arc::new(|_: &Seen| {
+        (
+            400,
+            r#"{"__type":"InvalidSignatureException","message":"Signature expired: 20261203T100000Z is now earlier than 20261203T101500Z (20261203T103000Z - 15 min.)"}"#.into(),
+        )
+    }))
+    .await;
+    let r = resolver(aws_store("skewed-aws", &sm.url(), AwsAuth::Env));
+    let e = read_from(&r, "skewed-aws").await.unwrap_err();
+    assert!(matches!(e, SecretError::StoreAuth { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("skewed-aws") && text.contains("Signature expired") && text.contains("clock"),
+        "{text}"
+    );
+
+    let vault = FakeHttp::start(Arc::new(|_: &Seen| {
+        (
+            400,
+            r#"{"errors":["error making upstream request: received error code 403 from STS: <ErrorResponse><Error><Code>SignatureDoesNotMatch</Code><Message>Signature expired: 20261203T100000Z is now earlier than 20261203T101500Z</Message></Error></ErrorResponse>"]}"#.into(),
+        )
+    }))
+    .await;
+    let r = resolver(vault_store(
+        "skewed-vault",
+        &vault.url(),
+        config::VaultAuth::Aws {
+            role: "node".into(),
+            mount: "aws".into(),
+            region: "us-east-1".into(),
+            sts_endpoint: "https://sts.amazonaws.com/".into(),
+            server_id: None,
+        },
+    ));
+    let e = r
+        .credentials(&static_policy("db", "skewed-vault", "secret/db", None))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SecretError::StoreAuth { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("skewed-vault") && text.contains("auth/aws/login") && text.contains("clock"),
+        "{text}"
+    );
+    assert!(!format!("{e:?}").contains("skew-secret-canary"));
 }

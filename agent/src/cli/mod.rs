@@ -37,8 +37,15 @@ enum Command {
     /// Run one command with its connections intercepted: a temporary cgroup is created,
     /// CMD runs inside it, and everything is removed when CMD exits. Exits with CMD's status.
     Run(RunArgs),
-    /// Check whether this machine can run latch, and say how to fix what is missing.
-    Doctor,
+    /// Check whether this machine can run latch, and say how to fix what is missing; with
+    /// --policy, also which identity the agent will use with each secret store, and whether
+    /// it works.
+    Doctor {
+        /// Policy files or directories: check their secret stores (logging in as the agent
+        /// would).
+        #[arg(long)]
+        policy: Vec<PathBuf>,
+    },
     /// Show a running agent's connections, policies and eBPF state (from its admin endpoint).
     Status {
         /// The agent's admin address.
@@ -318,7 +325,7 @@ pub fn main(cli: Cli) -> ExitCode {
             telemetry::init(cli.log_format, "warn");
             with_runtime(run::main(args))
         }
-        Command::Doctor => doctor(),
+        Command::Doctor { policy } => doctor(&policy),
         Command::Cleanup { instance } => cleanup(&instance),
         Command::Status { admin, json } => match status::main(admin, json) {
             Ok(code) => code,
@@ -414,18 +421,54 @@ fn cleanup(instance: &str) -> ExitCode {
     }
 }
 
-fn doctor() -> ExitCode {
+fn doctor(policy: &[PathBuf]) -> ExitCode {
     let checks = latch::doctor::run();
     for check in &checks {
         println!("{check}");
     }
-    if latch::doctor::all_ok(&checks) {
+    let stores_ok = policy.is_empty() || doctor_stores(policy);
+    if latch::doctor::all_ok(&checks) && stores_ok {
         println!("latch can run here.");
         ExitCode::SUCCESS
     } else {
         println!("latch cannot run here: fix the FAIL lines above.");
         ExitCode::FAILURE
     }
+}
+
+/// The stores of the configuration at `paths`: who the agent is to each. Whether all work.
+fn doctor_stores(paths: &[PathBuf]) -> bool {
+    let config = match config::load(paths) {
+        Ok(c) => c,
+        Err(errors) => {
+            println!("FAIL  policy                 {errors}");
+            return false;
+        }
+    };
+    let run = async {
+        let resolver = latch::secrets::Resolver::new(&config.stores, Default::default())?;
+        let checks = latch::doctor::stores::check(&resolver).await;
+        resolver.shutdown().await;
+        anyhow::Ok(checks)
+    };
+    let checks = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run))
+    {
+        Ok(c) => c,
+        Err(err) => {
+            println!("FAIL  secret stores          {err:#}");
+            return false;
+        }
+    };
+    for check in &checks {
+        println!("{check}");
+    }
+    !checks
+        .iter()
+        .any(|c| matches!(c.verdict, latch::doctor::Verdict::Fail { .. }))
 }
 
 fn policy_check(paths: &[PathBuf]) -> ExitCode {

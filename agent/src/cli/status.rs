@@ -96,6 +96,59 @@ fn render(s: &Value) -> String {
     for row in std::iter::once(&header).chain(&rows) {
         out.push_str(&format!("{:<w0$}  {:<w1$}  {}\n", row[0], row[1], row[2]));
     }
+    out.push_str(&stores(s, std::time::SystemTime::now()));
+    out
+}
+
+/// The stores: reachable or not, when their own credential and their leases expire.
+fn stores(s: &Value, now: std::time::SystemTime) -> String {
+    let Some(stores) = s["stores"].as_array().filter(|a| !a.is_empty()) else {
+        return String::new();
+    };
+    let expires = |v: &Value| match v.as_u64() {
+        Some(at) => latch::doctor::stores::expires_text(at, now),
+        None => "-".to_owned(),
+    };
+    let rows: Vec<[String; 4]> = stores
+        .iter()
+        .map(|st| {
+            [
+                st["name"].as_str().unwrap_or("").to_owned(),
+                st["kind"].as_str().unwrap_or("").to_owned(),
+                match st["reachable"].as_bool() {
+                    Some(true) => "yes".to_owned(),
+                    _ => "NO".to_owned(),
+                },
+                expires(&st["credential_expires_at"]),
+            ]
+        })
+        .collect();
+    let header = ["STORE", "KIND", "REACHABLE", "CREDENTIAL"].map(str::to_owned);
+    let width = |i: usize| {
+        rows.iter()
+            .map(|r| r[i].len())
+            .chain([header[i].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let (w0, w1, w2) = (width(0), width(1), width(2));
+    let mut out = String::from("\n");
+    for (row, st) in std::iter::once((&header, &Value::Null)).chain(rows.iter().zip(stores)) {
+        out.push_str(&format!(
+            "{:<w0$}  {:<w1$}  {:<w2$}  {}\n",
+            row[0], row[1], row[2], row[3]
+        ));
+        for lease in st["leases"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  lease {}  {}\n",
+                lease["path"].as_str().unwrap_or(""),
+                expires(&lease["expires_at"])
+            ));
+        }
+        if let Some(e) = st["error"].as_str() {
+            out.push_str(&format!("  error: {e}\n"));
+        }
+    }
     out
 }
 
@@ -156,6 +209,36 @@ mod tests {
         );
         assert!(
             text.contains("orders-db  postgres  orders-db.internal:5432\n"),
+            "{text}"
+        );
+        assert!(!text.contains("STORE"), "{text}");
+    }
+
+    #[test]
+    fn stores_with_credential_and_lease_expiry() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_796_322_000);
+        let s: Value = serde_json::json!({"stores": [
+            {"name": "bao", "kind": "vault", "reachable": true, "checked_at": 1,
+             "credential_expires_at": 1_796_322_000u64 + 1800,
+             "leases": [{"path": "database/creds/app", "expires_at": 1_796_322_000u64 + 90}]},
+            {"name": "local", "kind": "file", "reachable": false, "checked_at": 1,
+             "error": "secret store \"local\" is unreachable: gone"}
+        ]});
+        let text = stores(&s, now);
+        assert!(
+            text.contains("STORE  KIND   REACHABLE  CREDENTIAL\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bao    vault  yes        expires 2026-12-03T18:50:00Z (in 30 min)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  lease database/creds/app  expires 2026-12-03T18:21:30Z (in 90 s)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("local  file   NO         -\n  error: secret store"),
             "{text}"
         );
     }

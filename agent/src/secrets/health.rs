@@ -28,6 +28,9 @@ pub struct StoreState {
     pub error: Option<String>,
     /// Seconds since the Unix epoch.
     pub checked_at: u64,
+    /// When the store's own credential and its leases expire.
+    #[serde(flatten)]
+    pub expiry: super::Expiry,
 }
 
 /// The latest probe of every store; `None` until the first round finished.
@@ -65,11 +68,13 @@ pub async fn probe(resolver: &Resolver) -> Vec<StoreState> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
+    let mut expiries = resolver.expiries();
     resolver
         .health(PROBE_TIMEOUT)
         .await
         .into_iter()
         .map(|(name, kind, result)| StoreState {
+            expiry: expiries.remove(&name).unwrap_or_default(),
             name,
             kind,
             reachable: result.is_ok(),

@@ -34,5 +34,5 @@ pub mod vault;
 pub use error::SecretError;
 pub use in_force::{MIN_REFRESH_INTERVAL, Secrets};
 pub use resolver::{Resolver, ResolverOptions};
-pub use store::{BoxFuture, Lookup, Store};
+pub use store::{BoxFuture, Expiry, Identity, LeaseExpiry, Lookup, Store};
 pub use value::{Credentials, DynamicCredentials, Secret};

@@ -157,6 +157,46 @@ impl Resolver {
         all
     }
 
+    /// What each store's own credential says the agent is ([`Store::identity`]), each bounded
+    /// by `bound`: `(name, kind, None)` for stores with no credential of their own; sorted by
+    /// name.
+    pub async fn identities(
+        &self,
+        bound: std::time::Duration,
+    ) -> Vec<(
+        String,
+        &'static str,
+        Option<Result<super::Identity, SecretError>>,
+    )> {
+        let mut checks = tokio::task::JoinSet::new();
+        for (name, store) in &self.inner.stores {
+            let (name, store) = (name.clone(), store.clone());
+            checks.spawn(async move {
+                let who = crate::wipe::Scoped::new(store.identity());
+                let result = match tokio::time::timeout(bound, who).await {
+                    Ok(r) => r,
+                    Err(_) => Some(Err(SecretError::Timeout {
+                        store: name.clone(),
+                        after: bound,
+                    })),
+                };
+                (name, store.kind(), result)
+            });
+        }
+        let mut all = checks.join_all().await;
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// When each store's credential and leases expire ([`Store::expiry`]), by store name.
+    pub fn expiries(&self) -> HashMap<String, super::Expiry> {
+        self.inner
+            .stores
+            .iter()
+            .map(|(name, store)| (name.clone(), store.expiry()))
+            .collect()
+    }
+
     /// Forgets every cached credential (e.g. after a configuration reload).
     pub fn clear_cache(&self) {
         self.inner.cache.clear();

@@ -22,6 +22,54 @@ pub struct Lookup<'a> {
     pub version: Option<&'a str>,
 }
 
+/// Who a store's own credential says the agent is ([`Store::identity`]): an AWS principal's
+/// ARN, a Vault token's entity and display name, with the policies it carries.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Identity {
+    pub principal: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
+    /// When the credential behind it expires, seconds since the Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+/// When a store's own credential and its dynamic leases stop working ([`Store::expiry`]),
+/// seconds since the Unix epoch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Expiry {
+    /// The store's own credential (AWS temporary credentials, a Vault token) held now; `None`
+    /// when none is held yet or it does not expire.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_expires_at: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<LeaseExpiry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LeaseExpiry {
+    pub path: String,
+    pub expires_at: u64,
+}
+
+/// Seconds since the Unix epoch of `t`.
+pub fn epoch_secs(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Seconds since the Unix epoch of the monotonic instant `t`.
+pub fn instant_epoch_secs(t: std::time::Instant) -> u64 {
+    let now = std::time::Instant::now();
+    let wall = if t >= now {
+        std::time::SystemTime::now() + (t - now)
+    } else {
+        std::time::SystemTime::now() - (now - t)
+    };
+    epoch_secs(wall)
+}
+
 /// A source of secrets. Implementations put the store's name in their errors and never a value.
 pub trait Store: Send + Sync + 'static {
     /// The backend name (`file`, `vault`, …).
@@ -58,6 +106,17 @@ pub trait Store: Send + Sync + 'static {
     /// exec, literal) are always healthy.
     fn health(&self) -> BoxFuture<'_, Result<(), SecretError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    /// Who the store's own credential says the agent is, obtaining the credential if needed
+    /// (for `latch doctor`); `None` for stores with no credential of their own (file, env).
+    fn identity(&self) -> BoxFuture<'_, Option<Result<Identity, SecretError>>> {
+        Box::pin(async { None })
+    }
+
+    /// When the credential and leases the store holds now expire (for `/status`); no I/O.
+    fn expiry(&self) -> Expiry {
+        Expiry::default()
     }
 
     /// Called once when the agent stops; `revoke` asks to revoke leases this store handed out.

@@ -85,6 +85,30 @@ pub(crate) async fn from_imds(http: &HttpClient, endpoint: &str) -> Result<AwsCr
     parse_credentials(&body).map_err(|r| Fault::Refused(format!("role {role}: {r}")))
 }
 
+/// `f` with what to change about the instance metadata service.
+pub fn imds_fix(f: Fault) -> Fault {
+    match f {
+        Fault::Unreachable(r) => Fault::Unreachable(format!(
+            "{r} (not on EC2, or the metadata service is off for this instance: enable it \
+             (instance metadata options HttpEndpoint=enabled; from a container also \
+             HttpPutResponseHopLimit=2), set AWS_EC2_METADATA_SERVICE_ENDPOINT to the right \
+             endpoint, or give the store another auth)"
+        )),
+        Fault::Refused(r) if r.contains("(401") => Fault::Refused(format!(
+            "{r} (the metadata service refused the IMDSv2 session token: a proxy in between \
+             or a hop limit of 1 seen from a container; set HttpPutResponseHopLimit=2)"
+        )),
+        Fault::Refused(r) if r.contains("(403") => Fault::Refused(format!(
+            "{r} (the metadata service is switched off for this instance, or an IAM policy \
+             denies it: enable HttpEndpoint in the instance metadata options)"
+        )),
+        Fault::Refused(r) if r.contains("no IAM role") => Fault::Refused(format!(
+            "{r}: attach an instance profile whose role may read the secrets"
+        )),
+        other => other,
+    }
+}
+
 /// Where the container credentials endpoint is and the authorization to send, from the
 /// environment read through `var`: `None` when neither `_RELATIVE_URI` nor `_FULL_URI` is set.
 pub fn container_endpoint(
@@ -290,6 +314,25 @@ mod tests {
             .unwrap()
             .is_ok()
         );
+    }
+
+    #[test]
+    fn metadata_faults_say_what_to_change() {
+        let Fault::Unreachable(r) = imds_fix(Fault::Unreachable("connection refused".into()))
+        else {
+            panic!()
+        };
+        assert!(r.contains("AWS_EC2_METADATA_SERVICE_ENDPOINT"), "{r}");
+        let Fault::Refused(r) = imds_fix(Fault::Refused("x: refused (401 Unauthorized)".into()))
+        else {
+            panic!()
+        };
+        assert!(r.contains("HttpPutResponseHopLimit"), "{r}");
+        let Fault::Refused(r) = imds_fix(Fault::Refused("x: refused (403 Forbidden)".into()))
+        else {
+            panic!()
+        };
+        assert!(r.contains("HttpEndpoint"), "{r}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod creds;
 pub mod metadata;
 pub mod provider;
 pub mod sigv4;
+pub mod whoami;
 
 use std::time::SystemTime;
 
@@ -33,6 +34,8 @@ pub struct AwsStore {
     name: String,
     spec: config::AwsStore,
     endpoint: String,
+    /// STS, for `GetCallerIdentity` (`latch doctor`).
+    sts_endpoint: String,
     http: HttpClient,
     /// Where the credentials come from; keeps temporary ones fresh.
     creds: std::sync::Arc<provider::Provider>,
@@ -64,13 +67,14 @@ impl AwsStore {
         let creds = std::sync::Arc::new(provider::Provider::new(
             name.clone(),
             spec.auth.clone(),
-            sts_endpoint,
+            sts_endpoint.clone(),
             http.clone(),
         ));
         Ok(AwsStore {
             name,
             spec,
             endpoint,
+            sts_endpoint,
             http,
             creds,
         })
@@ -121,16 +125,39 @@ impl AwsStore {
         body: &[u8],
         creds: &AwsCredentials,
     ) -> Result<Response, SecretError> {
-        let uri: hyper::Uri = format!("{}/", self.endpoint)
+        self.send_signed_to(
+            &self.endpoint,
+            "secretsmanager",
+            &[
+                ("content-type", "application/x-amz-json-1.1"),
+                ("x-amz-target", "secretsmanager.GetSecretValue"),
+            ],
+            body,
+            creds,
+        )
+        .await
+    }
+
+    async fn send_signed_to(
+        &self,
+        endpoint: &str,
+        service: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        creds: &AwsCredentials,
+    ) -> Result<Response, SecretError> {
+        let uri: hyper::Uri = format!("{endpoint}/")
             .parse()
-            .map_err(|_| self.unreachable(format!("bad endpoint URL {}", self.endpoint)))?;
+            .map_err(|_| self.unreachable(format!("bad endpoint URL {endpoint}")))?;
         let host = uri.authority().map(|a| a.to_string()).unwrap_or_default();
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(uri)
-            .header("host", host)
-            .header("content-type", "application/x-amz-json-1.1")
-            .header("x-amz-target", "secretsmanager.GetSecretValue")
+            .header("host", host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let mut req = req
             .body(())
             .map_err(|_| self.unreachable("cannot build the request"))?;
         sigv4::sign_request(
@@ -138,7 +165,7 @@ impl AwsStore {
             body,
             creds,
             &self.spec.region,
-            "secretsmanager",
+            service,
             SystemTime::now(),
         )
         .map_err(|r| self.auth_failed(r))?;
@@ -147,7 +174,41 @@ impl AwsStore {
         self.http
             .send(req)
             .await
-            .map_err(|e| self.unreachable(format!("{}: {e}", self.endpoint)))
+            .map_err(|e| self.unreachable(format!("{endpoint}: {e}")))
+    }
+
+    /// `sts:GetCallerIdentity` with the store's credentials: the principal they are.
+    async fn whoami(&self) -> Result<crate::secrets::Identity, SecretError> {
+        let creds = self.creds.credentials().await?;
+        let resp = self
+            .send_signed_to(
+                self.sts_endpoint.trim_end_matches('/'),
+                "sts",
+                &[(
+                    "content-type",
+                    "application/x-www-form-urlencoded; charset=utf-8",
+                )],
+                whoami::GET_CALLER_IDENTITY,
+                &creds,
+            )
+            .await?;
+        if !resp.status.is_success() {
+            let (code, message) = parse_error(&resp.body);
+            if resp.status.is_server_error() {
+                return Err(self.unreachable(format!("STS answered {}: {code}", resp.status)));
+            }
+            return Err(self.auth_failed(format!(
+                "sts:GetCallerIdentity refused: {}",
+                whoami::explain_refusal(&code, &message)
+            )));
+        }
+        let arn = whoami::parse_caller_identity(&String::from_utf8_lossy(&resp.body))
+            .map_err(|r| self.auth_failed(r))?;
+        Ok(crate::secrets::Identity {
+            principal: arn,
+            policies: Vec::new(),
+            expires_at: creds.expires.map(super::store::epoch_secs),
+        })
     }
 
     fn failure(&self, path: &str, status: StatusCode, code: &str, message: &str) -> SecretError {
@@ -167,7 +228,7 @@ impl AwsStore {
                     reason: format!("reading {path:?}: {detail}"),
                 }
             }
-            c if is_auth_code(c) => self.auth_failed(detail),
+            c if is_auth_code(c) => self.auth_failed(whoami::explain_refusal(code, message)),
             _ if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN => {
                 self.auth_failed(detail)
             }
@@ -194,6 +255,8 @@ fn is_auth_code(code: &str) -> bool {
             | "InvalidClientTokenId"
             | "ExpiredTokenException"
             | "ExpiredToken"
+            | "RequestTimeTooSkewed"
+            | "RequestExpired"
     )
 }
 
@@ -298,6 +361,17 @@ impl Store for AwsStore {
 
     fn fetch<'a>(&'a self, lookup: Lookup<'a>) -> BoxFuture<'a, Result<Secret, SecretError>> {
         Box::pin(self.get_secret_value(lookup))
+    }
+
+    fn identity(&self) -> BoxFuture<'_, Option<Result<crate::secrets::Identity, SecretError>>> {
+        Box::pin(async move { Some(self.whoami().await) })
+    }
+
+    fn expiry(&self) -> crate::secrets::Expiry {
+        crate::secrets::Expiry {
+            credential_expires_at: self.creds.expires().map(super::store::epoch_secs),
+            leases: Vec::new(),
+        }
     }
 }
 

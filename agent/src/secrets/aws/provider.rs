@@ -81,6 +81,12 @@ impl Provider {
         }
     }
 
+    /// When the temporary credentials held now expire; `None` when none are held (or a
+    /// refresh holds them right now).
+    pub fn expires(&self) -> Option<SystemTime> {
+        self.cached.try_lock().ok()?.as_ref()?.expires
+    }
+
     /// Forgets cached credentials AWS refused (revoked, or expired early).
     pub async fn forget(&self) {
         *self.cached.lock().await = None;
@@ -209,7 +215,7 @@ impl Provider {
     async fn imds(&self, endpoint: &str) -> Result<AwsCredentials, SecretError> {
         let c = metadata::from_imds(&self.http, endpoint)
             .await
-            .map_err(|f| self.fault("instance metadata", f))?;
+            .map_err(|f| self.fault("instance metadata", metadata::imds_fix(f)))?;
         tracing::debug!(store = %self.store, "AWS credentials from the instance metadata service");
         Ok(c)
     }

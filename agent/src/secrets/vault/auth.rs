@@ -85,6 +85,61 @@ pub fn parse_lookup_self(body: &[u8]) -> Result<(Option<Duration>, bool), String
     Ok(((ttl > 0).then(|| Duration::from_secs(ttl)), renewable))
 }
 
+/// Who a token is, from `auth/token/lookup-self`: its entity, display name and policies
+/// (token and identity policies). The answer holds the token itself: parsed as a
+/// [`SecretJson`](crate::secrets::value::SecretJson), only these fields kept.
+pub fn parse_token_identity(body: &[u8]) -> Result<(String, Vec<String>), String> {
+    let doc = crate::secrets::value::SecretJson::parse(body)?;
+    let data = doc
+        .get("data")
+        .filter(|d| d.is_object())
+        .ok_or("the answer has no data")?;
+    let text = |k: &str| {
+        data.get(k)
+            .and_then(|v| v.as_str())
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    let name = text("display_name").unwrap_or_else(|| "?".into());
+    let principal = match text("entity_id") {
+        Some(id) => format!("entity {id} ({name})"),
+        None => format!("token {name} (no entity)"),
+    };
+    let mut policies: Vec<String> = ["policies", "identity_policies"]
+        .iter()
+        .filter_map(|k| data.get(*k).and_then(|p| p.as_array()))
+        .flatten()
+        .filter_map(|p| p.as_str().map(str::to_owned))
+        .collect();
+    policies.sort();
+    policies.dedup();
+    Ok((principal, policies))
+}
+
+/// What to change when a login is refused: the role does not accept this machine's identity.
+pub fn login_hint(method: &str, role: Option<&str>, mount: &str, answer: &str) -> String {
+    let clock = answer.contains("Signature expired")
+        || answer.contains("RequestTimeTooSkewed")
+        || answer.contains("Signature not yet current")
+        || answer.contains("token is expired")
+        || answer.contains("not yet valid");
+    if clock {
+        return "the machine's clock is off (the signed request or token is outside its validity): synchronize it (chrony, systemd-timesyncd)"
+            .into();
+    }
+    let role = role.map_or("the role".to_owned(), |r| format!("role {r:?}"));
+    let what = match method {
+        "aws" => "its bound IAM principal (bound_iam_principal_arn) and the server ID header",
+        "jwt" | "kubernetes" => "its bound audiences, subject and claims, and the issuer's keys",
+        "cert" => "the CA it trusts (certificate) and its allowed names",
+        "approle" => "the role id and secret id",
+        _ => "the token",
+    };
+    format!(
+        "{role} at auth/{mount} does not accept this machine's identity: check {what}, or the store's auth.{method}.role"
+    )
+}
+
 /// The body of `auth/MOUNT/login` for AppRole, in a buffer zeroed when the request is done.
 pub fn approle_body(role_id: &str, secret_id: &SecretString) -> Bytes {
     login_body(&[("role_id", role_id), ("secret_id", secret_id.expose())])
@@ -183,6 +238,39 @@ mod tests {
             parse_lookup_self(t).unwrap(),
             (Some(Duration::from_secs(60)), true)
         );
+    }
+
+    #[test]
+    fn token_identity() {
+        let body = br#"{"data":{"id":"s.CANARY","display_name":"aws-vm-node","entity_id":"8f2e",
+            "policies":["default","reader"],"identity_policies":["reader","team"],"ttl":3000}}"#;
+        let (who, policies) = parse_token_identity(body).unwrap();
+        assert_eq!(who, "entity 8f2e (aws-vm-node)");
+        assert_eq!(policies, ["default", "reader", "team"]);
+        let (who, _) =
+            parse_token_identity(br#"{"data":{"display_name":"token","entity_id":""}}"#).unwrap();
+        assert_eq!(who, "token token (no entity)");
+    }
+
+    #[test]
+    fn login_hints() {
+        let h = login_hint(
+            "jwt",
+            Some("node"),
+            "jwt",
+            "error validating claims: aud claim does not match",
+        );
+        assert!(
+            h.contains("role \"node\" at auth/jwt") && h.contains("audiences"),
+            "{h}"
+        );
+        let h = login_hint(
+            "aws",
+            Some("vm"),
+            "aws",
+            "error making upstream request: SignatureDoesNotMatch: Signature expired: 2026",
+        );
+        assert!(h.contains("clock"), "{h}");
     }
 
     #[test]

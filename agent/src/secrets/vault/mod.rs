@@ -205,6 +205,38 @@ impl VaultStore {
         Ok(token)
     }
 
+    /// The auth method's name and the role the login asks for.
+    fn method_and_role(&self) -> (&'static str, Option<&str>) {
+        match &self.spec.auth {
+            VaultAuth::Token(_) => ("token", None),
+            VaultAuth::AppRole { .. } => ("approle", None),
+            VaultAuth::Kubernetes { role, .. } => ("kubernetes", Some(role)),
+            VaultAuth::Jwt { role, .. } => ("jwt", Some(role)),
+            VaultAuth::Aws { role, .. } => ("aws", Some(role)),
+            VaultAuth::Cert { role, .. } => ("cert", role.as_deref()),
+        }
+    }
+
+    /// `auth/token/lookup-self` with the store's token: its entity, name and policies.
+    async fn whoami(&self) -> Result<crate::secrets::Identity, SecretError> {
+        let resp = self
+            .call(Method::GET, "auth/token/lookup-self", None)
+            .await?;
+        if !resp.status.is_success() {
+            return Err(self.auth_failed(format!(
+                "auth/token/lookup-self answered {}",
+                describe(&resp)
+            )));
+        }
+        let (principal, policies) = auth::parse_token_identity(&resp.body)
+            .map_err(|r| self.auth_failed(format!("lookup-self: {r}")))?;
+        Ok(crate::secrets::Identity {
+            principal,
+            policies,
+            expires_at: self.expiry().credential_expires_at,
+        })
+    }
+
     async fn forget_token(&self, used: &SecretString) {
         let mut state = self.token.lock().await;
         if state.as_ref().is_some_and(|s| &s.token == used) {
@@ -246,9 +278,15 @@ impl VaultStore {
                     .send(Method::GET, "auth/token/lookup-self", Some(&token), None)
                     .await?;
                 if !resp.status.is_success() {
-                    return Err(
-                        self.auth_failed(format!("the token was refused: {}", describe(&resp)))
-                    );
+                    return Err(self.auth_failed(format!(
+                        "the token was refused: {} (expired or revoked: put a valid token in \
+                         {}, or log in with the machine's identity: auth aws, jwt or cert)",
+                        describe(&resp),
+                        match source {
+                            config::CredentialSource::File(p) => p.display().to_string(),
+                            config::CredentialSource::Env(v) => format!("${v}"),
+                        }
+                    )));
                 }
                 let (ttl, renewable) = auth::parse_lookup_self(&resp.body)
                     .map_err(|r| self.auth_failed(format!("lookup-self: {r}")))?;
@@ -325,7 +363,10 @@ impl VaultStore {
             return Err(self.unreachable(format!("{path} answered {}", describe(&resp))));
         }
         if !resp.status.is_success() {
-            return Err(self.auth_failed(format!("{path} answered {}", describe(&resp))));
+            let answer = describe(&resp);
+            let (method, role) = self.method_and_role();
+            let hint = auth::login_hint(method, role, mount.trim_matches('/'), &answer);
+            return Err(self.auth_failed(format!("{path} answered {answer}: {hint}")));
         }
         let info =
             auth::parse_auth(&resp.body).map_err(|r| self.auth_failed(format!("{path}: {r}")))?;
@@ -545,6 +586,37 @@ impl Store for VaultStore {
         fresh: bool,
     ) -> BoxFuture<'a, Result<DynamicCredentials, SecretError>> {
         Box::pin(self.dynamic_creds(path, fresh))
+    }
+
+    fn identity(&self) -> BoxFuture<'_, Option<Result<crate::secrets::Identity, SecretError>>> {
+        Box::pin(async move { Some(self.whoami().await) })
+    }
+
+    fn expiry(&self) -> crate::secrets::Expiry {
+        use crate::secrets::{LeaseExpiry, store::instant_epoch_secs};
+        let credential_expires_at = self
+            .token
+            .try_lock()
+            .ok()
+            .and_then(|t| t.as_ref().and_then(|t| Some(t.obtained + t.ttl?)))
+            .map(instant_epoch_secs);
+        let mut leases: Vec<LeaseExpiry> = self
+            .leases
+            .try_lock()
+            .map(|l| {
+                l.iter()
+                    .map(|(path, lease)| LeaseExpiry {
+                        path: path.clone(),
+                        expires_at: instant_epoch_secs(lease.expires),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        leases.sort_by(|a, b| a.path.cmp(&b.path));
+        crate::secrets::Expiry {
+            credential_expires_at,
+            leases,
+        }
     }
 
     fn shutdown(&self, revoke: bool) -> BoxFuture<'_, ()> {
