@@ -362,3 +362,64 @@ fn latch_upgrade_replaces_the_agent_by_pid_and_fails_cleanly_on_a_bad_policy() {
     assert!(s.echo(), "nothing serves after `latch upgrade`");
     assert!(!gone(new_pid));
 }
+
+/// Links attached to a cgroup, per bpftool.
+fn links_on(cgroup_id: u64) -> usize {
+    let out = Command::new(bins::tool("bpftool", "bpftool"))
+        .args(["-j", "link", "show"])
+        .output()
+        .expect("bpftool");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["cgroup_id"].as_u64() == Some(cgroup_id))
+        .count()
+}
+
+/// Removes an instance's pins even when the test fails.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = Command::new(bins::latch())
+            .args(["cleanup", "--instance", &self.0])
+            .output();
+    }
+}
+
+/// With `--keep-interception` the new agent takes the pins over and pins its own links; the
+/// old agent's links go when it detaches, so the cgroup ends with the new agent's 5 links.
+#[test]
+fn an_upgrade_with_kept_interception_leaves_the_new_agents_links_pinned() {
+    let s = setup("keep");
+    let _cleanup = Cleanup(s.instance.clone());
+    let mut args = s.args("3");
+    args.push("--keep-interception");
+    let mut old = Agent::start_args(&s.policy, &s.cg, &args);
+    assert_eq!(links_on(s.cg.id()), 5);
+    let new = Agent::start_args(&s.policy, &s.cg, &args);
+    assert!(
+        old.exited_within(Duration::from_secs(10)).is_some(),
+        "{}",
+        old.log()
+    );
+    assert_eq!(
+        links_on(s.cg.id()),
+        5,
+        "the old agent's links are still attached"
+    );
+    let pins = std::fs::read_dir(format!("/sys/fs/bpf/latch/{}", s.instance))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(pins, 5, "the new agent's links are not pinned");
+    assert!(s.echo(), "{}", new.log());
+    assert!(new.signal_and_wait(libc::SIGTERM).success());
+    let out = Command::new(bins::latch())
+        .args(["cleanup", "--instance", &s.instance])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    latch_tests::leftovers::assert_none(s.cg.id(), None);
+}

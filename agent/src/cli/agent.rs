@@ -195,17 +195,17 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    if let Some(path) = &args.ready_file {
-        write_ready_file(path, &running).with_context(|| format!("writing {}", path.display()))?;
-    }
-    latch::upgrade::systemd::ready();
     let mut upgrades = match latch::upgrade::listen(&upgrade_path) {
-        Ok(rx) => Some(rx),
+        Ok(listening) => Some(listening),
         Err(err) => {
             tracing::warn!(%err, path = %upgrade_path.display(), "cannot listen for upgrades: a second agent of this instance cannot take over");
             None
         }
     };
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, &running).with_context(|| format!("writing {}", path.display()))?;
+    }
+    latch::upgrade::systemd::ready();
     let mut pending: Option<tokio::task::JoinHandle<Result<(), latch::upgrade::UpgradeError>>> =
         None;
     let mut hup = signal(SignalKind::hangup())?;
@@ -214,7 +214,7 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         let cause = tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
-            Some(conn) = async { match &mut upgrades { Some(rx) => rx.recv().await, None => None } } => {
+            Some(conn) = async { match &mut upgrades { Some(l) => l.connections.recv().await, None => None } } => {
                 if pending.is_some() {
                     tracing::warn!("an upgrade is already under way; refusing a second one");
                     continue;
@@ -274,6 +274,9 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let totals = if upgraded {
         running.hand_over(grace).await
     } else {
+        if let Some(listening) = &upgrades {
+            listening.remove();
+        }
         running.stop(grace).await
     };
     if upgraded && opts.node_name.is_some() {

@@ -30,12 +30,30 @@ pub fn serve_one(conn: std::os::fd::OwnedFd, offer: Offer) -> Result<(), Upgrade
     handover::offer(&conn, offer)
 }
 
-/// Listens on `path` for the next agent; each root peer's connection arrives on the returned
-/// channel (a thread of its own accepts). Peers that are not root are refused and logged.
-pub fn listen(
-    path: &std::path::Path,
-) -> std::io::Result<tokio::sync::mpsc::Receiver<std::os::fd::OwnedFd>> {
+/// The upgrade socket of a running agent.
+pub struct Listening {
+    /// Each root peer's connection (a thread of its own accepts).
+    pub connections: tokio::sync::mpsc::Receiver<std::os::fd::OwnedFd>,
+    path: std::path::PathBuf,
+    /// The socket file's inode when bound: a successor's socket at the same path is not ours.
+    inode: u64,
+}
+
+impl Listening {
+    /// Removes the socket file on a stop, unless a successor bound its own there since.
+    pub fn remove(&self) {
+        use std::os::unix::fs::MetadataExt as _;
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Listens on `path` for the next agent. Peers that are not root are refused and logged.
+pub fn listen(path: &std::path::Path) -> std::io::Result<Listening> {
+    use std::os::unix::fs::MetadataExt as _;
     let listener = socket::listen(path)?;
+    let inode = std::fs::metadata(path)?.ino();
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     std::thread::Builder::new()
         .name("latch-upgrade".into())
@@ -58,5 +76,9 @@ pub fn listen(
                 }
             }
         })?;
-    Ok(rx)
+    Ok(Listening {
+        connections: rx,
+        path: path.to_owned(),
+        inode,
+    })
 }
