@@ -28,5 +28,6 @@ pub mod relay;
 pub mod runtime;
 pub mod secrets;
 pub mod telemetry;
+pub mod upgrade;
 pub mod watch;
 pub mod wipe;

@@ -57,6 +57,22 @@ impl PolicySet {
         set
     }
 
+    /// The ids handed out so far by policy name, and the next one: what the next agent needs
+    /// on an upgrade so that a connection redirected by this agent's programs keeps its policy.
+    pub fn ids(&self) -> (HashMap<String, u32>, u32) {
+        (self.names.clone(), self.next_id)
+    }
+
+    /// A first set that keeps the ids a previous agent gave these names (an upgrade).
+    pub fn inheriting(config: &Config, names: HashMap<String, u32>, next_id: u32) -> Self {
+        let previous = Self {
+            next_id: next_id.max(names.values().max().map_or(1, |m| m + 1)),
+            names,
+            ..Self::default()
+        };
+        Self::successor(config, Some(&previous))
+    }
+
     pub fn policies(&self) -> &[Arc<Policy>] {
         &self.policies
     }
@@ -185,5 +201,28 @@ spec:
             Some(&second),
         );
         assert_eq!(third.by_rule(1).unwrap().name, "web");
+    }
+
+    #[test]
+    fn an_upgraded_agent_keeps_the_old_agents_ids() {
+        // The old agent, after a reload: api 2, db 3 (web's 1 retired).
+        let old = PolicySet::successor(
+            &crate::config::load_str("p.yaml", &POLICIES.replace("name: web", "name: db")).unwrap(),
+            Some(&PolicySet::new(
+                &crate::config::load_str("p.yaml", POLICIES).unwrap(),
+            )),
+        );
+        let (names, next) = old.ids();
+        // The new agent loads the files in another order and a new policy.
+        let files = POLICIES.replace("name: web", "name: cache");
+        let new = PolicySet::inheriting(
+            &crate::config::load_str("p.yaml", &files).unwrap(),
+            names,
+            next,
+        );
+        assert_eq!(new.by_rule(2).unwrap().name, "api");
+        assert!(new.by_rule(1).is_none(), "web's id is not reused");
+        assert!(new.by_rule(3).is_none(), "db's id is not reused");
+        assert_eq!(new.by_rule(4).unwrap().name, "cache");
     }
 }

@@ -119,24 +119,79 @@ pub struct Running {
     fail_mode: FailMode,
     /// The network namespaces the broker listens in.
     namespaces: Arc<crate::netns::Namespaces>,
+    /// Ends the admin endpoint (on an upgrade, before draining: the next agent answers it).
+    admin_stop: CancellationToken,
+    /// A duplicate of the admin listener, for the next agent.
+    admin_fd: Option<std::os::fd::OwnedFd>,
+}
+
+/// Takes the inherited listener of `want`'s family if its address suits `want` (the same, or
+/// any port of the same address for port 0).
+fn inherited_listener(
+    pool: &mut Vec<std::net::TcpListener>,
+    want: SocketAddr,
+) -> Option<tokio::net::TcpListener> {
+    let at = pool.iter().position(|l| {
+        l.local_addr().is_ok_and(|a| {
+            a.is_ipv4() == want.is_ipv4()
+                && a.ip() == want.ip()
+                && (want.port() == 0 || a.port() == want.port())
+        })
+    })?;
+    let l = pool.remove(at);
+    l.set_nonblocking(true).ok()?;
+    tokio::net::TcpListener::from_std(l).ok()
 }
 
 impl Running {
     /// Loads and attaches the programs, binds the listeners and starts serving. On error,
     /// everything started so far is undone (dropping the interceptor detaches).
     pub async fn start(config: &Config, opts: &Options) -> Result<Self, StartError> {
+        Self::start_inheriting(config, opts, None).await
+    }
+
+    /// As [`Running::start`], on what a running agent handed over (an upgrade): its
+    /// listeners (own namespace and others), admin listener, connection map and rule ids.
+    pub async fn start_inheriting(
+        config: &Config,
+        opts: &Options,
+        inherited: Option<&mut crate::upgrade::Inherited>,
+    ) -> Result<Self, StartError> {
         let (v4, v6) = split_listen(&opts.listen)?;
         warn_unprivileged_ports(opts);
         crate::identity::require_host_pid_namespace().map_err(StartError::PidNamespace)?;
         crate::netns::init_own().map_err(StartError::Netns)?;
         let pins = pin_dir(opts)?;
         let secrets = Resolver::new(&config.stores, opts.secrets.clone())?;
-        let listener4 = broker::bind(v4).map_err(|source| StartError::Bind { addr: v4, source })?;
+        let own_inode = crate::netns::own_inode();
+        let mut own_pool = Vec::new();
+        let mut other_listeners = Vec::new();
+        let mut inherited_admin = None;
+        let mut inherited_conns = None;
+        let mut inherited_ids = None;
+        if let Some(inh) = inherited {
+            for (inode, l) in inh.listeners.drain(..) {
+                if Some(inode) == own_inode {
+                    own_pool.push(l);
+                } else {
+                    other_listeners.push((inode, l));
+                }
+            }
+            inherited_admin = inh.admin.take();
+            inherited_conns = inh.conns.take();
+            inherited_ids = Some((std::mem::take(&mut inh.policy_ids), inh.next_rule_id));
+        }
+        let listener4 = match inherited_listener(&mut own_pool, v4) {
+            Some(l) => l,
+            None => broker::bind(v4).map_err(|source| StartError::Bind { addr: v4, source })?,
+        };
+        let v6_inherited = v6.and_then(|addr| inherited_listener(&mut own_pool, addr));
         // Someone else holding the IPv6 port is refused like the IPv4 one. Without IPv6 in
         // the agent's namespace, IPv6 rules stay: the hooks find no listener of latch's there,
         // so those connects fail closed (or go direct) and are audited, rather than silently
         // escaping interception; pods with IPv6 get their listener when prepared.
         let listener6 = match v6 {
+            _ if v6_inherited.is_some() => v6_inherited,
             Some(addr) => match broker::bind(addr) {
                 Ok(l) => Some(l),
                 Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
@@ -162,11 +217,16 @@ impl Running {
         // Where IPv6 redirects go, in every namespace (the same port everywhere).
         let local6 = bound6.or(v6.filter(|a| a.port() != 0));
         let admin_listener = match opts.admin {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind { addr, source })?,
-            ),
+            Some(addr) => {
+                match inherited_admin.and_then(|l| inherited_listener(&mut vec![l], addr)) {
+                    Some(l) => Some(l),
+                    None => Some(
+                        tokio::net::TcpListener::bind(addr)
+                            .await
+                            .map_err(|source| StartError::Bind { addr, source })?,
+                    ),
+                }
+            }
             None => None,
         };
 
@@ -181,8 +241,16 @@ impl Running {
         interceptor.set_fast_path(opts.fast_path);
         interceptor.spawn_log_reader();
         let conns = interceptor.take_conn_table()?;
+        if let Some(fd) = inherited_conns
+            && let Err(err) = conns.adopt_previous(fd)
+        {
+            tracing::warn!(%err, "cannot read the previous agent's connection map");
+        }
         let (netns_map, netns_events) = interceptor.take_netns()?;
-        let policies = PolicySet::new(config);
+        let policies = match inherited_ids {
+            Some((names, next)) => PolicySet::inheriting(config, names, next),
+            None => PolicySet::new(config),
+        };
         let dns = Dns::from_system()?;
         let (resolved, next_refresh) = dns.resolve_all(&policies.hosts(), &Resolved::new()).await;
         // The lobby must exist before any application socket can be diverted to it, and the
@@ -284,6 +352,7 @@ impl Running {
             crate::netns::Namespaces::new(
                 netns_map,
                 std::iter::once(listener4).chain(listener6).collect(),
+                other_listeners,
                 local4,
                 local6,
                 opts.limits.max_namespaces,
@@ -293,6 +362,8 @@ impl Running {
             .map_err(StartError::NetnsMap)?,
         );
         crate::netns::watch::sweep(&namespaces, &opts.cgroup);
+        // Inherited listeners of namespaces no longer in use close now.
+        namespaces.drop_inherited();
         let mut cfg = broker_config(local4, local6, opts.mark);
         if opts.fail_mode == FailMode::Open {
             cfg.flags |= latch_common::CONFIG_FAIL_OPEN;
@@ -334,6 +405,11 @@ impl Running {
         });
         tokio::spawn(refresh_dns(rules.clone(), next_refresh, background.clone()));
         let mut admin_addr = None;
+        let admin_stop = background.child_token();
+        let admin_fd = admin_listener.as_ref().and_then(|l| {
+            use std::os::fd::AsFd as _;
+            l.as_fd().try_clone_to_owned().ok()
+        });
         let admin_state = admin_listener.map(|l| {
             admin_addr = l.local_addr().ok();
             let state = Arc::new(AdminState {
@@ -344,7 +420,7 @@ impl Running {
                 ready: true.into(),
                 namespaces: namespaces.clone(),
             });
-            tokio::spawn(admin::serve(l, state.clone(), background.clone()));
+            tokio::spawn(admin::serve(l, state.clone(), admin_stop.clone()));
             state
         });
         Ok(Self {
@@ -363,7 +439,43 @@ impl Running {
             fail_mode: opts.fail_mode,
             namespaces,
             secret_options: opts.secrets.clone(),
+            admin_stop,
+            admin_fd,
         })
+    }
+
+    /// Duplicates of what the next agent takes over (see [`crate::upgrade`]).
+    pub fn offer(&self) -> std::io::Result<crate::upgrade::Offer> {
+        let (policy_ids, next_rule_id) = self.shared.policies().ids();
+        Ok(crate::upgrade::Offer {
+            listeners: self.namespaces.handover()?,
+            admin: self
+                .admin_fd
+                .as_ref()
+                .map(|fd| fd.try_clone())
+                .transpose()?,
+            conns: self.shared.conns.dup_fd(),
+            policy_ids,
+            next_rule_id,
+        })
+    }
+
+    /// What stops looking connections up in the previous agent's map (after an upgrade).
+    pub fn previous_map_forgetter(&self) -> impl FnOnce() + Send + 'static {
+        let shared = self.shared.clone();
+        move || shared.conns.forget_previous()
+    }
+
+    /// The next agent serves now: detach this one's programs (its are attached), stop
+    /// accepting and answering the admin endpoint, and drain like [`Running::stop`].
+    pub async fn hand_over(self, grace: Duration) -> Totals {
+        self.admin_stop.cancel();
+        self.interceptor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .detach();
+        tracing::info!("programs detached; the new agent serves new connections");
+        self.finish(grace).await
     }
 
     pub fn listeners(&self) -> &[SocketAddr] {
@@ -400,6 +512,12 @@ impl Running {
                 tracing::warn!(%err, "could not disable redirection before draining");
             }
         }
+        self.finish(grace).await
+    }
+
+    /// Stops accepting, drains for up to `grace`, closes what is left and lets go of the
+    /// programs, maps and listeners.
+    async fn finish(self, grace: Duration) -> Totals {
         // Fail closed: redirection stays; with the listeners closed, new connections are
         // refused until the programs are detached (or, when pinned, until the next agent).
         self.stop_accepting.cancel();

@@ -310,6 +310,17 @@ impl Agent {
             .unwrap_or_else(|| panic!("agent did not exit within 15s:\n{}", self.log()))
     }
 
+    /// Waits up to `within` for the agent to exit on its own (an upgrade's old agent), keeping
+    /// its log and audit trail readable. `None`: still running.
+    pub fn exited_within(&mut self, within: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("agent running");
+        let status = crate::wait_for(within, || child.try_wait().expect("wait agent"));
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
     /// SIGTERM, wait for exit, then check nothing of the agent remains attached or pinned.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("agent running");

@@ -111,8 +111,8 @@ fn the_units_exec_start_runs_the_agent_under_the_units_capabilities() {
     assert_eq!(argv[0], "/usr/bin/latch");
     assert_eq!(
         directive(&unit, "ExecReload"),
-        ["/bin/kill -HUP $MAINPID"],
-        "reload is SIGHUP"
+        ["/usr/bin/latch upgrade --pid $MAINPID"],
+        "reload is an upgrade (tests/tests/upgrade.rs)"
     );
 
     let target = EchoServer::start("127.0.0.2");
@@ -268,7 +268,7 @@ fn the_units_exec_start_runs_the_agent_under_the_units_capabilities() {
         .unwrap();
     assert!(out.status.success(), "brokering: {out:?}\n{}", stderr());
 
-    // ExecReload: SIGHUP.
+    // `systemctl kill -s HUP`: the policy files are read again.
     etc.write(
         "web.yaml",
         &tcp_policy("web2", "127.0.0.2", target.addr.port()),

@@ -21,6 +21,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "pgbouncer",
     "systemd",
     "util-linux",
+    // tests/tests/upgrade.rs blocks the workload's direct path to its target.
+    "iptables",
     // The container tests (tests/src/container.rs): podman with runc (crun refuses this host's
     // low hard limits), buildah for the FROM-scratch image, a static busybox to put in it.
     // Debian's packages bring a usable /etc/containers (policy.json, registries.conf) and

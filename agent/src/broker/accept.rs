@@ -6,23 +6,22 @@ use std::{
     io,
     net::SocketAddr,
     os::fd::{AsRawFd as _, FromRawFd as _},
+    sync::Arc,
 };
 
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    net::TcpListener,
-};
+use tokio::io::{Interest, unix::AsyncFd};
 
-pub struct Acceptor(AsyncFd<std::net::TcpListener>);
+pub struct Acceptor(AsyncFd<Arc<std::net::TcpListener>>);
 
 impl Acceptor {
-    /// Takes `listener` over (from the runtime it was made on to the current one).
-    pub fn new(listener: TcpListener) -> io::Result<Self> {
-        let std = listener.into_std()?;
-        // SAFETY: the std listener owns its descriptor, and nothing replaces or closes it
-        // while the AsyncFd holds it.
+    /// Accepts on `listener` (non-blocking) from the current runtime. The namespace table
+    /// holds another reference, to hand the listener to the next agent on an upgrade.
+    pub fn new(listener: Arc<std::net::TcpListener>) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        // SAFETY: the listener's descriptor stays open while any reference to it lives, and
+        // the AsyncFd holds one; nothing replaces or closes it meanwhile.
         Ok(Self(unsafe {
-            AsyncFd::register_with_interest(std, Interest::READABLE)?
+            AsyncFd::register_with_interest(listener, Interest::READABLE)?
         }))
     }
 

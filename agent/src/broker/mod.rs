@@ -202,7 +202,7 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// (it is a child of the broker's). Each connection runs as a task on `tracker`; tasks still
 /// running when `abort` fires are dropped (their sockets closed).
 pub async fn serve(
-    listener: TcpListener,
+    listener: Arc<std::net::TcpListener>,
     netns: crate::netns::Handle,
     shared: Arc<Shared>,
     abort: CancellationToken,

@@ -84,7 +84,11 @@ async fn reload(
     }
 }
 
+/// How long a stopping agent waits for a new agent that is taking over to be ready.
+const UPGRADE_WAIT: Duration = Duration::from_secs(30);
+
 pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    latch::upgrade::systemd::keep_ready_fd_private();
     let config = match load_config(&args.data.policies, &args.data.allow_exec, false) {
         Ok(c) => c,
         Err(code) => return Ok(code),
@@ -130,7 +134,21 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
             None
         }
     };
-    let running = Running::start(&config, &opts).await?;
+    // A running agent of this instance hands its sockets over: this start is an upgrade. If
+    // this agent fails from here until it says ready, the running one carries on as it was.
+    let upgrade_path = latch::upgrade::socket::path(&latch::ca::state_dir(), &opts.instance);
+    let mut inherited = match latch::upgrade::handover::take_over(&upgrade_path) {
+        Ok(Some(inherited)) => {
+            tracing::info!(
+                listeners = inherited.listeners.len(),
+                "upgrading: the running agent handed its listeners over"
+            );
+            Some(inherited)
+        }
+        Ok(None) => None,
+        Err(err) => return Err(err).context("taking over from the running agent"),
+    };
+    let running = Running::start_inheriting(&config, &opts, inherited.as_mut()).await?;
     // The custom resources arrive after the start: their first list is a reload.
     let stop_crs = tokio_util::sync::CancellationToken::new();
     let (crs, mut crs_changes) = if opts.node_name.is_some() && !args.no_kubernetes_resources {
@@ -159,14 +177,74 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         admin = ?running.admin_addr(),
         "ready"
     );
+    // The old agent lets go once told; the connection stays open until it exits.
+    let _previous = match inherited {
+        Some(inherited) => {
+            let conn = inherited
+                .ready()
+                .context("telling the running agent we are ready")?;
+            let stop = stop_crs.clone();
+            let shared = running.previous_map_forgetter();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(latch::upgrade::PREVIOUS_MAP_FOR) => shared(),
+                    _ = stop.cancelled() => {}
+                }
+            });
+            Some(conn)
+        }
+        None => None,
+    };
+    let mut upgrades = match latch::upgrade::listen(&upgrade_path) {
+        Ok(listening) => Some(listening),
+        Err(err) => {
+            tracing::warn!(%err, path = %upgrade_path.display(), "cannot listen for upgrades: a second agent of this instance cannot take over");
+            None
+        }
+    };
     if let Some(path) = &args.ready_file {
         write_ready_file(path, &running).with_context(|| format!("writing {}", path.display()))?;
     }
+    latch::upgrade::systemd::ready();
+    let mut pending: Option<tokio::task::JoinHandle<Result<(), latch::upgrade::UpgradeError>>> =
+        None;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut upgraded = false;
     loop {
         let cause = tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            Some(conn) = async { match &mut upgrades { Some(l) => l.connections.recv().await, None => None } } => {
+                if pending.is_some() {
+                    tracing::warn!("an upgrade is already under way; refusing a second one");
+                    continue;
+                }
+                match running.offer() {
+                    Ok(offer) => {
+                        tracing::info!("a new agent is taking over; serving until it is ready");
+                        pending = Some(tokio::task::spawn_blocking(move || {
+                            latch::upgrade::serve_one(conn, offer)
+                        }));
+                    }
+                    Err(err) => tracing::error!(%err, "cannot hand the listeners over"),
+                }
+                continue;
+            }
+            done = async { match &mut pending { Some(h) => h.await, None => std::future::pending().await } } => {
+                pending = None;
+                match done {
+                    Ok(Ok(())) => {
+                        tracing::info!("the new agent is ready: handing over and draining");
+                        upgraded = true;
+                        break;
+                    }
+                    Ok(Err(err)) => {
+                        tracing::warn!(%err, "upgrade abandoned; this agent carries on serving");
+                    }
+                    Err(err) => tracing::error!(%err, "upgrade conversation failed"),
+                }
+                continue;
+            }
             _ = hup.recv() => "SIGHUP",
             Some(()) = async { match &mut changes { Some(rx) => rx.recv().await, None => None } } => "file change",
             Some(()) = async { match &mut crs_changes { Some(rx) => rx.recv().await, None => None } } => "resource change",
@@ -180,8 +258,36 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         )
         .await;
     }
+    // Told to stop while a new agent is taking over (a DaemonSet deleting the old pod as soon
+    // as the new one looks ready): let the hand-over finish first, so it is not cut short.
+    if let Some(handle) = pending.take() {
+        tracing::info!("an upgrade is under way: waiting for the new agent before stopping");
+        match tokio::time::timeout(UPGRADE_WAIT, handle).await {
+            Ok(Ok(Ok(()))) => upgraded = true,
+            Ok(Ok(Err(err))) => tracing::warn!(%err, "upgrade abandoned"),
+            Ok(Err(err)) => tracing::error!(%err, "upgrade conversation failed"),
+            Err(_) => tracing::warn!("the new agent was not ready in time; stopping"),
+        }
+    }
     stop_crs.cancel();
-    let totals = running.stop(Duration::from_secs(args.grace_period)).await;
+    let grace = Duration::from_secs(args.grace_period);
+    let totals = if upgraded {
+        running.hand_over(grace).await
+    } else {
+        if let Some(listening) = &upgrades {
+            listening.remove();
+        }
+        running.stop(grace).await
+    };
+    if upgraded && opts.node_name.is_some() {
+        // In a pod, exiting now would have the kubelet start this container again, and that
+        // agent would take over from the new one: wait for the pod's deletion instead.
+        tracing::info!("drained after the upgrade; waiting for this pod to be deleted");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
     tracing::info!(
         relayed = totals.relayed,
         refused = totals.refused,

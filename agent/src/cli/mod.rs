@@ -3,6 +3,7 @@ mod agent;
 mod ca;
 mod run;
 mod status;
+mod upgrade;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -64,6 +65,14 @@ enum Command {
     /// The node-local CA that issues certificates for TLS toward applications (appTls).
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Replace a running agent without a gap: start this binary with agent PID's arguments;
+    /// it takes the listeners and programs over and PID drains and exits. Exits 0 once the new
+    /// agent serves, 1 if it failed (PID then carries on). The systemd unit's ExecReload.
+    Upgrade {
+        /// The running agent (systemd: $MAINPID).
+        #[arg(long)]
+        pid: u32,
+    },
     /// Remove what latch may have left behind: an instance's pinned links (ending its
     /// interception) and the cgroups of `latch run` processes that died.
     Cleanup {
@@ -327,6 +336,13 @@ pub fn main(cli: Cli) -> ExitCode {
         }
         Command::Doctor { policy } => doctor(&policy),
         Command::Cleanup { instance } => cleanup(&instance),
+        Command::Upgrade { pid } => match upgrade::main(pid) {
+            Ok(code) => code,
+            Err(err) => {
+                eprintln!("latch: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Status { admin, json } => match status::main(admin, json) {
             Ok(code) => code,
             Err(err) => {

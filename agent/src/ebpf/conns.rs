@@ -1,5 +1,5 @@
 //! The broker's view of `LATCH_CONNS`: what the kernel recorded for an accepted connection.
-use std::{net::SocketAddr, sync::Mutex};
+use std::{net::SocketAddr, os::fd::OwnedFd, sync::Mutex};
 
 use aya::maps::{HashMap, MapData, MapError};
 use latch_common::{ConnMeta, TupleKey};
@@ -10,17 +10,44 @@ pub struct ConnTable {
     /// Another handle on the same map, for [`ConnTable::len`] (so counting never holds up
     /// [`ConnTable::take`]).
     counter: Mutex<HashMap<MapData, TupleKey, ConnMeta>>,
+    /// A third descriptor of the map, for the next agent on an upgrade.
+    fd: Option<OwnedFd>,
+    /// The previous agent's table during an upgrade (see `crate::upgrade`): connections its
+    /// programs redirected just before they were detached are recorded there.
+    previous: Mutex<Option<HashMap<MapData, TupleKey, ConnMeta>>>,
 }
 
 impl ConnTable {
     pub(super) fn new(
         map: HashMap<MapData, TupleKey, ConnMeta>,
         counter: HashMap<MapData, TupleKey, ConnMeta>,
+        fd: Option<OwnedFd>,
     ) -> Self {
         Self {
             map: Mutex::new(map),
             counter: Mutex::new(counter),
+            fd,
+            previous: Mutex::new(None),
         }
+    }
+
+    /// A duplicate descriptor of the kernel map, to hand to the next agent.
+    pub fn dup_fd(&self) -> Option<OwnedFd> {
+        self.fd.as_ref().and_then(|fd| fd.try_clone().ok())
+    }
+
+    /// Also looks records up in the previous agent's map `fd` (an upgrade), until
+    /// [`ConnTable::forget_previous`].
+    pub fn adopt_previous(&self, fd: OwnedFd) -> Result<(), MapError> {
+        let map = aya::maps::Map::from_map_data(MapData::from_fd(fd)?)?;
+        let map = HashMap::try_from(map)?;
+        *self.previous.lock().unwrap_or_else(|e| e.into_inner()) = Some(map);
+        Ok(())
+    }
+
+    /// Stops looking at the previous agent's map.
+    pub fn forget_previous(&self) {
+        *self.previous.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Takes the record of the connection the broker accepted from `peer` on `local`, on a
@@ -43,17 +70,13 @@ impl ConnTable {
 
     /// As [`ConnTable::take`], by the key itself (direct mode gets it from the kernel).
     pub fn take_key(&self, key: &TupleKey) -> Result<Option<ConnMeta>, MapError> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(key, 0) {
-            Ok(meta) => {
-                match map.remove(key) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(err) => return Err(err),
-                }
-                Ok(Some(meta))
-            }
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(err) => Err(err),
+        let found = take_from(&mut self.map.lock().unwrap_or_else(|e| e.into_inner()), key)?;
+        if found.is_some() {
+            return Ok(found);
+        }
+        match &mut *self.previous.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(previous) => take_from(previous, key),
+            None => Ok(None),
         }
     }
 
@@ -65,6 +88,24 @@ impl ConnTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Looks `key` up in `map` and removes it.
+fn take_from(
+    map: &mut HashMap<MapData, TupleKey, ConnMeta>,
+    key: &TupleKey,
+) -> Result<Option<ConnMeta>, MapError> {
+    match map.get(key, 0) {
+        Ok(meta) => {
+            match map.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(err) => return Err(err),
+            }
+            Ok(Some(meta))
+        }
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(err) => Err(err),
     }
 }
 

@@ -231,8 +231,30 @@ impl Interceptor {
 
     /// Takes the connection map for the broker. Call once, before the broker starts.
     pub fn take_conn_table(&mut self) -> Result<ConnTable, EbpfError> {
+        let fd = self.bpf.map(map_names::CONNS).and_then(|m| match m {
+            aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => {
+                use std::os::fd::AsFd as _;
+                d.fd().as_fd().try_clone_to_owned().ok()
+            }
+            _ => None,
+        });
         let (map, counter) = take_map_twice(&mut self.bpf, map_names::CONNS)?;
-        Ok(ConnTable::new(map, counter))
+        Ok(ConnTable::new(map, counter, fd))
+    }
+
+    /// Detaches every program from the cgroup (an upgrade: the next agent's are attached),
+    /// pinned links included; the maps stay for the connections still being served.
+    pub fn detach(&mut self) {
+        self.pinned.clear();
+        for name in SOCK_ADDR_PROGRAMS {
+            if let Ok(prog) = program::<CgroupSockAddr>(&mut self.bpf, name) {
+                let _ = prog.unload();
+            }
+        }
+        if let Ok(prog) = program::<SockOps>(&mut self.bpf, prog_names::SOCK_OPS) {
+            let _ = prog.unload();
+        }
+        self.attached_to = None;
     }
 
     /// Takes the fast-path maps for the broker. Call once, before the broker starts.

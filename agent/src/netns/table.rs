@@ -20,7 +20,11 @@ use tokio_util::sync::CancellationToken;
 use super::{Handle, Netns, cookie_of};
 
 /// Starts the accept loop of one listener in one namespace.
-pub type Serve = Box<dyn Fn(&Handle, TcpListener) + Send + Sync>;
+pub type Serve = Box<dyn Fn(&Handle, Arc<std::net::TcpListener>) + Send + Sync>;
+
+/// A listener handed over by the previous agent (see `crate::upgrade`): its namespace's nsfs
+/// inode, and the listening socket itself.
+pub type InheritedListener = (u64, std::net::TcpListener);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
@@ -55,6 +59,12 @@ pub struct Namespaces {
     failed: Mutex<HashSet<u64>>,
     /// How long the last preparations took (microseconds), at most [`PREPARE_SAMPLES`].
     prepare_us: Mutex<std::collections::VecDeque<u32>>,
+    /// Each served namespace's listeners (shared with their accept loops), by inode: what an
+    /// upgrade hands to the next agent.
+    listeners: Mutex<HashMap<u64, Vec<Arc<std::net::TcpListener>>>>,
+    /// Listeners the previous agent handed over for namespaces not prepared yet, by inode:
+    /// preparing one of those takes them rather than binding the port again.
+    inherited: Mutex<HashMap<u64, Vec<std::net::TcpListener>>>,
 }
 
 /// Preparation times kept for status (a ring of the latest).
@@ -72,15 +82,21 @@ pub struct PrepareTimes {
 impl Namespaces {
     /// `listeners` are the broker's, already bound in the agent's own namespace (recorded by
     /// [`super::init_own`]); it is served from now on and never released.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         kernel: SockHash<MapData, ListenerKey>,
         listeners: Vec<TcpListener>,
+        inherited: Vec<InheritedListener>,
         listen4: SocketAddr,
         listen6: Option<SocketAddr>,
         max: usize,
         stop: CancellationToken,
         serve: Serve,
     ) -> Result<Self, NetnsError> {
+        let mut pool: HashMap<u64, Vec<std::net::TcpListener>> = HashMap::new();
+        for (inode, l) in inherited {
+            pool.entry(inode).or_default().push(l);
+        }
         let this = Self {
             prepared: Mutex::new(HashMap::new()),
             kernel: Mutex::new(kernel),
@@ -91,18 +107,68 @@ impl Namespaces {
             stop,
             failed: Mutex::new(HashSet::new()),
             prepare_us: Mutex::new(std::collections::VecDeque::new()),
+            listeners: Mutex::new(HashMap::new()),
+            inherited: Mutex::new(pool),
         };
         let handle = super::own(this.stop.child_token()).map_err(|source| NetnsError::Listen {
             addr: this.listen4,
             inode: super::own_inode().unwrap_or(0),
             source,
         })?;
+        let listeners = listeners
+            .into_iter()
+            .map(|l| l.into_std().map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| NetnsError::Listen {
+                addr: this.listen4,
+                inode: handle.inode,
+                source,
+            })?;
         this.publish(handle.cookie, &listeners)?;
-        for l in listeners {
-            (this.serve)(&handle, l);
-        }
+        this.serve_all(&handle, listeners);
         this.lock().insert(handle.inode, handle);
         Ok(this)
+    }
+
+    /// Starts the accept loops of a namespace's listeners and keeps them for a hand-over.
+    fn serve_all(&self, handle: &Handle, listeners: Vec<Arc<std::net::TcpListener>>) {
+        for l in &listeners {
+            (self.serve)(handle, l.clone());
+        }
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(handle.inode, listeners);
+    }
+
+    /// Duplicates of every listener served, with their namespace's inode (for the next agent).
+    pub fn handover(&self) -> io::Result<Vec<(u64, OwnedFd)>> {
+        let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (inode, ls) in listeners.iter() {
+            for l in ls {
+                out.push((*inode, l.as_fd().try_clone_to_owned()?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The namespaces with inherited listeners not taken yet, by inode.
+    pub fn inherited_inodes(&self) -> Vec<u64> {
+        self.inherited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// Lets go of inherited listeners no namespace took (their namespaces are gone).
+    pub fn drop_inherited(&self) {
+        self.inherited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
@@ -150,7 +216,11 @@ impl Namespaces {
     }
 
     /// Hands the namespace's listeners to the connect hooks, keyed by their family.
-    fn publish(&self, cookie: u64, listeners: &[TcpListener]) -> Result<(), NetnsError> {
+    fn publish(
+        &self,
+        cookie: u64,
+        listeners: &[Arc<std::net::TcpListener>],
+    ) -> Result<(), NetnsError> {
         let mut map = self.kernel.lock().unwrap_or_else(|e| e.into_inner());
         for l in listeners {
             let family = match l.local_addr() {
@@ -224,30 +294,37 @@ impl Namespaces {
             inode,
             source,
         };
-        let (l4, l6, cookie) = ns
-            .run(|| {
-                let l4 = listen(self.listen4)?;
-                let cookie = cookie_of(l4.as_fd())?;
-                // Without IPv6 in the namespace (disabled by sysctl) its IPv6 connects fail
-                // as they would without latch; IPv4 is served.
-                let l6 = self.listen6.and_then(|a| listen(a).ok());
-                Ok((l4, l6, cookie))
-            })
-            .map_err(listen_err)?;
+        let inherited = self
+            .inherited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&inode);
+        let (listeners, cookie) = match inherited {
+            // The previous agent's listeners: the port stays open throughout the upgrade.
+            Some(ls) if !ls.is_empty() => {
+                let cookie = cookie_of(ls[0].as_fd()).map_err(listen_err)?;
+                (ls, cookie)
+            }
+            _ => ns
+                .run(|| {
+                    let l4 = listen(self.listen4)?;
+                    let cookie = cookie_of(l4.as_fd())?;
+                    // Without IPv6 in the namespace (disabled by sysctl) its IPv6 connects
+                    // fail as they would without latch; IPv4 is served.
+                    let l6 = self.listen6.and_then(|a| listen(a).ok());
+                    Ok((std::iter::once(l4).chain(l6).collect::<Vec<_>>(), cookie))
+                })
+                .map_err(listen_err)?,
+        };
         ns.cookie = cookie;
         let handle = Arc::new(ns);
-        let listeners = std::iter::once(l4)
-            .chain(l6)
-            .map(TcpListener::from_std)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(listen_err)?;
+        let listeners: Vec<Arc<std::net::TcpListener>> =
+            listeners.into_iter().map(Arc::new).collect();
         if let Err(e) = self.publish(cookie, &listeners) {
             self.unpublish(cookie);
             return Err(e);
         }
-        for l in listeners {
-            (self.serve)(&handle, l);
-        }
+        self.serve_all(&handle, listeners);
         prepared.insert(inode, handle.clone());
         self.failed
             .lock()
@@ -277,6 +354,10 @@ impl Namespaces {
         }
         self.unpublish(handle.cookie);
         handle.stop.cancel();
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&inode);
         tracing::debug!(inode, cookie = handle.cookie, "network namespace released");
     }
 

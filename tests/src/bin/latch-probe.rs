@@ -13,6 +13,8 @@
 //!   Prints `echoed=<n> refused=<n>` (refused: reset or closed before the echo); exits 0.
 //! * `latch-probe abort ADDR CONNS` — as `hold` with no wait, then closes each connection
 //!   with a reset (SO_LINGER 0) instead of a FIN.
+//! * `latch-probe steady ADDR HELD MILLIS RATE` — held connections pinging and a steady
+//!   stream of new ones; see `probe/steady.rs`.
 //! * `latch-probe pg CONNSTR SCENARIO` — a tokio-postgres client; see `probe/pg.rs`.
 //! * `latch-probe my URL SCENARIO` — a mysql_async client; see `probe/my.rs`.
 //! * `latch-probe pgraw ADDR SCENARIO` — hostile PostgreSQL startup bytes; see `probe/pgraw.rs`.
@@ -55,6 +57,8 @@ mod pgpre;
 mod pgraw;
 #[path = "probe/srcport.rs"]
 mod srcport;
+#[path = "probe/steady.rs"]
+mod steady;
 
 use std::{net::SocketAddr, process::ExitCode};
 
@@ -97,6 +101,12 @@ fn main() -> ExitCode {
             false,
         )),
         Some("abort") => rt.block_on(hold(parse_addr(&args, 2), parse_num(&args, 3), 0, true)),
+        Some("steady") => rt.block_on(steady::run(
+            parse_addr(&args, 2),
+            parse_num(&args, 3),
+            parse_num(&args, 4) as u64,
+            parse_num(&args, 5) as u64,
+        )),
         Some("my") => rt.block_on(my::run(
             args.get(2).map(String::as_str).unwrap_or_default(),
             args.get(3).map(String::as_str).unwrap_or("whoami"),

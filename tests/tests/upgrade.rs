@@ -1,0 +1,425 @@
+//! Issue 18 item 5, "upgrades lose nothing": a second `latch agent` of the same instance takes
+//! the running one's listeners and programs over under load; nothing is refused, nothing goes
+//! around latch, and the old agent exits once drained. A new agent that cannot start leaves
+//! the old one serving.
+//!
+//! The workload's direct path to the target is blocked (an iptables rule resets connections to
+//! it that do not carry latch's mark), so a connection that bypassed latch fails.
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use latch_tests::{
+    Agent, TempDir, TestCgroup, bins,
+    servers::{EchoServer, free_port},
+    tcp_policy,
+};
+
+/// latch's default SO_MARK on its own outbound sockets.
+const MARK: &str = "0x1a7c0001";
+
+/// An iptables rule rejecting connections to the target that do not carry latch's mark;
+/// removed on drop.
+struct DirectPathBlocked(Vec<String>);
+
+impl DirectPathBlocked {
+    fn new(target: std::net::SocketAddr) -> Self {
+        let rule: Vec<String> = [
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            &target.ip().to_string(),
+            "--dport",
+            &target.port().to_string(),
+            "-m",
+            "mark",
+            "!",
+            "--mark",
+            MARK,
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let iptables = bins::tool("iptables", "the Debian package iptables");
+        let out = Command::new(&iptables)
+            .arg("-I")
+            .args(&rule)
+            .output()
+            .expect("run iptables");
+        assert!(
+            out.status.success(),
+            "iptables -I failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let me = Self(rule);
+        // The block works: this process, outside the intercepted cgroup, cannot reach it.
+        assert!(
+            std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)).is_err(),
+            "the direct path to {target} is not blocked"
+        );
+        me
+    }
+}
+
+impl Drop for DirectPathBlocked {
+    fn drop(&mut self) {
+        let _ = Command::new(bins::tool("iptables", "the Debian package iptables"))
+            .arg("-D")
+            .args(&self.0)
+            .output();
+    }
+}
+
+struct Setup {
+    target: EchoServer,
+    cg: TestCgroup,
+    policy: String,
+    _blocked: DirectPathBlocked,
+    /// Shared by both agents: the upgrade socket lives there.
+    state: TempDir,
+    instance: String,
+    listen: String,
+}
+
+fn setup(name: &str) -> Setup {
+    let target = EchoServer::start("127.0.0.2");
+    let blocked = DirectPathBlocked::new(target.addr);
+    let policy = tcp_policy("echo", "127.0.0.2", target.addr.port());
+    Setup {
+        target,
+        cg: TestCgroup::new(),
+        policy,
+        _blocked: blocked,
+        state: TempDir::new("upgrade-state"),
+        instance: format!("test-upgrade-{name}-{}", std::process::id()),
+        listen: format!("127.0.0.1:{}", free_port("127.0.0.1")),
+    }
+}
+
+impl Setup {
+    fn args<'a>(&'a self, grace: &'a str) -> Vec<&'a str> {
+        vec![
+            "--instance",
+            &self.instance,
+            "--state-dir",
+            self.state.path().to_str().unwrap(),
+            "--listen",
+            &self.listen,
+            "--grace-period",
+            grace,
+        ]
+    }
+
+    fn echo(&self) -> bool {
+        self.cg
+            .command(bins::probe())
+            .args(["echo", &self.target.addr.to_string(), "1", "1000"])
+            .output()
+            .expect("probe")
+            .status
+            .success()
+    }
+}
+
+/// Parses `key=value` words of the probe's first line.
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
+/// Runs an agent that should fail to start, its output in a file of `dir`; one still running
+/// after 20 s is killed (by its pid) and reported as started. Returns (success, stderr).
+fn must_fail(mut cmd: Command, dir: &TempDir) -> (bool, String) {
+    let err = dir.path().join("failing.err");
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("start latch agent");
+    let status = latch_tests::wait_for(Duration::from_secs(20), || child.try_wait().unwrap());
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    (
+        status.is_none_or(|s| s.success()),
+        std::fs::read_to_string(&err).unwrap_or_default(),
+    )
+}
+
+/// Outcomes other than `relayed` in an agent's audit trail.
+fn not_relayed(agent: &Agent) -> Vec<serde_json::Value> {
+    agent
+        .audit()
+        .into_iter()
+        .filter(|r| r["outcome"] != "relayed")
+        .collect()
+}
+
+#[test]
+fn an_upgrade_under_load_refuses_nothing_and_the_old_agent_exits() {
+    let s = setup("load");
+    let mut old = Agent::start_args(&s.policy, &s.cg, &s.args("30"));
+    assert!(s.echo(), "latch does not relay to the target");
+
+    // 20 held relays pinging every 50 ms and 100 new connections a second, for 6 s.
+    let probe =
+        s.cg.command(bins::probe())
+            .args(["steady", &s.target.addr.to_string(), "20", "6000", "100"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the probe");
+    std::thread::sleep(Duration::from_millis(1500));
+    let new = Agent::start_args(&s.policy, &s.cg, &s.args("30"));
+    let out = probe.wait_with_output().expect("probe");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let first = text.lines().next().unwrap_or_default();
+    eprintln!("probe: {text}");
+    assert!(
+        field(first, "new_ok") >= 400,
+        "too few new connections: {text}"
+    );
+    assert_eq!(
+        field(first, "new_failed"),
+        0,
+        "new connections failed during the upgrade:\n{text}\nold agent:\n{}\nnew agent:\n{}",
+        old.log(),
+        new.log()
+    );
+    assert_eq!(
+        field(first, "held_failed"),
+        0,
+        "held relays were cut:\n{text}\nold agent:\n{}",
+        old.log()
+    );
+    assert_eq!(field(first, "held_ok"), 20, "{text}");
+
+    // The held relays have closed: the old agent has nothing left to drain and exits.
+    let status = old.exited_within(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the old agent did not exit cleanly after the upgrade ({status:?}):\n{}",
+        old.log()
+    );
+    let old_log = old.log();
+    assert!(
+        old_log.contains("the new agent is ready"),
+        "old agent:\n{old_log}"
+    );
+    // The new agent serves: new connections after the upgrade are its.
+    assert!(s.echo(), "no relay after the upgrade:\n{}", new.log());
+    assert!(new.count("relayed") > 0, "{}", new.log());
+    // Nothing went around latch (the target saw only latch's connections, all of which the
+    // probe accounted for) and nothing was refused by either agent.
+    assert_eq!(new.count("refused"), 0, "{}", new.log());
+    assert_eq!(new.count("failed"), 0, "{}", new.log());
+    assert_eq!(not_relayed(&old), Vec::<serde_json::Value>::new());
+    assert_eq!(not_relayed(&new), Vec::<serde_json::Value>::new());
+    drop(old);
+    assert!(new.stop().success());
+}
+
+#[test]
+fn a_new_agent_with_a_bad_policy_leaves_the_old_one_serving() {
+    let s = setup("bad");
+    let mut old = Agent::start_args(&s.policy, &s.cg, &s.args("3"));
+    assert!(s.echo());
+
+    let dir = TempDir::new("upgrade-bad");
+    let bad = dir.write(
+        "policy.yaml",
+        "apiVersion: latch.dev/v1alpha1\nkind: Policy\nspec: [",
+    );
+    let mut cmd = Command::new(bins::latch());
+    cmd.arg("agent")
+        .arg("--policy")
+        .arg(&bad)
+        .arg("--cgroup")
+        .arg(s.cg.path())
+        .args(s.args("3"))
+        .args(["--admin", "127.0.0.1:0"]);
+    let (ok, stderr) = must_fail(cmd, &dir);
+    assert!(!ok, "an agent with a bad policy started:\n{stderr}");
+
+    // A new agent that fails after the hand-over began (its programs loaded, then its audit
+    // log cannot be opened: the path is a directory) is no different: the old agent sees it
+    // go and carries on.
+    let mut cmd = Command::new(bins::latch());
+    cmd.arg("agent")
+        .arg("--policy")
+        .arg(old.dir.path().join("policy.yaml"))
+        .arg("--cgroup")
+        .arg(s.cg.path())
+        .args(s.args("3"))
+        .args(["--admin", "127.0.0.1:0", "--audit-log"])
+        .arg(dir.path())
+        .env("LATCH_LOG", "info");
+    let (ok, stderr) = must_fail(cmd, &dir);
+    assert!(!ok, "the agent started:\n{stderr}");
+    assert!(
+        stderr.contains("upgrading"),
+        "the failing agent never reached the running one:\n{stderr}"
+    );
+    old.wait_log("upgrade abandoned", 1);
+
+    for _ in 0..5 {
+        assert!(s.echo(), "the old agent stopped serving:\n{}", old.log());
+    }
+    assert_eq!(old.count("refused"), 0, "{}", old.log());
+    assert_eq!(not_relayed(&old), Vec::<serde_json::Value>::new());
+    // And it still takes a good upgrade afterwards.
+    let new = Agent::start_args(&s.policy, &s.cg, &s.args("3"));
+    assert!(
+        old.exited_within(Duration::from_secs(10)).is_some(),
+        "{}",
+        old.log()
+    );
+    assert!(s.echo(), "{}", new.log());
+    drop(old);
+    assert!(new.stop().success());
+}
+
+/// Whether process `pid` is gone (or a zombie waiting for a parent that is not this test).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+/// Runs `latch upgrade --pid PID` with its output (and the new agent's, which inherits it) in
+/// files of `dir`: (success, stdout, stderr) once the command returns.
+fn latch_upgrade(pid: u32, dir: &TempDir) -> (bool, String, String) {
+    let out = dir.path().join("upgrade.out");
+    let err = dir.path().join("upgrade.err");
+    let status = Command::new(bins::latch())
+        .args(["upgrade", "--pid", &pid.to_string()])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .status()
+        .expect("latch upgrade");
+    let read = |p| std::fs::read_to_string(p).unwrap_or_default();
+    (status.success(), read(&out), read(&err))
+}
+
+/// Ends an agent `latch upgrade` started (not this test's child) by its pid.
+struct Started(u32);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the agent this test had `latch upgrade` start, by its pid.
+        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+        latch_tests::eventually(Duration::from_secs(15), || gone(self.0));
+    }
+}
+
+/// systemd's `ExecReload=latch upgrade --pid $MAINPID`, without systemd: the binary starts
+/// with the running agent's own arguments and takes over; with a bad policy file it fails
+/// and the running agent carries on.
+#[test]
+fn latch_upgrade_replaces_the_agent_by_pid_and_fails_cleanly_on_a_bad_policy() {
+    let s = setup("cmd");
+    let mut old = Agent::start_args(&s.policy, &s.cg, &s.args("3"));
+    assert!(s.echo());
+    let policy = old.dir.path().join("policy.yaml");
+    let good = std::fs::read_to_string(&policy).unwrap();
+
+    // A bad policy file: the running agent keeps its configuration, the upgrade fails.
+    old.rewrite_policy("apiVersion: latch.dev/v1alpha1\nkind: Policy\nspec: [");
+    old.wait_log("reload rejected", 1);
+    let (ok, _, stderr) = latch_upgrade(old.pid(), &s.state);
+    assert!(!ok, "the upgrade succeeded with a bad policy: {stderr}");
+    assert!(stderr.contains("carries on"), "{stderr}");
+    for _ in 0..3 {
+        assert!(s.echo(), "the old agent stopped serving:\n{}", old.log());
+    }
+
+    old.rewrite_policy(&good);
+    old.wait_log("configuration reloaded", 1);
+    let (ok, stdout, stderr) = latch_upgrade(old.pid(), &s.state);
+    assert!(ok, "{stderr}\n{}", old.log());
+    let new_pid: u32 = stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {stdout:?}"));
+    let _new = Started(new_pid);
+    assert!(
+        old.exited_within(Duration::from_secs(10)).is_some(),
+        "{}",
+        old.log()
+    );
+    assert!(s.echo(), "nothing serves after `latch upgrade`");
+    assert!(!gone(new_pid));
+}
+
+/// Links attached to a cgroup, per bpftool.
+fn links_on(cgroup_id: u64) -> usize {
+    let out = Command::new(bins::tool("bpftool", "bpftool"))
+        .args(["-j", "link", "show"])
+        .output()
+        .expect("bpftool");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["cgroup_id"].as_u64() == Some(cgroup_id))
+        .count()
+}
+
+/// Removes an instance's pins even when the test fails.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = Command::new(bins::latch())
+            .args(["cleanup", "--instance", &self.0])
+            .output();
+    }
+}
+
+/// With `--keep-interception` the new agent takes the pins over and pins its own links; the
+/// old agent's links go when it detaches, so the cgroup ends with the new agent's 5 links.
+#[test]
+fn an_upgrade_with_kept_interception_leaves_the_new_agents_links_pinned() {
+    let s = setup("keep");
+    let _cleanup = Cleanup(s.instance.clone());
+    let mut args = s.args("3");
+    args.push("--keep-interception");
+    let mut old = Agent::start_args(&s.policy, &s.cg, &args);
+    assert_eq!(links_on(s.cg.id()), 5);
+    let new = Agent::start_args(&s.policy, &s.cg, &args);
+    assert!(
+        old.exited_within(Duration::from_secs(10)).is_some(),
+        "{}",
+        old.log()
+    );
+    assert_eq!(
+        links_on(s.cg.id()),
+        5,
+        "the old agent's links are still attached"
+    );
+    let pins = std::fs::read_dir(format!("/sys/fs/bpf/latch/{}", s.instance))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(pins, 5, "the new agent's links are not pinned");
+    assert!(s.echo(), "{}", new.log());
+    assert!(new.signal_and_wait(libc::SIGTERM).success());
+    let out = Command::new(bins::latch())
+        .args(["cleanup", "--instance", &s.instance])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    latch_tests::leftovers::assert_none(s.cg.id(), None);
+}
