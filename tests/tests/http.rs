@@ -1020,7 +1020,15 @@ fn https_interception_terminates_tls_for_covered_names_with_the_node_ca() {
     );
     assert!(err.contains("ALPN: server accepted h2"), "{err}");
     // Asked for http/1.1 alone, it gets http/1.1.
-    let (code, body, err) = s.curl(&["-v", "--http1.1", "--cacert", node_ca, "--resolve", &resolve, &url]);
+    let (code, body, err) = s.curl(&[
+        "-v",
+        "--http1.1",
+        "--cacert",
+        node_ca,
+        "--resolve",
+        &resolve,
+        &url,
+    ]);
     assert_eq!((code, body.as_str()), (200, OK_BODY), "{err}");
     assert!(err.contains("ALPN: server accepted http/1.1"), "{err}");
     let (code, seen, err) = s.curl(&[

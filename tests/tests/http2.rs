@@ -107,7 +107,11 @@ fn h2c_prior_knowledge_gets_basic_bearer_header_and_query_credentials() {
     let s = Setup::h2c("");
     let url = s.url("/basic/ok.txt");
     let (code, version, _, err) = outside_curl(&[&url]);
-    assert_eq!((code, version.as_str()), (401, "2"), "nginx speaks h2c: {err}");
+    assert_eq!(
+        (code, version.as_str()),
+        (401, "2"),
+        "nginx speaks h2c: {err}"
+    );
     let (code, version, body, err) = s.curl(&[&url]);
     assert_eq!(
         (code, version.as_str(), body.as_str()),
@@ -485,11 +489,7 @@ fn tls_targets_get_h2_when_they_offer_it_and_http_1_1_when_not() {
             n.ca.ca().display()
         )
     };
-    let s = Setup::with(
-        |n| n.h2c_addr,
-        |n| tls_spec(n.h2_tls_addr.port(), n),
-        &[],
-    );
+    let s = Setup::with(|n| n.h2c_addr, |n| tls_spec(n.h2_tls_addr.port(), n), &[]);
     let (code, version, body, err) = s.curl(&[&s.url("/bearer/ok.txt")]);
     assert_eq!(
         (code, version.as_str(), body.as_str()),
@@ -502,7 +502,12 @@ fn tls_targets_get_h2_when_they_offer_it_and_http_1_1_when_not() {
             && seen.contains(&format!("host=[api.test:{}]", s.nginx.h2_tls_addr.port())),
         "{seen}"
     );
-    let lines = probe_h2(&mut s.cg.command(bins::probe()), s.nginx.h2c_addr, 200, "/conn");
+    let lines = probe_h2(
+        &mut s.cg.command(bins::probe()),
+        s.nginx.h2c_addr,
+        200,
+        "/conn",
+    );
     assert_eq!(lines.last().unwrap(), "done ok=200 failed=0", "{lines:?}");
     s.assert_log_clean();
 

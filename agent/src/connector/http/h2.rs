@@ -422,7 +422,10 @@ impl Session<'_> {
     /// Drops `up` as the session's target connection (it failed).
     async fn forget(&self, up: &Upstream) {
         let mut slot = self.upstream.lock().await;
-        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(&c.link, &up.link)) {
+        if slot
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(&c.link, &up.link))
+        {
             *slot = None;
         }
     }
