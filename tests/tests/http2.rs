@@ -358,6 +358,13 @@ def goaway(frames):
     g = [f for f in frames if f[0] == 7]
     return int.from_bytes(g[0][3][4:8], "big") if g else None
 r = {}
+if sys.argv[3:] == ["idle"]:
+    # The preface and SETTINGS, then nothing: latch's handshake timeout ends it.
+    s, _ = open_h2()
+    start = time.time()
+    f = read_frames(s, wait=30)
+    print(json.dumps({"goaway": goaway(f), "closed": f[-1] != ("timeout",), "after": time.time() - start}))
+    sys.exit(0)
 # Garbage after the preface: a GOAWAY naming a protocol error, then the connection closes.
 s = socket.create_connection((host, port))
 s.sendall(PREFACE + b"\x00\x00\x04\x99garbage-garbage-garbage")
@@ -551,6 +558,35 @@ fn failures_over_h2_are_the_same_json_responses() {
         body,
         "{\"error\":\"denied\",\"status\":403,\"from\":\"latch\"}\n"
     );
+
+    // An application that sends the preface and no request: GOAWAY (NO_ERROR) after the
+    // handshake timeout, and the connection closed.
+    let idle = Setup::with(
+        |n| n.h2c_addr,
+        |_| "  http: {inject: bearer}\n".to_owned(),
+        &["--handshake-timeout", "2"],
+    );
+    let out = run_within(
+        idle.cg
+            .command(bins::tool("python3", "python3"))
+            .arg("-c")
+            .arg(PY_HOSTILE)
+            .args([
+                &idle.nginx.h2c_addr.ip().to_string(),
+                &idle.nginx.h2c_addr.port().to_string(),
+                "idle",
+            ]),
+        Duration::from_secs(60),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let r: serde_json::Value = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("{e}: {text} {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(
+        (&r["goaway"], &r["closed"]),
+        (&serde_json::json!(0), &serde_json::json!(true)),
+        "{r}"
+    );
+    assert!(r["after"].as_f64().unwrap() < 6.0, "{r}");
 
     // A target that refuses connections: 502 target_unreachable.
     let gone = Setup::with(

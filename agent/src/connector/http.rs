@@ -117,12 +117,17 @@ impl Connector for Http {
     }
 
     fn abort<'a>(&'a self, app: TcpStream, cx: Context<'a>, why: Refusal) -> Answered<'a> {
-        let _ = cx;
         // Before the handshake is done no response has gone to the application: it waits for
         // the answer to its first request.
         Box::pin(async move {
             let mut app = app;
-            let raw = Failure::Refused(why).raw();
+            // An HTTP/2 application is told in its own framing (GOAWAY); hyper's SETTINGS
+            // went before.
+            let raw = if cx.session.stage() == h2::STAGE {
+                h2::GOAWAY_TIMEOUT.to_vec()
+            } else {
+                Failure::Refused(why).raw()
+            };
             super::refuse::tell_and_close(&mut app, Some(&raw)).await;
         })
     }

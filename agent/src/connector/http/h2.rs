@@ -47,6 +47,11 @@ use crate::{
 
 /// What an HTTP/2 client sends first (RFC 9113 section 3.4).
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// [`crate::connector::Session::set_stage`]: the application is served in HTTP/2 (so a
+/// handshake that times out before its first request is ended with a GOAWAY).
+pub const STAGE: u64 = 2;
+/// GOAWAY (last stream 0, `NO_ERROR`): no request came within the handshake timeout.
+pub const GOAWAY_TIMEOUT: &[u8] = &[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 /// The most streams an application may have open at once on one connection.
 pub const MAX_STREAMS: u32 = 100;
 /// The most bytes of header fields (HPACK-decoded, as RFC 9113 counts them) a request may
@@ -148,7 +153,7 @@ fn service(
 }
 
 /// Runs `conn`, the streams it hands to [`Streams`] and the session's answers to their
-/// requests (`answer`), until `conn` ends.
+/// requests (`answered`), until `conn` ends.
 async fn drive<'a, C: Future>(
     conn: C,
     mut tasks: mpsc::UnboundedReceiver<Task<'static>>,
@@ -211,6 +216,7 @@ async fn serve_inner<S>(http: &Http, app: S, cx: Context<'_>) -> Result<Transfer
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    cx.session.set_stage(STAGE);
     let session = Session {
         http,
         cx,
@@ -512,4 +518,39 @@ fn to_h2(
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_2;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(uri: &str, host: Option<&str>) -> Request<ReqBody> {
+        let mut b = Request::get(uri);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        b.body(empty()).unwrap()
+    }
+
+    #[test]
+    fn the_host_latch_sends_becomes_the_authority() {
+        let mut req = request("/a/b?c=1", Some("api.test:8443"));
+        to_h2(&mut req, &http::uri::Scheme::HTTPS, "10.0.0.1:8443").unwrap();
+        assert_eq!(req.uri().to_string(), "https://api.test:8443/a/b?c=1");
+        assert!(!req.headers().contains_key(header::HOST));
+        assert_eq!(req.version(), Version::HTTP_2);
+
+        let mut req = request("/", None);
+        to_h2(&mut req, &http::uri::Scheme::HTTP, "10.0.0.1:80").unwrap();
+        assert_eq!(req.uri().to_string(), "http://10.0.0.1:80/");
+    }
+
+    #[test]
+    fn the_preface_is_what_rfc_9113_says() {
+        assert_eq!(PREFACE, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert_eq!(PREFACE.len(), 24);
+        // GOAWAY: length 8, type 7, no flags, stream 0, last stream 0, NO_ERROR.
+        assert_eq!(GOAWAY_TIMEOUT.len(), 9 + 8);
+        assert_eq!(GOAWAY_TIMEOUT[3], 7);
+    }
 }
