@@ -1,7 +1,8 @@
 //! nginx from Debian as an API that checks credentials, for the HTTP connector's tests: HTTP
 //! Basic (`auth_basic`), a bearer token, an API-key header and a query parameter (each an `if`
 //! on the variable nginx parses), a DAV `PUT` for uploads, an endpoint that shows what arrived,
-//! and TLS listeners (one that asks for a client certificate). Stopped by PID on drop.
+//! TLS listeners (one that asks for a client certificate), and HTTP/2 listeners (h2c with
+//! prior knowledge; `h2` in ALPN over TLS). Stopped by PID on drop.
 use std::{
     net::{SocketAddr, TcpStream},
     path::PathBuf,
@@ -27,6 +28,10 @@ pub struct NginxApi {
     pub tls_addr: SocketAddr,
     /// HTTPS that requires a client certificate from the test CA.
     pub mtls_addr: SocketAddr,
+    /// HTTP/2 with prior knowledge in cleartext (h2c), the same locations.
+    pub h2c_addr: SocketAddr,
+    /// HTTPS offering `h2` (and `http/1.1`) in ALPN, the same locations.
+    pub h2_tls_addr: SocketAddr,
     pub ca: TestCa,
     pub dir: TempDir,
 }
@@ -48,6 +53,7 @@ impl NginxApi {
             &format!("{BASIC_USER}:{{PLAIN}}{BASIC_PASSWORD}\n"),
         );
         let (port, tls_port, mtls_port) = (free_port(ip), free_port(ip), free_port(ip));
+        let (h2c_port, h2_tls_port) = (free_port(ip), free_port(ip));
         let locations = format!(
             "root {d}/www;\n\
              location /basic/ {{ auth_basic \"latch\"; auth_basic_user_file {d}/htpasswd; alias {d}/www/; }}\n\
@@ -59,7 +65,7 @@ impl NginxApi {
              location = /conn {{ if ($http_authorization != \"Bearer {TOKEN}\") {{ return 401 \"no\\n\"; }}\n\
                default_type text/plain; return 200 \"conn=$connection req=$connection_requests arg=$arg_n\\n\"; }}\n\
              location = /seen {{ default_type text/plain;\n\
-               return 200 \"auth=[$http_authorization] key=[$http_x_api_key] args=[$args] host=[$http_host] custom=[$http_x_custom]\\n\"; }}\n"
+               return 200 \"auth=[$http_authorization] key=[$http_x_api_key] args=[$args] host=[$http_host] custom=[$http_x_custom] proto=[$server_protocol]\\n\"; }}\n"
         );
         dir.write("locations.conf", &locations);
         let conf = format!(
@@ -70,6 +76,9 @@ impl NginxApi {
              uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  keepalive_requests 100000;\n  \
              server {{ listen {ip}:{port}; include {d}/locations.conf; }}\n  \
              server {{ listen {ip}:{tls_port} ssl; ssl_certificate {cert}; ssl_certificate_key {key};\n    \
+               include {d}/locations.conf; }}\n  \
+             server {{ listen {ip}:{h2c_port} http2; include {d}/locations.conf; }}\n  \
+             server {{ listen {ip}:{h2_tls_port} ssl http2; ssl_certificate {cert}; ssl_certificate_key {key};\n    \
                include {d}/locations.conf; }}\n  \
              server {{ listen {ip}:{mtls_port} ssl; ssl_certificate {cert}; ssl_certificate_key {key};\n    \
                ssl_client_certificate {cacert}; ssl_verify_client on;\n    \
@@ -104,6 +113,8 @@ impl NginxApi {
             addr,
             tls_addr: format!("{ip}:{tls_port}").parse().unwrap(),
             mtls_addr: format!("{ip}:{mtls_port}").parse().unwrap(),
+            h2c_addr: format!("{ip}:{h2c_port}").parse().unwrap(),
+            h2_tls_addr: format!("{ip}:{h2_tls_port}").parse().unwrap(),
             ca,
             dir,
         }

@@ -1011,13 +1011,25 @@ fn https_interception_terminates_tls_for_covered_names_with_the_node_ca() {
     assert_eq!(code, 401, "{err}");
 
     // Through latch: curl trusts only the node CA and verifies the name api.test; it offers
-    // h2 and http/1.1 in ALPN and is given http/1.1.
+    // h2 and http/1.1 in ALPN and is given h2 (tests/tests/http2.rs has more of it).
     let (code, body, err) = s.curl(&["-v", "--cacert", node_ca, "--resolve", &resolve, &url]);
     assert_eq!((code, body.as_str()), (200, OK_BODY), "{err}");
     assert!(
         err.contains("CN=api.test") && err.contains("latch node-local CA"),
         "the certificate curl saw: {err}"
     );
+    assert!(err.contains("ALPN: server accepted h2"), "{err}");
+    // Asked for http/1.1 alone, it gets http/1.1.
+    let (code, body, err) = s.curl(&[
+        "-v",
+        "--http1.1",
+        "--cacert",
+        node_ca,
+        "--resolve",
+        &resolve,
+        &url,
+    ]);
+    assert_eq!((code, body.as_str()), (200, OK_BODY), "{err}");
     assert!(err.contains("ALPN: server accepted http/1.1"), "{err}");
     let (code, seen, err) = s.curl(&[
         "--cacert",
@@ -1033,18 +1045,18 @@ fn https_interception_terminates_tls_for_covered_names_with_the_node_ca() {
         "{seen}"
     );
 
-    // Python: the certificate is for api.test, issued by the node CA; h2 alone is refused in
-    // ALPN (latch does not speak it); requests gets the protected file.
+    // Python: the certificate is for api.test, issued by the node CA; h2 is chosen in ALPN,
+    // also when offered alone; requests (HTTP/1.1) gets the protected file.
     let out = python_in(
         &s.cg,
         PY_INTERCEPTED,
         &[&port.to_string(), node_ca, "/bearer/ok.txt"],
     );
     assert!(
-        out.contains("subject=api.test issuer=latch node-local CA alpn=http/1.1"),
+        out.contains("subject=api.test issuer=latch node-local CA alpn=h2"),
         "{out}"
     );
-    assert!(out.contains("h2only=refused"), "{out}");
+    assert!(out.contains("h2only=accepted:h2"), "{out}");
     assert!(out.contains("requests=200 ok from nginx"), "{out}");
 
     // No SNI (an address in the URL): a certificate for the destination address.

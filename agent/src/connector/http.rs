@@ -17,6 +17,7 @@
 //! | [`sigv4`] | AWS SigV4 signing of a request head |
 //! | [`target`] | dial, TLS and hyper's client toward the target |
 //! | [`intercept`] | HTTPS interception: the application's TLS terminated for a covered SNI |
+//! | [`h2`] | HTTP/2 applications (h2c with prior knowledge, `h2` in ALPN when intercepting) |
 //! | [`failure`] | latch's failures as 403/502/503/504 responses with a JSON body |
 //! | [`counted`] | byte counts of the streams hyper owns |
 //!
@@ -29,6 +30,7 @@
 //! certificate from the node-local CA for the name asked for, if the policy covers it.
 pub mod counted;
 pub mod failure;
+pub mod h2;
 pub mod inject;
 pub mod intercept;
 pub mod sigv4;
@@ -115,12 +117,17 @@ impl Connector for Http {
     }
 
     fn abort<'a>(&'a self, app: TcpStream, cx: Context<'a>, why: Refusal) -> Answered<'a> {
-        let _ = cx;
         // Before the handshake is done no response has gone to the application: it waits for
         // the answer to its first request.
         Box::pin(async move {
             let mut app = app;
-            let raw = Failure::Refused(why).raw();
+            // An HTTP/2 application is told in its own framing (GOAWAY); hyper's SETTINGS
+            // went before.
+            let raw = if cx.session.stage() == h2::STAGE {
+                h2::GOAWAY_TIMEOUT.to_vec()
+            } else {
+                Failure::Refused(why).raw()
+            };
             super::refuse::tell_and_close(&mut app, Some(&raw)).await;
         })
     }
@@ -195,8 +202,14 @@ impl Http {
                     source: Box::new(e),
                 }
             })?;
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                return h2::serve(self, tls, cx).await;
+            }
             // A malformed head is hyper's to close: the raw answer below needs the plain socket.
             return self.serve_stream(tls, None, cx).await;
+        }
+        if h2::speaks_h2(&app, cx.env.handshake_timeout).await {
+            return h2::serve(self, app, cx).await;
         }
         // A second descriptor of the application's socket, to answer a request head hyper
         // could not parse (hyper closes without a word).
@@ -398,58 +411,13 @@ impl Session<'_> {
         &self,
         target: &mut Target,
         creds: &Credentials,
-        mut parts: http::request::Parts,
+        parts: http::request::Parts,
         body: ReqBody,
     ) -> Result<(Response<Incoming>, bool), Failure> {
-        let (cx, spec) = (self.cx, &self.cx.policy.http);
-        let add = inject::prepare(&mut parts, spec, self.host.as_ref(), creds)
-            .map_err(Failure::Inject)?;
-        let body = match (&spec.inject, add) {
-            (Injection::AwsSigV4(aws), true) => {
-                let token = match &aws.session_token {
-                    Some(r) => Some(
-                        cx.env
-                            .secrets
-                            .current()
-                            .secret(r)
-                            .await
-                            .map_err(Failure::Secrets)?,
-                    ),
-                    None => None,
-                };
-                let (bytes, body) = if aws.unsigned_payload {
-                    (None, body)
-                } else {
-                    let bytes = Limited::new(body, MAX_SIGNED_BODY)
-                        .collect()
-                        .await
-                        .map_err(|e| {
-                            if e.is::<http_body_util::LengthLimitError>() {
-                                Failure::TooLargeToSign(MAX_SIGNED_BODY)
-                            } else {
-                                Failure::AppBody(e.to_string())
-                            }
-                        })?
-                        .to_bytes();
-                    (Some(bytes.clone()), Either::Right(Full::new(bytes)))
-                };
-                sigv4::sign_parts(
-                    &mut parts,
-                    bytes.as_deref(),
-                    creds,
-                    token.as_ref(),
-                    aws,
-                    SystemTime::now(),
-                )
-                .map_err(Failure::Sign)?;
-                body
-            }
-            _ => body,
-        };
-        cx.handshake_done();
+        let (req, add) = outgoing(self.cx, self.host.as_ref(), creds, parts, body).await?;
         let resp = target
             .send
-            .send_request(Request::from_parts(parts, body))
+            .send_request(req)
             .await
             .map_err(|e| Failure::Target(target::TargetError::Http(e)))?;
         Ok((resp, add))
@@ -473,6 +441,65 @@ impl Session<'_> {
         );
         Ok((target, creds))
     }
+}
+
+/// One request as it goes to the target: the credential put in ([`inject::prepare`]; `host`:
+/// the `Host` to send, if it must change) or the request signed ([`sigv4`]), the handshake
+/// deadline ended; and whether latch's credential went in. The same for HTTP/1.1 and HTTP/2
+/// applications.
+pub(crate) async fn outgoing(
+    cx: Context<'_>,
+    host: Option<&HeaderValue>,
+    creds: &Credentials,
+    mut parts: http::request::Parts,
+    body: ReqBody,
+) -> Result<(Request<ReqBody>, bool), Failure> {
+    let spec = &cx.policy.http;
+    let add = inject::prepare(&mut parts, spec, host, creds).map_err(Failure::Inject)?;
+    let body = match (&spec.inject, add) {
+        (Injection::AwsSigV4(aws), true) => {
+            let token = match &aws.session_token {
+                Some(r) => Some(
+                    cx.env
+                        .secrets
+                        .current()
+                        .secret(r)
+                        .await
+                        .map_err(Failure::Secrets)?,
+                ),
+                None => None,
+            };
+            let (bytes, body) = if aws.unsigned_payload {
+                (None, body)
+            } else {
+                let bytes = Limited::new(body, MAX_SIGNED_BODY)
+                    .collect()
+                    .await
+                    .map_err(|e| {
+                        if e.is::<http_body_util::LengthLimitError>() {
+                            Failure::TooLargeToSign(MAX_SIGNED_BODY)
+                        } else {
+                            Failure::AppBody(e.to_string())
+                        }
+                    })?
+                    .to_bytes();
+                (Some(bytes.clone()), Either::Right(Full::new(bytes)))
+            };
+            sigv4::sign_parts(
+                &mut parts,
+                bytes.as_deref(),
+                creds,
+                token.as_ref(),
+                aws,
+                SystemTime::now(),
+            )
+            .map_err(Failure::Sign)?;
+            body
+        }
+        _ => body,
+    };
+    cx.handshake_done();
+    Ok((Request::from_parts(parts, body), add))
 }
 
 /// The answer to a request head hyper could not read: 431 for one too large (too many or too
@@ -571,6 +598,9 @@ async fn speaks_tls(app: &TcpStream, within: Duration) -> bool {
 /// head read within `within`.
 async fn answer_all(app: TcpStream, failure: Failure, within: Duration) {
     let failure = &failure;
+    if h2::speaks_h2(&app, within).await {
+        return h2::answer_all(app, failure, within).await;
+    }
     let service = service_fn(|_req: Request<Incoming>| async move {
         Ok::<_, Infallible>(failure.response().map(Full::new))
     });

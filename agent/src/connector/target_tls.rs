@@ -43,8 +43,26 @@ pub async fn connect(
     env: &Env,
     configs: &ClientConfigs,
 ) -> Result<(TlsStream<TcpStream>, Vec<u8>), TlsFailure> {
+    connect_alpn(tcp, addr, policy, env, configs, &[]).await
+}
+
+/// As [`connect`], offering `alpn` in the ClientHello (empty: nothing offered). The policy's
+/// cached configuration is copied for it; the copy shares its session cache.
+pub async fn connect_alpn(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    policy: &Policy,
+    env: &Env,
+    configs: &ClientConfigs,
+    alpn: &[&[u8]],
+) -> Result<(TlsStream<TcpStream>, Vec<u8>), TlsFailure> {
     let fail = |reason: String| TlsFailure { addr, reason };
-    let config = client_config(policy, env, configs).await.map_err(fail)?;
+    let mut config = client_config(policy, env, configs).await.map_err(fail)?;
+    if !alpn.is_empty() {
+        let mut with = (*config).clone();
+        with.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config = Arc::new(with);
+    }
     let name = server_name(policy, addr).map_err(fail)?;
     let stream = TlsConnector::from(config)
         .connect(name, tcp)

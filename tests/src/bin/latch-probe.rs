@@ -19,6 +19,8 @@
 //! * `latch-probe my URL SCENARIO` — a mysql_async client; see `probe/my.rs`.
 //! * `latch-probe pgraw ADDR SCENARIO` — hostile PostgreSQL startup bytes; see `probe/pgraw.rs`.
 //! * `latch-probe pgpre TARGET` — every path before a StartupMessage; see `probe/pgpre.rs`.
+//! * `latch-probe h2 ADDR STREAMS PATH` — hyper's HTTP/2 client (h2c, prior knowledge):
+//!   STREAMS concurrent GETs on one connection; see `probe/h2.rs`.
 //! * `latch-probe mypre HOST:PORT [CASE]` — odd bytes before a MySQL handshake completes; see
 //!   `probe/mypre.rs`.
 //!
@@ -45,6 +47,8 @@
 //!   SRCPORT; the server side (if the connection reaches it) sends AuthenticationCleartextPassword
 //!   (`R`, int32 8, int32 3); the client reads until MILLIS after the start and prints
 //!   `client_got=<bytes>`; exits 0.
+#[path = "probe/h2.rs"]
+mod h2;
 #[path = "probe/my.rs"]
 mod my;
 #[path = "probe/mypre.rs"]
@@ -115,6 +119,11 @@ fn main() -> ExitCode {
             args.get(2).map(String::as_str).unwrap_or_default(),
             args.get(3).map(String::as_str).unwrap_or("whoami"),
         )),
+        Some("h2") => rt.block_on(h2::run(
+            parse_addr(&args, 2),
+            parse_num(&args, 3),
+            args.get(4).map(String::as_str).unwrap_or("/"),
+        )),
         Some("pgpre") if args.len() == 3 => rt.block_on(pgpre::run(&args[2])),
         Some("mypre") if args.len() == 3 || args.len() == 4 => {
             rt.block_on(mypre::run(&args[2], args.get(3).map(String::as_str)))
@@ -146,7 +155,7 @@ fn main() -> ExitCode {
             parse_port(&args, 3),
             parse_num(&args, 4) as u64,
         ),
-        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS | abort ADDR CONNS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO | pgpre TARGET | mypre HOST:PORT [CASE] | squat BROKERPORT SRCPORT ADDR MILLIS | victim SRCPORT ADDR MILLIS | from SRCPORT ADDR | pgpaused SRCPORT HOST:PORT GOFILE CONNSTR | fakepg LISTENADDR SRCPORT MILLIS".into()),
+        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS | abort ADDR CONNS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO | pgpre TARGET | h2 ADDR STREAMS PATH | mypre HOST:PORT [CASE] | squat BROKERPORT SRCPORT ADDR MILLIS | victim SRCPORT ADDR MILLIS | from SRCPORT ADDR | pgpaused SRCPORT HOST:PORT GOFILE CONNSTR | fakepg LISTENADDR SRCPORT MILLIS".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

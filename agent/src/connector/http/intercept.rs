@@ -2,9 +2,10 @@
 //! a certificate for the name it asked for (SNI), issued by the node-local CA ([`crate::ca`])
 //! and cached there, but only for a name the policy covers — its destination host or
 //! `tls.serverName`; any other name is refused before a certificate is made. Without SNI the
-//! certificate names the destination address (and the policy's host). ALPN: only `http/1.1`
-//! is offered; an application that offers ALPN without it fails the handshake
-//! (`no_application_protocol`) rather than being told one protocol and spoken another.
+//! certificate names the destination address (and the policy's host). ALPN: `h2`, then
+//! `http/1.1` (an application that offers both gets `h2`, served by [`super::h2`]). An application that
+//! offers ALPN with neither fails the handshake (`no_application_protocol`) rather than being
+//! told one protocol and spoken another.
 use std::sync::Arc;
 
 use rustls::server::Acceptor;
@@ -18,7 +19,7 @@ use crate::{
 };
 
 /// The protocols offered to the application in ALPN.
-pub const ALPN: &[&[u8]] = &[b"http/1.1"];
+pub const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// Why the application's TLS was not terminated (audited; the connection is closed).
 #[derive(Debug, thiserror::Error)]

@@ -1,11 +1,15 @@
 //! The connection to the target: dial (marked, in the application's namespace), TLS as the
-//! policy says, and hyper's HTTP/1.1 client over it. The client's connection task runs on the
+//! policy says, and hyper's HTTP/1.1 client over it — or, for an application that speaks
+//! HTTP/2, hyper's HTTP/2 client where the target speaks it ([`connect_h2`]). The client's connection task runs on the
 //! same runtime and ends with the connection.
 use std::{net::SocketAddr, time::Duration};
 
-use http::StatusCode;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use http::{StatusCode, uri::Scheme};
+use hyper::client::conn::{
+    http1::{self, SendRequest},
+    http2,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::task::JoinHandle;
 
 use super::{ReqBody, counted::Counted};
@@ -73,25 +77,15 @@ pub async fn connect(
     configs: &ClientConfigs,
     counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Target, TargetError> {
-    let env = cx.env;
-    let addr = address(cx);
-    let tcp = crate::connector::connect_marked(
-        addr,
-        env.mark,
-        env.connect_timeout,
-        cx.origin.netns.as_deref(),
-    )
-    .await?;
-    let _ = tcp.set_nodelay(true);
-    let stream: TargetStream = if cx.policy.tls.mode == TlsMode::Disable {
-        MaybeTls::Plain(tcp)
-    } else {
-        let handshake = target_tls::connect(tcp, addr, cx.policy, env, configs);
-        match tokio::time::timeout(env.handshake_timeout, handshake).await {
-            Err(_) => return Err(TargetError::TlsTimeout(addr, env.handshake_timeout)),
-            Ok(r) => MaybeTls::Tls(Box::new(r?.0)),
-        }
-    };
+    let stream = dial(cx, configs, &[]).await?;
+    http1_over(stream, counter).await
+}
+
+/// hyper's HTTP/1.1 client over a dialled stream.
+async fn http1_over(
+    stream: TargetStream,
+    counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Result<Target, TargetError> {
     let io = TokioIo::new(Counted::new(stream, counter));
     let (send, conn) = http1::Builder::new()
         .preserve_header_case(true)
@@ -106,4 +100,90 @@ pub async fn connect(
         }
     });
     Ok(Target { send, task })
+}
+
+/// Dials the target and makes TLS as the policy says, offering `alpn` (none: the client
+/// configuration's own, which offers nothing).
+async fn dial(
+    cx: &Context<'_>,
+    configs: &ClientConfigs,
+    alpn: &[&[u8]],
+) -> Result<TargetStream, TargetError> {
+    let env = cx.env;
+    let addr = address(cx);
+    let tcp = crate::connector::connect_marked(
+        addr,
+        env.mark,
+        env.connect_timeout,
+        cx.origin.netns.as_deref(),
+    )
+    .await?;
+    let _ = tcp.set_nodelay(true);
+    if cx.policy.tls.mode == TlsMode::Disable {
+        return Ok(MaybeTls::Plain(tcp));
+    }
+    let handshake = target_tls::connect_alpn(tcp, addr, cx.policy, env, configs, alpn);
+    match tokio::time::timeout(env.handshake_timeout, handshake).await {
+        Err(_) => Err(TargetError::TlsTimeout(addr, env.handshake_timeout)),
+        Ok(r) => Ok(MaybeTls::Tls(Box::new(r?.0))),
+    }
+}
+
+/// A target connection for an HTTP/2 application: HTTP/2 when the target speaks it (with prior
+/// knowledge over plain TCP, `h2` agreed in ALPN over TLS), else HTTP/1.1 (a TLS target that
+/// did not agree to `h2`).
+pub enum Link {
+    H2(H2Target),
+    H1(Target),
+}
+
+/// hyper's HTTP/2 client on one target connection; requests multiplex over clones of `send`.
+pub struct H2Target {
+    pub send: http2::SendRequest<ReqBody>,
+    /// `https` over TLS, `http` over plain TCP (the `:scheme` of each request).
+    pub scheme: Scheme,
+    task: JoinHandle<()>,
+}
+
+impl Drop for H2Target {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The most bytes of response header fields latch takes from an HTTP/2 target.
+const H2_MAX_RESPONSE_HEADERS: u32 = 64 * 1024;
+/// Flow-control windows toward the target: how much of its responses may wait in latch for
+/// the application to read them.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONN_WINDOW: u32 = 1024 * 1024;
+
+/// Dials the target for an HTTP/2 application ([`Link`]).
+pub async fn connect_h2(
+    cx: &Context<'_>,
+    configs: &ClientConfigs,
+    counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Result<Link, TargetError> {
+    let stream = dial(cx, configs, &[b"h2", b"http/1.1"]).await?;
+    let scheme = match &stream {
+        MaybeTls::Plain(_) => Scheme::HTTP,
+        MaybeTls::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => Scheme::HTTPS,
+        MaybeTls::Tls(_) => return Ok(Link::H1(http1_over(stream, counter).await?)),
+    };
+    let io = TokioIo::new(Counted::new(stream, counter));
+    let (send, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_header_list_size(H2_MAX_RESPONSE_HEADERS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONN_WINDOW)
+        .max_send_buf_size(H2_STREAM_WINDOW as usize)
+        .handshake(io)
+        .await
+        .map_err(TargetError::Http)?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "HTTP/2 target connection ended by an error");
+        }
+    });
+    Ok(Link::H2(H2Target { send, scheme, task }))
 }
