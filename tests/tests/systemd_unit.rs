@@ -205,6 +205,9 @@ fn the_units_exec_start_runs_the_agent_under_the_units_capabilities() {
         .arg("--")
         .args(&argv)
         .env("LATCH_LOG", "info")
+        // The unit's state directory is the default /var/lib/latch; this test runs outside the
+        // package and keeps the agent's state (its upgrade socket) in its own directory.
+        .env("LATCH_STATE_DIR", logs.path().join("state"))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
     let child = cmd.spawn().expect("start the ExecStart command line");

@@ -40,11 +40,15 @@ pub struct Listening {
 }
 
 impl Listening {
-    /// Removes the socket file on a stop, unless a successor bound its own there since.
+    /// Removes the socket file on a stop, unless a successor bound its own there since, and
+    /// its directory when no other instance's socket is left in it.
     pub fn remove(&self) {
         use std::os::unix::fs::MetadataExt as _;
         if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
             let _ = std::fs::remove_file(&self.path);
+            if let Some(dir) = self.path.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
         }
     }
 }

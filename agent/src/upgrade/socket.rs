@@ -41,13 +41,14 @@ fn seqpacket() -> io::Result<OwnedFd> {
     )?)
 }
 
-/// Connects to the agent listening at `path`; `None` when none does (no socket, or a stale one
-/// a stopped agent left).
+/// Connects to the agent listening at `path`; `None` when none does (no socket, a stale one a
+/// stopped agent left, or a state directory path that is not a directory: then no agent can
+/// listen there either, and what the state directory is for fails later with its own error).
 pub fn connect(path: &Path) -> io::Result<Option<OwnedFd>> {
     let fd = seqpacket()?;
     match socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?) {
         Ok(()) => {}
-        Err(Errno::ENOENT | Errno::ECONNREFUSED) => return Ok(None),
+        Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ECONNREFUSED) => return Ok(None),
         Err(e) => return Err(e.into()),
     }
     require_root_peer(&fd)?;
