@@ -270,25 +270,31 @@ impl Http {
             relay_upgraded(app_up, target_up).await;
         }
         drop(session.target.lock().await.take());
-        let progress = cx.progress();
-        let (to_app, to_target) = (
-            session.to_app.load(Ordering::Relaxed),
-            session.to_target.load(Ordering::Relaxed),
-        );
-        progress.to_app.fetch_add(to_app, Ordering::Relaxed);
-        progress.to_target.fetch_add(to_target, Ordering::Relaxed);
-        let failure = session
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        match failure {
-            Some(f) => Err(ConnectError::Protocol {
-                protocol: "http",
-                source: Box::new(f),
-            }),
-            None => Ok(Transferred { to_target, to_app }),
-        }
+        session_end(cx, &session.to_app, &session.to_target, &session.failure)
+    }
+}
+
+/// A session's end, for HTTP/1.1 and HTTP/2 alike: its byte counts added to the connection's
+/// progress, and the failure a request recorded (if any) as the connection's error.
+fn session_end(
+    cx: Context<'_>,
+    to_app: &AtomicU64,
+    to_target: &AtomicU64,
+    failure: &Mutex<Option<Failure>>,
+) -> Result<Transferred, ConnectError> {
+    let (to_app, to_target) = (
+        to_app.load(Ordering::Relaxed),
+        to_target.load(Ordering::Relaxed),
+    );
+    let progress = cx.progress();
+    progress.to_app.fetch_add(to_app, Ordering::Relaxed);
+    progress.to_target.fetch_add(to_target, Ordering::Relaxed);
+    match failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(f) => Err(ConnectError::Protocol {
+            protocol: "http",
+            source: Box::new(f),
+        }),
+        None => Ok(Transferred { to_target, to_app }),
     }
 }
 

@@ -15,10 +15,7 @@ use std::{
     convert::Infallible,
     future::Future,
     pin::Pin,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::AtomicU64},
     time::Duration,
 };
 
@@ -246,25 +243,7 @@ where
         tracing::debug!(error = %e, "HTTP/2 application connection ended by an error");
     }
     drop(session.upstream.lock().await.take());
-    let (to_app, to_target) = (
-        session.to_app.load(Ordering::Relaxed),
-        session.to_target.load(Ordering::Relaxed),
-    );
-    let progress = cx.progress();
-    progress.to_app.fetch_add(to_app, Ordering::Relaxed);
-    progress.to_target.fetch_add(to_target, Ordering::Relaxed);
-    let failure = session
-        .failure
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
-    match failure {
-        Some(f) => Err(ConnectError::Protocol {
-            protocol: "http",
-            source: Box::new(f),
-        }),
-        None => Ok(Transferred { to_target, to_app }),
-    }
+    super::session_end(cx, &session.to_app, &session.to_target, &session.failure)
 }
 
 /// Answers every stream on `app` (which sent the HTTP/2 preface) with `failure`'s response,
