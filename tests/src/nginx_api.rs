@@ -171,3 +171,66 @@ pub fn policy_yaml(dest: SocketAddr, secrets: &std::path::Path, extra_spec: &str
 pub fn secrets_yaml(username: &str, password: &str, extra: &str) -> String {
     format!("api:\n  username: \"{username}\"\n  password: \"{password}\"\n{extra}")
 }
+
+/// nginx on an h2c listener (HTTP/2 with prior knowledge) passing every request on to an
+/// HTTP/1.1 `upstream` with its `Host` as the client sent it (`:authority` for HTTP/2): an
+/// HTTP/2 front for servers that speak HTTP/1.1 only, such as moto.
+pub struct H2cFront {
+    pub addr: SocketAddr,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl H2cFront {
+    pub fn start(ip: &str, upstream: SocketAddr) -> Self {
+        let nginx = bins::tool("nginx", "the Debian package nginx-light");
+        let dir = TempDir::new("nginx-h2c-front");
+        let d = dir.path().display().to_string();
+        for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        let port = free_port(ip);
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+             server {{ listen {ip}:{port} http2;\n    \
+               location / {{ proxy_pass http://{upstream}; proxy_http_version 1.1;\n      \
+                 proxy_set_header Host $http_host; client_max_body_size 0; }} }}\n}}\n"
+        );
+        let conf_path = dir.write("nginx.conf", &conf);
+        let child = Command::new(nginx)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not start on {addr}:\n{}",
+                std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            addr,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for H2cFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

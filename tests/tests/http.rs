@@ -1260,3 +1260,103 @@ fn a_get_is_retried_once_on_a_new_connection_when_the_target_closes_a_reused_one
     );
     drop(agent);
 }
+
+/// A target that records the raw bytes of one request (head, chunked body and its trailer
+/// section) into `record`, then answers with a chunked body carrying a trailer of its own.
+const TRAILER_TARGET: &str = r#"
+import socket, sys
+ip, port, record = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((ip, port))
+srv.listen(4)
+print("ready", flush=True)
+conn, _ = srv.accept()
+data = b""
+while True:
+    if b"\r\n\r\n" in data:
+        body = data.split(b"\r\n\r\n", 1)[1]
+        # A chunked body ends with the last chunk, the trailer section and an empty line.
+        if b"0\r\n" in body and body.endswith(b"\r\n\r\n"):
+            break
+    chunk = conn.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+open(record, "wb").write(data)
+conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Resp-Sum\r\n"
+             b"Connection: close\r\n\r\n5\r\nworld\r\n0\r\nX-Resp-Sum: 42\r\n\r\n")
+conn.close()
+"#;
+
+#[test]
+fn request_and_response_trailers_pass_through_with_the_credential_injected() {
+    let ip = "127.0.0.2";
+    let port = latch_tests::servers::free_port(ip);
+    let dir = TempDir::new("trailers");
+    let record = dir.path().join("request.raw");
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    let server = Command::new(bins::tool("python3", "python3"))
+        .args(["-c", TRAILER_TARGET, ip, &port.to_string()])
+        .arg(&record)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the trailer target");
+    let mut server = latch_tests::Killed(server);
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready", "the trailer target did not start");
+
+    let secrets = dir.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
+    let cg = TestCgroup::new();
+    let agent = Agent::start(
+        &policy_yaml(addr, &secrets, "  http: {inject: bearer}\n"),
+        &cg,
+    );
+    let client = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"POST /t HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\n"
+          b"Trailer: X-Req-Sum\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Req-Sum: 7\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+sys.stdout.write(data.decode())
+"#;
+    let response = python_in(&cg, client, &[ip, &port.to_string()]);
+    let request =
+        String::from_utf8_lossy(&std::fs::read(&record).expect("the target got a request"))
+            .into_owned();
+    let lower = request.to_ascii_lowercase();
+    assert!(
+        lower.contains(&format!(
+            "authorization: bearer {}",
+            TOKEN.to_ascii_lowercase()
+        )),
+        "the credential was injected:\n{request}"
+    );
+    let (_, body) = request.split_once("\r\n\r\n").unwrap();
+    assert!(
+        body.ends_with("0\r\nx-req-sum: 7\r\n\r\n") || body.ends_with("0\r\nX-Req-Sum: 7\r\n\r\n"),
+        "the request trailer reached the target after the body:\n{request}"
+    );
+    assert!(body.contains("hello"), "{request}");
+    let (head, rbody) = response.split_once("\r\n\r\n").expect(&response);
+    assert!(head.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        rbody.ends_with("0\r\nx-resp-sum: 42\r\n\r\n")
+            || rbody.ends_with("0\r\nX-Resp-Sum: 42\r\n\r\n"),
+        "the response trailer reached the application:\n{response}"
+    );
+    assert!(!response.contains(TOKEN));
+    let audit = agent.wait_audit(1);
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert!(!agent.log().contains(TOKEN));
+}

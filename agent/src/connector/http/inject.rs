@@ -1,13 +1,14 @@
 //! Putting the policy's credential into one request, sans-IO: the request head in, the head
 //! to send out. Everything the policy does not name stays as the application wrote it.
 use base64::Engine as _;
+use bytes::Bytes;
 use http::{
     HeaderName, HeaderValue,
     header::{AUTHORIZATION, HOST},
     request::Parts,
     uri::PathAndQuery,
 };
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::{
     config::{AppCredentials, HttpSpec, Injection},
@@ -124,10 +125,34 @@ fn fill(template: &str, creds: &Credentials) -> Result<Zeroizing<String>, Inject
     Ok(out)
 }
 
-fn sensitive(value: &str) -> Result<HeaderValue, InjectError> {
-    let mut v = HeaderValue::from_str(value).map_err(|_| InjectError::NotAHeaderValue)?;
+/// A header value holding a credential: marked sensitive (HPACK never indexes it) and backed
+/// by memory that is wiped when the last reference to it goes (see [`wiped_bytes`]).
+pub(super) fn sensitive(value: &str) -> Result<HeaderValue, InjectError> {
+    let mut v = HeaderValue::from_maybe_shared(wiped_bytes(value))
+        .map_err(|_| InjectError::NotAHeaderValue)?;
     v.set_sensitive(true);
     Ok(v)
+}
+
+/// A copy of `value` in a [`Bytes`] whose buffer is zeroed when the last clone is dropped.
+/// `HeaderValue` and `PathAndQuery` keep a `Bytes` they are given as it is, so the credential
+/// they carry is wiped with them (what hyper copies into its own write buffer is not).
+pub(super) fn wiped_bytes(value: &str) -> Bytes {
+    Bytes::from_owner(Wiped(value.as_bytes().to_vec()))
+}
+
+struct Wiped(Vec<u8>);
+
+impl AsRef<[u8]> for Wiped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Wiped {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
 }
 
 /// Removes what the application sent where latch's credential goes.
@@ -188,7 +213,10 @@ fn add_query(parts: &mut Parts, name: &str, value: &str) -> Result<(), InjectErr
         Some(q) if !q.is_empty() => format!("{}?{q}&{name}={}", parts.uri.path(), *encoded),
         _ => format!("{}?{name}={}", parts.uri.path(), *encoded),
     });
-    set_path_and_query(parts, &pq)
+    let pq = PathAndQuery::from_maybe_shared(wiped_bytes(&pq))
+        .map_err(|_| InjectError::NotAHeaderValue)?;
+    parts.uri = pq.into();
+    Ok(())
 }
 
 fn set_path_and_query(parts: &mut Parts, pq: &str) -> Result<(), InjectError> {
@@ -214,6 +242,21 @@ fn origin_form(parts: &mut Parts) -> Result<(), InjectError> {
 mod tests {
     use super::*;
     use crate::config::{AwsSigning, SecretString};
+
+    #[test]
+    fn credential_headers_and_queries_keep_the_wiped_buffer_instead_of_copying_it() {
+        // The property the wiping relies on: `HeaderValue` / `PathAndQuery` hold the very
+        // `Bytes` they are given, so dropping them drops (and zeroes) the credential's buffer.
+        let bytes = wiped_bytes("Bearer canary-7d1f");
+        let value = HeaderValue::from_maybe_shared(bytes.clone()).unwrap();
+        assert_eq!(value.as_bytes().as_ptr(), bytes.as_ptr());
+        let pq = wiped_bytes("/x?key=canary-7d1f");
+        let parsed = PathAndQuery::from_maybe_shared(pq.clone()).unwrap();
+        assert_eq!(parsed.as_str().as_ptr(), pq.as_ptr());
+        let v = sensitive("Bearer canary-7d1f").unwrap();
+        assert!(v.is_sensitive());
+        assert_eq!(format!("{v:?}"), "Sensitive");
+    }
 
     fn creds(user: Option<&str>, pass: &str) -> Credentials {
         Credentials::new(

@@ -98,7 +98,8 @@ pub fn sign_parts(
     let (headers, params) = instructions.into_parts();
     debug_assert!(params.is_empty());
     for h in headers {
-        let mut value = http::HeaderValue::from_str(h.value())
+        // The session token (`x-amz-security-token`) is a credential: wiped with the request.
+        let mut value = http::HeaderValue::from_maybe_shared(super::inject::wiped_bytes(h.value()))
             .map_err(|_| "a signature header is not a header value".to_owned())?;
         value.set_sensitive(h.sensitive() || h.name() == "authorization");
         parts.headers.insert(
