@@ -19,6 +19,9 @@ pub enum Outcome {
     failed,
     /// The handshake took longer than `--handshake-timeout` (counted as failed in totals).
     timed_out,
+    /// Let through to its destination without latch (fail mode `open`: a pod whose metadata
+    /// never arrived); not in the totals, which count what latch brokered or refused.
+    bypassed,
 }
 
 /// Why a connection was refused before any policy applied.
@@ -299,6 +302,7 @@ impl Metrics {
         let slot = match outcome {
             Outcome::relayed => 0,
             Outcome::failed | Outcome::timed_out => 1,
+            Outcome::bypassed => return,
         };
         self.totals[slot].fetch_add(1, Ordering::Relaxed);
     }

@@ -294,6 +294,7 @@ impl Running {
             }
         };
         shared.direct = direct;
+        shared.fail_mode = opts.fail_mode;
         shared.cgroups =
             crate::identity::Cgroups::new(shared.cgroups.root.clone(), &opts.runtime_cgroup_roots);
         let background = CancellationToken::new();

@@ -100,6 +100,17 @@ struct Setup {
 /// (`shop`/`orders`, app=web), plus a pod of another node. `tls`: the API server is served
 /// over TLS, verified with the kubeconfig's CA.
 fn setup(describe_pod2: bool, tls: bool) -> Setup {
+    setup_with(describe_pod2, tls, &[], |_| String::new())
+}
+
+/// [`setup`] with more agent arguments, and more policy documents (made from pod 1, whose
+/// host address the targets listen on).
+fn setup_with(
+    describe_pod2: bool,
+    tls: bool,
+    extra_args: &[&str],
+    extra_yaml: impl FnOnce(&Pod) -> String,
+) -> Setup {
     latch_tests::require_root();
     let api = if tls {
         KubeApi::start_tls()
@@ -139,14 +150,18 @@ fn setup(describe_pod2: bool, tls: bool) -> Setup {
         pg.addr,
         &file,
         "  workloads:\n    - namespace: shop\n      serviceAccount: orders\n      labels: {app: orders}\n",
-    );
+    ) + &extra_yaml(&pod1);
     let kube = TempDir::new("kubeconfig");
     let kubeconfig = kube.write("config", &api.kubeconfig());
     let root = kubepods_root(&cg);
     let agent = Agent::start_env(
         &yaml,
         &cg,
-        &["--runtime-cgroup-root", &root, "--node-name", NODE],
+        &[
+            &["--runtime-cgroup-root", &root, "--node-name", NODE],
+            extra_args,
+        ]
+        .concat(),
         &[
             ("KUBECONFIG", kubeconfig.as_os_str()),
             ("HOME", OsStr::new("/nonexistent")),
@@ -237,20 +252,29 @@ fn only_the_pod_the_policy_selects_gets_in_and_label_changes_and_deletions_take_
     );
 }
 
+/// Fail mode closed (the default): a pod the API does not describe is waited for (up to a
+/// second), then refused and audited.
 #[test]
 fn a_pod_the_api_has_not_described_is_refused_and_audited_until_it_is() {
     let s = setup(false, false);
     let (agent, api, pg) = (&s.agent, &s.api, &s.pg);
+    let uid2 = s.pod2.uid();
     let (ok, r) = connect(agent, &s.pod2, pg);
     assert!(!ok, "an unknown pod got in");
     assert_eq!(r["outcome"], "denied", "{r}");
     assert_eq!(r["workload"]["pod_unknown"], true, "{r}");
+    let reason = r["reason"].as_str().unwrap();
     assert!(
-        r["reason"].as_str().unwrap().contains(&format!(
-            "pod {}: no metadata from the Kubernetes API yet",
-            s.pod2.uid()
-        )),
+        reason.contains(&format!(
+            "pod {uid2}: no metadata from the Kubernetes API yet"
+        )) && reason.contains("refused (fail closed)"),
         "{r}"
+    );
+    // Admission waited for the metadata (the watch was in sync) before refusing.
+    let waited = r["duration_ms"].as_f64().unwrap();
+    assert!(
+        (900.0..5000.0).contains(&waited),
+        "refused after {waited} ms, not after the one-second wait: {r}"
     );
     api.put_pod(&spec(&s.pod2, "shop", "orders", &[("app", "orders")]));
     assert!(
@@ -258,6 +282,153 @@ fn a_pod_the_api_has_not_described_is_refused_and_audited_until_it_is() {
         "pod 2 never got in once described:\n{}",
         agent.log()
     );
+}
+
+/// A pod's containers can connect before the watch delivers the pod: admission waits for the
+/// metadata (woken by the pod cache), and the connection gets its credential once it arrives.
+#[test]
+fn a_pod_whose_metadata_arrives_just_after_its_first_connect_is_admitted() {
+    let s = setup(false, false);
+    let (agent, api, pg) = (&s.agent, &s.api, &s.pg);
+    let delay = Duration::from_millis(400);
+    let (ok, r) = std::thread::scope(|scope| {
+        let first = scope.spawn(|| connect(agent, &s.pod2, pg));
+        std::thread::sleep(delay);
+        api.put_pod(&spec(&s.pod2, "shop", "orders", &[("app", "orders")]));
+        first.join().unwrap()
+    });
+    assert!(
+        ok,
+        "the pod's first connection did not get in:\n{r}\n{}",
+        agent.log()
+    );
+    assert_eq!(r["outcome"], "relayed", "{r}");
+    assert_eq!(r["workload"]["pod"]["labels"]["app"], "orders", "{r}");
+    assert!(r["workload"].get("pod_unknown").is_none(), "{r}");
+    // Admitted while the pod was still unknown: its handshake includes the wait.
+    let handshake = r["handshake_ms"].as_f64().unwrap();
+    assert!(
+        handshake >= 200.0,
+        "the connection did not wait for the pod (handshake {handshake} ms; psql may have \
+         started later than {delay:?}): {r}"
+    );
+}
+
+/// Fail mode open: a connection of a pod whose metadata never arrives goes to the destination
+/// the kernel recorded as a plain relay, with no credentials, for any protocol; audited
+/// `bypassed` and counted. The password never leaves the store.
+#[test]
+fn with_fail_mode_open_an_undescribed_pods_connection_goes_to_its_destination_without_credentials()
+{
+    let echo = std::cell::OnceCell::new();
+    let s = setup_with(false, false, &["--fail-mode", "open"], |pod1| {
+        let server = latch_tests::servers::EchoServer::start(&pod1.host_ip4().to_string());
+        let yaml = format!(
+            "---\n{}",
+            latch_tests::tcp_policy("echo", &server.addr.ip().to_string(), server.addr.port())
+                .replace("workloads: all", "workloads:\n    - namespace: shop")
+        );
+        let _ = echo.set(server);
+        yaml
+    });
+    let echo = echo.get().unwrap();
+    let (agent, pg) = (&s.agent, &s.pg);
+    let resolutions = || {
+        agent
+            .metrics()
+            .lines()
+            .filter(|l| l.starts_with("latch_secret_resolve_seconds_count"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum::<u64>()
+    };
+
+    // PostgreSQL: psql (no password) reaches the real server, which asks for the password
+    // latch did not give.
+    let out = psql_in_pod(&s.pod2, pg);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "psql got in without credentials");
+    assert!(
+        stderr.contains("no password supplied"),
+        "psql did not meet the server's own password request: {stderr}\n{}",
+        agent.log()
+    );
+    let r = latch_tests::wait_for(Duration::from_secs(10), || {
+        audits_of(agent, &s.pod2)
+            .into_iter()
+            .find(|r| r["policy"] == "orders-db")
+    })
+    .unwrap_or_else(|| panic!("no audit record:\n{}", agent.log()));
+    assert_eq!(r["outcome"], "bypassed", "{r}");
+    assert_eq!(r["workload"]["pod_unknown"], true, "{r}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("let through to its destination without credentials (fail mode open)"),
+        "{r}"
+    );
+    assert!(r["bytes_to_app"].as_u64().unwrap() > 0, "{r}");
+
+    // tcp: the echo server answers the pod itself, from the pod's own address.
+    let got = latch_tests::run_within(
+        s.pod2.command(latch_tests::bins::probe()).args([
+            "echo",
+            &echo.addr.to_string(),
+            "1",
+            "100",
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        "ok=1 failed=0",
+        "{}",
+        agent.log()
+    );
+    assert_eq!(echo.peers(), [std::net::IpAddr::from(s.pod2.pod_ip4())]);
+    let r = latch_tests::wait_for(Duration::from_secs(10), || {
+        audits_of(agent, &s.pod2)
+            .into_iter()
+            .find(|r| r["policy"] == "echo")
+    })
+    .unwrap_or_else(|| panic!("no audit record of the echo:\n{}", agent.log()));
+    assert_eq!(r["outcome"], "bypassed", "{r}");
+    assert_eq!(r["bytes_to_target"], 100, "{r}");
+    assert_eq!(r["bytes_to_app"], 100, "{r}");
+
+    let metrics = agent.metrics();
+    for policy in ["orders-db", "echo"] {
+        let line = format!("latch_connections_total{{policy=\"{policy}\",outcome=\"bypassed\"}} 1");
+        assert!(metrics.contains(&line), "no {line:?} in:\n{metrics}");
+    }
+    assert_eq!(
+        resolutions(),
+        0,
+        "a credential was resolved for a let-through connection"
+    );
+
+    // The described pod is still brokered with its credential (and only that resolves it).
+    let (ok, r) = connect(agent, &s.pod1, pg);
+    assert!(ok, "pod 1 did not get in:\n{}", agent.log());
+    assert_eq!(r["outcome"], "relayed", "{r}");
+    assert!(resolutions() >= 1, "the canary metric never moves");
+
+    // Canary: the password is nowhere in what latch wrote or the pod received.
+    let audit = std::fs::read_to_string(agent.dir.path().join("audit.jsonl")).unwrap_or_default();
+    for (what, text) in [
+        ("the agent's log", agent.log()),
+        ("the audit trail", audit),
+        ("/metrics", agent.metrics()),
+        (
+            "psql's output",
+            format!("{stderr}{}", String::from_utf8_lossy(&out.stdout)),
+        ),
+    ] {
+        assert!(
+            !text.contains(latch_tests::pg_setup::SCRAM_PW),
+            "the password is in {what}"
+        );
+    }
 }
 
 #[test]

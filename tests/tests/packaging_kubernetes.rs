@@ -304,6 +304,24 @@ fn the_crd_schemas_reject_unknown_fields_wrong_enums_and_two_backends() {
     let mut p = policy.clone();
     p["spec"]["destination"]["address"] = "10.0.0.1".into();
     cases.push(("two targets", &policy_schema, p, "valid under each of"));
+    // `namespace: fromPod` is for ClusterPolicies: a namespaced Policy reads its own
+    // namespace's Secrets, and its schema leaves the option out.
+    let mut from_pod = policy.clone();
+    from_pod["spec"]["credentials"]["password"]["namespace"] = "fromPod".into();
+    cases.push((
+        "namespace: fromPod in a namespaced Policy",
+        &policy_schema,
+        from_pod.clone(),
+        "namespace",
+    ));
+    let mut c = from_pod.clone();
+    c["spec"]["credentials"]["password"]["namespace"] = "fromNode".into();
+    cases.push((
+        "an unknown secret namespace in a ClusterPolicy",
+        &cluster_schema,
+        c,
+        "fromNode",
+    ));
     let mut s = store.clone();
     s["spec"]["kubernetes"]["namespase"] = "x".into();
     cases.push(("a misspelt store field", &store_schema, s, "namespase"));
@@ -322,6 +340,7 @@ fn the_crd_schemas_reject_unknown_fields_wrong_enums_and_two_backends() {
     // And the same documents, unmodified, pass.
     validate_cr(&policy_schema, &policy).unwrap();
     validate_cr(&cluster_schema, &policy).unwrap();
+    validate_cr(&cluster_schema, &from_pod).unwrap();
     validate_cr(&store_schema, &store).unwrap();
     eprintln!(
         "{} invalid resources rejected by the generated schemas",

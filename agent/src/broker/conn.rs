@@ -31,7 +31,8 @@ pub(super) async fn handle(
         destination: local.to_string(),
         peer: peer.to_string(),
     };
-    let Some(admitted) = admit::admit(shared, id, meta, Some(netns), unrecorded, false) else {
+    let Some(admitted) = admit::admit(shared, id, meta, Some(netns), unrecorded, false).await
+    else {
         refuse::reset(stream);
         return;
     };
@@ -60,6 +61,8 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
             return;
         }
         Verdict::Deny => admitted.audit(shared),
+        // No connector: a plain relay to the destination, without credentials.
+        Verdict::Bypass => return super::bypass::relay(stream, admitted, shared).await,
     }
     let cx = Context {
         origin: &admitted.origin,

@@ -2,6 +2,7 @@
 //! picks the policy and hands the connection to the policy's protocol connector.
 mod accept;
 pub mod admit;
+mod bypass;
 mod conn;
 pub mod direct;
 
@@ -112,6 +113,9 @@ pub struct Shared {
     pub direct: Option<Arc<direct::Direct>>,
     /// Per-reason refusal counts for the log's and the audit trail's summaries.
     pub refusals: crate::refusals::Refusals,
+    /// `--fail-mode`: with `open`, a connection of a pod whose metadata never arrived goes to
+    /// its destination without latch (see `admit`).
+    pub fail_mode: crate::runtime::FailMode,
     next_id: AtomicU64,
 }
 
@@ -146,6 +150,7 @@ impl Shared {
             ),
             direct: None,
             refusals: Default::default(),
+            fail_mode: Default::default(),
             next_id: AtomicU64::new(1),
         }
     }

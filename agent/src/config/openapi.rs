@@ -12,23 +12,41 @@ use serde_json::{Map, Value, json};
 
 use super::schema::{Field, Object, Type};
 
-/// The schema of a mapping of the format.
+/// Which resources a schema is for: a namespaced resource's leaves out the fields the
+/// decoder refuses there ([`Field::cluster_only`]), so the API server rejects them up front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// `ClusterPolicy`, and the file format: every field.
+    Cluster,
+    /// A namespaced `Policy`.
+    Namespaced,
+}
+
+/// The schema of a mapping of the format, every field.
 pub fn object(o: &Object) -> Value {
+    object_in(o, Scope::Cluster)
+}
+
+/// The schema of a mapping of the format for resources of `scope`.
+pub fn object_in(o: &Object, scope: Scope) -> Value {
+    let fields: Vec<&Field> = o
+        .fields
+        .iter()
+        .filter(|f| scope == Scope::Cluster || !f.cluster_only)
+        .collect();
     let mut out = Map::new();
     out.insert("type".into(), "object".into());
     if !o.doc.is_empty() {
         out.insert("description".into(), o.doc.into());
     }
-    if !o.fields.is_empty() {
-        let properties: Map<String, Value> = o
-            .fields
+    if !fields.is_empty() {
+        let properties: Map<String, Value> = fields
             .iter()
-            .map(|f| (f.name.to_string(), field(f)))
+            .map(|f| (f.name.to_string(), field(f, scope)))
             .collect();
         out.insert("properties".into(), properties.into());
     }
-    let required: Vec<&str> = o
-        .fields
+    let required: Vec<&str> = fields
         .iter()
         .filter(|f| f.required)
         .map(|f| f.name)
@@ -55,8 +73,8 @@ fn one_of(names: &[&str]) -> Value {
     json!({ "oneOf": choices })
 }
 
-fn field(f: &Field) -> Value {
-    let mut v = of_type(&f.ty);
+fn field(f: &Field, scope: Scope) -> Value {
+    let mut v = of_type(&f.ty, scope);
     let mut doc = f.doc.to_string();
     if let Some((sibling, value)) = f.when {
         doc = format!("{doc} Read with {sibling}: {value}.")
@@ -74,7 +92,7 @@ fn field(f: &Field) -> Value {
     v
 }
 
-fn of_type(t: &Type) -> Value {
+fn of_type(t: &Type, scope: Scope) -> Value {
     match t {
         Type::String => json!({"type": "string"}),
         Type::Integer { min, max } => {
@@ -86,9 +104,11 @@ fn of_type(t: &Type) -> Value {
         }
         Type::Boolean => json!({"type": "boolean"}),
         Type::Enum(values) => json!({"type": "string", "enum": values}),
-        Type::Object(o) => object(o),
-        Type::List(item) => json!({"type": "array", "items": of_type(item)}),
-        Type::Map(value) => json!({"type": "object", "additionalProperties": of_type(value)}),
+        Type::Object(o) => object_in(o, scope),
+        Type::List(item) => json!({"type": "array", "items": of_type(item, scope)}),
+        Type::Map(value) => {
+            json!({"type": "object", "additionalProperties": of_type(value, scope)})
+        }
         Type::Either(Type::Integer { .. }, Type::String)
         | Type::Either(Type::String, Type::Integer { .. }) => json!({
             "x-kubernetes-int-or-string": true,

@@ -44,6 +44,9 @@ pub struct Field {
     pub doc: &'static str,
     /// Read only when a sibling field has this value (`http` with `protocol: http`).
     pub when: Option<(&'static str, &'static str)>,
+    /// Not for namespaced resources: the decoder refuses it in a namespaced `Policy`, and that
+    /// CRD's schema leaves it out (`namespace: fromPod`, for `ClusterPolicy`s and files).
+    pub cluster_only: bool,
 }
 
 impl Field {
@@ -54,6 +57,7 @@ impl Field {
             required: false,
             doc,
             when: None,
+            cluster_only: false,
         }
     }
 
@@ -67,6 +71,14 @@ impl Field {
     pub const fn when(self, sibling: &'static str, value: &'static str) -> Field {
         Field {
             when: Some((sibling, value)),
+            ..self
+        }
+    }
+
+    /// Left out of the schemas of namespaced resources ([`Field::cluster_only`]).
+    pub const fn cluster_only(self) -> Field {
+        Field {
+            cluster_only: true,
             ..self
         }
     }

@@ -184,8 +184,10 @@ pub(super) static SECRET_REF: Object = Object {
             "namespace",
             Type::Enum(&SECRET_NAMESPACES),
             "fromPod: the Secret named by path is in the connecting pod's namespace (a \
-             kubernetes store; a pod whose namespace latch does not know gets nothing).",
-        ),
+             kubernetes store; a pod whose namespace latch does not know gets nothing). \
+             ClusterPolicies and files only: a namespaced Policy reads its own namespace's.",
+        )
+        .cluster_only(),
         Field::opt(
             "version",
             Type::Either(

@@ -5,7 +5,10 @@
 use serde_json::{Value, json};
 
 use super::Kind;
-use crate::config::{openapi, schema};
+use crate::config::{
+    openapi::{self, Scope},
+    schema,
+};
 
 pub const GROUP: &str = "latch.dev";
 pub const VERSION: &str = "v1alpha1";
@@ -30,21 +33,27 @@ pub fn manifests() -> String {
 
 /// One CRD as JSON.
 pub fn crd(kind: Kind) -> Value {
-    let (spec, description, short) = match kind {
+    // A namespaced Policy's spec leaves out what the decoder refuses in it (`namespace:
+    // fromPod`), so `kubectl apply` rejects that before the agent marks it Invalid.
+    let (spec, scope, description, short) = match kind {
         Kind::Policy => (
             &schema::POLICY_SPEC,
+            Scope::Namespaced,
             "A policy: which connections latch brokers, for which workloads of this \
-             namespace's pods, with which credentials. Its spec is a policy file entry's spec.",
+             namespace's pods, with which credentials. Its spec is a policy file entry's spec, \
+             without namespace: fromPod (it reads Secrets of its own namespace).",
             "lpol",
         ),
         Kind::ClusterPolicy => (
             &schema::POLICY_SPEC,
+            Scope::Cluster,
             "A cluster-wide policy: may admit pods of any namespace (a namespaced Policy \
              admits only pods of its own namespace). Its spec is a policy file entry's spec.",
             "lcpol",
         ),
         Kind::SecretStore => (
             &schema::STORE_SPEC,
+            Scope::Namespaced,
             "A secret store latch fetches credentials from. Its spec is a SecretStore file \
              entry's spec.",
             "lss",
@@ -88,7 +97,7 @@ pub fn crd(kind: Kind) -> Value {
                         "apiVersion": {"type": "string"},
                         "kind": {"type": "string"},
                         "metadata": {"type": "object"},
-                        "spec": openapi::object(spec),
+                        "spec": openapi::object_in(spec, scope),
                         "status": status(),
                     },
                 }},
@@ -301,6 +310,45 @@ mod tests {
                 "SecretStore.spec.literal.values.*",
             ]
         );
+    }
+
+    /// `namespace: fromPod` is in the ClusterPolicy's secret references and not in the
+    /// namespaced Policy's (the decoder refuses it there), wherever a reference appears.
+    #[test]
+    fn only_the_cluster_policy_schema_has_namespace_from_pod() {
+        fn refs<'a>(v: &'a Value, path: String, out: &mut Vec<(String, &'a Value)>) {
+            let Some(m) = v.as_object() else { return };
+            if let Some(p) = m.get("properties").and_then(Value::as_object) {
+                if p.contains_key("path") && p.contains_key("field") {
+                    out.push((path.clone(), v));
+                }
+                for (k, child) in p {
+                    refs(child, format!("{path}.{k}"), out);
+                }
+            }
+            for key in ["items", "additionalProperties"] {
+                if let Some(child) = m.get(key) {
+                    refs(child, format!("{path}[]"), out);
+                }
+            }
+        }
+        let spec = |kind| crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone();
+        let (cluster, namespaced) = (spec(Kind::ClusterPolicy), spec(Kind::Policy));
+        let (mut c, mut n) = (Vec::new(), Vec::new());
+        refs(&cluster, "ClusterPolicy".into(), &mut c);
+        refs(&namespaced, "Policy".into(), &mut n);
+        assert!(c.len() >= 5, "secret references found: {}", c.len());
+        assert_eq!(c.len(), n.len());
+        for (path, r) in &c {
+            assert_eq!(
+                r["properties"]["namespace"]["enum"],
+                json!(["fromPod"]),
+                "{path}"
+            );
+        }
+        for (path, r) in &n {
+            assert!(r["properties"].get("namespace").is_none(), "{path}: {r}");
+        }
     }
 
     /// The YAML emitter's output reads back, through the file format's own YAML reader, as

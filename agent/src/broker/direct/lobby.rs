@@ -277,7 +277,7 @@ async fn handle(
             peer: peer.to_string(),
         }
     };
-    let Some(mut admitted) = admit::admit(shared, id, meta, None, unrecorded, true) else {
+    let Some(mut admitted) = admit::admit(shared, id, meta, None, unrecorded, true).await else {
         // Not latch's to serve: the kernel path goes on without it.
         let _ = direct.maps.remove_socket(header.cookie);
         direct.maps.forget(&header.key, header.cookie);
@@ -318,7 +318,8 @@ async fn serve(
     };
     let refusal = match admitted.verdict {
         Verdict::Admit => None,
-        Verdict::Deny => Some(Failure::Denied),
+        // Admission never lets a direct-mode connection through (it denies it instead).
+        Verdict::Deny | Verdict::Bypass => Some(Failure::Denied),
         Verdict::Refuse(why) => Some(Failure::Limit(why)),
     };
     let (deadline, timeout) = admitted.handshake_deadline(shared);
