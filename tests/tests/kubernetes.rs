@@ -290,9 +290,24 @@ fn a_pod_the_api_has_not_described_is_refused_and_audited_until_it_is() {
 fn a_pod_whose_metadata_arrives_just_after_its_first_connect_is_admitted() {
     let s = setup(false, false);
     let (agent, api, pg) = (&s.agent, &s.api, &s.pg);
-    let delay = Duration::from_millis(400);
+    let delay = Duration::from_millis(200);
+    // psql is running in the pod (it connects as it starts).
+    let psql_running = || {
+        std::fs::read_to_string(s.pod2.cgroup_path().join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .any(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "psql")
+            })
+    };
     let (ok, r) = std::thread::scope(|scope| {
         let first = scope.spawn(|| connect(agent, &s.pod2, pg));
+        // Described only once psql runs (however slowly it started), and a moment later.
+        assert!(
+            eventually(Duration::from_secs(20), psql_running),
+            "psql never ran in the pod"
+        );
         std::thread::sleep(delay);
         api.put_pod(&spec(&s.pod2, "shop", "orders", &[("app", "orders")]));
         first.join().unwrap()
@@ -308,9 +323,8 @@ fn a_pod_whose_metadata_arrives_just_after_its_first_connect_is_admitted() {
     // Admitted while the pod was still unknown: its handshake includes the wait.
     let handshake = r["handshake_ms"].as_f64().unwrap();
     assert!(
-        handshake >= 200.0,
-        "the connection did not wait for the pod (handshake {handshake} ms; psql may have \
-         started later than {delay:?}): {r}"
+        handshake >= delay.as_millis() as f64,
+        "the connection did not wait for the pod (handshake {handshake} ms): {r}"
     );
 }
 
