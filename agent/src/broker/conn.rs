@@ -123,6 +123,22 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
     }
     record.handshake_ms = session.handshake_took().map(ms);
     record.duration_ms = ms(admitted.started.elapsed());
+    if let Some((app, target)) = session.take_parked() {
+        // An upgrade parked the relay: the next agent carries it on and writes its record.
+        let state = super::resume::state(
+            admitted.id,
+            &policy.name,
+            admitted.origin.cgroup_id,
+            admitted.started,
+            record,
+        );
+        tracing::info!(to_target, to_app, "parked for the next agent");
+        shared
+            .env
+            .parking
+            .submit(crate::upgrade::relays::Parked { state, app, target });
+        return;
+    }
     match &result {
         // Once relaying, a reset from either side ends the session; it is not a broker failure.
         Ok(_) | Err(ConnectError::Relay(_)) => {

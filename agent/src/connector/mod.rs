@@ -118,6 +118,9 @@ pub struct Session {
     /// The connector's own note of how far the application's handshake got, for
     /// [`Connector::abort`] (opaque to the broker).
     stage: AtomicU64,
+    /// The relay parked for an upgrade: its sockets (application, target), for the broker to
+    /// hand over.
+    parked: std::sync::Mutex<Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>>,
 }
 
 impl Session {
@@ -129,7 +132,22 @@ impl Session {
             handshake: OnceLock::new(),
             done: Notify::new(),
             stage: AtomicU64::new(0),
+            parked: Default::default(),
         }
+    }
+
+    /// The relay parked for an upgrade (see [`crate::relay::park`]): the connector gives its
+    /// two sockets, out of its runtime, to the broker.
+    pub fn park(&self, app: TcpStream, target: TcpStream) -> io::Result<()> {
+        let app = app.into_std()?;
+        let target = target.into_std()?;
+        *self.parked.lock().unwrap_or_else(|e| e.into_inner()) = Some((app.into(), target.into()));
+        Ok(())
+    }
+
+    /// The sockets of a parked relay, once.
+    pub fn take_parked(&self) -> Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Notes how far the application's handshake got (the connector's own encoding).

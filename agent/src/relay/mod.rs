@@ -18,6 +18,7 @@ use nix::{
 };
 use tokio::{io::Interest, net::TcpStream};
 
+pub mod park;
 pub mod pipes;
 
 use self::pipes::{PIPE_SIZE, Pipe};
@@ -63,25 +64,67 @@ pub async fn splice_both(
     progress: &Progress,
     handover: Option<Handover<'_>>,
 ) -> io::Result<Transferred> {
+    let t = splice_parkable(app, target, progress, handover, None).await?;
+    Ok(t.expect("a relay without a gate never parks"))
+}
+
+/// As [`splice_both`]; with `parking`, the relay also stops when an upgrade asks it to park
+/// and both directions are at a safe point (nothing taken from either socket that is not yet
+/// written, no pipe held): `Ok(None)`, the sockets untouched, the counts so far in `progress`
+/// (bytes the kernel carried included, the flow taken back from the kernel).
+pub async fn splice_parkable(
+    app: &TcpStream,
+    target: &TcpStream,
+    progress: &Progress,
+    handover: Option<Handover<'_>>,
+    parking: Option<&park::Parking>,
+) -> io::Result<Option<Transferred>> {
     let state = handover.map(|h| HandoverState::new(h, target));
+    let gate = parking.and_then(park::Gate::new);
     let res = tokio::try_join!(
         pump(
             app,
             target,
             &progress.to_target,
-            Role::to_target(state.as_ref())
+            Role::to_target(state.as_ref()),
+            gate.as_ref(),
         ),
-        pump(target, app, &progress.to_app, Role::to_app(state.as_ref())),
+        pump(
+            target,
+            app,
+            &progress.to_app,
+            Role::to_app(state.as_ref()),
+            gate.as_ref()
+        ),
     );
     let carried = state.as_ref().map_or(0, |s| s.finish(progress));
     if res.is_err() {
         abort_on_close(&[app, target]);
     }
-    let (to_target, to_app) = res?;
-    Ok(Transferred {
-        to_target: to_target + carried,
-        to_app,
-    })
+    match res? {
+        (Pumped::Parked, Pumped::Parked) => Ok(None),
+        (to_target, to_app) => Ok(Some(Transferred {
+            to_target: to_target.total() + carried,
+            to_app: to_app.total(),
+        })),
+    }
+}
+
+/// How a direction ended.
+enum Pumped {
+    /// End of stream after these bytes.
+    Ended(u64),
+    /// At a safe point, parked with the other direction.
+    Parked,
+}
+
+impl Pumped {
+    fn total(&self) -> u64 {
+        match self {
+            Pumped::Ended(n) => *n,
+            Pumped::Parked => 0,
+        }
+    }
 }
 
 /// How often a handed-over flow's allowance is renewed while the application keeps sending.
@@ -265,26 +308,42 @@ async fn pump(
     dst: &TcpStream,
     counter: &AtomicU64,
     role: Role<'_, '_>,
-) -> io::Result<u64> {
+    gate: Option<&park::Gate<'_>>,
+) -> io::Result<Pumped> {
     let mut total = 0u64;
     if let Role::ToTarget(h) = role {
         h.attempt(0);
     }
     loop {
         // Wait for data (or the end of the stream) holding no pipe: an idle direction costs
-        // nothing but its socket.
+        // nothing but its socket. This is the safe point where an upgrade may park it.
         let ready = src.readable();
-        match role {
-            Role::ToTarget(h) if h.ticking.load(Ordering::Relaxed) => {
-                tokio::select! {
-                    r = ready => r?,
-                    () = tokio::time::sleep(TICK) => {
-                        h.renew(true);
-                        continue;
-                    }
+        let ticking = match role {
+            Role::ToTarget(h) if h.ticking.load(Ordering::Relaxed) => Some(h),
+            _ => None,
+        };
+        tokio::select! {
+            r = ready => r?,
+            () = tokio::time::sleep(TICK), if ticking.is_some() => {
+                if let Some(h) = ticking {
+                    h.renew(true);
                 }
+                continue;
             }
-            _ => ready.await?,
+            park = async {
+                match gate {
+                    Some(g) => {
+                        g.requested().await;
+                        g.arrive().await
+                    }
+                    None => std::future::pending().await,
+                }
+            } => {
+                if park {
+                    return Ok(Pumped::Parked);
+                }
+                continue;
+            }
         }
         let moved = match pipes::take() {
             Some(pipe) => through_pipe(src, dst, pipe).await?,
@@ -298,7 +357,7 @@ async fn pump(
                 Ok(()) | Err(nix::errno::Errno::ENOTCONN) => {}
                 Err(e) => return Err(e.into()),
             }
-            return Ok(total);
+            return Ok(Pumped::Ended(total));
         }
         total += n as u64;
         counter.fetch_add(n as u64, Ordering::Relaxed);
