@@ -520,9 +520,10 @@ fn held_plain_relays_move_to_the_new_agent_and_outlive_the_old_one() {
     );
     // The new agent counts them as its own.
     assert!(
-        latch_tests::eventually(Duration::from_secs(5), || new.status()["connections"]
-            ["active"]
-            == CONNS as i64),
+        latch_tests::eventually(
+            Duration::from_secs(5),
+            || new.status()["connections"]["active"] == CONNS as i64
+        ),
         "status: {:#}\n{}",
         new.status(),
         new.log()
@@ -541,7 +542,10 @@ fn held_plain_relays_move_to_the_new_agent_and_outlive_the_old_one() {
     );
     let records = sessions(new.wait_audit(CONNS));
     assert_eq!(records.len(), CONNS, "{records:#?}");
-    let mut ids: Vec<u64> = records.iter().map(|r| r["conn"].as_u64().unwrap()).collect();
+    let mut ids: Vec<u64> = records
+        .iter()
+        .map(|r| r["conn"].as_u64().unwrap())
+        .collect();
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), CONNS, "one record per session: {records:#?}");

@@ -194,7 +194,9 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
                         }
                     });
                     match received {
-                        Ok(n) => tracing::info!(relays = n, "carrying on the previous agent's relays"),
+                        Ok(n) => {
+                            tracing::info!(relays = n, "carrying on the previous agent's relays")
+                        }
                         Err(err) => tracing::warn!(%err, "receiving the previous agent's relays"),
                     }
                     conn

@@ -588,4 +588,54 @@ mod tests {
             payload.len() as u64
         );
     }
+
+    #[tokio::test]
+    async fn a_parked_relay_leaves_its_sockets_whole_for_the_next_one() {
+        let (mut app_client, app_side) = pair().await;
+        let (target_side, mut target_server) = pair().await;
+        let parking = park::Parking::default();
+        let progress = Progress::default();
+        let relay = splice_parkable(&app_side, &target_side, &progress, None, Some(&parking));
+        let before = async {
+            app_client.write_all(b"before").await.unwrap();
+            let mut got = [0u8; 6];
+            target_server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"before");
+            // Parked while idle; what is sent meanwhile waits in the sockets.
+            parking.request(Duration::from_secs(2));
+        };
+        let (parked, ()) = tokio::join!(relay, before);
+        assert!(parked.unwrap().is_none(), "the relay parked");
+        assert_eq!(progress.to_target.load(Ordering::Relaxed), 6);
+        app_client.write_all(b"during").await.unwrap();
+        target_server.write_all(b"reply").await.unwrap();
+        let (taken, done) = parking.collect();
+        assert!(taken.is_empty());
+        assert!(
+            !done,
+            "one relay parked, not submitted (the broker does that)"
+        );
+        parking.lost();
+        // The next relay (another agent's) on the same sockets sees every byte, in order.
+        let next = Progress::default();
+        let relay = splice_both(&app_side, &target_side, &next, None);
+        let after = async {
+            let mut got = [0u8; 6];
+            target_server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"during");
+            let mut got = [0u8; 5];
+            app_client.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"reply");
+            app_client.shutdown().await.unwrap();
+            target_server.shutdown().await.unwrap();
+        };
+        let (t, ()) = tokio::join!(relay, after);
+        assert_eq!(
+            t.unwrap(),
+            Transferred {
+                to_target: 6,
+                to_app: 5
+            }
+        );
+    }
 }

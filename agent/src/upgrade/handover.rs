@@ -213,7 +213,13 @@ pub fn send_relays(
     let mut batches = batches.into_iter();
     while let Some(batch) = batches.next() {
         let (states, fds) = super::relays::split(batch);
-        if let Err(err) = send(conn, &Message::Relays { relays: states.clone() }, &fds) {
+        if let Err(err) = send(
+            conn,
+            &Message::Relays {
+                relays: states.clone(),
+            },
+            &fds,
+        ) {
             let mut fds = fds.into_iter();
             left.extend(states.into_iter().filter_map(|state| {
                 Some(super::relays::Parked {
@@ -374,11 +380,17 @@ mod tests {
             }
         };
         let t = std::thread::spawn(move || {
-            assert!(offer(&old, Offer::default()).unwrap(), "version 2 takes relays");
+            assert!(
+                offer(&old, Offer::default()).unwrap(),
+                "version 2 takes relays"
+            );
             send_relays(&old, (1..=150).map(relay).collect()).unwrap();
             end_relays(&old).unwrap();
         });
-        assert!(matches!(recv(&new).unwrap(), Some((Message::End { .. }, _))));
+        assert!(matches!(
+            recv(&new).unwrap(),
+            Some((Message::End { .. }, _))
+        ));
         send(&new, &Message::Ready, &[]).unwrap();
         let mut got = Vec::new();
         let n = receive_relays(&new, |batch| got.extend(batch)).unwrap();
@@ -400,7 +412,10 @@ mod tests {
         .unwrap();
         send(&new, &Message::Hello { version: 1 }, &[]).unwrap();
         let t = std::thread::spawn(move || offer(&old, Offer::default()));
-        assert!(matches!(recv(&new).unwrap(), Some((Message::End { .. }, _))));
+        assert!(matches!(
+            recv(&new).unwrap(),
+            Some((Message::End { .. }, _))
+        ));
         send(&new, &Message::Ready, &[]).unwrap();
         assert!(!t.join().unwrap().unwrap());
     }
