@@ -635,3 +635,83 @@ fn a_session_whose_tls_latch_terminates_is_drained_by_the_old_agent() {
     assert!(sessions(new.audit()).is_empty(), "{:#?}", new.audit());
     assert!(new.stop().success());
 }
+
+/// A PostgreSQL session, plain on both legs, moves too: once the old agent has exited, the
+/// same session answers a query (and a new one works), and its one audit record, from the new
+/// agent, counts the whole session.
+#[test]
+fn a_plain_postgres_session_moves_to_the_new_agent() {
+    use latch_tests::{
+        pg_setup::{SCRAM_PW, Setup as PgSetup},
+        postgres::{APP_DB, SCRAM_USER},
+    };
+    let state = TempDir::new("upgrade-pg-state");
+    let instance = format!("test-upgrade-pg-{}", std::process::id());
+    let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let args = [
+        "--instance",
+        &instance,
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--grace-period",
+        "30",
+    ];
+    let mut s = PgSetup::with_agent_args(SCRAM_USER, SCRAM_PW, "", &args);
+    let old_pid = s.agent.pid();
+    let mut hold = s
+        .probe(APP_DB, "hold")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start probe");
+    let mut lines = std::io::BufReader::new(hold.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("probe output").expect("read probe");
+        if line == "ready" {
+            break;
+        }
+    }
+    let policy = std::fs::read_to_string(s.agent.dir.path().join("policy.yaml")).unwrap();
+    let new = Agent::start_args(&policy, &s.cg, &args);
+    let status = s.agent.exited_within(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the old agent is still draining ({status:?}):\n{}",
+        s.agent.log()
+    );
+    assert!(gone(old_pid));
+    std::io::Write::write_all(&mut hold.stdin.take().unwrap(), b"go\n").unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = hold.wait().unwrap();
+    assert!(status.success(), "{rest:?}\nnew agent:\n{}", new.log());
+    for session in ["old session ok", "new session ok"] {
+        assert!(
+            rest.iter().any(|l| l.starts_with(session)),
+            "{rest:?}\nnew agent:\n{}",
+            new.log()
+        );
+    }
+    assert!(sessions(s.agent.audit()).is_empty(), "{:#?}", s.agent.audit());
+    let records = sessions(new.wait_audit(2));
+    assert_eq!(records.len(), 2, "{records:#?}");
+    // The session that moved keeps the old agent's id (the new agent counts from 2^20 past
+    // it); its counts cover both agents: more than the new session's startup and one query,
+    // which the bytes after the hand-over alone (one query) are not.
+    let (moved, fresh): (Vec<_>, Vec<_>) = records
+        .iter()
+        .partition(|r| r["conn"].as_u64().unwrap() < 1 << 20);
+    assert_eq!((moved.len(), fresh.len()), (1, 1), "{records:#?}");
+    let (moved, fresh) = (moved[0], fresh[0]);
+    assert_eq!(moved["outcome"], "relayed", "{moved:#}");
+    assert_eq!(moved["protocol"], "postgres", "{moved:#}");
+    let bytes = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap();
+    assert!(
+        bytes(moved, "bytes_to_app") > bytes(fresh, "bytes_to_app")
+            && bytes(moved, "bytes_to_target") > bytes(fresh, "bytes_to_target"),
+        "{records:#?}"
+    );
+    assert!(moved["handshake_ms"].as_f64().is_some(), "{moved:#}");
+    assert!(new.stop().success());
+}

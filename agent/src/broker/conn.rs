@@ -123,15 +123,17 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
     }
     record.handshake_ms = session.handshake_took().map(ms);
     record.duration_ms = ms(admitted.started.elapsed());
-    if let Some((app, target)) = session.take_parked() {
+    if let Some(parked) = session.take_parked() {
         // An upgrade parked the relay: the next agent carries it on and writes its record.
-        let state = super::resume::state(
+        let mut state = super::resume::state(
             admitted.id,
             &policy.name,
             admitted.origin.cgroup_id,
             admitted.started,
             record,
         );
+        state.cancel = parked.cancel;
+        let (app, target) = (parked.app, parked.target);
         tracing::info!(to_target, to_app, "parked for the next agent");
         shared
             .env

@@ -36,6 +36,7 @@ pub(super) fn state(
         to_target: record.bytes_to_target,
         to_app: record.bytes_to_app,
         audit: serde_json::to_value(record).unwrap_or_default(),
+        cancel: None,
     }
 }
 
@@ -103,6 +104,19 @@ async fn run(
         }
     };
     let _slot = shared.per_workload.try_acquire(state.cgroup_id);
+    // A PostgreSQL session's CancelRequests reach its server through this agent now.
+    let pg = shared
+        .connectors
+        .find::<crate::connector::postgres::Postgres>();
+    let _cancel = state.cancel.zip(pg).and_then(|(c, pg)| {
+        let key = crate::connector::postgres::CancelKey {
+            netns: c.netns,
+            dst: c.dst,
+            pid: c.pid,
+            secret: c.secret,
+        };
+        pg.cancels.register(key, &state.policy)
+    });
     let metrics = &shared.metrics;
     metrics.active.inc();
     tracing::debug!(

@@ -120,7 +120,15 @@ pub struct Session {
     stage: AtomicU64,
     /// The relay parked for an upgrade: its sockets (application, target), for the broker to
     /// hand over.
-    parked: std::sync::Mutex<Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>>,
+    parked: std::sync::Mutex<Option<ParkedRelay>>,
+}
+
+/// A relay a connector parked for an upgrade: its two sockets and what else the next agent
+/// needs of the connector.
+pub struct ParkedRelay {
+    pub app: std::os::fd::OwnedFd,
+    pub target: std::os::fd::OwnedFd,
+    pub cancel: Option<crate::upgrade::relays::CancelState>,
 }
 
 impl Session {
@@ -138,15 +146,24 @@ impl Session {
 
     /// The relay parked for an upgrade (see [`crate::relay::park`]): the connector gives its
     /// two sockets, out of its runtime, to the broker.
-    pub fn park(&self, app: TcpStream, target: TcpStream) -> io::Result<()> {
-        let app = app.into_std()?;
-        let target = target.into_std()?;
-        *self.parked.lock().unwrap_or_else(|e| e.into_inner()) = Some((app.into(), target.into()));
+    pub fn park(
+        &self,
+        app: TcpStream,
+        target: TcpStream,
+        cancel: Option<crate::upgrade::relays::CancelState>,
+    ) -> io::Result<()> {
+        let app = app.into_std()?.into();
+        let target = target.into_std()?.into();
+        *self.parked.lock().unwrap_or_else(|e| e.into_inner()) = Some(ParkedRelay {
+            app,
+            target,
+            cancel,
+        });
         Ok(())
     }
 
     /// The sockets of a parked relay, once.
-    pub fn take_parked(&self) -> Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    pub fn take_parked(&self) -> Option<ParkedRelay> {
         self.parked.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 

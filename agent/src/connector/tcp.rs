@@ -48,7 +48,7 @@ impl Connector for Tcp {
                 return match done {
                     Some(t) => Ok(t),
                     None => {
-                        if let Err(err) = cx.session.park(app, target) {
+                        if let Err(err) = cx.session.park(app, target, None) {
                             cx.env.parking.lost();
                             return Err(ConnectError::Relay(err));
                         }

@@ -428,12 +428,27 @@ async fn through_buffer(src: &TcpStream, dst: &TcpStream) -> io::Result<Option<u
 /// splice(2) when both legs are plain TCP (with the fast-path hand-over `handover` may allow),
 /// a copy loop when either is TLS.
 pub async fn streams<'s>(
-    mut app: AppStream,
+    app: AppStream,
     target: &mut TargetStream,
     early: &[u8],
     progress: &Progress,
     handover: impl FnOnce(&TcpStream) -> Option<Handover<'s>>,
 ) -> io::Result<Transferred> {
+    let done = streams_parkable(app, target, early, progress, handover, None).await?;
+    Ok(done.unwrap_or_else(|_| unreachable!("a relay without parking never parks")))
+}
+
+/// As [`streams`]; with `parking`, a relay whose legs are both plain TCP also parks for an
+/// upgrade (see [`splice_parkable`]): `Ok(Err(app))`, the application's socket given back (the
+/// target's stays in `target`).
+pub async fn streams_parkable<'s>(
+    mut app: AppStream,
+    target: &mut TargetStream,
+    early: &[u8],
+    progress: &Progress,
+    handover: impl FnOnce(&TcpStream) -> Option<Handover<'s>>,
+    parking: Option<&park::Parking>,
+) -> io::Result<Result<Transferred, TcpStream>> {
     use tokio::io::AsyncWriteExt as _;
     if !early.is_empty() {
         target.write_all(early).await?;
@@ -442,8 +457,14 @@ pub async fn streams<'s>(
             .fetch_add(early.len() as u64, Ordering::Relaxed);
     }
     match (&mut app, target) {
-        (MaybeTls::Plain(app), MaybeTls::Plain(tcp)) => {
-            splice_both(app, tcp, progress, handover(app)).await
+        (MaybeTls::Plain(a), MaybeTls::Plain(tcp)) => {
+            match splice_parkable(a, tcp, progress, handover(a), parking).await? {
+                Some(t) => Ok(Ok(t)),
+                None => match app {
+                    MaybeTls::Plain(a) => Ok(Err(a)),
+                    MaybeTls::Tls(_) => unreachable!("matched plain"),
+                },
+            }
         }
         (_, target) => {
             let (to_target, to_app) = tokio::io::copy_bidirectional(&mut app, target)
@@ -451,7 +472,7 @@ pub async fn streams<'s>(
                 .inspect_err(|_| abort_on_close(&[app.tcp(), target.tcp()]))?;
             progress.to_target.fetch_add(to_target, Ordering::Relaxed);
             progress.to_app.fetch_add(to_app, Ordering::Relaxed);
-            Ok(Transferred { to_target, to_app })
+            Ok(Ok(Transferred { to_target, to_app }))
         }
     }
 }

@@ -374,6 +374,7 @@ mod tests {
                     to_target: conn,
                     to_app: 2 * conn,
                     audit: serde_json::json!({"conn": conn}),
+                    cancel: None,
                 },
                 app: a.into(),
                 target: l.accept().unwrap().0.into(),

@@ -39,6 +39,29 @@ pub struct RelayState {
     /// The audit record so far (docs/audit.md, its own `v`): written once, by the agent that
     /// sees the session end, with the byte counts and duration of the whole session.
     pub audit: serde_json::Value,
+    /// A PostgreSQL session's cancellation key, so CancelRequests for it still reach its
+    /// server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<CancelState>,
+}
+
+/// A PostgreSQL session's entry in the cancel map (its key is a secret of the session: never
+/// in `Debug`).
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelState {
+    pub netns: u64,
+    pub dst: std::net::SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+impl std::fmt::Debug for CancelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CancelState")
+            .field("netns", &self.netns)
+            .field("dst", &self.dst)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A parked relay: its state and its two sockets.
@@ -154,6 +177,7 @@ mod tests {
             to_target: 100,
             to_app: 200,
             audit: serde_json::json!({"v": 1, "conn": conn, "pad": "x".repeat(pad)}),
+            cancel: None,
         }
     }
 
@@ -166,11 +190,21 @@ mod tests {
     }
 
     #[test]
-    fn a_state_round_trips() {
-        let s = state(3, 10);
+    fn a_state_round_trips_and_its_cancel_key_stays_out_of_debug() {
+        let mut s = state(3, 10);
         let json = serde_json::to_vec(&s).unwrap();
         let back: RelayState = serde_json::from_slice(&json).unwrap();
         assert_eq!(back, s);
+        s.cancel = Some(CancelState {
+            netns: 4,
+            dst: "127.0.0.2:5432".parse().unwrap(),
+            pid: 4242,
+            secret: 987_654_321,
+        });
+        let back: RelayState = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("987654321") && !debug.contains("4242"), "{debug}");
     }
 
     #[test]
