@@ -3,8 +3,9 @@
 //! around latch, and the old agent exits once drained. A new agent that cannot start leaves
 //! the old one serving.
 //!
-//! Plain relays go to the new agent with their sockets and carry on there after the old agent
-//! has exited; a session whose TLS latch terminates is drained by the old agent.
+//! Plain relays (`tcp`, PostgreSQL without TLS) go to the new agent with their sockets and
+//! carry on there after the old agent has exited; a session whose TLS latch terminates is
+//! drained by the old agent.
 //!
 //! The workload's direct path to the target is blocked (an iptables rule resets connections to
 //! it that do not carry latch's mark), so a connection that bypassed latch fails.
@@ -637,7 +638,8 @@ fn a_session_whose_tls_latch_terminates_is_drained_by_the_old_agent() {
 }
 
 /// A PostgreSQL session, plain on both legs, moves too: once the old agent has exited, the
-/// same session answers a query (and a new one works), and its one audit record, from the new
+/// same session answers a query (and a new one works), a query on it is cancelled through the
+/// new agent (its cancellation key moved with it), and its one audit record, from the new
 /// agent, counts the whole session.
 #[test]
 fn a_plain_postgres_session_moves_to_the_new_agent() {
@@ -661,7 +663,7 @@ fn a_plain_postgres_session_moves_to_the_new_agent() {
     let mut s = PgSetup::with_agent_args(SCRAM_USER, SCRAM_PW, "", &args);
     let old_pid = s.agent.pid();
     let mut hold = s
-        .probe(APP_DB, "hold")
+        .probe(APP_DB, "hold-cancel")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -686,24 +688,33 @@ fn a_plain_postgres_session_moves_to_the_new_agent() {
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = hold.wait().unwrap();
     assert!(status.success(), "{rest:?}\nnew agent:\n{}", new.log());
-    for session in ["old session ok", "new session ok"] {
+    for session in ["old session ok", "new session ok", "cancelled in"] {
         assert!(
             rest.iter().any(|l| l.starts_with(session)),
             "{rest:?}\nnew agent:\n{}",
             new.log()
         );
     }
-    assert!(sessions(s.agent.audit()).is_empty(), "{:#?}", s.agent.audit());
-    let records = sessions(new.wait_audit(2));
-    assert_eq!(records.len(), 2, "{records:#?}");
+    assert!(
+        sessions(s.agent.audit()).is_empty(),
+        "{:#?}",
+        s.agent.audit()
+    );
+    // The moved session, the new one, the cancel request.
+    let records = sessions(new.wait_audit(3));
     // The session that moved keeps the old agent's id (the new agent counts from 2^20 past
-    // it); its counts cover both agents: more than the new session's startup and one query,
-    // which the bytes after the hand-over alone (one query) are not.
-    let (moved, fresh): (Vec<_>, Vec<_>) = records
+    // it); its counts cover both agents: more than the new session's startup and one query.
+    // What the moved session moved after the hand-over alone (a query, a cancelled one, a
+    // query: about 460 bytes back) is less than that (about 570).
+    let (moved, later): (Vec<_>, Vec<_>) = records
         .iter()
         .partition(|r| r["conn"].as_u64().unwrap() < 1 << 20);
-    assert_eq!((moved.len(), fresh.len()), (1, 1), "{records:#?}");
-    let (moved, fresh) = (moved[0], fresh[0]);
+    assert_eq!((moved.len(), later.len()), (1, 2), "{records:#?}");
+    let moved = moved[0];
+    let fresh = later
+        .iter()
+        .max_by_key(|r| r["bytes_to_app"].as_u64())
+        .unwrap();
     assert_eq!(moved["outcome"], "relayed", "{moved:#}");
     assert_eq!(moved["protocol"], "postgres", "{moved:#}");
     let bytes = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap();

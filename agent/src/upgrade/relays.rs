@@ -204,7 +204,10 @@ mod tests {
         let back: RelayState = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
         assert_eq!(back, s);
         let debug = format!("{s:?}");
-        assert!(!debug.contains("987654321") && !debug.contains("4242"), "{debug}");
+        assert!(
+            !debug.contains("987654321") && !debug.contains("4242"),
+            "{debug}"
+        );
     }
 
     #[test]
