@@ -522,6 +522,10 @@ impl Running {
         parking.request(PARK_WINDOW);
         // The window bounds the decisions; relays that decided are submitted at once.
         let cap = tokio::time::Instant::now() + PARK_WINDOW + Duration::from_secs(2);
+        // A new agent that stops reading fails the send rather than hold this one up.
+        if let Err(err) = crate::upgrade::socket::set_send_timeout(&conn, Duration::from_secs(10)) {
+            tracing::warn!(%err, "upgrade socket: cannot bound sends");
+        }
         let conn = Arc::new(conn);
         let (mut sent, mut kept) = (0usize, Vec::new());
         let mut broken = false;

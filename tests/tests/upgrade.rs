@@ -496,8 +496,8 @@ fn sessions(records: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
 
 /// The held plain relays move to the new agent: once the old agent has exited (its process
 /// gone, long before its 30 s grace period), the same connections carry data both ways and
-/// close cleanly, and the one audit record of each session comes from the new agent with the
-/// bytes of the whole session.
+/// close cleanly, and the one audit record of each session comes from the agent that saw it
+/// end, with the bytes of the whole session. They move again on the next upgrade.
 #[test]
 fn held_plain_relays_move_to_the_new_agent_and_outlive_the_old_one() {
     const CONNS: usize = 8;
@@ -506,7 +506,7 @@ fn held_plain_relays_move_to_the_new_agent_and_outlive_the_old_one() {
     let mut old = Agent::start_args(&s.policy, &s.cg, &s.args("30"));
     let old_pid = old.pid();
     let held = Across::start(&s, s.target.addr, CONNS, BYTES);
-    let new = Agent::start_args(&s.policy, &s.cg, &s.args("30"));
+    let mut new = Agent::start_args(&s.policy, &s.cg, &s.args("30"));
     let status = old.exited_within(Duration::from_secs(10));
     assert!(
         status.is_some_and(|s| s.success()),
@@ -529,19 +529,31 @@ fn held_plain_relays_move_to_the_new_agent_and_outlive_the_old_one() {
         new.status(),
         new.log()
     );
+    // And hands them on to the agent after it.
+    let new_pid = new.pid();
+    let third = Agent::start_args(&s.policy, &s.cg, &s.args("30"));
+    let status = new.exited_within(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the second agent is still draining ({status:?}):\n{}",
+        new.log()
+    );
+    assert!(gone(new_pid), "process {new_pid} is still there");
 
     let report = held.finish();
     assert!(
         report.starts_with(&format!("after ok={CONNS} failed=0")),
-        "the held connections broke after the old agent exited:\n{report}\nnew agent:\n{}",
-        new.log()
+        "the held connections broke after the old agents exited:\n{report}\nlast agent:\n{}",
+        third.log()
     );
-    assert!(
-        sessions(old.audit()).is_empty(),
-        "the old agent wrote records of sessions it handed over: {:#?}",
-        old.audit()
-    );
-    let records = sessions(new.wait_audit(CONNS));
+    for agent in [&old, &new] {
+        assert!(
+            sessions(agent.audit()).is_empty(),
+            "an agent wrote records of sessions it handed over: {:#?}",
+            agent.audit()
+        );
+    }
+    let records = sessions(third.wait_audit(CONNS));
     assert_eq!(records.len(), CONNS, "{records:#?}");
     let mut ids: Vec<u64> = records
         .iter()
@@ -557,7 +569,7 @@ fn held_plain_relays_move_to_the_new_agent_and_outlive_the_old_one() {
         assert_eq!(r["bytes_to_app"], 2 * BYTES as u64, "{r:#}");
         assert!(r["workload"]["pid"].as_u64().is_some(), "{r:#}");
     }
-    assert!(new.stop().success());
+    assert!(third.stop().success());
 }
 
 /// A session whose TLS latch terminates cannot move: the old agent keeps serving it (the data
