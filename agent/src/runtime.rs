@@ -540,7 +540,16 @@ impl Running {
                     match tokio::task::spawn_blocking(move || handover::send_relays(&c, batch))
                         .await
                     {
-                        Ok(Ok(())) => sent += n,
+                        Ok(Ok(too_big)) => {
+                            if !too_big.is_empty() {
+                                tracing::warn!(
+                                    relays = too_big.len(),
+                                    "relay state too large to hand over; carrying them on here"
+                                );
+                            }
+                            sent += n - too_big.len();
+                            kept.extend(too_big);
+                        }
                         Ok(Err((err, left))) => {
                             tracing::warn!(%err, left = left.len(), "handing relays over failed; carrying them on here");
                             sent += n - left.len();

@@ -202,17 +202,17 @@ pub fn receive_relays(
 }
 
 /// The old agent's side: sends parked relays, at most one message's worth at a time (see
-/// [`super::relays::batches`]). On an error the relays not yet sent are returned, to be
-/// carried on here.
+/// [`super::relays::batches`]). Returns the relays whose state is too large to send; on an
+/// error, every relay not sent. Either way the caller carries those on itself.
 pub fn send_relays(
     conn: &OwnedFd,
     parked: Vec<super::relays::Parked>,
-) -> Result<(), (UpgradeError, Vec<super::relays::Parked>)> {
-    let (batches, too_big) = super::relays::batches(parked);
-    let mut left = too_big;
+) -> Result<Vec<super::relays::Parked>, (UpgradeError, Vec<super::relays::Parked>)> {
+    let (batches, mut too_big) = super::relays::batches(parked);
     let mut batches = batches.into_iter();
     while let Some(batch) = batches.next() {
         let (states, fds) = super::relays::split(batch);
+        // One message is sent whole or not at all (SOCK_SEQPACKET).
         if let Err(err) = send(
             conn,
             &Message::Relays {
@@ -221,22 +221,18 @@ pub fn send_relays(
             &fds,
         ) {
             let mut fds = fds.into_iter();
-            left.extend(states.into_iter().filter_map(|state| {
+            too_big.extend(states.into_iter().filter_map(|state| {
                 Some(super::relays::Parked {
                     state,
                     app: fds.next()?,
                     target: fds.next()?,
                 })
             }));
-            left.extend(batches.flatten());
-            return Err((err, left));
+            too_big.extend(batches.flatten());
+            return Err((err, too_big));
         }
     }
-    if left.is_empty() {
-        Ok(())
-    } else {
-        Err((UpgradeError::Protocol("relay state too large".into()), left))
-    }
+    Ok(too_big)
 }
 
 /// Tells the new agent no more relays come.
@@ -385,7 +381,11 @@ mod tests {
                 offer(&old, Offer::default()).unwrap(),
                 "version 2 takes relays"
             );
-            send_relays(&old, (1..=150).map(relay).collect()).unwrap();
+            assert!(
+                send_relays(&old, (1..=150).map(relay).collect())
+                    .unwrap()
+                    .is_empty()
+            );
             end_relays(&old).unwrap();
         });
         assert!(matches!(
