@@ -659,4 +659,37 @@ mod tests {
             }
         );
     }
+
+    #[tokio::test]
+    async fn a_relay_blocked_mid_write_is_not_parked_and_carries_on() {
+        let (mut app_client, app_side) = pair().await;
+        let (target_side, mut target_server) = pair().await;
+        let parking = park::Parking::default();
+        let progress = Progress::default();
+        let relay = splice_parkable(&app_side, &target_side, &progress, None, Some(&parking));
+        let payload: Vec<u8> = (0..16_000_000u32).map(|i| i as u8).collect();
+        let peers = async {
+            // The target reads nothing for a while: the relay's write toward it blocks.
+            let send = async {
+                app_client.write_all(&payload).await.unwrap();
+                app_client.shutdown().await.unwrap();
+            };
+            let stall_then_read = async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                parking.request(Duration::from_millis(200));
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let mut got = Vec::new();
+                target_server.read_to_end(&mut got).await.unwrap();
+                target_server.shutdown().await.unwrap();
+                got
+            };
+            let ((), got) = tokio::join!(send, stall_then_read);
+            got
+        };
+        let (res, got) = tokio::join!(relay, peers);
+        let t = res.unwrap().expect("not parked: drained as before");
+        assert_eq!(t.to_target, payload.len() as u64);
+        assert!(got == payload, "bytes lost or reordered");
+        assert!(parking.collect().1, "nothing left to collect");
+    }
 }
