@@ -249,6 +249,19 @@ impl Audit {
         }
     }
 
+    /// Writes the record of a session another agent began (an upgrade handed it over), as
+    /// that agent serialized it with the counts brought up to date: kept like a relayed one.
+    pub fn record_value(&self, record: &serde_json::Value) {
+        let Some(tx) = &self.tx else { return };
+        let Ok(mut line) = serde_json::to_string(record) else {
+            return;
+        };
+        line.push('\n');
+        if tx.send(line).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Writes a summary record (at most one per refusal reason a second): not subject to the
     /// per-workload limit, dropped only if the queue is full.
     pub fn summary(&self, record: &Record) {

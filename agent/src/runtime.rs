@@ -123,7 +123,13 @@ pub struct Running {
     admin_stop: CancellationToken,
     /// A duplicate of the admin listener, for the next agent.
     admin_fd: Option<std::os::fd::OwnedFd>,
+    /// Connections served at once (`--max-connections`).
+    slots: Arc<Semaphore>,
 }
+
+/// How far past the old agent's connection ids the new one counts (connections the old agent
+/// admits between its offer and its detaching take ids up to there).
+const CONN_ID_GAP: u64 = 1 << 20;
 
 /// Takes the inherited listener of `want`'s family if its address suits `want` (the same, or
 /// any port of the same address for port 0).
@@ -169,7 +175,9 @@ impl Running {
         let mut inherited_admin = None;
         let mut inherited_conns = None;
         let mut inherited_ids = None;
+        let mut inherited_next_conn = 0;
         if let Some(inh) = inherited {
+            inherited_next_conn = inh.next_conn_id;
             for (inode, l) in inh.listeners.drain(..) {
                 if Some(inode) == own_inode {
                     own_pool.push(l);
@@ -317,11 +325,15 @@ impl Running {
             crate::pods::watch::start(node, cache.clone(), background.clone()).await?;
             shared.cgroups.pods = Some(cache);
         }
+        if inherited_next_conn > 0 {
+            shared.count_ids_from(inherited_next_conn + CONN_ID_GAP);
+        }
         let shared = Arc::new(shared);
         let stop_accepting = CancellationToken::new();
         let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(opts.limits.max_connections));
+        let slots_kept = slots.clone();
         crate::relay::pipes::set_max(opts.limits.max_pipes);
         let mut listeners = vec![local4];
         listeners.extend(bound6);
@@ -442,7 +454,19 @@ impl Running {
             secret_options: opts.secrets.clone(),
             admin_stop,
             admin_fd,
+            slots: slots_kept,
         })
+    }
+
+    /// Carries on the relays a previous agent hands over (see [`crate::upgrade::relays`]).
+    pub fn resumer(&self) -> broker::resume::Resumer {
+        broker::resume::Resumer {
+            shared: self.shared.clone(),
+            tracker: self.tracker.clone(),
+            abort: self.abort.clone(),
+            workers: self.workers.clone(),
+            slots: self.slots.clone(),
+        }
     }
 
     /// Duplicates of what the next agent takes over (see [`crate::upgrade`]).
@@ -458,6 +482,7 @@ impl Running {
             conns: self.shared.conns.dup_fd(),
             policy_ids,
             next_rule_id,
+            next_conn_id: self.shared.peek_next_conn_id(),
         })
     }
 
@@ -468,15 +493,94 @@ impl Running {
     }
 
     /// The next agent serves now: detach this one's programs (its are attached), stop
-    /// accepting and answering the admin endpoint, and drain like [`Running::stop`].
-    pub async fn hand_over(self, grace: Duration) -> Totals {
+    /// accepting and answering the admin endpoint, hand the plain relays over on `relays_to`
+    /// (the upgrade connection, when the new agent takes them), and drain the rest like
+    /// [`Running::stop`].
+    pub async fn hand_over(
+        self,
+        grace: Duration,
+        relays_to: Option<std::os::fd::OwnedFd>,
+    ) -> Totals {
         self.admin_stop.cancel();
         self.interceptor
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .detach();
         tracing::info!("programs detached; the new agent serves new connections");
+        self.stop_accepting.cancel();
+        if let Some(conn) = relays_to {
+            self.hand_relays_over(conn).await;
+        }
         self.finish(grace).await
+    }
+
+    /// Parks every relay that can be and sends them to the new agent as they park, for up to
+    /// [`crate::upgrade::PARK_WINDOW`]. What cannot be sent (the new agent went away) is
+    /// carried on here, and drained with the rest.
+    async fn hand_relays_over(&self, conn: std::os::fd::OwnedFd) {
+        use crate::upgrade::{PARK_WINDOW, handover};
+        let parking = self.shared.env.parking.clone();
+        parking.request(PARK_WINDOW);
+        // The window bounds the decisions; relays that decided are submitted at once.
+        let cap = tokio::time::Instant::now() + PARK_WINDOW + Duration::from_secs(2);
+        // A new agent that stops reading fails the send rather than hold this one up.
+        if let Err(err) = crate::upgrade::socket::set_send_timeout(&conn, Duration::from_secs(10)) {
+            tracing::warn!(%err, "upgrade socket: cannot bound sends");
+        }
+        let conn = Arc::new(conn);
+        let (mut sent, mut kept) = (0usize, Vec::new());
+        let mut broken = false;
+        loop {
+            let (batch, done) = parking.collect();
+            if !batch.is_empty() {
+                if broken {
+                    kept.extend(batch);
+                } else {
+                    let c = conn.clone();
+                    let n = batch.len();
+                    match tokio::task::spawn_blocking(move || handover::send_relays(&c, batch))
+                        .await
+                    {
+                        Ok(Ok(too_big)) => {
+                            if !too_big.is_empty() {
+                                tracing::warn!(
+                                    relays = too_big.len(),
+                                    "relay state too large to hand over; carrying them on here"
+                                );
+                            }
+                            sent += n - too_big.len();
+                            kept.extend(too_big);
+                        }
+                        Ok(Err((err, left))) => {
+                            tracing::warn!(%err, left = left.len(), "handing relays over failed; carrying them on here");
+                            sent += n - left.len();
+                            kept.extend(left);
+                            broken = true;
+                        }
+                        Err(err) => {
+                            tracing::error!(%err, "handing relays over failed");
+                            broken = true;
+                        }
+                    }
+                }
+            }
+            if done || tokio::time::Instant::now() >= cap {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !broken && let Err(err) = handover::end_relays(&conn) {
+            tracing::warn!(%err, "ending the relay hand-over");
+        }
+        tracing::info!(
+            handed_over = sent,
+            kept = kept.len(),
+            "live relays handed to the new agent"
+        );
+        let resumer = self.resumer();
+        for p in kept {
+            resumer.resume(p);
+        }
     }
 
     pub fn listeners(&self) -> &[SocketAddr] {

@@ -3,9 +3,14 @@
 //! around latch, and the old agent exits once drained. A new agent that cannot start leaves
 //! the old one serving.
 //!
+//! Plain relays (`tcp`, PostgreSQL without TLS) go to the new agent with their sockets and
+//! carry on there after the old agent has exited; a session whose TLS latch terminates is
+//! drained by the old agent.
+//!
 //! The workload's direct path to the target is blocked (an iptables rule resets connections to
 //! it that do not carry latch's mark), so a connection that bypassed latch fails.
 use std::{
+    io::BufRead as _,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -422,4 +427,314 @@ fn an_upgrade_with_kept_interception_leaves_the_new_agents_links_pinned() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     latch_tests::leftovers::assert_none(s.cg.id(), None);
+}
+
+/// A `latch-probe across` run: held connections with data moved once, waiting for the go file
+/// to move data again.
+struct Across {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    go: std::path::PathBuf,
+}
+
+impl Across {
+    fn start(s: &Setup, target: std::net::SocketAddr, conns: usize, bytes: usize) -> Self {
+        let go = s.state.path().join(format!("go-{}", target.port()));
+        let mut child =
+            s.cg.command(bins::probe())
+                .args([
+                    "across",
+                    &target.to_string(),
+                    &conns.to_string(),
+                    &bytes.to_string(),
+                ])
+                .arg(&go)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("start the probe");
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut me = Self { child, out, go };
+        let before = me.line();
+        assert_eq!(
+            before,
+            format!("before ok={conns} failed=0"),
+            "the held connections did not get through before the upgrade"
+        );
+        me
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("probe output");
+        line.trim_end().to_string()
+    }
+
+    /// Moves data again on every connection and closes them: the probe's report.
+    fn finish(mut self) -> String {
+        std::fs::write(&self.go, "").unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut self.out, &mut rest).unwrap();
+        let _ = self.child.wait();
+        rest
+    }
+}
+
+impl Drop for Across {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Relay records (those with a policy) of an audit trail.
+fn sessions(records: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    records
+        .into_iter()
+        .filter(|r| r["policy"].is_string())
+        .collect()
+}
+
+/// The held plain relays move to the new agent: once the old agent has exited (its process
+/// gone, long before its 30 s grace period), the same connections carry data both ways and
+/// close cleanly, and the one audit record of each session comes from the agent that saw it
+/// end, with the bytes of the whole session. They move again on the next upgrade.
+#[test]
+fn held_plain_relays_move_to_the_new_agent_and_outlive_the_old_one() {
+    const CONNS: usize = 8;
+    const BYTES: usize = 300_000;
+    let s = setup("relays");
+    let mut old = Agent::start_args(&s.policy, &s.cg, &s.args("30"));
+    let old_pid = old.pid();
+    let held = Across::start(&s, s.target.addr, CONNS, BYTES);
+    let mut new = Agent::start_args(&s.policy, &s.cg, &s.args("30"));
+    let status = old.exited_within(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the old agent is still draining ({status:?}): its relays were not handed over:\n{}",
+        old.log()
+    );
+    assert!(gone(old_pid), "process {old_pid} is still there");
+    let old_log = old.log();
+    assert!(
+        old_log.contains(&format!("handed_over={CONNS}")),
+        "old agent:\n{old_log}"
+    );
+    // The new agent counts them as its own.
+    assert!(
+        latch_tests::eventually(
+            Duration::from_secs(5),
+            || new.status()["connections"]["active"] == CONNS as i64
+        ),
+        "status: {:#}\n{}",
+        new.status(),
+        new.log()
+    );
+    // And hands them on to the agent after it.
+    let new_pid = new.pid();
+    let third = Agent::start_args(&s.policy, &s.cg, &s.args("30"));
+    let status = new.exited_within(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the second agent is still draining ({status:?}):\n{}",
+        new.log()
+    );
+    assert!(gone(new_pid), "process {new_pid} is still there");
+
+    let report = held.finish();
+    assert!(
+        report.starts_with(&format!("after ok={CONNS} failed=0")),
+        "the held connections broke after the old agents exited:\n{report}\nlast agent:\n{}",
+        third.log()
+    );
+    for agent in [&old, &new] {
+        assert!(
+            sessions(agent.audit()).is_empty(),
+            "an agent wrote records of sessions it handed over: {:#?}",
+            agent.audit()
+        );
+    }
+    let records = sessions(third.wait_audit(CONNS));
+    assert_eq!(records.len(), CONNS, "{records:#?}");
+    let mut ids: Vec<u64> = records
+        .iter()
+        .map(|r| r["conn"].as_u64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), CONNS, "one record per session: {records:#?}");
+    for r in &records {
+        assert_eq!(r["outcome"], "relayed", "{r:#}");
+        assert_eq!(r["policy"], "echo", "{r:#}");
+        assert_eq!(r["bytes_to_target"], 2 * BYTES as u64, "{r:#}");
+        assert_eq!(r["bytes_to_app"], 2 * BYTES as u64, "{r:#}");
+        assert!(r["workload"]["pid"].as_u64().is_some(), "{r:#}");
+    }
+    assert!(third.stop().success());
+}
+
+/// A session whose TLS latch terminates cannot move: the old agent keeps serving it (the data
+/// after the upgrade goes through the old agent), drains it, writes its record, and exits
+/// once it closed.
+#[test]
+fn a_session_whose_tls_latch_terminates_is_drained_by_the_old_agent() {
+    let s = setup("tls");
+    let ca = latch_tests::certs::TestCa::new("tls-echo.test", &["DNS:tls-echo.test"]);
+    let port = free_port("127.0.0.2");
+    let mut socat = Command::new(bins::tool("socat", "the Debian package socat"))
+        .arg(format!(
+            "OPENSSL-LISTEN:{port},bind=127.0.0.2,reuseaddr,fork,cert={},key={},verify=0",
+            ca.server_cert().display(),
+            ca.server_key().display()
+        ))
+        .arg("EXEC:cat")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start socat");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let target: std::net::SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+    assert!(
+        latch_tests::eventually(Duration::from_secs(5), || std::net::TcpStream::connect(
+            target
+        )
+        .is_ok()),
+        "socat does not listen"
+    );
+    let _ = socat.try_wait();
+    let _socat = Kill(socat);
+    let policy = format!(
+        "{}  tls:\n    mode: verify-full\n    ca: {}\n    serverName: tls-echo.test\n",
+        tcp_policy("tls-echo", "127.0.0.2", port),
+        ca.ca().display()
+    );
+    let mut old = Agent::start_args(&policy, &s.cg, &s.args("30"));
+    let held = Across::start(&s, target, 2, 50_000);
+    let new = Agent::start_args(&policy, &s.cg, &s.args("30"));
+    old.wait_log("live relays handed to the new agent", 1);
+    assert!(
+        old.log().contains("handed_over=0"),
+        "old agent:\n{}",
+        old.log()
+    );
+    assert!(
+        old.exited_within(Duration::from_secs(2)).is_none(),
+        "the old agent exited with TLS sessions open:\n{}",
+        old.log()
+    );
+    let report = held.finish();
+    assert!(
+        report.starts_with("after ok=2 failed=0"),
+        "the TLS sessions broke:\n{report}\nold agent:\n{}",
+        old.log()
+    );
+    // They closed: the old agent has nothing left to drain.
+    assert!(
+        old.exited_within(Duration::from_secs(10))
+            .is_some_and(|s| s.success()),
+        "{}",
+        old.log()
+    );
+    let records = sessions(old.audit());
+    assert_eq!(records.len(), 2, "{records:#?}");
+    for r in &records {
+        assert_eq!(r["bytes_to_target"], 100_000, "{r:#}");
+    }
+    assert!(sessions(new.audit()).is_empty(), "{:#?}", new.audit());
+    assert!(new.stop().success());
+}
+
+/// A PostgreSQL session, plain on both legs, moves too: once the old agent has exited, the
+/// same session answers a query (and a new one works), a query on it is cancelled through the
+/// new agent (its cancellation key moved with it), and its one audit record, from the new
+/// agent, counts the whole session.
+#[test]
+fn a_plain_postgres_session_moves_to_the_new_agent() {
+    use latch_tests::{
+        pg_setup::{SCRAM_PW, Setup as PgSetup},
+        postgres::{APP_DB, SCRAM_USER},
+    };
+    let state = TempDir::new("upgrade-pg-state");
+    let instance = format!("test-upgrade-pg-{}", std::process::id());
+    let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let args = [
+        "--instance",
+        &instance,
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--grace-period",
+        "30",
+    ];
+    let mut s = PgSetup::with_agent_args(SCRAM_USER, SCRAM_PW, "", &args);
+    let old_pid = s.agent.pid();
+    let mut hold = s
+        .probe(APP_DB, "hold-cancel")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start probe");
+    let mut lines = std::io::BufReader::new(hold.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("probe output").expect("read probe");
+        if line == "ready" {
+            break;
+        }
+    }
+    let policy = std::fs::read_to_string(s.agent.dir.path().join("policy.yaml")).unwrap();
+    let new = Agent::start_args(&policy, &s.cg, &args);
+    let status = s.agent.exited_within(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the old agent is still draining ({status:?}):\n{}",
+        s.agent.log()
+    );
+    assert!(gone(old_pid));
+    std::io::Write::write_all(&mut hold.stdin.take().unwrap(), b"go\n").unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = hold.wait().unwrap();
+    assert!(status.success(), "{rest:?}\nnew agent:\n{}", new.log());
+    for session in ["old session ok", "new session ok", "cancelled in"] {
+        assert!(
+            rest.iter().any(|l| l.starts_with(session)),
+            "{rest:?}\nnew agent:\n{}",
+            new.log()
+        );
+    }
+    assert!(
+        sessions(s.agent.audit()).is_empty(),
+        "{:#?}",
+        s.agent.audit()
+    );
+    // The moved session, the new one, the cancel request.
+    let records = sessions(new.wait_audit(3));
+    // The session that moved keeps the old agent's id (the new agent counts from 2^20 past
+    // it); its counts cover both agents: more than the new session's startup and one query.
+    // What the moved session moved after the hand-over alone (a query, a cancelled one, a
+    // query: about 460 bytes back) is less than that (about 570).
+    let (moved, later): (Vec<_>, Vec<_>) = records
+        .iter()
+        .partition(|r| r["conn"].as_u64().unwrap() < 1 << 20);
+    assert_eq!((moved.len(), later.len()), (1, 2), "{records:#?}");
+    let moved = moved[0];
+    let fresh = later
+        .iter()
+        .max_by_key(|r| r["bytes_to_app"].as_u64())
+        .unwrap();
+    assert_eq!(moved["outcome"], "relayed", "{moved:#}");
+    assert_eq!(moved["protocol"], "postgres", "{moved:#}");
+    let bytes = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap();
+    assert!(
+        bytes(moved, "bytes_to_app") > bytes(fresh, "bytes_to_app")
+            && bytes(moved, "bytes_to_target") > bytes(fresh, "bytes_to_target"),
+        "{records:#?}"
+    );
+    assert!(moved["handshake_ms"].as_f64().is_some(), "{moved:#}");
+    assert!(new.stop().success());
 }

@@ -126,6 +126,24 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
     }
     record.handshake_ms = session.handshake_took().map(ms);
     record.duration_ms = ms(admitted.started.elapsed());
+    if let Some(parked) = session.take_parked() {
+        // An upgrade parked the relay: the next agent carries it on and writes its record.
+        let mut state = super::resume::state(
+            admitted.id,
+            &policy.name,
+            admitted.origin.cgroup_id,
+            admitted.started,
+            record,
+        );
+        state.cancel = parked.cancel;
+        let (app, target) = (parked.app, parked.target);
+        tracing::info!(to_target, to_app, "parked for the next agent");
+        shared
+            .env
+            .parking
+            .submit(crate::upgrade::relays::Parked { state, app, target });
+        return;
+    }
     match &result {
         // Once relaying, a reset from either side ends the session; it is not a broker failure.
         Ok(_) | Err(ConnectError::Relay(_)) => {

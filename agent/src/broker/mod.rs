@@ -7,6 +7,7 @@ mod conn;
 pub mod direct;
 
 pub mod per_workload;
+pub mod resume;
 pub mod workers;
 
 use std::{
@@ -167,6 +168,18 @@ impl Shared {
     pub fn next_conn_id(&self) -> u64 {
         self.next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts connection ids on from `next` (after an upgrade: past the old agent's, so the
+    /// relays it hands over keep ids no connection of this agent has).
+    pub fn count_ids_from(&self, next: u64) {
+        self.next_id
+            .fetch_max(next, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The next connection id, unused (for the next agent).
+    pub fn peek_next_conn_id(&self) -> u64 {
+        self.next_id.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The policy set in force now.

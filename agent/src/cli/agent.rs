@@ -183,6 +183,27 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
             let conn = inherited
                 .ready()
                 .context("telling the running agent we are ready")?;
+            // The old agent now parks its plain relays and sends them: carry them on.
+            let resumer = running.resumer();
+            let relays = std::thread::Builder::new()
+                .name("latch-relays-in".into())
+                .spawn(move || {
+                    let received = latch::upgrade::handover::receive_relays(&conn, |batch| {
+                        for parked in batch {
+                            resumer.resume(parked);
+                        }
+                    });
+                    match received {
+                        Ok(n) => {
+                            tracing::info!(relays = n, "carrying on the previous agent's relays")
+                        }
+                        Err(err) => tracing::warn!(%err, "receiving the previous agent's relays"),
+                    }
+                    conn
+                });
+            if let Err(err) = &relays {
+                tracing::warn!(%err, "cannot receive the previous agent's relays");
+            }
             let stop = stop_crs.clone();
             let shared = running.previous_map_forgetter();
             tokio::spawn(async move {
@@ -191,7 +212,7 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
                     _ = stop.cancelled() => {}
                 }
             });
-            Some(conn)
+            relays.ok()
         }
         None => None,
     };
@@ -206,8 +227,10 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         write_ready_file(path, &running).with_context(|| format!("writing {}", path.display()))?;
     }
     latch::upgrade::systemd::ready();
-    let mut pending: Option<tokio::task::JoinHandle<Result<(), latch::upgrade::UpgradeError>>> =
-        None;
+    type Conversation = Result<(std::os::fd::OwnedFd, bool), latch::upgrade::UpgradeError>;
+    let mut pending: Option<tokio::task::JoinHandle<Conversation>> = None;
+    // After a hand-over: the connection to send live relays on, if the new agent takes them.
+    let mut relays_to = None;
     let mut hup = signal(SignalKind::hangup())?;
     let mut upgraded = false;
     loop {
@@ -233,8 +256,9 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
             done = async { match &mut pending { Some(h) => h.await, None => std::future::pending().await } } => {
                 pending = None;
                 match done {
-                    Ok(Ok(())) => {
+                    Ok(Ok((conn, relays))) => {
                         tracing::info!("the new agent is ready: handing over and draining");
+                        relays_to = relays.then_some(conn);
                         upgraded = true;
                         break;
                     }
@@ -263,7 +287,10 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
     if let Some(handle) = pending.take() {
         tracing::info!("an upgrade is under way: waiting for the new agent before stopping");
         match tokio::time::timeout(UPGRADE_WAIT, handle).await {
-            Ok(Ok(Ok(()))) => upgraded = true,
+            Ok(Ok(Ok((conn, relays)))) => {
+                relays_to = relays.then_some(conn);
+                upgraded = true;
+            }
             Ok(Ok(Err(err))) => tracing::warn!(%err, "upgrade abandoned"),
             Ok(Err(err)) => tracing::error!(%err, "upgrade conversation failed"),
             Err(_) => tracing::warn!("the new agent was not ready in time; stopping"),
@@ -272,7 +299,7 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
     stop_crs.cancel();
     let grace = Duration::from_secs(args.grace_period);
     let totals = if upgraded {
-        running.hand_over(grace).await
+        running.hand_over(grace, relays_to).await
     } else {
         if let Some(listening) = &upgrades {
             listening.remove();

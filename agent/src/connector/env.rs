@@ -19,6 +19,9 @@ pub struct Env {
     pub app_ca: NodeCa,
     /// The kernel side of the application-to-target fast path, if available.
     pub fast_path: Option<FastPath>,
+    /// Where an upgrade asks relays to park (plain relays that take part hand their sockets
+    /// to the next agent).
+    pub parking: std::sync::Arc<crate::relay::park::Parking>,
 }
 
 impl Env {
@@ -32,6 +35,7 @@ impl Env {
             handshake_timeout,
             app_ca: NodeCa::default(),
             fast_path: None,
+            parking: Default::default(),
         }
     }
 

@@ -118,6 +118,17 @@ pub struct Session {
     /// The connector's own note of how far the application's handshake got, for
     /// [`Connector::abort`] (opaque to the broker).
     stage: AtomicU64,
+    /// The relay parked for an upgrade: its sockets (application, target), for the broker to
+    /// hand over.
+    parked: std::sync::Mutex<Option<ParkedRelay>>,
+}
+
+/// A relay a connector parked for an upgrade: its two sockets and what else the next agent
+/// needs of the connector.
+pub struct ParkedRelay {
+    pub app: std::os::fd::OwnedFd,
+    pub target: std::os::fd::OwnedFd,
+    pub cancel: Option<crate::upgrade::relays::CancelState>,
 }
 
 impl Session {
@@ -129,7 +140,31 @@ impl Session {
             handshake: OnceLock::new(),
             done: Notify::new(),
             stage: AtomicU64::new(0),
+            parked: Default::default(),
         }
+    }
+
+    /// The relay parked for an upgrade (see [`crate::relay::park`]): the connector gives its
+    /// two sockets, out of its runtime, to the broker.
+    pub fn park(
+        &self,
+        app: TcpStream,
+        target: TcpStream,
+        cancel: Option<crate::upgrade::relays::CancelState>,
+    ) -> io::Result<()> {
+        let app = app.into_std()?.into();
+        let target = target.into_std()?.into();
+        *self.parked.lock().unwrap_or_else(|e| e.into_inner()) = Some(ParkedRelay {
+            app,
+            target,
+            cancel,
+        });
+        Ok(())
+    }
+
+    /// The sockets of a parked relay, once.
+    pub fn take_parked(&self) -> Option<ParkedRelay> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Notes how far the application's handshake got (the connector's own encoding).

@@ -289,13 +289,44 @@ async fn session(
     progress
         .to_app
         .fetch_add(out.len() as u64, Ordering::Relaxed);
-    let result = relay::streams(app, &mut target, &early, progress, |app| {
-        // Everything read from the application so far was handled above (written to the
-        // server or dropped), so all of it counts as taken.
-        env.handover(origin, || relay::bytes_read(app))
-    })
+    let cancel_state = key.map(|(pid, secret)| crate::upgrade::relays::CancelState {
+        netns: origin.netns_cookie,
+        dst: origin.dst,
+        pid,
+        secret,
+    });
+    // Plain on both legs, the session takes part in upgrades: parked, its sockets (and its
+    // cancellation key) go to the next agent, which carries it on.
+    let parking = Some(&*env.parking);
+    let result = relay::streams_parkable(
+        app,
+        &mut target,
+        &early,
+        progress,
+        |app| {
+            // Everything read from the application so far was handled above (written to
+            // the server or dropped), so all of it counts as taken.
+            env.handover(origin, || relay::bytes_read(app))
+        },
+        parking,
+    )
     .await;
     drop(cancel);
+    let result = match result {
+        Ok(Ok(t)) => Ok(t),
+        Err(e) => Err(e),
+        Ok(Err(app)) => {
+            let super::stream::MaybeTls::Plain(target) = target else {
+                unreachable!("only plain legs park")
+            };
+            if let Err(err) = cx.session.park(app, target, cancel_state) {
+                env.parking.lost();
+                Err(err)
+            } else {
+                Ok(Transferred::default())
+            }
+        }
+    };
     // The session ran; a reset from either side ends it and is not a broker failure.
     Ok(result.unwrap_or_else(|e| {
         tracing::debug!(error = %e, "relay ended by an error");

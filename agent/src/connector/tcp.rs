@@ -39,9 +39,22 @@ impl Connector for Tcp {
             if cx.policy.tls.mode == TlsMode::Disable {
                 cx.handshake_done();
                 let handover = cx.env.handover(cx.origin, || Some(0));
-                return relay::splice_both(&app, &target, cx.progress(), handover)
+                // A plain relay takes part in upgrades: parked, its sockets go to the next
+                // agent, which carries it on.
+                let parking = Some(&*cx.env.parking);
+                let done = relay::splice_parkable(&app, &target, cx.progress(), handover, parking)
                     .await
-                    .map_err(ConnectError::Relay);
+                    .map_err(ConnectError::Relay)?;
+                return match done {
+                    Some(t) => Ok(t),
+                    None => {
+                        if let Err(err) = cx.session.park(app, target, None) {
+                            cx.env.parking.lost();
+                            return Err(ConnectError::Relay(err));
+                        }
+                        Ok(relay::Transferred::default())
+                    }
+                };
             }
             let limit = cx.env.handshake_timeout;
             let handshake =

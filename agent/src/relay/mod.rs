@@ -18,6 +18,7 @@ use nix::{
 };
 use tokio::{io::Interest, net::TcpStream};
 
+pub mod park;
 pub mod pipes;
 
 use self::pipes::{PIPE_SIZE, Pipe};
@@ -63,25 +64,67 @@ pub async fn splice_both(
     progress: &Progress,
     handover: Option<Handover<'_>>,
 ) -> io::Result<Transferred> {
+    let t = splice_parkable(app, target, progress, handover, None).await?;
+    Ok(t.expect("a relay without a gate never parks"))
+}
+
+/// As [`splice_both`]; with `parking`, the relay also stops when an upgrade asks it to park
+/// and both directions are at a safe point (nothing taken from either socket that is not yet
+/// written, no pipe held): `Ok(None)`, the sockets untouched, the counts so far in `progress`
+/// (bytes the kernel carried included, the flow taken back from the kernel).
+pub async fn splice_parkable(
+    app: &TcpStream,
+    target: &TcpStream,
+    progress: &Progress,
+    handover: Option<Handover<'_>>,
+    parking: Option<&park::Parking>,
+) -> io::Result<Option<Transferred>> {
     let state = handover.map(|h| HandoverState::new(h, target));
+    let gate = parking.and_then(park::Gate::new);
     let res = tokio::try_join!(
         pump(
             app,
             target,
             &progress.to_target,
-            Role::to_target(state.as_ref())
+            Role::to_target(state.as_ref()),
+            gate.as_ref(),
         ),
-        pump(target, app, &progress.to_app, Role::to_app(state.as_ref())),
+        pump(
+            target,
+            app,
+            &progress.to_app,
+            Role::to_app(state.as_ref()),
+            gate.as_ref()
+        ),
     );
     let carried = state.as_ref().map_or(0, |s| s.finish(progress));
     if res.is_err() {
         abort_on_close(&[app, target]);
     }
-    let (to_target, to_app) = res?;
-    Ok(Transferred {
-        to_target: to_target + carried,
-        to_app,
-    })
+    match res? {
+        (Pumped::Parked, Pumped::Parked) => Ok(None),
+        (to_target, to_app) => Ok(Some(Transferred {
+            to_target: to_target.total() + carried,
+            to_app: to_app.total(),
+        })),
+    }
+}
+
+/// How a direction ended.
+enum Pumped {
+    /// End of stream after these bytes.
+    Ended(u64),
+    /// At a safe point, parked with the other direction.
+    Parked,
+}
+
+impl Pumped {
+    fn total(&self) -> u64 {
+        match self {
+            Pumped::Ended(n) => *n,
+            Pumped::Parked => 0,
+        }
+    }
 }
 
 /// How often a handed-over flow's allowance is renewed while the application keeps sending.
@@ -265,26 +308,42 @@ async fn pump(
     dst: &TcpStream,
     counter: &AtomicU64,
     role: Role<'_, '_>,
-) -> io::Result<u64> {
+    gate: Option<&park::Gate<'_>>,
+) -> io::Result<Pumped> {
     let mut total = 0u64;
     if let Role::ToTarget(h) = role {
         h.attempt(0);
     }
     loop {
         // Wait for data (or the end of the stream) holding no pipe: an idle direction costs
-        // nothing but its socket.
+        // nothing but its socket. This is the safe point where an upgrade may park it.
         let ready = src.readable();
-        match role {
-            Role::ToTarget(h) if h.ticking.load(Ordering::Relaxed) => {
-                tokio::select! {
-                    r = ready => r?,
-                    () = tokio::time::sleep(TICK) => {
-                        h.renew(true);
-                        continue;
-                    }
+        let ticking = match role {
+            Role::ToTarget(h) if h.ticking.load(Ordering::Relaxed) => Some(h),
+            _ => None,
+        };
+        tokio::select! {
+            r = ready => r?,
+            () = tokio::time::sleep(TICK), if ticking.is_some() => {
+                if let Some(h) = ticking {
+                    h.renew(true);
                 }
+                continue;
             }
-            _ => ready.await?,
+            park = async {
+                match gate {
+                    Some(g) => {
+                        g.requested().await;
+                        g.arrive().await
+                    }
+                    None => std::future::pending().await,
+                }
+            } => {
+                if park {
+                    return Ok(Pumped::Parked);
+                }
+                continue;
+            }
         }
         let moved = match pipes::take() {
             Some(pipe) => through_pipe(src, dst, pipe).await?,
@@ -298,7 +357,7 @@ async fn pump(
                 Ok(()) | Err(nix::errno::Errno::ENOTCONN) => {}
                 Err(e) => return Err(e.into()),
             }
-            return Ok(total);
+            return Ok(Pumped::Ended(total));
         }
         total += n as u64;
         counter.fetch_add(n as u64, Ordering::Relaxed);
@@ -369,12 +428,27 @@ async fn through_buffer(src: &TcpStream, dst: &TcpStream) -> io::Result<Option<u
 /// splice(2) when both legs are plain TCP (with the fast-path hand-over `handover` may allow),
 /// a copy loop when either is TLS.
 pub async fn streams<'s>(
-    mut app: AppStream,
+    app: AppStream,
     target: &mut TargetStream,
     early: &[u8],
     progress: &Progress,
     handover: impl FnOnce(&TcpStream) -> Option<Handover<'s>>,
 ) -> io::Result<Transferred> {
+    let done = streams_parkable(app, target, early, progress, handover, None).await?;
+    Ok(done.unwrap_or_else(|_| unreachable!("a relay without parking never parks")))
+}
+
+/// As [`streams`]; with `parking`, a relay whose legs are both plain TCP also parks for an
+/// upgrade (see [`splice_parkable`]): `Ok(Err(app))`, the application's socket given back (the
+/// target's stays in `target`).
+pub async fn streams_parkable<'s>(
+    mut app: AppStream,
+    target: &mut TargetStream,
+    early: &[u8],
+    progress: &Progress,
+    handover: impl FnOnce(&TcpStream) -> Option<Handover<'s>>,
+    parking: Option<&park::Parking>,
+) -> io::Result<Result<Transferred, TcpStream>> {
     use tokio::io::AsyncWriteExt as _;
     if !early.is_empty() {
         target.write_all(early).await?;
@@ -383,8 +457,14 @@ pub async fn streams<'s>(
             .fetch_add(early.len() as u64, Ordering::Relaxed);
     }
     match (&mut app, target) {
-        (MaybeTls::Plain(app), MaybeTls::Plain(tcp)) => {
-            splice_both(app, tcp, progress, handover(app)).await
+        (MaybeTls::Plain(a), MaybeTls::Plain(tcp)) => {
+            match splice_parkable(a, tcp, progress, handover(a), parking).await? {
+                Some(t) => Ok(Ok(t)),
+                None => match app {
+                    MaybeTls::Plain(a) => Ok(Err(a)),
+                    MaybeTls::Tls(_) => unreachable!("matched plain"),
+                },
+            }
         }
         (_, target) => {
             let (to_target, to_app) = tokio::io::copy_bidirectional(&mut app, target)
@@ -392,7 +472,7 @@ pub async fn streams<'s>(
                 .inspect_err(|_| abort_on_close(&[app.tcp(), target.tcp()]))?;
             progress.to_target.fetch_add(to_target, Ordering::Relaxed);
             progress.to_app.fetch_add(to_app, Ordering::Relaxed);
-            Ok(Transferred { to_target, to_app })
+            Ok(Ok(Transferred { to_target, to_app }))
         }
     }
 }
@@ -528,5 +608,88 @@ mod tests {
             progress.to_app.load(Ordering::Relaxed),
             payload.len() as u64
         );
+    }
+
+    #[tokio::test]
+    async fn a_parked_relay_leaves_its_sockets_whole_for_the_next_one() {
+        let (mut app_client, app_side) = pair().await;
+        let (target_side, mut target_server) = pair().await;
+        let parking = park::Parking::default();
+        let progress = Progress::default();
+        let relay = splice_parkable(&app_side, &target_side, &progress, None, Some(&parking));
+        let before = async {
+            app_client.write_all(b"before").await.unwrap();
+            let mut got = [0u8; 6];
+            target_server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"before");
+            // Parked while idle; what is sent meanwhile waits in the sockets.
+            parking.request(Duration::from_secs(2));
+        };
+        let (parked, ()) = tokio::join!(relay, before);
+        assert!(parked.unwrap().is_none(), "the relay parked");
+        assert_eq!(progress.to_target.load(Ordering::Relaxed), 6);
+        app_client.write_all(b"during").await.unwrap();
+        target_server.write_all(b"reply").await.unwrap();
+        let (taken, done) = parking.collect();
+        assert!(taken.is_empty());
+        assert!(
+            !done,
+            "one relay parked, not submitted (the broker does that)"
+        );
+        parking.lost();
+        // The next relay (another agent's) on the same sockets sees every byte, in order.
+        let next = Progress::default();
+        let relay = splice_both(&app_side, &target_side, &next, None);
+        let after = async {
+            let mut got = [0u8; 6];
+            target_server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"during");
+            let mut got = [0u8; 5];
+            app_client.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"reply");
+            app_client.shutdown().await.unwrap();
+            target_server.shutdown().await.unwrap();
+        };
+        let (t, ()) = tokio::join!(relay, after);
+        assert_eq!(
+            t.unwrap(),
+            Transferred {
+                to_target: 6,
+                to_app: 5
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_relay_blocked_mid_write_is_not_parked_and_carries_on() {
+        let (mut app_client, app_side) = pair().await;
+        let (target_side, mut target_server) = pair().await;
+        let parking = park::Parking::default();
+        let progress = Progress::default();
+        let relay = splice_parkable(&app_side, &target_side, &progress, None, Some(&parking));
+        let payload: Vec<u8> = (0..16_000_000u32).map(|i| i as u8).collect();
+        let peers = async {
+            // The target reads nothing for a while: the relay's write toward it blocks.
+            let send = async {
+                app_client.write_all(&payload).await.unwrap();
+                app_client.shutdown().await.unwrap();
+            };
+            let stall_then_read = async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                parking.request(Duration::from_millis(200));
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let mut got = Vec::new();
+                target_server.read_to_end(&mut got).await.unwrap();
+                target_server.shutdown().await.unwrap();
+                got
+            };
+            let ((), got) = tokio::join!(send, stall_then_read);
+            got
+        };
+        let (res, got) = tokio::join!(relay, peers);
+        let t = res.unwrap().expect("not parked: drained as before");
+        assert_eq!(t.to_target, payload.len() as u64);
+        assert!(got == payload, "bytes lost or reordered");
+        assert!(parking.collect().1, "nothing left to collect");
     }
 }

@@ -6,14 +6,18 @@
 //! 3. The new agent starts with them (its programs attached beside the old ones) and says
 //!    `ready`; only then does the old one detach its programs, stop accepting and drain. If the
 //!    new agent fails before that, the old one sees the end of the stream and carries on.
+//! 4. (version 2) old → new: `relays` messages, each with up to 100 parked relays' states and
+//!    their two sockets apiece (see [`super::relays`]), then `relays_end`. The new agent
+//!    carries them on; what the old one could not park it drains.
 use std::{collections::HashMap, io, os::fd::OwnedFd, path::Path, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
 use super::socket;
 
-/// Version of this conversation; an agent speaking another one is refused.
-const VERSION: u32 = 1;
+/// Version of this conversation: 2 adds live relays after `ready`. A new agent speaking 1 is
+/// served without them (its relays are drained); any other version is refused.
+const VERSION: u32 = 2;
 
 /// How long the new agent waits for each of the old one's messages.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -40,8 +44,16 @@ enum Message {
     End {
         policy_ids: HashMap<String, u32>,
         next_rule_id: u32,
+        /// The old agent's next connection id (the new one counts on from well past it, so
+        /// the ids of relays it carries on stay unique).
+        #[serde(default)]
+        next_conn_id: u64,
     },
     Ready,
+    Relays {
+        relays: Vec<super::relays::RelayState>,
+    },
+    RelaysEnd,
 }
 
 /// What one attached descriptor is.
@@ -64,6 +76,7 @@ pub struct Offer {
     pub conns: Option<OwnedFd>,
     pub policy_ids: HashMap<String, u32>,
     pub next_rule_id: u32,
+    pub next_conn_id: u64,
 }
 
 /// What the new agent received; [`Inherited::ready`] tells the old one to let go.
@@ -74,6 +87,7 @@ pub struct Inherited {
     pub conns: Option<OwnedFd>,
     pub policy_ids: HashMap<String, u32>,
     pub next_rule_id: u32,
+    pub next_conn_id: u64,
     conn: OwnedFd,
 }
 
@@ -127,6 +141,7 @@ pub fn take_over(path: &Path) -> Result<Option<Inherited>, UpgradeError> {
             Message::End {
                 policy_ids,
                 next_rule_id,
+                next_conn_id,
             } => {
                 return Ok(Some(Inherited {
                     listeners,
@@ -134,6 +149,7 @@ pub fn take_over(path: &Path) -> Result<Option<Inherited>, UpgradeError> {
                     conns,
                     policy_ids,
                     next_rule_id,
+                    next_conn_id,
                     conn,
                 }));
             }
@@ -147,20 +163,89 @@ pub fn take_over(path: &Path) -> Result<Option<Inherited>, UpgradeError> {
 }
 
 impl Inherited {
-    /// Tells the old agent this one serves now: it detaches its programs, stops accepting and
-    /// drains. Returns the connection, which stays open until the old agent exits.
+    /// Tells the old agent this one serves now: it detaches its programs, stops accepting,
+    /// hands its live relays over ([`receive_relays`] on the connection returned) and drains
+    /// the rest.
     pub fn ready(self) -> Result<OwnedFd, UpgradeError> {
         send(&self.conn, &Message::Ready, &[])?;
         Ok(self.conn)
     }
 }
 
+/// The new agent's side after `ready` (blocking): passes each message's relays to `take` until
+/// `relays_end`, or the end of the stream (an old agent of version 1, or one that exited).
+/// Returns how many arrived.
+pub fn receive_relays(
+    conn: &OwnedFd,
+    mut take: impl FnMut(Vec<super::relays::Parked>),
+) -> Result<usize, UpgradeError> {
+    let mut received = 0;
+    loop {
+        let Some((msg, fds)) = recv(conn)? else {
+            return Ok(received);
+        };
+        match msg {
+            Message::Relays { relays } => {
+                let parked = super::relays::check(relays, fds, received)
+                    .map_err(|e| UpgradeError::Protocol(e.to_string()))?;
+                received += parked.len();
+                take(parked);
+            }
+            Message::RelaysEnd => return Ok(received),
+            other => {
+                return Err(UpgradeError::Protocol(format!(
+                    "unexpected message {other:?}"
+                )));
+            }
+        }
+    }
+}
+
+/// The old agent's side: sends parked relays, at most one message's worth at a time (see
+/// [`super::relays::batches`]). Returns the relays whose state is too large to send; on an
+/// error, every relay not sent. Either way the caller carries those on itself.
+pub fn send_relays(
+    conn: &OwnedFd,
+    parked: Vec<super::relays::Parked>,
+) -> Result<Vec<super::relays::Parked>, (UpgradeError, Vec<super::relays::Parked>)> {
+    let (batches, mut too_big) = super::relays::batches(parked);
+    let mut batches = batches.into_iter();
+    while let Some(batch) = batches.next() {
+        let (states, fds) = super::relays::split(batch);
+        // One message is sent whole or not at all (SOCK_SEQPACKET).
+        if let Err(err) = send(
+            conn,
+            &Message::Relays {
+                relays: states.clone(),
+            },
+            &fds,
+        ) {
+            let mut fds = fds.into_iter();
+            too_big.extend(states.into_iter().filter_map(|state| {
+                Some(super::relays::Parked {
+                    state,
+                    app: fds.next()?,
+                    target: fds.next()?,
+                })
+            }));
+            too_big.extend(batches.flatten());
+            return Err((err, too_big));
+        }
+    }
+    Ok(too_big)
+}
+
+/// Tells the new agent no more relays come.
+pub fn end_relays(conn: &OwnedFd) -> Result<(), UpgradeError> {
+    send(conn, &Message::RelaysEnd, &[])
+}
+
 /// The old agent's side, on an accepted connection (blocking): waits for `hello`, sends
-/// `offer`, and returns once the new agent is ready; an error (the new agent failed to start,
-/// or went away) means the old one carries on.
-pub fn offer(conn: &OwnedFd, offer: Offer) -> Result<(), UpgradeError> {
-    match recv(conn)? {
-        Some((Message::Hello { version }, _)) if version == VERSION => {}
+/// `offer`, and returns once the new agent is ready, with whether it takes live relays; an
+/// error (the new agent failed to start, or went away) means the old one carries on.
+pub fn offer(conn: &OwnedFd, offer: Offer) -> Result<bool, UpgradeError> {
+    let version = match recv(conn)? {
+        Some((Message::Hello { version }, _)) if version == 1 || version == VERSION => version,
         Some((Message::Hello { version }, _)) => {
             return Err(UpgradeError::Protocol(format!(
                 "the new agent speaks version {version}, this one {VERSION}"
@@ -172,7 +257,7 @@ pub fn offer(conn: &OwnedFd, offer: Offer) -> Result<(), UpgradeError> {
             )));
         }
         None => return Err(UpgradeError::Abandoned),
-    }
+    };
     let mut items: Vec<(Item, OwnedFd)> = offer
         .listeners
         .into_iter()
@@ -190,11 +275,12 @@ pub fn offer(conn: &OwnedFd, offer: Offer) -> Result<(), UpgradeError> {
         &Message::End {
             policy_ids: offer.policy_ids,
             next_rule_id: offer.next_rule_id,
+            next_conn_id: offer.next_conn_id,
         },
         &[],
     )?;
     match recv(conn)? {
-        Some((Message::Ready, _)) => Ok(()),
+        Some((Message::Ready, _)) => Ok(version >= 2),
         Some((other, _)) => Err(UpgradeError::Protocol(format!(
             "expected ready, got {other:?}"
         ))),
@@ -258,5 +344,80 @@ mod tests {
         ));
         drop(new);
         assert!(matches!(t.join().unwrap(), Err(UpgradeError::Abandoned)));
+    }
+
+    #[test]
+    fn relays_cross_with_their_sockets_after_ready() {
+        use super::super::relays::{Parked, RelayState};
+        let (old, new) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        send(&new, &Message::Hello { version: VERSION }, &[]).unwrap();
+        let relay = |conn: u64| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            Parked {
+                state: RelayState {
+                    conn,
+                    policy: "echo".into(),
+                    cgroup_id: 1,
+                    destination: "127.0.0.2:1".into(),
+                    elapsed_ms: 10,
+                    to_target: conn,
+                    to_app: 2 * conn,
+                    audit: serde_json::json!({"conn": conn}),
+                    cancel: None,
+                },
+                app: a.into(),
+                target: l.accept().unwrap().0.into(),
+            }
+        };
+        let t = std::thread::spawn(move || {
+            assert!(
+                offer(&old, Offer::default()).unwrap(),
+                "version 2 takes relays"
+            );
+            assert!(
+                send_relays(&old, (1..=150).map(relay).collect())
+                    .unwrap()
+                    .is_empty()
+            );
+            end_relays(&old).unwrap();
+        });
+        assert!(matches!(
+            recv(&new).unwrap(),
+            Some((Message::End { .. }, _))
+        ));
+        send(&new, &Message::Ready, &[]).unwrap();
+        let mut got = Vec::new();
+        let n = receive_relays(&new, |batch| got.extend(batch)).unwrap();
+        t.join().unwrap();
+        assert_eq!(n, 150);
+        assert_eq!(got[149].state.to_app, 300);
+        let peer = std::net::TcpStream::from(got.pop().unwrap().app);
+        assert!(peer.peer_addr().is_ok(), "a live socket crossed");
+    }
+
+    #[test]
+    fn a_version_1_agent_takes_no_relays() {
+        let (old, new) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        send(&new, &Message::Hello { version: 1 }, &[]).unwrap();
+        let t = std::thread::spawn(move || offer(&old, Offer::default()));
+        assert!(matches!(
+            recv(&new).unwrap(),
+            Some((Message::End { .. }, _))
+        ));
+        send(&new, &Message::Ready, &[]).unwrap();
+        assert!(!t.join().unwrap().unwrap());
     }
 }

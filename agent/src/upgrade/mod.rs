@@ -4,17 +4,20 @@
 //! | file | holds |
 //! |---|---|
 //! | [`socket`] | the root-only Unix socket in the state directory, messages with descriptors |
-//! | [`handover`] | the conversation: listeners, admin listener, connection map, rule ids, `ready` |
+//! | [`handover`] | the conversation: listeners, admin listener, connection map, rule ids, `ready`, then live relays |
+//! | [`relays`] | a parked relay's state on the wire, batching within the socket's bounds |
 //! | [`systemd`] | `READY=1`/`MAINPID=` for `Type=notify`, the pipe `latch upgrade` waits on |
 //!
 //! The running agent listens at [`socket::path`]. A new one connects before it binds anything,
 //! receives the listening sockets themselves (the same kernel sockets: their accept queues are
 //! never closed), starts on them with its own programs attached beside the old ones, and says
 //! `ready`. The old agent then detaches its programs, stops accepting, stops serving the admin
-//! endpoint, and drains its connections for up to `--grace-period` before it exits. A
+//! endpoint, parks its plain relays and sends them with their sockets (the new agent carries
+//! them on), and drains the rest for up to `--grace-period` before it exits. A
 //! connection the old programs redirected just before they went is recorded in the old
 //! connection map, which the new agent also reads for a while.
 pub mod handover;
+pub mod relays;
 pub mod socket;
 pub mod systemd;
 
@@ -25,9 +28,18 @@ pub use handover::{Inherited, Offer, UpgradeError};
 /// How long the new agent also looks connections up in the old agent's map.
 pub const PREVIOUS_MAP_FOR: Duration = Duration::from_secs(30);
 
-/// The conversation with a new agent, run on its own thread: the handover's outcome.
-pub fn serve_one(conn: std::os::fd::OwnedFd, offer: Offer) -> Result<(), UpgradeError> {
-    handover::offer(&conn, offer)
+/// How long the old agent's relays have to reach a safe point and park once the new agent
+/// is ready; those that do not are drained.
+pub const PARK_WINDOW: Duration = Duration::from_secs(3);
+
+/// The conversation with a new agent, run on its own thread: once it is ready, the connection
+/// and whether it takes live relays.
+pub fn serve_one(
+    conn: std::os::fd::OwnedFd,
+    offer: Offer,
+) -> Result<(std::os::fd::OwnedFd, bool), UpgradeError> {
+    let relays = handover::offer(&conn, offer)?;
+    Ok((conn, relays))
 }
 
 /// The upgrade socket of a running agent.

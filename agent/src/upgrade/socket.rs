@@ -162,6 +162,13 @@ pub fn recv(conn: &OwnedFd) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     Ok(Some((buf, fds)))
 }
 
+/// Bounds how long [`send`] waits on `conn` for room (a peer that stopped reading).
+pub fn set_send_timeout(conn: &OwnedFd, timeout: std::time::Duration) -> io::Result<()> {
+    let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
+    socket::setsockopt(conn, sockopt::SendTimeout, &tv)?;
+    Ok(())
+}
+
 /// Bounds how long [`recv`] waits on `conn`.
 pub fn set_timeout(conn: &OwnedFd, timeout: std::time::Duration) -> io::Result<()> {
     let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);

@@ -13,6 +13,8 @@
 //!   Prints `echoed=<n> refused=<n>` (refused: reset or closed before the echo); exits 0.
 //! * `latch-probe abort ADDR CONNS` — as `hold` with no wait, then closes each connection
 //!   with a reset (SO_LINGER 0) instead of a FIN.
+//! * `latch-probe across ADDR CONNS BYTES GOFILE` — connections carrying data before and after
+//!   an upgrade; see `probe/across.rs`.
 //! * `latch-probe steady ADDR HELD MILLIS RATE` — held connections pinging and a steady
 //!   stream of new ones; see `probe/steady.rs`.
 //! * `latch-probe pg CONNSTR SCENARIO` — a tokio-postgres client; see `probe/pg.rs`.
@@ -47,6 +49,8 @@
 //!   SRCPORT; the server side (if the connection reaches it) sends AuthenticationCleartextPassword
 //!   (`R`, int32 8, int32 3); the client reads until MILLIS after the start and prints
 //!   `client_got=<bytes>`; exits 0.
+#[path = "probe/across.rs"]
+mod across;
 #[path = "probe/h2.rs"]
 mod h2;
 #[path = "probe/my.rs"]
@@ -105,6 +109,12 @@ fn main() -> ExitCode {
             false,
         )),
         Some("abort") => rt.block_on(hold(parse_addr(&args, 2), parse_num(&args, 3), 0, true)),
+        Some("across") => rt.block_on(across::run(
+            parse_addr(&args, 2),
+            parse_num(&args, 3),
+            parse_num(&args, 4),
+            std::path::Path::new(args.get(5).map(String::as_str).unwrap_or_default()),
+        )),
         Some("steady") => rt.block_on(steady::run(
             parse_addr(&args, 2),
             parse_num(&args, 3),

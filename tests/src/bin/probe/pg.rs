@@ -7,6 +7,7 @@
 //!   `cancelled in <ms>ms` when the server reports 57014.
 //! * `hold` — query, print `ready`, wait for a line on stdin, query again on the same session
 //!   and on a new one; prints `old session ok` and `new session ok`.
+//! * `hold-cancel` — as `hold`, then `cancel` on the old session.
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _, pin_mut};
@@ -21,7 +22,8 @@ pub async fn run(connstr: &str, scenario: &str) -> Result<(), String> {
         }
         "suite" => suite(connstr).await,
         "cancel" => cancel(connstr).await,
-        "hold" => hold(connstr).await,
+        "hold" => hold(connstr, false).await,
+        "hold-cancel" => hold(connstr, true).await,
         other => Err(format!("unknown pg scenario {other:?}")),
     }
 }
@@ -172,6 +174,11 @@ async fn suite(connstr: &str) -> Result<(), String> {
 
 async fn cancel(connstr: &str) -> Result<(), String> {
     let (client, _notes) = connect(connstr).await?;
+    cancel_on(&client).await
+}
+
+/// Runs `pg_sleep(30)` on `client` and cancels it after a second.
+async fn cancel_on(client: &Client) -> Result<(), String> {
     let token = client.cancel_token();
     let started = Instant::now();
     let canceller = tokio::spawn(async move {
@@ -192,7 +199,7 @@ async fn cancel(connstr: &str) -> Result<(), String> {
         Err(err) if err.code() == Some(&SqlState::QUERY_CANCELED) => {
             println!("cancelled in {}ms", started.elapsed().as_millis());
             // The session is still usable afterwards.
-            println!("{}", whoami(&client).await?);
+            println!("{}", whoami(client).await?);
             Ok(())
         }
         Err(err) => Err(format!("query failed otherwise: {}", describe(&err))),
@@ -200,7 +207,7 @@ async fn cancel(connstr: &str) -> Result<(), String> {
     }
 }
 
-async fn hold(connstr: &str) -> Result<(), String> {
+async fn hold(connstr: &str, cancel: bool) -> Result<(), String> {
     let (client, _notes) = connect(connstr).await?;
     println!("{}", whoami(&client).await?);
     println!("ready");
@@ -212,5 +219,8 @@ async fn hold(connstr: &str) -> Result<(), String> {
     println!("old session ok {}", whoami(&client).await?);
     let (fresh, _n) = connect(connstr).await?;
     println!("new session ok {}", whoami(&fresh).await?);
+    if cancel {
+        cancel_on(&client).await?;
+    }
     Ok(())
 }
