@@ -112,6 +112,17 @@ impl DirectMaps {
         let _ = first.remove(&cookie);
     }
 
+    /// Marks the application socket `cookie` (key `key`) as server-first, as sock_ops does
+    /// (for the self-test).
+    pub fn set_first(&self, cookie: u64, key: &TupleKey) -> Result<(), MapError> {
+        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        let value = direct::First {
+            key: *key,
+            head: [0; direct::SKB_HEAD_LEN],
+        };
+        first.insert(cookie, value, 0)
+    }
+
     /// The server-first application socket `cookie`'s 4-tuple and the received bytes its
     /// lobby header replaced ([`direct::GREETING`]).
     pub fn first(&self, cookie: u64) -> Option<direct::First> {
