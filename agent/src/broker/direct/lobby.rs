@@ -502,6 +502,7 @@ mod tests {
         let h = Header {
             cookie,
             len,
+            kind: latch_common::direct::KIND_MSG,
             ..Header::default()
         };
         // SAFETY: Header is repr(C) plain integers with explicit padding.
@@ -534,6 +535,36 @@ mod tests {
             "reserved {} bytes",
             buf.capacity()
         );
+    }
+
+    #[test]
+    fn received_bytes_behind_a_short_header_are_framed_by_their_own_length() {
+        // A server's greeting of 40 bytes whose first 16 a header replaced, then a message.
+        let skb = latch_common::direct::SkbHeader {
+            len: 40,
+            kind: KIND_SKB,
+            cookie: 9,
+        };
+        let mut buf = BytesMut::new();
+        // SAFETY: SkbHeader is repr(C) plain integers without padding.
+        buf.extend_from_slice(unsafe {
+            std::slice::from_raw_parts(
+                (&skb as *const latch_common::direct::SkbHeader).cast::<u8>(),
+                SKB_HEAD_LEN,
+            )
+        });
+        buf.extend_from_slice(&[b'g'; 24]);
+        buf.extend_from_slice(&header(4, 2));
+        buf.extend_from_slice(b"hi");
+        let mut framer = Framer::default();
+        let p = framer.next(&mut buf).unwrap();
+        assert_eq!(
+            (p.header.kind, p.header.cookie, p.body.len(), p.first),
+            (KIND_SKB, 9, 24, true)
+        );
+        let p = framer.next(&mut buf).unwrap();
+        assert_eq!((p.header.cookie, &p.body[..]), (4, &b"hi"[..]));
+        assert!(framer.next(&mut buf).is_none());
     }
 
     #[test]
