@@ -66,7 +66,10 @@ const PLUGIN_TTL: Duration = Duration::from_secs(300);
 /// The plugins accounts were seen on, by policy and user: a connection for an account on the
 /// greeting's own plugin answers in its first response.
 #[derive(Default)]
-pub struct Plugins(Mutex<HashMap<(String, Vec<u8>), (Vec<u8>, Instant)>>);
+pub struct Plugins(Mutex<HashMap<Account, (Vec<u8>, Instant)>>);
+
+/// A policy's name and the user latch authenticates as.
+type Account = (String, Vec<u8>);
 
 impl Plugins {
     fn get(&self, policy: &str, user: &[u8]) -> Option<Vec<u8>> {
