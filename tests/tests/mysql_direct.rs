@@ -29,11 +29,15 @@ struct Setup {
 
 impl Setup {
     fn new(user: &str, password: &str) -> Setup {
+        Setup::with_spec(user, password, DIRECT)
+    }
+
+    fn with_spec(user: &str, password: &str, spec: &str) -> Setup {
         let db = MariaDb::start("127.0.0.2", NATIVE_PW, ED_PW);
         let secrets = TempDir::new("my-secrets");
         let file = secrets.write("secrets.yaml", &secrets_yaml(user, password));
         let cg = TestCgroup::new();
-        let agent = Agent::start(&policy_yaml("orders-db", db.addr, &file, DIRECT), &cg);
+        let agent = Agent::start(&policy_yaml("orders-db", db.addr, &file, spec), &cg);
         Setup {
             agent,
             cg,
@@ -218,5 +222,24 @@ fn after_the_hand_over_the_agent_holds_nothing_of_the_session_and_it_keeps_worki
     assert_eq!(stdout(&out), format!("0\t{NATIVE_USER}@%"));
     s.assert_maps_drain();
     s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn a_workload_the_policy_does_not_admit_gets_an_err_in_place_of_the_greeting() {
+    let spec = format!("{DIRECT}  workloads:\n    - uid: 4242\n");
+    let s = Setup::with_spec(NATIVE_USER, NATIVE_PW, &spec);
+    let err = s.cli_refused("select 1");
+    assert!(
+        // The CLI words an ERR in place of the greeting its own way, the code and text inside.
+        err.contains("1045") && err.contains("not admitted by the policy"),
+        "{err}"
+    );
+    let records = s.agent.wait_audit(1);
+    assert_eq!(records[0]["outcome"], "denied");
+    assert_eq!(s.agent.count("denied"), 1);
+    // The server never saw an authentication attempt for it.
+    assert!(!s.db.log().contains("Access denied"), "{}", s.db.log());
+    s.assert_maps_drain();
     assert!(s.agent.stop().success());
 }
