@@ -200,7 +200,7 @@ pub async fn serve(
     if result.is_ok() && known.as_deref() == Some(&direct_plugin[..]) {
         // The account is on the plugin the first response can answer for: it is the last
         // packet.
-        let r = step_out_and_send(leg, &app_sock, &first).await;
+        let r = step_out_and_send(leg, &lobby, &app_sock, &first).await;
         first.zeroize();
         return r.map(|()| Ended::HandedOver);
     }
@@ -291,22 +291,30 @@ pub async fn serve(
     drop(dropped);
     app.seq = 4;
     leg.set(FROM_TARGET).map_err(Failure::HandOver)?;
-    let r = step_out_and_send(leg, &app_sock, &answer).await;
+    let r = step_out_and_send(leg, &lobby, &app_sock, &answer).await;
     answer.zeroize();
     r.map(|()| Ended::HandedOver)
 }
 
 /// Steps out at the quiet moment (the application waits for the server's next packet, the
 /// server for latch's) and sends latch's last packet on the application's own connection.
-async fn step_out_and_send(leg: &mut Leg<'_>, app: &OwnedFd, last: &[u8]) -> Result<(), Failure> {
+/// `lobby`: what the application sent and latch has not read yet (nothing, in turn).
+async fn step_out_and_send(
+    leg: &mut Leg<'_>,
+    lobby: &BytesMut,
+    app: &OwnedFd,
+    last: &[u8],
+) -> Result<(), Failure> {
+    let spoke = Err(Failure::DirectUnsupported(
+        "the application sent a packet out of turn during authentication",
+    ));
+    if !lobby.is_empty() {
+        return spoke;
+    }
     match leg.step_out(app).await {
         Ok(()) => {}
         Err(StepOut::Io(e)) => return Err(Failure::HandOver(e)),
-        Err(StepOut::AppSpoke) => {
-            return Err(Failure::DirectUnsupported(
-                "the application sent a packet out of turn during authentication",
-            ));
-        }
+        Err(StepOut::AppSpoke) => return spoke,
     }
     send(app, last).map_err(Failure::HandOver)
 }
