@@ -243,3 +243,52 @@ fn a_workload_the_policy_does_not_admit_gets_an_err_in_place_of_the_greeting() {
     s.assert_maps_drain();
     assert!(s.agent.stop().success());
 }
+
+/// PyMySQL (a third client implementation of the authentication exchange): the switch latch
+/// mirrors, then queries and CONNECTION_ID() against the id the greeting gave it. With a read
+/// timeout: a socket in a sock map whose received bytes the stream verdict sends elsewhere is
+/// woken all the same (`sk_psock_verdict_data_ready`), and a recv(2) blocked on it without a
+/// timeout then returns EAGAIN, which PyMySQL's default blocking socket turns into a crash
+/// (docs/direct-mode.md, "Limits"). With a timeout Python polls before it reads and retries.
+const PYMYSQL: &str = r#"
+import sys
+import pymysql
+host, port, user, db = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+con = pymysql.connect(host=host, port=port, user=user, database=db, read_timeout=30)
+cur = con.cursor()
+cur.execute("SELECT CURRENT_USER(), CONNECTION_ID()")
+who, cid = cur.fetchone()
+cur.execute("SELECT COUNT(*) FROM information_schema.PLUGINS")
+print(f"user={who} id_matches={cid == con.server_thread_id[0]}")
+con.close()
+"#;
+
+#[test]
+fn pymysql_authenticates_through_the_mirrored_switch_on_both_account_plugins() {
+    let s = Setup::new(ED25519_USER, ED_PW);
+    for (user, pw) in [
+        (ED25519_USER, ED_PW),
+        (NATIVE_USER, NATIVE_PW),
+        (NATIVE_USER, NATIVE_PW),
+    ] {
+        s.set_secret(user, pw);
+        let out = run(s
+            .cg
+            .command("python3")
+            .args(["-c", PYMYSQL])
+            .arg(s.db.addr.ip().to_string())
+            .arg(s.db.addr.port().to_string())
+            .args(["app_without_password", latch_tests::mariadb::APP_DB]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("No module named 'pymysql'"),
+            "PyMySQL is missing: run `cargo xtask setup`"
+        );
+        assert!(out.status.success(), "{err}\n{}", s.agent.log());
+        assert_eq!(stdout(&out), format!("user={user}@% id_matches=True"));
+    }
+    assert_eq!(s.ebpf()["direct_handovers"], 3, "{}", s.ebpf());
+    s.assert_maps_drain();
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
