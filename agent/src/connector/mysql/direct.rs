@@ -161,10 +161,17 @@ pub async fn serve(
             "the client does not support authentication plugins",
         ));
     }
-    let host = match leg.app_host() {
-        Ok(ip) if ip.is_loopback() => "localhost".to_owned(),
-        Ok(ip) => ip.to_string(),
-        Err(_) => String::new(),
+    // The application's socket, from its process (one walk of its descriptors per connection).
+    let app_sock = leg.app_socket().map_err(Failure::HandOver)?;
+    let local = socket2::SockRef::from(&app_sock)
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.ip().to_canonical());
+    let host = match local {
+        Some(ip) if ip.is_loopback() => "localhost".to_owned(),
+        Some(ip) => ip.to_string(),
+        None => String::new(),
     };
     let with_password = !response.auth_response.expose().is_empty();
     let role = super::role_for(&response.username, policy, with_password, || host)?;
@@ -193,7 +200,6 @@ pub async fn serve(
     let result = auth.start(&mut mine, Transport::Plain, &mut first);
     let direct_plugin = mine.auth_plugin.clone().unwrap_or_default();
     let known = leg.my().plugins.get(&policy.name, &user);
-    let app_sock = leg.app_socket().map_err(Failure::HandOver)?;
     // The application waits for the server's answer: what is sent on its socket from now on
     // is latch's.
     leg.set(FROM_TARGET).map_err(Failure::HandOver)?;
