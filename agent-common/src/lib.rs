@@ -43,6 +43,10 @@ pub mod map_names {
     /// kernel, with no program attached: the kernel drops a socket from it when it closes, so
     /// the agent knows when to give the workload's concurrency slot back.
     pub const DIRECT_LIVE: &str = "LATCH_DIR_LIVE";
+    /// `LruHashMap<u64 (app socket cookie), direct::First>`: direct-mode application sockets of
+    /// protocols whose server speaks first (MySQL), until their first received bytes went to
+    /// the lobby; see [`crate::direct`].
+    pub const DIRECT_FIRST: &str = "LATCH_DIR_FIRST";
     /// `SockHash<netns::ListenerKey>`: the broker's own listening sockets, one per namespace
     /// and family (see [`crate::netns`]). A redirect is made only to a listener in this map.
     pub const NETNS: &str = "LATCH_NETNS";
@@ -181,6 +185,10 @@ pub const RULE_FAST_PATH: u32 = 1;
 /// takes part in its startup only (see [`direct`]).
 pub const RULE_DIRECT: u32 = 2;
 
+/// `RuleValue::flags` / `ConnMeta::flags` bit, with [`RULE_DIRECT`]: the protocol's server
+/// speaks first (MySQL's greeting), and speaks MySQL's packets (see [`direct::GREETING`]).
+pub const RULE_SERVER_FIRST: u32 = 4;
+
 /// Direct mode: the application's own TCP connection goes to the target; latch takes part only
 /// in its startup, through sockmap programs, and then leaves the connection to the kernel.
 ///
@@ -194,6 +202,14 @@ pub const RULE_DIRECT: u32 = 2;
 ///   `cookie | SIDE`). Without it, A's received bytes pass.
 /// * What the broker writes on that socket (its entry carries [`direct::SIDE`]) lands in A's
 ///   receive queue: this is how the application gets its answers during startup.
+/// * Server-first protocols (MySQL, [`RULE_SERVER_FIRST`]): sock_ops also sets
+///   [`direct::GREETING`] and [`direct::MYSQL`] and puts A's 4-tuple in `LATCH_DIR_FIRST`.
+///   The first bytes A receives (the server's greeting, before the broker knows A) go to the
+///   lobby: their first [`direct::SKB_HEAD_LEN`] bytes are saved in A's `LATCH_DIR_FIRST`
+///   entry and overwritten with a [`direct::SkbHeader`] naming A. The length of the received
+///   bytes must not change (the kernel accounts the received sequence by the skb's length
+///   after the verdict, `tcp_eat_skb`): a header pushed in front would advance A's
+///   `copied_seq` past what it received.
 /// * The broker writes toward the target on a duplicate of A (pidfd_getfd), and at the
 ///   application's first message after ReadyForQuery removes A from both maps: nothing is
 ///   queued then (the server waits for that message), so leaving the sockmap loses nothing.
@@ -205,6 +221,17 @@ pub mod direct {
     /// Entry flag: this is the broker's socket for the application socket `cookie`; what the
     /// broker writes on it goes into that socket's receive queue.
     pub const SIDE: u32 = 4;
+    /// `LATCH_DIR_RECV` flag: the next bytes received go to the lobby, behind a
+    /// [`SkbHeader`] (the broker has no socket for this application yet).
+    pub const GREETING: u32 = 8;
+    /// `LATCH_DIR_RECV` flag: the server speaks MySQL's packets; an ERR packet (0xFF after the
+    /// 4-byte packet header) passes to the application, as PostgreSQL's ErrorResponse does.
+    pub const MYSQL: u32 = 16;
+    /// [`Header::kind`] of a message the application sent (a whole [`Header`] precedes it).
+    pub const KIND_MSG: u32 = 1;
+    /// [`Header::kind`] of bytes the application's socket received, in place of their first
+    /// [`SKB_HEAD_LEN`] bytes (a [`SkbHeader`]; those bytes are in `LATCH_DIR_FIRST`).
+    pub const KIND_SKB: u32 = 2;
     /// `LATCH_DIRECT` key bit of the broker's socket for an application socket.
     pub const SIDE_KEY: u64 = 1 << 63;
     /// `LATCH_DIRECT` key of the broker's lobby socket.
@@ -220,20 +247,47 @@ pub mod direct {
         pub _pad: u32,
     }
 
-    /// What precedes each message an application socket sends to the lobby.
+    /// What precedes each message an application socket sends to the lobby. Its first
+    /// [`SKB_HEAD_LEN`] bytes are laid out as a [`SkbHeader`]'s, which `kind` tells apart.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct Header {
-        /// The application socket's 4-tuple, as sock_ops wrote it.
-        pub key: super::TupleKey,
-        /// Cookie of the application's socket.
-        pub cookie: u64,
         /// Bytes of the message that follow.
         pub len: u32,
-        pub _pad: u32,
+        /// [`KIND_MSG`].
+        pub kind: u32,
+        /// Cookie of the application's socket.
+        pub cookie: u64,
+        /// The application socket's 4-tuple, as sock_ops wrote it.
+        pub key: super::TupleKey,
     }
 
     pub const HEADER_LEN: usize = core::mem::size_of::<Header>();
+
+    /// What replaces the first bytes an application socket received when they go to the
+    /// lobby ([`GREETING`]).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct SkbHeader {
+        /// Bytes received, this header's included.
+        pub len: u32,
+        /// [`KIND_SKB`].
+        pub kind: u32,
+        /// Cookie of the application's socket.
+        pub cookie: u64,
+    }
+
+    pub const SKB_HEAD_LEN: usize = core::mem::size_of::<SkbHeader>();
+
+    /// A `LATCH_DIR_FIRST` value.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct First {
+        /// The application socket's 4-tuple, as sock_ops wrote it.
+        pub key: super::TupleKey,
+        /// The received bytes the [`SkbHeader`] replaced.
+        pub head: [u8; SKB_HEAD_LEN],
+    }
 }
 
 /// The application-to-target fast path: after the broker has finished its handshake, an
@@ -493,6 +547,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::direct::Entry {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::direct::First {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::netns::ListenerKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::exe::Offsets {}
@@ -507,4 +563,6 @@ const _: () = assert!(core::mem::size_of::<flow::Slot>() == 32);
 const _: () = assert!(core::mem::size_of::<direct::Entry>() == 16);
 const _: () = assert!(core::mem::size_of::<netns::ListenerKey>() == 16);
 const _: () = assert!(direct::HEADER_LEN == 64);
+const _: () = assert!(direct::SKB_HEAD_LEN == 16);
+const _: () = assert!(core::mem::size_of::<direct::First>() == 64);
 const _: () = assert!(core::mem::size_of::<exe::Offsets>() == 40);

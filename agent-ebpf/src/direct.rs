@@ -11,27 +11,37 @@ use aya_ebpf::{
     programs::{SkBuffContext, SkMsgContext, SockOpsContext},
 };
 use latch_common::{
-    TupleKey,
-    direct::{self, Entry, HEADER_LEN, Header},
+    RULE_SERVER_FIRST, TupleKey,
+    direct::{self, Entry, First, HEADER_LEN, Header, SKB_HEAD_LEN, SkbHeader},
     stat,
 };
 
-use crate::maps::{DIRECT, DIRECT_KEYS, DIRECT_RECV, count};
+use crate::maps::{DIRECT, DIRECT_FIRST, DIRECT_KEYS, DIRECT_RECV, count};
 
 /// Called at ACTIVE_ESTABLISHED for a connection whose rule is in direct mode: from now on
 /// what the socket sends goes to the broker, and what it receives too, until the broker says
-/// otherwise. Nothing can have been sent earlier.
+/// otherwise. Nothing can have been sent earlier. When the server speaks first (`rule_flags`
+/// has [`RULE_SERVER_FIRST`]), its first bytes go to the lobby ([`direct::GREETING`]).
 #[inline(always)]
-pub fn enroll(ctx: &SockOpsContext, key: &TupleKey, cookie: u64) {
+pub fn enroll(ctx: &SockOpsContext, key: &TupleKey, cookie: u64, rule_flags: u32) {
     let entry = Entry {
         cookie,
         flags: direct::TO_BROKER | direct::FROM_TARGET,
         _pad: 0,
     };
-    if DIRECT_KEYS.insert(key, &entry, 0).is_err()
-        || DIRECT_RECV
-            .insert(&cookie, &direct::FROM_TARGET, 0)
-            .is_err()
+    let mut recv = direct::FROM_TARGET;
+    if rule_flags & RULE_SERVER_FIRST != 0 {
+        recv |= direct::GREETING | direct::MYSQL;
+        let first = First {
+            key: *key,
+            head: [0; SKB_HEAD_LEN],
+        };
+        if DIRECT_FIRST.insert(&cookie, &first, 0).is_err() {
+            count(stat::MAP_ERRORS);
+            return;
+        }
+    }
+    if DIRECT_KEYS.insert(key, &entry, 0).is_err() || DIRECT_RECV.insert(&cookie, &recv, 0).is_err()
     {
         count(stat::MAP_ERRORS);
         return;
@@ -65,10 +75,10 @@ pub fn latch_dir_msg(ctx: SkMsgContext) -> u32 {
         return SK_PASS;
     }
     let header = Header {
-        key,
-        cookie: entry.cookie,
         len: ctx.size(),
-        _pad: 0,
+        kind: direct::KIND_MSG,
+        cookie: entry.cookie,
+        key,
     };
     let hlen = HEADER_LEN as u32;
     // SAFETY: helper allowed for sk_msg programs; the context is the program's own.
@@ -102,6 +112,19 @@ pub fn latch_dir_skb(ctx: SkBuffContext) -> u32 {
     if flags & direct::FROM_TARGET == 0 {
         return SK_PASS;
     }
+    if flags & direct::GREETING != 0 {
+        return greeting(&ctx, cookie, flags);
+    }
+    if flags & direct::MYSQL != 0 {
+        // MySQL: an ERR packet (0xFF after the packet header) passes, for the same reason as
+        // PostgreSQL's ErrorResponse below. The broker mirrors every exchange to the
+        // application, so its sequence id is the one the application expects.
+        if ctx.load::<u8>(4) == Ok(0xFF) {
+            return SK_PASS;
+        }
+        let mut side = cookie | direct::SIDE_KEY;
+        return DIRECT.redirect_skb(&ctx, &mut side, u64::from(BPF_F_INGRESS)) as u32;
+    }
     // An ErrorResponse during the startup is followed by the server closing the connection;
     // the close reaches the application at once, so the error must go straight to it too
     // (anything the broker injected afterwards would come after the end of the stream).
@@ -110,4 +133,40 @@ pub fn latch_dir_skb(ctx: SkBuffContext) -> u32 {
     }
     let mut side = cookie | direct::SIDE_KEY;
     DIRECT.redirect_skb(&ctx, &mut side, u64::from(BPF_F_INGRESS)) as u32
+}
+
+/// The first bytes a server-first application socket receives (MySQL's greeting), before the
+/// broker has a socket for it: to the lobby, their first bytes replaced by a header naming
+/// the socket and saved in its `LATCH_DIR_FIRST` entry. The skb keeps its length: the kernel
+/// counts what the socket consumed by the skb's length after this program (`tcp_eat_skb`), so
+/// a header pushed in front (`bpf_skb_change_head`) would move the socket's `copied_seq`
+/// past what it received. Later bytes go to the broker's socket for the application.
+#[inline(always)]
+fn greeting(ctx: &SkBuffContext, cookie: u64, flags: u32) -> u32 {
+    let Some(first) = DIRECT_FIRST.get_ptr_mut(&cookie) else {
+        count(stat::MAP_ERRORS);
+        return SK_DROP;
+    };
+    let len = ctx.len();
+    let Ok(head) = ctx.load::<[u8; SKB_HEAD_LEN]>(0) else {
+        // Fewer bytes than a header: no server's greeting is that short.
+        return SK_DROP;
+    };
+    // SAFETY: a pointer to this map's preallocated value, written once here.
+    unsafe { (*first).head = head };
+    let header = SkbHeader {
+        len,
+        kind: direct::KIND_SKB,
+        cookie,
+    };
+    if ctx.store(0, &header, 0).is_err()
+        || DIRECT_RECV
+            .insert(&cookie, &(flags & !direct::GREETING), 0)
+            .is_err()
+    {
+        count(stat::MAP_ERRORS);
+        return SK_DROP;
+    }
+    let mut lobby = direct::LOBBY;
+    DIRECT.redirect_skb(ctx, &mut lobby, u64::from(BPF_F_INGRESS)) as u32
 }

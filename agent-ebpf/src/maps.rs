@@ -50,6 +50,10 @@ pub static DIRECT_KEYS: LruHashMap<TupleKey, direct::Entry> =
 #[map(name = "LATCH_DIR_RECV")]
 pub static DIRECT_RECV: LruHashMap<u64, u32> = LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);
 
+#[map(name = "LATCH_DIR_FIRST")]
+pub static DIRECT_FIRST: LruHashMap<u64, direct::First> =
+    LruHashMap::with_max_entries(CONN_MAP_ENTRIES, 0);
+
 #[map(name = "LATCH_DIR_LIVE")]
 pub static DIRECT_LIVE: SockHash<u64> = SockHash::with_max_entries(CONN_MAP_ENTRIES, 0);
 

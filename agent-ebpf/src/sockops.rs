@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use latch_common::{RULE_DIRECT, RULE_FAST_PATH, TupleKey, stat};
 
-use crate::maps::{CONNS, DIRECT_KEYS, DIRECT_RECV, FAST_KEYS, SOCKS, count};
+use crate::maps::{CONNS, DIRECT_FIRST, DIRECT_KEYS, DIRECT_RECV, FAST_KEYS, SOCKS, count};
 
 const AF_INET: u32 = 2;
 
@@ -48,7 +48,7 @@ fn established(ctx: &SockOpsContext) -> Option<()> {
         crate::fastpath::enroll(ctx, &key, cookie);
     }
     if meta.flags & RULE_DIRECT != 0 {
-        crate::direct::enroll(ctx, &key, cookie);
+        crate::direct::enroll(ctx, &key, cookie, meta.flags);
     }
     Some(())
 }
@@ -61,6 +61,7 @@ fn closed(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = SOCKS.remove(&cookie);
     let _ = DIRECT_RECV.remove(&cookie);
+    let _ = DIRECT_FIRST.remove(&cookie);
     let key = tuple_key(ctx);
     // SAFETY (the three gets): values are copied out at once (preallocated maps).
     // A direct-mode socket's record stays for the lobby, which may still be reading what the

@@ -125,6 +125,7 @@ impl PolicySet {
                         rule_id,
                         fast_path: policy.fast_path_eligible(),
                         direct: policy.direct,
+                        server_first: policy.protocol == crate::config::Protocol::Mysql,
                     });
                 }
             }

@@ -1,8 +1,10 @@
 //! The MySQL half of `cargo xtask bench`, on one throw-away MariaDB 10.11 (the account on
 //! mysql_native_password): sysbench `oltp_read_only` with persistent connections, and a new
 //! connection per query (a sysbench Lua script: connect, `SELECT 1`, disconnect), each two
-//! ways — the application straight to the server with its password, and through latch
-//! (`latch run`, the application holding no password).
+//! three ways — the application straight to the server with its password, through latch's
+//! relay (`latch run`, the application holding no password), and through latch's direct mode
+//! (`mysql: {direct: true}`: the application's own connection, latch in its authentication
+//! only).
 
 use crate::bench_pg::write_private;
 use crate::proc::{self, Guard, TempDir};
@@ -62,12 +64,27 @@ impl Case {
 enum Route {
     Direct,
     Latch,
+    /// latch with `mysql: {direct: true}`.
+    LatchDirect,
+}
+
+impl Route {
+    const ALL: [Route; 3] = [Route::Direct, Route::Latch, Route::LatchDirect];
+
+    fn label(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Latch => "latch",
+            Route::LatchDirect => "latch-dm",
+        }
+    }
 }
 
 struct Rig {
     dir: PathBuf,
     latch: PathBuf,
     policy: PathBuf,
+    policy_direct: PathBuf,
     port: u16,
     password: String,
     lua: PathBuf,
@@ -81,7 +98,7 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
     let rig = Rig::start(tmp.path(), latch, seconds)?;
     let mut samples: Vec<(Case, Route, Vec<f64>, Option<String>)> = Vec::new();
     for case in Case::ALL {
-        for route in [Route::Direct, Route::Latch] {
+        for route in Route::ALL {
             samples.push((case, route, Vec::new(), None));
         }
     }
@@ -91,13 +108,9 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
                 continue;
             }
             print!(
-                "bench: round {round}/{repeat}: {:<34} {:<7} ",
+                "bench: round {round}/{repeat}: {:<34} {:<8} ",
                 case.label(),
-                if *route == Route::Direct {
-                    "direct"
-                } else {
-                    "latch"
-                }
+                route.label()
             );
             let _ = std::io::Write::flush(&mut std::io::stdout());
             match rig.measure(*case, *route) {
@@ -118,8 +131,8 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
          {seconds} s, {TABLES} tables × {TABLE_SIZE} rows; median of {repeat} run(s):\n"
     );
     println!(
-        "{:<34} {:>10} {:>10} {:>13} {:>8}",
-        "case", "direct", "latch", "latch/direct", "target"
+        "{:<34} {:>10} {:>10} {:>10} {:>13} {:>10} {:>8}",
+        "case", "direct", "latch", "latch-dm", "latch/direct", "dm/direct", "target"
     );
     let mut any_failed = false;
     for case in Case::ALL {
@@ -129,30 +142,31 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
                 .find(|s| s.0 == case && s.1 == route)
                 .and_then(|s| if s.3.is_some() { None } else { median(&s.2) })
         };
-        let (d, l) = (value(Route::Direct), value(Route::Latch));
-        any_failed |= d.is_none() || l.is_none();
+        let (d, l, m) = (
+            value(Route::Direct),
+            value(Route::Latch),
+            value(Route::LatchDirect),
+        );
+        any_failed |= d.is_none() || l.is_none() || m.is_none();
         let cell = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.1}"));
-        let ratio = match (l, d) {
-            (Some(l), Some(d)) if d > 0.0 => format!("{:.2}", l / d),
+        let ratio = |x: Option<f64>| match (x, d) {
+            (Some(x), Some(d)) if d > 0.0 => format!("{:.2}", x / d),
             _ => "-".to_string(),
         };
         println!(
-            "{:<34} {:>10} {:>10} {:>13} {:>8}",
+            "{:<34} {:>10} {:>10} {:>10} {:>13} {:>10} {:>8}",
             case.label(),
             cell(d),
             cell(l),
-            ratio,
+            cell(m),
+            ratio(l),
+            ratio(m),
             format!("≥{:.2}", case.target())
         );
     }
     for (case, route, _, failed) in &samples {
         if let Some(why) = failed {
-            let route = if *route == Route::Direct {
-                "direct"
-            } else {
-                "latch"
-            };
-            println!("  {} / {route}: {why}", case.label());
+            println!("  {} / {}: {why}", case.label(), route.label());
         }
     }
     drop(rig);
@@ -272,12 +286,20 @@ impl Rig {
                 .replace("protocol: postgres", "protocol: mysql")
                 + "  tls:\n    mode: disable\n",
         )?;
+        let policy_direct = dir.join("bench-my-direct.yaml");
+        std::fs::write(
+            &policy_direct,
+            crate::policy::postgres("bench-my-direct", SERVER, port, &secrets)
+                .replace("protocol: postgres", "protocol: mysql")
+                + "  tls:\n    mode: disable\n  mysql:\n    direct: true\n",
+        )?;
         let lua = dir.join("connect.lua");
         std::fs::write(&lua, CONNECT_LUA)?;
         let rig = Rig {
             dir: dir.to_path_buf(),
             latch: latch.to_path_buf(),
             policy,
+            policy_direct,
             port,
             password,
             lua,
@@ -316,7 +338,7 @@ impl Rig {
                 a.push(format!("--mysql-password={}", self.password));
             }
             // The application holds no password, and names no real user.
-            Route::Latch => a.push("--mysql-user=app".to_owned()),
+            Route::Latch | Route::LatchDirect => a.push("--mysql-user=app".to_owned()),
         }
         a
     }
@@ -327,9 +349,14 @@ impl Rig {
         argv.extend(self.sysbench_args(case, route));
         argv.push("run".to_owned());
         let mut cmd = match route {
-            Route::Latch => {
+            Route::Latch | Route::LatchDirect => {
                 let mut c = Command::new(&self.latch);
-                c.arg("run").arg("--policy").arg(&self.policy);
+                let policy = if route == Route::Latch {
+                    &self.policy
+                } else {
+                    &self.policy_direct
+                };
+                c.arg("run").arg("--policy").arg(policy);
                 c.arg("--state-dir").arg(self.dir.join("latch-state"));
                 c.arg("--");
                 c.args(&argv);

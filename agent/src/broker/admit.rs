@@ -131,7 +131,16 @@ pub async fn admit(
     let mut record =
         Record::new(id, audit::Outcome::Relayed, origin.dst.to_string()).with_policy(&policy);
     record.direct = direct;
-    let slot = shared.per_workload.try_acquire(origin.cgroup_id);
+    let mut slot = shared.per_workload.try_acquire(origin.cgroup_id);
+    if slot.is_none()
+        && let Some(d) = &shared.direct
+    {
+        // Handed-over direct-mode sessions give their slots back when their sockets are seen
+        // closed, every couple of seconds; a workload opening hundreds of short direct-mode
+        // connections a second would otherwise be refused for slots of sessions long gone.
+        d.release_closed();
+        slot = shared.per_workload.try_acquire(origin.cgroup_id);
+    }
     if slot.is_some() {
         await_pod(shared, &mut workload, &policy)
             .instrument(span.clone())

@@ -77,7 +77,7 @@ pub static POLICY_SPEC: Object = Object {
         Field::opt(
             "direct",
             Type::Boolean,
-            "Deprecated: write it under postgres.",
+            "Deprecated: write it under postgres (or mysql).",
         ),
     ],
     one_of: &[],
@@ -275,7 +275,11 @@ pub(super) static MYSQL: Object = Object {
             Type::Object(&AUTHENTICATION),
             "Refused: postgres only.",
         ),
-        Field::opt("direct", Type::Boolean, "Refused: postgres only."),
+        Field::opt(
+            "direct",
+            Type::Boolean,
+            "Leave the session on the application's own connection after authentication.",
+        ),
         Field::opt(
             "roles",
             ROLES,

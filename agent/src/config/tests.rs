@@ -861,10 +861,15 @@ fn direct_mode_needs_postgres_in_plain_text_on_both_legs() {
     );
     let config = load_str("t.yaml", &format!("{STORES}{auto}")).unwrap();
     assert_eq!(config.policies[0].ssl_answer(), SslAnswer::Decline);
+    // MySQL too (`mysql: {direct: true}`, or the old spelling), in plain text.
     let mysql = policy("db", &spec("mysql", "  tls: {mode: disable}\n"));
-    assert_eq!(
-        errors("t.yaml", &format!("{STORES}{mysql}")),
-        vec!["t.yaml:26:3: direct applies to protocol postgres only (not mysql); remove direct"]
+    let config = load_str("t.yaml", &format!("{STORES}{mysql}")).unwrap();
+    assert!(config.policies[0].direct);
+    let mysql_tls = policy("db", &spec("mysql", "  tls: {mode: require}\n"));
+    let errs = errors("t.yaml", &format!("{STORES}{mysql_tls}"));
+    assert!(
+        errs.len() == 1 && errs[0].contains("direct needs tls.mode disable"),
+        "{errs:?}"
     );
     let not_bool = policy(
         "db",

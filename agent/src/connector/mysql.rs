@@ -18,10 +18,12 @@
 //! | [`io`] | reading whole packets during the handshake |
 //! | [`commands`] | the relay, watching for COM_CHANGE_USER |
 //! | [`change_user`] | COM_CHANGE_USER: re-authentication with the policy's credentials |
+//! | [`direct`] | direct mode: authentication on the application's own connection |
 //!
 //! The wire protocol itself is the `latch-mysql` crate (sans-IO).
 pub mod change_user;
 pub mod commands;
+pub mod direct;
 pub mod failure;
 pub mod io;
 pub mod refusal;
@@ -63,7 +65,7 @@ pub const SUPPORT: Support = Support {
     target_tls: true,
     negotiates_tls: true,
     app_tls: true,
-    direct: false,
+    direct: true,
     // The application's commands are watched (COM_CHANGE_USER, which latch performs itself), so
     // the kernel cannot carry them.
     fast_path: false,
@@ -74,6 +76,8 @@ pub const SUPPORT: Support = Support {
 pub struct Mysql {
     /// TLS client configurations per policy (each with its session cache).
     pub tls: ClientConfigs,
+    /// Direct mode: the accounts' plugins, as servers named them.
+    pub plugins: direct::Plugins,
 }
 
 /// How long an application may take to send its handshake response.

@@ -16,6 +16,9 @@ pub struct DirectMaps {
     recv: Mutex<HashMap<MapData, u64, u32>>,
     /// `LATCH_DIR_LIVE`: handed-over application sockets, until they close.
     live: Mutex<SockHash<MapData, u64>>,
+    /// `LATCH_DIR_FIRST`: server-first application sockets' 4-tuples and the bytes their
+    /// lobby header replaced.
+    first: Mutex<HashMap<MapData, u64, direct::First>>,
 }
 
 impl DirectMaps {
@@ -25,6 +28,7 @@ impl DirectMaps {
         counter: HashMap<MapData, TupleKey, direct::Entry>,
         recv: HashMap<MapData, u64, u32>,
         live: SockHash<MapData, u64>,
+        first: HashMap<MapData, u64, direct::First>,
     ) -> Self {
         Self {
             socks: Mutex::new(socks),
@@ -32,6 +36,7 @@ impl DirectMaps {
             counter: Mutex::new(counter),
             recv: Mutex::new(recv),
             live: Mutex::new(live),
+            first: Mutex::new(first),
         }
     }
 
@@ -102,6 +107,27 @@ impl DirectMaps {
         self.forget_side(key);
         let mut recv = self.recv.lock().unwrap_or_else(|e| e.into_inner());
         let _ = recv.remove(&cookie);
+        drop(recv);
+        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = first.remove(&cookie);
+    }
+
+    /// Marks the application socket `cookie` (key `key`) as server-first, as sock_ops does
+    /// (for the self-test).
+    pub fn set_first(&self, cookie: u64, key: &TupleKey) -> Result<(), MapError> {
+        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        let value = direct::First {
+            key: *key,
+            head: [0; direct::SKB_HEAD_LEN],
+        };
+        first.insert(cookie, value, 0)
+    }
+
+    /// The server-first application socket `cookie`'s 4-tuple and the received bytes its
+    /// lobby header replaced ([`direct::GREETING`]).
+    pub fn first(&self, cookie: u64) -> Option<direct::First> {
+        let first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        first.get(&cookie, 0).ok()
     }
 
     /// Forgets one of the broker's sockets.

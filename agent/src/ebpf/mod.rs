@@ -283,6 +283,7 @@ impl Interceptor {
             counter,
             take_map(&mut self.bpf, map_names::DIRECT_RECV)?,
             take_map(&mut self.bpf, map_names::DIRECT_LIVE)?,
+            take_map(&mut self.bpf, map_names::DIRECT_FIRST)?,
         ))
     }
 

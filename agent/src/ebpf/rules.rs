@@ -17,6 +17,9 @@ pub struct Rule {
     /// Connections are not redirected; the broker takes part in their startup only
     /// ([`latch_common::RULE_DIRECT`]).
     pub direct: bool,
+    /// With `direct`: the protocol's server speaks first (MySQL;
+    /// [`latch_common::RULE_SERVER_FIRST`]).
+    pub server_first: bool,
 }
 
 /// Identity of a trie entry (what the kernel keys on), normalized so equal prefixes compare
@@ -57,7 +60,9 @@ impl Rule {
         };
         let value = RuleValue {
             rule_id: self.rule_id,
-            flags: if self.direct {
+            flags: if self.direct && self.server_first {
+                latch_common::RULE_DIRECT | latch_common::RULE_SERVER_FIRST
+            } else if self.direct {
                 latch_common::RULE_DIRECT
             } else if self.fast_path {
                 latch_common::RULE_FAST_PATH
@@ -127,6 +132,7 @@ mod tests {
             rule_id: 7,
             fast_path: true,
             direct: false,
+            server_first: false,
         }
     }
 

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use bytes::{Buf as _, Bytes, BytesMut};
-use latch_common::direct::{HEADER_LEN, Header};
+use latch_common::direct::{HEADER_LEN, Header, KIND_SKB, SKB_HEAD_LEN, SkbHeader};
 use tokio::{io::AsyncReadExt as _, net::TcpStream, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
@@ -20,8 +20,10 @@ use crate::{
         Shared,
         admit::{self, Admitted, Unrecorded, Verdict, ms},
     },
+    config::Protocol,
     connector::{
         ConnectError,
+        mysql::{self as my, direct as my_direct},
         postgres::{
             Failure,
             direct::{self as pg_direct, Ended, Leg},
@@ -139,12 +141,30 @@ impl Framer {
     /// `buf`.
     pub(super) fn next(&mut self, buf: &mut BytesMut) -> Option<Piece> {
         if self.current.is_none() {
-            if buf.len() < HEADER_LEN {
+            if buf.len() < SKB_HEAD_LEN {
                 return None;
             }
-            // SAFETY: Header is plain integers; the buffer holds at least HEADER_LEN bytes.
-            let header: Header = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
-            buf.advance(HEADER_LEN);
+            // SAFETY: SkbHeader is plain integers; the buffer holds at least SKB_HEAD_LEN bytes.
+            let head: SkbHeader = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
+            let header = if head.kind == KIND_SKB {
+                // Bytes a server-first application socket received: the header took the place
+                // of their first bytes (the dispatcher puts those back), and names no 4-tuple.
+                buf.advance(SKB_HEAD_LEN);
+                Header {
+                    len: head.len.saturating_sub(SKB_HEAD_LEN as u32),
+                    kind: KIND_SKB,
+                    cookie: head.cookie,
+                    key: Default::default(),
+                }
+            } else {
+                if buf.len() < HEADER_LEN {
+                    return None;
+                }
+                // SAFETY: Header is plain integers; the buffer holds at least HEADER_LEN bytes.
+                let header: Header = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
+                buf.advance(HEADER_LEN);
+                header
+            };
             self.current = Some(Current {
                 header,
                 left: header.len as usize,
@@ -172,10 +192,24 @@ impl Framer {
 
 fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, run: &Run, piece: Piece) {
     let Piece {
-        header,
-        body,
+        mut header,
+        mut body,
         first,
     } = piece;
+    // The server's first bytes (MySQL's greeting): what the header replaced, and the socket's
+    // 4-tuple, are in LATCH_DIR_FIRST.
+    let server_first = header.kind == KIND_SKB;
+    if server_first && first {
+        let Some(saved) = direct.maps.first(header.cookie) else {
+            tracing::warn!("direct mode: received bytes of a socket latch does not know");
+            return;
+        };
+        header.key = saved.key;
+        let mut whole = BytesMut::with_capacity(SKB_HEAD_LEN + body.len());
+        whole.extend_from_slice(&saved.head);
+        whole.extend_from_slice(&body);
+        body = whole.freeze();
+    }
     let mut sessions = direct.sessions.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(s) = sessions.get_mut(&header.cookie) {
         if s.bytes > MAX_FROM_APP {
@@ -221,7 +255,7 @@ fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, run: &Run, piece: Piece)
             let _in_drain = in_drain;
             tokio::select! {
                 _ = abort.cancelled() => {}
-                _ = handle(&direct, &shared, main, header, meta, rx, true) => {}
+                _ = handle(&direct, &shared, main, header, meta, rx, true, server_first) => {}
             }
             direct
                 .sessions
@@ -245,7 +279,7 @@ fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, run: &Run, piece: Piece)
                 Ok(rt) => rt.block_on(async {
                     tokio::select! {
                         _ = abort.cancelled() => {}
-                        _ = handle(&direct, &shared, main, header, meta, rx, false) => {}
+                        _ = handle(&direct, &shared, main, header, meta, rx, false, server_first) => {}
                     }
                 }),
                 Err(err) => tracing::error!(%err, "direct mode: no runtime for a session"),
@@ -259,7 +293,9 @@ fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, run: &Run, piece: Piece)
     });
 }
 
-/// Admission and the connector for one direct-mode connection.
+/// Admission and the connector for one direct-mode connection. `server_first`: its first
+/// message is what the server sent (MySQL's greeting), not the application.
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     direct: &Direct,
     shared: &Arc<Shared>,
@@ -268,6 +304,7 @@ async fn handle(
     meta: Result<Option<latch_common::ConnMeta>, aya::maps::MapError>,
     from_app: mpsc::UnboundedReceiver<Bytes>,
     busy: bool,
+    server_first: bool,
 ) {
     let id = shared.next_conn_id();
     let unrecorded = || {
@@ -293,9 +330,17 @@ async fn handle(
         );
     }
     let span = admitted.span.clone();
-    serve(direct, shared, main, header, from_app, admitted)
-        .instrument(span)
-        .await;
+    serve(
+        direct,
+        shared,
+        main,
+        header,
+        from_app,
+        admitted,
+        server_first,
+    )
+    .instrument(span)
+    .await;
 }
 
 async fn serve(
@@ -305,7 +350,20 @@ async fn serve(
     header: Header,
     from_app: mpsc::UnboundedReceiver<Bytes>,
     mut admitted: Admitted,
+    server_first: bool,
 ) {
+    let mysql = admitted.policy.protocol == Protocol::Mysql;
+    if mysql != server_first {
+        // The rule changed between the connect and now: the kernel and the policy disagree on
+        // who speaks first. Nothing sensible can be said; the connection is left alone.
+        tracing::warn!("direct mode: the policy's protocol changed under a connection");
+        admitted.record.outcome = audit::Outcome::Failed;
+        admitted.record.reason = Some("direct mode: the policy changed during the startup".into());
+        direct.maps.forget(&header.key, header.cookie);
+        let _ = direct.maps.remove_socket(header.cookie);
+        admitted.audit(shared);
+        return;
+    }
     let (side, _side_peer) = match direct.side(header.cookie) {
         Ok(s) => s,
         Err(err) => {
@@ -315,12 +373,6 @@ async fn serve(
             admitted.audit(shared);
             return;
         }
-    };
-    let refusal = match admitted.verdict {
-        Verdict::Admit => None,
-        // Admission never lets a direct-mode connection through (it denies it instead).
-        Verdict::Deny | Verdict::Bypass => Some(Failure::Denied),
-        Verdict::Refuse(why) => Some(Failure::Limit(why)),
     };
     let (deadline, timeout) = admitted.handshake_deadline(shared);
     let mut leg = Leg {
@@ -337,17 +389,68 @@ async fn serve(
         watched: false,
     };
     let (origin, policy) = (admitted.origin.clone(), admitted.policy.clone());
-    let result = match tokio::time::timeout_at(
-        leg.deadline,
-        pg_direct::serve(&mut leg, &origin, &policy, refusal),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(Failure::Limit(Refusal::HandshakeTimeout(timeout))),
+    // The outcome: how it ended, or (whether it timed out, the audit's reason).
+    let result: Result<Ended, (bool, String)> = if mysql {
+        let refusal = match admitted.verdict {
+            Verdict::Admit => None,
+            // Admission never lets a direct-mode connection through (it denies it instead).
+            Verdict::Deny | Verdict::Bypass => Some(my::Failure::Denied),
+            Verdict::Refuse(why) => Some(my::Failure::Limit(why)),
+        };
+        let mut app = my::refusal::AppLeg::default();
+        let until = leg.deadline;
+        let run = my_direct::serve(&mut leg, &origin, &policy, refusal, &mut app);
+        let result = match tokio::time::timeout_at(until, run).await {
+            Ok(r) => r,
+            Err(_) => Err(my::Failure::Limit(Refusal::HandshakeTimeout(timeout))),
+        };
+        match result {
+            Ok(e) => Ok(e),
+            Err(f) => {
+                my_direct::refuse(&mut leg, &policy, admitted.id, app, &f).await;
+                let timed_out = matches!(f, my::Failure::Limit(Refusal::HandshakeTimeout(_)));
+                let reason = match &f {
+                    my::Failure::Limit(Refusal::HandshakeTimeout(t)) => {
+                        ConnectError::HandshakeTimeout(*t).to_string()
+                    }
+                    f => f.to_string(),
+                };
+                Err((timed_out, reason))
+            }
+        }
+    } else {
+        let refusal = match admitted.verdict {
+            Verdict::Admit => None,
+            Verdict::Deny | Verdict::Bypass => Some(Failure::Denied),
+            Verdict::Refuse(why) => Some(Failure::Limit(why)),
+        };
+        let result = match tokio::time::timeout_at(
+            leg.deadline,
+            pg_direct::serve(&mut leg, &origin, &policy, refusal),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(Failure::Limit(Refusal::HandshakeTimeout(timeout))),
+        };
+        match result {
+            Ok(e) => Ok(e),
+            Err(f) => {
+                pg_direct::refuse(&mut leg, &policy, admitted.id, &f).await;
+                let timed_out = matches!(f, Failure::Limit(Refusal::HandshakeTimeout(_)));
+                let reason = match &f {
+                    // Worded as the relay's audit records word it.
+                    Failure::Limit(Refusal::HandshakeTimeout(t)) => {
+                        ConnectError::HandshakeTimeout(*t).to_string()
+                    }
+                    f => f.to_string(),
+                };
+                Err((timed_out, reason))
+            }
+        }
     };
     let started = admitted.started;
-    match &result {
+    match result {
         Ok(ended) => {
             shared.metrics.connection(&policy.name, Outcome::relayed);
             admitted.record.handshake_ms = Some(ms(started.elapsed()));
@@ -356,7 +459,7 @@ async fn serve(
                 ms = started.elapsed().as_millis() as u64,
                 "handed over"
             );
-            if *ended == Ended::HandedOver {
+            if ended == Ended::HandedOver {
                 shared.metrics.direct.inc();
                 // The session is the kernel's now, but still this workload's connection: its
                 // slot is held until the application's socket closes.
@@ -367,11 +470,9 @@ async fn serve(
                 }
             }
         }
-        Err(f) => {
-            pg_direct::refuse(&mut leg, &policy, admitted.id, f).await;
+        Err((timed_out, reason)) => {
             if admitted.record.outcome == audit::Outcome::Relayed {
                 admitted.record.outcome = audit::Outcome::Failed;
-                let timed_out = matches!(f, Failure::Limit(Refusal::HandshakeTimeout(_)));
                 shared.metrics.connection(
                     &policy.name,
                     if timed_out {
@@ -380,14 +481,8 @@ async fn serve(
                         Outcome::failed
                     },
                 );
-                admitted.record.reason = Some(match f {
-                    // Worded as the relay's audit records word it.
-                    Failure::Limit(Refusal::HandshakeTimeout(t)) => {
-                        ConnectError::HandshakeTimeout(*t).to_string()
-                    }
-                    f => f.to_string(),
-                });
-                crate::warn_throttled!(err = %f, "direct-mode startup failed");
+                crate::warn_throttled!(err = %reason, "direct-mode startup failed");
+                admitted.record.reason = Some(reason);
             }
         }
     }
@@ -408,6 +503,7 @@ mod tests {
         let h = Header {
             cookie,
             len,
+            kind: latch_common::direct::KIND_MSG,
             ..Header::default()
         };
         // SAFETY: Header is repr(C) plain integers with explicit padding.
@@ -440,6 +536,36 @@ mod tests {
             "reserved {} bytes",
             buf.capacity()
         );
+    }
+
+    #[test]
+    fn received_bytes_behind_a_short_header_are_framed_by_their_own_length() {
+        // A server's greeting of 40 bytes whose first 16 a header replaced, then a message.
+        let skb = latch_common::direct::SkbHeader {
+            len: 40,
+            kind: KIND_SKB,
+            cookie: 9,
+        };
+        let mut buf = BytesMut::new();
+        // SAFETY: SkbHeader is repr(C) plain integers without padding.
+        buf.extend_from_slice(unsafe {
+            std::slice::from_raw_parts(
+                (&skb as *const latch_common::direct::SkbHeader).cast::<u8>(),
+                SKB_HEAD_LEN,
+            )
+        });
+        buf.extend_from_slice(&[b'g'; 24]);
+        buf.extend_from_slice(&header(4, 2));
+        buf.extend_from_slice(b"hi");
+        let mut framer = Framer::default();
+        let p = framer.next(&mut buf).unwrap();
+        assert_eq!(
+            (p.header.kind, p.header.cookie, p.body.len(), p.first),
+            (KIND_SKB, 9, 24, true)
+        );
+        let p = framer.next(&mut buf).unwrap();
+        assert_eq!((p.header.cookie, &p.body[..]), (4, &b"hi"[..]));
+        assert!(framer.next(&mut buf).is_none());
     }
 
     #[test]

@@ -82,6 +82,16 @@ pub enum Failure {
     },
     #[error("this workload is not admitted by the policy")]
     Denied,
+    /// Direct mode: taking part in the application's own connection failed.
+    #[error("direct mode: {0}")]
+    HandOver(#[source] io::Error),
+    /// Direct mode: the client or server did something direct mode cannot follow exactly.
+    #[error("direct mode: {0}")]
+    DirectUnsupported(&'static str),
+    /// Direct mode: the server ended the handshake with an ERR, which went to the application
+    /// as it was sent.
+    #[error("target {addr} refused the authentication (the application was told)")]
+    ServerEnded { addr: SocketAddr },
     #[error("{0}")]
     Limit(Refusal),
 }
@@ -104,7 +114,15 @@ impl Failure {
             | Failure::AppIo(_)
             | Failure::AppClosed
             | Failure::AppTlsHandshake(_)
-            | Failure::ServerRefused { .. } => return None,
+            | Failure::ServerRefused { .. }
+            | Failure::ServerEnded { .. } => return None,
+            Failure::HandOver(_) => say(
+                CANNOT_REACH,
+                format!(
+                    "direct mode failed (latch connection {conn}; the agent's log has the details)"
+                ),
+            ),
+            Failure::DirectUnsupported(_) => say(er::HANDSHAKE_ERROR, self.to_string()),
             Failure::AppCertificate(_) => say(
                 er::HANDSHAKE_ERROR,
                 format!(

@@ -235,7 +235,7 @@ async fn read_startup(leg: &mut Leg<'_>) -> Result<Initial, Failure> {
 }
 
 impl Leg<'_> {
-    fn set(&self, flags: u32) -> io::Result<()> {
+    pub(crate) fn set(&self, flags: u32) -> io::Result<()> {
         self.direct
             .maps()
             .set(&self.key, self.cookie, flags)
@@ -243,12 +243,12 @@ impl Leg<'_> {
     }
 
     /// A descriptor of the application's socket (see [`crate::broker::direct::app_socket`]).
-    fn app_socket(&self) -> io::Result<OwnedFd> {
+    pub(crate) fn app_socket(&self) -> io::Result<OwnedFd> {
         crate::broker::direct::app_socket(self.pid, self.cookie)
     }
 
     /// The address the server sees the application's connection come from (its own end).
-    fn app_host(&self) -> io::Result<std::net::IpAddr> {
+    pub(crate) fn app_host(&self) -> io::Result<std::net::IpAddr> {
         let app = self.app_socket()?;
         let local = socket2::SockRef::from(&app).local_addr()?;
         local
@@ -265,6 +265,21 @@ impl Leg<'_> {
         role: Option<&crate::config::Role>,
         fresh: bool,
     ) -> Result<Arc<crate::secrets::Credentials>, Failure> {
+        self.resolve(policy, role, fresh)
+            .await
+            .map_err(Failure::HandOver)?
+            .map_err(Failure::Secrets)
+    }
+
+    /// The credentials of the policy or of `role` (`fresh`: refetched), resolved on the main
+    /// runtime, where the stores' connection pools live. The outer error: the main runtime
+    /// dropped the task.
+    pub(crate) async fn resolve(
+        &self,
+        policy: &Policy,
+        role: Option<&crate::config::Role>,
+        fresh: bool,
+    ) -> io::Result<Result<Arc<crate::secrets::Credentials>, crate::secrets::SecretError>> {
         let (shared, policy) = (self.shared.clone(), policy.clone());
         let role = role.cloned();
         self.main
@@ -280,8 +295,7 @@ impl Leg<'_> {
                 }
             })
             .await
-            .map_err(|e| Failure::HandOver(io::Error::other(e)))?
-            .map_err(Failure::Secrets)
+            .map_err(io::Error::other)
     }
 
     /// The PostgreSQL connector (its SCRAM key cache).
@@ -294,7 +308,7 @@ impl Leg<'_> {
 
     /// Takes the application's socket out of the sock map and forgets it: the programs no
     /// longer see its traffic.
-    fn leave(&self) -> io::Result<()> {
+    pub(crate) fn leave(&self) -> io::Result<()> {
         let maps = self.direct.maps();
         maps.remove_socket(self.cookie).map_err(io::Error::other)?;
         maps.forget(&self.key, self.cookie);
@@ -304,40 +318,18 @@ impl Leg<'_> {
     /// Waits until the application has read everything injected, takes its socket out of
     /// the sock map and asks the server for the ReadyForQuery it will read next.
     async fn hand_over(&mut self, app: &OwnedFd) -> Result<(), Failure> {
-        let deadline = self.deadline;
-        let mut pause = Duration::from_micros(50);
-        loop {
-            if crate::broker::direct::fionread(app).map_err(Failure::HandOver)? == 0 {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(Failure::HandOver(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the application did not read latch's answers",
+        match self.step_out(app).await {
+            Ok(()) => {}
+            Err(StepOut::Io(e)) => return Err(Failure::HandOver(e)),
+            // The application must not have sent anything since its StartupMessage: it would
+            // be behind the Sync, out of order.
+            Err(StepOut::AppSpoke) => {
+                return Err(Failure::AppProtocol(pg::PgError::malformed(
+                    "startup",
+                    "the application sent messages before ReadyForQuery",
                 )));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(5));
         }
-        // The application must not have sent anything since its StartupMessage: it would be
-        // behind the Sync, out of order.
-        if !self.from_app.is_empty() {
-            return Err(Failure::AppProtocol(pg::PgError::malformed(
-                "startup",
-                "the application sent messages before ReadyForQuery",
-            )));
-        }
-        // The server has nothing to say until it is asked (it sent ReadyForQuery); anything
-        // that arrived meanwhile would be lost with the sock map state.
-        if crate::broker::direct::fionread(&self.side).map_err(Failure::HandOver)? > 0 {
-            return Err(Failure::HandOver(io::Error::other(
-                "the server sent a message during the hand-over",
-            )));
-        }
-        self.leave().map_err(Failure::HandOver)?;
-        // Still this workload's connection: the broker learns when it closes (see
-        // `broker::direct::Direct::hold_until_closed`).
-        self.watched = self.direct.maps().watch_close(self.cookie, app);
         let mut sync = BytesMut::new();
         pg::frame::Frame {
             tag: b'S',
@@ -346,11 +338,57 @@ impl Leg<'_> {
         .encode(&mut sync);
         send(app, &sync).map_err(Failure::HandOver)
     }
+
+    /// The hand-over's quiet moment, for any protocol: waits until the application has read
+    /// everything injected, checks that neither side said anything since (the application
+    /// waits for an answer, the server for latch's next packet), then takes the socket out of
+    /// the sock map and watches for its close. Whatever is sent on `app` after this reaches
+    /// the server, and the server's answer the application, as on a plain connection.
+    pub(crate) async fn step_out(&mut self, app: &OwnedFd) -> Result<(), StepOut> {
+        let deadline = self.deadline;
+        let mut pause = Duration::from_micros(50);
+        loop {
+            if crate::broker::direct::fionread(app).map_err(StepOut::Io)? == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(StepOut::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the application did not read latch's answers",
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+        if !self.from_app.is_empty() {
+            return Err(StepOut::AppSpoke);
+        }
+        // The server has nothing to say until it is asked; anything that arrived meanwhile
+        // would be lost with the sock map state.
+        if crate::broker::direct::fionread(&self.side).map_err(StepOut::Io)? > 0 {
+            return Err(StepOut::Io(io::Error::other(
+                "the server sent a message during the hand-over",
+            )));
+        }
+        self.leave().map_err(StepOut::Io)?;
+        // Still this workload's connection: the broker learns when it closes (see
+        // `broker::direct::Direct::hold_until_closed`).
+        self.watched = self.direct.maps().watch_close(self.cookie, app);
+        Ok(())
+    }
+}
+
+/// Why [`Leg::step_out`] did not step out.
+#[derive(Debug)]
+pub(crate) enum StepOut {
+    Io(io::Error),
+    /// The application sent something while it should have been waiting for an answer.
+    AppSpoke,
 }
 
 /// Sends all of `bytes` on the application's socket without changing its file flags (they are
 /// the application's): non-blocking sends, waiting briefly when the buffer is full.
-fn send(app: &OwnedFd, mut bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn send(app: &OwnedFd, mut bytes: &[u8]) -> io::Result<()> {
     let mut waits = 0;
     while !bytes.is_empty() {
         // SAFETY: a plain send(2) from a valid buffer.

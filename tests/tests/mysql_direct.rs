@@ -1,0 +1,294 @@
+//! `mysql: {direct: true}` end to end: the application's own connection goes to MariaDB
+//! 10.11; latch passes the server's greeting on, authenticates on that connection with the
+//! policy's credentials (mirroring every round to the application so that the sequence ids
+//! stay exact), and steps out before its last packet: the server's OK or ERR reaches the
+//! application on its plain TCP socket. Real clients (the `mariadb` CLI, mysql_async in
+//! `latch-probe`) in the intercepted cgroup, holding no password.
+use std::{
+    process::{Command, Output},
+    time::Duration,
+};
+
+use latch_tests::{
+    Agent, TempDir, TestCgroup, bins, eventually,
+    mariadb::{ED25519_USER, MariaDb, NATIVE_USER, policy_yaml},
+    pg_setup::stdout,
+    postgres::secrets_yaml,
+};
+
+const NATIVE_PW: &str = "native-Secret-3c1d";
+const ED_PW: &str = "ed25519-Secret-8e0f";
+const DIRECT: &str = "  mysql: {direct: true}\n";
+
+struct Setup {
+    agent: Agent,
+    cg: TestCgroup,
+    db: MariaDb,
+    secrets: TempDir,
+}
+
+impl Setup {
+    fn new(user: &str, password: &str) -> Setup {
+        Setup::with_spec(user, password, DIRECT)
+    }
+
+    fn with_spec(user: &str, password: &str, spec: &str) -> Setup {
+        let db = MariaDb::start("127.0.0.2", NATIVE_PW, ED_PW);
+        let secrets = TempDir::new("my-secrets");
+        let file = secrets.write("secrets.yaml", &secrets_yaml(user, password));
+        let cg = TestCgroup::new();
+        let agent = Agent::start(&policy_yaml("orders-db", db.addr, &file, spec), &cg);
+        Setup {
+            agent,
+            cg,
+            db,
+            secrets,
+        }
+    }
+
+    fn set_secret(&self, user: &str, password: &str) {
+        self.secrets
+            .write("secrets.yaml", &secrets_yaml(user, password));
+    }
+
+    fn cli(&self, sql: &str) -> Command {
+        self.db.cli_in(&self.cg, "app_without_password", sql)
+    }
+
+    fn cli_refused(&self, sql: &str) -> String {
+        let out = run(&mut self.cli(sql));
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "mariadb succeeded: {err}");
+        err
+    }
+
+    fn probe(&self, scenario: &str) -> Command {
+        let mut cmd = self.cg.command(bins::probe());
+        cmd.args(["my", &self.db.url("app_without_password"), scenario]);
+        cmd
+    }
+
+    fn ebpf(&self) -> serde_json::Value {
+        self.agent.status()["ebpf"].clone()
+    }
+
+    /// Once every session has ended, no direct-mode state is left in the kernel maps.
+    fn assert_maps_drain(&self) {
+        let drained = eventually(Duration::from_secs(10), || {
+            self.ebpf()["direct_entries"] == 0 && self.ebpf()["conns_entries"] == 0
+        });
+        assert!(drained, "direct-mode entries left: {}", self.ebpf());
+    }
+
+    fn assert_log_clean(&self) {
+        let log = self.agent.log();
+        for pw in [NATIVE_PW, ED_PW] {
+            assert!(
+                !log.contains(pw),
+                "a password appears in the agent log:\n{log}"
+            );
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    latch_tests::run_within(cmd, Duration::from_secs(60))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stdout(&out)
+    );
+    stdout(&out)
+}
+
+/// Descriptors the agent holds.
+fn fds(agent: &Agent) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+        .expect("read the agent's descriptors")
+        .count()
+}
+
+#[test]
+fn the_cli_runs_on_its_own_connection_as_the_policys_user_on_native_and_ed25519_accounts() {
+    let s = Setup::new(NATIVE_USER, NATIVE_PW);
+    // The first connection asks the server for the account's plugin (a mirrored switch); the
+    // second answers in its first response.
+    for _ in 0..2 {
+        assert_eq!(
+            ok(&mut s.cli("select current_user()")),
+            format!("{NATIVE_USER}@%")
+        );
+    }
+    // The ed25519 account: the server's switch to client_ed25519 is mirrored to the client as
+    // a switch to mysql_native_password.
+    s.set_secret(ED25519_USER, ED_PW);
+    assert_eq!(
+        ok(&mut s.cli("select current_user(), database()")),
+        format!("{ED25519_USER}@%\tappdb")
+    );
+    s.agent.wait_count("relayed", 3);
+    let status = s.ebpf();
+    assert_eq!(status["redirected"], 0, "{status}");
+    assert_eq!(status["direct_handovers"], 3, "{status}");
+    assert_eq!(s.agent.count("failed"), 0);
+    s.assert_maps_drain();
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn mysql_async_sees_the_servers_connection_id_runs_its_suite_and_kill_query_works() {
+    let s = Setup::new(ED25519_USER, ED_PW);
+    let who = ok(&mut s.probe("whoami"));
+    let fields: Vec<&str> = who.split(' ').collect();
+    assert_eq!(fields[0], format!("user={ED25519_USER}@%"), "{who}");
+    let id = fields[1].trim_start_matches("id=");
+    assert_eq!(fields[2], format!("greeted={id}"), "{who}");
+    assert_eq!(ok(&mut s.probe("suite")), "suite ok");
+    assert_eq!(
+        ok(&mut s.probe("infile")),
+        "infile rows=1000 sum=499500 then=1"
+    );
+    let killed = ok(&mut s.probe("kill"));
+    assert!(killed.starts_with("killed in "), "{killed}");
+    let status = s.ebpf();
+    assert_eq!(status["redirected"], 0, "{status}");
+    assert_eq!(s.agent.count("failed"), 0);
+    s.assert_maps_drain();
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn wrong_credentials_get_the_servers_own_access_denied() {
+    for (user, pw) in [(NATIVE_USER, NATIVE_PW), (ED25519_USER, ED_PW)] {
+        let s = Setup::new(user, "not-the-password");
+        // Twice: without and with the account's plugin known.
+        for _ in 0..2 {
+            let err = s.cli_refused("select 1");
+            assert!(
+                err.contains("ERROR 1045 (28000)")
+                    && err.contains(&format!("Access denied for user '{user}'@"))
+                    && !err.contains("latch"),
+                "{user}: {err}"
+            );
+        }
+        s.set_secret(user, pw);
+        assert_eq!(ok(&mut s.cli("select 7")), "7");
+        s.assert_maps_drain();
+        s.assert_log_clean();
+        assert!(s.agent.stop().success());
+    }
+}
+
+#[test]
+fn after_the_hand_over_the_agent_holds_nothing_of_the_session_and_it_keeps_working() {
+    let s = Setup::new(NATIVE_USER, NATIVE_PW);
+    assert_eq!(ok(&mut s.cli("select 1")), "1");
+    s.agent.wait_count("relayed", 1);
+    // Let the first session's leftovers go.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = fds(&s.agent);
+    let mut long = s.cli("select sleep(3), current_user()");
+    let child = long
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start mariadb");
+    let handed = eventually(Duration::from_secs(10), || {
+        s.ebpf()["direct_handovers"] == 2
+    });
+    assert!(handed, "{}", s.ebpf());
+    // The session is running its query on a connection the agent has no descriptor of and
+    // no map entry for.
+    std::thread::sleep(Duration::from_millis(300));
+    let during = fds(&s.agent);
+    assert!(
+        during <= before,
+        "the agent holds {during} descriptors, {before} before"
+    );
+    assert_eq!(s.ebpf()["direct_entries"], 0, "{}", s.ebpf());
+    let out = child.wait_with_output().expect("wait for mariadb");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout(&out), format!("0\t{NATIVE_USER}@%"));
+    s.assert_maps_drain();
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn a_workload_the_policy_does_not_admit_gets_an_err_in_place_of_the_greeting() {
+    let spec = format!("{DIRECT}  workloads:\n    - uid: 4242\n");
+    let s = Setup::with_spec(NATIVE_USER, NATIVE_PW, &spec);
+    let err = s.cli_refused("select 1");
+    assert!(
+        // The CLI words an ERR in place of the greeting its own way, the code and text inside.
+        err.contains("1045") && err.contains("not admitted by the policy"),
+        "{err}"
+    );
+    let records = s.agent.wait_audit(1);
+    assert_eq!(records[0]["outcome"], "denied");
+    assert_eq!(s.agent.count("denied"), 1);
+    // The server never saw an authentication attempt for it.
+    assert!(!s.db.log().contains("Access denied"), "{}", s.db.log());
+    s.assert_maps_drain();
+    assert!(s.agent.stop().success());
+}
+
+/// PyMySQL (a third client implementation of the authentication exchange): the switch latch
+/// mirrors, then queries and CONNECTION_ID() against the id the greeting gave it. With a read
+/// timeout: a socket in a sock map whose received bytes the stream verdict sends elsewhere is
+/// woken all the same (`sk_psock_verdict_data_ready`), and a recv(2) blocked on it without a
+/// timeout then returns EAGAIN, which PyMySQL's default blocking socket turns into a crash
+/// (docs/direct-mode.md, "Limits"). With a timeout Python polls before it reads and retries.
+const PYMYSQL: &str = r#"
+import sys
+import pymysql
+host, port, user, db = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+con = pymysql.connect(host=host, port=port, user=user, database=db, read_timeout=30)
+cur = con.cursor()
+cur.execute("SELECT CURRENT_USER(), CONNECTION_ID()")
+who, cid = cur.fetchone()
+cur.execute("SELECT COUNT(*) FROM information_schema.PLUGINS")
+print(f"user={who} id_matches={cid == con.server_thread_id[0]}")
+con.close()
+"#;
+
+#[test]
+fn pymysql_authenticates_through_the_mirrored_switch_on_both_account_plugins() {
+    let s = Setup::new(ED25519_USER, ED_PW);
+    for (user, pw) in [
+        (ED25519_USER, ED_PW),
+        (NATIVE_USER, NATIVE_PW),
+        (NATIVE_USER, NATIVE_PW),
+    ] {
+        s.set_secret(user, pw);
+        let out = run(s
+            .cg
+            .command("python3")
+            .args(["-c", PYMYSQL])
+            .arg(s.db.addr.ip().to_string())
+            .arg(s.db.addr.port().to_string())
+            .args(["app_without_password", latch_tests::mariadb::APP_DB]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("No module named 'pymysql'"),
+            "PyMySQL is missing: run `cargo xtask setup`"
+        );
+        assert!(out.status.success(), "{err}\n{}", s.agent.log());
+        assert_eq!(stdout(&out), format!("user={user}@% id_matches=True"));
+    }
+    assert_eq!(s.ebpf()["direct_handovers"], 3, "{}", s.ebpf());
+    s.assert_maps_drain();
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
