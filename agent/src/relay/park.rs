@@ -118,9 +118,11 @@ impl<'p> Gate<'p> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Returns when parking is asked for, unless this relay has already decided (then never).
+    /// Returns when parking is asked for, unless this relay has decided to carry on (then
+    /// never). A relay that decided to park returns at once: a direction that was moving data
+    /// when the other parked joins it at its next safe point.
     pub(super) async fn requested(&self) {
-        if self.lock().decided.is_some() {
+        if self.lock().decided == Some(false) {
             return std::future::pending().await;
         }
         self.parking.requested.cancelled().await;
@@ -144,15 +146,36 @@ impl<'p> Gate<'p> {
                 return self.decide(&mut st, true);
             }
         }
+        // Until a decision, this direction is counted as waiting at its safe point; if it
+        // leaves (data came first and this future is dropped), it is counted out again, so
+        // the other direction cannot park alone by arriving twice.
+        let waiting = Waiting(self);
         loop {
             tokio::time::sleep(POLL).await;
             let mut st = self.lock();
             if let Some(d) = st.decided {
+                drop(st);
+                std::mem::forget(waiting);
                 return d;
             }
             if Instant::now() >= end {
-                return self.decide(&mut st, false);
+                let d = self.decide(&mut st, false);
+                drop(st);
+                std::mem::forget(waiting);
+                return d;
             }
+        }
+    }
+}
+
+/// A direction waiting at its safe point for the other (see [`Gate::arrive`]).
+struct Waiting<'g, 'p>(&'g Gate<'p>);
+
+impl Drop for Waiting<'_, '_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        if st.decided.is_none() {
+            st.arrived -= 1;
         }
     }
 }
@@ -193,5 +216,26 @@ mod tests {
         // One starting after the request takes no part.
         assert!(Gate::new(&parking).is_none());
         assert!(parking.collect().1);
+    }
+
+    #[tokio::test]
+    async fn a_direction_that_leaves_its_safe_point_is_counted_out() {
+        let parking = Parking::default();
+        let gate = Gate::new(&parking).unwrap();
+        parking.request(Duration::from_millis(200));
+        // One direction waits, then data comes first and it leaves (its future dropped),
+        // twice: the other direction never arrived, so nothing parks.
+        for _ in 0..2 {
+            let left = tokio::time::timeout(Duration::from_millis(10), gate.arrive()).await;
+            assert!(left.is_err(), "one direction alone must not park");
+        }
+        assert_eq!(gate.lock().decided, None);
+        // Both at their safe points together: park, and a direction that was moving data
+        // when the other parked is still asked (it joins at its next safe point).
+        let (a, b) = tokio::join!(gate.arrive(), gate.arrive());
+        assert!(a && b);
+        tokio::time::timeout(Duration::from_millis(20), gate.requested())
+            .await
+            .expect("a parked relay's other direction is asked at once");
     }
 }
