@@ -206,6 +206,58 @@ mod tests {
         assert!(recv(&b).unwrap().is_none());
     }
 
+    #[test]
+    fn a_peer_that_is_not_root_is_refused() {
+        let (a, _b) = pair();
+        if !nix::unistd::geteuid().is_root() {
+            // Unprivileged run: this process is the peer, and it is not root.
+            let err = require_root_peer(&a).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+            return;
+        }
+        require_root_peer(&a).expect("a root peer is accepted");
+        // A child that drops to nobody before it connects is refused. The socket is open to
+        // everyone here so the connect itself succeeds; only the peer check stands.
+        let dir = std::env::temp_dir().join(format!("latch-upgrade-peer-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let path = dir.join("s.sock");
+        let listener = seqpacket().unwrap();
+        let addr = UnixAddr::new(&path).unwrap();
+        socket::bind(listener.as_raw_fd(), &addr).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o777)).unwrap();
+        socket::listen(&listener, Backlog::new(1).unwrap()).unwrap();
+        let nobody = nix::unistd::Uid::from_raw(65534);
+        // SAFETY: the child only makes system calls and exits; it touches no lock or allocator.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let ok = nix::unistd::setuid(nobody).is_ok()
+                    && socket::socket(
+                        AddressFamily::Unix,
+                        SockType::SeqPacket,
+                        SockFlag::empty(),
+                        None,
+                    )
+                    .is_ok_and(|fd| {
+                        socket::connect(fd.as_raw_fd(), &addr).is_ok()
+                            && nix::unistd::read(&fd, &mut [0u8; 1]).is_ok()
+                    });
+                // SAFETY: ends the forked child without running the parent's destructors.
+                unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let served = accept(&listener).unwrap();
+                let err = require_root_peer(&served).unwrap_err();
+                assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+                assert!(err.to_string().contains("uid 65534"), "{err}");
+                drop(served);
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+                fs::remove_dir_all(&dir).unwrap();
+            }
+        }
+    }
+
     fn tempfile_fd() -> OwnedFd {
         fs::File::open("/proc/self/stat").unwrap().into()
     }
