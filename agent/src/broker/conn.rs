@@ -62,7 +62,9 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
         }
         Verdict::Deny => admitted.audit(shared),
         // No connector: a plain relay to the destination, without credentials.
-        Verdict::Bypass => return super::bypass::relay(stream, admitted, shared).await,
+        // Boxed: the bypass relay's states are large, and every connection's task would
+        // otherwise be sized for them (6.7 KiB, 3.7 KiB without).
+        Verdict::Bypass => return Box::pin(super::bypass::relay(stream, admitted, shared)).await,
     }
     let cx = Context {
         origin: &admitted.origin,

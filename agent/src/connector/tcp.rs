@@ -56,32 +56,44 @@ impl Connector for Tcp {
                     }
                 };
             }
-            let limit = cx.env.handshake_timeout;
-            let handshake =
-                target_tls::connect(target, cx.origin.dst, cx.policy, cx.env, &self.tls);
-            let tls = match tokio::time::timeout(limit, handshake).await {
-                Err(_) => return Err(ConnectError::HandshakeTimeout(limit)),
-                Ok(Err(e)) => {
-                    super::refuse::reset(app);
-                    return Err(ConnectError::Protocol {
-                        protocol: "tcp",
-                        source: Box::new(e),
-                    });
-                }
-                Ok(Ok((tls, _))) => tls,
-            };
-            tracing::debug!("TLS to the target established");
-            cx.handshake_done();
-            let mut target = MaybeTls::Tls(Box::new(tls));
-            relay::streams(
-                MaybeTls::Plain(app),
-                &mut target,
-                &[],
-                cx.progress(),
-                |_| None,
-            )
-            .await
-            .map_err(ConnectError::Relay)
+            // Boxed: a plain relay's task stays small while idle (the TLS states are larger).
+            Box::pin(self.serve_tls(app, target, cx)).await
         })
+    }
+}
+
+impl Tcp {
+    /// TLS to the target as the policy says, then the relay through it.
+    async fn serve_tls(
+        &self,
+        app: TcpStream,
+        target: TcpStream,
+        cx: Context<'_>,
+    ) -> Result<relay::Transferred, ConnectError> {
+        let limit = cx.env.handshake_timeout;
+        let handshake = target_tls::connect(target, cx.origin.dst, cx.policy, cx.env, &self.tls);
+        let tls = match tokio::time::timeout(limit, handshake).await {
+            Err(_) => return Err(ConnectError::HandshakeTimeout(limit)),
+            Ok(Err(e)) => {
+                super::refuse::reset(app);
+                return Err(ConnectError::Protocol {
+                    protocol: "tcp",
+                    source: Box::new(e),
+                });
+            }
+            Ok(Ok((tls, _))) => tls,
+        };
+        tracing::debug!("TLS to the target established");
+        cx.handshake_done();
+        let mut target = MaybeTls::Tls(Box::new(tls));
+        relay::streams(
+            MaybeTls::Plain(app),
+            &mut target,
+            &[],
+            cx.progress(),
+            |_| None,
+        )
+        .await
+        .map_err(ConnectError::Relay)
     }
 }
