@@ -16,6 +16,7 @@ pub mod manifests;
 pub mod mariadb;
 pub mod memory;
 pub mod moto;
+pub mod my_setup;
 pub mod nginx_api;
 pub mod openbao;
 pub mod pg_roles;

@@ -4,83 +4,10 @@
 use std::process::{Command, Output};
 
 use latch_tests::{
-    Agent, TempDir, TestCgroup, bins,
-    mariadb::{ED25519_USER, MariaDb, NATIVE_USER, policy_yaml},
+    mariadb::{ED25519_USER, NATIVE_USER},
+    my_setup::{ED_PW, NATIVE_PW, Setup},
     pg_setup::stdout,
-    postgres::secrets_yaml,
 };
-
-const NATIVE_PW: &str = "native-Secret-3c1d";
-const ED_PW: &str = "ed25519-Secret-8e0f";
-
-/// A server, a secrets file for `user`/`password`, and an agent with policy `orders-db`.
-struct Setup {
-    agent: Agent,
-    cg: TestCgroup,
-    db: MariaDb,
-    secrets: TempDir,
-}
-
-impl Setup {
-    fn new(user: &str, password: &str, extra_spec: &str) -> Setup {
-        Setup::with_policy(user, password, extra_spec, |y| y)
-    }
-
-    fn with_policy(
-        user: &str,
-        password: &str,
-        extra_spec: &str,
-        edit: impl FnOnce(String) -> String,
-    ) -> Setup {
-        let db = MariaDb::start("127.0.0.2", NATIVE_PW, ED_PW);
-        let secrets = TempDir::new("my-secrets");
-        let file = secrets.write("secrets.yaml", &secrets_yaml(user, password));
-        let cg = TestCgroup::new();
-        let agent = Agent::start(
-            &edit(policy_yaml("orders-db", db.addr, &file, extra_spec)),
-            &cg,
-        );
-        Setup {
-            agent,
-            cg,
-            db,
-            secrets,
-        }
-    }
-
-    fn set_secret(&self, user: &str, password: &str) {
-        self.secrets
-            .write("secrets.yaml", &secrets_yaml(user, password));
-    }
-
-    fn cli(&self, sql: &str) -> Command {
-        self.db.cli_in(&self.cg, "app_without_password", sql)
-    }
-
-    /// The CLI in the cgroup, which must fail; returns what it printed on stderr.
-    fn cli_refused(&self, sql: &str) -> String {
-        let out = self.cli(sql).output().expect("run mariadb");
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "mariadb succeeded: {err}");
-        err
-    }
-
-    fn probe(&self, scenario: &str) -> Command {
-        let mut cmd = self.cg.command(bins::probe());
-        cmd.args(["my", &self.db.url("app_without_password"), scenario]);
-        cmd
-    }
-
-    fn assert_log_clean(&self) {
-        let log = self.agent.log();
-        for pw in [NATIVE_PW, ED_PW, "canary"] {
-            assert!(
-                !log.contains(pw),
-                "a password appears in the agent log:\n{log}"
-            );
-        }
-    }
-}
 
 fn run(cmd: &mut Command) -> Output {
     latch_tests::run_within(cmd, std::time::Duration::from_secs(60))

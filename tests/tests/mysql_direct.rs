@@ -10,85 +10,24 @@ use std::{
 };
 
 use latch_tests::{
-    Agent, TempDir, TestCgroup, bins, eventually,
-    mariadb::{ED25519_USER, MariaDb, NATIVE_USER, policy_yaml},
+    Agent, eventually,
+    mariadb::{ED25519_USER, NATIVE_USER},
+    my_setup::{ED_PW, NATIVE_PW, Setup},
     pg_setup::stdout,
-    postgres::secrets_yaml,
 };
 
-const NATIVE_PW: &str = "native-Secret-3c1d";
-const ED_PW: &str = "ed25519-Secret-8e0f";
 const DIRECT: &str = "  mysql: {direct: true}\n";
 
-struct Setup {
-    agent: Agent,
-    cg: TestCgroup,
-    db: MariaDb,
-    secrets: TempDir,
+fn ebpf(s: &Setup) -> serde_json::Value {
+    s.agent.status()["ebpf"].clone()
 }
 
-impl Setup {
-    fn new(user: &str, password: &str) -> Setup {
-        Setup::with_spec(user, password, DIRECT)
-    }
-
-    fn with_spec(user: &str, password: &str, spec: &str) -> Setup {
-        let db = MariaDb::start("127.0.0.2", NATIVE_PW, ED_PW);
-        let secrets = TempDir::new("my-secrets");
-        let file = secrets.write("secrets.yaml", &secrets_yaml(user, password));
-        let cg = TestCgroup::new();
-        let agent = Agent::start(&policy_yaml("orders-db", db.addr, &file, spec), &cg);
-        Setup {
-            agent,
-            cg,
-            db,
-            secrets,
-        }
-    }
-
-    fn set_secret(&self, user: &str, password: &str) {
-        self.secrets
-            .write("secrets.yaml", &secrets_yaml(user, password));
-    }
-
-    fn cli(&self, sql: &str) -> Command {
-        self.db.cli_in(&self.cg, "app_without_password", sql)
-    }
-
-    fn cli_refused(&self, sql: &str) -> String {
-        let out = run(&mut self.cli(sql));
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "mariadb succeeded: {err}");
-        err
-    }
-
-    fn probe(&self, scenario: &str) -> Command {
-        let mut cmd = self.cg.command(bins::probe());
-        cmd.args(["my", &self.db.url("app_without_password"), scenario]);
-        cmd
-    }
-
-    fn ebpf(&self) -> serde_json::Value {
-        self.agent.status()["ebpf"].clone()
-    }
-
-    /// Once every session has ended, no direct-mode state is left in the kernel maps.
-    fn assert_maps_drain(&self) {
-        let drained = eventually(Duration::from_secs(10), || {
-            self.ebpf()["direct_entries"] == 0 && self.ebpf()["conns_entries"] == 0
-        });
-        assert!(drained, "direct-mode entries left: {}", self.ebpf());
-    }
-
-    fn assert_log_clean(&self) {
-        let log = self.agent.log();
-        for pw in [NATIVE_PW, ED_PW] {
-            assert!(
-                !log.contains(pw),
-                "a password appears in the agent log:\n{log}"
-            );
-        }
-    }
+/// Once every session has ended, no direct-mode state is left in the kernel maps.
+fn assert_maps_drain(s: &Setup) {
+    let drained = eventually(Duration::from_secs(10), || {
+        ebpf(s)["direct_entries"] == 0 && ebpf(s)["conns_entries"] == 0
+    });
+    assert!(drained, "direct-mode entries left: {}", ebpf(s));
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -115,7 +54,7 @@ fn fds(agent: &Agent) -> usize {
 
 #[test]
 fn the_cli_runs_on_its_own_connection_as_the_policys_user_on_native_and_ed25519_accounts() {
-    let s = Setup::new(NATIVE_USER, NATIVE_PW);
+    let s = Setup::new(NATIVE_USER, NATIVE_PW, DIRECT);
     // The first connection asks the server for the account's plugin (a mirrored switch); the
     // second answers in its first response.
     for _ in 0..2 {
@@ -132,18 +71,18 @@ fn the_cli_runs_on_its_own_connection_as_the_policys_user_on_native_and_ed25519_
         format!("{ED25519_USER}@%\tappdb")
     );
     s.agent.wait_count("relayed", 3);
-    let status = s.ebpf();
+    let status = ebpf(&s);
     assert_eq!(status["redirected"], 0, "{status}");
     assert_eq!(status["direct_handovers"], 3, "{status}");
     assert_eq!(s.agent.count("failed"), 0);
-    s.assert_maps_drain();
+    assert_maps_drain(&s);
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }
 
 #[test]
 fn mysql_async_sees_the_servers_connection_id_runs_its_suite_and_kill_query_works() {
-    let s = Setup::new(ED25519_USER, ED_PW);
+    let s = Setup::new(ED25519_USER, ED_PW, DIRECT);
     let who = ok(&mut s.probe("whoami"));
     let fields: Vec<&str> = who.split(' ').collect();
     assert_eq!(fields[0], format!("user={ED25519_USER}@%"), "{who}");
@@ -156,10 +95,10 @@ fn mysql_async_sees_the_servers_connection_id_runs_its_suite_and_kill_query_work
     );
     let killed = ok(&mut s.probe("kill"));
     assert!(killed.starts_with("killed in "), "{killed}");
-    let status = s.ebpf();
+    let status = ebpf(&s);
     assert_eq!(status["redirected"], 0, "{status}");
     assert_eq!(s.agent.count("failed"), 0);
-    s.assert_maps_drain();
+    assert_maps_drain(&s);
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }
@@ -167,7 +106,7 @@ fn mysql_async_sees_the_servers_connection_id_runs_its_suite_and_kill_query_work
 #[test]
 fn wrong_credentials_get_the_servers_own_access_denied() {
     for (user, pw) in [(NATIVE_USER, NATIVE_PW), (ED25519_USER, ED_PW)] {
-        let s = Setup::new(user, "not-the-password");
+        let s = Setup::new(user, "not-the-password", DIRECT);
         // Twice: without and with the account's plugin known.
         for _ in 0..2 {
             let err = s.cli_refused("select 1");
@@ -180,7 +119,7 @@ fn wrong_credentials_get_the_servers_own_access_denied() {
         }
         s.set_secret(user, pw);
         assert_eq!(ok(&mut s.cli("select 7")), "7");
-        s.assert_maps_drain();
+        assert_maps_drain(&s);
         s.assert_log_clean();
         assert!(s.agent.stop().success());
     }
@@ -188,7 +127,7 @@ fn wrong_credentials_get_the_servers_own_access_denied() {
 
 #[test]
 fn after_the_hand_over_the_agent_holds_nothing_of_the_session_and_it_keeps_working() {
-    let s = Setup::new(NATIVE_USER, NATIVE_PW);
+    let s = Setup::new(NATIVE_USER, NATIVE_PW, DIRECT);
     assert_eq!(ok(&mut s.cli("select 1")), "1");
     s.agent.wait_count("relayed", 1);
     // Let the first session's leftovers go.
@@ -201,9 +140,9 @@ fn after_the_hand_over_the_agent_holds_nothing_of_the_session_and_it_keeps_worki
         .spawn()
         .expect("start mariadb");
     let handed = eventually(Duration::from_secs(10), || {
-        s.ebpf()["direct_handovers"] == 2
+        ebpf(&s)["direct_handovers"] == 2
     });
-    assert!(handed, "{}", s.ebpf());
+    assert!(handed, "{}", ebpf(&s));
     // The session is running its query on a connection the agent has no descriptor of and
     // no map entry for.
     std::thread::sleep(Duration::from_millis(300));
@@ -212,7 +151,7 @@ fn after_the_hand_over_the_agent_holds_nothing_of_the_session_and_it_keeps_worki
         during <= before,
         "the agent holds {during} descriptors, {before} before"
     );
-    assert_eq!(s.ebpf()["direct_entries"], 0, "{}", s.ebpf());
+    assert_eq!(ebpf(&s)["direct_entries"], 0, "{}", ebpf(&s));
     let out = child.wait_with_output().expect("wait for mariadb");
     assert!(
         out.status.success(),
@@ -220,7 +159,7 @@ fn after_the_hand_over_the_agent_holds_nothing_of_the_session_and_it_keeps_worki
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(stdout(&out), format!("0\t{NATIVE_USER}@%"));
-    s.assert_maps_drain();
+    assert_maps_drain(&s);
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }
@@ -228,7 +167,7 @@ fn after_the_hand_over_the_agent_holds_nothing_of_the_session_and_it_keeps_worki
 #[test]
 fn a_workload_the_policy_does_not_admit_gets_an_err_in_place_of_the_greeting() {
     let spec = format!("{DIRECT}  workloads:\n    - uid: 4242\n");
-    let s = Setup::with_spec(NATIVE_USER, NATIVE_PW, &spec);
+    let s = Setup::new(NATIVE_USER, NATIVE_PW, &spec);
     let err = s.cli_refused("select 1");
     assert!(
         // The CLI words an ERR in place of the greeting its own way, the code and text inside.
@@ -240,7 +179,7 @@ fn a_workload_the_policy_does_not_admit_gets_an_err_in_place_of_the_greeting() {
     assert_eq!(s.agent.count("denied"), 1);
     // The server never saw an authentication attempt for it.
     assert!(!s.db.log().contains("Access denied"), "{}", s.db.log());
-    s.assert_maps_drain();
+    assert_maps_drain(&s);
     assert!(s.agent.stop().success());
 }
 
@@ -265,7 +204,7 @@ con.close()
 
 #[test]
 fn pymysql_authenticates_through_the_mirrored_switch_on_both_account_plugins() {
-    let s = Setup::new(ED25519_USER, ED_PW);
+    let s = Setup::new(ED25519_USER, ED_PW, DIRECT);
     for (user, pw) in [
         (ED25519_USER, ED_PW),
         (NATIVE_USER, NATIVE_PW),
@@ -287,8 +226,8 @@ fn pymysql_authenticates_through_the_mirrored_switch_on_both_account_plugins() {
         assert!(out.status.success(), "{err}\n{}", s.agent.log());
         assert_eq!(stdout(&out), format!("user={user}@% id_matches=True"));
     }
-    assert_eq!(s.ebpf()["direct_handovers"], 3, "{}", s.ebpf());
-    s.assert_maps_drain();
+    assert_eq!(ebpf(&s)["direct_handovers"], 3, "{}", ebpf(&s));
+    assert_maps_drain(&s);
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }
