@@ -1,13 +1,14 @@
 //! The kernel self-test: direct mode's steps on a loopback pair of the agent's own.
 use std::{
     io::{self, Read as _, Write as _},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, TcpStream},
     time::Duration,
 };
 
 use bytes::BytesMut;
-use latch_common::direct::{
-    FROM_TARGET, GREETING, HEADER_LEN, KIND_SKB, MYSQL, SKB_HEAD_LEN, TO_BROKER,
+use latch_common::{
+    TupleKey,
+    direct::{FROM_TARGET, GREETING, HEADER_LEN, KIND_SKB, MYSQL, SKB_HEAD_LEN, TO_BROKER},
 };
 
 use super::{
@@ -41,15 +42,6 @@ impl Direct {
         );
         let (mut side, _side_peer) = self.side_std(cookie)?;
         let result = (|| {
-            let expect = |what: &str, got: &[u8], want: &[u8]| {
-                if got == want {
-                    Ok(())
-                } else {
-                    Err(io::Error::other(format!(
-                        "{what}: got {got:?}, expected {want:?}"
-                    )))
-                }
-            };
             self.maps
                 .set(&key, cookie, TO_BROKER | FROM_TARGET)
                 .map_err(io::Error::other)?;
@@ -100,22 +92,37 @@ impl Direct {
             let mut got = [0u8; 7];
             app.read_exact(&mut got)?;
             expect("side socket to application", &got, b"welcome")?;
-            self.maps.remove_socket(cookie).map_err(io::Error::other)?;
-            self.maps.forget(&key, cookie);
-            server.write_all(b"ready")?;
-            let mut got = [0u8; 5];
-            app.read_exact(&mut got)?;
-            expect("server to application after the hand-over", &got, b"ready")?;
-            app.write_all(b"query")?;
-            server.set_read_timeout(timeout)?;
-            let mut got = [0u8; 5];
-            server.read_exact(&mut got)?;
-            expect("application to server after the hand-over", &got, b"query")
+            self.plain_after_removal(&key, cookie, &mut app, &mut server, timeout)
         })();
         let _ = self.maps.remove_socket(cookie);
         self.maps.forget(&key, cookie);
         self.drop_side(cookie, &side);
         result
+    }
+}
+
+impl Direct {
+    /// Takes the socket out of the sock map and its entries out of the maps, then checks that
+    /// plain TCP carries bytes both ways.
+    fn plain_after_removal(
+        &self,
+        key: &TupleKey,
+        cookie: u64,
+        app: &mut TcpStream,
+        server: &mut TcpStream,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
+        self.maps.remove_socket(cookie).map_err(io::Error::other)?;
+        self.maps.forget(key, cookie);
+        server.write_all(b"ready")?;
+        let mut got = [0u8; 5];
+        app.read_exact(&mut got)?;
+        expect("server to application after the hand-over", &got, b"ready")?;
+        app.write_all(b"query")?;
+        server.set_read_timeout(timeout)?;
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got)?;
+        expect("application to server after the hand-over", &got, b"query")
     }
 }
 
@@ -200,17 +207,7 @@ impl Direct {
             if fionread(&app)? != 0 {
                 return Err(io::Error::other("bytes left in the application's queue"));
             }
-            self.maps.remove_socket(cookie).map_err(io::Error::other)?;
-            self.maps.forget(&key, cookie);
-            server.write_all(b"ready")?;
-            let mut got = [0u8; 5];
-            app.read_exact(&mut got)?;
-            expect("server to application after the hand-over", &got, b"ready")?;
-            app.write_all(b"query")?;
-            server.set_read_timeout(timeout)?;
-            let mut got = [0u8; 5];
-            server.read_exact(&mut got)?;
-            expect("application to server after the hand-over", &got, b"query")
+            self.plain_after_removal(&key, cookie, &mut app, &mut server, timeout)
         })();
         let _ = self.maps.remove_socket(cookie);
         self.maps.forget(&key, cookie);
