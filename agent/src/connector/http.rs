@@ -185,36 +185,48 @@ impl Http {
         app: TcpStream,
         cx: Context<'_>,
     ) -> Result<Transferred, ConnectError> {
+        // The TLS and HTTP/2 sessions are boxed: a plain HTTP/1.1 connection's future (held
+        // for as long as it is kept alive) is not sized for their states.
         if speaks_tls(&app, cx.env.handshake_timeout).await {
-            if cx.policy.app_tls != AppTlsMode::Enable {
-                tracing::info!("the application opened with a TLS ClientHello; refused");
-                super::refuse::reset(app);
-                return Err(ConnectError::Protocol {
-                    protocol: "http",
-                    source: Box::new(NotServed::AppTls),
-                });
-            }
-            let deadline = tokio::time::Instant::now() + cx.env.handshake_timeout;
-            let tls = intercept::accept(app, &cx, deadline).await.map_err(|e| {
-                tracing::info!(error = %e, "HTTPS interception refused or failed");
-                ConnectError::Protocol {
-                    protocol: "http",
-                    source: Box::new(e),
-                }
-            })?;
-            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                return h2::serve(self, tls, cx).await;
-            }
-            // A malformed head is hyper's to close: the raw answer below needs the plain socket.
-            return self.serve_stream(tls, None, cx).await;
+            return Box::pin(self.serve_tls(app, cx)).await;
         }
         if h2::speaks_h2(&app, cx.env.handshake_timeout).await {
-            return h2::serve(self, app, cx).await;
+            return Box::pin(h2::serve(self, app, cx)).await;
         }
         // A second descriptor of the application's socket, to answer a request head hyper
         // could not parse (hyper closes without a word).
         let app_fd = app.as_fd().try_clone_to_owned().ok();
         self.serve_stream(app, app_fd, cx).await
+    }
+
+    /// An application that opened with a TLS ClientHello: refused, or intercepted when the
+    /// policy opts in.
+    async fn serve_tls(
+        &self,
+        app: TcpStream,
+        cx: Context<'_>,
+    ) -> Result<Transferred, ConnectError> {
+        if cx.policy.app_tls != AppTlsMode::Enable {
+            tracing::info!("the application opened with a TLS ClientHello; refused");
+            super::refuse::reset(app);
+            return Err(ConnectError::Protocol {
+                protocol: "http",
+                source: Box::new(NotServed::AppTls),
+            });
+        }
+        let deadline = tokio::time::Instant::now() + cx.env.handshake_timeout;
+        let tls = intercept::accept(app, &cx, deadline).await.map_err(|e| {
+            tracing::info!(error = %e, "HTTPS interception refused or failed");
+            ConnectError::Protocol {
+                protocol: "http",
+                source: Box::new(e),
+            }
+        })?;
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            return h2::serve(self, tls, cx).await;
+        }
+        // A malformed head is hyper's to close: the raw answer below needs the plain socket.
+        self.serve_stream(tls, None, cx).await
     }
 
     /// Serves the application's requests on `app` (plain, or TLS latch terminated).
