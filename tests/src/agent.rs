@@ -248,6 +248,20 @@ impl Agent {
         serde_json::from_str(&body).expect("status JSON")
     }
 
+    /// The eBPF part of GET /status.
+    pub fn ebpf(&self) -> serde_json::Value {
+        self.status()["ebpf"].clone()
+    }
+
+    /// Once every session has ended, no direct-mode state is left in the kernel maps.
+    pub fn assert_direct_maps_drain(&self) {
+        let drained = crate::eventually(Duration::from_secs(10), || {
+            let ebpf = self.ebpf();
+            ebpf["direct_entries"] == 0 && ebpf["conns_entries"] == 0
+        });
+        assert!(drained, "direct-mode entries left: {}", self.ebpf());
+    }
+
     /// GET /metrics text.
     pub fn metrics(&self) -> String {
         let (code, body) = http::get(self.admin, "/metrics").expect("GET /metrics");

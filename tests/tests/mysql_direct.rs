@@ -18,18 +18,6 @@ use latch_tests::{
 
 const DIRECT: &str = "  mysql: {direct: true}\n";
 
-fn ebpf(s: &Setup) -> serde_json::Value {
-    s.agent.status()["ebpf"].clone()
-}
-
-/// Once every session has ended, no direct-mode state is left in the kernel maps.
-fn assert_maps_drain(s: &Setup) {
-    let drained = eventually(Duration::from_secs(10), || {
-        ebpf(s)["direct_entries"] == 0 && ebpf(s)["conns_entries"] == 0
-    });
-    assert!(drained, "direct-mode entries left: {}", ebpf(s));
-}
-
 fn run(cmd: &mut Command) -> Output {
     latch_tests::run_within(cmd, Duration::from_secs(60))
 }
@@ -71,11 +59,11 @@ fn the_cli_runs_on_its_own_connection_as_the_policys_user_on_native_and_ed25519_
         format!("{ED25519_USER}@%\tappdb")
     );
     s.agent.wait_count("relayed", 3);
-    let status = ebpf(&s);
+    let status = s.agent.ebpf();
     assert_eq!(status["redirected"], 0, "{status}");
     assert_eq!(status["direct_handovers"], 3, "{status}");
     assert_eq!(s.agent.count("failed"), 0);
-    assert_maps_drain(&s);
+    s.agent.assert_direct_maps_drain();
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }
@@ -95,10 +83,10 @@ fn mysql_async_sees_the_servers_connection_id_runs_its_suite_and_kill_query_work
     );
     let killed = ok(&mut s.probe("kill"));
     assert!(killed.starts_with("killed in "), "{killed}");
-    let status = ebpf(&s);
+    let status = s.agent.ebpf();
     assert_eq!(status["redirected"], 0, "{status}");
     assert_eq!(s.agent.count("failed"), 0);
-    assert_maps_drain(&s);
+    s.agent.assert_direct_maps_drain();
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }
@@ -119,7 +107,7 @@ fn wrong_credentials_get_the_servers_own_access_denied() {
         }
         s.set_secret(user, pw);
         assert_eq!(ok(&mut s.cli("select 7")), "7");
-        assert_maps_drain(&s);
+        s.agent.assert_direct_maps_drain();
         s.assert_log_clean();
         assert!(s.agent.stop().success());
     }
@@ -140,9 +128,9 @@ fn after_the_hand_over_the_agent_holds_nothing_of_the_session_and_it_keeps_worki
         .spawn()
         .expect("start mariadb");
     let handed = eventually(Duration::from_secs(10), || {
-        ebpf(&s)["direct_handovers"] == 2
+        s.agent.ebpf()["direct_handovers"] == 2
     });
-    assert!(handed, "{}", ebpf(&s));
+    assert!(handed, "{}", s.agent.ebpf());
     // The session is running its query on a connection the agent has no descriptor of and
     // no map entry for.
     std::thread::sleep(Duration::from_millis(300));
@@ -151,7 +139,7 @@ fn after_the_hand_over_the_agent_holds_nothing_of_the_session_and_it_keeps_worki
         during <= before,
         "the agent holds {during} descriptors, {before} before"
     );
-    assert_eq!(ebpf(&s)["direct_entries"], 0, "{}", ebpf(&s));
+    assert_eq!(s.agent.ebpf()["direct_entries"], 0, "{}", s.agent.ebpf());
     let out = child.wait_with_output().expect("wait for mariadb");
     assert!(
         out.status.success(),
@@ -159,7 +147,7 @@ fn after_the_hand_over_the_agent_holds_nothing_of_the_session_and_it_keeps_worki
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(stdout(&out), format!("0\t{NATIVE_USER}@%"));
-    assert_maps_drain(&s);
+    s.agent.assert_direct_maps_drain();
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }
@@ -179,7 +167,7 @@ fn a_workload_the_policy_does_not_admit_gets_an_err_in_place_of_the_greeting() {
     assert_eq!(s.agent.count("denied"), 1);
     // The server never saw an authentication attempt for it.
     assert!(!s.db.log().contains("Access denied"), "{}", s.db.log());
-    assert_maps_drain(&s);
+    s.agent.assert_direct_maps_drain();
     assert!(s.agent.stop().success());
 }
 
@@ -226,8 +214,8 @@ fn pymysql_authenticates_through_the_mirrored_switch_on_both_account_plugins() {
         assert!(out.status.success(), "{err}\n{}", s.agent.log());
         assert_eq!(stdout(&out), format!("user={user}@% id_matches=True"));
     }
-    assert_eq!(ebpf(&s)["direct_handovers"], 3, "{}", ebpf(&s));
-    assert_maps_drain(&s);
+    assert_eq!(s.agent.ebpf()["direct_handovers"], 3, "{}", s.agent.ebpf());
+    s.agent.assert_direct_maps_drain();
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }

@@ -19,19 +19,6 @@ fn run(cmd: &mut Command) -> Output {
     latch_tests::run_ok(cmd)
 }
 
-/// The agent's eBPF status (`latch status` / `/status`).
-fn ebpf(s: &Setup) -> serde_json::Value {
-    s.agent.status()["ebpf"].clone()
-}
-
-/// Once every session has ended, no direct-mode state is left in the kernel maps.
-fn assert_maps_drain(s: &Setup) {
-    let drained = eventually(Duration::from_secs(10), || {
-        ebpf(s)["direct_entries"] == 0 && ebpf(s)["conns_entries"] == 0
-    });
-    assert!(drained, "direct-mode entries left: {}", ebpf(s));
-}
-
 #[test]
 fn psql_gets_its_own_connection_authenticated_with_scram_and_never_md5_or_cleartext() {
     let s = Setup::new(SCRAM_USER, SCRAM_PW, DIRECT);
@@ -57,7 +44,7 @@ fn psql_gets_its_own_connection_authenticated_with_scram_and_never_md5_or_cleart
     // The sessions were the applications' own connections: nothing was redirected to the
     // broker, and each was handed over after latch's startup.
     s.agent.wait_count("relayed", 2);
-    let status = ebpf(&s);
+    let status = s.agent.ebpf();
     assert_eq!(status["redirected"], 0, "{status}");
     assert_eq!(status["direct_enrolled"], 4, "{status}");
     assert_eq!(status["direct_handovers"], 2, "{status}");
@@ -66,7 +53,7 @@ fn psql_gets_its_own_connection_authenticated_with_scram_and_never_md5_or_cleart
         metrics.contains("latch_direct_handovers_total 2"),
         "{metrics}"
     );
-    assert_maps_drain(&s);
+    s.agent.assert_direct_maps_drain();
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }
@@ -91,14 +78,14 @@ fn tokio_postgres_suite_and_pgbench_run_on_handed_over_connections() {
         let text = s.pgbench(&args);
         assert!(text.contains("number of failed transactions: 0"), "{text}");
     }
-    let status = ebpf(&s);
+    let status = s.agent.ebpf();
     assert_eq!(status["redirected"], 0, "{status}");
     assert!(
         status["direct_handovers"].as_u64().unwrap_or(0) > 10,
         "{status}"
     );
     assert_eq!(s.agent.count("failed"), 0);
-    assert_maps_drain(&s);
+    s.agent.assert_direct_maps_drain();
     s.assert_log_clean();
     assert!(s.agent.stop().success());
 }
@@ -152,7 +139,7 @@ fn an_application_that_reads_late_still_gets_every_answer() {
     assert!(text.contains("SKZ user="), "{text}");
     assert!(text.ends_with(&format!("user={SCRAM_USER}")), "{text}");
     s.agent.wait_count("relayed", 1);
-    assert_maps_drain(&s);
+    s.agent.assert_direct_maps_drain();
     assert!(s.agent.stop().success());
 }
 
@@ -218,7 +205,7 @@ fn failures_reach_the_application_as_fatal_errors_and_leave_nothing_behind() {
     );
     s.agent.wait_count("failed", 1 + scenarios.len() as u64);
     s.agent.wait_count("relayed", 1);
-    assert_maps_drain(&s);
+    s.agent.assert_direct_maps_drain();
     assert!(!s.agent.log().contains(canary));
     assert!(s.agent.stop().success());
 }
@@ -243,7 +230,7 @@ fn a_workload_the_policy_does_not_admit_gets_fatal_28000() {
         "{}",
         s.pg.log()
     );
-    assert_maps_drain(&s);
+    s.agent.assert_direct_maps_drain();
     assert!(s.agent.stop().success());
 }
 
@@ -273,10 +260,10 @@ fn direct_mode_works_over_ipv6() {
     let text = stdout(&run(&mut s.probe(APP_DB, "whoami")));
     assert!(text.contains(&format!("user={SCRAM_USER}")), "{text}");
     s.agent.wait_count("relayed", 2);
-    let status = ebpf(&s);
+    let status = s.agent.ebpf();
     assert_eq!(status["redirected"], 0, "{status}");
     assert_eq!(status["direct_handovers"], 2, "{status}");
-    assert_maps_drain(&s);
+    s.agent.assert_direct_maps_drain();
     assert!(s.agent.stop().success());
 }
 
@@ -455,7 +442,7 @@ fn the_handshake_timeout_bounds_a_direct_mode_startup_as_it_bounds_the_relay() {
 fn the_user_the_application_asks_for_selects_one_of_the_policys_credentials() {
     let s = Setup::with_roles(DIRECT, "");
     s.assert_roles_select_credentials();
-    assert_maps_drain(&s);
+    s.agent.assert_direct_maps_drain();
     assert!(s.agent.stop().success());
 }
 
@@ -467,6 +454,6 @@ fn a_database_outside_the_allow_list_and_options_outside_theirs_are_refused_as_p
     );
     s.assert_database_allow_list();
     s.assert_options_restricted();
-    assert_maps_drain(&s);
+    s.agent.assert_direct_maps_drain();
     assert!(s.agent.stop().success());
 }

@@ -147,28 +147,24 @@ impl<'p> Gate<'p> {
             }
         }
         // Until a decision, this direction is counted as waiting at its safe point; if it
-        // leaves (data came first and this future is dropped), it is counted out again, so
-        // the other direction cannot park alone by arriving twice.
-        let waiting = Waiting(self);
+        // leaves undecided (data came first and this future is dropped), it is counted out
+        // again, so the other direction cannot park alone by arriving twice.
+        let _waiting = Waiting(self);
         loop {
             tokio::time::sleep(POLL).await;
             let mut st = self.lock();
             if let Some(d) = st.decided {
-                drop(st);
-                std::mem::forget(waiting);
                 return d;
             }
             if Instant::now() >= end {
-                let d = self.decide(&mut st, false);
-                drop(st);
-                std::mem::forget(waiting);
-                return d;
+                return self.decide(&mut st, false);
             }
         }
     }
 }
 
-/// A direction waiting at its safe point for the other (see [`Gate::arrive`]).
+/// A direction waiting at its safe point for the other (see [`Gate::arrive`]). A decision is
+/// final, so once one is made dropping this changes nothing.
 struct Waiting<'g, 'p>(&'g Gate<'p>);
 
 impl Drop for Waiting<'_, '_> {

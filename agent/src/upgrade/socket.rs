@@ -246,7 +246,9 @@ mod tests {
                 unsafe { libc::_exit(if ok { 0 } else { 1 }) }
             }
             nix::unistd::ForkResult::Parent { child } => {
-                let served = accept(&listener).unwrap();
+                // A child that failed before it connected fails the test, not hangs it.
+                set_timeout(&listener, std::time::Duration::from_secs(10)).unwrap();
+                let served = accept(&listener).expect("the child connects");
                 let err = require_root_peer(&served).unwrap_err();
                 assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
                 assert!(err.to_string().contains("uid 65534"), "{err}");
