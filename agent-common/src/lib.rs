@@ -189,6 +189,20 @@ pub const RULE_DIRECT: u32 = 2;
 /// speaks first (MySQL's greeting), and speaks MySQL's packets (see [`direct::GREETING`]).
 pub const RULE_SERVER_FIRST: u32 = 4;
 
+/// `ConnMeta::flags` bit, set by sock_ops only: the application closed its socket after the
+/// broker's socket had acknowledged its FIN but before the broker accepted the connection
+/// (`nc -z`, or a client that sends and closes). The broker's socket still holds the 4-tuple
+/// and sits in the accept queue, so the record still belongs to it; the broker serves it as a
+/// server would (what was sent is delivered), if it is taken within
+/// [`APP_CLOSED_RECORD_TTL_NS`] of the connect.
+pub const CONN_APP_CLOSED: u32 = 1 << 31;
+
+/// How long after its connect a [`CONN_APP_CLOSED`] record may still be taken (nanoseconds).
+/// A broker socket waits in the accept queue for far less; a record left behind (its listener
+/// closed with the connection queued) must not outlive the window in which its 4-tuple is
+/// still held by the application's TIME_WAIT socket.
+pub const APP_CLOSED_RECORD_TTL_NS: u64 = 10_000_000_000;
+
 /// Direct mode: the application's own TCP connection goes to the target; latch takes part only
 /// in its startup, through sockmap programs, and then leaves the connection to the kernel.
 ///

@@ -4,13 +4,13 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
+        BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT2,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use latch_common::{RULE_DIRECT, RULE_FAST_PATH, TupleKey, stat};
+use latch_common::{CONN_APP_CLOSED, RULE_DIRECT, RULE_FAST_PATH, TupleKey, stat};
 
 use crate::maps::{CONNS, DIRECT_FIRST, DIRECT_KEYS, DIRECT_RECV, FAST_KEYS, SOCKS, count};
 
@@ -54,7 +54,10 @@ fn established(ctx: &SockOpsContext) -> Option<()> {
 }
 
 /// The socket is gone: its record, and every entry keyed by its 4-tuple that is still its
-/// own, go with it. Nothing of it can be found by a later socket with the same 4-tuple.
+/// own, go with it. Nothing of it can be found by a later socket with the same 4-tuple. The
+/// one exception is the connection record of a socket closed in an orderly way before the
+/// broker took it: the broker's socket still holds the 4-tuple, so the record is marked
+/// [`CONN_APP_CLOSED`] and left for it.
 #[inline(always)]
 fn closed(ctx: &SockOpsContext) {
     // SAFETY: helper allowed for sock_ops; the context is the program's own.
@@ -67,10 +70,22 @@ fn closed(ctx: &SockOpsContext) {
     // A direct-mode socket's record stays for the lobby, which may still be reading what the
     // socket sent before it closed; the lobby checks the cookie in its header against it, and
     // the next socket with this 4-tuple in this namespace overwrites it.
-    if unsafe { CONNS.get(&key) }
-        .is_some_and(|m| m.socket_cookie == cookie && m.flags & RULE_DIRECT == 0)
+    if let Some(&meta) = unsafe { CONNS.get(&key) }
+        && meta.socket_cookie == cookie
+        && meta.flags & RULE_DIRECT == 0
     {
-        let _ = CONNS.remove(&key);
+        if peer_acked_our_fin(ctx.arg(0)) {
+            // Closed before the broker accepted, but the broker's socket acknowledged the
+            // FIN: it exists, holds this 4-tuple and waits in the accept queue, and no other
+            // socket can take the 4-tuple before the broker has accepted it (and taken this).
+            let mut meta = meta;
+            meta.flags |= CONN_APP_CLOSED;
+            if CONNS.insert(&key, &meta, 0).is_err() {
+                let _ = CONNS.remove(&key);
+            }
+        } else {
+            let _ = CONNS.remove(&key);
+        }
     }
     if unsafe { FAST_KEYS.get(&key) }.is_some_and(|&c| c == cookie) {
         let _ = FAST_KEYS.remove(&key);
@@ -78,6 +93,13 @@ fn closed(ctx: &SockOpsContext) {
     if unsafe { DIRECT_KEYS.get(&key) }.is_some_and(|e| e.cookie == cookie) {
         let _ = DIRECT_KEYS.remove(&key);
     }
+}
+
+/// Whether a socket leaving `old_state` for CLOSE had its FIN acknowledged by its peer (it
+/// closed in an orderly way), rather than being reset or timing out.
+#[inline(always)]
+fn peer_acked_our_fin(old_state: u32) -> bool {
+    old_state == BPF_TCP_FIN_WAIT2 || old_state == BPF_TCP_CLOSING
 }
 
 /// The connection's key as the broker sees it on accept: the application's end is the

@@ -9,7 +9,7 @@ use std::{
 
 use latch_tests::{
     Agent, TestCgroup, bins, eventually,
-    servers::{EchoServer, NGINX_BODY, Nginx},
+    servers::{EchoServer, NGINX_BODY, Nginx, free_port},
     tcp_policy,
 };
 
@@ -226,6 +226,74 @@ fn a_connection_the_kernel_did_not_redirect_gets_nothing() {
         agent
             .log()
             .contains("refused a connection the kernel did not redirect")
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_client_that_sends_and_closes_before_the_broker_accepts_is_served_and_its_port_serves_no_one_else()
+ {
+    // The target keeps what each connection sent.
+    let sink = std::net::TcpListener::bind("127.0.0.2:0").expect("bind the sink");
+    let target = sink.local_addr().unwrap();
+    let (tx, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in sink.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut got = Vec::new();
+            let _ = conn.read_to_end(&mut got);
+            if tx.send(got).is_err() {
+                return;
+            }
+        }
+    });
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&tcp_policy("sink", "127.0.0.2", target.port()), &cg);
+    let broker = agent.listener(false);
+    let src = free_port("127.0.0.1").to_string();
+    // A stopped agent accepts nothing: the kernel completes the handshake into the broker's
+    // accept queue, and the client has sent its bytes and closed before the broker sees it
+    // (what a busy broker meets with `nc -z` or a metrics client that sends and closes).
+    agent.signal(libc::SIGSTOP);
+    let out = latch_tests::run_within(
+        cg.command(bins::probe())
+            .args(["post", &src, &target.to_string(), "metric 1\n"]),
+        Duration::from_secs(10),
+    );
+    let other = {
+        let (src, broker) = (src.clone(), broker.to_string());
+        std::thread::spawn(move || {
+            latch_tests::run_within(
+                Command::new(bins::probe()).args(["from", &src, &broker]),
+                Duration::from_secs(20),
+            )
+        })
+    };
+    // Meanwhile a process outside the cgroup takes the same source port and connects to the
+    // broker itself: the 4-tuple the client's record is kept under.
+    std::thread::sleep(Duration::from_millis(1500));
+    agent.signal(libc::SIGCONT);
+    assert_eq!(stdout(&out).trim(), "posted");
+    let got = received
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the client's connection never reached the target");
+    assert_eq!(String::from_utf8_lossy(&got), "metric 1\n");
+    let other = other.join().expect("the other process's thread");
+    assert_ne!(stdout(&other).trim(), "echoed");
+    // Nothing else reached the target: not the other process's bytes under the client's record.
+    if let Ok(more) = received.recv_timeout(Duration::from_millis(1000)) {
+        panic!(
+            "a second connection reached the target with {:?}",
+            String::from_utf8_lossy(&more)
+        );
+    }
+    agent.wait_count("relayed", 1);
+    assert!(
+        !agent
+            .log()
+            .contains("refused a connection the kernel did not redirect conn=1 "),
+        "the client's own connection was refused: {}",
+        agent.log()
     );
     assert!(agent.stop().success());
 }

@@ -55,7 +55,8 @@ impl ConnTable {
     ///
     /// The record is removed so that a later connection reusing the same 4-tuple without being
     /// redirected can never inherit it (the kernel also removes it when the application's
-    /// socket closes first). A record made in another namespace has another key, and one whose
+    /// socket closes first, unless it closed in an orderly way while this connection waited
+    /// to be accepted: see [`still_held`]). A record made in another namespace has another key, and one whose
     /// namespace is not `netns` is refused all the same.
     pub fn take(
         &self,
@@ -65,7 +66,11 @@ impl ConnTable {
     ) -> Result<Option<ConnMeta>, MapError> {
         let meta = self.take_key(&tuple_key(netns, peer, local))?;
         // A direct-mode record was never redirected to a listener.
-        Ok(meta.filter(|m| m.netns_cookie == netns && m.flags & latch_common::RULE_DIRECT == 0))
+        Ok(meta.filter(|m| {
+            m.netns_cookie == netns
+                && m.flags & latch_common::RULE_DIRECT == 0
+                && still_held(m, boottime_ns())
+        }))
     }
 
     /// As [`ConnTable::take`], by the key itself (direct mode gets it from the kernel).
@@ -89,6 +94,28 @@ impl ConnTable {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Whether a record is still its connection's at `now` (CLOCK_BOOTTIME ns): always, unless
+/// the application closed before the broker accepted ([`latch_common::CONN_APP_CLOSED`]);
+/// then only within [`latch_common::APP_CLOSED_RECORD_TTL_NS`] of the connect, while the
+/// application's TIME_WAIT socket still holds the 4-tuple.
+fn still_held(meta: &ConnMeta, now: u64) -> bool {
+    meta.flags & latch_common::CONN_APP_CLOSED == 0
+        || now.saturating_sub(meta.ktime_ns) <= latch_common::APP_CLOSED_RECORD_TTL_NS
+}
+
+/// CLOCK_BOOTTIME in nanoseconds, the clock of [`ConnMeta::ktime_ns`].
+fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_BOOTTIME exists on every kernel latch runs on.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return u64::MAX;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Looks `key` up in `map` and removes it.
@@ -159,6 +186,24 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.peer_port, 40000);
         assert_eq!(a.local_addr[10..], [0xff, 0xff, 127, 0, 0, 1]);
+    }
+
+    #[test]
+    fn a_record_whose_application_closed_first_is_held_only_briefly() {
+        let meta = |flags| ConnMeta {
+            ktime_ns: 5_000_000_000,
+            flags,
+            ..ConnMeta::default()
+        };
+        let ttl = latch_common::APP_CLOSED_RECORD_TTL_NS;
+        let closed = meta(latch_common::CONN_APP_CLOSED);
+        assert!(still_held(&closed, 5_000_000_000 + ttl));
+        assert!(!still_held(&closed, 5_000_000_001 + ttl));
+        assert!(
+            still_held(&meta(0), u64::MAX),
+            "a live record has no age limit"
+        );
+        assert!(!still_held(&closed, u64::MAX), "no clock: not held");
     }
 
     #[test]

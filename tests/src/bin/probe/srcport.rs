@@ -1,6 +1,6 @@
 //! The modes whose client binds a chosen source port on 127.0.0.1 (with SO_REUSEADDR), for
 //! the tests of attacks that guess or reuse the 4-tuple a broker will see: `squat`, `victim`,
-//! `from`, `pgpaused` and `fakepg`. Their output is documented in `latch-probe.rs`.
+//! `from`, `post`, `pgpaused` and `fakepg`. Their output is documented in `latch-probe.rs`.
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -160,6 +160,17 @@ pub fn from(src_port: u16, addr: SocketAddr) -> Result<(), String> {
         Ok(_) => say("refused differs"),
         Err(e) => say(&format!("refused {}", why(&e))),
     }
+    Ok(())
+}
+
+/// `post SRCPORT ADDR TEXT`.
+pub fn post(src_port: u16, addr: SocketAddr, text: &str) -> Result<(), String> {
+    let mut s = connect_from(src_port, addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.write_all(text.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    drop(s);
+    say("posted");
     Ok(())
 }
 
