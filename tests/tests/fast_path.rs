@@ -157,8 +157,10 @@ fn a_stream_sent_all_at_once_is_intact_whoever_carries_it() {
 #[test]
 fn the_fast_path_maps_empty_when_connections_close() {
     let (echo, cg, agent) = echo_behind_latch(&[]);
-    // While connections are open, their sockets are in both maps...
+    // While connections are open, their sockets are in both maps: each application's from its
+    // connect, each target's from the hand-over (after the first 64 KiB)...
     let holder = probe_command(&cg, "hold", &echo.addr.to_string(), 30, 3000)
+        .arg((128 * 1024).to_string())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start probe");
@@ -183,6 +185,23 @@ fn the_fast_path_maps_empty_when_connections_close() {
         "fast-path maps not emptied: {}",
         agent.status()["ebpf"]
     );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn short_exchanges_stay_with_the_broker_and_cost_no_hand_over() {
+    // One request and its reply per connection: the hand-over would cost more system calls
+    // than it saves, so it waits for the first 64 KiB, which these never send.
+    let (echo, cg, agent) = echo_behind_latch(&[]);
+    let got = probe(&cg, "echo", &echo.addr.to_string(), 20, 4096);
+    assert_eq!(got, "ok=20 failed=0");
+    assert_every_connection_sent(&agent, 20, 4096);
+    assert_eq!(metric(&agent, "latch_fast_path_handovers_total"), 0);
+    for r in agent.audit() {
+        assert!(r.get("fast_path").is_none(), "{r}");
+    }
+    // The sockets were enrolled at connect all the same: a longer stream would be handed over.
+    assert_eq!(agent.status()["ebpf"]["fast_enrolled"], 20);
     assert!(agent.stop().success());
 }
 

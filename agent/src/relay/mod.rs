@@ -2,8 +2,8 @@
 //! done. Plain TCP to TCP uses splice(2) through a pipe per direction: the payload never
 //! enters user space and no buffer is allocated per chunk.
 //!
-//! With a [`Handover`], the application-to-target direction is given to the kernel as soon as
-//! nothing is in flight (see `latch_common::flow`): from then on the application's sends go
+//! With a [`Handover`], the application-to-target direction is given to the kernel once it has
+//! carried [`HANDOVER_AFTER`] bytes and nothing is in flight (see `latch_common::flow`): from then on the application's sends go
 //! straight into the target socket and this side only waits for the end of the stream.
 use std::{
     io,
@@ -126,6 +126,13 @@ impl Pumped {
         }
     }
 }
+
+/// Bytes the application sends through the broker before its direction is handed to the
+/// kernel. Small exchanges (one request per connection, a session of short queries) gain
+/// nothing from the hand-over, which costs five system calls (registering the target socket,
+/// its send buffer, the allowance, and the release); a bulk sender reaches this within its
+/// first milliseconds.
+const HANDOVER_AFTER: u64 = 64 * 1024;
 
 /// How often a handed-over flow's allowance is renewed while the application keeps sending.
 const TICK: Duration = Duration::from_millis(1);
@@ -300,7 +307,7 @@ impl<'s, 'a> Role<'s, 'a> {
 
 /// One direction: socket → pipe → socket until `src` reaches end-of-stream, then half-close
 /// `dst` for writing. With a hand-over, the application-to-target direction (`to_target`)
-/// attempts it whenever everything read so far has been written, and renews the allowance
+/// attempts it whenever everything read so far has been written (past [`HANDOVER_AFTER`]), and renews the allowance
 /// every tick while the kernel carries a fast flow; the other direction renews it whenever a
 /// reply passes (the target has read something).
 async fn pump(
@@ -311,9 +318,6 @@ async fn pump(
     gate: Option<&park::Gate<'_>>,
 ) -> io::Result<Pumped> {
     let mut total = 0u64;
-    if let Role::ToTarget(h) = role {
-        h.attempt(0);
-    }
     loop {
         // Wait for data (or the end of the stream) holding no pipe: an idle direction costs
         // nothing but its socket. This is the safe point where an upgrade may park it.
@@ -362,7 +366,8 @@ async fn pump(
         total += n as u64;
         counter.fetch_add(n as u64, Ordering::Relaxed);
         match role {
-            Role::ToTarget(h) => h.attempt(total),
+            Role::ToTarget(h) if h.h.taken + total >= HANDOVER_AFTER => h.attempt(total),
+            Role::ToTarget(_) => {}
             Role::ToApp(h) => h.renew(false),
             Role::Plain => {}
         }

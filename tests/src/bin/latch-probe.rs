@@ -8,8 +8,9 @@
 //! * `latch-probe chunks ADDR CONNS BYTES` — as `echo`, but each connection sends in writes
 //!   of 1 to 16384 bytes with a short pause every 16 writes (so a relay can change hands in
 //!   the middle of the stream).
-//! * `latch-probe hold ADDR CONNS MILLIS` — open CONNS connections at once; on each send one
-//!   byte and wait for its echo, then keep the connection open until MILLIS after the start.
+//! * `latch-probe hold ADDR CONNS MILLIS [BYTES]` — open CONNS connections at once; on each
+//!   send BYTES bytes (default 1) and wait for their echo, then keep the connection open until
+//!   MILLIS after the start.
 //!   Prints `echoed=<n> refused=<n>` (refused: reset or closed before the echo); exits 0.
 //! * `latch-probe abort ADDR CONNS` — as `hold` with no wait, then closes each connection
 //!   with a reset (SO_LINGER 0) instead of a FIN.
@@ -108,9 +109,10 @@ fn main() -> ExitCode {
             parse_addr(&args, 2),
             parse_num(&args, 3),
             parse_num(&args, 4),
+            if args.len() > 5 { parse_num(&args, 5) } else { 1 },
             false,
         )),
-        Some("abort") => rt.block_on(hold(parse_addr(&args, 2), parse_num(&args, 3), 0, true)),
+        Some("abort") => rt.block_on(hold(parse_addr(&args, 2), parse_num(&args, 3), 0, 1, true)),
         Some("across") => rt.block_on(across::run(
             parse_addr(&args, 2),
             parse_num(&args, 3),
@@ -172,7 +174,7 @@ fn main() -> ExitCode {
             parse_port(&args, 3),
             parse_num(&args, 4) as u64,
         ),
-        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS | abort ADDR CONNS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO | pgpre TARGET | h2 ADDR STREAMS PATH | mypre HOST:PORT [CASE] | squat BROKERPORT SRCPORT ADDR MILLIS | victim SRCPORT ADDR MILLIS | from SRCPORT ADDR | post SRCPORT ADDR TEXT | pgpaused SRCPORT HOST:PORT GOFILE CONNSTR | fakepg LISTENADDR SRCPORT MILLIS".into()),
+        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS [BYTES] | abort ADDR CONNS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO | pgpre TARGET | h2 ADDR STREAMS PATH | mypre HOST:PORT [CASE] | squat BROKERPORT SRCPORT ADDR MILLIS | victim SRCPORT ADDR MILLIS | from SRCPORT ADDR | post SRCPORT ADDR TEXT | pgpaused SRCPORT HOST:PORT GOFILE CONNSTR | fakepg LISTENADDR SRCPORT MILLIS".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -212,20 +214,26 @@ async fn peer(addr: SocketAddr) -> Result<(), String> {
 }
 
 /// `hold`, and with `reset` the `abort` mode.
-async fn hold(addr: SocketAddr, conns: usize, millis: usize, reset: bool) -> Result<(), String> {
+async fn hold(
+    addr: SocketAddr,
+    conns: usize,
+    millis: usize,
+    bytes: usize,
+    reset: bool,
+) -> Result<(), String> {
     let until = tokio::time::Instant::now() + std::time::Duration::from_millis(millis as u64);
     let tasks: Vec<_> = (0..conns)
         .map(|i| {
             tokio::spawn(async move {
                 let mut s = TcpStream::connect(addr).await.ok()?;
-                let byte = [i as u8];
-                s.write_all(&byte).await.ok()?;
-                let mut back = [0u8; 1];
+                let sent = payload(i, bytes.max(1));
+                s.write_all(&sent).await.ok()?;
+                let mut back = vec![0u8; sent.len()];
                 tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut back))
                     .await
                     .ok()?
                     .ok()?;
-                (back == byte).then_some(())?;
+                (back == sent).then_some(())?;
                 tokio::time::sleep_until(until).await;
                 Some(s)
             })
