@@ -11,29 +11,50 @@ use std::{
 
 use tokio::io::{Interest, unix::AsyncFd};
 
-pub struct Acceptor(AsyncFd<Arc<std::net::TcpListener>>);
+pub struct Acceptor {
+    listener: AsyncFd<Arc<std::net::TcpListener>>,
+    /// The listener's address when it is bound to one (every accepted socket then has it as
+    /// its local address, so no `getsockname` per connection is needed).
+    bound: Option<SocketAddr>,
+}
 
 impl Acceptor {
     /// Accepts on `listener` (non-blocking) from the current runtime. The namespace table
     /// holds another reference, to hand the listener to the next agent on an upgrade.
+    ///
+    /// `TCP_NODELAY` is set on the listener, so every accepted socket has it from the start
+    /// (Linux copies it to the connections a listener accepts): relayed requests and replies
+    /// are written whole and must not wait for Nagle's timer.
     pub fn new(listener: Arc<std::net::TcpListener>) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
+        listener_nodelay(&listener)?;
+        let bound = listener.local_addr()?;
+        let bound = (!bound.ip().is_unspecified()).then_some(bound);
         // SAFETY: the listener's descriptor stays open while any reference to it lives, and
         // the AsyncFd holds one; nothing replaces or closes it meanwhile.
-        Ok(Self(unsafe {
-            AsyncFd::register_with_interest(listener, Interest::READABLE)?
-        }))
+        let listener = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE)? };
+        Ok(Self { listener, bound })
     }
 
-    /// The next connection and its peer.
-    pub async fn accept(&self) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    /// The next connection, its peer and its local address.
+    pub async fn accept(&self) -> io::Result<(std::net::TcpStream, SocketAddr, SocketAddr)> {
         loop {
-            let mut ready = self.0.readable().await?;
+            let mut ready = self.listener.readable().await?;
             if let Ok(result) = ready.try_io(|l| accept4(l.get_ref())) {
-                return result;
+                let (stream, peer) = result?;
+                let local = match self.bound {
+                    Some(addr) => addr,
+                    None => stream.local_addr()?,
+                };
+                return Ok((stream, peer, local));
             }
         }
     }
+}
+
+/// Sets `TCP_NODELAY` on a listening socket (std's `set_nodelay` is only on streams).
+fn listener_nodelay(listener: &std::net::TcpListener) -> io::Result<()> {
+    socket2::SockRef::from(listener).set_tcp_nodelay(true)
 }
 
 fn accept4(listener: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {

@@ -13,7 +13,6 @@ use crate::{connector::refuse, metrics::Outcome, relay};
 /// (outcome `bypassed`, set by admission) with the bytes moved.
 pub(super) async fn relay(app: TcpStream, mut admitted: Admitted, shared: &Shared) {
     let metrics = &shared.metrics;
-    let _ = app.set_nodelay(true);
     metrics.active.inc();
     let progress = relay::Progress::default();
     let target = shared.env.dial(&admitted.origin).await;

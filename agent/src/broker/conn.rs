@@ -77,7 +77,6 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
         return;
     }
     let policy = &admitted.policy;
-    let _ = stream.set_nodelay(true);
     // A second descriptor of the application's socket, held until the handshake is done, so a
     // timed-out handshake can still be answered after the connector is dropped.
     let app_fd = stream.as_fd().try_clone_to_owned().ok();

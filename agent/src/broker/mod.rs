@@ -242,7 +242,7 @@ pub async fn serve(
             _ = stop_accepting.cancelled() => return,
             a = listener.accept() => a,
         };
-        let (stream, peer) = match accepted {
+        let (stream, peer, local) = match accepted {
             Ok(a) => {
                 backoff = Duration::from_millis(5);
                 a
@@ -269,13 +269,6 @@ pub async fn serve(
         let shared = shared.clone();
         let abort = abort.clone();
         let netns = netns.clone();
-        let local = match stream.local_addr() {
-            Ok(a) => a,
-            Err(err) => {
-                tracing::debug!(%err, %peer, "accepted socket has no local address");
-                continue;
-            }
-        };
         // The kernel's record names the opener, which picks the connection thread.
         let meta = shared.conns.take(netns.cookie, peer, local);
         let worker = match &meta {
