@@ -1,5 +1,9 @@
 //! The broker's view of `LATCH_CONNS`: what the kernel recorded for an accepted connection.
-use std::{net::SocketAddr, os::fd::OwnedFd, sync::Mutex};
+use std::{
+    net::SocketAddr,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+    sync::Mutex,
+};
 
 use aya::maps::{HashMap, MapData, MapError};
 use latch_common::{ConnMeta, TupleKey};
@@ -118,11 +122,23 @@ fn boottime_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Looks `key` up in `map` and removes it.
+/// Looks `key` up in `map` and removes it: one `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (Linux 5.14
+/// for hash maps), or a lookup then a delete where the kernel does not have it.
 fn take_from(
     map: &mut HashMap<MapData, TupleKey, ConnMeta>,
     key: &TupleKey,
 ) -> Result<Option<ConnMeta>, MapError> {
+    use aya::maps::IterableMap as _;
+    match lookup_and_delete(map.map().fd().as_fd(), key) {
+        Ok(found) => return Ok(found),
+        Err(err) if matches!(err.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {}
+        Err(io_error) => {
+            return Err(MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_lookup_and_delete_elem",
+                io_error,
+            }));
+        }
+    }
     match map.get(key, 0) {
         Ok(meta) => {
             match map.remove(key) {
@@ -133,6 +149,53 @@ fn take_from(
         }
         Err(MapError::KeyNotFound) => Ok(None),
         Err(err) => Err(err),
+    }
+}
+
+/// The kernel's "operation not supported" (not in libc: it never reaches user space except
+/// from interfaces like bpf(2)).
+const ENOTSUPP: i32 = 524;
+
+/// `bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM)` on a hash map of [`TupleKey`] → [`ConnMeta`]:
+/// `Ok(None)` when the key is not there.
+fn lookup_and_delete(map: BorrowedFd<'_>, key: &TupleKey) -> std::io::Result<Option<ConnMeta>> {
+    /// The map-element member of `union bpf_attr` (linux/bpf.h); the kernel takes a prefix of
+    /// the union no longer than the command uses.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    let mut value = ConnMeta::default();
+    let attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_mut(&mut value) as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` names a live map descriptor, a key of the map's key size and a value
+    // buffer of its value size (both `repr(C)` types shared with the programs), all valid for
+    // the call; the kernel reads `attr` and writes only `value`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            std::ptr::from_ref(&attr),
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(value));
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOENT) => Ok(None),
+        _ => Err(err),
     }
 }
 
