@@ -278,6 +278,49 @@ fn a_handshake_that_takes_too_long_is_cut_at_the_timeout() {
 }
 
 #[test]
+fn a_tls_target_that_never_answers_the_handshake_is_cut_at_the_timeout() {
+    // Accepts, then says nothing: the TLS handshake toward it never completes.
+    let silent = TcpListener::bind(("127.0.0.6", 0)).expect("bind");
+    let addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let cg = TestCgroup::new();
+    let policy = format!(
+        "{}  tls:\n    mode: require\n",
+        tcp_policy("silent-tls", "127.0.0.6", addr.port())
+    );
+    let agent = Agent::start_args(&policy, &cg, &["--handshake-timeout", "1"]);
+    let started = Instant::now();
+    let (ok, out) = probe(&cg, &["echo", &addr.to_string(), "1", "10"]);
+    let took = started.elapsed();
+    assert!(
+        !ok,
+        "a connection through a silent TLS target succeeded: {out}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "the client waited {took:?}: {out}"
+    );
+    let records = agent.wait_audit(1);
+    assert_eq!(
+        records[0]["reason"], "handshake did not finish within 1s",
+        "{records:#?}"
+    );
+    assert!(
+        agent
+            .metrics()
+            .contains("latch_connections_total{policy=\"silent-tls\",outcome=\"timed_out\"} 1"),
+        "{}",
+        agent.metrics()
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
 fn a_postgres_target_that_never_answers_times_out_with_an_error_response() {
     // A server that accepts and then says nothing: latch's startup to it never completes.
     let silent = TcpListener::bind(("127.0.0.5", 0)).expect("bind");

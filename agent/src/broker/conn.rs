@@ -77,14 +77,27 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
         return;
     }
     let policy = &admitted.policy;
-    // A second descriptor of the application's socket, held until the handshake is done, so a
-    // timed-out handshake can still be answered after the connector is dropped.
-    let app_fd = stream.as_fd().try_clone_to_owned().ok();
+    // Unless the connector keeps the deadline itself, a second descriptor of the application's
+    // socket is held until the handshake is done, so a timed-out handshake can still be
+    // answered after the connector is dropped.
+    let bounded =
+        crate::connector::registry::supports(policy.protocol).is_some_and(|s| s.bounds_handshake);
+    let app_fd = if bounded {
+        None
+    } else {
+        stream.as_fd().try_clone_to_owned().ok()
+    };
     metrics.active.inc();
     tracing::debug!("brokering");
     let (deadline, timeout) = admitted.handshake_deadline(shared);
     let watchdog = async {
-        match tokio::time::timeout_at(deadline, session.handshake()).await {
+        let done = if bounded {
+            session.handshake().await;
+            Ok(())
+        } else {
+            tokio::time::timeout_at(deadline, session.handshake()).await
+        };
+        match done {
             Ok(()) => {
                 drop(app_fd);
                 if let Some(took) = session.handshake_took() {

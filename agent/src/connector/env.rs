@@ -45,10 +45,19 @@ impl Env {
         &self,
         origin: &Origin,
     ) -> Result<tokio::net::TcpStream, super::dial::DialError> {
+        self.dial_within(origin, self.connect_timeout).await
+    }
+
+    /// As [`Env::dial`], giving up after `limit` if that is shorter than `--connect-timeout`.
+    pub async fn dial_within(
+        &self,
+        origin: &Origin,
+        limit: Duration,
+    ) -> Result<tokio::net::TcpStream, super::dial::DialError> {
         super::dial::connect_marked(
             origin.dst,
             self.mark,
-            self.connect_timeout,
+            self.connect_timeout.min(limit),
             origin.netns.as_deref(),
         )
         .await

@@ -75,6 +75,7 @@ pub const SUPPORT: Support = Support {
     direct: false,
     // Every request head is rewritten: the bytes stay in user space.
     fast_path: false,
+    bounds_handshake: false,
 };
 
 /// The most header fields a request may carry (more: 431).

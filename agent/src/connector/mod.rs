@@ -144,6 +144,12 @@ impl Session {
         }
     }
 
+    /// When `--handshake-timeout` (`limit`) runs out for this session: it counts from
+    /// admission.
+    pub fn deadline(&self, limit: Duration) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.started) + limit
+    }
+
     /// The relay parked for an upgrade (see [`crate::relay::park`]): the connector gives its
     /// two sockets, out of its runtime, to the broker.
     pub fn park(

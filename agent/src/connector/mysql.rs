@@ -69,6 +69,7 @@ pub const SUPPORT: Support = Support {
     // The application's commands are watched (COM_CHANGE_USER, which latch performs itself), so
     // the kernel cannot carry them.
     fast_path: false,
+    bounds_handshake: false,
 };
 
 /// The MySQL connector and the state its sessions share.

@@ -60,6 +60,7 @@ pub const SUPPORT: Support = Support {
     app_tls: true,
     direct: true,
     fast_path: true,
+    bounds_handshake: false,
 };
 
 /// The PostgreSQL connector and the state its sessions share.

@@ -21,6 +21,11 @@ pub struct Support {
     /// Once the handshake is done both legs can be plain TCP that the kernel may carry (the
     /// fast path), when neither leg is TLS.
     pub fast_path: bool,
+    /// It keeps `--handshake-timeout` itself ([`crate::connector::Session::deadline`]) and
+    /// answers the application when it expires, so the broker sets no watchdog (no timer, no
+    /// second descriptor of the application's socket): `tcp`, whose handshake is a connect
+    /// and at most a TLS handshake.
+    pub bounds_handshake: bool,
 }
 
 /// One registered protocol.

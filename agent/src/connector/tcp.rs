@@ -7,6 +7,7 @@ use tokio::net::TcpStream;
 
 use super::{
     ConnectError, Connector, Context, Served, Support,
+    dial::DialError,
     stream::MaybeTls,
     target_tls::{self, ClientConfigs},
 };
@@ -19,6 +20,7 @@ pub const SUPPORT: Support = Support {
     app_tls: false,
     direct: false,
     fast_path: true,
+    bounds_handshake: true,
 };
 
 /// The plain relay, or TLS origination. Refusals are resets: there is no protocol to say
@@ -35,7 +37,17 @@ impl Connector for Tcp {
 
     fn serve<'a>(&'a self, app: TcpStream, cx: Context<'a>) -> Served<'a> {
         Box::pin(async move {
-            let target = cx.env.dial(cx.origin).await?;
+            // The handshake deadline is kept here (SUPPORT.bounds_handshake): it bounds the
+            // connect, and an expired one is answered with a reset.
+            let deadline = cx.session.deadline(cx.env.handshake_timeout);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let target = match cx.env.dial_within(cx.origin, left).await {
+                Ok(target) => target,
+                Err(DialError::Timeout { .. }) if tokio::time::Instant::now() >= deadline => {
+                    return Err(timed_out(app, cx));
+                }
+                Err(err) => return Err(err.into()),
+            };
             if cx.policy.tls.mode == TlsMode::Disable {
                 cx.handshake_done();
                 let handover = cx.env.handover(cx.origin, || Some(0));
@@ -57,9 +69,16 @@ impl Connector for Tcp {
                 };
             }
             // Boxed: a plain relay's task stays small while idle (the TLS states are larger).
-            Box::pin(self.serve_tls(app, target, cx)).await
+            Box::pin(self.serve_tls(app, target, deadline, cx)).await
         })
     }
+}
+
+/// The handshake deadline passed: the application gets a reset (there is no protocol to say
+/// it in).
+fn timed_out(app: TcpStream, cx: Context<'_>) -> ConnectError {
+    super::refuse::reset(app);
+    ConnectError::HandshakeTimeout(cx.env.handshake_timeout)
 }
 
 impl Tcp {
@@ -68,12 +87,12 @@ impl Tcp {
         &self,
         app: TcpStream,
         target: TcpStream,
+        deadline: tokio::time::Instant,
         cx: Context<'_>,
     ) -> Result<relay::Transferred, ConnectError> {
-        let limit = cx.env.handshake_timeout;
         let handshake = target_tls::connect(target, cx.origin.dst, cx.policy, cx.env, &self.tls);
-        let tls = match tokio::time::timeout(limit, handshake).await {
-            Err(_) => return Err(ConnectError::HandshakeTimeout(limit)),
+        let tls = match tokio::time::timeout_at(deadline, handshake).await {
+            Err(_) => return Err(timed_out(app, cx)),
             Ok(Err(e)) => {
                 super::refuse::reset(app);
                 return Err(ConnectError::Protocol {
