@@ -107,6 +107,8 @@ pub struct Running {
     rules: Arc<RuleState>,
     admin_state: Option<Arc<AdminState>>,
     stop_accepting: CancellationToken,
+    /// The accept loops (they end when `stop_accepting` fires).
+    accepting: TaskTracker,
     abort: CancellationToken,
     background: CancellationToken,
     tracker: TaskTracker,
@@ -341,25 +343,17 @@ impl Running {
         let workers = Arc::new(broker::workers::Workers::start(cpus).map_err(StartError::Workers)?);
         // The broker listens in its own namespace and in every one in use under the cgroup
         // before the programs are attached, so no redirect finds nobody listening.
+        let accepting = TaskTracker::new();
         let serve: crate::netns::table::Serve = {
-            let (shared, abort, tracker, slots, workers) = (
-                shared.clone(),
-                abort.clone(),
-                tracker.clone(),
-                slots.clone(),
-                workers.clone(),
-            );
-            Box::new(move |netns, listener| {
-                tokio::spawn(broker::serve(
-                    listener,
-                    netns.clone(),
-                    shared.clone(),
-                    abort.clone(),
-                    tracker.clone(),
-                    slots.clone(),
-                    workers.clone(),
-                ));
-            })
+            let serving = broker::Serving {
+                shared: shared.clone(),
+                abort: abort.clone(),
+                tracker: tracker.clone(),
+                slots: slots.clone(),
+                workers: workers.clone(),
+                accepting: accepting.clone(),
+            };
+            Box::new(move |netns, listener| serving.listen(netns, &listener))
         };
         let namespaces = Arc::new(
             crate::netns::Namespaces::new(
@@ -442,6 +436,7 @@ impl Running {
             rules,
             admin_state,
             stop_accepting,
+            accepting,
             abort,
             background,
             tracker,
@@ -492,22 +487,29 @@ impl Running {
         move || shared.conns.forget_previous()
     }
 
-    /// The next agent serves now: detach this one's programs (its are attached), stop
-    /// accepting and answering the admin endpoint, hand the plain relays over on `relays_to`
-    /// (the upgrade connection, when the new agent takes them), and drain the rest like
-    /// [`Running::stop`].
+    /// The next agent serves now: stop accepting and answering the admin endpoint, then
+    /// detach this one's programs (its are attached), hand the plain relays over on
+    /// `relays_to` (the upgrade connection, when the new agent takes them), and drain the
+    /// rest like [`Running::stop`].
+    ///
+    /// In that order: the new agent accepts on the same listeners and looks up this agent's
+    /// records too, so whatever these programs redirect until they go is served; but a
+    /// connection the new agent's programs redirected is recorded only in its map, and this
+    /// agent must not be accepting any more when the first one arrives.
     pub async fn hand_over(
         self,
         grace: Duration,
         relays_to: Option<std::os::fd::OwnedFd>,
     ) -> Totals {
         self.admin_stop.cancel();
+        self.stop_accepting.cancel();
+        self.accepting.close();
+        self.accepting.wait().await;
         self.interceptor
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .detach();
         tracing::info!("programs detached; the new agent serves new connections");
-        self.stop_accepting.cancel();
         if let Some(conn) = relays_to {
             self.hand_relays_over(conn).await;
         }

@@ -216,18 +216,51 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Accept queue length asked for on the broker's listeners.
 pub const LISTEN_BACKLOG: u32 = 4096;
 
-/// Accepts on `listener`, in network namespace `netns`, until the namespace's stop token fires
-/// (it is a child of the broker's). Each connection runs as a task on `tracker`; tasks still
-/// running when `abort` fires are dropped (their sockets closed).
-pub async fn serve(
+/// What every accept loop shares.
+#[derive(Clone)]
+pub struct Serving {
+    pub shared: Arc<Shared>,
+    /// Tasks still running when it fires are dropped (their sockets closed).
+    pub abort: CancellationToken,
+    /// Every connection runs as a task on it.
+    pub tracker: TaskTracker,
+    /// `--max-connections`.
+    pub slots: Arc<Semaphore>,
+    pub workers: Arc<workers::Workers>,
+    /// The accept loops themselves, so that stopping can wait until none accepts any more.
+    pub accepting: TaskTracker,
+}
+
+impl Serving {
+    /// Accepts on `listener`, in network namespace `netns`, on every connection thread (an
+    /// accept loop each): a connection is served by the thread that accepted it unless its
+    /// opener is paired with another (see [`workers`]), so most cost no hand-over between
+    /// threads. The loops end when the namespace's stop token fires.
+    pub fn listen(&self, netns: &crate::netns::Handle, listener: &Arc<std::net::TcpListener>) {
+        for here in 0..self.workers.len() {
+            let accept = serve(listener.clone(), netns.clone(), self.clone(), here);
+            self.workers
+                .handle(here)
+                .spawn(self.accepting.track_future(accept));
+        }
+    }
+}
+
+/// One accept loop, on connection thread `here`: see [`Serving::listen`].
+async fn serve(
     listener: Arc<std::net::TcpListener>,
     netns: crate::netns::Handle,
-    shared: Arc<Shared>,
-    abort: CancellationToken,
-    tracker: TaskTracker,
-    slots: Arc<Semaphore>,
-    workers: Arc<workers::Workers>,
+    serving: Serving,
+    here: usize,
 ) {
+    let Serving {
+        shared,
+        abort,
+        tracker,
+        slots,
+        workers,
+        accepting: _,
+    } = serving;
     let stop_accepting = netns.stop.clone();
     let listener = match accept::Acceptor::new(listener) {
         Ok(l) => l,
@@ -272,10 +305,10 @@ pub async fn serve(
         // The kernel's record names the opener, which picks the connection thread.
         let meta = shared.conns.take(netns.cookie, peer, local);
         let worker = match &meta {
-            Ok(Some(m)) => workers.for_opener(m.pid, m.tid),
-            _ => workers.next(),
+            Ok(Some(m)) => workers.for_opener(m.pid, m.tid, here),
+            _ => here,
         };
-        worker.spawn(tracker.track_future(async move {
+        let task = tracker.track_future(async move {
             let _permit = permit;
             let Ok(stream) = TcpStream::from_std(stream) else {
                 return;
@@ -284,6 +317,11 @@ pub async fn serve(
                 _ = conn::handle(stream, peer, local, meta, netns, &shared) => {}
                 _ = abort.cancelled() => {}
             }
-        }));
+        });
+        if worker == here {
+            tokio::spawn(task);
+        } else {
+            workers.handle(worker).spawn(task);
+        }
     }
 }

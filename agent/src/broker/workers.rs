@@ -13,13 +13,17 @@
 //! transactions per second; when each pgbench thread's connections were split over both broker
 //! threads, 25–32k; both pgbench threads on one broker thread, 23–25k.
 //!
+//! Every connection thread runs an accept loop on every listener (`Serving::listen`), so a
+//! connection is usually served where it was accepted, with no hand-over between threads.
 //! An application thread that opens connections faster than [`CHURN`] a second (one connection
 //! per request: ab, wrk with `Connection: close`, PHP and CGI-style workers) is not paired: its
-//! connections go round robin, since opening them is most of their work and one broker thread
-//! would do all of it while the others idle. `ab -c 32`, one connection per request, through a
-//! tcp policy to nginx on 2 CPUs: 6 311 connections/s paired, 6 892 spread (means of five
-//! alternating runs; spread was ahead in each pair). wrk `-c8` with `Connection: close`
-//! through an http policy: no difference beyond noise (5 759 and 5 845 requests/s).
+//! connections stay on the thread that accepted them, since opening them is most of their work
+//! and one broker thread would do all of it while the others idle. `ab -c 32`, one connection
+//! per request, through a tcp policy to nginx on 2 CPUs: 6 311 connections/s paired, 6 892
+//! spread round robin from one accept thread (means of five alternating runs); accepted on
+//! both connection threads and served there, 7 407 against 7 032 from one accept thread (seven
+//! alternating runs). wrk `-c8` with `Connection: close` through an http policy: pairing or
+//! spreading made no difference beyond noise (5 759 and 5 845 requests/s).
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -84,18 +88,29 @@ impl Workers {
         &self.handles[self.next_index()]
     }
 
-    /// The thread for a connection opened by thread `tid` of process `pid`: the one its
-    /// earlier connections went to, or the next one round robin (a new thread, or one that
-    /// opened more than [`CHURN`] connections this second).
-    pub fn for_opener(&self, pid: u32, tid: u32) -> &Handle {
-        &self.handles[self.pick(pid, tid, self.started.elapsed())]
+    /// How many connection threads there are.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Connection thread `i` (`i < len()`).
+    pub fn handle(&self, i: usize) -> &Handle {
+        &self.handles[i]
+    }
+
+    /// The thread (index) for a connection opened by thread `tid` of process `pid` and
+    /// accepted on thread `here`: the one its earlier connections went to, or the next one
+    /// round robin for a new opener; `here` for one that opened more than [`CHURN`]
+    /// connections this second (its connections then cost no hand-over between threads).
+    pub fn for_opener(&self, pid: u32, tid: u32, here: usize) -> usize {
+        self.pick(pid, tid, self.started.elapsed(), here)
     }
 
     /// [`Self::for_opener`]'s choice at `now` (since the pool started).
-    fn pick(&self, pid: u32, tid: u32, now: Duration) -> usize {
+    fn pick(&self, pid: u32, tid: u32, now: Duration, here: usize) -> usize {
         let key = u64::from(pid) << 32 | u64::from(tid);
         if key == 0 {
-            return self.next_index();
+            return here;
         }
         let slot = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % OPENER_SLOTS;
         let second = now.as_secs();
@@ -115,7 +130,7 @@ impl Workers {
         }
         entry.opened = entry.opened.saturating_add(1);
         if entry.opened > CHURN {
-            return self.next_index();
+            return here;
         }
         entry.worker
     }
@@ -173,9 +188,10 @@ mod tests {
     fn an_application_threads_connections_share_a_thread_and_new_ones_spread() {
         let workers = Workers::start(2).unwrap();
         // pgbench -j 2: threads 100 and 102 of process 100, connections interleaved
+        let on = |pid, tid| thread_name(workers.handle(workers.for_opener(pid, tid, 0)));
         let names: Vec<String> = [(100, 100), (100, 102), (100, 102), (100, 100), (100, 100)]
             .iter()
-            .map(|&(pid, tid)| thread_name(workers.for_opener(pid, tid)))
+            .map(|&(pid, tid)| on(pid, tid))
             .collect();
         assert_eq!(
             names,
@@ -188,29 +204,29 @@ mod tests {
             ]
         );
         // the same thread id in another process is another opener
-        assert_eq!(thread_name(workers.for_opener(7, 100)), "latch-conn-0");
-        assert_eq!(thread_name(workers.for_opener(7, 100)), "latch-conn-0");
-        assert_eq!(thread_name(workers.for_opener(8, 100)), "latch-conn-1");
+        assert_eq!(on(7, 100), "latch-conn-0");
+        assert_eq!(on(7, 100), "latch-conn-0");
+        assert_eq!(on(8, 100), "latch-conn-1");
     }
 
     #[test]
-    fn a_thread_that_opens_connections_fast_has_them_spread() {
+    fn a_thread_that_opens_connections_fast_has_them_served_where_accepted() {
         let workers = Workers::start(2).unwrap();
         let at = |ms: u64| Duration::from_millis(ms);
         // The first CHURN connections in a second stay on the opener's thread...
-        let first = workers.pick(5, 5, at(0));
+        let first = workers.pick(5, 5, at(0), 0);
         for i in 1..CHURN {
-            assert_eq!(workers.pick(5, 5, at(u64::from(i))), first);
+            assert_eq!(workers.pick(5, 5, at(u64::from(i)), 1 - first), first);
         }
-        // ...past that they alternate over every thread...
-        let spread: Vec<usize> = (0..4).map(|_| workers.pick(5, 5, at(500))).collect();
-        assert!(spread.contains(&0) && spread.contains(&1), "{spread:?}");
+        // ...past that each is served by the thread that accepted it...
+        assert_eq!(workers.pick(5, 5, at(500), 0), 0);
+        assert_eq!(workers.pick(5, 5, at(501), 1), 1);
         // ...and another opener keeps its own pairing meanwhile.
-        let other = workers.pick(6, 6, at(600));
-        assert_eq!(workers.pick(6, 6, at(700)), other);
+        let other = workers.pick(6, 6, at(600), 0);
+        assert_eq!(workers.pick(6, 6, at(700), 1 - other), other);
         // In the next second the opener is paired with its thread again.
-        assert_eq!(workers.pick(5, 5, at(1000)), first);
-        assert_eq!(workers.pick(5, 5, at(1001)), first);
+        assert_eq!(workers.pick(5, 5, at(1000), 1 - first), first);
+        assert_eq!(workers.pick(5, 5, at(1001), 1 - first), first);
     }
 
     #[test]

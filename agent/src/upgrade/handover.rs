@@ -4,7 +4,7 @@
 //! 2. old → new: `fds` messages (each listener with its namespace's inode, the admin listener,
 //!    the connection map), then `end` with the policies' rule ids.
 //! 3. The new agent starts with them (its programs attached beside the old ones) and says
-//!    `ready`; only then does the old one detach its programs, stop accepting and drain. If the
+//!    `ready`; only then does the old one stop accepting, detach its programs and drain. If the
 //!    new agent fails before that, the old one sees the end of the stream and carries on.
 //! 4. (version 2) old → new: `relays` messages, each with up to 100 parked relays' states and
 //!    their two sockets apiece (see [`super::relays`]), then `relays_end`. The new agent
@@ -163,7 +163,7 @@ pub fn take_over(path: &Path) -> Result<Option<Inherited>, UpgradeError> {
 }
 
 impl Inherited {
-    /// Tells the old agent this one serves now: it detaches its programs, stops accepting,
+    /// Tells the old agent this one serves now: it stops accepting, detaches its programs,
     /// hands its live relays over ([`receive_relays`] on the connection returned) and drains
     /// the rest.
     pub fn ready(self) -> Result<OwnedFd, UpgradeError> {

@@ -11,8 +11,8 @@
 //! The running agent listens at [`socket::path`]. A new one connects before it binds anything,
 //! receives the listening sockets themselves (the same kernel sockets: their accept queues are
 //! never closed), starts on them with its own programs attached beside the old ones, and says
-//! `ready`. The old agent then detaches its programs, stops accepting, stops serving the admin
-//! endpoint, parks its plain relays and sends them with their sockets (the new agent carries
+//! `ready`. The old agent then stops accepting (and waits until its accept loops have ended),
+//! detaches its programs, stops serving the admin endpoint, parks its plain relays and sends them with their sockets (the new agent carries
 //! them on), and drains the rest for up to `--grace-period` before it exits. A
 //! connection the old programs redirected just before they went is recorded in the old
 //! connection map, which the new agent also reads for a while.
