@@ -237,7 +237,7 @@ impl Serving {
     /// opener is paired with another (see [`workers`]), so most cost no hand-over between
     /// threads. The loops end when the namespace's stop token fires.
     pub fn listen(&self, netns: &crate::netns::Handle, listener: &Arc<std::net::TcpListener>) {
-        for here in 0..self.workers.len() {
+        for here in 0..self.workers.count() {
             let accept = serve(listener.clone(), netns.clone(), self.clone(), here);
             self.workers
                 .handle(here)

@@ -88,8 +88,8 @@ impl Workers {
         &self.handles[self.next_index()]
     }
 
-    /// How many connection threads there are.
-    pub fn len(&self) -> usize {
+    /// How many connection threads there are (at least one).
+    pub fn count(&self) -> usize {
         self.handles.len()
     }
 
