@@ -243,20 +243,17 @@ impl BlackHole {
     }
 }
 
-#[test]
-fn a_handshake_that_takes_too_long_is_cut_at_the_timeout() {
-    let hole = BlackHole::start("127.0.0.4");
-    let cg = TestCgroup::new();
-    let agent = Agent::start_args(
-        &tcp_policy("slow", "127.0.0.4", hole.addr.port()),
-        &cg,
-        // The connect timeout alone would wait 30 s.
-        &["--handshake-timeout", "1", "--connect-timeout", "30"],
-    );
+/// Runs one echo client through `agent` to `target`, whose handshake never finishes: the
+/// client must fail within a few seconds (not wait for the connect timeout), and the agent must
+/// audit and count it as cut at a 1 s `--handshake-timeout`.
+fn assert_cut_at_the_timeout(agent: Agent, cg: &TestCgroup, target: &str, policy: &str) {
     let started = Instant::now();
-    let (ok, out) = probe(&cg, &["echo", &hole.addr.to_string(), "1", "10"]);
+    let (ok, out) = probe(cg, &["echo", target, "1", "10"]);
     let took = started.elapsed();
-    assert!(!ok, "a connection through a black hole succeeded: {out}");
+    assert!(
+        !ok,
+        "a connection whose handshake never ends succeeded: {out}"
+    );
     assert!(
         took < Duration::from_secs(5),
         "the client waited {took:?}: {out}"
@@ -267,14 +264,22 @@ fn a_handshake_that_takes_too_long_is_cut_at_the_timeout() {
         records[0]["reason"], "handshake did not finish within 1s",
         "{records:#?}"
     );
-    assert!(
-        agent
-            .metrics()
-            .contains("latch_connections_total{policy=\"slow\",outcome=\"timed_out\"} 1"),
-        "{}",
-        agent.metrics()
-    );
+    let metric = format!("latch_connections_total{{policy=\"{policy}\",outcome=\"timed_out\"}} 1");
+    assert!(agent.metrics().contains(&metric), "{}", agent.metrics());
     assert!(agent.stop().success());
+}
+
+#[test]
+fn a_handshake_that_takes_too_long_is_cut_at_the_timeout() {
+    let hole = BlackHole::start("127.0.0.4");
+    let cg = TestCgroup::new();
+    let agent = Agent::start_args(
+        &tcp_policy("slow", "127.0.0.4", hole.addr.port()),
+        &cg,
+        // The connect timeout alone would wait 30 s.
+        &["--handshake-timeout", "1", "--connect-timeout", "30"],
+    );
+    assert_cut_at_the_timeout(agent, &cg, &hole.addr.to_string(), "slow");
 }
 
 #[test]
@@ -294,30 +299,7 @@ fn a_tls_target_that_never_answers_the_handshake_is_cut_at_the_timeout() {
         tcp_policy("silent-tls", "127.0.0.6", addr.port())
     );
     let agent = Agent::start_args(&policy, &cg, &["--handshake-timeout", "1"]);
-    let started = Instant::now();
-    let (ok, out) = probe(&cg, &["echo", &addr.to_string(), "1", "10"]);
-    let took = started.elapsed();
-    assert!(
-        !ok,
-        "a connection through a silent TLS target succeeded: {out}"
-    );
-    assert!(
-        took < Duration::from_secs(5),
-        "the client waited {took:?}: {out}"
-    );
-    let records = agent.wait_audit(1);
-    assert_eq!(
-        records[0]["reason"], "handshake did not finish within 1s",
-        "{records:#?}"
-    );
-    assert!(
-        agent
-            .metrics()
-            .contains("latch_connections_total{policy=\"silent-tls\",outcome=\"timed_out\"} 1"),
-        "{}",
-        agent.metrics()
-    );
-    assert!(agent.stop().success());
+    assert_cut_at_the_timeout(agent, &cg, &addr.to_string(), "silent-tls");
 }
 
 #[test]
