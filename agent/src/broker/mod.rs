@@ -232,12 +232,12 @@ pub struct Serving {
 }
 
 impl Serving {
-    /// Accepts on `listener`, in network namespace `netns`, on every connection thread (an
-    /// accept loop each): a connection is served by the thread that accepted it unless its
-    /// opener is paired with another (see [`workers`]), so most cost no hand-over between
-    /// threads. The loops end when the namespace's stop token fires.
+    /// Accepts on `listener`, in network namespace `netns`, on the accepting connection
+    /// threads (an accept loop each, see [`workers`]): a connection is served by the thread
+    /// that accepted it unless its opener is paired with another, so most cost no hand-over
+    /// between threads. The loops end when the namespace's stop token fires.
     pub fn listen(&self, netns: &crate::netns::Handle, listener: &Arc<std::net::TcpListener>) {
-        for here in 0..self.workers.count() {
+        for here in 0..self.workers.acceptors() {
             let accept = serve(listener.clone(), netns.clone(), self.clone(), here);
             self.workers
                 .handle(here)

@@ -13,12 +13,15 @@
 //! transactions per second; when each pgbench thread's connections were split over both broker
 //! threads, 25–32k; both pgbench threads on one broker thread, 23–25k.
 //!
-//! Every connection thread runs an accept loop on every listener (`Serving::listen`), so a
-//! connection is usually served where it was accepted, with no hand-over between threads.
+//! The first [`MAX_ACCEPTORS`] connection threads run an accept loop on every listener
+//! (`Serving::listen`), so a connection is usually served where it was accepted, with no
+//! hand-over between threads. (Every thread that accepts on a listener is woken for each of
+//! its connections and all but one find nothing, so their number is bounded.)
 //! An application thread that opens connections faster than [`CHURN`] a second (one connection
 //! per request: ab, wrk with `Connection: close`, PHP and CGI-style workers) is not paired: its
-//! connections stay on the thread that accepted them, since opening them is most of their work
-//! and one broker thread would do all of it while the others idle. `ab -c 32`, one connection
+//! connections stay on the thread that accepted them when every thread accepts, and go round
+//! robin over all of them otherwise, since opening them is most of their work and one broker
+//! thread would do all of it while the others idle. `ab -c 32`, one connection
 //! per request, through a tcp policy to nginx on 2 CPUs: 6 311 connections/s paired, 6 892
 //! spread round robin from one accept thread (means of five alternating runs); accepted on
 //! both connection threads and served there, 7 407 against 7 032 from one accept thread (seven
@@ -36,6 +39,9 @@ const OPENER_SLOTS: usize = 1024;
 
 /// Connections an application thread opens in one second before its next ones are spread.
 pub const CHURN: u32 = 64;
+
+/// Connection threads that accept (the first ones).
+pub const MAX_ACCEPTORS: usize = 4;
 
 #[derive(Clone, Copy, Default)]
 struct Opener {
@@ -93,24 +99,37 @@ impl Workers {
         self.handles.len()
     }
 
-    /// Connection thread `i` (`i < len()`).
+    /// How many of them accept: the first [`MAX_ACCEPTORS`].
+    pub fn acceptors(&self) -> usize {
+        self.count().min(MAX_ACCEPTORS)
+    }
+
+    /// Connection thread `i` (`i < count()`).
     pub fn handle(&self, i: usize) -> &Handle {
         &self.handles[i]
     }
 
     /// The thread (index) for a connection opened by thread `tid` of process `pid` and
     /// accepted on thread `here`: the one its earlier connections went to, or the next one
-    /// round robin for a new opener; `here` for one that opened more than [`CHURN`]
-    /// connections this second (its connections then cost no hand-over between threads).
+    /// round robin for a new opener. One that opened more than [`CHURN`] connections this
+    /// second: `here` when every thread accepts (its connections then cost no hand-over
+    /// between threads), else the next one round robin.
     pub fn for_opener(&self, pid: u32, tid: u32, here: usize) -> usize {
         self.pick(pid, tid, self.started.elapsed(), here)
     }
 
     /// [`Self::for_opener`]'s choice at `now` (since the pool started).
     fn pick(&self, pid: u32, tid: u32, now: Duration, here: usize) -> usize {
+        let spread = || {
+            if self.acceptors() == self.count() {
+                here
+            } else {
+                self.next_index()
+            }
+        };
         let key = u64::from(pid) << 32 | u64::from(tid);
         if key == 0 {
-            return here;
+            return spread();
         }
         let slot = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % OPENER_SLOTS;
         let second = now.as_secs();
@@ -130,7 +149,8 @@ impl Workers {
         }
         entry.opened = entry.opened.saturating_add(1);
         if entry.opened > CHURN {
-            return here;
+            drop(openers);
+            return spread();
         }
         entry.worker
     }
@@ -227,6 +247,22 @@ mod tests {
         // In the next second the opener is paired with its thread again.
         assert_eq!(workers.pick(5, 5, at(1000), 1 - first), first);
         assert_eq!(workers.pick(5, 5, at(1001), 1 - first), first);
+    }
+
+    #[test]
+    fn with_more_threads_than_accept_a_fast_openers_connections_go_round_robin() {
+        let workers = Workers::start(MAX_ACCEPTORS + 2).unwrap();
+        assert_eq!(workers.acceptors(), MAX_ACCEPTORS);
+        let at = |ms: u64| Duration::from_millis(ms);
+        for i in 0..=CHURN {
+            workers.pick(5, 5, at(u64::from(i)), 0);
+        }
+        // Past CHURN, accepted on thread 0 each time, they reach every thread in turn.
+        let mut seen: Vec<usize> = (0..workers.count())
+            .map(|i| workers.pick(5, 5, at(500 + i as u64), 0))
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..workers.count()).collect::<Vec<_>>());
     }
 
     #[test]
