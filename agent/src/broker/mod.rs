@@ -295,6 +295,9 @@ async fn serve(
             if shared.refuse(crate::metrics::RefusedReason::capacity) {
                 tracing::warn!(%peer, "refused: the broker is at --max-connections");
             }
+            // Its record goes too: the kernel removes it when the application's socket meets
+            // the reset, but not if that socket had already closed (`CONN_APP_CLOSED`).
+            let _ = shared.conns.take(netns.cookie, peer, local);
             let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
             drop(stream);
             continue;
