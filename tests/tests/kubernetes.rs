@@ -526,21 +526,31 @@ fn pg_spec(
     })
 }
 
+/// Waits until `kind` `ns`/`name` has an Accepted condition with status `expected` ("True" or
+/// "False") and returns (status, reason, message). A resource applied before one it refers to
+/// (a Policy before its SecretStore: the watches deliver kinds independently) may be
+/// reported Invalid first and Valid once the other arrives, as a controller would.
 fn wait_accepted(
     api: &KubeApi,
     agent: &Agent,
     kind: &str,
     ns: Option<&str>,
     name: &str,
+    expected: &str,
 ) -> (String, String, String) {
-    latch_tests::wait_for(Duration::from_secs(20), || api.accepted(kind, ns, name)).unwrap_or_else(
-        || {
-            panic!(
-                "no Accepted condition on {kind} {ns:?}/{name}:\n{}",
-                agent.log()
-            )
-        },
-    )
+    let mut last = None;
+    latch_tests::wait_for(Duration::from_secs(20), || {
+        let c = api.accepted(kind, ns, name)?;
+        let done = c.0 == expected;
+        last = Some(c.clone());
+        done.then_some(c)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no Accepted={expected} condition on {kind} {ns:?}/{name} (last: {last:?}):\n{}",
+            agent.log()
+        )
+    })
 }
 
 #[test]
@@ -607,9 +617,9 @@ fn custom_resources_apply_report_their_status_and_a_namespaced_policy_serves_onl
         "orders-db",
         pg_spec(&pg, "secrets", "db-creds", "all".into()),
     );
-    let c = wait_accepted(&api, &agent, "Policy", Some("shop"), "orders-db");
+    let c = wait_accepted(&api, &agent, "Policy", Some("shop"), "orders-db", "True");
     assert_eq!((c.0.as_str(), c.1.as_str()), ("True", "Valid"), "{c:?}");
-    let c = wait_accepted(&api, &agent, "SecretStore", Some("shop"), "secrets");
+    let c = wait_accepted(&api, &agent, "SecretStore", Some("shop"), "secrets", "True");
     assert_eq!(c.0, "True", "{c:?}");
     assert!(
         eventually(Duration::from_secs(10), || admitted(&shop, &pg)),
@@ -645,7 +655,7 @@ fn custom_resources_apply_report_their_status_and_a_namespaced_policy_serves_onl
             serde_json::json!([{"namespace": "shop"}]),
         ),
     );
-    let c = wait_accepted(&api, &agent, "Policy", Some("bank"), "steal");
+    let c = wait_accepted(&api, &agent, "Policy", Some("bank"), "steal", "False");
     assert_eq!((c.0.as_str(), c.1.as_str()), ("False", "Invalid"), "{c:?}");
     assert!(c.2.contains("Policy bank/steal"), "{c:?}");
     assert!(
@@ -659,7 +669,7 @@ fn custom_resources_apply_report_their_status_and_a_namespaced_policy_serves_onl
         "typo",
         serde_json::json!({"destination": {"address": "192.0.2.1", "port": 5432}, "protocl": "postgres", "workloads": "all"}),
     );
-    let c = wait_accepted(&api, &agent, "Policy", Some("bank"), "typo");
+    let c = wait_accepted(&api, &agent, "Policy", Some("bank"), "typo", "False");
     assert_eq!(c.0, "False", "{c:?}");
     assert!(
         c.2.contains("Policy bank/typo:") && c.2.contains("protocl"),
@@ -718,7 +728,7 @@ fn custom_resources_apply_report_their_status_and_a_namespaced_policy_serves_onl
             serde_json::json!([{"namespace": "bank"}]),
         ),
     );
-    let c = wait_accepted(&api, &agent, "ClusterPolicy", None, "bank-db");
+    let c = wait_accepted(&api, &agent, "ClusterPolicy", None, "bank-db", "True");
     assert_eq!(c.0, "True", "{c:?}");
     assert!(
         eventually(Duration::from_secs(10), || admitted(&bank, &pg)),
@@ -791,7 +801,7 @@ fn a_cluster_policy_reads_the_secret_of_the_connecting_pods_namespace_only_when_
         "per-namespace",
         pg_spec(&pg, "cluster-api", "db-creds", both.clone()),
     );
-    let c = wait_accepted(&api, &agent, "ClusterPolicy", None, "per-namespace");
+    let c = wait_accepted(&api, &agent, "ClusterPolicy", None, "per-namespace", "True");
     assert_eq!(c.0, "True", "{c:?}");
     std::thread::sleep(Duration::from_secs(1));
     let (ok, r) = connect(&agent, &shop, &pg);
