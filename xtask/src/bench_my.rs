@@ -4,7 +4,9 @@
 //! three ways — the application straight to the server with its password, through latch's
 //! relay (`latch run`, the application holding no password), and through latch's direct mode
 //! (`mysql: {direct: true}`: the application's own connection, latch in its authentication
-//! only).
+//! only). A third case opens a new connection per query to an account that requires TLS: the
+//! application keeps its TLS on (verifying the server: its CA file is the test CA directly and
+//! latch's node CA through latch) and latch speaks TLS to the server, verify-full.
 
 use crate::bench_pg::write_private;
 use crate::proc::{self, Guard, TempDir};
@@ -21,6 +23,8 @@ const DB: &str = "bench";
 const TABLES: u32 = 4;
 const TABLE_SIZE: u32 = 10_000;
 const THREADS: u32 = 4;
+/// The account that must use TLS (`REQUIRE SSL`).
+const TLS_USER: &str = "bench_tls";
 
 /// One connection per event: what `pgbench -C` is for PostgreSQL.
 const CONNECT_LUA: &str = r#"
@@ -39,15 +43,22 @@ end
 enum Case {
     OltpReadOnly,
     ConnectPerQuery,
+    /// A new connection per query, TLS on both legs (the account requires it).
+    ConnectPerQueryTls,
 }
 
 impl Case {
-    const ALL: [Case; 2] = [Case::OltpReadOnly, Case::ConnectPerQuery];
+    const ALL: [Case; 3] = [
+        Case::OltpReadOnly,
+        Case::ConnectPerQuery,
+        Case::ConnectPerQueryTls,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Case::OltpReadOnly => "oltp_read_only, persistent (tps)",
             Case::ConnectPerQuery => "new connection per query (cps)",
+            Case::ConnectPerQueryTls => "new connection per query, TLS (cps)",
         }
     }
 
@@ -55,8 +66,14 @@ impl Case {
     fn target(self) -> f64 {
         match self {
             Case::OltpReadOnly => 0.95,
-            Case::ConnectPerQuery => 1.0,
+            Case::ConnectPerQuery | Case::ConnectPerQueryTls => 1.0,
         }
+    }
+
+    /// Direct mode hands the application its own plain connection to the server, so it has no
+    /// TLS case (a client that insists on TLS gets 1043 there, docs/direct-mode.md).
+    fn has(self, route: Route) -> bool {
+        !(self == Case::ConnectPerQueryTls && route == Route::LatchDirect)
     }
 }
 
@@ -85,6 +102,13 @@ struct Rig {
     latch: PathBuf,
     policy: PathBuf,
     policy_direct: PathBuf,
+    /// verify-full to the server, for [`TLS_USER`].
+    policy_tls: PathBuf,
+    /// sysbench's working directories for the TLS case: it reads `cacert.pem`,
+    /// `client-cert.pem` and `client-key.pem` from there. Direct: the test CA; through latch:
+    /// the node CA (`latch ca export`).
+    app_direct: PathBuf,
+    app_latch: PathBuf,
     port: u16,
     password: String,
     lua: PathBuf,
@@ -99,7 +123,9 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
     let mut samples: Vec<(Case, Route, Vec<f64>, Option<String>)> = Vec::new();
     for case in Case::ALL {
         for route in Route::ALL {
-            samples.push((case, route, Vec::new(), None));
+            if case.has(route) {
+                samples.push((case, route, Vec::new(), None));
+            }
         }
     }
     for round in 1..=repeat {
@@ -147,8 +173,12 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
             value(Route::Latch),
             value(Route::LatchDirect),
         );
-        any_failed |= d.is_none() || l.is_none() || m.is_none();
-        let cell = |v: Option<f64>| v.map_or("failed".to_string(), |v| format!("{v:.1}"));
+        any_failed |= d.is_none() || l.is_none() || (m.is_none() && case.has(Route::LatchDirect));
+        let cell = |v: Option<f64>, route: Route| match v {
+            Some(v) => format!("{v:.1}"),
+            None if case.has(route) => "failed".to_string(),
+            None => "-".to_string(),
+        };
         let ratio = |x: Option<f64>| match (x, d) {
             (Some(x), Some(d)) if d > 0.0 => format!("{:.2}", x / d),
             _ => "-".to_string(),
@@ -156,9 +186,9 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
         println!(
             "{:<34} {:>10} {:>10} {:>10} {:>13} {:>10} {:>8}",
             case.label(),
-            cell(d),
-            cell(l),
-            cell(m),
+            cell(d, Route::Direct),
+            cell(l, Route::Latch),
+            cell(m, Route::LatchDirect),
             ratio(l),
             ratio(m),
             format!("≥{:.2}", case.target())
@@ -213,6 +243,8 @@ impl Rig {
                 ])
                 .stdout(Stdio::null()),
         )?;
+        let tls = dir.join("tls");
+        make_certificates(&tls)?;
         let port = proc::free_port(SERVER)?;
         let mut server = Guard::spawn(
             "mariadbd",
@@ -231,6 +263,9 @@ impl Rig {
                     "--innodb-buffer-pool-size=128M",
                     "--max-connections=1000",
                 ])
+                .arg(format!("--ssl-ca={}", tls.join("ca.pem").display()))
+                .arg(format!("--ssl-cert={}", tls.join("server.pem").display()))
+                .arg(format!("--ssl-key={}", tls.join("server.key").display()))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
             libc::SIGTERM,
@@ -272,12 +307,20 @@ impl Rig {
             "CREATE USER {USER}@'%' IDENTIFIED VIA mysql_native_password USING PASSWORD('{password}')"
         ))?;
         admin(&format!("GRANT ALL ON {DB}.* TO {USER}@'%'"))?;
+        admin(&format!(
+            "CREATE USER {TLS_USER}@'%' IDENTIFIED VIA mysql_native_password \
+             USING PASSWORD('{password}') REQUIRE SSL"
+        ))?;
+        admin(&format!("GRANT ALL ON {DB}.* TO {TLS_USER}@'%'"))?;
 
         // latch: the password lives only in a 0600 secrets file.
         let secrets = dir.join("secrets.yaml");
         write_private(
             &secrets,
-            &format!("orders-db: {{username: {USER}, password: {password}}}\n"),
+            &format!(
+                "orders-db: {{username: {USER}, password: {password}}}\n\
+                 orders-db-tls: {{username: {TLS_USER}, password: {password}}}\n"
+            ),
         )?;
         let policy = dir.join("bench-my.yaml");
         std::fs::write(
@@ -293,6 +336,34 @@ impl Rig {
                 .replace("protocol: postgres", "protocol: mysql")
                 + "  tls:\n    mode: disable\n  mysql:\n    direct: true\n",
         )?;
+        let policy_tls = dir.join("bench-my-tls.yaml");
+        std::fs::write(
+            &policy_tls,
+            crate::policy::postgres("bench-my-tls", SERVER, port, &secrets)
+                .replace("protocol: postgres", "protocol: mysql")
+                .replace("path: orders-db,", "path: orders-db-tls,")
+                + &format!(
+                    "  tls:\n    mode: verify-full\n    ca: {}\n",
+                    tls.join("ca.pem").display()
+                ),
+        )?;
+        // The application verifies whom it talks to: the test CA directly, the node CA that
+        // issues latch's certificates toward applications through latch.
+        let (app_direct, app_latch) = (dir.join("app-direct"), dir.join("app-latch"));
+        for app in [&app_direct, &app_latch] {
+            std::fs::create_dir_all(app)?;
+            for f in ["client-cert.pem", "client-key.pem"] {
+                std::fs::copy(tls.join(f), app.join(f))?;
+            }
+        }
+        std::fs::copy(tls.join("ca.pem"), app_direct.join("cacert.pem"))?;
+        let node_ca = proc::output(
+            Command::new(latch)
+                .args(["ca", "export", "--state-dir"])
+                .arg(dir.join("latch-state")),
+        )
+        .context("latch ca export")?;
+        std::fs::write(app_latch.join("cacert.pem"), node_ca)?;
         let lua = dir.join("connect.lua");
         std::fs::write(&lua, CONNECT_LUA)?;
         let rig = Rig {
@@ -300,6 +371,9 @@ impl Rig {
             latch: latch.to_path_buf(),
             policy,
             policy_direct,
+            policy_tls,
+            app_direct,
+            app_latch,
             port,
             password,
             lua,
@@ -319,7 +393,7 @@ impl Rig {
     fn sysbench_args(&self, case: Case, route: Route) -> Vec<String> {
         let script = match case {
             Case::OltpReadOnly => "oltp_read_only".to_owned(),
-            Case::ConnectPerQuery => self.lua.display().to_string(),
+            Case::ConnectPerQuery | Case::ConnectPerQueryTls => self.lua.display().to_string(),
         };
         let mut a = vec![
             script,
@@ -332,13 +406,20 @@ impl Rig {
             format!("--threads={THREADS}"),
             format!("--time={}", self.seconds),
         ];
+        let tls = case == Case::ConnectPerQueryTls;
         match route {
             Route::Direct => {
-                a.push(format!("--mysql-user={USER}"));
+                a.push(format!(
+                    "--mysql-user={}",
+                    if tls { TLS_USER } else { USER }
+                ));
                 a.push(format!("--mysql-password={}", self.password));
             }
             // The application holds no password, and names no real user.
             Route::Latch | Route::LatchDirect => a.push("--mysql-user=app".to_owned()),
+        }
+        if tls {
+            a.push("--mysql-ssl=on".to_owned());
         }
         a
     }
@@ -351,10 +432,10 @@ impl Rig {
         let mut cmd = match route {
             Route::Latch | Route::LatchDirect => {
                 let mut c = Command::new(&self.latch);
-                let policy = if route == Route::Latch {
-                    &self.policy
-                } else {
-                    &self.policy_direct
+                let policy = match (case, route) {
+                    (Case::ConnectPerQueryTls, _) => &self.policy_tls,
+                    (_, Route::Latch) => &self.policy,
+                    _ => &self.policy_direct,
                 };
                 c.arg("run").arg("--policy").arg(policy);
                 c.arg("--state-dir").arg(self.dir.join("latch-state"));
@@ -368,6 +449,13 @@ impl Rig {
                 c
             }
         };
+        if case == Case::ConnectPerQueryTls {
+            cmd.current_dir(if route == Route::Direct {
+                &self.app_direct
+            } else {
+                &self.app_latch
+            });
+        }
         let err_path = self.dir.join("client.stderr");
         cmd.stderr(std::fs::File::create(&err_path)?);
         let timeout = Duration::from_secs(u64::from(self.seconds) * 3 + 60);
@@ -381,6 +469,70 @@ impl Rig {
             }
         }
     }
+}
+
+/// A test CA, the server's certificate for [`SERVER`] and a client certificate (sysbench
+/// loads one whenever TLS is on), P-256, into `dir`.
+fn make_certificates(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let openssl = |args: &[&str]| {
+        proc::run(
+            Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "2", "-subj", "/CN=latch bench CA"],
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+        ]
+        .concat(),
+    )
+    .context("generating the bench CA")?;
+    let san = format!("subjectAltName=IP:{SERVER}");
+    std::fs::write(dir.join("server.ext"), &san)?;
+    for (name, subject, ext) in [
+        ("server", format!("/CN={SERVER}"), Some("server.ext")),
+        ("client", "/CN=bench client".to_owned(), None),
+    ] {
+        let (key, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &["-subj", &subject, "-keyout", &key, "-out", &csr],
+            ]
+            .concat(),
+        )
+        .with_context(|| format!("generating the {name} key"))?;
+        let mut sign = vec![
+            "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key",
+        ];
+        sign.extend(["-CAcreateserial", "-days", "2", "-out", &pem]);
+        if let Some(ext) = ext {
+            sign.extend(["-extfile", ext]);
+        }
+        openssl(&sign).with_context(|| format!("signing the {name} certificate"))?;
+    }
+    std::fs::rename(dir.join("client.pem"), dir.join("client-cert.pem"))?;
+    std::fs::rename(dir.join("client.key"), dir.join("client-key.pem"))?;
+    Ok(())
 }
 
 /// sysbench's "transactions: N (X per sec.)".
