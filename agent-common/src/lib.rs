@@ -464,7 +464,9 @@ pub struct ConnMeta {
     pub exe_ino: u64,
     /// One of [`exe::RECORDED`], [`exe::NO_OFFSETS`], [`exe::NO_MM`], [`exe::READ_FAILED`].
     pub exe_status: u32,
-    pub _pad: u32,
+    /// The CPU the connecting thread ran on, plus one (`bpf_get_smp_processor_id() + 1`);
+    /// 0 when not recorded. Direct mode runs the connection's startup on that CPU.
+    pub cpu: u32,
     /// When the connecting process (its thread group leader) started, CLOCK_BOOTTIME ns
     /// (`group_leader->start_boottime`, what /proc/<pid>/stat shows in ticks): with `pid`, it
     /// names the process across pid reuse. 0 when not recorded (see [`exe::LEADER`]).

@@ -4,8 +4,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-            bpf_ktime_get_boot_ns, bpf_map_lookup_elem, bpf_sk_release,
+            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_smp_processor_id,
+            bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_map_lookup_elem, bpf_sk_release,
         },
     },
     macros::cgroup_sock_addr,
@@ -230,12 +230,13 @@ fn meta(
     let (exe_dev, exe_ino, exe_status) = exe::current();
     let (leader_start_ns, leader_comm) = exe::leader();
     // SAFETY: helpers allowed for cgroup_sock_addr programs; the context is the program's own.
-    let (cookie, netns_cookie, cgroup_id, now) = unsafe {
+    let (cookie, netns_cookie, cgroup_id, now, cpu) = unsafe {
         (
             bpf_get_socket_cookie(ctx.as_ptr()),
             bpf_get_netns_cookie(ctx.as_ptr()),
             bpf_get_current_cgroup_id(),
             bpf_ktime_get_boot_ns(),
+            bpf_get_smp_processor_id(),
         )
     };
     ConnMeta {
@@ -256,7 +257,7 @@ fn meta(
         exe_dev,
         exe_ino,
         exe_status,
-        _pad: 0,
+        cpu: cpu.wrapping_add(1),
         leader_start_ns,
         leader_comm,
     }

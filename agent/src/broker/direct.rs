@@ -6,9 +6,11 @@
 //! | [`lobby`] | reading the lobby; admission (policy, workload, limits, audit) per connection |
 //! | [`self_test`] | the kernel self-test run at start |
 //! | [`sockets`] | the application's socket from its process (pidfd_getfd), cookies, FIONREAD |
+//! | [`threads`] | the threads startups run on, one per CPU |
 mod lobby;
 mod self_test;
 mod sockets;
+mod threads;
 
 use std::{
     collections::HashMap,
@@ -22,7 +24,7 @@ use latch_common::direct::{LOBBY, SIDE_KEY};
 use tokio::{net::TcpStream, sync::mpsc};
 
 pub use lobby::run_lobby;
-pub use sockets::{app_socket, cpu_of, fionread, on_cpu};
+pub use sockets::{app_socket, cpu_of, fionread};
 
 use crate::ebpf::DirectMaps;
 
@@ -35,15 +37,27 @@ pub struct Direct {
     lobby: Mutex<Option<std::net::TcpStream>>,
     /// The other ends of the broker's sockets, kept open while their socket is in use.
     _lobby_peer: std::net::TcpStream,
+    /// Pairs no session uses, left empty by the last one ([`Direct::end_side`]), for the
+    /// next: a new pair is a loopback connect, accept and, at the end, two closes.
+    spare: Mutex<Vec<Pair>>,
     sessions: Mutex<HashMap<u64, Session>>,
-    /// Startups running at once, each on a thread of its own (`--max-direct-startups`); past
-    /// it a connection is refused with 53300 on the agent's runtime, without a thread.
+    /// Startups running at once (`--max-direct-startups`); past it a connection is refused
+    /// with 53300 on the agent's main runtime.
     startups: Arc<tokio::sync::Semaphore>,
+    /// Where startups run: the thread of the CPU the application last ran on.
+    threads: threads::StartupThreads,
     startups_limit: usize,
     /// The workload slots of handed-over connections, by application socket cookie, until
     /// their sockets close ([`Direct::release_closed`]).
     held: Mutex<HashMap<u64, crate::broker::per_workload::Slot>>,
 }
+
+/// A broker socket and its other end.
+type Pair = (std::net::TcpStream, std::net::TcpStream);
+
+/// At most this many spare pairs are kept (the startups a burst of connections leaves behind;
+/// two descriptors each).
+const SPARE_PAIRS: usize = 32;
 
 /// How often the slots of closed direct-mode connections are given back.
 pub const RELEASE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -72,9 +86,11 @@ impl Direct {
             pairs: Mutex::new(pairs),
             lobby: Mutex::new(Some(lobby)),
             _lobby_peer: lobby_peer,
+            spare: Mutex::new(Vec::new()),
             sessions: Mutex::new(HashMap::new()),
             startups: Arc::new(tokio::sync::Semaphore::new(max_startups.max(1))),
             startups_limit: max_startups.max(1),
+            threads: threads::StartupThreads::new(),
             held: Mutex::new(HashMap::new()),
         })
     }
@@ -120,8 +136,11 @@ impl Direct {
         Ok((TcpStream::from_std(side)?, peer))
     }
 
-    fn side_std(&self, cookie: u64) -> io::Result<(std::net::TcpStream, std::net::TcpStream)> {
-        let (side, peer) = pair(&self.pairs.lock().unwrap_or_else(|e| e.into_inner()))?;
+    fn side_std(&self, cookie: u64) -> io::Result<Pair> {
+        let (side, peer) = match self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            Some(spare) => spare,
+            None => pair(&self.pairs.lock().unwrap_or_else(|e| e.into_inner()))?,
+        };
         let key = crate::ebpf::tuple_key(
             crate::netns::cookie_of(std::os::fd::AsFd::as_fd(&side))?,
             side.local_addr()?,
@@ -133,6 +152,25 @@ impl Direct {
             return Err(io::Error::other(e));
         }
         Ok((side, peer))
+    }
+
+    /// Takes the broker's socket for `cookie` out of the maps and keeps its pair for a later
+    /// session if nothing is left queued on either end (so no byte of this session can reach
+    /// another), else closes it.
+    fn end_side(&self, cookie: u64, side: TcpStream, peer: std::net::TcpStream) {
+        self.drop_side(cookie, &side);
+        // Out of the sock map, the socket's queue is its own again: what is counted now is
+        // all there is.
+        let Ok(side) = side.into_std() else {
+            return;
+        };
+        if fionread(&side).ok() != Some(0) || fionread(&peer).ok() != Some(0) {
+            return;
+        }
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < SPARE_PAIRS {
+            spare.push((side, peer));
+        }
     }
 
     fn drop_side(&self, cookie: u64, side: &(impl SocketAddrs + std::os::fd::AsFd)) {

@@ -231,15 +231,8 @@ fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, run: &Run, piece: Piece)
     // The kernel record and the CPU are read without holding up the other sessions.
     drop(sessions);
     let (direct, shared) = (direct.clone(), shared.clone());
-    // The session runs on a thread of its own, pinned to the CPU the application's thread last
-    // ran on, with a runtime of its own: every wake-up of the application and of the server's
-    // process that the startup causes then comes from there, as in a direct connection's
-    // startup, and the scheduler (which keeps a woken task near its waker) places the session
-    // as it would a direct one. Measured (pgbench -S -c 4 -j 2, client and server in one
-    // autogroup, 8 alternated runs each): with the startup on the agent's main runtime the
-    // session settled in the slow placement (~44k instead of ~63k tps) in 5 runs of 6 and
-    // 4 of 8, against 1 in 8 for direct connections; pinned, 1 in 8 too.
-    // The record must be the one the socket named in the header made (a later socket with the
+    // The session runs on the startup thread of the CPU the application's thread last ran on
+    // (`threads.rs` says why). The record must be the one the socket named in the header made (a later socket with the
     // same 4-tuple in the same namespace replaces it).
     let meta = shared
         .conns
@@ -266,25 +259,22 @@ fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, run: &Run, piece: Piece)
         return;
     };
     let cpu = match &meta {
-        Ok(Some(m)) => super::cpu_of(m.pid, m.tid),
+        // Where the application's thread connected (the kernel's record), or, in a record an
+        // older agent's programs made, where it last ran.
+        Ok(Some(m)) => m
+            .cpu
+            .checked_sub(1)
+            .map(|c| c as usize)
+            .or_else(|| super::cpu_of(m.pid, m.tid)),
         _ => None,
     };
-    tokio::task::spawn_blocking(move || {
+    let on = direct.threads.on(cpu).unwrap_or_else(|| main.clone());
+    on.spawn(async move {
         let (_permit, _in_drain) = (permit, in_drain);
-        super::on_cpu(cpu, || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            match rt {
-                Ok(rt) => rt.block_on(async {
-                    tokio::select! {
-                        _ = abort.cancelled() => {}
-                        _ = handle(&direct, &shared, main, header, meta, rx, false, server_first) => {}
-                    }
-                }),
-                Err(err) => tracing::error!(%err, "direct mode: no runtime for a session"),
-            }
-        });
+        tokio::select! {
+            _ = abort.cancelled() => {}
+            _ = handle(&direct, &shared, main, header, meta, rx, false, server_first) => {}
+        }
         direct
             .sessions
             .lock()
@@ -364,7 +354,7 @@ async fn serve(
         admitted.audit(shared);
         return;
     }
-    let (side, _side_peer) = match direct.side(header.cookie) {
+    let (side, side_peer) = match direct.side(header.cookie) {
         Ok(s) => s,
         Err(err) => {
             tracing::warn!(%err, "direct mode: no broker socket for the connection");
@@ -486,7 +476,7 @@ async fn serve(
             }
         }
     }
-    direct.drop_side(header.cookie, &leg.side);
+    direct.end_side(header.cookie, leg.side, side_peer);
     // The session is over: whatever its socket's entries say is stale (handed over, refused,
     // or the application closed it while they were being rewritten). This used to ask the
     // sock map whether the socket was still there, which user space cannot read from a map

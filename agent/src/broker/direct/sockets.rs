@@ -16,25 +16,14 @@ pub fn app_socket(pid: u32, cookie: u64) -> io::Result<OwnedFd> {
     }
     // SAFETY: pidfd_open just returned this descriptor; nothing else owns it.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-        let entry = entry?;
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        if !target
-            .as_os_str()
-            .as_encoded_bytes()
-            .starts_with(b"socket:")
-        {
-            continue;
-        }
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    // The socket was opened just now, so it is most likely the highest descriptor: try them
+    // from the top, each by its cookie (a descriptor that is not a socket has none), without
+    // reading where each one links.
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable_by(|a, b| b.cmp(a));
+    for fd in fds {
         // SAFETY: a plain system call on descriptors this function holds.
         let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
         if got < 0 {
@@ -93,21 +82,4 @@ pub fn cpu_of(pid: u32, tid: u32) -> Option<usize> {
     // The command name (field 2) may hold spaces; fields are counted after its ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split(' ').nth(36)?.parse().ok()
-}
-
-/// Runs `f` on this (blocking-pool) thread pinned to `cpu`, then lets the thread run anywhere
-/// again. Without a CPU, or when pinning fails, `f` just runs.
-pub fn on_cpu<T>(cpu: Option<usize>, f: impl FnOnce() -> T) -> T {
-    let Some(cpu) = cpu else {
-        return f();
-    };
-    let mut one = nix::sched::CpuSet::new();
-    let all = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0));
-    let pinned = one.set(cpu).is_ok()
-        && nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).is_ok();
-    let out = f();
-    if pinned && let Ok(all) = all {
-        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all);
-    }
-    out
 }
