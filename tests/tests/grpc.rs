@@ -1,22 +1,31 @@
 //! `protocol: http` with a real HTTP/2 application: gRPC (PyPI `grpcio`, C-core's own HTTP/2
-//! stack on both ends) in cleartext with prior knowledge (an insecure channel). The server
-//! on loopback admits a call only with `authorization: Bearer <token>` from latch's store;
+//! stack on both ends) in cleartext with prior knowledge (an insecure channel), and over TLS
+//! that latch intercepts (`appTls: enable`, the node CA; `h2` in ALPN on both legs). The
+//! server on loopback admits a call only with `authorization: Bearer <token>` from latch's store;
 //! the client inside the intercepted cgroup holds no token. Unary, server-streaming and
 //! bidirectional calls, custom trailing metadata next to `grpc-status` (HTTP/2 trailers,
-//! which nginx never sends), error statuses with their details, and no trace of the token in
-//! anything the client receives or in latch's log.
+//! which nginx never sends), error statuses with their details, cancellation, and no trace of
+//! the token in anything the client receives or in latch's log. curl (nghttp2) then compares
+//! the response headers and trailers through latch with the server's own, byte for byte.
 //!
 //! Handlers are generic (`grpc.method_handlers_generic_handler` on raw bytes): no generated
 //! code, no protobuf.
-use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use latch_tests::{
     Agent, Killed, TempDir, TestCgroup, bins,
+    certs::TestCa,
     nginx_api::{BASIC_USER, TOKEN, policy_yaml, secrets_yaml},
     run_within,
 };
 
-/// The gRPC server: `argv` = ip, port, token. Service `latch.test.Echo`:
+/// The gRPC server: `argv` = ip, port, token, record file, and for TLS the certificate and
+/// key files. Service `latch.test.Echo`:
 /// - `Say` (unary): answers `said:<request>` with initial metadata `x-initial`, trailing
 ///   metadata `x-checksum` (sha256 of the request), `x-count`, a binary `x-digest-bin` and
 ///   `x-tag` twice;
@@ -109,14 +118,19 @@ handler = grpc.method_handlers_generic_handler("latch.test.Echo", {
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), handlers=(handler,),
                      options=(("grpc.max_receive_message_length", 8 << 20),
                               ("grpc.max_send_message_length", 8 << 20)))
-server.add_insecure_port("%s:%s" % (ip, port))
+if len(sys.argv) > 5:
+    pem = lambda path: open(path, "rb").read()
+    creds = grpc.ssl_server_credentials(((pem(sys.argv[6]), pem(sys.argv[5])),))
+    server.add_secure_port("%s:%s" % (ip, port), creds)
+else:
+    server.add_insecure_port("%s:%s" % (ip, port))
 server.start()
 print("ready", flush=True)
 server.wait_for_termination()
 "#;
 
-/// The gRPC client: `argv` = address, mode (`direct` or `latch`), the server's record file.
-/// Prints one JSON object
+/// The gRPC client: `argv` = address, mode (`direct` or `latch`), the server's record file,
+/// and for TLS the CA file to trust (the name checked is `api.test`). Prints one JSON object
 /// with everything it received: per call the status code, details, initial and trailing
 /// metadata (bytes values in hex) and messages.
 const CLIENT: &str = r#"
@@ -124,10 +138,15 @@ import hashlib, json, os, sys, time, queue
 import grpc
 
 addr, mode, record = sys.argv[1], sys.argv[2], sys.argv[3]
-channel = grpc.insecure_channel(addr, options=(
-    ("grpc.enable_http_proxy", 0),
-    ("grpc.max_receive_message_length", 8 << 20),
-    ("grpc.max_send_message_length", 8 << 20)))
+options = (("grpc.enable_http_proxy", 0),
+           ("grpc.max_receive_message_length", 8 << 20),
+           ("grpc.max_send_message_length", 8 << 20))
+if len(sys.argv) > 4:
+    creds = grpc.ssl_channel_credentials(root_certificates=open(sys.argv[4], "rb").read())
+    options += (("grpc.ssl_target_name_override", "api.test"),)
+    channel = grpc.secure_channel(addr, creds, options=options)
+else:
+    channel = grpc.insecure_channel(addr, options=options)
 grpc.channel_ready_future(channel).result(timeout=30)
 say = channel.unary_unary("/latch.test.Echo/Say")
 count = channel.unary_stream("/latch.test.Echo/Count")
@@ -224,11 +243,19 @@ fn require_grpcio() {
     );
 }
 
-/// Runs the client with `cmd` (python3, in the cgroup or not); its JSON output.
-fn client(cmd: &mut Command, addr: SocketAddr, mode: &str, record: &Path) -> serde_json::Value {
+/// Runs the client with `cmd` (python3, in the cgroup or not), trusting `ca` for TLS; its
+/// JSON output.
+fn client(
+    cmd: &mut Command,
+    addr: SocketAddr,
+    mode: &str,
+    record: &Path,
+    ca: Option<&Path>,
+) -> serde_json::Value {
     let out = run_within(
         cmd.args(["-c", CLIENT, &addr.to_string(), mode])
-            .arg(record),
+            .arg(record)
+            .args(ca),
         Duration::from_secs(120),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -253,8 +280,34 @@ fn sha256_hex(data: &[u8]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// `latch ca export`: the node CA the application trusts for intercepted TLS.
+fn export_node_ca(agent: &Agent, into: &TempDir) -> PathBuf {
+    let out = Command::new(bins::latch())
+        .args(["ca", "export", "--state-dir"])
+        .arg(agent.dir.path().join("state"))
+        .output()
+        .expect("run latch ca export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    into.write("node-ca.pem", &String::from_utf8_lossy(&out.stdout))
+}
+
 #[test]
-fn grpc_through_latch_gets_the_bearer_token_and_trailers_pass_untouched() {
+fn grpc_over_h2c_gets_the_bearer_token_and_trailers_pass_untouched() {
+    grpc_through_latch(false);
+}
+
+#[test]
+fn grpc_over_intercepted_tls_gets_the_bearer_token_and_trailers_pass_untouched() {
+    grpc_through_latch(true);
+}
+
+/// The gRPC server on 127.0.0.2 (with TLS: a certificate for `api.test` from a test CA), the
+/// client directly without the token, then through latch; every call's outcome checked.
+fn grpc_through_latch(tls: bool) {
     latch_tests::require_root();
     require_grpcio();
     let ip = "127.0.0.2";
@@ -262,9 +315,15 @@ fn grpc_through_latch_gets_the_bearer_token_and_trailers_pass_untouched() {
     let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
     let dir = TempDir::new("grpc");
     let record = dir.path().join("record");
+    let test_ca = tls.then(|| TestCa::new("api.test", &["DNS:api.test", &format!("IP:{ip}")]));
     let server = Command::new(bins::tool("python3", "python3"))
         .args(["-c", SERVER, ip, &port.to_string(), TOKEN])
         .arg(&record)
+        .args(
+            test_ca
+                .iter()
+                .flat_map(|ca| [ca.server_cert(), ca.server_key()]),
+        )
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start the gRPC server");
@@ -283,6 +342,7 @@ fn grpc_through_latch_gets_the_bearer_token_and_trailers_pass_untouched() {
         addr,
         "direct",
         &record,
+        test_ca.as_ref().map(|ca| ca.ca()).as_deref(),
     );
     assert_eq!(
         direct["say"]["code"], "UNAUTHENTICATED",
@@ -292,15 +352,22 @@ fn grpc_through_latch_gets_the_bearer_token_and_trailers_pass_untouched() {
 
     let secrets = dir.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
     let cg = TestCgroup::new();
-    let agent = Agent::start(
-        &policy_yaml(addr, &secrets, "  http: {inject: bearer}\n"),
-        &cg,
-    );
+    let spec = match &test_ca {
+        Some(ca) => format!(
+            "  http: {{inject: bearer, appTls: {{mode: enable}}}}\n  \
+             tls: {{mode: verify-full, ca: {}, serverName: api.test}}\n",
+            ca.ca().display()
+        ),
+        None => "  http: {inject: bearer}\n".to_owned(),
+    };
+    let agent = Agent::start(&policy_yaml(addr, &secrets, &spec), &cg);
+    let node_ca = tls.then(|| export_node_ca(&agent, &dir));
     let got = client(
         &mut cg.command(bins::tool("python3", "python3")),
         addr,
         "latch",
         &record,
+        node_ca.as_deref(),
     );
     let log = agent.log();
 
@@ -410,6 +477,107 @@ fn grpc_through_latch_gets_the_bearer_token_and_trailers_pass_untouched() {
         );
     }
     assert_eq!(audit.len(), 1, "one channel, one connection: {audit:#?}");
+    assert!(
+        log.contains("target connected for an HTTP/2 application h2=true"),
+        "latch spoke HTTP/2 to the gRPC server too:\n{log}"
+    );
+
+    // On the wire (curl, nghttp2): the response headers and trailers through latch are byte
+    // for byte those the server sends a client holding the token: `grpc-status`,
+    // `grpc-message` percent-encoded, custom and binary trailers, and which of them come as
+    // trailers (after the blank line) or in a trailers-only response.
+    let scheme = if tls {
+        "https://api.test"
+    } else {
+        "http://127.0.0.2"
+    };
+    let resolve = format!("api.test:{port}:{ip}");
+    let curl_args = |ca: Option<&Path>| -> Vec<String> {
+        let mut a: Vec<String> = ["-sS", "--max-time", "60", "-D", "-", "-o", "/dev/null"]
+            .map(str::to_owned)
+            .to_vec();
+        a.extend(["-H", "content-type: application/grpc", "-H", "te: trailers"].map(str::to_owned));
+        match ca {
+            Some(ca) => a.extend([
+                "--http2".to_owned(),
+                "--cacert".to_owned(),
+                ca.display().to_string(),
+                "--resolve".to_owned(),
+                resolve.clone(),
+            ]),
+            None => a.push("--http2-prior-knowledge".to_owned()),
+        }
+        a
+    };
+    let mut seen_by_curl = String::new();
+    // (method, message, what the dump holds: the status as a trailer after the headers' blank
+    // line, or in the one header block of a trailers-only response).
+    let calls = [
+        ("Say", "hello", "\r\n\r\ngrpc-status: 0\r\n"),
+        (
+            "Count",
+            "5:fail",
+            "\r\n\r\ngrpc-status: 10\r\ngrpc-message: stopped after 5 messages\r\n",
+        ),
+        (
+            "Fail",
+            "x",
+            concat!(
+                "\r\ngrpc-status: 9\r\n",
+                "grpc-message: quota exceeded: 3 of 2 used (100%25 %C3%BCber, caf%C3%A9)\r\n",
+                "x-reason: over-quota\r\n\r\n"
+            ),
+        ),
+    ];
+    for (method, message, status) in calls {
+        let body = dir.path().join(format!("{method}.grpc"));
+        let mut frame = vec![0u8];
+        frame.extend((message.len() as u32).to_be_bytes());
+        frame.extend(message.as_bytes());
+        std::fs::write(&body, frame).unwrap();
+        let url = format!("{scheme}:{port}/latch.test.Echo/{method}");
+        let data = format!("@{}", body.display());
+        let run = |cmd: &mut Command, ca: Option<&Path>, token: bool| {
+            let auth = format!("authorization: Bearer {TOKEN}");
+            let out = run_within(
+                cmd.args(curl_args(ca))
+                    .args(token.then_some(["-H", auth.as_str()]).into_iter().flatten())
+                    .args(["--data-binary", &data, &url]),
+                Duration::from_secs(90),
+            );
+            assert!(
+                out.status.success(),
+                "curl {method}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let direct = run(
+            &mut Command::new(bins::tool("curl", "curl")),
+            test_ca.as_ref().map(|ca| ca.ca()).as_deref(),
+            true,
+        );
+        let through = run(
+            &mut cg.command(bins::tool("curl", "curl")),
+            node_ca.as_deref(),
+            false,
+        );
+        assert_eq!(
+            through, direct,
+            "{method}: headers and trailers through latch vs from the server"
+        );
+        assert!(through.contains(status), "{method}: {through:?}");
+        seen_by_curl.push_str(&through);
+    }
+    for (name, text) in [
+        ("what curl received", &seen_by_curl),
+        ("the agent log", &agent.log()),
+    ] {
+        assert!(
+            !text.contains(TOKEN) && !text.contains("Canary"),
+            "the canary leaked into {name}:\n{text}"
+        );
+    }
     drop(agent);
     drop(server);
 }
