@@ -25,7 +25,7 @@ use latch_tests::{
 };
 
 /// The gRPC server: `argv` = ip, port, token, record file, and for TLS the certificate and
-/// key files. Service `latch.test.Echo`:
+/// key files; `GRPC_ARGS` in the environment: more server options, `name=integer ...`. Service `latch.test.Echo`:
 /// - `Say` (unary): answers `said:<request>` with initial metadata `x-initial`, trailing
 ///   metadata `x-checksum` (sha256 of the request), `x-count`, a binary `x-digest-bin` and
 ///   `x-tag` twice;
@@ -42,7 +42,7 @@ use latch_tests::{
 ///
 /// Every call without the token ends UNAUTHENTICATED; the server's answers never carry it.
 const SERVER: &str = r#"
-import hashlib, sys, time
+import hashlib, os, sys, time
 from concurrent import futures
 import grpc
 
@@ -117,7 +117,10 @@ handler = grpc.method_handlers_generic_handler("latch.test.Echo", {
 })
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), handlers=(handler,),
                      options=(("grpc.max_receive_message_length", 8 << 20),
-                              ("grpc.max_send_message_length", 8 << 20)))
+                              ("grpc.max_send_message_length", 8 << 20)) + tuple(
+                         (k, int(v)) for k, v in (
+                             a.split("=") for a in os.environ.get("GRPC_ARGS", "").split()
+                         )))
 if len(sys.argv) > 5:
     pem = lambda path: open(path, "rb").read()
     creds = grpc.ssl_server_credentials(((pem(sys.argv[6]), pem(sys.argv[5])),))
@@ -129,7 +132,8 @@ print("ready", flush=True)
 server.wait_for_termination()
 "#;
 
-/// The gRPC client: `argv` = address, mode (`direct` or `latch`), the server's record file,
+/// The gRPC client: `argv` = address, mode (`direct`, `latch` or `load`), the server's record
+/// file,
 /// and for TLS the CA file to trust (the name checked is `api.test`). Prints one JSON object
 /// with everything it received: per call the status code, details, initial and trailing
 /// metadata (bytes values in hex) and messages.
@@ -179,7 +183,25 @@ def streaming(request):
     return outcome(call, got)
 
 out = {"say": unary(b"hello")}
-if mode == "latch":
+if mode == "load":
+    # Eight threads calling back to back for four seconds.
+    import collections, threading
+    codes = collections.Counter()
+    details = collections.Counter()
+    end = time.monotonic() + 4
+    def loop(t):
+        i = 0
+        while time.monotonic() < end:
+            r = unary(b"t%d-%d" % (t, i))
+            codes[r["code"]] += 1
+            if r["code"] != "OK":
+                details[r["details"]] += 1
+            i += 1
+    ts = [threading.Thread(target=loop, args=(t,)) for t in range(8)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    out["load"] = {"codes": codes, "failures": details}
+elif mode == "latch":
     out["own_token_replaced"] = unary(b"mine", metadata=(("authorization", "Bearer app-own"),))
     out["meta"] = unary(b"meta", metadata=(("x-request-id", "r-1"),
                                           ("x-blob-bin", b"\x00\x01\xfe\xff")))
@@ -280,6 +302,37 @@ fn sha256_hex(data: &[u8]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Starts the gRPC server on `ip:port` (TLS with `tls`'s server certificate), with the
+/// server options `grpc_args` (`name=integer ...`); waits until it listens.
+fn start_server(
+    ip: &str,
+    port: u16,
+    record: &Path,
+    tls: Option<&TestCa>,
+    grpc_args: &str,
+) -> Killed {
+    let server = Command::new(bins::tool("python3", "python3"))
+        .args(["-c", SERVER, ip, &port.to_string(), TOKEN])
+        .arg(record)
+        .args(
+            tls.iter()
+                .flat_map(|ca| [ca.server_cert(), ca.server_key()]),
+        )
+        .env("GRPC_ARGS", grpc_args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the gRPC server");
+    let mut server = Killed(server);
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready", "the gRPC server did not start");
+    server
+}
+
 /// `latch ca export`: the node CA the application trusts for intercepted TLS.
 fn export_node_ca(agent: &Agent, into: &TempDir) -> PathBuf {
     let out = Command::new(bins::latch())
@@ -293,6 +346,55 @@ fn export_node_ca(agent: &Agent, into: &TempDir) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     into.write("node-ca.pem", &String::from_utf8_lossy(&out.stdout))
+}
+
+#[test]
+fn a_server_closing_connections_at_max_connection_age_loses_no_call() {
+    // gRPC servers end connections on their own (`max_connection_age`: GOAWAY, then close
+    // after the streams in flight) so that clients spread over replicas. Through latch the
+    // application's connection stays; latch must carry on over a new target connection and
+    // never fail a call the closing one did not take.
+    latch_tests::require_root();
+    require_grpcio();
+    let ip = "127.0.0.2";
+    let port = latch_tests::servers::free_port(ip);
+    let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    let dir = TempDir::new("grpc");
+    let record = dir.path().join("record");
+    let _server = start_server(
+        ip,
+        port,
+        &record,
+        None,
+        "grpc.max_connection_age_ms=500 grpc.max_connection_age_grace_ms=5000",
+    );
+    let secrets = dir.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
+    let cg = TestCgroup::new();
+    let agent = Agent::start(
+        &policy_yaml(addr, &secrets, "  http: {inject: bearer}\n"),
+        &cg,
+    );
+    let got = client(
+        &mut cg.command(bins::tool("python3", "python3")),
+        addr,
+        "load",
+        &record,
+        None,
+    );
+    let log = agent.log();
+    let codes = got["load"]["codes"].as_object().expect("codes");
+    assert!(
+        codes.len() == 1 && codes["OK"].as_u64().is_some_and(|n| n > 100),
+        "every call succeeds: {got:#}\n{log}"
+    );
+    assert_eq!(got["say"]["code"], "OK");
+    let target_connections = log.matches("target connected for an HTTP/2").count();
+    assert!(
+        target_connections >= 4,
+        "the server closed its connections every 500 ms ({target_connections} made):\n{log}"
+    );
+    assert_eq!(agent.wait_audit(1).len(), 1, "one application connection");
+    assert!(!agent.log().contains(TOKEN));
 }
 
 #[test]
@@ -316,25 +418,7 @@ fn grpc_through_latch(tls: bool) {
     let dir = TempDir::new("grpc");
     let record = dir.path().join("record");
     let test_ca = tls.then(|| TestCa::new("api.test", &["DNS:api.test", &format!("IP:{ip}")]));
-    let server = Command::new(bins::tool("python3", "python3"))
-        .args(["-c", SERVER, ip, &port.to_string(), TOKEN])
-        .arg(&record)
-        .args(
-            test_ca
-                .iter()
-                .flat_map(|ca| [ca.server_cert(), ca.server_key()]),
-        )
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the gRPC server");
-    let mut server = Killed(server);
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
-    assert_eq!(ready.trim(), "ready", "the gRPC server did not start");
+    let server = start_server(ip, port, &record, test_ca.as_ref(), "");
 
     // Directly, without the token: refused by the server.
     let direct = client(
