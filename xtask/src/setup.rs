@@ -69,6 +69,9 @@ pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
         &["-c", "import websockets.sync.client"],
         "websockets",
     ),
+    // gRPC through the HTTP connector's HTTP/2 path (tests/tests/grpc.rs): grpcio's own
+    // HTTP/2 stack (C-core) as server and client, generic handlers, no generated code.
+    ("python3", &["-c", "import grpc"], "grpcio"),
     // Offline validation of deploy/kubernetes/ against the upstream OpenAPI schemas
     // (tests/tests/packaging_kubernetes.rs); brings PyYAML and jsonschema along.
     ("kubernetes-validate", &["--version"], "kubernetes-validate"),

@@ -424,11 +424,20 @@ impl Session<'_> {
         body: ReqBody,
     ) -> Result<(Response<Incoming>, bool), Failure> {
         let (mut req, add) = outgoing(self.cx, self.host.as_ref(), &up.creds, parts, body).await?;
-        let http_err = |e| Failure::Target(TargetError::Http(e));
         let resp = match &*up.link {
             Shared::H2(t) => {
                 to_h2(&mut req, &t.scheme, &target::address(&self.cx).to_string())?;
-                t.send.clone().send_request(req).await.map_err(http_err)?
+                match t.send.clone().try_send_request(req).await {
+                    Ok(resp) => resp,
+                    Err(mut e) => match e.take_message() {
+                        // Given back unwritten: the connection was closing (the target sent
+                        // GOAWAY, as gRPC servers do at `max_connection_age`, while other
+                        // streams were still open, or closed it). Nothing of the request
+                        // reached the target, whatever its method and body.
+                        Some(req) => self.resend(up, req).await?,
+                        None => return Err(Failure::Target(TargetError::Http(e.into_error()))),
+                    },
+                }
             }
             Shared::H1(pool) => {
                 *req.version_mut() = Version::HTTP_11;
@@ -436,6 +445,29 @@ impl Session<'_> {
             }
         };
         Ok((resp, add))
+    }
+
+    /// Sends `req` (already made HTTP/2, its credential in), which `up`'s connection gave back
+    /// unwritten, once more on a new target connection.
+    async fn resend(
+        &self,
+        up: &Upstream,
+        mut req: Request<ReqBody>,
+    ) -> Result<Response<Incoming>, Failure> {
+        tracing::debug!("target connection closing; request sent on a new one");
+        self.forget(up).await;
+        let (fresh, _) = self.upstream().await?;
+        match &*fresh.link {
+            Shared::H2(t) => {
+                let resp = t.send.clone().send_request(req).await;
+                resp.map_err(|e| Failure::Target(TargetError::Http(e)))
+            }
+            // The target stopped agreeing to `h2` between two connections.
+            Shared::H1(pool) => {
+                to_h1(&mut req);
+                self.send_h1(pool, req).await
+            }
+        }
     }
 
     /// Sends `req` on an idle HTTP/1.1 target connection, a new one (up to
@@ -499,6 +531,23 @@ fn to_h2(
     Ok(())
 }
 
+/// Makes a request [`to_h2`] made an HTTP/1.1 one again: `Host` from `:authority`, the
+/// request target in origin form.
+fn to_h1(req: &mut Request<ReqBody>) {
+    if let Some(a) = req.uri().authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    let pq = req.uri().path_and_query().cloned();
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = pq;
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_11;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,6 +571,16 @@ mod tests {
         let mut req = request("/", None);
         to_h2(&mut req, &http::uri::Scheme::HTTP, "10.0.0.1:80").unwrap();
         assert_eq!(req.uri().to_string(), "http://10.0.0.1:80/");
+    }
+
+    #[test]
+    fn a_request_made_http2_becomes_http1_again_with_its_host() {
+        let mut req = request("/a/b?c=1", Some("api.test:8443"));
+        to_h2(&mut req, &http::uri::Scheme::HTTPS, "10.0.0.1:8443").unwrap();
+        to_h1(&mut req);
+        assert_eq!(req.uri().to_string(), "/a/b?c=1");
+        assert_eq!(req.headers()[header::HOST], "api.test:8443");
+        assert_eq!(req.version(), Version::HTTP_11);
     }
 
     #[test]
