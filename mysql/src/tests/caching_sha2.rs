@@ -2,7 +2,7 @@
 //! Pluggable Authentication" and the protocol's "caching_sha2_password information"). MariaDB
 //! 10.11 has no server side for this plugin, so these are not captures from a real server:
 //! the server's side is played here from the documentation, including its verification of the
-//! fast-path scramble and its RSA decryption.
+//! fast-path scramble and its RSA decryption. Replays of a real MySQL 9.7 are in `mysql97.rs`.
 use bytes::BytesMut;
 use rsa::pkcs8::{EncodePublicKey as _, LineEnding};
 use rsa::{Oaep, PrivateKey};
