@@ -136,6 +136,32 @@ pub struct ClientAuth {
     state: State,
     rounds: usize,
     plugin: Option<Plugin>,
+    /// Which of caching_sha2_password's paths the exchange took.
+    sha2_path: Option<Sha2Path>,
+}
+
+/// caching_sha2_password's ways to the server's OK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sha2Path {
+    /// The server had the account cached (AuthMoreData 0x03).
+    Fast,
+    /// Full authentication: the password over TLS that verified the server.
+    FullTls,
+    /// Full authentication: RSA with the key the server sent when asked (0x02).
+    FullRsaAsked,
+    /// Full authentication: RSA with the key the policy pins.
+    FullRsaPinned,
+}
+
+impl Sha2Path {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sha2Path::Fast => "fast",
+            Sha2Path::FullTls => "full-tls",
+            Sha2Path::FullRsaAsked => "full-rsa-asked",
+            Sha2Path::FullRsaPinned => "full-rsa-pinned",
+        }
+    }
 }
 
 impl fmt::Debug for ClientAuth {
@@ -166,6 +192,7 @@ impl ClientAuth {
             state: State::Start,
             rounds: 0,
             plugin: None,
+            sha2_path: None,
         }
     }
 
@@ -239,6 +266,11 @@ impl ClientAuth {
     /// The plugin in use (after the last switch), once started.
     pub fn plugin(&self) -> Option<&'static str> {
         self.plugin.map(Plugin::name)
+    }
+
+    /// Which of caching_sha2_password's paths the exchange took, once the server said.
+    pub fn caching_sha2_path(&self) -> Option<Sha2Path> {
+        self.sha2_path
     }
 
     /// The sequence id the next packet on this leg carries.
@@ -358,6 +390,7 @@ impl ClientAuth {
                 let more = AuthMoreData::parse(payload)?;
                 match more.data.as_slice() {
                     [CACHING_SHA2_FAST_AUTH_SUCCESS] => {
+                        self.sha2_path = Some(Sha2Path::Fast);
                         self.state = State::AwaitingResult;
                         Ok(AuthStep::Continue)
                     }
@@ -397,12 +430,15 @@ impl ClientAuth {
         if self.transport == Transport::TlsVerified {
             self.seq.write(&with_nul(&self.password), out);
             self.state = State::AwaitingResult;
+            self.sha2_path = Some(Sha2Path::FullTls);
         } else if let Some(pem) = self.options.server_public_key.clone() {
             let key = scramble::parse_public_key(&pem)?;
             self.send_rsa(&key, out)?;
+            self.sha2_path = Some(Sha2Path::FullRsaPinned);
         } else if self.options.request_public_key {
             self.seq.write(&[CACHING_SHA2_REQUEST_PUBLIC_KEY], out);
             self.state = State::AwaitingKey;
+            self.sha2_path = Some(Sha2Path::FullRsaAsked);
         } else {
             return Err(AuthError::PublicKeyRequestRefused);
         }

@@ -32,7 +32,7 @@ pub mod scramble;
 mod wire;
 
 pub use auth_packets::{AuthMoreData, AuthSwitchRequest};
-pub use client_auth::{AuthStep, ClientAuth, ClientAuthOptions, Transport};
+pub use client_auth::{AuthStep, ClientAuth, ClientAuthOptions, Sha2Path, Transport};
 pub use command::{ChangeUser, Command};
 pub use constants::{CapabilityFlags, MariadbCapabilities, StatusFlags};
 pub use error::{AuthError, EncodeError, FrameError, ParseError, ServerError};

@@ -17,6 +17,7 @@ pub mod mariadb;
 pub mod memory;
 pub mod moto;
 pub mod my_setup;
+pub mod mysql_server;
 pub mod nginx_api;
 pub mod openbao;
 pub mod pg_roles;

@@ -12,6 +12,7 @@ mod pg;
 mod policy;
 mod proc;
 mod setup;
+mod setup_mysql;
 mod test;
 
 use anyhow::Result;

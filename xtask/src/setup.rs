@@ -101,6 +101,7 @@ pub fn run_setup() -> Result<()> {
     static_target()?;
     cargo_deb()?;
     bpffs()?;
+    crate::setup_mysql::mysql_server(step)?;
     Ok(())
 }
 

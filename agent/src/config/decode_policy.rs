@@ -11,7 +11,7 @@ use super::http::HttpSpec;
 use super::net::{self, Cidr, PortRange};
 use super::policy::{
     AppTlsMode, AuthSpec, ChannelBindingMode, Credentials, Destination, Protocol, Role, SecretRef,
-    StartupRules, Target, TlsMode, TlsSpec, WorkloadSelector,
+    ServerPublicKey, StartupRules, Target, TlsMode, TlsSpec, WorkloadSelector,
 };
 use super::schema_policy as schema;
 use super::yaml::{Entry, Mark, Node, Value};
@@ -32,6 +32,7 @@ pub struct PolicySpec {
     pub startup: StartupRules,
     pub direct: bool,
     pub auth: AuthSpec,
+    pub server_public_key: ServerPublicKey,
     /// `workloads: all`: every workload in the intercepted cgroups, said explicitly.
     pub admit_all: bool,
     pub http: HttpSpec,
@@ -118,6 +119,14 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     let direct = match direct_entry {
         Some(e) => decode::boolean(cx, &e.value, "direct"),
         None => Some(false),
+    };
+    let key_entry = own
+        .as_mut()
+        .filter(|_| block == "mysql")
+        .and_then(|p| p.entry("serverPublicKey"));
+    let server_public_key = match key_entry {
+        Some(e) => server_public_key(cx, &e.value),
+        None => Some(ServerPublicKey::None),
     };
     // Credentials by the user name the application sends: `postgres.roles`, `mysql.roles`.
     let roles_entry = own.as_mut().and_then(|p| p.entry("roles"));
@@ -281,6 +290,7 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         },
         direct: direct?,
         auth: auth?,
+        server_public_key: server_public_key?,
         admit_all,
         http: http?,
     })
@@ -337,6 +347,26 @@ fn check_http(
 
 /// A protocol's option: `<block>.<key>` (`postgres.appTls`), or `<key>` at the top of the spec
 /// as it was spelled before (a deprecation warning; both at once is an error).
+/// `mysql.serverPublicKey`: `request`, or the absolute path of a PEM file.
+fn server_public_key(cx: &mut Cx, node: &Node) -> Option<ServerPublicKey> {
+    let what = "mysql.serverPublicKey";
+    let text = decode::string(cx, node, what)?;
+    if text == "request" {
+        return Some(ServerPublicKey::Request);
+    }
+    if !text.starts_with('/') {
+        cx.error(
+            node.mark,
+            format!(
+                "{what} {text:?}: write \"request\" (ask the server for its RSA key) or the \
+                 absolute path of the server's RSA public key (PEM)"
+            ),
+        );
+        return None;
+    }
+    Some(ServerPublicKey::File(text.into()))
+}
+
 fn protocol_option<'n>(
     cx: &mut Cx,
     spec: &mut Map<'n>,

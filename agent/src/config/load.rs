@@ -259,6 +259,7 @@ fn document(cx: &mut Cx, root: &Node) -> Option<Resource> {
             app_tls: spec.app_tls,
             direct: spec.direct,
             auth: spec.auth,
+            server_public_key: spec.server_public_key,
             admit_all: spec.admit_all,
             credentials: spec.credentials,
             cache_ttl: spec.cache_ttl,

@@ -82,7 +82,8 @@ pub fn require_named_workloads(config: &Config) -> Result<(), LoadErrors> {
 pub use net::{Cidr, PortRange};
 pub use policy::{
     AppTlsMode, AuthSpec, ChannelBindingMode, Credentials, Destination, OptionsRule, Policy,
-    Protocol, Role, SecretRef, StartupRules, Target, TlsMode, TlsSpec, WorkloadSelector,
+    Protocol, Role, SecretRef, ServerPublicKey, StartupRules, Target, TlsMode, TlsSpec,
+    WorkloadSelector,
 };
 pub use secret::SecretString;
 pub use store::{

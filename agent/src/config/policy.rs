@@ -45,6 +45,8 @@ pub struct Policy {
     pub direct: bool,
     /// `spec.authentication`: how latch may prove the credentials to the target.
     pub auth: AuthSpec,
+    /// `mysql.serverPublicKey`: caching_sha2_password full authentication without TLS.
+    pub server_public_key: ServerPublicKey,
     /// `workloads: all`: the policy admits every workload in the intercepted cgroups, and says
     /// so. The agent refuses a policy that names no workloads and does not say this.
     pub admit_all: bool,
@@ -55,6 +57,22 @@ pub struct Policy {
     /// for a connection of a pod of this namespace ([`Policy::in_pod_namespace`]); `None` in
     /// a loaded policy.
     pub pod_namespace: Option<String>,
+}
+
+/// `mysql.serverPublicKey`: whether and with which key caching_sha2_password full
+/// authentication (an account the server has not cached) may go over a leg without TLS, as
+/// the password encrypted with the server's RSA key. Over TLS that verified the server
+/// (`verify-full`) the password goes as it is and this is not used.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ServerPublicKey {
+    /// Not at all (the default): such a connection fails.
+    #[default]
+    None,
+    /// `request`: ask the server for its key (MySQL's `--get-server-public-key`). Nothing
+    /// verifies the key: whoever answers in the server's place reads the password.
+    Request,
+    /// The server's RSA public key, a PEM file (read at each full authentication).
+    File(std::path::PathBuf),
 }
 
 /// `spec.authentication` of a policy: the methods latch may answer a server's request with,

@@ -285,6 +285,12 @@ pub(super) static MYSQL: Object = Object {
             ROLES,
             "Credentials by the user name the application sends.",
         ),
+        Field::opt(
+            "serverPublicKey",
+            Type::String,
+            "caching_sha2_password full authentication without TLS: the absolute path of the \
+             server's RSA public key (PEM), or \"request\" to ask the server for it (unverified).",
+        ),
     ],
     one_of: &[],
 };

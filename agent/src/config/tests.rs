@@ -1232,3 +1232,45 @@ fn vault_machine_identity_auth_methods() {
     ));
     assert!(errors.iter().any(|e| e.contains("certFile")), "{errors:?}");
 }
+
+#[test]
+fn mysql_server_public_key_is_request_or_an_absolute_path() {
+    let spec = |extra: &str| {
+        format!(
+            "  destination: {{address: 10.0.0.1, port: 3306}}\n  protocol: mysql\n  tls: {{mode: disable}}\n  credentials: {{store: local, password: {{path: db}}}}\n{extra}"
+        )
+    };
+    let load = |extra: &str| {
+        load_str("t.yaml", &format!("{STORES}{}", policy("db", &spec(extra))))
+            .unwrap()
+            .policies[0]
+            .server_public_key
+            .clone()
+    };
+    assert_eq!(load(""), ServerPublicKey::None);
+    assert_eq!(
+        load("  mysql: {serverPublicKey: request}\n"),
+        ServerPublicKey::Request
+    );
+    assert_eq!(
+        load("  mysql: {serverPublicKey: /etc/latch/orders-db.pem}\n"),
+        ServerPublicKey::File("/etc/latch/orders-db.pem".into())
+    );
+    let relative = policy("db", &spec("  mysql: {serverPublicKey: orders-db.pem}\n"));
+    let errs = errors("t.yaml", &format!("{STORES}{relative}"));
+    assert!(
+        errs.len() == 1
+            && errs[0].contains("mysql.serverPublicKey \"orders-db.pem\": write \"request\""),
+        "{errs:?}"
+    );
+    // PostgreSQL has no such thing.
+    let pg = policy(
+        "db",
+        "  destination: {address: 10.0.0.1, port: 5432}\n  protocol: postgres\n  tls: {mode: disable}\n  credentials: {store: local, password: {path: db}}\n  postgres: {serverPublicKey: request}\n",
+    );
+    let errs = errors("t.yaml", &format!("{STORES}{pg}"));
+    assert!(
+        errs.len() == 1 && errs[0].contains("serverPublicKey"),
+        "{errs:?}"
+    );
+}

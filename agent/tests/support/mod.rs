@@ -52,6 +52,7 @@ fn policy(name: &str, credentials: Credentials, cache_ttl: Option<Duration>) -> 
         startup: Default::default(),
         direct: false,
         auth: Default::default(),
+        server_public_key: Default::default(),
         admit_all: true,
         http: Default::default(),
         pod_namespace: None,

@@ -2,14 +2,14 @@
 //! Pluggable Authentication" and the protocol's "caching_sha2_password information"). MariaDB
 //! 10.11 has no server side for this plugin, so these are not captures from a real server:
 //! the server's side is played here from the documentation, including its verification of the
-//! fast-path scramble and its RSA decryption.
+//! fast-path scramble and its RSA decryption. Replays of a real MySQL 9.7 are in `mysql97.rs`.
 use bytes::BytesMut;
 use rsa::pkcs8::{EncodePublicKey as _, LineEnding};
 use rsa::{Oaep, PrivateKey};
 use sha1::Sha1;
 use sha2::{Digest as _, Sha256};
 
-use crate::client_auth::{AuthStep, ClientAuth, ClientAuthOptions, Transport};
+use crate::client_auth::{AuthStep, ClientAuth, ClientAuthOptions, Sha2Path, Transport};
 use crate::constants::{
     CACHING_SHA2_PASSWORD, CapabilityFlags, MYSQL_NATIVE_PASSWORD, StatusFlags,
 };
@@ -135,6 +135,7 @@ fn fast_path_success_then_ok() {
     let AuthStep::Done(ok) = auth.on_packet(&pkt(3, &ok()), &mut out).unwrap() else {
         panic!("OK expected")
     };
+    assert_eq!(auth.caching_sha2_path(), Some(Sha2Path::Fast));
     assert_eq!(ok.status, StatusFlags::SERVER_STATUS_AUTOCOMMIT);
 }
 
@@ -145,6 +146,7 @@ fn full_authentication_over_unverified_tls_is_refused_rather_than_send_the_passw
     let err = auth.on_packet(&pkt(2, b"\x01\x04"), &mut out).unwrap_err();
     assert!(matches!(err, AuthError::ClearTextRefused { .. }), "{err}");
     assert!(out.is_empty(), "nothing is sent");
+    assert_eq!(auth.caching_sha2_path(), None);
 }
 
 #[test]
@@ -160,6 +162,7 @@ fn full_authentication_over_verified_tls_sends_the_password() {
         auth.on_packet(&pkt(4, &ok()), &mut out).unwrap(),
         AuthStep::Done(_)
     ));
+    assert_eq!(auth.caching_sha2_path(), Some(Sha2Path::FullTls));
 }
 
 fn key_pair() -> (PrivateKey, String) {
@@ -213,6 +216,7 @@ fn full_authentication_without_tls_asks_for_the_key_and_encrypts_when_allowed() 
         auth.on_packet(&pkt(6, &ok()), &mut out).unwrap(),
         AuthStep::Done(_)
     ));
+    assert_eq!(auth.caching_sha2_path(), Some(Sha2Path::FullRsaAsked));
 }
 
 #[test]
@@ -229,6 +233,7 @@ fn pinned_key_skips_the_request() {
     let p = sent(&out);
     assert_eq!(p.seq, 3);
     assert_eq!(server_decrypts(&private, &p.payload, SCRAMBLE), PW);
+    assert_eq!(auth.caching_sha2_path(), Some(Sha2Path::FullRsaPinned));
 }
 
 #[test]

@@ -1,6 +1,6 @@
-//! Tests: replays of exchanges captured from a real MariaDB 10.11 (`testdata/`), the
-//! caching_sha2_password exchanges as MySQL's documentation specifies them, framing, and
-//! malformed input.
+//! Tests: replays of exchanges captured from a real MariaDB 10.11 and MySQL 9.7
+//! (`testdata/`), the caching_sha2_password exchanges as MySQL's documentation specifies them,
+//! framing, and malformed input.
 use bytes::BytesMut;
 
 use crate::frame::{self, Packet};
@@ -9,6 +9,7 @@ mod caching_sha2;
 mod captures;
 mod framing;
 mod malformed;
+mod mysql97;
 
 /// Direction of a captured packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 
 use bytes::BytesMut;
 use latch_mysql::{
-    AuthError, AuthStep, CapabilityFlags, ChangeUser, ClientAuth, ClientAuthOptions, ErrPacket,
+    AuthError, AuthStep, CapabilityFlags, ChangeUser, ClientAuth, ErrPacket, Sha2Path,
     constants::{COM_RESET_CONNECTION, OK_HEADER, er},
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
@@ -188,7 +188,7 @@ impl<'a> Reauth<'a> {
         let mut auth = ClientAuth::new(
             &self.session.greeting,
             password,
-            ClientAuthOptions::default(),
+            super::target::auth_options(self.policy),
         );
         let mut out = BytesMut::new();
         auth.start_change_user(cu, self.session.caps, self.session.transport, &mut out)
@@ -215,6 +215,11 @@ impl<'a> Reauth<'a> {
                                 ),
                             });
                         }
+                        tracing::debug!(
+                            plugin = auth.plugin(),
+                            caching_sha2 = auth.caching_sha2_path().map(Sha2Path::as_str),
+                            "COM_CHANGE_USER authenticated to the target"
+                        );
                         return Ok(packet.payload);
                     }
                 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use bytes::BytesMut;
 use latch_mysql::{
     AuthStep, CapabilityFlags, ClientAuth, ClientAuthOptions, ErrPacket, Greeting,
-    HandshakeResponse, Transport, constants::ERR_HEADER, frame,
+    HandshakeResponse, Sha2Path, Transport, constants::ERR_HEADER, frame,
 };
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt as _},
@@ -19,7 +19,7 @@ use super::{
     io::{ReadError, read_packet},
 };
 use crate::{
-    config::{Policy, TlsMode},
+    config::{Policy, ServerPublicKey, TlsMode},
     connector::{Env, stream::TargetStream, target_tls},
     origin::Origin,
 };
@@ -117,6 +117,25 @@ pub async fn connect(to: &TargetCx<'_>) -> Result<Greeted, (Failure, Option<byte
     }
 }
 
+/// caching_sha2_password's choices from the policy (`mysql.serverPublicKey`). A key file that
+/// cannot be read is logged; full authentication without TLS then fails as without the option.
+pub(crate) fn auth_options(policy: &Policy) -> ClientAuthOptions {
+    let mut options = ClientAuthOptions::default();
+    match &policy.server_public_key {
+        ServerPublicKey::None => {}
+        ServerPublicKey::Request => options.request_public_key = true,
+        ServerPublicKey::File(path) => match std::fs::read(path) {
+            Ok(pem) => options.server_public_key = Some(pem),
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "mysql.serverPublicKey: cannot read the server's RSA public key"
+            ),
+        },
+    }
+    options
+}
+
 /// Authenticates on a greeted connection as `user` with `password`, on behalf of the
 /// application's response `app`.
 pub async fn authenticate(
@@ -150,7 +169,7 @@ pub async fn authenticate(
             }
         };
         let mut response = HandshakeResponse::for_server(app, &greeting, user, tls);
-        let options = ClientAuthOptions::default();
+        let options = auth_options(to.policy);
         let mut auth = ClientAuth::new(&greeting, password, options);
         let caps = response.capabilities;
         let mut out = BytesMut::new();
@@ -197,7 +216,12 @@ pub async fn authenticate(
                     }
                 }
                 AuthStep::Done(_) => {
-                    tracing::debug!(plugin = auth.plugin(), tls, "authenticated to the target");
+                    tracing::debug!(
+                        plugin = auth.plugin(),
+                        caching_sha2 = auth.caching_sha2_path().map(Sha2Path::as_str),
+                        tls,
+                        "authenticated to the target"
+                    );
                     return Ok(Established {
                         stream,
                         ok: packet.payload,
