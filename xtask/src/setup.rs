@@ -101,7 +101,14 @@ pub fn run_setup() -> Result<()> {
     static_target()?;
     cargo_deb()?;
     bpffs()?;
-    crate::setup_mysql::mysql_server(step)?;
+    // Taken from Debian unstable, which may drop or break it any day: when it cannot be had,
+    // only the tests that need it fail (saying so), not every test.
+    if let Err(err) = crate::setup_mysql::mysql_server(step) {
+        step(
+            "mysql server (Debian sid)",
+            &format!("FAILED ({err:#}); the caching_sha2_password tests will fail"),
+        );
+    }
     Ok(())
 }
 
