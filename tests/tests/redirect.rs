@@ -299,6 +299,47 @@ fn a_client_that_sends_and_closes_before_the_broker_accepts_is_served_and_its_po
 }
 
 #[test]
+fn a_client_that_resets_before_the_broker_accepts_raises_no_alarm_and_is_audited() {
+    let echo = EchoServer::start("127.0.0.2");
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&tcp_policy("echo", "127.0.0.2", echo.addr.port()), &cg);
+    // The agent stopped: the client's connection waits in the broker's accept queue while the
+    // client aborts it (a health check with SO_LINGER 0); the reset takes its kernel record.
+    agent.signal(libc::SIGSTOP);
+    let out = latch_tests::run_within(
+        cg.command(bins::probe())
+            .args(["rst", &echo.addr.to_string()]),
+        Duration::from_secs(10),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    agent.signal(libc::SIGCONT);
+    assert_eq!(stdout(&out).trim(), "reset");
+    let records = agent.wait_audit(1);
+    let reason = records[0]["reason"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        reason.starts_with("reset by its peer before latch accepted it; no kernel record"),
+        "{records:?}"
+    );
+    // Not the warning meant for a process that reached the broker without the kernel.
+    let log = agent.log();
+    assert!(
+        !log.contains("refused a connection the kernel did not redirect"),
+        "{log}"
+    );
+    assert!(
+        !agent.metrics().contains("reason=\"not_redirected\"} 1"),
+        "{}",
+        agent.metrics()
+    );
+    // The agent serves the next connection as ever.
+    let out = run(cg
+        .command(bins::probe())
+        .args(["echo", &echo.addr.to_string(), "1", "100"]));
+    assert_eq!(stdout(&out).trim(), "ok=1 failed=0");
+    assert!(agent.stop().success());
+}
+
+#[test]
 fn the_brokers_own_outbound_connection_is_not_looped() {
     let echo = EchoServer::start("127.0.0.2");
     let cg = TestCgroup::new();

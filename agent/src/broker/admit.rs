@@ -75,6 +75,10 @@ pub struct Unrecorded {
     pub destination: String,
     /// Who it was (the peer address), for the reason.
     pub peer: String,
+    /// The peer reset it before the broker accepted it: whoever it was is gone, and whatever
+    /// it was is not worth a warning (a client that connects and aborts at once, as health
+    /// checks with SO_LINGER 0 do, whose record went with its reset). Audited all the same.
+    pub reset: bool,
 }
 
 /// Admits connection `id`: `meta` is the kernel's record of it (taken by the caller, which
@@ -95,11 +99,19 @@ pub async fn admit(
         Ok(None) => {
             // Nothing reaches credentials unless the kernel redirected it.
             let seen = unrecorded();
-            if shared.refuse(RefusedReason::not_redirected) {
-                tracing::warn!(conn = id, peer = %seen.peer, at = %seen.destination, direct, "refused a connection the kernel did not redirect");
+            let mut record = Record::new(id, audit::Outcome::Refused, seen.destination.clone());
+            if seen.reset {
+                tracing::debug!(conn = id, peer = %seen.peer, at = %seen.destination, "a connection reset before it was accepted, with no kernel record");
+                record.reason = Some(format!(
+                    "reset by its peer before latch accepted it; no kernel record (peer {})",
+                    seen.peer
+                ));
+            } else {
+                if shared.refuse(RefusedReason::not_redirected) {
+                    tracing::warn!(conn = id, peer = %seen.peer, at = %seen.destination, direct, "refused a connection the kernel did not redirect");
+                }
+                record.reason = Some(format!("not redirected by the kernel (peer {})", seen.peer));
             }
-            let mut record = Record::new(id, audit::Outcome::Refused, seen.destination);
-            record.reason = Some(format!("not redirected by the kernel (peer {})", seen.peer));
             record.direct = direct;
             shared.audit.record(&record);
             return None;

@@ -50,6 +50,7 @@ async fn admit_for(
     let unrecorded = || Unrecorded {
         destination: local.to_string(),
         peer: peer.to_string(),
+        reset: was_reset(&stream),
     };
     let Some(admitted) = admit::admit(shared, id, meta, Some(netns), unrecorded, false).await
     else {
@@ -204,6 +205,13 @@ async fn serve(stream: TcpStream, mut admitted: Admitted, shared: &Shared) {
         }
     }
     shared.audit.record(record);
+}
+
+/// Whether the peer reset the connection before it was accepted (the socket's pending error is
+/// ECONNRESET). Its kernel record went with it (sock_ops deletes the record of a reset
+/// socket), so it would otherwise look like a connection nobody redirected.
+fn was_reset(stream: &TcpStream) -> bool {
+    matches!(stream.take_error(), Ok(Some(e)) if e.kind() == std::io::ErrorKind::ConnectionReset)
 }
 
 /// A tokio stream over a duplicate of the application's socket.

@@ -44,6 +44,8 @@
 //!   `reset`, `closed`, `timeout`, `differs` or `errno=<n>`; exits 0.
 //! * `latch-probe post SRCPORT ADDR TEXT` — connect from SRCPORT to ADDR, send TEXT and close
 //!   at once (a fire-and-forget client), print `posted`; exits 0.
+//! * `latch-probe rst ADDR` — connect to ADDR and close at once with a reset (SO_LINGER 0),
+//!   sending nothing; print `reset`; exits 0.
 //! * `latch-probe pgpaused SRCPORT HOST:PORT GOFILE CONNSTR` — connect from SRCPORT to
 //!   HOST:PORT, print `connected`, wait (at most 20 s) until the file GOFILE exists, then run a
 //!   tokio-postgres session (CONNSTR, no TLS) over that same socket: `SELECT 1`,
@@ -163,6 +165,7 @@ fn main() -> ExitCode {
             parse_addr(&args, 3),
             args.get(4).map(String::as_str).unwrap_or_default(),
         ),
+        Some("rst") => srcport::rst(parse_addr(&args, 2)),
         Some("pgpaused") => rt.block_on(srcport::pgpaused(
             parse_port(&args, 2),
             parse_addr(&args, 3),
@@ -174,7 +177,7 @@ fn main() -> ExitCode {
             parse_port(&args, 3),
             parse_num(&args, 4) as u64,
         ),
-        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS [BYTES] | abort ADDR CONNS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO | pgpre TARGET | h2 ADDR STREAMS PATH | mypre HOST:PORT [CASE] | squat BROKERPORT SRCPORT ADDR MILLIS | victim SRCPORT ADDR MILLIS | from SRCPORT ADDR | post SRCPORT ADDR TEXT | pgpaused SRCPORT HOST:PORT GOFILE CONNSTR | fakepg LISTENADDR SRCPORT MILLIS".into()),
+        _ => Err("usage: latch-probe peer ADDR | echo ADDR CONNS BYTES | chunks ADDR CONNS BYTES | hold ADDR CONNS MILLIS [BYTES] | abort ADDR CONNS | pg CONNSTR SCENARIO | pgraw ADDR SCENARIO | pgpre TARGET | h2 ADDR STREAMS PATH | mypre HOST:PORT [CASE] | squat BROKERPORT SRCPORT ADDR MILLIS | victim SRCPORT ADDR MILLIS | from SRCPORT ADDR | post SRCPORT ADDR TEXT | rst ADDR | pgpaused SRCPORT HOST:PORT GOFILE CONNSTR | fakepg LISTENADDR SRCPORT MILLIS".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

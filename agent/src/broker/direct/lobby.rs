@@ -302,6 +302,7 @@ async fn handle(
         Unrecorded {
             destination: local.to_string(),
             peer: peer.to_string(),
+            reset: false,
         }
     };
     let Some(mut admitted) = admit::admit(shared, id, meta, None, unrecorded, true).await else {

@@ -174,6 +174,19 @@ pub fn post(src_port: u16, addr: SocketAddr, text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `rst HOST:PORT`: connects and at once closes with a reset (SO_LINGER 0), sending nothing:
+/// what a health check that aborts its probe does.
+pub fn rst(addr: SocketAddr) -> Result<(), String> {
+    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .map_err(|e| format!("SO_LINGER: {e}"))?;
+    drop(s);
+    say("reset");
+    Ok(())
+}
+
 /// `pgpaused SRCPORT HOST:PORT GOFILE CONNSTR`.
 pub async fn pgpaused(
     src_port: u16,
