@@ -1016,12 +1016,20 @@ fn check_tls(cx: &mut Cx, raw: RawTls, protocol: Protocol, entry: &Entry) -> Opt
         return None;
     }
     if matches!(protocol, Protocol::Postgres | Protocol::Mysql) && mode != TlsMode::VerifyFull {
+        // How latch authenticates to a server nobody verified (threat model rows 16 and 32).
+        let how = if protocol == Protocol::Postgres {
+            "by SCRAM, which keeps the password from it"
+        } else {
+            "by challenge-response (mysql_native_password, caching_sha2_password's fast path, \
+             client_ed25519), which does not send the password; the exchanges that would send \
+             it are refused there, unless mysql.serverPublicKey opts in to RSA"
+        };
         cx.warn(
             mode_mark,
             format!(
                 "tls mode {:?} does not check who answers at the destination: latch authenticates \
-                 to it all the same (by SCRAM, which keeps the password from it); use \
-                 \"verify-full\" (the default) where the server has a certificate",
+                 to it all the same ({how}); use \"verify-full\" (the default) where the server \
+                 has a certificate",
                 mode.as_str()
             ),
         );
