@@ -3,7 +3,7 @@
 //! and one on ed25519 (`auth_ed25519`). Stopped by PID on drop. Administration goes over the
 //! server's Unix socket as root (unix_socket authentication), which latch does not intercept.
 use std::{
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
@@ -133,27 +133,7 @@ impl MariaDb {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok()
-                && self.admin("SELECT 1").status.success()
-            {
-                return;
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("mariadbd exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "mariadbd not ready after 30s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::servers::wait_db_ready(self, Duration::from_secs(30));
     }
 
     /// The server's error log so far.
@@ -201,6 +181,22 @@ impl MariaDb {
             self.addr.ip(),
             self.addr.port()
         )
+    }
+}
+
+impl crate::servers::DbServer for MariaDb {
+    const NAME: &'static str = "mariadbd";
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn child(&mut self) -> Option<&mut Child> {
+        self.child.as_mut()
+    }
+    fn answers(&self) -> bool {
+        self.admin("SELECT 1").status.success()
+    }
+    fn log(&self) -> String {
+        MariaDb::log(self)
     }
 }
 

@@ -5,7 +5,7 @@
 //! server's Unix socket as root (the `mariadb` CLI, whose connector has the
 //! caching_sha2_password client plugin), which latch does not intercept. Stopped by PID on drop.
 use std::{
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
@@ -137,27 +137,7 @@ impl MySql {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if TcpStream::connect_timeout(&self.addrs[0], Duration::from_millis(100)).is_ok()
-                && self.admin("SELECT 1").status.success()
-            {
-                return;
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("mysqld exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "mysqld not ready after 60s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::servers::wait_db_ready(self, Duration::from_secs(60));
     }
 
     /// The server's error log so far.
@@ -206,6 +186,22 @@ impl MySql {
     /// The URL mysql_async connects to `addr` with (no password).
     pub fn url(&self, addr: SocketAddr, user: &str) -> String {
         format!("mysql://{user}@{}:{}/{APP_DB}", addr.ip(), addr.port())
+    }
+}
+
+impl crate::servers::DbServer for MySql {
+    const NAME: &'static str = "mysqld";
+    fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+    fn child(&mut self) -> Option<&mut Child> {
+        self.child.as_mut()
+    }
+    fn answers(&self) -> bool {
+        self.admin("SELECT 1").status.success()
+    }
+    fn log(&self) -> String {
+        MySql::log(self)
     }
 }
 

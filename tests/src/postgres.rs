@@ -2,7 +2,7 @@
 //! `postgres` OS user (initdb and postgres refuse root), SCRAM by default, with roles that
 //! authenticate with SCRAM, MD5 and clear-text passwords. Stopped by PID on drop.
 use std::{
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -195,27 +195,7 @@ impl PgCluster {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ok = TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok()
-                && self.admin(&["-c", "select 1"]).status.success();
-            if ok {
-                return;
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("postgres exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "postgres not ready after 30s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::servers::wait_db_ready(self, Duration::from_secs(30));
     }
 
     /// The server's log so far.
@@ -271,6 +251,22 @@ impl PgCluster {
     /// The PID of the cluster's postmaster.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+}
+
+impl crate::servers::DbServer for PgCluster {
+    const NAME: &'static str = "postgres";
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn child(&mut self) -> Option<&mut Child> {
+        self.child.as_mut()
+    }
+    fn answers(&self) -> bool {
+        self.admin(&["-c", "select 1"]).status.success()
+    }
+    fn log(&self) -> String {
+        PgCluster::log(self)
     }
 }
 

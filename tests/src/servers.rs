@@ -12,6 +12,43 @@ use std::{
 
 use crate::{TempDir, bins};
 
+/// A database server a test started, as [`wait_db_ready`] watches it.
+pub trait DbServer {
+    /// What it is, for messages.
+    const NAME: &'static str;
+    /// Where it listens.
+    fn addr(&self) -> SocketAddr;
+    /// Its process, while it runs (the owner kills it on drop, also after a failed wait).
+    fn child(&mut self) -> Option<&mut Child>;
+    /// Whether its admin client gets an answer to `SELECT 1`.
+    fn answers(&self) -> bool;
+    /// Its log so far.
+    fn log(&self) -> String;
+}
+
+/// Waits until `server` accepts TCP and answers; panics with its log if it exits or is not
+/// ready within `within`.
+pub fn wait_db_ready<S: DbServer>(server: &mut S, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if TcpStream::connect_timeout(&server.addr(), Duration::from_millis(100)).is_ok()
+            && server.answers()
+        {
+            return;
+        }
+        if let Some(status) = server.child().and_then(|c| c.try_wait().ok().flatten()) {
+            panic!("{} exited ({status}):\n{}", S::NAME, server.log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} not ready after {within:?}:\n{}",
+            S::NAME,
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A TCP port free on ``ip`` now, chosen below the kernel's ephemeral range
 /// (net.ipv4.ip_local_port_range, 32768 and up by default), so the source port of some other
 /// test's outgoing connection cannot take it between this check and the server's bind.
