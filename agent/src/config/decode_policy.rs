@@ -345,8 +345,6 @@ fn check_http(
     }
 }
 
-/// A protocol's option: `<block>.<key>` (`postgres.appTls`), or `<key>` at the top of the spec
-/// as it was spelled before (a deprecation warning; both at once is an error).
 /// `mysql.serverPublicKey`: `request`, or the absolute path of a PEM file.
 fn server_public_key(cx: &mut Cx, node: &Node) -> Option<ServerPublicKey> {
     let what = "mysql.serverPublicKey";
@@ -367,6 +365,8 @@ fn server_public_key(cx: &mut Cx, node: &Node) -> Option<ServerPublicKey> {
     Some(ServerPublicKey::File(text.into()))
 }
 
+/// A protocol's option: `<block>.<key>` (`postgres.appTls`), or `<key>` at the top of the spec
+/// as it was spelled before (a deprecation warning; both at once is an error).
 fn protocol_option<'n>(
     cx: &mut Cx,
     spec: &mut Map<'n>,
