@@ -428,9 +428,12 @@ print(data.decode())
     );
     let bodies: Vec<&str> = out.lines().filter(|l| l.starts_with("conn=")).collect();
     assert_eq!(bodies.len(), 3, "{out}");
+    // (On the target connection the first curl left kept: its request count goes on.)
     let conn = bodies[0].split_whitespace().next().unwrap();
+    let (_, first) = conn_of((200, bodies[0].to_owned(), String::new()));
     for (i, b) in bodies.iter().enumerate() {
-        assert_eq!(*b, format!("{conn} req={} arg={}", i + 1, i + 1), "{out}");
+        let req = first + i as u32;
+        assert_eq!(*b, format!("{conn} req={req} arg={}", i + 1), "{out}");
     }
     assert!(!out.contains(TOKEN));
     s.assert_log_clean();

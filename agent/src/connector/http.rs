@@ -678,9 +678,8 @@ fn drop_close(headers: &mut http::HeaderMap) {
         return;
     }
     let has_close = values.iter().any(|v| {
-        v.to_str().map_or(false, |v| {
-            v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))
-        })
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
     });
     if !has_close {
         return;
@@ -788,5 +787,37 @@ async fn answer_all(app: TcpStream, failure: Failure, within: Duration) {
         .unwrap_or(Ok(()))
     {
         tracing::debug!(error = %e, "refused application connection ended by an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection(values: &[&str]) -> Vec<String> {
+        let mut h = http::HeaderMap::new();
+        for v in values {
+            h.append(header::CONNECTION, HeaderValue::from_str(v).unwrap());
+        }
+        drop_close(&mut h);
+        h.get_all(header::CONNECTION)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// The application's `close` stays with its own connection; other options go on.
+    #[test]
+    fn connection_close_is_not_passed_to_the_target() {
+        assert!(connection(&["close"]).is_empty());
+        assert!(connection(&["Close"]).is_empty());
+        assert_eq!(connection(&["Upgrade, close"]), ["Upgrade"]);
+        assert_eq!(connection(&["close", "x-trace"]), ["x-trace"]);
+        assert_eq!(connection(&["keep-alive"]), ["keep-alive"]);
+        assert_eq!(
+            connection(&["Upgrade", "keep-alive"]),
+            ["Upgrade", "keep-alive"]
+        );
+        assert!(connection(&[]).is_empty());
     }
 }
