@@ -32,6 +32,8 @@ pub struct NginxApi {
     pub h2c_addr: SocketAddr,
     /// HTTPS offering `h2` (and `http/1.1`) in ALPN, the same locations.
     pub h2_tls_addr: SocketAddr,
+    /// Plain HTTP that closes a connection idle for a second (`keepalive_timeout 1s`).
+    pub short_keepalive_addr: SocketAddr,
     pub ca: TestCa,
     pub dir: TempDir,
 }
@@ -54,6 +56,7 @@ impl NginxApi {
         );
         let (port, tls_port, mtls_port) = (free_port(ip), free_port(ip), free_port(ip));
         let (h2c_port, h2_tls_port) = (free_port(ip), free_port(ip));
+        let short_keepalive_port = free_port(ip);
         let locations = format!(
             "root {d}/www;\n\
              location /basic/ {{ auth_basic \"latch\"; auth_basic_user_file {d}/htpasswd; alias {d}/www/; }}\n\
@@ -75,6 +78,7 @@ impl NginxApi {
              proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
              uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  keepalive_requests 100000;\n  \
              server {{ listen {ip}:{port}; include {d}/locations.conf; }}\n  \
+             server {{ listen {ip}:{short_keepalive_port}; keepalive_timeout 1s; include {d}/locations.conf; }}\n  \
              server {{ listen {ip}:{tls_port} ssl; ssl_certificate {cert}; ssl_certificate_key {key};\n    \
                include {d}/locations.conf; }}\n  \
              server {{ listen {ip}:{h2c_port} http2; include {d}/locations.conf; }}\n  \
@@ -115,6 +119,7 @@ impl NginxApi {
             mtls_addr: format!("{ip}:{mtls_port}").parse().unwrap(),
             h2c_addr: format!("{ip}:{h2c_port}").parse().unwrap(),
             h2_tls_addr: format!("{ip}:{h2_tls_port}").parse().unwrap(),
+            short_keepalive_addr: format!("{ip}:{short_keepalive_port}").parse().unwrap(),
             ca,
             dir,
         }

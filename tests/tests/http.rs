@@ -278,6 +278,91 @@ fn python_in(cg: &TestCgroup, script: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The `conn=N req=M` nginx's `/conn` answered (its connection number and how many requests
+/// that connection has carried), the status asserted 200.
+fn conn_of(answer: (u16, String, String)) -> (String, u32) {
+    let (code, body, err) = answer;
+    assert_eq!(code, 200, "{body}{err}");
+    let mut words = body.split_whitespace();
+    let conn = words.next().unwrap_or_default().to_owned();
+    let req = words
+        .next()
+        .and_then(|r| r.strip_prefix("req="))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no req= in {body:?}"));
+    (conn, req)
+}
+
+#[test]
+fn target_connections_are_kept_for_the_same_workload_only() {
+    let s = Setup::new("  http: {inject: bearer}\n");
+    // Two curls one after the other, a connection each: the second gets the first's target
+    // connection, with latch's credential in its request (/conn answers 401 without it).
+    let (first, req) = conn_of(s.curl(&[&s.nginx.url("/conn?n=1")]));
+    assert_eq!(req, 1);
+    s.agent.wait_audit(1);
+    let (second, req) = conn_of(s.curl(&[&s.nginx.url("/conn?n=2")]));
+    assert_eq!((second.as_str(), req), (first.as_str(), 2), "not reused");
+    // Each session's audit record has its own bytes (the same request, the same count).
+    let audit = s.agent.wait_audit(2);
+    let to_target: Vec<u64> = audit
+        .iter()
+        .map(|r| r["bytes_to_target"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(to_target[0] > 50, "{audit:?}");
+    assert_eq!(to_target[0], to_target[1], "{audit:?}");
+    for r in &audit {
+        assert_eq!(r["outcome"], "relayed", "{audit:?}");
+        assert!(r["bytes_to_app"].as_u64().unwrap_or(0) > 50, "{audit:?}");
+    }
+
+    // Another workload (a cgroup below the test's: another cgroup id) never gets it.
+    let other = s.cg.path().join("other-workload");
+    std::fs::create_dir(&other).unwrap();
+    let in_other = |path: &str| {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
+            .arg(other.join("cgroup.procs"))
+            .arg(bins::tool("curl", "curl"));
+        curl(&mut cmd, &[&s.nginx.url(path)])
+    };
+    let (theirs, req) = conn_of(in_other("/conn?n=3"));
+    assert_ne!(theirs, first, "another workload got the kept connection");
+    assert_eq!(req, 1);
+    s.agent.wait_audit(3);
+    // ... and the first workload still gets its own.
+    let (again, req) = conn_of(s.curl(&[&s.nginx.url("/conn?n=4")]));
+    assert_eq!((again.as_str(), req), (first.as_str(), 3));
+    s.agent.wait_audit(4);
+    // The other workload's second connection: its own kept one, never the first's.
+    let (theirs_again, _) = conn_of(in_other("/conn?n=5"));
+    assert_eq!(theirs_again, theirs);
+    s.assert_log_clean();
+}
+
+#[test]
+fn a_kept_connection_the_target_closed_is_replaced() {
+    // nginx closes connections idle for a second.
+    let s = Setup::with(
+        |n| {
+            format!(
+                "  http: {{inject: bearer, targetPort: {}}}\n",
+                n.short_keepalive_addr.port()
+            )
+        },
+        "",
+        &[],
+    );
+    let (first, _) = conn_of(s.curl(&[&s.nginx.url("/conn?n=1")]));
+    s.agent.wait_audit(1);
+    std::thread::sleep(Duration::from_secs(2));
+    let (second, req) = conn_of(s.curl(&[&s.nginx.url("/conn?n=2")]));
+    assert_ne!(second, first);
+    assert_eq!(req, 1);
+    let audit = s.agent.wait_audit(2);
+    assert_eq!(audit[1]["outcome"], "relayed", "{audit:?}");
+}
+
 #[test]
 fn a_thousand_keep_alive_requests_on_one_connection_and_pipelining_in_order() {
     let s = Setup::new("  http: {inject: bearer}\n");
@@ -343,9 +428,12 @@ print(data.decode())
     );
     let bodies: Vec<&str> = out.lines().filter(|l| l.starts_with("conn=")).collect();
     assert_eq!(bodies.len(), 3, "{out}");
+    // (On the target connection the first curl left kept: its request count goes on.)
     let conn = bodies[0].split_whitespace().next().unwrap();
+    let (_, first) = conn_of((200, bodies[0].to_owned(), String::new()));
     for (i, b) in bodies.iter().enumerate() {
-        assert_eq!(*b, format!("{conn} req={} arg={}", i + 1, i + 1), "{out}");
+        let req = first + i as u32;
+        assert_eq!(*b, format!("{conn} req={req} arg={}", i + 1), "{out}");
     }
     assert!(!out.contains(TOKEN));
     s.assert_log_clean();

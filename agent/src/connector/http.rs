@@ -16,6 +16,7 @@
 //! | [`inject`] | the credential into one request head (sans-IO) |
 //! | [`sigv4`] | AWS SigV4 signing of a request head |
 //! | [`target`] | dial, TLS and hyper's client toward the target |
+//! | [`pool`] | idle target connections kept for the next application connection |
 //! | [`intercept`] | HTTPS interception: the application's TLS terminated for a covered SNI |
 //! | [`h2`] | HTTP/2 applications (h2c with prior knowledge, `h2` in ALPN when intercepting) |
 //! | [`failure`] | latch's failures as 403/502/503/504 responses with a JSON body |
@@ -33,6 +34,7 @@ pub mod failure;
 pub mod h2;
 pub mod inject;
 pub mod intercept;
+pub mod pool;
 pub mod sigv4;
 pub mod target;
 
@@ -93,10 +95,12 @@ const REFUSAL_READ: Duration = Duration::from_secs(10);
 pub type ReqBody = Either<Incoming, Full<Bytes>>;
 type ResBody = Either<Incoming, Full<Bytes>>;
 
-/// The HTTP connector and the TLS client configurations its sessions share.
+/// The HTTP connector and what its sessions share: the TLS client configurations and the idle
+/// HTTP/1.1 target connections ([`pool`]).
 #[derive(Default)]
 pub struct Http {
     pub tls: ClientConfigs,
+    pub pool: pool::Pool,
 }
 
 impl Connector for Http {
@@ -150,7 +154,10 @@ struct Session<'a> {
     http: &'a Http,
     cx: Context<'a>,
     /// The target connection and the credentials resolved for it.
-    target: tokio::sync::Mutex<Option<(Target, Arc<Credentials>)>>,
+    target: tokio::sync::Mutex<Option<Held>>,
+    /// The key of this session's target connections in the pool, once worked out (`None`
+    /// inside: not pooled).
+    pool_key: tokio::sync::OnceCell<Option<pool::Key>>,
     /// An upgrade agreed by the target: both sides' pending upgraded streams.
     upgrade: Mutex<Option<(OnUpgrade, OnUpgrade)>>,
     /// The first failure latch told the application (for the audit record).
@@ -244,6 +251,7 @@ impl Http {
             http: self,
             cx,
             target: Default::default(),
+            pool_key: Default::default(),
             upgrade: Default::default(),
             failure: Default::default(),
             to_app: Default::default(),
@@ -261,6 +269,7 @@ impl Http {
             .serve_connection(io, service)
             .with_upgrades()
             .await;
+        let ended_well = served.is_ok();
         if let Err(e) = served {
             // A malformed request, a head that never came (slowloris), a reset.
             tracing::debug!(error = %e, "application connection ended by an error");
@@ -279,11 +288,93 @@ impl Http {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        let upgraded = upgrade.is_some();
         if let Some((app_up, target_up)) = upgrade {
             relay_upgraded(app_up, target_up).await;
         }
-        drop(session.target.lock().await.take());
+        let held = session.target.lock().await.take();
+        if let Some(held) = held {
+            let target = held.settle();
+            let failed = session
+                .failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some();
+            if ended_well
+                && !failed
+                && !upgraded
+                && let Some(Some(key)) = session.pool_key.get()
+            {
+                self.keep(key.clone(), target);
+            }
+        }
         session_end(cx, &session.to_app, &session.to_target, &session.failure)
+    }
+}
+
+impl Http {
+    /// Keeps a session's target connection in the pool once hyper says it is ready for
+    /// another request (at most [`KEEP_READY`] from now: a response the application left
+    /// unread never makes it so; the connection is then dropped).
+    fn keep(&self, key: pool::Key, mut target: Target) {
+        if target.send.is_closed() {
+            return;
+        }
+        if target.send.is_ready() {
+            return self.pool.put(key, target);
+        }
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(KEEP_READY, target.send.ready()).await {
+                pool.put(key, target);
+            }
+        });
+    }
+}
+
+/// How long a session's target connection may take to be ready for another request to be
+/// kept.
+const KEEP_READY: Duration = Duration::from_secs(1);
+
+/// A session's target connection, the credentials resolved for it, and its bytes written
+/// when the session got it: what it writes for the session goes into the session's count when
+/// it is let go (dropped, or settled to be kept).
+struct Held {
+    target: Option<Target>,
+    creds: Arc<Credentials>,
+    base: u64,
+    to_target: Arc<AtomicU64>,
+}
+
+impl Held {
+    fn new(target: Target, creds: Arc<Credentials>, to_target: &Arc<AtomicU64>) -> Held {
+        Held {
+            base: target.written(),
+            target: Some(target),
+            creds,
+            to_target: to_target.clone(),
+        }
+    }
+
+    fn target(&mut self) -> &mut Target {
+        self.target.as_mut().expect("a held target until settled")
+    }
+
+    /// The connection, its bytes for this session counted.
+    fn settle(mut self) -> Target {
+        let target = self.target.take().expect("settled once");
+        self.to_target
+            .fetch_add(target.written() - self.base, Ordering::Relaxed);
+        target
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(t) = &self.target {
+            self.to_target
+                .fetch_add(t.written() - self.base, Ordering::Relaxed);
+        }
     }
 }
 
@@ -333,41 +424,51 @@ impl Session<'_> {
         }
         let app_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let mut slot = self.target.lock().await;
-        let reuse = slot.as_mut().is_some_and(|(t, _)| !t.send.is_closed());
+        let mut reuse = slot.as_mut().is_some_and(|h| !h.target().send.is_closed());
         if !reuse {
-            *slot = Some(self.connect().await?);
+            let (held, pooled) = self.connect(true).await?;
+            *slot = Some(held);
+            reuse = pooled;
         }
         let ready = match slot.as_mut() {
-            Some((t, _)) => t.send.ready().await.is_ok(),
+            Some(h) => h.target().send.ready().await.is_ok(),
             None => false,
         };
         if !ready {
             // The target closed its keep-alive connection between requests: a new one.
-            *slot = Some(self.connect().await?);
+            *slot = Some(self.connect(false).await?.0);
         }
         let reused = reuse && ready;
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        // The application's `Connection: close` is for its own connection (hyper closes it
+        // after the response); the target connection stays open for the pool.
+        drop_close(&mut parts.headers);
         // A GET or HEAD without a body can be sent again as it was: kept (before latch's
         // credential goes in) for one retry.
         let again = (app_upgrade.is_none()
             && matches!(parts.method, Method::GET | Method::HEAD)
             && body.is_end_stream())
         .then(|| parts.clone());
-        let Some((target, creds)) = slot.as_mut() else {
+        let Some(held) = slot.as_mut() else {
             unreachable!("connected above");
         };
-        let sent = self.send(target, creds, parts, Either::Left(body)).await;
+        let creds = held.creds.clone();
+        let sent = self
+            .send(held.target(), &creds, parts, Either::Left(body))
+            .await;
         let (mut resp, injected) = match (sent, again.as_ref()) {
             (Ok(r), _) => r,
             (Err(Failure::Target(target::TargetError::Http(e))), Some(again)) if reused => {
                 // The target closed the kept-alive connection as latch reused it: the request
                 // is safe to repeat, once, on a new connection.
                 tracing::debug!(error = %e, "target closed a reused connection; retrying on a new one");
-                *slot = Some(self.connect().await?);
-                let Some((target, creds)) = slot.as_mut() else {
+                *slot = Some(self.connect(false).await?.0);
+                let Some(held) = slot.as_mut() else {
                     unreachable!("connected above");
                 };
-                self.send(target, creds, again.clone(), empty()).await?
+                let creds = held.creds.clone();
+                self.send(held.target(), &creds, again.clone(), empty())
+                    .await?
             }
             (Err(f), _) => return Err(f),
         };
@@ -390,38 +491,37 @@ impl Session<'_> {
     /// the 401 as the target wrote it.
     async fn after_rejection(
         &self,
-        slot: &mut Option<(Target, Arc<Credentials>)>,
+        slot: &mut Option<Held>,
         resp: Response<Incoming>,
         again: Option<http::request::Parts>,
     ) -> Result<Response<Incoming>, Failure> {
         let cx = self.cx;
-        let Some((_, used)) = slot.as_ref() else {
+        let Some(used) = slot.as_ref().map(|h| h.creds.clone()) else {
             return Ok(resp);
         };
         let Some(fresh) = cx
             .env
             .secrets
-            .fresh_after_rejection(cx.policy, None, used)
+            .fresh_after_rejection(cx.policy, None, &used)
             .await
         else {
             return Ok(resp);
         };
         let Some(again) = again else {
-            if let Some((_, creds)) = slot.as_mut() {
-                *creds = fresh;
+            if let Some(held) = slot.as_mut() {
+                held.creds = fresh;
             }
             return Ok(resp);
         };
         // The 401's body is not read: the connection it came on is not reused.
         drop(resp);
-        let target = target::connect(&cx, &self.http.tls, self.to_target.clone())
-            .await
-            .map_err(Failure::Target)?;
-        *slot = Some((target, fresh));
-        let Some((target, creds)) = slot.as_mut() else {
+        let target = self.dial().await?;
+        *slot = Some(Held::new(target, fresh, &self.to_target));
+        let Some(held) = slot.as_mut() else {
             unreachable!("connected above");
         };
-        Ok(self.send(target, creds, again, empty()).await?.0)
+        let creds = held.creds.clone();
+        Ok(self.send(held.target(), &creds, again, empty()).await?.0)
     }
 
     /// Puts the credential into one request and sends it; the response and whether latch's
@@ -442,8 +542,10 @@ impl Session<'_> {
         Ok((resp, add))
     }
 
-    /// Resolves the credentials and opens a target connection.
-    async fn connect(&self) -> Result<(Target, Arc<Credentials>), Failure> {
+    /// Resolves the credentials and gets a target connection: a kept one from the pool when
+    /// `pooled` and there is one for this session's key, else a new one. Whether it came from
+    /// the pool.
+    async fn connect(&self, pooled: bool) -> Result<(Held, bool), Failure> {
         let cx = self.cx;
         let creds = cx
             .env
@@ -451,14 +553,37 @@ impl Session<'_> {
             .credentials(cx.policy)
             .await
             .map_err(Failure::Secrets)?;
-        let target = target::connect(&cx, &self.http.tls, self.to_target.clone())
+        if pooled
+            && let Some(key) = self.pool_key().await
+            && let Some(target) = self.http.pool.take(key)
+        {
+            tracing::debug!("kept target connection reused");
+            return Ok((Held::new(target, creds, &self.to_target), true));
+        }
+        let target = self.dial().await?;
+        Ok((Held::new(target, creds, &self.to_target), false))
+    }
+
+    /// Opens a new target connection.
+    async fn dial(&self) -> Result<Target, Failure> {
+        let cx = self.cx;
+        let target = target::connect(&cx, &self.http.tls, Default::default())
             .await
             .map_err(Failure::Target)?;
         tracing::debug!(
             tls = cx.policy.tls.mode != TlsMode::Disable,
             "target connected"
         );
-        Ok((target, creds))
+        Ok(target)
+    }
+
+    /// This session's key in the pool (worked out once).
+    async fn pool_key(&self) -> Option<&pool::Key> {
+        let cx = self.cx;
+        self.pool_key
+            .get_or_init(|| pool::Key::of(&cx, target::address(&cx)))
+            .await
+            .as_ref()
     }
 }
 
@@ -539,6 +664,39 @@ fn stream_from(fd: std::os::fd::OwnedFd) -> std::io::Result<TcpStream> {
     let std = std::net::TcpStream::from(fd);
     std.set_nonblocking(true)?;
     TcpStream::from_std(std)
+}
+
+/// Takes the `close` option out of the request's `Connection` header (the header goes when
+/// nothing else is left in it).
+fn drop_close(headers: &mut http::HeaderMap) {
+    let values: Vec<HeaderValue> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .cloned()
+        .collect();
+    if values.is_empty() {
+        return;
+    }
+    let has_close = values.iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+    });
+    if !has_close {
+        return;
+    }
+    let kept: Vec<&str> = values
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("close"))
+        .collect();
+    headers.remove(header::CONNECTION);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join(", "))
+    {
+        headers.insert(header::CONNECTION, v);
+    }
 }
 
 /// An empty request body (a repeated GET or HEAD).
@@ -629,5 +787,37 @@ async fn answer_all(app: TcpStream, failure: Failure, within: Duration) {
         .unwrap_or(Ok(()))
     {
         tracing::debug!(error = %e, "refused application connection ended by an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection(values: &[&str]) -> Vec<String> {
+        let mut h = http::HeaderMap::new();
+        for v in values {
+            h.append(header::CONNECTION, HeaderValue::from_str(v).unwrap());
+        }
+        drop_close(&mut h);
+        h.get_all(header::CONNECTION)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// The application's `close` stays with its own connection; other options go on.
+    #[test]
+    fn connection_close_is_not_passed_to_the_target() {
+        assert!(connection(&["close"]).is_empty());
+        assert!(connection(&["Close"]).is_empty());
+        assert_eq!(connection(&["Upgrade, close"]), ["Upgrade"]);
+        assert_eq!(connection(&["close", "x-trace"]), ["x-trace"]);
+        assert_eq!(connection(&["keep-alive"]), ["keep-alive"]);
+        assert_eq!(
+            connection(&["Upgrade", "keep-alive"]),
+            ["Upgrade", "keep-alive"]
+        );
+        assert!(connection(&[]).is_empty());
     }
 }

@@ -151,12 +151,23 @@ fn fingerprint(policy: &Policy, client: Option<(&[u8], &[u8])>) -> [u8; 32] {
     h.finalize().into()
 }
 
-async fn client_config(
+/// The fingerprint of the client configuration a connection for `policy` is made with now
+/// (its `tls` block, CA file and client certificate and key, resolved from the store): two
+/// connections with the same one were made alike (the HTTP connector's pool keys on it).
+pub async fn client_fingerprint(policy: &Policy, env: &Env) -> Result<[u8; 32], String> {
+    let client = client_pems(policy, env).await?;
+    let pems = client
+        .as_ref()
+        .map(|(c, k)| (c.expose().as_bytes(), k.expose().as_bytes()));
+    Ok(fingerprint(policy, pems))
+}
+
+/// The policy's client certificate and key for mTLS, from the store (`None`: no mTLS).
+async fn client_pems(
     policy: &Policy,
     env: &Env,
-    configs: &ClientConfigs,
-) -> Result<Arc<ClientConfig>, String> {
-    let client = match (&policy.tls.client_cert, &policy.tls.client_key) {
+) -> Result<Option<(crate::config::SecretString, crate::config::SecretString)>, String> {
+    Ok(match (&policy.tls.client_cert, &policy.tls.client_key) {
         (Some(cert), Some(key)) => {
             let resolver = env.secrets.current();
             let cert = resolver
@@ -170,7 +181,15 @@ async fn client_config(
             Some((cert, key))
         }
         _ => None,
-    };
+    })
+}
+
+async fn client_config(
+    policy: &Policy,
+    env: &Env,
+    configs: &ClientConfigs,
+) -> Result<Arc<ClientConfig>, String> {
+    let client = client_pems(policy, env).await?;
     let pems = client
         .as_ref()
         .map(|(c, k)| (c.expose().as_bytes(), k.expose().as_bytes()));

@@ -52,6 +52,15 @@ impl TargetError {
 pub struct Target {
     pub send: SendRequest<ReqBody>,
     task: JoinHandle<()>,
+    /// The bytes written to the target on this connection so far (upgraded bytes included).
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Target {
+    /// The bytes written to the target on this connection so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Drop for Target {
@@ -86,7 +95,7 @@ async fn http1_over(
     stream: TargetStream,
     counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Target, TargetError> {
-    let io = TokioIo::new(Counted::new(stream, counter));
+    let io = TokioIo::new(Counted::new(stream, counter.clone()));
     let (send, conn) = http1::Builder::new()
         .preserve_header_case(true)
         .title_case_headers(false)
@@ -99,7 +108,11 @@ async fn http1_over(
             tracing::debug!(error = %e, "target connection ended by an error");
         }
     });
-    Ok(Target { send, task })
+    Ok(Target {
+        send,
+        task,
+        written: counter,
+    })
 }
 
 /// Dials the target and makes TLS as the policy says, offering `alpn` (none: the client
