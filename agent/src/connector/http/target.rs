@@ -91,7 +91,7 @@ pub async fn connect(
 }
 
 /// hyper's HTTP/1.1 client over a dialled stream.
-async fn http1_over(
+pub(super) async fn http1_over(
     stream: TargetStream,
     counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<Target, TargetError> {
