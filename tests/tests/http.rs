@@ -341,6 +341,30 @@ fn target_connections_are_kept_for_the_same_workload_only() {
 }
 
 #[test]
+fn an_application_that_asks_for_a_close_gets_the_answer_a_server_gives_it() {
+    let s = Setup::new("  http: {inject: bearer}\n");
+    let head = |close: bool| {
+        let mut args = vec!["-D", "-", "-o", "/dev/null"];
+        if close {
+            args.extend(["-H", "Connection: close"]);
+        }
+        let url = s.nginx.url("/conn?n=1");
+        args.push(&url);
+        let (code, head, err) = s.curl(&args);
+        assert_eq!(code, 200, "{head}{err}");
+        head.lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("connection:"))
+            .map(|l| l.trim().to_owned())
+            .collect::<Vec<_>>()
+    };
+    // latch keeps the target connection for later (it does not pass the close on), but the
+    // application is answered as nginx answers a closing request: `close`, no keep-alive.
+    assert_eq!(head(true), ["Connection: close"]);
+    assert_eq!(head(false), ["Connection: keep-alive"]);
+    s.assert_log_clean();
+}
+
+#[test]
 fn a_kept_connection_the_target_closed_is_replaced() {
     // nginx closes connections idle for a second.
     let s = Setup::with(

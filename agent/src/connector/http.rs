@@ -442,7 +442,7 @@ impl Session<'_> {
         let (mut parts, body) = req.into_parts();
         // The application's `Connection: close` is for its own connection (hyper closes it
         // after the response); the target connection stays open for the pool.
-        drop_close(&mut parts.headers);
+        let app_closes = drop_option(&mut parts.headers, "close");
         // A GET or HEAD without a body can be sent again as it was: kept (before latch's
         // credential goes in) for one retry.
         let again = (app_upgrade.is_none()
@@ -474,6 +474,14 @@ impl Session<'_> {
         };
         if resp.status() == StatusCode::UNAUTHORIZED && injected {
             resp = self.after_rejection(&mut slot, resp, again).await?;
+        }
+        if app_closes {
+            // What the target answered a request it was not told closes its connection says
+            // keep-alive; the application asked for a close, and gets the answer a server
+            // gives that: no keep-alive (hyper says `Connection: close`).
+            drop_option(resp.headers_mut(), "keep-alive");
+            resp.headers_mut()
+                .remove(http::HeaderName::from_static("keep-alive"));
         }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(app_up) = app_upgrade
@@ -666,30 +674,27 @@ fn stream_from(fd: std::os::fd::OwnedFd) -> std::io::Result<TcpStream> {
     TcpStream::from_std(std)
 }
 
-/// Takes the `close` option out of the request's `Connection` header (the header goes when
-/// nothing else is left in it).
-fn drop_close(headers: &mut http::HeaderMap) {
+/// Takes option `option` (`close`, `keep-alive`) out of the `Connection` header (the header
+/// goes when nothing else is left in it); whether it was there.
+fn drop_option(headers: &mut http::HeaderMap, option: &str) -> bool {
     let values: Vec<HeaderValue> = headers
         .get_all(header::CONNECTION)
         .iter()
         .cloned()
         .collect();
-    if values.is_empty() {
-        return;
-    }
-    let has_close = values.iter().any(|v| {
+    let has = values.iter().any(|v| {
         v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(option)))
     });
-    if !has_close {
-        return;
+    if !has {
+        return false;
     }
     let kept: Vec<&str> = values
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("close"))
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case(option))
         .collect();
     headers.remove(header::CONNECTION);
     if !kept.is_empty()
@@ -697,6 +702,7 @@ fn drop_close(headers: &mut http::HeaderMap) {
     {
         headers.insert(header::CONNECTION, v);
     }
+    true
 }
 
 /// An empty request body (a repeated GET or HEAD).
@@ -799,7 +805,7 @@ mod tests {
         for v in values {
             h.append(header::CONNECTION, HeaderValue::from_str(v).unwrap());
         }
-        drop_close(&mut h);
+        drop_option(&mut h, "close");
         h.get_all(header::CONNECTION)
             .iter()
             .map(|v| v.to_str().unwrap().to_owned())
@@ -819,5 +825,22 @@ mod tests {
             ["Upgrade", "keep-alive"]
         );
         assert!(connection(&[]).is_empty());
+    }
+
+    /// The target's `keep-alive` in its answer to a request whose `close` latch kept back.
+    #[test]
+    fn keep_alive_is_taken_out_of_the_answer_to_a_closing_application() {
+        let mut h = http::HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        assert!(drop_option(&mut h, "keep-alive"));
+        assert!(h.get(header::CONNECTION).is_none());
+        let mut h = http::HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Keep-Alive, x-a"),
+        );
+        assert!(drop_option(&mut h, "keep-alive"));
+        assert_eq!(h[header::CONNECTION], "x-a");
+        assert!(!drop_option(&mut h, "keep-alive"));
     }
 }
