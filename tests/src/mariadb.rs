@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{TempDir, TestCgroup, bins, servers::free_port};
@@ -202,25 +202,7 @@ impl crate::servers::DbServer for MariaDb {
 
 impl Drop for MariaDb {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on the child we started and have not reaped.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() > deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-            if std::thread::panicking() {
-                eprintln!("--- mariadb log ---\n{}", self.log());
-            }
-        }
+        crate::servers::stop_db(self);
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{TempDir, TestCgroup, bins, servers::free_port};
@@ -191,6 +191,7 @@ impl MySql {
 
 impl crate::servers::DbServer for MySql {
     const NAME: &'static str = "mysqld";
+    const STOP_WITHIN: Duration = Duration::from_secs(20);
     fn addr(&self) -> SocketAddr {
         self.addrs[0]
     }
@@ -207,25 +208,7 @@ impl crate::servers::DbServer for MySql {
 
 impl Drop for MySql {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on the child we started and have not reaped.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() > deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-            if std::thread::panicking() {
-                eprintln!("--- mysql log ---\n{}", self.log());
-            }
-        }
+        crate::servers::stop_db(self);
     }
 }
 

@@ -6,7 +6,7 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{TempDir, TestCgroup, servers::free_port};
@@ -256,6 +256,8 @@ impl PgCluster {
 
 impl crate::servers::DbServer for PgCluster {
     const NAME: &'static str = "postgres";
+    /// Fast shutdown.
+    const STOP_SIGNAL: i32 = libc::SIGINT;
     fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -272,26 +274,7 @@ impl crate::servers::DbServer for PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // Fast shutdown; SIGKILL if it takes too long.
-            // SAFETY: kill(2) on the child we started and have not reaped.
-            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() > deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-            if std::thread::panicking() {
-                eprintln!("--- postgres log ---\n{}", self.log());
-            }
-        }
+        crate::servers::stop_db(self);
     }
 }
 

@@ -16,6 +16,9 @@ use crate::{TempDir, bins};
 pub trait DbServer {
     /// What it is, for messages.
     const NAME: &'static str;
+    /// The signal that shuts it down quickly, and how long that may take before SIGKILL.
+    const STOP_SIGNAL: i32 = libc::SIGTERM;
+    const STOP_WITHIN: Duration = Duration::from_secs(10);
     /// Where it listens.
     fn addr(&self) -> SocketAddr;
     /// Its process, while it runs (the owner kills it on drop, also after a failed wait).
@@ -24,6 +27,31 @@ pub trait DbServer {
     fn answers(&self) -> bool;
     /// Its log so far.
     fn log(&self) -> String;
+}
+
+/// Stops `server`'s process (its owner's `Drop`): [`DbServer::STOP_SIGNAL`], SIGKILL past
+/// [`DbServer::STOP_WITHIN`]; its log on stderr when a test is failing.
+pub fn stop_db<S: DbServer>(server: &mut S) {
+    let Some(child) = server.child() else {
+        return;
+    };
+    // SAFETY: kill(2) on the child the test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, S::STOP_SIGNAL) };
+    let deadline = Instant::now() + S::STOP_WITHIN;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => break,
+            Ok(None) if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    if std::thread::panicking() {
+        eprintln!("--- {} log ---\n{}", S::NAME, server.log());
+    }
 }
 
 /// Waits until `server` accepts TCP and answers; panics with its log if it exits or is not
