@@ -232,8 +232,8 @@ fn dispatch(direct: &Arc<Direct>, shared: &Arc<Shared>, run: &Run, piece: Piece)
     drop(sessions);
     let (direct, shared) = (direct.clone(), shared.clone());
     // The session runs on the startup thread of the CPU the application's thread last ran on
-    // (`threads.rs` says why). The record must be the one the socket named in the header made (a later socket with the
-    // same 4-tuple in the same namespace replaces it).
+    // (`threads.rs` says why). The record must be the one the socket named in the header made
+    // (a later socket with the same 4-tuple in the same namespace replaces it).
     let meta = shared
         .conns
         .take_key(&header.key)
