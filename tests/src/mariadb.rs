@@ -142,23 +142,12 @@ impl MariaDb {
     }
 
     fn admin(&self, sql: &str) -> Output {
-        Command::new(bins::tool("mariadb", "mariadb-client"))
-            .arg("--no-defaults")
-            .arg(format!("--socket={}", self.socket.display()))
-            .args(["-u", "root", "-N", "-B", "-e", sql])
-            .output()
-            .expect("run mariadb")
+        root_sql(&self.socket, sql)
     }
 
     /// Runs `sql` as root over the Unix socket (not intercepted); returns stdout, trimmed.
     pub fn sql(&self, sql: &str) -> String {
-        let out = self.admin(sql);
-        assert!(
-            out.status.success(),
-            "mariadb as root failed: {sql}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        root_sql_ok(&self.socket, sql)
     }
 
     /// The `mariadb` CLI inside `cg` (so latch intercepts it) as `user`: no password given,
@@ -182,6 +171,28 @@ impl MariaDb {
             self.addr.port()
         )
     }
+}
+
+/// The `mariadb` CLI as root over the server's Unix socket `socket` (not intercepted): its
+/// output, batch mode without column names.
+pub fn root_sql(socket: &std::path::Path, sql: &str) -> Output {
+    Command::new(bins::tool("mariadb", "mariadb-client"))
+        .arg("--no-defaults")
+        .arg(format!("--socket={}", socket.display()))
+        .args(["-u", "root", "-N", "-B", "-e", sql])
+        .output()
+        .expect("run mariadb")
+}
+
+/// [`root_sql`], which must succeed; its stdout, trimmed.
+pub fn root_sql_ok(socket: &std::path::Path, sql: &str) -> String {
+    let out = root_sql(socket, sql);
+    assert!(
+        out.status.success(),
+        "mariadb as root failed: {sql}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 impl crate::servers::DbServer for MariaDb {

@@ -151,23 +151,12 @@ impl MySql {
     }
 
     fn admin(&self, sql: &str) -> Output {
-        Command::new(bins::tool("mariadb", "mariadb-client"))
-            .arg("--no-defaults")
-            .arg(format!("--socket={}", self.socket.display()))
-            .args(["-u", "root", "-N", "-B", "-e", sql])
-            .output()
-            .expect("run mariadb")
+        crate::mariadb::root_sql(&self.socket, sql)
     }
 
     /// Runs `sql` as root over the Unix socket (not intercepted); returns stdout, trimmed.
     pub fn sql(&self, sql: &str) -> String {
-        let out = self.admin(sql);
-        assert!(
-            out.status.success(),
-            "mariadb as root failed: {sql}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        crate::mariadb::root_sql_ok(&self.socket, sql)
     }
 
     /// The `mariadb` CLI inside `cg` (so latch intercepts it) toward `addr` as `user`: no

@@ -17,13 +17,19 @@ pub fn app_socket(pid: u32, cookie: u64) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open just returned this descriptor; nothing else owns it.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
     // The socket was opened just now, so it is most likely the highest descriptor: try them
-    // from the top, each by its cookie (a descriptor that is not a socket has none), without
-    // reading where each one links.
+    // from the top. Only sockets are taken (by their link): closing a duplicate of anything
+    // else may run that file's flush (a FUSE daemon the workload runs could hold it), on the
+    // thread every startup of this CPU shares.
     let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     fds.sort_unstable_by(|a, b| b.cmp(a));
     for fd in fds {
+        let is_socket = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+            .is_ok_and(|t| t.as_os_str().as_encoded_bytes().starts_with(b"socket:"));
+        if !is_socket {
+            continue;
+        }
         // SAFETY: a plain system call on descriptors this function holds.
         let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
         if got < 0 {

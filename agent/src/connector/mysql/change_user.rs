@@ -188,7 +188,10 @@ impl<'a> Reauth<'a> {
         let mut auth = ClientAuth::new(
             &self.session.greeting,
             password,
-            super::target::auth_options(self.policy),
+            super::target::auth_options(
+                self.policy,
+                self.session.transport != latch_mysql::Transport::Plain,
+            ),
         );
         let mut out = BytesMut::new();
         auth.start_change_user(cu, self.session.caps, self.session.transport, &mut out)

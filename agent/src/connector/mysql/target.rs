@@ -117,12 +117,15 @@ pub async fn connect(to: &TargetCx<'_>) -> Result<Greeted, (Failure, Option<byte
     }
 }
 
-/// caching_sha2_password's choices from the policy (`mysql.serverPublicKey`). A key file that
-/// cannot be read is logged; full authentication without TLS then fails as without the option.
-pub(crate) fn auth_options(policy: &Policy) -> ClientAuthOptions {
+/// caching_sha2_password's choices from the policy (`mysql.serverPublicKey`) for a leg in
+/// plain text (`tls` false) or TLS. The RSA exchange happens only in plain text, so a pinned
+/// key file is read only for such a leg. A key file that cannot be read is logged; full
+/// authentication without TLS then fails as without the option.
+pub(crate) fn auth_options(policy: &Policy, tls: bool) -> ClientAuthOptions {
     let mut options = ClientAuthOptions::default();
     match &policy.server_public_key {
         ServerPublicKey::None => {}
+        ServerPublicKey::File(_) if tls => {}
         ServerPublicKey::Request => options.request_public_key = true,
         ServerPublicKey::File(path) => match std::fs::read(path) {
             Ok(pem) => options.server_public_key = Some(pem),
@@ -169,7 +172,7 @@ pub async fn authenticate(
             }
         };
         let mut response = HandshakeResponse::for_server(app, &greeting, user, tls);
-        let options = auth_options(to.policy);
+        let options = auth_options(to.policy, tls);
         let mut auth = ClientAuth::new(&greeting, password, options);
         let caps = response.capabilities;
         let mut out = BytesMut::new();
