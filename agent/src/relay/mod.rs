@@ -7,21 +7,16 @@
 //! straight into the target socket and this side only waits for the end of the stream.
 use std::{
     io,
-    os::fd::AsFd as _,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
 
-use nix::{
-    fcntl::{SpliceFFlags, splice},
-    sys::socket::{Shutdown, shutdown},
-};
-use tokio::{io::Interest, net::TcpStream};
+use tokio::net::TcpStream;
 
 pub mod park;
 pub mod pipes;
+mod splice;
 
-use self::pipes::{PIPE_SIZE, Pipe};
 use crate::{
     connector::stream::{AppStream, MaybeTls, TargetStream},
     ebpf::FastPath,
@@ -72,59 +67,16 @@ pub async fn splice_both(
 /// and both directions are at a safe point (nothing taken from either socket that is not yet
 /// written, no pipe held): `Ok(None)`, the sockets untouched, the counts so far in `progress`
 /// (bytes the kernel carried included, the flow taken back from the kernel).
-pub async fn splice_parkable(
-    app: &TcpStream,
-    target: &TcpStream,
-    progress: &Progress,
-    handover: Option<Handover<'_>>,
-    parking: Option<&park::Parking>,
-) -> io::Result<Option<Transferred>> {
+pub fn splice_parkable<'a>(
+    app: &'a TcpStream,
+    target: &'a TcpStream,
+    progress: &'a Progress,
+    handover: Option<Handover<'a>>,
+    parking: Option<&'a park::Parking>,
+) -> splice::Splice<'a> {
     let state = handover.map(|h| HandoverState::new(h, target));
     let gate = parking.and_then(park::Gate::new);
-    let res = tokio::try_join!(
-        pump(
-            app,
-            target,
-            &progress.to_target,
-            Role::to_target(state.as_ref()),
-            gate.as_ref(),
-        ),
-        pump(
-            target,
-            app,
-            &progress.to_app,
-            Role::to_app(state.as_ref()),
-            gate.as_ref()
-        ),
-    );
-    let carried = state.as_ref().map_or(0, |s| s.finish(progress));
-    if res.is_err() {
-        abort_on_close(&[app, target]);
-    }
-    match res? {
-        (Pumped::Parked, Pumped::Parked) => Ok(None),
-        (to_target, to_app) => Ok(Some(Transferred {
-            to_target: to_target.total() + carried,
-            to_app: to_app.total(),
-        })),
-    }
-}
-
-/// How a direction ended.
-enum Pumped {
-    /// End of stream after these bytes.
-    Ended(u64),
-    /// At a safe point, parked with the other direction.
-    Parked,
-}
-
-impl Pumped {
-    fn total(&self) -> u64 {
-        match self {
-            Pumped::Ended(n) => *n,
-            Pumped::Parked => 0,
-        }
-    }
+    splice::Splice::new(app, target, progress, state, gate)
 }
 
 /// Bytes the application sends through the broker before its direction is handed to the
@@ -305,129 +257,6 @@ impl<'s, 'a> Role<'s, 'a> {
     }
 }
 
-/// One direction: socket → pipe → socket until `src` reaches end-of-stream, then half-close
-/// `dst` for writing. With a hand-over, the application-to-target direction (`to_target`)
-/// attempts it whenever everything read so far has been written (past [`HANDOVER_AFTER`]), and renews the allowance
-/// every tick while the kernel carries a fast flow; the other direction renews it whenever a
-/// reply passes (the target has read something).
-async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    counter: &AtomicU64,
-    role: Role<'_, '_>,
-    gate: Option<&park::Gate<'_>>,
-) -> io::Result<Pumped> {
-    let mut total = 0u64;
-    loop {
-        // Wait for data (or the end of the stream) holding no pipe: an idle direction costs
-        // nothing but its socket. This is the safe point where an upgrade may park it.
-        let ready = src.readable();
-        let ticking = match role {
-            Role::ToTarget(h) if h.ticking.load(Ordering::Relaxed) => Some(h),
-            _ => None,
-        };
-        tokio::select! {
-            r = ready => r?,
-            () = tokio::time::sleep(TICK), if ticking.is_some() => {
-                if let Some(h) = ticking {
-                    h.renew(true);
-                }
-                continue;
-            }
-            park = async {
-                match gate {
-                    Some(g) => {
-                        g.requested().await;
-                        g.arrive().await
-                    }
-                    None => std::future::pending().await,
-                }
-            } => {
-                if park {
-                    return Ok(Pumped::Parked);
-                }
-                continue;
-            }
-        }
-        let moved = match pipes::take() {
-            Some(pipe) => through_pipe(src, dst, pipe).await?,
-            None => through_buffer(src, dst).await?,
-        };
-        let Some(n) = moved else {
-            continue; // readiness was stale
-        };
-        if n == 0 {
-            match shutdown(dst_fd(dst), Shutdown::Write) {
-                Ok(()) | Err(nix::errno::Errno::ENOTCONN) => {}
-                Err(e) => return Err(e.into()),
-            }
-            return Ok(Pumped::Ended(total));
-        }
-        total += n as u64;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        match role {
-            Role::ToTarget(h) if h.h.taken + total >= HANDOVER_AFTER => h.attempt(total),
-            Role::ToTarget(_) => {}
-            Role::ToApp(h) => h.renew(false),
-            Role::Plain => {}
-        }
-    }
-}
-
-/// Moves what `src` has into `pipe` and all of it on to `dst`, then gives the (empty) pipe
-/// back; on an error the pipe is closed with whatever it held. `None`: nothing to read after
-/// all; `Some(0)`: end of stream.
-async fn through_pipe(src: &TcpStream, dst: &TcpStream, pipe: Pipe) -> io::Result<Option<usize>> {
-    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-    let read = src.try_io(Interest::READABLE, || {
-        splice(src.as_fd(), None, pipe.w.as_fd(), None, PIPE_SIZE, flags).map_err(io::Error::from)
-    });
-    let n = match read {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            pipes::give(pipe);
-            return Ok(None);
-        }
-        Err(e) => return Err(e),
-    };
-    let mut left = n;
-    while left > 0 {
-        let m = dst
-            .async_io(Interest::WRITABLE, || {
-                splice(pipe.r.as_fd(), None, dst.as_fd(), None, left, flags)
-                    .map_err(io::Error::from)
-            })
-            .await?;
-        left -= m;
-    }
-    pipes::give(pipe);
-    Ok(Some(n))
-}
-
-/// Bytes copied at a time when no pipe is to be had.
-const COPY_BUF: usize = 16 * 1024;
-
-/// The same as [`through_pipe`] through a buffer of the process's, for when every pipe is
-/// taken (or descriptors ran out): slower, but the connection goes on.
-async fn through_buffer(src: &TcpStream, dst: &TcpStream) -> io::Result<Option<usize>> {
-    let mut buf = vec![0u8; COPY_BUF];
-    let n = match src.try_read(&mut buf) {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let mut sent = 0;
-    while sent < n {
-        dst.writable().await?;
-        match dst.try_write(&buf[sent..n]) {
-            Ok(m) => sent += m,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(Some(n))
-}
-
 /// Relays between two legs that may each be TLS, once a connector's handshake is done:
 /// `early` (bytes the application sent before, already vetted) goes to the target first; then
 /// splice(2) when both legs are plain TCP (with the fast-path hand-over `handover` may allow),
@@ -523,11 +352,6 @@ pub fn bytes_read(stream: &TcpStream) -> Option<u64> {
     let (_, after) = received()?;
     const TCP_ESTABLISHED: u8 = 1;
     (state == TCP_ESTABLISHED && before == after).then(|| before - queued as u64)
-}
-
-fn dst_fd(dst: &TcpStream) -> std::os::fd::RawFd {
-    use std::os::fd::AsRawFd as _;
-    dst.as_raw_fd()
 }
 
 #[cfg(test)]

@@ -15,9 +15,6 @@ use std::{
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// How often a direction that reached its safe point looks whether the other has too.
-const POLL: Duration = Duration::from_millis(2);
-
 /// The agent's request to park, shared by every parkable relay, and what they parked.
 #[derive(Default)]
 pub struct Parking {
@@ -76,15 +73,11 @@ impl Parking {
     }
 }
 
-/// One relay's two directions meeting at their safe points.
+/// One relay's part in an upgrade: its decision, and the counts in [`Parking`] that follow
+/// it. The relay (`super::splice::Splice`, both directions in one future) decides when both
+/// directions are at their safe points after the request, or when the window closes.
 pub(super) struct Gate<'p> {
     parking: &'p Parking,
-    state: Mutex<GateState>,
-}
-
-#[derive(Default)]
-struct GateState {
-    arrived: u8,
     /// `Some(true)`: park; `Some(false)`: carry on (for good).
     decided: Option<bool>,
 }
@@ -96,90 +89,45 @@ impl<'p> Gate<'p> {
         parking.live.fetch_add(1, Ordering::AcqRel);
         let gate = Self {
             parking,
-            state: Mutex::default(),
+            decided: None,
         };
-        // Counted first: a collector that saw `live == 0` before this has already finished,
-        // and the request it made is seen here.
         (!parking.is_requested()).then_some(gate)
     }
 
-    fn decide(&self, st: &mut GateState, park: bool) -> bool {
-        if st.decided.is_none() {
-            st.decided = Some(park);
+    /// Resolves when parking is asked for.
+    pub(super) fn requested(&self) -> tokio_util::sync::WaitForCancellationFuture<'p> {
+        self.parking.requested.cancelled()
+    }
+
+    pub(super) fn is_requested(&self) -> bool {
+        self.parking.is_requested()
+    }
+
+    pub(super) fn undecided(&self) -> bool {
+        self.decided.is_none()
+    }
+
+    /// When the upgrade stops waiting for relays to park.
+    pub(super) fn window_end(&self) -> Instant {
+        self.parking.window_end()
+    }
+
+    /// Decides, once: later calls change nothing. Returns the decision.
+    pub(super) fn decide(&mut self, park: bool) -> bool {
+        if self.decided.is_none() {
+            self.decided = Some(park);
             if park {
                 self.parking.pending.fetch_add(1, Ordering::AcqRel);
             }
             self.parking.live.fetch_sub(1, Ordering::AcqRel);
         }
-        st.decided == Some(true)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Returns when parking is asked for, unless this relay has decided to carry on (then
-    /// never). A relay that decided to park returns at once: a direction that was moving data
-    /// when the other parked joins it at its next safe point.
-    pub(super) async fn requested(&self) {
-        if self.lock().decided == Some(false) {
-            return std::future::pending().await;
-        }
-        self.parking.requested.cancelled().await;
-    }
-
-    /// A direction reached its safe point after the request: `true` once both have (park),
-    /// `false` if the window closed first (carry on, and never ask again).
-    pub(super) async fn arrive(&self) -> bool {
-        let end = self.parking.window_end();
-        {
-            let mut st = self.lock();
-            if let Some(d) = st.decided {
-                return d;
-            }
-            if Instant::now() >= end {
-                // Too late: nobody collects any more.
-                return self.decide(&mut st, false);
-            }
-            st.arrived += 1;
-            if st.arrived == 2 {
-                return self.decide(&mut st, true);
-            }
-        }
-        // Until a decision, this direction is counted as waiting at its safe point; if it
-        // leaves undecided (data came first and this future is dropped), it is counted out
-        // again, so the other direction cannot park alone by arriving twice.
-        let _waiting = Waiting(self);
-        loop {
-            tokio::time::sleep(POLL).await;
-            let mut st = self.lock();
-            if let Some(d) = st.decided {
-                return d;
-            }
-            if Instant::now() >= end {
-                return self.decide(&mut st, false);
-            }
-        }
-    }
-}
-
-/// A direction waiting at its safe point for the other (see [`Gate::arrive`]). A decision is
-/// final, so once one is made dropping this changes nothing.
-struct Waiting<'g, 'p>(&'g Gate<'p>);
-
-impl Drop for Waiting<'_, '_> {
-    fn drop(&mut self) {
-        let mut st = self.0.lock();
-        if st.decided.is_none() {
-            st.arrived -= 1;
-        }
+        self.decided == Some(true)
     }
 }
 
 impl Drop for Gate<'_> {
     fn drop(&mut self) {
-        let mut st = self.lock();
-        self.decide(&mut st, false);
+        self.decide(false);
     }
 }
 
@@ -188,50 +136,39 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn both_directions_park_together_or_neither_does() {
+    async fn the_counts_follow_each_relays_decision() {
         let parking = Parking::default();
-        let both = Gate::new(&parking).unwrap();
-        let one = Gate::new(&parking).unwrap();
+        let mut parks = Gate::new(&parking).unwrap();
+        let mut carries_on = Gate::new(&parking).unwrap();
         parking.request(Duration::from_millis(50));
+        tokio::time::timeout(Duration::from_millis(20), parks.requested())
+            .await
+            .expect("the request wakes a relay");
         assert!(!parking.collect().1, "two relays undecided");
-        let (a, b) = tokio::join!(both.arrive(), both.arrive());
-        assert!(a && b, "both directions at their safe points park");
-        assert!(!one.arrive().await, "the other direction never came");
+        assert!(parks.decide(true));
+        assert!(!carries_on.decide(false));
+        assert!(!carries_on.decide(true), "a decision is final");
         assert!(
             !parking.collect().1,
             "one relay parked and was not submitted"
         );
         parking.lost();
         assert!(parking.collect().1);
-        // A relay that carried on is never asked again.
-        assert!(
-            tokio::time::timeout(Duration::from_millis(20), one.requested())
-                .await
-                .is_err()
-        );
         // One starting after the request takes no part.
         assert!(Gate::new(&parking).is_none());
+        drop((parks, carries_on));
         assert!(parking.collect().1);
     }
 
     #[tokio::test]
-    async fn a_direction_that_leaves_its_safe_point_is_counted_out() {
+    async fn an_undecided_relay_holds_the_collection_until_the_window_closes() {
         let parking = Parking::default();
         let gate = Gate::new(&parking).unwrap();
-        parking.request(Duration::from_millis(200));
-        // One direction waits, then data comes first and it leaves (its future dropped),
-        // twice: the other direction never arrived, so nothing parks.
-        for _ in 0..2 {
-            let left = tokio::time::timeout(Duration::from_millis(10), gate.arrive()).await;
-            assert!(left.is_err(), "one direction alone must not park");
-        }
-        assert_eq!(gate.lock().decided, None);
-        // Both at their safe points together: park, and a direction that was moving data
-        // when the other parked is still asked (it joins at its next safe point).
-        let (a, b) = tokio::join!(gate.arrive(), gate.arrive());
-        assert!(a && b);
-        tokio::time::timeout(Duration::from_millis(20), gate.requested())
-            .await
-            .expect("a parked relay's other direction is asked at once");
+        parking.request(Duration::from_millis(100));
+        assert!(!parking.collect().1, "undecided within the window");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(parking.collect().1, "the window closed");
+        drop(gate);
+        assert!(parking.collect().1);
     }
 }
