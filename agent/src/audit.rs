@@ -49,8 +49,12 @@ pub struct Record {
     pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub workload: Option<Workload>,
+    /// Shared with the other live connections of an equal identity (`identity::seen`).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "shared_workload"
+    )]
+    pub workload: Option<std::sync::Arc<Workload>>,
     /// Where the application was connecting (or the broker's address, for refusals).
     pub destination: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -80,6 +84,14 @@ pub struct Record {
     /// [`crate::refusals`]); `conn` is 0 and `destination` empty.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+}
+
+/// Serializes the shared workload as the workload itself.
+fn shared_workload<S: serde::Serializer>(
+    w: &Option<std::sync::Arc<Workload>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&w.as_deref(), s)
 }
 
 impl Record {
@@ -438,10 +450,13 @@ mod tests {
         let (audit, file) = trail("limit", QUEUE);
         let refused = |cgroup: &str| {
             let mut r = Record::new(1, Outcome::Refused, "127.0.0.1:951".into());
-            r.workload = Some(Workload {
-                cgroup: Some(cgroup.into()),
-                ..Default::default()
-            });
+            r.workload = Some(
+                Workload {
+                    cgroup: Some(cgroup.into()),
+                    ..Default::default()
+                }
+                .into(),
+            );
             r
         };
         for _ in 0..1000 {

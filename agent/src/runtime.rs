@@ -706,7 +706,7 @@ fn unprepared_reporter(
         if let Some(policy) = shared.policies().by_rule(origin.rule_id) {
             record = record.with_policy(policy);
         }
-        record.workload = Some(crate::identity::Workload::resolve(&origin, &shared.cgroups));
+        record.workload = Some(crate::identity::Workload::resolve(&origin, &shared.cgroups).into());
         shared.audit.record(&record);
     })
 }

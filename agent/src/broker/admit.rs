@@ -133,7 +133,7 @@ pub async fn admit(
         }
         let mut record = Record::new(id, audit::Outcome::Refused, origin.dst.to_string());
         record.reason = Some("no policy covers this destination".into());
-        record.workload = Some(Workload::resolve(&origin, &shared.cgroups));
+        record.workload = Some(Workload::resolve(&origin, &shared.cgroups).into());
         record.direct = direct;
         shared.audit.record(&record);
         return None;
@@ -248,7 +248,7 @@ pub async fn admit(
             Verdict::Admit
         }
     });
-    record.workload = Some(workload);
+    record.workload = Some(shared.cgroups.seen.share(workload));
     Some(Admitted {
         id,
         origin,

@@ -9,15 +9,23 @@
 //!   directory at that path still has that id: a cgroup can be renamed), which also gives
 //!   its owner now.
 //!
+//! - A workload's identity, once built for a connection, is shared with every live
+//!   connection whose identity is equal ([`Seen::share`]): a pool's hundred idle connections
+//!   hold one copy of it for their audit records, not a hundred. Each connection's identity
+//!   is still built afresh and compared whole, so nothing is ever stale.
+//!
 //! Each map holds at most [`MAX`] entries and is emptied when full: a bound, not an LRU (a
 //! node's processes and cgroups that connect through latch are far fewer).
 use std::{
     collections::HashMap,
     fs,
+    hash::{BuildHasher as _, RandomState},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex, Weak},
 };
+
+use super::Workload;
 
 /// Entries per map.
 pub const MAX: usize = 4096;
@@ -28,6 +36,9 @@ pub struct Seen {
     exes: Mutex<HashMap<(u32, u64), PathBuf>>,
     /// cgroup id → path from the hierarchy's root.
     cgroups: Mutex<HashMap<u64, String>>,
+    /// Hash of a workload's identity → the live copy connections share.
+    workloads: Mutex<HashMap<u64, Weak<Workload>>>,
+    hasher: RandomState,
 }
 
 impl Seen {
@@ -62,6 +73,34 @@ impl Seen {
         let owner = owner_if_id(root, &path, id)?;
         insert(&self.cgroups, id, path.clone());
         Some((path, owner))
+    }
+}
+
+impl Seen {
+    /// `workload`, or an equal one that live connections already hold.
+    pub fn share(&self, workload: Workload) -> Arc<Workload> {
+        let key = self.hasher.hash_one((
+            workload.pid,
+            workload.uid,
+            workload.gid,
+            &workload.comm,
+            &workload.cgroup,
+        ));
+        let mut map = lock(&self.workloads);
+        if let Some(live) = map.get(&key).and_then(Weak::upgrade)
+            && *live == workload
+        {
+            return live;
+        }
+        if map.len() >= MAX {
+            map.retain(|_, w| w.strong_count() > 0);
+            if map.len() >= MAX {
+                map.clear();
+            }
+        }
+        let shared = Arc::new(workload);
+        map.insert(key, Arc::downgrade(&shared));
+        shared
     }
 }
 
@@ -101,6 +140,33 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn equal_identities_share_one_copy_and_a_different_one_gets_its_own() {
+        let seen = Seen::default();
+        let w = |comm: &str| Workload {
+            pid: 7,
+            comm: comm.into(),
+            cgroup: Some("/pool.slice/app".into()),
+            ..Default::default()
+        };
+        let a = seen.share(w("app"));
+        let b = seen.share(w("app"));
+        assert!(Arc::ptr_eq(&a, &b), "equal identities share");
+        let other = seen.share(w("other"));
+        assert!(!Arc::ptr_eq(&a, &other));
+        assert_eq!(other.comm, "other");
+        // Equal in the hashed fields, different elsewhere: never taken for the live one.
+        let mut uid = w("app");
+        uid.exe = Some("/usr/bin/other".into());
+        let c = seen.share(uid);
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(c.exe.as_deref(), Some(Path::new("/usr/bin/other")));
+        // Once no connection holds it, the next gets a new copy.
+        drop((a, b, c));
+        let d = seen.share(w("app"));
+        assert_eq!(Arc::strong_count(&d), 1);
+    }
 
     fn my_start_ns() -> u64 {
         start_ticks(std::process::id()).unwrap() * tick_ns()
