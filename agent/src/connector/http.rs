@@ -453,12 +453,41 @@ impl Session<'_> {
             unreachable!("connected above");
         };
         let creds = held.creds.clone();
-        let sent = self
-            .send(held.target(), &creds, parts, Either::Left(body))
-            .await;
+        let (req, injected) = outgoing(
+            self.cx,
+            self.host.as_ref(),
+            &creds,
+            parts,
+            Either::Left(body),
+        )
+        .await?;
+        let mut resent = false;
+        let sent = match held.target().send.try_send_request(req).await {
+            Ok(resp) => Ok((resp, injected)),
+            Err(mut e) => match e.take_message() {
+                // Given back unwritten: the target closed the connection before hyper wrote
+                // any of it (a kept-alive connection the target timed out as latch reused
+                // it). Nothing reached the target, so it goes once more on a new connection,
+                // whatever its method and body.
+                Some(req) if reused => {
+                    tracing::debug!("target closed a reused connection; request sent on a new one");
+                    resent = true;
+                    *slot = Some(self.connect(false).await?.0);
+                    let Some(held) = slot.as_mut() else {
+                        unreachable!("connected above");
+                    };
+                    let resp = held.target().send.send_request(req).await;
+                    resp.map(|r| (r, injected))
+                        .map_err(|e| Failure::Target(target::TargetError::Http(e)))
+                }
+                _ => Err(Failure::Target(target::TargetError::Http(e.into_error()))),
+            },
+        };
         let (mut resp, injected) = match (sent, again.as_ref()) {
             (Ok(r), _) => r,
-            (Err(Failure::Target(target::TargetError::Http(e))), Some(again)) if reused => {
+            (Err(Failure::Target(target::TargetError::Http(e))), Some(again))
+                if reused && !resent =>
+            {
                 // The target closed the kept-alive connection as latch reused it: the request
                 // is safe to repeat, once, on a new connection.
                 tracing::debug!(error = %e, "target closed a reused connection; retrying on a new one");
