@@ -447,6 +447,17 @@ mod tests {
         let with_cert = fingerprint(&require, Some((b"cert-a", b"key")));
         assert_ne!(with_cert, fp);
         assert_ne!(with_cert, fingerprint(&require, Some((b"cert-b", b"key"))));
+        // The same certificate with another key is another client (and another pool key for
+        // HTTP's kept connections).
+        assert_ne!(
+            with_cert,
+            fingerprint(&require, Some((b"cert-a", b"key-2")))
+        );
+        assert_ne!(
+            fingerprint(&require, Some((b"cert-", b"akey"))),
+            with_cert,
+            "the certificate's end is not taken for the key's start"
+        );
         assert!(configs.get("db", &with_cert).is_none());
     }
 }

@@ -69,9 +69,20 @@ impl Key {
 }
 
 /// The kept connections (shared by the HTTP connector's sessions; clones share them).
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct Pool {
     inner: Arc<Mutex<State>>,
+    /// [`MAX_TOTAL`] (smaller in tests).
+    max_total: usize,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self {
+            inner: Default::default(),
+            max_total: MAX_TOTAL,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -143,9 +154,9 @@ impl Pool {
         }
         let now = Instant::now();
         let mut state = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if state.total >= MAX_TOTAL {
+        if state.total >= self.max_total {
             state.sweep(now);
-            if state.total >= MAX_TOTAL {
+            if state.total >= self.max_total {
                 return;
             }
         }
@@ -254,6 +265,29 @@ mod tests {
         assert!(pool.take(&other).is_none());
         assert!(pool.take(&key("a")).is_some());
         assert_eq!(pool.len(), MAX_PER_KEY - 1);
+    }
+
+    #[tokio::test]
+    async fn past_the_total_bound_a_connection_is_closed_not_kept() {
+        let pool = Pool {
+            max_total: 4,
+            ..Pool::default()
+        };
+        let (made, mut held) = targets(6).await;
+        for (i, t) in made.into_iter().enumerate() {
+            pool.put(key(&format!("p{i}")), t);
+        }
+        assert_eq!(pool.len(), 4);
+        // The first four are kept; the two past the bound were let go (closed).
+        assert!(!closed(&mut held[3]).await);
+        assert!(closed(&mut held[4]).await, "kept past the bound");
+        assert!(closed(&mut held[5]).await, "kept past the bound");
+        // Taking one makes room again.
+        assert!(pool.take(&key("p0")).is_some());
+        let (more, _held) = targets(1).await;
+        pool.put(key("p9"), more.into_iter().next().unwrap());
+        assert_eq!(pool.len(), 4);
+        assert!(pool.take(&key("p9")).is_some());
     }
 
     #[tokio::test]
