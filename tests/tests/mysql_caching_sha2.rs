@@ -346,6 +346,83 @@ cur.execute("SELECT CURRENT_USER()")
 print(cur.fetchone()[0])
 "#;
 
+/// Runs [`PYMYSQL`] in the cgroup toward the policy at `at`.
+fn pymysql(s: &Setup, at: usize) -> Output {
+    let addr = s.db.addrs[at];
+    run(s
+        .cg
+        .command("python3")
+        .args(["-c", PYMYSQL])
+        .arg(addr.ip().to_string())
+        .arg(addr.port().to_string()))
+}
+
+#[test]
+fn direct_mode_with_the_servers_key_pinned_authenticates_every_client_whether_cached_or_not() {
+    const DIRECT: usize = 2;
+    const WRONG: usize = 3;
+    let s = Setup::new(
+        |db, dir| {
+            vec![
+                format!(
+                    "  mysql: {{direct: true, serverPublicKey: {}}}\n",
+                    db.public_key().display()
+                ),
+                format!(
+                    "  mysql: {{direct: true, serverPublicKey: {}}}\n",
+                    other_public_key(dir).display()
+                ),
+            ]
+        },
+        |_, doc| doc,
+    );
+    let me = format!("{USER}@%");
+    for cached in [false, true] {
+        if cached {
+            // The first round's full authentications filled the server's cache: the plain
+            // relay, which has no key, is served by the fast path now. Direct mode still
+            // does full authentication (the fast path's status is what such clients cannot
+            // read).
+            assert_eq!(ok(&mut s.cli(PLAIN, WHO)), me);
+        } else {
+            s.db.flush_cache();
+            refused(&mut s.cli(PLAIN, WHO));
+        }
+        // Connector/C and PyMySQL, holding no password: the failures of the fast path
+        // (direct_mode_serves_clients_that_read_...) do not happen.
+        assert_eq!(ok(&mut s.cli(DIRECT, WHO)), me, "cached: {cached}");
+        let py = pymysql(&s, DIRECT);
+        assert!(
+            py.status.success(),
+            "cached: {cached}: {}",
+            String::from_utf8_lossy(&py.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), me);
+        let who = ok(&mut s.probe(DIRECT, "app_without_password", "whoami"));
+        assert!(who.starts_with(&format!("user={me} ")), "{who}");
+    }
+    assert_eq!(s.paths("full-rsa-pinned"), 6, "{}", s.agent.log());
+    assert_eq!(
+        s.paths("fast"),
+        1,
+        "only the plain relay's: {}",
+        s.agent.log()
+    );
+    // mysql_async's whole suite over direct mode.
+    assert_eq!(
+        ok(&mut s.probe(DIRECT, "app_without_password", "suite")),
+        "suite ok"
+    );
+    // A pinned key that is not the server's: the server cannot decrypt what latch sent and
+    // refuses; its own 1045 reaches the application (latch has stepped out by then).
+    let err = refused(&mut s.cli(WRONG, WHO));
+    assert!(err.contains("ERROR 1045"), "{err}");
+    assert!(!err.contains(PW));
+    s.agent.assert_direct_maps_drain();
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
 #[test]
 fn direct_mode_serves_clients_that_read_the_fast_auth_status_and_leaves_full_authentication_undone()
 {
@@ -355,15 +432,7 @@ fn direct_mode_serves_clients_that_read_the_fast_auth_status_and_leaves_full_aut
         |_, doc| doc,
     );
     let me = format!("{USER}@%");
-    let pymysql = |s: &Setup| {
-        let addr = s.db.addrs[DIRECT];
-        run(s
-            .cg
-            .command("python3")
-            .args(["-c", PYMYSQL])
-            .arg(addr.ip().to_string())
-            .arg(addr.port().to_string()))
-    };
+    let pymysql = |s: &Setup| pymysql(s, DIRECT);
     // Cache empty: the server asks for full authentication, which direct mode does not do
     // (docs/direct-mode.md): the server's request reaches the application, which cannot
     // answer it, and the connection fails, whatever the client.

@@ -27,6 +27,12 @@
 //! the response carries it and is the last packet: one round trip fewer. A server ERR at any
 //! point passes to the application as it is (its sequence id is the one the application
 //! expects), see `latch_dir_skb`.
+//!
+//! With the server's RSA key pinned (`mysql.serverPublicKey: /path`) and a caching_sha2_password
+//! greeting, the first response names that plugin with data that is no account's hash: the
+//! server asks for full authentication (AuthMoreData 0x04) at 2, and latch's answer at 3, the
+//! password encrypted with the pinned key, is answered by the OK alone at 4, whatever the
+//! server's cache holds and whatever the application's client (docs/direct-mode.md).
 use std::{
     collections::HashMap,
     io,
@@ -38,9 +44,12 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use latch_common::direct::{FROM_TARGET, TO_BROKER};
 use latch_mysql::{
-    AuthStep, AuthSwitchRequest, CapabilityFlags, ClientAuth, ClientAuthOptions, ClientHello,
-    Greeting, Packet, Transport,
-    constants::{AUTH_SWITCH_HEADER, CACHING_SHA2_PASSWORD, ERR_HEADER, MYSQL_NATIVE_PASSWORD},
+    AuthStep, AuthSwitchRequest, CapabilityFlags, ClientAuth, ClientHello, Greeting, Packet,
+    Sha2Path, Transport,
+    constants::{
+        AUTH_MORE_DATA_HEADER, AUTH_SWITCH_HEADER, CACHING_SHA2_PASSWORD,
+        CACHING_SHA2_PERFORM_FULL_AUTH, ERR_HEADER, MYSQL_NATIVE_PASSWORD,
+    },
     frame,
     greeting::random_scramble,
     response::AuthResponse,
@@ -195,7 +204,12 @@ pub async fn serve(
     let mut mine = response.clone();
     mine.username = user.clone();
     mine.capabilities.remove(CapabilityFlags::CLIENT_SSL);
-    let mut auth = ClientAuth::new(&parsed, password, ClientAuthOptions::default());
+    // The server's RSA key, pinned by the policy: caching_sha2_password's full
+    // authentication can then be done on this connection (see `full_rsa` below).
+    let options = super::target::auth_options(policy, false);
+    let full_rsa = options.server_public_key.is_some()
+        && parsed.auth_plugin.as_deref() == Some(CACHING_SHA2_PASSWORD.as_bytes());
+    let mut auth = ClientAuth::new(&parsed, password, options);
     let mut first = BytesMut::new();
     let result = auth.start(&mut mine, Transport::Plain, &mut first);
     let direct_plugin = mine.auth_plugin.clone().unwrap_or_default();
@@ -203,7 +217,7 @@ pub async fn serve(
     // The application waits for the server's answer: what is sent on its socket from now on
     // is latch's.
     leg.set(FROM_TARGET).map_err(Failure::HandOver)?;
-    if result.is_ok() && known.as_deref() == Some(&direct_plugin[..]) {
+    if result.is_ok() && !full_rsa && known.as_deref() == Some(&direct_plugin[..]) {
         // The account is on the plugin the first response can answer for: it is the last
         // packet.
         let r = step_out_and_send(leg, &lobby, &app_sock, &first).await;
@@ -211,8 +225,20 @@ pub async fn serve(
         return r.map(|()| Ended::HandedOver);
     }
     first.zeroize();
-    mine.auth_plugin = Some(PROBE.as_bytes().to_vec());
-    mine.auth_response = AuthResponse::default();
+    if full_rsa {
+        // caching_sha2_password's first message with data that is no account's hash: the
+        // server takes it for a cache miss (not a failed login) and asks for full
+        // authentication (AuthMoreData 0x04), whose answer, the password encrypted with the
+        // pinned key, is latch's last packet and is answered by the OK alone. An account on
+        // another plugin gets a switch to it, as for the probe below. Either way the server's
+        // side is as long as a client's mysql_native_password exchange, whatever the
+        // application, and nothing depends on the server's cache.
+        mine.auth_plugin = Some(CACHING_SHA2_PASSWORD.as_bytes().to_vec());
+        mine.auth_response = AuthResponse::new(vec![0; 32]);
+    } else {
+        mine.auth_plugin = Some(PROBE.as_bytes().to_vec());
+        mine.auth_response = AuthResponse::default();
+    }
     let mut payload = BytesMut::new();
     mine.encode(&mut payload)
         .map_err(|e| Failure::HandOver(io::Error::other(e.to_string())))?;
@@ -232,14 +258,22 @@ pub async fn serve(
             return Err(Failure::ServerEnded { addr });
         }
     };
-    if switch.seq != 2 || switch.first_byte() != Some(AUTH_SWITCH_HEADER) {
+    let full_auth = full_rsa
+        && switch.first_byte() == Some(AUTH_MORE_DATA_HEADER)
+        && switch.payload.get(1) == Some(&CACHING_SHA2_PERFORM_FULL_AUTH);
+    if switch.seq != 2 || !(full_auth || switch.first_byte() == Some(AUTH_SWITCH_HEADER)) {
         return Err(Failure::DirectUnsupported(
             "the server did not ask for the account's authentication plugin",
         ));
     }
-    let request = AuthSwitchRequest::parse(&switch.payload)
-        .map_err(|source| Failure::TargetProtocol { addr, source })?;
-    leg.my().plugins.put(&policy.name, &user, &request.plugin);
+    let switched_to = if full_auth {
+        None
+    } else {
+        let request = AuthSwitchRequest::parse(&switch.payload)
+            .map_err(|source| Failure::TargetProtocol { addr, source })?;
+        leg.my().plugins.put(&policy.name, &user, &request.plugin);
+        Some(request.plugin)
+    };
     // ClientAuth wants its own first response to have gone out: it did, in spirit (the probe);
     // its answer to the switch is computed over the switch's data.
     let mut answer = BytesMut::new();
@@ -248,7 +282,13 @@ pub async fn serve(
         Err(e) => Err(e),
     };
     match step {
-        Ok(AuthStep::Continue) if !answer.is_empty() => {}
+        Ok(AuthStep::Continue) if !answer.is_empty() => {
+            tracing::debug!(
+                plugin = auth.plugin(),
+                caching_sha2 = auth.caching_sha2_path().map(Sha2Path::as_str),
+                "direct mode: latch's last authentication packet is ready"
+            );
+        }
         Ok(_) => {
             return Err(Failure::DirectUnsupported(
                 "the server's authentication switch needs no answer",
@@ -258,9 +298,9 @@ pub async fn serve(
     }
 
     // Mirrored to the application: a switch of its own, to a plugin every client has (or
-    // caching_sha2_password, so that it reads the fast-authentication status that precedes
-    // the server's OK), with a nonce of latch's.
-    let plugin = if request.plugin == CACHING_SHA2_PASSWORD.as_bytes() {
+    // caching_sha2_password for its fast path, so that it reads the fast-authentication
+    // status that precedes the server's OK), with a nonce of latch's.
+    let plugin = if switched_to.as_deref() == Some(CACHING_SHA2_PASSWORD.as_bytes()) {
         CACHING_SHA2_PASSWORD
     } else {
         MYSQL_NATIVE_PASSWORD
