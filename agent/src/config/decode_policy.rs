@@ -249,6 +249,15 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     }
     if let (Some(true), Some(e)) = (direct, direct_entry) {
         check_direct(cx, e.key_mark, protocol, tls.as_ref(), app_tls);
+        if let (Some(ServerPublicKey::Request), Some(k)) = (&server_public_key, &key_entry) {
+            cx.warn(
+                k.key_mark,
+                "mysql.serverPublicKey: request is not used with direct: true (asking for the \
+                 key takes two packets more than any client's exchange on the application's \
+                 connection); pin the server's RSA public key file to have direct mode do \
+                 caching_sha2_password's full authentication",
+            );
+        }
     }
     if let (Some(a), Some(e)) = (auth, auth_entry) {
         check_auth(cx, e, protocol, tls.as_ref(), direct == Some(true), a);

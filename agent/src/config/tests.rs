@@ -1263,6 +1263,23 @@ fn mysql_server_public_key_is_request_or_an_absolute_path() {
             && errs[0].contains("mysql.serverPublicKey \"orders-db.pem\": write \"request\""),
         "{errs:?}"
     );
+    // Direct mode uses a pinned key only: `request` there is said to do nothing.
+    let warnings = |extra: &str| -> Vec<String> {
+        load_str("t.yaml", &format!("{STORES}{}", policy("db", &spec(extra))))
+            .unwrap()
+            .warnings
+            .iter()
+            .map(ToString::to_string)
+            .filter(|w| w.contains("mysql.serverPublicKey: request"))
+            .collect()
+    };
+    let asked = warnings("  mysql: {direct: true, serverPublicKey: request}\n");
+    assert!(
+        asked.len() == 1 && asked[0].contains("not used with direct: true"),
+        "{asked:?}"
+    );
+    assert!(warnings("  mysql: {direct: true, serverPublicKey: /etc/latch/k.pem}\n").is_empty());
+    assert!(warnings("  mysql: {serverPublicKey: request}\n").is_empty());
     // PostgreSQL has no such thing.
     let pg = policy(
         "db",
