@@ -333,6 +333,8 @@ impl Rig {
             c.arg("run")
                 .arg("--policy")
                 .arg(&self.policy)
+                .arg("--state-dir")
+                .arg(self.dir.join("latch-state"))
                 .args(["--", "iperf3"]);
             c
         } else {

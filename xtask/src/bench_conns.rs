@@ -193,6 +193,8 @@ impl Rig {
         c.arg("run")
             .arg("--policy")
             .arg(&self.policy)
+            .arg("--state-dir")
+            .arg(self.dir.join("latch-state"))
             .arg("--")
             .args(argv)
             .env("LATCH_LOG", "warn");

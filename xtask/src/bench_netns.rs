@@ -115,6 +115,8 @@ fn pod_pgbench(latch: &Path, pod: &BenchPod, dir: &Path, seconds: u32, repeat: u
                 c.arg("run")
                     .arg("--policy")
                     .arg(&policy)
+                    .arg("--state-dir")
+                    .arg(state_dir(&policy))
                     .arg("--")
                     .arg("ip");
                 c.env_remove("PGPASSWORD");
@@ -218,7 +220,8 @@ impl BenchPod {
         proc::wait_listening(&mut server, HOST, port)?;
         let mut cmd = if via_latch {
             let mut c = Command::new(latch);
-            c.arg("run").arg("--policy").arg(policy).arg("--");
+            c.arg("run").arg("--policy").arg(policy);
+            c.arg("--state-dir").arg(state_dir(policy)).arg("--");
             c.arg("ip");
             c
         } else {
@@ -363,6 +366,8 @@ fn preparation_cost(latch: &Path, dir: &Path) -> Result<()> {
         Command::new(latch)
             .args(["agent", "--policy"])
             .arg(&policy)
+            .arg("--state-dir")
+            .arg(state_dir(&policy))
             .arg("--cgroup")
             .arg(&cg.0)
             .args(["--listen", "127.0.0.1:0", "--listen", "[::1]:0"])
@@ -457,4 +462,13 @@ fn cgroup_v2_root() -> Result<PathBuf> {
             (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
         })
         .context("no cgroup v2 hierarchy mounted")
+}
+
+/// A state directory beside the bench's policy file (in its temporary directory), so that no
+/// run leaves `/var/lib/latch` behind.
+fn state_dir(policy: &Path) -> PathBuf {
+    policy
+        .parent()
+        .unwrap_or(Path::new("/tmp"))
+        .join("latch-state")
 }
