@@ -117,7 +117,12 @@ impl Future for Splice<'_> {
                 }
             }
             let handover = this.handover.as_ref();
-            if let Some(h) = handover.filter(|h| h.ticking.load(Ordering::Relaxed)) {
+            // Only while the application's direction is live: once it has ended, nothing is
+            // left to renew an allowance for (the pump it replaced stopped ticking then too).
+            let ticking = handover.filter(|h| {
+                h.ticking.load(Ordering::Relaxed) && !matches!(this.to_target.state, State::Ended)
+            });
+            if let Some(h) = ticking {
                 let tick = this
                     .tick
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(TICK)));
