@@ -18,6 +18,12 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The node CA of this agent's state directory (`latch ca export`), written to `name` in
+    /// `into`.
+    pub fn export_node_ca(&self, into: &crate::TempDir, name: &str) -> std::path::PathBuf {
+        into.write(name, &crate::export_node_ca(&self.dir.path().join("state")))
+    }
+
     /// Starts `latch agent` for `cgroup` with the given policy YAML; waits until ready.
     pub fn start(policy_yaml: &str, cgroup: &TestCgroup) -> Self {
         Self::start_with(policy_yaml, cgroup, Command::new(bins::latch()))

@@ -121,6 +121,12 @@ pub fn wait_for<T>(within: std::time::Duration, mut probe: impl FnMut() -> Optio
 /// Runs `cmd` to completion; panics with its status and output unless it succeeded.
 pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
     let out = cmd.output().expect("run command");
+    assert_succeeded(cmd, &out);
+    out
+}
+
+/// Panics with `cmd`'s status and output unless it succeeded.
+fn assert_succeeded(cmd: &std::process::Command, out: &std::process::Output) {
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -128,7 +134,25 @@ pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    out
+}
+
+/// Runs `cmd` within a minute ([`run_within`]); panics with its output unless it succeeded.
+/// Its standard output, trimmed.
+pub fn stdout_ok(cmd: &mut std::process::Command) -> String {
+    let out = run_within(cmd, std::time::Duration::from_secs(60));
+    assert_succeeded(cmd, &out);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// `latch ca export` of the state directory `state_dir`: the node CA (PEM) that applications
+/// trust for the TLS latch terminates.
+pub fn export_node_ca(state_dir: &std::path::Path) -> String {
+    let out = run_ok(
+        std::process::Command::new(bins::latch())
+            .args(["ca", "export", "--state-dir"])
+            .arg(state_dir),
+    );
+    String::from_utf8(out.stdout).expect("a PEM is text")
 }
 
 /// Runs `cmd` to completion, but kills it (and fails the test, naming it) if it takes longer

@@ -333,19 +333,29 @@ fn start_server(
     server
 }
 
-/// `latch ca export`: the node CA the application trusts for intercepted TLS.
-fn export_node_ca(agent: &Agent, into: &TempDir) -> PathBuf {
-    let out = Command::new(bins::latch())
-        .args(["ca", "export", "--state-dir"])
-        .arg(agent.dir.path().join("state"))
-        .output()
-        .expect("run latch ca export");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    into.write("node-ca.pem", &String::from_utf8_lossy(&out.stdout))
+/// Where a test's gRPC server listens (127.0.0.2, a free port), and a scratch directory with
+/// the path of the server's record of what it received; the prerequisites checked first.
+struct Site {
+    ip: &'static str,
+    port: u16,
+    addr: SocketAddr,
+    dir: TempDir,
+    record: PathBuf,
+}
+
+fn site() -> Site {
+    latch_tests::require_root();
+    require_grpcio();
+    let ip = "127.0.0.2";
+    let port = latch_tests::servers::free_port(ip);
+    let dir = TempDir::new("grpc");
+    Site {
+        ip,
+        port,
+        addr: format!("{ip}:{port}").parse().unwrap(),
+        record: dir.path().join("record"),
+        dir,
+    }
 }
 
 #[test]
@@ -354,13 +364,13 @@ fn a_server_closing_connections_at_max_connection_age_loses_no_call() {
     // after the streams in flight) so that clients spread over replicas. Through latch the
     // application's connection stays; latch must carry on over a new target connection and
     // never fail a call the closing one did not take.
-    latch_tests::require_root();
-    require_grpcio();
-    let ip = "127.0.0.2";
-    let port = latch_tests::servers::free_port(ip);
-    let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-    let dir = TempDir::new("grpc");
-    let record = dir.path().join("record");
+    let Site {
+        ip,
+        port,
+        addr,
+        dir,
+        record,
+    } = site();
     let _server = start_server(
         ip,
         port,
@@ -410,13 +420,13 @@ fn grpc_over_intercepted_tls_gets_the_bearer_token_and_trailers_pass_untouched()
 /// The gRPC server on 127.0.0.2 (with TLS: a certificate for `api.test` from a test CA), the
 /// client directly without the token, then through latch; every call's outcome checked.
 fn grpc_through_latch(tls: bool) {
-    latch_tests::require_root();
-    require_grpcio();
-    let ip = "127.0.0.2";
-    let port = latch_tests::servers::free_port(ip);
-    let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-    let dir = TempDir::new("grpc");
-    let record = dir.path().join("record");
+    let Site {
+        ip,
+        port,
+        addr,
+        dir,
+        record,
+    } = site();
     let test_ca = tls.then(|| TestCa::new("api.test", &["DNS:api.test", &format!("IP:{ip}")]));
     let server = start_server(ip, port, &record, test_ca.as_ref(), "");
 
@@ -445,7 +455,7 @@ fn grpc_through_latch(tls: bool) {
         None => "  http: {inject: bearer}\n".to_owned(),
     };
     let agent = Agent::start(&policy_yaml(addr, &secrets, &spec), &cg);
-    let node_ca = tls.then(|| export_node_ca(&agent, &dir));
+    let node_ca = tls.then(|| agent.export_node_ca(&dir, "node-ca.pem"));
     let got = client(
         &mut cg.command(bins::tool("python3", "python3")),
         addr,

@@ -1044,20 +1044,6 @@ fn the_canary_credential_never_reaches_the_application_log_audit_or_metrics() {
     }
 }
 
-fn export_node_ca(agent: &Agent, into: &TempDir) -> PathBuf {
-    let out = Command::new(bins::latch())
-        .args(["ca", "export", "--state-dir"])
-        .arg(agent.dir.path().join("state"))
-        .output()
-        .expect("run latch ca export");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    into.write("node-ca.pem", &String::from_utf8_lossy(&out.stdout))
-}
-
 /// What Python's `ssl` sees of latch's certificate (subject CN, issuer CN, ALPN chosen when
 /// offered `h2` and `http/1.1`), then a `requests` GET over the same name; `api.test`
 /// resolves to 127.0.0.2 inside the script only.
@@ -1106,7 +1092,7 @@ fn https_interception_terminates_tls_for_covered_names_with_the_node_ca() {
         nginx,
         _secrets: secrets,
     };
-    let node_ca = export_node_ca(&s.agent, &s._secrets);
+    let node_ca = s.agent.export_node_ca(&s._secrets, "node-ca.pem");
     let node_ca = node_ca.to_str().unwrap();
     let port = s.nginx.tls_addr.port();
     let resolve = format!("api.test:{port}:127.0.0.2");

@@ -609,20 +609,6 @@ fn failures_over_h2_are_the_same_json_responses() {
     );
 }
 
-fn export_node_ca(agent: &Agent, into: &TempDir) -> std::path::PathBuf {
-    let out = Command::new(bins::latch())
-        .args(["ca", "export", "--state-dir"])
-        .arg(agent.dir.path().join("state"))
-        .output()
-        .expect("run latch ca export");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    into.write("node-ca.pem", &String::from_utf8_lossy(&out.stdout))
-}
-
 #[test]
 fn intercepted_https_with_alpn_h2_is_served_as_http2_both_ways() {
     // The application speaks HTTPS to api.test (nginx's h2 TLS port) and offers h2; latch
@@ -638,7 +624,7 @@ fn intercepted_https_with_alpn_h2_is_served_as_http2_both_ways() {
         },
         &[],
     );
-    let node_ca = export_node_ca(&s.agent, &s._secrets);
+    let node_ca = s.agent.export_node_ca(&s._secrets, "node-ca.pem");
     let node_ca = node_ca.to_str().unwrap();
     let port = s.nginx.h2_tls_addr.port();
     let resolve = format!("api.test:{port}:127.0.0.2");

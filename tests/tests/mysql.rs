@@ -3,6 +3,7 @@
 //! authenticates to the server with the policy's credentials from a `file` store.
 use std::process::{Command, Output};
 
+use latch_tests::stdout_ok as ok;
 use latch_tests::{
     mariadb::{ED25519_USER, NATIVE_USER},
     my_setup::{ED_PW, NATIVE_PW, Setup},
@@ -11,17 +12,6 @@ use latch_tests::{
 
 fn run(cmd: &mut Command) -> Output {
     latch_tests::run_within(cmd, std::time::Duration::from_secs(60))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        stdout(&out)
-    );
-    stdout(&out)
 }
 
 #[test]

@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use latch_tests::stdout_ok as ok;
 use latch_tests::{
     Agent, TempDir, TestCgroup, bins,
     certs::TestCa,
@@ -30,17 +31,6 @@ const OTHER_PW: &str = "sha2-Other-Secret-c3e2";
 
 fn run(cmd: &mut Command) -> Output {
     latch_tests::run_within(cmd, Duration::from_secs(60))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn refused(cmd: &mut Command) -> String {

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use latch_tests::stdout_ok as ok;
 use latch_tests::{
     eventually,
     mariadb::{ED25519_USER, NATIVE_USER},
@@ -22,18 +23,6 @@ fn run(cmd: &mut Command) -> Output {
     latch_tests::run_within(cmd, Duration::from_secs(60))
 }
 
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        stdout(&out)
-    );
-    stdout(&out)
-}
-
-/// Descriptors the agent holds.
 /// The sockets (`socket:[inode]`) process `pid` has descriptors of.
 fn sockets(pid: u32) -> std::collections::HashSet<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -8,7 +8,7 @@ use std::{
 };
 
 use latch_tests::{
-    Agent, TempDir, TestCgroup, bins,
+    Agent, TempDir, TestCgroup,
     certs::TestCa,
     mariadb::{APP_DB, MariaDb, policy_yaml},
     postgres::secrets_yaml,
@@ -19,20 +19,6 @@ const ED_PW: &str = "ed25519-Secret-tls-9b2";
 /// An account the server lets in only over TLS.
 const TLS_USER: &str = "tls_app";
 const TLS_PW: &str = "tls-Secret-77c0";
-
-fn export_ca(state_dir: &Path) -> String {
-    let out = Command::new(bins::latch())
-        .args(["ca", "export", "--state-dir"])
-        .arg(state_dir)
-        .output()
-        .expect("run latch ca export");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn run(cmd: &mut Command) -> Output {
     latch_tests::run_within(cmd, std::time::Duration::from_secs(60))
@@ -96,7 +82,7 @@ fn the_cli_verifies_latchs_node_ca_certificate_and_latch_verifies_the_server() {
         agent.log()
     );
 
-    let ca_file = dir.write("latch-ca.pem", &export_ca(&state));
+    let ca_file = dir.write("latch-ca.pem", &latch_tests::export_node_ca(&state));
     // The CLI verifies latch's certificate (for 127.0.0.2) against the node CA.
     let verify = |ca: &Path| {
         let mut cmd = db.cli_in(&cg, "nobody", SERVER_LEG);

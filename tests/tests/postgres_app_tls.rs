@@ -4,13 +4,10 @@
 //! (`auto`) when latch verifies the server itself (`tls.mode: verify-full`). Otherwise the
 //! default declines ('N') as a server without SSL does: it never claims TLS it cannot stand
 //! behind.
-use std::{
-    path::Path,
-    process::{Command, Output},
-};
+use std::process::Output;
 
 use latch_tests::{
-    Agent, TempDir, TestCgroup, bins,
+    Agent, TempDir, TestCgroup,
     certs::TestCa,
     postgres::{APP_DB, PgCluster, SCRAM_USER, ServerTls, policy_yaml, secrets_yaml},
 };
@@ -24,20 +21,6 @@ fn psql(cg: &TestCgroup, pg: &PgCluster, envs: &[(&str, &str)], sql: &str) -> Ou
         .envs(envs.iter().copied())
         .output()
         .expect("run psql")
-}
-
-fn export_ca(state_dir: &Path) -> String {
-    let out = Command::new(bins::latch())
-        .args(["ca", "export", "--state-dir"])
-        .arg(state_dir)
-        .output()
-        .expect("run latch ca export");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn text(out: &Output) -> (String, String) {
@@ -54,14 +37,14 @@ fn applications_get_tls_with_a_node_local_ca_certificate() {
     let secrets = dir.write("secrets.yaml", &secrets_yaml(SCRAM_USER, SCRAM_PW));
     let state = dir.path().join("state");
     // Exported before the agent ever ran: the CA is created then, and the agent loads it.
-    let ca_pem = export_ca(&state);
+    let ca_pem = latch_tests::export_node_ca(&state);
     assert!(
         ca_pem.starts_with("-----BEGIN CERTIFICATE-----"),
         "{ca_pem}"
     );
     let ca_file = dir.write("latch-ca.pem", &ca_pem);
     let other_state = dir.path().join("other-state");
-    let other_ca = dir.write("other-ca.pem", &export_ca(&other_state));
+    let other_ca = dir.write("other-ca.pem", &latch_tests::export_node_ca(&other_state));
     assert_ne!(ca_pem, std::fs::read_to_string(&other_ca).unwrap());
     let mode =
         std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(state.join("ca/ca.key")).unwrap());
@@ -255,7 +238,7 @@ fn by_default_sslmode_require_works_when_latch_verifies_the_server() {
     // The CA was created on that first use, in a directory closed to others.
     let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(state.join("ca")).unwrap());
     assert_eq!(mode & 0o777, 0o700);
-    let ca_file = dir.write("latch-ca.pem", &export_ca(&state));
+    let ca_file = dir.write("latch-ca.pem", &latch_tests::export_node_ca(&state));
     let ca_path = ca_file.display().to_string();
     // verify-full with the node CA: the application checks latch's certificate for 127.0.0.2.
     let out = psql(

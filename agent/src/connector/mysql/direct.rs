@@ -44,8 +44,8 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use latch_common::direct::{FROM_TARGET, TO_BROKER};
 use latch_mysql::{
-    AuthStep, AuthSwitchRequest, CapabilityFlags, ClientAuth, ClientHello, Greeting, Packet,
-    Sha2Path, Transport,
+    AuthStep, AuthSwitchRequest, CapabilityFlags, ClientAuth, ClientAuthOptions, ClientHello,
+    Greeting, Packet, Sha2Path, Transport,
     constants::{
         AUTH_MORE_DATA_HEADER, AUTH_SWITCH_HEADER, CACHING_SHA2_PASSWORD,
         CACHING_SHA2_PERFORM_FULL_AUTH, ERR_HEADER, MYSQL_NATIVE_PASSWORD,
@@ -205,10 +205,18 @@ pub async fn serve(
     mine.username = user.clone();
     mine.capabilities.remove(CapabilityFlags::CLIENT_SSL);
     // The server's RSA key, pinned by the policy: caching_sha2_password's full
-    // authentication can then be done on this connection (see `full_rsa` below).
-    let options = super::target::auth_options(policy, false);
-    let full_rsa = options.server_public_key.is_some()
-        && parsed.auth_plugin.as_deref() == Some(CACHING_SHA2_PASSWORD.as_bytes());
+    // authentication can then be done on this connection (see `full_rsa` below). The file is
+    // read only for a greeting that names that plugin; asking for the key is never done here
+    // (it would take two packets no client's exchange has).
+    let options = if parsed.auth_plugin.as_deref() == Some(CACHING_SHA2_PASSWORD.as_bytes()) {
+        ClientAuthOptions {
+            request_public_key: false,
+            ..super::target::auth_options(policy, false)
+        }
+    } else {
+        ClientAuthOptions::default()
+    };
+    let full_rsa = options.server_public_key.is_some();
     let mut auth = ClientAuth::new(&parsed, password, options);
     let mut first = BytesMut::new();
     let result = auth.start(&mut mine, Transport::Plain, &mut first);
