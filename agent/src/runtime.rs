@@ -645,6 +645,7 @@ impl Running {
             self.tracker.wait().await;
         }
         self.background.cancel();
+        self.shared.connectors.close_idle();
         self.shared.env.secrets.shutdown().await;
         let totals = self.shared.metrics.totals();
         // Dropping the last reference to the interceptor detaches every program that is not

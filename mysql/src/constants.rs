@@ -21,6 +21,7 @@ pub const COM_QUIT: u8 = C::COM_QUIT as u8;
 pub const COM_INIT_DB: u8 = C::COM_INIT_DB as u8;
 pub const COM_QUERY: u8 = C::COM_QUERY as u8;
 pub const COM_PING: u8 = C::COM_PING as u8;
+pub const COM_STATISTICS: u8 = C::COM_STATISTICS as u8;
 pub const COM_PROCESS_KILL: u8 = C::COM_PROCESS_KILL as u8;
 pub const COM_CHANGE_USER: u8 = C::COM_CHANGE_USER as u8;
 pub const COM_RESET_CONNECTION: u8 = C::COM_RESET_CONNECTION as u8;

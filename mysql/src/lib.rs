@@ -11,6 +11,7 @@
 //!   toward the server, and the capability negotiation between the two.
 //! - [`command`]: the commands latch must recognise after the handshake (COM_CHANGE_USER,
 //!   COM_RESET_CONNECTION, COM_QUIT).
+//! - [`reset`]: making a finished session fit for the next application connection.
 //! - [`ok_err`]: OK and ERR packets; [`auth_packets`]: AuthSwitchRequest and AuthMoreData.
 //! - [`scramble`]: what each authentication plugin computes from a password and a scramble.
 //! - [`client_auth`]: the client authentication state machine.
@@ -27,6 +28,7 @@ pub mod error;
 pub mod frame;
 pub mod greeting;
 pub mod ok_err;
+pub mod reset;
 pub mod response;
 pub mod scramble;
 mod wire;

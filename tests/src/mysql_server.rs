@@ -221,3 +221,15 @@ pub fn policies_yaml(secrets_file: &Path, policies: &[(&str, SocketAddr, &str)])
     }
     docs.join("---\n")
 }
+
+/// `doc` (a Policy document) with `mysql.keepSessions: false`: every connection then logs in
+/// to the server itself, for tests that count or change logins.
+pub fn without_kept_sessions(doc: &str) -> String {
+    if doc.contains("  mysql: {") {
+        doc.replacen("  mysql: {", "  mysql: {keepSessions: false, ", 1)
+    } else if doc.contains("  mysql:\n") {
+        doc.replacen("  mysql:\n", "  mysql:\n    keepSessions: false\n", 1)
+    } else {
+        format!("{}\n  mysql: {{keepSessions: false}}\n", doc.trim_end())
+    }
+}

@@ -7,6 +7,7 @@ use latch_tests::stdout_ok as ok;
 use latch_tests::{
     mariadb::{ED25519_USER, NATIVE_USER},
     my_setup::{ED_PW, NATIVE_PW, Setup},
+    mysql_server::without_kept_sessions,
     pg_setup::stdout,
 };
 
@@ -118,12 +119,13 @@ fn a_workload_the_policy_does_not_admit_gets_an_err_and_the_server_is_never_cont
 #[test]
 fn rotation_is_picked_up_by_the_next_connection_after_one_refused_try() {
     // Credentials cached for an hour: the next connection first tries the cached (old)
-    // password, is refused, refreshes, and retries once — invisibly to the application.
+    // password, is refused, refreshes, and retries once — invisibly to the application. (No
+    // session is kept, so that the next connection logs in.)
     let s = Setup::with_policy(NATIVE_USER, NATIVE_PW, "", |yaml| {
-        yaml.replace(
+        without_kept_sessions(&yaml.replace(
             "    password: {path: db, field: password}\n",
             "    password: {path: db, field: password}\n    cache: {ttl: 1h}\n",
-        )
+        ))
     });
     assert_eq!(
         ok(&mut s.cli("select current_user()")),

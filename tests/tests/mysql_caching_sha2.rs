@@ -19,7 +19,7 @@ use latch_tests::stdout_ok as ok;
 use latch_tests::{
     Agent, TempDir, TestCgroup, bins,
     certs::TestCa,
-    mysql_server::{MySql, policies_yaml},
+    mysql_server::{MySql, policies_yaml, without_kept_sessions},
     postgres::secrets_yaml,
 };
 
@@ -99,11 +99,12 @@ impl Setup {
             .split("---\n")
             .enumerate()
             .map(|(i, doc)| {
-                // The first document is the store.
+                // The first document is the store. Every connection logs in (the tests count
+                // the exchanges), so no session is kept.
                 if i == 0 {
                     doc.to_owned()
                 } else {
-                    edit(i - 1, doc.to_owned())
+                    without_kept_sessions(&edit(i - 1, doc.to_owned()))
                 }
             })
             .collect::<Vec<_>>()

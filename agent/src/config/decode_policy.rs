@@ -33,6 +33,7 @@ pub struct PolicySpec {
     pub direct: bool,
     pub auth: AuthSpec,
     pub server_public_key: ServerPublicKey,
+    pub keep_sessions: bool,
     /// `workloads: all`: every workload in the intercepted cgroups, said explicitly.
     pub admit_all: bool,
     pub http: HttpSpec,
@@ -127,6 +128,14 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
     let server_public_key = match key_entry {
         Some(e) => server_public_key(cx, &e.value),
         None => Some(ServerPublicKey::None),
+    };
+    let keep_sessions = match own
+        .as_mut()
+        .filter(|_| block == "mysql")
+        .and_then(|p| p.entry("keepSessions"))
+    {
+        Some(e) => decode::boolean(cx, &e.value, "keepSessions"),
+        None => Some(true),
     };
     // Credentials by the user name the application sends: `postgres.roles`, `mysql.roles`.
     let roles_entry = own.as_mut().and_then(|p| p.entry("roles"));
@@ -300,6 +309,7 @@ pub fn policy_spec(cx: &mut Cx, node: &Node, at: Mark) -> Option<PolicySpec> {
         direct: direct?,
         auth: auth?,
         server_public_key: server_public_key?,
+        keep_sessions: keep_sessions?,
         admit_all,
         http: http?,
     })

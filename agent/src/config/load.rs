@@ -260,6 +260,7 @@ fn document(cx: &mut Cx, root: &Node) -> Option<Resource> {
             direct: spec.direct,
             auth: spec.auth,
             server_public_key: spec.server_public_key,
+            keep_sessions: spec.keep_sessions,
             admit_all: spec.admit_all,
             credentials: spec.credentials,
             cache_ttl: spec.cache_ttl,

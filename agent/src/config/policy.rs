@@ -47,6 +47,9 @@ pub struct Policy {
     pub auth: AuthSpec,
     /// `mysql.serverPublicKey`: caching_sha2_password full authentication without TLS.
     pub server_public_key: ServerPublicKey,
+    /// `mysql.keepSessions`: sessions the application ends with COM_QUIT are reset and kept
+    /// for the workload's next connection (protocol mysql, relay mode; default true).
+    pub keep_sessions: bool,
     /// `workloads: all`: the policy admits every workload in the intercepted cgroups, and says
     /// so. The agent refuses a policy that names no workloads and does not say this.
     pub admit_all: bool,

@@ -281,6 +281,12 @@ pub(super) static MYSQL: Object = Object {
             "Leave the session on the application's own connection after authentication.",
         ),
         Field::opt(
+            "keepSessions",
+            Type::Boolean,
+            "Keep a session the application ended with COM_QUIT, reset, for the workload's next \
+             connection (default true).",
+        ),
+        Field::opt(
             "roles",
             ROLES,
             "Credentials by the user name the application sends.",

@@ -116,6 +116,10 @@ impl Connector for Http {
         Box::pin(answer_all(app, Failure::Denied, cx.env.handshake_timeout))
     }
 
+    fn close_idle(&self) {
+        self.pool.clear();
+    }
+
     fn refuse<'a>(&'a self, app: TcpStream, policy: &'a Policy, why: Refusal) -> Answered<'a> {
         let _ = policy;
         Box::pin(answer_all(app, Failure::Refused(why), REFUSAL_READ))

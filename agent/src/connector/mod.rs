@@ -13,6 +13,7 @@ pub mod app_tls;
 pub mod dial;
 mod env;
 pub mod http;
+pub mod kept;
 pub mod mysql;
 pub mod postgres;
 pub mod refuse;
@@ -85,6 +86,10 @@ pub trait Connector: Any + Send + Sync {
         let _ = (cx, why);
         Box::pin(async move { refuse::reset(app) })
     }
+
+    /// The agent is stopping: close the target connections kept between application
+    /// connections ([`kept`]). The default keeps none.
+    fn close_idle(&self) {}
 }
 
 /// What a connector gets for one connection.

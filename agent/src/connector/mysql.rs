@@ -19,6 +19,7 @@
 //! | [`commands`] | the relay, watching for COM_CHANGE_USER |
 //! | [`change_user`] | COM_CHANGE_USER: re-authentication with the policy's credentials |
 //! | [`direct`] | direct mode: authentication on the application's own connection |
+//! | [`pool`] | sessions kept after COM_QUIT for the workload's next connection |
 //!
 //! The wire protocol itself is the `latch-mysql` crate (sans-IO).
 pub mod change_user;
@@ -26,6 +27,7 @@ pub mod commands;
 pub mod direct;
 pub mod failure;
 pub mod io;
+pub mod pool;
 pub mod refusal;
 pub mod target;
 
@@ -52,6 +54,7 @@ use self::{
 use super::{
     Answered, ConnectError, Connector, Context, Env, Refusal, Served, Support,
     app_tls::{self, AcceptError, AppTls},
+    kept,
     stream::{AppStream, TargetStream},
     target_tls::ClientConfigs,
 };
@@ -79,6 +82,8 @@ pub struct Mysql {
     pub tls: ClientConfigs,
     /// Direct mode: the accounts' plugins, as servers named them.
     pub plugins: direct::Plugins,
+    /// Sessions kept for the next connection ([`pool`]).
+    pub pool: pool::Pool,
 }
 
 /// How long an application may take to send its handshake response.
@@ -109,6 +114,11 @@ impl Connector for Mysql {
     fn abort<'a>(&'a self, app: TcpStream, cx: Context<'a>, why: Refusal) -> Answered<'a> {
         let leg = AppLeg::from_stage(cx.session.stage());
         Box::pin(refusal::abort(app, cx.policy, why, leg))
+    }
+
+    fn close_idle(&self) {
+        // Each says COM_QUIT as it goes.
+        self.pool.clear();
     }
 }
 
@@ -144,7 +154,13 @@ impl Mysql {
             session: cx.session,
         };
         let result = handshake(self, &mut app, cx).await;
-        let (target, early, session, app_caps) = match result {
+        let Ready {
+            target,
+            early,
+            session,
+            app_caps,
+            keep,
+        } = match result {
             Ok(Some(ready)) => ready,
             Ok(None) => return Ok(Transferred::default()),
             Err((failure, raw)) => return Err(refuse(app, cx, failure, raw).await),
@@ -154,6 +170,7 @@ impl Mysql {
             return Ok(Transferred::default());
         };
         let host = host_name(&stream);
+        let keep = keep.map(|k| (k, session.clone()));
         let reauth = change_user::Reauth::new(
             cx.policy,
             cx.env,
@@ -165,13 +182,35 @@ impl Mysql {
         );
         let result = commands::relay(stream, target, early, reauth, progress).await;
         // The session ran; a reset from either side ends it and is not a broker failure.
-        Ok(result.unwrap_or_else(|e| {
-            tracing::debug!(error = %e, "relay ended by an error");
-            Transferred {
-                to_target: progress.to_target.load(Ordering::Relaxed),
-                to_app: progress.to_app.load(Ordering::Relaxed),
+        let relayed = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "relay ended by an error");
+                return Ok(Transferred {
+                    to_target: progress.to_target.load(Ordering::Relaxed),
+                    to_app: progress.to_app.load(Ordering::Relaxed),
+                });
             }
-        }))
+        };
+        match (relayed.quit, keep) {
+            (Some(stream), Some((k, session))) => {
+                let warm = pool::Warm {
+                    stream,
+                    greeting: k.greeting,
+                    ok: k.ok,
+                    session,
+                    fit: k.fit,
+                };
+                pool::give_back(&self.pool, k.key, warm).await;
+            }
+            (Some(mut stream), None) => {
+                // The application's COM_QUIT, held back in case the session could be kept.
+                let _ = stream.write_all(&pool::QUIT).await;
+                let _ = stream.flush().await;
+            }
+            (None, _) => {}
+        }
+        Ok(relayed.transferred)
     }
 }
 
@@ -201,10 +240,25 @@ async fn refuse(
     }
 }
 
-/// A session ready to relay: the target stream, the bytes the application sent after its
-/// response (to go to the server first), what a COM_CHANGE_USER needs and the application's
-/// capabilities.
-type Ready = (TargetStream, BytesMut, target::SessionAuth, CapabilityFlags);
+/// A session ready to relay.
+struct Ready {
+    target: TargetStream,
+    /// Bytes the application sent after its response (to go to the server first).
+    early: BytesMut,
+    /// What a COM_CHANGE_USER needs.
+    session: target::SessionAuth,
+    app_caps: CapabilityFlags,
+    /// What keeping the session after the application's COM_QUIT needs (`None`: not kept).
+    keep: Option<Keepable>,
+}
+
+/// A session's place in the pool and what its next application is told.
+struct Keepable {
+    key: kept::Key,
+    greeting: Greeting,
+    ok: bytes::Bytes,
+    fit: pool::Fit,
+}
 
 /// The handshake on both legs, up to the server's OK told to the application.
 /// `None`: the application left before the session started.
@@ -220,8 +274,27 @@ async fn handshake(
         env,
         mysql: my,
     };
-    let mut greeted = target::connect(&to).await?;
-    let server = greeted.greeting.clone();
+    // A session kept for this workload and target, else a new connection.
+    let key = match policy.keep_sessions {
+        true => kept::Key::of(&cx, origin.dst)
+            .await
+            .map(|k| k.by_executable(origin)),
+        false => None,
+    };
+    let mut warm = key
+        .as_ref()
+        .and_then(|k| my.pool.take(k))
+        .map(pool::Parked::into_warm);
+    let mut greeted = None;
+    let server = match &warm {
+        Some(w) => w.greeting.clone(),
+        None => {
+            let g = target::connect(&to).await?;
+            let server = g.greeting.clone();
+            greeted = Some(g);
+            server
+        }
+    };
 
     // The application's greeting: the server's version, connection id and capabilities, a
     // scramble of latch's own whose answer is never checked.
@@ -279,6 +352,44 @@ async fn handshake(
         .credentials_for(policy, role)
         .await
         .map_err(|e| (Failure::Secrets(e), None))?;
+    let fit = pool::Fit::of(&response, &creds);
+    if let Some(w) = warm.take() {
+        if fit.as_ref() == Some(&w.fit) {
+            drop(creds);
+            tracing::debug!(connection_id = server.connection_id, "kept session reused");
+            let keep = key.map(|key| Keepable {
+                key,
+                greeting: w.greeting,
+                ok: w.ok.clone(),
+                fit: w.fit,
+            });
+            return tell_ok(
+                app,
+                cx,
+                w.stream,
+                &w.ok,
+                BytesMut::new(),
+                inbuf,
+                w.session,
+                &response,
+                keep,
+            )
+            .await;
+        }
+        // The application was greeted with the kept session's connection id; the new one has
+        // its own (as after a retry below).
+        tracing::info!(
+            greeted = server.connection_id,
+            "the kept session does not fit this connection (another user, database, character \
+             set or client options); opening a new one, whose connection id differs from the \
+             greeting's"
+        );
+        drop(pool::Parked::from(w));
+    }
+    let mut greeted = match greeted {
+        Some(g) => g,
+        None => target::connect(&to).await?,
+    };
     let mut retried = false;
     let established = loop {
         let user = match &creds.username {
@@ -313,6 +424,8 @@ async fn handshake(
             Err(f) => return Err((f, None)),
         }
     };
+    // Kept only when the login's credentials are still those in force.
+    let fit = fit.filter(|_| !retried);
     drop(creds);
     let Established {
         stream: target,
@@ -320,10 +433,37 @@ async fn handshake(
         leftover,
         session,
     } = established;
+    let keep = match (key, fit) {
+        (Some(key), Some(fit)) if leftover.is_empty() => Some(Keepable {
+            key,
+            greeting: session.greeting.clone(),
+            ok: ok.clone(),
+            fit,
+        }),
+        _ => None,
+    };
+    tell_ok(
+        app, cx, target, &ok, leftover, inbuf, session, &response, keep,
+    )
+    .await
+}
 
-    // The server's OK, with the sequence id the application expects.
+/// Tells the application the server's `ok` (and any bytes the server sent after it), with the
+/// sequence id it expects: the session is ready to relay.
+#[allow(clippy::too_many_arguments)]
+async fn tell_ok(
+    app: &mut App<'_>,
+    cx: Context<'_>,
+    target: TargetStream,
+    ok: &[u8],
+    leftover: BytesMut,
+    inbuf: BytesMut,
+    session: target::SessionAuth,
+    response: &HandshakeResponse,
+    keep: Option<Keepable>,
+) -> Result<Option<Ready>, SessionError> {
     let mut out = BytesMut::new();
-    target::packet(&ok, app.leg.seq, &mut out);
+    target::packet(ok, app.leg.seq, &mut out);
     out.extend_from_slice(&leftover);
     let written = match app.io() {
         Ok(stream) => match stream.write_all(&out).await {
@@ -340,13 +480,19 @@ async fn handshake(
     tracing::debug!(
         tls = target.is_tls(),
         app_tls = app.stream.as_ref().is_some_and(AppStream::is_tls),
-        connection_id = server.connection_id,
+        connection_id = session.greeting.connection_id,
         "session ready; relaying"
     );
     cx.progress()
         .to_app
         .fetch_add(out.len() as u64, Ordering::Relaxed);
-    Ok(Some((target, inbuf, session, response.capabilities)))
+    Ok(Some(Ready {
+        target,
+        early: inbuf,
+        session,
+        app_caps: response.capabilities,
+        keep,
+    }))
 }
 
 /// Reads the application's HandshakeResponse41 (sequence id 1). An SSLRequest (sequence id 1)

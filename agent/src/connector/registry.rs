@@ -105,6 +105,11 @@ impl Connectors {
             .map(|c| c.as_ref())
     }
 
+    /// Closes every connector's kept target connections (the agent is stopping).
+    pub fn close_idle(&self) {
+        self.all.iter().for_each(|c| c.close_idle());
+    }
+
     /// The connector of type `C` (for paths that belong to one protocol, like PostgreSQL's
     /// direct mode).
     pub fn find<C: Connector>(&self) -> Option<&C> {

@@ -10,7 +10,7 @@ use latch_common::{ConnMeta, exe};
 use serde::{Serialize, Serializer, ser::SerializeMap as _};
 
 /// A file's identity: device (user-space encoding, as `st_dev`) and inode number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ExeId {
     pub dev: u64,
     pub ino: u64,

@@ -53,6 +53,7 @@ fn policy(name: &str, credentials: Credentials, cache_ttl: Option<Duration>) -> 
         direct: false,
         auth: Default::default(),
         server_public_key: Default::default(),
+        keep_sessions: true,
         admit_all: true,
         http: Default::default(),
         pod_namespace: None,

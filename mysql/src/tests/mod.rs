@@ -10,6 +10,7 @@ mod captures;
 mod framing;
 mod malformed;
 mod mysql97;
+mod reset;
 
 /// Direction of a captured packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,6 +7,10 @@
 //! INFILE) the application's sequence ids can wrap from 255 to 0: a 0 right after a 255 is a
 //! continuation, not a command.
 //!
+//! A COM_QUIT ends the relay without reaching the server: the session is then given back
+//! whole ([`Relayed::quit`]) for the connector to keep for the next connection, unless
+//! the application changed its user, sent anything after the COM_QUIT, or the server closed.
+//!
 //! The server-to-application direction owns the target's read half; for a COM_CHANGE_USER the
 //! other direction asks it to step aside ([`Shared::pause`]) and takes the read half for the
 //! exchange. The application is waiting for the answer to its command then, so the server has
@@ -16,8 +20,8 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use bytes::BytesMut;
-use latch_mysql::constants::COM_CHANGE_USER;
+use bytes::{Buf as _, BytesMut};
+use latch_mysql::constants::{COM_CHANGE_USER, COM_QUIT};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     sync::{Mutex, Notify},
@@ -33,6 +37,23 @@ use crate::{
 /// Largest COM_CHANGE_USER latch reads; a longer one ends the session.
 const MAX_CHANGE_USER: usize = 64 * 1024;
 
+/// How a relay ended.
+pub struct Relayed {
+    pub transferred: Transferred,
+    /// The target connection, when the application ended the session with COM_QUIT as the
+    /// session's only user (no COM_CHANGE_USER) and sent nothing after it. The COM_QUIT was
+    /// not passed on: the connector keeps the session, or sends it.
+    pub quit: Option<TargetStream>,
+}
+
+/// How the application's direction ended.
+enum Ended {
+    /// Closed, or the session cannot be given back.
+    Closed,
+    /// COM_QUIT, last of everything the application sent, by the session's first user.
+    Quit,
+}
+
 /// Relays until either side closes. `early`: bytes the application sent after its handshake
 /// response, relayed first.
 pub async fn relay(
@@ -41,7 +62,7 @@ pub async fn relay(
     early: BytesMut,
     reauth: Reauth<'_>,
     progress: &Progress,
-) -> io::Result<Transferred> {
+) -> io::Result<Relayed> {
     match app {
         MaybeTls::Plain(tcp) => {
             let (app_r, app_w) = tcp.into_split();
@@ -69,23 +90,37 @@ async fn relay_halves(
     early: BytesMut,
     reauth: Reauth<'_>,
     progress: &Progress,
-) -> io::Result<Transferred> {
-    let (target_r, target_w) = tokio::io::split(target);
+) -> io::Result<Relayed> {
+    let (target_r, mut target_w) = tokio::io::split(target);
     let shared = Arc::new(Shared {
         target_r: Mutex::new(target_r),
         app_w: Mutex::new(app_w),
         pause: Notify::new(),
     });
-    let up = to_target(app_r, target_w, early, &shared, reauth, progress);
-    let down = to_app(&shared, progress);
-    // Either direction ending ends the session (a client's COM_QUIT closes both).
-    tokio::select! {
-        r = up => r?,
-        r = down => r?,
-    }
-    Ok(Transferred {
-        to_target: progress.to_target.load(Ordering::Relaxed),
-        to_app: progress.to_app.load(Ordering::Relaxed),
+    let ended = {
+        let up = to_target(app_r, &mut target_w, early, &shared, reauth, progress);
+        let down = to_app(&shared, progress);
+        // Either direction ending ends the session (a client's COM_QUIT closes both).
+        tokio::select! {
+            r = up => r?,
+            r = down => { r?; Ended::Closed }
+        }
+    };
+    // Both directions are gone: the application's halves close here, at once, as the server
+    // closes after COM_QUIT; the target's are joined again for the connector to keep.
+    let quit = match (ended, Arc::try_unwrap(shared)) {
+        (Ended::Quit, Ok(shared)) => {
+            drop(shared.app_w);
+            Some(shared.target_r.into_inner().unsplit(target_w))
+        }
+        _ => None,
+    };
+    Ok(Relayed {
+        transferred: Transferred {
+            to_target: progress.to_target.load(Ordering::Relaxed),
+            to_app: progress.to_app.load(Ordering::Relaxed),
+        },
+        quit,
     })
 }
 
@@ -119,20 +154,23 @@ async fn to_app(
 
 async fn to_target(
     mut app: impl AsyncRead + Unpin,
-    mut target: impl AsyncWrite + Unpin,
+    target: &mut (impl AsyncWrite + Unpin),
     mut buf: BytesMut,
     shared: &Shared<impl AsyncRead + Unpin, impl AsyncWrite + Unpin>,
     mut reauth: Reauth<'_>,
     progress: &Progress,
-) -> io::Result<()> {
+) -> io::Result<Ended> {
     // The sequence id of the application's last packet.
     let mut last_seq = None::<u8>;
+    // A COM_CHANGE_USER made the session another user's.
+    let mut changed = false;
     // Bytes of the current chunk still to pass on.
     let mut pass = 0usize;
     loop {
         if pass > 0 {
             if buf.is_empty() && fill(&mut app, &mut buf).await? == 0 {
-                return target.shutdown().await;
+                target.shutdown().await?;
+                return Ok(Ended::Closed);
             }
             let n = pass.min(buf.len());
             let chunk = buf.split_to(n);
@@ -151,27 +189,36 @@ async fn to_target(
                 if !buf.is_empty() {
                     target.write_all(&buf).await?;
                 }
-                return target.shutdown().await;
+                target.shutdown().await?;
+                return Ok(Ended::Closed);
             }
         }
         let len = usize::from(buf[0]) | usize::from(buf[1]) << 8 | usize::from(buf[2]) << 16;
         let seq = buf[3];
         let command = seq == 0 && last_seq != Some(255);
         last_seq = Some(seq);
+        if command && len == 1 && buf[4] == COM_QUIT && buf.len() == 5 && !changed {
+            // Not passed on (the connector passes it on unless it keeps the session).
+            progress.to_target.fetch_add(5, Ordering::Relaxed);
+            buf.advance(5);
+            return Ok(Ended::Quit);
+        }
         if command && len > 0 && buf[4] == COM_CHANGE_USER {
             if len > MAX_CHANGE_USER {
                 return Err(io::Error::other("oversized COM_CHANGE_USER"));
             }
             while buf.len() < 4 + len {
                 if fill(&mut app, &mut buf).await? == 0 {
-                    return target.shutdown().await;
+                    target.shutdown().await?;
+                    return Ok(Ended::Closed);
                 }
             }
+            changed = true;
             // The application's credentials go nowhere: read, wiped and dropped.
             let mut packet = buf.split_to(4 + len);
             shared.pause.notify_one();
             let mut target_r = shared.target_r.lock().await;
-            let outcome = reauth.run(&packet[4..], &mut *target_r, &mut target).await;
+            let outcome = reauth.run(&packet[4..], &mut *target_r, target).await;
             drop(target_r);
             packet.iter_mut().for_each(|b| *b = 0);
             let out = match outcome {
