@@ -376,15 +376,17 @@ async fn handshake(
             )
             .await;
         }
-        // The application was greeted with the kept session's connection id; the new one has
-        // its own (as after a retry below).
-        tracing::info!(
+        // The kept session stays kept, for connections it fits. The application was greeted
+        // with its connection id; the new session has its own (as after a retry below).
+        tracing::debug!(
             greeted = server.connection_id,
             "the kept session does not fit this connection (another user, database, character \
              set or client options); opening a new one, whose connection id differs from the \
              greeting's"
         );
-        drop(pool::Parked::from(w));
+        if let Some(k) = &key {
+            my.pool.put(k.clone(), w.into());
+        }
     }
     let mut greeted = match greeted {
         Some(g) => g,

@@ -14,8 +14,8 @@
 //! [`kept`]'s.
 //!
 //! The greeting goes out before the application says how it wants its session, so a
-//! connection whose response does not fit the kept session it was greeted for gets a new
-//! login, whose connection id differs from the one in its greeting (logged). One program
+//! connection whose response does not fit the kept session it was greeted for (which stays
+//! kept) gets a new login, whose connection id differs from the one in its greeting. One program
 //! connecting with different options (character set, database) to one target shows this;
 //! `mysql.keepSessions: false` turns keeping off.
 use std::{os::fd::AsRawFd as _, sync::OnceLock, time::Duration};
