@@ -362,6 +362,11 @@ fn refresh_ebpf_gauges(state: &AdminState) {
     m.secret_mlock_locked.set(locks.locked as i64);
     m.secret_mlock_failed.set(locks.failed as i64);
     m.relay_pipes.set(crate::relay::pipes::live() as i64);
+    for (protocol, n) in state.shared.connectors.kept() {
+        m.kept_connections
+            .get_or_create(&crate::metrics::ProtocolLabels { protocol })
+            .set(n as i64);
+    }
     for (store, c) in crate::secrets::credential_stats::snapshot() {
         for (result, n) in [("ok", c.ok), ("failed", c.failed)] {
             m.store_credential_refreshes

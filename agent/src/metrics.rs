@@ -89,6 +89,11 @@ pub struct MapLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
     pub policy: String,
 }
@@ -119,6 +124,8 @@ pub struct Metrics {
     pub secret_mlock_failed: Gauge<i64, AtomicI64>,
     /// Pipes the relay holds (in flight or idle in its pool).
     pub relay_pipes: Gauge<i64, AtomicI64>,
+    /// Target connections kept for the next application connection, by protocol.
+    pub kept_connections: Family<ProtocolLabels, Gauge<i64, AtomicI64>>,
     /// Connections whose application-to-target direction the kernel carried (fast path).
     pub fast_path: Counter,
     /// Direct-mode connections handed over to the kernel after latch's startup.
@@ -226,6 +233,13 @@ impl Metrics {
             "Pipes the relay holds for splice: in use while data is in flight, or idle in its pool",
             relay_pipes.clone(),
         );
+        let kept_connections = Family::<ProtocolLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "kept_connections",
+            "Target connections kept idle for the next application connection (HTTP/1.1 \
+             connections, MySQL sessions)",
+            kept_connections.clone(),
+        );
         let secret_mlock_failed = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "secret_mlock_failed",
@@ -277,6 +291,7 @@ impl Metrics {
             secret_mlock_locked,
             secret_mlock_failed,
             relay_pipes,
+            kept_connections,
             fast_path,
             direct,
             connections,

@@ -871,11 +871,21 @@ impl Running {
         } else {
             None
         };
-        let set = PolicySet::successor(config, Some(&self.shared.policies()));
+        let previous = self.shared.policies();
+        let set = PolicySet::successor(config, Some(&previous));
+        // (Debug shows every field of a policy, and no secret: only references to them.)
+        let policies_changed =
+            format!("{:?}", set.policies()) != format!("{:?}", previous.policies());
+        drop(previous);
         let policies = set.policies().len();
         // Policies first, then rules: a connection redirected under a new rule id must find
         // its policy; one redirected under a removed policy's id is refused.
         self.shared.set_policies(set);
+        // Target connections kept between application connections were made under the old
+        // policies (a changed one may name other credentials, TLS or users): let them go.
+        if policies_changed {
+            self.shared.connectors.close_idle();
+        }
         if let Some(resolver) = resolver {
             let old = self.shared.env.secrets.replace(resolver);
             *self.stores.lock().unwrap_or_else(|e| e.into_inner()) =

@@ -2,6 +2,8 @@
 //! by the server and kept for the workload's next connection, which then costs the server no
 //! new connection and no login. Real MariaDB 10.11 and MySQL 9.7, the `mariadb` CLI in the
 //! intercepted cgroup, holding no password.
+use std::process::Command;
+
 use latch_tests::stdout_ok as ok;
 use latch_tests::{
     Agent, TempDir, TestCgroup,
@@ -23,8 +25,19 @@ fn connections(s: &Setup) -> u64 {
         - 1
 }
 
+/// Runs the CLI (which must succeed) and waits until latch has closed its connection, so
+/// that a session it keeps is back in the pool before the next one.
+fn synced(s: &Setup, cmd: &mut Command) -> String {
+    let before = s.agent.count("relayed");
+    let out = ok(cmd);
+    s.agent.wait_count("relayed", before + 1);
+    out
+}
+
 fn connection_id(s: &Setup) -> u64 {
-    ok(&mut s.cli("select connection_id()")).parse().unwrap()
+    synced(s, &mut s.cli("select connection_id()"))
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -37,23 +50,27 @@ fn the_next_connection_gets_the_quit_session_back_as_it_was_opened() {
     let before = connections(&s);
     // The first session leaves everything a session can change behind it: a user variable,
     // a temporary table, a session variable, an open transaction, another database.
-    let first = ok(s
-        .cli(
+    let first = synced(
+        &s,
+        s.cli(
             "set @left := 'behind'; create temporary table tmp_left (a int); \
              set session sql_mode = 'ANSI_QUOTES'; set names latin1; begin; \
              insert into kept values (1); use other; select connection_id()",
         )
-        .arg("--default-character-set=utf8mb4"));
+        .arg("--default-character-set=utf8mb4"),
+    );
     // The next connection is told the same connection id (the server's truth) and finds none
     // of it: the reset rolled the transaction back, the session is in its own database and
     // has the character set the application asked for at connect.
-    let next = ok(s
-        .cli(
+    let next = synced(
+        &s,
+        s.cli(
             "select connection_id(), ifnull(@left, 'unset'), database(), \
              @@session.sql_mode = @@global.sql_mode, @@in_transaction, \
              (select count(*) from kept), @@character_set_client",
         )
-        .arg("--default-character-set=utf8mb4"));
+        .arg("--default-character-set=utf8mb4"),
+    );
     assert_eq!(next, format!("{first}\tunset\t{APP_DB}\t1\t0\t0\tutf8mb4"));
     let gone = latch_tests::run_within(
         s.cli("select * from tmp_left")
@@ -65,11 +82,22 @@ fn the_next_connection_gets_the_quit_session_back_as_it_was_opened() {
         !gone.status.success() && err.contains("1146"),
         "the temporary table survived: {err}"
     );
+    s.agent.wait_count("relayed", 3);
     // Three connections, one login at the server (and this count's own).
     assert_eq!(connections(&s), before + 2);
-    let last = ok(s
-        .cli("select connection_id()")
-        .arg("--default-character-set=utf8mb4"));
+    // The session is kept (the metric counts it).
+    assert!(
+        s.agent
+            .metrics()
+            .contains("latch_kept_connections{protocol=\"mysql\"} 1\n"),
+        "{}",
+        s.agent.metrics()
+    );
+    let last = synced(
+        &s,
+        s.cli("select connection_id()")
+            .arg("--default-character-set=utf8mb4"),
+    );
     assert_eq!(last, first);
     s.agent.wait_count("relayed", 4);
     assert_eq!(s.agent.count("failed"), 0);
@@ -114,14 +142,16 @@ fn rotated_credentials_or_a_killed_session_get_a_new_login() {
     let third = connection_id(&s);
     assert_ne!(third, second);
     assert_eq!(
-        ok(&mut s.cli("select current_user()")),
+        synced(&s, &mut s.cli("select current_user()")),
         format!("{NATIVE_USER}@%")
     );
     // A connection that asks for another character set than the kept session was opened
     // with gets a session of its own, with what it asked for.
-    let other = ok(s
-        .cli("select connection_id(), @@character_set_client")
-        .arg("--default-character-set=latin1"));
+    let other = synced(
+        &s,
+        s.cli("select connection_id(), @@character_set_client")
+            .arg("--default-character-set=latin1"),
+    );
     let (id, charset) = other.split_once('\t').unwrap();
     assert_ne!(id.parse::<u64>().unwrap(), third);
     assert_eq!(charset, "latin1");
@@ -174,7 +204,10 @@ fn on_mysql_9_the_kept_session_comes_back_reset_too() {
     let cli = |sql: &str| {
         let mut cmd = db.cli_in(&cg, db.addrs[0], "app_without_password", sql);
         cmd.arg("--default-character-set=utf8mb4");
-        ok(&mut cmd)
+        let before = agent.count("relayed");
+        let out = ok(&mut cmd);
+        agent.wait_count("relayed", before + 1);
+        out
     };
     let first = cli("set @left := 1; set names latin1; select connection_id()");
     let next =
@@ -183,4 +216,26 @@ fn on_mysql_9_the_kept_session_comes_back_reset_too() {
     assert!(!agent.log().contains(PW));
     assert_eq!(agent.count("failed"), 0);
     assert!(agent.stop().success());
+}
+
+#[test]
+fn a_policy_change_lets_the_kept_sessions_go() {
+    let mut yaml = String::new();
+    let s = Setup::with_policy(NATIVE_USER, NATIVE_PW, "", |y| {
+        yaml = y.clone();
+        y
+    });
+    let first = connection_id(&s);
+    assert_eq!(connection_id(&s), first, "the session was not kept");
+    // The same credentials, now cached: a changed policy all the same. What was kept under
+    // the old one is closed, and the next connection logs in.
+    s.agent.rewrite_policy(&yaml.replace(
+        "    password: {path: db, field: password}\n",
+        "    password: {path: db, field: password}\n    cache: {ttl: 1m}\n",
+    ));
+    s.agent.wait_log("configuration reloaded", 1);
+    let next = connection_id(&s);
+    assert_ne!(next, first, "a session kept under the old policy served");
+    assert_eq!(connection_id(&s), next);
+    assert!(s.agent.stop().success());
 }

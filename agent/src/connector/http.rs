@@ -120,6 +120,10 @@ impl Connector for Http {
         self.pool.clear();
     }
 
+    fn kept(&self) -> Option<usize> {
+        Some(self.pool.len())
+    }
+
     fn refuse<'a>(&'a self, app: TcpStream, policy: &'a Policy, why: Refusal) -> Answered<'a> {
         let _ = policy;
         Box::pin(answer_all(app, Failure::Refused(why), REFUSAL_READ))

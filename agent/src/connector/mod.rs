@@ -87,9 +87,14 @@ pub trait Connector: Any + Send + Sync {
         Box::pin(async move { refuse::reset(app) })
     }
 
-    /// The agent is stopping: close the target connections kept between application
-    /// connections ([`kept`]). The default keeps none.
+    /// The agent is stopping or the policies changed: close the target connections kept
+    /// between application connections ([`kept`]). The default keeps none.
     fn close_idle(&self) {}
+
+    /// How many target connections it keeps now (`None`: it never keeps any).
+    fn kept(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// What a connector gets for one connection.

@@ -120,6 +120,10 @@ impl Connector for Mysql {
         // Each says COM_QUIT as it goes.
         self.pool.clear();
     }
+
+    fn kept(&self) -> Option<usize> {
+        Some(self.pool.len())
+    }
 }
 
 /// The application's leg during the handshake.

@@ -105,9 +105,17 @@ impl Connectors {
             .map(|c| c.as_ref())
     }
 
-    /// Closes every connector's kept target connections (the agent is stopping).
+    /// Closes every connector's kept target connections (the agent is stopping, or the
+    /// policies changed).
     pub fn close_idle(&self) {
         self.all.iter().for_each(|c| c.close_idle());
+    }
+
+    /// The target connections each connector that keeps any keeps now, by protocol name.
+    pub fn kept(&self) -> impl Iterator<Item = (&'static str, usize)> + '_ {
+        self.all
+            .iter()
+            .filter_map(|c| Some((c.protocol().as_str(), c.kept()?)))
     }
 
     /// The connector of type `C` (for paths that belong to one protocol, like PostgreSQL's
