@@ -251,3 +251,51 @@ fn a_require_subject_account_gets_in_with_the_policys_client_certificate_and_not
     );
     assert!(agent.stop().success());
 }
+
+#[test]
+fn a_kept_session_keeps_its_verified_tls_leg_for_plain_and_tls_applications_alike() {
+    let certs = TestCa::new("db.test", &["DNS:db.test", "IP:127.0.0.2"]);
+    let db = tls_server(&certs);
+    let dir = TempDir::new("my-tls-kept");
+    let secrets = dir.write("secrets.yaml", &secrets_yaml(TLS_USER, TLS_PW));
+    let state = dir.path().join("state");
+    let cg = TestCgroup::new();
+    let yaml = policy_yaml(
+        "orders-db",
+        db.addr,
+        &secrets,
+        &format!(
+            "  tls: {{mode: verify-full, ca: {}}}\n",
+            certs.ca().display()
+        ),
+    );
+    let state_arg = state.display().to_string();
+    let agent = Agent::start_args(&yaml, &cg, &["--state-dir", &state_arg]);
+    let ca_file = dir.write("latch-ca.pem", &latch_tests::export_node_ca(&state));
+    let sql = format!("{SERVER_LEG} UNION ALL SELECT CONNECTION_ID()");
+    // Each run waits for latch to close its connection (and keep the session).
+    let mut closed = 0;
+    let mut leg = |tls: bool| {
+        let mut cmd = db.cli_in(&cg, "nobody", &sql);
+        if tls {
+            cmd.args(["--ssl", "--ssl-verify-server-cert"])
+                .arg(format!("--ssl-ca={}", ca_file.display()));
+        } else {
+            cmd.arg("--skip-ssl");
+        }
+        let out = run(&mut cmd);
+        assert!(out.status.success(), "{}\n{}", text(&out).1, agent.log());
+        closed += 1;
+        agent.wait_count("relayed", closed);
+        text(&out).0
+    };
+    let plain = leg(false);
+    let (who, id) = plain.split_once('\n').unwrap();
+    assert_eq!(who, format!("{TLS_USER}@% 1"));
+    // The application's own TLS is its leg's business: the server's session, over TLS that
+    // latch verified, is the one kept.
+    assert_eq!(leg(true), plain, "the TLS application got another session");
+    assert_eq!(leg(false), format!("{TLS_USER}@% 1\n{id}"));
+    assert!(!agent.log().contains(TLS_PW));
+    assert!(agent.stop().success());
+}

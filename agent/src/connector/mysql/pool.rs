@@ -44,6 +44,15 @@ pub type Pool = kept::Pool<Parked>;
 /// How long the server may take to confirm a session is fit to keep.
 pub const RESET_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Capabilities of the application's leg or of the handshake alone, which do not shape the
+/// session on the server: TLS toward latch, compression (never negotiated), the
+/// authentication plugins' framing, connect attributes and the database flag (the database
+/// itself is compared).
+const NOT_SESSION: CapabilityFlags = latch_mysql::response::NEVER
+    .union(latch_mysql::response::HANDSHAKE_ONLY)
+    .union(CapabilityFlags::CLIENT_CONNECT_ATTRS)
+    .union(CapabilityFlags::CLIENT_CONNECT_WITH_DB);
+
 /// What a session was opened with: a kept session serves only a connection that would open
 /// it the same way.
 #[derive(Clone, PartialEq, Eq)]
@@ -65,7 +74,7 @@ impl Fit {
     pub fn of(app: &HandshakeResponse, creds: &Credentials) -> Option<Fit> {
         let database = app.database.clone()?;
         Some(Fit {
-            capabilities: app.capabilities,
+            capabilities: app.capabilities.difference(NOT_SESSION),
             mariadb_capabilities: app.mariadb_capabilities,
             max_packet_size: app.max_packet_size,
             charset: app.charset,
