@@ -174,7 +174,6 @@ impl Mysql {
             return Ok(Transferred::default());
         };
         let host = host_name(&stream);
-        let keep = keep.map(|k| (k, session.clone()));
         let reauth = change_user::Reauth::new(
             cx.policy,
             cx.env,
@@ -197,17 +196,16 @@ impl Mysql {
             }
         };
         match (relayed.quit, keep) {
-            (Some(stream), Some((k, session))) => {
+            (Some((stream, session)), Some(k)) => {
                 let warm = pool::Warm {
                     stream,
-                    greeting: k.greeting,
                     ok: k.ok,
                     session,
                     fit: k.fit,
                 };
                 pool::give_back(&self.pool, k.key, warm).await;
             }
-            (Some(mut stream), None) => {
+            (Some((mut stream, _)), None) => {
                 // The application's COM_QUIT, held back in case the session could be kept.
                 let _ = stream.write_all(&pool::QUIT).await;
                 let _ = stream.flush().await;
@@ -259,7 +257,6 @@ struct Ready {
 /// A session's place in the pool and what its next application is told.
 struct Keepable {
     key: kept::Key,
-    greeting: Greeting,
     ok: bytes::Bytes,
     fit: pool::Fit,
 }
@@ -291,7 +288,7 @@ async fn handshake(
         .map(pool::Parked::into_warm);
     let mut greeted = None;
     let server = match &warm {
-        Some(w) => w.greeting.clone(),
+        Some(w) => w.session.greeting.clone(),
         None => {
             let g = target::connect(&to).await?;
             let server = g.greeting.clone();
@@ -356,14 +353,12 @@ async fn handshake(
         .credentials_for(policy, role)
         .await
         .map_err(|e| (Failure::Secrets(e), None))?;
-    let fit = pool::Fit::of(&response, &creds);
     if let Some(w) = warm.take() {
-        if fit.as_ref() == Some(&w.fit) {
+        if pool::Fit::of(&response, &creds).as_ref() == Some(&w.fit) {
             drop(creds);
             tracing::debug!(connection_id = server.connection_id, "kept session reused");
             let keep = key.map(|key| Keepable {
                 key,
-                greeting: w.greeting,
                 ok: w.ok.clone(),
                 fit: w.fit,
             });
@@ -430,8 +425,8 @@ async fn handshake(
             Err(f) => return Err((f, None)),
         }
     };
-    // Kept only when the login's credentials are still those in force.
-    let fit = fit.filter(|_| !retried);
+    // Of the credentials the login used (refreshed ones after a retry).
+    let fit = pool::Fit::of(&response, &creds);
     drop(creds);
     let Established {
         stream: target,
@@ -442,7 +437,6 @@ async fn handshake(
     let keep = match (key, fit) {
         (Some(key), Some(fit)) if leftover.is_empty() => Some(Keepable {
             key,
-            greeting: session.greeting.clone(),
             ok: ok.clone(),
             fit,
         }),

@@ -27,7 +27,7 @@ use tokio::{
     sync::{Mutex, Notify},
 };
 
-use super::change_user::Reauth;
+use super::{change_user::Reauth, target::SessionAuth};
 
 use crate::{
     connector::stream::{AppStream, MaybeTls, TargetStream},
@@ -43,15 +43,16 @@ pub struct Relayed {
     /// The target connection, when the application ended the session with COM_QUIT as the
     /// session's only user (no COM_CHANGE_USER) and sent nothing after it. The COM_QUIT was
     /// not passed on: the connector keeps the session, or sends it.
-    pub quit: Option<TargetStream>,
+    pub quit: Option<(TargetStream, SessionAuth)>,
 }
 
 /// How the application's direction ended.
 enum Ended {
     /// Closed, or the session cannot be given back.
     Closed,
-    /// COM_QUIT, last of everything the application sent, by the session's first user.
-    Quit,
+    /// COM_QUIT, last of everything the application sent, by the session's first user (what
+    /// a COM_CHANGE_USER would have needed comes back).
+    Quit(SessionAuth),
 }
 
 /// Relays until either side closes. `early`: bytes the application sent after its handshake
@@ -109,9 +110,9 @@ async fn relay_halves(
     // Both directions are gone: the application's halves close here, at once, as the server
     // closes after COM_QUIT; the target's are joined again for the connector to keep.
     let quit = match (ended, Arc::try_unwrap(shared)) {
-        (Ended::Quit, Ok(shared)) => {
+        (Ended::Quit(session), Ok(shared)) => {
             drop(shared.app_w);
-            Some(shared.target_r.into_inner().unsplit(target_w))
+            Some((shared.target_r.into_inner().unsplit(target_w), session))
         }
         _ => None,
     };
@@ -201,7 +202,7 @@ async fn to_target(
             // Not passed on (the connector passes it on unless it keeps the session).
             progress.to_target.fetch_add(5, Ordering::Relaxed);
             buf.advance(5);
-            return Ok(Ended::Quit);
+            return Ok(Ended::Quit(reauth.session));
         }
         if command && len > 0 && buf[4] == COM_CHANGE_USER {
             if len > MAX_CHANGE_USER {

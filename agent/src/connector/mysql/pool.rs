@@ -22,7 +22,7 @@ use std::{os::fd::AsRawFd as _, sync::OnceLock, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use latch_mysql::{
-    CapabilityFlags, Greeting, HandshakeResponse, MariadbCapabilities,
+    CapabilityFlags, HandshakeResponse, MariadbCapabilities,
     reset::{self, Replies, Step},
 };
 use nix::sys::socket::{MsgFlags, recv};
@@ -113,11 +113,10 @@ fn digest(creds: &Credentials) -> [u8; 32] {
 /// A session that can be kept, and what the next connection needs of it.
 pub struct Warm {
     pub stream: TargetStream,
-    /// The server's greeting when the session was opened (its connection id, version and
-    /// capabilities greet the next application).
-    pub greeting: Greeting,
     /// The server's OK to the login, told to the next application.
     pub ok: Bytes,
+    /// The server's greeting when the session was opened (its connection id, version and
+    /// capabilities greet the next application) and what a COM_CHANGE_USER needs.
     pub session: SessionAuth,
     pub fit: Fit,
 }
