@@ -282,10 +282,10 @@ async fn handshake(
             .map(|k| k.by_executable(origin)),
         false => None,
     };
-    let mut warm = key
-        .as_ref()
-        .and_then(|k| my.pool.take(k))
-        .map(pool::Parked::into_warm);
+    let mut warm = match &key {
+        Some(k) => pool::take(&my.pool, k).await,
+        None => None,
+    };
     let mut greeted = None;
     let server = match &warm {
         Some(w) => w.session.greeting.clone(),
@@ -384,7 +384,7 @@ async fn handshake(
              greeting's"
         );
         if let Some(k) = &key {
-            my.pool.put(k.clone(), w.into());
+            pool::keep_confirmed(&my.pool, k.clone(), w);
         }
     }
     let mut greeted = match greeted {

@@ -1,9 +1,12 @@
 //! Sessions kept for the next application connection of the same workload: a client that
 //! opens a connection per query then costs the server no new connection and no login.
 //!
-//! A session is kept when the application ends it with COM_QUIT ([`super::commands`]) and the
-//! server confirms it is back to how it was opened ([`latch_mysql::reset`]: reset, the
-//! database it was opened with, and an end marker, in one round trip). It is handed only to a
+//! A session is kept when the application ends it with COM_QUIT ([`super::commands`]): latch
+//! asks the server to take it back to how it was opened ([`latch_mysql::reset`]: reset, the
+//! database it was opened with, and an end marker, in one write) and keeps it at once, so an
+//! application that reconnects straight away finds it. The replies are read when the session
+//! is taken, before the next application is greeted: exactly the three, nothing after them,
+//! and the connection still open, or the session is closed and the next one tried. It is handed only to a
 //! connection with the same [`kept::Key`] (policy, target, network namespace, workload cgroup
 //! and executable, TLS configuration) whose handshake response would open the same session
 //! ([`Fit`]: user, database, character set, capabilities, max packet size, and the
@@ -121,36 +124,71 @@ pub struct Warm {
     pub fit: Fit,
 }
 
-/// A kept session. Dropped unused (expired, past the bounds), it says COM_QUIT first, as a
-/// client leaving does, so the server does not log an aborted connection.
-pub struct Parked(Option<Warm>);
-
-impl From<Warm> for Parked {
-    fn from(warm: Warm) -> Self {
-        Parked(Some(warm))
-    }
+/// A kept session, its reset sent and its replies not read yet ([`Parked::confirm`] reads
+/// them when the session is taken: by then they have long arrived, and the application that
+/// quit did not wait for them). Dropped unused (expired, past the bounds), it says COM_QUIT
+/// first, as a client leaving does, so the server does not log an aborted connection.
+pub struct Parked {
+    warm: Option<Warm>,
+    /// The replies to its reset are still to be read.
+    due: bool,
 }
 
 impl Parked {
-    pub fn into_warm(mut self) -> Warm {
-        self.0.take().expect("a parked session holds one")
+    fn new(warm: Warm, due: bool) -> Self {
+        Parked {
+            warm: Some(warm),
+            due,
+        }
+    }
+
+    /// The session, once the server's replies to its reset say it is as it was opened;
+    /// `None` (and the session closed) otherwise.
+    pub async fn confirm(mut self) -> Option<Warm> {
+        let mut warm = self.warm.take()?;
+        if !self.due {
+            return Some(warm);
+        }
+        let work = async {
+            let mut buf = BytesMut::new();
+            let mut replies = Replies::default();
+            loop {
+                let packet = read_packet(&mut warm.stream, &mut buf).await.ok()?;
+                match replies.on_packet(&packet) {
+                    Step::More => {}
+                    // Nothing after the replies, and not closed (a KILL after the reset).
+                    Step::Fit if buf.is_empty() && waiting(&warm.stream) == Some(0) => {
+                        return Some(());
+                    }
+                    Step::Fit => return None,
+                    Step::Unfit(why) => {
+                        tracing::debug!(why, "kept session not fit; closed");
+                        return None;
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(RESET_TIMEOUT, work).await {
+            Ok(Some(())) => Some(warm),
+            _ => {
+                drop(Parked::new(warm, false));
+                None
+            }
+        }
     }
 }
 
 impl Keep for Parked {
-    /// Open, with nothing from the server waiting (an idle session's server sends nothing; a
-    /// close, a KILL's error or a TLS alert make it unusable).
+    /// Open: the server has not closed it (`wait_timeout`, KILL). What it sent (the replies to
+    /// the reset, or a KILL's error) is read when it is taken.
     fn usable(&self) -> bool {
-        let Some(warm) = &self.0 else { return false };
-        let mut b = [0u8; 1];
-        matches!(
-            recv(
-                warm.stream.tcp().as_raw_fd(),
-                &mut b,
-                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
-            ),
-            Err(nix::errno::Errno::EAGAIN)
-        )
+        let Some(warm) = &self.warm else { return false };
+        match waiting(&warm.stream) {
+            Some(0) => true,
+            // Bytes waiting: the replies when they are due, else something unasked for.
+            Some(_) => self.due,
+            None => false,
+        }
     }
 }
 
@@ -159,7 +197,7 @@ impl Drop for Parked {
         if let Some(Warm {
             stream: MaybeTls::Plain(tcp),
             ..
-        }) = &self.0
+        }) = &self.warm
         {
             // Best effort; a TLS session just closes.
             let _ = tcp.try_write(&QUIT);
@@ -167,34 +205,52 @@ impl Drop for Parked {
     }
 }
 
+/// Whether bytes wait on `stream`'s socket (`Some(1)`) or none (`Some(0)`); `None` when it is
+/// closed or failed.
+fn waiting(stream: &TargetStream) -> Option<usize> {
+    let mut b = [0u8; 1];
+    match recv(
+        stream.tcp().as_raw_fd(),
+        &mut b,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Err(nix::errno::Errno::EAGAIN) => Some(0),
+        Ok(1) => Some(1),
+        _ => None,
+    }
+}
+
 /// COM_QUIT, as the first packet of a command.
 pub const QUIT: [u8; 5] = [1, 0, 0, 0, latch_mysql::constants::COM_QUIT];
 
-/// After the application's COM_QUIT: has the server reset `warm` and keeps it for `key` if the
-/// server confirms it is as it was opened; otherwise it is closed.
+/// After the application's COM_QUIT: asks the server to reset `warm` and keeps it for `key`,
+/// to be confirmed when taken ([`Parked::confirm`]).
 pub async fn give_back(pool: &Pool, key: kept::Key, mut warm: Warm) {
     let mut out = BytesMut::new();
     reset::encode(&warm.fit.database, &mut out);
-    let work = async {
-        warm.stream.write_all(&out).await.ok()?;
-        warm.stream.flush().await.ok()?;
-        let mut buf = BytesMut::new();
-        let mut replies = Replies::default();
-        loop {
-            let packet = read_packet(&mut warm.stream, &mut buf).await.ok()?;
-            match replies.on_packet(&packet) {
-                Step::More => {}
-                Step::Fit if buf.is_empty() => return Some(()),
-                Step::Fit => return None,
-                Step::Unfit(why) => {
-                    tracing::debug!(why, "session not kept");
-                    return None;
-                }
-            }
-        }
+    let sent = async {
+        warm.stream.write_all(&out).await?;
+        warm.stream.flush().await
     };
-    match tokio::time::timeout(RESET_TIMEOUT, work).await {
-        Ok(Some(())) => pool.put(key, warm.into()),
-        _ => drop(Parked::from(warm)),
+    match tokio::time::timeout(RESET_TIMEOUT, sent).await {
+        Ok(Ok(())) => pool.put(key, Parked::new(warm, true)),
+        _ => drop(Parked::new(warm, false)),
     }
+}
+
+/// Keeps a session taken and confirmed but not used (it did not fit the connection it was
+/// taken for).
+pub fn keep_confirmed(pool: &Pool, key: kept::Key, warm: Warm) {
+    pool.put(key, Parked::new(warm, false));
+}
+
+/// The most recently kept session for `key` that the server confirms fit (others met on the
+/// way are closed).
+pub async fn take(pool: &Pool, key: &kept::Key) -> Option<Warm> {
+    while let Some(parked) = pool.take(key) {
+        if let Some(warm) = parked.confirm().await {
+            return Some(warm);
+        }
+    }
+    None
 }
