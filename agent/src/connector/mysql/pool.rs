@@ -199,7 +199,10 @@ impl Drop for Parked {
             ..
         }) = &self.warm
         {
-            // Best effort; a TLS session just closes.
+            // Best effort; a TLS session just closes. What the server sent is read first: a
+            // socket closed with unread bytes is reset, not closed.
+            let mut sink = [0u8; 512];
+            while matches!(tcp.try_read(&mut sink), Ok(n) if n > 0) {}
             let _ = tcp.try_write(&QUIT);
         }
     }
