@@ -49,15 +49,24 @@ fn tls_server(certs: &TestCa) -> MariaDb {
 /// What the server says of the session latch opened: its user and its TLS cipher.
 const SERVER_LEG: &str = "SELECT CONCAT(CURRENT_USER(), ' ', VARIABLE_VALUE <> '') FROM information_schema.SESSION_STATUS WHERE VARIABLE_NAME = 'Ssl_cipher'";
 
-#[test]
-fn the_cli_verifies_latchs_node_ca_certificate_and_latch_verifies_the_server() {
+/// The TLS server, and an agent whose policy verifies it (`verify-full` with the test CA) and
+/// says nothing of `appTls` (auto: TLS toward the application over that verified leg).
+struct Verified {
+    certs: TestCa,
+    db: MariaDb,
+    dir: TempDir,
+    state: std::path::PathBuf,
+    cg: TestCgroup,
+    agent: Agent,
+}
+
+fn verified(name: &str) -> Verified {
     let certs = TestCa::new("db.test", &["DNS:db.test", "IP:127.0.0.2"]);
     let db = tls_server(&certs);
-    let dir = TempDir::new("my-tls");
+    let dir = TempDir::new(name);
     let secrets = dir.write("secrets.yaml", &secrets_yaml(TLS_USER, TLS_PW));
     let state = dir.path().join("state");
     let cg = TestCgroup::new();
-    // No appTls: auto, over a verify-full leg to the server.
     let yaml = policy_yaml(
         "orders-db",
         db.addr,
@@ -70,6 +79,26 @@ fn the_cli_verifies_latchs_node_ca_certificate_and_latch_verifies_the_server() {
     assert!(!yaml.contains("appTls"));
     let state_arg = state.display().to_string();
     let agent = Agent::start_args(&yaml, &cg, &["--state-dir", &state_arg]);
+    Verified {
+        certs,
+        db,
+        dir,
+        state,
+        cg,
+        agent,
+    }
+}
+
+#[test]
+fn the_cli_verifies_latchs_node_ca_certificate_and_latch_verifies_the_server() {
+    let Verified {
+        certs,
+        db,
+        dir,
+        state,
+        cg,
+        agent,
+    } = verified("my-tls");
     let want = format!("{TLS_USER}@% 1");
 
     // Plain text to latch: the REQUIRE SSL account still gets in, latch's leg is TLS.
@@ -254,23 +283,14 @@ fn a_require_subject_account_gets_in_with_the_policys_client_certificate_and_not
 
 #[test]
 fn a_kept_session_keeps_its_verified_tls_leg_for_plain_and_tls_applications_alike() {
-    let certs = TestCa::new("db.test", &["DNS:db.test", "IP:127.0.0.2"]);
-    let db = tls_server(&certs);
-    let dir = TempDir::new("my-tls-kept");
-    let secrets = dir.write("secrets.yaml", &secrets_yaml(TLS_USER, TLS_PW));
-    let state = dir.path().join("state");
-    let cg = TestCgroup::new();
-    let yaml = policy_yaml(
-        "orders-db",
-        db.addr,
-        &secrets,
-        &format!(
-            "  tls: {{mode: verify-full, ca: {}}}\n",
-            certs.ca().display()
-        ),
-    );
-    let state_arg = state.display().to_string();
-    let agent = Agent::start_args(&yaml, &cg, &["--state-dir", &state_arg]);
+    let Verified {
+        db,
+        dir,
+        state,
+        cg,
+        agent,
+        ..
+    } = verified("my-tls-kept");
     let ca_file = dir.write("latch-ca.pem", &latch_tests::export_node_ca(&state));
     let sql = format!("{SERVER_LEG} UNION ALL SELECT CONNECTION_ID()");
     // Each run waits for latch to close its connection (and keep the session).
