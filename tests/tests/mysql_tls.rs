@@ -283,13 +283,14 @@ fn a_require_subject_account_gets_in_with_the_policys_client_certificate_and_not
 
 #[test]
 fn a_kept_session_keeps_its_verified_tls_leg_for_plain_and_tls_applications_alike() {
+    // (The CA's files must outlive the agent that reads them.)
     let Verified {
+        certs: _certs,
         db,
         dir,
         state,
         cg,
         agent,
-        ..
     } = verified("my-tls-kept");
     let ca_file = dir.write("latch-ca.pem", &latch_tests::export_node_ca(&state));
     let sql = format!("{SERVER_LEG} UNION ALL SELECT CONNECTION_ID()");
