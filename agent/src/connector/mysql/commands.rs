@@ -111,7 +111,8 @@ async fn relay_halves(
     // closes after COM_QUIT; the target's are joined again for the connector to keep.
     let quit = match (ended, Arc::try_unwrap(shared)) {
         (Ended::Quit(session), Ok(shared)) => {
-            drop(shared.app_w);
+            // As the server closes: a TLS application is told close_notify first.
+            let _ = shared.app_w.into_inner().shutdown().await;
             Some((shared.target_r.into_inner().unsplit(target_w), session))
         }
         _ => None,
