@@ -104,13 +104,11 @@ fn the_next_connection_gets_the_quit_session_back_as_it_was_opened() {
     // The agent stops: the kept session ends with a COM_QUIT, not as an aborted client.
     let aborted = s.db.sql("SHOW GLOBAL STATUS LIKE 'Aborted_clients'");
     assert!(s.agent.stop().success());
-    let ended = (0..50).any(|_| {
-        let list = s.db.sql("SELECT id FROM information_schema.processlist");
-        let gone = !list.lines().any(|l| l.trim() == first);
-        if !gone {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        gone
+    let ended = latch_tests::eventually(std::time::Duration::from_secs(5), || {
+        !s.db
+            .sql("SELECT id FROM information_schema.processlist")
+            .lines()
+            .any(|l| l.trim() == first)
     });
     assert!(ended, "the kept session outlived the agent");
     assert_eq!(

@@ -318,5 +318,15 @@ fn a_kept_session_keeps_its_verified_tls_leg_for_plain_and_tls_applications_alik
     assert_eq!(leg(true), plain, "the TLS application got another session");
     assert_eq!(leg(false), format!("{TLS_USER}@% 1\n{id}"));
     assert!(!agent.log().contains(TLS_PW));
+    // The agent stops: the kept session says COM_QUIT inside its TLS, and the server counts
+    // no aborted client.
+    let aborted = db.sql("SHOW GLOBAL STATUS LIKE 'Aborted_clients'");
     assert!(agent.stop().success());
+    let ended = latch_tests::eventually(std::time::Duration::from_secs(5), || {
+        !db.sql("SELECT id FROM information_schema.processlist")
+            .lines()
+            .any(|l| l.trim() == id)
+    });
+    assert!(ended, "the kept session outlived the agent");
+    assert_eq!(db.sql("SHOW GLOBAL STATUS LIKE 'Aborted_clients'"), aborted);
 }

@@ -127,7 +127,8 @@ pub struct Warm {
 /// A kept session, its reset sent and its replies not read yet ([`Parked::confirm`] reads
 /// them when the session is taken: by then they have long arrived, and the application that
 /// quit did not wait for them). Dropped unused (expired, past the bounds), it says COM_QUIT
-/// first, as a client leaving does, so the server does not log an aborted connection.
+/// first (inside TLS when the leg is TLS), as a client leaving does, so the server does not
+/// count an aborted client.
 pub struct Parked {
     warm: Option<Warm>,
     /// The replies to its reset are still to be read.
@@ -194,17 +195,41 @@ impl Keep for Parked {
 
 impl Drop for Parked {
     fn drop(&mut self) {
-        if let Some(Warm {
-            stream: MaybeTls::Plain(tcp),
-            ..
-        }) = &self.warm
-        {
-            // Best effort; a TLS session just closes. What the server sent is read first: a
-            // socket closed with unread bytes is reset, not closed.
-            let mut sink = [0u8; 512];
-            while matches!(tcp.try_read(&mut sink), Ok(n) if n > 0) {}
-            let _ = tcp.try_write(&QUIT);
+        let Some(warm) = &mut self.warm else { return };
+        // Best effort, without waiting. What the server sent is read first (a socket closed
+        // with unread bytes is reset, not closed).
+        let mut sink = [0u8; 512];
+        while matches!(warm.stream.tcp().try_read(&mut sink), Ok(n) if n > 0) {}
+        match &mut warm.stream {
+            MaybeTls::Plain(tcp) => {
+                let _ = tcp.try_write(&QUIT);
+            }
+            MaybeTls::Tls(tls) => {
+                // COM_QUIT and close_notify as TLS records, written straight to the socket.
+                let (tcp, conn) = tls.get_mut();
+                let _ = std::io::Write::write_all(&mut conn.writer(), &QUIT);
+                conn.send_close_notify();
+                while conn.wants_write() {
+                    match conn.write_tls(&mut Unwaiting(tcp)) {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
+                    }
+                }
+            }
         }
+    }
+}
+
+/// A socket written without waiting (what does not fit now is dropped).
+struct Unwaiting<'a>(&'a tokio::net::TcpStream);
+
+impl std::io::Write for Unwaiting<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
