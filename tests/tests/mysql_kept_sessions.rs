@@ -237,3 +237,39 @@ fn a_policy_change_lets_the_kept_sessions_go() {
     assert_eq!(connection_id(&s), next);
     assert!(s.agent.stop().success());
 }
+
+#[test]
+fn another_workload_or_another_program_never_gets_the_kept_session() {
+    let s = Setup::new(NATIVE_USER, NATIVE_PW, "");
+    let first = connection_id(&s);
+    assert_eq!(connection_id(&s), first, "the session was not kept");
+    let template = s.cli("select connection_id()");
+    let args: Vec<_> = template.get_args().map(|a| a.to_owned()).collect();
+    let id_of = |cmd: &mut Command| -> u64 {
+        cmd.args(&args).env_remove("MYSQL_PWD");
+        synced(&s, cmd).parse().unwrap()
+    };
+    // Another workload: a cgroup below the test's, with a cgroup id of its own.
+    let other = s.cg.path().join("other-workload");
+    std::fs::create_dir(&other).unwrap();
+    let mut in_other = Command::new("sh");
+    in_other
+        .args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
+        .arg(other.join("cgroup.procs"))
+        .arg(template.get_program());
+    let theirs = id_of(&mut in_other);
+    assert_ne!(theirs, first, "another workload got the kept session");
+    // Another program in the same workload (a copy of the client: another executable).
+    let dir = latch_tests::TempDir::new("my-kept-exe");
+    let copy = dir.path().join("mariadb-copy");
+    std::fs::copy(template.get_program(), &copy).unwrap();
+    let copied = id_of(&mut s.cg.command(&copy));
+    assert!(
+        copied != first && copied != theirs,
+        "another program got a kept session"
+    );
+    // Each keeps its own: the first program still gets the first session.
+    assert_eq!(connection_id(&s), first);
+    assert_eq!(id_of(&mut s.cg.command(&copy)), copied);
+    assert!(s.agent.stop().success());
+}
