@@ -113,6 +113,8 @@ struct Rig {
     password: String,
     lua: PathBuf,
     seconds: u32,
+    /// The server's Unix socket (root, not intercepted), for its counters.
+    socket: PathBuf,
     _server: Guard,
 }
 
@@ -121,6 +123,9 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
     let tmp = TempDir::new("latch-bench-my")?;
     let rig = Rig::start(tmp.path(), latch, seconds)?;
     let mut samples: Vec<(Case, Route, Vec<f64>, Option<String>)> = Vec::new();
+    // Logins at the server and connections the client made, in the last round, by route
+    // (new connection per query): how many connections latch served with a kept session.
+    let mut logins: Vec<(Route, u64, u64)> = Vec::new();
     for case in Case::ALL {
         for route in Route::ALL {
             if case.has(route) {
@@ -139,10 +144,18 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
                 route.label()
             );
             let _ = std::io::Write::flush(&mut std::io::stdout());
+            let before = rig.logins();
             match rig.measure(*case, *route) {
-                Ok(v) => {
+                Ok((v, made)) => {
                     println!("{v:10.1}");
                     got.push(v);
+                    if let (Case::ConnectPerQuery, Ok(before), Ok(after)) =
+                        (*case, before, rig.logins())
+                    {
+                        // (Less the counter's own query.)
+                        logins.retain(|(r, ..)| r != route);
+                        logins.push((*route, after.saturating_sub(before + 1), made));
+                    }
                 }
                 Err(e) => {
                     println!("failed: {e:#}");
@@ -192,6 +205,17 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
             ratio(l),
             ratio(m),
             format!("≥{:.2}", case.target())
+        );
+    }
+    if !logins.is_empty() {
+        let cells: Vec<String> = logins
+            .iter()
+            .map(|(r, n, made)| format!("{} {n} for {made}", r.label()))
+            .collect();
+        println!(
+            "new connection per query, logins at the server for the connections made (last \
+             round): {}",
+            cells.join(", ")
         );
     }
     for (case, route, _, failed) in &samples {
@@ -378,6 +402,7 @@ impl Rig {
             password,
             lua,
             seconds,
+            socket: socket.clone(),
             _server: server,
         };
         println!("bench: sysbench oltp_read_only prepare ({TABLES} × {TABLE_SIZE} rows)");
@@ -424,8 +449,23 @@ impl Rig {
         a
     }
 
-    /// One run: transactions (events) per second.
-    fn measure(&self, case: Case, route: Route) -> Result<f64> {
+    /// The server's count of connections made to it so far (each one a login).
+    fn logins(&self) -> Result<u64> {
+        let out = Command::new(tool("mariadb")?)
+            .arg("--no-defaults")
+            .arg(format!("--socket={}", self.socket.display()))
+            .args(["-u", "root", "-N", "-B", "-e"])
+            .arg("SHOW GLOBAL STATUS LIKE 'Connections'")
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no Connections count in {text:?}"))
+    }
+
+    /// One run: transactions (events) per second, and how many there were.
+    fn measure(&self, case: Case, route: Route) -> Result<(f64, u64)> {
         let mut argv = vec![tool("sysbench")?.display().to_string()];
         argv.extend(self.sysbench_args(case, route));
         argv.push("run".to_owned());
@@ -535,20 +575,26 @@ fn make_certificates(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// sysbench's "transactions: N (X per sec.)".
-fn parse_tps(out: &str) -> Result<f64> {
+/// sysbench's "transactions: N (X per sec.)": the rate X and the count N.
+fn parse_tps(out: &str) -> Result<(f64, u64)> {
     let line = out
         .lines()
         .find(|l| l.trim_start().starts_with("transactions:"))
         .context("no transactions line in sysbench's output")?;
+    let count = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .context("no count in sysbench's transactions line")?;
     let inner = line
         .split('(')
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .context("no rate in sysbench's transactions line")?;
-    inner
+    let rate = inner
         .parse()
-        .with_context(|| format!("cannot parse sysbench rate {inner:?}"))
+        .with_context(|| format!("cannot parse sysbench rate {inner:?}"))?;
+    Ok((rate, count))
 }
 
 #[cfg(test)]
@@ -558,7 +604,9 @@ mod tests {
     #[test]
     fn parses_sysbench_transactions() {
         let out = "SQL statistics:\n    transactions:                        12345  (2468.21 per sec.)\n    queries: 1\n";
-        assert!((parse_tps(out).unwrap() - 2468.21).abs() < 1e-9);
+        let (rate, count) = parse_tps(out).unwrap();
+        assert!((rate - 2468.21).abs() < 1e-9);
+        assert_eq!(count, 12345);
         assert!(parse_tps("nothing").is_err());
     }
 }
