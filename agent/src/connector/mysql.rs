@@ -195,6 +195,7 @@ impl Mysql {
                 });
             }
         };
+        let mut transferred = relayed.transferred;
         match (relayed.quit, keep) {
             (Some((stream, session)), Some(k)) => {
                 let warm = pool::Warm {
@@ -207,12 +208,15 @@ impl Mysql {
             }
             (Some((mut stream, _)), None) => {
                 // The application's COM_QUIT, held back in case the session could be kept.
-                let _ = stream.write_all(&pool::QUIT).await;
-                let _ = stream.flush().await;
+                if stream.write_all(&pool::QUIT).await.is_ok() && stream.flush().await.is_ok() {
+                    let n = pool::QUIT.len() as u64;
+                    progress.to_target.fetch_add(n, Ordering::Relaxed);
+                    transferred.to_target += n;
+                }
             }
             (None, _) => {}
         }
-        Ok(relayed.transferred)
+        Ok(transferred)
     }
 }
 

@@ -20,7 +20,7 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use bytes::{Buf as _, BytesMut};
+use bytes::BytesMut;
 use latch_mysql::constants::{COM_CHANGE_USER, COM_QUIT};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
@@ -200,9 +200,8 @@ async fn to_target(
         let command = seq == 0 && last_seq != Some(255);
         last_seq = Some(seq);
         if command && len == 1 && buf[4] == COM_QUIT && buf.len() == 5 && !changed {
-            // Not passed on (the connector passes it on unless it keeps the session).
-            progress.to_target.fetch_add(5, Ordering::Relaxed);
-            buf.advance(5);
+            // Not passed on (nor counted): the connector passes it on unless it keeps the
+            // session.
             return Ok(Ended::Quit(reauth.session));
         }
         if command && len > 0 && buf[4] == COM_CHANGE_USER {

@@ -144,11 +144,11 @@ impl Parked {
     }
 
     /// The session, once the server's replies to its reset say it is as it was opened;
-    /// `None` (and the session closed) otherwise.
-    pub async fn confirm(mut self) -> Option<Warm> {
-        let mut warm = self.warm.take()?;
+    /// otherwise it is closed, and why it is not had.
+    async fn confirm(mut self) -> Result<Warm, Unconfirmed> {
+        let mut warm = self.warm.take().ok_or(Unconfirmed::Unfit)?;
         if !self.due {
-            return Some(warm);
+            return Ok(warm);
         }
         let work = async {
             let mut buf = BytesMut::new();
@@ -169,14 +169,22 @@ impl Parked {
                 }
             }
         };
-        match tokio::time::timeout(RESET_TIMEOUT, work).await {
-            Ok(Some(())) => Some(warm),
-            _ => {
-                drop(Parked::new(warm, false));
-                None
-            }
-        }
+        let outcome = match tokio::time::timeout(RESET_TIMEOUT, work).await {
+            Ok(Some(())) => return Ok(warm),
+            Ok(None) => Unconfirmed::Unfit,
+            Err(_) => Unconfirmed::Slow,
+        };
+        drop(Parked::new(warm, false));
+        Err(outcome)
     }
+}
+
+/// Why a kept session was not handed out.
+enum Unconfirmed {
+    /// Its replies were not the expected ones, or it was closed.
+    Unfit,
+    /// The server did not answer its reset within [`RESET_TIMEOUT`].
+    Slow,
 }
 
 impl Keep for Parked {
@@ -273,11 +281,14 @@ pub fn keep_confirmed(pool: &Pool, key: kept::Key, warm: Warm) {
 }
 
 /// The most recently kept session for `key` that the server confirms fit (others met on the
-/// way are closed).
+/// way are closed). A server too slow to confirm one is not waited for again: the connection
+/// then gets a new session, as without the pool.
 pub async fn take(pool: &Pool, key: &kept::Key) -> Option<Warm> {
     while let Some(parked) = pool.take(key) {
-        if let Some(warm) = parked.confirm().await {
-            return Some(warm);
+        match parked.confirm().await {
+            Ok(warm) => return Some(warm),
+            Err(Unconfirmed::Unfit) => {}
+            Err(Unconfirmed::Slow) => return None,
         }
     }
     None
