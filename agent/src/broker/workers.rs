@@ -27,8 +27,9 @@
 //! both connection threads and served there, 7 407 against 7 032 from one accept thread (seven
 //! alternating runs). wrk `-c8` with `Connection: close` through an http policy: pairing or
 //! spreading made no difference beyond noise (5 759 and 5 845 requests/s).
+use std::cell::Cell;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
@@ -42,6 +43,23 @@ pub const CHURN: u32 = 64;
 
 /// Connection threads that accept (the first ones).
 pub const MAX_ACCEPTORS: usize = 4;
+
+thread_local! {
+    /// Which connection thread this is (`None` on any other thread).
+    static THREAD: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Numbers the connection threads of every pool in the process.
+static THREADS: AtomicU64 = AtomicU64::new(1);
+
+/// The connection thread the caller runs on (unique in the process), `None` off them. A
+/// socket is registered with the reactor of the thread that made its tokio object; a task on
+/// another thread using it is woken through that thread (an event there, then a wake-up
+/// across), so what is handed between connections notes where it lives
+/// ([`crate::connector::kept`]).
+pub fn current() -> Option<u64> {
+    THREAD.with(Cell::get)
+}
 
 #[derive(Clone, Copy, Default)]
 struct Opener {
@@ -76,9 +94,13 @@ impl Workers {
                 .build()?;
             handles.push(rt.handle().clone());
             let stop = stop.clone();
+            let id = THREADS.fetch_add(1, Ordering::Relaxed);
             std::thread::Builder::new()
                 .name(format!("latch-conn-{i}"))
-                .spawn(move || rt.block_on(stop.cancelled()))?;
+                .spawn(move || {
+                    THREAD.with(|t| t.set(Some(id)));
+                    rt.block_on(stop.cancelled())
+                })?;
         }
         Ok(Self {
             handles,

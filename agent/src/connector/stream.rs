@@ -38,6 +38,22 @@ impl TargetStream {
     }
 }
 
+impl TargetStream {
+    /// Registers the socket with the reactor of the runtime this runs on (a duplicate of its
+    /// descriptor takes its place; the old one leaves its reactor and closes). TLS state is
+    /// untouched.
+    pub fn rehome(&mut self) -> io::Result<()> {
+        let tcp = match self {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(s) => s.get_mut().0,
+        };
+        let fd = std::os::fd::AsFd::as_fd(&*tcp).try_clone_to_owned()?;
+        let here = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+        drop(std::mem::replace(tcp, here));
+        Ok(())
+    }
+}
+
 impl AppStream {
     /// The TCP connection under any TLS.
     pub fn tcp(&self) -> &TcpStream {
@@ -85,5 +101,42 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
             MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+    use tokio::io::AsyncReadExt as _;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_rehomed_target_stream_reads_on_its_new_runtime_after_the_old_one_is_gone() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let old = runtime();
+        let mut stream: TargetStream =
+            MaybeTls::Plain(old.block_on(TcpStream::connect(addr)).unwrap());
+        let (mut server, _) = listener.accept().unwrap();
+        // Its reactor goes: a stream still registered there can no longer wait for data.
+        drop(old);
+        runtime().block_on(async {
+            stream.rehome().unwrap();
+            server.write_all(b"ping").unwrap();
+            let mut got = [0u8; 4];
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                stream.read_exact(&mut got),
+            );
+            read.await.expect("woken").expect("read");
+            assert_eq!(&got, b"ping");
+        });
     }
 }

@@ -15,6 +15,10 @@ impl kept::Keep for Target {
     fn usable(&self) -> bool {
         !self.send.is_closed() && self.send.is_ready()
     }
+
+    fn home(&self) -> Option<u64> {
+        self.home
+    }
 }
 
 #[cfg(test)]

@@ -54,6 +54,8 @@ pub struct Target {
     task: JoinHandle<()>,
     /// The bytes written to the target on this connection so far (upgraded bytes included).
     written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The connection thread that runs `task` (and whose reactor has the socket).
+    pub(super) home: Option<u64>,
 }
 
 impl Target {
@@ -112,6 +114,7 @@ pub(super) async fn http1_over(
         send,
         task,
         written: counter,
+        home: crate::broker::workers::current(),
     })
 }
 

@@ -34,6 +34,7 @@ use tokio::io::AsyncWriteExt as _;
 
 use super::{io::read_packet, target::SessionAuth};
 use crate::{
+    broker::workers,
     connector::{
         kept::{self, Keep},
         stream::{MaybeTls, TargetStream},
@@ -133,6 +134,9 @@ pub struct Parked {
     warm: Option<Warm>,
     /// The replies to its reset are still to be read.
     due: bool,
+    /// The connection thread whose reactor has its socket: where it was parked (a session
+    /// runs where its target socket is registered, [`Keep::rehome`]).
+    home: Option<u64>,
 }
 
 impl Parked {
@@ -140,6 +144,7 @@ impl Parked {
         Parked {
             warm: Some(warm),
             due,
+            home: workers::current(),
         }
     }
 
@@ -197,6 +202,21 @@ impl Keep for Parked {
             // Bytes waiting: the replies when they are due, else something unasked for.
             Some(_) => self.due,
             None => false,
+        }
+    }
+
+    fn home(&self) -> Option<u64> {
+        self.home
+    }
+
+    const MOVABLE: bool = true;
+
+    fn rehome(&mut self) {
+        let Some(warm) = &mut self.warm else { return };
+        match warm.stream.rehome() {
+            Ok(()) => self.home = workers::current(),
+            // It stays usable where it is, woken through its old thread.
+            Err(err) => tracing::debug!(%err, "kept session not moved to this thread"),
         }
     }
 }
