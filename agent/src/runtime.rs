@@ -1,6 +1,7 @@
 //! Starting and stopping the data path: eBPF programs, broker listeners, admin endpoint and
 //! DNS refresh, in the order that keeps every step safe to undo.
 use std::{
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, atomic::Ordering},
@@ -645,7 +646,7 @@ impl Running {
             self.tracker.wait().await;
         }
         self.background.cancel();
-        self.shared.connectors.close_idle();
+        self.shared.connectors.close_idle(&|_| true);
         self.shared.env.secrets.shutdown().await;
         let totals = self.shared.metrics.totals();
         // Dropping the last reference to the interceptor detaches every program that is not
@@ -873,18 +874,30 @@ impl Running {
         };
         let previous = self.shared.policies();
         let set = PolicySet::successor(config, Some(&previous));
-        // (Debug shows every field of a policy, and no secret: only references to them.)
-        let policies_changed =
-            format!("{:?}", set.policies()) != format!("{:?}", previous.policies());
+        // The policies whose content changed or that went (Debug shows every field of a
+        // policy, and no secret: only references to them).
+        let before: HashMap<&str, String> = (previous.policies().iter())
+            .map(|p| (p.name.as_str(), format!("{p:?}")))
+            .collect();
+        let mut changed: HashSet<String> = (before.keys())
+            .filter(|name| !set.policies().iter().any(|p| p.name == **name))
+            .map(|name| name.to_string())
+            .collect();
+        changed.extend(
+            (set.policies().iter())
+                .filter(|p| before.get(p.name.as_str()) != Some(&format!("{p:?}")))
+                .map(|p| p.name.clone()),
+        );
+        drop(before);
         drop(previous);
         let policies = set.policies().len();
         // Policies first, then rules: a connection redirected under a new rule id must find
         // its policy; one redirected under a removed policy's id is refused.
         self.shared.set_policies(set);
-        // Target connections kept between application connections were made under the old
-        // policies (a changed one may name other credentials, TLS or users): let them go.
-        if policies_changed {
-            self.shared.connectors.close_idle();
+        // Target connections kept between application connections under a changed policy were
+        // made under the old one (it may name other credentials, TLS or users): let them go.
+        if !changed.is_empty() {
+            (self.shared.connectors).close_idle(&|policy| changed.contains(policy));
         }
         if let Some(resolver) = resolver {
             let old = self.shared.env.secrets.replace(resolver);

@@ -217,7 +217,7 @@ fn on_mysql_9_the_kept_session_comes_back_reset_too() {
 }
 
 #[test]
-fn a_policy_change_lets_the_kept_sessions_go() {
+fn a_change_of_its_policy_lets_the_kept_sessions_go_and_another_policys_does_not() {
     let mut yaml = String::new();
     let s = Setup::with_policy(NATIVE_USER, NATIVE_PW, "", |y| {
         yaml = y.clone();
@@ -225,13 +225,23 @@ fn a_policy_change_lets_the_kept_sessions_go() {
     });
     let first = connection_id(&s);
     assert_eq!(connection_id(&s), first, "the session was not kept");
+    // Another policy comes: this one's kept session stays.
+    let other = "---\napiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: unrelated\n\
+                 spec:\n  destination:\n    address: 127.0.0.9\n    port: 9\n  protocol: tcp\n  workloads: all\n";
+    s.agent.rewrite_policy(&format!("{yaml}{other}"));
+    s.agent.wait_log("configuration reloaded", 1);
+    assert_eq!(
+        connection_id(&s),
+        first,
+        "another policy's change closed it"
+    );
     // The same credentials, now cached: a changed policy all the same. What was kept under
     // the old one is closed, and the next connection logs in.
     s.agent.rewrite_policy(&yaml.replace(
         "    password: {path: db, field: password}\n",
         "    password: {path: db, field: password}\n    cache: {ttl: 1m}\n",
     ));
-    s.agent.wait_log("configuration reloaded", 1);
+    s.agent.wait_log("configuration reloaded", 2);
     let next = connection_id(&s);
     assert_ne!(next, first, "a session kept under the old policy served");
     assert_eq!(connection_id(&s), next);

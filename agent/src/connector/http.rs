@@ -116,8 +116,8 @@ impl Connector for Http {
         Box::pin(answer_all(app, Failure::Denied, cx.env.handshake_timeout))
     }
 
-    fn close_idle(&self) {
-        self.pool.clear();
+    fn close_idle(&self, changed: &dyn Fn(&str) -> bool) {
+        self.pool.clear_policies(changed);
     }
 
     fn kept(&self) -> Option<usize> {

@@ -248,11 +248,21 @@ impl<T: Keep> Pool<T> {
 
     /// Closes every kept connection.
     pub fn clear(&self) {
-        let mut state = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = std::mem::take(&mut state.idle);
-        state.total = 0;
-        drop(state);
-        drop(idle);
+        self.clear_policies(&|_| true);
+    }
+
+    /// Closes the kept connections made under the policies `changed` names.
+    pub fn clear_policies(&self, changed: &dyn Fn(&str) -> bool) {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let state = &mut *guard;
+        let keys: Vec<Key> = (state.idle.keys())
+            .filter(|k| changed(&k.policy))
+            .cloned()
+            .collect();
+        let gone: Vec<_> = keys.iter().filter_map(|k| state.idle.remove(k)).collect();
+        state.total -= gone.iter().map(VecDeque::len).sum::<usize>();
+        drop(guard);
+        drop(gone);
     }
 
     /// How many connections are kept (tests).
@@ -394,5 +404,27 @@ mod tests {
             p.take(&key()).unwrap().0.moved
         });
         assert!(!moved);
+    }
+
+    #[test]
+    fn clearing_policies_closes_only_what_was_kept_under_them() {
+        let w = Workers::start(1).unwrap();
+        let pool = Pool::<Conn>::default();
+        let p = pool.clone();
+        let left = on(&w, 0, move || {
+            for (id, policy) in [(1, "a"), (2, "b"), (3, "a")] {
+                let mut k = key();
+                k.policy = policy.into();
+                let (home, moved) = (workers::current(), false);
+                p.put(k, Conn { id, home, moved });
+            }
+            p.clear_policies(&|policy| policy == "a");
+            let mut b = key();
+            b.policy = "b".into();
+            let mut a = key();
+            a.policy = "a".into();
+            (p.len(), p.take(&a).map(|c| c.id), p.take(&b).map(|c| c.id))
+        });
+        assert_eq!(left, (1, None, Some(2)));
     }
 }

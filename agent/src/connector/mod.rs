@@ -87,9 +87,12 @@ pub trait Connector: Any + Send + Sync {
         Box::pin(async move { refuse::reset(app) })
     }
 
-    /// The agent is stopping or the policies changed: close the target connections kept
-    /// between application connections ([`kept`]). The default keeps none.
-    fn close_idle(&self) {}
+    /// The agent is stopping, or policies changed: close the target connections kept between
+    /// application connections ([`kept`]) under the policies `changed` names (a changed one
+    /// may name other credentials, TLS or users). The default keeps none.
+    fn close_idle(&self, changed: &dyn Fn(&str) -> bool) {
+        let _ = changed;
+    }
 
     /// How many target connections it keeps now (`None`: it never keeps any).
     fn kept(&self) -> Option<usize> {

@@ -116,9 +116,9 @@ impl Connector for Mysql {
         Box::pin(refusal::abort(app, cx.policy, why, leg))
     }
 
-    fn close_idle(&self) {
+    fn close_idle(&self, changed: &dyn Fn(&str) -> bool) {
         // Each says COM_QUIT as it goes.
-        self.pool.clear();
+        self.pool.clear_policies(changed);
     }
 
     fn kept(&self) -> Option<usize> {

@@ -105,10 +105,10 @@ impl Connectors {
             .map(|c| c.as_ref())
     }
 
-    /// Closes every connector's kept target connections (the agent is stopping, or the
-    /// policies changed).
-    pub fn close_idle(&self) {
-        self.all.iter().for_each(|c| c.close_idle());
+    /// Closes every connector's kept target connections made under the policies `changed`
+    /// names (all when the agent is stopping; the changed ones at a reload).
+    pub fn close_idle(&self, changed: &dyn Fn(&str) -> bool) {
+        self.all.iter().for_each(|c| c.close_idle(changed));
     }
 
     /// The target connections each connector that keeps any keeps now, by protocol name.
