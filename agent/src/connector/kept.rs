@@ -8,8 +8,9 @@
 //! workload (cgroup) and TLS client configuration (its fingerprint covers the `tls` block, the
 //! CA file and the mTLS certificate and key). What else must match, and when a connection is
 //! fit to keep, is the protocol's ([`Keep`]). Bounds: [`MAX_PER_KEY`] idle per key (the
-//! oldest goes), [`MAX_TOTAL`] in all, each kept at most [`IDLE_TIMEOUT`] (dropped when taken
-//! or by a sweep every [`SWEEP_EVERY`] while anything is kept).
+//! oldest goes), [`MAX_PER_WORKLOAD`] per workload and [`MAX_TOTAL`] in all (past them a
+//! connection is closed, not kept), each kept at most [`IDLE_TIMEOUT`] (dropped when taken or
+//! by a sweep every [`SWEEP_EVERY`] while anything is kept).
 //!
 //! Which one: the newest that lives on the taking connection thread ([`Keep::home`]), else the
 //! newest, moved to the taker's thread where it can be. A session using a connection that
@@ -37,6 +38,10 @@ use crate::{
 pub const MAX_PER_KEY: usize = 32;
 /// The most idle connections kept in all (per protocol).
 pub const MAX_TOTAL: usize = 1024;
+/// The most idle connections kept for one workload (cgroup), whatever its keys: a workload
+/// that makes many keys (programs, policies, targets) cannot take the whole pool from the
+/// others.
+pub const MAX_PER_WORKLOAD: usize = 128;
 /// How long an idle connection is kept: shorter than common servers' idle timeouts (nginx's
 /// keep-alive 75 s, MySQL's `wait_timeout` 8 h; Apache's 5 s is the exception: a connection
 /// it closed is dropped when taken).
@@ -152,6 +157,14 @@ impl<T: Keep> Idle<T> {
 }
 
 impl<T: Keep> State<T> {
+    /// How many connections are kept for workload `cgroup`.
+    fn workload(&self, cgroup: u64) -> usize {
+        (self.idle.iter())
+            .filter(|(k, _)| k.cgroup == cgroup)
+            .map(|(_, q)| q.len())
+            .sum()
+    }
+
     /// Drops every expired or closed connection.
     fn sweep(&mut self, now: Instant) {
         let mut total = 0;
@@ -224,9 +237,14 @@ impl<T: Keep> Pool<T> {
         }
         let now = Instant::now();
         let mut state = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if state.total >= self.max_total {
+        // A new key's first connection, or one past the key's bound that replaces its oldest.
+        let full = |s: &State<T>| {
+            let replaces = s.idle.get(&key).is_some_and(|q| q.len() >= MAX_PER_KEY);
+            !replaces && (s.total >= self.max_total || s.workload(key.cgroup) >= MAX_PER_WORKLOAD)
+        };
+        if full(&state) {
             state.sweep(now);
-            if state.total >= self.max_total {
+            if full(&state) {
                 drop(state);
                 drop(conn);
                 return;
@@ -426,5 +444,32 @@ mod tests {
             (p.len(), p.take(&a).map(|c| c.id), p.take(&b).map(|c| c.id))
         });
         assert_eq!(left, (1, None, Some(2)));
+    }
+
+    #[test]
+    fn a_workload_with_many_keys_keeps_at_most_its_share_and_others_still_keep() {
+        let w = Workers::start(1).unwrap();
+        let pool = Pool::<Conn>::default();
+        let p = pool.clone();
+        let (kept, other) = on(&w, 0, move || {
+            // One workload, five programs: 5 × 32 connections.
+            for i in 0..5 * MAX_PER_KEY {
+                let mut k = key();
+                k.exe = Some(ExeId {
+                    dev: 1,
+                    ino: (i / MAX_PER_KEY) as u64,
+                });
+                let (id, home, moved) = (i as u32, workers::current(), false);
+                p.put(k, Conn { id, home, moved });
+            }
+            let kept = p.len();
+            let mut k = key();
+            k.cgroup = 8;
+            let (home, moved) = (workers::current(), false);
+            p.put(k.clone(), Conn { id: 9, home, moved });
+            (kept, p.take(&k).map(|c| c.id))
+        });
+        assert_eq!(kept, MAX_PER_WORKLOAD);
+        assert_eq!(other, Some(9), "another workload could not keep one");
     }
 }
