@@ -874,10 +874,9 @@ impl Running {
         };
         let previous = self.shared.policies();
         let set = PolicySet::successor(config, Some(&previous));
-        // The policies whose content changed or that went (Debug shows every field of a
-        // policy, and no secret: only references to them).
+        // The policies whose content changed or that went.
         let before: HashMap<&str, String> = (previous.policies().iter())
-            .map(|p| (p.name.as_str(), format!("{p:?}")))
+            .map(|p| (p.name.as_str(), content(p)))
             .collect();
         let mut changed: HashSet<String> = (before.keys())
             .filter(|name| !set.policies().iter().any(|p| p.name == **name))
@@ -885,7 +884,7 @@ impl Running {
             .collect();
         changed.extend(
             (set.policies().iter())
-                .filter(|p| before.get(p.name.as_str()) != Some(&format!("{p:?}")))
+                .filter(|p| before.get(p.name.as_str()) != Some(&content(p)))
                 .map(|p| p.name.clone()),
         );
         drop(before);
@@ -918,6 +917,15 @@ impl Running {
             rules,
         })
     }
+}
+
+/// What a policy says, to tell a changed one at a reload: its `Debug` form (every field, and
+/// no secret: only references to them) without where it is written, which moves when another
+/// policy is added above it.
+fn content(policy: &crate::config::Policy) -> String {
+    let mut p = policy.clone();
+    p.source = Default::default();
+    format!("{p:?}")
 }
 
 /// What identifies a set of store definitions (names and backends, not source positions).

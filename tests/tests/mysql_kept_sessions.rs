@@ -225,10 +225,11 @@ fn a_change_of_its_policy_lets_the_kept_sessions_go_and_another_policys_does_not
     });
     let first = connection_id(&s);
     assert_eq!(connection_id(&s), first, "the session was not kept");
-    // Another policy comes: this one's kept session stays.
-    let other = "---\napiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: unrelated\n\
-                 spec:\n  destination:\n    address: 127.0.0.9\n    port: 9\n  protocol: tcp\n  workloads: all\n";
-    s.agent.rewrite_policy(&format!("{yaml}{other}"));
+    // Another policy comes, written above this one (which moves it down the file): this
+    // one's kept session stays.
+    let other = "apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: unrelated\n\
+                 spec:\n  destination:\n    address: 127.0.0.9\n    port: 9\n  protocol: tcp\n  workloads: all\n---\n";
+    s.agent.rewrite_policy(&format!("{other}{yaml}"));
     s.agent.wait_log("configuration reloaded", 1);
     assert_eq!(
         connection_id(&s),

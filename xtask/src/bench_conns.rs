@@ -274,17 +274,20 @@ impl Rig {
                 Via::Latch => "latch",
                 Via::Haproxy => "haproxy",
             },
-            syscalls.map_or(String::new(), |s| format!(", {s:.1} system calls each"))
+            (syscalls.as_ref()).map_or(String::new(), |s| format!(
+                ", {:.1} system calls each ({})",
+                s.total, s.top
+            ))
         );
         Ok(Opening {
             per_second,
-            syscalls,
+            syscalls: syscalls.map(|s| s.total),
         })
     }
 
     /// The agent of a `latch run` whose client waits for a line on stdin before `ab` starts,
     /// so strace is attached to the agent (not the client) first.
-    fn traced_latch(&self, url: &str) -> Result<f64> {
+    fn traced_latch(&self, url: &str) -> Result<Traced> {
         let script = format!(
             "echo ready; read go; ab -q -r -c 32 -n {TRACED_REQUESTS} {url} >/dev/null; echo done"
         );
@@ -299,7 +302,7 @@ impl Rig {
 
     /// System calls of `pid` (all its threads) per connection over `TRACED_REQUESTS`
     /// connections: run by `client` (after a `go`), or by an `ab` started here.
-    fn traced(&self, pid: u32, url: &str, client: Option<&mut Holder>) -> Result<f64> {
+    fn traced(&self, pid: u32, url: &str, client: Option<&mut Holder>) -> Result<Traced> {
         let out = self.dir.join(format!("strace-{pid}.txt"));
         let mut strace = Guard::spawn(
             "strace",
@@ -339,9 +342,17 @@ impl Rig {
             .filter(|(calls, _)| per(*calls) >= 0.5)
             .map(|(calls, name)| format!("{name} {:.1}", per(calls)))
             .collect();
-        println!("bench:   per connection: {}", top.join(", "));
-        Ok(per(strace_total(&summary)?))
+        Ok(Traced {
+            total: per(strace_total(&summary)?),
+            top: top.join(", "),
+        })
     }
+}
+
+/// System calls per connection: all of them, and the most made ones ("name count, ...").
+struct Traced {
+    total: f64,
+    top: String,
 }
 
 /// A client that talks to us on its stdin/stdout (see `HOLD_PY`); killed if dropped early.

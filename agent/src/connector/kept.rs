@@ -237,7 +237,8 @@ impl<T: Keep> Pool<T> {
         }
         let now = Instant::now();
         let mut state = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        // A new key's first connection, or one past the key's bound that replaces its oldest.
+        // Full for it: it would be one more (not in place of its key's oldest) past the total
+        // or its workload's bound.
         let full = |s: &State<T>| {
             let replaces = s.idle.get(&key).is_some_and(|q| q.len() >= MAX_PER_KEY);
             !replaces && (s.total >= self.max_total || s.workload(key.cgroup) >= MAX_PER_WORKLOAD)

@@ -36,9 +36,7 @@ impl TargetStream {
             MaybeTls::Tls(s) => s.get_ref().0,
         }
     }
-}
 
-impl TargetStream {
     /// Registers the socket with the reactor of the runtime this runs on (a duplicate of its
     /// descriptor takes its place; the old one leaves its reactor and closes). TLS state is
     /// untouched.
