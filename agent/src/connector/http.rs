@@ -203,11 +203,10 @@ impl Http {
     ) -> Result<Transferred, ConnectError> {
         // The TLS and HTTP/2 sessions are boxed: a plain HTTP/1.1 connection's future (held
         // for as long as it is kept alive) is not sized for their states.
-        if speaks_tls(&app, cx.env.handshake_timeout).await {
-            return Box::pin(self.serve_tls(app, cx)).await;
-        }
-        if h2::speaks_h2(&app, cx.env.handshake_timeout).await {
-            return Box::pin(h2::serve(self, app, cx)).await;
+        match h2::opening(&app, cx.env.handshake_timeout).await {
+            h2::Opening::Tls => return Box::pin(self.serve_tls(app, cx)).await,
+            h2::Opening::H2 => return Box::pin(h2::serve(self, app, cx)).await,
+            h2::Opening::Http1 => {}
         }
         // A second descriptor of the application's socket, to answer a request head hyper
         // could not parse (hyper closes without a word).
@@ -802,16 +801,6 @@ fn host_header(cx: Context<'_>) -> Option<HeaderValue> {
         format!("{name}:{port}")
     };
     HeaderValue::from_str(&value).ok()
-}
-
-/// Whether the application's first byte is a TLS handshake record (waits for it at most
-/// `within`; a silent application is hyper's to time out).
-async fn speaks_tls(app: &TcpStream, within: Duration) -> bool {
-    let mut first = [0u8; 1];
-    matches!(
-        tokio::time::timeout(within, app.peek(&mut first)).await,
-        Ok(Ok(1)) if first[0] == 0x16
-    )
 }
 
 /// Answers every request on `app` with `failure`'s response (it closes the connection), the

@@ -82,26 +82,50 @@ fn server<E>(exec: E) -> http2::Builder<E> {
 /// Whether the application opened with the HTTP/2 preface (waits for all of it at most
 /// `within`; anything else, or silence, is not HTTP/2).
 pub async fn speaks_h2(app: &TcpStream, within: Duration) -> bool {
+    matches!(opening(app, within).await, Opening::H2)
+}
+
+/// What an application's connection opens with.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Opening {
+    /// A TLS record (a ClientHello).
+    Tls,
+    /// The HTTP/2 connection preface.
+    H2,
+    /// Anything else (HTTP/1.x, or nothing within the time).
+    Http1,
+}
+
+/// Tells [`Opening`] from the first bytes `app` sends (peeked, left in the socket), waiting
+/// up to `within` for them and, when they are the start of the HTTP/2 preface, for the rest
+/// of it. One look decides an HTTP/1.x request.
+pub async fn opening(app: &TcpStream, within: Duration) -> Opening {
     let deadline = tokio::time::Instant::now() + within;
     let mut buf = [0u8; PREFACE.len()];
     loop {
         let n = match tokio::time::timeout_at(deadline, app.peek(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => n,
-            _ => return false,
+            _ => return Opening::Http1,
         };
+        if buf[0] == TLS_HANDSHAKE {
+            return Opening::Tls;
+        }
         if buf[..n] != PREFACE[..n] {
-            return false;
+            return Opening::Http1;
         }
         if n == PREFACE.len() {
-            return true;
+            return Opening::H2;
         }
         // Part of the preface: the rest is on its way.
         if tokio::time::Instant::now() >= deadline {
-            return false;
+            return Opening::Http1;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
+
+/// The first byte of a TLS record carrying a handshake message.
+const TLS_HANDSHAKE: u8 = 0x16;
 
 type Task<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 /// A request handed from hyper's stream to the session, and where its response goes.
@@ -558,6 +582,42 @@ mod tests {
             b = b.header(header::HOST, h);
         }
         b.body(empty()).unwrap()
+    }
+
+    /// What `opening` makes of a connection whose peer writes `parts`, 20 ms apart.
+    async fn opening_of(parts: &[&'static [u8]]) -> Opening {
+        use tokio::io::AsyncWriteExt as _;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (app, _) = l.accept().await.unwrap();
+        let parts = parts.to_vec();
+        let writer = tokio::spawn(async move {
+            for p in parts {
+                peer.write_all(p).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            peer
+        });
+        let seen = opening(&app, Duration::from_millis(300)).await;
+        drop(writer.await.unwrap());
+        seen
+    }
+
+    #[tokio::test]
+    async fn one_look_tells_tls_http2_and_http1_apart() {
+        assert_eq!(opening_of(&[b"\x16\x03\x01\x00"]).await, Opening::Tls);
+        assert_eq!(opening_of(&[b"GET / HTTP/1.1\r\n"]).await, Opening::Http1);
+        // "P" could begin the preface or a PUT: it is waited for until it says which.
+        assert_eq!(
+            opening_of(&[b"PRI * HTTP/2", b".0\r\n\r\nSM\r\n\r\n"]).await,
+            Opening::H2
+        );
+        assert_eq!(
+            opening_of(&[b"P", b"UT / HTTP/1.1\r\n"]).await,
+            Opening::Http1
+        );
+        // A peer that closes at once is hyper's to end.
+        assert_eq!(opening_of(&[]).await, Opening::Http1);
     }
 
     #[test]
