@@ -58,6 +58,11 @@ impl MariaDb {
         bins::tool("mariadb", "mariadb-client");
         let dir = TempDir::new("mariadb");
         let data = dir.path().join("data");
+        // A temporary directory of its own: a server starting removes every `#sql-*` file in
+        // its tmpdir, which, were it /tmp, would include the temporary tables of another
+        // instance's bootstrap (it then fails: "Unknown table 'mysql.tmp_user_sys'").
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).expect("make the server's tmpdir");
         // One at a time: concurrent bootstraps in one test process have been seen to fail.
         static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         {
@@ -66,6 +71,7 @@ impl MariaDb {
                 Command::new(install)
                     .arg("--no-defaults")
                     .arg(format!("--datadir={}", data.display()))
+                    .arg(format!("--tmpdir={}", tmp.display()))
                     .args([
                         "--user=root",
                         "--skip-test-db",
@@ -88,6 +94,7 @@ impl MariaDb {
         }
         let child = server
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg(format!("--socket={}", socket.display()))
             .arg(format!(
                 "--pid-file={}",

@@ -49,6 +49,10 @@ impl MySql {
         let (mysqld, root) = server();
         let dir = TempDir::new("mysql");
         let data = dir.path().join("data");
+        // Its own, as for MariaDB (`mariadb::MariaDb::start_tls`): not /tmp, shared with other
+        // servers' temporary tables.
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).expect("make the server's tmpdir");
         let files = dir.path().join("files");
         std::fs::create_dir_all(&files).unwrap();
         let common = |cmd: &mut Command| {
@@ -68,7 +72,8 @@ impl MySql {
                     "--plugin-dir={}",
                     root.join("usr/lib/mysql/plugin").display()
                 ))
-                .arg(format!("--datadir={}", data.display()));
+                .arg(format!("--datadir={}", data.display()))
+                .arg(format!("--tmpdir={}", tmp.display()));
         };
         let mut init = Command::new(&mysqld);
         common(&mut init);

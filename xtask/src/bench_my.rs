@@ -256,10 +256,14 @@ impl Rig {
     fn start(dir: &Path, latch: &Path, seconds: u32) -> Result<Rig> {
         let data = dir.join("data");
         let socket = dir.join("mysqld.sock");
+        // Its own tmpdir: a server starting removes every `#sql-*` file in it.
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&tmp)?;
         proc::run(
             Command::new(tool("mariadb-install-db")?)
                 .arg("--no-defaults")
                 .arg(format!("--datadir={}", data.display()))
+                .arg(format!("--tmpdir={}", tmp.display()))
                 .args([
                     "--user=root",
                     "--skip-test-db",
@@ -275,6 +279,7 @@ impl Rig {
             Command::new(tool("mariadbd")?)
                 .arg("--no-defaults")
                 .arg(format!("--datadir={}", data.display()))
+                .arg(format!("--tmpdir={}", tmp.display()))
                 .arg(format!("--socket={}", socket.display()))
                 .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
                 .arg(format!("--log-error={}", dir.join("server.log").display()))
