@@ -141,6 +141,8 @@ impl<T: Keep> Default for Pool<T> {
 struct State<T> {
     idle: HashMap<Key, VecDeque<Idle<T>>>,
     total: usize,
+    /// How many are kept per workload (cgroup id); no zero entries.
+    workloads: HashMap<u64, usize>,
     /// A sweep task is running.
     sweeping: bool,
 }
@@ -159,21 +161,33 @@ impl<T: Keep> Idle<T> {
 impl<T: Keep> State<T> {
     /// How many connections are kept for workload `cgroup`.
     fn workload(&self, cgroup: u64) -> usize {
-        (self.idle.iter())
-            .filter(|(k, _)| k.cgroup == cgroup)
-            .map(|(_, q)| q.len())
-            .sum()
+        self.workloads.get(&cgroup).copied().unwrap_or(0)
+    }
+
+    /// Counts `n` connections of workload `cgroup` gone.
+    fn gone(&mut self, cgroup: u64, n: usize) {
+        self.total -= n;
+        if let Some(c) = self.workloads.get_mut(&cgroup) {
+            *c -= n;
+            if *c == 0 {
+                self.workloads.remove(&cgroup);
+            }
+        }
     }
 
     /// Drops every expired or closed connection.
     fn sweep(&mut self, now: Instant) {
-        let mut total = 0;
-        self.idle.retain(|_, q| {
+        let (mut total, mut workloads) = (0, HashMap::new());
+        self.idle.retain(|k, q| {
             q.retain(|i| i.usable(now));
             total += q.len();
+            if !q.is_empty() {
+                *workloads.entry(k.cgroup).or_default() += q.len();
+            }
             !q.is_empty()
         });
         self.total = total;
+        self.workloads = workloads;
     }
 }
 
@@ -184,6 +198,7 @@ impl<T: Keep> Pool<T> {
             inner: Arc::new(Mutex::new(State {
                 idle: HashMap::new(),
                 total: 0,
+                workloads: HashMap::new(),
                 sweeping: false,
             })),
             max_total,
@@ -211,16 +226,17 @@ impl<T: Keep> Pool<T> {
                 None => q.pop_back(),
             };
             let Some(i) = next else { break };
-            state.total -= 1;
             if i.usable(now) {
                 found = Some(i.conn);
                 break;
             }
             dropped.push(i);
         }
-        if q.is_empty() {
+        let (taken, empty) = (dropped.len() + usize::from(found.is_some()), q.is_empty());
+        if empty {
             state.idle.remove(key);
         }
+        state.gone(key.cgroup, taken);
         drop(guard);
         drop(dropped);
         let mut found = found?;
@@ -251,11 +267,13 @@ impl<T: Keep> Pool<T> {
                 return;
             }
         }
+        let cgroup = key.cgroup;
         let q = state.idle.entry(key).or_default();
         let oldest = (q.len() >= MAX_PER_KEY).then(|| q.pop_front()).flatten();
         q.push_back(Idle { conn, since: now });
         if oldest.is_none() {
             state.total += 1;
+            *state.workloads.entry(cgroup).or_default() += 1;
         }
         if !state.sweeping {
             state.sweeping = true;
@@ -278,13 +296,18 @@ impl<T: Keep> Pool<T> {
             .filter(|k| changed(&k.policy))
             .cloned()
             .collect();
-        let gone: Vec<_> = keys.iter().filter_map(|k| state.idle.remove(k)).collect();
-        state.total -= gone.iter().map(VecDeque::len).sum::<usize>();
+        let mut gone = Vec::new();
+        for k in &keys {
+            if let Some(q) = state.idle.remove(k) {
+                state.gone(k.cgroup, q.len());
+                gone.push(q);
+            }
+        }
         drop(guard);
         drop(gone);
     }
 
-    /// How many connections are kept (tests).
+    /// How many connections are kept.
     pub fn len(&self) -> usize {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).total
     }
@@ -464,6 +487,15 @@ mod tests {
                 p.put(k, Conn { id, home, moved });
             }
             let kept = p.len();
+            // One taken makes room for one more of its workload.
+            let mut full = key();
+            full.exe = Some(ExeId { dev: 1, ino: 0 });
+            let one = p.take(&full).unwrap();
+            let mut fifth = key();
+            fifth.exe = Some(ExeId { dev: 1, ino: 4 });
+            p.put(fifth.clone(), one);
+            assert_eq!(p.len(), MAX_PER_WORKLOAD);
+            assert!(p.take(&fifth).is_some(), "no room made by the one taken");
             let mut k = key();
             k.cgroup = 8;
             let (home, moved) = (workers::current(), false);
