@@ -2,7 +2,7 @@
 //! of them from accept to close, so the readiness of its sockets wakes the thread that runs it
 //! (its own epoll), never a second thread that would then have to wake it: on request/response
 //! traffic that halves the wake-ups per reply (pgbench `-S` through latch went from about 21k
-//! to 31k transactions per second here). The agent's other work (accept loops, admin, reload,
+//! to 31k transactions per second here). The agent's other work (admin, reload,
 //! DNS) stays on the main runtime.
 //!
 //! Which thread: the connections one application thread opens share a connection thread, and
@@ -13,20 +13,26 @@
 //! transactions per second; when each pgbench thread's connections were split over both broker
 //! threads, 25–32k; both pgbench threads on one broker thread, 23–25k.
 //!
-//! The first [`MAX_ACCEPTORS`] connection threads run an accept loop on every listener
-//! (`Serving::listen`), so a connection is usually served where it was accepted, with no
-//! hand-over between threads. (Every thread that accepts on a listener is woken for each of
-//! its connections and all but one find nothing, so their number is bounded.)
+//! One connection thread in [`CPUS_PER_ACCEPTOR`] (at most [`MAX_ACCEPTORS`], the first ones)
+//! runs an accept loop on every listener (`Serving::listen`). Every thread that accepts on a
+//! listener is woken for each of its connections and all but one find nothing, so their
+//! number is kept low.
+//!
 //! An application thread that opens connections faster than [`CHURN`] a second (one connection
 //! per request: ab, wrk with `Connection: close`, PHP and CGI-style workers) is not paired: its
-//! connections stay on the thread that accepted them when every thread accepts, and go round
-//! robin over all of them otherwise, since opening them is most of their work and one broker
-//! thread would do all of it while the others idle. `ab -c 32`, one connection
-//! per request, through a tcp policy to nginx on 2 CPUs: 6 311 connections/s paired, 6 892
-//! spread round robin from one accept thread (means of five alternating runs); accepted on
-//! both connection threads and served there, 7 407 against 7 032 from one accept thread (seven
-//! alternating runs). wrk `-c8` with `Connection: close` through an http policy: pairing or
-//! spreading made no difference beyond noise (5 759 and 5 845 requests/s).
+//! connections stay on the thread that accepted them. Opening them is most of their work, and
+//! moving each to another thread costs a wake-up there. On a small machine, where latch shares
+//! the CPUs with the applications and servers it serves, one thread doing that work beats two.
+//! Measured on 2 CPUs (means of three alternating runs, nginx target):
+//!
+//! | one connection per request | both threads accept, each serves what it accepted | one accepts and serves | one connection thread in all |
+//! |---|---|---|---|
+//! | wrk `-c8`, `Connection: close`, http policy (requests/s) | 8 770 | 11 830 | 12 170 |
+//! | `ab -c 32`, tcp policy (connections/s) | 9 270 | 10 140 | 10 260 |
+//!
+//! sysbench connect-per-query through a mysql policy showed no difference beyond noise (4 357
+//! against 4 294 a second). Long-lived connections still spread over every thread (pairing,
+//! above), so one accepting thread does not cap what the others relay.
 use std::cell::Cell;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -38,11 +44,15 @@ use tokio_util::sync::CancellationToken;
 /// Slots of the application-thread table.
 const OPENER_SLOTS: usize = 1024;
 
-/// Connections an application thread opens in one second before its next ones are spread.
+/// Connections an application thread opens in one second before its next ones stay on the
+/// thread that accepted them.
 pub const CHURN: u32 = 64;
 
-/// Connection threads that accept (the first ones).
+/// Connection threads that accept (the first ones), at most.
 pub const MAX_ACCEPTORS: usize = 4;
+
+/// Connection threads (CPUs) per accepting thread.
+pub const CPUS_PER_ACCEPTOR: usize = 4;
 
 thread_local! {
     /// Which connection thread this is (`None` on any other thread).
@@ -121,9 +131,10 @@ impl Workers {
         self.handles.len()
     }
 
-    /// How many of them accept: the first [`MAX_ACCEPTORS`].
+    /// How many of them accept (the first ones): one per [`CPUS_PER_ACCEPTOR`], at most
+    /// [`MAX_ACCEPTORS`].
     pub fn acceptors(&self) -> usize {
-        self.count().min(MAX_ACCEPTORS)
+        self.count().div_ceil(CPUS_PER_ACCEPTOR).min(MAX_ACCEPTORS)
     }
 
     /// Connection thread `i` (`i < count()`).
@@ -134,24 +145,16 @@ impl Workers {
     /// The thread (index) for a connection opened by thread `tid` of process `pid` and
     /// accepted on thread `here`: the one its earlier connections went to, or the next one
     /// round robin for a new opener. One that opened more than [`CHURN`] connections this
-    /// second: `here` when every thread accepts (its connections then cost no hand-over
-    /// between threads), else the next one round robin.
+    /// second: `here`, so its connections cost no hand-over between threads.
     pub fn for_opener(&self, pid: u32, tid: u32, here: usize) -> usize {
         self.pick(pid, tid, self.started.elapsed(), here)
     }
 
     /// [`Self::for_opener`]'s choice at `now` (since the pool started).
     fn pick(&self, pid: u32, tid: u32, now: Duration, here: usize) -> usize {
-        let spread = || {
-            if self.acceptors() == self.count() {
-                here
-            } else {
-                self.next_index()
-            }
-        };
         let key = u64::from(pid) << 32 | u64::from(tid);
         if key == 0 {
-            return spread();
+            return here;
         }
         let slot = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % OPENER_SLOTS;
         let second = now.as_secs();
@@ -171,8 +174,7 @@ impl Workers {
         }
         entry.opened = entry.opened.saturating_add(1);
         if entry.opened > CHURN {
-            drop(openers);
-            return spread();
+            return here;
         }
         entry.worker
     }
@@ -272,19 +274,29 @@ mod tests {
     }
 
     #[test]
-    fn with_more_threads_than_accept_a_fast_openers_connections_go_round_robin() {
-        let workers = Workers::start(MAX_ACCEPTORS + 2).unwrap();
-        assert_eq!(workers.acceptors(), MAX_ACCEPTORS);
+    fn one_thread_in_four_accepts_and_at_most_four() {
+        let accepting = |n| Workers::start(n).unwrap().acceptors();
+        assert_eq!(accepting(1), 1);
+        assert_eq!(accepting(2), 1);
+        assert_eq!(accepting(4), 1);
+        assert_eq!(accepting(5), 2);
+        assert_eq!(accepting(16), 4);
+        assert_eq!(accepting(40), MAX_ACCEPTORS);
+    }
+
+    #[test]
+    fn with_more_threads_than_accept_a_fast_openers_connections_stay_where_accepted() {
+        let workers = Workers::start(8).unwrap();
+        assert_eq!(workers.acceptors(), 2);
         let at = |ms: u64| Duration::from_millis(ms);
         for i in 0..=CHURN {
             workers.pick(5, 5, at(u64::from(i)), 0);
         }
-        // Past CHURN, accepted on thread 0 each time, they reach every thread in turn.
-        let mut seen: Vec<usize> = (0..workers.count())
-            .map(|i| workers.pick(5, 5, at(500 + i as u64), 0))
-            .collect();
-        seen.sort_unstable();
-        assert_eq!(seen, (0..workers.count()).collect::<Vec<_>>());
+        // Past CHURN, each is served by the accepting thread that took it.
+        for i in 0..8 {
+            assert_eq!(workers.pick(5, 5, at(500 + i), 0), 0);
+            assert_eq!(workers.pick(5, 5, at(600 + i), 1), 1);
+        }
     }
 
     #[test]

@@ -101,7 +101,7 @@ pub(super) async fn http1_over(
     let (send, conn) = http1::Builder::new()
         .preserve_header_case(true)
         .title_case_headers(false)
-        .max_headers(super::MAX_HEADERS)
+        // at most super::MAX_HEADERS header fields in a response: hyper's default
         .handshake(io)
         .await
         .map_err(TargetError::Http)?;
