@@ -175,11 +175,20 @@ impl<T: Keep> State<T> {
         }
     }
 
-    /// Drops every expired or closed connection.
-    fn sweep(&mut self, now: Instant) {
-        let (mut total, mut workloads) = (0, HashMap::new());
+    /// Takes out every expired or closed connection, for the caller to drop once the lock
+    /// is released (closing one writes to its socket: a MySQL session says COM_QUIT).
+    #[must_use = "the connections taken out are closed when dropped, after the lock"]
+    fn sweep(&mut self, now: Instant) -> Vec<Idle<T>> {
+        let (mut total, mut workloads, mut gone) = (0, HashMap::new(), Vec::new());
         self.idle.retain(|k, q| {
-            q.retain(|i| i.usable(now));
+            let mut i = 0;
+            while i < q.len() {
+                if q[i].usable(now) {
+                    i += 1;
+                } else if let Some(dead) = q.remove(i) {
+                    gone.push(dead);
+                }
+            }
             total += q.len();
             if !q.is_empty() {
                 *workloads.entry(k.cgroup).or_default() += q.len();
@@ -188,6 +197,7 @@ impl<T: Keep> State<T> {
         });
         self.total = total;
         self.workloads = workloads;
+        gone
     }
 }
 
@@ -259,11 +269,12 @@ impl<T: Keep> Pool<T> {
             let replaces = s.idle.get(&key).is_some_and(|q| q.len() >= MAX_PER_KEY);
             !replaces && (s.total >= self.max_total || s.workload(key.cgroup) >= MAX_PER_WORKLOAD)
         };
+        let mut swept = Vec::new();
         if full(&state) {
-            state.sweep(now);
+            swept = state.sweep(now);
             if full(&state) {
                 drop(state);
-                drop(conn);
+                drop((conn, swept));
                 return;
             }
         }
@@ -280,7 +291,7 @@ impl<T: Keep> Pool<T> {
             tokio::spawn(sweeper(Arc::downgrade(&self.inner)));
         }
         drop(state);
-        drop(oldest);
+        drop((oldest, swept));
     }
 
     /// Closes every kept connection.
@@ -325,9 +336,14 @@ async fn sweeper<T: Keep>(pool: Weak<Mutex<State<T>>>) {
             return;
         };
         let mut state = pool.lock().unwrap_or_else(|p| p.into_inner());
-        state.sweep(Instant::now());
-        if state.total == 0 {
+        let swept = state.sweep(Instant::now());
+        let done = state.total == 0;
+        if done {
             state.sweeping = false;
+        }
+        drop(state);
+        drop(swept);
+        if done {
             return;
         }
     }
@@ -504,5 +520,64 @@ mod tests {
         });
         assert_eq!(kept, MAX_PER_WORKLOAD);
         assert_eq!(other, Some(9), "another workload could not keep one");
+    }
+
+    /// A kept connection that can be closed from outside, and that notes on its drop whether
+    /// the pool's lock was free (closing a MySQL session writes to its socket).
+    struct Closing {
+        open: Arc<std::sync::atomic::AtomicBool>,
+        pool: Weak<Mutex<State<Closing>>>,
+        dropped_unlocked: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Keep for Closing {
+        fn usable(&self) -> bool {
+            self.open.load(std::sync::atomic::Ordering::Relaxed)
+        }
+
+        fn home(&self) -> Option<u64> {
+            None
+        }
+    }
+
+    impl Drop for Closing {
+        fn drop(&mut self) {
+            if let Some(pool) = self.pool.upgrade()
+                && pool.try_lock().is_ok()
+            {
+                self.dropped_unlocked
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[test]
+    fn a_sweep_closes_what_it_takes_out_after_letting_the_pool_go() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let w = Workers::start(1).unwrap();
+        let pool = Pool::<Closing>::with_bound(1);
+        let unlocked = Arc::new(AtomicUsize::new(0));
+        let first = Arc::new(AtomicBool::new(true));
+        let conn = |open: &Arc<AtomicBool>| Closing {
+            open: open.clone(),
+            pool: Arc::downgrade(&pool.inner),
+            dropped_unlocked: unlocked.clone(),
+        };
+        let (a, b) = (conn(&first), conn(&Arc::new(AtomicBool::new(true))));
+        let p = pool.clone();
+        on(&w, 0, move || {
+            p.put(key(), a);
+            // The first one closes; the pool is full, so keeping the second sweeps it out.
+            first.store(false, Ordering::Relaxed);
+            let mut other = key();
+            other.cgroup = 8;
+            p.put(other, b);
+        });
+        assert_eq!(pool.len(), 1);
+        assert_eq!(
+            unlocked.load(Ordering::Relaxed),
+            1,
+            "the swept connection was closed with the pool locked"
+        );
     }
 }
