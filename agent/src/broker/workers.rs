@@ -136,7 +136,7 @@ impl Workers {
     /// How many of them accept (the first ones): one per [`CPUS_PER_ACCEPTOR`], at most
     /// [`MAX_ACCEPTORS`].
     pub fn acceptors(&self) -> usize {
-        self.count().div_ceil(CPUS_PER_ACCEPTOR).min(MAX_ACCEPTORS)
+        acceptors_for(self.count())
     }
 
     /// Connection thread `i` (`i < count()`).
@@ -184,6 +184,11 @@ impl Workers {
     fn next_index(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()
     }
+}
+
+/// How many of `threads` connection threads accept.
+fn acceptors_for(threads: usize) -> usize {
+    threads.div_ceil(CPUS_PER_ACCEPTOR).min(MAX_ACCEPTORS)
 }
 
 impl Drop for Workers {
@@ -277,13 +282,9 @@ mod tests {
 
     #[test]
     fn one_thread_in_two_accepts_and_at_most_four() {
-        let accepting = |n| Workers::start(n).unwrap().acceptors();
-        assert_eq!(accepting(1), 1);
-        assert_eq!(accepting(2), 1);
-        assert_eq!(accepting(3), 2);
-        assert_eq!(accepting(4), 2);
-        assert_eq!(accepting(8), 4);
-        assert_eq!(accepting(40), MAX_ACCEPTORS);
+        let accepting: Vec<usize> = [1, 2, 3, 4, 8, 40].map(acceptors_for).into();
+        assert_eq!(accepting, [1, 1, 2, 2, 4, MAX_ACCEPTORS]);
+        assert_eq!(Workers::start(2).unwrap().acceptors(), 1);
     }
 
     #[test]
