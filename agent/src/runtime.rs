@@ -874,20 +874,17 @@ impl Running {
         };
         let previous = self.shared.policies();
         let set = PolicySet::successor(config, Some(&previous));
-        // The policies whose content changed or that went.
-        let before: HashMap<&str, String> = (previous.policies().iter())
-            .map(|p| (p.name.as_str(), content(p)))
-            .collect();
-        let mut changed: HashSet<String> = (before.keys())
-            .filter(|name| !set.policies().iter().any(|p| p.name == **name))
-            .map(|name| name.to_string())
-            .collect();
-        changed.extend(
+        // The policies whose content changed, that went or that came.
+        let contents = |set: &PolicySet| -> HashMap<String, String> {
             (set.policies().iter())
-                .filter(|p| before.get(p.name.as_str()) != Some(&content(p)))
-                .map(|p| p.name.clone()),
-        );
-        drop(before);
+                .map(|p| (p.name.clone(), content(p)))
+                .collect()
+        };
+        let (before, after) = (contents(&previous), contents(&set));
+        let changed: HashSet<String> = (before.keys().chain(after.keys()))
+            .filter(|name| before.get(*name) != after.get(*name))
+            .cloned()
+            .collect();
         drop(previous);
         let policies = set.policies().len();
         // Policies first, then rules: a connection redirected under a new rule id must find

@@ -182,8 +182,7 @@ struct Session<'a> {
 }
 
 /// The server side as latch runs it: hyper's HTTP/1.1 with header limits ([`MAX_HEADERS`] is
-/// hyper's own), the header read
-/// timeout (slowloris), header case kept, no `Date` added.
+/// hyper's own), the header read timeout (slowloris), header case kept, no `Date` added.
 fn server(header_timeout: Duration) -> http1::Builder {
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())

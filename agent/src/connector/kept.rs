@@ -181,14 +181,10 @@ impl<T: Keep> State<T> {
     fn sweep(&mut self, now: Instant) -> Vec<Idle<T>> {
         let (mut total, mut workloads, mut gone) = (0, HashMap::new(), Vec::new());
         self.idle.retain(|k, q| {
-            let mut i = 0;
-            while i < q.len() {
-                if q[i].usable(now) {
-                    i += 1;
-                } else if let Some(dead) = q.remove(i) {
-                    gone.push(dead);
-                }
-            }
+            let (live, dead): (VecDeque<_>, VecDeque<_>) =
+                std::mem::take(q).into_iter().partition(|i| i.usable(now));
+            *q = live;
+            gone.extend(dead);
             total += q.len();
             if !q.is_empty() {
                 *workloads.entry(k.cgroup).or_default() += q.len();
