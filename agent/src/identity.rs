@@ -1,5 +1,6 @@
 //! Who is behind a redirected connection: the workload, built from the kernel's record plus
 //! what /proc and the cgroup hierarchy say about that process.
+mod cgroup_paths;
 pub mod exe;
 pub mod seen;
 

@@ -4,10 +4,9 @@
 //! - A process is named by its pid and its start time as the kernel recorded them at
 //!   connect time (a pid alone is reused); its executable's path (for display) is read once,
 //!   from /proc, after checking that /proc shows that very process (same start time).
-//! - A cgroup is named by its id, which the kernel never reuses while it runs; its path is
-//!   read once from /proc/<pid>/cgroup and then checked per connection with one `stat` (the
-//!   directory at that path still has that id: a cgroup can be renamed), which also gives
-//!   its owner now.
+//! - A cgroup is named by its id, which the kernel never reuses while it runs; its path and
+//!   owner are read once (/proc/<pid>/cgroup, then a `stat` of the directory that checks it has
+//!   that id) and kept while inotify reports no rename or owner change ([`super::cgroup_paths`]).
 //!
 //! - A workload's identity, once built for a connection, is shared with every live
 //!   connection whose identity is equal ([`Seen::share`]): a pool's hundred idle connections
@@ -20,12 +19,12 @@ use std::{
     collections::HashMap,
     fs,
     hash::{BuildHasher as _, RandomState},
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, Weak},
 };
 
 use super::Workload;
+use super::cgroup_paths::{Cached, CgroupPaths, owner_if_id};
 
 /// Entries per map.
 pub const MAX: usize = 4096;
@@ -34,8 +33,8 @@ pub const MAX: usize = 4096;
 pub struct Seen {
     /// (pid, start ns) → executable path.
     exes: Mutex<HashMap<(u32, u64), PathBuf>>,
-    /// cgroup id → path from the hierarchy's root.
-    cgroups: Mutex<HashMap<u64, String>>,
+    /// cgroup id → path from the hierarchy's root and owner.
+    cgroups: Mutex<CgroupPaths>,
     /// Hash of a workload's identity → the live copy connections share.
     workloads: Mutex<HashMap<u64, Weak<Workload>>>,
     hasher: RandomState,
@@ -61,17 +60,20 @@ impl Seen {
     /// The path of cgroup `id` and the owner of its directory, `pid` being a process that
     /// was in it when it connected.
     pub fn cgroup(&self, pid: u32, id: u64, root: &Path) -> Option<(String, u32)> {
-        let cached = lock(&self.cgroups).get(&id).cloned();
-        if let Some(path) = cached {
-            if let Some(owner) = owner_if_id(root, &path, id) {
-                return Some((path, owner));
+        let cached = lock(&self.cgroups).get(id);
+        match cached {
+            Cached::Hit(path, owner) => return Some((path, owner)),
+            Cached::Check(path) => {
+                if let Some(owner) = owner_if_id(root, &path, id) {
+                    return Some((path, owner));
+                }
+                lock(&self.cgroups).remove(id);
             }
-            lock(&self.cgroups).remove(&id);
+            Cached::Miss => {}
         }
         let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
         let path = text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
-        let owner = owner_if_id(root, &path, id)?;
-        insert(&self.cgroups, id, path.clone());
+        let owner = lock(&self.cgroups).check_and_keep(root, path.clone(), id)?;
         Some((path, owner))
     }
 }
@@ -102,12 +104,6 @@ impl Seen {
         map.insert(key, Arc::downgrade(&shared));
         shared
     }
-}
-
-/// The owner of the cgroup directory at `path`, if that directory is cgroup `id` (its inode).
-fn owner_if_id(root: &Path, path: &str, id: u64) -> Option<u32> {
-    let meta = fs::metadata(root.join(path.trim_start_matches('/'))).ok()?;
-    (meta.ino() == id).then_some(meta.uid())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -195,7 +191,7 @@ mod tests {
         let text = fs::read_to_string("/proc/self/cgroup").unwrap();
         let path = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
         let dir = root.join(path.trim_start_matches('/'));
-        let id = fs::metadata(&dir).unwrap().ino();
+        let id = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&dir).unwrap());
         let (got, _) = seen.cgroup(me, id, &root).expect("own cgroup");
         assert_eq!(got, path);
         // From the cache, for a pid that does not exist.
@@ -205,18 +201,5 @@ mod tests {
         );
         // A wrong id is never given the path.
         assert_eq!(seen.cgroup(me, id + 1, &root), None);
-        // A cached path whose directory has another id now is dropped.
-        insert(&seen.cgroups, 42, path.to_owned());
-        assert_eq!(seen.cgroup(u32::MAX, 42, &root), None);
-        assert!(!lock(&seen.cgroups).contains_key(&42));
-    }
-
-    #[test]
-    fn the_maps_are_bounded() {
-        let seen = Seen::default();
-        for i in 0..(MAX as u64 + 10) {
-            insert(&seen.cgroups, i, String::new());
-        }
-        assert!(lock(&seen.cgroups).len() <= MAX);
     }
 }
