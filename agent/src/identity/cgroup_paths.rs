@@ -6,18 +6,14 @@
 //! never reused. So an entry is cached only after inotify watches its directory
 //! (`IN_ATTRIB`; also `IN_MOVE_SELF` and `IN_DELETE_SELF`) and after a `stat` that follows
 //! the watch has checked it. Every lookup first reads the inotify descriptor (non-blocking:
-//! one `read` that finds nothing when nothing changed) and forgets every entry when anything
-//! did. The kernel queues an event inside the system call that made the change, so a lookup
+//! one `read` that finds nothing when nothing changed) and forgets the entries of the
+//! directories it reports (all of them if the kernel's queue overflowed). The kernel queues an event inside the system call that made the change, so a lookup
 //! that starts after a `chown` has returned sees it.
 //!
 //! That replaces a path walk per connection (the directory's `stat`: 4–5% of latch's CPU on
 //! one-request connections) with that `read`. Where inotify cannot be had (no instance, or
 //! [`MAX_WATCHES`] reached), an entry is checked with a `stat` at each lookup, as before.
-use std::{
-    collections::{HashMap, HashSet},
-    os::unix::fs::MetadataExt as _,
-    path::Path,
-};
+use std::{collections::HashMap, os::unix::fs::MetadataExt as _, path::Path};
 
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
@@ -29,7 +25,7 @@ pub const MAX_WATCHES: usize = 1024;
 struct Entry {
     path: String,
     owner: u32,
-    /// Its directories are watched: a lookup needs no `stat`.
+    /// Its directory is watched: a lookup needs no `stat`.
     watched: bool,
 }
 
@@ -40,7 +36,8 @@ pub struct CgroupPaths {
     inotify: Option<Inotify>,
     /// inotify could not be set up: never tried again.
     no_inotify: bool,
-    watches: HashSet<WatchDescriptor>,
+    /// Each watched directory's cgroup id.
+    watches: HashMap<WatchDescriptor, u64>,
 }
 
 /// What a lookup found.
@@ -53,7 +50,7 @@ pub enum Cached {
 }
 
 impl CgroupPaths {
-    /// What is cached for `id`, after forgetting everything if a watched directory changed.
+    /// What is cached for `id`, after forgetting the entries whose directories changed.
     pub fn get(&mut self, id: u64) -> Cached {
         self.forget_if_changed();
         match self.entries.get(&id) {
@@ -74,8 +71,20 @@ impl CgroupPaths {
         if self.entries.len() >= super::seen::MAX {
             self.clear();
         }
-        let watched = self.watch(root, &path);
-        let owner = owner_if_id(root, &path, id)?;
+        let wd = self.watch(root, &path);
+        let Some(owner) = owner_if_id(root, &path, id) else {
+            // Not that cgroup: its directory's watch (if new) goes, and names no entry.
+            if let (Some(wd), Some(inotify)) = (wd, &self.inotify)
+                && !self.watches.contains_key(&wd)
+            {
+                let _ = inotify.rm_watch(wd);
+            }
+            return None;
+        };
+        if let Some(wd) = wd {
+            self.watches.insert(wd, id);
+        }
+        let watched = wd.is_some();
         self.entries.insert(
             id,
             Entry {
@@ -95,7 +104,8 @@ impl CgroupPaths {
         self.inotify = None;
     }
 
-    /// Reads what inotify queued; anything at all (or a read error) forgets every entry.
+    /// Reads what inotify queued and forgets the entries it names (all of them if events were
+    /// lost, or the descriptor cannot be read).
     fn forget_if_changed(&mut self) {
         let Some(inotify) = &self.inotify else {
             return;
@@ -104,11 +114,18 @@ impl CgroupPaths {
             Err(Errno::EAGAIN) => {}
             Ok(events) => {
                 for e in &events {
+                    if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                        self.entries.clear();
+                        continue;
+                    }
+                    let Some(&id) = self.watches.get(&e.wd) else {
+                        continue;
+                    };
+                    self.entries.remove(&id);
                     if e.mask.contains(AddWatchFlags::IN_IGNORED) {
                         self.watches.remove(&e.wd);
                     }
                 }
-                self.entries.clear();
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cgroup watch unreadable; starting over");
@@ -117,8 +134,8 @@ impl CgroupPaths {
         }
     }
 
-    /// Watches the directory of `path` (from `root`); whether it is watched.
-    fn watch(&mut self, root: &Path, path: &str) -> bool {
+    /// Watches the directory of `path` (from `root`); its watch, if it could be had.
+    fn watch(&mut self, root: &Path, path: &str) -> Option<WatchDescriptor> {
         if self.inotify.is_none() && !self.no_inotify {
             match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
                 Ok(i) => self.inotify = Some(i),
@@ -128,24 +145,16 @@ impl CgroupPaths {
                 }
             }
         }
-        let Some(inotify) = &self.inotify else {
-            return false;
-        };
+        let inotify = self.inotify.as_ref()?;
         if self.watches.len() >= MAX_WATCHES {
-            return false;
+            return None;
         }
         let flags = AddWatchFlags::IN_ATTRIB
             | AddWatchFlags::IN_MOVE_SELF
             | AddWatchFlags::IN_DELETE_SELF
             | AddWatchFlags::IN_ONLYDIR;
         let dir = root.join(path.trim_start_matches('/'));
-        match inotify.add_watch(dir.as_path(), flags) {
-            Ok(wd) => {
-                self.watches.insert(wd);
-                true
-            }
-            Err(_) => false,
-        }
+        inotify.add_watch(dir.as_path(), flags).ok()
     }
 }
 
@@ -190,23 +199,34 @@ mod tests {
         );
         let root = crate::cgroup::v2_mount().expect("cgroup v2 mounted");
         let top = format!("latch-test-paths-{}", std::process::id());
-        let made = Made(vec![root.join(&top), root.join(&top).join("a")]);
+        let made = Made(vec![
+            root.join(&top),
+            root.join(&top).join("a"),
+            root.join(&top).join("c"),
+        ]);
         for d in &made.0 {
             std::fs::create_dir(d).unwrap();
         }
         let leaf = format!("/{top}/a");
         let id = ino(&made.0[1]);
+        let (other, other_id) = (format!("/{top}/c"), ino(&made.0[2]));
         let mut c = CgroupPaths::default();
 
+        assert_eq!(c.check_and_keep(&root, other.clone(), other_id), Some(0));
         assert_eq!(c.check_and_keep(&root, leaf.clone(), id), Some(0));
         assert_eq!(hit(&mut c, id), Some((leaf.clone(), 0)), "not kept");
         assert_eq!(hit(&mut c, id), Some((leaf.clone(), 0)), "kept once only");
         // Another id is never given the path.
         assert_eq!(c.check_and_keep(&root, leaf.clone(), id + 1), None);
 
-        // Its owner changes.
+        // Its owner changes: it is forgotten, the other cgroup is not.
         nix::unistd::chown(&made.0[1], Some(4321.into()), None).unwrap();
         assert!(matches!(c.get(id), Cached::Miss), "a chown was missed");
+        assert_eq!(
+            hit(&mut c, other_id),
+            Some((other, 0)),
+            "another cgroup forgotten"
+        );
         assert_eq!(c.check_and_keep(&root, leaf.clone(), id), Some(4321));
         assert_eq!(hit(&mut c, id), Some((leaf.clone(), 4321)));
 
