@@ -7,8 +7,9 @@
 //! (`IN_ATTRIB`; also `IN_MOVE_SELF` and `IN_DELETE_SELF`) and after a `stat` that follows
 //! the watch has checked it. Every lookup first reads the inotify descriptor (non-blocking:
 //! one `read` that finds nothing when nothing changed) and forgets the entries of the
-//! directories it reports (all of them if the kernel's queue overflowed). The kernel queues an event inside the system call that made the change, so a lookup
-//! that starts after a `chown` has returned sees it.
+//! directories it reports (all of them if the kernel's queue overflowed). The kernel queues an
+//! event inside the system call that made the change, so a lookup that starts after a `chown`
+//! has returned sees it.
 //!
 //! That replaces a path walk per connection (the directory's `stat`: 4–5% of latch's CPU on
 //! one-request connections) with that `read`. Where inotify cannot be had (no instance, or
@@ -16,7 +17,7 @@
 use std::{collections::HashMap, os::unix::fs::MetadataExt as _, path::Path};
 
 use nix::errno::Errno;
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
 
 /// Directories watched at most; past them new entries are checked with a `stat` per lookup.
 pub const MAX_WATCHES: usize = 1024;
@@ -65,7 +66,7 @@ impl CgroupPaths {
     }
 
     /// Checks that the directory at `path` (from the hierarchy's `root`) is cgroup `id` and
-    /// caches it with its owner, watching its directories first so that a change after the
+    /// caches it with its owner, watching its directory first so that a change after the
     /// check is seen. `None`: it is not (any more) that cgroup.
     pub fn check_and_keep(&mut self, root: &Path, path: String, id: u64) -> Option<u32> {
         if self.entries.len() >= super::seen::MAX {
@@ -104,32 +105,39 @@ impl CgroupPaths {
         self.inotify = None;
     }
 
-    /// Reads what inotify queued and forgets the entries it names (all of them if events were
-    /// lost, or the descriptor cannot be read).
+    /// Reads everything inotify queued and forgets the entries it names (all of them if events
+    /// were lost, or the descriptor cannot be read).
     fn forget_if_changed(&mut self) {
-        let Some(inotify) = &self.inotify else {
-            return;
-        };
-        match inotify.read_events() {
-            Err(Errno::EAGAIN) => {}
-            Ok(events) => {
-                for e in &events {
-                    if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
-                        self.entries.clear();
-                        continue;
-                    }
-                    let Some(&id) = self.watches.get(&e.wd) else {
-                        continue;
-                    };
-                    self.entries.remove(&id);
-                    if e.mask.contains(AddWatchFlags::IN_IGNORED) {
-                        self.watches.remove(&e.wd);
-                    }
+        loop {
+            let Some(inotify) = &self.inotify else {
+                return;
+            };
+            // One read takes what fits its buffer; the rest waits for the next.
+            match inotify.read_events() {
+                Err(Errno::EAGAIN) => return,
+                Ok(events) => self.forget(&events),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cgroup watch unreadable; starting over");
+                    self.clear();
+                    return;
                 }
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "cgroup watch unreadable; starting over");
-                self.clear();
+        }
+    }
+
+    /// Forgets the entries whose directories `events` name.
+    fn forget(&mut self, events: &[InotifyEvent]) {
+        for e in events {
+            if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                self.entries.clear();
+                continue;
+            }
+            let Some(&id) = self.watches.get(&e.wd) else {
+                continue;
+            };
+            self.entries.remove(&id);
+            if e.mask.contains(AddWatchFlags::IN_IGNORED) {
+                self.watches.remove(&e.wd);
             }
         }
     }
@@ -239,6 +247,35 @@ mod tests {
             assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
         }
         assert_eq!(hit(&mut c, id), Some((leaf, 4321)));
+    }
+
+    #[test]
+    fn a_change_behind_more_events_than_one_read_takes_is_still_seen() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test makes cgroups: run it as root"
+        );
+        let root = crate::cgroup::v2_mount().expect("cgroup v2 mounted");
+        let top = format!("latch-test-many-{}", std::process::id());
+        // 300 owner changes queue 300 events of 16 bytes: more than nix's 4 KiB read buffer.
+        let mut made = Made(vec![root.join(&top)]);
+        std::fs::create_dir(&made.0[0]).unwrap();
+        let mut c = CgroupPaths::default();
+        for i in 0..300 {
+            let dir = made.0[0].join(format!("c{i}"));
+            std::fs::create_dir(&dir).unwrap();
+            let id = ino(&dir);
+            made.0.push(dir);
+            assert_eq!(c.check_and_keep(&root, format!("/{top}/c{i}"), id), Some(0));
+        }
+        for dir in &made.0[1..] {
+            nix::unistd::chown(dir, Some(4321.into()), None).unwrap();
+        }
+        let last = ino(made.0.last().unwrap());
+        assert!(
+            matches!(c.get(last), Cached::Miss),
+            "the last cgroup's owner change was missed"
+        );
     }
 
     #[test]
