@@ -1,9 +1,11 @@
 //! The `file` store, the embedded default: a YAML mapping `{path: value}` or
 //! `{path: {field: value}}` in a file that only its owner may read.
 //!
-//! The file is checked with one `stat` per lookup: its mode every time (a file made group or
-//! world readable is refused from then on), and it is read again when its inode, size, mtime or
-//! ctime changed (rotation by rewrite or by rename both count).
+//! The file is checked with a `stat` whenever it may have changed: its mode (a file made group
+//! or world readable is refused from then on), and it is read again when its inode, size, mtime
+//! or ctime changed (rotation by rewrite or by rename both count). "May have changed" comes from
+//! inotify ([`super::file_watch`]): a lookup of an unchanged file costs one `read` of the watch,
+//! and the first lookup after any change to the file or its path checks it.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -13,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use zeroize::Zeroizing;
 
 use super::error::SecretError;
+use super::file_watch::FileWatch;
 use super::store::{BoxFuture, Lookup, Store};
 use super::value::Secret;
 use crate::config::SecretString;
@@ -30,6 +33,8 @@ pub struct FileStore {
 struct Loaded {
     stamp: Stamp,
     secrets: Arc<BTreeMap<String, Secret>>,
+    /// Set before `stamp` was taken: says when it may be out of date.
+    watch: FileWatch,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -51,19 +56,32 @@ impl FileStore {
     }
 
     fn secrets(&self) -> Result<Arc<BTreeMap<String, Secret>>, SecretError> {
-        let meta = std::fs::metadata(&self.path).map_err(|e| self.io_error(&e))?;
-        check_mode(&self.name, &self.path, meta.mode())?;
-        let stamp = Stamp {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        };
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = loaded.as_mut()
+            && !l.watch.may_have_changed()
+        {
+            return Ok(l.secrets.clone());
+        }
+        let result = self.check_and_load(&mut loaded);
+        if result.is_err() {
+            // Checked again at every lookup until it is fixed.
+            *loaded = None;
+        }
+        result
+    }
+
+    /// Checks the file (mode, stamp) and reads it again if it changed.
+    fn check_and_load(
+        &self,
+        loaded: &mut Option<Loaded>,
+    ) -> Result<Arc<BTreeMap<String, Secret>>, SecretError> {
+        let stamp = self.stamp()?;
         if let Some(l) = loaded.as_ref().filter(|l| l.stamp == stamp) {
             return Ok(l.secrets.clone());
         }
+        // Changed, or never read: watch it first, so that a change after the look below is seen.
+        let watch = FileWatch::new(&self.path);
+        let stamp = self.stamp()?;
         let text =
             Zeroizing::new(std::fs::read_to_string(&self.path).map_err(|e| self.io_error(&e))?);
         let secrets = Arc::new(parse(&text).map_err(|reason| SecretError::Invalid {
@@ -71,12 +89,26 @@ impl FileStore {
             path: self.path.display().to_string(),
             reason,
         })?);
-        tracing::debug!(store = %self.name, file = %self.path.display(), entries = secrets.len(), "secrets file (re)loaded");
+        tracing::debug!(store = %self.name, file = %self.path.display(), entries = secrets.len(), watched = watch.is_watched(), "secrets file (re)loaded");
         *loaded = Some(Loaded {
             stamp,
             secrets: secrets.clone(),
+            watch,
         });
         Ok(secrets)
+    }
+
+    /// The file's stamp, after checking its mode.
+    fn stamp(&self) -> Result<Stamp, SecretError> {
+        let meta = std::fs::metadata(&self.path).map_err(|e| self.io_error(&e))?;
+        check_mode(&self.name, &self.path, meta.mode())?;
+        Ok(Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        })
     }
 
     fn io_error(&self, e: &std::io::Error) -> SecretError {
@@ -240,5 +272,68 @@ mod tests {
         );
         assert!(check_mode("s", p, 0o100640).is_err());
         assert!(check_mode("s", p, 0o100602).is_err());
+    }
+
+    /// The value of `tok` as the store gives it now.
+    async fn tok(store: &FileStore) -> Result<String, SecretError> {
+        let lookup = Lookup {
+            path: "tok",
+            field: None,
+            version: None,
+        };
+        match store.fetch(lookup).await? {
+            Secret::Value(v) => Ok(v.expose().to_string()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rotated_or_loosened_file_is_seen_at_the_next_lookup_and_a_refusal_lasts() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let t = tempfile::tempdir().unwrap();
+        let dir = std::fs::canonicalize(t.path()).unwrap();
+        let f = dir.join("s.yaml");
+        let write = |path: &Path, text: &str| {
+            std::fs::write(path, text).unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        write(&f, "tok: one\n");
+        let store = FileStore::new("local".into(), f.clone());
+        assert_eq!(tok(&store).await.unwrap(), "one");
+        assert!(
+            store
+                .loaded
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .watch
+                .is_watched(),
+            "not watched: every lookup would stat"
+        );
+
+        // Rewritten in place, then replaced by a rename: each seen by the very next lookup.
+        write(&f, "tok: two\n");
+        assert_eq!(tok(&store).await.unwrap(), "two");
+        write(&dir.join("s.yaml.new"), "tok: three\n");
+        std::fs::rename(dir.join("s.yaml.new"), &f).unwrap();
+        assert_eq!(tok(&store).await.unwrap(), "three");
+
+        // Made readable by others: refused, and still refused at the lookups after.
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        for _ in 0..2 {
+            let e = tok(&store).await.unwrap_err();
+            assert!(matches!(e, SecretError::Permission { .. }), "{e}");
+        }
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(tok(&store).await.unwrap(), "three");
+
+        // Removed: an error at each lookup, not the last value.
+        std::fs::remove_file(&f).unwrap();
+        assert!(tok(&store).await.is_err());
+        assert!(
+            tok(&store).await.is_err(),
+            "a removed file's secrets were served"
+        );
     }
 }

@@ -20,6 +20,7 @@ pub mod env;
 pub mod error;
 pub mod exec;
 pub mod file;
+mod file_watch;
 pub mod flight;
 pub mod health;
 mod http;
