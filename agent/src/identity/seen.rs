@@ -6,7 +6,8 @@
 //!   from /proc, after checking that /proc shows that very process (same start time).
 //! - A cgroup is named by its id, which the kernel never reuses while it runs; its path and
 //!   owner are read once (/proc/<pid>/cgroup, then a `stat` of the directory that checks it has
-//!   that id) and kept while inotify reports no rename or owner change ([`super::cgroup_paths`]).
+//!   that id) and kept while inotify reports no owner change; cgroup v2 refuses renames
+//!   ([`super::cgroup_paths`]).
 //!
 //! - A workload's identity, once built for a connection, is shared with every live
 //!   connection whose identity is equal ([`Seen::share`]): a pool's hundred idle connections
