@@ -199,13 +199,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_cached_cgroup_is_forgotten_when_its_owner_changes_and_cannot_be_renamed() {
+    /// The cgroup v2 hierarchy's root, for a test that makes cgroups (as root).
+    fn cgroup_root() -> std::path::PathBuf {
         assert!(
             nix::unistd::geteuid().is_root(),
             "this test makes cgroups: run it as root"
         );
-        let root = crate::cgroup::v2_mount().expect("cgroup v2 mounted");
+        crate::cgroup::v2_mount().expect("cgroup v2 mounted")
+    }
+
+    #[test]
+    fn a_cached_cgroup_is_forgotten_when_its_owner_changes_and_cannot_be_renamed() {
+        let root = cgroup_root();
         let top = format!("latch-test-paths-{}", std::process::id());
         let made = Made(vec![
             root.join(&top),
@@ -251,11 +256,7 @@ mod tests {
 
     #[test]
     fn a_change_behind_more_events_than_one_read_takes_is_still_seen() {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "this test makes cgroups: run it as root"
-        );
-        let root = crate::cgroup::v2_mount().expect("cgroup v2 mounted");
+        let root = cgroup_root();
         let top = format!("latch-test-many-{}", std::process::id());
         // 300 owner changes queue 300 events of 16 bytes: more than nix's 4 KiB read buffer.
         let mut made = Made(vec![root.join(&top)]);
