@@ -9,7 +9,9 @@
 //! one `read` that finds nothing when nothing changed) and forgets the entries of the
 //! directories it reports (all of them if the kernel's queue overflowed). The kernel queues an
 //! event inside the system call that made the change, so a lookup that starts after a `chown`
-//! has returned sees it.
+//! has returned sees it. A lookup reads at most [`MAX_READS`] times; if events are still left,
+//! it forgets every entry (a workload that `chmod`s its own cgroup's files in a loop cannot hold
+//! a lookup).
 //!
 //! That replaces a path walk per connection (the directory's `stat`: 4–5% of latch's CPU on
 //! one-request connections) with that `read`. Where inotify cannot be had (no instance, or
@@ -21,6 +23,9 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDe
 
 /// Directories watched at most; past them new entries are checked with a `stat` per lookup.
 pub const MAX_WATCHES: usize = 1024;
+
+/// Reads of the watch per lookup, at most.
+pub const MAX_READS: usize = 2;
 
 #[derive(Debug)]
 struct Entry {
@@ -105,14 +110,15 @@ impl CgroupPaths {
         self.inotify = None;
     }
 
-    /// Reads everything inotify queued and forgets the entries it names (all of them if events
-    /// were lost, or the descriptor cannot be read).
+    /// Reads what inotify queued (at most [`MAX_READS`] times: events that keep coming cannot
+    /// hold a lookup) and forgets the entries it names; all of them if events were lost, are
+    /// still left unread, or the descriptor cannot be read.
     fn forget_if_changed(&mut self) {
-        loop {
+        for _ in 0..MAX_READS {
             let Some(inotify) = &self.inotify else {
                 return;
             };
-            // One read takes what fits its buffer; the rest waits for the next.
+            // One read takes what fits its buffer (256 events at most); the rest waits.
             match inotify.read_events() {
                 Err(Errno::EAGAIN) => return,
                 Ok(events) => self.forget(&events),
@@ -123,6 +129,7 @@ impl CgroupPaths {
                 }
             }
         }
+        self.entries.clear();
     }
 
     /// Forgets the entries whose directories `events` name.
@@ -277,6 +284,44 @@ mod tests {
             matches!(c.get(last), Cached::Miss),
             "the last cgroup's owner change was missed"
         );
+    }
+
+    #[test]
+    fn a_lookup_reads_the_watch_a_bounded_number_of_times_however_many_events_wait() {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let root = cgroup_root();
+        let top = format!("latch-test-burst-{}", std::process::id());
+        let made = Made(vec![
+            root.join(&top),
+            root.join(&top).join("a"),
+            root.join(&top).join("b"),
+        ]);
+        for d in &made.0 {
+            std::fs::create_dir(d).unwrap();
+        }
+        let mut c = CgroupPaths::default();
+        let ids = [ino(&made.0[1]), ino(&made.0[2])];
+        for (i, id) in ids.iter().enumerate() {
+            let path = format!("/{top}/{}", ["a", "b"][i]);
+            assert_eq!(c.check_and_keep(&root, path, *id), Some(0));
+        }
+        // 1 000 owner changes, alternating between the two so that none merge: 16 KB of
+        // events, more than MAX_READS reads of 4 KiB take.
+        for i in 0..1000u32 {
+            nix::unistd::chown(&made.0[1 + (i % 2) as usize], Some(i.into()), None).unwrap();
+        }
+        let queued = |c: &CgroupPaths| {
+            let fd = c.inotify.as_ref().unwrap().as_fd().as_raw_fd();
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int.
+            assert_eq!(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) }, 0);
+            n
+        };
+        assert!(queued(&c) > 8 * 1024);
+        // The lookup stops reading; what it left unread may name any entry, so none is kept.
+        assert!(matches!(c.get(ids[0]), Cached::Miss));
+        assert!(queued(&c) > 0, "one lookup read everything");
+        assert!(c.entries.is_empty());
     }
 
     #[test]

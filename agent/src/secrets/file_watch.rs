@@ -14,6 +14,10 @@
 //! check, and always for a path with a symlink in it (what a symlink points to can change in
 //! directories not watched here: Kubernetes' secret volumes swap a `..data` link), where each
 //! lookup checks the file as before.
+//!
+//! A lookup reads the watch at most [`MAX_READS`] times, and what it leaves unread counts as
+//! a change: events that keep coming cannot hold it (found with `strace` writing its log beside
+//! the secrets file: each read latch made was logged, and each log write queued one more event).
 use std::{
     ffi::OsString,
     path::{Component, Path},
@@ -73,17 +77,23 @@ impl FileWatch {
     }
 }
 
+/// Reads of the watch per lookup, at most: events that keep coming (a log written beside the
+/// file, `strace` writing beside it what latch reads) cannot hold a lookup.
+pub const MAX_READS: usize = 2;
+
 impl Watched {
-    /// Reads everything queued; whether any of it concerns the path (or could not be read).
+    /// Reads what is queued (at most [`MAX_READS`] times); whether any of it concerns the
+    /// path, could not be read, or is still left unread.
     fn drain(&self) -> bool {
         let mut concerns = false;
-        loop {
+        for _ in 0..MAX_READS {
             match self.inotify.read_events() {
                 Err(Errno::EAGAIN) => return concerns,
                 Ok(events) => concerns |= events.iter().any(|e| self.concerns(e)),
                 Err(_) => return true,
             }
         }
+        true
     }
 
     /// An event about the file's entry, about a directory on the path itself, or lost events.
@@ -175,6 +185,42 @@ mod tests {
             w.may_have_changed(),
             "a directory above was replaced unseen"
         );
+    }
+
+    /// Bytes inotify holds for `w`, not read yet.
+    fn queued(w: &FileWatch) -> i32 {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = w.watched.as_ref().unwrap().inotify.as_fd().as_raw_fd();
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        assert_eq!(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) }, 0);
+        n
+    }
+
+    #[test]
+    fn a_lookup_reads_the_watch_a_bounded_number_of_times_however_many_events_wait() {
+        let (_t, root, f) = file();
+        let dir = root.join("a/b");
+        let mut w = FileWatch::new(&f);
+        // 1 000 writes to two other files, alternating so that none merge: about 32 KiB of
+        // events, far more than MAX_READS reads of 4 KiB take.
+        for i in 0..1000 {
+            std::fs::write(dir.join(if i % 2 == 0 { "x" } else { "y" }), "z").unwrap();
+        }
+        assert!(queued(&w) > 16 * 1024);
+        // Unread events may hide a change: the answer is "check", and the rest waits.
+        assert!(
+            w.may_have_changed(),
+            "events left unread were taken as no change"
+        );
+        assert!(queued(&w) > 0, "one lookup read everything");
+        // Later lookups drain the rest; none of it was about the file.
+        let mut lookups = 1;
+        while queued(&w) > 0 {
+            w.may_have_changed();
+            lookups += 1;
+        }
+        assert!(lookups > 2);
     }
 
     #[test]
