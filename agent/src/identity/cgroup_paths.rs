@@ -195,6 +195,24 @@ mod tests {
         }
     }
 
+    /// Makes cgroup `top` under `root` and `children` in it (in that order in the list).
+    fn make(root: &Path, top: &str, children: &[&str]) -> Made {
+        let mut made = Made(Vec::new());
+        for dir in
+            std::iter::once(root.join(top)).chain(children.iter().map(|c| root.join(top).join(c)))
+        {
+            std::fs::create_dir(&dir).unwrap();
+            made.0.push(dir);
+        }
+        made
+    }
+
+    /// Bytes queued on `inotify`, not read yet.
+    fn queued(inotify: &Inotify) -> i32 {
+        use std::os::fd::AsFd as _;
+        crate::broker::direct::fionread(&inotify.as_fd()).unwrap()
+    }
+
     fn ino(p: &Path) -> u64 {
         std::fs::metadata(p).unwrap().ino()
     }
@@ -219,14 +237,7 @@ mod tests {
     fn a_cached_cgroup_is_forgotten_when_its_owner_changes_and_cannot_be_renamed() {
         let root = cgroup_root();
         let top = format!("latch-test-paths-{}", std::process::id());
-        let made = Made(vec![
-            root.join(&top),
-            root.join(&top).join("a"),
-            root.join(&top).join("c"),
-        ]);
-        for d in &made.0 {
-            std::fs::create_dir(d).unwrap();
-        }
+        let made = make(&root, &top, &["a", "c"]);
         let leaf = format!("/{top}/a");
         let id = ino(&made.0[1]);
         let (other, other_id) = (format!("/{top}/c"), ino(&made.0[2]));
@@ -266,8 +277,7 @@ mod tests {
         let root = cgroup_root();
         let top = format!("latch-test-many-{}", std::process::id());
         // 300 owner changes queue 300 events of 16 bytes: more than nix's 4 KiB read buffer.
-        let mut made = Made(vec![root.join(&top)]);
-        std::fs::create_dir(&made.0[0]).unwrap();
+        let mut made = make(&root, &top, &[]);
         let mut c = CgroupPaths::default();
         for i in 0..300 {
             let dir = made.0[0].join(format!("c{i}"));
@@ -288,17 +298,9 @@ mod tests {
 
     #[test]
     fn a_lookup_reads_the_watch_a_bounded_number_of_times_however_many_events_wait() {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
         let root = cgroup_root();
         let top = format!("latch-test-burst-{}", std::process::id());
-        let made = Made(vec![
-            root.join(&top),
-            root.join(&top).join("a"),
-            root.join(&top).join("b"),
-        ]);
-        for d in &made.0 {
-            std::fs::create_dir(d).unwrap();
-        }
+        let made = make(&root, &top, &["a", "b"]);
         let mut c = CgroupPaths::default();
         let ids = [ino(&made.0[1]), ino(&made.0[2])];
         for (i, id) in ids.iter().enumerate() {
@@ -310,17 +312,13 @@ mod tests {
         for i in 0..1000u32 {
             nix::unistd::chown(&made.0[1 + (i % 2) as usize], Some(i.into()), None).unwrap();
         }
-        let queued = |c: &CgroupPaths| {
-            let fd = c.inotify.as_ref().unwrap().as_fd().as_raw_fd();
-            let mut n: libc::c_int = 0;
-            // SAFETY: FIONREAD writes one int.
-            assert_eq!(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) }, 0);
-            n
-        };
-        assert!(queued(&c) > 8 * 1024);
+        assert!(queued(c.inotify.as_ref().unwrap()) > 8 * 1024);
         // The lookup stops reading; what it left unread may name any entry, so none is kept.
         assert!(matches!(c.get(ids[0]), Cached::Miss));
-        assert!(queued(&c) > 0, "one lookup read everything");
+        assert!(
+            queued(c.inotify.as_ref().unwrap()) > 0,
+            "one lookup read everything"
+        );
         assert!(c.entries.is_empty());
     }
 

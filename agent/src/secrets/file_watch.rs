@@ -20,7 +20,7 @@
 //! the secrets file: each read latch made was logged, and each log write queued one more event).
 use std::{
     ffi::OsString,
-    path::{Component, Path},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -102,10 +102,11 @@ impl Watched {
     }
 }
 
-/// The watches for `path`, or `None` if it has a symlink or `..` in it, or inotify fails.
+/// The watches for `path`, or `None` if it is not canonical (a symlink or `..` in it, or
+/// relative), or inotify fails.
 fn watch(path: &Path) -> Option<Watched> {
-    let canonical = std::fs::canonicalize(path).ok()?;
-    if canonical != path || path.components().any(|c| c == Component::ParentDir) {
+    // The canonical form has no symlink and no `..`: a path equal to it has none either.
+    if std::fs::canonicalize(path).ok()? != path {
         return None;
     }
     let name = path.file_name()?.to_owned();
@@ -189,12 +190,9 @@ mod tests {
 
     /// Bytes inotify holds for `w`, not read yet.
     fn queued(w: &FileWatch) -> i32 {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        let fd = w.watched.as_ref().unwrap().inotify.as_fd().as_raw_fd();
-        let mut n: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int.
-        assert_eq!(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) }, 0);
-        n
+        use std::os::fd::AsFd as _;
+        let inotify = &w.watched.as_ref().unwrap().inotify;
+        crate::broker::direct::fionread(&inotify.as_fd()).unwrap()
     }
 
     #[test]
