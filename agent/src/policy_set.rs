@@ -82,6 +82,21 @@ impl PolicySet {
         self.by_id.get(&rule_id).map(|&i| &self.policies[i])
     }
 
+    /// The policy of this set that covers `dst` by address or CIDR (the longest prefix, as
+    /// the kernel's trie would choose), with `direct` as given: for a connection the kernel
+    /// redirected under a rule a reload has just replaced (a policy renamed gets a new id).
+    /// Policies naming a host are not found here: their addresses are the resolver's.
+    pub fn covering(&self, dst: &std::net::SocketAddr, direct: bool) -> Option<&Arc<Policy>> {
+        self.policies
+            .iter()
+            .filter(|p| {
+                p.direct == direct
+                    && p.destination.ports.contains(dst.port())
+                    && p.destination.target.contains(&dst.ip())
+            })
+            .max_by_key(|p| p.destination.target.prefix_len())
+    }
+
     /// Host names that need resolving.
     pub fn hosts(&self) -> Vec<String> {
         let mut hosts: Vec<String> = self
@@ -157,6 +172,35 @@ spec:
   destination: {host: localhost, ports: {from: 9000, to: 9001}}
   protocol: tcp
 ";
+
+    #[test]
+    fn a_destination_finds_the_policy_that_covers_it_now() {
+        // After a reload renamed `web` (new rule id), a connection redirected under the old
+        // id is served by what covers its destination now: the longest prefix, the port in
+        // range; a host policy is not found by address, nor a policy of the other mode.
+        let yaml = format!(
+            "{POLICIES}---\napiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata: {{name: net}}\n\
+             spec:\n  destination: {{cidr: 127.0.0.0/24, port: 8080}}\n  protocol: tcp\n"
+        );
+        let config = crate::config::load_str("p.yaml", &yaml).expect("valid policies");
+        let set = PolicySet::new(&config);
+        let at = |s: &str| {
+            set.covering(&s.parse().unwrap(), false)
+                .map(|p| p.name.clone())
+        };
+        assert_eq!(at("127.0.0.2:8080").as_deref(), Some("web"));
+        assert_eq!(at("127.0.0.3:8080").as_deref(), Some("net"));
+        assert_eq!(at("127.0.0.2:8081"), None);
+        assert_eq!(
+            at("127.0.0.1:9000"),
+            None,
+            "a host's addresses are the resolver's"
+        );
+        assert!(
+            set.covering(&"127.0.0.2:8080".parse().unwrap(), true)
+                .is_none()
+        );
+    }
 
     #[test]
     fn rule_ids_map_back_to_policies() {

@@ -127,7 +127,12 @@ pub async fn admit(
     origin.netns = netns;
     origin.conn = id;
     let policies = shared.policies();
-    let Some(mut policy) = policies.by_rule(origin.rule_id).cloned() else {
+    // A rule of the set before a reload (its policy renamed, or replaced by another that
+    // covers the destination): the current set decides.
+    let current = policies
+        .by_rule(origin.rule_id)
+        .or_else(|| policies.covering(&origin.dst, direct));
+    let Some(mut policy) = current.cloned() else {
         if shared.refuse(RefusedReason::no_policy) {
             tracing::warn!(conn = id, %origin, direct, "no policy for this destination any more; refusing");
         }
