@@ -170,7 +170,7 @@ async fn to_target(
     let mut pass = 0usize;
     loop {
         if pass > 0 {
-            if buf.is_empty() && fill(&mut app, &mut buf).await? == 0 {
+            if buf.is_empty() && fill(&mut app, &mut buf, target).await? == 0 {
                 target.shutdown().await?;
                 return Ok(Ended::Closed);
             }
@@ -187,7 +187,7 @@ async fn to_target(
             if buf.len() >= 5 || empty {
                 break;
             }
-            if fill(&mut app, &mut buf).await? == 0 {
+            if fill(&mut app, &mut buf, target).await? == 0 {
                 if !buf.is_empty() {
                     target.write_all(&buf).await?;
                 }
@@ -209,7 +209,7 @@ async fn to_target(
                 return Err(io::Error::other("oversized COM_CHANGE_USER"));
             }
             while buf.len() < 4 + len {
-                if fill(&mut app, &mut buf).await? == 0 {
+                if fill(&mut app, &mut buf, target).await? == 0 {
                     target.shutdown().await?;
                     return Ok(Ended::Closed);
                 }
@@ -242,7 +242,15 @@ async fn to_target(
     }
 }
 
-async fn fill(app: &mut (impl AsyncRead + Unpin), buf: &mut BytesMut) -> io::Result<usize> {
+/// Reads more of the application's bytes into `buf`, after flushing `target`: what was written
+/// to a TLS leg may sit in its buffer (the socket was full) until flushed, and the server would
+/// wait for the rest of a command while the application waits for the answer.
+async fn fill(
+    app: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    target: &mut (impl AsyncWrite + Unpin),
+) -> io::Result<usize> {
+    target.flush().await?;
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(64 * 1024);
     }
