@@ -126,7 +126,14 @@ async fn run(
     );
     let progress = Progress::default();
     let parking = Some(&*shared.env.parking);
-    let result = crate::relay::splice_parkable(&app, &target, &progress, None, parking).await;
+    // A PostgreSQL session (it has a cancellation key) ends with its server, as it did in the
+    // agent that started it.
+    let ends = if state.cancel.is_some() {
+        crate::relay::Ends::WithTarget
+    } else {
+        crate::relay::Ends::EachWay
+    };
+    let result = crate::relay::splice_parkable(&app, &target, &progress, None, parking, ends).await;
     metrics.active.dec();
     let to_target = progress.to_target.load(Ordering::Relaxed);
     let to_app = progress.to_app.load(Ordering::Relaxed);

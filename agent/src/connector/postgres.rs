@@ -310,6 +310,8 @@ async fn session(
             env.handover(origin, || relay::bytes_read(app))
         },
         parking,
+        // The server's end is the session's: PostgreSQL closes its socket whole.
+        relay::Ends::WithTarget,
     )
     .await;
     drop(cancel);

@@ -54,9 +54,16 @@ impl Connector for Tcp {
                 // A plain relay takes part in upgrades: parked, its sockets go to the next
                 // agent, which carries it on.
                 let parking = Some(&*cx.env.parking);
-                let done = relay::splice_parkable(&app, &target, cx.progress(), handover, parking)
-                    .await
-                    .map_err(ConnectError::Relay)?;
+                let done = relay::splice_parkable(
+                    &app,
+                    &target,
+                    cx.progress(),
+                    handover,
+                    parking,
+                    relay::Ends::EachWay,
+                )
+                .await
+                .map_err(ConnectError::Relay)?;
                 return match done {
                     Some(t) => Ok(t),
                     None => {
@@ -111,6 +118,7 @@ impl Tcp {
             &[],
             cx.progress(),
             |_| None,
+            relay::Ends::EachWay,
         )
         .await
         .map_err(ConnectError::Relay)

@@ -50,6 +50,18 @@ pub struct Handover<'a> {
     pub taken: u64,
 }
 
+/// When a relay ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ends {
+    /// When both directions have seen end-of-stream: half-closes are passed on (TCP).
+    EachWay,
+    /// When the target's direction has: its end-of-stream is passed on and the relay stops,
+    /// so the application's socket is closed at once, as the server closes its own when the
+    /// session ends (a PostgreSQL backend exits; it never half-closes). A write the
+    /// application makes after that is answered with a reset, as the server's host would.
+    WithTarget,
+}
+
 /// Relays until both directions have seen end-of-stream (half-closes are passed on) or either
 /// fails. Returns the totals; on error the totals so far are in `progress`, and both sockets
 /// are set to close with a reset (see [`abort_on_close`]).
@@ -59,7 +71,7 @@ pub async fn splice_both(
     progress: &Progress,
     handover: Option<Handover<'_>>,
 ) -> io::Result<Transferred> {
-    let t = splice_parkable(app, target, progress, handover, None).await?;
+    let t = splice_parkable(app, target, progress, handover, None, Ends::EachWay).await?;
     Ok(t.expect("a relay without a gate never parks"))
 }
 
@@ -73,10 +85,11 @@ pub fn splice_parkable<'a>(
     progress: &'a Progress,
     handover: Option<Handover<'a>>,
     parking: Option<&'a park::Parking>,
+    ends: Ends,
 ) -> splice::Splice<'a> {
     let state = handover.map(|h| HandoverState::new(h, target));
     let gate = parking.and_then(park::Gate::new);
-    splice::Splice::new(app, target, progress, state, gate)
+    splice::Splice::new(app, target, progress, state, gate, ends)
 }
 
 /// Bytes the application sends through the broker before its direction is handed to the
@@ -267,8 +280,9 @@ pub async fn streams<'s>(
     early: &[u8],
     progress: &Progress,
     handover: impl FnOnce(&TcpStream) -> Option<Handover<'s>>,
+    ends: Ends,
 ) -> io::Result<Transferred> {
-    let done = streams_parkable(app, target, early, progress, handover, None).await?;
+    let done = streams_parkable(app, target, early, progress, handover, None, ends).await?;
     Ok(done.unwrap_or_else(|_| unreachable!("a relay without parking never parks")))
 }
 
@@ -282,6 +296,7 @@ pub async fn streams_parkable<'s>(
     progress: &Progress,
     handover: impl FnOnce(&TcpStream) -> Option<Handover<'s>>,
     parking: Option<&park::Parking>,
+    ends: Ends,
 ) -> io::Result<Result<Transferred, TcpStream>> {
     use tokio::io::AsyncWriteExt as _;
     if !early.is_empty() {
@@ -292,7 +307,7 @@ pub async fn streams_parkable<'s>(
     }
     match (&mut app, target) {
         (MaybeTls::Plain(a), MaybeTls::Plain(tcp)) => {
-            match splice_parkable(a, tcp, progress, handover(a), parking).await? {
+            match splice_parkable(a, tcp, progress, handover(a), parking, ends).await? {
                 Some(t) => Ok(Ok(t)),
                 None => match app {
                     MaybeTls::Plain(a) => Ok(Err(a)),
@@ -300,7 +315,7 @@ pub async fn streams_parkable<'s>(
                 },
             }
         }
-        (_, target) => {
+        (_, target) if ends == Ends::EachWay => {
             let (to_target, to_app) = tokio::io::copy_bidirectional(&mut app, target)
                 .await
                 .inspect_err(|_| abort_on_close(&[app.tcp(), target.tcp()]))?;
@@ -308,6 +323,63 @@ pub async fn streams_parkable<'s>(
             progress.to_app.fetch_add(to_app, Ordering::Relaxed);
             Ok(Ok(Transferred { to_target, to_app }))
         }
+        (_, target) => {
+            let relayed = copy_until_target_ends(&mut app, target, progress).await;
+            if relayed.is_err() {
+                abort_on_close(&[app.tcp(), target.tcp()]);
+            }
+            relayed.map(Ok)
+        }
+    }
+}
+
+/// The copy relay of [`Ends::WithTarget`] (either leg TLS): the application's end-of-stream is
+/// passed on and the target's direction carries on; the target's ends the relay.
+async fn copy_until_target_ends(
+    app: &mut AppStream,
+    target: &mut TargetStream,
+    progress: &Progress,
+) -> io::Result<Transferred> {
+    let before = (
+        progress.to_target.load(Ordering::Relaxed),
+        progress.to_app.load(Ordering::Relaxed),
+    );
+    let (mut app_r, mut app_w) = tokio::io::split(app);
+    let (mut target_r, mut target_w) = tokio::io::split(target);
+    let up = pump(&mut app_r, &mut target_w, &progress.to_target);
+    let down = pump(&mut target_r, &mut app_w, &progress.to_app);
+    tokio::pin!(up, down);
+    tokio::select! {
+        r = &mut down => r?,
+        r = &mut up => {
+            r?;
+            down.await?
+        }
+    };
+    Ok(Transferred {
+        to_target: progress.to_target.load(Ordering::Relaxed) - before.0,
+        to_app: progress.to_app.load(Ordering::Relaxed) - before.1,
+    })
+}
+
+/// Copies `src` to `dst` until end-of-stream, flushing each chunk (a TLS leg keeps records
+/// buffered until flushed) and counting it; then half-closes `dst`.
+async fn pump(
+    src: &mut (impl tokio::io::AsyncRead + Unpin),
+    dst: &mut (impl tokio::io::AsyncWrite + Unpin),
+    counter: &AtomicU64,
+) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    // As tokio's copy: a session idle for hours holds this much per direction.
+    let mut buf = vec![0u8; 8 * 1024];
+    loop {
+        let n = src.read(&mut buf).await?;
+        if n == 0 {
+            return dst.shutdown().await;
+        }
+        dst.write_all(&buf[..n]).await?;
+        dst.flush().await?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -397,6 +469,97 @@ mod tests {
         );
     }
 
+    /// The application side once the relay has ended with the target: it reads what the
+    /// target sent, then end-of-stream, and a write it makes after that is reset, as by the
+    /// host of a server that closed its socket.
+    async fn app_sees_a_closed_server(app_client: &mut TcpStream, farewell: &[u8]) {
+        let mut got = Vec::new();
+        app_client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, farewell);
+        let mut reset = false;
+        for _ in 0..50 {
+            if app_client.write_all(b"select 1").await.is_err() {
+                reset = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(reset, "the application's writes were still taken");
+    }
+
+    /// The target's last word and its close, while `relay` runs: what the relay moved, once
+    /// it has ended (within 5 s) without the application closing.
+    async fn target_says_bye(
+        mut target_server: TcpStream,
+        relay: impl std::future::Future<Output = io::Result<Transferred>>,
+    ) -> Transferred {
+        target_server.write_all(b"FATAL bye").await.unwrap();
+        drop(target_server);
+        tokio::time::timeout(std::time::Duration::from_secs(5), relay)
+            .await
+            .expect("the relay ended with the target")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_ends_with_the_target_closes_the_application_socket() {
+        // Plain legs (splice): the target says its last word and closes; the application,
+        // which has not closed, is left with a closed socket, not a half-closed one.
+        let (mut app_client, app_side) = pair().await;
+        let (target_side, target_server) = pair().await;
+        let progress = Progress::default();
+        let relay = splice_parkable(
+            &app_side,
+            &target_side,
+            &progress,
+            None,
+            None,
+            Ends::WithTarget,
+        );
+        let done = target_says_bye(target_server, async { Ok(relay.await?.unwrap()) }).await;
+        assert_eq!(done.to_app, 9);
+        drop((app_side, target_side));
+        app_sees_a_closed_server(&mut app_client, b"FATAL bye").await;
+    }
+
+    #[tokio::test]
+    async fn each_way_a_relay_outlives_the_targets_end() {
+        // The default for TCP: the target's end-of-stream is passed on and the application
+        // may still send (a half-close is legitimate TCP).
+        let (mut app_client, app_side) = pair().await;
+        let (target_side, mut target_server) = pair().await;
+        let progress = Progress::default();
+        let relay = splice_both(&app_side, &target_side, &progress, None);
+        target_server.shutdown().await.unwrap();
+        let peers = async {
+            let mut got = Vec::new();
+            app_client.read_to_end(&mut got).await.unwrap();
+            app_client.write_all(b"late").await.unwrap();
+            app_client.shutdown().await.unwrap();
+            let mut late = Vec::new();
+            target_server.read_to_end(&mut late).await.unwrap();
+            assert_eq!(late, b"late");
+        };
+        let (done, ()) = tokio::join!(relay, peers);
+        assert_eq!(done.unwrap().to_target, 4);
+    }
+
+    #[tokio::test]
+    async fn the_copy_relay_also_ends_with_the_target() {
+        // The same through the copy relay that TLS legs use (`MaybeTls` plain here: the
+        // path is chosen by `ends`, the streams are only read and written).
+        let (mut app_client, app_side) = pair().await;
+        let (target_side, target_server) = pair().await;
+        let progress = Progress::default();
+        let mut app = crate::connector::stream::MaybeTls::Plain(app_side);
+        let mut target = crate::connector::stream::MaybeTls::Plain(target_side);
+        let relay = copy_until_target_ends(&mut app, &mut target, &progress);
+        let done = target_says_bye(target_server, relay).await;
+        assert_eq!(done.to_app, 9);
+        drop((app, target));
+        app_sees_a_closed_server(&mut app_client, b"FATAL bye").await;
+    }
+
     #[tokio::test]
     async fn relays_both_ways_and_passes_half_close() {
         // app_client <-> [app_side | relay | target_side] <-> target_server
@@ -445,7 +608,14 @@ mod tests {
         let (target_side, mut target_server) = pair().await;
         let parking = park::Parking::default();
         let progress = Progress::default();
-        let relay = splice_parkable(&app_side, &target_side, &progress, None, Some(&parking));
+        let relay = splice_parkable(
+            &app_side,
+            &target_side,
+            &progress,
+            None,
+            Some(&parking),
+            Ends::EachWay,
+        );
         let before = async {
             app_client.write_all(b"before").await.unwrap();
             let mut got = [0u8; 6];
@@ -495,7 +665,14 @@ mod tests {
         let (target_side, mut target_server) = pair().await;
         let parking = park::Parking::default();
         let progress = Progress::default();
-        let relay = splice_parkable(&app_side, &target_side, &progress, None, Some(&parking));
+        let relay = splice_parkable(
+            &app_side,
+            &target_side,
+            &progress,
+            None,
+            Some(&parking),
+            Ends::EachWay,
+        );
         let payload: Vec<u8> = (0..16_000_000u32).map(|i| i as u8).collect();
         let peers = async {
             // The target reads nothing for a while: the relay's write toward it blocks.

@@ -27,7 +27,7 @@ use tokio::{io::Interest, net::TcpStream, time::Sleep};
 use tokio_util::sync::WaitForCancellationFuture;
 
 use super::{
-    HANDOVER_AFTER, HandoverState, Progress, Role, TICK, Transferred, abort_on_close,
+    Ends, HANDOVER_AFTER, HandoverState, Progress, Role, TICK, Transferred, abort_on_close,
     park::Gate,
     pipes::{self, PIPE_SIZE, Pipe},
 };
@@ -52,6 +52,7 @@ pin_project_lite::pin_project! {
         #[pin]
         requested: Option<WaitForCancellationFuture<'a>>,
         window: Option<Pin<Box<Sleep>>>,
+        ends: Ends,
     }
 }
 
@@ -62,6 +63,7 @@ impl<'a> Splice<'a> {
         progress: &'a Progress,
         handover: Option<HandoverState<'a>>,
         gate: Option<Gate<'a>>,
+        ends: Ends,
     ) -> Self {
         let requested = gate.as_ref().map(Gate::requested);
         Self {
@@ -75,6 +77,7 @@ impl<'a> Splice<'a> {
             gate,
             requested,
             window: None,
+            ends,
         }
     }
 }
@@ -153,6 +156,11 @@ impl Future for Splice<'_> {
             match (up, down) {
                 (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => break Err(e),
                 (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => break Ok(End::Both),
+                // The target ended and the application was told: the session is over (what
+                // the application still had on its way is dropped with its socket).
+                (_, Poll::Ready(Ok(()))) if *this.ends == Ends::WithTarget => {
+                    break Ok(End::Both);
+                }
                 // A direction that reached its safe point while an upgrade waits for both:
                 // look again.
                 _ if holding && this.to_target.at_safe_point() && this.to_app.at_safe_point() => {

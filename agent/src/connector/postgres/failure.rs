@@ -101,7 +101,7 @@ impl Failure {
             ),
             Failure::Limit(why) => say(super::refusal::sqlstate(why), self.to_string()),
             // The server's own words, so that an application cannot tell latch from a server
-            // configured to refuse it (ARCHITECTURE.md, "Which role").
+            // configured to refuse it (docs/internals/postgres-startup.md).
             Failure::Startup(r) => r.fields(),
             Failure::HandOver(_) => say(SqlState::CONNECTION_FAILURE, self.to_string()),
             // The application has the server's own message already.
