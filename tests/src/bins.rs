@@ -1,14 +1,18 @@
 //! Where the binaries under test are.
 use std::path::PathBuf;
 
+/// The workspace's target directory (`CARGO_TARGET_DIR`, else `target/` at the root).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
 fn find(env: &str, name: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("debug").join(name);
+    let path = target_dir().join("debug").join(name);
     if !path.exists() {
         panic!(
             "{} not found: build it first (`cargo xtask test` does), or set {env}",
@@ -47,10 +51,7 @@ pub fn latch_static() -> PathBuf {
     if let Some(p) = std::env::var_os("LATCH_STATIC_BIN") {
         return PathBuf::from(p);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("x86_64-unknown-linux-musl/debug/latch");
+    let path = target_dir().join("x86_64-unknown-linux-musl/debug/latch");
     if !path.exists() {
         panic!(
             "{} not found: build it first (`cargo build -p latch --bin latch --target \

@@ -25,6 +25,7 @@ pub mod pg_setup;
 pub mod pod;
 pub mod postgres;
 pub mod servers;
+pub mod suites;
 
 pub use agent::Agent;
 pub use cgroup::TestCgroup;

@@ -37,9 +37,25 @@ pub fn bin(name: &str) -> PathBuf {
 
 pub struct PgCluster {
     child: Option<Child>,
+    /// It listens in another network namespace.
+    in_netns: bool,
     pub addr: SocketAddr,
     sock_dir: PathBuf,
     dir: TempDir,
+}
+
+/// How [`PgCluster::start_opts`] starts a cluster.
+#[derive(Default)]
+pub struct PgOpts<'a> {
+    /// The address it listens on (`listen_addresses`).
+    pub ip: &'a str,
+    /// Its port; a free one on `ip` when not given.
+    pub port: Option<u16>,
+    /// A network namespace (its path) to run the server in, instead of the caller's.
+    pub netns: Option<PathBuf>,
+    /// pg_hba.conf; the default admits the roles of [`PgCluster::start`] from 127.0.0.0/8.
+    pub hba: Option<String>,
+    pub tls: Option<ServerTls<'a>>,
 }
 
 /// Server-side TLS files (PEM), readable by the postgres user once copied in.
@@ -92,6 +108,34 @@ impl PgCluster {
         plain_pw: &str,
         tls: Option<ServerTls<'_>>,
     ) -> Self {
+        let cluster = Self::start_opts(PgOpts {
+            ip,
+            tls,
+            ..PgOpts::default()
+        });
+        for stmt in [
+            format!("CREATE ROLE {SCRAM_USER} LOGIN PASSWORD '{scram_pw}'"),
+            format!("CREATE DATABASE {APP_DB} OWNER {SCRAM_USER}"),
+            // Stored as MD5, so that pg_hba's `md5` really runs the MD5 exchange.
+            format!(
+                "SET password_encryption = 'md5'; CREATE ROLE {MD5_USER} LOGIN PASSWORD '{md5_pw}'"
+            ),
+            format!("CREATE ROLE {PLAIN_USER} LOGIN PASSWORD '{plain_pw}'"),
+        ] {
+            cluster.sql(&stmt);
+        }
+        cluster
+    }
+
+    /// A cluster with no roles but `postgres` (trusted over the Unix socket), as `opts` says.
+    pub fn start_opts(opts: PgOpts<'_>) -> Self {
+        let PgOpts {
+            ip,
+            port,
+            netns,
+            hba,
+            tls,
+        } = opts;
         crate::require_root();
         let ids = postgres_ids();
         let dir = TempDir::new("pg");
@@ -127,14 +171,16 @@ impl PgCluster {
             "initdb failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let hba = format!(
-            "local all all trust\n\
+        let hba = hba.unwrap_or_else(|| {
+            format!(
+                "local all all trust\n\
              host all {MD5_USER} 127.0.0.0/8 md5\n\
              host all {PLAIN_USER} 127.0.0.0/8 password\n\
              host all all 127.0.0.0/8 scram-sha-256\n\
              host all all ::1/128 scram-sha-256\n\
              host replication all 127.0.0.0/8 scram-sha-256\n"
-        );
+            )
+        });
         std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
         let mut conf = String::from(
             "password_encryption = 'scram-sha-256'\nfsync = off\nsynchronous_commit = off\n\
@@ -157,8 +203,21 @@ impl PgCluster {
         }
         std::fs::write(data.join("postgresql.auto.conf"), conf)
             .expect("write postgresql.auto.conf");
-        let port = free_port(ip);
-        let child = as_postgres(bin("postgres"))
+        let port = port.unwrap_or_else(|| free_port(ip));
+        let mut server = match &netns {
+            // nsenter joins the namespace as root, then becomes postgres and execs the server.
+            Some(ns) => {
+                let mut c = Command::new(crate::bins::tool("nsenter", "util-linux"));
+                c.arg(format!("--net={}", ns.display()))
+                    .args(["-S", &ids.0.to_string(), "-G", &ids.1.to_string(), "--"])
+                    .arg(bin("postgres"))
+                    .current_dir(dir.path())
+                    .env("LC_ALL", "C.UTF-8");
+                c
+            }
+            None => as_postgres(bin("postgres")),
+        };
+        let child = server
             .arg("-D")
             .arg(&data)
             .args([
@@ -175,22 +234,12 @@ impl PgCluster {
             .expect("start postgres");
         let mut cluster = PgCluster {
             child: Some(child),
+            in_netns: netns.is_some(),
             addr: SocketAddr::new(ip.parse().expect("an IP address"), port),
             sock_dir,
             dir,
         };
         cluster.wait_ready();
-        for stmt in [
-            format!("CREATE ROLE {SCRAM_USER} LOGIN PASSWORD '{scram_pw}'"),
-            format!("CREATE DATABASE {APP_DB} OWNER {SCRAM_USER}"),
-            // Stored as MD5, so that pg_hba's `md5` really runs the MD5 exchange.
-            format!(
-                "SET password_encryption = 'md5'; CREATE ROLE {MD5_USER} LOGIN PASSWORD '{md5_pw}'"
-            ),
-            format!("CREATE ROLE {PLAIN_USER} LOGIN PASSWORD '{plain_pw}'"),
-        ] {
-            cluster.sql(&stmt);
-        }
         cluster
     }
 
@@ -266,6 +315,9 @@ impl crate::servers::DbServer for PgCluster {
     }
     fn answers(&self) -> bool {
         self.admin(&["-c", "select 1"]).status.success()
+    }
+    fn reachable(&self) -> bool {
+        !self.in_netns
     }
     fn log(&self) -> String {
         PgCluster::log(self)

@@ -6,6 +6,7 @@ mod bench_http;
 mod bench_my;
 mod bench_netns;
 mod bench_pg;
+mod client_suites;
 mod demo;
 mod image;
 mod pg;

@@ -64,6 +64,24 @@ pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
     // The HTTP connector's tests (tests/tests/http.rs): Python's `requests` compared through
     // latch and directly, and a WebSocket server and client.
     ("python3", &["-c", "import requests"], "requests"),
+    // requests' own test suite, run through latch (tests/tests/client_suites.rs): what its
+    // pyproject.toml lists for tests (pytest-httpbin's in-process httpbin is the server).
+    ("python3", &["-c", "import pytest"], "pytest>=3,<10"),
+    (
+        "python3",
+        &["-c", "import pytest_httpbin"],
+        "pytest-httpbin==2.1.0",
+    ),
+    ("python3", &["-c", "import httpbin"], "httpbin~=0.10.0"),
+    ("python3", &["-c", "import pytest_mock"], "pytest-mock"),
+    ("python3", &["-c", "import trustme"], "trustme"),
+    // pg8000's own test suite (client_suites.rs): what its pyproject.toml lists for tests.
+    ("python3", &["-c", "import pytz"], "pytz"),
+    (
+        "python3",
+        &["-c", "import pytest_benchmark"],
+        "pytest-benchmark",
+    ),
     (
         "python3",
         &["-c", "import websockets.sync.client"],

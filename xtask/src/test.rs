@@ -58,8 +58,12 @@ pub fn run_tests(args: &Args) -> Result<()> {
         .join(static_target)
         .join("debug")
         .join("latch");
+    // Client libraries' own test suites (tests/tests/client_suites.rs).
+    banner("build client libraries' test suites");
+    let suites = crate::client_suites::build()?;
     banner("test");
     run(proc::cargo()
+        .envs(suites)
         .env("LATCH_BIN", bin.join("latch"))
         .env("LATCH_STATIC_BIN", static_bin)
         .env("LATCH_PROBE_BIN", bin.join("latch-probe"))
