@@ -151,7 +151,7 @@ struct DataPathArgs {
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// Keep every byte in the broker: never hand an application's sends to the kernel after
-    /// the handshake (the fast path; see ARCHITECTURE.md).
+    /// the handshake (the fast path; see docs/internals/decisions.md).
     #[arg(long)]
     no_fast_path: bool,
     /// A cgroup (path from the cgroup v2 root) under which only a container runtime creates
