@@ -108,6 +108,8 @@ enum Behavior {
     Echo,
     StoreAndForward(std::time::Duration),
     ResetAfter(usize),
+    /// Reads this many bytes, waits, then resets (SO_LINGER 0) with nothing unread.
+    ResetWhenIdle(usize, std::time::Duration),
 }
 
 /// Echoes every connection's bytes back until the client half-closes; counts connections.
@@ -137,6 +139,12 @@ impl EchoServer {
     /// still unread (so the kernel resets the connection).
     pub fn start_resetting_after(ip: &str, n: usize) -> Self {
         Self::spawn(ip, Behavior::ResetAfter(n))
+    }
+
+    /// Reads `n` bytes from each connection, sends nothing, and resets it after `pause`: a
+    /// client blocked waiting for a reply meets the reset.
+    pub fn start_resetting_when_idle(ip: &str, n: usize, pause: std::time::Duration) -> Self {
+        Self::spawn(ip, Behavior::ResetWhenIdle(n, pause))
     }
 
     fn spawn(ip: &str, behavior: Behavior) -> Self {
@@ -178,6 +186,14 @@ impl EchoServer {
                         Behavior::ResetAfter(n) => {
                             let mut buf = vec![0u8; n];
                             let _ = conn.read_exact(&mut buf);
+                            return;
+                        }
+                        Behavior::ResetWhenIdle(n, pause) => {
+                            let mut buf = vec![0u8; n];
+                            let _ = conn.read_exact(&mut buf);
+                            std::thread::sleep(pause);
+                            let _ = socket2::SockRef::from(&conn)
+                                .set_linger(Some(std::time::Duration::ZERO));
                             return;
                         }
                     }

@@ -1,6 +1,7 @@
 //! The application-to-target fast path: once the broker has nothing in flight, the kernel
 //! carries the application's sends straight into the target socket. The hand-over must keep
-//! every stream intact and in order, count every byte, and leave nothing behind.
+//! every stream intact and in order, count every byte, and leave nothing behind. It is off
+//! unless the agent runs with `--fast-path`.
 use std::time::Duration;
 
 use latch_tests::{Agent, TestCgroup, bins, eventually, servers::EchoServer, tcp_policy};
@@ -32,17 +33,22 @@ fn probe(cg: &TestCgroup, mode: &str, addr: &str, conns: usize, bytes: usize) ->
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// An echo server on 127.0.0.2, a test cgroup, and an agent (with `extra` arguments) relaying
-/// the cgroup's connections to the server as `protocol: tcp`.
-fn echo_behind_latch(extra: &[&str]) -> (EchoServer, TestCgroup, Agent) {
+/// An echo server on 127.0.0.2, a test cgroup, and an agent (with `args`) relaying the
+/// cgroup's connections to the server as `protocol: tcp`.
+fn echo_behind_latch(args: &[&str]) -> (EchoServer, TestCgroup, Agent) {
     let echo = EchoServer::start("127.0.0.2");
     let cg = TestCgroup::new();
     let agent = Agent::start_args(
         &tcp_policy("echo", "127.0.0.2", echo.addr.port()),
         &cg,
-        extra,
+        args,
     );
     (echo, cg, agent)
+}
+
+/// An agent with the fast path on.
+fn fast_agent(policies: &str, cg: &TestCgroup) -> Agent {
+    Agent::start_args(policies, cg, &["--fast-path"])
 }
 
 /// Waits for `conns` relayed connections and checks that each audit record counts `bytes`
@@ -58,7 +64,7 @@ fn assert_every_connection_sent(agent: &Agent, conns: usize, bytes: u64) {
 fn streams_handed_to_the_kernel_mid_flight_stay_whole_and_in_order() {
     const CONNS: usize = 40;
     const BYTES: usize = 4 << 20;
-    let (echo, cg, agent) = echo_behind_latch(&[]);
+    let (echo, cg, agent) = echo_behind_latch(&["--fast-path"]);
     // Writes of 1..16 KiB with pauses: the broker relays the first bytes itself and hands
     // over at one of the pauses, while the application keeps writing.
     let got = probe(&cg, "chunks", &echo.addr.to_string(), CONNS, BYTES);
@@ -91,7 +97,7 @@ fn a_non_blocking_sender_facing_a_stalled_target_is_not_left_hanging() {
     // flow back to the broker first, and TCP back-pressure does the rest.
     let echo = EchoServer::start_store_and_forward("127.0.0.2", Duration::from_secs(1));
     let cg = TestCgroup::new();
-    let agent = Agent::start(&tcp_policy("echo", "127.0.0.2", echo.addr.port()), &cg);
+    let agent = fast_agent(&tcp_policy("echo", "127.0.0.2", echo.addr.port()), &cg);
     let out = latch_tests::run_within(
         &mut probe_command(&cg, "echo", &echo.addr.to_string(), 6, 24 << 20),
         Duration::from_secs(60),
@@ -118,7 +124,7 @@ fn a_target_that_resets_mid_stream_fails_the_sender_instead_of_hanging_it() {
         tcp_policy("resets", "127.0.0.2", resetting.addr.port()),
         tcp_policy("echo", "127.0.0.3", echo.addr.port())
     );
-    let agent = Agent::start(&policies, &cg);
+    let agent = fast_agent(&policies, &cg);
     let out = latch_tests::run_within(
         &mut probe_command(&cg, "chunks", &resetting.addr.to_string(), 4, 64 << 20),
         Duration::from_secs(60),
@@ -147,7 +153,7 @@ fn a_target_that_resets_mid_stream_fails_the_sender_instead_of_hanging_it() {
 #[test]
 fn a_stream_sent_all_at_once_is_intact_whoever_carries_it() {
     // One large write right after connect: the hand-over races the first bytes.
-    let (echo, cg, agent) = echo_behind_latch(&[]);
+    let (echo, cg, agent) = echo_behind_latch(&["--fast-path"]);
     let got = probe(&cg, "echo", &echo.addr.to_string(), 100, 1 << 20);
     assert_eq!(got, "ok=100 failed=0");
     assert_every_connection_sent(&agent, 100, 1 << 20);
@@ -156,7 +162,7 @@ fn a_stream_sent_all_at_once_is_intact_whoever_carries_it() {
 
 #[test]
 fn the_fast_path_maps_empty_when_connections_close() {
-    let (echo, cg, agent) = echo_behind_latch(&[]);
+    let (echo, cg, agent) = echo_behind_latch(&["--fast-path"]);
     // While connections are open, their sockets are in both maps: each application's from its
     // connect, each target's from the hand-over (after the first 64 KiB)...
     let holder = probe_command(&cg, "hold", &echo.addr.to_string(), 30, 3000)
@@ -192,7 +198,7 @@ fn the_fast_path_maps_empty_when_connections_close() {
 fn short_exchanges_stay_with_the_broker_and_cost_no_hand_over() {
     // One request and its reply per connection: the hand-over would cost more system calls
     // than it saves, so it waits for the first 64 KiB, which these never send.
-    let (echo, cg, agent) = echo_behind_latch(&[]);
+    let (echo, cg, agent) = echo_behind_latch(&["--fast-path"]);
     let got = probe(&cg, "echo", &echo.addr.to_string(), 20, 4096);
     assert_eq!(got, "ok=20 failed=0");
     assert_every_connection_sent(&agent, 20, 4096);
@@ -206,8 +212,8 @@ fn short_exchanges_stay_with_the_broker_and_cost_no_hand_over() {
 }
 
 #[test]
-fn no_fast_path_keeps_every_byte_in_the_broker() {
-    let (echo, cg, agent) = echo_behind_latch(&["--no-fast-path"]);
+fn by_default_every_byte_stays_in_the_broker() {
+    let (echo, cg, agent) = echo_behind_latch(&[]);
     let got = probe(&cg, "chunks", &echo.addr.to_string(), 10, 1 << 20);
     assert_eq!(got, "ok=10 failed=0");
     assert_every_connection_sent(&agent, 10, 1 << 20);
@@ -233,7 +239,7 @@ fn ipv6_and_ipv4_mapped_connections_are_handed_over_too() {
         tcp_policy("echo4", "127.0.0.2", v4.addr.port()),
         tcp_policy("echo6", "::1", v6.addr.port())
     );
-    let agent = Agent::start(&policies, &cg);
+    let agent = fast_agent(&policies, &cg);
     let mapped = format!("[::ffff:127.0.0.2]:{}", v4.addr.port());
     for (addr, handed) in [(v6.addr.to_string(), 5), (mapped, 10)] {
         assert_eq!(probe(&cg, "chunks", &addr, 5, 1 << 20), "ok=5 failed=0");
@@ -245,5 +251,50 @@ fn ipv6_and_ipv4_mapped_connections_are_handed_over_too() {
         );
     }
     assert_every_connection_sent(&agent, 10, 1 << 20);
+    assert!(agent.stop().success());
+}
+
+/// A blocking client (Python, no timeout) sends a request and waits in `recv`; the server
+/// resets. Prints the name of what `recv` raised, or what it returned.
+const BLOCKING_READER: &str = "\
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.sendall(b'ping')
+try:
+    print('returned', s.recv(100))
+except OSError as e:
+    print(type(e).__name__)
+";
+
+fn blocking_read(cmd: &mut std::process::Command, addr: std::net::SocketAddr) -> String {
+    cmd.args([
+        "-c",
+        BLOCKING_READER,
+        &addr.ip().to_string(),
+        &addr.port().to_string(),
+    ]);
+    let out = latch_tests::run_within(cmd, Duration::from_secs(20));
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn a_blocking_reader_meets_the_servers_reset_as_a_reset() {
+    // An application socket in the kernel's sockmap answers a blocking `recv` woken by a reset
+    // with EAGAIN (Linux 6.18 `tcp_bpf_recvmsg`), so by default latch enrols no application
+    // socket: the reset reaches the reader as ECONNRESET, as it does directly.
+    let server = EchoServer::start_resetting_when_idle("127.0.0.2", 4, Duration::from_millis(300));
+    let python = bins::tool("python3", "python3");
+    let direct = blocking_read(&mut std::process::Command::new(&python), server.addr);
+    assert_eq!(direct, "ConnectionResetError", "directly");
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&tcp_policy("resets", "127.0.0.2", server.addr.port()), &cg);
+    assert_eq!(
+        blocking_read(&mut cg.command(&python), server.addr),
+        "ConnectionResetError",
+        "through latch"
+    );
+    agent.wait_count("relayed", 1);
+    assert_eq!(agent.status()["ebpf"]["fast_enrolled"], 0);
     assert!(agent.stop().success());
 }

@@ -78,7 +78,11 @@ fn fast_path_injection_from_another_namespace_never_reaches_a_victims_session() 
     let cg = TestCgroup::new();
     // The attacker owns a namespace of its own inside the intercepted cgroup.
     let attacker_ns = Pod::new(&cg, 1);
-    let agent = Agent::start(&tcp_policy("echo", "127.0.0.2", echo.addr.port()), &cg);
+    let agent = Agent::start_args(
+        &tcp_policy("echo", "127.0.0.2", echo.addr.port()),
+        &cg,
+        &["--fast-path"],
+    );
     let broker = agent.listener(false).port().to_string();
     let src = free_port("127.0.0.1").to_string();
     let dst = echo.addr.to_string();

@@ -122,7 +122,7 @@ fn a_workload_the_policy_does_not_admit_gets_fatal_28000_and_nothing_else() {
 
 #[test]
 fn tokio_postgres_prepared_statements_copy_listen_notify_and_big_rows() {
-    let s = Setup::new(SCRAM_USER, SCRAM_PW, "");
+    let s = Setup::with_agent_args(SCRAM_USER, SCRAM_PW, "", &["--fast-path"]);
     let out = run(&mut s.probe(APP_DB, "suite"));
     let text = stdout(&out);
     assert!(
@@ -131,7 +131,7 @@ fn tokio_postgres_prepared_statements_copy_listen_notify_and_big_rows() {
     );
     assert!(text.ends_with("suite ok"), "{text}");
     s.agent.wait_count("relayed", 1);
-    // Both legs are plain: after authentication the kernel carried the client's messages
+    // Both legs are plain and the fast path is on: after authentication the kernel carried the client's messages
     // (the 6 MiB parameter included) straight to the server.
     let records = s.agent.wait_audit(1);
     assert_eq!(records[0]["fast_path"], true, "{}", records[0]);

@@ -65,6 +65,8 @@ const SOCAT: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
 enum Case {
     Direct,
     Latch,
+    /// Through latch with `--fast-path` (the kernel carries the application's sends).
+    LatchFast,
     Haproxy,
     Socat,
     /// iperf3 -R: the target sends, the application receives.
@@ -73,9 +75,10 @@ enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 6] = [
+    const ALL: [Case; 7] = [
         Case::Direct,
         Case::Latch,
+        Case::LatchFast,
         Case::Haproxy,
         Case::Socat,
         Case::DirectReverse,
@@ -86,6 +89,7 @@ impl Case {
         match self {
             Case::Direct => "direct",
             Case::Latch => "latch (tcp relay)",
+            Case::LatchFast => "latch --fast-path",
             Case::Haproxy => "haproxy (splice-auto)",
             Case::Socat => "socat (userspace copy)",
             Case::DirectReverse => "direct -R",
@@ -98,7 +102,7 @@ impl Case {
     }
 
     fn through_latch(self) -> bool {
-        matches!(self, Case::Latch | Case::LatchReverse)
+        matches!(self, Case::Latch | Case::LatchFast | Case::LatchReverse)
     }
 }
 
@@ -322,9 +326,11 @@ impl Rig {
         )?;
         proc::wait_listening(&mut server, SERVER, self.port)?;
         let (addr, port) = match case {
-            Case::Direct | Case::Latch | Case::DirectReverse | Case::LatchReverse => {
-                (SERVER, self.port)
-            }
+            Case::Direct
+            | Case::Latch
+            | Case::LatchFast
+            | Case::DirectReverse
+            | Case::LatchReverse => (SERVER, self.port),
             Case::Haproxy => (HAPROXY, self.haproxy_port),
             Case::Socat => (SOCAT, self.socat_port),
         };
@@ -334,8 +340,11 @@ impl Rig {
                 .arg("--policy")
                 .arg(&self.policy)
                 .arg("--state-dir")
-                .arg(self.dir.join("latch-state"))
-                .args(["--", "iperf3"]);
+                .arg(self.dir.join("latch-state"));
+            if case == Case::LatchFast {
+                c.arg("--fast-path");
+            }
+            c.args(["--", "iperf3"]);
             c
         } else {
             Command::new("iperf3")

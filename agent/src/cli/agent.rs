@@ -113,7 +113,7 @@ pub async fn main(args: AgentArgs) -> anyhow::Result<ExitCode> {
         limits: args.data.limits(nofile)?,
         secrets: args.data.secrets(),
         audit: args.data.audit(),
-        fast_path: !args.data.no_fast_path,
+        fast_path: args.data.fast_path,
         fail_mode: args.fail_mode,
         keep_interception: args.keep_interception,
         instance: args.instance,

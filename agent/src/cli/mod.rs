@@ -150,9 +150,14 @@ struct DataPathArgs {
     /// [default: $LATCH_STATE_DIR, else /var/lib/latch]
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// Keep every byte in the broker: never hand an application's sends to the kernel after
-    /// the handshake (the fast path; see docs/internals/decisions.md).
-    #[arg(long)]
+    /// Let the kernel carry an application's bulk sends straight to the target once the
+    /// broker's handshake is done (the fast path; see docs/internals/decisions.md). Off by
+    /// default: it puts the application's socket in a BPF sockmap, where Linux answers a
+    /// blocking read woken by the server's reset with EAGAIN instead of ECONNRESET.
+    #[arg(long, conflicts_with = "no_fast_path")]
+    fast_path: bool,
+    /// Keep every byte in the broker (the default; kept for older command lines).
+    #[arg(long, hide = true)]
     no_fast_path: bool,
     /// A cgroup (path from the cgroup v2 root) under which only a container runtime creates
     /// cgroups: container ids and pod UIDs are read from cgroup paths below these only, and

@@ -35,7 +35,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         limits: args.data.limits(nofile)?,
         secrets: args.data.secrets(),
         audit: args.data.audit(),
-        fast_path: !args.data.no_fast_path,
+        fast_path: args.data.fast_path,
         fail_mode: Default::default(),
         keep_interception: false,
         instance: format!("run-{}", std::process::id()),
