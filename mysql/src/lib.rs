@@ -9,6 +9,7 @@
 //! - [`greeting`]: HandshakeV10, built by latch toward the application and parsed from the server.
 //! - [`response`]: HandshakeResponse41 and the SSLRequest, parsed from the application and built
 //!   toward the server, and the capability negotiation between the two.
+//! - [`compress`]: compressed-protocol frames (CLIENT_COMPRESS), `mysql_common`'s codec.
 //! - [`command`]: the commands latch must recognise after the handshake (COM_CHANGE_USER,
 //!   COM_RESET_CONNECTION, COM_QUIT).
 //! - [`reset`]: making a finished session fit for the next application connection.
@@ -23,6 +24,7 @@
 pub mod auth_packets;
 pub mod client_auth;
 pub mod command;
+pub mod compress;
 pub mod constants;
 pub mod error;
 pub mod frame;

@@ -386,11 +386,10 @@ impl HandshakeResponse {
     }
 }
 
-/// Capabilities latch never negotiates on either leg: compression would hide the commands the
-/// connector must recognise (COM_CHANGE_USER) inside compressed frames, and TLS is decided per
-/// leg by the connector, not passed through.
-pub const NEVER: CapabilityFlags = CapabilityFlags::CLIENT_COMPRESS
-    .union(CapabilityFlags::CLIENT_ZSTD_COMPRESSION_ALGORITHM)
+/// Capabilities latch never negotiates on either leg: zstd compression (MySQL 8's; zlib
+/// compression, CLIENT_COMPRESS, passes through: the connector reads and writes its frames),
+/// and TLS, which is decided per leg by the connector, not passed through.
+pub const NEVER: CapabilityFlags = CapabilityFlags::CLIENT_ZSTD_COMPRESSION_ALGORITHM
     .union(CapabilityFlags::CLIENT_SSL)
     .union(CapabilityFlags::CLIENT_SSL_VERIFY_SERVER_CERT);
 

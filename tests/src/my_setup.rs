@@ -73,6 +73,14 @@ impl Setup {
         cmd
     }
 
+    /// As [`Setup::probe`], with `options` (`name=value&...`) on the URL.
+    pub fn probe_with(&self, options: &str, scenario: &str) -> Command {
+        let mut cmd = self.cg.command(bins::probe());
+        let url = format!("{}?{options}", self.db.url("app_without_password"));
+        cmd.args(["my", &url, scenario]);
+        cmd
+    }
+
     /// No password (nor the canary) in the agent's log.
     pub fn assert_log_clean(&self) {
         let log = self.agent.log();

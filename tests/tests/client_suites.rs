@@ -26,7 +26,13 @@ const SUITE_PW: &str = "suite-canary-Pw-41d7";
 
 #[test]
 fn mysql_async_own_test_suite_passes_through_latch_as_it_does_directly() {
-    mysql_async_suite(false);
+    mysql_async_suite(false, false);
+}
+
+/// The same with the suite's `COMPRESS=1`: both legs speak the compressed protocol.
+#[test]
+fn mysql_async_own_test_suite_compressed_passes_through_latch_as_it_does_directly() {
+    mysql_async_suite(false, true);
 }
 
 /// The same with the suite's `SSL=1`: the application asks for TLS, which latch terminates
@@ -34,10 +40,10 @@ fn mysql_async_own_test_suite_passes_through_latch_as_it_does_directly() {
 /// certificate), as the server does with its own when reached directly.
 #[test]
 fn mysql_async_own_test_suite_over_tls_passes_through_latch_as_it_does_directly() {
-    mysql_async_suite(true);
+    mysql_async_suite(true, false);
 }
 
-fn mysql_async_suite(tls: bool) {
+fn mysql_async_suite(tls: bool, compress: bool) {
     latch_tests::require_root();
     let bin = suites::path("LATCH_SUITE_MYSQL_ASYNC", "mysql_async-tests");
     let certs = TestCa::new("db.test", &["DNS:db.test", "IP:127.0.0.2"]);
@@ -79,15 +85,19 @@ fn mysql_async_suite(tls: bool) {
     };
     let direct_url = url(&format!(":{SUITE_PW}"));
     let latch_url = url("");
-    let ssl = if tls { "1" } else { "0" };
+    let flag = |on: bool| if on { "1" } else { "0" };
     let direct = || {
         let mut cmd = Command::new(&bin);
-        cmd.env("DATABASE_URL", &direct_url).env("SSL", ssl);
+        cmd.env("DATABASE_URL", &direct_url)
+            .env("SSL", flag(tls))
+            .env("COMPRESS", flag(compress));
         cmd
     };
     let through = || {
         let mut cmd = cg.command(&bin);
-        cmd.env("DATABASE_URL", &latch_url).env("SSL", ssl);
+        cmd.env("DATABASE_URL", &latch_url)
+            .env("SSL", flag(tls))
+            .env("COMPRESS", flag(compress));
         cmd
     };
     // Where latch differs from the server by design: test → (why, what its failure says).
@@ -102,10 +112,10 @@ fn mysql_async_suite(tls: bool) {
     )]);
 
     let latch = Suite {
-        name: if tls {
-            "mysql_async (SSL=1)"
-        } else {
-            "mysql_async"
+        name: match (tls, compress) {
+            (true, _) => "mysql_async (SSL=1)",
+            (false, true) => "mysql_async (COMPRESS=1)",
+            (false, false) => "mysql_async",
         },
         harness: Harness::Libtest,
         all: &[],

@@ -69,6 +69,44 @@ fn mysql_async_sees_the_real_connection_id_and_runs_queries_prepared_statements_
 }
 
 #[test]
+fn compressing_clients_compress_to_the_server_too_through_queries_blobs_infile_and_change_user() {
+    // CLIENT_COMPRESS passes through: both legs speak the compressed protocol, and latch still
+    // sees the commands inside the frames (COM_CHANGE_USER is its own).
+    let s = Setup::new(ED25519_USER, ED_PW, "");
+    let compressed = |scenario| s.probe_with("compression=fast", scenario);
+    assert_eq!(ok(&mut compressed("compression")), "compression=ON");
+    let who = ok(&mut compressed("whoami"));
+    let fields: Vec<&str> = who.split(' ').collect();
+    assert_eq!(fields[0], format!("user={ED25519_USER}@%"), "{who}");
+    assert_eq!(fields[2], fields[1].replace("id=", "greeted="), "{who}");
+    assert_eq!(ok(&mut compressed("suite")), "suite ok");
+    assert_eq!(
+        ok(&mut compressed("infile")),
+        "infile rows=1000 sum=499500 then=1"
+    );
+    assert_eq!(
+        ok(&mut compressed("changeuser")),
+        format!("change_user=ok\nafter={ED25519_USER}@%")
+    );
+    // The mariadb CLI's --compress.
+    let mut cli = s.cli("SHOW SESSION STATUS LIKE 'Compression'");
+    cli.arg("--compress");
+    assert_eq!(ok(&mut cli), "Compression\tON");
+    // A session kept after a client that does not compress (compressed ones are not kept) is
+    // offered to the next connection without compression, so a compressing client fits it
+    // and is told its connection id.
+    assert_eq!(ok(&mut s.probe("compression")), "compression=OFF");
+    let who = ok(&mut compressed("whoami"));
+    let fields: Vec<&str> = who.split(' ').collect();
+    assert_eq!(fields[2], fields[1].replace("id=", "greeted="), "{who}");
+    assert_eq!(ok(&mut compressed("compression")), "compression=OFF");
+    s.agent.wait_count("relayed", 9);
+    assert_eq!(s.agent.count("failed"), 0);
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
+#[test]
 fn a_wrong_password_in_the_store_reaches_the_app_as_1045_naming_the_policy() {
     let canary = "canary-Pw-7d31";
     let s = Setup::new(NATIVE_USER, canary, "");

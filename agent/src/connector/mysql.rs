@@ -17,6 +17,7 @@
 //! | [`refusal`] | latch's limits and denials as ERR packets |
 //! | [`io`] | reading whole packets during the handshake |
 //! | [`commands`] | the relay, watching for COM_CHANGE_USER |
+//! | [`compressed`] | a leg in the compressed protocol (CLIENT_COMPRESS), as a packet stream |
 //! | [`change_user`] | COM_CHANGE_USER: re-authentication with the policy's credentials |
 //! | [`direct`] | direct mode: authentication on the application's own connection |
 //! | [`pool`] | sessions kept after COM_QUIT for the workload's next connection |
@@ -24,6 +25,7 @@
 //! The wire protocol itself is the `latch-mysql` crate (sans-IO).
 pub mod change_user;
 pub mod commands;
+pub mod compressed;
 pub mod direct;
 pub mod failure;
 pub mod io;
@@ -164,6 +166,7 @@ impl Mysql {
             session,
             app_caps,
             keep,
+            compressed,
         } = match result {
             Ok(Some(ready)) => ready,
             Ok(None) => return Ok(Transferred::default()),
@@ -183,7 +186,13 @@ impl Mysql {
             app_caps,
             session,
         );
-        let result = commands::relay(stream, target, early, reauth, progress).await;
+        let result = match compressed {
+            None => commands::relay(stream, target, early, reauth, progress).await,
+            Some(target_early) => {
+                commands::relay_compressed(stream, target, early, target_early, reauth, progress)
+                    .await
+            }
+        };
         // The session ran; a reset from either side ends it and is not a broker failure.
         let relayed = match result {
             Ok(r) => r,
@@ -256,6 +265,9 @@ struct Ready {
     app_caps: CapabilityFlags,
     /// What keeping the session after the application's COM_QUIT needs (`None`: not kept).
     keep: Option<Keepable>,
+    /// Both legs speak the compressed protocol from here on, and these bytes came from the
+    /// server after its OK (frames, to be read through the server's leg).
+    compressed: Option<BytesMut>,
 }
 
 /// A session's place in the pool and what its next application is told.
@@ -322,7 +334,14 @@ async fn handshake(
         ),
         None => None,
     };
-    let greeting = Greeting::for_app(&server, scramble, tls.is_some());
+    let mut greeting = Greeting::for_app(&server, scramble, tls.is_some());
+    if warm.is_some() {
+        // A kept session is never compressed: offered no compression, the application fits
+        // it (and is told the connection id it will have).
+        greeting
+            .capabilities
+            .remove(CapabilityFlags::CLIENT_COMPRESS);
+    }
     let mut out = BytesMut::new();
     let mut payload = BytesMut::new();
     greeting
@@ -466,9 +485,22 @@ async fn tell_ok(
     response: &HandshakeResponse,
     keep: Option<Keepable>,
 ) -> Result<Option<Ready>, SessionError> {
+    // CLIENT_COMPRESS in the application's response and in the server's greeting (latch
+    // offered it because the server did): both legs switch to compressed frames after the OK.
+    // Such a session is not kept (the next application may not compress).
+    let compress = CapabilityFlags::CLIENT_COMPRESS;
+    let compressed = response.capabilities.contains(compress)
+        && session.greeting.capabilities.contains(compress);
+    let keep = keep.filter(|_| !compressed);
     let mut out = BytesMut::new();
     target::packet(ok, app.leg.seq, &mut out);
-    out.extend_from_slice(&leftover);
+    let compressed = match compressed {
+        true => Some(leftover),
+        false => {
+            out.extend_from_slice(&leftover);
+            None
+        }
+    };
     let written = match app.io() {
         Ok(stream) => match stream.write_all(&out).await {
             Ok(()) => stream.flush().await,
@@ -484,6 +516,7 @@ async fn tell_ok(
     tracing::debug!(
         tls = target.is_tls(),
         app_tls = app.stream.as_ref().is_some_and(AppStream::is_tls),
+        compressed = compressed.is_some(),
         connection_id = session.greeting.connection_id,
         "session ready; relaying"
     );
@@ -496,6 +529,7 @@ async fn tell_ok(
         session,
         app_caps: response.capabilities,
         keep,
+        compressed,
     }))
 }
 

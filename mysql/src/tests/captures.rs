@@ -354,7 +354,18 @@ fn latch_greeting_copies_the_servers_identity() {
     assert_eq!(back.connection_id, server.connection_id);
     assert_eq!(back.server_version, server.server_version);
     assert!(back.capabilities.contains(CapabilityFlags::CLIENT_SSL));
-    assert!(!back.capabilities.contains(CapabilityFlags::CLIENT_COMPRESS));
+    // zlib compression as the server offers it (the connector frames that leg); never zstd.
+    assert_eq!(
+        back.capabilities.contains(CapabilityFlags::CLIENT_COMPRESS),
+        server
+            .capabilities
+            .contains(CapabilityFlags::CLIENT_COMPRESS)
+    );
+    assert!(
+        !back
+            .capabilities
+            .contains(CapabilityFlags::CLIENT_ZSTD_COMPRESSION_ALGORITHM)
+    );
     assert_eq!(back.scramble.len(), 20);
     assert_ne!(back.scramble, server.scramble);
     assert_eq!(

@@ -199,7 +199,11 @@ impl<'a> Reauth<'a> {
         let work = async {
             let mut buf = BytesMut::new();
             loop {
-                let r = target_w.write_all(&out).await;
+                // Flushed: a TLS or compressed leg may hold what was written until then.
+                let r = match target_w.write_all(&out).await {
+                    Ok(()) => target_w.flush().await,
+                    Err(e) => Err(e),
+                };
                 // The packet holds a value derived from the password.
                 out.iter_mut().for_each(|b| *b = 0);
                 out.clear();
@@ -246,10 +250,11 @@ impl<'a> Reauth<'a> {
         let work = async {
             let mut out = BytesMut::new();
             latch_mysql::frame::encode(&[COM_RESET_CONNECTION], 0, &mut out);
-            target_w
-                .write_all(&out)
-                .await
-                .map_err(|source| Failure::TargetIo { addr, source })?;
+            let written = match target_w.write_all(&out).await {
+                Ok(()) => target_w.flush().await,
+                Err(e) => Err(e),
+            };
+            written.map_err(|source| Failure::TargetIo { addr, source })?;
             let mut buf = BytesMut::new();
             let packet = read_packet(target_r, &mut buf)
                 .await

@@ -27,7 +27,11 @@ use tokio::{
     sync::{Mutex, Notify},
 };
 
-use super::{change_user::Reauth, target::SessionAuth};
+use super::{
+    change_user::Reauth,
+    compressed::{Compressed, Side},
+    target::SessionAuth,
+};
 
 use crate::{
     connector::stream::{AppStream, MaybeTls, TargetStream},
@@ -64,16 +68,47 @@ pub async fn relay(
     reauth: Reauth<'_>,
     progress: &Progress,
 ) -> io::Result<Relayed> {
-    match app {
+    let (transferred, quit) = match app {
         MaybeTls::Plain(tcp) => {
             let (app_r, app_w) = tcp.into_split();
-            relay_halves(app_r, app_w, target, early, reauth, progress).await
+            relay_halves(app_r, app_w, target, early, reauth, true, progress).await?
         }
         MaybeTls::Tls(tls) => {
             let (app_r, app_w) = tokio::io::split(*tls);
-            relay_halves(app_r, app_w, target, early, reauth, progress).await
+            relay_halves(app_r, app_w, target, early, reauth, true, progress).await?
         }
-    }
+    };
+    Ok(Relayed { transferred, quit })
+}
+
+/// As [`relay`], both legs in the compressed protocol ([`Compressed`]); `target_early`: what
+/// the server sent after its OK. The session is not kept: a COM_QUIT goes to the server.
+/// Byte counts are of the packets, before compression.
+pub async fn relay_compressed(
+    app: AppStream,
+    target: TargetStream,
+    early: BytesMut,
+    target_early: BytesMut,
+    reauth: Reauth<'_>,
+    progress: &Progress,
+) -> io::Result<Relayed> {
+    let target = Compressed::new(target, Side::Client, target_early);
+    let app = Compressed::new(app, Side::Server, early);
+    let (app_r, app_w) = tokio::io::split(app);
+    let (transferred, _) = relay_halves(
+        app_r,
+        app_w,
+        target,
+        BytesMut::new(),
+        reauth,
+        false,
+        progress,
+    )
+    .await?;
+    Ok(Relayed {
+        transferred,
+        quit: None,
+    })
 }
 
 /// What both directions use.
@@ -84,14 +119,17 @@ struct Shared<R, W> {
     pause: Notify,
 }
 
-async fn relay_halves(
+/// `hold_quit`: a COM_QUIT ends the relay without reaching the server, the target handed back
+/// with it (else it passes like any command).
+async fn relay_halves<T: AsyncRead + AsyncWrite + Unpin>(
     app_r: impl AsyncRead + Unpin,
     app_w: impl AsyncWrite + Unpin,
-    target: TargetStream,
+    target: T,
     early: BytesMut,
     reauth: Reauth<'_>,
+    hold_quit: bool,
     progress: &Progress,
-) -> io::Result<Relayed> {
+) -> io::Result<(Transferred, Option<(T, SessionAuth)>)> {
     let (target_r, mut target_w) = tokio::io::split(target);
     let shared = Arc::new(Shared {
         target_r: Mutex::new(target_r),
@@ -99,7 +137,15 @@ async fn relay_halves(
         pause: Notify::new(),
     });
     let ended = {
-        let up = to_target(app_r, &mut target_w, early, &shared, reauth, progress);
+        let up = to_target(
+            app_r,
+            &mut target_w,
+            early,
+            &shared,
+            reauth,
+            hold_quit,
+            progress,
+        );
         let down = to_app(&shared, progress);
         // Either direction ending ends the session (a client's COM_QUIT closes both).
         tokio::select! {
@@ -117,13 +163,11 @@ async fn relay_halves(
         }
         _ => None,
     };
-    Ok(Relayed {
-        transferred: Transferred {
-            to_target: progress.to_target.load(Ordering::Relaxed),
-            to_app: progress.to_app.load(Ordering::Relaxed),
-        },
-        quit,
-    })
+    let transferred = Transferred {
+        to_target: progress.to_target.load(Ordering::Relaxed),
+        to_app: progress.to_app.load(Ordering::Relaxed),
+    };
+    Ok((transferred, quit))
 }
 
 async fn to_app(
@@ -160,6 +204,7 @@ async fn to_target(
     mut buf: BytesMut,
     shared: &Shared<impl AsyncRead + Unpin, impl AsyncWrite + Unpin>,
     mut reauth: Reauth<'_>,
+    hold_quit: bool,
     progress: &Progress,
 ) -> io::Result<Ended> {
     // The sequence id of the application's last packet.
@@ -199,7 +244,7 @@ async fn to_target(
         let seq = buf[3];
         let command = seq == 0 && last_seq != Some(255);
         last_seq = Some(seq);
-        if command && len == 1 && buf[4] == COM_QUIT && buf.len() == 5 && !changed {
+        if hold_quit && command && len == 1 && buf[4] == COM_QUIT && buf.len() == 5 && !changed {
             // Not passed on (nor counted): the connector passes it on unless it keeps the
             // session.
             return Ok(Ended::Quit(reauth.session));

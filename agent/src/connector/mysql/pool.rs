@@ -49,7 +49,7 @@ pub type Pool = kept::Pool<Parked>;
 pub const RESET_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Capabilities of the application's leg or of the handshake alone, which do not shape the
-/// session on the server: TLS toward latch, compression (never negotiated), the
+/// session on the server: TLS toward latch, zstd (never negotiated), the
 /// authentication plugins' framing, connect attributes and the database flag (the database
 /// itself is compared).
 const NOT_SESSION: CapabilityFlags = latch_mysql::response::NEVER

@@ -17,6 +17,8 @@
 //!   `<user>: <code> <SQLSTATE> <message> after=<CURRENT_USER()> x=<@x>` (or `after=gone` when
 //!   the session is no longer usable, and stops); `@x` is set to 5 before each change, so
 //!   `x=NULL` says the change reset the session.
+//! * `compression` — prints `compression=<ON|OFF>`: whether the server's session uses the
+//!   compressed protocol (its `Compression` status).
 //! * `reset` — `SET @x = 5`, COM_RESET_CONNECTION, then prints
 //!   `reset=ok user=<CURRENT_USER()> x=<@x or NULL>`.
 use std::time::{Duration, Instant};
@@ -41,6 +43,15 @@ pub async fn run(url: &str, scenario: &str) -> Result<(), String> {
         "reset" => reset(url).await,
         s if s.starts_with("changeuser:") => change_users(url, &s["changeuser:".len()..]).await,
         "infile" => infile(url).await,
+        "compression" => {
+            let mut conn = connect(url).await?;
+            let row: Option<(String, String)> = conn
+                .query_first("SHOW SESSION STATUS LIKE 'Compression'")
+                .await
+                .map_err(e)?;
+            println!("compression={}", row.ok_or("no row")?.1);
+            conn.disconnect().await.map_err(e)
+        }
         other => Err(format!("unknown my scenario {other:?}")),
     }
 }
