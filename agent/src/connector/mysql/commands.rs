@@ -29,7 +29,7 @@ use tokio::{
 
 use super::{
     change_user::Reauth,
-    compressed::{Compressed, Side},
+    compressed::{CommandAt, Compressed, Joined, Packets, Side, whole_frame},
     target::SessionAuth,
 };
 
@@ -71,19 +71,21 @@ pub async fn relay(
     let (transferred, quit) = match app {
         MaybeTls::Plain(tcp) => {
             let (app_r, app_w) = tcp.into_split();
-            relay_halves(app_r, app_w, target, early, reauth, true, progress).await?
+            relay_halves(app_r, app_w, target, early, reauth, Mode::Packets, progress).await?
         }
         MaybeTls::Tls(tls) => {
             let (app_r, app_w) = tokio::io::split(*tls);
-            relay_halves(app_r, app_w, target, early, reauth, true, progress).await?
+            relay_halves(app_r, app_w, target, early, reauth, Mode::Packets, progress).await?
         }
     };
     Ok(Relayed { transferred, quit })
 }
 
-/// As [`relay`], both legs in the compressed protocol ([`Compressed`]); `target_early`: what
-/// the server sent after its OK. The session is not kept: a COM_QUIT goes to the server.
-/// Byte counts are of the packets, before compression.
+/// As [`relay`], both legs in the compressed protocol: the frames pass as they are, each way
+/// (the packets' sequence ids follow the frames', so the numbering must stay the sender's),
+/// and latch decodes the application's to see its commands ([`to_target_framed`]).
+/// `target_early`: what the server sent after its OK. The session is not kept: a COM_QUIT
+/// goes to the server. Byte counts are of the frames.
 pub async fn relay_compressed(
     app: AppStream,
     target: TargetStream,
@@ -92,23 +94,30 @@ pub async fn relay_compressed(
     reauth: Reauth<'_>,
     progress: &Progress,
 ) -> io::Result<Relayed> {
-    let target = Compressed::new(target, Side::Client, target_early);
-    let app = Compressed::new(app, Side::Server, early);
+    let mut app = app;
+    if !target_early.is_empty() {
+        app.write_all(&target_early).await?;
+        progress
+            .to_app
+            .fetch_add(target_early.len() as u64, Ordering::Relaxed);
+    }
     let (app_r, app_w) = tokio::io::split(app);
-    let (transferred, _) = relay_halves(
-        app_r,
-        app_w,
-        target,
-        BytesMut::new(),
-        reauth,
-        false,
-        progress,
-    )
-    .await?;
+    let (transferred, _) =
+        relay_halves(app_r, app_w, target, early, reauth, Mode::Framed, progress).await?;
     Ok(Relayed {
         transferred,
         quit: None,
     })
+}
+
+/// How the application's direction is watched.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Plain packets; a COM_QUIT ends the relay without reaching the server, the target
+    /// handed back with it, for the connector to keep.
+    Packets,
+    /// Compressed frames, passed on whole.
+    Framed,
 }
 
 /// What both directions use.
@@ -119,15 +128,13 @@ struct Shared<R, W> {
     pause: Notify,
 }
 
-/// `hold_quit`: a COM_QUIT ends the relay without reaching the server, the target handed back
-/// with it (else it passes like any command).
 async fn relay_halves<T: AsyncRead + AsyncWrite + Unpin>(
     app_r: impl AsyncRead + Unpin,
     app_w: impl AsyncWrite + Unpin,
     target: T,
     early: BytesMut,
     reauth: Reauth<'_>,
-    hold_quit: bool,
+    mode: Mode,
     progress: &Progress,
 ) -> io::Result<(Transferred, Option<(T, SessionAuth)>)> {
     let (target_r, mut target_w) = tokio::io::split(target);
@@ -137,20 +144,23 @@ async fn relay_halves<T: AsyncRead + AsyncWrite + Unpin>(
         pause: Notify::new(),
     });
     let ended = {
-        let up = to_target(
-            app_r,
-            &mut target_w,
-            early,
-            &shared,
-            reauth,
-            hold_quit,
-            progress,
-        );
         let down = to_app(&shared, progress);
         // Either direction ending ends the session (a client's COM_QUIT closes both).
-        tokio::select! {
-            r = up => r?,
-            r = down => { r?; Ended::Closed }
+        match mode {
+            Mode::Packets => {
+                let up = to_target(app_r, &mut target_w, early, &shared, reauth, progress);
+                tokio::select! {
+                    r = up => r?,
+                    r = down => { r?; Ended::Closed }
+                }
+            }
+            Mode::Framed => {
+                let up = to_target_framed(app_r, &mut target_w, early, &shared, reauth, progress);
+                tokio::select! {
+                    r = up => r?,
+                    r = down => { r?; Ended::Closed }
+                }
+            }
         }
     };
     // Both directions are gone: the application's halves close here, at once, as the server
@@ -204,7 +214,6 @@ async fn to_target(
     mut buf: BytesMut,
     shared: &Shared<impl AsyncRead + Unpin, impl AsyncWrite + Unpin>,
     mut reauth: Reauth<'_>,
-    hold_quit: bool,
     progress: &Progress,
 ) -> io::Result<Ended> {
     // The sequence id of the application's last packet.
@@ -244,7 +253,7 @@ async fn to_target(
         let seq = buf[3];
         let command = seq == 0 && last_seq != Some(255);
         last_seq = Some(seq);
-        if hold_quit && command && len == 1 && buf[4] == COM_QUIT && buf.len() == 5 && !changed {
+        if command && len == 1 && buf[4] == COM_QUIT && buf.len() == 5 && !changed {
             // Not passed on (nor counted): the connector passes it on unless it keeps the
             // session.
             return Ok(Ended::Quit(reauth.session));
@@ -284,6 +293,132 @@ async fn to_target(
             continue;
         }
         pass = 4 + len;
+    }
+}
+
+/// The application's direction in the compressed protocol: each frame is read whole,
+/// decoded to find the commands in it, and passed on as it came, except a frame holding a
+/// COM_CHANGE_USER, which latch performs itself (the frame must hold that packet alone; a
+/// COM_CHANGE_USER anywhere else ends the session). A frame is at most 16 MiB of what the
+/// application sent; what it inflates to is looked at 64 KiB at a time.
+async fn to_target_framed(
+    mut app: impl AsyncRead + Unpin,
+    target: &mut (impl AsyncWrite + Unpin),
+    mut raw: BytesMut,
+    shared: &Shared<impl AsyncRead + Unpin, impl AsyncWrite + Unpin>,
+    mut reauth: Reauth<'_>,
+    progress: &Progress,
+) -> io::Result<Ended> {
+    let mut packets = Packets::default();
+    loop {
+        let Some(len) = whole_frame(&raw) else {
+            if fill(&mut app, &mut raw, target).await? == 0 {
+                if !raw.is_empty() {
+                    target.write_all(&raw).await?;
+                }
+                target.shutdown().await?;
+                return Ok(Ended::Closed);
+            }
+            continue;
+        };
+        let frame = raw.split_to(len);
+        let seq = frame[3];
+        let mut reader = latch_mysql::compress::FrameReader::default();
+        let (mut input, mut offset) = (&frame[..], 0usize);
+        let mut plain = BytesMut::new();
+        let mut change_user = None::<BytesMut>;
+        let mut elsewhere = false;
+        loop {
+            plain.clear();
+            let read = reader
+                .read(input, &mut plain, 64 * 1024)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            input = &input[read.used..];
+            if read.used == 0 && plain.is_empty() {
+                break;
+            }
+            if let Some(held) = &mut change_user {
+                held.extend_from_slice(&plain);
+                if held.len() > 4 + MAX_CHANGE_USER {
+                    return Err(io::Error::other("oversized COM_CHANGE_USER"));
+                }
+            }
+            packets.feed(&plain, offset, &mut |c: CommandAt| {
+                if c.command == COM_CHANGE_USER {
+                    match c.offset {
+                        0 => change_user = Some(BytesMut::new()),
+                        _ => elsewhere = true,
+                    }
+                }
+            });
+            if offset == 0
+                && let Some(held) = &mut change_user
+                && held.is_empty()
+            {
+                held.extend_from_slice(&plain);
+            }
+            offset += plain.len();
+        }
+        if elsewhere {
+            return Err(io::Error::other(
+                "a COM_CHANGE_USER inside a compressed frame",
+            ));
+        }
+        let Some(mut packet) = change_user else {
+            target.write_all(&frame).await?;
+            progress
+                .to_target
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+            continue;
+        };
+        let body =
+            usize::from(packet[0]) | usize::from(packet[1]) << 8 | usize::from(packet[2]) << 16;
+        if packet.len() != 4 + body {
+            return Err(io::Error::other(
+                "a COM_CHANGE_USER frame holds more than the command",
+            ));
+        }
+        // The application's credentials go nowhere: read, wiped and dropped. The exchange
+        // with the server is latch's own, in frames of its own numbering.
+        target.flush().await?;
+        shared.pause.notify_one();
+        let mut target_r = shared.target_r.lock().await;
+        let outcome = {
+            let mut leg = Compressed::new(
+                Joined {
+                    r: &mut *target_r,
+                    w: &mut *target,
+                },
+                Side::Client,
+                BytesMut::new(),
+            );
+            let (mut r, mut w) = tokio::io::split(&mut leg);
+            reauth.run(&packet[4..], &mut r, &mut w).await
+        };
+        drop(target_r);
+        packet.iter_mut().for_each(|b| *b = 0);
+        let out = match outcome {
+            Ok(out) => out,
+            Err(failure) => {
+                tracing::warn!(error = %failure, "COM_CHANGE_USER failed on the target; ending the session");
+                return Err(io::Error::other(failure));
+            }
+        };
+        // The answer, in the frame after the application's.
+        let mut framed = BytesMut::new();
+        latch_mysql::compress::encode(
+            seq.wrapping_add(1),
+            latch_mysql::compress::Compression::fast(),
+            &out,
+            &mut framed,
+        );
+        let mut app_w = shared.app_w.lock().await;
+        app_w.write_all(&framed).await?;
+        app_w.flush().await?;
+        drop(app_w);
+        progress
+            .to_app
+            .fetch_add(framed.len() as u64, Ordering::Relaxed);
     }
 }
 

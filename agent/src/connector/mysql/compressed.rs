@@ -1,18 +1,21 @@
-//! The compressed protocol (CLIENT_COMPRESS) on one leg, as a stream of ordinary packets: what
-//! is read comes out of the leg's frames decompressed, what is written goes into frames. A
-//! frame is a 7-byte header (compressed length, frame sequence id, uncompressed length, 0 when
-//! stored as is) and a zlib stream or the bytes themselves; packets may span frames. The
-//! framing itself is `mysql_common`'s ([`latch_mysql::compress`]).
+//! The compressed protocol (CLIENT_COMPRESS). A frame is a 7-byte header (compressed length,
+//! frame sequence id, uncompressed length, 0 when stored as is) and a zlib stream or the bytes
+//! themselves; packets may span frames ([`latch_mysql::compress`]).
 //!
-//! Frame sequence ids are counted apart from the packets': a command starts at 0 and each
-//! frame either side sends takes the next id. As the server ([`Side::Server`]) latch answers
-//! with the id after the application's last frame. As the client ([`Side::Client`]) it starts
-//! a command's first frame at 0: a frame that begins a packet of sequence id 0, unless that 0
-//! continues a 255 latch itself just wrote (LOAD DATA LOCAL INFILE wraps).
+//! The relay passes frames on as they come ([`super::commands`]): the server makes a packet's
+//! sequence id follow the frame it starts in, and clients check that (mysql_async: "Packets
+//! out of sync"), so a frame boundary or number latch moved would break the session. What
+//! latch needs to see it decodes beside: [`Packets`] finds the commands in the application's
+//! frames.
 //!
-//! Written bytes are framed when flushed (the relay flushes after each burst) or once
-//! [`WRITE_BATCH`] are held; a frame read is held whole until decoded, so a leg holds at most
-//! one frame's 16 MiB each way.
+//! Where latch speaks for itself on a compressed leg (its own COM_CHANGE_USER exchange with
+//! the server), [`Compressed`] makes the leg a stream of ordinary packets. Its frame numbers:
+//! as the server ([`Side::Server`]), the id after the other side's last frame; as the client
+//! ([`Side::Client`]), 0 for a command's first frame (a packet of sequence id 0 that does not
+//! continue a 255 just written), and a command behind one that has no reply starts its own
+//! frame. Written bytes are framed when flushed or once [`WRITE_BATCH`] are held; frames read
+//! are decoded [`PLAIN_ROOM`] at a time as their bytes arrive, so a frame that declares 16 MiB
+//! costs no more than that room.
 use std::{
     io,
     pin::Pin,
@@ -20,10 +23,13 @@ use std::{
 };
 
 use bytes::{Buf as _, BytesMut};
-use latch_mysql::compress::{ChunkInfo, CompDecoder, Compression, MAX_FRAME, encode};
+use latch_mysql::compress::{Compression, FrameReader, encode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Bytes written and held before they are framed without a flush.
 const WRITE_BATCH: usize = 64 * 1024;
+/// Plain bytes decoded ahead of the reader: a frame is inflated this much at a time, whatever
+/// length it declares.
+const PLAIN_ROOM: usize = 64 * 1024;
 
 /// Which end of the leg latch is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +47,7 @@ pub struct Compressed<S> {
     level: Compression,
     /// Sequence id of the next frame written.
     seq: u8,
-    decoder: CompDecoder,
+    reader: FrameReader,
     /// Read from the leg, not yet decoded.
     raw: BytesMut,
     /// Decoded, not yet read.
@@ -73,7 +79,7 @@ impl<S> Compressed<S> {
                 Side::Client => Compression::default(),
             },
             seq: 0,
-            decoder: CompDecoder::Idle,
+            reader: FrameReader::default(),
             raw: early,
             plain: BytesMut::new(),
             eof: false,
@@ -89,47 +95,154 @@ impl<S> Compressed<S> {
 
     /// Moves the held bytes into a frame (nothing when none are held).
     fn frame(&mut self) -> io::Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
+        while !self.pending.is_empty() {
+            if self.side == Side::Client && self.starts_command(0) {
+                self.seq = 0;
+            }
+            // As the client, a command that starts inside the held bytes (sent right behind
+            // one that has no reply, such as COM_STMT_SEND_LONG_DATA) starts its own frame.
+            let cut = self.track();
+            let chunk = self.pending.split_to(cut);
+            self.read_since_write = false;
+            self.seq = encode(self.seq, self.level, &chunk, &mut self.out);
         }
-        if self.side == Side::Client && self.starts_command() {
-            self.seq = 0;
-        }
-        self.track();
-        self.read_since_write = false;
-        self.seq = encode(self.seq, self.level, &self.pending, &mut self.out);
-        self.pending.clear();
         Ok(())
     }
 
-    fn starts_command(&self) -> bool {
+    /// Whether the held bytes at `at`, a packet boundary, start a command: a packet of
+    /// sequence id 0 that does not continue a 255 written just before.
+    fn starts_command(&self, at: usize) -> bool {
         self.packet_left == 0
             && self.header_len == 0
-            && self.pending.len() >= 4
-            && self.pending[3] == 0
-            && (self.read_since_write || self.last_seq != Some(255))
+            && self.pending.len() >= at + 4
+            && self.pending[at + 3] == 0
+            && ((at == 0 && self.read_since_write) || self.last_seq != Some(255))
     }
 
-    /// Follows the packet headers in the held bytes.
-    fn track(&mut self) {
-        let mut data = &self.pending[..];
-        while !data.is_empty() {
+    /// Follows the packet headers in the held bytes up to where a second command starts (as
+    /// the client) or to their end; returns that length.
+    fn track(&mut self) -> usize {
+        let mut at = 0;
+        while at < self.pending.len() {
             if self.packet_left > 0 {
-                let n = self.packet_left.min(data.len());
+                let n = self.packet_left.min(self.pending.len() - at);
                 self.packet_left -= n;
-                data = &data[n..];
+                at += n;
                 continue;
             }
-            let n = (4 - self.header_len).min(data.len());
-            self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
+            if at > 0 && self.side == Side::Client && self.starts_command(at) {
+                return at;
+            }
+            let n = (4 - self.header_len).min(self.pending.len() - at);
+            self.header[self.header_len..self.header_len + n]
+                .copy_from_slice(&self.pending[at..at + n]);
             self.header_len += n;
-            data = &data[n..];
+            at += n;
             if self.header_len == 4 {
                 let h = self.header;
                 self.packet_left =
                     usize::from(h[0]) | usize::from(h[1]) << 8 | usize::from(h[2]) << 16;
                 self.last_seq = Some(h[3]);
                 self.header_len = 0;
+            }
+        }
+        at
+    }
+}
+
+/// A read half and a write half as one stream (a leg's halves for one exchange).
+pub struct Joined<'a, R, W> {
+    pub r: &'a mut R,
+    pub w: &'a mut W,
+}
+
+impl<R: AsyncRead + Unpin, W: Unpin> AsyncRead for Joined<'_, R, W> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().r).poll_read(cx, buf)
+    }
+}
+
+impl<R: Unpin, W: AsyncWrite + Unpin> AsyncWrite for Joined<'_, R, W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().w).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().w).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().w).poll_shutdown(cx)
+    }
+}
+
+/// The length of the first whole frame in `raw` (header included), if one is there.
+pub fn whole_frame(raw: &[u8]) -> Option<usize> {
+    let header = raw.get(..7)?;
+    let len =
+        7 + (usize::from(header[0]) | usize::from(header[1]) << 8 | usize::from(header[2]) << 16);
+    (raw.len() >= len).then_some(len)
+}
+
+/// A command found in a frame's packets: where its packet starts in the frame's plain bytes,
+/// and its command byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandAt {
+    pub offset: usize,
+    pub command: u8,
+}
+
+/// Follows the packets of one direction across frames, to find where commands start.
+#[derive(Debug, Default)]
+pub struct Packets {
+    left: usize,
+    header: [u8; 4],
+    got: usize,
+    last_seq: Option<u8>,
+    /// A command's header was read; its first byte is next (at this plain offset).
+    command_at: Option<usize>,
+}
+
+impl Packets {
+    /// Follows `plain`, which starts at `offset` of its frame's plain bytes; reports each
+    /// command's start.
+    pub fn feed(&mut self, plain: &[u8], offset: usize, found: &mut impl FnMut(CommandAt)) {
+        let mut at = 0;
+        while at < plain.len() {
+            if let Some(start) = self.command_at.take() {
+                found(CommandAt {
+                    offset: start,
+                    command: plain[at],
+                });
+            }
+            if self.left > 0 {
+                let n = self.left.min(plain.len() - at);
+                self.left -= n;
+                at += n;
+                continue;
+            }
+            let n = (4 - self.got).min(plain.len() - at);
+            self.header[self.got..self.got + n].copy_from_slice(&plain[at..at + n]);
+            self.got += n;
+            at += n;
+            if self.got == 4 {
+                let h = self.header;
+                self.left = usize::from(h[0]) | usize::from(h[1]) << 8 | usize::from(h[2]) << 16;
+                let command = h[3] == 0 && self.last_seq != Some(255);
+                self.last_seq = Some(h[3]);
+                self.got = 0;
+                if command && self.left > 0 {
+                    // The packet started 4 bytes back (perhaps in an earlier piece).
+                    self.command_at = Some((offset + at).saturating_sub(4));
+                }
             }
         }
     }
@@ -170,17 +283,28 @@ impl<S: AsyncRead + Unpin> AsyncRead for Compressed<S> {
                 this.plain.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            let decoded = this
-                .decoder
-                .decode(&mut this.raw, &mut this.plain, MAX_FRAME)
-                .map_err(invalid)?;
-            if let Some(ChunkInfo::Last(seq) | ChunkInfo::Middle(seq)) = decoded {
-                this.seq = seq.wrapping_add(1);
-                this.read_since_write = true;
+            // Decode what has arrived, at most PLAIN_ROOM at a time.
+            loop {
+                let before = this.plain.len();
+                let room = PLAIN_ROOM - before;
+                let read = this
+                    .reader
+                    .read(&this.raw, &mut this.plain, room)
+                    .map_err(invalid)?;
+                this.raw.advance(read.used);
+                if let Some(seq) = read.frame {
+                    this.seq = seq.wrapping_add(1);
+                    this.read_since_write = true;
+                }
+                if read.used == 0 && this.plain.len() == before {
+                    break;
+                }
+            }
+            if !this.plain.is_empty() {
                 continue;
             }
             if this.eof {
-                return match this.raw.is_empty() {
+                return match this.raw.is_empty() && this.reader.between_frames() {
                     true => Poll::Ready(Ok(())),
                     false => Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
                 };
@@ -229,9 +353,40 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Compressed<S> {
 
 #[cfg(test)]
 mod tests {
+    use latch_mysql::compress::{ChunkInfo, CompDecoder, MAX_FRAME};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_frame_that_inflates_to_16_mib_is_read_a_bounded_piece_at_a_time() {
+        let mut frame = BytesMut::new();
+        encode(0, Compression::best(), &vec![0u8; MAX_FRAME], &mut frame);
+        assert!(frame.len() < 64 * 1024, "{} bytes", frame.len());
+        let (ours, mut app) = tokio::io::duplex(1 << 20);
+        let mut leg = Compressed::new(ours, Side::Server, BytesMut::new());
+        app.write_all(&frame).await.unwrap();
+        let mut buf = vec![1u8; 8192];
+        let mut total = 0;
+        while total < MAX_FRAME {
+            let n = leg.read(&mut buf).await.unwrap();
+            assert!(n > 0 && buf[..n].iter().all(|&b| b == 0));
+            total += n;
+            assert!(
+                leg.plain.capacity() <= 2 * PLAIN_ROOM && leg.raw.capacity() <= 128 * 1024,
+                "held {} plain, {} raw",
+                leg.plain.capacity(),
+                leg.raw.capacity()
+            );
+        }
+        assert_eq!(total, MAX_FRAME);
+        // The next frame's header: frame 0 was read, so an answer goes out as frame 1.
+        leg.write_all(&[1, 0, 0, 1, 0]).await.unwrap();
+        leg.flush().await.unwrap();
+        let mut head = [0u8; 4];
+        app.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[3], 1);
+    }
 
     /// A packet: header (length, `seq`) and payload.
     fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
@@ -316,6 +471,67 @@ mod tests {
         assert_eq!(seqs, [0, 1, 2]);
     }
 
+    #[tokio::test]
+    async fn a_command_behind_one_without_a_reply_starts_its_own_frame_and_a_wrap_does_not() {
+        let (ours, mut server) = tokio::io::duplex(1 << 20);
+        let mut leg = Compressed::new(ours, Side::Client, BytesMut::new());
+        // COM_STMT_SEND_LONG_DATA (no reply) and COM_STMT_EXECUTE, in one flush.
+        let long_data = packet(0, b"\x18\x01\x00\x00\x00\x00\x00data");
+        let execute = packet(0, b"\x17\x01\x00\x00\x00");
+        leg.write_all(&[long_data.clone(), execute.clone()].concat())
+            .await
+            .unwrap();
+        leg.flush().await.unwrap();
+        // Then the server's reply (frame 1), and LOAD DATA's wrap: 255 then 0, one flush.
+        let mut reply = BytesMut::new();
+        encode(1, Compression::none(), &packet(1, b"\xfbfile"), &mut reply);
+        server.write_all(&reply).await.unwrap();
+        let mut got = vec![0u8; 9];
+        leg.read_exact(&mut got).await.unwrap();
+        let wrap = [packet(255, b"row"), packet(0, b"")].concat();
+        leg.write_all(&wrap).await.unwrap();
+        leg.flush().await.unwrap();
+        let mut raw = vec![0u8; 4096];
+        let mut all = Vec::new();
+        while frames_complete(&all) < 3 {
+            let n = server.read(&mut raw).await.unwrap();
+            all.extend_from_slice(&raw[..n]);
+        }
+        assert_eq!(frames(&all), vec![(0, long_data), (0, execute), (2, wrap)]);
+    }
+
+    #[test]
+    fn commands_are_found_where_they_start_across_pieces_and_a_wrap_is_not_one() {
+        let mut packets = Packets::default();
+        let mut found = Vec::new();
+        // A query, then (behind it, in the same frame) a COM_CHANGE_USER: fed in pieces that
+        // cut a header and the command byte apart.
+        let bytes = [packet(0, b"\x03SELECT 1"), packet(0, b"\x11user\0")].concat();
+        let (a, b) = bytes.split_at(16);
+        packets.feed(a, 0, &mut |c| found.push(c));
+        packets.feed(b, 16, &mut |c| found.push(c));
+        assert_eq!(
+            found,
+            [
+                CommandAt {
+                    offset: 0,
+                    command: 0x03
+                },
+                CommandAt {
+                    offset: 13,
+                    command: 0x11
+                }
+            ]
+        );
+        // LOAD DATA's packets: a 0 after a 255 continues the command.
+        found.clear();
+        let wrap = [packet(255, b"row"), packet(0, b"more")].concat();
+        packets.feed(&wrap, 0, &mut |c| found.push(c));
+        assert!(found.is_empty(), "{found:?}");
+        assert_eq!(whole_frame(&[3, 0, 0, 0, 0, 0, 0, 1, 2]), None);
+        assert_eq!(whole_frame(&[2, 0, 0, 0, 0, 0, 0, 1, 2, 9]), Some(9));
+    }
+
     fn frames_complete(bytes: &[u8]) -> usize {
         let mut src = BytesMut::from(bytes);
         let mut decoder = CompDecoder::Idle;
@@ -372,6 +588,9 @@ mod tests {
         let mut leg = Compressed::new(ours, Side::Server, BytesMut::new());
         app.write_all(&[9, 0, 0, 0, 0, 0, 0, 1, 2]).await.unwrap();
         drop(app);
+        // A stored payload is passed on as it arrives; the end of the stream inside it is not
+        // a clean end.
+        assert_eq!(leg.read(&mut buf).await.unwrap(), 2);
         let err = leg.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }

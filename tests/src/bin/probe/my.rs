@@ -17,6 +17,7 @@
 //!   `<user>: <code> <SQLSTATE> <message> after=<CURRENT_USER()> x=<@x>` (or `after=gone` when
 //!   the session is no longer usable, and stops); `@x` is set to 5 before each change, so
 //!   `x=NULL` says the change reset the session.
+//! * `bigquery` — one 1 MB statement; prints `bigquery length=1000000 then=1`.
 //! * `compression` — prints `compression=<ON|OFF>`: whether the server's session uses the
 //!   compressed protocol (its `Compression` status).
 //! * `reset` — `SET @x = 5`, COM_RESET_CONNECTION, then prints
@@ -43,6 +44,15 @@ pub async fn run(url: &str, scenario: &str) -> Result<(), String> {
         "reset" => reset(url).await,
         s if s.starts_with("changeuser:") => change_users(url, &s["changeuser:".len()..]).await,
         "infile" => infile(url).await,
+        "bigquery" => {
+            // A statement text of 1 MB: several compressed frames on any leg.
+            let mut conn = connect(url).await?;
+            let sql = format!("SELECT LENGTH('{}'), 1", "x".repeat(1_000_000));
+            let row: Option<(u64, u8)> = conn.query_first(sql).await.map_err(e)?;
+            let (len, one) = row.ok_or("no row")?;
+            println!("bigquery length={len} then={one}");
+            conn.disconnect().await.map_err(e)
+        }
         "compression" => {
             let mut conn = connect(url).await?;
             let row: Option<(String, String)> = conn
