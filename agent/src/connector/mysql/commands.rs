@@ -275,21 +275,8 @@ async fn to_target(
             let mut target_r = shared.target_r.lock().await;
             let outcome = reauth.run(&packet[4..], &mut *target_r, target).await;
             drop(target_r);
-            packet.iter_mut().for_each(|b| *b = 0);
-            let out = match outcome {
-                Ok(out) => out,
-                Err(failure) => {
-                    tracing::warn!(error = %failure, "COM_CHANGE_USER failed on the target; ending the session");
-                    return Err(io::Error::other(failure));
-                }
-            };
-            let mut app = shared.app_w.lock().await;
-            app.write_all(&out).await?;
-            app.flush().await?;
-            drop(app);
-            progress
-                .to_app
-                .fetch_add(out.len() as u64, Ordering::Relaxed);
+            let out = change_user_done(&mut packet, outcome)?;
+            tell_app(shared, &out, progress).await?;
             continue;
         }
         pass = 4 + len;
@@ -396,14 +383,7 @@ async fn to_target_framed(
             reauth.run(&packet[4..], &mut r, &mut w).await
         };
         drop(target_r);
-        packet.iter_mut().for_each(|b| *b = 0);
-        let out = match outcome {
-            Ok(out) => out,
-            Err(failure) => {
-                tracing::warn!(error = %failure, "COM_CHANGE_USER failed on the target; ending the session");
-                return Err(io::Error::other(failure));
-            }
-        };
+        let out = change_user_done(&mut packet, outcome)?;
         // The answer, in the frame after the application's.
         let mut framed = BytesMut::new();
         latch_mysql::compress::encode(
@@ -412,14 +392,37 @@ async fn to_target_framed(
             &out,
             &mut framed,
         );
-        let mut app_w = shared.app_w.lock().await;
-        app_w.write_all(&framed).await?;
-        app_w.flush().await?;
-        drop(app_w);
-        progress
-            .to_app
-            .fetch_add(framed.len() as u64, Ordering::Relaxed);
+        tell_app(shared, &framed, progress).await?;
     }
+}
+
+/// The application's COM_CHANGE_USER packet wiped, and latch's answer to it, or the failure
+/// that ends the session.
+fn change_user_done(
+    packet: &mut BytesMut,
+    outcome: Result<BytesMut, super::Failure>,
+) -> io::Result<BytesMut> {
+    packet.iter_mut().for_each(|b| *b = 0);
+    outcome.map_err(|failure| {
+        tracing::warn!(error = %failure, "COM_CHANGE_USER failed on the target; ending the session");
+        io::Error::other(failure)
+    })
+}
+
+/// Writes latch's own answer to the application (between the server's replies: the
+/// application waits for this one).
+async fn tell_app(
+    shared: &Shared<impl AsyncRead + Unpin, impl AsyncWrite + Unpin>,
+    bytes: &[u8],
+    progress: &Progress,
+) -> io::Result<()> {
+    let mut app = shared.app_w.lock().await;
+    app.write_all(bytes).await?;
+    app.flush().await?;
+    progress
+        .to_app
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Reads more of the application's bytes into `buf`, after flushing `target`: what was written

@@ -461,12 +461,7 @@ mod tests {
         leg.flush().await.unwrap();
         leg.write_all(&packet(0, b"")).await.unwrap();
         leg.flush().await.unwrap();
-        let mut raw = vec![0u8; 4096];
-        let mut all = Vec::new();
-        while frames_complete(&all) < 3 {
-            let n = server.read(&mut raw).await.unwrap();
-            all.extend_from_slice(&raw[..n]);
-        }
+        let all = read_frames(&mut server, 3).await;
         let seqs: Vec<u8> = frames(&all).into_iter().map(|(s, _)| s).collect();
         assert_eq!(seqs, [0, 1, 2]);
     }
@@ -491,12 +486,7 @@ mod tests {
         let wrap = [packet(255, b"row"), packet(0, b"")].concat();
         leg.write_all(&wrap).await.unwrap();
         leg.flush().await.unwrap();
-        let mut raw = vec![0u8; 4096];
-        let mut all = Vec::new();
-        while frames_complete(&all) < 3 {
-            let n = server.read(&mut raw).await.unwrap();
-            all.extend_from_slice(&raw[..n]);
-        }
+        let all = read_frames(&mut server, 3).await;
         assert_eq!(frames(&all), vec![(0, long_data), (0, execute), (2, wrap)]);
     }
 
@@ -532,6 +522,17 @@ mod tests {
         assert_eq!(whole_frame(&[2, 0, 0, 0, 0, 0, 0, 1, 2, 9]), Some(9));
     }
 
+    /// Reads from `peer` until `n` whole frames have come; returns their bytes.
+    async fn read_frames(peer: &mut tokio::io::DuplexStream, n: usize) -> Vec<u8> {
+        let mut raw = vec![0u8; 4096];
+        let mut all = Vec::new();
+        while frames_complete(&all) < n {
+            let got = peer.read(&mut raw).await.unwrap();
+            all.extend_from_slice(&raw[..got]);
+        }
+        all
+    }
+
     fn frames_complete(bytes: &[u8]) -> usize {
         let mut src = BytesMut::from(bytes);
         let mut decoder = CompDecoder::Idle;
@@ -562,12 +563,7 @@ mod tests {
         leg.flush().await.unwrap();
         leg.write_all(&packet(2, b"two")).await.unwrap();
         leg.flush().await.unwrap();
-        let mut raw = vec![0u8; 4096];
-        let mut all = Vec::new();
-        while frames_complete(&all) < 2 {
-            let n = app.read(&mut raw).await.unwrap();
-            all.extend_from_slice(&raw[..n]);
-        }
+        let all = read_frames(&mut app, 2).await;
         assert_eq!(
             frames(&all),
             vec![(1, packet(1, b"one")), (2, packet(2, b"two"))]
