@@ -362,7 +362,7 @@ async fn to_target_framed(
             usize::from(packet[0]) | usize::from(packet[1]) << 8 | usize::from(packet[2]) << 16;
         if packet.len() != 4 + body {
             return Err(io::Error::other(
-                "a COM_CHANGE_USER frame holds more than the command",
+                "a COM_CHANGE_USER frame does not hold the command alone",
             ));
         }
         // The application's credentials go nowhere: read, wiped and dropped. The exchange
