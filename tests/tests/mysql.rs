@@ -305,6 +305,71 @@ fn com_change_user_reauthenticates_with_the_roles_credentials_or_fails_as_mariad
     assert!(s.agent.stop().success());
 }
 
+/// A hand-made compressed client: logs in with CLIENT_COMPRESS (no password), then sends one
+/// frame holding a COM_PING and, behind it, a COM_CHANGE_USER carrying credentials of its own.
+/// Prints `answered` if anything comes back, `closed` if the connection ends.
+const HIDDEN_CHANGE_USER: &str = r#"
+import socket, struct, sys
+host, port, user, db = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+s = socket.create_connection((host, port))
+s.settimeout(10)
+def read_exact(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c:
+            raise EOFError
+        b += c
+    return b
+def packet(seq, payload):
+    return struct.pack("<I", len(payload))[:3] + bytes([seq]) + payload
+h = read_exact(4)
+read_exact(h[0] | h[1] << 8 | h[2] << 16)
+# PROTOCOL_41, SECURE_CONNECTION, PLUGIN_AUTH, COMPRESS, CONNECT_WITH_DB
+caps = 0x200 | 0x8000 | 0x80000 | 0x20 | 0x8
+hello = struct.pack("<IIB23x", caps, 1 << 24, 45) + user.encode() + b"\0" + b"\0"
+hello += db.encode() + b"\0" + b"mysql_native_password\0"
+s.sendall(packet(1, hello))
+h = read_exact(4)
+ok = read_exact(h[0] | h[1] << 8 | h[2] << 16)
+assert ok[0] == 0, ok
+change = b"\x11root\0" + bytes([13]) + b"canary-secret" + db.encode() + b"\0"
+plain = packet(0, b"\x0e") + packet(0, change)
+s.sendall(struct.pack("<I", len(plain))[:3] + b"\0" + b"\0\0\0" + plain)
+try:
+    got = s.recv(100)
+    print("answered" if got else "closed")
+except (ConnectionResetError, socket.timeout) as e:
+    print("closed" if isinstance(e, ConnectionResetError) else "timeout")
+"#;
+
+#[test]
+fn a_com_change_user_hidden_behind_another_command_in_a_compressed_frame_ends_the_session() {
+    // latch performs a COM_CHANGE_USER itself only when a frame holds it alone; anywhere else
+    // in a frame it would pass on with the application's own credentials, so the session
+    // ends there and the frame never reaches the server.
+    let s = Setup::new(NATIVE_USER, NATIVE_PW, "");
+    let out = run(s
+        .cg
+        .command("python3")
+        .args(["-c", HIDDEN_CHANGE_USER])
+        .arg(s.db.addr.ip().to_string())
+        .arg(s.db.addr.port().to_string())
+        .args(["app_without_password", latch_tests::mariadb::APP_DB]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}\n{}", s.agent.log());
+    assert_eq!(stdout(&out), "closed", "{}", s.agent.log());
+    s.agent
+        .wait_log("a COM_CHANGE_USER inside a compressed frame", 1);
+    // The agent serves the next connection as before.
+    assert_eq!(
+        ok(&mut s.cli("select current_user()")),
+        format!("{NATIVE_USER}@%")
+    );
+    s.assert_log_clean();
+    assert!(s.agent.stop().success());
+}
+
 /// PyMySQL (a pure-Python client, its own protocol code), no password: queries, parameters,
 /// a server-side prepared statement (SQL PREPARE/EXECUTE: PyMySQL has no COM_STMT_PREPARE),
 /// and CONNECTION_ID() against the id the greeting gave it.
