@@ -86,18 +86,30 @@ fn mysql_async_suite(tls: bool, compress: bool) {
     let direct_url = url(&format!(":{SUITE_PW}"));
     let latch_url = url("");
     let flag = |on: bool| if on { "1" } else { "0" };
+    // Left out of the compressed run, both ways: the test asserts that its pool still holds
+    // all 5 connections right after it has KILLed them, while the one it just returned may
+    // still be in its reset round trip (a race in the test). Compressed round trips through
+    // latch are the longest of the three runs, and it failed there once in four CI runs; it
+    // runs in the other two.
+    let skip: &[&str] = if compress {
+        &["--skip", "conn::pool::test::should_reconnect"]
+    } else {
+        &[]
+    };
     let direct = || {
         let mut cmd = Command::new(&bin);
         cmd.env("DATABASE_URL", &direct_url)
             .env("SSL", flag(tls))
-            .env("COMPRESS", flag(compress));
+            .env("COMPRESS", flag(compress))
+            .args(skip);
         cmd
     };
     let through = || {
         let mut cmd = cg.command(&bin);
         cmd.env("DATABASE_URL", &latch_url)
             .env("SSL", flag(tls))
-            .env("COMPRESS", flag(compress));
+            .env("COMPRESS", flag(compress))
+            .args(skip);
         cmd
     };
     // Where latch differs from the server by design: test → (why, what its failure says).
