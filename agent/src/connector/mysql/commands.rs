@@ -29,7 +29,7 @@ use tokio::{
 
 use super::{
     change_user::Reauth,
-    compressed::{CommandAt, Compressed, Joined, Packets, Side, whole_frame},
+    compressed::{CommandAt, Compressed, Joined, Packets, whole_frame},
     target::SessionAuth,
 };
 
@@ -371,14 +371,10 @@ async fn to_target_framed(
         shared.pause.notify_one();
         let mut target_r = shared.target_r.lock().await;
         let outcome = {
-            let mut leg = Compressed::new(
-                Joined {
-                    r: &mut *target_r,
-                    w: &mut *target,
-                },
-                Side::Client,
-                BytesMut::new(),
-            );
+            let mut leg = Compressed::new(Joined {
+                r: &mut *target_r,
+                w: &mut *target,
+            });
             let (mut r, mut w) = tokio::io::split(&mut leg);
             reauth.run(&packet[4..], &mut r, &mut w).await
         };

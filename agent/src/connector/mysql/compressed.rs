@@ -8,12 +8,11 @@
 //! latch needs to see it decodes beside: [`Packets`] finds the commands in the application's
 //! frames.
 //!
-//! Where latch speaks for itself on a compressed leg (its own COM_CHANGE_USER exchange with
-//! the server), [`Compressed`] makes the leg a stream of ordinary packets. Its frame numbers:
-//! as the server ([`Side::Server`]), the id after the other side's last frame; as the client
-//! ([`Side::Client`]), 0 for a command's first frame (a packet of sequence id 0 that does not
-//! continue a 255 just written), and a command behind one that has no reply starts its own
-//! frame. Written bytes are framed when flushed or once [`WRITE_BATCH`] are held; frames read
+//! Where latch speaks for itself on the server's compressed leg (its own COM_CHANGE_USER
+//! exchange), [`Compressed`] makes the leg a stream of ordinary packets, latch the client.
+//! Its frame numbers: the id after the server's last frame, 0 for a command's first frame (a
+//! packet of sequence id 0 that does not continue a 255 just written), and a command behind
+//! one that has no reply starts its own frame. Written bytes are framed when flushed or once [`WRITE_BATCH`] are held; frames read
 //! are decoded [`PLAIN_ROOM`] at a time as their bytes arrive, so a frame that declares 16 MiB
 //! costs no more than that room.
 use std::{
@@ -31,20 +30,9 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// length it declares.
 const PLAIN_ROOM: usize = 64 * 1024;
 
-/// Which end of the leg latch is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// Toward the server.
-    Client,
-    /// Toward the application.
-    Server,
-}
-
-/// A leg speaking the compressed protocol.
+/// The server's leg in the compressed protocol, latch the client.
 pub struct Compressed<S> {
     inner: S,
-    side: Side,
-    level: Compression,
     /// Sequence id of the next frame written.
     seq: u8,
     reader: FrameReader,
@@ -68,19 +56,12 @@ pub struct Compressed<S> {
 }
 
 impl<S> Compressed<S> {
-    /// `early`: bytes already read from the leg (frames after the handshake's last packet).
-    pub fn new(inner: S, side: Side, early: BytesMut) -> Self {
+    pub fn new(inner: S) -> Self {
         Compressed {
             inner,
-            side,
-            // The application's leg is local: the cheapest level; the server's may not be.
-            level: match side {
-                Side::Server => Compression::fast(),
-                Side::Client => Compression::default(),
-            },
             seq: 0,
             reader: FrameReader::default(),
-            raw: early,
+            raw: BytesMut::new(),
             plain: BytesMut::new(),
             eof: false,
             pending: BytesMut::new(),
@@ -96,15 +77,15 @@ impl<S> Compressed<S> {
     /// Moves the held bytes into a frame (nothing when none are held).
     fn frame(&mut self) -> io::Result<()> {
         while !self.pending.is_empty() {
-            if self.side == Side::Client && self.starts_command(0) {
+            if self.starts_command(0) {
                 self.seq = 0;
             }
-            // As the client, a command that starts inside the held bytes (sent right behind
-            // one that has no reply, such as COM_STMT_SEND_LONG_DATA) starts its own frame.
+            // A command that starts inside the held bytes (sent right behind one that has no
+            // reply, such as COM_STMT_SEND_LONG_DATA) starts its own frame.
             let cut = self.track();
             let chunk = self.pending.split_to(cut);
             self.read_since_write = false;
-            self.seq = encode(self.seq, self.level, &chunk, &mut self.out);
+            self.seq = encode(self.seq, Compression::default(), &chunk, &mut self.out);
         }
         Ok(())
     }
@@ -119,8 +100,8 @@ impl<S> Compressed<S> {
             && ((at == 0 && self.read_since_write) || self.last_seq != Some(255))
     }
 
-    /// Follows the packet headers in the held bytes up to where a second command starts (as
-    /// the client) or to their end; returns that length.
+    /// Follows the packet headers in the held bytes up to where a second command starts or to
+    /// their end; returns that length.
     fn track(&mut self) -> usize {
         let mut at = 0;
         while at < self.pending.len() {
@@ -130,7 +111,7 @@ impl<S> Compressed<S> {
                 at += n;
                 continue;
             }
-            if at > 0 && self.side == Side::Client && self.starts_command(at) {
+            if at > 0 && self.starts_command(at) {
                 return at;
             }
             let n = (4 - self.header_len).min(self.pending.len() - at);
@@ -364,7 +345,7 @@ mod tests {
         encode(0, Compression::best(), &vec![0u8; MAX_FRAME], &mut frame);
         assert!(frame.len() < 64 * 1024, "{} bytes", frame.len());
         let (ours, mut app) = tokio::io::duplex(1 << 20);
-        let mut leg = Compressed::new(ours, Side::Server, BytesMut::new());
+        let mut leg = Compressed::new(ours);
         app.write_all(&frame).await.unwrap();
         let mut buf = vec![1u8; 8192];
         let mut total = 0;
@@ -418,7 +399,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_starts_each_command_at_frame_zero_and_follows_the_servers_frames() {
         let (ours, mut server) = tokio::io::duplex(1 << 20);
-        let mut leg = Compressed::new(ours, Side::Client, BytesMut::new());
+        let mut leg = Compressed::new(ours);
         // A command, large enough to be compressed.
         let query = packet(0, &[b'x'; 500]);
         leg.write_all(&query).await.unwrap();
@@ -454,7 +435,7 @@ mod tests {
     #[tokio::test]
     async fn a_zero_that_continues_a_255_is_not_a_new_command() {
         let (ours, mut server) = tokio::io::duplex(1 << 20);
-        let mut leg = Compressed::new(ours, Side::Client, BytesMut::new());
+        let mut leg = Compressed::new(ours);
         leg.write_all(&packet(0, b"\x03LOAD")).await.unwrap();
         leg.flush().await.unwrap();
         leg.write_all(&packet(255, b"row")).await.unwrap();
@@ -469,7 +450,7 @@ mod tests {
     #[tokio::test]
     async fn a_command_behind_one_without_a_reply_starts_its_own_frame_and_a_wrap_does_not() {
         let (ours, mut server) = tokio::io::duplex(1 << 20);
-        let mut leg = Compressed::new(ours, Side::Client, BytesMut::new());
+        let mut leg = Compressed::new(ours);
         // COM_STMT_SEND_LONG_DATA (no reply) and COM_STMT_EXECUTE, in one flush.
         let long_data = packet(0, b"\x18\x01\x00\x00\x00\x00\x00data");
         let execute = packet(0, b"\x17\x01\x00\x00\x00");
@@ -544,17 +525,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_server_answers_after_the_applications_frame_and_reads_its_early_frames() {
+    async fn what_follows_a_frame_read_takes_the_next_frame_ids() {
         let (ours, mut app) = tokio::io::duplex(1 << 20);
-        // The application's first command arrived with its handshake response: frame 0.
-        let mut early = BytesMut::new();
+        // The peer's frame 0.
+        let mut first = BytesMut::new();
         encode(
             0,
             Compression::none(),
             &packet(0, b"\x03SELECT 1"),
-            &mut early,
+            &mut first,
         );
-        let mut leg = Compressed::new(ours, Side::Server, early);
+        app.write_all(&first).await.unwrap();
+        let mut leg = Compressed::new(ours);
         let mut got = vec![0u8; 13];
         leg.read_exact(&mut got).await.unwrap();
         assert_eq!(got, packet(0, b"\x03SELECT 1"));
@@ -573,7 +555,7 @@ mod tests {
     #[tokio::test]
     async fn a_malformed_frame_is_an_error_and_a_cut_one_is_unexpected_eof() {
         let (ours, mut app) = tokio::io::duplex(1 << 20);
-        let mut leg = Compressed::new(ours, Side::Server, BytesMut::new());
+        let mut leg = Compressed::new(ours);
         // Claims 5 bytes that inflate to 100, but they are not zlib.
         app.write_all(&[5, 0, 0, 0, 100, 0, 0, 1, 2, 3, 4, 5])
             .await
@@ -581,7 +563,7 @@ mod tests {
         let mut buf = [0u8; 16];
         assert!(leg.read(&mut buf).await.is_err());
         let (ours, mut app) = tokio::io::duplex(1 << 20);
-        let mut leg = Compressed::new(ours, Side::Server, BytesMut::new());
+        let mut leg = Compressed::new(ours);
         app.write_all(&[9, 0, 0, 0, 0, 0, 0, 1, 2]).await.unwrap();
         drop(app);
         // A stored payload is passed on as it arrives; the end of the stream inside it is not
