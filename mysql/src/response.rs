@@ -288,6 +288,41 @@ impl HandshakeResponse {
         })
     }
 
+    /// The AuthSwitchRequest a server sends this response when its account authenticates with
+    /// `plugin` (`scramble` is the new nonce), or `None` when the response already answered
+    /// for it. MariaDB and MySQL ask a client that named another plugin (CLIENT_PLUGIN_AUTH and
+    /// a name, e.g. `mysql_clear_password`) to switch; a client without CLIENT_PLUGIN_AUTH, or
+    /// with an empty name, is taken to have answered for mysql_native_password.
+    pub fn switch_to(
+        &self,
+        plugin: &str,
+        scramble: [u8; crate::constants::SCRAMBLE_LEN],
+    ) -> Option<crate::AuthSwitchRequest> {
+        let named = match &self.auth_plugin {
+            Some(name)
+                if self
+                    .capabilities
+                    .contains(CapabilityFlags::CLIENT_PLUGIN_AUTH) =>
+            {
+                name.as_slice()
+            }
+            _ => b"",
+        };
+        let answered = match named {
+            b"" => crate::constants::MYSQL_NATIVE_PASSWORD.as_bytes(),
+            name => name,
+        };
+        if answered == plugin.as_bytes() {
+            return None;
+        }
+        let mut data = scramble.to_vec();
+        data.push(0);
+        Some(crate::AuthSwitchRequest {
+            plugin: plugin.as_bytes().to_vec(),
+            data,
+        })
+    }
+
     /// Writes the payload. Fields are written as the capabilities say (a field whose flag is
     /// set but that is `None` is written empty; one whose flag is clear is left out), so a
     /// parsed response encodes back to the same bytes. [`HandshakeResponse::for_server`]

@@ -141,6 +141,13 @@ const TABLE: &[(&str, &str, Option<&str>)] = &[
         "greeting=yes answer=ERR 1045 28000 seq=2 closed=yes",
         Some("greeting=yes answer=bytes=11 closed=no"),
     ),
+    // The same response made for mysql_clear_password: the server asks the client to switch
+    // to its account's plugin (its greeting's nonce again), and waits for the answer.
+    (
+        "clear-password-response",
+        "greeting=yes answer=SWITCH mysql_native_password data=21 seq=2 closed=no",
+        None,
+    ),
     // An SSLRequest to a server that offered no TLS, then a plain response.
     (
         "ssl-request-then-plain",

@@ -66,6 +66,11 @@ pub const PY_SUITES: &[PySuite] = &[
         env: "LATCH_SUITE_REQUESTS",
     },
     PySuite {
+        package: "aiomysql",
+        module: "aiomysql",
+        env: "LATCH_SUITE_AIOMYSQL",
+    },
+    PySuite {
         package: "pg8000",
         module: "pg8000",
         env: "LATCH_SUITE_PG8000",

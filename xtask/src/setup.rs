@@ -82,6 +82,25 @@ pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
         &["-c", "import pytest_benchmark"],
         "pytest-benchmark",
     ),
+    // aiomysql's own test suite (client_suites.rs): the version whose failures directly are
+    // known there, and what its tests import (uvloop; SQLAlchemy 1.3 for its `sa` layer).
+    (
+        "python3",
+        &[
+            "-c",
+            "import aiomysql; assert aiomysql.__version__ == '0.3.2'",
+        ],
+        "aiomysql==0.3.2",
+    ),
+    ("python3", &["-c", "import uvloop"], "uvloop"),
+    (
+        "python3",
+        &[
+            "-c",
+            "import sqlalchemy; assert sqlalchemy.__version__.startswith('1.3.')",
+        ],
+        "sqlalchemy>=1.3,<1.4",
+    ),
     (
         "python3",
         &["-c", "import websockets.sync.client"],

@@ -41,7 +41,8 @@ use std::{
 
 use bytes::BytesMut;
 use latch_mysql::{
-    CapabilityFlags, ClientHello, Greeting, HandshakeResponse, Packet, greeting::random_scramble,
+    CapabilityFlags, ClientHello, Greeting, HandshakeResponse, Packet,
+    constants::MYSQL_NATIVE_PASSWORD, greeting::random_scramble,
 };
 use rustls::ServerConfig;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream, time::Instant};
@@ -361,7 +362,7 @@ async fn handshake(
     });
 
     let mut inbuf = BytesMut::with_capacity(1024);
-    let response = read_response(app, &mut inbuf, tls)
+    let response = read_response(app, &mut inbuf, tls, scramble)
         .await
         .map_err(|f| (f, None))?;
     let caps = Some(response.capabilities);
@@ -540,6 +541,7 @@ async fn read_response(
     app: &mut App<'_>,
     buf: &mut BytesMut,
     tls: Option<Arc<ServerConfig>>,
+    scramble: [u8; latch_mysql::constants::SCRAMBLE_LEN],
 ) -> Result<HandshakeResponse, Failure> {
     let deadline = Instant::now() + APP_RESPONSE_TIMEOUT;
     let mut expect = 1;
@@ -558,7 +560,10 @@ async fn read_response(
             Failure::AppProtocol(e)
         })?;
         match hello {
-            ClientHello::Response(r) => return Ok(r),
+            ClientHello::Response(r) => {
+                switch_plugin(app, buf, deadline, &r, scramble).await?;
+                return Ok(r);
+            }
             ClientHello::SslRequest(_) => {
                 let (Some(config), Some(AppStream::Plain(_))) = (tls.as_ref(), &app.stream) else {
                     return Err(Failure::AppTls);
@@ -582,6 +587,36 @@ async fn read_response(
             }
         }
     }
+}
+
+/// A response made for another plugin than the greeting's (a client configured for
+/// `mysql_clear_password`, say) is asked to switch to mysql_native_password, with the
+/// greeting's nonce again, as MariaDB asks for its account's plugin; the answer (a password
+/// hash) is dropped unread like the response's. The application then sees the exchange it
+/// would see directly with an account on mysql_native_password.
+async fn switch_plugin(
+    app: &mut App<'_>,
+    buf: &mut BytesMut,
+    deadline: Instant,
+    response: &HandshakeResponse,
+    scramble: [u8; latch_mysql::constants::SCRAMBLE_LEN],
+) -> Result<(), Failure> {
+    let Some(switch) = response.switch_to(MYSQL_NATIVE_PASSWORD, scramble) else {
+        return Ok(());
+    };
+    let mut payload = BytesMut::new();
+    switch
+        .encode(&mut payload)
+        .map_err(|e| Failure::AppIo(std::io::Error::other(e.to_string())))?;
+    let mut out = BytesMut::new();
+    target::packet(&payload, app.leg.seq, &mut out);
+    let stream = app.io()?;
+    stream.write_all(&out).await.map_err(Failure::AppIo)?;
+    stream.flush().await.map_err(Failure::AppIo)?;
+    let expect = app.leg.seq.wrapping_add(1);
+    let answer = read_app_packet(app.io()?, buf, deadline, expect).await?;
+    app.leg.seq = answer.next_seq();
+    Ok(())
 }
 
 async fn read_app_packet(

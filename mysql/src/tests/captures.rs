@@ -130,6 +130,32 @@ fn mariadb_client_response_parses_and_round_trips() {
 }
 
 #[test]
+fn a_response_for_another_plugin_is_asked_to_switch_as_the_server_asks() {
+    let cap = capture("native_ok.txt");
+    let mut r = app_response(&cap[1].packet().payload);
+    let nonce = [b'n'; 20];
+    assert_eq!(r.switch_to(MYSQL_NATIVE_PASSWORD, nonce), None);
+
+    r.auth_plugin = Some(b"mysql_clear_password".to_vec());
+    let switch = r
+        .switch_to(MYSQL_NATIVE_PASSWORD, nonce)
+        .expect("a cleartext answer is asked to switch");
+    let mut out = BytesMut::new();
+    switch.encode(&mut out).unwrap();
+    let mut want = b"\xfemysql_native_password\0".to_vec();
+    want.extend_from_slice(&nonce);
+    want.push(0);
+    assert_eq!(&out[..], &want[..], "0xFE, the plugin, the nonce and a NUL");
+
+    // No name, or no CLIENT_PLUGIN_AUTH: the answer was mysql_native_password's.
+    r.auth_plugin = Some(Vec::new());
+    assert_eq!(r.switch_to(MYSQL_NATIVE_PASSWORD, nonce), None);
+    r.auth_plugin = Some(b"mysql_clear_password".to_vec());
+    r.capabilities.remove(CapabilityFlags::CLIENT_PLUGIN_AUTH);
+    assert_eq!(r.switch_to(MYSQL_NATIVE_PASSWORD, nonce), None);
+}
+
+#[test]
 fn mariadb_ssl_request_is_recognised() {
     let cap = capture("ssl_request.txt");
     let p = cap[1].packet();

@@ -45,6 +45,17 @@ fn response() -> Vec<u8> {
     p
 }
 
+/// A response for user `x` made for the cleartext plugin (a client set to
+/// `mysql_clear_password`), with an empty password.
+fn clear_password_response() -> Vec<u8> {
+    let mut p = fixed(CAPS);
+    p.extend_from_slice(b"x\0");
+    p.push(1);
+    p.push(0);
+    p.extend_from_slice(b"mysql_clear_password\0");
+    p
+}
+
 /// (name, writes, half-close after them, seconds of silence that end the read)
 pub fn cases() -> Vec<(&'static str, Vec<Vec<u8>>, bool, u64)> {
     let resp = response();
@@ -90,6 +101,12 @@ pub fn cases() -> Vec<(&'static str, Vec<Vec<u8>>, bool, u64)> {
             3,
         ),
         ("valid-response", vec![packet(1, &response())], false, 3),
+        (
+            "clear-password-response",
+            vec![packet(1, &clear_password_response())],
+            false,
+            3,
+        ),
         (
             "ssl-request-then-plain",
             vec![packet(1, &fixed(CAPS | CLIENT_SSL)), packet(2, &resp)],
@@ -183,6 +200,14 @@ fn describe(mut bytes: &[u8]) -> String {
                 "-".to_owned()
             };
             said.push(format!("ERR {code} {state} seq={seq}"));
+        } else if payload.first() == Some(&0xfe) && payload.len() > 1 {
+            // AuthSwitchRequest: the plugin asked for and how long its data is.
+            let name = payload[1..].split(|b| *b == 0).next().unwrap_or_default();
+            let data = payload.len() - 2 - name.len();
+            said.push(format!(
+                "SWITCH {} data={data} seq={seq}",
+                String::from_utf8_lossy(name)
+            ));
         } else {
             said.push(format!("bytes={}", payload.len() + 4));
         }
