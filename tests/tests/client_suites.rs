@@ -300,6 +300,57 @@ fn pg8000_own_test_suite_passes_through_latch_as_it_does_directly() {
     assert!(!latch.text.contains(PG8000_PW));
 }
 
+const ASYNCPG_PW: &str = "asyncpg-canary-Pw-17b9";
+
+/// asyncpg (binary protocol, its own pipelining of Parse/Bind/Execute, cancellation by
+/// CancelRequest on a new connection, COPY, LISTEN/NOTIFY, pools) with its own suite against a
+/// running server (`PGHOST`: the tests that make clusters of their own skip themselves).
+#[test]
+fn asyncpg_own_test_suite_passes_through_latch_as_it_does_directly() {
+    latch_tests::require_root();
+    let src = suites::path("LATCH_SUITE_ASYNCPG", "asyncpg");
+    let pg = PgCluster::start("127.0.0.2", "unused-1", "unused-2", "unused-3");
+    pg.sql(&format!("ALTER ROLE postgres PASSWORD '{ASYNCPG_PW}'"));
+    let secrets = TempDir::new("suite-secrets");
+    let file = secrets.write("secrets.yaml", &secrets_yaml("postgres", ASYNCPG_PW));
+    let cg = TestCgroup::new();
+    let agent = Agent::start(
+        &latch_tests::postgres::policy_yaml("suite-asyncpg", pg.addr, &file, ""),
+        &cg,
+    );
+    let pytest = |mut cmd: Command, password: &str| {
+        cmd.current_dir(&src)
+            .args(["-m", "pytest", "-W", "ignore"])
+            .env("PGHOST", pg.addr.ip().to_string())
+            .env("PGPORT", pg.addr.port().to_string())
+            .env("PGUSER", "postgres")
+            .env("PGDATABASE", "postgres")
+            .env("PGPASSWORD", password);
+        cmd
+    };
+    let python = latch_tests::bins::tool("python3", "python3");
+    let direct = || pytest(Command::new(&python), ASYNCPG_PW);
+    // Through latch the application holds a wrong password, which latch never uses.
+    let through = || pytest(cg.command(&python), "not-the-password");
+    let latch = Suite {
+        name: "asyncpg",
+        harness: Harness::Pytest,
+        // Its target_session_attrs tests start hot standbys of their own cluster, which a
+        // running server (PGHOST) does not have: they fail directly.
+        all: &[
+            "tests",
+            "--deselect",
+            "tests/test_connect.py::TestConnectionAttributes",
+        ],
+        differs: BTreeMap::new(),
+        min_passing: 250,
+    }
+    .compare(direct, through);
+    assert!(agent.count("relayed") >= 100, "{}", agent.status());
+    assert!(!agent.log().contains(ASYNCPG_PW));
+    assert!(!latch.text.contains(ASYNCPG_PW));
+}
+
 /// The port pytest-httpbin's in-process HTTP server takes (`HTTPBIN_HTTP_PORT`), in the
 /// pod's own network namespace.
 const HTTPBIN_PORT: u16 = 18080;

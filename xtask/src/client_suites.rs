@@ -71,6 +71,11 @@ pub const PY_SUITES: &[PySuite] = &[
         env: "LATCH_SUITE_AIOMYSQL",
     },
     PySuite {
+        package: "asyncpg",
+        module: "asyncpg",
+        env: "LATCH_SUITE_ASYNCPG",
+    },
+    PySuite {
         package: "pg8000",
         module: "pg8000",
         env: "LATCH_SUITE_PG8000",
@@ -130,6 +135,12 @@ fn python_source(suite: &PySuite, out: &Path) -> Result<PathBuf> {
         .arg(&archive)
         .args(["--strip-components=1", "-C"])
         .arg(&dir))?;
+    // The library's own source, beside the tests, would shadow the installed library (pytest
+    // puts the tree on `sys.path`), and a compiled one (asyncpg) does not import from source.
+    let source = dir.join(suite.module);
+    if source.is_dir() {
+        std::fs::remove_dir_all(&source)?;
+    }
     std::fs::write(stamp, version)?;
     Ok(dir)
 }

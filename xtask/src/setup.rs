@@ -93,6 +93,16 @@ pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
         "aiomysql==0.3.2",
     ),
     ("python3", &["-c", "import uvloop"], "uvloop"),
+    // asyncpg's own test suite (client_suites.rs): the library, and what its tests import.
+    (
+        "python3",
+        &[
+            "-c",
+            "import asyncpg; assert asyncpg.__version__ == '0.32.0'",
+        ],
+        "asyncpg==0.32.0",
+    ),
+    ("python3", &["-c", "import distro"], "distro"),
     (
         "python3",
         &[
