@@ -494,3 +494,84 @@ fn aiomysql_own_test_suite_passes_through_latch_as_it_does_directly() {
     assert!(!agent.log().contains(AIOMYSQL_PW));
     assert!(!latch.text.contains(AIOMYSQL_PW));
 }
+
+/// The port httpx's suite runs its uvicorn server on (fixed in its conftest), in the pod's own
+/// network namespace.
+const HTTPX_PORT: u16 = 8000;
+const HTTPX_CANARY: &str = "httpx-canary-0d5e7a";
+
+/// httpx (sync and async under asyncio and trio, on httpcore) with its own suite: uvicorn in
+/// the same pytest process serves its requests on 127.0.0.1:8000, through an http policy that
+/// adds a header of latch's own.
+#[test]
+fn httpx_own_test_suite_passes_through_latch_as_it_does_directly() {
+    latch_tests::require_root();
+    let src = suites::path("LATCH_SUITE_HTTPX", "httpx");
+    let cg = TestCgroup::new();
+    let pod = Pod::new(&cg, 0);
+    let secrets = TempDir::new("suite-secrets");
+    let file = secrets.write("secrets.yaml", &format!("api:\n  key: {HTTPX_CANARY}\n"));
+    let yaml = format!(
+        "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata:\n  name: local\nspec:\n  \
+         file: {{path: {}}}\n---\n\
+         apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: suite-httpx\nspec:\n  \
+         destination: {{address: 127.0.0.1, port: {HTTPX_PORT}}}\n  protocol: http\n  \
+         workloads: all\n  tls: {{mode: disable}}\n  \
+         credentials: {{store: local, password: {{path: api, field: key}}}}\n  \
+         http: {{header: \"X-Latch-Key: {{secret}}\"}}\n",
+        file.display()
+    );
+    let agent = Agent::start(&yaml, &cg);
+    let pytest = |mut cmd: Command| {
+        cmd.current_dir(&src)
+            .args(["-m", "pytest", "-W", "ignore"])
+            .env_remove("http_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("no_proxy")
+            .env_remove("NO_PROXY");
+        cmd
+    };
+    let python = latch_tests::bins::tool("python3", "python3");
+    let direct = || pytest(pod.netns_command(&python));
+    let through = || pytest(pod.command(&python));
+    Suite {
+        name: "httpx",
+        harness: Harness::Pytest,
+        all: &[
+            "tests",
+            // Tests marked `network` reach hosts outside this machine (example.com), which
+            // is not for tests to do (the pod has no route out either).
+            "-m",
+            "not network",
+            // These fail directly with the versions installed beside httpx 0.29.0: chardet's
+            // guesses of a charset, the command line's `click`, uvicorn's log lines.
+            "--deselect",
+            "tests/client/test_client.py::test_client_decode_text_using_autodetect",
+            "--deselect",
+            "tests/client/test_client.py::test_client_decode_text_using_explicit_encoding",
+            "--deselect",
+            "tests/models/test_responses.py::test_response_no_charset_with_cp_1252_content",
+            "--deselect",
+            "tests/models/test_responses.py::test_response_decode_text_using_autodetect",
+            "--deselect",
+            "tests/test_decoders.py::test_text_decoder_with_autodetect",
+            "--deselect",
+            "tests/test_main.py",
+            "--deselect",
+            "tests/test_utils.py::test_logging_request",
+            "--deselect",
+            "tests/test_utils.py::test_logging_redirect_chain",
+        ],
+        differs: BTreeMap::new(),
+        min_passing: 1000,
+    }
+    .compare(direct, through);
+    // About 70 of its tests use the server, several under both event loops.
+    assert!(agent.count("relayed") >= 50, "{}", agent.status());
+    assert!(!agent.log().contains(HTTPX_CANARY));
+    pod.delete();
+}

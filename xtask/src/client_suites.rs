@@ -76,6 +76,11 @@ pub const PY_SUITES: &[PySuite] = &[
         env: "LATCH_SUITE_ASYNCPG",
     },
     PySuite {
+        package: "httpx",
+        module: "httpx",
+        env: "LATCH_SUITE_HTTPX",
+    },
+    PySuite {
         package: "pg8000",
         module: "pg8000",
         env: "LATCH_SUITE_PG8000",

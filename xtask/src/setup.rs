@@ -103,6 +103,19 @@ pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
         "asyncpg==0.32.0",
     ),
     ("python3", &["-c", "import distro"], "distro"),
+    // httpx's own test suite (client_suites.rs): the library with its optional parts (HTTP/2,
+    // SOCKS, brotli, zstd), and what its tests import (uvicorn is its server).
+    (
+        "python3",
+        &[
+            "-c",
+            "import httpx, h2, socksio, brotli, zstandard; assert httpx.__version__ == '0.29.0'",
+        ],
+        "httpx[http2,socks,brotli,zstd]==0.29.0",
+    ),
+    ("python3", &["-c", "import uvicorn"], "uvicorn"),
+    ("python3", &["-c", "import trio"], "trio"),
+    ("python3", &["-c", "import chardet"], "chardet"),
     (
         "python3",
         &[
