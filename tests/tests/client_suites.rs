@@ -351,6 +351,56 @@ fn asyncpg_own_test_suite_passes_through_latch_as_it_does_directly() {
     assert!(!latch.text.contains(ASYNCPG_PW));
 }
 
+const PSYCOPG2_PW: &str = "psycopg2-canary-Pw-6a0f";
+
+/// psycopg2 (libpq, as psql and most Python applications reach PostgreSQL) with its own suite:
+/// its `tests/` against the database `psycopg2_test`.
+#[test]
+fn psycopg2_own_test_suite_passes_through_latch_as_it_does_directly() {
+    latch_tests::require_root();
+    let src = suites::path("LATCH_SUITE_PSYCOPG2", "psycopg2");
+    let pg = PgCluster::start("127.0.0.2", "unused-1", "unused-2", "unused-3");
+    pg.sql(&format!("ALTER ROLE postgres PASSWORD '{PSYCOPG2_PW}'"));
+    pg.sql("CREATE DATABASE psycopg2_test");
+    let secrets = TempDir::new("suite-secrets");
+    let file = secrets.write("secrets.yaml", &secrets_yaml("postgres", PSYCOPG2_PW));
+    let cg = TestCgroup::new();
+    let agent = Agent::start(
+        &latch_tests::postgres::policy_yaml("suite-psycopg2", pg.addr, &file, ""),
+        &cg,
+    );
+    let pytest = |mut cmd: Command, password: &str| {
+        cmd.current_dir(&src)
+            .args(["-m", "pytest", "-W", "ignore"])
+            .env("PSYCOPG2_TESTDB_HOST", pg.addr.ip().to_string())
+            .env("PSYCOPG2_TESTDB_PORT", pg.addr.port().to_string())
+            .env("PSYCOPG2_TESTDB_USER", "postgres")
+            .env("PSYCOPG2_TESTDB_PASSWORD", password);
+        cmd
+    };
+    let python = latch_tests::bins::tool("python3", "python3");
+    let direct = || pytest(Command::new(&python), PSYCOPG2_PW);
+    // Through latch the application holds a wrong password, which latch never uses.
+    let through = || pytest(cg.command(&python), "not-the-password");
+    let latch = Suite {
+        name: "psycopg2",
+        harness: Harness::Pytest,
+        // test_pgconn_ptr fails directly with the psycopg2-binary wheel: it hands the wheel's
+        // libpq connection to the system's libpq through ctypes.
+        all: &[
+            "tests",
+            "--deselect",
+            "tests/test_connection.py::ConnectionTests::test_pgconn_ptr",
+        ],
+        differs: BTreeMap::new(),
+        min_passing: 600,
+    }
+    .compare(direct, through);
+    assert!(agent.count("relayed") >= 100, "{}", agent.status());
+    assert!(!agent.log().contains(PSYCOPG2_PW));
+    assert!(!latch.text.contains(PSYCOPG2_PW));
+}
+
 /// The port pytest-httpbin's in-process HTTP server takes (`HTTPBIN_HTTP_PORT`), in the
 /// pod's own network namespace.
 const HTTPBIN_PORT: u16 = 18080;

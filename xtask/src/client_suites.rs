@@ -80,6 +80,12 @@ pub const PY_SUITES: &[PySuite] = &[
         module: "httpx",
         env: "LATCH_SUITE_HTTPX",
     },
+    // The library is the psycopg2-binary wheel; its tests are in psycopg2's source.
+    PySuite {
+        package: "psycopg2",
+        module: "psycopg2",
+        env: "LATCH_SUITE_PSYCOPG2",
+    },
     PySuite {
         package: "pg8000",
         module: "pg8000",
@@ -103,7 +109,8 @@ fn python_source(suite: &PySuite, out: &Path) -> Result<PathBuf> {
         "-c",
         &format!("import {0}; print({0}.__version__)", suite.module),
     ]))?;
-    let version = version.trim();
+    // psycopg2 appends its build options ("2.9.13 (dt dec pq3 ext lo64)").
+    let version = version.split_whitespace().next().unwrap_or_default();
     let dir = out.join(suite.package);
     let stamp = dir.join(".unpacked");
     if std::fs::read_to_string(&stamp).is_ok_and(|v| v == version) {

@@ -14,6 +14,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "postgresql",
     "postgresql-contrib",
+    // pg_config, which preparing psycopg2's source distribution asks (its own test suite,
+    // tests/tests/client_suites.rs; the library itself is the psycopg2-binary wheel).
+    "libpq-dev",
     "curl",
     "iproute2",
     "procps",
@@ -103,6 +106,15 @@ pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
         "asyncpg==0.32.0",
     ),
     ("python3", &["-c", "import distro"], "distro"),
+    // psycopg2 (libpq) and its own test suite (client_suites.rs).
+    (
+        "python3",
+        &[
+            "-c",
+            "import psycopg2; assert psycopg2.__version__.split()[0] == '2.9.13'",
+        ],
+        "psycopg2-binary==2.9.13",
+    ),
     // httpx's own test suite (client_suites.rs): the library with its optional parts (HTTP/2,
     // SOCKS, brotli, zstd), and what its tests import (uvicorn is its server).
     (
