@@ -37,6 +37,7 @@ pub mod intercept;
 pub mod pool;
 pub mod sigv4;
 pub mod target;
+pub mod to_app;
 
 use std::{
     convert::Infallible,
@@ -95,7 +96,7 @@ const REFUSAL_READ: Duration = Duration::from_secs(10);
 /// A request body toward the target: the application's, streamed, or one latch read whole to
 /// sign it.
 pub type ReqBody = Either<Incoming, Full<Bytes>>;
-type ResBody = Either<Incoming, Full<Bytes>>;
+type ResBody = Either<to_app::ToApp, Full<Bytes>>;
 
 /// The HTTP connector and what its sessions share: the TLS client configurations and the idle
 /// HTTP/1.1 target connections ([`pool`]).
@@ -412,8 +413,9 @@ fn session_end(
 
 impl Session<'_> {
     async fn handle(&self, req: Request<Incoming>) -> Result<Response<ResBody>, Infallible> {
+        let method = req.method().clone();
         match self.forward(req).await {
-            Ok(resp) => Ok(resp.map(Either::Left)),
+            Ok(resp) => Ok(to_app::ToApp::of(resp, &method).map(Either::Left)),
             Err(f) => {
                 crate::warn_throttled!(error = %f, "request failed");
                 let resp = f.response().map(|b| Either::Right(Full::new(b)));

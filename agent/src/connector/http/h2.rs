@@ -307,7 +307,7 @@ fn response(failure: &Failure) -> Response<bytes::Bytes> {
 impl Session<'_> {
     async fn handle(&self, req: Request<Incoming>) -> Response<ResBody> {
         match self.forward(req).await {
-            Ok(resp) => resp.map(Either::Left),
+            Ok(resp) => resp.map(|b| Either::Left(super::to_app::ToApp::plain(b))),
             Err(f) => {
                 crate::warn_throttled!(error = %f, "HTTP/2 request failed");
                 let resp = response(&f).map(|b| Either::Right(Full::new(b)));
