@@ -1456,3 +1456,72 @@ sys.stdout.write(data.decode())
     assert_eq!(audit.len(), 1, "{audit:?}");
     assert!(!agent.log().contains(TOKEN));
 }
+
+/// A target that answers each request head with a 200 and keeps what it received.
+fn recording_target() -> (std::net::SocketAddr, std::sync::mpsc::Receiver<String>) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => head.extend_from_slice(&buf[..k]),
+                        }
+                    }
+                    let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let _ = tx.send(String::from_utf8_lossy(&head[..end]).into_owned());
+                    head.drain(..end);
+                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[test]
+fn the_target_gets_the_request_fields_in_the_applications_case_and_order_with_the_credential() {
+    let (addr, rx) = recording_target();
+    let secrets = TempDir::new("http-secrets");
+    let file = secrets.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
+    let cg = TestCgroup::new();
+    let _agent = Agent::start(&policy_yaml(addr, &file, "  http: {inject: bearer}\n"), &cg);
+    // Written by hand: field names in mixed case, an empty body's Content-Length in the
+    // middle, one name twice with another between.
+    let script = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"POST /a?x=1 HTTP/1.1\r\nHost: api.test\r\nX-First: 1\r\nContent-Length: 0\r\nx-lower: 2\r\nX-First: 3\r\nAccept: */*\r\n\r\n")
+print(s.recv(4096))
+"#;
+    let out = python_in(
+        &cg,
+        script,
+        &[&addr.ip().to_string(), &addr.port().to_string()],
+    );
+    assert_eq!(
+        out.trim(),
+        r"b'HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok'"
+    );
+    let got = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    // Each name's case and place as sent; the values of a repeated name stay in their order
+    // (hyper keeps them together, at the first one's place: fields of different names may be
+    // reordered, RFC 9110 5.3); latch's credential comes last.
+    assert_eq!(
+        got,
+        format!(
+            "POST /a?x=1 HTTP/1.1\r\nHost: api.test\r\nX-First: 1\r\nX-First: 3\r\n\
+             Content-Length: 0\r\nx-lower: 2\r\nAccept: */*\r\n\
+             authorization: Bearer {TOKEN}\r\n\r\n"
+        )
+    );
+}
