@@ -243,162 +243,159 @@ fn tokio_postgres_own_test_suite_passes_through_latch_as_it_does_directly() {
     pod.delete();
 }
 
-const PG8000_PW: &str = "pg8000-canary-Pw-90e2";
+/// A Python PostgreSQL library's own suite (pytest, in the unpacked source `env` names)
+/// against one throw-away server whose `postgres` role has `password`: directly with it,
+/// through latch with a wrong one, which latch never uses.
+struct PyPgSuite<'a> {
+    name: &'a str,
+    /// The variable that names the unpacked source, and its directory under `client-suites`.
+    env: &'a str,
+    dir: &'a str,
+    password: &'a str,
+    /// Statements the suite expects to have been run (one transaction each).
+    sql: &'a [&'a str],
+    /// How the suite is told where to connect, as whom, with what password.
+    connect: fn(std::net::SocketAddr, &str) -> Vec<(&'static str, String)>,
+    /// pytest's arguments: the paths, options, `--deselect`s.
+    all: &'a [&'a str],
+    min_passing: usize,
+}
+
+impl PyPgSuite<'_> {
+    fn compare(&self) {
+        latch_tests::require_root();
+        let src = suites::path(self.env, self.dir);
+        let pg = PgCluster::start("127.0.0.2", "unused-1", "unused-2", "unused-3");
+        pg.sql(&format!("ALTER ROLE postgres PASSWORD '{}'", self.password));
+        for sql in self.sql {
+            pg.sql(sql);
+        }
+        let secrets = TempDir::new("suite-secrets");
+        let file = secrets.write("secrets.yaml", &secrets_yaml("postgres", self.password));
+        let cg = TestCgroup::new();
+        let policy = format!("suite-{}", self.name);
+        let agent = Agent::start(
+            &latch_tests::postgres::policy_yaml(&policy, pg.addr, &file, ""),
+            &cg,
+        );
+        let pytest = |mut cmd: Command, password: &str| {
+            cmd.current_dir(&src)
+                .args(["-m", "pytest"])
+                .envs((self.connect)(pg.addr, password));
+            cmd
+        };
+        let python = latch_tests::bins::tool("python3", "python3");
+        let direct = || pytest(Command::new(&python), self.password);
+        let through = || pytest(cg.command(&python), "not-the-password");
+        let latch = Suite {
+            name: self.name,
+            harness: Harness::Pytest,
+            all: self.all,
+            differs: BTreeMap::new(),
+            min_passing: self.min_passing,
+        }
+        .compare(direct, through);
+        assert!(agent.count("relayed") >= 100, "{}", agent.status());
+        assert!(!agent.log().contains(self.password));
+        assert!(!latch.text.contains(self.password));
+    }
+}
+
+/// libpq's variables, which pg8000's and asyncpg's suites read.
+fn pg_vars(addr: std::net::SocketAddr, password: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("PGHOST", addr.ip().to_string()),
+        ("PGPORT", addr.port().to_string()),
+        ("PGUSER", "postgres".into()),
+        ("PGDATABASE", "postgres".into()),
+        ("PGPASSWORD", password.into()),
+    ]
+}
 
 #[test]
 fn pg8000_own_test_suite_passes_through_latch_as_it_does_directly() {
-    latch_tests::require_root();
-    let src = suites::path("LATCH_SUITE_PG8000", "pg8000");
-    // The suite connects as `postgres` to PGHOST:PGPORT with PGPASSWORD.
-    let pg = PgCluster::start("127.0.0.2", "unused-1", "unused-2", "unused-3");
-    pg.sql(&format!(
-        "ALTER ROLE postgres PASSWORD '{PG8000_PW}'; CREATE EXTENSION hstore;"
-    ));
-    let secrets = TempDir::new("suite-secrets");
-    let file = secrets.write("secrets.yaml", &secrets_yaml("postgres", PG8000_PW));
-    let cg = TestCgroup::new();
-    let agent = Agent::start(
-        &latch_tests::postgres::policy_yaml("suite-pg8000", pg.addr, &file, ""),
-        &cg,
-    );
-    let pytest = |mut cmd: Command, password: &str| {
-        cmd.current_dir(&src)
-            .args(["-m", "pytest"])
-            .env("PGHOST", pg.addr.ip().to_string())
-            .env("PGPORT", pg.addr.port().to_string())
-            .env("PGPASSWORD", password);
-        cmd
-    };
-    let python = latch_tests::bins::tool("python3", "python3");
-    let direct = || pytest(Command::new(&python), PG8000_PW);
-    // Through latch the application holds a wrong password, which latch never uses.
-    let through = || pytest(cg.command(&python), "not-the-password");
-    // After pg_terminate_backend the test expects its next query to fail with a network
-    // error, but whether the client reads the server's FATAL message or the reset first is a
-    // race (directly it fails most runs, with a ConnectionResetError), so no comparison can be
-    // made of it.
-    let all = [
-        "test",
-        "--benchmark-disable",
-        "--deselect",
-        "test/dbapi/test_connection.py::test_broken_pipe_read",
-        "--deselect",
-        "test/legacy/test_connection.py::test_broken_pipe_read",
-        "--deselect",
-        "test/native/test_connection.py::test_broken_pipe_read",
-    ];
-    let latch = Suite {
+    PyPgSuite {
         name: "pg8000",
-        harness: Harness::Pytest,
-        all: &all,
-        differs: BTreeMap::new(),
+        env: "LATCH_SUITE_PG8000",
+        dir: "pg8000",
+        password: "pg8000-canary-Pw-90e2",
+        sql: &["CREATE EXTENSION hstore"],
+        connect: pg_vars,
+        // After pg_terminate_backend the test expects its next query to fail with a network
+        // error, but whether the client reads the server's FATAL message or the reset first
+        // is a race (directly it fails most runs, with a ConnectionResetError), so no
+        // comparison can be made of it.
+        all: &[
+            "test",
+            "--benchmark-disable",
+            "--deselect",
+            "test/dbapi/test_connection.py::test_broken_pipe_read",
+            "--deselect",
+            "test/legacy/test_connection.py::test_broken_pipe_read",
+            "--deselect",
+            "test/native/test_connection.py::test_broken_pipe_read",
+        ],
         min_passing: 700,
     }
-    .compare(direct, through);
-    assert!(agent.count("relayed") >= 100, "{}", agent.status());
-    assert!(!agent.log().contains(PG8000_PW));
-    assert!(!latch.text.contains(PG8000_PW));
+    .compare();
 }
-
-const ASYNCPG_PW: &str = "asyncpg-canary-Pw-17b9";
 
 /// asyncpg (binary protocol, its own pipelining of Parse/Bind/Execute, cancellation by
 /// CancelRequest on a new connection, COPY, LISTEN/NOTIFY, pools) with its own suite against a
 /// running server (`PGHOST`: the tests that make clusters of their own skip themselves).
 #[test]
 fn asyncpg_own_test_suite_passes_through_latch_as_it_does_directly() {
-    latch_tests::require_root();
-    let src = suites::path("LATCH_SUITE_ASYNCPG", "asyncpg");
-    let pg = PgCluster::start("127.0.0.2", "unused-1", "unused-2", "unused-3");
-    pg.sql(&format!("ALTER ROLE postgres PASSWORD '{ASYNCPG_PW}'"));
-    let secrets = TempDir::new("suite-secrets");
-    let file = secrets.write("secrets.yaml", &secrets_yaml("postgres", ASYNCPG_PW));
-    let cg = TestCgroup::new();
-    let agent = Agent::start(
-        &latch_tests::postgres::policy_yaml("suite-asyncpg", pg.addr, &file, ""),
-        &cg,
-    );
-    let pytest = |mut cmd: Command, password: &str| {
-        cmd.current_dir(&src)
-            .args(["-m", "pytest", "-W", "ignore"])
-            .env("PGHOST", pg.addr.ip().to_string())
-            .env("PGPORT", pg.addr.port().to_string())
-            .env("PGUSER", "postgres")
-            .env("PGDATABASE", "postgres")
-            .env("PGPASSWORD", password);
-        cmd
-    };
-    let python = latch_tests::bins::tool("python3", "python3");
-    let direct = || pytest(Command::new(&python), ASYNCPG_PW);
-    // Through latch the application holds a wrong password, which latch never uses.
-    let through = || pytest(cg.command(&python), "not-the-password");
-    let latch = Suite {
+    PyPgSuite {
         name: "asyncpg",
-        harness: Harness::Pytest,
+        env: "LATCH_SUITE_ASYNCPG",
+        dir: "asyncpg",
+        password: "asyncpg-canary-Pw-17b9",
+        sql: &[],
+        connect: pg_vars,
         // Its target_session_attrs tests start hot standbys of their own cluster, which a
         // running server (PGHOST) does not have: they fail directly.
         all: &[
             "tests",
+            "-W",
+            "ignore",
             "--deselect",
             "tests/test_connect.py::TestConnectionAttributes",
         ],
-        differs: BTreeMap::new(),
         min_passing: 250,
     }
-    .compare(direct, through);
-    assert!(agent.count("relayed") >= 100, "{}", agent.status());
-    assert!(!agent.log().contains(ASYNCPG_PW));
-    assert!(!latch.text.contains(ASYNCPG_PW));
+    .compare();
 }
-
-const PSYCOPG2_PW: &str = "psycopg2-canary-Pw-6a0f";
 
 /// psycopg2 (libpq, as psql and most Python applications reach PostgreSQL) with its own suite:
 /// its `tests/` against the database `psycopg2_test`.
 #[test]
 fn psycopg2_own_test_suite_passes_through_latch_as_it_does_directly() {
-    latch_tests::require_root();
-    let src = suites::path("LATCH_SUITE_PSYCOPG2", "psycopg2");
-    let pg = PgCluster::start("127.0.0.2", "unused-1", "unused-2", "unused-3");
-    pg.sql(&format!("ALTER ROLE postgres PASSWORD '{PSYCOPG2_PW}'"));
-    pg.sql("CREATE DATABASE psycopg2_test");
-    let secrets = TempDir::new("suite-secrets");
-    let file = secrets.write("secrets.yaml", &secrets_yaml("postgres", PSYCOPG2_PW));
-    let cg = TestCgroup::new();
-    let agent = Agent::start(
-        &latch_tests::postgres::policy_yaml("suite-psycopg2", pg.addr, &file, ""),
-        &cg,
-    );
-    let pytest = |mut cmd: Command, password: &str| {
-        cmd.current_dir(&src)
-            .args(["-m", "pytest", "-W", "ignore"])
-            .env("PSYCOPG2_TESTDB_HOST", pg.addr.ip().to_string())
-            .env("PSYCOPG2_TESTDB_PORT", pg.addr.port().to_string())
-            .env("PSYCOPG2_TESTDB_USER", "postgres")
-            .env("PSYCOPG2_TESTDB_PASSWORD", password);
-        cmd
-    };
-    let python = latch_tests::bins::tool("python3", "python3");
-    let direct = || pytest(Command::new(&python), PSYCOPG2_PW);
-    // Through latch the application holds a wrong password, which latch never uses.
-    let through = || pytest(cg.command(&python), "not-the-password");
-    let latch = Suite {
+    PyPgSuite {
         name: "psycopg2",
-        harness: Harness::Pytest,
+        env: "LATCH_SUITE_PSYCOPG2",
+        dir: "psycopg2",
+        password: "psycopg2-canary-Pw-6a0f",
+        sql: &["CREATE DATABASE psycopg2_test"],
+        connect: |addr, password| {
+            vec![
+                ("PSYCOPG2_TESTDB_HOST", addr.ip().to_string()),
+                ("PSYCOPG2_TESTDB_PORT", addr.port().to_string()),
+                ("PSYCOPG2_TESTDB_USER", "postgres".into()),
+                ("PSYCOPG2_TESTDB_PASSWORD", password.into()),
+            ]
+        },
         // test_pgconn_ptr fails directly with the psycopg2-binary wheel: it hands the wheel's
         // libpq connection to the system's libpq through ctypes.
         all: &[
             "tests",
+            "-W",
+            "ignore",
             "--deselect",
             "tests/test_connection.py::ConnectionTests::test_pgconn_ptr",
         ],
-        differs: BTreeMap::new(),
         min_passing: 600,
     }
-    .compare(direct, through);
-    assert!(agent.count("relayed") >= 100, "{}", agent.status());
-    assert!(!agent.log().contains(PSYCOPG2_PW));
-    assert!(!latch.text.contains(PSYCOPG2_PW));
+    .compare();
 }
 
 /// The port pytest-httpbin's in-process HTTP server takes (`HTTPBIN_HTTP_PORT`), in the
