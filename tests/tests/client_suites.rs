@@ -398,73 +398,6 @@ fn psycopg2_own_test_suite_passes_through_latch_as_it_does_directly() {
     .compare();
 }
 
-/// The port pytest-httpbin's in-process HTTP server takes (`HTTPBIN_HTTP_PORT`), in the
-/// pod's own network namespace.
-const HTTPBIN_PORT: u16 = 18080;
-const HTTP_CANARY: &str = "http-canary-4be1c0";
-
-#[test]
-fn requests_own_test_suite_passes_through_latch_as_it_does_directly() {
-    latch_tests::require_root();
-    let src = suites::path("LATCH_SUITE_REQUESTS", "requests");
-    // The suite's server (httpbin) runs inside pytest on a loopback port: in a pod's network
-    // namespace, so that the port is the test's own, with pytest in the pod's cgroup (through
-    // latch) or only in its namespace (directly).
-    let cg = TestCgroup::new();
-    let pod = Pod::new(&cg, 0);
-    let secrets = TempDir::new("suite-secrets");
-    let file = secrets.write("secrets.yaml", &format!("api:\n  key: {HTTP_CANARY}\n"));
-    // A header of latch's own: the suite's requests keep their own Authorization headers
-    // (its auth tests need them), and httpbin ignores the extra one.
-    let yaml = format!(
-        "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata:\n  name: local\nspec:\n  \
-         file: {{path: {}}}\n---\n\
-         apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: suite-http\nspec:\n  \
-         destination: {{address: 127.0.0.1, port: {HTTPBIN_PORT}}}\n  protocol: http\n  \
-         workloads: all\n  tls: {{mode: disable}}\n  \
-         credentials: {{store: local, password: {{path: api, field: key}}}}\n  \
-         http: {{header: \"X-Latch-Key: {{secret}}\"}}\n",
-        file.display()
-    );
-    let agent = Agent::start(&yaml, &cg);
-    let pytest = |mut cmd: Command| {
-        cmd.current_dir(&src)
-            .args(["-m", "pytest"])
-            .env("HTTPBIN_HTTP_PORT", HTTPBIN_PORT.to_string())
-            // Proxies from the environment would take requests elsewhere.
-            .env_remove("http_proxy")
-            .env_remove("HTTP_PROXY")
-            .env_remove("https_proxy")
-            .env_remove("HTTPS_PROXY")
-            .env_remove("all_proxy")
-            .env_remove("ALL_PROXY");
-        cmd
-    };
-    let python = latch_tests::bins::tool("python3", "python3");
-    let direct = || pytest(pod.netns_command(&python));
-    let through = || pytest(pod.command(&python));
-    Suite {
-        name: "requests",
-        harness: Harness::Pytest,
-        // test_requests.py is the part that talks to httpbin. The connect-timeout tests
-        // connect to an address outside this machine (they would fail at once in the pod,
-        // which has no route, but such traffic is not for tests to send).
-        all: &[
-            "tests/test_requests.py",
-            "--deselect",
-            "tests/test_requests.py::TestTimeout::test_connect_timeout",
-            "--deselect",
-            "tests/test_requests.py::TestTimeout::test_total_timeout_connect",
-        ],
-        differs: BTreeMap::new(),
-        min_passing: 250,
-    }
-    .compare(direct, through);
-    assert!(agent.count("relayed") >= 100, "{}", agent.status());
-    assert!(!agent.log().contains(HTTP_CANARY));
-    pod.delete();
-}
-
 /// The root password aiomysql's suite logs in with (`MYSQL_ROOT_PASSWORD`), directly only.
 const AIOMYSQL_PW: &str = "aiomysql-canary-Pw-5c3a";
 
@@ -542,54 +475,121 @@ fn aiomysql_own_test_suite_passes_through_latch_as_it_does_directly() {
     assert!(!latch.text.contains(AIOMYSQL_PW));
 }
 
-/// The port httpx's suite runs its uvicorn server on (fixed in its conftest), in the pod's own
-/// network namespace.
-const HTTPX_PORT: u16 = 8000;
-const HTTPX_CANARY: &str = "httpx-canary-0d5e7a";
+/// A Python HTTP library's own suite (pytest, in the unpacked source `env` names) whose
+/// server runs inside pytest on `127.0.0.1:port`: in a pod's network namespace, so that the
+/// port is the test's own, with pytest in the pod's cgroup (through latch, an http policy that
+/// adds a header of latch's own) or only in its namespace (directly). The suites' requests
+/// keep their own Authorization headers (their auth tests need them); their servers ignore
+/// the extra one.
+struct PyHttpSuite<'a> {
+    name: &'a str,
+    env: &'a str,
+    dir: &'a str,
+    port: u16,
+    /// The injected header's secret.
+    canary: &'a str,
+    /// Variables the suite reads.
+    vars: &'a [(&'a str, &'a str)],
+    /// pytest's arguments: the paths, options, `--deselect`s.
+    all: &'a [&'a str],
+    min_passing: usize,
+    min_relayed: u64,
+}
 
-/// httpx (sync and async under asyncio and trio, on httpcore) with its own suite: uvicorn in
-/// the same pytest process serves its requests on 127.0.0.1:8000, through an http policy that
-/// adds a header of latch's own.
+impl PyHttpSuite<'_> {
+    fn compare(&self) {
+        latch_tests::require_root();
+        let src = suites::path(self.env, self.dir);
+        let cg = TestCgroup::new();
+        let pod = Pod::new(&cg, 0);
+        let secrets = TempDir::new("suite-secrets");
+        let file = secrets.write("secrets.yaml", &format!("api:\n  key: {}\n", self.canary));
+        let yaml = format!(
+            "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata:\n  name: local\nspec:\n  \
+             file: {{path: {}}}\n---\n\
+             apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: suite-{}\nspec:\n  \
+             destination: {{address: 127.0.0.1, port: {}}}\n  protocol: http\n  \
+             workloads: all\n  tls: {{mode: disable}}\n  \
+             credentials: {{store: local, password: {{path: api, field: key}}}}\n  \
+             http: {{header: \"X-Latch-Key: {{secret}}\"}}\n",
+            file.display(),
+            self.name,
+            self.port
+        );
+        let agent = Agent::start(&yaml, &cg);
+        let pytest = |mut cmd: Command| {
+            cmd.current_dir(&src)
+                .args(["-m", "pytest"])
+                .envs(self.vars.iter().copied());
+            // Proxies from the environment would take requests elsewhere.
+            for var in ["http_proxy", "https_proxy", "all_proxy", "no_proxy"] {
+                cmd.env_remove(var).env_remove(var.to_ascii_uppercase());
+            }
+            cmd
+        };
+        let python = latch_tests::bins::tool("python3", "python3");
+        let direct = || pytest(pod.netns_command(&python));
+        let through = || pytest(pod.command(&python));
+        Suite {
+            name: self.name,
+            harness: Harness::Pytest,
+            all: self.all,
+            differs: BTreeMap::new(),
+            min_passing: self.min_passing,
+        }
+        .compare(direct, through);
+        assert!(
+            agent.count("relayed") >= self.min_relayed,
+            "{}",
+            agent.status()
+        );
+        assert!(!agent.log().contains(self.canary));
+        pod.delete();
+    }
+}
+
+/// requests (urllib3 underneath), its `test_requests.py`, against pytest-httpbin's
+/// in-process server (`HTTPBIN_HTTP_PORT`).
+#[test]
+fn requests_own_test_suite_passes_through_latch_as_it_does_directly() {
+    PyHttpSuite {
+        name: "requests",
+        env: "LATCH_SUITE_REQUESTS",
+        dir: "requests",
+        port: 18080,
+        canary: "http-canary-4be1c0",
+        vars: &[("HTTPBIN_HTTP_PORT", "18080")],
+        // test_requests.py is the part that talks to httpbin. The connect-timeout tests
+        // connect to an address outside this machine (they would fail at once in the pod,
+        // which has no route, but such traffic is not for tests to send).
+        all: &[
+            "tests/test_requests.py",
+            "--deselect",
+            "tests/test_requests.py::TestTimeout::test_connect_timeout",
+            "--deselect",
+            "tests/test_requests.py::TestTimeout::test_total_timeout_connect",
+        ],
+        min_passing: 250,
+        min_relayed: 100,
+    }
+    .compare();
+}
+
+/// httpx (sync, and async under asyncio and trio, on httpcore): its uvicorn server in the
+/// same pytest process, on 127.0.0.1:8000 (fixed in its conftest).
 #[test]
 fn httpx_own_test_suite_passes_through_latch_as_it_does_directly() {
-    latch_tests::require_root();
-    let src = suites::path("LATCH_SUITE_HTTPX", "httpx");
-    let cg = TestCgroup::new();
-    let pod = Pod::new(&cg, 0);
-    let secrets = TempDir::new("suite-secrets");
-    let file = secrets.write("secrets.yaml", &format!("api:\n  key: {HTTPX_CANARY}\n"));
-    let yaml = format!(
-        "apiVersion: latch.dev/v1alpha1\nkind: SecretStore\nmetadata:\n  name: local\nspec:\n  \
-         file: {{path: {}}}\n---\n\
-         apiVersion: latch.dev/v1alpha1\nkind: Policy\nmetadata:\n  name: suite-httpx\nspec:\n  \
-         destination: {{address: 127.0.0.1, port: {HTTPX_PORT}}}\n  protocol: http\n  \
-         workloads: all\n  tls: {{mode: disable}}\n  \
-         credentials: {{store: local, password: {{path: api, field: key}}}}\n  \
-         http: {{header: \"X-Latch-Key: {{secret}}\"}}\n",
-        file.display()
-    );
-    let agent = Agent::start(&yaml, &cg);
-    let pytest = |mut cmd: Command| {
-        cmd.current_dir(&src)
-            .args(["-m", "pytest", "-W", "ignore"])
-            .env_remove("http_proxy")
-            .env_remove("HTTP_PROXY")
-            .env_remove("https_proxy")
-            .env_remove("HTTPS_PROXY")
-            .env_remove("all_proxy")
-            .env_remove("ALL_PROXY")
-            .env_remove("no_proxy")
-            .env_remove("NO_PROXY");
-        cmd
-    };
-    let python = latch_tests::bins::tool("python3", "python3");
-    let direct = || pytest(pod.netns_command(&python));
-    let through = || pytest(pod.command(&python));
-    Suite {
+    PyHttpSuite {
         name: "httpx",
-        harness: Harness::Pytest,
+        env: "LATCH_SUITE_HTTPX",
+        dir: "httpx",
+        port: 8000,
+        canary: "httpx-canary-0d5e7a",
+        vars: &[],
         all: &[
             "tests",
+            "-W",
+            "ignore",
             // Tests marked `network` reach hosts outside this machine (example.com), which
             // is not for tests to do (the pod has no route out either).
             "-m",
@@ -613,12 +613,9 @@ fn httpx_own_test_suite_passes_through_latch_as_it_does_directly() {
             "--deselect",
             "tests/test_utils.py::test_logging_redirect_chain",
         ],
-        differs: BTreeMap::new(),
         min_passing: 1000,
+        // About 70 of its tests use the server, several under both event loops.
+        min_relayed: 50,
     }
-    .compare(direct, through);
-    // About 70 of its tests use the server, several under both event loops.
-    assert!(agent.count("relayed") >= 50, "{}", agent.status());
-    assert!(!agent.log().contains(HTTPX_CANARY));
-    pod.delete();
+    .compare();
 }
