@@ -259,13 +259,28 @@ struct PyPgSuite<'a> {
     /// pytest's arguments: the paths, options, `--deselect`s.
     all: &'a [&'a str],
     min_passing: usize,
+    /// The suite's connections ask for TLS (`PGSSLMODE=require`): the server has it, and
+    /// through latch the application's TLS ends at latch, whose leg to the server is
+    /// verify-full TLS.
+    tls: bool,
 }
 
 impl PyPgSuite<'_> {
     fn compare(&self) {
         latch_tests::require_root();
         let src = suites::path(self.env, self.dir);
-        let pg = PgCluster::start("127.0.0.2", "unused-1", "unused-2", "unused-3");
+        let certs = TestCa::new("db.test", &["IP:127.0.0.2"]);
+        let (cert, key) = (certs.server_cert(), certs.server_key());
+        let pg = PgCluster::start_with(
+            "127.0.0.2",
+            "unused-1",
+            "unused-2",
+            "unused-3",
+            self.tls.then_some(ServerTls {
+                cert: &cert,
+                key: &key,
+            }),
+        );
         pg.sql(&format!("ALTER ROLE postgres PASSWORD '{}'", self.password));
         for sql in self.sql {
             pg.sql(sql);
@@ -273,15 +288,24 @@ impl PyPgSuite<'_> {
         let secrets = TempDir::new("suite-secrets");
         let file = secrets.write("secrets.yaml", &secrets_yaml("postgres", self.password));
         let cg = TestCgroup::new();
-        let policy = format!("suite-{}", self.name);
+        let policy = format!("suite-{}", self.dir);
+        let leg = match self.tls {
+            true => format!(
+                "  tls: {{mode: verify-full, ca: {}}}\n",
+                certs.ca().display()
+            ),
+            false => String::new(),
+        };
         let agent = Agent::start(
-            &latch_tests::postgres::policy_yaml(&policy, pg.addr, &file, ""),
+            &latch_tests::postgres::policy_yaml(&policy, pg.addr, &file, &leg),
             &cg,
         );
+        let sslmode = if self.tls { "require" } else { "prefer" };
         let pytest = |mut cmd: Command, password: &str| {
             cmd.current_dir(&src)
                 .args(["-m", "pytest"])
-                .envs((self.connect)(pg.addr, password));
+                .envs((self.connect)(pg.addr, password))
+                .env("PGSSLMODE", sslmode);
             cmd
         };
         let python = latch_tests::bins::tool("python3", "python3");
@@ -336,6 +360,7 @@ fn pg8000_own_test_suite_passes_through_latch_as_it_does_directly() {
             "test/native/test_connection.py::test_broken_pipe_read",
         ],
         min_passing: 700,
+        tls: false,
     }
     .compare();
 }
@@ -362,6 +387,7 @@ fn asyncpg_own_test_suite_passes_through_latch_as_it_does_directly() {
             "tests/test_connect.py::TestConnectionAttributes",
         ],
         min_passing: 250,
+        tls: false,
     }
     .compare();
 }
@@ -370,8 +396,22 @@ fn asyncpg_own_test_suite_passes_through_latch_as_it_does_directly() {
 /// its `tests/` against the database `psycopg2_test`.
 #[test]
 fn psycopg2_own_test_suite_passes_through_latch_as_it_does_directly() {
+    psycopg2_suite(false);
+}
+
+/// The same with `PGSSLMODE=require`: TLS from libpq to the server directly, and to latch.
+#[test]
+fn psycopg2_own_test_suite_over_tls_passes_through_latch_as_it_does_directly() {
+    psycopg2_suite(true);
+}
+
+fn psycopg2_suite(tls: bool) {
     PyPgSuite {
-        name: "psycopg2",
+        name: if tls {
+            "psycopg2 (PGSSLMODE=require)"
+        } else {
+            "psycopg2"
+        },
         env: "LATCH_SUITE_PSYCOPG2",
         dir: "psycopg2",
         password: "psycopg2-canary-Pw-6a0f",
@@ -394,6 +434,7 @@ fn psycopg2_own_test_suite_passes_through_latch_as_it_does_directly() {
             "tests/test_connection.py::ConnectionTests::test_pgconn_ptr",
         ],
         min_passing: 600,
+        tls,
     }
     .compare();
 }
