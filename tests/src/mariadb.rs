@@ -237,3 +237,14 @@ pub fn policy_yaml(
     crate::postgres::policy_yaml(name, addr, secrets_file, extra_spec)
         .replace("protocol: postgres", "protocol: mysql")
 }
+
+/// A Python client `script` started inside `cg`, told the server's address and port, a user
+/// that holds no password, and [`APP_DB`] (`sys.argv[1..5]`).
+pub fn python_client(cg: &TestCgroup, addr: SocketAddr, script: &str) -> Command {
+    let mut cmd = cg.command("python3");
+    cmd.args(["-c", script])
+        .arg(addr.ip().to_string())
+        .arg(addr.port().to_string())
+        .args(["app_without_password", APP_DB]);
+    cmd
+}

@@ -349,13 +349,11 @@ fn a_com_change_user_hidden_behind_another_command_in_a_compressed_frame_ends_th
     // in a frame it would pass on with the application's own credentials, so the session
     // ends there and the frame never reaches the server.
     let s = Setup::new(NATIVE_USER, NATIVE_PW, "");
-    let out = run(s
-        .cg
-        .command("python3")
-        .args(["-c", HIDDEN_CHANGE_USER])
-        .arg(s.db.addr.ip().to_string())
-        .arg(s.db.addr.port().to_string())
-        .args(["app_without_password", latch_tests::mariadb::APP_DB]));
+    let out = run(&mut latch_tests::mariadb::python_client(
+        &s.cg,
+        s.db.addr,
+        HIDDEN_CHANGE_USER,
+    ));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}\n{}", s.agent.log());
     assert_eq!(stdout(&out), "closed", "{}", s.agent.log());
@@ -396,13 +394,9 @@ con.close()
 #[test]
 fn pymysql_without_a_password_runs_queries_and_a_prepared_statement_and_sees_its_connection_id() {
     let s = Setup::new(NATIVE_USER, NATIVE_PW, "");
-    let out = run(s
-        .cg
-        .command("python3")
-        .args(["-c", PYMYSQL])
-        .arg(s.db.addr.ip().to_string())
-        .arg(s.db.addr.port().to_string())
-        .args(["app_without_password", latch_tests::mariadb::APP_DB]));
+    let out = run(&mut latch_tests::mariadb::python_client(
+        &s.cg, s.db.addr, PYMYSQL,
+    ));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !err.contains("No module named 'pymysql'"),

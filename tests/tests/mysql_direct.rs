@@ -192,13 +192,9 @@ fn pymysql_authenticates_through_the_mirrored_switch_on_both_account_plugins() {
         (NATIVE_USER, NATIVE_PW),
     ] {
         s.set_secret(user, pw);
-        let out = run(s
-            .cg
-            .command("python3")
-            .args(["-c", PYMYSQL])
-            .arg(s.db.addr.ip().to_string())
-            .arg(s.db.addr.port().to_string())
-            .args(["app_without_password", latch_tests::mariadb::APP_DB]));
+        let out = run(&mut latch_tests::mariadb::python_client(
+            &s.cg, s.db.addr, PYMYSQL,
+        ));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             !err.contains("No module named 'pymysql'"),

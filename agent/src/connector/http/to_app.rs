@@ -24,7 +24,7 @@ pub struct ToApp {
 impl ToApp {
     /// The body of `resp`, the answer to a `method` request.
     pub fn of(resp: Response<Incoming>, method: &Method) -> Response<ToApp> {
-        let zero_in_place = announces_zero(&resp, method) && resp.body().is_end_stream();
+        let zero_in_place = resp.body().is_end_stream() && announces_zero(&resp, method);
         resp.map(|inner| ToApp {
             inner,
             zero_in_place,
