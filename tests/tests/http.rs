@@ -623,6 +623,77 @@ print("echo ok")
 }
 
 #[test]
+fn bytes_the_target_sends_with_its_101_reach_the_application_first() {
+    let ip = "127.0.0.2";
+    let port = latch_tests::servers::free_port(ip);
+    // A server that answers an upgrade with the token by `101` and its first bytes of the new
+    // protocol in the same write (hyper reads them with the response), then echoes.
+    let server_script = format!(
+        r#"
+import socket, threading
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("{ip}", {port})); l.listen(8)
+def serve(c):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        d = c.recv(4096)
+        if not d: return
+        head += d
+    if b"authorization: bearer {TOKEN}".lower() not in head.lower():
+        c.sendall(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"); c.close(); return
+    c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: upgrade\r\n\r\nHELLO")
+    while True:
+        d = c.recv(4096)
+        if not d: break
+        c.sendall(d)
+    c.close()
+while True:
+    c, _ = l.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#
+    );
+    let server = Command::new(bins::tool("python3", "python3"))
+        .arg("-c")
+        .arg(&server_script)
+        .spawn()
+        .expect("start the upgrade server");
+    let _server = latch_tests::Killed(server);
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    assert!(
+        latch_tests::eventually(Duration::from_secs(20), || std::net::TcpStream::connect(
+            addr
+        )
+        .is_ok()),
+        "the upgrade server did not start"
+    );
+    let secrets = TempDir::new("early-secrets");
+    let file = secrets.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&policy_yaml(addr, &file, "  http: {inject: bearer}\n"), &cg);
+    let client = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+got = b""
+while not got.endswith(b"HELLO"):
+    d = s.recv(4096)
+    if not d: break
+    got += d
+head, _, early = got.partition(b"\r\n\r\n")
+print(head.split(b"\r\n")[0].decode(), early.decode())
+s.sendall(b"ping")
+print(s.recv(4096).decode())
+"#;
+    let out = python_in(&cg, client, &[ip, &port.to_string()]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["HTTP/1.1 101 Switching Protocols HELLO", "ping"],
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
 fn hostile_input_gets_clear_4xx_and_others_are_unaffected() {
     let s = Setup::with(
         |_| "  http: {inject: bearer}\n".to_owned(),

@@ -170,7 +170,7 @@ struct Session<'a> {
     /// inside: not pooled).
     pool_key: tokio::sync::OnceCell<Option<pool::Key>>,
     /// An upgrade agreed by the target: both sides' pending upgraded streams.
-    upgrade: Mutex<Option<(OnUpgrade, OnUpgrade)>>,
+    upgrade: Mutex<Option<(OnUpgrade, Option<target::Upgraded>)>>,
     /// The first failure latch told the application (for the audit record).
     failure: Mutex<Option<Failure>>,
     to_app: Arc<AtomicU64>,
@@ -472,6 +472,9 @@ impl Session<'_> {
         )
         .await?;
         let mut resent = false;
+        // The target's upgraded stream, claimed before the request goes (see
+        // `Target::upgraded`).
+        let mut target_up = app_upgrade.is_some().then(|| held.target().upgraded());
         let sent = match held.target().send.try_send_request(req).await {
             Ok(resp) => Ok((resp, injected)),
             Err(mut e) => match e.take_message() {
@@ -486,6 +489,9 @@ impl Session<'_> {
                     let Some(held) = slot.as_mut() else {
                         unreachable!("connected above");
                     };
+                    if target_up.is_some() {
+                        target_up = Some(held.target().upgraded());
+                    }
                     let resp = held.target().send.send_request(req).await;
                     resp.map(|r| (r, injected))
                         .map_err(|e| Failure::Target(target::TargetError::Http(e)))
@@ -525,7 +531,6 @@ impl Session<'_> {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(app_up) = app_upgrade
         {
-            let target_up = hyper::upgrade::on(&mut resp);
             self.hold_shutdown.store(false, Ordering::Relaxed);
             *self.upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some((app_up, target_up));
         }
@@ -602,7 +607,8 @@ impl Session<'_> {
             .map_err(Failure::Secrets)?;
         if pooled
             && let Some(key) = self.pool_key().await
-            && let Some(target) = self.http.pool.take(key)
+            && let Some(kept) = self.http.pool.take(key)
+            && let Some(target) = kept.here().await
         {
             tracing::debug!("kept target connection reused");
             return Ok((Held::new(target, creds, &self.to_target), true));
@@ -761,20 +767,35 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// After a `101`: the two connections relayed as bytes until either side ends.
-async fn relay_upgraded(app: OnUpgrade, target: OnUpgrade) {
+/// After a `101`: the two connections relayed as bytes until either side ends. What the
+/// target sent past its `101` (hyper read it with the response) goes first.
+async fn relay_upgraded(app: OnUpgrade, target: Option<target::Upgraded>) {
+    let target = async { target?.await.ok() };
     let (app, target) = match tokio::join!(app, target) {
-        (Ok(a), Ok(t)) => (a, t),
+        (Ok(a), Some(t)) => (a, t),
         (a, t) => {
             tracing::debug!(
                 app = a.is_ok(),
-                target = t.is_ok(),
+                target = t.is_some(),
                 "upgrade did not complete"
             );
             return;
         }
     };
-    let (mut app, mut target) = (TokioIo::new(app), TokioIo::new(target));
+    let mut app = TokioIo::new(app);
+    let hyper::client::conn::http1::Parts {
+        io: target,
+        read_buf: early,
+        ..
+    } = target;
+    if !early.is_empty()
+        && tokio::io::AsyncWriteExt::write_all(&mut app, &early)
+            .await
+            .is_err()
+    {
+        return;
+    }
+    let mut target = target.into_inner();
     match tokio::io::copy_bidirectional(&mut app, &mut target).await {
         Ok((up, down)) => tracing::debug!(up, down, "upgraded connection closed"),
         Err(e) => tracing::debug!(error = %e, "upgraded connection ended by an error"),

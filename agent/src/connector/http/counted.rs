@@ -30,6 +30,16 @@ impl<S> Counted<S> {
         }
     }
 
+    /// The count of bytes written.
+    pub fn counter(&self) -> Arc<AtomicU64> {
+        self.written.clone()
+    }
+
+    /// The stream, to move it to another connection thread's reactor.
+    pub fn inner_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// As [`Counted::new`], with shutdowns held while `hold` is set.
     pub fn holding_shutdown(inner: S, written: Arc<AtomicU64>, hold: Arc<AtomicBool>) -> Self {
         Self {

@@ -1,7 +1,8 @@
 //! Idle HTTP/1.1 target connections, kept in a [`kept::Pool`] (its rules: same policy,
 //! target, namespace, workload and TLS configuration). A connection is kept only when hyper
 //! says it is ready for another request (the last response read to its end, not closed, no
-//! upgrade) and the session ended without an error.
+//! upgrade) and the session ended without an error. One kept by another connection thread is
+//! moved to the taker's by the session that takes it ([`Target::here`]).
 use crate::connector::kept;
 
 use super::target::Target;
