@@ -539,6 +539,46 @@ fn large_chunked_upload_with_expect_100_continue_streams_in_bounded_memory() {
     s.assert_log_clean();
 }
 
+/// A target served by a Python script on `ip:port`, once it accepts connections, and an agent
+/// whose policy puts the bearer token into requests to it.
+struct PyTarget {
+    addr: std::net::SocketAddr,
+    cg: TestCgroup,
+    agent: Agent,
+    _server: latch_tests::Killed,
+    _secrets: TempDir,
+}
+
+impl PyTarget {
+    fn start(script: &str, (ip, port): (&str, u16), what: &str) -> PyTarget {
+        let server = Command::new(bins::tool("python3", "python3"))
+            .arg("-c")
+            .arg(script)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {what}: {e}"));
+        let server = latch_tests::Killed(server);
+        let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        assert!(
+            latch_tests::eventually(Duration::from_secs(20), || {
+                std::net::TcpStream::connect(addr).is_ok()
+            }),
+            "{what} did not start"
+        );
+        let secrets = TempDir::new("py-target-secrets");
+        let file = secrets.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
+        let cg = TestCgroup::new();
+        let agent = Agent::start(&policy_yaml(addr, &file, "  http: {inject: bearer}\n"), &cg);
+        PyTarget {
+            addr,
+            cg,
+            agent,
+            _server: server,
+            _secrets: secrets,
+        }
+    }
+}
+
 #[test]
 fn websocket_upgrade_is_signed_then_relayed() {
     let ip = "127.0.0.2";
@@ -563,25 +603,17 @@ async def main():
 asyncio.run(main())
 "#
     );
-    let server = Command::new(bins::tool("python3", "python3"))
-        .arg("-c")
-        .arg(&server_script)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("start the WebSocket server");
-    let _server = latch_tests::Killed(server);
-    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
-    assert!(
-        latch_tests::eventually(Duration::from_secs(20), || std::net::TcpStream::connect(
-            addr
-        )
-        .is_ok()),
-        "the WebSocket server did not start (python3 -m pip install websockets)"
+    let PyTarget {
+        addr,
+        cg,
+        agent,
+        _server,
+        _secrets,
+    } = PyTarget::start(
+        &server_script,
+        (ip, port),
+        "the WebSocket server (python3 -m pip install websockets)",
     );
-    let secrets = TempDir::new("ws-secrets");
-    let file = secrets.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
-    let cg = TestCgroup::new();
-    let agent = Agent::start(&policy_yaml(addr, &file, "  http: {inject: bearer}\n"), &cg);
     let client = r#"
 import os, sys
 from websockets.sync.client import connect
@@ -652,24 +684,13 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#
     );
-    let server = Command::new(bins::tool("python3", "python3"))
-        .arg("-c")
-        .arg(&server_script)
-        .spawn()
-        .expect("start the upgrade server");
-    let _server = latch_tests::Killed(server);
-    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
-    assert!(
-        latch_tests::eventually(Duration::from_secs(20), || std::net::TcpStream::connect(
-            addr
-        )
-        .is_ok()),
-        "the upgrade server did not start"
-    );
-    let secrets = TempDir::new("early-secrets");
-    let file = secrets.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
-    let cg = TestCgroup::new();
-    let agent = Agent::start(&policy_yaml(addr, &file, "  http: {inject: bearer}\n"), &cg);
+    let PyTarget {
+        cg,
+        agent,
+        _server,
+        _secrets,
+        ..
+    } = PyTarget::start(&server_script, (ip, port), "the upgrade server");
     let client = r#"
 import socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
