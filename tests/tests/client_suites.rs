@@ -311,14 +311,7 @@ impl PyPgSuite<'_> {
         let python = latch_tests::bins::tool("python3", "python3");
         let direct = || pytest(Command::new(&python), self.password);
         let through = || pytest(cg.command(&python), "not-the-password");
-        let latch = Suite {
-            name: self.name,
-            harness: Harness::Pytest,
-            all: self.all,
-            differs: BTreeMap::new(),
-            min_passing: self.min_passing,
-        }
-        .compare(direct, through);
+        let latch = Suite::pytest(self.name, self.all, self.min_passing).compare(direct, through);
         assert!(agent.count("relayed") >= 100, "{}", agent.status());
         assert!(!agent.log().contains(self.password));
         assert!(!latch.text.contains(self.password));
@@ -503,14 +496,7 @@ fn aiomysql_own_test_suite_passes_through_latch_as_it_does_directly() {
     ] {
         all.extend(["--deselect", failing]);
     }
-    let latch = Suite {
-        name: "aiomysql",
-        harness: Harness::Pytest,
-        all: &all,
-        differs: BTreeMap::new(),
-        min_passing: 400,
-    }
-    .compare(direct, through);
+    let latch = Suite::pytest("aiomysql", &all, 400).compare(direct, through);
     assert!(agent.count("relayed") >= 100, "{}", agent.status());
     assert!(!agent.log().contains(AIOMYSQL_PW));
     assert!(!latch.text.contains(AIOMYSQL_PW));
@@ -571,14 +557,7 @@ impl PyHttpSuite<'_> {
         let python = latch_tests::bins::tool("python3", "python3");
         let direct = || pytest(pod.netns_command(&python));
         let through = || pytest(pod.command(&python));
-        Suite {
-            name: self.name,
-            harness: Harness::Pytest,
-            all: self.all,
-            differs: BTreeMap::new(),
-            min_passing: self.min_passing,
-        }
-        .compare(direct, through);
+        Suite::pytest(self.name, self.all, self.min_passing).compare(direct, through);
         assert!(
             agent.count("relayed") >= self.min_relayed,
             "{}",

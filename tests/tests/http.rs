@@ -539,6 +539,16 @@ fn large_chunked_upload_with_expect_100_continue_streams_in_bounded_memory() {
     s.assert_log_clean();
 }
 
+/// An agent whose policy puts the bearer token into HTTP requests to `addr` (the secrets
+/// directory, the intercepted cgroup, the agent: dropped in the reverse order).
+fn bearer_agent(addr: std::net::SocketAddr) -> (TempDir, TestCgroup, Agent) {
+    let secrets = TempDir::new("http-secrets");
+    let file = secrets.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
+    let cg = TestCgroup::new();
+    let agent = Agent::start(&policy_yaml(addr, &file, "  http: {inject: bearer}\n"), &cg);
+    (secrets, cg, agent)
+}
+
 /// A target served by a Python script on `ip:port`, once it accepts connections, and an agent
 /// whose policy puts the bearer token into requests to it.
 struct PyTarget {
@@ -565,10 +575,7 @@ impl PyTarget {
             }),
             "{what} did not start"
         );
-        let secrets = TempDir::new("py-target-secrets");
-        let file = secrets.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
-        let cg = TestCgroup::new();
-        let agent = Agent::start(&policy_yaml(addr, &file, "  http: {inject: bearer}\n"), &cg);
+        let (secrets, cg, agent) = bearer_agent(addr);
         PyTarget {
             addr,
             cg,
@@ -1392,10 +1399,7 @@ fn closing_target() -> (
 #[test]
 fn a_get_is_retried_once_on_a_new_connection_when_the_target_closes_a_reused_one() {
     let (addr, seen) = closing_target();
-    let secrets = TempDir::new("http-secrets");
-    let file = secrets.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
-    let cg = TestCgroup::new();
-    let agent = Agent::start(&policy_yaml(addr, &file, "  http: {inject: bearer}\n"), &cg);
+    let (_secrets, cg, agent) = bearer_agent(addr);
     let url = format!("http://{addr}/a");
     // curl sends both GETs on one connection to latch (num_connects 1, then 0); latch's
     // connection to the target is reused for the second and closed under it.
@@ -1583,10 +1587,7 @@ fn recording_target() -> (std::net::SocketAddr, std::sync::mpsc::Receiver<String
 #[test]
 fn the_target_gets_the_request_fields_in_the_applications_case_and_order_with_the_credential() {
     let (addr, rx) = recording_target();
-    let secrets = TempDir::new("http-secrets");
-    let file = secrets.write("secrets.yaml", &secrets_yaml(BASIC_USER, TOKEN, ""));
-    let cg = TestCgroup::new();
-    let _agent = Agent::start(&policy_yaml(addr, &file, "  http: {inject: bearer}\n"), &cg);
+    let (_secrets, cg, _agent) = bearer_agent(addr);
     // Written by hand: field names in mixed case, an empty body's Content-Length in the
     // middle, one name twice with another between.
     let script = r#"
