@@ -66,10 +66,15 @@ pub fn live() -> usize {
     BOUND.live.load(Ordering::Relaxed)
 }
 
-/// One pipe: read end, write end. Closing it gives its place in the bound back.
+/// One pipe: read end, write end, and how many buffers (pages) it holds. Closing it gives its
+/// place in the bound back.
 pub struct Pipe {
     pub r: OwnedFd,
     pub w: OwnedFd,
+    /// Each splice into the pipe fills at least one buffer per non-empty piece it takes, so a
+    /// splice from a socket that moved fewer bytes than this stopped because the socket had no
+    /// more, not because the pipe was full.
+    pub slots: usize,
 }
 
 impl Drop for Pipe {
@@ -88,7 +93,7 @@ pub fn take() -> Option<Pipe> {
         return None;
     }
     match new_pipe() {
-        Ok((r, w)) => Some(Pipe { r, w }),
+        Ok((r, w, slots)) => Some(Pipe { r, w, slots }),
         Err(err) => {
             BOUND.release();
             crate::warn_throttled!(%err, "no pipe for splice; copying through a buffer");
@@ -107,11 +112,26 @@ pub fn give(pipe: Pipe) {
     });
 }
 
-fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+fn new_pipe() -> io::Result<(OwnedFd, OwnedFd, usize)> {
     let (r, w) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-    // A larger pipe means fewer splice calls per megabyte; not fatal if refused.
-    let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32));
-    Ok((r, w))
+    // A larger pipe means fewer splice calls per megabyte; not fatal if refused (the pipe then
+    // keeps the size it has, which the kernel says).
+    let size = fcntl(&w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32))
+        .or_else(|_| fcntl(&w, FcntlArg::F_GETPIPE_SZ))
+        .unwrap_or(0);
+    Ok((r, w, usize::try_from(size).unwrap_or(0) / page_size()))
+}
+
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|p| usize::try_from(p).ok())
+            .filter(|p| *p > 0)
+            .unwrap_or(4096)
+    })
 }
 
 #[cfg(test)]
@@ -119,6 +139,14 @@ mod tests {
     use std::os::fd::AsRawFd as _;
 
     use super::*;
+
+    #[test]
+    fn a_pipe_knows_how_many_buffers_it_holds() {
+        let (_r, w, slots) = new_pipe().unwrap();
+        let size = fcntl(&w, FcntlArg::F_GETPIPE_SZ).unwrap();
+        assert_eq!(slots, usize::try_from(size).unwrap() / page_size());
+        assert!(slots >= 1);
+    }
 
     #[test]
     fn the_bound_refuses_past_its_maximum_and_frees_on_release() {

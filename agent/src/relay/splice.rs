@@ -303,10 +303,22 @@ impl Dir {
 
 /// Splices what `src` has into `pipe`. `None`: nothing to read after all (the pipe goes back).
 /// On an error the pipe is closed.
+///
+/// A splice that took less than the pipe could hold emptied the socket, so its readiness is
+/// cleared then and there (as tokio's own `poll_read` does after a short read): the next
+/// bytes or the end of the stream bring a new edge, and the `EAGAIN` splice that would only
+/// have found that out is saved (one system call per request on request/response traffic).
 fn read_into_pipe(src: &TcpStream, pipe: Pipe) -> io::Result<Option<State>> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut drained = 0;
     let read = src.try_io(Interest::READABLE, || {
-        splice(src.as_fd(), None, pipe.w.as_fd(), None, PIPE_SIZE, flags).map_err(io::Error::from)
+        let n = splice(src.as_fd(), None, pipe.w.as_fd(), None, PIPE_SIZE, flags)?;
+        if n > 0 && n < pipe.slots {
+            // `try_io` clears readiness on WouldBlock, and only then.
+            drained = n;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
     });
     match read {
         Ok(0) => {
@@ -314,6 +326,11 @@ fn read_into_pipe(src: &TcpStream, pipe: Pipe) -> io::Result<Option<State>> {
             Ok(Some(State::Ended))
         }
         Ok(n) => Ok(Some(State::Pipe { pipe, n, left: n })),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && drained > 0 => Ok(Some(State::Pipe {
+            pipe,
+            n: drained,
+            left: drained,
+        })),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             pipes::give(pipe);
             Ok(None)
