@@ -299,13 +299,13 @@ async fn handshake(
             .map(|k| k.by_executable(origin)),
         false => None,
     };
-    let mut warm = match &key {
-        Some(k) => pool::take(&my.pool, k).await,
+    let mut kept = match &key {
+        Some(k) => pool::take(&my.pool, k),
         None => None,
     };
     let mut greeted = None;
-    let server = match &warm {
-        Some(w) => w.session.greeting.clone(),
+    let server = match &kept {
+        Some(k) => k.warm().session.greeting.clone(),
         None => {
             let g = target::connect(&to).await?;
             let server = g.greeting.clone();
@@ -336,7 +336,7 @@ async fn handshake(
         None => None,
     };
     let mut greeting = Greeting::for_app(&server, scramble, tls.is_some());
-    if warm.is_some() {
+    if kept.is_some() {
         // A kept session is never compressed: offered no compression, the application fits
         // it (and is told the connection id it will have).
         greeting
@@ -377,38 +377,52 @@ async fn handshake(
         .credentials_for(policy, role)
         .await
         .map_err(|e| (Failure::Secrets(e), None))?;
-    if let Some(w) = warm.take() {
-        if pool::Fit::of(&response, &creds).as_ref() == Some(&w.fit) {
-            drop(creds);
-            tracing::debug!(connection_id = server.connection_id, "kept session reused");
-            let keep = key.map(|key| Keepable {
-                key,
-                ok: w.ok.clone(),
-                fit: w.fit,
-            });
-            return tell_ok(
-                app,
-                cx,
-                w.stream,
-                &w.ok,
-                BytesMut::new(),
-                inbuf,
-                w.session,
-                &response,
-                keep,
-            )
-            .await;
-        }
-        // The kept session stays kept, for connections it fits. The application was greeted
-        // with its connection id; the new session has its own (as after a retry below).
-        tracing::debug!(
-            greeted = server.connection_id,
-            "the kept session does not fit this connection (another user, database, character \
-             set or client options); opening a new one, whose connection id differs from the \
-             greeting's"
-        );
-        if let Some(k) = &key {
-            pool::keep_confirmed(&my.pool, k.clone(), w);
+    if let Some(k) = kept.take() {
+        let fits = pool::Fit::of(&response, &creds).as_ref() == Some(&k.warm().fit);
+        // The server's replies to the session's reset, read now: they came while the
+        // application answered its greeting.
+        match k.confirm().await {
+            Ok(w) if fits => {
+                drop(creds);
+                tracing::debug!(connection_id = server.connection_id, "kept session reused");
+                let keep = key.map(|key| Keepable {
+                    key,
+                    ok: w.ok.clone(),
+                    fit: w.fit,
+                });
+                return tell_ok(
+                    app,
+                    cx,
+                    w.stream,
+                    &w.ok,
+                    BytesMut::new(),
+                    inbuf,
+                    w.session,
+                    &response,
+                    keep,
+                )
+                .await;
+            }
+            Ok(w) => {
+                // The kept session stays kept, for connections it fits. The application was
+                // greeted with its connection id; the new session has its own (as after a
+                // retry below).
+                tracing::debug!(
+                    greeted = server.connection_id,
+                    "the kept session does not fit this connection (another user, database, \
+                     character set or client options); opening a new one, whose connection id \
+                     differs from the greeting's"
+                );
+                if let Some(k) = &key {
+                    pool::keep_confirmed(&my.pool, k.clone(), w);
+                }
+            }
+            // Ended or unfit between the greeting and now (a KILL in that moment, a reset the
+            // server refused): a new session, whose connection id differs from the greeting's.
+            Err(_) => tracing::debug!(
+                greeted = server.connection_id,
+                "the kept session ended while its next application was greeted; opening a new one"
+            ),
         }
     }
     let mut greeted = match greeted {

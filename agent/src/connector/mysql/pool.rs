@@ -5,8 +5,12 @@
 //! asks the server to take it back to how it was opened ([`latch_mysql::reset`]: reset, the
 //! database it was opened with, and an end marker, in one write) and keeps it at once, so an
 //! application that reconnects straight away finds it. The replies are read when the session
-//! is taken, before the next application is greeted: exactly the three, nothing after them,
-//! and the connection still open, or the session is closed and the next one tried. It is handed only to a
+//! is taken: exactly the three, nothing after them, and the connection still open, or the
+//! session is closed and the next one tried. Those that have not come yet (an application
+//! that reconnects at once finds the server still at its reset) are read after the application
+//! has answered its greeting, so the server's reset and the application's handshake overlap;
+//! a session found unfit only then (ended in that moment) is replaced by a new login, whose
+//! connection id differs from the greeting's. It is handed only to a
 //! connection with the same [`kept::Key`] (policy, target, network namespace, workload cgroup
 //! and executable, TLS configuration) whose handshake response would open the same session
 //! ([`Fit`]: user, database, character set, capabilities, max packet size, and the
@@ -148,44 +152,105 @@ impl Parked {
         }
     }
 
+    /// Reads what the server has already sent in reply to the reset, without waiting: a
+    /// session whose replies all arrived is confirmed (or found unfit: a KILL, a timeout, an
+    /// unexpected reply) on the spot; one whose server is still at its reset is handed out
+    /// with the rest to be read ([`Taken::confirm`]), while its next application is greeted.
+    fn take_now(mut self) -> Option<Taken> {
+        let warm = self.warm.take()?;
+        let mut taken = Taken {
+            warm,
+            confirming: self.due.then(|| (Replies::default(), BytesMut::new())),
+        };
+        match taken.read_ready() {
+            Some(Read::Done) | Some(Read::Pending) => Some(taken),
+            None => {
+                drop(Parked::new(taken.warm, false));
+                None
+            }
+        }
+    }
+}
+
+/// A session taken from the pool, its reset perhaps still to be confirmed.
+pub struct Taken {
+    warm: Warm,
+    /// The replies read so far and the bytes after them, while some are due.
+    confirming: Option<(Replies, BytesMut)>,
+}
+
+/// What reading the replies to the reset found.
+enum Read {
+    /// All three, nothing after them, the session open.
+    Done,
+    /// More are on their way.
+    Pending,
+}
+
+impl Taken {
+    /// The session, as the next application will be told of it (its greeting, its fit).
+    pub fn warm(&self) -> &Warm {
+        &self.warm
+    }
+
+    /// Reads the replies that have arrived. `None`: the session is unfit (logged).
+    fn read_ready(&mut self) -> Option<Read> {
+        let Some((replies, buf)) = &mut self.confirming else {
+            return Some(Read::Done);
+        };
+        loop {
+            let packet = {
+                // The read future holds nothing of its own (bytes go to `buf`): polled once,
+                // with nobody to wake, it either has a packet or leaves what it read in `buf`.
+                let mut read = std::pin::pin!(read_packet(&mut self.warm.stream, buf));
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                match read.as_mut().poll(&mut cx) {
+                    std::task::Poll::Pending => return Some(Read::Pending),
+                    std::task::Poll::Ready(Ok(p)) => p,
+                    std::task::Poll::Ready(Err(_)) => return None,
+                }
+            };
+            match replies.on_packet(&packet) {
+                Step::More => {}
+                // Nothing after the replies, and not closed (a KILL after the reset).
+                Step::Fit if buf.is_empty() && waiting(&self.warm.stream) == Some(0) => break,
+                Step::Fit => return None,
+                Step::Unfit(why) => {
+                    tracing::debug!(why, "kept session not fit; closed");
+                    return None;
+                }
+            }
+        }
+        self.confirming = None;
+        Some(Read::Done)
+    }
+
     /// The session, once the server's replies to its reset say it is as it was opened;
     /// otherwise it is closed, and why it is not had.
-    async fn confirm(mut self) -> Result<Warm, Unconfirmed> {
-        let mut warm = self.warm.take().ok_or(Unconfirmed::Unfit)?;
-        if !self.due {
-            return Ok(warm);
-        }
+    pub async fn confirm(mut self) -> Result<Warm, Unconfirmed> {
         let work = async {
-            let mut buf = BytesMut::new();
-            let mut replies = Replies::default();
             loop {
-                let packet = read_packet(&mut warm.stream, &mut buf).await.ok()?;
-                match replies.on_packet(&packet) {
-                    Step::More => {}
-                    // Nothing after the replies, and not closed (a KILL after the reset).
-                    Step::Fit if buf.is_empty() && waiting(&warm.stream) == Some(0) => {
-                        return Some(());
-                    }
-                    Step::Fit => return None,
-                    Step::Unfit(why) => {
-                        tracing::debug!(why, "kept session not fit; closed");
-                        return None;
+                match self.read_ready()? {
+                    Read::Done => return Some(()),
+                    Read::Pending => {
+                        let readable = self.warm.stream.tcp().readable().await;
+                        readable.ok()?;
                     }
                 }
             }
         };
         let outcome = match tokio::time::timeout(RESET_TIMEOUT, work).await {
-            Ok(Some(())) => return Ok(warm),
+            Ok(Some(())) => return Ok(self.warm),
             Ok(None) => Unconfirmed::Unfit,
             Err(_) => Unconfirmed::Slow,
         };
-        drop(Parked::new(warm, false));
+        drop(Parked::new(self.warm, false));
         Err(outcome)
     }
 }
 
 /// Why a kept session was not handed out.
-enum Unconfirmed {
+pub enum Unconfirmed {
     /// Its replies were not the expected ones, or it was closed.
     Unfit,
     /// The server did not answer its reset within [`RESET_TIMEOUT`].
@@ -300,16 +365,135 @@ pub fn keep_confirmed(pool: &Pool, key: kept::Key, warm: Warm) {
     pool.put(key, Parked::new(warm, false));
 }
 
-/// The most recently kept session for `key` that the server confirms fit (others met on the
-/// way are closed). A server too slow to confirm one is not waited for again: the connection
-/// then gets a new session, as without the pool.
-pub async fn take(pool: &Pool, key: &kept::Key) -> Option<Warm> {
+/// The most recently kept session for `key` that is not found unfit by what the server has
+/// sent so far (others met on the way are closed). Its reset may still be under way: confirm
+/// it ([`Taken::confirm`]) before it is used, after greeting the application, so the server's
+/// reset and the application's handshake overlap.
+pub fn take(pool: &Pool, key: &kept::Key) -> Option<Taken> {
     while let Some(parked) = pool.take(key) {
-        match parked.confirm().await {
-            Ok(warm) => return Some(warm),
-            Err(Unconfirmed::Unfit) => {}
-            Err(Unconfirmed::Slow) => return None,
+        if let Some(taken) = parked.take_now() {
+            return Some(taken);
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use latch_mysql::{Greeting, MariadbCapabilities, StatusFlags, Transport, frame};
+    use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+
+    use super::*;
+
+    /// A kept session over loopback: latch's end, and the server's.
+    async fn parked() -> (Parked, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let greeting = Greeting {
+            server_version: b"10.11.19-MariaDB".to_vec(),
+            connection_id: 42,
+            scramble: vec![7; 20],
+            capabilities: CapabilityFlags::CLIENT_PROTOCOL_41,
+            mariadb_capabilities: MariadbCapabilities::empty(),
+            charset: 45,
+            status: StatusFlags::empty(),
+            auth_plugin: None,
+        };
+        let warm = Warm {
+            stream: MaybeTls::Plain(ours),
+            ok: Bytes::from_static(&[7, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0]),
+            session: SessionAuth {
+                greeting,
+                caps: CapabilityFlags::CLIENT_PROTOCOL_41,
+                transport: Transport::Plain,
+            },
+            fit: Fit {
+                capabilities: CapabilityFlags::CLIENT_PROTOCOL_41,
+                mariadb_capabilities: MariadbCapabilities::empty(),
+                max_packet_size: 1 << 24,
+                charset: 45,
+                user: b"app".to_vec(),
+                database: b"orders".to_vec(),
+                credentials: [0; 32],
+            },
+        };
+        (Parked::new(warm, true), server)
+    }
+
+    /// The server's three replies to the reset, as MariaDB sends them.
+    fn replies() -> BytesMut {
+        let mut out = BytesMut::new();
+        frame::encode(&[0, 0, 0, 2, 0, 0, 0], 1, &mut out);
+        frame::encode(&[0, 0, 0, 2, 0, 0, 0], 1, &mut out);
+        frame::encode(b"Uptime: 140  Threads: 8  Questions: 9", 1, &mut out);
+        out
+    }
+
+    #[tokio::test]
+    async fn replies_that_have_arrived_confirm_the_session_when_it_is_taken() {
+        let (parked, mut server) = parked().await;
+        server.write_all(&replies()).await.unwrap();
+        // The reactor sees them before the session is taken (it sat in the pool meanwhile).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let taken = parked.take_now().expect("fit");
+        assert!(taken.confirming.is_none(), "confirmed on the spot");
+        let warm = taken.confirm().await.ok().expect("fit");
+        assert_eq!(warm.session.greeting.connection_id, 42);
+    }
+
+    #[tokio::test]
+    async fn a_session_whose_reset_is_under_way_is_taken_and_confirmed_when_its_replies_come() {
+        let (parked, mut server) = parked().await;
+        // The first reply is here, the others are not yet: taken all the same.
+        let all = replies();
+        let first = frame::parse(&mut all.clone(), 1 << 20).unwrap().unwrap();
+        let first_len = 4 + first.payload.len();
+        server.write_all(&all[..first_len]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let taken = parked
+            .take_now()
+            .expect("taken while its reset is under way");
+        assert!(taken.confirming.is_some());
+        let rest = all[first_len..].to_vec();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            server.write_all(&rest).await.unwrap();
+            // Held open until the session is confirmed.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        assert!(taken.confirm().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_session_the_server_ended_after_its_reset_is_not_taken() {
+        let (parked, mut server) = parked().await;
+        let mut wire = replies();
+        // A KILL: the server's error, then it closes.
+        frame::encode(
+            &[0xFF, 0x47, 0x07, b'#', b'7', b'0', b'1', b'0', b'0'],
+            0,
+            &mut wire,
+        );
+        server.write_all(&wire).await.unwrap();
+        drop(server);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(parked.take_now().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_reply_that_is_not_the_resets_makes_the_taken_session_unfit() {
+        let (parked, mut server) = parked().await;
+        let taken = parked.take_now().expect("nothing has come yet");
+        let mut wire = BytesMut::new();
+        frame::encode(
+            &[0xFF, 0x28, 0x04, b'#', b'0', b'8', b'S', b'0', b'1'],
+            1,
+            &mut wire,
+        );
+        server.write_all(&wire).await.unwrap();
+        assert!(matches!(taken.confirm().await, Err(Unconfirmed::Unfit)));
+    }
 }
