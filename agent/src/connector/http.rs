@@ -605,13 +605,14 @@ impl Session<'_> {
             .credentials(cx.policy)
             .await
             .map_err(Failure::Secrets)?;
-        if pooled
-            && let Some(key) = self.pool_key().await
-            && let Some(kept) = self.http.pool.take(key)
-            && let Some(target) = kept.here().await
-        {
-            tracing::debug!("kept target connection reused");
-            return Ok((Held::new(target, creds, &self.to_target), true));
+        if pooled && let Some(key) = self.pool_key().await {
+            // One that ended while it moved to this thread is dropped; the next is tried.
+            while let Some(kept) = self.http.pool.take(key) {
+                if let Some(target) = kept.here().await {
+                    tracing::debug!("kept target connection reused");
+                    return Ok((Held::new(target, creds, &self.to_target), true));
+                }
+            }
         }
         let target = self.dial().await?;
         Ok((Held::new(target, creds, &self.to_target), false))
