@@ -129,7 +129,7 @@ pub fn run_bench(args: &Args) -> Result<()> {
     let latch = proc::latch_bin(true)?;
     if args.conns_only {
         println!("\nbench: connections (latch vs haproxy)");
-        return crate::bench_conns::run(&latch);
+        return crate::bench_conns::run(&latch, args.repeat);
     }
     if args.http_only {
         println!("\nbench: HTTP (direct vs latch vs nginx reverse proxy)");
@@ -166,7 +166,7 @@ pub fn run_bench(args: &Args) -> Result<()> {
         Ok(())
     } else {
         println!("\nbench: connections (latch vs haproxy)");
-        crate::bench_conns::run(&latch)
+        crate::bench_conns::run(&latch, args.repeat)
     };
     proc::check_interrupted()?;
     let http = if args.no_http || args.pg_only || args.netns_only || args.mysql_only {

@@ -92,7 +92,7 @@ struct Opening {
     syscalls: Option<f64>,
 }
 
-pub fn run(latch: &Path) -> Result<()> {
+pub fn run(latch: &Path, repeat: u32) -> Result<()> {
     for tool in ["ab", "strace", "nginx", "haproxy", "python3"] {
         if !proc::succeeds(Command::new("sh").args(["-c", &format!("command -v {tool}")])) {
             bail!("`{tool}` is missing: `cargo xtask setup` installs it");
@@ -140,14 +140,15 @@ pub fn run(latch: &Path) -> Result<()> {
     println!("bench: {HELD} idle connections (100 kB each way first), latch then haproxy");
     let latch_idle = rig.idle_latch()?;
     let haproxy_idle = rig.idle_haproxy()?;
-    println!("bench: new connections/s, ab -c 32 -n {REQUESTS}, one connection per request");
-    let direct = rig.opening(Via::Direct)?;
-    let latch_open = rig.opening(Via::Latch)?;
-    let haproxy_open = rig.opening(Via::Haproxy)?;
+    println!(
+        "bench: new connections/s, ab -c 32 -n {REQUESTS}, one connection per request, \
+         {repeat} round(s), each in another order"
+    );
+    let [direct, latch_open, haproxy_open] = rig.openings(repeat)?;
 
     println!(
         "\nconnections: idle cost per held connection, and opening cost (nginx target, \
-         {REQUESTS} requests, one connection each)\n"
+         {REQUESTS} requests, one connection each; rates are medians of {repeat})\n"
     );
     println!(
         "{:<24} {:>10} {:>12} {:>12} {:>10} {:>14}",
@@ -185,6 +186,16 @@ enum Via {
     Direct,
     Latch,
     Haproxy,
+}
+
+impl Via {
+    fn name(self) -> &'static str {
+        match self {
+            Via::Direct => "direct",
+            Via::Latch => "latch",
+            Via::Haproxy => "haproxy",
+        }
+    }
 }
 
 impl Rig {
@@ -242,47 +253,63 @@ impl Rig {
         }
     }
 
-    fn opening(&self, via: Via) -> Result<Opening> {
-        let url = self.ab_url(via);
-        let per_second = {
-            let n = REQUESTS.to_string();
-            let argv = ["ab", "-q", "-r", "-c", "32", "-n", &n, &url];
-            let mut cmd = match via {
-                Via::Latch => self.latch_run(&argv),
-                _ => {
-                    let mut c = Command::new("ab");
-                    c.args(&argv[1..]);
-                    c
-                }
-            };
-            let (status, out) =
-                proc::run_capture(cmd.stderr(Stdio::null()), Duration::from_secs(300))?;
-            if !status.success() {
-                bail!("ab exited {status}: {out}");
+    /// Each case's opening rate `repeat` times, the order of the cases rotating from round to
+    /// round (each run leaves tens of thousands of TIME_WAIT sockets that the next one's
+    /// connects meet, so no case always comes last), then the system calls of each proxy.
+    fn openings(&self, repeat: u32) -> Result<[Opening; 3]> {
+        const CASES: [Via; 3] = [Via::Direct, Via::Latch, Via::Haproxy];
+        let mut rates: [Vec<f64>; 3] = Default::default();
+        for round in 0..repeat as usize {
+            for i in 0..CASES.len() {
+                let k = (round + i) % CASES.len();
+                let rate = self.rate(CASES[k])?;
+                println!("bench: {:<10} {rate:8.0} connections/s", CASES[k].name());
+                rates[k].push(rate);
             }
-            parse_ab(&out)?
+        }
+        let mut out = Vec::new();
+        for (via, rates) in CASES.into_iter().zip(rates) {
+            let url = self.ab_url(via);
+            let syscalls = match via {
+                Via::Direct => None,
+                Via::Latch => Some(self.traced_latch(&url)?),
+                Via::Haproxy => Some(self.traced(self.haproxy_pid, &url, None)?),
+            };
+            if let Some(s) = &syscalls {
+                println!(
+                    "bench: {:<10} {:.1} system calls per connection ({})",
+                    via.name(),
+                    s.total,
+                    s.top
+                );
+            }
+            out.push(Opening {
+                per_second: crate::bench::median(&rates).context("no rounds")?,
+                syscalls: syscalls.map(|s| s.total),
+            });
+        }
+        out.try_into()
+            .map_err(|_| anyhow::anyhow!("three cases measured"))
+    }
+
+    /// One `ab` run's connections per second through `via`.
+    fn rate(&self, via: Via) -> Result<f64> {
+        let url = self.ab_url(via);
+        let n = REQUESTS.to_string();
+        let argv = ["ab", "-q", "-r", "-c", "32", "-n", &n, &url];
+        let mut cmd = match via {
+            Via::Latch => self.latch_run(&argv),
+            _ => {
+                let mut c = Command::new("ab");
+                c.args(&argv[1..]);
+                c
+            }
         };
-        let syscalls = match via {
-            Via::Direct => None,
-            Via::Latch => Some(self.traced_latch(&url)?),
-            Via::Haproxy => Some(self.traced(self.haproxy_pid, &url, None)?),
-        };
-        println!(
-            "bench: {:<10} {per_second:8.0} connections/s{}",
-            match via {
-                Via::Direct => "direct",
-                Via::Latch => "latch",
-                Via::Haproxy => "haproxy",
-            },
-            (syscalls.as_ref()).map_or(String::new(), |s| format!(
-                ", {:.1} system calls each ({})",
-                s.total, s.top
-            ))
-        );
-        Ok(Opening {
-            per_second,
-            syscalls: syscalls.map(|s| s.total),
-        })
+        let (status, out) = proc::run_capture(cmd.stderr(Stdio::null()), Duration::from_secs(300))?;
+        if !status.success() {
+            bail!("ab exited {status}: {out}");
+        }
+        parse_ab(&out)
     }
 
     /// The agent of a `latch run` whose client waits for a line on stdin before `ab` starts,
