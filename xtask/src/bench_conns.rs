@@ -89,7 +89,15 @@ struct Idle {
 /// One proxy's opening cost.
 struct Opening {
     per_second: f64,
+    /// The proxy's CPU time (user and system, all its threads) per connection, in µs.
+    cpu_us: Option<f64>,
     syscalls: Option<f64>,
+}
+
+/// One `ab` run: its rate, and the proxy's CPU time per connection (µs).
+struct Run {
+    per_second: f64,
+    cpu_us: Option<f64>,
 }
 
 pub fn run(latch: &Path, repeat: u32) -> Result<()> {
@@ -151,30 +159,35 @@ pub fn run(latch: &Path, repeat: u32) -> Result<()> {
          {REQUESTS} requests, one connection each; rates are medians of {repeat})\n"
     );
     println!(
-        "{:<24} {:>10} {:>12} {:>12} {:>10} {:>14}",
-        "case", "fds/conn", "KiB/conn", "conns/s", "vs direct", "syscalls/conn"
+        "{:<24} {:>10} {:>12} {:>12} {:>10} {:>14} {:>14}",
+        "case", "fds/conn", "KiB/conn", "conns/s", "vs direct", "syscalls/conn", "CPU µs/conn"
     );
     let row = |label: &str, idle: Option<&Idle>, open: &Opening| {
         let (fds, kib) = idle.map_or(("-".into(), "-".into()), |i| {
             (format!("{:.2}", i.fds), format!("{:.1}", i.kib))
         });
         println!(
-            "{:<24} {:>10} {:>12} {:>12.0} {:>10.2} {:>14}",
+            "{:<24} {:>10} {:>12} {:>12.0} {:>10.2} {:>14} {:>14}",
             label,
             fds,
             kib,
             open.per_second,
             open.per_second / direct.per_second,
             open.syscalls.map_or("-".into(), |s| format!("{s:.1}")),
+            open.cpu_us.map_or("-".into(), |c| format!("{c:.0}")),
         );
     };
     row("direct", None, &direct);
     row("latch (tcp relay)", Some(&latch_idle), &latch_open);
     row("haproxy (splice-auto)", Some(&haproxy_idle), &haproxy_open);
     println!(
-        "\nlatch vs haproxy: {:.2}× the connections/s, {:.2}× the descriptors and {:.2}× the memory \
-         per idle connection",
+        "\nlatch vs haproxy: {:.2}× the connections/s, {} the CPU per connection, {:.2}× the \
+         descriptors and {:.2}× the memory per idle connection",
         latch_open.per_second / haproxy_open.per_second,
+        match (latch_open.cpu_us, haproxy_open.cpu_us) {
+            (Some(l), Some(h)) if h > 0.0 => format!("{:.2}×", l / h),
+            _ => "-".into(),
+        },
         latch_idle.fds / haproxy_idle.fds,
         latch_idle.kib / haproxy_idle.kib,
     );
@@ -258,17 +271,26 @@ impl Rig {
     /// connects meet, so no case always comes last), then the system calls of each proxy.
     fn openings(&self, repeat: u32) -> Result<[Opening; 3]> {
         const CASES: [Via; 3] = [Via::Direct, Via::Latch, Via::Haproxy];
-        let mut rates: [Vec<f64>; 3] = Default::default();
+        let mut runs: [Vec<Run>; 3] = Default::default();
         for round in 0..repeat as usize {
             for i in 0..CASES.len() {
                 let k = (round + i) % CASES.len();
-                let rate = self.rate(CASES[k])?;
-                println!("bench: {:<10} {rate:8.0} connections/s", CASES[k].name());
-                rates[k].push(rate);
+                let run = self.rate(CASES[k])?;
+                println!(
+                    "bench: {:<10} {:8.0} connections/s{}",
+                    CASES[k].name(),
+                    run.per_second,
+                    run.cpu_us.map_or(String::new(), |c| format!(
+                        ", {c:.0} µs of the proxy's CPU each"
+                    ))
+                );
+                runs[k].push(run);
             }
         }
         let mut out = Vec::new();
-        for (via, rates) in CASES.into_iter().zip(rates) {
+        for (via, runs) in CASES.into_iter().zip(runs) {
+            let rates: Vec<f64> = runs.iter().map(|r| r.per_second).collect();
+            let cpu: Vec<f64> = runs.iter().filter_map(|r| r.cpu_us).collect();
             let url = self.ab_url(via);
             let syscalls = match via {
                 Via::Direct => None,
@@ -285,6 +307,7 @@ impl Rig {
             }
             out.push(Opening {
                 per_second: crate::bench::median(&rates).context("no rounds")?,
+                cpu_us: crate::bench::median(&cpu),
                 syscalls: syscalls.map(|s| s.total),
             });
         }
@@ -292,24 +315,46 @@ impl Rig {
             .map_err(|_| anyhow::anyhow!("three cases measured"))
     }
 
-    /// One `ab` run's connections per second through `via`.
-    fn rate(&self, via: Via) -> Result<f64> {
+    /// One `ab` run's connections per second through `via`, and the proxy's CPU time over it
+    /// (latch's agent is measured while its client waits to exit, so its start and exit are
+    /// not counted).
+    fn rate(&self, via: Via) -> Result<Run> {
         let url = self.ab_url(via);
-        let n = REQUESTS.to_string();
-        let argv = ["ab", "-q", "-r", "-c", "32", "-n", &n, &url];
-        let mut cmd = match via {
-            Via::Latch => self.latch_run(&argv),
-            _ => {
-                let mut c = Command::new("ab");
-                c.args(&argv[1..]);
-                c
-            }
+        let ab = format!("ab -q -r -c 32 -n {REQUESTS} {url}");
+        if via == Via::Latch {
+            let script = format!("echo ready; read go; {ab}; echo done; read end || :");
+            let mut client = Holder::spawn(&mut self.latch_run(&["sh", "-c", &script]))?;
+            client.wait_for("ready")?;
+            let pid = client.child.id();
+            let before = cpu_ticks(pid)?;
+            client.go()?;
+            let out = client.read_until("done")?;
+            let cpu = cpu_ticks(pid)? - before;
+            client.finish()?;
+            return Ok(Run {
+                per_second: parse_ab(&out)?,
+                cpu_us: Some(ticks_us(cpu) / f64::from(REQUESTS)),
+            });
+        }
+        let before = match via {
+            Via::Haproxy => Some(cpu_ticks(self.haproxy_pid)?),
+            _ => None,
         };
-        let (status, out) = proc::run_capture(cmd.stderr(Stdio::null()), Duration::from_secs(300))?;
+        let (status, out) = proc::run_capture(
+            Command::new("sh").args(["-c", &ab]).stderr(Stdio::null()),
+            Duration::from_secs(300),
+        )?;
         if !status.success() {
             bail!("ab exited {status}: {out}");
         }
-        parse_ab(&out)
+        let cpu = match before {
+            Some(b) => Some(ticks_us(cpu_ticks(self.haproxy_pid)? - b) / f64::from(REQUESTS)),
+            None => None,
+        };
+        Ok(Run {
+            per_second: parse_ab(&out)?,
+            cpu_us: cpu,
+        })
     }
 
     /// The agent of a `latch run` whose client waits for a line on stdin before `ab` starts,
@@ -418,6 +463,22 @@ impl Holder {
         }
     }
 
+    /// The lines before `word`.
+    fn read_until(&mut self, word: &str) -> Result<String> {
+        let mut text = String::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.stdout.read_line(&mut line)? == 0 {
+                bail!("the bench client exited before saying {word:?}: {text}");
+            }
+            if line.trim() == word {
+                return Ok(text);
+            }
+            text.push_str(&line);
+        }
+    }
+
     fn go(&mut self) -> Result<()> {
         let stdin = self.stdin.as_mut().context("stdin already closed")?;
         stdin.write_all(b"go\n")?;
@@ -480,6 +541,31 @@ fn usage(pid: u32) -> Result<Usage> {
         .and_then(|v| v.parse().ok())
         .context("no VmRSS")?;
     Ok(Usage { fds, rss_kib })
+}
+
+/// User and system time of `pid`'s threads so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    stat_cpu_ticks(&stat).with_context(|| format!("no CPU times in /proc/{pid}/stat"))
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line; the command name before
+/// them may hold spaces and parentheses, so fields are counted after its last `)`.
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Clock ticks as µs.
+fn ticks_us(ticks: u64) -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    ticks as f64 * 1e6 / hz
 }
 
 /// `Requests per second:` from ab's report.
@@ -611,6 +697,9 @@ mod tests {
         let out = "Concurrency Level:      32\nRequests per second:    6312.55 [#/sec] (mean)\n";
         assert_eq!(parse_ab(out).unwrap(), 6312.55);
         assert!(parse_ab("nothing").is_err());
+        let stat = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 31 17 0 0 20 0 3 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(48));
+        assert_eq!(stat_cpu_ticks("4242 (x) S 1"), None);
     }
 
     #[test]
