@@ -561,6 +561,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn small_exchanges_each_after_a_pause_all_get_through() {
+        // Each small splice clears the socket's readiness (it emptied the socket): the next
+        // bytes must bring a new wake-up, whether they come at once or after a pause.
+        let (mut app_client, app_side) = pair().await;
+        let (target_side, mut target_server) = pair().await;
+        let progress = Progress::default();
+        let relay = async { splice_both(&app_side, &target_side, &progress, None).await };
+        let peers = async {
+            for i in 0..20u8 {
+                let request = vec![i; 1 + usize::from(i) * 13];
+                app_client.write_all(&request).await.unwrap();
+                let mut got = vec![0u8; request.len()];
+                target_server.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, request);
+                if i % 2 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                target_server.write_all(&[i, i]).await.unwrap();
+                let mut reply = [0u8; 2];
+                app_client.read_exact(&mut reply).await.unwrap();
+                assert_eq!(reply, [i, i]);
+            }
+            drop(app_client);
+            drop(target_server);
+        };
+        let (res, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(relay, peers)
+        })
+        .await
+        .expect("an exchange stalled in the relay");
+        let t = res.unwrap();
+        assert_eq!(t.to_app, 40);
+    }
+
+    #[tokio::test]
     async fn relays_both_ways_and_passes_half_close() {
         // app_client <-> [app_side | relay | target_side] <-> target_server
         let (mut app_client, app_side) = pair().await;
