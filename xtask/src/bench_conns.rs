@@ -451,16 +451,7 @@ impl Holder {
     }
 
     fn wait_for(&mut self, word: &str) -> Result<()> {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if self.stdout.read_line(&mut line)? == 0 {
-                bail!("the bench client exited before saying {word:?}");
-            }
-            if line.trim() == word {
-                return Ok(());
-            }
-        }
+        self.read_until(word).map(drop)
     }
 
     /// The lines before `word`.
