@@ -300,7 +300,7 @@ async fn handshake(
         false => None,
     };
     let mut kept = match &key {
-        Some(k) => pool::take(&my.pool, k),
+        Some(k) => pool::take(&my.pool, k).await,
         None => None,
     };
     let mut greeted = None;

@@ -156,13 +156,21 @@ impl Parked {
     /// session whose replies all arrived is confirmed (or found unfit: a KILL, a timeout, an
     /// unexpected reply) on the spot; one whose server is still at its reset is handed out
     /// with the rest to be read ([`Taken::confirm`]), while its next application is greeted.
-    fn take_now(mut self) -> Option<Taken> {
+    async fn take_now(mut self) -> Option<Taken> {
         let warm = self.warm.take()?;
         let mut taken = Taken {
             warm,
             confirming: self.due.then(|| (Replies::default(), BytesMut::new())),
         };
-        match taken.read_ready() {
+        let mut read = taken.read_ready();
+        if matches!(read, Some(Read::Pending)) && waiting(&taken.warm.stream) == Some(1) {
+            // Bytes the reactor has not reported yet (a session that just moved to this
+            // thread): one turn of it, and they are read now, a KILL's error and close with
+            // them.
+            tokio::task::yield_now().await;
+            read = taken.read_ready();
+        }
+        match read {
             Some(Read::Done) | Some(Read::Pending) => Some(taken),
             None => {
                 drop(Parked::new(taken.warm, false));
@@ -369,9 +377,9 @@ pub fn keep_confirmed(pool: &Pool, key: kept::Key, warm: Warm) {
 /// sent so far (others met on the way are closed). Its reset may still be under way: confirm
 /// it ([`Taken::confirm`]) before it is used, after greeting the application, so the server's
 /// reset and the application's handshake overlap.
-pub fn take(pool: &Pool, key: &kept::Key) -> Option<Taken> {
+pub async fn take(pool: &Pool, key: &kept::Key) -> Option<Taken> {
     while let Some(parked) = pool.take(key) {
-        if let Some(taken) = parked.take_now() {
+        if let Some(taken) = parked.take_now().await {
             return Some(taken);
         }
     }
@@ -436,9 +444,9 @@ mod tests {
     async fn replies_that_have_arrived_confirm_the_session_when_it_is_taken() {
         let (parked, mut server) = parked().await;
         server.write_all(&replies()).await.unwrap();
-        // The reactor sees them before the session is taken (it sat in the pool meanwhile).
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let taken = parked.take_now().expect("fit");
+        // Taken before the reactor has reported them (as when the session just moved to
+        // this thread).
+        let taken = parked.take_now().await.expect("fit");
         assert!(taken.confirming.is_none(), "confirmed on the spot");
         let warm = taken.confirm().await.ok().expect("fit");
         assert_eq!(warm.session.greeting.connection_id, 42);
@@ -455,6 +463,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let taken = parked
             .take_now()
+            .await
             .expect("taken while its reset is under way");
         assert!(taken.confirming.is_some());
         let rest = all[first_len..].to_vec();
@@ -479,14 +488,13 @@ mod tests {
         );
         server.write_all(&wire).await.unwrap();
         drop(server);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(parked.take_now().is_none());
+        assert!(parked.take_now().await.is_none());
     }
 
     #[tokio::test]
     async fn a_reply_that_is_not_the_resets_makes_the_taken_session_unfit() {
         let (parked, mut server) = parked().await;
-        let taken = parked.take_now().expect("nothing has come yet");
+        let taken = parked.take_now().await.expect("nothing has come yet");
         let mut wire = BytesMut::new();
         frame::encode(
             &[0xFF, 0x28, 0x04, b'#', b'0', b'8', b'S', b'0', b'1'],
