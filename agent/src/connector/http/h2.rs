@@ -99,28 +99,51 @@ pub enum Opening {
 /// Tells [`Opening`] from the first bytes `app` sends (peeked, left in the socket), waiting
 /// up to `within` for them and, when they are the start of the HTTP/2 preface, for the rest
 /// of it. One look decides an HTTP/1.x request.
+///
+/// Most clients have sent their first bytes by the time latch serves the connection: a look
+/// without waiting (no reactor round, no timer) decides those.
 pub async fn opening(app: &TcpStream, within: Duration) -> Opening {
-    let deadline = tokio::time::Instant::now() + within;
     let mut buf = [0u8; PREFACE.len()];
+    if let Some(n) = peek_now(app, &mut buf)
+        && let Some(seen) = decide(&buf[..n])
+    {
+        return seen;
+    }
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         let n = match tokio::time::timeout_at(deadline, app.peek(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => n,
             _ => return Opening::Http1,
         };
-        if buf[0] == TLS_HANDSHAKE {
-            return Opening::Tls;
-        }
-        if buf[..n] != PREFACE[..n] {
-            return Opening::Http1;
-        }
-        if n == PREFACE.len() {
-            return Opening::H2;
+        if let Some(seen) = decide(&buf[..n]) {
+            return seen;
         }
         // Part of the preface: the rest is on its way.
         if tokio::time::Instant::now() >= deadline {
             return Opening::Http1;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// What the first bytes say; `None` while they are the start of the preface.
+fn decide(first: &[u8]) -> Option<Opening> {
+    match first {
+        [TLS_HANDSHAKE, ..] => Some(Opening::Tls),
+        _ if first != &PREFACE[..first.len()] => Some(Opening::Http1),
+        _ if first.len() == PREFACE.len() => Some(Opening::H2),
+        _ => None,
+    }
+}
+
+/// The bytes waiting on `app` now (peeked), if any.
+fn peek_now(app: &TcpStream, buf: &mut [u8]) -> Option<usize> {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd as _;
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    match recv(app.as_raw_fd(), buf, flags) {
+        Ok(n) if n > 0 => Some(n),
+        _ => None,
     }
 }
 
@@ -618,6 +641,28 @@ mod tests {
         );
         // A peer that closes at once is hyper's to end.
         assert_eq!(opening_of(&[]).await, Opening::Http1);
+    }
+
+    #[tokio::test]
+    async fn bytes_already_there_are_told_apart_without_waiting() {
+        use tokio::io::AsyncWriteExt as _;
+        for (first, seen) in [
+            (&b"GET / HTTP/1.1\r\n"[..], Opening::Http1),
+            (PREFACE, Opening::H2),
+            (&b"\x16\x03\x01\x00"[..], Opening::Tls),
+        ] {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (app, _) = l.accept().await.unwrap();
+            peer.write_all(first).await.unwrap();
+            // Decided at once, with no time to wait.
+            assert_eq!(opening(&app, Duration::ZERO).await, seen);
+            // And the bytes are still there for whoever reads next.
+            let mut buf = vec![0u8; first.len()];
+            assert_eq!(peek_now(&app, &mut buf), Some(first.len()));
+        }
+        assert_eq!(decide(b"PRI * HT"), None);
+        assert_eq!(decide(b"PUT"), Some(Opening::Http1));
     }
 
     #[test]
