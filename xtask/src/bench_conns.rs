@@ -428,14 +428,14 @@ struct Traced {
 }
 
 /// A client that talks to us on its stdin/stdout (see `HOLD_PY`); killed if dropped early.
-struct Holder {
-    child: Child,
+pub(crate) struct Holder {
+    pub(crate) child: Child,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
 }
 
 impl Holder {
-    fn spawn(cmd: &mut Command) -> Result<Holder> {
+    pub(crate) fn spawn(cmd: &mut Command) -> Result<Holder> {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -450,12 +450,12 @@ impl Holder {
         })
     }
 
-    fn wait_for(&mut self, word: &str) -> Result<()> {
+    pub(crate) fn wait_for(&mut self, word: &str) -> Result<()> {
         self.read_until(word).map(drop)
     }
 
     /// The lines before `word`.
-    fn read_until(&mut self, word: &str) -> Result<String> {
+    pub(crate) fn read_until(&mut self, word: &str) -> Result<String> {
         let mut text = String::new();
         let mut line = String::new();
         loop {
@@ -470,13 +470,13 @@ impl Holder {
         }
     }
 
-    fn go(&mut self) -> Result<()> {
+    pub(crate) fn go(&mut self) -> Result<()> {
         let stdin = self.stdin.as_mut().context("stdin already closed")?;
         stdin.write_all(b"go\n")?;
         Ok(stdin.flush()?)
     }
 
-    fn finish(&mut self) -> Result<()> {
+    pub(crate) fn finish(&mut self) -> Result<()> {
         drop(self.stdin.take());
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let status = loop {
@@ -535,7 +535,7 @@ fn usage(pid: u32) -> Result<Usage> {
 }
 
 /// User and system time of `pid`'s threads so far, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     stat_cpu_ticks(&stat).with_context(|| format!("no CPU times in /proc/{pid}/stat"))
@@ -552,7 +552,7 @@ fn stat_cpu_ticks(stat: &str) -> Option<u64> {
 }
 
 /// Clock ticks as µs.
-fn ticks_us(ticks: u64) -> f64 {
+pub(crate) fn ticks_us(ticks: u64) -> f64 {
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = if hz > 0 { hz as f64 } else { 100.0 };

@@ -3,6 +3,7 @@
 //! latch injects the token), and through nginx as a reverse proxy adding the same header —
 //! with keep-alive, and with a new connection per request.
 
+use crate::bench_conns::{Holder, cpu_ticks, ticks_us};
 use crate::proc::{self, Guard, TempDir};
 use anyhow::{Context, Result, bail};
 use std::net::Ipv4Addr;
@@ -37,14 +38,18 @@ struct Rig {
     policy: PathBuf,
     port: u16,
     proxy_port: u16,
+    /// The reverse proxy's process (one nginx process: no master, one worker).
+    proxy_pid: u32,
     seconds: u32,
 }
 
-/// One wrk run: requests per second and the 99th percentile latency (ms).
+/// One wrk run: requests per second, the 99th percentile latency (ms), and the proxy's CPU
+/// time per request (µs; none for direct).
 #[derive(Clone, Copy)]
 struct Sample {
     rps: f64,
     p99_ms: f64,
+    cpu_us: Option<f64>,
 }
 
 pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
@@ -61,7 +66,7 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
         BACKEND,
         port,
     )?;
-    let _proxy = nginx(
+    let proxy = nginx(
         &dir,
         "proxy",
         &format!(
@@ -95,6 +100,7 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
         policy,
         port,
         proxy_port,
+        proxy_pid: proxy.pid(),
         seconds,
     };
     let mut failed = false;
@@ -111,7 +117,14 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
                 let _ = std::io::Write::flush(&mut std::io::stdout());
                 match rig.measure(*route, keep_alive) {
                     Ok(s) => {
-                        println!("{:10.0} req/s  p99 {:.2} ms", s.rps, s.p99_ms);
+                        println!(
+                            "{:10.0} req/s  p99 {:.2} ms{}",
+                            s.rps,
+                            s.p99_ms,
+                            s.cpu_us.map_or(String::new(), |c| format!(
+                                "  {c:.0} µs of the proxy's CPU each"
+                            ))
+                        );
                         got.push(s);
                     }
                     Err(e) => {
@@ -131,8 +144,8 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
             }
         );
         println!(
-            "{:<22} {:>10} {:>10} {:>10} {:>14}",
-            "case", "req/s", "vs direct", "p99 ms", "p99 vs direct"
+            "{:<22} {:>10} {:>10} {:>10} {:>14} {:>13}",
+            "case", "req/s", "vs direct", "p99 ms", "p99 vs direct", "CPU µs/req"
         );
         let med = |v: &[Sample], f: fn(&Sample) -> f64| {
             crate::bench::median(&v.iter().map(f).collect::<Vec<_>>())
@@ -140,14 +153,17 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
         let direct = &samples[0].1;
         let (d_rps, d_p99) = (med(direct, |s| s.rps), med(direct, |s| s.p99_ms));
         for (route, got) in &samples {
+            let cpu =
+                crate::bench::median(&got.iter().filter_map(|s| s.cpu_us).collect::<Vec<_>>());
             match (med(got, |s| s.rps), med(got, |s| s.p99_ms)) {
                 (Some(rps), Some(p99)) => println!(
-                    "{:<22} {:>10.0} {:>10} {:>10.2} {:>14}",
+                    "{:<22} {:>10.0} {:>10} {:>10.2} {:>14} {:>13}",
                     route.label(),
                     rps,
                     d_rps.map_or("-".into(), |d| format!("{:.2}", rps / d)),
                     p99,
                     d_p99.map_or("-".into(), |d| format!("{:+.2} ms", p99 - d)),
+                    cpu.map_or("-".into(), |c| format!("{c:.0}")),
                 ),
                 _ => println!("{:<22} {:>10}", route.label(), "failed"),
             }
@@ -180,21 +196,42 @@ impl Rig {
             wrk.extend(["-H".into(), "Connection: close".into()]);
         }
         wrk.push(format!("http://{ip}:{port}/"));
-        let mut cmd = if route == Route::Latch {
+        if route == Route::Latch {
+            // The agent is measured while its client waits to exit (its start and exit are
+            // not counted); wrk's report comes before "done".
+            let script = format!(
+                "echo ready; read go; {}; echo done; read end || :",
+                shell_words(&wrk)
+            );
             let mut c = Command::new(&self.latch);
             c.arg("run")
                 .arg("--policy")
                 .arg(&self.policy)
                 .arg("--state-dir")
                 .arg(self.dir.join("latch-state"))
-                .arg("--")
-                .args(&wrk);
-            c
+                .args(["--", "sh", "-c", &script])
+                // The policy's `tls: disable` warning would land among the results.
+                .env("LATCH_LOG", "error");
+            let mut client = Holder::spawn(&mut c)?;
+            client.wait_for("ready")?;
+            let pid = client.child.id();
+            let before = cpu_ticks(pid)?;
+            client.go()?;
+            let out = client.read_until("done")?;
+            let cpu = cpu_ticks(pid)? - before;
+            client.finish()?;
+            let mut sample = parse_wrk(&out)?;
+            sample.cpu_us = per_request(cpu, &sample, self.seconds);
+            return Ok(sample);
+        }
+        let proxy = route == Route::NginxProxy;
+        let before = if proxy {
+            Some(cpu_ticks(self.proxy_pid)?)
         } else {
-            let mut c = Command::new(&wrk[0]);
-            c.args(&wrk[1..]);
-            c
+            None
         };
+        let mut cmd = Command::new(&wrk[0]);
+        cmd.args(&wrk[1..]);
         let (status, out) = proc::run_capture(
             &mut cmd,
             std::time::Duration::from_secs(u64::from(self.seconds) + 60),
@@ -202,8 +239,26 @@ impl Rig {
         if !status.success() {
             bail!("wrk failed: {out}");
         }
-        parse_wrk(&out)
+        let mut sample = parse_wrk(&out)?;
+        if let Some(b) = before {
+            sample.cpu_us = per_request(cpu_ticks(self.proxy_pid)? - b, &sample, self.seconds);
+        }
+        Ok(sample)
     }
+}
+
+/// CPU ticks over a run of `seconds` at `sample`'s rate, as µs per request.
+fn per_request(ticks: u64, sample: &Sample, seconds: u32) -> Option<f64> {
+    let requests = sample.rps * f64::from(seconds);
+    (requests > 0.0).then(|| ticks_us(ticks) / requests)
+}
+
+/// `argv` as one shell command line (each word single-quoted).
+fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|w| format!("'{}'", w.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Requests/sec and the 99% latency from wrk's output; refuses a run with non-2xx answers.
@@ -231,7 +286,11 @@ fn parse_wrk(out: &str) -> Result<Sample> {
             })
         })
         .with_context(|| format!("no 99% latency in wrk's output: {out}"))?;
-    Ok(Sample { rps, p99_ms: p99 })
+    Ok(Sample {
+        rps,
+        p99_ms: p99,
+        cpu_us: None,
+    })
 }
 
 fn nginx(dir: &Path, name: &str, servers: &str, ip: Ipv4Addr, port: u16) -> Result<Guard> {
@@ -267,6 +326,15 @@ fn nginx(dir: &Path, name: &str, servers: &str, ip: Ipv4Addr, port: u16) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_words_quote_each_word() {
+        let argv = ["wrk", "-H", "Connection: close", "it's"].map(String::from);
+        assert_eq!(
+            shell_words(&argv),
+            "'wrk' '-H' 'Connection: close' 'it'\\''s'"
+        );
+    }
 
     #[test]
     fn parses_wrk_output() {
