@@ -322,15 +322,7 @@ impl Rig {
         let url = self.ab_url(via);
         let ab = format!("ab -q -r -c 32 -n {REQUESTS} {url}");
         if via == Via::Latch {
-            let script = format!("echo ready; read go; {ab}; echo done; read end || :");
-            let mut client = Holder::spawn(&mut self.latch_run(&["sh", "-c", &script]))?;
-            client.wait_for("ready")?;
-            let pid = client.child.id();
-            let before = cpu_ticks(pid)?;
-            client.go()?;
-            let out = client.read_until("done")?;
-            let cpu = cpu_ticks(pid)? - before;
-            client.finish()?;
+            let (out, cpu) = agent_measured(|script| self.latch_run(&["sh", "-c", script]), &ab)?;
             return Ok(Run {
                 per_second: parse_ab(&out)?,
                 cpu_us: Some(ticks_us(cpu) / f64::from(REQUESTS)),
@@ -428,14 +420,14 @@ struct Traced {
 }
 
 /// A client that talks to us on its stdin/stdout (see `HOLD_PY`); killed if dropped early.
-pub(crate) struct Holder {
-    pub(crate) child: Child,
+struct Holder {
+    child: Child,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
 }
 
 impl Holder {
-    pub(crate) fn spawn(cmd: &mut Command) -> Result<Holder> {
+    fn spawn(cmd: &mut Command) -> Result<Holder> {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -450,12 +442,12 @@ impl Holder {
         })
     }
 
-    pub(crate) fn wait_for(&mut self, word: &str) -> Result<()> {
+    fn wait_for(&mut self, word: &str) -> Result<()> {
         self.read_until(word).map(drop)
     }
 
     /// The lines before `word`.
-    pub(crate) fn read_until(&mut self, word: &str) -> Result<String> {
+    fn read_until(&mut self, word: &str) -> Result<String> {
         let mut text = String::new();
         let mut line = String::new();
         loop {
@@ -470,13 +462,13 @@ impl Holder {
         }
     }
 
-    pub(crate) fn go(&mut self) -> Result<()> {
+    fn go(&mut self) -> Result<()> {
         let stdin = self.stdin.as_mut().context("stdin already closed")?;
         stdin.write_all(b"go\n")?;
         Ok(stdin.flush()?)
     }
 
-    pub(crate) fn finish(&mut self) -> Result<()> {
+    fn finish(&mut self) -> Result<()> {
         drop(self.stdin.take());
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let status = loop {
@@ -532,6 +524,25 @@ fn usage(pid: u32) -> Result<Usage> {
         .and_then(|v| v.parse().ok())
         .context("no VmRSS")?;
     Ok(Usage { fds, rss_kib })
+}
+
+/// Runs `client` (a shell command line) inside the `latch run` that `agent` makes of a script,
+/// and measures the agent's CPU time while the client runs, not its start or exit. The
+/// client's output and the agent's CPU ticks.
+pub(crate) fn agent_measured(
+    agent: impl FnOnce(&str) -> Command,
+    client: &str,
+) -> Result<(String, u64)> {
+    let script = format!("echo ready; read go; {client}; echo done; read end || :");
+    let mut holder = Holder::spawn(&mut agent(&script))?;
+    holder.wait_for("ready")?;
+    let pid = holder.child.id();
+    let before = cpu_ticks(pid)?;
+    holder.go()?;
+    let out = holder.read_until("done")?;
+    let cpu = cpu_ticks(pid)? - before;
+    holder.finish()?;
+    Ok((out, cpu))
 }
 
 /// User and system time of `pid`'s threads so far, in clock ticks.

@@ -3,7 +3,7 @@
 //! latch injects the token), and through nginx as a reverse proxy adding the same header —
 //! with keep-alive, and with a new connection per request.
 
-use crate::bench_conns::{Holder, cpu_ticks, ticks_us};
+use crate::bench_conns::{agent_measured, cpu_ticks, ticks_us};
 use crate::proc::{self, Guard, TempDir};
 use anyhow::{Context, Result, bail};
 use std::net::Ipv4Addr;
@@ -197,29 +197,19 @@ impl Rig {
         }
         wrk.push(format!("http://{ip}:{port}/"));
         if route == Route::Latch {
-            // The agent is measured while its client waits to exit (its start and exit are
-            // not counted); wrk's report comes before "done".
-            let script = format!(
-                "echo ready; read go; {}; echo done; read end || :",
-                shell_words(&wrk)
-            );
-            let mut c = Command::new(&self.latch);
-            c.arg("run")
-                .arg("--policy")
-                .arg(&self.policy)
-                .arg("--state-dir")
-                .arg(self.dir.join("latch-state"))
-                .args(["--", "sh", "-c", &script])
-                // The policy's `tls: disable` warning would land among the results.
-                .env("LATCH_LOG", "error");
-            let mut client = Holder::spawn(&mut c)?;
-            client.wait_for("ready")?;
-            let pid = client.child.id();
-            let before = cpu_ticks(pid)?;
-            client.go()?;
-            let out = client.read_until("done")?;
-            let cpu = cpu_ticks(pid)? - before;
-            client.finish()?;
+            let agent = |script: &str| {
+                let mut c = Command::new(&self.latch);
+                c.arg("run")
+                    .arg("--policy")
+                    .arg(&self.policy)
+                    .arg("--state-dir")
+                    .arg(self.dir.join("latch-state"))
+                    .args(["--", "sh", "-c", script])
+                    // The policy's `tls: disable` warning would land among the results.
+                    .env("LATCH_LOG", "error");
+                c
+            };
+            let (out, cpu) = agent_measured(agent, &shell_words(&wrk))?;
             let mut sample = parse_wrk(&out)?;
             sample.cpu_us = per_request(cpu, &sample, self.seconds);
             return Ok(sample);

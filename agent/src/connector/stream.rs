@@ -11,6 +11,18 @@ use tokio::{
     net::TcpStream,
 };
 
+/// Copies what waits on `sock` into `buf` without taking it or waiting: the bytes copied, 0 at
+/// the end of the stream, `EAGAIN` when nothing waits.
+pub fn peek_now(sock: &TcpStream, buf: &mut [u8]) -> nix::Result<usize> {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd as _;
+    recv(
+        sock.as_raw_fd(),
+        buf,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    )
+}
+
 /// Plain TCP, or TLS (`T`) over it.
 pub enum MaybeTls<T> {
     Plain(TcpStream),

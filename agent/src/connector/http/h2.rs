@@ -104,7 +104,7 @@ pub enum Opening {
 /// without waiting (no reactor round, no timer) decides those.
 pub async fn opening(app: &TcpStream, within: Duration) -> Opening {
     let mut buf = [0u8; PREFACE.len()];
-    if let Some(n) = peek_now(app, &mut buf)
+    if let Some(n) = waiting(app, &mut buf)
         && let Some(seen) = decide(&buf[..n])
     {
         return seen;
@@ -137,14 +137,10 @@ fn decide(first: &[u8]) -> Option<Opening> {
 }
 
 /// The bytes waiting on `app` now (peeked), if any.
-fn peek_now(app: &TcpStream, buf: &mut [u8]) -> Option<usize> {
-    use nix::sys::socket::{MsgFlags, recv};
-    use std::os::fd::AsRawFd as _;
-    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
-    match recv(app.as_raw_fd(), buf, flags) {
-        Ok(n) if n > 0 => Some(n),
-        _ => None,
-    }
+fn waiting(app: &TcpStream, buf: &mut [u8]) -> Option<usize> {
+    crate::connector::stream::peek_now(app, buf)
+        .ok()
+        .filter(|n| *n > 0)
 }
 
 /// The first byte of a TLS record carrying a handshake message.
@@ -659,7 +655,7 @@ mod tests {
             assert_eq!(opening(&app, Duration::ZERO).await, seen);
             // And the bytes are still there for whoever reads next.
             let mut buf = vec![0u8; first.len()];
-            assert_eq!(peek_now(&app, &mut buf), Some(first.len()));
+            assert_eq!(waiting(&app, &mut buf), Some(first.len()));
         }
         assert_eq!(decide(b"PRI * HT"), None);
         assert_eq!(decide(b"PUT"), Some(Opening::Http1));

@@ -25,14 +25,13 @@
 //! kept) gets a new login, whose connection id differs from the one in its greeting. One program
 //! connecting with different options (character set, database) to one target shows this;
 //! `mysql.keepSessions: false` turns keeping off.
-use std::{os::fd::AsRawFd as _, sync::OnceLock, time::Duration};
+use std::{sync::OnceLock, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use latch_mysql::{
     CapabilityFlags, HandshakeResponse, MariadbCapabilities,
     reset::{self, Replies, Step},
 };
-use nix::sys::socket::{MsgFlags, recv};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
 
@@ -41,7 +40,7 @@ use crate::{
     broker::workers,
     connector::{
         kept::{self, Keep},
-        stream::{MaybeTls, TargetStream},
+        stream::{MaybeTls, TargetStream, peek_now},
     },
     secrets::Credentials,
 };
@@ -337,12 +336,7 @@ impl std::io::Write for Unwaiting<'_> {
 /// Whether bytes wait on `stream`'s socket (`Some(1)`) or none (`Some(0)`); `None` when it is
 /// closed or failed.
 fn waiting(stream: &TargetStream) -> Option<usize> {
-    let mut b = [0u8; 1];
-    match recv(
-        stream.tcp().as_raw_fd(),
-        &mut b,
-        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-    ) {
+    match peek_now(stream.tcp(), &mut [0u8; 1]) {
         Err(nix::errno::Errno::EAGAIN) => Some(0),
         Ok(1) => Some(1),
         _ => None,
