@@ -15,6 +15,7 @@ mod proc;
 mod setup;
 mod setup_mysql;
 mod test;
+mod test_run;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

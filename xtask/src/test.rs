@@ -8,7 +8,8 @@ pub struct Args {
     /// Skip `cargo fmt --check` and clippy (quick local loops).
     #[arg(long)]
     no_lint: bool,
-    /// Passed to `cargo test` (e.g. a test name filter, then `-- --nocapture`).
+    /// Passed to `cargo test` (e.g. a test name filter, then `-- --nocapture`); with any, the
+    /// test binaries run as `cargo test` runs them, one after another.
     #[arg(last = true)]
     cargo_test_args: Vec<String>,
 }
@@ -62,15 +63,23 @@ pub fn run_tests(args: &Args) -> Result<()> {
     banner("build client libraries' test suites");
     let suites = crate::client_suites::build()?;
     banner("test");
-    run(proc::cargo()
-        .envs(suites)
-        .env("LATCH_BIN", bin.join("latch"))
-        .env("LATCH_STATIC_BIN", static_bin)
-        .env("LATCH_PROBE_BIN", bin.join("latch-probe"))
-        .arg("test")
-        .args(EXCLUDE)
-        .arg("--no-fail-fast")
-        .args(&args.cargo_test_args))?;
+    let mut envs: Vec<(String, std::path::PathBuf)> =
+        suites.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    envs.push(("LATCH_BIN".into(), bin.join("latch")));
+    envs.push(("LATCH_STATIC_BIN".into(), static_bin));
+    envs.push(("LATCH_PROBE_BIN".into(), bin.join("latch-probe")));
+    if args.cargo_test_args.is_empty() {
+        // Every test binary, three at a time (xtask/src/test_run.rs), then the doc tests.
+        crate::test_run::run(&[&["test"][..], &EXCLUDE].concat(), &envs)?;
+        run(proc::cargo().arg("test").args(EXCLUDE).arg("--doc"))?;
+    } else {
+        run(proc::cargo()
+            .envs(envs)
+            .arg("test")
+            .args(EXCLUDE)
+            .arg("--no-fail-fast")
+            .args(&args.cargo_test_args))?;
+    }
     banner("all tests passed");
     Ok(())
 }

@@ -1,0 +1,232 @@
+//! Runs the workspace's test binaries three at a time (`cargo test` runs them one after
+//! another).
+//!
+//! Most integration tests spend their time waiting (servers starting, timeouts they provoke,
+//! a peer's close); the client libraries' suites are long, some keep a CPU busy, others wait
+//! on their own timeouts. So three lanes run at once: two take the client suites' tests first
+//! (each its own job), the third every other binary first; a lane whose queue is empty helps
+//! the others. Binaries that
+//! use something of the whole machine (the Debian package, podman images, the count of named
+//! network namespaces, systemd-like units) or that measure time under load run alone at the
+//! end. Each job's output is printed in one piece when it ends, in `cargo test`'s form.
+use std::{
+    collections::VecDeque,
+    fs::File,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::Mutex,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::proc;
+
+/// Test binaries (integration test targets) that run alone, after the rest.
+const ALONE: &[&str] = &[
+    // Installs, checks and purges the package system-wide (/usr/bin/latch, /etc/latch).
+    "packaging_deb",
+    // podman images, containers and storage.
+    "packaging_container",
+    "packaging_kubernetes",
+    "container_harness",
+    "netns_container",
+    // Counts every named network namespace on the machine.
+    "netns_limits",
+    "systemd_unit",
+    // Load and timing: thousands of connections, refusal storms, an upgrade under a steady
+    // stream of connections.
+    "soak",
+    "limits",
+    "upgrade",
+];
+
+/// What each lane takes from first: `true` for the client suites' tests.
+const LANES: [bool; 3] = [true, true, false];
+
+/// The binary whose tests are each a job of their own.
+const SPLIT: &str = "client_suites";
+
+/// One test binary, or one test of it.
+struct Job {
+    /// `cargo test`'s name for it: `unittests src/lib.rs (latch)`, `tests/mysql.rs`.
+    label: String,
+    exe: PathBuf,
+    /// The package's directory, where cargo runs its tests.
+    dir: PathBuf,
+    /// `--exact <test>` for one test of a split binary.
+    args: Vec<String>,
+}
+
+/// What each lane takes from first.
+struct Queues {
+    long: VecDeque<Job>,
+    rest: VecDeque<Job>,
+}
+
+/// Builds the test binaries with `build`'s arguments, runs them, and reports which failed.
+pub fn run(build: &[&str], envs: &[(String, PathBuf)]) -> Result<()> {
+    let (alone, queues) = plan(build)?;
+    let started = Instant::now();
+    let queues = Mutex::new(queues);
+    let failed = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for prefers_long in LANES {
+            let (queues, failed) = (&queues, &failed);
+            s.spawn(move || {
+                while let Some(job) = take(queues, prefers_long) {
+                    run_job(&job, envs, failed);
+                }
+            });
+        }
+    });
+    for job in &alone {
+        run_job(job, envs, &failed);
+    }
+    let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
+    println!(
+        "\ntest binaries ran in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    if !failed.is_empty() {
+        bail!("{} failed:\n  {}", failed.len(), failed.join("\n  "));
+    }
+    Ok(())
+}
+
+fn take(queues: &Mutex<Queues>, prefers_long: bool) -> Option<Job> {
+    let mut q = queues.lock().unwrap_or_else(|e| e.into_inner());
+    if prefers_long {
+        q.long.pop_front().or_else(|| q.rest.pop_front())
+    } else {
+        q.rest.pop_front().or_else(|| q.long.pop_front())
+    }
+}
+
+/// Builds the binaries; returns the jobs that run alone and the two queues.
+fn plan(build: &[&str]) -> Result<(Vec<Job>, Queues)> {
+    let out = proc::output(
+        proc::cargo()
+            .args(build)
+            .args(["--no-run", "--message-format", "json-render-diagnostics"])
+            .stderr(Stdio::inherit()),
+    )?;
+    let (mut alone, mut queues) = (
+        Vec::new(),
+        Queues {
+            long: VecDeque::new(),
+            rest: VecDeque::new(),
+        },
+    );
+    for m in out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
+    {
+        let Some(exe) = m["executable"].as_str() else {
+            continue;
+        };
+        let target = &m["target"];
+        let name = target["name"].as_str().unwrap_or_default();
+        let src = target["src_path"].as_str().unwrap_or_default();
+        let manifest = PathBuf::from(m["manifest_path"].as_str().unwrap_or_default());
+        let dir = manifest
+            .parent()
+            .context("a manifest has a directory")?
+            .to_path_buf();
+        let is_test = target["kind"][0] == "test";
+        let label = if is_test {
+            format!("tests/{name}.rs")
+        } else {
+            let rel = src
+                .strip_prefix(&format!("{}/", dir.display()))
+                .unwrap_or(src);
+            format!("unittests {rel} ({name})")
+        };
+        let job = Job {
+            label,
+            exe: PathBuf::from(exe),
+            dir,
+            args: Vec::new(),
+        };
+        if is_test && ALONE.contains(&name) {
+            alone.push(job);
+        } else if is_test && name == SPLIT {
+            queues.long.extend(split(job)?);
+        } else {
+            queues.rest.push_back(job);
+        }
+    }
+    if queues.long.is_empty() && queues.rest.is_empty() {
+        bail!("cargo built no test binary");
+    }
+    Ok((alone, queues))
+}
+
+/// One job per test of `job`'s binary.
+fn split(job: Job) -> Result<Vec<Job>> {
+    let list = proc::output(Command::new(&job.exe).args(["--list", "--format", "terse"]))?;
+    Ok(list
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(|test| Job {
+            label: format!("{} {test}", job.label),
+            exe: job.exe.clone(),
+            dir: job.dir.clone(),
+            args: vec!["--exact".into(), test.into()],
+        })
+        .collect())
+}
+
+/// Runs `job` with its output in a file, then prints it whole; records a failure.
+fn run_job(job: &Job, envs: &[(String, PathBuf)], failed: &Mutex<Vec<String>>) {
+    let started = Instant::now();
+    let outcome = (|| -> Result<bool> {
+        let log = tempfile(&job.label)?;
+        let file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let child = Command::new(&job.exe)
+            .args(&job.args)
+            .current_dir(&job.dir)
+            .env("CARGO_MANIFEST_DIR", &job.dir)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("start {}", job.exe.display()))?;
+        let status = proc::wait_child(child, None)?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        println!(
+            "     Running {} ({}) in {:.1} s\n{text}",
+            job.label,
+            job.exe.display(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(status.success())
+    })();
+    let ok = match outcome {
+        Ok(ok) => ok,
+        Err(e) => {
+            println!("     Running {}: {e:#}", job.label);
+            false
+        }
+    };
+    if !ok {
+        failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(job.label.clone());
+    }
+}
+
+/// Where a job's output goes while it runs.
+fn tempfile(label: &str) -> Result<PathBuf> {
+    let dir = proc::target_dir().join("test-output");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let name: String = label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    Ok(dir.join(format!("{name}.log")))
+}
