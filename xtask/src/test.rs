@@ -31,16 +31,14 @@ pub fn run_tests(args: &Args) -> Result<()> {
             "warnings",
         ]))?;
     }
-    banner("build binaries");
-    run(proc::cargo().args(["build", "-p", "latch", "-p", "latch-tests", "--bins"]))?;
     let bin = proc::target_dir().join("debug");
-    for b in ["latch", "latch-probe"] {
-        if !bin.join(b).is_file() {
-            println!(
-                "xtask: warning: {} was not built; tests that spawn it will fail",
-                bin.join(b).display()
-            );
-        }
+    if !args.cargo_test_args.is_empty() {
+        // A filtered `cargo test` may not build the binaries the tests spawn; the whole run
+        // does (they are bin targets of packages with integration tests), with the tests'
+        // features, so building them here first would build part of the graph twice.
+        banner("build binaries");
+        run(proc::cargo().args(["build", "-p", "latch", "-p", "latch-tests", "--bins"]))?;
+        check_binaries(&bin);
     }
     // The container image's static binary (tests/tests/packaging_container.rs), dev profile:
     // a second build of the workspace for the musl target, incremental after the first.
@@ -70,7 +68,9 @@ pub fn run_tests(args: &Args) -> Result<()> {
     envs.push(("LATCH_PROBE_BIN".into(), bin.join("latch-probe")));
     if args.cargo_test_args.is_empty() {
         // Every test binary, three at a time (xtask/src/test_run.rs), then the doc tests.
-        crate::test_run::run(&[&["test"][..], &EXCLUDE].concat(), &envs)?;
+        let plan = crate::test_run::build(&[&["test"][..], &EXCLUDE].concat())?;
+        check_binaries(&bin);
+        plan.run(&envs)?;
         run(proc::cargo().arg("test").args(EXCLUDE).arg("--doc"))?;
     } else {
         run(proc::cargo()
@@ -82,6 +82,18 @@ pub fn run_tests(args: &Args) -> Result<()> {
     }
     banner("all tests passed");
     Ok(())
+}
+
+/// Warns about a binary the tests spawn that is missing.
+fn check_binaries(bin: &std::path::Path) {
+    for b in ["latch", "latch-probe"] {
+        if !bin.join(b).is_file() {
+            println!(
+                "xtask: warning: {} was not built; tests that spawn it will fail",
+                bin.join(b).display()
+            );
+        }
+    }
 }
 
 fn banner(what: &str) {

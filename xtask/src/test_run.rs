@@ -64,34 +64,47 @@ struct Queues {
     rest: VecDeque<Job>,
 }
 
-/// Builds the test binaries with `build`'s arguments, runs them, and reports which failed.
-pub fn run(build: &[&str], envs: &[(String, PathBuf)]) -> Result<()> {
+/// The test binaries, built, and the order they run in.
+pub struct Plan {
+    alone: Vec<Job>,
+    queues: Queues,
+}
+
+/// Builds the test binaries with `build`'s arguments (`cargo test --no-run …`).
+pub fn build(build: &[&str]) -> Result<Plan> {
     let (alone, queues) = plan(build)?;
-    let started = Instant::now();
-    let queues = Mutex::new(queues);
-    let failed = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for prefers_long in LANES {
-            let (queues, failed) = (&queues, &failed);
-            s.spawn(move || {
-                while let Some(job) = take(queues, prefers_long) {
-                    run_job(&job, envs, failed);
-                }
-            });
+    Ok(Plan { alone, queues })
+}
+
+impl Plan {
+    /// Runs every binary with `envs` set, and reports which failed.
+    pub fn run(self, envs: &[(String, PathBuf)]) -> Result<()> {
+        let started = Instant::now();
+        let queues = Mutex::new(self.queues);
+        let failed = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for prefers_long in LANES {
+                let (queues, failed) = (&queues, &failed);
+                s.spawn(move || {
+                    while let Some(job) = take(queues, prefers_long) {
+                        run_job(&job, envs, failed);
+                    }
+                });
+            }
+        });
+        for job in &self.alone {
+            run_job(job, envs, &failed);
         }
-    });
-    for job in &alone {
-        run_job(job, envs, &failed);
+        let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
+        println!(
+            "\ntest binaries ran in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+        if !failed.is_empty() {
+            bail!("{} failed:\n  {}", failed.len(), failed.join("\n  "));
+        }
+        Ok(())
     }
-    let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
-    println!(
-        "\ntest binaries ran in {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
-    if !failed.is_empty() {
-        bail!("{} failed:\n  {}", failed.len(), failed.join("\n  "));
-    }
-    Ok(())
 }
 
 fn take(queues: &Mutex<Queues>, prefers_long: bool) -> Option<Job> {
@@ -180,6 +193,8 @@ fn split(job: Job) -> Result<Vec<Job>> {
 
 /// Runs `job` with its output in a file, then prints it whole; records a failure.
 fn run_job(job: &Job, envs: &[(String, PathBuf)], failed: &Mutex<Vec<String>>) {
+    // A line when it starts, so that a job that never ends is seen in the log.
+    println!("     Started {}", job.label);
     let started = Instant::now();
     let outcome = (|| -> Result<bool> {
         let log = tempfile(&job.label)?;
