@@ -72,8 +72,13 @@ pub struct Plan {
 
 /// Builds the test binaries with `build`'s arguments (`cargo test --no-run …`).
 pub fn build(build: &[&str]) -> Result<Plan> {
-    let (alone, queues) = plan(build)?;
-    Ok(Plan { alone, queues })
+    let out = proc::output(
+        proc::cargo()
+            .args(build)
+            .args(["--no-run", "--message-format", "json-render-diagnostics"])
+            .stderr(Stdio::inherit()),
+    )?;
+    sort(&out, split)
 }
 
 impl Plan {
@@ -116,22 +121,17 @@ fn take(queues: &Mutex<Queues>, prefers_long: bool) -> Option<Job> {
     }
 }
 
-/// Builds the binaries; returns the jobs that run alone and the two queues.
-fn plan(build: &[&str]) -> Result<(Vec<Job>, Queues)> {
-    let out = proc::output(
-        proc::cargo()
-            .args(build)
-            .args(["--no-run", "--message-format", "json-render-diagnostics"])
-            .stderr(Stdio::inherit()),
-    )?;
-    let (mut alone, mut queues) = (
-        Vec::new(),
-        Queues {
+/// Sorts the test binaries cargo reports building (`messages`, one JSON message a line) into
+/// the jobs that run alone and the lanes' queues; `split` makes the jobs of [`SPLIT`].
+fn sort(messages: &str, split: impl Fn(Job) -> Result<Vec<Job>>) -> Result<Plan> {
+    let mut plan = Plan {
+        alone: Vec::new(),
+        queues: Queues {
             long: VecDeque::new(),
             rest: VecDeque::new(),
         },
-    );
-    for m in out
+    };
+    for m in messages
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
@@ -163,17 +163,17 @@ fn plan(build: &[&str]) -> Result<(Vec<Job>, Queues)> {
             args: Vec::new(),
         };
         if is_test && ALONE.contains(&name) {
-            alone.push(job);
+            plan.alone.push(job);
         } else if is_test && name == SPLIT {
-            queues.long.extend(split(job)?);
+            plan.queues.long.extend(split(job)?);
         } else {
-            queues.rest.push_back(job);
+            plan.queues.rest.push_back(job);
         }
     }
-    if queues.long.is_empty() && queues.rest.is_empty() {
+    if plan.queues.long.is_empty() && plan.queues.rest.is_empty() {
         bail!("cargo built no test binary");
     }
-    Ok((alone, queues))
+    Ok(plan)
 }
 
 /// One job per test of `job`'s binary.
@@ -244,4 +244,86 @@ fn tempfile(label: &str) -> Result<PathBuf> {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
     Ok(dir.join(format!("{name}.log")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn artifact(kind: &str, name: &str, src: &str, test: bool) -> String {
+        serde_json::json!({
+            "reason": "compiler-artifact",
+            "manifest_path": "/w/tests/Cargo.toml",
+            "target": {"kind": [kind], "name": name, "src_path": format!("/w/tests/{src}")},
+            "profile": {"test": test},
+            "executable": format!("/w/target/debug/deps/{name}-0123"),
+        })
+        .to_string()
+    }
+
+    fn labels<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> Vec<&'a str> {
+        jobs.into_iter().map(|j| j.label.as_str()).collect()
+    }
+
+    #[test]
+    fn binaries_are_sorted_into_the_lanes_and_those_that_run_alone() {
+        let messages = [
+            artifact("lib", "latch_tests", "src/lib.rs", true),
+            artifact("test", "mysql", "tests/mysql.rs", true),
+            artifact("test", "packaging_deb", "tests/packaging_deb.rs", true),
+            artifact("test", SPLIT, "tests/client_suites.rs", true),
+            // Not a test binary: the binaries the tests spawn.
+            artifact("bin", "latch-probe", "src/bin/probe.rs", false),
+            "a line that is not JSON".into(),
+        ]
+        .join("\n");
+        let plan = sort(&messages, |job| {
+            Ok(["a", "b"]
+                .iter()
+                .map(|t| Job {
+                    label: format!("{} {t}", job.label),
+                    exe: job.exe.clone(),
+                    dir: job.dir.clone(),
+                    args: vec!["--exact".into(), (*t).into()],
+                })
+                .collect())
+        })
+        .unwrap();
+        assert_eq!(
+            labels(&plan.queues.rest),
+            ["unittests src/lib.rs (latch_tests)", "tests/mysql.rs"]
+        );
+        assert_eq!(
+            labels(&plan.queues.long),
+            ["tests/client_suites.rs a", "tests/client_suites.rs b"]
+        );
+        assert_eq!(labels(&plan.alone), ["tests/packaging_deb.rs"]);
+        assert_eq!(plan.queues.long[1].args, ["--exact", "b"]);
+        assert_eq!(plan.queues.rest[1].dir, PathBuf::from("/w/tests"));
+    }
+
+    #[test]
+    fn no_test_binary_is_an_error() {
+        let messages = artifact("bin", "latch", "src/main.rs", false);
+        assert!(sort(&messages, |j| Ok(vec![j])).is_err());
+    }
+
+    #[test]
+    fn a_lane_takes_from_its_own_queue_first_then_helps_the_other() {
+        let job = |label: &str| Job {
+            label: label.into(),
+            exe: PathBuf::new(),
+            dir: PathBuf::new(),
+            args: Vec::new(),
+        };
+        let queues = Mutex::new(Queues {
+            long: VecDeque::from([job("suite")]),
+            rest: VecDeque::from([job("one"), job("two")]),
+        });
+        let took = |long| take(&queues, long).map(|j| j.label);
+        assert_eq!(took(false).as_deref(), Some("one"));
+        assert_eq!(took(true).as_deref(), Some("suite"));
+        assert_eq!(took(true).as_deref(), Some("two"));
+        assert_eq!(took(false), None);
+    }
 }
