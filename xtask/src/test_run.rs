@@ -5,10 +5,10 @@
 //! a peer's close); the client libraries' suites are long, some keep a CPU busy, others wait
 //! on their own timeouts. So three lanes run at once: two take the client suites' tests first
 //! (each its own job), the third every other binary first; a lane whose queue is empty helps
-//! the others. Binaries that
-//! use something of the whole machine (the Debian package, podman images, the count of named
-//! network namespaces, systemd-like units) or that measure time under load run alone at the
-//! end. Each job's output is printed in one piece when it ends, in `cargo test`'s form.
+//! the others. Binaries that use something of the whole machine (the Debian package, podman
+//! images, the count of named network namespaces, systemd-like units) or that measure time
+//! under load run alone at the end. Each job's output is printed in one piece when it ends,
+//! in `cargo test`'s form. After Ctrl-C no job starts.
 use std::{
     collections::VecDeque,
     fs::File,
@@ -91,13 +91,16 @@ impl Plan {
             for prefers_long in LANES {
                 let (queues, failed) = (&queues, &failed);
                 s.spawn(move || {
-                    while let Some(job) = take(queues, prefers_long) {
+                    while proc::check_interrupted().is_ok()
+                        && let Some(job) = take(queues, prefers_long)
+                    {
                         run_job(&job, envs, failed);
                     }
                 });
             }
         });
         for job in &self.alone {
+            proc::check_interrupted()?;
             run_job(job, envs, &failed);
         }
         let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
