@@ -64,6 +64,13 @@ struct Queues {
     rest: VecDeque<Job>,
 }
 
+/// A job that ended: its label, how long it ran, whether it passed.
+struct Done {
+    label: String,
+    secs: f64,
+    ok: bool,
+}
+
 /// The test binaries, built, and the order they run in.
 pub struct Plan {
     alone: Vec<Job>,
@@ -86,28 +93,37 @@ impl Plan {
     pub fn run(self, envs: &[(String, PathBuf)]) -> Result<()> {
         let started = Instant::now();
         let queues = Mutex::new(self.queues);
-        let failed = Mutex::new(Vec::new());
+        let done = Mutex::new(Vec::new());
         std::thread::scope(|s| {
             for prefers_long in LANES {
-                let (queues, failed) = (&queues, &failed);
+                let (queues, done) = (&queues, &done);
                 s.spawn(move || {
                     while proc::check_interrupted().is_ok()
                         && let Some(job) = take(queues, prefers_long)
                     {
-                        run_job(&job, envs, failed);
+                        run_job(&job, envs, done);
                     }
                 });
             }
         });
         for job in &self.alone {
             proc::check_interrupted()?;
-            run_job(job, envs, &failed);
+            run_job(job, envs, &done);
         }
-        let failed = failed.into_inner().unwrap_or_else(|e| e.into_inner());
+        let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+        done.sort_by(|a, b| b.secs.total_cmp(&a.secs));
         println!(
-            "\ntest binaries ran in {:.0} s",
+            "\ntest binaries ran in {:.0} s; the longest jobs:",
             started.elapsed().as_secs_f64()
         );
+        for d in done.iter().take(5) {
+            println!("  {:6.1} s  {}", d.secs, d.label);
+        }
+        let failed: Vec<&str> = done
+            .iter()
+            .filter(|d| !d.ok)
+            .map(|d| d.label.as_str())
+            .collect();
         if !failed.is_empty() {
             bail!("{} failed:\n  {}", failed.len(), failed.join("\n  "));
         }
@@ -194,8 +210,8 @@ fn split(job: Job) -> Result<Vec<Job>> {
         .collect())
 }
 
-/// Runs `job` with its output in a file, then prints it whole; records a failure.
-fn run_job(job: &Job, envs: &[(String, PathBuf)], failed: &Mutex<Vec<String>>) {
+/// Runs `job` with its output in a file, then prints it whole; records how it ended.
+fn run_job(job: &Job, envs: &[(String, PathBuf)], done: &Mutex<Vec<Done>>) {
     // A line when it starts, so that a job that never ends is seen in the log.
     println!("     Started {}", job.label);
     let started = Instant::now();
@@ -230,12 +246,11 @@ fn run_job(job: &Job, envs: &[(String, PathBuf)], failed: &Mutex<Vec<String>>) {
             false
         }
     };
-    if !ok {
-        failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(job.label.clone());
-    }
+    done.lock().unwrap_or_else(|e| e.into_inner()).push(Done {
+        label: job.label.clone(),
+        secs: started.elapsed().as_secs_f64(),
+        ok,
+    });
 }
 
 /// Where a job's output goes while it runs.
