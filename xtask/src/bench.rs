@@ -268,6 +268,18 @@ fn iperf_cases(args: &Args, latch: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `latch run --policy <policy> --state-dir <state_dir>`: the caller adds options, `--` and
+/// the command.
+pub fn latch_run(latch: &Path, policy: &Path, state_dir: &Path) -> Command {
+    let mut c = Command::new(latch);
+    c.arg("run")
+        .arg("--policy")
+        .arg(policy)
+        .arg("--state-dir")
+        .arg(state_dir);
+    c
+}
+
 pub fn median(xs: &[f64]) -> Option<f64> {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
@@ -335,12 +347,7 @@ impl Rig {
             Case::Socat => (SOCAT, self.socat_port),
         };
         let mut cmd = if case.through_latch() {
-            let mut c = Command::new(&self.latch);
-            c.arg("run")
-                .arg("--policy")
-                .arg(&self.policy)
-                .arg("--state-dir")
-                .arg(self.dir.join("latch-state"));
+            let mut c = latch_run(&self.latch, &self.policy, &self.dir.join("latch-state"));
             if case == Case::LatchFast {
                 c.arg("--fast-path");
             }

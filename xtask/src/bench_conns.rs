@@ -213,15 +213,9 @@ impl Via {
 
 impl Rig {
     fn latch_run(&self, argv: &[&str]) -> Command {
-        let mut c = Command::new(&self.latch);
-        c.arg("run")
-            .arg("--policy")
-            .arg(&self.policy)
-            .arg("--state-dir")
-            .arg(self.dir.join("latch-state"))
-            .arg("--")
-            .args(argv)
-            .env("LATCH_LOG", "warn");
+        let mut c =
+            crate::bench::latch_run(&self.latch, &self.policy, &self.dir.join("latch-state"));
+        c.arg("--").args(argv).env("LATCH_LOG", "warn");
         c
     }
 

@@ -198,13 +198,12 @@ impl Rig {
         wrk.push(format!("http://{ip}:{port}/"));
         if route == Route::Latch {
             let agent = |script: &str| {
-                let mut c = Command::new(&self.latch);
-                c.arg("run")
-                    .arg("--policy")
-                    .arg(&self.policy)
-                    .arg("--state-dir")
-                    .arg(self.dir.join("latch-state"))
-                    .args(["--", "sh", "-c", script])
+                let mut c = crate::bench::latch_run(
+                    &self.latch,
+                    &self.policy,
+                    &self.dir.join("latch-state"),
+                );
+                c.args(["--", "sh", "-c", script])
                     // The policy's `tls: disable` warning would land among the results.
                     .env("LATCH_LOG", "error");
                 c

@@ -476,14 +476,13 @@ impl Rig {
         argv.push("run".to_owned());
         let mut cmd = match route {
             Route::Latch | Route::LatchDirect => {
-                let mut c = Command::new(&self.latch);
                 let policy = match (case, route) {
                     (Case::ConnectPerQueryTls, _) => &self.policy_tls,
                     (_, Route::Latch) => &self.policy,
                     _ => &self.policy_direct,
                 };
-                c.arg("run").arg("--policy").arg(policy);
-                c.arg("--state-dir").arg(self.dir.join("latch-state"));
+                let mut c =
+                    crate::bench::latch_run(&self.latch, policy, &self.dir.join("latch-state"));
                 c.arg("--");
                 c.args(&argv);
                 c

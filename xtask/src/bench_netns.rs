@@ -111,14 +111,8 @@ fn pod_pgbench(latch: &Path, pod: &BenchPod, dir: &Path, seconds: u32, repeat: u
             print!("bench: round {round}/{repeat}: {label:<28} ");
             let _ = std::io::Write::flush(&mut std::io::stdout());
             let mut cmd = if via_latch {
-                let mut c = Command::new(latch);
-                c.arg("run")
-                    .arg("--policy")
-                    .arg(&policy)
-                    .arg("--state-dir")
-                    .arg(state_dir(&policy))
-                    .arg("--")
-                    .arg("ip");
+                let mut c = crate::bench::latch_run(latch, &policy, &state_dir(&policy));
+                c.arg("--").arg("ip");
                 c.env_remove("PGPASSWORD");
                 c
             } else {
@@ -219,10 +213,8 @@ impl BenchPod {
         )?;
         proc::wait_listening(&mut server, HOST, port)?;
         let mut cmd = if via_latch {
-            let mut c = Command::new(latch);
-            c.arg("run").arg("--policy").arg(policy);
-            c.arg("--state-dir").arg(state_dir(policy)).arg("--");
-            c.arg("ip");
+            let mut c = crate::bench::latch_run(latch, policy, &state_dir(policy));
+            c.args(["--", "ip"]);
             c
         } else {
             Command::new("ip")

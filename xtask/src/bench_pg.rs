@@ -394,9 +394,8 @@ impl Rig {
                 _ if case.tls() => &self.policy_tls,
                 _ => &self.policy_plain,
             };
-            let mut c = Command::new(&self.latch);
-            c.arg("run").arg("--policy").arg(policy);
-            c.arg("--state-dir").arg(self.latch_dir.join("latch-state"));
+            let mut c =
+                crate::bench::latch_run(&self.latch, policy, &self.latch_dir.join("latch-state"));
             c.arg("--");
             c.args(&argv);
             c
