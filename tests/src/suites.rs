@@ -25,6 +25,9 @@ pub enum Harness {
     Libtest,
     /// `python3 -m pytest`, reporting every outcome (`-rA`).
     Pytest,
+    /// A `unittest` runner that prints each test as `name ... outcome` (verbosity 2), as
+    /// MySQL Connector/Python's `unittests.py` does; one test alone is `-T <dotted path>`.
+    Unittest,
 }
 
 /// One suite and what is known of it.
@@ -37,6 +40,11 @@ pub struct Suite<'a> {
     pub differs: BTreeMap<String, (&'a str, &'a str)>,
     /// At least this many tests must pass directly (the suite really ran).
     pub min_passing: usize,
+    /// Whether a test that failed in the direct run is run alone (twice) to see if it passes,
+    /// so that one failing now and then directly is compared too. Off for a suite with many
+    /// tests that fail directly every time (a MySQL driver's tests of MySQL-only features
+    /// against MariaDB), where it would take minutes and find nothing.
+    pub retry_direct_failures: bool,
 }
 
 impl<'a> Suite<'a> {
@@ -48,6 +56,7 @@ impl<'a> Suite<'a> {
             all,
             differs: BTreeMap::new(),
             min_passing,
+            retry_direct_failures: true,
         }
     }
 }
@@ -77,7 +86,12 @@ impl Suite<'_> {
         let passed_directly: Vec<&str> = first
             .results
             .iter()
-            .filter(|(test, r)| **r == Outcome::Ok || self.passes_alone(&direct, test))
+            // A skipped test is skipped alone as well: only failures are run again.
+            .filter(|(test, r)| match r {
+                Outcome::Ok => true,
+                Outcome::Failed => self.retry_direct_failures && self.passes_alone(&direct, test),
+                Outcome::Other => false,
+            })
             .map(|(test, _)| test.as_str())
             .collect();
         assert!(
@@ -153,6 +167,11 @@ impl Suite<'_> {
             Harness::Pytest => cmd
                 .args(["-p", "no:cacheprovider", "-rA", "--tb=short", "-q"])
                 .args(select),
+            // One test alone reuses the build of the library that the whole run made.
+            Harness::Unittest if !select.is_empty() => cmd
+                .args(["--verbosity", "2", "--skip-install"])
+                .args(select),
+            Harness::Unittest => cmd.args(["--verbosity", "2"]).args(select),
         };
         let out: Output = crate::run_within(cmd, RUN_LIMIT);
         let text = format!(
@@ -172,9 +191,11 @@ impl Suite<'_> {
 
     /// Whether `test` passes in one of [`RETRIES`] runs of it alone.
     fn passes_alone(&self, cmd: &impl Fn() -> Command, test: &str) -> bool {
+        let path = unittest_path(test);
         let select = match self.harness {
             Harness::Libtest => vec![test, "--exact"],
             Harness::Pytest => vec![test],
+            Harness::Unittest => vec!["-T", path.as_str()],
         };
         (0..RETRIES).any(|_| self.run(&mut cmd(), &select).results.get(test) == Some(&Outcome::Ok))
     }
@@ -183,6 +204,9 @@ impl Suite<'_> {
 impl Harness {
     /// Every test the report names, with its outcome.
     fn parse(self, text: &str) -> BTreeMap<String, Outcome> {
+        if let Harness::Unittest = self {
+            return parse_unittest(text);
+        }
         let mut results = BTreeMap::new();
         for line in text.lines() {
             let found = match self {
@@ -208,6 +232,7 @@ impl Harness {
                     };
                     id.contains("::").then_some((id, outcome))
                 }),
+                Harness::Unittest => unreachable!("read by parse_unittest"),
             };
             if let Some((name, outcome)) = found {
                 results.insert(name.to_owned(), outcome);
@@ -250,7 +275,87 @@ impl Harness {
                     .unwrap_or_default();
                 format!("{summary}\n{section}")
             }
+            // "FAIL: name" or "ERROR: name" (a parameterised test adds " (using …)") up to
+            // the next section's rule of '='.
+            Harness::Unittest => text
+                .split("\n======================================================================\n")
+                .find(|s| {
+                    s.lines().next().is_some_and(|head| {
+                        ["FAIL: ", "ERROR: "].iter().any(|kind| {
+                            head.strip_prefix(kind)
+                                .is_some_and(|name| unittest_name(name) == test)
+                        })
+                    })
+                })
+                .unwrap_or_default()
+                .to_owned(),
         }
+    }
+}
+
+/// A unittest verbose report: each test's `name ... ` line ends with its outcome, or the
+/// outcome comes on a line of its own after what the test printed meanwhile. A test named in a
+/// `FAIL:` or `ERROR:` section (the line after a rule of `=`) failed, whatever its line said
+/// (an error in its clean-up comes after an `ok`).
+fn parse_unittest(text: &str) -> BTreeMap<String, Outcome> {
+    let outcome = |word: &str| match word {
+        "ok" => Some(Outcome::Ok),
+        "FAIL" | "ERROR" => Some(Outcome::Failed),
+        w if w.starts_with("skipped") || w == "expected failure" || w == "unexpected success" => {
+            Some(Outcome::Other)
+        }
+        _ => None,
+    };
+    let mut results = BTreeMap::new();
+    let mut pending: Option<&str> = None;
+    let mut after_rule = false;
+    for line in text.lines() {
+        if after_rule {
+            for kind in ["FAIL: ", "ERROR: "] {
+                if let Some(name) = line.strip_prefix(kind) {
+                    results.insert(unittest_name(name).to_owned(), Outcome::Failed);
+                }
+            }
+        }
+        after_rule = line.len() >= 40 && line.bytes().all(|b| b == b'=');
+        if let Some((name, rest)) = line.split_once(" ... ")
+            && !name.is_empty()
+            && !name.starts_with(' ')
+        {
+            let name = unittest_name(name);
+            match outcome(rest.trim_end()) {
+                Some(o) => {
+                    results.insert(name.to_owned(), o);
+                    pending = None;
+                }
+                None => pending = Some(name),
+            }
+        } else if let Some(name) = pending
+            && let Some(o) = outcome(line.trim_end())
+        {
+            results.insert(name.to_owned(), o);
+            pending = None;
+        }
+    }
+    results
+}
+
+/// A test's name without the " (using …)" a parameterised run adds.
+fn unittest_name(name: &str) -> &str {
+    let name = name.trim_end();
+    match name.rsplit_once(" (using ") {
+        Some((base, _)) if name.ends_with(')') => base,
+        _ => name,
+    }
+}
+
+/// The dotted path that runs one test alone: Connector/Python reports
+/// `group.Class.method` for `tests/test_group.py`, and the full path for others.
+fn unittest_path(test: &str) -> String {
+    if test.starts_with("tests.") {
+        test.to_owned()
+    } else {
+        format!("tests.test_{test}")
     }
 }
 
@@ -268,4 +373,97 @@ pub fn path(env: &str, file: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines as Connector/Python's `unittests.py --verbosity 2` printed them against MariaDB.
+    const REPORT: &str = "\
+abstracts.ConnectionSubclasses.test_cmd_refresh ... skipped
+aio_connection.MySQLConnectionAioTests.test__do_auth ... Traceback (most recent call last):
+  File \"tests/test_aio_connection.py\", line 837, in test__do_auth
+TypeError: cannot unpack non-iterable NoneType object
+ERROR
+aio_connection.MySQLConnectionAioTests.test__handle_eof ... ok
+bugs.BugOra15915243.test_ping ... FAIL
+setUpModule (tests.qa.test_qa_vector_type) ... ERROR
+tests.qa.test_qa_multi_statement.SplitMultiStatementUnitTests.test_mapping ... ok
+connection.MySQLConnectionTests.test_reconnect ... ok
+
+======================================================================
+FAIL: bugs.BugOra15915243.test_ping (using MySQLConnection)
+----------------------------------------------------------------------
+Traceback (most recent call last):
+    self.assertNotEqual(cid, self.cnx.connection_id)
+AssertionError: 1793 == 1793
+
+======================================================================
+ERROR: connection.MySQLConnectionTests.test_reconnect
+----------------------------------------------------------------------
+Traceback (most recent call last):
+RuntimeError: in its clean-up
+
+----------------------------------------------------------------------
+Ran 7 tests in 0.5s
+";
+
+    #[test]
+    fn a_unittest_report_gives_each_test_its_outcome() {
+        let r = Harness::Unittest.parse(REPORT);
+        let want = [
+            (
+                "abstracts.ConnectionSubclasses.test_cmd_refresh",
+                Outcome::Other,
+            ),
+            (
+                "aio_connection.MySQLConnectionAioTests.test__do_auth",
+                Outcome::Failed,
+            ),
+            (
+                "aio_connection.MySQLConnectionAioTests.test__handle_eof",
+                Outcome::Ok,
+            ),
+            ("bugs.BugOra15915243.test_ping", Outcome::Failed),
+            (
+                "setUpModule (tests.qa.test_qa_vector_type)",
+                Outcome::Failed,
+            ),
+            (
+                "tests.qa.test_qa_multi_statement.SplitMultiStatementUnitTests.test_mapping",
+                Outcome::Ok,
+            ),
+            // "ok" on its line, then an error in its clean-up.
+            (
+                "connection.MySQLConnectionTests.test_reconnect",
+                Outcome::Failed,
+            ),
+        ];
+        assert_eq!(
+            r,
+            want.iter()
+                .map(|(n, o)| (n.to_string(), *o))
+                .collect::<BTreeMap<_, _>>()
+        );
+    }
+
+    #[test]
+    fn a_unittest_failure_is_found_by_its_name_and_run_alone_by_its_path() {
+        let f = Harness::Unittest.failure_of(REPORT, "bugs.BugOra15915243.test_ping");
+        assert!(
+            f.starts_with("FAIL: bugs.BugOra15915243.test_ping (using"),
+            "{f}"
+        );
+        assert!(f.contains("AssertionError: 1793 == 1793"), "{f}");
+        assert!(!f.contains("in its clean-up"), "{f}");
+        assert_eq!(
+            unittest_path("bugs.BugOra15915243.test_ping"),
+            "tests.test_bugs.BugOra15915243.test_ping"
+        );
+        assert_eq!(
+            unittest_path("tests.qa.test_qa_aio_timeout.ReadWriteTimeoutAioTests.test_x"),
+            "tests.qa.test_qa_aio_timeout.ReadWriteTimeoutAioTests.test_x"
+        );
+    }
 }
