@@ -9,7 +9,8 @@
 //!
 //! Python: the source distribution of the installed version of the library (`pip download
 //! --no-binary`), unpacked into `target/client-suites/<package>`; its tests run
-//! against the installed library with the test tools `cargo xtask setup` installs.
+//! against the installed library with the test tools `cargo xtask setup` installs. (MySQL
+//! Connector/Python's runner builds and tests the source itself: its version is pinned here.)
 
 use crate::proc::{self, run};
 use anyhow::{Context, Result, bail};
@@ -57,6 +58,9 @@ pub struct PySuite {
     pub module: &'static str,
     /// The variable that tells the tests where the unpacked source is.
     pub env: &'static str,
+    /// The version, for a suite that tests its own build from the source rather than the
+    /// installed library (`None`: the installed library's version).
+    pub version: Option<&'static str>,
 }
 
 pub const PY_SUITES: &[PySuite] = &[
@@ -64,32 +68,46 @@ pub const PY_SUITES: &[PySuite] = &[
         package: "requests",
         module: "requests",
         env: "LATCH_SUITE_REQUESTS",
+        version: None,
     },
     PySuite {
         package: "aiomysql",
         module: "aiomysql",
         env: "LATCH_SUITE_AIOMYSQL",
+        version: None,
     },
     PySuite {
         package: "asyncpg",
         module: "asyncpg",
         env: "LATCH_SUITE_ASYNCPG",
+        version: None,
     },
     PySuite {
         package: "httpx",
         module: "httpx",
         env: "LATCH_SUITE_HTTPX",
+        version: None,
     },
     // The library is the psycopg2-binary wheel; its tests are in psycopg2's source.
     PySuite {
         package: "psycopg2",
         module: "psycopg2",
         env: "LATCH_SUITE_PSYCOPG2",
+        version: None,
     },
     PySuite {
         package: "pg8000",
         module: "pg8000",
         env: "LATCH_SUITE_PG8000",
+        version: None,
+    },
+    // MySQL Connector/Python: its runner (`unittests.py`) builds the library from the source
+    // beside it and tests that build, so nothing is installed for it.
+    PySuite {
+        package: "mysql-connector-python",
+        module: "mysql.connector",
+        env: "LATCH_SUITE_MYSQL_CONNECTOR",
+        version: Some("26.10.0"),
     },
 ];
 
@@ -103,12 +121,16 @@ pub fn build() -> Result<Vec<(&'static str, PathBuf)>> {
     Ok(built)
 }
 
-/// The unpacked source distribution of the installed version of `suite`'s library.
+/// The unpacked source distribution of `suite`'s library: its pinned version, else the
+/// installed one.
 fn python_source(suite: &PySuite, out: &Path) -> Result<PathBuf> {
-    let version = proc::output(Command::new("python3").args([
-        "-c",
-        &format!("import {0}; print({0}.__version__)", suite.module),
-    ]))?;
+    let version = match suite.version {
+        Some(v) => v.to_owned(),
+        None => proc::output(Command::new("python3").args([
+            "-c",
+            &format!("import {0}; print({0}.__version__)", suite.module),
+        ]))?,
+    };
     // psycopg2 appends its build options ("2.9.13 (dt dec pq3 ext lo64)").
     let version = version.split_whitespace().next().unwrap_or_default();
     let dir = out.join(suite.package);
@@ -133,7 +155,8 @@ fn python_source(suite: &PySuite, out: &Path) -> Result<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
             p.file_name().is_some_and(|n| {
-                let n = n.to_string_lossy().to_lowercase();
+                // Newer source distributions spell the name with '_' (PEP 625).
+                let n = n.to_string_lossy().to_lowercase().replace('_', "-");
                 n.starts_with(&format!("{}-{version}", suite.package)) && n.ends_with(".tar.gz")
             })
         })
