@@ -96,6 +96,9 @@ pub const PYTHON_TOOLS: &[(&str, &[&str], &str)] = &[
         "aiomysql==0.3.2",
     ),
     ("python3", &["-c", "import uvloop"], "uvloop"),
+    // MySQL Connector/Python's own test suite (client_suites.rs): its runner builds the
+    // library from source with setuptools (`setup.py install`) before it tests it.
+    ("python3", &["-c", "import setuptools"], "setuptools"),
     // asyncpg's own test suite (client_suites.rs): the library, and what its tests import.
     (
         "python3",
