@@ -33,7 +33,17 @@ impl TestCgroup {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         crate::require_root();
-        let path = v2_root().join(format!(
+        let root = v2_root();
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| {
+            for dir in sweep_stale(&root) {
+                eprintln!(
+                    "removed {}, left by a test process that was killed",
+                    dir.display()
+                );
+            }
+        });
+        let path = root.join(format!(
             "latch-test-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
@@ -93,6 +103,35 @@ impl Drop for TestCgroup {
     }
 }
 
+/// Removes the test cgroups of test processes that are gone (killed before the cgroups'
+/// `Drop` ran: a timeout, Ctrl-C): `latch-test-<pid>-<n>` under `root` whose `<pid>` no longer
+/// exists. What is still in one was started by that test, and is killed first. Returns the
+/// cgroups removed.
+fn sweep_stale(root: &Path) -> Vec<PathBuf> {
+    let mut swept = Vec::new();
+    for entry in fs::read_dir(root).into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(owner) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = entry.path();
+        let _ = fs::write(dir.join("cgroup.kill"), "1");
+        if remove_tree(&dir) {
+            swept.push(dir);
+        }
+    }
+    swept
+}
+
+/// The test process that a cgroup named `latch-test-<pid>-<n>` belongs to.
+fn owner(name: &str) -> Option<u32> {
+    let (pid, n) = name.strip_prefix("latch-test-")?.split_once('-')?;
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
 /// Removes the cgroup directory `dir` and every cgroup below it, deepest first, each retried
 /// while its killed processes exit. True when `dir` is gone.
 fn remove_tree(dir: &Path) -> bool {
@@ -108,4 +147,42 @@ fn remove_tree(dir: &Path) -> bool {
         ok &= remove_tree(&child);
     }
     ok && crate::pod::remove_cgroup_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_cgroups_named_for_a_test_process_are_read_as_such() {
+        assert_eq!(owner("latch-test-7403-0"), Some(7403));
+        assert_eq!(owner("latch-test-7403-12"), Some(7403));
+        for other in [
+            "latch-run-7403",
+            "latch-test-pod",
+            "latch-test-7403",
+            "x-latch-test-1-2",
+        ] {
+            assert_eq!(owner(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn the_cgroups_of_a_test_process_that_is_gone_are_removed_and_a_live_ones_kept() {
+        // First, as the first test cgroup of the process sweeps once.
+        let live = TestCgroup::new();
+        let root = v2_root();
+        // A process that has exited (and been reaped): its id names no process now.
+        let mut child = Command::new("true").spawn().expect("spawn true");
+        let gone = child.id();
+        child.wait().expect("wait for true");
+        let stale = root.join(format!("latch-test-{gone}-0"));
+        fs::create_dir(&stale).expect("create a stale test cgroup");
+        fs::create_dir(stale.join("kubepods.slice")).expect("and one below it");
+        let swept = sweep_stale(&root);
+        assert!(swept.contains(&stale), "{swept:?}");
+        assert!(!stale.exists());
+        assert!(live.path().exists());
+        assert!(!swept.iter().any(|d| d == live.path()));
+    }
 }
