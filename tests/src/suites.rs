@@ -204,41 +204,15 @@ impl Suite<'_> {
 impl Harness {
     /// Every test the report names, with its outcome.
     fn parse(self, text: &str) -> BTreeMap<String, Outcome> {
-        if let Harness::Unittest = self {
-            return parse_unittest(text);
-        }
-        let mut results = BTreeMap::new();
-        for line in text.lines() {
-            let found = match self {
-                // "test name ... ok|FAILED|ignored[, reason]"
-                Harness::Libtest => line
-                    .strip_prefix("test ")
-                    .and_then(|rest| rest.rsplit_once(" ... "))
-                    .and_then(|(name, outcome)| match outcome {
-                        "ok" => Some((name, Outcome::Ok)),
-                        "FAILED" => Some((name, Outcome::Failed)),
-                        o if o.starts_with("ignored") => Some((name, Outcome::Other)),
-                        _ => None,
-                    }),
-                // "-rA" summary: "PASSED id", "FAILED id - message", "ERROR id - ...",
-                // "XFAIL id - reason", "XPASS id" (skips name no id and are left out).
-                Harness::Pytest => line.split_once(' ').and_then(|(word, rest)| {
-                    let id = rest.split(" - ").next().unwrap_or(rest).trim();
-                    let outcome = match word {
-                        "PASSED" => Outcome::Ok,
-                        "FAILED" | "ERROR" => Outcome::Failed,
-                        "XFAIL" | "XPASS" => Outcome::Other,
-                        _ => return None,
-                    };
-                    id.contains("::").then_some((id, outcome))
-                }),
-                Harness::Unittest => unreachable!("read by parse_unittest"),
-            };
-            if let Some((name, outcome)) = found {
-                results.insert(name.to_owned(), outcome);
-            }
-        }
-        results
+        let read: fn(&str) -> Option<(&str, Outcome)> = match self {
+            Harness::Libtest => libtest_line,
+            Harness::Pytest => pytest_line,
+            Harness::Unittest => return parse_unittest(text),
+        };
+        text.lines()
+            .filter_map(read)
+            .map(|(name, outcome)| (name.to_owned(), outcome))
+            .collect()
     }
 
     /// What the report says of failed `test`.
@@ -291,6 +265,31 @@ impl Harness {
                 .to_owned(),
         }
     }
+}
+
+/// A libtest line: "test name ... ok|FAILED|ignored[, reason]".
+fn libtest_line(line: &str) -> Option<(&str, Outcome)> {
+    let (name, outcome) = line.strip_prefix("test ")?.rsplit_once(" ... ")?;
+    match outcome {
+        "ok" => Some((name, Outcome::Ok)),
+        "FAILED" => Some((name, Outcome::Failed)),
+        o if o.starts_with("ignored") => Some((name, Outcome::Other)),
+        _ => None,
+    }
+}
+
+/// A line of pytest's `-rA` summary: "PASSED id", "FAILED id - message", "ERROR id - ...",
+/// "XFAIL id - reason", "XPASS id" (skips name no id and are left out).
+fn pytest_line(line: &str) -> Option<(&str, Outcome)> {
+    let (word, rest) = line.split_once(' ')?;
+    let id = rest.split(" - ").next().unwrap_or(rest).trim();
+    let outcome = match word {
+        "PASSED" => Outcome::Ok,
+        "FAILED" | "ERROR" => Outcome::Failed,
+        "XFAIL" | "XPASS" => Outcome::Other,
+        _ => return None,
+    };
+    id.contains("::").then_some((id, outcome))
 }
 
 /// A unittest verbose report: each test's `name ... ` line ends with its outcome, or the

@@ -528,11 +528,14 @@ fn mysql_connector_python_own_test_suite_passes_through_latch_as_it_does_directl
     let agent = Agent::start(&policy_yaml("suite-connpy", db.addr, &file, ""), &cg);
     let python = latch_tests::bins::tool("python3", "python3");
     let (host, port) = (db.addr.ip().to_string(), db.addr.port().to_string());
+    // The password in the variable the runner reads (not on its command line, which any
+    // local user may read).
     let runner = |mut cmd: Command, password: &str| {
         cmd.current_dir(&src)
             .arg("unittests.py")
             .args(["--use-external-server", "--host", &host, "--port", &port])
-            .args(["--user", CONNPY_USER, "--password", password]);
+            .args(["--user", CONNPY_USER])
+            .env("MYSQL_PASSWORD", password);
         cmd
     };
     let direct = || runner(Command::new(&python), CONNPY_PW);
