@@ -74,12 +74,17 @@ struct Queues {
     rest: VecDeque<Job>,
 }
 
-/// A job that ended: its label, how long it ran, whether it passed.
+/// A job that ended: its label, how long it ran, whether it passed, and for a failure the
+/// part of its output that says why.
 struct Done {
     label: String,
     secs: f64,
     ok: bool,
+    why: String,
 }
+
+/// Lines of a failure kept from each end of what it printed, in the recap at the end.
+const RECAP_LINES: usize = 60;
 
 /// The test binaries, built, and the order they run in.
 pub struct Plan {
@@ -134,6 +139,11 @@ impl Plan {
             .filter(|d| !d.ok)
             .map(|d| d.label.as_str())
             .collect();
+        // Again at the end, where a log cut to its last lines still shows them: each job's
+        // output came whole when it ended, possibly long before.
+        for d in done.iter().filter(|d| !d.ok) {
+            println!("\n---- why {} failed ----\n{}", d.label, d.why);
+        }
         if !failed.is_empty() {
             bail!("{} failed:\n  {}", failed.len(), failed.join("\n  "));
         }
@@ -238,7 +248,7 @@ fn run_job(job: &Job, envs: &[(String, PathBuf)], done: &Mutex<Vec<Done>>) {
     // A line when it starts, so that a job that never ends is seen in the log.
     println!("     Started {}", job.label);
     let started = Instant::now();
-    let outcome = (|| -> Result<bool> {
+    let outcome = (|| -> Result<(bool, String)> {
         let log = tempfile(&job.label)?;
         let file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let child = Command::new(&job.exe)
@@ -260,20 +270,56 @@ fn run_job(job: &Job, envs: &[(String, PathBuf)], done: &Mutex<Vec<Done>>) {
             job.exe.display(),
             started.elapsed().as_secs_f64()
         );
-        Ok(status.success())
+        let why = if status.success() {
+            String::new()
+        } else {
+            failure_of(&text)
+        };
+        Ok((status.success(), why))
     })();
-    let ok = match outcome {
-        Ok(ok) => ok,
+    let (ok, why) = match outcome {
+        Ok(ended) => ended,
         Err(e) => {
             println!("     Running {}: {e:#}", job.label);
-            false
+            (false, format!("{e:#}"))
         }
     };
     done.lock().unwrap_or_else(|e| e.into_inner()).push(Done {
         label: job.label.clone(),
         secs: started.elapsed().as_secs_f64(),
         ok,
+        why,
     });
+}
+
+/// The failures libtest reports in `text` (from the first `---- <test> stdout ----` to the
+/// closing list of names), or the end of `text` when there is no such report (a crash);
+/// [`RECAP_LINES`] from each end when longer.
+fn failure_of(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with("---- ") && l.ends_with(" stdout ----"));
+    let report = match start {
+        Some(start) => {
+            let end = lines
+                .iter()
+                .rposition(|l| *l == "failures:")
+                .filter(|&end| end > start)
+                .unwrap_or(lines.len());
+            &lines[start..end]
+        }
+        None => &lines[lines.len().saturating_sub(RECAP_LINES)..],
+    };
+    if report.len() <= 2 * RECAP_LINES {
+        return report.join("\n");
+    }
+    format!(
+        "{}\n[… {} lines …]\n{}",
+        report[..RECAP_LINES].join("\n"),
+        report.len() - 2 * RECAP_LINES,
+        report[report.len() - RECAP_LINES..].join("\n")
+    )
 }
 
 /// Where a job's output goes while it runs.
@@ -370,5 +416,23 @@ mod tests {
         assert_eq!(took(true).as_deref(), Some("suite"));
         assert_eq!(took(true).as_deref(), Some("two"));
         assert_eq!(took(false), None);
+    }
+
+    #[test]
+    fn a_failure_is_recapped_by_libtests_report_or_the_end_of_the_output() {
+        let text = "running 2 tests\ntest a ... ok\ntest b ... FAILED\n\nfailures:\n\n\
+                    ---- b stdout ----\nthread 'b' panicked at tests/b.rs:3:5:\nwhy\n\n\
+                    failures:\n    b\n\ntest result: FAILED. 1 passed; 1 failed\n";
+        assert_eq!(
+            failure_of(text),
+            "---- b stdout ----\nthread 'b' panicked at tests/b.rs:3:5:\nwhy\n"
+        );
+        let crash: String = (0..200).map(|i| format!("line {i}\n")).collect();
+        let recap = failure_of(&crash);
+        assert!(recap.starts_with("line 140\n") && recap.ends_with("line 199"));
+        let long = format!("---- c stdout ----\n{crash}failures:\n    c\n");
+        let recap = failure_of(&long);
+        assert!(recap.starts_with("---- c stdout ----\nline 0\n"));
+        assert!(recap.contains("\n[… 81 lines …]\nline 140\n") && recap.ends_with("line 199"));
     }
 }
