@@ -16,7 +16,7 @@ use latch_tests::{
     my_setup::{ED_PW, NATIVE_PW},
     pod::Pod,
     postgres::{PgCluster, PgOpts, ServerTls, secrets_yaml},
-    suites::{self, Harness, Suite},
+    suites::{self, Difference, Harness, Suite},
 };
 
 /// The account the mysql_async suite runs as: it creates users and databases and kills
@@ -112,10 +112,10 @@ fn mysql_async_suite(tls: bool, compress: bool) {
             .args(skip);
         cmd
     };
-    // Where latch differs from the server by design: test → (why, what its failure says).
+    // Where latch differs from the server by design.
     let differs = BTreeMap::from([(
         "conn::test::should_change_user".to_owned(),
-        (
+        Difference::always(
             "COM_CHANGE_USER is re-authenticated with the policy's credential (the policy has \
              one, for every user): the password the application sends for another user is \
              never forwarded, so the session stays the policy's user",
@@ -224,11 +224,11 @@ fn tokio_postgres_own_test_suite_passes_through_latch_as_it_does_directly() {
         // one; through latch both log in.
         differs.insert(
             format!("{user}_password_missing"),
-            (ignored, "called `Option::unwrap()` on a `None` value"),
+            Difference::always(ignored, "called `Option::unwrap()` on a `None` value"),
         );
         differs.insert(
             format!("{user}_password_wrong"),
-            (ignored, "unexpected success"),
+            Difference::always(ignored, "unexpected success"),
         );
     }
     Suite {
@@ -544,16 +544,29 @@ fn mysql_connector_python_own_test_suite_passes_through_latch_as_it_does_directl
     // with COM_QUIT leaves its server session to the next one the same workload opens, so a
     // reconnect is greeted with the connection id the application had before. The server
     // itself never gives an id twice. These two tests reconnect and check that the id changed.
+    // The session handed out is the one kept last, which is the application's own unless
+    // another connection of the process ended in between (one of an earlier test, closed when
+    // Python collects it) or the reconnect was accepted before the close was read: then the
+    // id changes and the test passes.
     let kept = "a reconnect gets the session the application just left (mysql.keepSessions, \
                 on by default), and with it the same connection id";
+    let other = "another session was kept last, or none yet";
     let differs = BTreeMap::from([
         (
             "bugs.BugOra15915243.test_ping".to_owned(),
-            (kept, "self.assertNotEqual(cid, self.cnx.connection_id)"),
+            Difference::sometimes(
+                kept,
+                "self.assertNotEqual(cid, self.cnx.connection_id)",
+                other,
+            ),
         ),
         (
             "connection.MySQLConnectionTests.test_reconnect".to_owned(),
-            (kept, "self.assertGreaterEqual(cnx.connection_id, exp)"),
+            Difference::sometimes(
+                kept,
+                "self.assertGreaterEqual(cnx.connection_id, exp)",
+                other,
+            ),
         ),
     ]);
     let latch = Suite {
