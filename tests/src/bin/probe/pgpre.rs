@@ -107,22 +107,36 @@ pub async fn run(target: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Sends each write (a pause between them, so each is read on its own), half-closes if asked,
-/// reads until the end of the stream, a reset, or 2 s of silence.
+/// Sends each write (so that each is read on its own: after the one-byte answer to an SSL or
+/// GSS request, else after a pause), half-closes if asked, reads until the end of the stream,
+/// a reset, or 2 s of silence.
+///
+/// Waiting for the answer rather than pausing: a server slow to start its backend (a loaded
+/// machine) would otherwise find the next request already behind the first and answer
+/// "received unencrypted data after SSL request" instead.
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
     writes: &[Vec<u8>],
     half_close: bool,
 ) -> (bool, Vec<u8>) {
+    let mut got = Vec::new();
     for w in writes {
         // The server may close before reading everything; that is an answer too.
         let _ = s.write_all(w).await;
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        if *w == pkt(SSL, b"") || *w == pkt(GSS, b"") {
+            let mut answer = [0u8; 1];
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return (true, got),
+                Ok(Ok(_)) => got.push(answer[0]),
+                Err(_) => {}
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
     }
     if half_close {
         let _ = s.shutdown().await;
     }
-    let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
         match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
