@@ -163,6 +163,7 @@ impl Suite<'_> {
         let mut failed = Vec::new();
         let mut retried = Vec::new();
         let mut passed_anyway = Vec::new();
+        let mut in_order = Vec::new();
         for test in &passed_directly {
             let outcome = latch.results.get(*test).copied();
             let failure = self.harness.failure_of(&latch.text, test);
@@ -184,20 +185,41 @@ impl Suite<'_> {
                 continue;
             }
             retried.push(*test);
-            if !self.passes_alone(&through, test) {
-                failed.push(format!("{test}\n{}", failure.trim_end()));
+            if self.passes_alone(&through, test) {
+                continue;
+            }
+            // One that fails alone directly too needs the tests before it (what they left in
+            // the database): a second whole run through latch judges it.
+            match self.passes_alone(&direct, test) {
+                true => failed.push(format!("{test}\n{}", failure.trim_end())),
+                false => in_order.push((*test, failure)),
+            }
+        }
+        if !in_order.is_empty() {
+            let again = self.run(&mut through(), self.all);
+            for (test, failure) in &in_order {
+                if again.results.get(*test) != Some(&Outcome::Ok) {
+                    failed.push(format!(
+                        "{test} (fails alone, directly too; failed in two whole runs through \
+                         latch)\n{}",
+                        failure.trim_end()
+                    ));
+                }
             }
         }
         eprintln!(
             "{name}'s suite: {} tests reported, {} pass directly; through latch: {} at once, \
              {} on a retry {retried:?}, {} different by design (of which passed this time, \
-             as they may: {passed_anyway:?}), {} not in the report {missing:?}",
+             as they may: {passed_anyway:?}), {} not in the report {missing:?}, {} judged by \
+             a second whole run {:?}",
             first.results.len(),
             passed_directly.len(),
             passed_directly.len() - retried.len() - self.differs.len(),
             retried.len() - failed.len(),
             self.differs.len(),
-            missing.len()
+            missing.len(),
+            in_order.len(),
+            in_order.iter().map(|(t, _)| t).collect::<Vec<_>>()
         );
         assert!(
             failed.is_empty(),
@@ -603,7 +625,10 @@ Ran 7 tests in 0.5s
 
     #[test]
     fn a_test_missing_from_the_report_through_latch_is_run_alone() {
-        let direct = runner("a.A.t ... ok\nb.B.t ... ok\nc.C.t ... ok\n", "");
+        let direct = runner(
+            "a.A.t ... ok\nb.B.t ... ok\nc.C.t ... ok\n",
+            "b.B.t ... ok\n",
+        );
         // b's line was mixed with what another test printed.
         let whole = "a.A.t ... ok\nprinted b.B.t ... ok\nc.C.t ... ok\n";
         suite(BTreeMap::new()).compare(&direct, runner(whole, "b.B.t ... ok\n"));
@@ -612,6 +637,50 @@ Ran 7 tests in 0.5s
         assert!(
             failed.contains("1 of s's tests pass directly but not"),
             "{failed}"
+        );
+    }
+
+    #[test]
+    fn a_test_that_cannot_run_alone_is_judged_by_a_second_whole_run() {
+        // Runs `first`, then `later` for the whole suite (a file marks the first run done);
+        // `alone` for one test.
+        let tmp = crate::TempDir::new("suites");
+        let runs = std::cell::Cell::new(0);
+        let counted = |first: &'static str, later: &'static str, alone: &'static str| {
+            runs.set(runs.get() + 1);
+            let marker = tmp.path().join(runs.get().to_string());
+            move || {
+                let mut cmd = Command::new("sh");
+                cmd.args([
+                    "-c",
+                    r#"case "$*" in *-T*) printf "$3" ;;
+                       *) if [ -e "$4" ]; then printf "$2"; else : > "$4"; printf "$1"; fi ;;
+                       esac >&2"#,
+                ])
+                .args(["sh", first, later, alone])
+                .arg(&marker);
+                cmd
+            }
+        };
+        let ok = "a.A.t ... ok\nb.B.t ... ok\nc.C.t ... ok\n";
+        let b_fails = "a.A.t ... ok\nb.B.t ... FAIL\nc.C.t ... ok\n";
+        // Alone, b fails directly as well: it needs what a left behind.
+        let direct = || counted(ok, ok, "b.B.t ... FAIL\n");
+        suite(BTreeMap::new()).compare(direct(), counted(b_fails, ok, "b.B.t ... FAIL\n"));
+        let twice = panic_of(|| {
+            suite(BTreeMap::new()).compare(direct(), counted(b_fails, b_fails, "b.B.t ... FAIL\n"))
+        });
+        assert!(twice.contains("failed in two whole runs"), "{twice}");
+        // One that passes alone directly is latch's failure, without a second run.
+        let alone_ok = panic_of(|| {
+            suite(BTreeMap::new()).compare(
+                counted(ok, ok, "b.B.t ... ok\n"),
+                counted(b_fails, ok, "b.B.t ... FAIL\n"),
+            )
+        });
+        assert!(
+            alone_ok.contains("1 of s's tests pass directly but not"),
+            "{alone_ok}"
         );
     }
 }
