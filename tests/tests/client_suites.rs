@@ -542,33 +542,37 @@ fn mysql_connector_python_own_test_suite_passes_through_latch_as_it_does_directl
     let through = || runner(cg.command(&python), "");
     // Kept sessions (`mysql.keepSessions`, on by default): a connection the application ends
     // with COM_QUIT leaves its server session to the next one the same workload opens, so a
-    // reconnect is greeted with the connection id the application had before. The server
-    // itself never gives an id twice. These two tests reconnect and check that the id changed.
-    // The session handed out is the one kept last, which is the application's own unless
-    // another connection of the process ended in between (one of an earlier test, closed when
-    // Python collects it) or the reconnect was accepted before the close was read: then the
-    // id changes and the test passes.
+    // reconnect may be greeted with the connection id the application had before. The server
+    // itself never gives an id twice. These tests reconnect and check that the id changed.
+    // Which session a reconnect gets depends on order: the one kept last (which may be
+    // another connection's of the process, or one not fit for it), or none when the
+    // reconnect is accepted before latch has read the close. So each may pass or fail, and
+    // which varies with the machine's load (the pool's test passes through latch in most
+    // runs and failed under load; the first two fail in most); failing, it says so.
     let kept = "a reconnect gets the session the application just left (mysql.keepSessions, \
                 on by default), and with it the same connection id";
     let other = "another session was kept last, or none yet";
-    let differs = BTreeMap::from([
+    let differs = [
         (
-            "bugs.BugOra15915243.test_ping".to_owned(),
-            Difference::sometimes(
-                kept,
-                "self.assertNotEqual(cid, self.cnx.connection_id)",
-                other,
-            ),
+            "bugs.BugOra15915243.test_ping",
+            "self.assertNotEqual(cid, self.cnx.connection_id)",
         ),
         (
-            "connection.MySQLConnectionTests.test_reconnect".to_owned(),
-            Difference::sometimes(
-                kept,
-                "self.assertGreaterEqual(cnx.connection_id, exp)",
-                other,
-            ),
+            "connection.MySQLConnectionTests.test_reconnect",
+            "self.assertGreaterEqual(cnx.connection_id, exp)",
         ),
-    ]);
+        // A pool whose configuration changed reconnects its connection.
+        (
+            "pooling.MySQLConnectionPoolTests.test_get_connection",
+            "self.assertNotEqual(prev_thread_id, pcnx.connection_id)",
+        ),
+        (
+            "aio_pooling.MySQLConnectionPoolTests.test_get_connection",
+            "self.assertNotEqual(prev_thread_id, pcnx.connection_id)",
+        ),
+    ]
+    .map(|(test, says)| (test.to_owned(), Difference::sometimes(kept, says, other)));
+    let differs = BTreeMap::from(differs);
     let latch = Suite {
         name: "mysql-connector-python",
         harness: Harness::Unittest,
