@@ -218,7 +218,11 @@ impl Suite<'_> {
              a second whole run {:?}",
             first.results.len(),
             passed_directly.len(),
-            passed_directly.len() - retried.len() - self.differs.len(),
+            passed_directly
+                .iter()
+                .filter(|t| latch.results.get(**t) == Some(&Outcome::Ok))
+                .filter(|t| !self.differs.contains_key(**t))
+                .count(),
             retried.len() - failed.len(),
             self.differs.len(),
             missing.len(),
