@@ -69,8 +69,8 @@ pub struct Difference<'a> {
     /// What its failure says (a part of the report of it).
     pub says: &'a str,
     /// When the difference shows only in some orderings that latch does not control (a
-    /// session another connection of the application left being kept last): it may pass,
-    /// and when it fails it must say `says`.
+    /// session another connection of the application left being kept last): it may pass;
+    /// failing otherwise than `says` says, it is compared as any other test.
     pub sometimes: Option<&'a str>,
 }
 
@@ -249,10 +249,10 @@ impl Suite<'_> {
                 .args(["-p", "no:cacheprovider", "-rA", "--tb=short", "-q"])
                 .args(select),
             // One test alone reuses the build of the library that the whole run made.
-            Harness::Unittest if !select.is_empty() => cmd
-                .args(["--verbosity", "2", "--skip-install"])
+            Harness::Unittest => cmd
+                .args(["--verbosity", "2"])
+                .args((!select.is_empty()).then_some("--skip-install"))
                 .args(select),
-            Harness::Unittest => cmd.args(["--verbosity", "2"]).args(select),
         };
         let out: Output = crate::run_within(cmd, RUN_LIMIT);
         let text = format!(
@@ -425,8 +425,8 @@ fn parse_unittest(text: &str) -> BTreeMap<String, Outcome> {
             pending = None;
         }
     }
-    // A test whose outcome word was glued to what it printed is still listed (both runs
-    // name the same tests), as neither passed nor failed unless a section says it failed.
+    // A test whose outcome word was glued to what it printed is still listed, as neither
+    // passed nor failed unless a section says it failed (through latch: run alone).
     if let Some(unknown) = pending {
         results.entry(unknown.to_owned()).or_insert(Outcome::Other);
     }

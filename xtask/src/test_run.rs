@@ -134,17 +134,14 @@ impl Plan {
         for d in done.iter().take(5) {
             println!("  {:6.1} s  {}", d.secs, d.label);
         }
-        let failed: Vec<&str> = done
-            .iter()
-            .filter(|d| !d.ok)
-            .map(|d| d.label.as_str())
-            .collect();
-        // Again at the end, where a log cut to its last lines still shows them: each job's
+        let failed: Vec<&Done> = done.iter().filter(|d| !d.ok).collect();
+        // Why, again at the end, where a log cut to its last lines still shows it: each job's
         // output came whole when it ended, possibly long before.
-        for d in done.iter().filter(|d| !d.ok) {
+        for d in &failed {
             println!("\n---- why {} failed ----\n{}", d.label, d.why);
         }
         if !failed.is_empty() {
+            let failed: Vec<&str> = failed.iter().map(|d| d.label.as_str()).collect();
             bail!("{} failed:\n  {}", failed.len(), failed.join("\n  "));
         }
         Ok(())
