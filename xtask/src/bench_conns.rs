@@ -11,6 +11,7 @@
 //! The clients of the latch cases run under `latch run` (a cgroup of their own, intercepted);
 //! the agent is that process, so its PID is the one measured.
 
+use crate::bench_cpu::{self, Mark, PerOp, Ticks};
 use crate::proc::{self, Guard, TempDir};
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -89,15 +90,19 @@ struct Idle {
 /// One proxy's opening cost.
 struct Opening {
     per_second: f64,
-    /// The proxy's CPU time (user and system, all its threads) per connection, in µs.
-    cpu_us: Option<f64>,
+    /// The proxy's CPU time (user and system, all its threads) and the rest of the machine's,
+    /// per connection.
+    cpu: Option<PerOp>,
+    /// The whole machine's CPU time per connection, in µs.
+    machine: Option<f64>,
     syscalls: Option<f64>,
 }
 
-/// One `ab` run: its rate, and the proxy's CPU time per connection (µs).
+/// One `ab` run: its rate, and the CPU time per connection.
 struct Run {
     per_second: f64,
-    cpu_us: Option<f64>,
+    cpu: Option<PerOp>,
+    machine: Option<f64>,
 }
 
 pub fn run(latch: &Path, repeat: u32) -> Result<()> {
@@ -174,7 +179,7 @@ pub fn run(latch: &Path, repeat: u32) -> Result<()> {
             open.per_second,
             open.per_second / direct.per_second,
             open.syscalls.map_or("-".into(), |s| format!("{s:.1}")),
-            open.cpu_us.map_or("-".into(), |c| format!("{c:.0}")),
+            open.cpu.map_or("-".into(), |c| format!("{:.0}", c.total())),
         );
     };
     row("direct", None, &direct);
@@ -184,15 +189,29 @@ pub fn run(latch: &Path, repeat: u32) -> Result<()> {
         "\nlatch vs haproxy: {:.2}× the connections/s, {} the CPU per connection, {:.2}× the \
          descriptors and {:.2}× the memory per idle connection",
         latch_open.per_second / haproxy_open.per_second,
-        match (latch_open.cpu_us, haproxy_open.cpu_us) {
-            (Some(l), Some(h)) if h > 0.0 => format!("{:.2}×", l / h),
+        match (latch_open.cpu, haproxy_open.cpu) {
+            (Some(l), Some(h)) if h.total() > 0.0 => format!("{:.2}×", l.total() / h.total()),
             _ => "-".into(),
         },
         latch_idle.fds / haproxy_idle.fds,
         latch_idle.kib / haproxy_idle.kib,
     );
+    // Issue #18's goal: 1.2 × HAProxy's connections a second, in the same run.
+    let goal = GOAL_VS_HAPROXY * haproxy_open.per_second;
+    let what = format!("{GOAL_VS_HAPROXY:.2}× haproxy");
+    for (name, open) in [("latch", &latch_open), ("haproxy", &haproxy_open)] {
+        if let Some(cpu) = &open.cpu {
+            println!(
+                "{}",
+                bench_cpu::verdict(name, &what, goal, "connection", cpu, direct.machine)
+            );
+        }
+    }
     Ok(())
 }
+
+/// The new connections a second latch should reach, as a share of HAProxy's (issue #18).
+const GOAL_VS_HAPROXY: f64 = 1.2;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Via {
@@ -274,8 +293,10 @@ impl Rig {
                     "bench: {:<10} {:8.0} connections/s{}",
                     CASES[k].name(),
                     run.per_second,
-                    run.cpu_us.map_or(String::new(), |c| format!(
-                        ", {c:.0} µs of the proxy's CPU each"
+                    run.cpu.map_or(String::new(), |c| format!(
+                        ", {:.0} µs of the proxy's CPU each ({:.0} in the kernel)",
+                        c.total(),
+                        c.system
                     ))
                 );
                 runs[k].push(run);
@@ -284,7 +305,8 @@ impl Rig {
         let mut out = Vec::new();
         for (via, runs) in CASES.into_iter().zip(runs) {
             let rates: Vec<f64> = runs.iter().map(|r| r.per_second).collect();
-            let cpu: Vec<f64> = runs.iter().filter_map(|r| r.cpu_us).collect();
+            let cpu: Vec<PerOp> = runs.iter().filter_map(|r| r.cpu).collect();
+            let machine: Vec<f64> = runs.iter().filter_map(|r| r.machine).collect();
             let url = self.ab_url(via);
             let syscalls = match via {
                 Via::Direct => None,
@@ -301,7 +323,8 @@ impl Rig {
             }
             out.push(Opening {
                 per_second: crate::bench::median(&rates).context("no rounds")?,
-                cpu_us: crate::bench::median(&cpu),
+                cpu: bench_cpu::median(&cpu),
+                machine: crate::bench::median(&machine),
                 syscalls: syscalls.map(|s| s.total),
             });
         }
@@ -319,12 +342,13 @@ impl Rig {
             let (out, cpu) = agent_measured(|script| self.latch_run(&["sh", "-c", script]), &ab)?;
             return Ok(Run {
                 per_second: parse_ab(&out)?,
-                cpu_us: Some(ticks_us(cpu) / f64::from(REQUESTS)),
+                cpu: cpu.per_op(f64::from(REQUESTS)),
+                machine: cpu.machine_per_op(f64::from(REQUESTS)),
             });
         }
         let before = match via {
-            Via::Haproxy => Some(cpu_ticks(self.haproxy_pid)?),
-            _ => None,
+            Via::Haproxy => Mark::take(self.haproxy_pid)?,
+            _ => Mark::machine()?,
         };
         let (status, out) = proc::run_capture(
             Command::new("sh").args(["-c", &ab]).stderr(Stdio::null()),
@@ -333,13 +357,13 @@ impl Rig {
         if !status.success() {
             bail!("ab exited {status}: {out}");
         }
-        let cpu = match before {
-            Some(b) => Some(ticks_us(cpu_ticks(self.haproxy_pid)? - b) / f64::from(REQUESTS)),
-            None => None,
-        };
+        let ticks = before.since()?;
         Ok(Run {
             per_second: parse_ab(&out)?,
-            cpu_us: cpu,
+            cpu: (via == Via::Haproxy)
+                .then(|| ticks.per_op(f64::from(REQUESTS)))
+                .flatten(),
+            machine: ticks.machine_per_op(f64::from(REQUESTS)),
         })
     }
 
@@ -521,47 +545,21 @@ fn usage(pid: u32) -> Result<Usage> {
 }
 
 /// Runs `client` (a shell command line) inside the `latch run` that `agent` makes of a script,
-/// and measures the agent's CPU time while the client runs, not its start or exit. The
-/// client's output and the agent's CPU ticks.
+/// and measures the agent's and the machine's CPU time while the client runs, not the agent's
+/// start or exit. The client's output and the ticks.
 pub(crate) fn agent_measured(
     agent: impl FnOnce(&str) -> Command,
     client: &str,
-) -> Result<(String, u64)> {
+) -> Result<(String, Ticks)> {
     let script = format!("echo ready; read go; {client}; echo done; read end || :");
     let mut holder = Holder::spawn(&mut agent(&script))?;
     holder.wait_for("ready")?;
-    let pid = holder.child.id();
-    let before = cpu_ticks(pid)?;
+    let before = Mark::take(holder.child.id())?;
     holder.go()?;
     let out = holder.read_until("done")?;
-    let cpu = cpu_ticks(pid)? - before;
+    let cpu = before.since()?;
     holder.finish()?;
     Ok((out, cpu))
-}
-
-/// User and system time of `pid`'s threads so far, in clock ticks.
-pub(crate) fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    stat_cpu_ticks(&stat).with_context(|| format!("no CPU times in /proc/{pid}/stat"))
-}
-
-/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line; the command name before
-/// them may hold spaces and parentheses, so fields are counted after its last `)`.
-fn stat_cpu_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// Clock ticks as µs.
-pub(crate) fn ticks_us(ticks: u64) -> f64 {
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = if hz > 0 { hz as f64 } else { 100.0 };
-    ticks as f64 * 1e6 / hz
 }
 
 /// `Requests per second:` from ab's report.
@@ -693,9 +691,6 @@ mod tests {
         let out = "Concurrency Level:      32\nRequests per second:    6312.55 [#/sec] (mean)\n";
         assert_eq!(parse_ab(out).unwrap(), 6312.55);
         assert!(parse_ab("nothing").is_err());
-        let stat = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 31 17 0 0 20 0 3 0";
-        assert_eq!(stat_cpu_ticks(stat), Some(48));
-        assert_eq!(stat_cpu_ticks("4242 (x) S 1"), None);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! latch injects the token), and through nginx as a reverse proxy adding the same header —
 //! with keep-alive, and with a new connection per request.
 
-use crate::bench_conns::{agent_measured, cpu_ticks, ticks_us};
+use crate::bench_conns::agent_measured;
+use crate::bench_cpu::{self, Mark, PerOp, Ticks};
 use crate::proc::{self, Guard, TempDir};
 use anyhow::{Context, Result, bail};
 use std::net::Ipv4Addr;
@@ -43,14 +44,19 @@ struct Rig {
     seconds: u32,
 }
 
-/// One wrk run: requests per second, the 99th percentile latency (ms), and the proxy's CPU
-/// time per request (µs; none for direct).
+/// One wrk run: requests per second, the 99th percentile latency (ms), and the proxy's and
+/// the rest of the machine's CPU time per request (none for direct).
 #[derive(Clone, Copy)]
 struct Sample {
     rps: f64,
     p99_ms: f64,
-    cpu_us: Option<f64>,
+    cpu: Option<PerOp>,
+    /// The whole machine's CPU time per request (µs).
+    machine: Option<f64>,
 }
+
+/// The requests a second latch should reach, as a share of direct (issue #15).
+const GOAL_VS_DIRECT: f64 = 0.9;
 
 pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
     let tmp = TempDir::new("latch-bench-http")?;
@@ -121,8 +127,10 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
                             "{:10.0} req/s  p99 {:.2} ms{}",
                             s.rps,
                             s.p99_ms,
-                            s.cpu_us.map_or(String::new(), |c| format!(
-                                "  {c:.0} µs of the proxy's CPU each"
+                            s.cpu.map_or(String::new(), |c| format!(
+                                "  {:.0} µs of the proxy's CPU each ({:.0} in the kernel)",
+                                c.total(),
+                                c.system
                             ))
                         );
                         got.push(s);
@@ -152,9 +160,21 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
         };
         let direct = &samples[0].1;
         let (d_rps, d_p99) = (med(direct, |s| s.rps), med(direct, |s| s.p99_ms));
+        let d_machine =
+            crate::bench::median(&direct.iter().filter_map(|s| s.machine).collect::<Vec<_>>());
+        let mut verdicts = Vec::new();
         for (route, got) in &samples {
-            let cpu =
-                crate::bench::median(&got.iter().filter_map(|s| s.cpu_us).collect::<Vec<_>>());
+            let cpu = bench_cpu::median(&got.iter().filter_map(|s| s.cpu).collect::<Vec<_>>());
+            if let (Some(cpu), Some(d)) = (&cpu, d_rps) {
+                verdicts.push(bench_cpu::verdict(
+                    route.label(),
+                    &format!("{GOAL_VS_DIRECT:.2}× direct"),
+                    GOAL_VS_DIRECT * d,
+                    "request",
+                    cpu,
+                    d_machine,
+                ));
+            }
             match (med(got, |s| s.rps), med(got, |s| s.p99_ms)) {
                 (Some(rps), Some(p99)) => println!(
                     "{:<22} {:>10.0} {:>10} {:>10.2} {:>14} {:>13}",
@@ -163,10 +183,14 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
                     d_rps.map_or("-".into(), |d| format!("{:.2}", rps / d)),
                     p99,
                     d_p99.map_or("-".into(), |d| format!("{:+.2} ms", p99 - d)),
-                    cpu.map_or("-".into(), |c| format!("{c:.0}")),
+                    cpu.map_or("-".into(), |c| format!("{:.0}", c.total())),
                 ),
                 _ => println!("{:<22} {:>10}", route.label(), "failed"),
             }
+        }
+        println!();
+        for v in verdicts {
+            println!("{v}");
         }
         println!();
     }
@@ -210,14 +234,15 @@ impl Rig {
             };
             let (out, cpu) = agent_measured(agent, &shell_words(&wrk))?;
             let mut sample = parse_wrk(&out)?;
-            sample.cpu_us = per_request(cpu, &sample, self.seconds);
+            sample.cpu = per_request(&cpu, &sample, self.seconds);
+            sample.machine = cpu.machine_per_op(sample.rps * f64::from(self.seconds));
             return Ok(sample);
         }
         let proxy = route == Route::NginxProxy;
         let before = if proxy {
-            Some(cpu_ticks(self.proxy_pid)?)
+            Mark::take(self.proxy_pid)?
         } else {
-            None
+            Mark::machine()?
         };
         let mut cmd = Command::new(&wrk[0]);
         cmd.args(&wrk[1..]);
@@ -229,21 +254,22 @@ impl Rig {
             bail!("wrk failed: {out}");
         }
         let mut sample = parse_wrk(&out)?;
-        if let Some(b) = before {
-            sample.cpu_us = per_request(cpu_ticks(self.proxy_pid)? - b, &sample, self.seconds);
+        let ticks = before.since()?;
+        if proxy {
+            sample.cpu = per_request(&ticks, &sample, self.seconds);
         }
+        sample.machine = ticks.machine_per_op(sample.rps * f64::from(self.seconds));
         Ok(sample)
     }
 }
 
-/// CPU ticks over a run of `seconds` at `sample`'s rate, as µs per request.
-fn per_request(ticks: u64, sample: &Sample, seconds: u32) -> Option<f64> {
-    let requests = sample.rps * f64::from(seconds);
-    (requests > 0.0).then(|| ticks_us(ticks) / requests)
+/// CPU ticks over a run of `seconds` at `sample`'s rate, per request.
+fn per_request(ticks: &Ticks, sample: &Sample, seconds: u32) -> Option<PerOp> {
+    ticks.per_op(sample.rps * f64::from(seconds))
 }
 
 /// `argv` as one shell command line (each word single-quoted).
-fn shell_words(argv: &[String]) -> String {
+pub(crate) fn shell_words(argv: &[String]) -> String {
     argv.iter()
         .map(|w| format!("'{}'", w.replace('\'', "'\\''")))
         .collect::<Vec<_>>()
@@ -278,7 +304,8 @@ fn parse_wrk(out: &str) -> Result<Sample> {
     Ok(Sample {
         rps,
         p99_ms: p99,
-        cpu_us: None,
+        cpu: None,
+        machine: None,
     })
 }
 

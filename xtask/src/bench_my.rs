@@ -8,6 +8,8 @@
 //! application keeps its TLS on (verifying the server: its CA file is the test CA directly and
 //! latch's node CA through latch) and latch speaks TLS to the server, verify-full.
 
+use crate::bench_conns::agent_measured;
+use crate::bench_cpu::{self, PerOp};
 use crate::bench_pg::write_private;
 use crate::proc::{self, Guard, TempDir};
 use anyhow::{Context, Result, bail};
@@ -70,6 +72,14 @@ impl Case {
         }
     }
 
+    /// What one operation of the case is.
+    fn unit(self) -> &'static str {
+        match self {
+            Case::OltpReadOnly => "transaction",
+            Case::ConnectPerQuery | Case::ConnectPerQueryTls => "connection",
+        }
+    }
+
     /// Direct mode hands the application its own plain connection to the server, so it has no
     /// TLS case (a client that insists on TLS gets 1043 there, docs/direct-mode.md).
     fn has(self, route: Route) -> bool {
@@ -122,19 +132,34 @@ struct Rig {
 pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
     let tmp = TempDir::new("latch-bench-my")?;
     let rig = Rig::start(tmp.path(), latch, seconds)?;
-    let mut samples: Vec<(Case, Route, Vec<f64>, Option<String>)> = Vec::new();
+    let mut samples: Vec<Samples> = Vec::new();
     // Logins at the server and connections the client made, in the last round, by route
     // (new connection per query): how many connections latch served with a kept session.
     let mut logins: Vec<(Route, u64, u64)> = Vec::new();
     for case in Case::ALL {
         for route in Route::ALL {
             if case.has(route) {
-                samples.push((case, route, Vec::new(), None));
+                samples.push(Samples {
+                    case,
+                    route,
+                    rates: Vec::new(),
+                    cpu: Vec::new(),
+                    machine: Vec::new(),
+                    failed: None,
+                });
             }
         }
     }
     for round in 1..=repeat {
-        for (case, route, got, failed) in samples.iter_mut() {
+        for Samples {
+            case,
+            route,
+            rates,
+            cpu,
+            machine,
+            failed,
+        } in samples.iter_mut()
+        {
             if failed.is_some() {
                 continue;
             }
@@ -146,9 +171,18 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
             let _ = std::io::Write::flush(&mut std::io::stdout());
             let before = rig.logins();
             match rig.measure(*case, *route) {
-                Ok((v, made)) => {
-                    println!("{v:10.1}");
-                    got.push(v);
+                Ok((v, made, used)) => {
+                    println!(
+                        "{v:10.1}{}",
+                        used.0.map_or(String::new(), |c| format!(
+                            "  {:.0} µs of latch's CPU each ({:.0} in the kernel)",
+                            c.total(),
+                            c.system
+                        ))
+                    );
+                    rates.push(v);
+                    cpu.extend(used.0);
+                    machine.extend(used.1);
                     if let (Case::ConnectPerQuery, Ok(before), Ok(after)) =
                         (*case, before, rig.logins())
                     {
@@ -178,8 +212,14 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
         let value = |route: Route| {
             samples
                 .iter()
-                .find(|s| s.0 == case && s.1 == route)
-                .and_then(|s| if s.3.is_some() { None } else { median(&s.2) })
+                .find(|s| s.case == case && s.route == route)
+                .and_then(|s| {
+                    if s.failed.is_some() {
+                        None
+                    } else {
+                        median(&s.rates)
+                    }
+                })
         };
         let (d, l, m) = (
             value(Route::Direct),
@@ -218,9 +258,31 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
             cells.join(", ")
         );
     }
-    for (case, route, _, failed) in &samples {
-        if let Some(why) = failed {
-            println!("  {} / {}: {why}", case.label(), route.label());
+    for s in &samples {
+        if let Some(why) = &s.failed {
+            println!("  {} / {}: {why}", s.case.label(), s.route.label());
+        }
+    }
+    // What each case's target leaves latch, against what it used.
+    for s in samples.iter().filter(|s| s.route != Route::Direct) {
+        let direct = samples
+            .iter()
+            .find(|d| d.case == s.case && d.route == Route::Direct);
+        let direct_rate = direct.and_then(|d| median(&d.rates));
+        let direct_machine = direct.and_then(|d| median(&d.machine));
+        if let (Some(cpu), Some(direct)) = (bench_cpu::median(&s.cpu), direct_rate) {
+            println!(
+                "{}, {}",
+                s.case.label(),
+                bench_cpu::verdict(
+                    s.route.label(),
+                    &format!("{:.2}× direct", s.case.target()),
+                    s.case.target() * direct,
+                    s.case.unit(),
+                    &cpu,
+                    direct_machine,
+                )
+            );
         }
     }
     drop(rig);
@@ -228,6 +290,21 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
         bail!("some MySQL bench cases failed");
     }
     Ok(())
+}
+
+/// latch's CPU per operation (through latch) and the whole machine's (µs).
+type Used = (Option<PerOp>, Option<f64>);
+
+/// One case on one route over the rounds: its rates, latch's CPU per operation (latch's
+/// routes), and why it failed.
+struct Samples {
+    case: Case,
+    route: Route,
+    rates: Vec<f64>,
+    cpu: Vec<PerOp>,
+    /// The whole machine's CPU per operation (µs).
+    machine: Vec<f64>,
+    failed: Option<String>,
 }
 
 fn median(xs: &[f64]) -> Option<f64> {
@@ -469,49 +546,62 @@ impl Rig {
             .with_context(|| format!("no Connections count in {text:?}"))
     }
 
-    /// One run: transactions (events) per second, and how many there were.
-    fn measure(&self, case: Case, route: Route) -> Result<(f64, u64)> {
+    /// One run: transactions (events) per second, how many there were, through latch its CPU
+    /// per transaction (measured while sysbench runs, not the agent's start or exit), and the
+    /// whole machine's.
+    fn measure(&self, case: Case, route: Route) -> Result<(f64, u64, Used)> {
         let mut argv = vec![tool("sysbench")?.display().to_string()];
         argv.extend(self.sysbench_args(case, route));
         argv.push("run".to_owned());
-        let mut cmd = match route {
-            Route::Latch | Route::LatchDirect => {
-                let policy = match (case, route) {
-                    (Case::ConnectPerQueryTls, _) => &self.policy_tls,
-                    (_, Route::Latch) => &self.policy,
-                    _ => &self.policy_direct,
-                };
-                let mut c =
-                    crate::bench::latch_run(&self.latch, policy, &self.dir.join("latch-state"));
-                c.arg("--");
-                c.args(&argv);
-                c
-            }
-            Route::Direct => {
-                let mut c = Command::new(&argv[0]);
-                c.args(&argv[1..]);
-                c
-            }
+        let cwd = match (case, route) {
+            (Case::ConnectPerQueryTls, Route::Direct) => Some(&self.app_direct),
+            (Case::ConnectPerQueryTls, _) => Some(&self.app_latch),
+            _ => None,
         };
-        if case == Case::ConnectPerQueryTls {
-            cmd.current_dir(if route == Route::Direct {
-                &self.app_direct
-            } else {
-                &self.app_latch
-            });
-        }
         let err_path = self.dir.join("client.stderr");
-        cmd.stderr(std::fs::File::create(&err_path)?);
-        let timeout = Duration::from_secs(u64::from(self.seconds) * 3 + 60);
-        let (status, stdout) = proc::run_capture(&mut cmd, timeout)?;
-        match (status.success(), parse_tps(&stdout)) {
-            (true, Ok(v)) => Ok(v),
-            (_, parsed) => {
-                let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-                let why = parsed.err().map(|e| format!("{e:#}")).unwrap_or_default();
-                bail!("exited {status}; {why} {}", stderr.trim())
+        let stderr = std::fs::File::create(&err_path)?;
+        let failed = |why: String| {
+            let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+            anyhow::anyhow!("{why} {}", stderr.trim())
+        };
+        if route == Route::Direct {
+            let mut cmd = Command::new(&argv[0]);
+            cmd.args(&argv[1..]).stderr(stderr);
+            if let Some(cwd) = cwd {
+                cmd.current_dir(cwd);
             }
+            let timeout = Duration::from_secs(u64::from(self.seconds) * 3 + 60);
+            let before = bench_cpu::Mark::machine()?;
+            let (status, stdout) = proc::run_capture(&mut cmd, timeout)?;
+            let machine = before.since()?;
+            return match (status.success(), parse_tps(&stdout)) {
+                (true, Ok((rate, count))) => {
+                    Ok((rate, count, (None, machine.machine_per_op(count as f64))))
+                }
+                (_, parsed) => Err(failed(format!(
+                    "exited {status}; {}",
+                    parsed.err().map(|e| format!("{e:#}")).unwrap_or_default()
+                ))),
+            };
         }
+        let policy = match (case, route) {
+            (Case::ConnectPerQueryTls, _) => &self.policy_tls,
+            (_, Route::Latch) => &self.policy,
+            _ => &self.policy_direct,
+        };
+        let agent = |script: &str| {
+            let mut c = crate::bench::latch_run(&self.latch, policy, &self.dir.join("latch-state"));
+            c.args(["--", "sh", "-c", script]).stderr(stderr);
+            if let Some(cwd) = cwd {
+                c.current_dir(cwd);
+            }
+            c
+        };
+        let (stdout, cpu) = agent_measured(agent, &crate::bench_http::shell_words(&argv))
+            .map_err(|e| failed(format!("{e:#}")))?;
+        let (rate, count) = parse_tps(&stdout).map_err(|e| failed(format!("{e:#}")))?;
+        let ops = count as f64;
+        Ok((rate, count, (cpu.per_op(ops), cpu.machine_per_op(ops))))
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_conns;
+mod bench_cpu;
 mod bench_http;
 mod bench_my;
 mod bench_netns;
