@@ -280,6 +280,14 @@ pub fn latch_run(latch: &Path, policy: &Path, state_dir: &Path) -> Command {
     c
 }
 
+/// `argv` as one shell command line (each word single-quoted).
+pub fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|w| format!("'{}'", w.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 pub fn median(xs: &[f64]) -> Option<f64> {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
@@ -458,6 +466,15 @@ fn start_socat(dir: &Path, rig: &Rig) -> Result<Guard> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_words_quote_each_word() {
+        let argv = ["wrk", "-H", "Connection: close", "it's"].map(String::from);
+        assert_eq!(
+            shell_words(&argv),
+            "'wrk' '-H' 'Connection: close' 'it'\\''s'"
+        );
+    }
 
     #[test]
     fn median_odd_even_empty() {

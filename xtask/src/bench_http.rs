@@ -4,7 +4,7 @@
 //! with keep-alive, and with a new connection per request.
 
 use crate::bench_conns::agent_measured;
-use crate::bench_cpu::{self, Mark, PerOp, Ticks};
+use crate::bench_cpu::{self, Mark, PerOp};
 use crate::proc::{self, Guard, TempDir};
 use anyhow::{Context, Result, bail};
 use std::net::Ipv4Addr;
@@ -232,10 +232,11 @@ impl Rig {
                     .env("LATCH_LOG", "error");
                 c
             };
-            let (out, cpu) = agent_measured(agent, &shell_words(&wrk))?;
+            let (out, cpu) = agent_measured(agent, &crate::bench::shell_words(&wrk))?;
             let mut sample = parse_wrk(&out)?;
-            sample.cpu = per_request(&cpu, &sample, self.seconds);
-            sample.machine = cpu.machine_per_op(sample.rps * f64::from(self.seconds));
+            let requests = sample.rps * f64::from(self.seconds);
+            sample.cpu = cpu.per_op(requests);
+            sample.machine = cpu.machine_per_op(requests);
             return Ok(sample);
         }
         let proxy = route == Route::NginxProxy;
@@ -255,25 +256,13 @@ impl Rig {
         }
         let mut sample = parse_wrk(&out)?;
         let ticks = before.since()?;
+        let requests = sample.rps * f64::from(self.seconds);
         if proxy {
-            sample.cpu = per_request(&ticks, &sample, self.seconds);
+            sample.cpu = ticks.per_op(requests);
         }
-        sample.machine = ticks.machine_per_op(sample.rps * f64::from(self.seconds));
+        sample.machine = ticks.machine_per_op(requests);
         Ok(sample)
     }
-}
-
-/// CPU ticks over a run of `seconds` at `sample`'s rate, per request.
-fn per_request(ticks: &Ticks, sample: &Sample, seconds: u32) -> Option<PerOp> {
-    ticks.per_op(sample.rps * f64::from(seconds))
-}
-
-/// `argv` as one shell command line (each word single-quoted).
-pub(crate) fn shell_words(argv: &[String]) -> String {
-    argv.iter()
-        .map(|w| format!("'{}'", w.replace('\'', "'\\''")))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Requests/sec and the 99% latency from wrk's output; refuses a run with non-2xx answers.
@@ -342,15 +331,6 @@ fn nginx(dir: &Path, name: &str, servers: &str, ip: Ipv4Addr, port: u16) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shell_words_quote_each_word() {
-        let argv = ["wrk", "-H", "Connection: close", "it's"].map(String::from);
-        assert_eq!(
-            shell_words(&argv),
-            "'wrk' '-H' 'Connection: close' 'it'\\''s'"
-        );
-    }
 
     #[test]
     fn parses_wrk_output() {

@@ -217,7 +217,7 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
                     if s.failed.is_some() {
                         None
                     } else {
-                        median(&s.rates)
+                        crate::bench::median(&s.rates)
                     }
                 })
         };
@@ -268,8 +268,8 @@ pub fn run(latch: &Path, seconds: u32, repeat: u32) -> Result<()> {
         let direct = samples
             .iter()
             .find(|d| d.case == s.case && d.route == Route::Direct);
-        let direct_rate = direct.and_then(|d| median(&d.rates));
-        let direct_machine = direct.and_then(|d| median(&d.machine));
+        let direct_rate = direct.and_then(|d| crate::bench::median(&d.rates));
+        let direct_machine = direct.and_then(|d| crate::bench::median(&d.machine));
         if let (Some(cpu), Some(direct)) = (bench_cpu::median(&s.cpu), direct_rate) {
             println!(
                 "{}, {}",
@@ -305,16 +305,6 @@ struct Samples {
     /// The whole machine's CPU per operation (µs).
     machine: Vec<f64>,
     failed: Option<String>,
-}
-
-fn median(xs: &[f64]) -> Option<f64> {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(v[n / 2]),
-        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
 }
 
 fn tool(name: &str) -> Result<PathBuf> {
@@ -597,7 +587,7 @@ impl Rig {
             }
             c
         };
-        let (stdout, cpu) = agent_measured(agent, &crate::bench_http::shell_words(&argv))
+        let (stdout, cpu) = agent_measured(agent, &crate::bench::shell_words(&argv))
             .map_err(|e| failed(format!("{e:#}")))?;
         let (rate, count) = parse_tps(&stdout).map_err(|e| failed(format!("{e:#}")))?;
         let ops = count as f64;
